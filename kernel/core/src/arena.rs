@@ -1,0 +1,156 @@
+//! A generational arena of boxed kernel objects. Objects keep a stable address (they are
+//! boxed), and an identifier of a destroyed object never names its successor in the slot.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+/// Names an object in an [`Arena`]: slot index plus the generation the slot had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectId {
+    /// Slot index.
+    pub index: u32,
+    /// Generation of the slot when the object was created.
+    pub generation: u32,
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    generation: u32,
+    value: Option<Box<T>>,
+}
+
+/// Objects of one kind.
+#[derive(Debug)]
+pub struct Arena<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl<T> Default for Arena<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> Arena<T> {
+    /// An empty arena.
+    pub const fn new() -> Self {
+        Arena {
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+        }
+    }
+
+    /// Store `value`; returns its identifier.
+    pub fn insert(&mut self, value: T) -> ObjectId {
+        self.live += 1;
+        if let Some(index) = self.free.pop() {
+            let slot = &mut self.slots[index as usize];
+            slot.value = Some(Box::new(value));
+            ObjectId {
+                index,
+                generation: slot.generation,
+            }
+        } else {
+            self.slots.push(Slot {
+                generation: 0,
+                value: Some(Box::new(value)),
+            });
+            ObjectId {
+                index: (self.slots.len() - 1) as u32,
+                generation: 0,
+            }
+        }
+    }
+
+    /// The object `id`, if it still exists.
+    pub fn get(&self, id: ObjectId) -> Option<&T> {
+        let slot = self.slots.get(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.value.as_deref()
+    }
+
+    /// The object `id`, mutably, if it still exists.
+    pub fn get_mut(&mut self, id: ObjectId) -> Option<&mut T> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        slot.value.as_deref_mut()
+    }
+
+    /// Whether `id` names a live object.
+    pub fn contains(&self, id: ObjectId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Destroy object `id`; returns it.
+    pub fn remove(&mut self, id: ObjectId) -> Option<Box<T>> {
+        let slot = self.slots.get_mut(id.index as usize)?;
+        if slot.generation != id.generation {
+            return None;
+        }
+        let value = slot.value.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(id.index);
+        self.live -= 1;
+        Some(value)
+    }
+
+    /// Number of live objects.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether there are no live objects.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Identifiers of all live objects.
+    pub fn ids(&self) -> impl Iterator<Item = ObjectId> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, s)| {
+            s.value.as_ref().map(|_| ObjectId {
+                index: i as u32,
+                generation: s.generation,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_ids_do_not_name_successors() {
+        let mut a = Arena::new();
+        let x = a.insert(1);
+        assert_eq!(a.get(x), Some(&1));
+        assert_eq!(*a.remove(x).unwrap(), 1);
+        assert_eq!(a.get(x), None);
+        assert!(a.remove(x).is_none());
+        let y = a.insert(2);
+        assert_eq!(y.index, x.index);
+        assert_ne!(y.generation, x.generation);
+        assert_eq!(a.get(x), None);
+        assert_eq!(a.get(y), Some(&2));
+        assert_eq!(a.len(), 1);
+    }
+
+    #[test]
+    fn addresses_are_stable() {
+        let mut a = Arena::new();
+        let first = a.insert([0u8; 64]);
+        let p = a.get(first).unwrap() as *const _;
+        for i in 0..1000 {
+            a.insert([i as u8; 64]);
+        }
+        assert_eq!(a.get(first).unwrap() as *const _, p);
+        assert_eq!(a.ids().count(), 1001);
+    }
+}

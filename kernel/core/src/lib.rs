@@ -1,0 +1,16 @@
+//! Kernel algorithms that need no hardware, built and unit-tested on the host: the physical
+//! frame allocator, the capability table and the scheduler's ready queues.
+#![no_std]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod capability_table;
+pub mod frame_allocator;
+pub mod ready_queues;
+
+pub use capability_table::{CapabilityError, CapabilityTable};
+pub use frame_allocator::{FrameAllocator, FrameError};
+pub use ready_queues::ReadyQueues;
+pub mod arena;
+pub use arena::{Arena, ObjectId};

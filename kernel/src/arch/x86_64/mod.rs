@@ -1,0 +1,8 @@
+//! x86_64-specific code: boot, CPU tables and entry stubs, paging, interrupt controllers.
+
+pub mod apic;
+pub mod boot;
+pub mod cpu;
+pub mod entry;
+pub mod paging;
+pub mod serial;

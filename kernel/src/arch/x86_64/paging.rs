@@ -1,0 +1,291 @@
+//! Four-level x86_64 page tables: the kernel's direct map of physical memory and per-task
+//! address spaces whose upper half is shared with the kernel.
+
+use crate::memory::FrameSource;
+use core::arch::asm;
+
+/// Virtual address of physical address 0 in the kernel's direct map (first 4 GiB).
+pub const PHYS_OFFSET: u64 = 0xffff_8000_0000_0000;
+/// Physical memory the direct map covers.
+pub const DIRECT_MAP_SIZE: u64 = 4 << 30;
+
+/// Entry is present.
+pub const PRESENT: u64 = 1;
+/// Writable.
+pub const WRITABLE: u64 = 2;
+/// User accessible.
+pub const USER: u64 = 4;
+/// Write-through.
+pub const WRITE_THROUGH: u64 = 8;
+/// Cache disabled.
+pub const NO_CACHE: u64 = 0x10;
+/// Large page (2 MiB in a PD, 1 GiB in a PDPT).
+pub const HUGE: u64 = 0x80;
+/// No execute.
+pub const NO_EXECUTE: u64 = 1 << 63;
+/// The physical address bits of an entry.
+pub const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Size of a 4 KiB page.
+pub const PAGE_4K: u64 = 0x1000;
+/// Size of a 2 MiB page.
+pub const PAGE_2M: u64 = 0x20_0000;
+
+/// The kernel virtual address of physical address `physical` (must be below 4 GiB).
+pub fn phys_to_virt(physical: u64) -> u64 {
+    debug_assert!(physical < DIRECT_MAP_SIZE);
+    physical + PHYS_OFFSET
+}
+
+/// A page table (any level) through the direct map.
+///
+/// # Safety
+/// `physical` must be a frame holding a page table that nobody else accesses concurrently
+/// (true on this single-CPU kernel with interrupts off).
+unsafe fn table<'a>(physical: u64) -> &'a mut [u64; 512] {
+    // SAFETY: the frame is in the direct map, page aligned and holds 512 entries.
+    unsafe { &mut *(phys_to_virt(physical) as *mut [u64; 512]) }
+}
+
+/// Fill a physical frame with zeros.
+pub fn zero_frame(physical: u64) {
+    // SAFETY: callers pass frames they own; the direct map makes them writable.
+    unsafe { core::ptr::write_bytes(phys_to_virt(physical) as *mut u8, 0, PAGE_4K as usize) }
+}
+
+fn index(address: u64, level: u32) -> usize {
+    ((address >> (12 + 9 * level)) & 0x1ff) as usize
+}
+
+/// Errors of page-table updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagingError {
+    /// No frame for a page table.
+    OutOfMemory,
+    /// The target range is covered by a large page of another size.
+    Conflict,
+}
+
+/// A mapping found by [`AddressSpace::lookup`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// Physical address of the byte looked up.
+    pub physical: u64,
+    /// The leaf entry's flags.
+    pub flags: u64,
+    /// Size of the leaf page.
+    pub page_size: u64,
+}
+
+/// A task's address space: the physical address of its PML4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressSpace {
+    /// Physical address of the PML4.
+    pub root: u64,
+}
+
+/// The PML4 the kernel booted with (its upper half is copied into every address space).
+pub fn boot_root() -> u64 {
+    extern "C" {
+        static boot_pml4: u8;
+    }
+    // Only the address of the boot PML4 is taken (it is a low physical symbol).
+    &raw const boot_pml4 as u64
+}
+
+impl AddressSpace {
+    /// A new address space sharing the kernel half.
+    pub fn new(frames: &mut impl FrameSource) -> Result<Self, PagingError> {
+        let root = frames.allocate_zeroed().ok_or(PagingError::OutOfMemory)?;
+        // SAFETY: both are page tables only the kernel touches.
+        let (new, boot) = unsafe { (table(root), table(boot_root())) };
+        new[256..].copy_from_slice(&boot[256..]);
+        Ok(AddressSpace { root })
+    }
+
+    /// Translate `address`.
+    pub fn lookup(&self, address: u64) -> Option<Translation> {
+        let mut table_phys = self.root;
+        for level in (0..4).rev() {
+            // SAFETY: walking our own page tables.
+            let entry = unsafe { table(table_phys) }[index(address, level)];
+            if entry & PRESENT == 0 {
+                return None;
+            }
+            if level == 0 || entry & HUGE != 0 {
+                let page_size = 1u64 << (12 + 9 * level);
+                let base = entry & ADDRESS_MASK & !(page_size - 1);
+                return Some(Translation {
+                    physical: base + (address & (page_size - 1)),
+                    flags: entry & !ADDRESS_MASK,
+                    page_size,
+                });
+            }
+            table_phys = entry & ADDRESS_MASK;
+        }
+        None
+    }
+
+    /// Map the page of `size` (4 KiB or 2 MiB) at `address` to `physical` with `flags`,
+    /// replacing any mapping of the same size.
+    pub fn map(
+        &self,
+        address: u64,
+        physical: u64,
+        size: u64,
+        flags: u64,
+        frames: &mut impl FrameSource,
+    ) -> Result<(), PagingError> {
+        let leaf_level = if size == PAGE_2M { 1 } else { 0 };
+        let mut table_phys = self.root;
+        for level in (leaf_level + 1..4).rev() {
+            // SAFETY: walking our own page tables.
+            let entries = unsafe { table(table_phys) };
+            let i = index(address, level);
+            if entries[i] & PRESENT == 0 {
+                let next = frames.allocate_zeroed().ok_or(PagingError::OutOfMemory)?;
+                entries[i] = next | PRESENT | WRITABLE | USER;
+            } else if entries[i] & HUGE != 0 {
+                return Err(PagingError::Conflict);
+            }
+            table_phys = entries[i] & ADDRESS_MASK;
+        }
+        // SAFETY: as above.
+        let entries = unsafe { table(table_phys) };
+        let i = index(address, leaf_level);
+        if leaf_level == 1 && entries[i] & PRESENT != 0 && entries[i] & HUGE == 0 {
+            return Err(PagingError::Conflict);
+        }
+        let huge = if leaf_level == 1 { HUGE } else { 0 };
+        entries[i] = (physical & ADDRESS_MASK) | flags | huge | PRESENT;
+        invalidate(address);
+        Ok(())
+    }
+
+    /// Remove the 4 KiB mapping at `address`, splitting a 2 MiB page if needed. Returns the
+    /// physical address that was mapped.
+    pub fn unmap(&self, address: u64, frames: &mut impl FrameSource) -> Option<u64> {
+        let translation = self.lookup(address)?;
+        if translation.page_size == PAGE_2M {
+            self.split_2m(address, frames).ok()?;
+        }
+        let mut table_phys = self.root;
+        for level in (1..4).rev() {
+            // SAFETY: walking our own page tables.
+            let entry = unsafe { table(table_phys) }[index(address, level)];
+            table_phys = entry & ADDRESS_MASK;
+        }
+        // SAFETY: as above.
+        let entries = unsafe { table(table_phys) };
+        let i = index(address, 0);
+        let old = entries[i];
+        entries[i] = 0;
+        invalidate(address);
+        Some(old & ADDRESS_MASK)
+    }
+
+    fn split_2m(&self, address: u64, frames: &mut impl FrameSource) -> Result<(), PagingError> {
+        let mut table_phys = self.root;
+        for level in (2..4).rev() {
+            // SAFETY: walking our own page tables.
+            table_phys = unsafe { table(table_phys) }[index(address, level)] & ADDRESS_MASK;
+        }
+        // SAFETY: as above.
+        let pd = unsafe { table(table_phys) };
+        let i = index(address, 1);
+        let entry = pd[i];
+        let new = frames.allocate_zeroed().ok_or(PagingError::OutOfMemory)?;
+        // SAFETY: a fresh frame.
+        let pt = unsafe { table(new) };
+        let base = entry & ADDRESS_MASK & !(PAGE_2M - 1);
+        let flags = entry & !ADDRESS_MASK & !HUGE;
+        for (k, e) in pt.iter_mut().enumerate() {
+            *e = (base + k as u64 * PAGE_4K) | flags;
+        }
+        pd[i] = new | PRESENT | WRITABLE | USER;
+        flush_all();
+        Ok(())
+    }
+
+    /// Call `f(address, translation)` for every leaf mapping that starts in
+    /// `start..end` (user half only).
+    pub fn for_each_mapping(&self, start: u64, end: u64, f: &mut impl FnMut(u64, Translation)) {
+        walk(self.root, 3, 0, start, end, f);
+    }
+
+    /// Free the user half's page tables (not the pages they map) and the PML4.
+    pub fn destroy(self, frames: &mut impl FrameSource) {
+        free_tables(self.root, 3, 256, frames);
+        frames.free_frame(self.root);
+    }
+
+    /// Whether this address space is the one loaded in CR3.
+    pub fn is_current(&self) -> bool {
+        super::cpu::cr3() & ADDRESS_MASK == self.root
+    }
+}
+
+fn walk(
+    table_phys: u64,
+    level: u32,
+    base: u64,
+    start: u64,
+    end: u64,
+    f: &mut impl FnMut(u64, Translation),
+) {
+    let span = 1u64 << (12 + 9 * level);
+    let limit = if level == 3 { 256 } else { 512 };
+    for i in 0..limit {
+        let address = base + i as u64 * span;
+        if address >= end || address.wrapping_add(span) <= start {
+            continue;
+        }
+        // SAFETY: walking our own page tables.
+        let entry = unsafe { table(table_phys) }[i];
+        if entry & PRESENT == 0 {
+            continue;
+        }
+        if level == 0 || entry & HUGE != 0 {
+            if address >= start {
+                f(
+                    address,
+                    Translation {
+                        physical: entry & ADDRESS_MASK & !(span - 1),
+                        flags: entry & !ADDRESS_MASK,
+                        page_size: span,
+                    },
+                );
+            }
+        } else {
+            walk(entry & ADDRESS_MASK, level - 1, address, start, end, f);
+        }
+    }
+}
+
+fn free_tables(table_phys: u64, level: u32, limit: usize, frames: &mut impl FrameSource) {
+    if level == 0 {
+        return;
+    }
+    for i in 0..limit {
+        // SAFETY: walking our own page tables.
+        let entry = unsafe { table(table_phys) }[i];
+        if entry & PRESENT != 0 && entry & HUGE == 0 {
+            let next = entry & ADDRESS_MASK;
+            free_tables(next, level - 1, 512, frames);
+            frames.free_frame(next);
+        }
+    }
+}
+
+fn invalidate(address: u64) {
+    super::cpu::invlpg(address);
+}
+
+/// Flush the whole (non-global) TLB.
+pub fn flush_all() {
+    // SAFETY: reloading CR3 with its own value only flushes the TLB.
+    unsafe {
+        let root = super::cpu::cr3();
+        asm!("mov cr3, {}", in(reg) root, options(nostack));
+    }
+}

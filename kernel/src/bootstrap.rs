@@ -1,0 +1,249 @@
+//! From the boot loader's hand-off to the first user threads: the physical memory split
+//! (kernel pool, sigma0's memory, boot modules), the KIP, and the creation of sigma0 and the
+//! root task from the first two boot modules.
+
+use crate::arch::x86_64::entry::Frame;
+use crate::arch::x86_64::paging::{phys_to_virt, DIRECT_MAP_SIZE, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE};
+use crate::kernel::Kernel;
+use crate::memory::FrameSource;
+use crate::object::{Capability, Object, TaskId, ThreadId};
+use crate::syscall::{bind_thread, new_task, new_thread};
+use crate::{info, kip};
+use alloc::vec::Vec;
+use kernel_core::{Arena, FrameAllocator, ReadyQueues};
+use l4_abi::{region_kind, rights, slots, MemoryRegion, INITIAL_STACK_TOP, KERNEL_AREA_START, SIGMA0_PHYS_WINDOW, USER_START, UTCB_AREA};
+use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
+
+/// Timer interrupts per second.
+pub const TIMER_HZ: u64 = 1000;
+
+const MIB: u64 = 1 << 20;
+
+fn page_down(x: u64) -> u64 {
+    x & !(PAGE_4K - 1)
+}
+
+fn page_up(x: u64) -> u64 {
+    (x + PAGE_4K - 1) & !(PAGE_4K - 1)
+}
+
+/// `ranges` minus `hole`.
+fn subtract(ranges: Vec<(u64, u64)>, hole: (u64, u64)) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (start, end) in ranges {
+        if hole.1 <= start || hole.0 >= end {
+            out.push((start, end));
+            continue;
+        }
+        if start < hole.0 {
+            out.push((start, hole.0));
+        }
+        if hole.1 < end {
+            out.push((hole.1, end));
+        }
+    }
+    out
+}
+
+struct Module {
+    base: u64,
+    end: u64,
+    cmdline: alloc::string::String,
+}
+
+/// Parse the boot information, set up memory and the KIP, create sigma0 and the root task.
+pub fn boot(multiboot_info: u64) -> Kernel {
+    extern "C" {
+        static __kernel_phys_end: u8;
+    }
+    // Only the symbol's address is used.
+    let kernel_end = &raw const __kernel_phys_end as u64;
+    // SAFETY: the boot loader left a valid multiboot2 information structure at this address,
+    // which lies in the direct map; it stays intact until we hand memory out below.
+    let boot = unsafe {
+        BootInformation::load(phys_to_virt(multiboot_info) as *const BootInformationHeader)
+    }
+    .unwrap_or_else(|e| panic!("invalid multiboot2 information: {e:?}"));
+    if let Some(cmdline) = boot.command_line_tag().and_then(|t| t.cmdline().ok()) {
+        info!("command line: {cmdline}");
+        if cmdline.contains("debug") {
+            // SAFETY: single-threaded boot.
+            unsafe { crate::log::MAX_LEVEL = crate::log::Level::Debug };
+        }
+    }
+    let mut available: Vec<(u64, u64)> = Vec::new();
+    let memory_map = boot.memory_map_tag().expect("boot loader gave no memory map");
+    for area in memory_map.memory_areas() {
+        if MemoryAreaType::from(area.typ()) == MemoryAreaType::Available {
+            let start = page_up(area.start_address());
+            let end = page_down(area.end_address()).min(DIRECT_MAP_SIZE);
+            if start < end {
+                available.push((start, end));
+            }
+        }
+    }
+    let modules: Vec<Module> = boot
+        .module_tags()
+        .map(|m| Module {
+            base: m.start_address() as u64,
+            end: m.end_address() as u64,
+            cmdline: m.cmdline().unwrap_or("").into(),
+        })
+        .collect();
+    let info_end = multiboot_info + boot.total_size() as u64;
+    let mut free = available;
+    free = subtract(free, (0, MIB));
+    free = subtract(free, (page_down(0x100000), page_up(kernel_end)));
+    free = subtract(free, (page_down(multiboot_info), page_up(info_end)));
+    for m in &modules {
+        free = subtract(free, (page_down(m.base), page_up(m.end)));
+    }
+    let total: u64 = free.iter().map(|(s, e)| e - s).sum();
+    // The kernel pool: an eighth of memory, 16..128 MiB, from the largest free piece.
+    let pool_size = (total / 8).clamp(16 * MIB, 128 * MIB) & !(PAGE_2M - 1);
+    let largest = free
+        .iter()
+        .copied()
+        .max_by_key(|(s, e)| e - s)
+        .expect("no free memory");
+    let pool_start = (largest.0 + PAGE_2M - 1) & !(PAGE_2M - 1);
+    let pool_end = (pool_start + pool_size).min(page_down(largest.1));
+    assert!(pool_end > pool_start + 4 * MIB, "not enough memory for the kernel pool");
+    free = subtract(free, (pool_start, pool_end));
+    info!(
+        "memory: {} MiB free, kernel pool {:#x}..{:#x} ({} MiB), {} boot modules",
+        total / MIB,
+        pool_start,
+        pool_end,
+        (pool_end - pool_start) / MIB,
+        modules.len()
+    );
+
+    let mut frames = FrameAllocator::new(pool_start, ((pool_end - pool_start) / PAGE_4K) as usize);
+    let kip_frame = frames.allocate_zeroed().expect("frame for the KIP");
+    kip::init(kip_frame, TIMER_HZ);
+    for (start, end) in &free {
+        if !kip::add_region(kip_frame, MemoryRegion { base: *start, size: end - start, kind: region_kind::FREE }) {
+            crate::warn!("KIP full: memory {start:#x}..{end:#x} not given to sigma0");
+        }
+    }
+    for m in &modules {
+        kip::add_region(kip_frame, MemoryRegion { base: page_down(m.base), size: page_up(m.end) - page_down(m.base), kind: region_kind::MODULE });
+        if !kip::add_module(kip_frame, m.base, m.end - m.base, &m.cmdline) {
+            crate::warn!("KIP full: module {} not listed", m.cmdline);
+        }
+    }
+
+    let mut k = Kernel {
+        tasks: Arena::new(),
+        threads: Arena::new(),
+        gates: Arena::new(),
+        frames,
+        ready: ReadyQueues::new(),
+        current: None,
+        preempt: false,
+        ticks: 0,
+        timer_hz: TIMER_HZ,
+        timeouts: Vec::new(),
+        kip_frame,
+        next_thread_number: 0,
+    };
+
+    if modules.len() < 2 {
+        panic!("need at least two boot modules (sigma0 and the root task), got {}", modules.len());
+    }
+    let (sigma0, sigma0_thread) = start_module(&mut k, &modules[0], "sigma0");
+    map_sigma0_window(&mut k, sigma0);
+    // sigma0's stack: 64 KiB, mapped up front (sigma0 has no pager).
+    let space = k.tasks.get(sigma0).expect("sigma0").space;
+    for page in 0..16u64 {
+        let frame = k.frames.allocate_zeroed().expect("frame for sigma0's stack");
+        space
+            .map(INITIAL_STACK_TOP - (page + 1) * PAGE_4K, frame, PAGE_4K, USER | WRITABLE | NO_EXECUTE, &mut k.frames)
+            .expect("map sigma0 stack");
+    }
+    let (root, root_thread) = start_module(&mut k, &modules[1], "root");
+    let pager = Capability { object: Object::Thread(sigma0_thread), rights: rights::SEND, badge: 0 };
+    let caps = &mut k.tasks.get_mut(root).expect("root").caps;
+    caps.insert(slots::FACTORY, Capability::full(Object::Factory)).expect("slot");
+    caps.insert(slots::PAGER, pager).expect("slot");
+    caps.insert(slots::PLATFORM, Capability::full(Object::Platform)).expect("slot");
+    k.thread(root_thread).pager = Some(pager);
+    k.wake(sigma0_thread);
+    k.wake(root_thread);
+    info!(
+        "sigma0 and root task started; kernel pool {} of {} frames free",
+        k.frames.free_frames(),
+        k.frames.total_frames()
+    );
+    k
+}
+
+/// Create a task from an ELF boot module with one thread at its entry point and the
+/// capabilities to itself.
+fn start_module(k: &mut Kernel, module: &Module, name: &str) -> (TaskId, ThreadId) {
+    // SAFETY: the boot loader placed the module at this physical range (in the direct map),
+    // and the memory is reserved for it.
+    let bytes = unsafe { core::slice::from_raw_parts(phys_to_virt(module.base) as *const u8, (module.end - module.base) as usize) };
+    let limits = l4_elf::Limits { min_vaddr: USER_START, user_limit: KERNEL_AREA_START.min(SIGMA0_PHYS_WINDOW) };
+    let image = l4_elf::parse(bytes, limits)
+        .unwrap_or_else(|e| panic!("boot module '{}' ({name}) is not a loadable ELF image: {e}", module.cmdline));
+    let task = new_task(k, name).expect("memory for a boot task");
+    let space = k.tasks.get(task).expect("task").space;
+    for segment in image.segments() {
+        let first = page_down(segment.vaddr);
+        let last = page_up(segment.vaddr + segment.mem_size);
+        let mut page = first;
+        while page < last {
+            let frame = k.frames.allocate_zeroed().expect("memory for a boot task image");
+            // Copy the part of the file that falls into this page.
+            let file_start = segment.vaddr;
+            let file_end = segment.vaddr + segment.file_size;
+            let copy_start = page.max(file_start);
+            let copy_end = (page + PAGE_4K).min(file_end);
+            if copy_start < copy_end {
+                let offset = (segment.file_offset + (copy_start - file_start)) as usize;
+                let length = (copy_end - copy_start) as usize;
+                let destination = phys_to_virt(frame) + (copy_start - page);
+                // SAFETY: the source lies within the module (checked by the ELF parser), the
+                // destination within the fresh frame.
+                unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr().add(offset), destination as *mut u8, length) };
+            }
+            let mut flags = USER;
+            if segment.writable {
+                flags |= WRITABLE;
+            }
+            if !segment.executable {
+                flags |= NO_EXECUTE;
+            }
+            space.map(page, frame, PAGE_4K, flags, &mut k.frames).expect("map boot image");
+            page += PAGE_4K;
+        }
+    }
+    let thread = new_thread(k);
+    bind_thread(k, thread, task, UTCB_AREA).expect("bind boot thread");
+    k.thread(thread).frame = Frame::new_user(image.entry, INITIAL_STACK_TOP);
+    let caps = &mut k.tasks.get_mut(task).expect("task").caps;
+    caps.insert(slots::SELF_TASK, Capability::full(Object::Task(task))).expect("slot");
+    caps.insert(slots::SELF_THREAD, Capability::full(Object::Thread(thread))).expect("slot");
+    info!("loaded {name} ('{}'): entry {:#x}, {} segments", module.cmdline, image.entry, image.segments().len());
+    (task, thread)
+}
+
+/// Map every region sigma0 owns at `SIGMA0_PHYS_WINDOW + physical`.
+fn map_sigma0_window(k: &mut Kernel, sigma0: TaskId) {
+    let space = k.tasks.get(sigma0).expect("sigma0").space;
+    let kip = kip::kip_mut(k.kip_frame);
+    let regions: Vec<MemoryRegion> = kip.regions[..kip.region_count as usize].to_vec();
+    for region in regions {
+        let mut physical = region.base;
+        let end = region.base + region.size;
+        while physical < end {
+            let size = if physical % PAGE_2M == 0 && physical + PAGE_2M <= end { PAGE_2M } else { PAGE_4K };
+            space
+                .map(SIGMA0_PHYS_WINDOW + physical, physical, size, USER | WRITABLE, &mut k.frames)
+                .expect("map sigma0 window");
+            physical += size;
+        }
+    }
+}

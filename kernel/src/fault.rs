@@ -1,0 +1,180 @@
+//! Faults of user threads: page faults become IPC to the thread's pager; other exceptions and
+//! refused faults kill the thread, with a clear log line and a death notice to its exception
+//! handler.
+
+use crate::arch::x86_64::entry::Frame;
+use crate::ipc::{self, Message};
+use crate::kernel::Kernel;
+use crate::map::map_fpage;
+use crate::object::ThreadId;
+use crate::thread::{AfterDelivery, KernelMessage, ThreadState};
+use l4_abi::{
+    fault_access, Fpage, MapItem, MessageTag, Timeout, LABEL_DEATH, LABEL_PAGE_FAULT,
+};
+
+/// Death reason: the pager refused a page fault (word 1: fault address).
+pub const DEATH_FAULT_REFUSED: u64 = 0x100;
+/// Death reason: the thread has no pager (word 1: fault address).
+pub const DEATH_NO_PAGER: u64 = 0x101;
+/// Death reason: the pager died while the fault was pending.
+pub const DEATH_PAGER_GONE: u64 = 0x102;
+
+fn describe(k: &Kernel, id: ThreadId) -> (u32, &str) {
+    let t = k.threads.get(id).expect("thread");
+    let name = t
+        .task
+        .and_then(|task| k.tasks.get(task))
+        .map(|task| task.name())
+        .unwrap_or("?");
+    (t.number, name)
+}
+
+/// A user page fault of the current thread at `address` with CPU error code `error`.
+pub fn page_fault(k: &mut Kernel, address: u64, error: u64) {
+    let id = k.current_id();
+    let rip = k.thread(id).frame.rip;
+    let access = error & (fault_access::PRESENT | fault_access::WRITE | fault_access::EXECUTE);
+    let target = k.thread(id).pager.map(|cap| k.ipc_target(cap));
+    let (pager, badge) = match target {
+        Some(Ok(t)) => t,
+        other => {
+            let (number, name) = describe(k, id);
+            crate::warn!(
+                "thread {number} ({name}) killed: page fault at {address:#x} (access {access:#x}, ip {rip:#x}) and {}",
+                if other.is_none() { "no pager" } else { "its pager is gone" }
+            );
+            kill(k, id, DEATH_NO_PAGER, address);
+            return;
+        }
+    };
+    k.thread(id).fault_address = address;
+    k.thread(id).kernel_message = Some(KernelMessage {
+        tag: MessageTag::new(LABEL_PAGE_FAULT, 3, 0),
+        words: [address, access, rip, 0],
+        after: AfterDelivery::AwaitFaultReply,
+    });
+    if let Err(e) = ipc::send(k, id, pager, badge, true, Timeout::INFINITE, Timeout::INFINITE) {
+        let (number, name) = describe(k, id);
+        crate::warn!("thread {number} ({name}) killed: page fault at {address:#x} not deliverable: {e}");
+        k.thread(id).kernel_message = None;
+        kill(k, id, DEATH_NO_PAGER, address);
+    }
+}
+
+/// The pager's answer (`message` from `pager`) to the fault of `faulter`.
+pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, message: &Message) {
+    let fault_address = k.thread(faulter).fault_address;
+    let tag = message.tag;
+    let refused = tag.typed() == 0 || tag.label() != 0;
+    if !refused {
+        let item = MapItem {
+            control: message.words[tag.untyped()],
+            fpage: Fpage(message.words[tag.untyped() + 1]),
+        };
+        let window = Fpage::whole_space();
+        let (source, destination) = crate::map::place_window(window, item);
+        let (Some(from), Some(to)) = (k.task_of(pager), k.task_of(faulter)) else {
+            kill(k, faulter, DEATH_PAGER_GONE, fault_address);
+            return;
+        };
+        match map_fpage(k, from, source, to, destination, item.is_grant()) {
+            Ok(()) => {
+                k.wake(faulter);
+                return;
+            }
+            Err(e) => crate::warn!("fault reply mapping failed: {e}"),
+        }
+    }
+    let rip = k.thread(faulter).frame.rip;
+    let (number, name) = describe(k, faulter);
+    crate::warn!(
+        "thread {number} ({name}) killed: pager refused page fault at {fault_address:#x} (ip {rip:#x})"
+    );
+    kill(k, faulter, DEATH_FAULT_REFUSED, fault_address);
+}
+
+/// A CPU exception (other than a page fault) in the current thread.
+pub fn exception(k: &mut Kernel, vector: u64, error: u64) {
+    let id = k.current_id();
+    let frame: Frame = k.thread(id).frame;
+    let (number, name) = describe(k, id);
+    crate::warn!(
+        "thread {number} ({name}) killed: exception {vector} ({}) error {error:#x} at ip {:#x} sp {:#x}",
+        exception_name(vector),
+        frame.rip,
+        frame.rsp
+    );
+    kill(k, id, vector, error);
+}
+
+/// Kill thread `id`: cancel its IPC, send a death notice (label [`LABEL_DEATH`], words:
+/// reason, detail, ip) to its exception handler if it has one, then it is dead.
+pub fn kill(k: &mut Kernel, id: ThreadId, reason: u64, detail: u64) {
+    if let ThreadState::Sending { to, .. } = k.thread(id).state {
+        if let Some(target) = k.threads.get_mut(to) {
+            target.senders.retain(|&s| s != id);
+        }
+    }
+    k.thread(id).state = ThreadState::Ready;
+    k.thread(id).deadline = None;
+    let handler = k.thread(id).exception_handler.map(|cap| k.ipc_target(cap));
+    if let Some(Ok((target, badge))) = handler {
+        if target != id {
+            let rip = k.thread(id).frame.rip;
+            k.thread(id).kernel_message = Some(KernelMessage {
+                tag: MessageTag::new(LABEL_DEATH, 3, 0),
+                words: [reason, detail, rip, 0],
+                after: AfterDelivery::Die,
+            });
+            if ipc::send(k, id, target, badge, false, Timeout::INFINITE, Timeout::INFINITE).is_ok() {
+                return;
+            }
+        }
+    }
+    k.thread(id).kernel_message = None;
+    ipc::finish_death(k, id);
+}
+
+fn exception_name(vector: u64) -> &'static str {
+    match vector {
+        0 => "#DE divide error",
+        1 => "#DB debug",
+        2 => "NMI",
+        3 => "#BP breakpoint",
+        4 => "#OF overflow",
+        5 => "#BR bound range",
+        6 => "#UD invalid opcode",
+        7 => "#NM device not available",
+        8 => "#DF double fault",
+        10 => "#TS invalid TSS",
+        11 => "#NP segment not present",
+        12 => "#SS stack fault",
+        13 => "#GP general protection",
+        14 => "#PF page fault",
+        16 => "#MF x87 error",
+        17 => "#AC alignment check",
+        18 => "#MC machine check",
+        19 => "#XM SIMD error",
+        _ => "exception",
+    }
+}
+
+/// Print a kernel-mode fault with the saved state and stop.
+pub fn kernel_fault(frame: &Frame) -> ! {
+    panic!(
+        "kernel exception {} ({}) error {:#x} at rip {:#x} rsp {:#x} cr2 {:#x}\n  rax {:#x} rbx {:#x} rcx {:#x} rdx {:#x} rsi {:#x} rdi {:#x} rbp {:#x}",
+        frame.vector,
+        exception_name(frame.vector),
+        frame.error,
+        frame.rip,
+        frame.rsp,
+        crate::arch::x86_64::cpu::cr2(),
+        frame.rax,
+        frame.rbx,
+        frame.rcx,
+        frame.rdx,
+        frame.rsi,
+        frame.rdi,
+        frame.rbp
+    );
+}

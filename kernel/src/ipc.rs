@@ -1,0 +1,379 @@
+//! Synchronous IPC: the send and receive phases, the direct copy of a message from sender to
+//! receiver (registers, UTCB words, map items), timeouts, and cancellation on thread death.
+
+use crate::kernel::Kernel;
+use crate::map::{map_fpage, place_window};
+use crate::object::ThreadId;
+use crate::thread::{AfterDelivery, ThreadState};
+use crate::arch::x86_64::paging::phys_to_virt;
+use l4_abi::{
+    Error, Fpage, MapItem, MessageTag, Timeout, TimeoutKind, Utcb, BR_RECEIVE_WINDOW, MAX_WORDS,
+    RECEIVE_PHASE,
+};
+
+/// A message on its way from sender to receiver.
+pub struct Message {
+    /// The tag.
+    pub tag: MessageTag,
+    /// All words (untyped, then two per map item).
+    pub words: [u64; MAX_WORDS],
+}
+
+/// The UTCB of thread `id`.
+pub fn utcb(k: &mut Kernel, id: ThreadId) -> &'static mut Utcb {
+    let frame = k.thread(id).utcb_frame;
+    assert!(frame != 0, "thread without UTCB in IPC");
+    // SAFETY: the UTCB frame is kernel-allocated, in the direct map, and lives as long as the
+    // thread; only this (single, non-reentrant) kernel path touches it now.
+    unsafe { &mut *(phys_to_virt(frame) as *mut Utcb) }
+}
+
+/// Check what a sender may put in a message: a valid tag and well-formed map items.
+pub fn validate_outgoing(k: &mut Kernel, sender: ThreadId) -> Result<(), Error> {
+    let tag = MessageTag(k.thread(sender).frame.rdx);
+    if !tag.is_valid() {
+        return Err(Error::InvalidArgument);
+    }
+    let message = read_message(k, sender);
+    for item in 0..tag.typed() {
+        let fpage = Fpage(message.words[tag.untyped() + 2 * item + 1]);
+        if !fpage.is_valid_memory() {
+            return Err(Error::InvalidArgument);
+        }
+    }
+    Ok(())
+}
+
+/// Read the message thread `sender` is sending (its kernel message, or its registers and
+/// UTCB).
+pub fn read_message(k: &mut Kernel, sender: ThreadId) -> Message {
+    let mut words = [0u64; MAX_WORDS];
+    let thread = k.thread(sender);
+    if let Some(km) = thread.kernel_message {
+        words[..4].copy_from_slice(&km.words);
+        return Message { tag: km.tag, words };
+    }
+    let f = &thread.frame;
+    let tag = MessageTag(f.rdx);
+    words[..4].copy_from_slice(&[f.r8, f.r9, f.r12, f.r13]);
+    let count = tag.words().min(MAX_WORDS);
+    if count > 4 {
+        let u = utcb(k, sender);
+        words[4..count].copy_from_slice(&u.mr[4..count]);
+    }
+    Message { tag, words }
+}
+
+/// Copy the message of `sender` into `receiver` (which is waiting for it), with `badge`.
+/// A receiver awaiting a page-fault reply has the map item applied instead, or is killed
+/// if the pager refused.
+fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
+    let message = read_message(k, sender);
+    let fault_reply = matches!(
+        k.thread(receiver).state,
+        ThreadState::Receiving { fault_reply: true, .. }
+    );
+    if fault_reply {
+        crate::fault::apply_fault_reply(k, sender, receiver, &message);
+        return;
+    }
+    let tag = message.tag;
+    let count = tag.words().min(MAX_WORDS);
+    {
+        let f = &mut k.thread(receiver).frame;
+        f.rax = 0;
+        f.rdx = tag.0;
+        f.rsi = badge;
+        f.r8 = message.words[0];
+        f.r9 = message.words[1];
+        f.r12 = message.words[2];
+        f.r13 = message.words[3];
+    }
+    let receiver_utcb = utcb(k, receiver);
+    if count > 4 {
+        receiver_utcb.mr[4..count].copy_from_slice(&message.words[4..count]);
+    }
+    let window = Fpage(receiver_utcb.br[BR_RECEIVE_WINDOW]);
+    if tag.typed() > 0 {
+        if !window.is_valid_memory() {
+            crate::debug!("map items dropped: receiver has no receive window");
+            return;
+        }
+        let (Some(from), Some(to)) = (k.task_of(sender), k.task_of(receiver)) else {
+            return;
+        };
+        for i in 0..tag.typed() {
+            let item = MapItem {
+                control: message.words[tag.untyped() + 2 * i],
+                fpage: Fpage(message.words[tag.untyped() + 2 * i + 1]),
+            };
+            let (source, destination) = place_window(window, item);
+            if let Err(e) = map_fpage(k, from, source, to, destination, item.is_grant()) {
+                crate::warn!("map item {i}: {e}");
+            }
+        }
+    }
+}
+
+/// Timer tick at which a timeout started now expires (`None`: never).
+pub fn deadline(k: &Kernel, timeout: Timeout) -> Option<u64> {
+    match timeout.kind() {
+        TimeoutKind::Infinite | TimeoutKind::Zero => None,
+        TimeoutKind::Micros(us) => {
+            let ticks = (us as u64 * k.timer_hz).div_ceil(1_000_000).max(1);
+            Some(k.ticks + ticks + 1)
+        }
+    }
+}
+
+fn set_deadline(k: &mut Kernel, id: ThreadId, timeout: Timeout) {
+    let d = deadline(k, timeout);
+    k.thread(id).deadline = d;
+    if d.is_some() && !k.timeouts.contains(&id) {
+        k.timeouts.push(id);
+    }
+}
+
+/// What a send phase did.
+pub enum SendOutcome {
+    /// The message was delivered.
+    Delivered,
+    /// The sender blocked.
+    Blocked,
+}
+
+/// The send phase: deliver to `target` if it waits for us, else block (or fail with a zero
+/// timeout). `receive_timeout` applies to the receive phase of a call.
+pub fn send(
+    k: &mut Kernel,
+    sender: ThreadId,
+    target: ThreadId,
+    badge: u64,
+    call: bool,
+    send_timeout: Timeout,
+    receive_timeout: Timeout,
+) -> Result<SendOutcome, Error> {
+    let waiting = match k.threads.get(target).map(|t| t.state) {
+        Some(ThreadState::Receiving { from, .. }) => from.is_none_or(|f| f == sender),
+        Some(ThreadState::Dead) | None => return Err(Error::DeadPartner),
+        Some(_) => false,
+    };
+    k.thread(sender).receive_timeout = receive_timeout;
+    if waiting {
+        deliver(k, sender, target, badge);
+        let fault_reply = matches!(
+            k.thread(target).state,
+            ThreadState::Receiving { fault_reply: true, .. }
+        );
+        if !fault_reply {
+            k.wake(target);
+        }
+        sender_done(k, sender, target, call);
+        return Ok(SendOutcome::Delivered);
+    }
+    if send_timeout.kind() == TimeoutKind::Zero {
+        return Err(Error::Timeout);
+    }
+    k.thread(sender).state = ThreadState::Sending {
+        to: target,
+        badge,
+        call,
+    };
+    k.thread(target).senders.push_back(sender);
+    set_deadline(k, sender, send_timeout);
+    Ok(SendOutcome::Blocked)
+}
+
+/// After `sender`'s message reached `receiver`: a call waits for the reply, a kernel
+/// message continues as it said, a plain send is done.
+fn sender_done(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, call: bool) {
+    let kernel_message = k.thread(sender).kernel_message.take();
+    match kernel_message.map(|m| m.after) {
+        Some(AfterDelivery::Die) => {
+            finish_death(k, sender);
+        }
+        Some(AfterDelivery::AwaitFaultReply) => {
+            k.thread(sender).state = ThreadState::Receiving {
+                from: Some(receiver),
+                fault_reply: true,
+            };
+            k.thread(receiver).caller = Some(sender);
+        }
+        None if call => {
+            k.thread(sender).state = ThreadState::Receiving {
+                from: Some(receiver),
+                fault_reply: false,
+            };
+            k.thread(receiver).caller = Some(sender);
+            let timeout = k.thread(sender).receive_timeout;
+            set_deadline(k, sender, timeout);
+        }
+        None => {
+            k.thread(sender).frame.rax = 0;
+            if k.current != Some(sender) {
+                k.wake(sender);
+            } else {
+                k.thread(sender).state = ThreadState::Ready;
+            }
+        }
+    }
+}
+
+/// The receive phase of thread `receiver` (the current thread): take a waiting sender's
+/// message, or block (or fail with a zero timeout).
+pub fn receive(
+    k: &mut Kernel,
+    receiver: ThreadId,
+    from: Option<ThreadId>,
+    timeout: Timeout,
+) -> Result<(), Error> {
+    if let Some(partner) = from {
+        if !k.threads.get(partner).is_some_and(|t| t.is_alive()) {
+            return Err(Error::DeadPartner);
+        }
+    }
+    let position = {
+        let threads = &k.threads;
+        let queue = &threads.get(receiver).expect("receiver").senders;
+        queue.iter().position(|&s| {
+            from.is_none_or(|f| f == s)
+                && matches!(threads.get(s).map(|t| t.state), Some(ThreadState::Sending { to, .. }) if to == receiver)
+        })
+    };
+    // Drop stale entries at the head cheaply.
+    if let Some(index) = position {
+        let sender = k.thread(receiver).senders.remove(index).expect("queued sender");
+        let ThreadState::Sending { badge, call, .. } = k.thread(sender).state else {
+            unreachable!("queued sender not sending");
+        };
+        k.thread(sender).deadline = None;
+        k.thread(receiver).state = ThreadState::Receiving {
+            from,
+            fault_reply: false,
+        };
+        deliver(k, sender, receiver, badge);
+        k.thread(receiver).state = ThreadState::Ready;
+        sender_done(k, sender, receiver, call);
+        return Ok(());
+    }
+    if timeout.kind() == TimeoutKind::Zero {
+        return Err(Error::Timeout);
+    }
+    k.thread(receiver).state = ThreadState::Receiving {
+        from,
+        fault_reply: false,
+    };
+    set_deadline(k, receiver, timeout);
+    Ok(())
+}
+
+/// Reply from `replier` (the current thread) to its pending caller.
+pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<(), Error> {
+    let caller = k.thread(replier).caller.take().ok_or(Error::NoPartner)?;
+    let waiting = matches!(
+        k.threads.get(caller).map(|t| t.state),
+        Some(ThreadState::Receiving { from: Some(f), .. }) if f == replier
+    );
+    if !waiting {
+        return Err(Error::NoPartner);
+    }
+    let fault_reply = matches!(
+        k.thread(caller).state,
+        ThreadState::Receiving { fault_reply: true, .. }
+    );
+    deliver(k, replier, caller, 0);
+    if !fault_reply {
+        k.wake(caller);
+    }
+    Ok(())
+}
+
+/// End a blocked thread's IPC with `error` and make it runnable.
+pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
+    let Some(thread) = k.threads.get(id) else {
+        return;
+    };
+    match thread.state {
+        ThreadState::Sending { to, .. } => {
+            if let Some(target) = k.threads.get_mut(to) {
+                target.senders.retain(|&s| s != id);
+            }
+            if k.thread(id).kernel_message.is_some() {
+                // A kernel message that cannot be delivered: the thread is beyond help.
+                let after = k.thread(id).kernel_message.take().map(|m| m.after);
+                if after == Some(AfterDelivery::Die) {
+                    finish_death(k, id);
+                    return;
+                }
+            }
+        }
+        ThreadState::Receiving { fault_reply: true, .. } => {
+            crate::warn!(
+                "thread {} killed: its pager died before answering a page fault",
+                k.thread(id).number
+            );
+            crate::fault::kill(k, id, crate::fault::DEATH_PAGER_GONE, 0);
+            return;
+        }
+        ThreadState::Receiving { .. } => {}
+        _ => return,
+    }
+    k.thread(id).frame.rax = error;
+    k.wake(id);
+}
+
+/// Expire IPC deadlines at the current tick.
+pub fn expire_timeouts(k: &mut Kernel) {
+    let now = k.ticks;
+    let mut i = 0;
+    while i < k.timeouts.len() {
+        let id = k.timeouts[i];
+        let deadline = k.threads.get(id).and_then(|t| t.deadline);
+        match deadline {
+            None => {
+                k.timeouts.swap_remove(i);
+            }
+            Some(d) if d <= now => {
+                k.timeouts.swap_remove(i);
+                let code = match k.thread(id).state {
+                    ThreadState::Receiving { .. } => Error::Timeout as u64 | RECEIVE_PHASE,
+                    _ => Error::Timeout as u64,
+                };
+                abort(k, id, code);
+            }
+            Some(_) => i += 1,
+        }
+    }
+}
+
+/// Make thread `id` dead and fail every IPC that waits on it.
+pub fn finish_death(k: &mut Kernel, id: ThreadId) {
+    if let ThreadState::Sending { to, .. } = k.thread(id).state {
+        if let Some(target) = k.threads.get_mut(to) {
+            target.senders.retain(|&s| s != id);
+        }
+    }
+    let thread = k.thread(id);
+    thread.state = ThreadState::Dead;
+    thread.deadline = None;
+    thread.kernel_message = None;
+    thread.caller = None;
+    let senders: alloc::vec::Vec<ThreadId> = thread.senders.drain(..).collect();
+    for s in senders {
+        if matches!(k.threads.get(s).map(|t| t.state), Some(ThreadState::Sending { to, .. }) if to == id)
+        {
+            abort(k, s, Error::DeadPartner as u64);
+        }
+    }
+    let waiting: alloc::vec::Vec<ThreadId> = k
+        .threads
+        .ids()
+        .filter(|&t| {
+            matches!(k.threads.get(t).map(|t| t.state),
+                Some(ThreadState::Receiving { from: Some(f), .. }) if f == id)
+        })
+        .collect();
+    for t in waiting {
+        abort(k, t, Error::DeadPartner as u64 | RECEIVE_PHASE);
+    }
+}

@@ -1,0 +1,217 @@
+//! The kernel's state (all objects, the frame pool, the scheduler) and the single point of
+//! access to it.
+
+use crate::arch::x86_64::entry::return_to_user;
+use crate::arch::x86_64::{cpu, paging};
+use crate::object::{Capability, Gate, Object, TaskId, ThreadId};
+use crate::task::Task;
+use crate::thread::{Thread, ThreadState};
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
+use kernel_core::{Arena, FrameAllocator, ReadyQueues};
+use l4_abi::Error;
+
+/// All kernel state.
+pub struct Kernel {
+    /// Tasks.
+    pub tasks: Arena<Task>,
+    /// Threads.
+    pub threads: Arena<Thread>,
+    /// Gates.
+    pub gates: Arena<Gate>,
+    /// Frames for page tables and UTCBs.
+    pub frames: FrameAllocator,
+    /// Runnable threads other than the current one.
+    pub ready: ReadyQueues<ThreadId>,
+    /// The thread whose frame holds live user state (`None` while idle).
+    pub current: Option<ThreadId>,
+    /// Set when a thread of higher priority than the current one became ready.
+    pub preempt: bool,
+    /// Timer ticks since boot.
+    pub ticks: u64,
+    /// Timer interrupts per second.
+    pub timer_hz: u64,
+    /// Threads with an IPC deadline.
+    pub timeouts: Vec<ThreadId>,
+    /// Physical frame of the kernel info page.
+    pub kip_frame: u64,
+    /// The next thread number for logs.
+    pub next_thread_number: u32,
+}
+
+struct KernelCell(UnsafeCell<MaybeUninit<Kernel>>);
+
+// SAFETY: the kernel runs on one CPU with interrupts disabled; see `kernel()`.
+unsafe impl Sync for KernelCell {}
+
+static KERNEL: KernelCell = KernelCell(UnsafeCell::new(MaybeUninit::uninit()));
+
+/// Install the kernel state (once, at boot).
+pub fn install(kernel: Kernel) {
+    // SAFETY: called once before any call of `kernel()`.
+    unsafe { (*KERNEL.0.get()).write(kernel) };
+}
+
+/// The kernel state.
+///
+/// Each kernel entry (syscall, interrupt) calls this exactly once and passes the reference
+/// down, so no two references are alive at once. The kernel is single-CPU and not
+/// re-entrant (interrupts stay disabled in kernel mode).
+pub fn kernel() -> &'static mut Kernel {
+    // SAFETY: `install` ran at boot; uniqueness as documented above.
+    unsafe { (*KERNEL.0.get()).assume_init_mut() }
+}
+
+impl Kernel {
+    /// The current thread (panics while idle: only called on paths that have one).
+    pub fn current_id(&self) -> ThreadId {
+        self.current.expect("no current thread")
+    }
+
+    /// A live thread.
+    pub fn thread(&mut self, id: ThreadId) -> &mut Thread {
+        self.threads.get_mut(id).expect("stale thread id")
+    }
+
+    /// The task of thread `id`.
+    pub fn task_of(&self, id: ThreadId) -> Option<TaskId> {
+        self.threads.get(id).and_then(|t| t.task)
+    }
+
+    /// Look up slot `slot` of the current thread's task: it must hold a capability to a live
+    /// object.
+    pub fn lookup(&self, slot: u64) -> Result<Capability, Error> {
+        let task = self
+            .task_of(self.current_id())
+            .ok_or(Error::InvalidCapability)?;
+        self.lookup_in(task, slot)
+    }
+
+    /// Look up `slot` in `task`.
+    pub fn lookup_in(&self, task: TaskId, slot: u64) -> Result<Capability, Error> {
+        let task = self.tasks.get(task).ok_or(Error::InvalidCapability)?;
+        let cap = *task.caps.get(slot).map_err(|_| Error::InvalidCapability)?;
+        let alive = match cap.object {
+            Object::Task(id) => self.tasks.contains(id),
+            Object::Thread(id) => self.threads.contains(id),
+            Object::Gate(id) => self.gates.contains(id),
+            Object::Factory | Object::Platform => true,
+        };
+        if alive {
+            Ok(cap)
+        } else {
+            Err(Error::InvalidCapability)
+        }
+    }
+
+    /// Resolve an IPC destination capability to the receiving thread and the badge.
+    pub fn ipc_target(&self, cap: Capability) -> Result<(ThreadId, u64), Error> {
+        if cap.rights & l4_abi::rights::SEND == 0 {
+            return Err(Error::NoRights);
+        }
+        let thread = match cap.object {
+            Object::Thread(id) => id,
+            Object::Gate(id) => self.gates.get(id).ok_or(Error::InvalidCapability)?.thread,
+            _ => return Err(Error::WrongType),
+        };
+        match self.threads.get(thread) {
+            Some(t) if t.is_alive() => Ok((thread, cap.badge)),
+            _ => Err(Error::DeadPartner),
+        }
+    }
+
+    /// Make `id` runnable; ask for preemption if it outranks the current thread.
+    pub fn wake(&mut self, id: ThreadId) {
+        let current_priority = self.current.and_then(|c| self.threads.get(c)).map(|t| t.priority);
+        let thread = self.thread(id);
+        thread.state = ThreadState::Ready;
+        thread.deadline = None;
+        let priority = thread.priority;
+        self.ready.enqueue(id, priority);
+        if current_priority.is_some_and(|p| priority > p) {
+            self.preempt = true;
+        }
+    }
+
+    /// Pick the next thread and return to user mode in it (or idle).
+    pub fn schedule(&mut self) -> ! {
+        if let Some(current) = self.current {
+            let runnable = self
+                .threads
+                .get(current)
+                .is_some_and(|t| t.state == ThreadState::Ready);
+            if runnable {
+                let thread = self.thread(current);
+                let priority = thread.priority;
+                let expired = thread.remaining == 0;
+                let outranked = self.ready.highest().is_some_and(|p| p > priority);
+                let rotate = expired && self.ready.highest().is_some_and(|p| p >= priority);
+                if !outranked && !rotate {
+                    self.preempt = false;
+                    if expired {
+                        let t = self.thread(current);
+                        t.remaining = t.timeslice;
+                    }
+                    self.resume(current);
+                }
+                let t = self.thread(current);
+                if expired {
+                    t.remaining = t.timeslice;
+                    self.ready.enqueue(current, priority);
+                } else {
+                    self.ready.enqueue_front(current, priority);
+                }
+            }
+        }
+        self.preempt = false;
+        while let Some((next, _)) = self.ready.dequeue() {
+            if self.threads.get(next).is_some_and(|t| t.state == ThreadState::Ready) {
+                self.resume(next);
+            }
+        }
+        self.current = None;
+        idle()
+    }
+
+    /// Return to user mode in thread `id`.
+    pub fn resume(&mut self, id: ThreadId) -> ! {
+        self.current = Some(id);
+        let task = self.task_of(id).expect("runnable thread without task");
+        let root = self.tasks.get(task).expect("thread of dead task").space.root;
+        if cpu::cr3() & paging::ADDRESS_MASK != root {
+            // SAFETY: every task's PML4 maps the kernel half.
+            unsafe { cpu::write_cr3(root) };
+        }
+        let thread = self.thread(id);
+        // SAFETY: the UTCB address is a user address chosen at bind time.
+        unsafe { cpu::wrmsr(cpu::msr::FS_BASE, thread.utcb_address) };
+        let frame = &raw const thread.frame;
+        // SAFETY: the frame lives in the boxed thread until the thread is destroyed, which
+        // cannot happen before the next kernel entry; the page tables are the thread's.
+        unsafe { return_to_user(frame) }
+    }
+}
+
+/// Halt until an interrupt arrives, on a fresh kernel stack.
+pub fn idle() -> ! {
+    extern "C" {
+        fn kernel_idle() -> !;
+    }
+    // SAFETY: `kernel_idle` resets the stack pointer and never returns.
+    unsafe { kernel_idle() }
+}
+
+core::arch::global_asm!(
+    r#"
+.section .text
+.global kernel_idle
+kernel_idle:
+    mov rsp, [rip + KERNEL_STACK_TOP]
+1:
+    sti
+    hlt
+    cli
+    jmp 1b
+"#
+);

@@ -1,0 +1,92 @@
+//! The L4 microkernel: boots from GRUB (multiboot2), then only dispatches syscalls, faults and
+//! interrupts. Everything else runs in user tasks.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+pub mod arch;
+pub mod bootstrap;
+pub mod fault;
+pub mod ipc;
+pub mod kernel;
+pub mod kip;
+pub mod log;
+pub mod map;
+pub mod memory;
+pub mod object;
+pub mod syscall;
+pub mod task;
+pub mod thread;
+pub mod usermem;
+
+use arch::x86_64::entry::{self, Frame, SPURIOUS_VECTOR, TIMER_VECTOR};
+use arch::x86_64::{apic, cpu, serial};
+
+/// isa-debug-exit value for a kernel panic (QEMU exits with status 2*v+1 = 37).
+pub const EXIT_PANIC: u8 = 0x12;
+
+/// The Rust entry point, called by the boot code in long mode on the kernel stack.
+#[no_mangle]
+pub extern "C" fn kernel_main(magic: u32, multiboot_info: u32) -> ! {
+    serial::init();
+    info!("L4 kernel starting");
+    if magic != 0x36d7_6289 {
+        panic!("not booted by a multiboot2 loader (magic {magic:#x})");
+    }
+    memory::init_heap();
+    entry::init();
+    let k = bootstrap::boot(multiboot_info as u64);
+    let per_10ms = apic::init(bootstrap::TIMER_HZ as u32);
+    info!("local APIC timer: {} ticks per 10 ms, {} Hz", per_10ms, bootstrap::TIMER_HZ);
+    kernel::install(k);
+    kernel::kernel().schedule()
+}
+
+/// Entry from the syscall stub; `frame` is the current thread's saved state.
+#[no_mangle]
+extern "C" fn syscall_dispatch(_frame: *mut Frame) -> ! {
+    syscall::dispatch(kernel::kernel())
+}
+
+/// Entry from the interrupt and exception stubs.
+#[no_mangle]
+extern "C" fn interrupt_dispatch(frame: *mut Frame) -> ! {
+    // SAFETY: the stub passes the frame it just pushed (a thread's frame or, while idle, one on
+    // the kernel stack); nothing else refers to it now.
+    let frame = unsafe { &mut *frame };
+    let from_user = frame.cs & 3 == 3;
+    let vector = frame.vector;
+    let k = kernel::kernel();
+    match vector {
+        0..=31 if !from_user => fault::kernel_fault(frame),
+        14 => fault::page_fault(k, cpu::cr2(), frame.error),
+        0..=31 => fault::exception(k, vector, frame.error),
+        v if v == TIMER_VECTOR as u64 => {
+            apic::end_of_interrupt();
+            k.ticks += 1;
+            ipc::expire_timeouts(k);
+            if let Some(current) = k.current {
+                if let Some(t) = k.threads.get_mut(current) {
+                    t.remaining = t.remaining.saturating_sub(1);
+                }
+            }
+        }
+        v if v == SPURIOUS_VECTOR as u64 => {}
+        v => {
+            warn!("unexpected interrupt vector {v}");
+            apic::end_of_interrupt();
+        }
+    }
+    k.schedule()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    use core::fmt::Write;
+    let _ = write!(serial::Console, "\n[kernel] PANIC: {info}\n");
+    cpu::outb(0xf4, EXIT_PANIC);
+    loop {
+        cpu::wait_for_interrupt();
+    }
+}

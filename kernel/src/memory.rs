@@ -1,0 +1,50 @@
+//! Kernel memory: the kernel heap (a static arena for kernel objects) and the pool of physical
+//! frames for page tables, UTCBs and the KIP.
+
+use crate::arch::x86_64::paging::zero_frame;
+use kernel_core::FrameAllocator;
+use linked_list_allocator::LockedHeap;
+
+/// Bytes of the kernel heap.
+pub const HEAP_SIZE: usize = 8 << 20;
+
+#[repr(C, align(4096))]
+struct HeapSpace([u8; HEAP_SIZE]);
+
+static mut HEAP_SPACE: HeapSpace = HeapSpace([0; HEAP_SIZE]);
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+/// Hand the static heap area to the allocator.
+pub fn init_heap() {
+    // SAFETY: called once at boot; the area is a static used for nothing else.
+    unsafe { HEAP.lock().init(&raw mut HEAP_SPACE as *mut u8, HEAP_SIZE) }
+}
+
+/// Bytes of the kernel heap in use.
+pub fn heap_used() -> usize {
+    HEAP.lock().used()
+}
+
+/// A source of physical frames for page tables.
+pub trait FrameSource {
+    /// A zero-filled frame.
+    fn allocate_zeroed(&mut self) -> Option<u64>;
+    /// Return a frame.
+    fn free_frame(&mut self, physical: u64);
+}
+
+impl FrameSource for FrameAllocator {
+    fn allocate_zeroed(&mut self) -> Option<u64> {
+        let frame = self.allocate()?;
+        zero_frame(frame);
+        Some(frame)
+    }
+
+    fn free_frame(&mut self, physical: u64) {
+        if let Err(e) = self.free(physical) {
+            crate::warn!("freeing frame {physical:#x}: {e}");
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Capabilities: what a slot of a task's capability table holds.
+
+use kernel_core::ObjectId;
+
+/// Identifies a task.
+pub type TaskId = ObjectId;
+/// Identifies a thread.
+pub type ThreadId = ObjectId;
+/// Identifies a gate.
+pub type GateId = ObjectId;
+
+/// The kernel object a capability names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Object {
+    /// A task.
+    Task(TaskId),
+    /// A thread.
+    Thread(ThreadId),
+    /// An IPC gate.
+    Gate(GateId),
+    /// The kernel-object factory.
+    Factory,
+    /// Platform control.
+    Platform,
+}
+
+/// A capability: an object, the rights held on it, and the badge IPC through it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capability {
+    /// The object.
+    pub object: Object,
+    /// [`l4_abi::rights`] bits.
+    pub rights: u64,
+    /// Delivered to the receiver of IPC sent through this capability.
+    pub badge: u64,
+}
+
+impl Capability {
+    /// A capability with all rights and no badge.
+    pub fn full(object: Object) -> Self {
+        Capability {
+            object,
+            rights: l4_abi::rights::ALL,
+            badge: 0,
+        }
+    }
+}
+
+/// A gate: an IPC endpoint bound to the thread that receives what is sent to it.
+#[derive(Debug)]
+pub struct Gate {
+    /// The receiving thread.
+    pub thread: ThreadId,
+}

@@ -1,0 +1,392 @@
+//! The syscall dispatcher: one `match` over every syscall. Each handler decodes (validates)
+//! all arguments before it changes any state, and returns `Result<_, Error>`; the dispatcher
+//! writes the result into the caller's saved registers and schedules.
+
+use crate::arch::x86_64::cpu::outb;
+use crate::arch::x86_64::entry::{RFLAGS_IF, RFLAGS_RESERVED, RFLAGS_USER_MASK};
+use crate::arch::x86_64::paging::{phys_to_virt, AddressSpace, NO_EXECUTE, PAGE_4K, USER, WRITABLE};
+use crate::ipc::{self, SendOutcome};
+use crate::kernel::Kernel;
+use crate::map::{map_fpage, unmap_fpage};
+use crate::object::{Capability, Gate, Object, TaskId, ThreadId};
+use crate::task::Task;
+use crate::thread::{Thread, ThreadState};
+use crate::usermem;
+use l4_abi::{
+    rights, Error, ExRegsFlags, Fpage, ObjectKind, Syscall, Timeouts, Utcb, KIP_ADDRESS,
+    MAP_GRANT, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, USER_END, UTCB_AREA,
+};
+
+/// Handle the syscall of the current thread (its registers are in its frame).
+pub fn dispatch(k: &mut Kernel) -> ! {
+    let id = k.current_id();
+    let f = k.thread(id).frame;
+    let number = f.rax;
+    let mut receive_phase = number == Syscall::Receive as u64;
+    let result: Result<(), Error> = match Syscall::from_u64(number) {
+        Some(Syscall::Send) => ipc_send(k, id, f.rdi, false, Timeouts(f.r10)),
+        Some(Syscall::Call) => ipc_send(k, id, f.rdi, true, Timeouts(f.r10)),
+        Some(Syscall::Receive) => ipc_receive(k, id, f.rsi, Timeouts(f.r10)),
+        Some(Syscall::Reply) => ipc::reply(k, id).map(|()| set_ok(k, id)),
+        Some(Syscall::ReplyWait) => match ipc::reply(k, id) {
+            Ok(()) => {
+                receive_phase = true;
+                ipc_receive(k, id, OPEN_WAIT, Timeouts(f.r10))
+            }
+            Err(e) => Err(e),
+        },
+        Some(Syscall::FactoryCreate) => factory_create(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8),
+        Some(Syscall::ThreadControl) => thread_control(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8),
+        Some(Syscall::ExRegs) => ex_regs(k, id, f.rdi, f.rsi, f.rdx, f.r10),
+        Some(Syscall::CapCopy) => cap_copy(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8),
+        Some(Syscall::CapDelete) => cap_delete(k, f.rdi),
+        Some(Syscall::MemMap) => mem_map(k, f.rdi, f.rsi, f.rdx, f.r10),
+        Some(Syscall::MemUnmap) => {
+            let task = k.task_of(id).expect("current task");
+            unmap_fpage(k, task, Fpage(f.rdi))
+        }
+        Some(Syscall::ThreadExit) => {
+            thread_exit(k, id, f.rdi);
+            Ok(())
+        }
+        Some(Syscall::ThreadYield) => {
+            k.thread(id).remaining = 0;
+            Ok(())
+        }
+        Some(Syscall::DebugWrite) => debug_write(k, id, f.rdi, f.rsi),
+        Some(Syscall::TaskDestroy) => task_destroy(k, id, f.rdi),
+        Some(Syscall::Shutdown) => shutdown(k, f.rdi, f.rsi),
+        None => Err(Error::UnknownSyscall),
+    };
+    // IPC paths set rax themselves on success (they may block); errors are written here.
+    match result {
+        Ok(()) => {
+            if !is_ipc(number) && k.threads.get(id).is_some() {
+                k.thread(id).frame.rax = 0;
+            }
+        }
+        Err(e) => {
+            let phase = if receive_phase { RECEIVE_PHASE } else { 0 };
+            if let Some(t) = k.threads.get_mut(id) {
+                t.frame.rax = e as u64 | phase;
+                if matches!(t.state, ThreadState::Sending { .. } | ThreadState::Receiving { .. }) {
+                    // Should not happen: handlers fail before they block.
+                    t.state = ThreadState::Ready;
+                }
+            }
+        }
+    }
+    k.schedule()
+}
+
+fn is_ipc(number: u64) -> bool {
+    (1..=5).contains(&number)
+}
+
+fn set_ok(k: &mut Kernel, id: ThreadId) {
+    k.thread(id).frame.rax = 0;
+}
+
+fn ipc_send(k: &mut Kernel, id: ThreadId, slot: u64, call: bool, timeouts: Timeouts) -> Result<(), Error> {
+    let cap = k.lookup(slot)?;
+    let (target, badge) = k.ipc_target(cap)?;
+    ipc::validate_outgoing(k, id)?;
+    match ipc::send(k, id, target, badge, call, timeouts.send(), timeouts.receive())? {
+        SendOutcome::Delivered | SendOutcome::Blocked => Ok(()),
+    }
+}
+
+fn ipc_receive(k: &mut Kernel, id: ThreadId, source: u64, timeouts: Timeouts) -> Result<(), Error> {
+    let from = if source == OPEN_WAIT {
+        None
+    } else {
+        match k.lookup(source)?.object {
+            Object::Thread(t) => Some(t),
+            _ => return Err(Error::WrongType),
+        }
+    };
+    ipc::receive(k, id, from, timeouts.receive())
+}
+
+fn require(cap: Capability, right: u64) -> Result<Capability, Error> {
+    if cap.rights & right == right {
+        Ok(cap)
+    } else {
+        Err(Error::NoRights)
+    }
+}
+
+fn task_cap(k: &Kernel, slot: u64) -> Result<TaskId, Error> {
+    let cap = k.lookup(slot)?;
+    match cap.object {
+        Object::Task(t) => require(cap, rights::CONTROL).map(|_| t),
+        _ => Err(Error::WrongType),
+    }
+}
+
+fn thread_cap(k: &Kernel, slot: u64) -> Result<ThreadId, Error> {
+    let cap = k.lookup(slot)?;
+    match cap.object {
+        Object::Thread(t) => require(cap, rights::CONTROL).map(|_| t),
+        _ => Err(Error::WrongType),
+    }
+}
+
+fn ipc_cap(k: &Kernel, slot: u64) -> Result<Capability, Error> {
+    let cap = k.lookup(slot)?;
+    match cap.object {
+        Object::Thread(_) | Object::Gate(_) => require(cap, rights::SEND),
+        _ => Err(Error::WrongType),
+    }
+}
+
+fn current_task(k: &Kernel) -> TaskId {
+    k.task_of(k.current_id()).expect("current thread has a task")
+}
+
+/// Create a new task: empty capability table, the KIP mapped.
+pub fn new_task(k: &mut Kernel, name: &str) -> Result<TaskId, Error> {
+    let space = AddressSpace::new(&mut k.frames).map_err(|_| Error::OutOfMemory)?;
+    if space
+        .map(KIP_ADDRESS, k.kip_frame, PAGE_4K, USER | NO_EXECUTE, &mut k.frames)
+        .is_err()
+    {
+        space.destroy(&mut k.frames);
+        return Err(Error::OutOfMemory);
+    }
+    let mut task = Task::new(space);
+    task.set_name(name);
+    Ok(k.tasks.insert(task))
+}
+
+/// Create a new, unbound thread.
+pub fn new_thread(k: &mut Kernel) -> ThreadId {
+    k.next_thread_number += 1;
+    let number = k.next_thread_number;
+    k.threads.insert(Thread::new(number))
+}
+
+fn factory_create(k: &mut Kernel, factory: u64, kind: u64, slot: u64, argument: u64, badge: u64) -> Result<(), Error> {
+    let cap = k.lookup(factory)?;
+    if cap.object != Object::Factory {
+        return Err(Error::WrongType);
+    }
+    require(cap, rights::CONTROL)?;
+    let task = current_task(k);
+    match k.tasks.get(task).expect("task").caps.is_free(slot) {
+        Ok(true) => {}
+        Ok(false) => return Err(Error::SlotOccupied),
+        Err(_) => return Err(Error::InvalidArgument),
+    }
+    let kind = ObjectKind::from_u64(kind).ok_or(Error::InvalidArgument)?;
+    let new = match kind {
+        ObjectKind::Task => Capability::full(Object::Task(new_task(k, "task")?)),
+        ObjectKind::Thread => Capability::full(Object::Thread(new_thread(k))),
+        ObjectKind::Gate => {
+            let thread = thread_cap(k, argument)?;
+            Capability {
+                badge,
+                ..Capability::full(Object::Gate(k.gates.insert(Gate { thread })))
+            }
+        }
+        ObjectKind::Factory | ObjectKind::Platform => return Err(Error::InvalidArgument),
+    };
+    k.tasks
+        .get_mut(task)
+        .expect("task")
+        .caps
+        .insert(slot, new)
+        .map_err(|_| Error::SlotOccupied)
+}
+
+fn thread_control(k: &mut Kernel, thread: u64, task: u64, utcb: u64, pager: u64, handler: u64) -> Result<(), Error> {
+    let thread = thread_cap(k, thread)?;
+    let bind = if task != NO_CAP {
+        let task = task_cap(k, task)?;
+        if k.thread(thread).task.is_some() {
+            return Err(Error::AlreadyBound);
+        }
+        if utcb % PAGE_4K != 0 || !(UTCB_AREA..KIP_ADDRESS).contains(&utcb) {
+            return Err(Error::InvalidArgument);
+        }
+        if k.tasks.get(task).expect("task").space.lookup(utcb).is_some() {
+            return Err(Error::InvalidArgument);
+        }
+        Some(task)
+    } else {
+        None
+    };
+    let pager = if pager != NO_CAP { Some(ipc_cap(k, pager)?) } else { None };
+    let handler = if handler != NO_CAP { Some(ipc_cap(k, handler)?) } else { None };
+    // All arguments are valid: apply.
+    if let Some(task) = bind {
+        bind_thread(k, thread, task, utcb)?;
+    }
+    if let Some(p) = pager {
+        k.thread(thread).pager = Some(p);
+    }
+    if let Some(h) = handler {
+        k.thread(thread).exception_handler = Some(h);
+    }
+    Ok(())
+}
+
+/// Bind `thread` to `task` with its UTCB at `utcb` (a fresh kernel frame mapped there).
+pub fn bind_thread(k: &mut Kernel, thread: ThreadId, task: TaskId, utcb: u64) -> Result<(), Error> {
+    let frame = crate::memory::FrameSource::allocate_zeroed(&mut k.frames).ok_or(Error::OutOfMemory)?;
+    let space = k.tasks.get(task).ok_or(Error::InvalidCapability)?.space;
+    if space.map(utcb, frame, PAGE_4K, USER | WRITABLE | NO_EXECUTE, &mut k.frames).is_err() {
+        crate::memory::FrameSource::free_frame(&mut k.frames, frame);
+        return Err(Error::OutOfMemory);
+    }
+    // SAFETY: a fresh kernel-owned frame in the direct map.
+    let u = unsafe { &mut *(phys_to_virt(frame) as *mut Utcb) };
+    u.user[0] = utcb;
+    let t = k.thread(thread);
+    t.task = Some(task);
+    t.utcb_address = utcb;
+    t.utcb_frame = frame;
+    k.tasks.get_mut(task).expect("task").threads.push(thread);
+    Ok(())
+}
+
+fn ex_regs(k: &mut Kernel, caller: ThreadId, thread: u64, ip: u64, sp: u64, flags: u64) -> Result<(), Error> {
+    let target = thread_cap(k, thread)?;
+    if flags & !(ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START | ExRegsFlags::CANCEL) != 0 {
+        return Err(Error::InvalidArgument);
+    }
+    if (flags & ExRegsFlags::SET_IP != 0 && ip >= USER_END) || (flags & ExRegsFlags::SET_SP != 0 && sp >= USER_END) {
+        return Err(Error::InvalidArgument);
+    }
+    let t = k.thread(target);
+    if flags & ExRegsFlags::START != 0 && t.task.is_none() {
+        return Err(Error::NotBound);
+    }
+    if t.state == ThreadState::Dead && flags & (ExRegsFlags::START | ExRegsFlags::CANCEL) != 0 {
+        return Err(Error::DeadPartner);
+    }
+    let old = (t.frame.rip, t.frame.rsp, t.frame.rflags);
+    if flags & ExRegsFlags::SET_IP != 0 {
+        t.frame.rip = ip;
+    }
+    if flags & ExRegsFlags::SET_SP != 0 {
+        t.frame.rsp = sp;
+    }
+    t.frame.rflags = (t.frame.rflags & RFLAGS_USER_MASK) | RFLAGS_IF | RFLAGS_RESERVED;
+    let blocked = matches!(t.state, ThreadState::Sending { .. } | ThreadState::Receiving { fault_reply: false, .. });
+    if flags & ExRegsFlags::CANCEL != 0 && blocked && target != caller {
+        ipc::abort(k, target, Error::Canceled as u64);
+    }
+    if flags & ExRegsFlags::START != 0 && k.thread(target).state == ThreadState::Inactive {
+        k.wake(target);
+    }
+    let f = &mut k.thread(caller).frame;
+    f.rdi = old.0;
+    f.rsi = old.1;
+    f.rdx = old.2;
+    Ok(())
+}
+
+fn cap_copy(k: &mut Kernel, task: u64, source: u64, destination: u64, mask: u64, badge: u64) -> Result<(), Error> {
+    let target = task_cap(k, task)?;
+    let cap = require(k.lookup(source)?, rights::COPY)?;
+    if badge != 0 && cap.badge != 0 {
+        return Err(Error::InvalidArgument);
+    }
+    let new = Capability {
+        object: cap.object,
+        rights: cap.rights & mask,
+        badge: if badge != 0 { badge } else { cap.badge },
+    };
+    let table = &mut k.tasks.get_mut(target).expect("task").caps;
+    match table.is_free(destination) {
+        Ok(true) => table.insert(destination, new).map_err(|_| Error::SlotOccupied),
+        Ok(false) => Err(Error::SlotOccupied),
+        Err(_) => Err(Error::InvalidArgument),
+    }
+}
+
+fn cap_delete(k: &mut Kernel, slot: u64) -> Result<(), Error> {
+    let task = current_task(k);
+    k.tasks
+        .get_mut(task)
+        .expect("task")
+        .caps
+        .remove(slot)
+        .map(|_| ())
+        .map_err(|_| Error::InvalidCapability)
+}
+
+fn mem_map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) -> Result<(), Error> {
+    let target = task_cap(k, task)?;
+    let fpage = Fpage(fpage);
+    if !fpage.is_valid_memory() || flags & !MAP_GRANT != 0 {
+        return Err(Error::InvalidArgument);
+    }
+    if destination % fpage.size() != 0 || destination.checked_add(fpage.size()).is_none_or(|end| end > USER_END) {
+        return Err(Error::InvalidArgument);
+    }
+    let source = current_task(k);
+    map_fpage(k, source, fpage, target, destination, flags & MAP_GRANT != 0)
+}
+
+fn thread_exit(k: &mut Kernel, id: ThreadId, code: u64) {
+    let number = k.thread(id).number;
+    crate::debug!("thread {number} exited with code {code}");
+    ipc::finish_death(k, id);
+}
+
+fn debug_write(k: &mut Kernel, id: ThreadId, address: u64, length: u64) -> Result<(), Error> {
+    if length > 256 {
+        return Err(Error::InvalidArgument);
+    }
+    let mut buffer = [0u8; 256];
+    let task = k.task_of(id).expect("task");
+    let space = k.tasks.get(task).expect("task").space;
+    usermem::copy_from_user(space, address, &mut buffer[..length as usize])?;
+    crate::arch::x86_64::serial::write_bytes(&buffer[..length as usize]);
+    Ok(())
+}
+
+/// Destroy `task`: kill its threads, free its page tables, UTCBs and capability table.
+pub fn destroy_task(k: &mut Kernel, task: TaskId) {
+    let threads = core::mem::take(&mut k.tasks.get_mut(task).expect("task").threads);
+    for &t in &threads {
+        if k.thread(t).is_alive() {
+            ipc::finish_death(k, t);
+        }
+    }
+    for t in threads {
+        if let Some(thread) = k.threads.remove(t) {
+            if thread.utcb_frame != 0 {
+                crate::memory::FrameSource::free_frame(&mut k.frames, thread.utcb_frame);
+            }
+        }
+    }
+    if let Some(task) = k.tasks.remove(task) {
+        task.space.destroy(&mut k.frames);
+    }
+}
+
+fn task_destroy(k: &mut Kernel, id: ThreadId, slot: u64) -> Result<(), Error> {
+    let task = task_cap(k, slot)?;
+    if k.task_of(id) == Some(task) {
+        return Err(Error::InvalidArgument);
+    }
+    destroy_task(k, task);
+    Ok(())
+}
+
+fn shutdown(k: &mut Kernel, platform: u64, code: u64) -> Result<(), Error> {
+    let cap = k.lookup(platform)?;
+    if cap.object != Object::Platform {
+        return Err(Error::WrongType);
+    }
+    require(cap, rights::CONTROL)?;
+    crate::info!("shutdown requested (code {code:#x}); {} tasks, {} threads alive", k.tasks.len(), k.threads.len());
+    outb(0xf4, code as u8);
+    crate::info!("halted (without an isa-debug-exit device, QEMU keeps running)");
+    loop {
+        crate::arch::x86_64::cpu::wait_for_interrupt();
+    }
+}

@@ -1,0 +1,43 @@
+//! Tasks: an address space, a capability table and the threads bound to it.
+
+use crate::arch::x86_64::paging::AddressSpace;
+use crate::object::{Capability, ThreadId};
+use alloc::vec::Vec;
+use kernel_core::CapabilityTable;
+
+/// A task.
+pub struct Task {
+    /// Its page tables.
+    pub space: AddressSpace,
+    /// Its capabilities.
+    pub caps: CapabilityTable<Capability>,
+    /// Threads bound to it.
+    pub threads: Vec<ThreadId>,
+    /// A short name for log messages.
+    pub name: [u8; 16],
+}
+
+impl Task {
+    /// A task with an empty capability table.
+    pub fn new(space: AddressSpace) -> Self {
+        Task {
+            space,
+            caps: CapabilityTable::new(l4_abi::CAP_SLOTS),
+            threads: Vec::new(),
+            name: [0; 16],
+        }
+    }
+
+    /// The name as a string.
+    pub fn name(&self) -> &str {
+        let len = self.name.iter().position(|&b| b == 0).unwrap_or(16);
+        core::str::from_utf8(&self.name[..len]).unwrap_or("?")
+    }
+
+    /// Set the name (truncated to 16 bytes).
+    pub fn set_name(&mut self, name: &str) {
+        self.name = [0; 16];
+        let n = name.len().min(16);
+        self.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    }
+}

@@ -1,0 +1,127 @@
+//! Threads: saved user registers, the binding to a task and UTCB, scheduling parameters and
+//! IPC state.
+
+use crate::arch::x86_64::entry::Frame;
+use crate::object::{Capability, TaskId, ThreadId};
+use alloc::collections::VecDeque;
+use l4_abi::{MessageTag, Timeout};
+
+/// Default priority of new threads.
+pub const DEFAULT_PRIORITY: u8 = 100;
+/// Default time slice in timer ticks.
+pub const DEFAULT_TIMESLICE: u32 = 10;
+
+/// What a thread is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadState {
+    /// Created, not started.
+    Inactive,
+    /// Runnable (queued, or the current thread).
+    Ready,
+    /// Blocked in the send phase, queued at `to`.
+    Sending {
+        /// The receiving thread.
+        to: ThreadId,
+        /// Badge of the capability used.
+        badge: u64,
+        /// Whether a closed receive from `to` follows (call).
+        call: bool,
+    },
+    /// Blocked in the receive phase.
+    Receiving {
+        /// `None`: open wait; `Some(t)`: only from `t`.
+        from: Option<ThreadId>,
+        /// Whether this receive awaits a page-fault reply.
+        fault_reply: bool,
+    },
+    /// Terminated; IPC with it fails with `DeadPartner`.
+    Dead,
+}
+
+/// What happens to a thread after the kernel delivered a message on its behalf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterDelivery {
+    /// Wait for the pager's reply to a page fault.
+    AwaitFaultReply,
+    /// The thread was killed: it dies once its death notice is delivered.
+    Die,
+}
+
+/// A message the kernel sends in a thread's name (page fault, death notice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelMessage {
+    /// The tag.
+    pub tag: MessageTag,
+    /// Untyped words.
+    pub words: [u64; 4],
+    /// What follows the delivery.
+    pub after: AfterDelivery,
+}
+
+/// A thread.
+pub struct Thread {
+    /// User registers (saved on kernel entry, restored on exit).
+    pub frame: Frame,
+    /// The task it runs in.
+    pub task: Option<TaskId>,
+    /// UTCB address in the task.
+    pub utcb_address: u64,
+    /// Physical frame of the UTCB (0 while unbound).
+    pub utcb_frame: u64,
+    /// State.
+    pub state: ThreadState,
+    /// Priority (0..=255).
+    pub priority: u8,
+    /// Time slice length in ticks.
+    pub timeslice: u32,
+    /// Ticks left of the current slice.
+    pub remaining: u32,
+    /// Where page faults go.
+    pub pager: Option<Capability>,
+    /// Where exceptions and death notices go.
+    pub exception_handler: Option<Capability>,
+    /// Threads blocked sending to this one, in arrival order.
+    pub senders: VecDeque<ThreadId>,
+    /// The thread whose call this one received last and may reply to.
+    pub caller: Option<ThreadId>,
+    /// Timer tick at which the current IPC phase times out.
+    pub deadline: Option<u64>,
+    /// A message the kernel sends on this thread's behalf, instead of its registers.
+    pub kernel_message: Option<KernelMessage>,
+    /// The receive timeout of a call still in its send phase.
+    pub receive_timeout: Timeout,
+    /// Address of the page fault being resolved.
+    pub fault_address: u64,
+    /// A number for logs.
+    pub number: u32,
+}
+
+impl Thread {
+    /// A new, unbound, inactive thread.
+    pub fn new(number: u32) -> Self {
+        Thread {
+            frame: Frame::new_user(0, 0),
+            task: None,
+            utcb_address: 0,
+            utcb_frame: 0,
+            state: ThreadState::Inactive,
+            priority: DEFAULT_PRIORITY,
+            timeslice: DEFAULT_TIMESLICE,
+            remaining: DEFAULT_TIMESLICE,
+            pager: None,
+            exception_handler: None,
+            senders: VecDeque::new(),
+            caller: None,
+            deadline: None,
+            kernel_message: None,
+            receive_timeout: Timeout::INFINITE,
+            fault_address: 0,
+            number,
+        }
+    }
+
+    /// Whether the thread can take part in IPC.
+    pub fn is_alive(&self) -> bool {
+        !matches!(self.state, ThreadState::Dead)
+    }
+}

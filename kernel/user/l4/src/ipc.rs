@@ -1,0 +1,131 @@
+//! Typed IPC: send, receive (open and closed), call, reply, reply-and-wait. Words 0..4 of a
+//! message travel in registers, words 4..64 in the UTCB.
+
+use crate::utcb::utcb;
+use core::arch::asm;
+use l4_abi::{Error, MessageTag, Syscall, Timeouts, MAX_WORDS, OPEN_WAIT, RECEIVE_PHASE};
+
+/// An IPC failure: the error and whether it happened in the receive phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpcError {
+    /// What went wrong.
+    pub error: Error,
+    /// Whether the send phase had completed.
+    pub receive_phase: bool,
+}
+
+/// A received message.
+#[derive(Clone, Copy)]
+pub struct Received {
+    /// The tag.
+    pub tag: MessageTag,
+    /// The badge of the capability the sender used (0 for replies and kernel messages).
+    pub badge: u64,
+    /// The words (`tag.words()` of them are valid).
+    pub words: [u64; MAX_WORDS],
+}
+
+impl Received {
+    /// Word `i`.
+    pub fn word(&self, i: usize) -> u64 {
+        self.words[i]
+    }
+}
+
+/// Register-level IPC: returns (rax, tag, badge, words 0..4).
+///
+/// # Safety
+/// Always safe in the Rust sense: IPC moves data only into registers and the UTCB. It is
+/// `unsafe` to make the raw nature explicit.
+#[inline(always)]
+pub unsafe fn raw_ipc(number: Syscall, destination: u64, source: u64, tag: u64, timeouts: u64, w: [u64; 4]) -> (u64, u64, u64, [u64; 4]) {
+    let (rax, rtag, badge, o0, o1, o2, o3): (u64, u64, u64, u64, u64, u64, u64);
+    // SAFETY: the kernel writes only the listed output registers (and rcx/r11).
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") number as u64 => rax,
+            in("rdi") destination,
+            inlateout("rsi") source => badge,
+            inlateout("rdx") tag => rtag,
+            in("r10") timeouts,
+            inlateout("r8") w[0] => o0,
+            inlateout("r9") w[1] => o1,
+            inlateout("r12") w[2] => o2,
+            inlateout("r13") w[3] => o3,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    (rax, rtag, badge, [o0, o1, o2, o3])
+}
+
+fn error(rax: u64) -> IpcError {
+    IpcError {
+        error: Error::from_u64(rax).unwrap_or(Error::InvalidArgument),
+        receive_phase: rax & RECEIVE_PHASE != 0,
+    }
+}
+
+fn load(tag: MessageTag, words: &[u64]) -> [u64; 4] {
+    let n = tag.words().min(words.len());
+    if n > 4 {
+        utcb().mr[4..n].copy_from_slice(&words[4..n]);
+    }
+    let mut regs = [0u64; 4];
+    let r = n.min(4);
+    regs[..r].copy_from_slice(&words[..r]);
+    regs
+}
+
+fn received(tag: u64, badge: u64, regs: [u64; 4]) -> Received {
+    let tag = MessageTag(tag);
+    let mut words = [0u64; MAX_WORDS];
+    words[..4].copy_from_slice(&regs);
+    let n = tag.words().min(MAX_WORDS);
+    if n > 4 {
+        words[4..n].copy_from_slice(&utcb().mr[4..n]);
+    }
+    Received { tag, badge, words }
+}
+
+fn ipc(number: Syscall, destination: u64, source: u64, tag: MessageTag, words: &[u64], timeouts: Timeouts) -> Result<Received, IpcError> {
+    let regs = load(tag, words);
+    // SAFETY: see `raw_ipc`.
+    let (rax, rtag, badge, out) = unsafe { raw_ipc(number, destination, source, tag.0, timeouts.0, regs) };
+    if rax != 0 {
+        return Err(error(rax));
+    }
+    Ok(received(rtag, badge, out))
+}
+
+/// Send `words` (as described by `tag`) to the thread or gate in slot `destination`.
+pub fn send(destination: u64, tag: MessageTag, words: &[u64], timeouts: Timeouts) -> Result<(), IpcError> {
+    ipc(Syscall::Send, destination, 0, tag, words, timeouts).map(|_| ())
+}
+
+/// Receive from anyone (open wait).
+pub fn wait(timeouts: Timeouts) -> Result<Received, IpcError> {
+    ipc(Syscall::Receive, 0, OPEN_WAIT, MessageTag(0), &[], timeouts)
+}
+
+/// Receive only from the thread in slot `source` (closed wait).
+pub fn receive(source: u64, timeouts: Timeouts) -> Result<Received, IpcError> {
+    ipc(Syscall::Receive, 0, source, MessageTag(0), &[], timeouts)
+}
+
+/// Send to `destination` and wait for the reply of the thread that received the message.
+pub fn call(destination: u64, tag: MessageTag, words: &[u64], timeouts: Timeouts) -> Result<Received, IpcError> {
+    ipc(Syscall::Call, destination, 0, tag, words, timeouts)
+}
+
+/// Reply to the pending caller, then wait for the next message from anyone.
+pub fn reply_wait(tag: MessageTag, words: &[u64], timeouts: Timeouts) -> Result<Received, IpcError> {
+    ipc(Syscall::ReplyWait, 0, OPEN_WAIT, tag, words, timeouts)
+}
+
+/// Reply to the pending caller.
+pub fn reply(tag: MessageTag, words: &[u64]) -> Result<(), IpcError> {
+    ipc(Syscall::Reply, 0, 0, tag, words, Timeouts::INFINITE).map(|_| ())
+}

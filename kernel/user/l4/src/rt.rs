@@ -1,0 +1,125 @@
+//! The task runtime: the entry point, exit (with a notice to the parent), the panic handler,
+//! a lazily initialised heap and console output.
+
+use crate::{ipc, sys};
+use core::alloc::{GlobalAlloc, Layout};
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, Ordering};
+use l4_abi::{slots, MessageTag, Timeout, Timeouts, LABEL_EXIT};
+use linked_list_allocator::LockedHeap;
+
+/// Start of the heap region; its pages come from the pager on first touch.
+pub const HEAP_BASE: u64 = 0x0000_1000_0000_0000;
+/// Size of the heap region.
+pub const HEAP_SIZE: usize = 64 << 20;
+
+struct LazyHeap {
+    heap: LockedHeap,
+    ready: AtomicBool,
+}
+
+// SAFETY: delegates to LockedHeap, initialising it once before first use.
+unsafe impl GlobalAlloc for LazyHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !self.ready.swap(true, Ordering::AcqRel) {
+            // SAFETY: the heap region is reserved for the allocator by convention; pages are
+            // supplied by the pager.
+            unsafe { self.heap.lock().init(HEAP_BASE as *mut u8, HEAP_SIZE) };
+        }
+        // SAFETY: forwarded.
+        unsafe { self.heap.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded.
+        unsafe { self.heap.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static HEAP: LazyHeap = LazyHeap {
+    heap: LockedHeap::empty(),
+    ready: AtomicBool::new(false),
+};
+
+/// Bytes at the top of the first thread's stack that hold the task's command line (NUL
+/// terminated), written there by the root task.
+pub const ARGUMENTS_SIZE: usize = 256;
+
+/// The task's command line, as the root task passed it (empty if none).
+pub fn arguments() -> &'static str {
+    let start = (l4_abi::INITIAL_STACK_TOP - ARGUMENTS_SIZE as u64) as *const u8;
+    // SAFETY: the first thread's stack starts below this area, which the root task fills (its
+    // page faults in on first read) and nobody writes afterwards.
+    let bytes = unsafe { core::slice::from_raw_parts(start, ARGUMENTS_SIZE) };
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(0);
+    core::str::from_utf8(&bytes[..len]).unwrap_or("")
+}
+
+extern "Rust" {
+    fn l4_task_main() -> i64;
+}
+
+core::arch::global_asm!(
+    r#"
+.section .text.start
+.global _start
+_start:
+    and rsp, -16
+    call l4_runtime_start
+    ud2
+"#
+);
+
+#[no_mangle]
+extern "C" fn l4_runtime_start() -> ! {
+    // SAFETY: provided by the task through `l4::main!`.
+    let code = unsafe { l4_task_main() };
+    exit(code)
+}
+
+/// Tell the parent (slot [`slots::PARENT`], if present) that the task exits with `code`, then
+/// end this thread.
+pub fn exit(code: i64) -> ! {
+    let tag = MessageTag::new(LABEL_EXIT, 1, 0);
+    // The parent destroys the task on receipt; if there is none, just end the thread.
+    let _ = ipc::call(slots::PARENT, tag, &[code as u64], Timeouts::new(Timeout::INFINITE, Timeout::INFINITE));
+    sys::thread_exit(code as u64)
+}
+
+struct Line {
+    buffer: [u8; 256],
+    length: usize,
+}
+
+impl Line {
+    fn flush(&mut self) {
+        let _ = sys::debug_write(&self.buffer[..self.length]);
+        self.length = 0;
+    }
+}
+
+impl Write for Line {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for &b in s.as_bytes() {
+            if self.length == self.buffer.len() {
+                self.flush();
+            }
+            self.buffer[self.length] = b;
+            self.length += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Print formatted text to the kernel console (one syscall per 256 bytes).
+pub fn print(args: core::fmt::Arguments) {
+    let mut line = Line { buffer: [0; 256], length: 0 };
+    let _ = line.write_fmt(args);
+    line.flush();
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    print(format_args!("panic: {info}\n"));
+    exit(101)
+}

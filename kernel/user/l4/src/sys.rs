@@ -1,0 +1,110 @@
+//! Raw syscall stubs, one per syscall of [`l4_abi::Syscall`], returning `Result`s.
+
+use core::arch::asm;
+use l4_abi::{Error, Syscall};
+
+fn result(rax: u64) -> Result<(), Error> {
+    if rax == 0 {
+        Ok(())
+    } else {
+        Err(Error::from_u64(rax).unwrap_or(Error::InvalidArgument))
+    }
+}
+
+/// A raw syscall with up to five arguments; returns `(rax, rdi, rsi, rdx)`.
+///
+/// # Safety
+/// The syscall must not invalidate memory the program relies on (for example by unmapping
+/// its own stack).
+#[inline(always)]
+pub unsafe fn raw(number: u64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> (u64, u64, u64, u64) {
+    let (rax, rdi, rsi, rdx): (u64, u64, u64, u64);
+    // SAFETY: the kernel preserves every register except the outputs and rcx/r11.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") number => rax,
+            inlateout("rdi") a0 => rdi,
+            inlateout("rsi") a1 => rsi,
+            inlateout("rdx") a2 => rdx,
+            in("r10") a3,
+            in("r8") a4,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    (rax, rdi, rsi, rdx)
+}
+
+fn call(number: Syscall, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> (u64, u64, u64, u64) {
+    // SAFETY: the syscalls wrapped by safe functions below cannot break the Rust memory model
+    // of the calling task (unmapping is exposed as `unsafe fn`).
+    unsafe { raw(number as u64, a0, a1, a2, a3, a4) }
+}
+
+/// Create a kernel object of `kind` into `slot` (see [`Syscall::FactoryCreate`]).
+pub fn factory_create(factory: u64, kind: l4_abi::ObjectKind, slot: u64, argument: u64, badge: u64) -> Result<(), Error> {
+    result(call(Syscall::FactoryCreate, factory, kind as u64, slot, argument, badge).0)
+}
+
+/// Configure a thread (see [`Syscall::ThreadControl`]).
+pub fn thread_control(thread: u64, task: u64, utcb: u64, pager: u64, handler: u64) -> Result<(), Error> {
+    result(call(Syscall::ThreadControl, thread, task, utcb, pager, handler).0)
+}
+
+/// Exchange registers (see [`Syscall::ExRegs`]); returns old (ip, sp, flags).
+pub fn ex_regs(thread: u64, ip: u64, sp: u64, flags: u64) -> Result<(u64, u64, u64), Error> {
+    let (rax, ip, sp, fl) = call(Syscall::ExRegs, thread, ip, sp, flags, 0);
+    result(rax).map(|()| (ip, sp, fl))
+}
+
+/// Copy a capability into a task (see [`Syscall::CapCopy`]).
+pub fn cap_copy(task: u64, source: u64, destination: u64, rights: u64, badge: u64) -> Result<(), Error> {
+    result(call(Syscall::CapCopy, task, source, destination, rights, badge).0)
+}
+
+/// Delete a capability.
+pub fn cap_delete(slot: u64) -> Result<(), Error> {
+    result(call(Syscall::CapDelete, slot, 0, 0, 0, 0).0)
+}
+
+/// Map memory into another task (see [`Syscall::MemMap`]).
+pub fn mem_map(task: u64, fpage: l4_abi::Fpage, destination: u64, flags: u64) -> Result<(), Error> {
+    result(call(Syscall::MemMap, task, fpage.0, destination, flags, 0).0)
+}
+
+/// Unmap memory from this task.
+///
+/// # Safety
+/// Nothing the program still uses may live in the flexpage.
+pub unsafe fn mem_unmap(fpage: l4_abi::Fpage) -> Result<(), Error> {
+    // SAFETY: the caller vouches for the range.
+    result(unsafe { raw(Syscall::MemUnmap as u64, fpage.0, 0, 0, 0, 0) }.0)
+}
+
+/// End the calling thread.
+pub fn thread_exit(code: u64) -> ! {
+    call(Syscall::ThreadExit, code, 0, 0, 0, 0);
+    unreachable!("thread_exit returned")
+}
+
+/// Give up the rest of the time slice.
+pub fn thread_yield() {
+    call(Syscall::ThreadYield, 0, 0, 0, 0, 0);
+}
+
+/// Write bytes to the kernel console (at most 256).
+pub fn debug_write(bytes: &[u8]) -> Result<(), Error> {
+    result(call(Syscall::DebugWrite, bytes.as_ptr() as u64, bytes.len() as u64, 0, 0, 0).0)
+}
+
+/// Destroy a task.
+pub fn task_destroy(task: u64) -> Result<(), Error> {
+    result(call(Syscall::TaskDestroy, task, 0, 0, 0, 0).0)
+}
+
+/// Power off (QEMU exits with status `2 * code + 1`).
+pub fn shutdown(platform: u64, code: u64) -> Result<(), Error> {
+    result(call(Syscall::Shutdown, platform, code, 0, 0, 0).0)
+}

@@ -1,0 +1,103 @@
+//! Sigma0, the root pager. The kernel maps it all memory it owns (free RAM and boot modules)
+//! at `SIGMA0_PHYS_WINDOW + physical`. It answers page faults of its clients with fresh zeroed
+//! frames, and explicit requests for physical ranges (boot modules) with mappings of them.
+//! It never allocates from its own heap (it has no pager).
+#![no_std]
+#![no_main]
+
+use l4::abi::{region_kind, Fpage, MapItem, MessageTag, Timeouts, LABEL_PAGE_FAULT, PAGE_SIZE, SIGMA0_PHYS_WINDOW};
+use l4::ipc::{self, Received};
+use l4::kip::kip;
+use l4::println;
+
+/// Bump allocator over the free regions of the KIP.
+struct Frames {
+    region: usize,
+    offset: u64,
+    handed_out: u64,
+}
+
+impl Frames {
+    fn allocate(&mut self) -> Option<u64> {
+        let kip = kip();
+        while self.region < kip.region_count as usize {
+            let r = kip.regions[self.region];
+            if r.kind == region_kind::FREE && self.offset + PAGE_SIZE <= r.size {
+                let frame = r.base + self.offset;
+                self.offset += PAGE_SIZE;
+                self.handed_out += 1;
+                return Some(frame);
+            }
+            self.region += 1;
+            self.offset = 0;
+        }
+        None
+    }
+}
+
+fn zero(frame: u64) {
+    // SAFETY: the frame is in sigma0's physical window and not yet handed to anyone.
+    unsafe { core::ptr::write_bytes((SIGMA0_PHYS_WINDOW + frame) as *mut u8, 0, PAGE_SIZE as usize) };
+}
+
+fn in_module(physical: u64, size: u64) -> bool {
+    let kip = kip();
+    kip.regions[..kip.region_count as usize].iter().any(|r| {
+        r.kind == region_kind::MODULE && physical >= r.base && physical + size <= r.base + r.size
+    })
+}
+
+fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 2]) {
+    let refuse = (MessageTag::new(-1, 0, 0), [0, 0]);
+    match message.tag.label() {
+        LABEL_PAGE_FAULT => {
+            let address = message.word(0);
+            let Some(frame) = frames.allocate() else {
+                println!("[sigma0] out of memory at fault {address:#x}");
+                return refuse;
+            };
+            zero(frame);
+            let item = MapItem::map(address, Fpage::memory(SIGMA0_PHYS_WINDOW + frame, 12, Fpage::RWX));
+            (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
+        }
+        l4::sigma0::LABEL_PHYSICAL => {
+            let (physical, order) = (message.word(0), message.word(1));
+            if !(12..=30).contains(&order) || physical % (1 << order) != 0 || !in_module(physical, 1 << order) {
+                println!("[sigma0] refused physical request {physical:#x} order {order}");
+                return refuse;
+            }
+            let item = MapItem::map(physical, Fpage::memory(SIGMA0_PHYS_WINDOW + physical, order as u32, Fpage::RWX));
+            (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
+        }
+        label => {
+            println!("[sigma0] unknown request label {label}");
+            refuse
+        }
+    }
+}
+
+fn main() -> i64 {
+    let kip = kip();
+    let free: u64 = kip.regions[..kip.region_count as usize]
+        .iter()
+        .filter(|r| r.kind == region_kind::FREE)
+        .map(|r| r.size)
+        .sum();
+    println!("[sigma0] serving {} MiB of free memory", free >> 20);
+    let mut frames = Frames { region: 0, offset: 0, handed_out: 0 };
+    let mut message = ipc::wait(Timeouts::INFINITE);
+    loop {
+        match message {
+            Ok(m) => {
+                let (tag, words) = handle(&mut frames, &m);
+                message = ipc::reply_wait(tag, &words, Timeouts::INFINITE);
+            }
+            Err(e) => {
+                println!("[sigma0] IPC error {:?}", e);
+                message = ipc::wait(Timeouts::INFINITE);
+            }
+        }
+    }
+}
+
+l4::main!(main);

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the kernel and all tasks, and one bootable GRUB ISO per scenario:
+#   target/iso/demo.iso   - the demo (ping/pong tasks)
+#   target/iso/test.iso   - the in-QEMU conformance suite (ktest)
+# Usage: scripts/build.sh [scenario...]   (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGET=x86_64-unknown-none
+OUT=target/$TARGET/release
+cargo build --release --target "$TARGET" -p kernel -p sigma0 -p roottask -p demo >&2
+
+scenarios=("$@")
+[ ${#scenarios[@]} -gt 0 ] || scenarios=(demo test)
+
+modules_for() {
+    case "$1" in
+        demo) echo "demo:pong demo:ping_peer=pong" ;;
+        test) echo "ktest:ktest_factory" ;;
+        *) echo "unknown scenario $1" >&2; exit 2 ;;
+    esac
+}
+
+for scenario in "${scenarios[@]}"; do
+    dir=target/iso/$scenario
+    rm -rf "$dir"
+    mkdir -p "$dir/boot/grub"
+    cp "$OUT/kernel" "$OUT/sigma0" "$OUT/roottask" "$dir/boot/"
+    {
+        echo "set timeout=0"
+        echo "set default=0"
+        echo "menuentry \"L4 ($scenario)\" {"
+        echo "    multiboot2 /boot/kernel ${KERNEL_CMDLINE:-}"
+        echo "    module2 /boot/sigma0 sigma0"
+        echo "    module2 /boot/roottask root"
+        for spec in $(modules_for "$scenario"); do
+            binary=${spec%%:*}
+            args=${spec#*:}
+            cp "$OUT/$binary" "$dir/boot/$binary"
+            echo "    module2 /boot/$binary ${args//_/ }"
+        done
+        echo "    boot"
+        echo "}"
+    } > "$dir/boot/grub/grub.cfg"
+    # Reuse the ISO if nothing in it changed.
+    iso=target/iso/$scenario.iso
+    stamp=$(cd "$dir" && find . -type f -exec sha256sum {} + | sort | sha256sum | cut -c1-16)
+    if [ -f "$iso" ] && [ -f "$iso.stamp" ] && [ "$(cat "$iso.stamp")" = "$stamp" ]; then
+        continue
+    fi
+    grub-mkrescue -o "$iso" "$dir" >/dev/null 2>&1 || { echo "grub-mkrescue failed for $scenario" >&2; grub-mkrescue -o "$iso" "$dir"; exit 1; }
+    echo "$stamp" > "$iso.stamp"
+    echo "built $iso" >&2
+done
