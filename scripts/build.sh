@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 TARGET=x86_64-unknown-none
 OUT=target/$TARGET/release
-cargo build --release --target "$TARGET" -p kernel -p sigma0 -p roottask -p demo >&2
+cargo build --release --target "$TARGET" -p kernel -p sigma0 -p roottask -p demo -p ktest >&2
 
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=(demo test)

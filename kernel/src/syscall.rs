@@ -14,7 +14,7 @@ use crate::thread::{Thread, ThreadState};
 use crate::usermem;
 use l4_abi::{
     rights, Error, ExRegsFlags, Fpage, ObjectKind, Syscall, Timeouts, Utcb, KIP_ADDRESS,
-    MAP_GRANT, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, USER_END, UTCB_AREA,
+    KERNEL_AREA_START, MAP_GRANT, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, USER_END, USER_START, UTCB_AREA,
 };
 
 /// Handle the syscall of the current thread (its registers are in its frame).
@@ -323,7 +323,8 @@ fn mem_map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) 
     if !fpage.is_valid_memory() || flags & !MAP_GRANT != 0 {
         return Err(Error::InvalidArgument);
     }
-    if destination % fpage.size() != 0 || destination.checked_add(fpage.size()).is_none_or(|end| end > USER_END) {
+    let end = destination.checked_add(fpage.size());
+    if destination % fpage.size() != 0 || destination < USER_START || end.is_none_or(|end| end > KERNEL_AREA_START) {
         return Err(Error::InvalidArgument);
     }
     let source = current_task(k);

@@ -275,7 +275,7 @@ pub const OPEN_WAIT: u64 = u64::MAX;
 pub const MAP_GRANT: u64 = 1;
 
 /// Number of slots in every task's capability table.
-pub const CAP_SLOTS: usize = 256;
+pub const CAP_SLOTS: usize = 512;
 
 /// Well-known capability slots that a task's creator fills by convention.
 pub mod slots {
