@@ -17,6 +17,8 @@ modules_for() {
     case "$1" in
         demo) echo "demo:pong demo:ping_peer=pong" ;;
         test) echo "ktest:ktest_factory" ;;
+        bad-module) echo "bad.elf:broken demo:pong demo:ping_peer=pong" ;;
+        bad-sigma0) echo "" ;;
         *) echo "unknown scenario $1" >&2; exit 2 ;;
     esac
 }
@@ -26,6 +28,10 @@ for scenario in "${scenarios[@]}"; do
     rm -rf "$dir"
     mkdir -p "$dir/boot/grub"
     cp "$OUT/kernel" "$OUT/sigma0" "$OUT/roottask" "$dir/boot/"
+    if [ "$scenario" = bad-sigma0 ]; then
+        # Truncated ELF image as sigma0: the kernel must refuse it with a clear message.
+        head -c 100 "$OUT/sigma0" > "$dir/boot/sigma0"
+    fi
     {
         echo "set timeout=0"
         echo "set default=0"
@@ -36,7 +42,13 @@ for scenario in "${scenarios[@]}"; do
         for spec in $(modules_for "$scenario"); do
             binary=${spec%%:*}
             args=${spec#*:}
-            cp "$OUT/$binary" "$dir/boot/$binary"
+            if [ "$binary" = bad.elf ]; then
+                # An ELF header claiming a 32-bit ARM executable, then garbage.
+                printf '\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x28\x00' > "$dir/boot/$binary"
+                head -c 200 /dev/zero >> "$dir/boot/$binary"
+            else
+                cp "$OUT/$binary" "$dir/boot/$binary"
+            fi
             echo "    module2 /boot/$binary ${args//_/ }"
         done
         echo "    boot"

@@ -3,7 +3,9 @@
 //! root task from the first two boot modules.
 
 use crate::arch::x86_64::entry::Frame;
-use crate::arch::x86_64::paging::{phys_to_virt, DIRECT_MAP_SIZE, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE};
+use crate::arch::x86_64::paging::{
+    phys_to_virt, DIRECT_MAP_SIZE, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE,
+};
 use crate::kernel::Kernel;
 use crate::memory::FrameSource;
 use crate::object::{Capability, Object, TaskId, ThreadId};
@@ -11,7 +13,10 @@ use crate::syscall::{bind_thread, new_task, new_thread};
 use crate::{info, kip};
 use alloc::vec::Vec;
 use kernel_core::{Arena, FrameAllocator, ReadyQueues};
-use l4_abi::{region_kind, rights, slots, MemoryRegion, INITIAL_STACK_TOP, KERNEL_AREA_START, SIGMA0_PHYS_WINDOW, USER_START, UTCB_AREA};
+use l4_abi::{
+    region_kind, rights, slots, MemoryRegion, INITIAL_STACK_TOP, KERNEL_AREA_START,
+    SIGMA0_PHYS_WINDOW, USER_START, UTCB_AREA,
+};
 use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
 
 /// Timer interrupts per second.
@@ -72,7 +77,9 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         }
     }
     let mut available: Vec<(u64, u64)> = Vec::new();
-    let memory_map = boot.memory_map_tag().expect("boot loader gave no memory map");
+    let memory_map = boot
+        .memory_map_tag()
+        .expect("boot loader gave no memory map");
     for area in memory_map.memory_areas() {
         if MemoryAreaType::from(area.typ()) == MemoryAreaType::Available {
             let start = page_up(area.start_address());
@@ -108,7 +115,10 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         .expect("no free memory");
     let pool_start = (largest.0 + PAGE_2M - 1) & !(PAGE_2M - 1);
     let pool_end = (pool_start + pool_size).min(page_down(largest.1));
-    assert!(pool_end > pool_start + 4 * MIB, "not enough memory for the kernel pool");
+    assert!(
+        pool_end > pool_start + 4 * MIB,
+        "not enough memory for the kernel pool"
+    );
     free = subtract(free, (pool_start, pool_end));
     info!(
         "memory: {} MiB free, kernel pool {:#x}..{:#x} ({} MiB), {} boot modules",
@@ -123,12 +133,26 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     let kip_frame = frames.allocate_zeroed().expect("frame for the KIP");
     kip::init(kip_frame, TIMER_HZ);
     for (start, end) in &free {
-        if !kip::add_region(kip_frame, MemoryRegion { base: *start, size: end - start, kind: region_kind::FREE }) {
+        if !kip::add_region(
+            kip_frame,
+            MemoryRegion {
+                base: *start,
+                size: end - start,
+                kind: region_kind::FREE,
+            },
+        ) {
             crate::warn!("KIP full: memory {start:#x}..{end:#x} not given to sigma0");
         }
     }
     for m in &modules {
-        kip::add_region(kip_frame, MemoryRegion { base: page_down(m.base), size: page_up(m.end) - page_down(m.base), kind: region_kind::MODULE });
+        kip::add_region(
+            kip_frame,
+            MemoryRegion {
+                base: page_down(m.base),
+                size: page_up(m.end) - page_down(m.base),
+                kind: region_kind::MODULE,
+            },
+        );
         if !kip::add_module(kip_frame, m.base, m.end - m.base, &m.cmdline) {
             crate::warn!("KIP full: module {} not listed", m.cmdline);
         }
@@ -150,24 +174,42 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     };
 
     if modules.len() < 2 {
-        panic!("need at least two boot modules (sigma0 and the root task), got {}", modules.len());
+        panic!(
+            "need at least two boot modules (sigma0 and the root task), got {}",
+            modules.len()
+        );
     }
     let (sigma0, sigma0_thread) = start_module(&mut k, &modules[0], "sigma0");
     map_sigma0_window(&mut k, sigma0);
     // sigma0's stack: 64 KiB, mapped up front (sigma0 has no pager).
     let space = k.tasks.get(sigma0).expect("sigma0").space;
     for page in 0..16u64 {
-        let frame = k.frames.allocate_zeroed().expect("frame for sigma0's stack");
+        let frame = k
+            .frames
+            .allocate_zeroed()
+            .expect("frame for sigma0's stack");
         space
-            .map(INITIAL_STACK_TOP - (page + 1) * PAGE_4K, frame, PAGE_4K, USER | WRITABLE | NO_EXECUTE, &mut k.frames)
+            .map(
+                INITIAL_STACK_TOP - (page + 1) * PAGE_4K,
+                frame,
+                PAGE_4K,
+                USER | WRITABLE | NO_EXECUTE,
+                &mut k.frames,
+            )
             .expect("map sigma0 stack");
     }
     let (root, root_thread) = start_module(&mut k, &modules[1], "root");
-    let pager = Capability { object: Object::Thread(sigma0_thread), rights: rights::SEND, badge: 0 };
+    let pager = Capability {
+        object: Object::Thread(sigma0_thread),
+        rights: rights::SEND,
+        badge: 0,
+    };
     let caps = &mut k.tasks.get_mut(root).expect("root").caps;
-    caps.insert(slots::FACTORY, Capability::full(Object::Factory)).expect("slot");
+    caps.insert(slots::FACTORY, Capability::full(Object::Factory))
+        .expect("slot");
     caps.insert(slots::PAGER, pager).expect("slot");
-    caps.insert(slots::PLATFORM, Capability::full(Object::Platform)).expect("slot");
+    caps.insert(slots::PLATFORM, Capability::full(Object::Platform))
+        .expect("slot");
     k.thread(root_thread).pager = Some(pager);
     k.wake(sigma0_thread);
     k.wake(root_thread);
@@ -184,10 +226,22 @@ pub fn boot(multiboot_info: u64) -> Kernel {
 fn start_module(k: &mut Kernel, module: &Module, name: &str) -> (TaskId, ThreadId) {
     // SAFETY: the boot loader placed the module at this physical range (in the direct map),
     // and the memory is reserved for it.
-    let bytes = unsafe { core::slice::from_raw_parts(phys_to_virt(module.base) as *const u8, (module.end - module.base) as usize) };
-    let limits = l4_elf::Limits { min_vaddr: USER_START, user_limit: KERNEL_AREA_START.min(SIGMA0_PHYS_WINDOW) };
-    let image = l4_elf::parse(bytes, limits)
-        .unwrap_or_else(|e| panic!("boot module '{}' ({name}) is not a loadable ELF image: {e}", module.cmdline));
+    let bytes = unsafe {
+        core::slice::from_raw_parts(
+            phys_to_virt(module.base) as *const u8,
+            (module.end - module.base) as usize,
+        )
+    };
+    let limits = l4_elf::Limits {
+        min_vaddr: USER_START,
+        user_limit: KERNEL_AREA_START.min(SIGMA0_PHYS_WINDOW),
+    };
+    let image = l4_elf::parse(bytes, limits).unwrap_or_else(|e| {
+        panic!(
+            "boot module '{}' ({name}) is not a loadable ELF image: {e}",
+            module.cmdline
+        )
+    });
     let task = new_task(k, name).expect("memory for a boot task");
     let space = k.tasks.get(task).expect("task").space;
     for segment in image.segments() {
@@ -195,7 +249,10 @@ fn start_module(k: &mut Kernel, module: &Module, name: &str) -> (TaskId, ThreadI
         let last = page_up(segment.vaddr + segment.mem_size);
         let mut page = first;
         while page < last {
-            let frame = k.frames.allocate_zeroed().expect("memory for a boot task image");
+            let frame = k
+                .frames
+                .allocate_zeroed()
+                .expect("memory for a boot task image");
             // Copy the part of the file that falls into this page.
             let file_start = segment.vaddr;
             let file_end = segment.vaddr + segment.file_size;
@@ -207,7 +264,13 @@ fn start_module(k: &mut Kernel, module: &Module, name: &str) -> (TaskId, ThreadI
                 let destination = phys_to_virt(frame) + (copy_start - page);
                 // SAFETY: the source lies within the module (checked by the ELF parser), the
                 // destination within the fresh frame.
-                unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr().add(offset), destination as *mut u8, length) };
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        bytes.as_ptr().add(offset),
+                        destination as *mut u8,
+                        length,
+                    )
+                };
             }
             let mut flags = USER;
             if segment.writable {
@@ -216,7 +279,9 @@ fn start_module(k: &mut Kernel, module: &Module, name: &str) -> (TaskId, ThreadI
             if !segment.executable {
                 flags |= NO_EXECUTE;
             }
-            space.map(page, frame, PAGE_4K, flags, &mut k.frames).expect("map boot image");
+            space
+                .map(page, frame, PAGE_4K, flags, &mut k.frames)
+                .expect("map boot image");
             page += PAGE_4K;
         }
     }
@@ -224,9 +289,16 @@ fn start_module(k: &mut Kernel, module: &Module, name: &str) -> (TaskId, ThreadI
     bind_thread(k, thread, task, UTCB_AREA).expect("bind boot thread");
     k.thread(thread).frame = Frame::new_user(image.entry, INITIAL_STACK_TOP);
     let caps = &mut k.tasks.get_mut(task).expect("task").caps;
-    caps.insert(slots::SELF_TASK, Capability::full(Object::Task(task))).expect("slot");
-    caps.insert(slots::SELF_THREAD, Capability::full(Object::Thread(thread))).expect("slot");
-    info!("loaded {name} ('{}'): entry {:#x}, {} segments", module.cmdline, image.entry, image.segments().len());
+    caps.insert(slots::SELF_TASK, Capability::full(Object::Task(task)))
+        .expect("slot");
+    caps.insert(slots::SELF_THREAD, Capability::full(Object::Thread(thread)))
+        .expect("slot");
+    info!(
+        "loaded {name} ('{}'): entry {:#x}, {} segments",
+        module.cmdline,
+        image.entry,
+        image.segments().len()
+    );
     (task, thread)
 }
 
@@ -239,9 +311,19 @@ fn map_sigma0_window(k: &mut Kernel, sigma0: TaskId) {
         let mut physical = region.base;
         let end = region.base + region.size;
         while physical < end {
-            let size = if physical % PAGE_2M == 0 && physical + PAGE_2M <= end { PAGE_2M } else { PAGE_4K };
+            let size = if physical % PAGE_2M == 0 && physical + PAGE_2M <= end {
+                PAGE_2M
+            } else {
+                PAGE_4K
+            };
             space
-                .map(SIGMA0_PHYS_WINDOW + physical, physical, size, USER | WRITABLE, &mut k.frames)
+                .map(
+                    SIGMA0_PHYS_WINDOW + physical,
+                    physical,
+                    size,
+                    USER | WRITABLE,
+                    &mut k.frames,
+                )
                 .expect("map sigma0 window");
             physical += size;
         }

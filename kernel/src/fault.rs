@@ -8,9 +8,7 @@ use crate::kernel::Kernel;
 use crate::map::map_fpage;
 use crate::object::ThreadId;
 use crate::thread::{AfterDelivery, KernelMessage, ThreadState};
-use l4_abi::{
-    fault_access, Fpage, MapItem, MessageTag, Timeout, LABEL_DEATH, LABEL_PAGE_FAULT,
-};
+use l4_abi::{fault_access, Fpage, MapItem, MessageTag, Timeout, LABEL_DEATH, LABEL_PAGE_FAULT};
 
 /// Death reason: the pager refused a page fault (word 1: fault address).
 pub const DEATH_FAULT_REFUSED: u64 = 0x100;
@@ -53,9 +51,19 @@ pub fn page_fault(k: &mut Kernel, address: u64, error: u64) {
         words: [address, access, rip, 0],
         after: AfterDelivery::AwaitFaultReply,
     });
-    if let Err(e) = ipc::send(k, id, pager, badge, true, Timeout::INFINITE, Timeout::INFINITE) {
+    if let Err(e) = ipc::send(
+        k,
+        id,
+        pager,
+        badge,
+        true,
+        Timeout::INFINITE,
+        Timeout::INFINITE,
+    ) {
         let (number, name) = describe(k, id);
-        crate::warn!("thread {number} ({name}) killed: page fault at {address:#x} not deliverable: {e}");
+        crate::warn!(
+            "thread {number} ({name}) killed: page fault at {address:#x} not deliverable: {e}"
+        );
         k.thread(id).kernel_message = None;
         kill(k, id, DEATH_NO_PAGER, address);
     }
@@ -126,7 +134,17 @@ pub fn kill(k: &mut Kernel, id: ThreadId, reason: u64, detail: u64) {
                 words: [reason, detail, rip, 0],
                 after: AfterDelivery::Die,
             });
-            if ipc::send(k, id, target, badge, false, Timeout::INFINITE, Timeout::INFINITE).is_ok() {
+            if ipc::send(
+                k,
+                id,
+                target,
+                badge,
+                false,
+                Timeout::INFINITE,
+                Timeout::INFINITE,
+            )
+            .is_ok()
+            {
                 return;
             }
         }

@@ -1,11 +1,11 @@
 //! Synchronous IPC: the send and receive phases, the direct copy of a message from sender to
 //! receiver (registers, UTCB words, map items), timeouts, and cancellation on thread death.
 
+use crate::arch::x86_64::paging::phys_to_virt;
 use crate::kernel::Kernel;
 use crate::map::{map_fpage, place_window};
 use crate::object::ThreadId;
 use crate::thread::{AfterDelivery, ThreadState};
-use crate::arch::x86_64::paging::phys_to_virt;
 use l4_abi::{
     Error, Fpage, MapItem, MessageTag, Timeout, TimeoutKind, Utcb, BR_RECEIVE_WINDOW, MAX_WORDS,
     RECEIVE_PHASE,
@@ -71,7 +71,10 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     let message = read_message(k, sender);
     let fault_reply = matches!(
         k.thread(receiver).state,
-        ThreadState::Receiving { fault_reply: true, .. }
+        ThreadState::Receiving {
+            fault_reply: true,
+            ..
+        }
     );
     if fault_reply {
         crate::fault::apply_fault_reply(k, sender, receiver, &message);
@@ -163,7 +166,10 @@ pub fn send(
         deliver(k, sender, target, badge);
         let fault_reply = matches!(
             k.thread(target).state,
-            ThreadState::Receiving { fault_reply: true, .. }
+            ThreadState::Receiving {
+                fault_reply: true,
+                ..
+            }
         );
         if !fault_reply {
             k.wake(target);
@@ -242,7 +248,11 @@ pub fn receive(
     };
     // Drop stale entries at the head cheaply.
     if let Some(index) = position {
-        let sender = k.thread(receiver).senders.remove(index).expect("queued sender");
+        let sender = k
+            .thread(receiver)
+            .senders
+            .remove(index)
+            .expect("queued sender");
         let ThreadState::Sending { badge, call, .. } = k.thread(sender).state else {
             unreachable!("queued sender not sending");
         };
@@ -279,7 +289,10 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<(), Error> {
     }
     let fault_reply = matches!(
         k.thread(caller).state,
-        ThreadState::Receiving { fault_reply: true, .. }
+        ThreadState::Receiving {
+            fault_reply: true,
+            ..
+        }
     );
     deliver(k, replier, caller, 0);
     if !fault_reply {
@@ -307,7 +320,9 @@ pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
                 }
             }
         }
-        ThreadState::Receiving { fault_reply: true, .. } => {
+        ThreadState::Receiving {
+            fault_reply: true, ..
+        } => {
             crate::warn!(
                 "thread {} killed: its pager died before answering a page fault",
                 k.thread(id).number

@@ -123,7 +123,10 @@ impl Kernel {
 
     /// Make `id` runnable; ask for preemption if it outranks the current thread.
     pub fn wake(&mut self, id: ThreadId) {
-        let current_priority = self.current.and_then(|c| self.threads.get(c)).map(|t| t.priority);
+        let current_priority = self
+            .current
+            .and_then(|c| self.threads.get(c))
+            .map(|t| t.priority);
         let thread = self.thread(id);
         thread.state = ThreadState::Ready;
         thread.deadline = None;
@@ -166,7 +169,11 @@ impl Kernel {
         }
         self.preempt = false;
         while let Some((next, _)) = self.ready.dequeue() {
-            if self.threads.get(next).is_some_and(|t| t.state == ThreadState::Ready) {
+            if self
+                .threads
+                .get(next)
+                .is_some_and(|t| t.state == ThreadState::Ready)
+            {
                 self.resume(next);
             }
         }
@@ -178,7 +185,12 @@ impl Kernel {
     pub fn resume(&mut self, id: ThreadId) -> ! {
         self.current = Some(id);
         let task = self.task_of(id).expect("runnable thread without task");
-        let root = self.tasks.get(task).expect("thread of dead task").space.root;
+        let root = self
+            .tasks
+            .get(task)
+            .expect("thread of dead task")
+            .space
+            .root;
         if cpu::cr3() & paging::ADDRESS_MASK != root {
             // SAFETY: every task's PML4 maps the kernel half.
             unsafe { cpu::write_cr3(root) };

@@ -2,7 +2,10 @@
 //! every task.
 
 use crate::arch::x86_64::paging::phys_to_virt;
-use l4_abi::{BootModule, Kip, MemoryRegion, ABI_VERSION, KIP_CMDLINE_BYTES, KIP_MAGIC, KIP_MAX_MODULES, KIP_MAX_REGIONS};
+use l4_abi::{
+    BootModule, Kip, MemoryRegion, ABI_VERSION, KIP_CMDLINE_BYTES, KIP_MAGIC, KIP_MAX_MODULES,
+    KIP_MAX_REGIONS,
+};
 
 /// The KIP in frame `frame` (zeroed).
 pub fn kip_mut(frame: u64) -> &'static mut Kip {

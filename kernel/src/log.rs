@@ -28,7 +28,7 @@ pub fn log(level: Level, args: core::fmt::Arguments) {
         Level::Info => "",
         Level::Debug => "debug ",
     };
-    let _ = write!(Console, "[kernel] {tag}{args}\n");
+    let _ = writeln!(Console, "[kernel] {tag}{args}");
 }
 
 /// Log at info level.

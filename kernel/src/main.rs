@@ -38,7 +38,11 @@ pub extern "C" fn kernel_main(magic: u32, multiboot_info: u32) -> ! {
     entry::init();
     let k = bootstrap::boot(multiboot_info as u64);
     let per_10ms = apic::init(bootstrap::TIMER_HZ as u32);
-    info!("local APIC timer: {} ticks per 10 ms, {} Hz", per_10ms, bootstrap::TIMER_HZ);
+    info!(
+        "local APIC timer: {} ticks per 10 ms, {} Hz",
+        per_10ms,
+        bootstrap::TIMER_HZ
+    );
     kernel::install(k);
     kernel::kernel().schedule()
 }

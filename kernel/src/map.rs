@@ -1,8 +1,6 @@
 //! Mapping memory flexpages from one task's address space into another's (map and grant).
 
-use crate::arch::x86_64::paging::{
-    Translation, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE,
-};
+use crate::arch::x86_64::paging::{Translation, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE};
 use crate::kernel::Kernel;
 use crate::object::TaskId;
 use alloc::vec::Vec;
@@ -12,8 +10,12 @@ use l4_abi::{place_in_window, Error, Fpage, MapItem, KERNEL_AREA_START, USER_STA
 /// that is transferred, and its destination address.
 pub fn place_window(window: Fpage, item: MapItem) -> (Fpage, u64) {
     let fpage = item.fpage;
-    let (destination, offset, size) =
-        place_in_window(window.base(), window.order(), fpage.order(), item.send_base());
+    let (destination, offset, size) = place_in_window(
+        window.base(),
+        window.order(),
+        fpage.order(),
+        item.send_base(),
+    );
     let order = size.trailing_zeros();
     (
         Fpage::memory(fpage.base() + offset, order, fpage.rights()),
@@ -36,7 +38,7 @@ pub fn map_fpage(
     destination: u64,
     grant: bool,
 ) -> Result<(), Error> {
-    if !fpage.is_valid_memory() || destination % fpage.size() != 0 {
+    if !fpage.is_valid_memory() || !destination.is_multiple_of(fpage.size()) {
         return Err(Error::InvalidArgument);
     }
     let source_space = k.tasks.get(from).ok_or(Error::InvalidCapability)?.space;
@@ -51,7 +53,7 @@ pub fn map_fpage(
     source_space.for_each_mapping(start, end, &mut |va, t| leaves.push((va, t)));
     // A large page that starts before `start` is not found by the walk: look it up.
     if let Some(t) = source_space.lookup(start) {
-        if t.page_size > PAGE_4K && start % t.page_size != 0 {
+        if t.page_size > PAGE_4K && !start.is_multiple_of(t.page_size) {
             leaves.insert(
                 0,
                 (
@@ -79,13 +81,19 @@ pub fn map_fpage(
         let whole_large = t.page_size == PAGE_2M
             && va >= start
             && leaf_end <= end
-            && (destination + (va - start)) % PAGE_2M == 0
+            && (destination + (va - start)).is_multiple_of(PAGE_2M)
             && mappable(destination + (va - start))
             && mappable(destination + (va - start) + PAGE_2M - 1)
             && !grant;
         if whole_large
             && target_space
-                .map(destination + (va - start), t.physical, PAGE_2M, flags, &mut k.frames)
+                .map(
+                    destination + (va - start),
+                    t.physical,
+                    PAGE_2M,
+                    flags,
+                    &mut k.frames,
+                )
                 .is_ok()
         {
             continue;

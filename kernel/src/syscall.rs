@@ -4,7 +4,9 @@
 
 use crate::arch::x86_64::cpu::outb;
 use crate::arch::x86_64::entry::{RFLAGS_IF, RFLAGS_RESERVED, RFLAGS_USER_MASK};
-use crate::arch::x86_64::paging::{phys_to_virt, AddressSpace, NO_EXECUTE, PAGE_4K, USER, WRITABLE};
+use crate::arch::x86_64::paging::{
+    phys_to_virt, AddressSpace, NO_EXECUTE, PAGE_4K, USER, WRITABLE,
+};
 use crate::ipc::{self, SendOutcome};
 use crate::kernel::Kernel;
 use crate::map::{map_fpage, unmap_fpage};
@@ -13,8 +15,8 @@ use crate::task::Task;
 use crate::thread::{Thread, ThreadState};
 use crate::usermem;
 use l4_abi::{
-    rights, Error, ExRegsFlags, Fpage, ObjectKind, Syscall, Timeouts, Utcb, KIP_ADDRESS,
-    KERNEL_AREA_START, MAP_GRANT, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, USER_END, USER_START, UTCB_AREA,
+    rights, Error, ExRegsFlags, Fpage, ObjectKind, Syscall, Timeouts, Utcb, KERNEL_AREA_START,
+    KIP_ADDRESS, MAP_GRANT, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, USER_END, USER_START, UTCB_AREA,
 };
 
 /// Handle the syscall of the current thread (its registers are in its frame).
@@ -69,7 +71,10 @@ pub fn dispatch(k: &mut Kernel) -> ! {
             let phase = if receive_phase { RECEIVE_PHASE } else { 0 };
             if let Some(t) = k.threads.get_mut(id) {
                 t.frame.rax = e as u64 | phase;
-                if matches!(t.state, ThreadState::Sending { .. } | ThreadState::Receiving { .. }) {
+                if matches!(
+                    t.state,
+                    ThreadState::Sending { .. } | ThreadState::Receiving { .. }
+                ) {
                     // Should not happen: handlers fail before they block.
                     t.state = ThreadState::Ready;
                 }
@@ -87,11 +92,25 @@ fn set_ok(k: &mut Kernel, id: ThreadId) {
     k.thread(id).frame.rax = 0;
 }
 
-fn ipc_send(k: &mut Kernel, id: ThreadId, slot: u64, call: bool, timeouts: Timeouts) -> Result<(), Error> {
+fn ipc_send(
+    k: &mut Kernel,
+    id: ThreadId,
+    slot: u64,
+    call: bool,
+    timeouts: Timeouts,
+) -> Result<(), Error> {
     let cap = k.lookup(slot)?;
     let (target, badge) = k.ipc_target(cap)?;
     ipc::validate_outgoing(k, id)?;
-    match ipc::send(k, id, target, badge, call, timeouts.send(), timeouts.receive())? {
+    match ipc::send(
+        k,
+        id,
+        target,
+        badge,
+        call,
+        timeouts.send(),
+        timeouts.receive(),
+    )? {
         SendOutcome::Delivered | SendOutcome::Blocked => Ok(()),
     }
 }
@@ -141,14 +160,21 @@ fn ipc_cap(k: &Kernel, slot: u64) -> Result<Capability, Error> {
 }
 
 fn current_task(k: &Kernel) -> TaskId {
-    k.task_of(k.current_id()).expect("current thread has a task")
+    k.task_of(k.current_id())
+        .expect("current thread has a task")
 }
 
 /// Create a new task: empty capability table, the KIP mapped.
 pub fn new_task(k: &mut Kernel, name: &str) -> Result<TaskId, Error> {
     let space = AddressSpace::new(&mut k.frames).map_err(|_| Error::OutOfMemory)?;
     if space
-        .map(KIP_ADDRESS, k.kip_frame, PAGE_4K, USER | NO_EXECUTE, &mut k.frames)
+        .map(
+            KIP_ADDRESS,
+            k.kip_frame,
+            PAGE_4K,
+            USER | NO_EXECUTE,
+            &mut k.frames,
+        )
         .is_err()
     {
         space.destroy(&mut k.frames);
@@ -166,7 +192,14 @@ pub fn new_thread(k: &mut Kernel) -> ThreadId {
     k.threads.insert(Thread::new(number))
 }
 
-fn factory_create(k: &mut Kernel, factory: u64, kind: u64, slot: u64, argument: u64, badge: u64) -> Result<(), Error> {
+fn factory_create(
+    k: &mut Kernel,
+    factory: u64,
+    kind: u64,
+    slot: u64,
+    argument: u64,
+    badge: u64,
+) -> Result<(), Error> {
     let cap = k.lookup(factory)?;
     if cap.object != Object::Factory {
         return Err(Error::WrongType);
@@ -199,25 +232,46 @@ fn factory_create(k: &mut Kernel, factory: u64, kind: u64, slot: u64, argument: 
         .map_err(|_| Error::SlotOccupied)
 }
 
-fn thread_control(k: &mut Kernel, thread: u64, task: u64, utcb: u64, pager: u64, handler: u64) -> Result<(), Error> {
+fn thread_control(
+    k: &mut Kernel,
+    thread: u64,
+    task: u64,
+    utcb: u64,
+    pager: u64,
+    handler: u64,
+) -> Result<(), Error> {
     let thread = thread_cap(k, thread)?;
     let bind = if task != NO_CAP {
         let task = task_cap(k, task)?;
         if k.thread(thread).task.is_some() {
             return Err(Error::AlreadyBound);
         }
-        if utcb % PAGE_4K != 0 || !(UTCB_AREA..KIP_ADDRESS).contains(&utcb) {
+        if !utcb.is_multiple_of(PAGE_4K) || !(UTCB_AREA..KIP_ADDRESS).contains(&utcb) {
             return Err(Error::InvalidArgument);
         }
-        if k.tasks.get(task).expect("task").space.lookup(utcb).is_some() {
+        if k.tasks
+            .get(task)
+            .expect("task")
+            .space
+            .lookup(utcb)
+            .is_some()
+        {
             return Err(Error::InvalidArgument);
         }
         Some(task)
     } else {
         None
     };
-    let pager = if pager != NO_CAP { Some(ipc_cap(k, pager)?) } else { None };
-    let handler = if handler != NO_CAP { Some(ipc_cap(k, handler)?) } else { None };
+    let pager = if pager != NO_CAP {
+        Some(ipc_cap(k, pager)?)
+    } else {
+        None
+    };
+    let handler = if handler != NO_CAP {
+        Some(ipc_cap(k, handler)?)
+    } else {
+        None
+    };
     // All arguments are valid: apply.
     if let Some(task) = bind {
         bind_thread(k, thread, task, utcb)?;
@@ -233,9 +287,19 @@ fn thread_control(k: &mut Kernel, thread: u64, task: u64, utcb: u64, pager: u64,
 
 /// Bind `thread` to `task` with its UTCB at `utcb` (a fresh kernel frame mapped there).
 pub fn bind_thread(k: &mut Kernel, thread: ThreadId, task: TaskId, utcb: u64) -> Result<(), Error> {
-    let frame = crate::memory::FrameSource::allocate_zeroed(&mut k.frames).ok_or(Error::OutOfMemory)?;
+    let frame =
+        crate::memory::FrameSource::allocate_zeroed(&mut k.frames).ok_or(Error::OutOfMemory)?;
     let space = k.tasks.get(task).ok_or(Error::InvalidCapability)?.space;
-    if space.map(utcb, frame, PAGE_4K, USER | WRITABLE | NO_EXECUTE, &mut k.frames).is_err() {
+    if space
+        .map(
+            utcb,
+            frame,
+            PAGE_4K,
+            USER | WRITABLE | NO_EXECUTE,
+            &mut k.frames,
+        )
+        .is_err()
+    {
         crate::memory::FrameSource::free_frame(&mut k.frames, frame);
         return Err(Error::OutOfMemory);
     }
@@ -250,12 +314,24 @@ pub fn bind_thread(k: &mut Kernel, thread: ThreadId, task: TaskId, utcb: u64) ->
     Ok(())
 }
 
-fn ex_regs(k: &mut Kernel, caller: ThreadId, thread: u64, ip: u64, sp: u64, flags: u64) -> Result<(), Error> {
+fn ex_regs(
+    k: &mut Kernel,
+    caller: ThreadId,
+    thread: u64,
+    ip: u64,
+    sp: u64,
+    flags: u64,
+) -> Result<(), Error> {
     let target = thread_cap(k, thread)?;
-    if flags & !(ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START | ExRegsFlags::CANCEL) != 0 {
+    if flags
+        & !(ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START | ExRegsFlags::CANCEL)
+        != 0
+    {
         return Err(Error::InvalidArgument);
     }
-    if (flags & ExRegsFlags::SET_IP != 0 && ip >= USER_END) || (flags & ExRegsFlags::SET_SP != 0 && sp >= USER_END) {
+    if (flags & ExRegsFlags::SET_IP != 0 && ip >= USER_END)
+        || (flags & ExRegsFlags::SET_SP != 0 && sp >= USER_END)
+    {
         return Err(Error::InvalidArgument);
     }
     let t = k.thread(target);
@@ -273,7 +349,14 @@ fn ex_regs(k: &mut Kernel, caller: ThreadId, thread: u64, ip: u64, sp: u64, flag
         t.frame.rsp = sp;
     }
     t.frame.rflags = (t.frame.rflags & RFLAGS_USER_MASK) | RFLAGS_IF | RFLAGS_RESERVED;
-    let blocked = matches!(t.state, ThreadState::Sending { .. } | ThreadState::Receiving { fault_reply: false, .. });
+    let blocked = matches!(
+        t.state,
+        ThreadState::Sending { .. }
+            | ThreadState::Receiving {
+                fault_reply: false,
+                ..
+            }
+    );
     if flags & ExRegsFlags::CANCEL != 0 && blocked && target != caller {
         ipc::abort(k, target, Error::Canceled as u64);
     }
@@ -287,7 +370,14 @@ fn ex_regs(k: &mut Kernel, caller: ThreadId, thread: u64, ip: u64, sp: u64, flag
     Ok(())
 }
 
-fn cap_copy(k: &mut Kernel, task: u64, source: u64, destination: u64, mask: u64, badge: u64) -> Result<(), Error> {
+fn cap_copy(
+    k: &mut Kernel,
+    task: u64,
+    source: u64,
+    destination: u64,
+    mask: u64,
+    badge: u64,
+) -> Result<(), Error> {
     let target = task_cap(k, task)?;
     let cap = require(k.lookup(source)?, rights::COPY)?;
     if badge != 0 && cap.badge != 0 {
@@ -300,7 +390,9 @@ fn cap_copy(k: &mut Kernel, task: u64, source: u64, destination: u64, mask: u64,
     };
     let table = &mut k.tasks.get_mut(target).expect("task").caps;
     match table.is_free(destination) {
-        Ok(true) => table.insert(destination, new).map_err(|_| Error::SlotOccupied),
+        Ok(true) => table
+            .insert(destination, new)
+            .map_err(|_| Error::SlotOccupied),
         Ok(false) => Err(Error::SlotOccupied),
         Err(_) => Err(Error::InvalidArgument),
     }
@@ -317,18 +409,34 @@ fn cap_delete(k: &mut Kernel, slot: u64) -> Result<(), Error> {
         .map_err(|_| Error::InvalidCapability)
 }
 
-fn mem_map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) -> Result<(), Error> {
+fn mem_map(
+    k: &mut Kernel,
+    task: u64,
+    fpage: u64,
+    destination: u64,
+    flags: u64,
+) -> Result<(), Error> {
     let target = task_cap(k, task)?;
     let fpage = Fpage(fpage);
     if !fpage.is_valid_memory() || flags & !MAP_GRANT != 0 {
         return Err(Error::InvalidArgument);
     }
     let end = destination.checked_add(fpage.size());
-    if destination % fpage.size() != 0 || destination < USER_START || end.is_none_or(|end| end > KERNEL_AREA_START) {
+    if !destination.is_multiple_of(fpage.size())
+        || destination < USER_START
+        || end.is_none_or(|end| end > KERNEL_AREA_START)
+    {
         return Err(Error::InvalidArgument);
     }
     let source = current_task(k);
-    map_fpage(k, source, fpage, target, destination, flags & MAP_GRANT != 0)
+    map_fpage(
+        k,
+        source,
+        fpage,
+        target,
+        destination,
+        flags & MAP_GRANT != 0,
+    )
 }
 
 fn thread_exit(k: &mut Kernel, id: ThreadId, code: u64) {
@@ -384,7 +492,11 @@ fn shutdown(k: &mut Kernel, platform: u64, code: u64) -> Result<(), Error> {
         return Err(Error::WrongType);
     }
     require(cap, rights::CONTROL)?;
-    crate::info!("shutdown requested (code {code:#x}); {} tasks, {} threads alive", k.tasks.len(), k.threads.len());
+    crate::info!(
+        "shutdown requested (code {code:#x}); {} tasks, {} threads alive",
+        k.tasks.len(),
+        k.threads.len()
+    );
     outb(0xf4, code as u8);
     crate::info!("halted (without an isa-debug-exit device, QEMU keeps running)");
     loop {

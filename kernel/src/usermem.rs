@@ -23,7 +23,8 @@ pub fn copy_from_user(space: AddressSpace, address: u64, buffer: &mut [u8]) -> R
         let n = in_page.min(buffer.len() - done);
         // SAFETY: the physical page is mapped user-accessible in the task, lies in the direct
         // map, and `n` bytes stay within it.
-        let source = unsafe { core::slice::from_raw_parts(phys_to_virt(t.physical) as *const u8, n) };
+        let source =
+            unsafe { core::slice::from_raw_parts(phys_to_virt(t.physical) as *const u8, n) };
         buffer[done..done + n].copy_from_slice(source);
         done += n;
     }

@@ -45,11 +45,14 @@ pub struct FrameAllocator {
 impl FrameAllocator {
     /// A pool of `frames` free frames starting at `base` (must be aligned).
     pub fn new(base: u64, frames: usize) -> Self {
-        assert!(base % FRAME_SIZE == 0, "pool base must be frame aligned");
+        assert!(
+            base.is_multiple_of(FRAME_SIZE),
+            "pool base must be frame aligned"
+        );
         let words = frames.div_ceil(64);
         let mut bitmap = vec![0u64; words];
         // Mark the bits past the end as allocated so searches never return them.
-        if frames % 64 != 0 {
+        if !frames.is_multiple_of(64) {
             bitmap[words - 1] = !0u64 << (frames % 64);
         }
         FrameAllocator {
@@ -149,7 +152,7 @@ impl FrameAllocator {
     }
 
     fn index(&self, address: u64) -> Result<usize, FrameError> {
-        if address % FRAME_SIZE != 0 {
+        if !address.is_multiple_of(FRAME_SIZE) {
             return Err(FrameError::Unaligned);
         }
         if !self.contains(address) {
@@ -183,7 +186,7 @@ mod tests {
         let mut seen = BTreeSet::new();
         for _ in 0..130 {
             let f = a.allocate().unwrap();
-            assert!(f >= 0x10_0000 && f < 0x10_0000 + 130 * 4096);
+            assert!((0x10_0000..0x10_0000 + 130 * 4096).contains(&f));
             assert_eq!(f % 4096, 0);
             assert!(seen.insert(f), "frame {f:#x} handed out twice");
         }
@@ -223,7 +226,10 @@ mod tests {
         a.reserve(0x9000).unwrap();
         let run2 = a.allocate_contiguous(4, 4).unwrap();
         assert_eq!(run2 % 0x4000, 0);
-        assert!(run2 >= 0xc000, "must skip the hole at 0x9000, got {run2:#x}");
+        assert!(
+            run2 >= 0xc000,
+            "must skip the hole at 0x9000, got {run2:#x}"
+        );
         assert_eq!(a.free_frames(), 64 - 9);
         assert_eq!(a.allocate_contiguous(0, 1), None);
         assert_eq!(a.allocate_contiguous(1, 3), None);
@@ -236,8 +242,10 @@ mod tests {
         let mut model: BTreeSet<u64> = BTreeSet::new();
         let mut seed = 0x1234_5678u64;
         for _ in 0..5000 {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            if (seed >> 33) % 3 != 0 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if !(seed >> 33).is_multiple_of(3) {
                 match a.allocate() {
                     Some(f) => assert!(model.insert(f)),
                     None => assert_eq!(model.len(), 200),

@@ -1,7 +1,7 @@
 //! The local APIC (periodic timer, end of interrupt), with the legacy PIC masked and the
 //! timer calibrated against PIT channel 2.
 
-use super::cpu::{inb, outb, rdmsr, msr};
+use super::cpu::{inb, msr, outb, rdmsr};
 use super::entry::{SPURIOUS_VECTOR, TIMER_VECTOR};
 use super::paging::phys_to_virt;
 

@@ -5,28 +5,36 @@ use core::arch::asm;
 /// Write a byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects; callers choose ports of devices the kernel owns.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Read a byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as for `outb`.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
 /// Write a 32-bit value to an I/O port.
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Read a model-specific register.
 pub fn rdmsr(msr: u32) -> u64 {
     let (low, high): (u32, u32);
     // SAFETY: reading the MSRs the kernel uses has no side effects.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
+    }
     (high as u64) << 32 | low as u64
 }
 
@@ -76,7 +84,9 @@ pub fn invlpg(address: u64) {
 pub fn rdtsc() -> u64 {
     let (low, high): (u32, u32);
     // SAFETY: rdtsc has no side effects.
-    unsafe { asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
+    }
     (high as u64) << 32 | low as u64
 }
 

@@ -59,7 +59,7 @@ pub struct Frame {
 }
 
 const _: () = assert!(size_of::<Frame>() == 22 * 8);
-const _: () = assert!(size_of::<Frame>() % 16 == 0);
+const _: () = assert!(size_of::<Frame>().is_multiple_of(16));
 
 impl Frame {
     /// A frame that starts a user thread at `rip` with stack `rsp`.
@@ -216,7 +216,10 @@ pub fn init() {
         wrmsr(msr::STAR, (KERNEL_CS << 32) | ((0x10 | 3) << 48));
         wrmsr(msr::LSTAR, syscall_entry as *const () as u64);
         // Clear IF, TF, DF, AC, NT on entry.
-        wrmsr(msr::SFMASK, (1 << 9) | (1 << 8) | (1 << 10) | (1 << 18) | (1 << 14));
+        wrmsr(
+            msr::SFMASK,
+            (1 << 9) | (1 << 8) | (1 << 10) | (1 << 18) | (1 << 14),
+        );
     }
 }
 

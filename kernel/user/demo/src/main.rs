@@ -25,8 +25,18 @@ fn pong() -> i64 {
         match m.tag.label() {
             LABEL_DOUBLE => {
                 served += 1;
-                println!("[pong] request {} from badge {:#x}: {} -> {}", served, m.badge, m.word(0), m.word(0) * 2);
-                message = ipc::reply_wait(MessageTag::new(0, 1, 0), &[m.word(0) * 2], Timeouts::INFINITE);
+                println!(
+                    "[pong] request {} from badge {:#x}: {} -> {}",
+                    served,
+                    m.badge,
+                    m.word(0),
+                    m.word(0) * 2
+                );
+                message = ipc::reply_wait(
+                    MessageTag::new(0, 1, 0),
+                    &[m.word(0) * 2],
+                    Timeouts::INFINITE,
+                );
             }
             LABEL_QUIT => {
                 println!("[pong] quit after {served} requests");
@@ -43,7 +53,12 @@ fn pong() -> i64 {
 fn ping() -> i64 {
     let mut value = 1u64;
     for round in 1..=5 {
-        match ipc::call(slots::PEER, MessageTag::new(LABEL_DOUBLE, 1, 0), &[value], Timeouts::INFINITE) {
+        match ipc::call(
+            slots::PEER,
+            MessageTag::new(LABEL_DOUBLE, 1, 0),
+            &[value],
+            Timeouts::INFINITE,
+        ) {
             Ok(reply) => {
                 println!("[ping] round {round}: sent {value}, got {}", reply.word(0));
                 value = reply.word(0);
@@ -54,7 +69,12 @@ fn ping() -> i64 {
             }
         }
     }
-    let _ = ipc::send(slots::PEER, MessageTag::new(LABEL_QUIT, 0, 0), &[], Timeouts::INFINITE);
+    let _ = ipc::send(
+        slots::PEER,
+        MessageTag::new(LABEL_QUIT, 0, 0),
+        &[],
+        Timeouts::INFINITE,
+    );
     println!("[ping] done");
     0
 }

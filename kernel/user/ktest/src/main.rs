@@ -13,8 +13,9 @@ extern crate alloc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use l4::abi::{
-    fault_access, rights, slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Syscall, Timeout,
-    Timeouts, ABI_VERSION, KIP_MAGIC, LABEL_DEATH, LABEL_PAGE_FAULT, NO_CAP, PAGE_SIZE, UTCB_AREA,
+    fault_access, rights, slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind,
+    Syscall, Timeout, Timeouts, ABI_VERSION, KIP_MAGIC, LABEL_DEATH, LABEL_PAGE_FAULT, NO_CAP,
+    PAGE_SIZE, UTCB_AREA,
 };
 use l4::ipc::{self, IpcError, Received};
 use l4::thread::{alloc_slot, alloc_utcb, spawn, Spawn};
@@ -52,7 +53,10 @@ const RECEIVE_2S: Timeouts = Timeouts::new(Timeout::INFINITE, Timeout::micros(2_
 const POLL: Timeouts = Timeouts::new(Timeout::ZERO, Timeout::ZERO);
 
 fn err(error: Error, receive_phase: bool) -> IpcError {
-    IpcError { error, receive_phase }
+    IpcError {
+        error,
+        receive_phase,
+    }
 }
 
 fn tag(label: i32, words: usize) -> MessageTag {
@@ -66,12 +70,21 @@ fn new_thread_slot() -> u64 {
 }
 
 fn go(entry: extern "C" fn(u64) -> !, argument: u64) -> u64 {
-    spawn(entry, argument, Spawn { stack_size: 8 * 1024, ..Spawn::default() }).expect("spawn")
+    spawn(
+        entry,
+        argument,
+        Spawn {
+            stack_size: 8 * 1024,
+            ..Spawn::default()
+        },
+    )
+    .expect("spawn")
 }
 
 fn gate(thread: u64, badge: u64) -> u64 {
     let slot = alloc_slot();
-    sys::factory_create(slots::FACTORY, ObjectKind::Gate, slot, thread, badge).expect("create gate");
+    sys::factory_create(slots::FACTORY, ObjectKind::Gate, slot, thread, badge)
+        .expect("create gate");
     slot
 }
 
@@ -139,7 +152,12 @@ extern "C" fn server(count: u64) -> ! {
 
 /// Send one word through the capability slot `argument >> 32` with value `argument & 0xffff_ffff`.
 extern "C" fn send_through(argument: u64) -> ! {
-    let _ = ipc::send(argument >> 32, tag(3, 1), &[argument & 0xffff_ffff], Timeouts::INFINITE);
+    let _ = ipc::send(
+        argument >> 32,
+        tag(3, 1),
+        &[argument & 0xffff_ffff],
+        Timeouts::INFINITE,
+    );
     sys::thread_exit(0)
 }
 
@@ -211,7 +229,8 @@ static LAST_FAULT: AtomicU64 = AtomicU64::new(0);
 static LAST_ACCESS: AtomicU64 = AtomicU64::new(0);
 
 fn fresh_page() -> u64 {
-    let layout = core::alloc::Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize).expect("layout");
+    let layout = core::alloc::Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize)
+        .expect("layout");
     // SAFETY: a valid non-zero layout; the page is leaked to the child.
     let page = unsafe { alloc::alloc::alloc_zeroed(layout) };
     assert!(!page.is_null(), "out of heap");
@@ -220,7 +239,7 @@ fn fresh_page() -> u64 {
 
 fn resolve_child_fault(badge: u64, address: u64, access: u64) -> Option<MapItem> {
     let page = address & !(PAGE_SIZE - 1);
-    if badge == PAGER_REFUSING || page >= TEST_AREA && page < TEST_AREA + (1 << 40) {
+    if badge == PAGER_REFUSING || (TEST_AREA..TEST_AREA + (1 << 40)).contains(&page) {
         return None;
     }
     if IMAGE.contains(&page) {
@@ -230,13 +249,28 @@ fn resolve_child_fault(badge: u64, address: u64, access: u64) -> Option<MapItem>
         if access & fault_access::WRITE != 0 {
             let copy = fresh_page();
             // SAFETY: both pages are mapped in this task.
-            unsafe { core::ptr::copy_nonoverlapping(page as *const u8, copy as *mut u8, PAGE_SIZE as usize) };
-            return Some(MapItem::map(page, Fpage::memory(copy, 12, Fpage::READ | Fpage::WRITE)));
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    page as *const u8,
+                    copy as *mut u8,
+                    PAGE_SIZE as usize,
+                )
+            };
+            return Some(MapItem::map(
+                page,
+                Fpage::memory(copy, 12, Fpage::READ | Fpage::WRITE),
+            ));
         }
-        return Some(MapItem::map(page, Fpage::memory(page, 12, Fpage::READ | Fpage::EXECUTE)));
+        return Some(MapItem::map(
+            page,
+            Fpage::memory(page, 12, Fpage::READ | Fpage::EXECUTE),
+        ));
     }
     if (CHILD_STACK_TOP - 0x10_0000..CHILD_STACK_TOP).contains(&page) {
-        return Some(MapItem::map(page, Fpage::memory(fresh_page(), 12, Fpage::READ | Fpage::WRITE)));
+        return Some(MapItem::map(
+            page,
+            Fpage::memory(fresh_page(), 12, Fpage::READ | Fpage::WRITE),
+        ));
     }
     None
 }
@@ -259,7 +293,11 @@ extern "C" fn pager_thread(_: u64) -> ! {
         LAST_FAULT.store(m.word(0), SeqCst);
         LAST_ACCESS.store(m.word(1), SeqCst);
         message = match resolve_child_fault(m.badge, m.word(0), m.word(1)) {
-            Some(item) => ipc::reply_wait(MessageTag::new(0, 0, 1), &[item.control, item.fpage.0], Timeouts::INFINITE),
+            Some(item) => ipc::reply_wait(
+                MessageTag::new(0, 0, 1),
+                &[item.control, item.fpage.0],
+                Timeouts::INFINITE,
+            ),
             None => ipc::reply_wait(tag(-1, 0), &[], Timeouts::INFINITE),
         };
     }
@@ -337,22 +375,38 @@ const DEATH_BADGE: u64 = 0x99;
 
 impl Suite {
     /// A child task with one thread at `entry`; not started unless `start`.
-    fn child(&self, entry: extern "C" fn() -> !, pager: u64, handler: u64, start: bool) -> (u64, u64) {
+    fn child(
+        &self,
+        entry: extern "C" fn() -> !,
+        pager: u64,
+        handler: u64,
+        start: bool,
+    ) -> (u64, u64) {
         let task = alloc_slot();
         sys::factory_create(slots::FACTORY, ObjectKind::Task, task, 0, 0).expect("create task");
         let thread = new_thread_slot();
         sys::thread_control(thread, task, UTCB_AREA, pager, handler).expect("thread_control child");
         sys::cap_copy(task, self.peer, slots::PEER, rights::SEND, 0).expect("peer cap");
         if start {
-            sys::ex_regs(thread, entry as *const () as u64, CHILD_STACK_TOP - 8, ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START)
-                .expect("start child");
+            sys::ex_regs(
+                thread,
+                entry as *const () as u64,
+                CHILD_STACK_TOP - 8,
+                ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START,
+            )
+            .expect("start child");
         }
         (task, thread)
     }
 
     fn start(&self, thread: u64, entry: extern "C" fn() -> !) {
-        sys::ex_regs(thread, entry as *const () as u64, CHILD_STACK_TOP - 8, ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START)
-            .expect("start child");
+        sys::ex_regs(
+            thread,
+            entry as *const () as u64,
+            CHILD_STACK_TOP - 8,
+            ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START,
+        )
+        .expect("start child");
     }
 }
 
@@ -361,7 +415,11 @@ fn wait_badge(badge: u64) -> Option<Received> {
     for _ in 0..4 {
         match ipc::wait(RECEIVE_2S) {
             Ok(m) if m.badge == badge => return Some(m),
-            Ok(m) => println!("# unexpected message label {} badge {:#x}", m.tag.label(), m.badge),
+            Ok(m) => println!(
+                "# unexpected message label {} badge {:#x}",
+                m.tag.label(),
+                m.badge
+            ),
             Err(e) => {
                 println!("# wait: {e:?}");
                 return None;
@@ -376,85 +434,303 @@ fn wait_badge(badge: u64) -> Option<Received> {
 
 fn kip_cases() {
     let kip = l4::kip::kip();
-    check("kip", "magic and ABI version", kip.magic == KIP_MAGIC && kip.version == ABI_VERSION);
+    check(
+        "kip",
+        "magic and ABI version",
+        kip.magic == KIP_MAGIC && kip.version == ABI_VERSION,
+    );
     check("kip", "timer frequency published", kip.timer_hz == 1000);
     let modules = &kip.modules[..kip.module_count as usize];
-    check("kip", "boot modules listed with command lines", modules.len() >= 3 && modules.iter().any(|m| m.cmdline().contains("ktest")));
+    check(
+        "kip",
+        "boot modules listed with command lines",
+        modules.len() >= 3 && modules.iter().any(|m| m.cmdline().contains("ktest")),
+    );
 }
 
 fn syscall_cases() {
     // SAFETY: unknown syscalls do nothing.
     let (rax, ..) = unsafe { sys::raw(999, 0, 0, 0, 0, 0) };
-    check_eq("syscall", "unknown number rejected", raw_error(rax), Some(Error::UnknownSyscall));
+    check_eq(
+        "syscall",
+        "unknown number rejected",
+        raw_error(rax),
+        Some(Error::UnknownSyscall),
+    );
     // SAFETY: as above.
     let (rax, ..) = unsafe { sys::raw(0, 0, 0, 0, 0, 0) };
-    check_eq("syscall", "number zero rejected", raw_error(rax), Some(Error::UnknownSyscall));
+    check_eq(
+        "syscall",
+        "number zero rejected",
+        raw_error(rax),
+        Some(Error::UnknownSyscall),
+    );
     // SAFETY: the kernel validates the pointer; nothing of ours is touched.
     let (rax, ..) = unsafe { sys::raw(Syscall::DebugWrite as u64, 0x10, 8, 0, 0, 0) };
-    check_eq("syscall", "debug write from unmapped memory rejected", raw_error(rax), Some(Error::InvalidArgument));
+    check_eq(
+        "syscall",
+        "debug write from unmapped memory rejected",
+        raw_error(rax),
+        Some(Error::InvalidArgument),
+    );
     // SAFETY: as above.
-    let (rax, ..) = unsafe { sys::raw(Syscall::DebugWrite as u64, 0xffff_8000_0010_0000, 8, 0, 0, 0) };
-    check_eq("syscall", "debug write from kernel memory rejected", raw_error(rax), Some(Error::InvalidArgument));
+    let (rax, ..) = unsafe {
+        sys::raw(
+            Syscall::DebugWrite as u64,
+            0xffff_8000_0010_0000,
+            8,
+            0,
+            0,
+            0,
+        )
+    };
+    check_eq(
+        "syscall",
+        "debug write from kernel memory rejected",
+        raw_error(rax),
+        Some(Error::InvalidArgument),
+    );
     let long = [b'x'; 300];
-    check_eq("syscall", "debug write over 256 bytes rejected", sys::debug_write(&long), Err(Error::InvalidArgument));
+    check_eq(
+        "syscall",
+        "debug write over 256 bytes rejected",
+        sys::debug_write(&long),
+        Err(Error::InvalidArgument),
+    );
     // SAFETY: as above (the range wraps around).
     let (rax, ..) = unsafe { sys::raw(Syscall::DebugWrite as u64, u64::MAX - 4, 8, 0, 0, 0) };
-    check_eq("syscall", "debug write with wrapping range rejected", raw_error(rax), Some(Error::InvalidArgument));
+    check_eq(
+        "syscall",
+        "debug write with wrapping range rejected",
+        raw_error(rax),
+        Some(Error::InvalidArgument),
+    );
 }
 
 fn capability_cases() {
-    check_eq("cap", "empty slot is invalid", sys::ex_regs(200, 0, 0, 0).map(|_| ()), Err(Error::InvalidCapability));
-    check_eq("cap", "slot beyond the table is invalid", sys::ex_regs(10_000, 0, 0, 0).map(|_| ()), Err(Error::InvalidCapability));
-    check_eq("cap", "huge slot number is invalid", sys::ex_regs(u64::MAX - 1, 0, 0, 0).map(|_| ()), Err(Error::InvalidCapability));
-    check_eq("cap", "wrong object kind rejected", sys::ex_regs(slots::SELF_TASK, 0, 0, 0).map(|_| ()), Err(Error::WrongType));
+    check_eq(
+        "cap",
+        "empty slot is invalid",
+        sys::ex_regs(200, 0, 0, 0).map(|_| ()),
+        Err(Error::InvalidCapability),
+    );
+    check_eq(
+        "cap",
+        "slot beyond the table is invalid",
+        sys::ex_regs(10_000, 0, 0, 0).map(|_| ()),
+        Err(Error::InvalidCapability),
+    );
+    check_eq(
+        "cap",
+        "huge slot number is invalid",
+        sys::ex_regs(u64::MAX - 1, 0, 0, 0).map(|_| ()),
+        Err(Error::InvalidCapability),
+    );
+    check_eq(
+        "cap",
+        "wrong object kind rejected",
+        sys::ex_regs(slots::SELF_TASK, 0, 0, 0).map(|_| ()),
+        Err(Error::WrongType),
+    );
     let send_only = alloc_slot();
-    sys::cap_copy(slots::SELF_TASK, slots::SELF_THREAD, send_only, rights::SEND | rights::COPY, 0).expect("copy");
-    check_eq("cap", "copy with fewer rights cannot control", sys::ex_regs(send_only, 0, 0, 0).map(|_| ()), Err(Error::NoRights));
+    sys::cap_copy(
+        slots::SELF_TASK,
+        slots::SELF_THREAD,
+        send_only,
+        rights::SEND | rights::COPY,
+        0,
+    )
+    .expect("copy");
+    check_eq(
+        "cap",
+        "copy with fewer rights cannot control",
+        sys::ex_regs(send_only, 0, 0, 0).map(|_| ()),
+        Err(Error::NoRights),
+    );
     let no_copy = alloc_slot();
     sys::cap_copy(slots::SELF_TASK, send_only, no_copy, rights::SEND, 0).expect("copy");
     let again = alloc_slot();
-    check_eq("cap", "rights cannot grow back", sys::cap_copy(slots::SELF_TASK, no_copy, again, rights::ALL, 0), Err(Error::NoRights));
-    check_eq("cap", "copy into occupied slot rejected", sys::cap_copy(slots::SELF_TASK, slots::SELF_THREAD, send_only, rights::ALL, 0), Err(Error::SlotOccupied));
+    check_eq(
+        "cap",
+        "rights cannot grow back",
+        sys::cap_copy(slots::SELF_TASK, no_copy, again, rights::ALL, 0),
+        Err(Error::NoRights),
+    );
+    check_eq(
+        "cap",
+        "copy into occupied slot rejected",
+        sys::cap_copy(
+            slots::SELF_TASK,
+            slots::SELF_THREAD,
+            send_only,
+            rights::ALL,
+            0,
+        ),
+        Err(Error::SlotOccupied),
+    );
     let badged = alloc_slot();
     sys::cap_copy(slots::SELF_TASK, slots::SELF_THREAD, badged, rights::ALL, 5).expect("mint");
     let rebadged = alloc_slot();
-    check_eq("cap", "badge cannot be re-minted", sys::cap_copy(slots::SELF_TASK, badged, rebadged, rights::ALL, 6), Err(Error::InvalidArgument));
+    check_eq(
+        "cap",
+        "badge cannot be re-minted",
+        sys::cap_copy(slots::SELF_TASK, badged, rebadged, rights::ALL, 6),
+        Err(Error::InvalidArgument),
+    );
     check_eq("cap", "delete succeeds", sys::cap_delete(send_only), Ok(()));
-    check_eq("cap", "deleted capability is gone", sys::ex_regs(send_only, 0, 0, 0).map(|_| ()), Err(Error::InvalidCapability));
-    check_eq("cap", "double delete rejected", sys::cap_delete(send_only), Err(Error::InvalidCapability));
+    check_eq(
+        "cap",
+        "deleted capability is gone",
+        sys::ex_regs(send_only, 0, 0, 0).map(|_| ()),
+        Err(Error::InvalidCapability),
+    );
+    check_eq(
+        "cap",
+        "double delete rejected",
+        sys::cap_delete(send_only),
+        Err(Error::InvalidCapability),
+    );
 }
 
 fn factory_cases() {
     let slot = alloc_slot();
-    check_eq("factory", "create thread", sys::factory_create(slots::FACTORY, ObjectKind::Thread, slot, 0, 0), Ok(()));
-    check_eq("factory", "create into occupied slot rejected", sys::factory_create(slots::FACTORY, ObjectKind::Thread, slot, 0, 0), Err(Error::SlotOccupied));
+    check_eq(
+        "factory",
+        "create thread",
+        sys::factory_create(slots::FACTORY, ObjectKind::Thread, slot, 0, 0),
+        Ok(()),
+    );
+    check_eq(
+        "factory",
+        "create into occupied slot rejected",
+        sys::factory_create(slots::FACTORY, ObjectKind::Thread, slot, 0, 0),
+        Err(Error::SlotOccupied),
+    );
     // SAFETY: raw syscall with an invalid kind.
-    let (rax, ..) = unsafe { sys::raw(Syscall::FactoryCreate as u64, slots::FACTORY, 99, alloc_slot(), 0, 0) };
-    check_eq("factory", "unknown object kind rejected", raw_error(rax), Some(Error::InvalidArgument));
-    check_eq("factory", "factories cannot be created", sys::factory_create(slots::FACTORY, ObjectKind::Factory, alloc_slot(), 0, 0), Err(Error::InvalidArgument));
-    check_eq("factory", "non-factory capability rejected", sys::factory_create(slots::SELF_TASK, ObjectKind::Thread, alloc_slot(), 0, 0), Err(Error::WrongType));
-    check_eq("factory", "gate needs a thread to bind", sys::factory_create(slots::FACTORY, ObjectKind::Gate, alloc_slot(), slots::SELF_TASK, 0), Err(Error::WrongType));
-    check_eq("factory", "slot beyond the table rejected", sys::factory_create(slots::FACTORY, ObjectKind::Thread, 100_000, 0, 0), Err(Error::InvalidArgument));
+    let (rax, ..) = unsafe {
+        sys::raw(
+            Syscall::FactoryCreate as u64,
+            slots::FACTORY,
+            99,
+            alloc_slot(),
+            0,
+            0,
+        )
+    };
+    check_eq(
+        "factory",
+        "unknown object kind rejected",
+        raw_error(rax),
+        Some(Error::InvalidArgument),
+    );
+    check_eq(
+        "factory",
+        "factories cannot be created",
+        sys::factory_create(slots::FACTORY, ObjectKind::Factory, alloc_slot(), 0, 0),
+        Err(Error::InvalidArgument),
+    );
+    check_eq(
+        "factory",
+        "non-factory capability rejected",
+        sys::factory_create(slots::SELF_TASK, ObjectKind::Thread, alloc_slot(), 0, 0),
+        Err(Error::WrongType),
+    );
+    check_eq(
+        "factory",
+        "gate needs a thread to bind",
+        sys::factory_create(
+            slots::FACTORY,
+            ObjectKind::Gate,
+            alloc_slot(),
+            slots::SELF_TASK,
+            0,
+        ),
+        Err(Error::WrongType),
+    );
+    check_eq(
+        "factory",
+        "slot beyond the table rejected",
+        sys::factory_create(slots::FACTORY, ObjectKind::Thread, 100_000, 0, 0),
+        Err(Error::InvalidArgument),
+    );
 }
 
 fn thread_cases() {
     let t = new_thread_slot();
-    check_eq("thread", "UTCB outside the UTCB area rejected", sys::thread_control(t, slots::SELF_TASK, 0x10_0000, NO_CAP, NO_CAP), Err(Error::InvalidArgument));
-    check_eq("thread", "unaligned UTCB rejected", sys::thread_control(t, slots::SELF_TASK, UTCB_AREA + 0x1_0008, NO_CAP, NO_CAP), Err(Error::InvalidArgument));
-    check_eq("thread", "UTCB on a used page rejected", sys::thread_control(t, slots::SELF_TASK, UTCB_AREA, NO_CAP, NO_CAP), Err(Error::InvalidArgument));
-    check_eq("thread", "starting an unbound thread rejected", sys::ex_regs(t, 0x40_1000, 0, ExRegsFlags::SET_IP | ExRegsFlags::START).map(|_| ()), Err(Error::NotBound));
-    check_eq("thread", "pager must be an IPC capability", sys::thread_control(t, NO_CAP, 0, slots::SELF_TASK, NO_CAP), Err(Error::WrongType));
-    check_eq("thread", "bind to task", sys::thread_control(t, slots::SELF_TASK, alloc_utcb(), slots::PAGER, NO_CAP), Ok(()));
-    check_eq("thread", "binding twice rejected", sys::thread_control(t, slots::SELF_TASK, alloc_utcb(), NO_CAP, NO_CAP), Err(Error::AlreadyBound));
-    let set = sys::ex_regs(t, 0x40_2000, 0x1234_5000, ExRegsFlags::SET_IP | ExRegsFlags::SET_SP);
+    check_eq(
+        "thread",
+        "UTCB outside the UTCB area rejected",
+        sys::thread_control(t, slots::SELF_TASK, 0x10_0000, NO_CAP, NO_CAP),
+        Err(Error::InvalidArgument),
+    );
+    check_eq(
+        "thread",
+        "unaligned UTCB rejected",
+        sys::thread_control(t, slots::SELF_TASK, UTCB_AREA + 0x1_0008, NO_CAP, NO_CAP),
+        Err(Error::InvalidArgument),
+    );
+    check_eq(
+        "thread",
+        "UTCB on a used page rejected",
+        sys::thread_control(t, slots::SELF_TASK, UTCB_AREA, NO_CAP, NO_CAP),
+        Err(Error::InvalidArgument),
+    );
+    check_eq(
+        "thread",
+        "starting an unbound thread rejected",
+        sys::ex_regs(t, 0x40_1000, 0, ExRegsFlags::SET_IP | ExRegsFlags::START).map(|_| ()),
+        Err(Error::NotBound),
+    );
+    check_eq(
+        "thread",
+        "pager must be an IPC capability",
+        sys::thread_control(t, NO_CAP, 0, slots::SELF_TASK, NO_CAP),
+        Err(Error::WrongType),
+    );
+    check_eq(
+        "thread",
+        "bind to task",
+        sys::thread_control(t, slots::SELF_TASK, alloc_utcb(), slots::PAGER, NO_CAP),
+        Ok(()),
+    );
+    check_eq(
+        "thread",
+        "binding twice rejected",
+        sys::thread_control(t, slots::SELF_TASK, alloc_utcb(), NO_CAP, NO_CAP),
+        Err(Error::AlreadyBound),
+    );
+    let set = sys::ex_regs(
+        t,
+        0x40_2000,
+        0x1234_5000,
+        ExRegsFlags::SET_IP | ExRegsFlags::SET_SP,
+    );
     let read = sys::ex_regs(t, 0, 0, 0);
-    check("thread", "ex_regs reads back instruction and stack pointer", set.is_ok() && matches!(read, Ok((0x40_2000, 0x1234_5000, _))));
-    check_eq("thread", "kernel-half instruction pointer rejected", sys::ex_regs(t, 0xffff_8000_0000_0000, 0, ExRegsFlags::SET_IP).map(|_| ()), Err(Error::InvalidArgument));
-    check_eq("thread", "unknown ex_regs flag rejected", sys::ex_regs(t, 0, 0, 1 << 20).map(|_| ()), Err(Error::InvalidArgument));
+    check(
+        "thread",
+        "ex_regs reads back instruction and stack pointer",
+        set.is_ok() && matches!(read, Ok((0x40_2000, 0x1234_5000, _))),
+    );
+    check_eq(
+        "thread",
+        "kernel-half instruction pointer rejected",
+        sys::ex_regs(t, 0xffff_8000_0000_0000, 0, ExRegsFlags::SET_IP).map(|_| ()),
+        Err(Error::InvalidArgument),
+    );
+    check_eq(
+        "thread",
+        "unknown ex_regs flag rejected",
+        sys::ex_regs(t, 0, 0, 1 << 20).map(|_| ()),
+        Err(Error::InvalidArgument),
+    );
 
     FLAG.store(false, SeqCst);
     go(set_flag, 0xabc);
-    check("thread", "a started thread runs", wait_flag(&FLAG) && VALUE.load(SeqCst) == 0xabc);
+    check(
+        "thread",
+        "a started thread runs",
+        wait_flag(&FLAG) && VALUE.load(SeqCst) == 0xabc,
+    );
 
     // 128 threads in one task, each sending its index.
     let mut seen = [false; 128];
@@ -464,7 +740,11 @@ fn thread_cases() {
     let mut received = 0;
     for _ in 0..128 {
         match ipc::wait(RECEIVE_2S) {
-            Ok(m) if m.tag.label() == 11 && (m.word(0) as usize) < 128 && m.word(1) == m.word(0) + 1 => {
+            Ok(m)
+                if m.tag.label() == 11
+                    && (m.word(0) as usize) < 128
+                    && m.word(1) == m.word(0) + 1 =>
+            {
                 seen[m.word(0) as usize] = true;
                 received += 1;
             }
@@ -475,11 +755,21 @@ fn thread_cases() {
             }
         }
     }
-    check_eq("thread", "128 threads in one task all run and send", (received, seen.iter().all(|&s| s)), (128, true));
+    check_eq(
+        "thread",
+        "128 threads in one task all run and send",
+        (received, seen.iter().all(|&s| s)),
+        (128, true),
+    );
 }
 
 extern "C" fn send_three_word_index(index: u64) -> ! {
-    let _ = ipc::send(slots::SELF_THREAD, tag(11, 2), &[index, index + 1], Timeouts::INFINITE);
+    let _ = ipc::send(
+        slots::SELF_THREAD,
+        tag(11, 2),
+        &[index, index + 1],
+        Timeouts::INFINITE,
+    );
     sys::thread_exit(0)
 }
 
@@ -491,12 +781,20 @@ fn scheduling_cases() {
     // Block with a timeout: the spinner runs meanwhile; the timer must bring us back.
     let r = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(30_000)));
     let spun = COUNTER.load(SeqCst);
-    check("sched", "a spinning thread does not starve others (timer preemption)", r.map(|_| ()) == Err(err(Error::Timeout, true)) && spun > 0);
+    check(
+        "sched",
+        "a spinning thread does not starve others (timer preemption)",
+        r.map(|_| ()) == Err(err(Error::Timeout, true)) && spun > 0,
+    );
     let before = COUNTER.load(SeqCst);
     for _ in 0..3 {
         sys::thread_yield();
     }
-    check("sched", "yield lets a thread of equal priority run", COUNTER.load(SeqCst) > before);
+    check(
+        "sched",
+        "yield lets a thread of equal priority run",
+        COUNTER.load(SeqCst) > before,
+    );
     STOP.store(true, SeqCst);
     for _ in 0..10 {
         sys::thread_yield();
@@ -507,7 +805,11 @@ fn ipc_cases() {
     // Short message in registers, closed receive from the sender.
     let t = go(send_four, 5);
     let r = ipc::receive(t, RECEIVE_2S);
-    check("ipc", "send/receive of 4 words in registers (closed wait)", matches!(r, Ok(m) if m.tag.label() == 7 && m.tag.untyped() == 4 && m.words[..4] == [5, 10, 15, 20] && m.badge == 0));
+    check(
+        "ipc",
+        "send/receive of 4 words in registers (closed wait)",
+        matches!(r, Ok(m) if m.tag.label() == 7 && m.tag.untyped() == 4 && m.words[..4] == [5, 10, 15, 20] && m.badge == 0),
+    );
 
     let t = go(send_long, 1000);
     let r = ipc::receive(t, RECEIVE_2S);
@@ -516,7 +818,11 @@ fn ipc_cases() {
 
     let s = go(server, 1);
     let r = ipc::call(s, tag(1, 1), &[41], RECEIVE_2S);
-    check("ipc", "call and reply", matches!(r, Ok(m) if m.word(0) == 42));
+    check(
+        "ipc",
+        "call and reply",
+        matches!(r, Ok(m) if m.word(0) == 42),
+    );
 
     let s = go(server, 3);
     let mut ok = true;
@@ -538,7 +844,12 @@ fn ipc_cases() {
         }
     }
     badges.sort();
-    check_eq("ipc", "open wait tells senders apart by gate badge", badges, alloc::vec![(0x11, 1), (0x22, 2)]);
+    check_eq(
+        "ipc",
+        "open wait tells senders apart by gate badge",
+        badges,
+        alloc::vec![(0x11, 1), (0x22, 2)],
+    );
 
     // Closed wait takes only the named partner, whatever arrived first.
     let a = go(send_through, slots::SELF_THREAD << 32 | 0xa);
@@ -547,16 +858,34 @@ fn ipc_cases() {
     sys::thread_yield();
     let from_b = ipc::receive(b, RECEIVE_2S);
     let from_a = ipc::receive(a, RECEIVE_2S);
-    check("ipc", "closed wait receives only from the named thread", matches!((from_b, from_a), (Ok(x), Ok(y)) if x.word(0) == 0xb && y.word(0) == 0xa));
+    check(
+        "ipc",
+        "closed wait receives only from the named thread",
+        matches!((from_b, from_a), (Ok(x), Ok(y)) if x.word(0) == 0xb && y.word(0) == 0xa),
+    );
 
     // Timeouts.
     let idle = new_thread_slot();
     sys::thread_control(idle, slots::SELF_TASK, alloc_utcb(), NO_CAP, NO_CAP).expect("bind");
-    check_eq("ipc", "send with zero timeout to a thread not waiting", ipc::send(idle, tag(1, 0), &[], POLL), Err(err(Error::Timeout, false)));
-    check_eq("ipc", "receive with zero timeout and no sender", ipc::wait(POLL).map(|_| ()), Err(err(Error::Timeout, true)));
+    check_eq(
+        "ipc",
+        "send with zero timeout to a thread not waiting",
+        ipc::send(idle, tag(1, 0), &[], POLL),
+        Err(err(Error::Timeout, false)),
+    );
+    check_eq(
+        "ipc",
+        "receive with zero timeout and no sender",
+        ipc::wait(POLL).map(|_| ()),
+        Err(err(Error::Timeout, true)),
+    );
     let start = l4_tsc();
     let r = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(5_000)));
-    check("ipc", "finite receive timeout expires", r.map(|_| ()) == Err(err(Error::Timeout, true)) && l4_tsc() > start);
+    check(
+        "ipc",
+        "finite receive timeout expires",
+        r.map(|_| ()) == Err(err(Error::Timeout, true)) && l4_tsc() > start,
+    );
     // A thread in a closed wait for someone else does not take our message.
     FLAG.store(false, SeqCst);
     STOP.store(false, SeqCst);
@@ -565,38 +894,98 @@ fn ipc_cases() {
     let waiter = go(closed_wait_record, other);
     wait_flag(&FLAG);
     sys::thread_yield();
-    let r = ipc::send(waiter, tag(1, 0), &[], Timeouts::new(Timeout::micros(5_000), Timeout::INFINITE));
-    check_eq("ipc", "finite send timeout expires (receiver waits for another thread)", r, Err(err(Error::Timeout, false)));
+    let r = ipc::send(
+        waiter,
+        tag(1, 0),
+        &[],
+        Timeouts::new(Timeout::micros(5_000), Timeout::INFINITE),
+    );
+    check_eq(
+        "ipc",
+        "finite send timeout expires (receiver waits for another thread)",
+        r,
+        Err(err(Error::Timeout, false)),
+    );
     // ex_regs cancel ends that wait.
     let cancel = sys::ex_regs(waiter, 0, 0, ExRegsFlags::CANCEL);
     let done = wait_flag(&STOP);
-    check("ipc", "ex_regs cancels a blocked receive", cancel.is_ok() && done && VALUE.load(SeqCst) == Error::Canceled as u64);
+    check(
+        "ipc",
+        "ex_regs cancels a blocked receive",
+        cancel.is_ok() && done && VALUE.load(SeqCst) == Error::Canceled as u64,
+    );
 
     // Dead partners.
     let dead = go(exit_now, 0);
     for _ in 0..5 {
         sys::thread_yield();
     }
-    check_eq("ipc", "send to a dead thread fails", ipc::send(dead, tag(1, 0), &[], RECEIVE_2S), Err(err(Error::DeadPartner, false)));
-    check_eq("ipc", "closed receive from a dead thread fails", ipc::receive(dead, RECEIVE_2S).map(|_| ()), Err(err(Error::DeadPartner, true)));
+    check_eq(
+        "ipc",
+        "send to a dead thread fails",
+        ipc::send(dead, tag(1, 0), &[], RECEIVE_2S),
+        Err(err(Error::DeadPartner, false)),
+    );
+    check_eq(
+        "ipc",
+        "closed receive from a dead thread fails",
+        ipc::receive(dead, RECEIVE_2S).map(|_| ()),
+        Err(err(Error::DeadPartner, true)),
+    );
     let dying = go(yield_then_exit, 0);
-    check_eq("ipc", "closed wait ends when the partner dies", ipc::receive(dying, RECEIVE_2S).map(|_| ()), Err(err(Error::DeadPartner, true)));
+    check_eq(
+        "ipc",
+        "closed wait ends when the partner dies",
+        ipc::receive(dying, RECEIVE_2S).map(|_| ()),
+        Err(err(Error::DeadPartner, true)),
+    );
     let quitter = go(receive_and_die, 0);
-    check_eq("ipc", "call fails when the callee dies before replying", ipc::call(quitter, tag(1, 0), &[], RECEIVE_2S).map(|_| ()), Err(err(Error::DeadPartner, true)));
-    check_eq("ipc", "reply without a pending caller", ipc::reply(tag(0, 0), &[]), Err(err(Error::NoPartner, false)));
+    check_eq(
+        "ipc",
+        "call fails when the callee dies before replying",
+        ipc::call(quitter, tag(1, 0), &[], RECEIVE_2S).map(|_| ()),
+        Err(err(Error::DeadPartner, true)),
+    );
+    check_eq(
+        "ipc",
+        "reply without a pending caller",
+        ipc::reply(tag(0, 0), &[]),
+        Err(err(Error::NoPartner, false)),
+    );
 
     // Malformed messages.
     let server_thread = go(server, 1);
     // SAFETY: raw IPC with an invalid tag (65 untyped words).
     let (rax, ..) = unsafe { ipc::raw_ipc(Syscall::Send, server_thread, 0, 65, POLL.0, [0; 4]) };
-    check_eq("ipc", "tag with more than 64 words rejected", raw_error(rax), Some(Error::InvalidArgument));
+    check_eq(
+        "ipc",
+        "tag with more than 64 words rejected",
+        raw_error(rax),
+        Some(Error::InvalidArgument),
+    );
     // SAFETY: raw IPC with reserved tag bits.
-    let (rax, ..) = unsafe { ipc::raw_ipc(Syscall::Send, server_thread, 0, 1 << 20, POLL.0, [0; 4]) };
-    check_eq("ipc", "tag with reserved bits rejected", raw_error(rax), Some(Error::InvalidArgument));
+    let (rax, ..) =
+        unsafe { ipc::raw_ipc(Syscall::Send, server_thread, 0, 1 << 20, POLL.0, [0; 4]) };
+    check_eq(
+        "ipc",
+        "tag with reserved bits rejected",
+        raw_error(rax),
+        Some(Error::InvalidArgument),
+    );
     let bad_item = [0u64, Fpage::memory(0x1000, 11, 7).0];
-    check_eq("ipc", "map item with malformed flexpage rejected", ipc::send(server_thread, MessageTag::new(0, 0, 1), &bad_item, POLL), Err(err(Error::InvalidArgument, false)));
+    check_eq(
+        "ipc",
+        "map item with malformed flexpage rejected",
+        ipc::send(server_thread, MessageTag::new(0, 0, 1), &bad_item, POLL),
+        Err(err(Error::InvalidArgument, false)),
+    );
     let kernel_item = [0u64, Fpage::memory(0xffff_8000_0000_0000, 12, 7).0];
-    check_eq("ipc", "map item naming kernel memory rejected", ipc::send(server_thread, MessageTag::new(0, 0, 1), &kernel_item, POLL), Err(err(Error::InvalidArgument, false)));
+    check_eq(
+        "ipc",
+        "map item naming kernel memory rejected",
+        ipc::send(server_thread, MessageTag::new(0, 0, 1), &kernel_item, POLL),
+        Err(err(Error::InvalidArgument, false)),
+    );
     let _ = ipc::call(server_thread, tag(1, 1), &[0], RECEIVE_2S);
 
     // Gates deliver to their thread with their badge.
@@ -605,14 +994,38 @@ fn ipc_cases() {
     let g = gate(receiver, 0x5151);
     sys::thread_yield();
     let sent = ipc::send(g, tag(1, 1), &[9], RECEIVE_2S);
-    check("ipc", "gate delivers to its bound thread with its badge", sent.is_ok() && wait_flag(&FLAG) && VALUE.load(SeqCst) == (0x5151 << 32 | 9));
+    check(
+        "ipc",
+        "gate delivers to its bound thread with its badge",
+        sent.is_ok() && wait_flag(&FLAG) && VALUE.load(SeqCst) == (0x5151 << 32 | 9),
+    );
 
     let no_send = alloc_slot();
     sys::cap_copy(slots::SELF_TASK, receiver, no_send, rights::CONTROL, 0).expect("copy");
-    check_eq("ipc", "send without the send right rejected", ipc::send(no_send, tag(1, 0), &[], POLL), Err(err(Error::NoRights, false)));
-    check_eq("ipc", "send through a task capability rejected", ipc::send(slots::SELF_TASK, tag(1, 0), &[], POLL), Err(err(Error::WrongType, false)));
-    check_eq("ipc", "closed wait on a gate rejected", ipc::receive(g, POLL).map(|_| ()), Err(err(Error::WrongType, true)));
-    check_eq("ipc", "send through an empty slot rejected", ipc::send(300, tag(1, 0), &[], POLL), Err(err(Error::InvalidCapability, false)));
+    check_eq(
+        "ipc",
+        "send without the send right rejected",
+        ipc::send(no_send, tag(1, 0), &[], POLL),
+        Err(err(Error::NoRights, false)),
+    );
+    check_eq(
+        "ipc",
+        "send through a task capability rejected",
+        ipc::send(slots::SELF_TASK, tag(1, 0), &[], POLL),
+        Err(err(Error::WrongType, false)),
+    );
+    check_eq(
+        "ipc",
+        "closed wait on a gate rejected",
+        ipc::receive(g, POLL).map(|_| ()),
+        Err(err(Error::WrongType, true)),
+    );
+    check_eq(
+        "ipc",
+        "send through an empty slot rejected",
+        ipc::send(300, tag(1, 0), &[], POLL),
+        Err(err(Error::InvalidCapability, false)),
+    );
 }
 
 fn l4_tsc() -> u64 {
@@ -630,30 +1043,64 @@ fn task_cases(suite: &Suite) {
     let ok = matches!(call, Some(m) if m.tag.label() == 1 && m.word(0) == 42);
     let replied = ipc::reply(tag(0, 1), &[43]).is_ok();
     let result = wait_badge(CHILD_BADGE);
-    check("task", "call and reply between address spaces", ok && replied && matches!(result, Some(m) if m.tag.label() == 2 && m.word(0) == 1043));
-    check("pagefault", "a new task's code and stack fault in through its pager", FAULTS.load(SeqCst) >= faults_before + 2);
+    check(
+        "task",
+        "call and reply between address spaces",
+        ok && replied && matches!(result, Some(m) if m.tag.label() == 2 && m.word(0) == 1043),
+    );
+    check(
+        "pagefault",
+        "a new task's code and stack fault in through its pager",
+        FAULTS.load(SeqCst) >= faults_before + 2,
+    );
     for _ in 0..5 {
         sys::thread_yield();
     }
-    check_eq("task", "IPC to an exited thread of another task fails", ipc::send(child_thread, tag(1, 0), &[], POLL), Err(err(Error::DeadPartner, false)));
+    check_eq(
+        "task",
+        "IPC to an exited thread of another task fails",
+        ipc::send(child_thread, tag(1, 0), &[], POLL),
+        Err(err(Error::DeadPartner, false)),
+    );
 
     // A refused fault kills the thread; the death notice reaches its exception handler.
     let (_, t) = suite.child(child_echo, suite.pager_refusing, suite.death, true);
     let notice = wait_badge(DEATH_BADGE);
-    check("pagefault", "refused fault kills the thread and notifies its handler", matches!(notice, Some(m) if m.tag.label() == LABEL_DEATH && m.word(0) == 0x100));
-    check_eq("pagefault", "the killed thread is dead", ipc::receive(t, POLL).map(|_| ()), Err(err(Error::DeadPartner, true)));
+    check(
+        "pagefault",
+        "refused fault kills the thread and notifies its handler",
+        matches!(notice, Some(m) if m.tag.label() == LABEL_DEATH && m.word(0) == 0x100),
+    );
+    check_eq(
+        "pagefault",
+        "the killed thread is dead",
+        ipc::receive(t, POLL).map(|_| ()),
+        Err(err(Error::DeadPartner, true)),
+    );
 
     let (_, _) = suite.child(child_touch_test_area, suite.pager_normal, suite.death, true);
     let notice = wait_badge(DEATH_BADGE);
-    check("pagefault", "pager sees fault address; refusal reported with it", matches!(notice, Some(m) if m.word(1) == TEST_AREA) && LAST_FAULT.load(SeqCst) == TEST_AREA);
+    check(
+        "pagefault",
+        "pager sees fault address; refusal reported with it",
+        matches!(notice, Some(m) if m.word(1) == TEST_AREA) && LAST_FAULT.load(SeqCst) == TEST_AREA,
+    );
 
     let (_, _) = suite.child(child_echo, NO_CAP, suite.death, true);
     let notice = wait_badge(DEATH_BADGE);
-    check("pagefault", "a thread without pager is killed on its first fault", matches!(notice, Some(m) if m.word(0) == 0x101));
+    check(
+        "pagefault",
+        "a thread without pager is killed on its first fault",
+        matches!(notice, Some(m) if m.word(0) == 0x101),
+    );
 
     let (_, _) = suite.child(child_ud2, suite.pager_normal, suite.death, true);
     let notice = wait_badge(DEATH_BADGE);
-    check("exception", "invalid opcode kills the thread with vector 6", matches!(notice, Some(m) if m.tag.label() == LABEL_DEATH && m.word(0) == 6));
+    check(
+        "exception",
+        "invalid opcode kills the thread with vector 6",
+        matches!(notice, Some(m) if m.tag.label() == LABEL_DEATH && m.word(0) == 6),
+    );
 
     // Explicit mapping into another task.
     let page = fresh_page();
@@ -663,10 +1110,19 @@ fn task_cases(suite: &Suite) {
     let mapped = sys::mem_map(task, Fpage::memory(page, 12, Fpage::READ), MAP_ADDRESS, 0);
     suite.start(thread, child_read_mapped);
     let r = wait_badge(CHILD_BADGE);
-    check("map", "memory mapped into another task is shared", mapped.is_ok() && matches!(r, Some(m) if m.word(0) == 0xfeed_f00d));
+    check(
+        "map",
+        "memory mapped into another task is shared",
+        mapped.is_ok() && matches!(r, Some(m) if m.word(0) == 0xfeed_f00d),
+    );
 
     let (task, thread) = suite.child(child_write_mapped, suite.pager_normal, suite.death, false);
-    let mapped = sys::mem_map(task, Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE), MAP_ADDRESS, 0);
+    let mapped = sys::mem_map(
+        task,
+        Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE),
+        MAP_ADDRESS,
+        0,
+    );
     let _ = mapped;
     let (task2, thread2) = suite.child(child_write_mapped, suite.pager_normal, suite.death, false);
     let read_only = sys::mem_map(task2, Fpage::memory(page, 12, Fpage::READ), MAP_ADDRESS, 0);
@@ -675,27 +1131,77 @@ fn task_cases(suite: &Suite) {
     check(
         "map",
         "rights only shrink: write to a read-only mapping faults",
-        read_only.is_ok() && matches!(notice, Some(m) if m.word(1) == MAP_ADDRESS) && LAST_ACCESS.load(SeqCst) & (fault_access::WRITE | fault_access::PRESENT) == 3,
+        read_only.is_ok()
+            && matches!(notice, Some(m) if m.word(1) == MAP_ADDRESS)
+            && LAST_ACCESS.load(SeqCst) & (fault_access::WRITE | fault_access::PRESENT) == 3,
     );
     // The writable mapping works and the write is visible to us.
     suite.start(thread, child_write_mapped);
     let r = wait_badge(CHILD_BADGE);
     // SAFETY: our page.
     let seen = unsafe { core::ptr::read_volatile(page as *const u64) };
-    check("map", "a writable mapping writes through to the mapper's page", matches!(r, Some(m) if m.tag.label() == 5) && seen == 7);
+    check(
+        "map",
+        "a writable mapping writes through to the mapper's page",
+        matches!(r, Some(m) if m.tag.label() == 5) && seen == 7,
+    );
     let _ = task;
 
-    check_eq("map", "mapping into the kernel-managed area rejected", sys::mem_map(task2, Fpage::memory(page, 12, Fpage::READ), l4::abi::KIP_ADDRESS, 0), Err(Error::InvalidArgument));
-    check_eq("map", "mapping beyond the user half rejected", sys::mem_map(task2, Fpage::memory(page, 12, Fpage::READ), l4::abi::USER_END, 0), Err(Error::InvalidArgument));
-    check_eq("map", "mapping at address zero rejected", sys::mem_map(task2, Fpage::memory(page, 12, Fpage::READ), 0, 0), Err(Error::InvalidArgument));
-    check_eq("map", "mapping with a misaligned destination rejected", sys::mem_map(task2, Fpage::memory(page, 12, Fpage::READ), MAP_ADDRESS + 8, 0), Err(Error::InvalidArgument));
-    check_eq("map", "malformed flexpage rejected", sys::mem_map(task2, Fpage(page | 0xc00 | (12 << 4)), MAP_ADDRESS, 0), Err(Error::InvalidArgument));
+    check_eq(
+        "map",
+        "mapping into the kernel-managed area rejected",
+        sys::mem_map(
+            task2,
+            Fpage::memory(page, 12, Fpage::READ),
+            l4::abi::KIP_ADDRESS,
+            0,
+        ),
+        Err(Error::InvalidArgument),
+    );
+    check_eq(
+        "map",
+        "mapping beyond the user half rejected",
+        sys::mem_map(
+            task2,
+            Fpage::memory(page, 12, Fpage::READ),
+            l4::abi::USER_END,
+            0,
+        ),
+        Err(Error::InvalidArgument),
+    );
+    check_eq(
+        "map",
+        "mapping at address zero rejected",
+        sys::mem_map(task2, Fpage::memory(page, 12, Fpage::READ), 0, 0),
+        Err(Error::InvalidArgument),
+    );
+    check_eq(
+        "map",
+        "mapping with a misaligned destination rejected",
+        sys::mem_map(
+            task2,
+            Fpage::memory(page, 12, Fpage::READ),
+            MAP_ADDRESS + 8,
+            0,
+        ),
+        Err(Error::InvalidArgument),
+    );
+    check_eq(
+        "map",
+        "malformed flexpage rejected",
+        sys::mem_map(task2, Fpage(page | 0xc00 | (12 << 4)), MAP_ADDRESS, 0),
+        Err(Error::InvalidArgument),
+    );
 
     // Capabilities a task was not given.
     let (_, _) = suite.child(child_capabilities, suite.pager_normal, suite.death, true);
     let r = wait_badge(CHILD_BADGE);
     let ic = Error::InvalidCapability as u64;
-    check("cap", "a task cannot use capabilities it was not given", matches!(r, Some(m) if m.words[..3] == [ic, ic, ic]));
+    check(
+        "cap",
+        "a task cannot use capabilities it was not given",
+        matches!(r, Some(m) if m.words[..3] == [ic, ic, ic]),
+    );
 
     // Destroying a task kills its threads.
     let (victim, victim_thread) = suite.child(child_block, suite.pager_normal, NO_CAP, true);
@@ -703,9 +1209,24 @@ fn task_cases(suite: &Suite) {
         sys::thread_yield();
     }
     check_eq("task", "destroy a task", sys::task_destroy(victim), Ok(()));
-    check_eq("task", "threads of a destroyed task are gone", ipc::send(victim_thread, tag(1, 0), &[], POLL), Err(err(Error::InvalidCapability, false)));
-    check_eq("task", "a destroyed task's capability is stale", sys::task_destroy(victim), Err(Error::InvalidCapability));
-    check_eq("task", "a task cannot destroy itself", sys::task_destroy(slots::SELF_TASK), Err(Error::InvalidArgument));
+    check_eq(
+        "task",
+        "threads of a destroyed task are gone",
+        ipc::send(victim_thread, tag(1, 0), &[], POLL),
+        Err(err(Error::InvalidCapability, false)),
+    );
+    check_eq(
+        "task",
+        "a destroyed task's capability is stale",
+        sys::task_destroy(victim),
+        Err(Error::InvalidCapability),
+    );
+    check_eq(
+        "task",
+        "a task cannot destroy itself",
+        sys::task_destroy(slots::SELF_TASK),
+        Err(Error::InvalidArgument),
+    );
 }
 
 fn main() -> i64 {

@@ -38,7 +38,14 @@ impl Received {
 /// Always safe in the Rust sense: IPC moves data only into registers and the UTCB. It is
 /// `unsafe` to make the raw nature explicit.
 #[inline(always)]
-pub unsafe fn raw_ipc(number: Syscall, destination: u64, source: u64, tag: u64, timeouts: u64, w: [u64; 4]) -> (u64, u64, u64, [u64; 4]) {
+pub unsafe fn raw_ipc(
+    number: Syscall,
+    destination: u64,
+    source: u64,
+    tag: u64,
+    timeouts: u64,
+    w: [u64; 4],
+) -> (u64, u64, u64, [u64; 4]) {
     let (rax, rtag, badge, o0, o1, o2, o3): (u64, u64, u64, u64, u64, u64, u64);
     // SAFETY: the kernel writes only the listed output registers (and rcx/r11).
     unsafe {
@@ -90,10 +97,18 @@ fn received(tag: u64, badge: u64, regs: [u64; 4]) -> Received {
     Received { tag, badge, words }
 }
 
-fn ipc(number: Syscall, destination: u64, source: u64, tag: MessageTag, words: &[u64], timeouts: Timeouts) -> Result<Received, IpcError> {
+fn ipc(
+    number: Syscall,
+    destination: u64,
+    source: u64,
+    tag: MessageTag,
+    words: &[u64],
+    timeouts: Timeouts,
+) -> Result<Received, IpcError> {
     let regs = load(tag, words);
     // SAFETY: see `raw_ipc`.
-    let (rax, rtag, badge, out) = unsafe { raw_ipc(number, destination, source, tag.0, timeouts.0, regs) };
+    let (rax, rtag, badge, out) =
+        unsafe { raw_ipc(number, destination, source, tag.0, timeouts.0, regs) };
     if rax != 0 {
         return Err(error(rax));
     }
@@ -101,7 +116,12 @@ fn ipc(number: Syscall, destination: u64, source: u64, tag: MessageTag, words: &
 }
 
 /// Send `words` (as described by `tag`) to the thread or gate in slot `destination`.
-pub fn send(destination: u64, tag: MessageTag, words: &[u64], timeouts: Timeouts) -> Result<(), IpcError> {
+pub fn send(
+    destination: u64,
+    tag: MessageTag,
+    words: &[u64],
+    timeouts: Timeouts,
+) -> Result<(), IpcError> {
     ipc(Syscall::Send, destination, 0, tag, words, timeouts).map(|_| ())
 }
 
@@ -116,12 +136,21 @@ pub fn receive(source: u64, timeouts: Timeouts) -> Result<Received, IpcError> {
 }
 
 /// Send to `destination` and wait for the reply of the thread that received the message.
-pub fn call(destination: u64, tag: MessageTag, words: &[u64], timeouts: Timeouts) -> Result<Received, IpcError> {
+pub fn call(
+    destination: u64,
+    tag: MessageTag,
+    words: &[u64],
+    timeouts: Timeouts,
+) -> Result<Received, IpcError> {
     ipc(Syscall::Call, destination, 0, tag, words, timeouts)
 }
 
 /// Reply to the pending caller, then wait for the next message from anyone.
-pub fn reply_wait(tag: MessageTag, words: &[u64], timeouts: Timeouts) -> Result<Received, IpcError> {
+pub fn reply_wait(
+    tag: MessageTag,
+    words: &[u64],
+    timeouts: Timeouts,
+) -> Result<Received, IpcError> {
     ipc(Syscall::ReplyWait, 0, OPEN_WAIT, tag, words, timeouts)
 }
 

@@ -51,9 +51,19 @@ pub mod sigma0 {
 
     /// Ask sigma0 (through `pager`) for the physical range at `physical` of `1 << order` bytes,
     /// to be mapped into `window` of this thread.
-    pub fn request_physical(pager: u64, physical: u64, order: u32, window: Fpage) -> Result<bool, IpcError> {
+    pub fn request_physical(
+        pager: u64,
+        physical: u64,
+        order: u32,
+        window: Fpage,
+    ) -> Result<bool, IpcError> {
         crate::utcb::set_receive_window(window);
-        let reply = ipc::call(pager, MessageTag::new(LABEL_PHYSICAL, 2, 0), &[physical, order as u64], Timeouts::INFINITE)?;
+        let reply = ipc::call(
+            pager,
+            MessageTag::new(LABEL_PHYSICAL, 2, 0),
+            &[physical, order as u64],
+            Timeouts::INFINITE,
+        )?;
         Ok(reply.tag.typed() == 1)
     }
 }

@@ -82,7 +82,12 @@ extern "C" fn l4_runtime_start() -> ! {
 pub fn exit(code: i64) -> ! {
     let tag = MessageTag::new(LABEL_EXIT, 1, 0);
     // The parent destroys the task on receipt; if there is none, just end the thread.
-    let _ = ipc::call(slots::PARENT, tag, &[code as u64], Timeouts::new(Timeout::INFINITE, Timeout::INFINITE));
+    let _ = ipc::call(
+        slots::PARENT,
+        tag,
+        &[code as u64],
+        Timeouts::new(Timeout::INFINITE, Timeout::INFINITE),
+    );
     sys::thread_exit(code as u64)
 }
 
@@ -113,7 +118,10 @@ impl Write for Line {
 
 /// Print formatted text to the kernel console (one syscall per 256 bytes).
 pub fn print(args: core::fmt::Arguments) {
-    let mut line = Line { buffer: [0; 256], length: 0 };
+    let mut line = Line {
+        buffer: [0; 256],
+        length: 0,
+    };
     let _ = line.write_fmt(args);
     line.flush();
 }

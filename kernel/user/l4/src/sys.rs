@@ -17,7 +17,14 @@ fn result(rax: u64) -> Result<(), Error> {
 /// The syscall must not invalidate memory the program relies on (for example by unmapping
 /// its own stack).
 #[inline(always)]
-pub unsafe fn raw(number: u64, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> (u64, u64, u64, u64) {
+pub unsafe fn raw(
+    number: u64,
+    a0: u64,
+    a1: u64,
+    a2: u64,
+    a3: u64,
+    a4: u64,
+) -> (u64, u64, u64, u64) {
     let (rax, rdi, rsi, rdx): (u64, u64, u64, u64);
     // SAFETY: the kernel preserves every register except the outputs and rcx/r11.
     unsafe {
@@ -44,12 +51,34 @@ fn call(number: Syscall, a0: u64, a1: u64, a2: u64, a3: u64, a4: u64) -> (u64, u
 }
 
 /// Create a kernel object of `kind` into `slot` (see [`Syscall::FactoryCreate`]).
-pub fn factory_create(factory: u64, kind: l4_abi::ObjectKind, slot: u64, argument: u64, badge: u64) -> Result<(), Error> {
-    result(call(Syscall::FactoryCreate, factory, kind as u64, slot, argument, badge).0)
+pub fn factory_create(
+    factory: u64,
+    kind: l4_abi::ObjectKind,
+    slot: u64,
+    argument: u64,
+    badge: u64,
+) -> Result<(), Error> {
+    result(
+        call(
+            Syscall::FactoryCreate,
+            factory,
+            kind as u64,
+            slot,
+            argument,
+            badge,
+        )
+        .0,
+    )
 }
 
 /// Configure a thread (see [`Syscall::ThreadControl`]).
-pub fn thread_control(thread: u64, task: u64, utcb: u64, pager: u64, handler: u64) -> Result<(), Error> {
+pub fn thread_control(
+    thread: u64,
+    task: u64,
+    utcb: u64,
+    pager: u64,
+    handler: u64,
+) -> Result<(), Error> {
     result(call(Syscall::ThreadControl, thread, task, utcb, pager, handler).0)
 }
 
@@ -60,7 +89,13 @@ pub fn ex_regs(thread: u64, ip: u64, sp: u64, flags: u64) -> Result<(u64, u64, u
 }
 
 /// Copy a capability into a task (see [`Syscall::CapCopy`]).
-pub fn cap_copy(task: u64, source: u64, destination: u64, rights: u64, badge: u64) -> Result<(), Error> {
+pub fn cap_copy(
+    task: u64,
+    source: u64,
+    destination: u64,
+    rights: u64,
+    badge: u64,
+) -> Result<(), Error> {
     result(call(Syscall::CapCopy, task, source, destination, rights, badge).0)
 }
 
@@ -96,7 +131,17 @@ pub fn thread_yield() {
 
 /// Write bytes to the kernel console (at most 256).
 pub fn debug_write(bytes: &[u8]) -> Result<(), Error> {
-    result(call(Syscall::DebugWrite, bytes.as_ptr() as u64, bytes.len() as u64, 0, 0, 0).0)
+    result(
+        call(
+            Syscall::DebugWrite,
+            bytes.as_ptr() as u64,
+            bytes.len() as u64,
+            0,
+            0,
+            0,
+        )
+        .0,
+    )
 }
 
 /// Destroy a task.

@@ -63,7 +63,13 @@ extern "C" {
 pub fn spawn(entry: extern "C" fn(u64) -> !, argument: u64, options: Spawn) -> Result<u64, Error> {
     let slot = alloc_slot();
     sys::factory_create(options.factory, ObjectKind::Thread, slot, 0, 0)?;
-    sys::thread_control(slot, slots::SELF_TASK, alloc_utcb(), options.pager, options.exception_handler)?;
+    sys::thread_control(
+        slot,
+        slots::SELF_TASK,
+        alloc_utcb(),
+        options.pager,
+        options.exception_handler,
+    )?;
     let stack = vec![0u64; options.stack_size / 8].leak();
     let top = stack.len() - 2;
     stack[top] = argument;

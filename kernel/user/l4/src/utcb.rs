@@ -8,7 +8,9 @@ pub fn utcb() -> &'static mut Utcb {
     let address: u64;
     // SAFETY: the kernel sets FS to the UTCB of the running thread and stores the UTCB's own
     // address at UTCB_SELF_OFFSET; reading it has no side effects.
-    unsafe { asm!("mov {}, fs:[{}]", out(reg) address, const UTCB_SELF_OFFSET, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        asm!("mov {}, fs:[{}]", out(reg) address, const UTCB_SELF_OFFSET, options(nostack, readonly, preserves_flags))
+    };
     // SAFETY: the UTCB page is mapped for the thread's lifetime and only this thread uses it.
     unsafe { &mut *(address as *mut Utcb) }
 }

@@ -14,8 +14,9 @@ extern crate alloc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use l4::abi::{
-    fault_access, rights, slots, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Timeouts, INITIAL_STACK_TOP,
-    KERNEL_AREA_START, LABEL_DEATH, LABEL_EXIT, LABEL_PAGE_FAULT, PAGE_SIZE, USER_START, UTCB_AREA,
+    fault_access, rights, slots, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Timeouts,
+    INITIAL_STACK_TOP, KERNEL_AREA_START, LABEL_DEATH, LABEL_EXIT, LABEL_PAGE_FAULT, PAGE_SIZE,
+    USER_START, UTCB_AREA,
 };
 use l4::ipc::{self, Received};
 use l4::thread::alloc_slot;
@@ -79,37 +80,79 @@ fn map_module(index: usize, base: u64, size: u64) -> Option<&'static [u8]> {
     let mut page = first;
     while page < end {
         let at = window + (page - first);
-        match l4::sigma0::request_physical(slots::PAGER, page, 12, Fpage::memory(at, 12, Fpage::RWX)) {
+        match l4::sigma0::request_physical(
+            slots::PAGER,
+            page,
+            12,
+            Fpage::memory(at, 12, Fpage::RWX),
+        ) {
             Ok(true) => {}
             _ => return None,
         }
         page += PAGE_SIZE;
     }
     // SAFETY: the pages were just mapped into this window and stay mapped.
-    Some(unsafe { core::slice::from_raw_parts((window + (base - first)) as *const u8, size as usize) })
+    Some(unsafe {
+        core::slice::from_raw_parts((window + (base - first)) as *const u8, size as usize)
+    })
 }
 
-fn create(index: usize, cmdline: &str, bytes: &'static [u8], gate_badge: u64) -> Result<Child, String> {
+fn create(
+    index: usize,
+    cmdline: &str,
+    bytes: &'static [u8],
+    gate_badge: u64,
+) -> Result<Child, String> {
     let (name, options) = module_name(cmdline);
-    let limits = Limits { min_vaddr: USER_START, user_limit: l4::rt::HEAP_BASE.min(KERNEL_AREA_START) };
-    let image = l4_elf::parse(bytes, limits).map_err(|e| alloc::format!("module {index} ({name}) rejected: {e}"))?;
+    let limits = Limits {
+        min_vaddr: USER_START,
+        user_limit: l4::rt::HEAP_BASE.min(KERNEL_AREA_START),
+    };
+    let image = l4_elf::parse(bytes, limits)
+        .map_err(|e| alloc::format!("module {index} ({name}) rejected: {e}"))?;
     let fail = |what: &str, e: l4::Error| alloc::format!("creating {name}: {what}: {e}");
     let task = alloc_slot();
-    sys::factory_create(slots::FACTORY, ObjectKind::Task, task, 0, 0).map_err(|e| fail("task", e))?;
+    sys::factory_create(slots::FACTORY, ObjectKind::Task, task, 0, 0)
+        .map_err(|e| fail("task", e))?;
     let thread = alloc_slot();
-    sys::factory_create(slots::FACTORY, ObjectKind::Thread, thread, 0, 0).map_err(|e| fail("thread", e))?;
+    sys::factory_create(slots::FACTORY, ObjectKind::Thread, thread, 0, 0)
+        .map_err(|e| fail("thread", e))?;
     let gate = alloc_slot();
-    sys::factory_create(slots::FACTORY, ObjectKind::Gate, gate, slots::SELF_THREAD, gate_badge).map_err(|e| fail("gate", e))?;
-    sys::thread_control(thread, task, UTCB_AREA, gate, gate).map_err(|e| fail("thread_control", e))?;
-    sys::cap_copy(task, task, slots::SELF_TASK, rights::ALL, 0).map_err(|e| fail("self task", e))?;
-    sys::cap_copy(task, thread, slots::SELF_THREAD, rights::ALL, 0).map_err(|e| fail("self thread", e))?;
+    sys::factory_create(
+        slots::FACTORY,
+        ObjectKind::Gate,
+        gate,
+        slots::SELF_THREAD,
+        gate_badge,
+    )
+    .map_err(|e| fail("gate", e))?;
+    sys::thread_control(thread, task, UTCB_AREA, gate, gate)
+        .map_err(|e| fail("thread_control", e))?;
+    sys::cap_copy(task, task, slots::SELF_TASK, rights::ALL, 0)
+        .map_err(|e| fail("self task", e))?;
+    sys::cap_copy(task, thread, slots::SELF_THREAD, rights::ALL, 0)
+        .map_err(|e| fail("self thread", e))?;
     sys::cap_copy(task, gate, slots::PAGER, rights::SEND, 0).map_err(|e| fail("pager", e))?;
     sys::cap_copy(task, gate, slots::PARENT, rights::SEND, 0).map_err(|e| fail("parent", e))?;
     if options.iter().any(|o| o == "factory") {
-        sys::cap_copy(task, slots::FACTORY, slots::FACTORY, rights::ALL, 0).map_err(|e| fail("factory", e))?;
+        sys::cap_copy(task, slots::FACTORY, slots::FACTORY, rights::ALL, 0)
+            .map_err(|e| fail("factory", e))?;
     }
-    let peer = options.iter().find_map(|o| o.strip_prefix("peer=")).map(String::from);
-    Ok(Child { name, cmdline: cmdline.into(), image, bytes, task, thread, peer, pages: Vec::new(), running: false })
+    let peer = options
+        .iter()
+        .find_map(|o| o.strip_prefix("peer="))
+        .map(String::from);
+    Ok(Child {
+        name,
+        cmdline: cmdline.into(),
+        image,
+        bytes,
+        task,
+        thread,
+        peer,
+        pages: Vec::new(),
+        running: false,
+    })
 }
 
 /// Resolve a page fault of `child` at `address`: returns the map item, or `None` to refuse.
@@ -130,7 +173,11 @@ fn resolve(child: &mut Child, pool: &mut Pool, address: u64, access: u64) -> Opt
             // SAFETY: `local` is a fresh page of ours; the source range is inside the module
             // (checked by the ELF parser).
             unsafe {
-                core::ptr::copy_nonoverlapping(child.bytes.as_ptr().add(offset), (local + (from - page)) as *mut u8, length)
+                core::ptr::copy_nonoverlapping(
+                    child.bytes.as_ptr().add(offset),
+                    (local + (from - page)) as *mut u8,
+                    length,
+                )
             };
         }
         child.pages.push(local);
@@ -156,7 +203,11 @@ fn resolve(child: &mut Child, pool: &mut Pool, address: u64, access: u64) -> Opt
         let n = bytes.len().min(l4::rt::ARGUMENTS_SIZE - 1);
         // SAFETY: a fresh page of ours; the arguments area lies inside it.
         unsafe {
-            core::ptr::copy_nonoverlapping(bytes.as_ptr(), (local + PAGE_SIZE - l4::rt::ARGUMENTS_SIZE as u64) as *mut u8, n)
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (local + PAGE_SIZE - l4::rt::ARGUMENTS_SIZE as u64) as *mut u8,
+                n,
+            )
         };
     }
     child.pages.push(local);
@@ -180,7 +231,10 @@ fn main() -> i64 {
     let mut failures = 0u32;
     for (index, module) in modules.iter().enumerate().skip(2) {
         let Some(bytes) = map_module(index, module.base, module.size) else {
-            println!("[root] module {index} ({}) could not be mapped", module.cmdline());
+            println!(
+                "[root] module {index} ({}) could not be mapped",
+                module.cmdline()
+            );
             failures += 1;
             continue;
         };
@@ -194,20 +248,33 @@ fn main() -> i64 {
     }
     // Wire peers, then start everything.
     for i in 0..children.len() {
-        let Some(peer) = children[i].peer.clone() else { continue };
+        let Some(peer) = children[i].peer.clone() else {
+            continue;
+        };
         let Some(j) = children.iter().position(|c| c.name == peer) else {
             println!("[root] {}: no peer named {peer}", children[i].name);
             continue;
         };
         let gate = alloc_slot();
-        let wired = sys::factory_create(slots::FACTORY, ObjectKind::Gate, gate, children[j].thread, 0x1000 + i as u64)
-            .and_then(|()| sys::cap_copy(children[i].task, gate, slots::PEER, rights::SEND, 0));
+        let wired = sys::factory_create(
+            slots::FACTORY,
+            ObjectKind::Gate,
+            gate,
+            children[j].thread,
+            0x1000 + i as u64,
+        )
+        .and_then(|()| sys::cap_copy(children[i].task, gate, slots::PEER, rights::SEND, 0));
         if let Err(e) = wired {
             println!("[root] wiring {} to {peer}: {e}", children[i].name);
         }
     }
     for child in children.iter_mut() {
-        match sys::ex_regs(child.thread, child.image.entry, INITIAL_STACK_TOP - l4::rt::ARGUMENTS_SIZE as u64, ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START) {
+        match sys::ex_regs(
+            child.thread,
+            child.image.entry,
+            INITIAL_STACK_TOP - l4::rt::ARGUMENTS_SIZE as u64,
+            ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START,
+        ) {
             Ok(_) => {
                 child.running = true;
                 println!("[root] started {}", child.name);
@@ -218,7 +285,10 @@ fn main() -> i64 {
             }
         }
     }
-    let mut pool = Pool { next: POOL_BASE, free: Vec::new() };
+    let mut pool = Pool {
+        next: POOL_BASE,
+        free: Vec::new(),
+    };
     let mut reply: Option<(MessageTag, [u64; 2])> = None;
     while children.iter().any(|c| c.running) {
         let next: Result<Received, ipc::IpcError> = match reply.take() {
@@ -241,7 +311,9 @@ fn main() -> i64 {
             LABEL_PAGE_FAULT => {
                 let (address, access) = (message.word(0), message.word(1));
                 match resolve(child, &mut pool, address, access) {
-                    Some(item) => reply = Some((MessageTag::new(0, 0, 1), [item.control, item.fpage.0])),
+                    Some(item) => {
+                        reply = Some((MessageTag::new(0, 0, 1), [item.control, item.fpage.0]))
+                    }
                     None => {
                         println!("[root] task {}: refusing page fault at {address:#x} (access {access:#x}, ip {:#x})", child.name, message.word(2));
                         reply = Some((MessageTag::new(-1, 0, 0), [0, 0]));
@@ -258,7 +330,13 @@ fn main() -> i64 {
             LABEL_DEATH => {
                 failures += 1;
                 let (reason, detail, ip) = (message.word(0), message.word(1), message.word(2));
-                finish(child, &mut pool, &alloc::format!("was killed (reason {reason:#x}, detail {detail:#x}, ip {ip:#x})"));
+                finish(
+                    child,
+                    &mut pool,
+                    &alloc::format!(
+                        "was killed (reason {reason:#x}, detail {detail:#x}, ip {ip:#x})"
+                    ),
+                );
             }
             label => {
                 println!("[root] task {}: unknown request label {label}", child.name);
@@ -266,7 +344,11 @@ fn main() -> i64 {
             }
         }
     }
-    let code = if failures == 0 { EXIT_SUCCESS } else { EXIT_FAILURE };
+    let code = if failures == 0 {
+        EXIT_SUCCESS
+    } else {
+        EXIT_FAILURE
+    };
     println!("[root] all tasks finished, {failures} failures; shutting down");
     if let Err(e) = sys::shutdown(slots::PLATFORM, code) {
         println!("[root] shutdown: {e}");

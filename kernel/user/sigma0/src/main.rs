@@ -5,7 +5,10 @@
 #![no_std]
 #![no_main]
 
-use l4::abi::{region_kind, Fpage, MapItem, MessageTag, Timeouts, LABEL_PAGE_FAULT, PAGE_SIZE, SIGMA0_PHYS_WINDOW};
+use l4::abi::{
+    region_kind, Fpage, MapItem, MessageTag, Timeouts, LABEL_PAGE_FAULT, PAGE_SIZE,
+    SIGMA0_PHYS_WINDOW,
+};
 use l4::ipc::{self, Received};
 use l4::kip::kip;
 use l4::println;
@@ -37,7 +40,13 @@ impl Frames {
 
 fn zero(frame: u64) {
     // SAFETY: the frame is in sigma0's physical window and not yet handed to anyone.
-    unsafe { core::ptr::write_bytes((SIGMA0_PHYS_WINDOW + frame) as *mut u8, 0, PAGE_SIZE as usize) };
+    unsafe {
+        core::ptr::write_bytes(
+            (SIGMA0_PHYS_WINDOW + frame) as *mut u8,
+            0,
+            PAGE_SIZE as usize,
+        )
+    };
 }
 
 fn in_module(physical: u64, size: u64) -> bool {
@@ -57,16 +66,25 @@ fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 2]) {
                 return refuse;
             };
             zero(frame);
-            let item = MapItem::map(address, Fpage::memory(SIGMA0_PHYS_WINDOW + frame, 12, Fpage::RWX));
+            let item = MapItem::map(
+                address,
+                Fpage::memory(SIGMA0_PHYS_WINDOW + frame, 12, Fpage::RWX),
+            );
             (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
         }
         l4::sigma0::LABEL_PHYSICAL => {
             let (physical, order) = (message.word(0), message.word(1));
-            if !(12..=30).contains(&order) || physical % (1 << order) != 0 || !in_module(physical, 1 << order) {
+            if !(12..=30).contains(&order)
+                || physical % (1 << order) != 0
+                || !in_module(physical, 1 << order)
+            {
                 println!("[sigma0] refused physical request {physical:#x} order {order}");
                 return refuse;
             }
-            let item = MapItem::map(physical, Fpage::memory(SIGMA0_PHYS_WINDOW + physical, order as u32, Fpage::RWX));
+            let item = MapItem::map(
+                physical,
+                Fpage::memory(SIGMA0_PHYS_WINDOW + physical, order as u32, Fpage::RWX),
+            );
             (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
         }
         label => {
@@ -84,7 +102,11 @@ fn main() -> i64 {
         .map(|r| r.size)
         .sum();
     println!("[sigma0] serving {} MiB of free memory", free >> 20);
-    let mut frames = Frames { region: 0, offset: 0, handed_out: 0 };
+    let mut frames = Frames {
+        region: 0,
+        offset: 0,
+        handed_out: 0,
+    };
     let mut message = ipc::wait(Timeouts::INFINITE);
     loop {
         match message {
