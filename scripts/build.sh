@@ -16,7 +16,7 @@ scenarios=("$@")
 modules_for() {
     case "$1" in
         demo) echo "demo:pong demo:ping_peer=pong" ;;
-        test) echo "ktest:ktest_factory" ;;
+        test) echo "ktest:ktest_factory_platform_io=0x40/2" ;;
         bad-module) echo "bad.elf:broken demo:pong demo:ping_peer=pong" ;;
         bad-sigma0) echo "" ;;
         *) echo "unknown scenario $1" >&2; exit 2 ;;

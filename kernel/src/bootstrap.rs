@@ -162,6 +162,12 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         tasks: Arena::new(),
         threads: Arena::new(),
         gates: Arena::new(),
+        irqs: Arena::new(),
+        irq_lines: [None; crate::irq::LINES],
+        io_owner: None,
+        memory_db: kernel_core::MappingDatabase::new(),
+        io_db: kernel_core::MappingDatabase::new(),
+        cap_db: kernel_core::MappingDatabase::new(),
         frames,
         ready: ReadyQueues::new(),
         current: None,
@@ -211,6 +217,9 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     caps.insert(slots::PLATFORM, Capability::full(Object::Platform))
         .expect("slot");
     k.thread(root_thread).pager = Some(pager);
+    // The root task holds every I/O port; it hands them out with I/O flexpages.
+    k.tasks.get_mut(root).expect("root").io_bitmap =
+        Some(alloc::boxed::Box::new([0; crate::task::IO_BITMAP_BYTES]));
     k.wake(sigma0_thread);
     k.wake(root_thread);
     info!(

@@ -1,14 +1,37 @@
-//! Faults of user threads: page faults become IPC to the thread's pager; other exceptions and
-//! refused faults kill the thread, with a clear log line and a death notice to its exception
-//! handler.
+//! Faults of user threads: page faults become IPC to the thread's pager, other exceptions IPC
+//! to its exception handler (which may change the state and resume it). Refused faults and
+//! unhandled exceptions kill the thread, with a clear log line and a death notice to its
+//! exception handler.
 
 use crate::arch::x86_64::entry::Frame;
+use crate::arch::x86_64::entry::{RFLAGS_IF, RFLAGS_RESERVED, RFLAGS_USER_MASK};
 use crate::ipc::{self, Message};
 use crate::kernel::Kernel;
 use crate::map::map_fpage;
 use crate::object::ThreadId;
-use crate::thread::{AfterDelivery, KernelMessage, ThreadState};
-use l4_abi::{fault_access, Fpage, MapItem, MessageTag, Timeout, LABEL_DEATH, LABEL_PAGE_FAULT};
+use crate::thread::{AfterDelivery, KernelMessage, ThreadState, KERNEL_MESSAGE_WORDS};
+use l4_abi::{
+    fault_access, Fpage, MapItem, MessageTag, Timeout, LABEL_DEATH, LABEL_EXCEPTION,
+    LABEL_PAGE_FAULT, USER_END,
+};
+
+fn words(values: &[u64]) -> [u64; KERNEL_MESSAGE_WORDS] {
+    let mut w = [0; KERNEL_MESSAGE_WORDS];
+    w[..values.len()].copy_from_slice(values);
+    w
+}
+
+/// Number of words of an exception message and of the reply that resumes the thread.
+pub const EXCEPTION_WORDS: usize = 20;
+
+/// The exception message words: vector, error code, then the register state (see
+/// [`l4_abi::LABEL_EXCEPTION`]).
+fn exception_words(vector: u64, error: u64, f: &Frame) -> [u64; KERNEL_MESSAGE_WORDS] {
+    words(&[
+        vector, error, f.rip, f.rsp, f.rflags, f.rax, f.rbx, f.rcx, f.rdx, f.rsi, f.rdi, f.rbp,
+        f.r8, f.r9, f.r10, f.r11, f.r12, f.r13, f.r14, f.r15,
+    ])
+}
 
 /// Death reason: the pager refused a page fault (word 1: fault address).
 pub const DEATH_FAULT_REFUSED: u64 = 0x100;
@@ -48,7 +71,7 @@ pub fn page_fault(k: &mut Kernel, address: u64, error: u64) {
     k.thread(id).fault_address = address;
     k.thread(id).kernel_message = Some(KernelMessage {
         tag: MessageTag::new(LABEL_PAGE_FAULT, 3, 0),
-        words: [address, access, rip, 0],
+        words: words(&[address, access, rip]),
         after: AfterDelivery::AwaitFaultReply,
     });
     if let Err(e) = ipc::send(
@@ -101,10 +124,33 @@ pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, mes
     kill(k, faulter, DEATH_FAULT_REFUSED, fault_address);
 }
 
-/// A CPU exception (other than a page fault) in the current thread.
+/// A CPU exception (other than a page fault) in the current thread: a call to its exception
+/// handler with the exception and the register state; without a handler the thread dies.
 pub fn exception(k: &mut Kernel, vector: u64, error: u64) {
     let id = k.current_id();
     let frame: Frame = k.thread(id).frame;
+    let handler = k.thread(id).exception_handler.map(|cap| k.ipc_target(cap));
+    if let Some(Ok((target, badge))) = handler {
+        k.thread(id).kernel_message = Some(KernelMessage {
+            tag: MessageTag::new(LABEL_EXCEPTION, EXCEPTION_WORDS, 0),
+            words: exception_words(vector, error, &frame),
+            after: AfterDelivery::AwaitExceptionReply,
+        });
+        if ipc::send(
+            k,
+            id,
+            target,
+            badge,
+            true,
+            Timeout::INFINITE,
+            Timeout::INFINITE,
+        )
+        .is_ok()
+        {
+            return;
+        }
+        k.thread(id).kernel_message = None;
+    }
     let (number, name) = describe(k, id);
     crate::warn!(
         "thread {number} ({name}) killed: exception {vector} ({}) error {error:#x} at ip {:#x} sp {:#x}",
@@ -113,6 +159,44 @@ pub fn exception(k: &mut Kernel, vector: u64, error: u64) {
         frame.rsp
     );
     kill(k, id, vector, error);
+}
+
+/// The exception handler's answer to the exception of `thread`: label 0 with
+/// [`EXCEPTION_WORDS`] words resumes the thread with that register state (words 2..20);
+/// anything else kills it.
+pub fn apply_exception_reply(k: &mut Kernel, thread: ThreadId, message: &Message) {
+    let w = &message.words;
+    let valid = message.tag.label() == 0
+        && message.tag.untyped() >= EXCEPTION_WORDS
+        && w[2] < USER_END
+        && w[3] < USER_END;
+    if !valid {
+        let (number, name) = describe(k, thread);
+        crate::warn!("thread {number} ({name}) killed by its exception handler");
+        k.thread(thread).kernel_message = None;
+        ipc::finish_death(k, thread);
+        return;
+    }
+    let f = &mut k.thread(thread).frame;
+    f.rip = w[2];
+    f.rsp = w[3];
+    f.rflags = (w[4] & RFLAGS_USER_MASK) | RFLAGS_IF | RFLAGS_RESERVED;
+    f.rax = w[5];
+    f.rbx = w[6];
+    f.rcx = w[7];
+    f.rdx = w[8];
+    f.rsi = w[9];
+    f.rdi = w[10];
+    f.rbp = w[11];
+    f.r8 = w[12];
+    f.r9 = w[13];
+    f.r10 = w[14];
+    f.r11 = w[15];
+    f.r12 = w[16];
+    f.r13 = w[17];
+    f.r14 = w[18];
+    f.r15 = w[19];
+    k.wake(thread);
 }
 
 /// Kill thread `id`: cancel its IPC, send a death notice (label [`LABEL_DEATH`], words:
@@ -131,7 +215,7 @@ pub fn kill(k: &mut Kernel, id: ThreadId, reason: u64, detail: u64) {
             let rip = k.thread(id).frame.rip;
             k.thread(id).kernel_message = Some(KernelMessage {
                 tag: MessageTag::new(LABEL_DEATH, 3, 0),
-                words: [reason, detail, rip, 0],
+                words: words(&[reason, detail, rip]),
                 after: AfterDelivery::Die,
             });
             if ipc::send(

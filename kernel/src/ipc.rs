@@ -3,12 +3,12 @@
 
 use crate::arch::x86_64::paging::phys_to_virt;
 use crate::kernel::Kernel;
-use crate::map::{map_fpage, place_window};
+use crate::map::{map_flexpage, place_window};
 use crate::object::ThreadId;
-use crate::thread::{AfterDelivery, ThreadState};
+use crate::thread::{AfterDelivery, Awaiting, ThreadState, KERNEL_MESSAGE_WORDS};
 use l4_abi::{
-    Error, Fpage, MapItem, MessageTag, Timeout, TimeoutKind, Utcb, BR_RECEIVE_WINDOW, MAX_WORDS,
-    RECEIVE_PHASE,
+    Error, Fpage, FpageKind, MapItem, MessageTag, Timeout, TimeoutKind, Utcb, BR_OBJECT_WINDOW,
+    BR_RECEIVE_WINDOW, MAX_WORDS, RECEIVE_PHASE,
 };
 
 /// A message on its way from sender to receiver.
@@ -37,7 +37,7 @@ pub fn validate_outgoing(k: &mut Kernel, sender: ThreadId) -> Result<(), Error> 
     let message = read_message(k, sender);
     for item in 0..tag.typed() {
         let fpage = Fpage(message.words[tag.untyped() + 2 * item + 1]);
-        if !fpage.is_valid_memory() {
+        if !fpage.is_valid() {
             return Err(Error::InvalidArgument);
         }
     }
@@ -50,7 +50,7 @@ pub fn read_message(k: &mut Kernel, sender: ThreadId) -> Message {
     let mut words = [0u64; MAX_WORDS];
     let thread = k.thread(sender);
     if let Some(km) = thread.kernel_message {
-        words[..4].copy_from_slice(&km.words);
+        words[..KERNEL_MESSAGE_WORDS].copy_from_slice(&km.words);
         return Message { tag: km.tag, words };
     }
     let f = &thread.frame;
@@ -69,16 +69,22 @@ pub fn read_message(k: &mut Kernel, sender: ThreadId) -> Message {
 /// if the pager refused.
 fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     let message = read_message(k, sender);
-    let fault_reply = matches!(
-        k.thread(receiver).state,
+    match k.thread(receiver).state {
         ThreadState::Receiving {
-            fault_reply: true,
+            awaiting: Awaiting::PageFaultReply,
             ..
+        } => {
+            crate::fault::apply_fault_reply(k, sender, receiver, &message);
+            return;
         }
-    );
-    if fault_reply {
-        crate::fault::apply_fault_reply(k, sender, receiver, &message);
-        return;
+        ThreadState::Receiving {
+            awaiting: Awaiting::ExceptionReply,
+            ..
+        } => {
+            crate::fault::apply_exception_reply(k, receiver, &message);
+            return;
+        }
+        _ => {}
     }
     let tag = message.tag;
     let count = tag.words().min(MAX_WORDS);
@@ -96,12 +102,9 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     if count > 4 {
         receiver_utcb.mr[4..count].copy_from_slice(&message.words[4..count]);
     }
-    let window = Fpage(receiver_utcb.br[BR_RECEIVE_WINDOW]);
+    let memory_window = Fpage(receiver_utcb.br[BR_RECEIVE_WINDOW]);
+    let object_window = Fpage(receiver_utcb.br[BR_OBJECT_WINDOW]);
     if tag.typed() > 0 {
-        if !window.is_valid_memory() {
-            crate::debug!("map items dropped: receiver has no receive window");
-            return;
-        }
         let (Some(from), Some(to)) = (k.task_of(sender), k.task_of(receiver)) else {
             return;
         };
@@ -110,12 +113,35 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
                 control: message.words[tag.untyped() + 2 * i],
                 fpage: Fpage(message.words[tag.untyped() + 2 * i + 1]),
             };
-            let (source, destination) = place_window(window, item);
-            if let Err(e) = map_fpage(k, from, source, to, destination, item.is_grant()) {
+            let (source, destination) = match item.fpage.kind() {
+                Some(FpageKind::Memory) if memory_window.is_valid_memory() => {
+                    place_window(memory_window, item)
+                }
+                Some(FpageKind::Object) if object_window.is_valid_object() => {
+                    place_window(object_window, item)
+                }
+                Some(FpageKind::Io) => (item.fpage, 0),
+                _ => {
+                    crate::debug!("map item {i} dropped: receiver has no receive window for it");
+                    continue;
+                }
+            };
+            if let Err(e) = map_flexpage(k, from, source, to, destination, item.is_grant()) {
                 crate::warn!("map item {i}: {e}");
             }
         }
     }
+}
+
+/// Whether thread `id` waits for the answer to a page fault or exception.
+pub fn awaits_kernel_reply(k: &Kernel, id: ThreadId) -> bool {
+    matches!(
+        k.threads.get(id).map(|t| t.state),
+        Some(ThreadState::Receiving {
+            awaiting: Awaiting::PageFaultReply | Awaiting::ExceptionReply,
+            ..
+        })
+    )
 }
 
 /// Timer tick at which a timeout started now expires (`None`: never).
@@ -164,14 +190,7 @@ pub fn send(
     k.thread(sender).receive_timeout = receive_timeout;
     if waiting {
         deliver(k, sender, target, badge);
-        let fault_reply = matches!(
-            k.thread(target).state,
-            ThreadState::Receiving {
-                fault_reply: true,
-                ..
-            }
-        );
-        if !fault_reply {
+        if !awaits_kernel_reply(k, target) {
             k.wake(target);
         }
         sender_done(k, sender, target, call);
@@ -198,17 +217,22 @@ fn sender_done(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, call: bool)
         Some(AfterDelivery::Die) => {
             finish_death(k, sender);
         }
-        Some(AfterDelivery::AwaitFaultReply) => {
+        Some(after @ (AfterDelivery::AwaitFaultReply | AfterDelivery::AwaitExceptionReply)) => {
+            let awaiting = if after == AfterDelivery::AwaitFaultReply {
+                Awaiting::PageFaultReply
+            } else {
+                Awaiting::ExceptionReply
+            };
             k.thread(sender).state = ThreadState::Receiving {
                 from: Some(receiver),
-                fault_reply: true,
+                awaiting,
             };
             k.thread(receiver).caller = Some(sender);
         }
         None if call => {
             k.thread(sender).state = ThreadState::Receiving {
                 from: Some(receiver),
-                fault_reply: false,
+                awaiting: Awaiting::Message,
             };
             k.thread(receiver).caller = Some(sender);
             let timeout = k.thread(sender).receive_timeout;
@@ -238,6 +262,9 @@ pub fn receive(
             return Err(Error::DeadPartner);
         }
     }
+    if from.is_none() && crate::irq::deliver_pending(k, receiver) {
+        return Ok(());
+    }
     let position = {
         let threads = &k.threads;
         let queue = &threads.get(receiver).expect("receiver").senders;
@@ -259,7 +286,7 @@ pub fn receive(
         k.thread(sender).deadline = None;
         k.thread(receiver).state = ThreadState::Receiving {
             from,
-            fault_reply: false,
+            awaiting: Awaiting::Message,
         };
         deliver(k, sender, receiver, badge);
         k.thread(receiver).state = ThreadState::Ready;
@@ -271,7 +298,7 @@ pub fn receive(
     }
     k.thread(receiver).state = ThreadState::Receiving {
         from,
-        fault_reply: false,
+        awaiting: Awaiting::Message,
     };
     set_deadline(k, receiver, timeout);
     Ok(())
@@ -287,15 +314,9 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<(), Error> {
     if !waiting {
         return Err(Error::NoPartner);
     }
-    let fault_reply = matches!(
-        k.thread(caller).state,
-        ThreadState::Receiving {
-            fault_reply: true,
-            ..
-        }
-    );
+    let kernel_reply = awaits_kernel_reply(k, caller);
     deliver(k, replier, caller, 0);
-    if !fault_reply {
+    if !kernel_reply {
         k.wake(caller);
     }
     Ok(())
@@ -321,10 +342,11 @@ pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
             }
         }
         ThreadState::Receiving {
-            fault_reply: true, ..
+            awaiting: Awaiting::PageFaultReply | Awaiting::ExceptionReply,
+            ..
         } => {
             crate::warn!(
-                "thread {} killed: its pager died before answering a page fault",
+                "thread {} killed: its pager or exception handler did not answer",
                 k.thread(id).number
             );
             crate::fault::kill(k, id, crate::fault::DEATH_PAGER_GONE, 0);

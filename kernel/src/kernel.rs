@@ -20,6 +20,18 @@ pub struct Kernel {
     pub threads: Arena<Thread>,
     /// Gates.
     pub gates: Arena<Gate>,
+    /// IRQ objects.
+    pub irqs: Arena<crate::irq::Irq>,
+    /// The IRQ object of each line.
+    pub irq_lines: [Option<crate::object::IrqId>; crate::irq::LINES],
+    /// The task whose I/O bitmap is loaded in the TSS (`None`: all ports denied).
+    pub io_owner: Option<TaskId>,
+    /// Derivation of memory mappings (keys: task, page address).
+    pub memory_db: kernel_core::MappingDatabase<crate::map::Key>,
+    /// Derivation of I/O-port mappings (keys: task, port).
+    pub io_db: kernel_core::MappingDatabase<crate::map::Key>,
+    /// Derivation of capabilities (keys: task, slot).
+    pub cap_db: kernel_core::MappingDatabase<crate::map::Key>,
     /// Frames for page tables and UTCBs.
     pub frames: FrameAllocator,
     /// Runnable threads other than the current one.
@@ -96,6 +108,7 @@ impl Kernel {
             Object::Task(id) => self.tasks.contains(id),
             Object::Thread(id) => self.threads.contains(id),
             Object::Gate(id) => self.gates.contains(id),
+            Object::Irq(id) => self.irqs.contains(id),
             Object::Factory | Object::Platform => true,
         };
         if alive {
@@ -195,6 +208,7 @@ impl Kernel {
             // SAFETY: every task's PML4 maps the kernel half.
             unsafe { cpu::write_cr3(root) };
         }
+        self.load_io_bitmap(task);
         let thread = self.thread(id);
         // SAFETY: the UTCB address is a user address chosen at bind time.
         unsafe { cpu::wrmsr(cpu::msr::FS_BASE, thread.utcb_address) };
@@ -202,6 +216,27 @@ impl Kernel {
         // SAFETY: the frame lives in the boxed thread until the thread is destroyed, which
         // cannot happen before the next kernel entry; the page tables are the thread's.
         unsafe { return_to_user(frame) }
+    }
+}
+
+impl Kernel {
+    /// Make the TSS's I/O permission bitmap that of `task` (copied only on change).
+    fn load_io_bitmap(&mut self, task: TaskId) {
+        let has_bitmap = self.tasks.get(task).is_some_and(|t| t.io_bitmap.is_some());
+        if has_bitmap {
+            if self.io_owner != Some(task) {
+                let bitmap = self
+                    .tasks
+                    .get(task)
+                    .and_then(|t| t.io_bitmap.as_deref())
+                    .expect("bitmap");
+                crate::arch::x86_64::entry::set_io_bitmap(Some(bitmap));
+                self.io_owner = Some(task);
+            }
+        } else if self.io_owner.is_some() {
+            crate::arch::x86_64::entry::set_io_bitmap(None);
+            self.io_owner = None;
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod bootstrap;
 pub mod fault;
 pub mod ipc;
+pub mod irq;
 pub mod kernel;
 pub mod kip;
 pub mod log;
@@ -21,7 +22,7 @@ pub mod thread;
 pub mod usermem;
 
 use arch::x86_64::entry::{self, Frame, SPURIOUS_VECTOR, TIMER_VECTOR};
-use arch::x86_64::{apic, cpu, serial};
+use arch::x86_64::{apic, cpu, ioapic, serial};
 
 /// isa-debug-exit value for a kernel panic (QEMU exits with status 2*v+1 = 37).
 pub const EXIT_PANIC: u8 = 0x12;
@@ -37,6 +38,7 @@ pub extern "C" fn kernel_main(magic: u32, multiboot_info: u32) -> ! {
     memory::init_heap();
     entry::init();
     let k = bootstrap::boot(multiboot_info as u64);
+    arch::x86_64::ioapic::init();
     let per_10ms = apic::init(bootstrap::TIMER_HZ as u32);
     info!(
         "local APIC timer: {} ticks per 10 ms, {} Hz",
@@ -77,6 +79,12 @@ extern "C" fn interrupt_dispatch(frame: *mut Frame) -> ! {
             }
         }
         v if v == SPURIOUS_VECTOR as u64 => {}
+        v if (ioapic::BASE_VECTOR as u64..ioapic::BASE_VECTOR as u64 + ioapic::LINES as u64)
+            .contains(&v) =>
+        {
+            apic::end_of_interrupt();
+            irq::hardware(k, (v - ioapic::BASE_VECTOR as u64) as u32);
+        }
         v => {
             warn!("unexpected interrupt vector {v}");
             apic::end_of_interrupt();

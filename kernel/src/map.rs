@@ -1,30 +1,85 @@
-//! Mapping memory flexpages from one task's address space into another's (map and grant).
+//! Mapping flexpages of all three kinds (memory, I/O ports, capabilities) from one task into
+//! another (map keeps the source, grant moves it), and their recursive revocation. Every
+//! transfer is recorded in the mapping database, so that `unmap` and task destruction revoke
+//! whatever was derived, in every task, at any depth.
 
 use crate::arch::x86_64::paging::{Translation, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE};
 use crate::kernel::Kernel;
-use crate::object::TaskId;
+use crate::object::{Capability, TaskId};
 use alloc::vec::Vec;
-use l4_abi::{place_in_window, Error, Fpage, MapItem, KERNEL_AREA_START, USER_START};
+use kernel_core::ObjectId;
+use l4_abi::{place_in_window, Error, Fpage, FpageKind, MapItem, KERNEL_AREA_START, USER_START};
+
+/// A mapping-database key: the task (see [`space_key`]) and the page address, port or slot.
+pub type Key = (u64, u64);
+
+/// The mapping-database name of a task.
+pub fn space_key(task: TaskId) -> u64 {
+    (task.index as u64) << 32 | task.generation as u64
+}
+
+fn task_of_key(space: u64) -> TaskId {
+    ObjectId {
+        index: (space >> 32) as u32,
+        generation: space as u32,
+    }
+}
 
 /// Where map item `item` lands in receive window `window`: the part of the sender's flexpage
-/// that is transferred, and its destination address.
+/// that is transferred, and its destination (address or slot).
 pub fn place_window(window: Fpage, item: MapItem) -> (Fpage, u64) {
     let fpage = item.fpage;
-    let (destination, offset, size) = place_in_window(
-        window.base(),
-        window.order(),
-        fpage.order(),
-        item.send_base(),
-    );
-    let order = size.trailing_zeros();
-    (
-        Fpage::memory(fpage.base() + offset, order, fpage.rights()),
-        destination,
-    )
+    match fpage.kind() {
+        Some(FpageKind::Object) => {
+            let (destination, offset, size) = place_in_window(
+                window.index(),
+                window.order(),
+                fpage.order(),
+                item.send_base() >> 12,
+            );
+            (
+                Fpage::object(
+                    fpage.index() + offset,
+                    size.trailing_zeros(),
+                    fpage.rights(),
+                ),
+                destination,
+            )
+        }
+        _ => {
+            let (destination, offset, size) = place_in_window(
+                window.base(),
+                window.order(),
+                fpage.order(),
+                item.send_base(),
+            );
+            (
+                Fpage::memory(fpage.base() + offset, size.trailing_zeros(), fpage.rights()),
+                destination,
+            )
+        }
+    }
 }
 
 fn mappable(address: u64) -> bool {
     (USER_START..KERNEL_AREA_START).contains(&address)
+}
+
+/// Map (or grant) flexpage `fpage` of task `from` into task `to` at `destination`.
+pub fn map_flexpage(
+    k: &mut Kernel,
+    from: TaskId,
+    fpage: Fpage,
+    to: TaskId,
+    destination: u64,
+    grant: bool,
+) -> Result<(), Error> {
+    match fpage.kind() {
+        Some(FpageKind::Memory) => map_fpage(k, from, fpage, to, destination, grant),
+        Some(FpageKind::Io) => map_io(k, from, fpage, to, grant),
+        Some(FpageKind::Object) => map_objects(k, from, fpage, to, destination, grant),
+        None => Err(Error::InvalidArgument),
+    }
 }
 
 /// Map (or grant) the memory of `fpage` in `from` to `destination` in `to`. Pages the source
@@ -66,6 +121,7 @@ pub fn map_fpage(
             );
         }
     }
+    let (from_key, to_key) = (space_key(from), space_key(to));
     for (va, t) in leaves {
         if t.flags & USER == 0 {
             continue;
@@ -78,35 +134,52 @@ pub fn map_fpage(
             flags |= NO_EXECUTE;
         }
         let leaf_end = va + t.page_size;
+        let large_target = destination + (va.max(start) - start);
         let whole_large = t.page_size == PAGE_2M
             && va >= start
             && leaf_end <= end
-            && (destination + (va - start)).is_multiple_of(PAGE_2M)
-            && mappable(destination + (va - start))
-            && mappable(destination + (va - start) + PAGE_2M - 1)
-            && !grant;
+            && large_target.is_multiple_of(PAGE_2M)
+            && mappable(large_target)
+            && mappable(large_target + PAGE_2M - 1)
+            && !grant
+            && (0..512).all(|i| !k.memory_db.contains((to_key, large_target + i * PAGE_4K)));
         if whole_large
             && target_space
-                .map(
-                    destination + (va - start),
-                    t.physical,
-                    PAGE_2M,
-                    flags,
-                    &mut k.frames,
-                )
+                .map(large_target, t.physical, PAGE_2M, flags, &mut k.frames)
                 .is_ok()
         {
+            for i in 0..512 {
+                let offset = i * PAGE_4K;
+                if let Ok(replaced) = k
+                    .memory_db
+                    .map((from_key, va + offset), (to_key, large_target + offset))
+                {
+                    revoke_memory(k, &replaced);
+                }
+            }
             continue;
         }
         let mut page = va.max(start);
         while page < leaf_end.min(end) {
             let target = destination + (page - start);
-            if mappable(page) && mappable(target) {
+            if mappable(page) && mappable(target) && !(from == to && page == target) {
                 let physical = t.physical + (page - va);
+                let replaced = if grant {
+                    k.memory_db.grant((from_key, page), (to_key, target))
+                } else {
+                    k.memory_db.map((from_key, page), (to_key, target))
+                };
+                match replaced {
+                    Ok(replaced) => revoke_memory(k, &replaced),
+                    Err(_) => {
+                        page += PAGE_4K;
+                        continue;
+                    }
+                }
                 target_space
                     .map(target, physical, PAGE_4K, flags, &mut k.frames)
                     .map_err(|_| Error::OutOfMemory)?;
-                if grant && (from != to || page != target) {
+                if grant {
                     source_space.unmap(page, &mut k.frames);
                 }
             }
@@ -116,24 +189,239 @@ pub fn map_fpage(
     Ok(())
 }
 
-/// Unmap `fpage` from task `task` (the kernel-managed area excepted).
-pub fn unmap_fpage(k: &mut Kernel, task: TaskId, fpage: Fpage) -> Result<(), Error> {
-    if !fpage.is_valid_memory() {
-        return Err(Error::InvalidArgument);
-    }
-    let space = k.tasks.get(task).ok_or(Error::InvalidCapability)?.space;
-    let start = fpage.base();
-    let end = start + fpage.size();
-    let mut pages: Vec<(u64, u64)> = Vec::new();
-    space.for_each_mapping(start, end, &mut |va, t| pages.push((va, t.page_size)));
-    for (va, size) in pages {
-        let mut page = va;
-        while page < va + size && page < end {
-            if mappable(page) {
-                space.unmap(page, &mut k.frames);
-            }
-            page += PAGE_4K;
+/// Remove the page mappings named by `keys` (revoked entries of the mapping database).
+pub fn revoke_memory(k: &mut Kernel, keys: &[Key]) {
+    for &(space, page) in keys {
+        if let Some(task) = k.tasks.get(task_of_key(space)) {
+            let space = task.space;
+            space.unmap(page, &mut k.frames);
         }
     }
+}
+
+fn revoke_io(k: &mut Kernel, keys: &[Key]) {
+    for &(space, port) in keys {
+        let id = task_of_key(space);
+        if let Some(task) = k.tasks.get_mut(id) {
+            task.set_port(port as u32, false);
+            if k.io_owner == Some(id) {
+                k.io_owner = None;
+            }
+        }
+    }
+}
+
+fn revoke_caps(k: &mut Kernel, keys: &[Key]) {
+    for &(space, slot) in keys {
+        if let Some(task) = k.tasks.get_mut(task_of_key(space)) {
+            let _ = task.caps.remove(slot);
+        }
+    }
+}
+
+/// Give `to` the I/O ports of `fpage` that `from` holds.
+fn map_io(
+    k: &mut Kernel,
+    from: TaskId,
+    fpage: Fpage,
+    to: TaskId,
+    grant: bool,
+) -> Result<(), Error> {
+    if !fpage.is_valid_io() {
+        return Err(Error::InvalidArgument);
+    }
+    if !k.tasks.contains(to) {
+        return Err(Error::InvalidCapability);
+    }
+    let (from_key, to_key) = (space_key(from), space_key(to));
+    for port in fpage.index()..fpage.index() + (1 << fpage.order()) {
+        let held = k.tasks.get(from).is_some_and(|t| t.has_port(port as u32));
+        if !held || from == to {
+            continue;
+        }
+        let replaced = if grant {
+            k.io_db.grant((from_key, port), (to_key, port))
+        } else {
+            k.io_db.map((from_key, port), (to_key, port))
+        };
+        if let Ok(replaced) = replaced {
+            revoke_io(k, &replaced);
+            k.tasks
+                .get_mut(to)
+                .expect("task")
+                .set_port(port as u32, true);
+            if grant {
+                k.tasks
+                    .get_mut(from)
+                    .expect("task")
+                    .set_port(port as u32, false);
+            }
+        }
+    }
+    if k.io_owner == Some(to) || k.io_owner == Some(from) {
+        k.io_owner = None;
+    }
     Ok(())
+}
+
+/// Copy (or move) the capabilities of `fpage` in `from` to the slots from `destination` in
+/// `to`. Only capabilities with the `COPY` right are transferred; their rights are cut to the
+/// flexpage's. An occupied destination slot is replaced (and what was derived from it revoked).
+fn map_objects(
+    k: &mut Kernel,
+    from: TaskId,
+    fpage: Fpage,
+    to: TaskId,
+    destination: u64,
+    grant: bool,
+) -> Result<(), Error> {
+    let count = 1u64 << fpage.order();
+    if !fpage.is_valid_object()
+        || destination
+            .checked_add(count)
+            .is_none_or(|e| e > l4_abi::CAP_SLOTS as u64)
+    {
+        return Err(Error::InvalidArgument);
+    }
+    for i in 0..count {
+        let (source, target) = (fpage.index() + i, destination + i);
+        let Ok(cap) = k.lookup_in(from, source) else {
+            continue;
+        };
+        if cap.rights & l4_abi::rights::COPY == 0 || (from == to && source == target) {
+            continue;
+        }
+        copy_capability(
+            k,
+            from,
+            source,
+            to,
+            target,
+            Capability {
+                rights: cap.rights & fpage.object_rights(),
+                ..cap
+            },
+            grant,
+        )?;
+    }
+    Ok(())
+}
+
+/// Install `cap` (derived from slot `source` of `from`) in slot `target` of `to`, recording
+/// the derivation; with `grant` the source slot is emptied.
+pub fn copy_capability(
+    k: &mut Kernel,
+    from: TaskId,
+    source: u64,
+    to: TaskId,
+    target: u64,
+    cap: Capability,
+    grant: bool,
+) -> Result<(), Error> {
+    let (from_key, to_key) = ((space_key(from), source), (space_key(to), target));
+    let replaced = if grant {
+        k.cap_db.grant(from_key, to_key)
+    } else {
+        k.cap_db.map(from_key, to_key)
+    }
+    .map_err(|_| Error::InvalidArgument)?;
+    revoke_caps(k, &replaced);
+    let table = &mut k.tasks.get_mut(to).ok_or(Error::InvalidCapability)?.caps;
+    let _ = table.remove(target);
+    table
+        .insert(target, cap)
+        .map_err(|_| Error::InvalidArgument)?;
+    if grant {
+        let _ = k.tasks.get_mut(from).expect("task").caps.remove(source);
+    }
+    Ok(())
+}
+
+/// Delete slot `slot` of `task` and every capability derived from it.
+pub fn delete_capability(k: &mut Kernel, task: TaskId, slot: u64) -> Result<(), Error> {
+    k.tasks
+        .get_mut(task)
+        .ok_or(Error::InvalidCapability)?
+        .caps
+        .remove(slot)
+        .map_err(|_| Error::InvalidCapability)?;
+    let revoked = k.cap_db.unmap((space_key(task), slot), true);
+    revoke_caps(k, &revoked);
+    Ok(())
+}
+
+/// Revoke `fpage` of `task`: everything derived from it in every task, recursively, and with
+/// `include_self` the task's own mappings.
+pub fn unmap_flexpage(
+    k: &mut Kernel,
+    task: TaskId,
+    fpage: Fpage,
+    include_self: bool,
+) -> Result<(), Error> {
+    let space = space_key(task);
+    match fpage.kind() {
+        Some(FpageKind::Memory) if fpage.is_valid_memory() => {
+            let start = fpage.base();
+            let end = start + fpage.size();
+            for (s, page) in k.memory_db.keys_in((space, start)..(space, end)) {
+                let revoked = k.memory_db.unmap((s, page), false);
+                revoke_memory(k, &revoked);
+            }
+            if include_self {
+                let own: Vec<Key> = k.memory_db.keys_in((space, start)..(space, end));
+                for key in own {
+                    k.memory_db.unmap(key, true);
+                }
+                let address_space = k.tasks.get(task).ok_or(Error::InvalidCapability)?.space;
+                let mut pages: Vec<(u64, u64)> = Vec::new();
+                address_space
+                    .for_each_mapping(start, end, &mut |va, t| pages.push((va, t.page_size)));
+                for (va, size) in pages {
+                    let mut page = va;
+                    while page < va + size && page < end {
+                        if mappable(page) {
+                            address_space.unmap(page, &mut k.frames);
+                        }
+                        page += PAGE_4K;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Some(FpageKind::Io) if fpage.is_valid_io() => {
+            for port in fpage.index()..fpage.index() + (1 << fpage.order()) {
+                let revoked = k.io_db.unmap((space, port), include_self);
+                revoke_io(k, &revoked);
+                if include_self {
+                    revoke_io(k, &[(space, port)]);
+                }
+            }
+            Ok(())
+        }
+        Some(FpageKind::Object) if fpage.is_valid_object() => {
+            for slot in fpage.index()..fpage.index() + (1 << fpage.order()) {
+                let revoked = k.cap_db.unmap((space, slot), include_self);
+                revoke_caps(k, &revoked);
+                if include_self {
+                    revoke_caps(k, &[(space, slot)]);
+                }
+            }
+            Ok(())
+        }
+        _ => Err(Error::InvalidArgument),
+    }
+}
+
+/// Revoke everything derived from `task`'s mappings and capabilities (it is being destroyed).
+pub fn revoke_task(k: &mut Kernel, task: TaskId) {
+    let space = space_key(task);
+    let memory = k.memory_db.remove_where(|key| key.0 == space);
+    let others: Vec<Key> = memory.into_iter().filter(|key| key.0 != space).collect();
+    revoke_memory(k, &others);
+    let io = k.io_db.remove_where(|key| key.0 == space);
+    let others: Vec<Key> = io.into_iter().filter(|key| key.0 != space).collect();
+    revoke_io(k, &others);
+    let caps = k.cap_db.remove_where(|key| key.0 == space);
+    let others: Vec<Key> = caps.into_iter().filter(|key| key.0 != space).collect();
+    revoke_caps(k, &others);
 }

@@ -8,6 +8,8 @@ pub type TaskId = ObjectId;
 pub type ThreadId = ObjectId;
 /// Identifies a gate.
 pub type GateId = ObjectId;
+/// Identifies an IRQ object.
+pub type IrqId = ObjectId;
 
 /// The kernel object a capability names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +24,8 @@ pub enum Object {
     Factory,
     /// Platform control.
     Platform,
+    /// An interrupt line.
+    Irq(IrqId),
 }
 
 /// A capability: an object, the rights held on it, and the badge IPC through it carries.

@@ -9,14 +9,15 @@ use crate::arch::x86_64::paging::{
 };
 use crate::ipc::{self, SendOutcome};
 use crate::kernel::Kernel;
-use crate::map::{map_fpage, unmap_fpage};
+use crate::map::{copy_capability, delete_capability, map_flexpage, unmap_flexpage};
 use crate::object::{Capability, Gate, Object, TaskId, ThreadId};
 use crate::task::Task;
 use crate::thread::{Thread, ThreadState};
 use crate::usermem;
 use l4_abi::{
     rights, Error, ExRegsFlags, Fpage, ObjectKind, Syscall, Timeouts, Utcb, KERNEL_AREA_START,
-    KIP_ADDRESS, MAP_GRANT, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, USER_END, USER_START, UTCB_AREA,
+    KIP_ADDRESS, MAP_GRANT, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, UNMAP_SELF, USER_END, USER_START,
+    UTCB_AREA,
 };
 
 /// Handle the syscall of the current thread (its registers are in its frame).
@@ -42,11 +43,8 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         Some(Syscall::ExRegs) => ex_regs(k, id, f.rdi, f.rsi, f.rdx, f.r10),
         Some(Syscall::CapCopy) => cap_copy(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8),
         Some(Syscall::CapDelete) => cap_delete(k, f.rdi),
-        Some(Syscall::MemMap) => mem_map(k, f.rdi, f.rsi, f.rdx, f.r10),
-        Some(Syscall::MemUnmap) => {
-            let task = k.task_of(id).expect("current task");
-            unmap_fpage(k, task, Fpage(f.rdi))
-        }
+        Some(Syscall::Map) => map(k, f.rdi, f.rsi, f.rdx, f.r10),
+        Some(Syscall::Unmap) => unmap(k, f.rdi, f.rsi),
         Some(Syscall::ThreadExit) => {
             thread_exit(k, id, f.rdi);
             Ok(())
@@ -58,6 +56,9 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         Some(Syscall::DebugWrite) => debug_write(k, id, f.rdi, f.rsi),
         Some(Syscall::TaskDestroy) => task_destroy(k, id, f.rdi),
         Some(Syscall::Shutdown) => shutdown(k, f.rdi, f.rsi),
+        Some(Syscall::ThreadSchedule) => thread_schedule(k, id, f.rdi, f.rsi, f.rdx),
+        Some(Syscall::ThreadSwitch) => thread_switch(k, id, f.rdi),
+        Some(Syscall::IrqControl) => irq_control(k, f.rdi, f.rsi, f.rdx),
         None => Err(Error::UnknownSyscall),
     };
     // IPC paths set rax themselves on success (they may block); errors are written here.
@@ -201,8 +202,12 @@ fn factory_create(
     badge: u64,
 ) -> Result<(), Error> {
     let cap = k.lookup(factory)?;
-    if cap.object != Object::Factory {
-        return Err(Error::WrongType);
+    let kind_code = kind;
+    match (cap.object, ObjectKind::from_u64(kind_code)) {
+        (Object::Factory, _) => {}
+        // The platform capability is the factory of IRQ objects.
+        (Object::Platform, Some(ObjectKind::Irq)) => {}
+        _ => return Err(Error::WrongType),
     }
     require(cap, rights::CONTROL)?;
     let task = current_task(k);
@@ -220,6 +225,27 @@ fn factory_create(
             Capability {
                 badge,
                 ..Capability::full(Object::Gate(k.gates.insert(Gate { thread })))
+            }
+        }
+        ObjectKind::Irq => {
+            if cap.object != Object::Platform {
+                return Err(Error::WrongType);
+            }
+            if !crate::irq::valid_line(argument) {
+                return Err(Error::InvalidArgument);
+            }
+            if k.irq_lines[argument as usize].is_some() {
+                return Err(Error::AlreadyBound);
+            }
+            let irq = k.irqs.insert(crate::irq::Irq {
+                line: argument as u32,
+                receiver: None,
+                pending: false,
+            });
+            k.irq_lines[argument as usize] = Some(irq);
+            Capability {
+                badge,
+                ..Capability::full(Object::Irq(irq))
             }
         }
         ObjectKind::Factory | ObjectKind::Platform => return Err(Error::InvalidArgument),
@@ -349,13 +375,10 @@ fn ex_regs(
         t.frame.rsp = sp;
     }
     t.frame.rflags = (t.frame.rflags & RFLAGS_USER_MASK) | RFLAGS_IF | RFLAGS_RESERVED;
+    // A thread waiting for a fault or exception answer cannot go on: cancelling kills it.
     let blocked = matches!(
         t.state,
-        ThreadState::Sending { .. }
-            | ThreadState::Receiving {
-                fault_reply: false,
-                ..
-            }
+        ThreadState::Sending { .. } | ThreadState::Receiving { .. }
     );
     if flags & ExRegsFlags::CANCEL != 0 && blocked && target != caller {
         ipc::abort(k, target, Error::Canceled as u64);
@@ -388,48 +411,40 @@ fn cap_copy(
         rights: cap.rights & mask,
         badge: if badge != 0 { badge } else { cap.badge },
     };
-    let table = &mut k.tasks.get_mut(target).expect("task").caps;
-    match table.is_free(destination) {
-        Ok(true) => table
-            .insert(destination, new)
-            .map_err(|_| Error::SlotOccupied),
-        Ok(false) => Err(Error::SlotOccupied),
-        Err(_) => Err(Error::InvalidArgument),
+    match k.tasks.get(target).expect("task").caps.is_free(destination) {
+        Ok(true) => {}
+        Ok(false) => return Err(Error::SlotOccupied),
+        Err(_) => return Err(Error::InvalidArgument),
     }
+    let from = current_task(k);
+    if from == target && source == destination {
+        return Err(Error::SlotOccupied);
+    }
+    copy_capability(k, from, source, target, destination, new, false)
 }
 
 fn cap_delete(k: &mut Kernel, slot: u64) -> Result<(), Error> {
     let task = current_task(k);
-    k.tasks
-        .get_mut(task)
-        .expect("task")
-        .caps
-        .remove(slot)
-        .map(|_| ())
-        .map_err(|_| Error::InvalidCapability)
+    delete_capability(k, task, slot)
 }
 
-fn mem_map(
-    k: &mut Kernel,
-    task: u64,
-    fpage: u64,
-    destination: u64,
-    flags: u64,
-) -> Result<(), Error> {
+fn map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) -> Result<(), Error> {
     let target = task_cap(k, task)?;
     let fpage = Fpage(fpage);
-    if !fpage.is_valid_memory() || flags & !MAP_GRANT != 0 {
+    if !fpage.is_valid() || flags & !MAP_GRANT != 0 {
         return Err(Error::InvalidArgument);
     }
-    let end = destination.checked_add(fpage.size());
-    if !destination.is_multiple_of(fpage.size())
-        || destination < USER_START
-        || end.is_none_or(|end| end > KERNEL_AREA_START)
-    {
-        return Err(Error::InvalidArgument);
+    if fpage.is_valid_memory() {
+        let end = destination.checked_add(fpage.size());
+        if !destination.is_multiple_of(fpage.size())
+            || destination < USER_START
+            || end.is_none_or(|end| end > KERNEL_AREA_START)
+        {
+            return Err(Error::InvalidArgument);
+        }
     }
     let source = current_task(k);
-    map_fpage(
+    map_flexpage(
         k,
         source,
         fpage,
@@ -437,6 +452,107 @@ fn mem_map(
         destination,
         flags & MAP_GRANT != 0,
     )
+}
+
+fn unmap(k: &mut Kernel, fpage: u64, flags: u64) -> Result<(), Error> {
+    if flags & !UNMAP_SELF != 0 {
+        return Err(Error::InvalidArgument);
+    }
+    let task = current_task(k);
+    unmap_flexpage(k, task, Fpage(fpage), flags & UNMAP_SELF != 0)
+}
+
+fn thread_schedule(
+    k: &mut Kernel,
+    caller: ThreadId,
+    thread: u64,
+    priority: u64,
+    timeslice_us: u64,
+) -> Result<(), Error> {
+    let cap = k.lookup(thread)?;
+    let Object::Thread(target) = cap.object else {
+        return Err(Error::WrongType);
+    };
+    require(cap, rights::SCHEDULE)?;
+    let own = k.thread(caller).priority as u64;
+    if priority > 255 || priority > own || timeslice_us > 10_000_000 {
+        return Err(Error::InvalidArgument);
+    }
+    let hz = k.timer_hz;
+    let current = k.current;
+    let t = k.thread(target);
+    let old = (t.priority as u64, t.timeslice as u64 * 1_000_000 / hz);
+    let was_queued = t.state == ThreadState::Ready && Some(target) != current;
+    let old_priority = t.priority;
+    t.priority = priority as u8;
+    if timeslice_us != 0 {
+        t.timeslice = (timeslice_us * hz).div_ceil(1_000_000).max(1) as u32;
+        t.remaining = t.remaining.min(t.timeslice);
+    }
+    if was_queued && k.ready.remove(target, old_priority) {
+        k.ready.enqueue(target, priority as u8);
+        if priority > own {
+            k.preempt = true;
+        }
+    }
+    let f = &mut k.thread(caller).frame;
+    f.rdi = old.0;
+    f.rsi = old.1;
+    Ok(())
+}
+
+fn thread_switch(k: &mut Kernel, caller: ThreadId, thread: u64) -> Result<(), Error> {
+    if thread != NO_CAP {
+        let cap = k.lookup(thread)?;
+        let Object::Thread(target) = cap.object else {
+            return Err(Error::WrongType);
+        };
+        let ready = k
+            .threads
+            .get(target)
+            .is_some_and(|t| t.state == ThreadState::Ready);
+        if ready && target != caller {
+            // Donate: the target runs now with the rest of our slice; we queue behind it.
+            let priority = k.thread(target).priority;
+            k.ready.remove(target, priority);
+            k.thread(caller).frame.rax = 0;
+            let own = k.thread(caller).priority;
+            k.ready.enqueue(caller, own);
+            k.resume(target);
+        }
+    }
+    k.thread(caller).remaining = 0;
+    Ok(())
+}
+
+fn irq_control(k: &mut Kernel, irq: u64, operation: u64, thread: u64) -> Result<(), Error> {
+    let cap = k.lookup(irq)?;
+    let Object::Irq(id) = cap.object else {
+        return Err(Error::WrongType);
+    };
+    require(cap, rights::CONTROL)?;
+    let operation = l4_abi::IrqOp::from_u64(operation).ok_or(Error::InvalidArgument)?;
+    let line = k.irqs.get(id).expect("irq").line;
+    match operation {
+        l4_abi::IrqOp::Attach => {
+            let target = thread_cap(k, thread)?;
+            let irq = k.irqs.get_mut(id).expect("irq");
+            if irq.receiver.is_some_and(|(t, _)| t != target) {
+                return Err(Error::AlreadyBound);
+            }
+            irq.receiver = Some((target, cap.badge));
+            crate::irq::acknowledge(line);
+        }
+        l4_abi::IrqOp::Detach => {
+            k.irqs.get_mut(id).expect("irq").receiver = None;
+            if line < crate::irq::HARDWARE_LINES {
+                crate::arch::x86_64::ioapic::set_masked(line, true);
+            }
+        }
+        l4_abi::IrqOp::Acknowledge => crate::irq::acknowledge(line),
+        l4_abi::IrqOp::Trigger => crate::irq::raise(k, id),
+    }
+    Ok(())
 }
 
 fn thread_exit(k: &mut Kernel, id: ThreadId, code: u64) {
@@ -459,6 +575,10 @@ fn debug_write(k: &mut Kernel, id: ThreadId, address: u64, length: u64) -> Resul
 
 /// Destroy `task`: kill its threads, free its page tables, UTCBs and capability table.
 pub fn destroy_task(k: &mut Kernel, task: TaskId) {
+    crate::map::revoke_task(k, task);
+    if k.io_owner == Some(task) {
+        k.io_owner = None;
+    }
     let threads = core::mem::take(&mut k.tasks.get_mut(task).expect("task").threads);
     for &t in &threads {
         if k.thread(t).is_alive() {

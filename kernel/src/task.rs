@@ -15,6 +15,33 @@ pub struct Task {
     pub threads: Vec<ThreadId>,
     /// A short name for log messages.
     pub name: [u8; 16],
+    /// I/O permission bitmap in the CPU's format (a set bit denies the port); `None` while
+    /// the task holds no ports.
+    pub io_bitmap: Option<alloc::boxed::Box<[u8; IO_BITMAP_BYTES]>>,
+}
+
+/// Bytes of an I/O permission bitmap (65536 ports).
+pub const IO_BITMAP_BYTES: usize = 8192;
+
+impl Task {
+    /// Whether the task may use `port`.
+    pub fn has_port(&self, port: u32) -> bool {
+        self.io_bitmap
+            .as_ref()
+            .is_some_and(|b| b[(port / 8) as usize] & (1 << (port % 8)) == 0)
+    }
+
+    /// Allow or deny `port`.
+    pub fn set_port(&mut self, port: u32, allowed: bool) {
+        let bitmap = self
+            .io_bitmap
+            .get_or_insert_with(|| alloc::boxed::Box::new([0xff; IO_BITMAP_BYTES]));
+        if allowed {
+            bitmap[(port / 8) as usize] &= !(1 << (port % 8));
+        } else {
+            bitmap[(port / 8) as usize] |= 1 << (port % 8);
+        }
+    }
 }
 
 impl Task {
@@ -25,6 +52,7 @@ impl Task {
             caps: CapabilityTable::new(l4_abi::CAP_SLOTS),
             threads: Vec::new(),
             name: [0; 16],
+            io_bitmap: None,
         }
     }
 

@@ -31,18 +31,35 @@ pub enum ThreadState {
     Receiving {
         /// `None`: open wait; `Some(t)`: only from `t`.
         from: Option<ThreadId>,
-        /// Whether this receive awaits a page-fault reply.
-        fault_reply: bool,
+        /// What the thread waits for.
+        awaiting: Awaiting,
     },
     /// Terminated; IPC with it fails with `DeadPartner`.
     Dead,
 }
+
+/// What a receiving thread waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaiting {
+    /// A message (its own receive or the receive phase of a call).
+    Message,
+    /// The pager's answer to a page fault (a map item).
+    PageFaultReply,
+    /// The exception handler's answer (new register state, or a refusal).
+    ExceptionReply,
+}
+
+/// Words of the largest kernel-generated message (an exception: vector, error code and 18
+/// registers).
+pub const KERNEL_MESSAGE_WORDS: usize = 20;
 
 /// What happens to a thread after the kernel delivered a message on its behalf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterDelivery {
     /// Wait for the pager's reply to a page fault.
     AwaitFaultReply,
+    /// Wait for the exception handler's reply.
+    AwaitExceptionReply,
     /// The thread was killed: it dies once its death notice is delivered.
     Die,
 }
@@ -53,7 +70,7 @@ pub struct KernelMessage {
     /// The tag.
     pub tag: MessageTag,
     /// Untyped words.
-    pub words: [u64; 4],
+    pub words: [u64; KERNEL_MESSAGE_WORDS],
     /// What follows the delivery.
     pub after: AfterDelivery,
 }

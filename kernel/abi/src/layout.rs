@@ -38,8 +38,11 @@ pub struct Utcb {
     pub user: [u64; 48],
 }
 
-/// Index of the receive window in [`Utcb::br`].
+/// Index of the receive window for memory map items in [`Utcb::br`].
 pub const BR_RECEIVE_WINDOW: usize = 0;
+/// Index of the receive window for capability map items in [`Utcb::br`] (an object
+/// [`crate::Fpage`]; 0: capability items are refused).
+pub const BR_OBJECT_WINDOW: usize = 1;
 
 /// The kernel info page's magic number ("L4RS-KIP").
 pub const KIP_MAGIC: u64 = 0x5049_4b2d_5352_344c;

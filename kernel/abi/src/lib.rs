@@ -86,14 +86,17 @@ pub enum Syscall {
     /// Delete the capability in slot `a0` of the caller's table. Objects live on while other
     /// capabilities name them; see [`Syscall::TaskDestroy`].
     CapDelete = 14,
-    /// Map memory from the caller into another task. `a0` destination task capability (needs
-    /// [`rights::CONTROL`]), `a1` memory [`Fpage`] in the caller's space, `a2` destination
-    /// address (aligned to the flexpage size), `a3` [`MAP_GRANT`] or 0. Pages the caller does
-    /// not have mapped are skipped; rights are the intersection of the flexpage's and the
-    /// caller's.
-    MemMap = 15,
-    /// Unmap a memory [`Fpage`] `a0` from the caller's address space.
-    MemUnmap = 16,
+    /// Map a flexpage of the caller into another task. `a0` destination task capability
+    /// (needs [`rights::CONTROL`]), `a1` the [`Fpage`] (memory, I/O ports or capability
+    /// slots), `a2` destination (memory: an address aligned to the flexpage size, below
+    /// [`KERNEL_AREA_START`]; capabilities: the first slot; I/O: ignored, ports keep their
+    /// numbers), `a3` [`MAP_GRANT`] or 0. What the caller does not hold is skipped; rights are
+    /// the intersection of the flexpage's and the caller's (they only shrink). The mapping
+    /// database records the new mappings as derived from the caller's.
+    Map = 15,
+    /// Revoke a flexpage `a0` of the caller: every mapping derived from it in any task,
+    /// recursively; with `a1` = [`UNMAP_SELF`] also the caller's own.
+    Unmap = 16,
     /// End the calling thread; `a0` is an exit code for the kernel log.
     ThreadExit = 17,
     /// Give up the rest of the time slice.
@@ -106,6 +109,48 @@ pub enum Syscall {
     /// Power the machine off. `a0` platform capability, `a1` exit code (QEMU's isa-debug-exit
     /// turns it into the emulator's exit status).
     Shutdown = 21,
+    /// Set a thread's scheduling parameters. `a0` thread capability (needs
+    /// [`rights::SCHEDULE`]), `a1` priority (0..=255, at most the caller's own priority), `a2`
+    /// time slice in microseconds (0: leave). Returns the old priority in `rdi` and the old time
+    /// slice (µs) in `rsi`. Errors: [`Error::InvalidCapability`], [`Error::WrongType`],
+    /// [`Error::NoRights`], [`Error::InvalidArgument`] (priority above the caller's).
+    ThreadSchedule = 22,
+    /// Switch to another thread: `a0` a thread capability whose thread gets the rest of the
+    /// caller's time slice if it is ready (otherwise, and with [`NO_CAP`], a plain yield).
+    ThreadSwitch = 23,
+    /// Operate on an IRQ object: `a0` IRQ capability, `a1` [`IrqOp`], `a2` thread capability
+    /// (attach). Attach binds the one receiving thread (a second attach fails with
+    /// [`Error::AlreadyBound`]); each interrupt then arrives as a message with label
+    /// [`crate::LABEL_IRQ`] and the IRQ capability's badge, and the line stays masked until
+    /// [`IrqOp::Acknowledge`]. [`IrqOp::Trigger`] raises the IRQ in software.
+    IrqControl = 24,
+}
+
+/// Operations of [`Syscall::IrqControl`].
+#[repr(u64)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqOp {
+    /// Bind the receiving thread (`a2`).
+    Attach = 1,
+    /// Unbind the receiving thread.
+    Detach = 2,
+    /// Unmask the line after an interrupt was handled.
+    Acknowledge = 3,
+    /// Raise the IRQ in software.
+    Trigger = 4,
+}
+
+impl IrqOp {
+    /// Decode an operation.
+    pub fn from_u64(value: u64) -> Option<Self> {
+        Some(match value {
+            1 => IrqOp::Attach,
+            2 => IrqOp::Detach,
+            3 => IrqOp::Acknowledge,
+            4 => IrqOp::Trigger,
+            _ => return None,
+        })
+    }
 }
 
 impl Syscall {
@@ -123,13 +168,16 @@ impl Syscall {
             12 => ExRegs,
             13 => CapCopy,
             14 => CapDelete,
-            15 => MemMap,
-            16 => MemUnmap,
+            15 => Map,
+            16 => Unmap,
             17 => ThreadExit,
             18 => ThreadYield,
             19 => DebugWrite,
             20 => TaskDestroy,
             21 => Shutdown,
+            22 => ThreadSchedule,
+            23 => ThreadSwitch,
+            24 => IrqControl,
             _ => return None,
         })
     }
@@ -237,8 +285,11 @@ pub enum ObjectKind {
     Gate = 3,
     /// The right to create kernel objects.
     Factory = 4,
-    /// Platform control (shutdown; later I/O ports and interrupts).
+    /// Platform control (shutdown; the factory of IRQ objects).
     Platform = 5,
+    /// An interrupt line (created through the platform capability; argument: the line,
+    /// 0..=23 for IOAPIC inputs, 32..=63 for software-only IRQs).
+    Irq = 6,
 }
 
 impl ObjectKind {
@@ -250,6 +301,7 @@ impl ObjectKind {
             3 => ObjectKind::Gate,
             4 => ObjectKind::Factory,
             5 => ObjectKind::Platform,
+            6 => ObjectKind::Irq,
             _ => return None,
         })
     }
@@ -263,16 +315,20 @@ pub mod rights {
     pub const CONTROL: u64 = 2;
     /// May copy the capability into another task.
     pub const COPY: u64 = 4;
+    /// May set the thread's priority and time slice.
+    pub const SCHEDULE: u64 = 8;
     /// All rights.
-    pub const ALL: u64 = SEND | CONTROL | COPY;
+    pub const ALL: u64 = SEND | CONTROL | COPY | SCHEDULE;
 }
 
 /// "No capability": leave a setting unchanged, or send nothing.
 pub const NO_CAP: u64 = u64::MAX;
 /// Receive source meaning "from anyone" (open wait).
 pub const OPEN_WAIT: u64 = u64::MAX;
-/// [`Syscall::MemMap`] flag: grant (move) instead of map.
+/// [`Syscall::Map`] flag: grant (move) instead of map.
 pub const MAP_GRANT: u64 = 1;
+/// [`Syscall::Unmap`] flag: also remove the caller's own mapping.
+pub const UNMAP_SELF: u64 = 1;
 
 /// Number of slots in every task's capability table.
 pub const CAP_SLOTS: usize = 512;
@@ -341,6 +397,7 @@ mod tests {
     fn object_kinds_decode() {
         assert_eq!(ObjectKind::from_u64(3), Some(ObjectKind::Gate));
         assert_eq!(ObjectKind::from_u64(0), None);
-        assert_eq!(ObjectKind::from_u64(6), None);
+        assert_eq!(ObjectKind::from_u64(6), Some(ObjectKind::Irq));
+        assert_eq!(ObjectKind::from_u64(7), None);
     }
 }

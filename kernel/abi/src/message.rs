@@ -47,12 +47,17 @@ impl MessageTag {
 /// instruction pointer. The reply carries one map item (a memory flexpage of the pager's
 /// address space); a reply without one refuses the fault and the thread is killed.
 pub const LABEL_PAGE_FAULT: i32 = -2;
-/// Label of an exception message (reserved for the exception IPC of the next kernel version).
+/// Label of an exception message: a call from the faulting thread to its exception handler.
+/// Words (20): vector, error code, rip, rsp, rflags, rax, rbx, rcx, rdx, rsi, rdi, rbp, r8 ..
+/// r15. A reply with label 0 and the same 20 words (0 and 1 ignored) resumes the thread with
+/// that state (rflags restricted to the user-changeable bits); any other reply kills it.
 pub const LABEL_EXCEPTION: i32 = -3;
 /// Label of a death notice the kernel sends to a killed thread's exception handler. Words:
 /// reason (a CPU exception vector, or 0x100 pager refused a fault, 0x101 no pager, 0x102 pager
 /// died), detail (error code or fault address), instruction pointer.
 pub const LABEL_DEATH: i32 = -5;
+/// Label of an interrupt message. Word 0: the IRQ line. The badge is the IRQ capability's.
+pub const LABEL_IRQ: i32 = -6;
 /// Label a task's runtime sends to its parent when it exits. Word 0: exit code.
 pub const LABEL_EXIT: i32 = -16;
 
@@ -200,6 +205,51 @@ impl Fpage {
     pub const fn rights(self) -> u64 {
         self.0 & 7
     }
+    /// An I/O-port flexpage of `1 << order` ports from `port` (aligned).
+    pub const fn io(port: u64, order: u32) -> Fpage {
+        Fpage((port << 12) | (1 << 10) | ((order as u64 & 0x3f) << 4) | Fpage::RWX)
+    }
+    /// A capability flexpage of `1 << order` slots from `slot` (aligned), with capability
+    /// `rights` ([`crate::rights`] `SEND`, `CONTROL`, `COPY`; `CONTROL` also covers `SCHEDULE`).
+    pub const fn object(slot: u64, order: u32, rights: u64) -> Fpage {
+        Fpage((slot << 12) | (2 << 10) | ((order as u64 & 0x3f) << 4) | (rights & 7))
+    }
+    /// The first port or slot of an I/O or capability flexpage.
+    pub const fn index(self) -> u64 {
+        self.0 >> 12
+    }
+    /// The capability rights an object flexpage passes on.
+    pub const fn object_rights(self) -> u64 {
+        let r = self.rights();
+        let mut rights = r & (crate::rights::SEND | crate::rights::COPY);
+        if r & crate::rights::CONTROL != 0 {
+            rights |= crate::rights::CONTROL | crate::rights::SCHEDULE;
+        }
+        rights
+    }
+    /// Whether this is a well-formed I/O flexpage: order 0..=16, aligned, below port 65536.
+    pub const fn is_valid_io(self) -> bool {
+        let order = self.order();
+        matches!(self.kind(), Some(FpageKind::Io))
+            && order <= 16
+            && self.index() & ((1 << order) - 1) == 0
+            && self.index() + (1 << order) <= 65536
+            && (self.0 & 0b1000) == 0
+    }
+    /// Whether this is a well-formed capability flexpage: aligned, inside the capability
+    /// table.
+    pub const fn is_valid_object(self) -> bool {
+        let order = self.order();
+        matches!(self.kind(), Some(FpageKind::Object))
+            && order <= 9
+            && self.index() & ((1 << order) - 1) == 0
+            && self.index() + (1 << order) <= crate::CAP_SLOTS as u64
+            && (self.0 & 0b1000) == 0
+    }
+    /// Whether this is a well-formed flexpage of any kind.
+    pub const fn is_valid(self) -> bool {
+        self.is_valid_memory() || self.is_valid_io() || self.is_valid_object()
+    }
     /// Whether this is a well-formed memory flexpage inside the user half: order in
     /// 12..=47, base aligned to the size, the region below [`crate::USER_END`].
     pub const fn is_valid_memory(self) -> bool {
@@ -319,6 +369,22 @@ mod tests {
         assert!(Fpage::whole_space().is_valid_memory());
         // wrong kind
         assert!(!Fpage(Fpage::memory(0x1000, 12, 7).0 | (1 << 10)).is_valid_memory());
+    }
+
+    #[test]
+    fn io_and_object_fpages() {
+        let io = Fpage::io(0x40, 2);
+        assert!(io.is_valid_io() && io.is_valid() && !io.is_valid_memory());
+        assert_eq!((io.index(), io.order()), (0x40, 2));
+        assert!(!Fpage::io(0x41, 2).is_valid_io());
+        assert!(!Fpage::io(0xfffc, 3).is_valid_io());
+        assert!(Fpage::io(0, 16).is_valid_io());
+        let obj = Fpage::object(16, 4, crate::rights::SEND);
+        assert!(obj.is_valid_object() && !obj.is_valid_io());
+        assert_eq!(obj.object_rights(), crate::rights::SEND);
+        assert_eq!(Fpage::object(0, 0, 7).object_rights(), crate::rights::ALL);
+        assert!(!Fpage::object(17, 4, 7).is_valid_object());
+        assert!(!Fpage::object(0, 10, 7).is_valid_object());
     }
 
     #[test]

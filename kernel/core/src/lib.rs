@@ -14,3 +14,5 @@ pub use frame_allocator::{FrameAllocator, FrameError};
 pub use ready_queues::ReadyQueues;
 pub mod arena;
 pub use arena::{Arena, ObjectId};
+pub mod mapping_database;
+pub use mapping_database::{MappingDatabase, MappingError};

@@ -101,15 +101,40 @@ struct Tss {
     iomap_base: u16,
 }
 
-static mut TSS: Tss = Tss {
-    reserved0: 0,
-    rsp: [0; 3],
-    reserved1: 0,
-    ist: [0; 7],
-    reserved2: 0,
-    reserved3: 0,
-    iomap_base: size_of::<Tss>() as u16,
+/// The TSS followed by the I/O permission bitmap of the running task (and the terminating
+/// all-ones byte the CPU requires).
+#[repr(C, packed)]
+struct TssWithBitmap {
+    tss: Tss,
+    bitmap: [u8; 8192],
+    end: u8,
+}
+
+static mut TSS: TssWithBitmap = TssWithBitmap {
+    tss: Tss {
+        reserved0: 0,
+        rsp: [0; 3],
+        reserved1: 0,
+        ist: [0; 7],
+        reserved2: 0,
+        reserved3: 0,
+        iomap_base: size_of::<Tss>() as u16,
+    },
+    bitmap: [0xff; 8192],
+    end: 0xff,
 };
+
+/// Load the I/O permission bitmap of the task about to run (`None`: deny every port).
+pub fn set_io_bitmap(bitmap: Option<&[u8; 8192]>) {
+    // SAFETY: single CPU, kernel mode: the CPU reads the bitmap only in user mode.
+    unsafe {
+        let tss = &raw mut TSS;
+        match bitmap {
+            Some(b) => (*tss).bitmap = *b,
+            None => (*tss).bitmap = [0xff; 8192],
+        }
+    }
+}
 
 static mut GDT: [u64; 7] = [
     0,
@@ -161,7 +186,7 @@ pub fn init() {
     // that live forever, and the MSR values point at our entry stub with our selectors.
     unsafe {
         let tss = &raw const TSS as u64;
-        let limit = (size_of::<Tss>() - 1) as u64;
+        let limit = (size_of::<TssWithBitmap>() - 1) as u64;
         let gdt = &raw mut GDT;
         (*gdt)[5] = (limit & 0xffff)
             | ((tss & 0xff_ffff) << 16)
@@ -236,7 +261,7 @@ pub unsafe fn return_to_user(frame: *const Frame) -> ! {
     unsafe {
         CURRENT_FRAME_END = end;
         let tss = &raw mut TSS;
-        core::ptr::write_unaligned(&raw mut (*tss).rsp[0], end);
+        core::ptr::write_unaligned(&raw mut (*tss).tss.rsp[0], end);
         restore_frame(frame)
     }
 }

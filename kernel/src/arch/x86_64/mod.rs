@@ -4,5 +4,6 @@ pub mod apic;
 pub mod boot;
 pub mod cpu;
 pub mod entry;
+pub mod ioapic;
 pub mod paging;
 pub mod serial;

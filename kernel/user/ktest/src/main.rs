@@ -215,6 +215,8 @@ extern "C" fn record_message(_: u64) -> ! {
 const PAGER_NORMAL: u64 = 1;
 /// Badge of the pager gate that refuses every fault.
 const PAGER_REFUSING: u64 = 2;
+/// Badge of the pager gate that maps the marker page for reads in the test area.
+const PAGER_PROBE: u64 = 3;
 /// Children's stacks end here.
 const CHILD_STACK_TOP: u64 = 0x0000_5000_0000_0000;
 /// Addresses the pager refuses (for fault tests).
@@ -239,7 +241,15 @@ fn fresh_page() -> u64 {
 
 fn resolve_child_fault(badge: u64, address: u64, access: u64) -> Option<MapItem> {
     let page = address & !(PAGE_SIZE - 1);
-    if badge == PAGER_REFUSING || (TEST_AREA..TEST_AREA + (1 << 40)).contains(&page) {
+    let in_test_area = (TEST_AREA..TEST_AREA + (1 << 40)).contains(&page);
+    if badge == PAGER_PROBE && in_test_area && access & fault_access::WRITE == 0 {
+        // Probing an unmapped page: answer with the marker page (read-only).
+        return Some(MapItem::map(
+            page,
+            Fpage::memory(marker_page(), 12, Fpage::READ),
+        ));
+    }
+    if badge == PAGER_REFUSING || in_test_area {
         return None;
     }
     if IMAGE.contains(&page) {
@@ -316,12 +326,6 @@ extern "C" fn child_echo() -> ! {
     sys::thread_exit(0)
 }
 
-extern "C" fn child_ud2() -> ! {
-    // SAFETY: deliberately raises #UD to test exception delivery.
-    unsafe { core::arch::asm!("ud2") };
-    sys::thread_exit(0)
-}
-
 extern "C" fn child_touch_test_area() -> ! {
     // SAFETY: deliberately touches memory the pager refuses.
     unsafe { core::ptr::read_volatile(TEST_AREA as *const u64) };
@@ -364,8 +368,10 @@ extern "C" fn child_block() -> ! {
 struct Suite {
     pager_normal: u64,
     pager_refusing: u64,
+    pager_probe: u64,
     peer: u64,
     death: u64,
+    recorder: u64,
 }
 
 /// Badge of the gate children talk to the main thread through.
@@ -1094,20 +1100,12 @@ fn task_cases(suite: &Suite) {
         matches!(notice, Some(m) if m.word(0) == 0x101),
     );
 
-    let (_, _) = suite.child(child_ud2, suite.pager_normal, suite.death, true);
-    let notice = wait_badge(DEATH_BADGE);
-    check(
-        "exception",
-        "invalid opcode kills the thread with vector 6",
-        matches!(notice, Some(m) if m.tag.label() == LABEL_DEATH && m.word(0) == 6),
-    );
-
     // Explicit mapping into another task.
     let page = fresh_page();
     // SAFETY: a page of ours.
     unsafe { core::ptr::write_volatile(page as *mut u64, 0xfeed_f00d) };
     let (task, thread) = suite.child(child_read_mapped, suite.pager_normal, suite.death, false);
-    let mapped = sys::mem_map(task, Fpage::memory(page, 12, Fpage::READ), MAP_ADDRESS, 0);
+    let mapped = sys::map(task, Fpage::memory(page, 12, Fpage::READ), MAP_ADDRESS, 0);
     suite.start(thread, child_read_mapped);
     let r = wait_badge(CHILD_BADGE);
     check(
@@ -1117,7 +1115,7 @@ fn task_cases(suite: &Suite) {
     );
 
     let (task, thread) = suite.child(child_write_mapped, suite.pager_normal, suite.death, false);
-    let mapped = sys::mem_map(
+    let mapped = sys::map(
         task,
         Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE),
         MAP_ADDRESS,
@@ -1125,7 +1123,7 @@ fn task_cases(suite: &Suite) {
     );
     let _ = mapped;
     let (task2, thread2) = suite.child(child_write_mapped, suite.pager_normal, suite.death, false);
-    let read_only = sys::mem_map(task2, Fpage::memory(page, 12, Fpage::READ), MAP_ADDRESS, 0);
+    let read_only = sys::map(task2, Fpage::memory(page, 12, Fpage::READ), MAP_ADDRESS, 0);
     suite.start(thread2, child_write_mapped);
     let notice = wait_badge(DEATH_BADGE);
     check(
@@ -1150,7 +1148,7 @@ fn task_cases(suite: &Suite) {
     check_eq(
         "map",
         "mapping into the kernel-managed area rejected",
-        sys::mem_map(
+        sys::map(
             task2,
             Fpage::memory(page, 12, Fpage::READ),
             l4::abi::KIP_ADDRESS,
@@ -1161,7 +1159,7 @@ fn task_cases(suite: &Suite) {
     check_eq(
         "map",
         "mapping beyond the user half rejected",
-        sys::mem_map(
+        sys::map(
             task2,
             Fpage::memory(page, 12, Fpage::READ),
             l4::abi::USER_END,
@@ -1172,13 +1170,13 @@ fn task_cases(suite: &Suite) {
     check_eq(
         "map",
         "mapping at address zero rejected",
-        sys::mem_map(task2, Fpage::memory(page, 12, Fpage::READ), 0, 0),
+        sys::map(task2, Fpage::memory(page, 12, Fpage::READ), 0, 0),
         Err(Error::InvalidArgument),
     );
     check_eq(
         "map",
         "mapping with a misaligned destination rejected",
-        sys::mem_map(
+        sys::map(
             task2,
             Fpage::memory(page, 12, Fpage::READ),
             MAP_ADDRESS + 8,
@@ -1189,7 +1187,7 @@ fn task_cases(suite: &Suite) {
     check_eq(
         "map",
         "malformed flexpage rejected",
-        sys::mem_map(task2, Fpage(page | 0xc00 | (12 << 4)), MAP_ADDRESS, 0),
+        sys::map(task2, Fpage(page | 0xc00 | (12 << 4)), MAP_ADDRESS, 0),
         Err(Error::InvalidArgument),
     );
 
@@ -1229,6 +1227,8 @@ fn task_cases(suite: &Suite) {
     );
 }
 
+include!("mechanisms.rs");
+
 fn main() -> i64 {
     println!("# ktest: kernel conformance suite");
     kip_cases();
@@ -1243,10 +1243,22 @@ fn main() -> i64 {
     let suite = Suite {
         pager_normal: gate(pager, PAGER_NORMAL),
         pager_refusing: gate(pager, PAGER_REFUSING),
+        pager_probe: gate(pager, PAGER_PROBE),
         peer: gate(slots::SELF_THREAD, CHILD_BADGE),
         death: gate(slots::SELF_THREAD, DEATH_BADGE),
+        recorder: NO_CAP,
     };
     task_cases(&suite);
+    exception_cases(&suite);
+    irq_cases();
+    let recorder = go(exception_recorder, 0);
+    let suite = Suite {
+        recorder: gate(recorder, 0x5eed),
+        ..suite
+    };
+    mapping_cases(&suite);
+    io_cases(&suite);
+    priority_cases();
 
     let total = NEXT.load(SeqCst) - 1;
     let failed = FAILED.load(SeqCst);

@@ -104,18 +104,41 @@ pub fn cap_delete(slot: u64) -> Result<(), Error> {
     result(call(Syscall::CapDelete, slot, 0, 0, 0, 0).0)
 }
 
-/// Map memory into another task (see [`Syscall::MemMap`]).
-pub fn mem_map(task: u64, fpage: l4_abi::Fpage, destination: u64, flags: u64) -> Result<(), Error> {
-    result(call(Syscall::MemMap, task, fpage.0, destination, flags, 0).0)
+/// Map a flexpage into another task (see [`Syscall::Map`]).
+pub fn map(task: u64, fpage: l4_abi::Fpage, destination: u64, flags: u64) -> Result<(), Error> {
+    result(call(Syscall::Map, task, fpage.0, destination, flags, 0).0)
 }
 
-/// Unmap memory from this task.
+/// Revoke a flexpage recursively (see [`Syscall::Unmap`]).
 ///
 /// # Safety
-/// Nothing the program still uses may live in the flexpage.
-pub unsafe fn mem_unmap(fpage: l4_abi::Fpage) -> Result<(), Error> {
+/// With [`l4_abi::UNMAP_SELF`], nothing the program still uses may live in a memory flexpage.
+pub unsafe fn unmap(fpage: l4_abi::Fpage, flags: u64) -> Result<(), Error> {
     // SAFETY: the caller vouches for the range.
-    result(unsafe { raw(Syscall::MemUnmap as u64, fpage.0, 0, 0, 0, 0) }.0)
+    result(unsafe { raw(Syscall::Unmap as u64, fpage.0, flags, 0, 0, 0) }.0)
+}
+
+/// Set a thread's priority and time slice; returns the old (priority, time slice in µs).
+pub fn thread_schedule(thread: u64, priority: u8, timeslice_us: u64) -> Result<(u64, u64), Error> {
+    let (rax, old_priority, old_slice, _) = call(
+        Syscall::ThreadSchedule,
+        thread,
+        priority as u64,
+        timeslice_us,
+        0,
+        0,
+    );
+    result(rax).map(|()| (old_priority, old_slice))
+}
+
+/// Give the rest of the time slice to `thread` (or just yield with [`l4_abi::NO_CAP`]).
+pub fn thread_switch(thread: u64) -> Result<(), Error> {
+    result(call(Syscall::ThreadSwitch, thread, 0, 0, 0, 0).0)
+}
+
+/// Operate on an IRQ object (see [`Syscall::IrqControl`]).
+pub fn irq_control(irq: u64, operation: l4_abi::IrqOp, thread: u64) -> Result<(), Error> {
+    result(call(Syscall::IrqControl, irq, operation as u64, thread, 0, 0).0)
 }
 
 /// End the calling thread.

@@ -5,7 +5,9 @@
 //! machine off when all are done.
 //!
 //! Module command line: `[/path] NAME [factory] [peer=OTHER]`. `factory` gives the task a
-//! factory capability; `peer=OTHER` gives it, in slot `PEER`, a gate to OTHER's first thread.
+//! factory capability, `platform` the platform capability (IRQs, shutdown), `io=PORT/ORDER` the
+//! 2^ORDER I/O ports from hexadecimal PORT; `peer=OTHER` gives it, in slot `PEER`, a gate to
+//! OTHER's first thread.
 #![no_std]
 #![no_main]
 
@@ -137,6 +139,23 @@ fn create(
     if options.iter().any(|o| o == "factory") {
         sys::cap_copy(task, slots::FACTORY, slots::FACTORY, rights::ALL, 0)
             .map_err(|e| fail("factory", e))?;
+    }
+    if options.iter().any(|o| o == "platform") {
+        sys::cap_copy(task, slots::PLATFORM, slots::PLATFORM, rights::ALL, 0)
+            .map_err(|e| fail("platform", e))?;
+    }
+    for io in options.iter().filter_map(|o| o.strip_prefix("io=")) {
+        // io=PORT/ORDER (hexadecimal port): 2^ORDER ports from PORT.
+        let parsed = io.split_once('/').and_then(|(port, order)| {
+            Some((
+                u64::from_str_radix(port.trim_start_matches("0x"), 16).ok()?,
+                order.parse::<u32>().ok()?,
+            ))
+        });
+        let Some((port, order)) = parsed.filter(|&(p, o)| Fpage::io(p, o).is_valid_io()) else {
+            return Err(alloc::format!("creating {name}: bad io option '{io}'"));
+        };
+        sys::map(task, Fpage::io(port, order), 0, 0).map_err(|e| fail("io ports", e))?;
     }
     let peer = options
         .iter()

@@ -1,0 +1,498 @@
+// Cases for the complete L4 mechanisms: exception IPC, IRQ objects, the mapping database
+// (recursive unmap of memory, I/O ports and capabilities), priorities. Included by main.rs.
+
+/// What a probe read returns for a page that is not mapped.
+const MARKER: u64 = 0x6d61_726b_6572_2121;
+
+static MARKER_PAGE: AtomicU64 = AtomicU64::new(0);
+
+fn marker_page() -> u64 {
+    let page = MARKER_PAGE.load(SeqCst);
+    if page != 0 {
+        return page;
+    }
+    let page = fresh_page();
+    // SAFETY: a fresh page of ours.
+    unsafe { core::ptr::write_volatile(page as *mut u64, MARKER) };
+    MARKER_PAGE.store(page, SeqCst);
+    page
+}
+
+static EXCEPTION_VECTOR: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Handles exceptions of agents: records the vector, skips the one-byte faulting instruction
+/// (`in al, dx`) and makes it return `u64::MAX` in rax.
+extern "C" fn exception_recorder(_: u64) -> ! {
+    let mut message = ipc::wait(Timeouts::INFINITE);
+    loop {
+        let Ok(m) = message else {
+            message = ipc::wait(Timeouts::INFINITE);
+            continue;
+        };
+        if m.tag.label() != l4::abi::LABEL_EXCEPTION {
+            message = ipc::wait(Timeouts::INFINITE);
+            continue;
+        }
+        EXCEPTION_VECTOR.store(m.word(0), SeqCst);
+        let mut state = [0u64; 20];
+        state.copy_from_slice(&m.words[..20]);
+        state[2] += 1; // rip
+        state[5] = u64::MAX; // rax
+        message = ipc::reply_wait(tag(0, 20), &state, Timeouts::INFINITE);
+    }
+}
+
+// Agent commands (labels).
+const AGENT_READ: i32 = 1;
+const AGENT_MAP: i32 = 2;
+const AGENT_UNMAP: i32 = 3;
+const AGENT_WRITE: i32 = 4;
+const AGENT_SEND: i32 = 5;
+const AGENT_IN: i32 = 6;
+const AGENT_CAP_COPY: i32 = 7;
+
+fn code(r: Result<(), Error>) -> u64 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => e as u64,
+    }
+}
+
+/// A child task that performs commands in its own address space and capability table.
+extern "C" fn child_agent() -> ! {
+    let mut message = ipc::wait(Timeouts::INFINITE);
+    loop {
+        let Ok(m) = message else {
+            message = ipc::wait(Timeouts::INFINITE);
+            continue;
+        };
+        let w = |i| m.word(i);
+        let result = match m.tag.label() {
+            // SAFETY: the agent reads or writes where its parent tells it; faults go to the
+            // probing pager.
+            AGENT_READ => unsafe { core::ptr::read_volatile(w(0) as *const u64) },
+            AGENT_WRITE => {
+                // SAFETY: as above.
+                unsafe { core::ptr::write_volatile(w(0) as *mut u64, w(1)) };
+                0
+            }
+            AGENT_MAP => code(sys::map(w(0), Fpage(w(1)), w(2), w(3))),
+            // SAFETY: the agent keeps nothing of its own in the test area.
+            AGENT_UNMAP => code(unsafe { sys::unmap(Fpage(w(0)), w(1)) }),
+            AGENT_SEND => match ipc::send(w(0), tag(0x55, 1), &[w(1)], RECEIVE_2S) {
+                Ok(()) => 0,
+                Err(e) => e.error as u64,
+            },
+            AGENT_IN => {
+                let value: u64;
+                // SAFETY: port input; without the port the CPU raises #GP, which the
+                // exception recorder turns into rax = u64::MAX.
+                unsafe { core::arch::asm!("xor eax, eax", "in al, dx", in("dx") w(0) as u16, out("rax") value) };
+                value
+            }
+            AGENT_CAP_COPY => code(sys::cap_copy(w(0), w(1), w(2), w(3), 0)),
+            _ => u64::MAX - 1,
+        };
+        message = ipc::reply_wait(tag(0, 1), &[result], Timeouts::INFINITE);
+    }
+}
+
+/// A started agent: its task and thread capabilities (in our table).
+#[derive(Clone, Copy)]
+struct Agent {
+    task: u64,
+    thread: u64,
+}
+
+impl Agent {
+    fn new(suite: &Suite) -> Agent {
+        let (task, thread) = suite.child(child_agent, suite.pager_probe, suite.recorder, true);
+        sys::cap_copy(task, task, slots::SELF_TASK, rights::ALL, 0).expect("agent's own task");
+        Agent { task, thread }
+    }
+
+    fn command(&self, label: i32, words: &[u64]) -> u64 {
+        match ipc::call(self.thread, tag(label, words.len()), words, RECEIVE_2S) {
+            Ok(m) => m.word(0),
+            Err(e) => {
+                println!("# agent command {label}: {e:?}");
+                u64::MAX - 2
+            }
+        }
+    }
+
+    fn read(&self, address: u64) -> u64 {
+        self.command(AGENT_READ, &[address])
+    }
+
+    /// Make the agent map its `fpage` into the task in its slot `task_slot` at `destination`.
+    fn map(&self, task_slot: u64, fpage: Fpage, destination: u64, flags: u64) -> u64 {
+        self.command(AGENT_MAP, &[task_slot, fpage.0, destination, flags])
+    }
+
+    fn unmap(&self, fpage: Fpage, flags: u64) -> u64 {
+        self.command(AGENT_UNMAP, &[fpage.0, flags])
+    }
+
+    /// Give the agent, in its slot `slot`, a capability to `other`'s task.
+    fn give_task(&self, other: &Agent, slot: u64) {
+        sys::cap_copy(self.task, other.task, slot, rights::ALL, 0).expect("give task cap");
+    }
+}
+
+fn page_at(n: u64) -> u64 {
+    TEST_AREA + n * PAGE_SIZE
+}
+
+fn exception_cases(suite: &Suite) {
+    let (_, t) = suite.child(child_ud2_report, suite.pager_normal, suite.death, true);
+    let m = wait_badge(DEATH_BADGE);
+    let ok = matches!(m, Some(m) if m.tag.label() == l4::abi::LABEL_EXCEPTION && m.tag.untyped() == 20 && m.word(0) == 6 && IMAGE.contains(&m.word(2)));
+    check("exception", "invalid opcode arrives as exception IPC with vector and state", ok);
+    if let Some(m) = m {
+        let mut state = [0u64; 20];
+        state.copy_from_slice(&m.words[..20]);
+        state[2] += 2; // skip ud2
+        state[5] = 0x1234_5678; // rax
+        state[4] |= 0x3000; // try to raise IOPL: must be ignored
+        let _ = ipc::reply(tag(0, 20), &state);
+    }
+    let r = wait_badge(CHILD_BADGE);
+    check("exception", "handler's reply changes the state and resumes the thread", matches!(r, Some(m) if m.word(0) == 0x1234_5678));
+    check("exception", "handler cannot give a thread I/O privilege", matches!(r, Some(m) if m.word(1) & 0x3000 == 0 && m.word(1) & 0x200 != 0));
+    for _ in 0..3 {
+        sys::thread_yield();
+    }
+    let _ = t;
+
+    let (_, t) = suite.child(child_ud2_report, suite.pager_normal, suite.death, true);
+    let m = wait_badge(DEATH_BADGE);
+    let _ = ipc::reply(tag(-1, 0), &[]);
+    for _ in 0..3 {
+        sys::thread_yield();
+    }
+    check("exception", "handler refusing kills the thread", m.is_some() && ipc::receive(t, POLL).map(|_| ()) == Err(err(Error::DeadPartner, true)));
+
+    for (entry, vector, name) in [
+        (child_int3 as extern "C" fn() -> !, 3u64, "breakpoint (int3) arrives with vector 3"),
+        (child_divide, 0, "divide error arrives with vector 0"),
+        (child_privileged, 13, "privileged instruction arrives as #GP (13)"),
+    ] {
+        let (_, _) = suite.child(entry, suite.pager_normal, suite.death, true);
+        let m = wait_badge(DEATH_BADGE);
+        check("exception", name, matches!(m, Some(m) if m.tag.label() == l4::abi::LABEL_EXCEPTION && m.word(0) == vector));
+        let _ = ipc::reply(tag(-1, 0), &[]);
+    }
+
+    // A handler that never answers: the creator cancels, the thread is killed.
+    let (_, t) = suite.child(child_ud2_report, suite.pager_normal, suite.death, true);
+    let m = wait_badge(DEATH_BADGE);
+    let cancel = sys::ex_regs(t, 0, 0, ExRegsFlags::CANCEL);
+    let notice = wait_badge(DEATH_BADGE);
+    check(
+        "exception",
+        "unanswered exception: cancel kills the thread with a death notice",
+        m.is_some() && cancel.is_ok() && matches!(notice, Some(n) if n.tag.label() == LABEL_DEATH && n.word(0) == 0x102),
+    );
+}
+
+extern "C" fn child_ud2_report() -> ! {
+    let value: u64;
+    let flags: u64;
+    // SAFETY: deliberately raises #UD; the handler skips the instruction and sets rax.
+    unsafe { core::arch::asm!("xor eax, eax", "ud2", "pushfq", "pop {f}", out("rax") value, f = out(reg) flags) };
+    let _ = ipc::send(slots::PEER, tag(8, 2), &[value, flags], Timeouts::INFINITE);
+    sys::thread_exit(0)
+}
+
+extern "C" fn child_int3() -> ! {
+    // SAFETY: deliberately raises #BP.
+    unsafe { core::arch::asm!("int3") };
+    sys::thread_exit(0)
+}
+
+extern "C" fn child_divide() -> ! {
+    // SAFETY: deliberately divides by zero.
+    unsafe { core::arch::asm!("xor edx, edx", "xor ecx, ecx", "mov eax, 1", "div ecx", out("rax") _, out("rdx") _, out("rcx") _) };
+    sys::thread_exit(0)
+}
+
+extern "C" fn child_privileged() -> ! {
+    // SAFETY: deliberately executes a privileged instruction in user mode.
+    unsafe { core::arch::asm!("cli") };
+    sys::thread_exit(0)
+}
+
+fn irq_cases() {
+    let irq = alloc_slot();
+    check_eq("irq", "create a software IRQ through the platform capability", sys::factory_create(slots::PLATFORM, ObjectKind::Irq, irq, 40, 0x1140), Ok(()));
+    check_eq("irq", "one IRQ object per line", sys::factory_create(slots::PLATFORM, ObjectKind::Irq, alloc_slot(), 40, 0), Err(Error::AlreadyBound));
+    check_eq("irq", "invalid line rejected", sys::factory_create(slots::PLATFORM, ObjectKind::Irq, alloc_slot(), 30, 0), Err(Error::InvalidArgument));
+    check_eq("irq", "IRQ objects need the platform capability", sys::factory_create(slots::FACTORY, ObjectKind::Irq, alloc_slot(), 41, 0), Err(Error::WrongType));
+    check_eq("irq", "attach the receiving thread", sys::irq_control(irq, l4::abi::IrqOp::Attach, slots::SELF_THREAD), Ok(()));
+    let other = go(receive_and_die, 0);
+    check_eq("irq", "exactly one receiver per IRQ", sys::irq_control(irq, l4::abi::IrqOp::Attach, other), Err(Error::AlreadyBound));
+    let weak = alloc_slot();
+    sys::cap_copy(slots::SELF_TASK, irq, weak, rights::SEND, 0).expect("copy");
+    check_eq("irq", "attach without the control right rejected", sys::irq_control(weak, l4::abi::IrqOp::Attach, slots::SELF_THREAD), Err(Error::NoRights));
+    check_eq("irq", "IRQ operation on a non-IRQ capability rejected", sys::irq_control(slots::SELF_TASK, l4::abi::IrqOp::Trigger, 0), Err(Error::WrongType));
+    check_eq("irq", "software trigger", sys::irq_control(irq, l4::abi::IrqOp::Trigger, 0), Ok(()));
+    let m = ipc::wait(RECEIVE_2S);
+    check("irq", "a pending IRQ arrives as IPC with its badge and line", matches!(m, Ok(m) if m.tag.label() == l4::abi::LABEL_IRQ && m.badge == 0x1140 && m.word(0) == 40));
+    check_eq("irq", "no second message without a new interrupt", ipc::wait(POLL).map(|_| ()), Err(err(Error::Timeout, true)));
+    sys::irq_control(irq, l4::abi::IrqOp::Acknowledge, 0).expect("ack");
+
+    // A real device: the PIT (ports 0x40..0x43, given by the root task) on GSI 2.
+    let pit = alloc_slot();
+    let created = sys::factory_create(slots::PLATFORM, ObjectKind::Irq, pit, 2, 0x2222);
+    let attached = sys::irq_control(pit, l4::abi::IrqOp::Attach, slots::SELF_THREAD);
+    // Channel 0, lobyte/hibyte, mode 0 (interrupt on terminal count), ~1 ms.
+    // SAFETY: the root task gave us ports 0x40..0x43.
+    unsafe {
+        core::arch::asm!("out 0x43, al", in("al") 0x30u8);
+        core::arch::asm!("out 0x40, al", in("al") 0xa9u8);
+        core::arch::asm!("out 0x40, al", in("al") 0x04u8);
+    }
+    let m = ipc::wait(RECEIVE_2S);
+    check("irq", "a device interrupt (PIT on GSI 2) arrives as IPC", created.is_ok() && attached.is_ok() && matches!(m, Ok(m) if m.tag.label() == l4::abi::LABEL_IRQ && m.badge == 0x2222 && m.word(0) == 2));
+    let _ = sys::irq_control(pit, l4::abi::IrqOp::Detach, 0);
+    let _ = sys::irq_control(irq, l4::abi::IrqOp::Detach, 0);
+}
+
+fn mapping_cases(suite: &Suite) {
+    let a = Agent::new(suite);
+    let b = Agent::new(suite);
+    let c = Agent::new(suite);
+    const TASK_SLOT: u64 = 40;
+    a.give_task(&b, TASK_SLOT);
+    b.give_task(&c, TASK_SLOT);
+    a.give_task(&c, TASK_SLOT + 1);
+
+    // A chain: ktest -> a -> b -> c.
+    let page = fresh_page();
+    // SAFETY: our page.
+    unsafe { core::ptr::write_volatile(page as *mut u64, 0xc0ffee) };
+    let (x, y, z) = (page_at(1), page_at(2), page_at(3));
+    let mapped = sys::map(a.task, Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE), x, 0).is_ok()
+        && a.map(TASK_SLOT, Fpage::memory(x, 12, Fpage::READ | Fpage::WRITE), y, 0) == 0
+        && b.map(TASK_SLOT, Fpage::memory(y, 12, Fpage::READ | Fpage::WRITE), z, 0) == 0;
+    check("mapdb", "a three-level chain of mappings shares the page", mapped && c.read(z) == 0xc0ffee);
+    check_eq("mapdb", "unmap in the middle revokes below, keeps above", (b.unmap(Fpage::memory(y, 12, 7), 0), c.read(z), b.read(y), a.read(x)), (0, MARKER, 0xc0ffee, 0xc0ffee));
+    let _ = c.unmap(Fpage::memory(z, 12, 7), l4::abi::UNMAP_SELF);
+    let remapped = b.map(TASK_SLOT, Fpage::memory(y, 12, Fpage::READ), z, 0);
+    // SAFETY: the page is ours; revoke everything derived from it, keep ours.
+    let revoked = unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) };
+    check_eq("mapdb", "unmap at the root revokes every level", (remapped, revoked, a.read(x), b.read(y), c.read(z)), (0, Ok(()), MARKER, MARKER, MARKER));
+    // SAFETY: our page is still ours.
+    check("mapdb", "unmap without self keeps the caller's own mapping", unsafe { core::ptr::read_volatile(page as *const u64) } == 0xc0ffee);
+
+    // Fan-out: a maps one page to b and c; a revokes; both lose it.
+    let (p, q) = (page_at(10), page_at(11));
+    let _ = a.unmap(Fpage::memory(x, 12, 7), l4::abi::UNMAP_SELF);
+    let _ = b.unmap(Fpage::memory(p, 12, 7), l4::abi::UNMAP_SELF);
+    let _ = c.unmap(Fpage::memory(q, 12, 7), l4::abi::UNMAP_SELF);
+    let fan = sys::map(a.task, Fpage::memory(page, 12, Fpage::READ), x, 0).is_ok()
+        && a.map(TASK_SLOT, Fpage::memory(x, 12, Fpage::READ), p, 0) == 0
+        && a.map(TASK_SLOT + 1, Fpage::memory(x, 12, Fpage::READ), q, 0) == 0
+        && b.read(p) == 0xc0ffee
+        && c.read(q) == 0xc0ffee;
+    let revoke = a.unmap(Fpage::memory(x, 12, 7), 0);
+    check_eq("mapdb", "fan-out: revoking one mapping revokes all its copies", (fan, revoke, b.read(p), c.read(q), a.read(x)), (true, 0, MARKER, MARKER, 0xc0ffee));
+
+    // Partial ranges: map 4 pages, revoke the middle two.
+    let pages: Vec<u64> = (0..4).map(|i| {
+        let p = fresh_page();
+        // SAFETY: our page.
+        unsafe { core::ptr::write_volatile(p as *mut u64, 100 + i) };
+        p
+    }).collect();
+    let base = page_at(0x100);
+    let mut ok = true;
+    for (i, &p) in pages.iter().enumerate() {
+        ok &= sys::map(a.task, Fpage::memory(p, 12, Fpage::READ), base + i as u64 * PAGE_SIZE, 0).is_ok();
+    }
+    ok &= a.map(TASK_SLOT, Fpage::memory(base, 14, Fpage::READ), base, 0) == 0;
+    ok &= (0..4).all(|i| b.read(base + i * PAGE_SIZE) == 100 + i);
+    let r = a.unmap(Fpage::memory(base + 2 * PAGE_SIZE, 13, 7), 0);
+    let seen: Vec<u64> = (0..4).map(|i| b.read(base + i * PAGE_SIZE)).collect();
+    check_eq("mapdb", "a 16 KiB flexpage maps four pages; a partial unmap revokes only its range", (ok, r, seen), (true, 0, alloc::vec![100, 101, MARKER, MARKER]));
+
+    // Grant moves the mapping: a loses it, b has it, and it still derives from ours.
+    let g = page_at(0x200);
+    let granted = sys::map(a.task, Fpage::memory(page, 12, Fpage::READ), g, 0).is_ok()
+        && a.map(TASK_SLOT, Fpage::memory(g, 12, Fpage::READ), g, l4::abi::MAP_GRANT) == 0;
+    check_eq("mapdb", "grant moves a mapping to the receiver", (granted, a.read(g), b.read(g)), (true, MARKER, 0xc0ffee));
+    let _ = a.unmap(Fpage::memory(g, 12, 7), l4::abi::UNMAP_SELF);
+    // SAFETY: ours stays.
+    let _ = unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) };
+    check_eq("mapdb", "a granted mapping stays revocable by the original mapper", b.read(g), MARKER);
+    let h = page_at(0x300);
+    check_eq("mapdb", "granting what one does not hold gives nothing", (a.map(TASK_SLOT, Fpage::memory(h, 12, Fpage::READ), h, l4::abi::MAP_GRANT), b.read(h)), (0, MARKER));
+
+    // Rights only shrink along the chain.
+    let r1 = page_at(0x400);
+    let ro = sys::map(a.task, Fpage::memory(page, 12, Fpage::READ), r1, 0).is_ok()
+        && a.map(TASK_SLOT, Fpage::memory(r1, 12, Fpage::READ | Fpage::WRITE), r1, 0) == 0;
+    let before = EXCEPTION_VECTOR.load(SeqCst);
+    let faults = FAULTS.load(SeqCst);
+    let _ = before;
+    let w = ipc::call(b.thread, tag(AGENT_WRITE, 2), &[r1, 5], Timeouts::new(Timeout::INFINITE, Timeout::micros(300_000)));
+    check("mapdb", "a read-only mapping passed on as writable stays read-only", ro && w.is_err() && FAULTS.load(SeqCst) > faults && LAST_FAULT.load(SeqCst) == r1 && LAST_ACCESS.load(SeqCst) & 3 == 3);
+    // SAFETY: ours.
+    check("mapdb", "the write did not reach the page", unsafe { core::ptr::read_volatile(page as *const u64) } == 0xc0ffee);
+
+    // Destroying a task revokes what was derived from its mappings.
+    let d = Agent::new(suite);
+    let e = Agent::new(suite);
+    d.give_task(&e, TASK_SLOT);
+    let t1 = page_at(0x500);
+    let chain = sys::map(d.task, Fpage::memory(page, 12, Fpage::READ), t1, 0).is_ok()
+        && d.map(TASK_SLOT, Fpage::memory(t1, 12, Fpage::READ), t1, 0) == 0
+        && e.read(t1) == 0xc0ffee;
+    let destroyed = sys::task_destroy(d.task);
+    check_eq("mapdb", "destroying a task revokes mappings derived from it", (chain, destroyed, e.read(t1)), (true, Ok(()), MARKER));
+
+    // Capabilities: map a gate into an agent, use it, revoke it. (The gate's receiver is a
+    // separate thread: a send from the agent to our own thread would count as the reply to
+    // the call we make to it.)
+    COUNTER.store(0, SeqCst);
+    let recorder = go(record_loop, 0);
+    let g = gate(recorder, 0xca);
+    let slot_in_agent = 50;
+    let mapped = sys::map(e.task, Fpage::object(g, 0, rights::SEND), slot_in_agent, 0);
+    let sent = e.command(AGENT_SEND, &[slot_in_agent, 77]);
+    for _ in 0..3 {
+        sys::thread_yield();
+    }
+    check("mapdb", "a capability flexpage gives a usable capability", mapped.is_ok() && sent == 0 && VALUE.load(SeqCst) == (0xca << 32 | 77));
+    let copied = e.command(AGENT_CAP_COPY, &[slots::SELF_TASK, slot_in_agent, slot_in_agent + 1, rights::ALL]);
+    check_eq("mapdb", "rights of a mapped capability only shrink (no copy right)", copied, Error::NoRights as u64);
+    // SAFETY: object flexpages touch no memory.
+    let revoked = unsafe { sys::unmap(Fpage::object(g, 0, 7), 0) };
+    check_eq("mapdb", "revoking a capability removes it from the receiver", (revoked, e.command(AGENT_SEND, &[slot_in_agent, 78])), (Ok(()), Error::InvalidCapability as u64));
+    // Capabilities delegated along a chain are revoked recursively.
+    let with_copy = sys::map(e.task, Fpage::object(g, 0, rights::SEND | rights::COPY), slot_in_agent, 0).is_ok()
+        && e.command(AGENT_CAP_COPY, &[slots::SELF_TASK, slot_in_agent, slot_in_agent + 1, rights::SEND]) == 0;
+    let sent = e.command(AGENT_SEND, &[slot_in_agent + 1, 79]);
+    // SAFETY: as above.
+    let _ = unsafe { sys::unmap(Fpage::object(g, 0, 7), 0) };
+    check_eq("mapdb", "revoking a capability also revokes copies made from it", (with_copy, sent, e.command(AGENT_SEND, &[slot_in_agent + 1, 80])), (true, 0, Error::InvalidCapability as u64));
+
+    // Hostile flexpages.
+    check_eq("mapdb", "flexpage of the reserved kind rejected", sys::map(a.task, Fpage(page | (3 << 10) | (12 << 4) | 7), x, 0), Err(Error::InvalidArgument));
+    check_eq("mapdb", "capability flexpage beyond the table rejected", sys::map(a.task, Fpage::object(510, 2, 7), 0, 0), Err(Error::InvalidArgument));
+    check_eq("mapdb", "capability flexpage to slots beyond the table rejected", sys::map(a.task, Fpage::object(g, 0, 7), 600, 0), Err(Error::InvalidArgument));
+    check_eq("mapdb", "I/O flexpage beyond port 65535 rejected", sys::map(a.task, Fpage::io(0xfff0, 5), 0, 0), Err(Error::InvalidArgument));
+    // SAFETY: invalid flexpage, nothing happens.
+    check_eq("mapdb", "unmap of a malformed flexpage rejected", unsafe { sys::unmap(Fpage(0x1000 | (3 << 10)), 0) }, Err(Error::InvalidArgument));
+    let _ = sys::task_destroy(a.task);
+    let _ = sys::task_destroy(b.task);
+    let _ = sys::task_destroy(c.task);
+    let _ = sys::task_destroy(e.task);
+}
+
+fn io_cases(suite: &Suite) {
+    let a = Agent::new(suite);
+    EXCEPTION_VECTOR.store(u64::MAX, SeqCst);
+    let denied = a.command(AGENT_IN, &[0x42]);
+    check("io", "a task without I/O ports gets #GP on in/out", denied == u64::MAX && EXCEPTION_VECTOR.load(SeqCst) == 13);
+    let mapped = sys::map(a.task, Fpage::io(0x40, 2), 0, 0);
+    EXCEPTION_VECTOR.store(u64::MAX, SeqCst);
+    let allowed = a.command(AGENT_IN, &[0x42]);
+    check("io", "an I/O flexpage grants exactly its ports", mapped.is_ok() && allowed != u64::MAX && EXCEPTION_VECTOR.load(SeqCst) == u64::MAX);
+    let other = a.command(AGENT_IN, &[0x61]);
+    check("io", "ports outside the flexpage stay denied", other == u64::MAX && EXCEPTION_VECTOR.load(SeqCst) == 13);
+    check_eq("io", "mapping ports one does not hold gives nothing", (sys::map(a.task, Fpage::io(0x60, 2), 0, 0), a.command(AGENT_IN, &[0x61])), (Ok(()), u64::MAX));
+    // SAFETY: I/O flexpages touch no memory.
+    let revoked = unsafe { sys::unmap(Fpage::io(0x40, 2), 0) };
+    EXCEPTION_VECTOR.store(u64::MAX, SeqCst);
+    let after = a.command(AGENT_IN, &[0x42]);
+    check("io", "unmap revokes the ports from the receiver", revoked.is_ok() && after == u64::MAX && EXCEPTION_VECTOR.load(SeqCst) == 13);
+    let _ = sys::task_destroy(a.task);
+}
+
+/// Record every message (badge and word 0) in VALUE, count them in COUNTER.
+extern "C" fn record_loop(_: u64) -> ! {
+    loop {
+        if let Ok(m) = ipc::wait(Timeouts::INFINITE) {
+            VALUE.store(m.badge << 32 | m.word(0), SeqCst);
+            COUNTER.fetch_add(1, SeqCst);
+        }
+    }
+}
+
+static ORDER: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn record_order(mark: u64) -> ! {
+    let _ = ORDER.fetch_update(SeqCst, SeqCst, |v| Some(v * 16 + mark));
+    sys::thread_exit(0)
+}
+
+fn priority_cases() {
+    let (own, slice) = sys::thread_schedule(slots::SELF_THREAD, 100, 0).expect("read own priority");
+    check("sched", "thread_schedule reports priority and time slice", own == 100 && slice > 0);
+    let t = new_thread_slot();
+    sys::thread_control(t, slots::SELF_TASK, alloc_utcb(), NO_CAP, NO_CAP).expect("bind");
+    check_eq("sched", "priority above one's own rejected", sys::thread_schedule(t, 101, 0).map(|_| ()), Err(Error::InvalidArgument));
+    let weak = alloc_slot();
+    sys::cap_copy(slots::SELF_TASK, t, weak, rights::SEND | rights::CONTROL, 0).expect("copy");
+    check_eq("sched", "thread_schedule needs the schedule right", sys::thread_schedule(weak, 50, 0).map(|_| ()), Err(Error::NoRights));
+    check_eq("sched", "thread_schedule on a task capability rejected", sys::thread_schedule(slots::SELF_TASK, 50, 0).map(|_| ()), Err(Error::WrongType));
+
+    // Lower-priority threads run only when we block; among them, higher priority first.
+    ORDER.store(0, SeqCst);
+    let low = spawn_with_priority(record_order, 1, 40);
+    let high = spawn_with_priority(record_order, 2, 60);
+    let _ = (low, high);
+    check_eq("sched", "lower-priority threads wait while we run", ORDER.load(SeqCst), 0);
+    let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000)));
+    check_eq("sched", "when we block, the higher of two waiting priorities runs first", ORDER.load(SeqCst), 0x21);
+
+    // A higher-priority thread woken by IPC preempts at once.
+    ORDER.store(0, SeqCst);
+    let waiter = go(wait_then_mark, 0);
+    sys::thread_yield();
+    sys::thread_schedule(waiter, 100, 0).expect("same priority");
+    for _ in 0..3 {
+        sys::thread_yield();
+    }
+    let raised = sys::thread_schedule(waiter, 100, 0).is_ok();
+    let _ = ipc::send(waiter, tag(1, 0), &[], RECEIVE_2S);
+    let after_send = ORDER.load(SeqCst);
+    check("sched", "a woken thread of equal priority does not preempt the sender", raised && after_send == 0);
+    for _ in 0..5 {
+        sys::thread_yield();
+    }
+    check_eq("sched", "it runs at the next yield", ORDER.load(SeqCst), 3);
+
+    // thread_switch donates the rest of the slice to a ready thread.
+    FLAG.store(false, SeqCst);
+    let t = go(set_flag, 9);
+    let switched = sys::thread_switch(t);
+    check("sched", "thread_switch runs the target thread", switched.is_ok() && FLAG.load(SeqCst));
+    check_eq("sched", "thread_switch to a non-thread rejected", sys::thread_switch(slots::SELF_TASK), Err(Error::WrongType));
+}
+
+extern "C" fn wait_then_mark(_: u64) -> ! {
+    let _ = ipc::wait(Timeouts::INFINITE);
+    ORDER.store(3, SeqCst);
+    sys::thread_exit(0)
+}
+
+fn spawn_with_priority(entry: extern "C" fn(u64) -> !, argument: u64, priority: u8) -> u64 {
+    // Create it stopped, set the priority, then start it.
+    let slot = alloc_slot();
+    sys::factory_create(slots::FACTORY, ObjectKind::Thread, slot, 0, 0).expect("thread");
+    sys::thread_control(slot, slots::SELF_TASK, alloc_utcb(), slots::PAGER, NO_CAP).expect("bind");
+    sys::thread_schedule(slot, priority, 0).expect("priority");
+    let stack = alloc::vec![0u64; 1024].leak();
+    let top = stack.len() - 2;
+    stack[top] = argument;
+    stack[top + 1] = entry as *const () as u64;
+    let sp = &stack[top] as *const u64 as u64;
+    extern "C" {
+        fn l4_thread_trampoline();
+    }
+    sys::ex_regs(slot, l4_thread_trampoline as *const () as u64, sp, ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START).expect("start");
+    slot
+}
