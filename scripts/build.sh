@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 TARGET=x86_64-unknown-none
 OUT=target/$TARGET/release
-cargo build --release --target "$TARGET" -p kernel -p sigma0 -p roottask -p demo -p ktest >&2
+cargo build --release --target "$TARGET" -p kernel -p sigma0 -p roottask -p demo -p ktest -p bench >&2
 
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=(demo test)
@@ -19,6 +19,7 @@ modules_for() {
         test) echo "ktest:ktest_factory_platform_io=0x40/2" ;;
         bad-module) echo "bad.elf:broken demo:pong demo:ping_peer=pong" ;;
         bad-sigma0) echo "" ;;
+        bench|bench-slowpath) echo "bench:bench_factory_platform" ;;
         *) echo "unknown scenario $1" >&2; exit 2 ;;
     esac
 }
@@ -36,7 +37,9 @@ for scenario in "${scenarios[@]}"; do
         echo "set timeout=0"
         echo "set default=0"
         echo "menuentry \"L4 ($scenario)\" {"
-        echo "    multiboot2 /boot/kernel ${KERNEL_CMDLINE:-}"
+        cmdline=${KERNEL_CMDLINE:-}
+        [ "$scenario" = bench-slowpath ] && cmdline="$cmdline nofastpath"
+        echo "    multiboot2 /boot/kernel $cmdline"
         echo "    module2 /boot/sigma0 sigma0"
         echo "    module2 /boot/roottask root"
         for spec in $(modules_for "$scenario"); do

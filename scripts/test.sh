@@ -13,7 +13,7 @@ fail() { failed=$((failed + 1)); echo "not ok - $*"; }
 logdir=target/test-logs
 mkdir -p "$logdir"
 
-TARGET_CRATES=(-p kernel -p sigma0 -p roottask -p demo -p ktest -p l4)
+TARGET_CRATES=(-p kernel -p sigma0 -p roottask -p demo -p ktest -p bench -p l4)
 
 # --- style and lints ---------------------------------------------------------------------
 if cargo fmt --all -- --check >"$logdir/fmt.log" 2>&1; then pass "cargo fmt --check"; else fail "cargo fmt --check (see $logdir/fmt.log)"; fi

@@ -71,6 +71,10 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     .unwrap_or_else(|e| panic!("invalid multiboot2 information: {e:?}"));
     if let Some(cmdline) = boot.command_line_tag().and_then(|t| t.cmdline().ok()) {
         info!("command line: {cmdline}");
+        if cmdline.contains("nofastpath") {
+            // SAFETY: single-threaded boot.
+            unsafe { crate::fastpath::ENABLED = false };
+        }
         if cmdline.contains("debug") {
             // SAFETY: single-threaded boot.
             unsafe { crate::log::MAX_LEVEL = crate::log::Level::Debug };
@@ -173,6 +177,9 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         current: None,
         preempt: false,
         ticks: 0,
+        pending_irqs: 0,
+        fs_base: 0,
+        loaded_root: 0,
         timer_hz: TIMER_HZ,
         timeouts: Vec::new(),
         kip_frame,

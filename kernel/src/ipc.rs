@@ -34,6 +34,9 @@ pub fn validate_outgoing(k: &mut Kernel, sender: ThreadId) -> Result<(), Error> 
     if !tag.is_valid() {
         return Err(Error::InvalidArgument);
     }
+    if tag.typed() == 0 {
+        return Ok(());
+    }
     let message = read_message(k, sender);
     for item in 0..tag.typed() {
         let fpage = Fpage(message.words[tag.untyped() + 2 * item + 1]);

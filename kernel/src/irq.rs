@@ -33,7 +33,10 @@ pub fn valid_line(line: u64) -> bool {
 /// Record an interrupt on `irq` and deliver it if the receiver waits.
 pub fn raise(k: &mut Kernel, irq: IrqId) {
     if let Some(object) = k.irqs.get_mut(irq) {
-        object.pending = true;
+        if !object.pending {
+            object.pending = true;
+            k.pending_irqs += 1;
+        }
     }
     if let Some((thread, _)) = k.irqs.get(irq).and_then(|i| i.receiver) {
         if matches!(
@@ -71,6 +74,7 @@ pub fn deliver_pending(k: &mut Kernel, thread: ThreadId) -> bool {
     };
     let irq = k.irqs.get_mut(id).expect("irq");
     irq.pending = false;
+    k.pending_irqs -= 1;
     let (line, badge) = (irq.line, irq.receiver.map(|(_, b)| b).unwrap_or(0));
     let f = &mut k.thread(thread).frame;
     f.rax = 0;

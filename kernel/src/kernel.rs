@@ -1,8 +1,8 @@
 //! The kernel's state (all objects, the frame pool, the scheduler) and the single point of
 //! access to it.
 
+use crate::arch::x86_64::cpu;
 use crate::arch::x86_64::entry::return_to_user;
-use crate::arch::x86_64::{cpu, paging};
 use crate::object::{Capability, Gate, Object, TaskId, ThreadId};
 use crate::task::Task;
 use crate::thread::{Thread, ThreadState};
@@ -42,6 +42,12 @@ pub struct Kernel {
     pub preempt: bool,
     /// Timer ticks since boot.
     pub ticks: u64,
+    /// IRQs raised but not yet delivered (the fast path defers to the slow path while any).
+    pub pending_irqs: u32,
+    /// The FS base last loaded (the running thread's UTCB).
+    pub fs_base: u64,
+    /// The page-table root last loaded into CR3.
+    pub loaded_root: u64,
     /// Timer interrupts per second.
     pub timer_hz: u64,
     /// Threads with an IPC deadline.
@@ -196,26 +202,50 @@ impl Kernel {
 
     /// Return to user mode in thread `id`.
     pub fn resume(&mut self, id: ThreadId) -> ! {
+        let thread = self.threads.get(id).expect("resuming a dead thread");
+        self.resume_thread(id, thread as *const Thread)
+    }
+
+    /// Return to user mode in thread `id`, whose object is at `thread` (a shortcut of
+    /// [`Kernel::resume`] for callers that hold the pointer already).
+    #[inline(always)]
+    pub fn resume_thread(&mut self, id: ThreadId, thread: *const Thread) -> ! {
         self.current = Some(id);
-        let task = self.task_of(id).expect("runnable thread without task");
-        let root = self
-            .tasks
-            .get(task)
-            .expect("thread of dead task")
-            .space
-            .root;
-        if cpu::cr3() & paging::ADDRESS_MASK != root {
+        // SAFETY: the caller passes the live, boxed thread `id`.
+        let thread = unsafe { &*thread };
+        let (root, utcb, io) = (thread.space_root, thread.utcb_address, thread.task_has_io);
+        let frame = &raw const thread.frame;
+        if io || self.io_owner.is_some() {
+            let task = thread.task.expect("runnable thread without task");
+            self.load_io_bitmap(task);
+        }
+        if root != self.loaded_root {
             // SAFETY: every task's PML4 maps the kernel half.
             unsafe { cpu::write_cr3(root) };
+            self.loaded_root = root;
         }
-        self.load_io_bitmap(task);
-        let thread = self.thread(id);
-        // SAFETY: the UTCB address is a user address chosen at bind time.
-        unsafe { cpu::wrmsr(cpu::msr::FS_BASE, thread.utcb_address) };
-        let frame = &raw const thread.frame;
+        if utcb != self.fs_base {
+            // SAFETY: the UTCB address is a user address chosen at bind time.
+            unsafe { cpu::wrmsr(cpu::msr::FS_BASE, utcb) };
+            self.fs_base = utcb;
+        }
         // SAFETY: the frame lives in the boxed thread until the thread is destroyed, which
         // cannot happen before the next kernel entry; the page tables are the thread's.
         unsafe { return_to_user(frame) }
+    }
+
+    /// Note that `task` now has an I/O bitmap (its threads' switch path must load it).
+    pub fn mark_io_task(&mut self, task: TaskId) {
+        let threads = self
+            .tasks
+            .get(task)
+            .map(|t| t.threads.clone())
+            .unwrap_or_default();
+        for t in threads {
+            if let Some(thread) = self.threads.get_mut(t) {
+                thread.task_has_io = true;
+            }
+        }
     }
 }
 

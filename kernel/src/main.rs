@@ -7,6 +7,7 @@ extern crate alloc;
 
 pub mod arch;
 pub mod bootstrap;
+pub mod fastpath;
 pub mod fault;
 pub mod ipc;
 pub mod irq;
@@ -51,8 +52,10 @@ pub extern "C" fn kernel_main(magic: u32, multiboot_info: u32) -> ! {
 
 /// Entry from the syscall stub; `frame` is the current thread's saved state.
 #[no_mangle]
-extern "C" fn syscall_dispatch(_frame: *mut Frame) -> ! {
-    syscall::dispatch(kernel::kernel())
+extern "C" fn syscall_dispatch(frame: *mut Frame) -> ! {
+    let k = kernel::kernel();
+    fastpath::try_fastpath(k, frame);
+    syscall::dispatch(k)
 }
 
 /// Entry from the interrupt and exception stubs.

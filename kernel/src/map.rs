@@ -199,14 +199,21 @@ pub fn revoke_memory(k: &mut Kernel, keys: &[Key]) {
     }
 }
 
+/// If the TSS holds `task`'s I/O bitmap, load its new contents now (a revoked port must not
+/// stay usable until the next switch).
+fn refresh_io(k: &mut Kernel, task: TaskId) {
+    if k.io_owner == Some(task) {
+        let bitmap = k.tasks.get(task).and_then(|t| t.io_bitmap.as_deref());
+        crate::arch::x86_64::entry::set_io_bitmap(bitmap);
+    }
+}
+
 fn revoke_io(k: &mut Kernel, keys: &[Key]) {
     for &(space, port) in keys {
         let id = task_of_key(space);
         if let Some(task) = k.tasks.get_mut(id) {
             task.set_port(port as u32, false);
-            if k.io_owner == Some(id) {
-                k.io_owner = None;
-            }
+            refresh_io(k, id);
         }
     }
 }
@@ -246,10 +253,14 @@ fn map_io(
         };
         if let Ok(replaced) = replaced {
             revoke_io(k, &replaced);
+            let had_bitmap = k.tasks.get(to).is_some_and(|t| t.io_bitmap.is_some());
             k.tasks
                 .get_mut(to)
                 .expect("task")
                 .set_port(port as u32, true);
+            if !had_bitmap {
+                k.mark_io_task(to);
+            }
             if grant {
                 k.tasks
                     .get_mut(from)
@@ -258,9 +269,8 @@ fn map_io(
             }
         }
     }
-    if k.io_owner == Some(to) || k.io_owner == Some(from) {
-        k.io_owner = None;
-    }
+    refresh_io(k, to);
+    refresh_io(k, from);
     Ok(())
 }
 

@@ -332,10 +332,13 @@ pub fn bind_thread(k: &mut Kernel, thread: ThreadId, task: TaskId, utcb: u64) ->
     // SAFETY: a fresh kernel-owned frame in the direct map.
     let u = unsafe { &mut *(phys_to_virt(frame) as *mut Utcb) };
     u.user[0] = utcb;
+    let has_io = k.tasks.get(task).is_some_and(|t| t.io_bitmap.is_some());
     let t = k.thread(thread);
     t.task = Some(task);
     t.utcb_address = utcb;
     t.utcb_frame = frame;
+    t.space_root = space.root;
+    t.task_has_io = has_io;
     k.tasks.get_mut(task).expect("task").threads.push(thread);
     Ok(())
 }
@@ -577,6 +580,7 @@ fn debug_write(k: &mut Kernel, id: ThreadId, address: u64, length: u64) -> Resul
 pub fn destroy_task(k: &mut Kernel, task: TaskId) {
     crate::map::revoke_task(k, task);
     if k.io_owner == Some(task) {
+        crate::arch::x86_64::entry::set_io_bitmap(None);
         k.io_owner = None;
     }
     let threads = core::mem::take(&mut k.tasks.get_mut(task).expect("task").threads);

@@ -109,6 +109,10 @@ pub struct Thread {
     pub receive_timeout: Timeout,
     /// Address of the page fault being resolved.
     pub fault_address: u64,
+    /// Page-table root of its task (cached at bind time).
+    pub space_root: u64,
+    /// Whether its task has an I/O bitmap (cached; the switch path then loads it).
+    pub task_has_io: bool,
     /// A number for logs.
     pub number: u32,
 }
@@ -133,6 +137,8 @@ impl Thread {
             kernel_message: None,
             receive_timeout: Timeout::INFINITE,
             fault_address: 0,
+            space_root: 0,
+            task_has_io: false,
             number,
         }
     }

@@ -83,6 +83,12 @@ impl<T> Arena<T> {
         slot.value.as_deref_mut()
     }
 
+    /// A raw pointer to object `id` (stable while it lives: objects are boxed), for callers
+    /// that must hold two objects at once.
+    pub fn get_ptr(&mut self, id: ObjectId) -> Option<*mut T> {
+        self.get_mut(id).map(|object| object as *mut T)
+    }
+
     /// Whether `id` names a live object.
     pub fn contains(&self, id: ObjectId) -> bool {
         self.get(id).is_some()

@@ -234,8 +234,11 @@ fn walk(
     f: &mut impl FnMut(u64, Translation),
 ) {
     let span = 1u64 << (12 + 9 * level);
-    let limit = if level == 3 { 256 } else { 512 };
-    for i in 0..limit {
+    let limit: u64 = if level == 3 { 256 } else { 512 };
+    // Only the entries that overlap start..end.
+    let first = start.saturating_sub(base) / span;
+    let last = (end.saturating_sub(base)).div_ceil(span).min(limit);
+    for i in first as usize..last as usize {
         let address = base + i as u64 * span;
         if address >= end || address.wrapping_add(span) <= start {
             continue;

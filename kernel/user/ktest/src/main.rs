@@ -217,27 +217,18 @@ const PAGER_NORMAL: u64 = 1;
 const PAGER_REFUSING: u64 = 2;
 /// Badge of the pager gate that maps the marker page for reads in the test area.
 const PAGER_PROBE: u64 = 3;
-/// Children's stacks end here.
-const CHILD_STACK_TOP: u64 = 0x0000_5000_0000_0000;
+
 /// Addresses the pager refuses (for fault tests).
 const TEST_AREA: u64 = 0x0000_6000_0000_0000;
 /// Where the map test places a page in a child.
 const MAP_ADDRESS: u64 = 0x0000_6100_0000_0000;
-/// This binary's image range.
-const IMAGE: core::ops::Range<u64> = 0x40_0000..0x1000_0000;
+use l4::child::IMAGE;
 
 static FAULTS: AtomicU64 = AtomicU64::new(0);
 static LAST_FAULT: AtomicU64 = AtomicU64::new(0);
 static LAST_ACCESS: AtomicU64 = AtomicU64::new(0);
 
-fn fresh_page() -> u64 {
-    let layout = core::alloc::Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize)
-        .expect("layout");
-    // SAFETY: a valid non-zero layout; the page is leaked to the child.
-    let page = unsafe { alloc::alloc::alloc_zeroed(layout) };
-    assert!(!page.is_null(), "out of heap");
-    page as u64
-}
+use l4::child::fresh_page;
 
 fn resolve_child_fault(badge: u64, address: u64, access: u64) -> Option<MapItem> {
     let page = address & !(PAGE_SIZE - 1);
@@ -252,37 +243,7 @@ fn resolve_child_fault(badge: u64, address: u64, access: u64) -> Option<MapItem>
     if badge == PAGER_REFUSING || in_test_area {
         return None;
     }
-    if IMAGE.contains(&page) {
-        // Make sure our own page is present before we map it on.
-        // SAFETY: the address lies in this binary's image, which is mapped on demand.
-        unsafe { core::ptr::read_volatile(page as *const u8) };
-        if access & fault_access::WRITE != 0 {
-            let copy = fresh_page();
-            // SAFETY: both pages are mapped in this task.
-            unsafe {
-                core::ptr::copy_nonoverlapping(
-                    page as *const u8,
-                    copy as *mut u8,
-                    PAGE_SIZE as usize,
-                )
-            };
-            return Some(MapItem::map(
-                page,
-                Fpage::memory(copy, 12, Fpage::READ | Fpage::WRITE),
-            ));
-        }
-        return Some(MapItem::map(
-            page,
-            Fpage::memory(page, 12, Fpage::READ | Fpage::EXECUTE),
-        ));
-    }
-    if (CHILD_STACK_TOP - 0x10_0000..CHILD_STACK_TOP).contains(&page) {
-        return Some(MapItem::map(
-            page,
-            Fpage::memory(fresh_page(), 12, Fpage::READ | Fpage::WRITE),
-        ));
-    }
-    None
+    l4::child::resolve_image_fault(address, access)
 }
 
 extern "C" fn pager_thread(_: u64) -> ! {
@@ -350,7 +311,7 @@ extern "C" fn child_write_mapped() -> ! {
 extern "C" fn child_capabilities() -> ! {
     let create = sys::factory_create(slots::FACTORY, ObjectKind::Thread, 20, 0, 0);
     let control = sys::ex_regs(slots::SELF_THREAD, 0, 0, 0).map(|_| ());
-    let destroy = sys::task_destroy(slots::SELF_TASK);
+    let destroy = sys::shutdown(slots::PLATFORM, 0);
     let code = |r: Result<(), Error>| match r {
         Ok(()) => 0,
         Err(e) => e as u64,
@@ -388,31 +349,11 @@ impl Suite {
         handler: u64,
         start: bool,
     ) -> (u64, u64) {
-        let task = alloc_slot();
-        sys::factory_create(slots::FACTORY, ObjectKind::Task, task, 0, 0).expect("create task");
-        let thread = new_thread_slot();
-        sys::thread_control(thread, task, UTCB_AREA, pager, handler).expect("thread_control child");
-        sys::cap_copy(task, self.peer, slots::PEER, rights::SEND, 0).expect("peer cap");
-        if start {
-            sys::ex_regs(
-                thread,
-                entry as *const () as u64,
-                CHILD_STACK_TOP - 8,
-                ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START,
-            )
-            .expect("start child");
-        }
-        (task, thread)
+        l4::child::create(entry, pager, handler, self.peer, start).expect("create child task")
     }
 
     fn start(&self, thread: u64, entry: extern "C" fn() -> !) {
-        sys::ex_regs(
-            thread,
-            entry as *const () as u64,
-            CHILD_STACK_TOP - 8,
-            ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START,
-        )
-        .expect("start child");
+        l4::child::start(thread, entry).expect("start child");
     }
 }
 

@@ -107,7 +107,6 @@ struct Agent {
 impl Agent {
     fn new(suite: &Suite) -> Agent {
         let (task, thread) = suite.child(child_agent, suite.pager_probe, suite.recorder, true);
-        sys::cap_copy(task, task, slots::SELF_TASK, rights::ALL, 0).expect("agent's own task");
         Agent { task, thread }
     }
 

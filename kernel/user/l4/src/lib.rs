@@ -5,6 +5,7 @@
 
 extern crate alloc;
 
+pub mod child;
 pub mod ipc;
 pub mod kip;
 pub mod rt;

@@ -346,6 +346,11 @@ fn main() -> i64 {
                 }
                 finish(child, &mut pool, &alloc::format!("exited with code {code}"));
             }
+            l4::abi::LABEL_EXCEPTION => {
+                failures += 1;
+                let (vector, error, ip) = (message.word(0), message.word(1), message.word(2));
+                finish(child, &mut pool, &alloc::format!("raised unhandled exception {vector} (error {error:#x}) at ip {ip:#x}; destroyed"));
+            }
             LABEL_DEATH => {
                 failures += 1;
                 let (reason, detail, ip) = (message.word(0), message.word(1), message.word(2));

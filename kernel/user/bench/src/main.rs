@@ -1,0 +1,297 @@
+//! Kernel microbenchmarks. Run under QEMU with `-icount shift=0`, where `rdtsc` deltas count
+//! guest instructions exactly; each result is the median of many iterations (after a warm-up),
+//! minus the cost of the `rdtsc` pair itself. Prints one line per benchmark:
+//! `bench: NAME median=M min=N iterations=K`.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use l4::abi::{
+    slots, Fpage, IrqOp, MapItem, MessageTag, ObjectKind, Syscall, Timeouts, LABEL_PAGE_FAULT,
+    NO_CAP, OPEN_WAIT, PAGE_SIZE,
+};
+use l4::child::fresh_page;
+use l4::ipc::{self, raw_ipc};
+use l4::thread::{alloc_slot, spawn, Spawn};
+use l4::{println, sys};
+
+const ITERATIONS: usize = 2000;
+const WARMUP: usize = 100;
+
+fn rdtsc() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: rdtsc has no side effects.
+    unsafe { core::arch::asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack)) };
+    (high as u64) << 32 | low as u64
+}
+
+static OVERHEAD: AtomicU64 = AtomicU64::new(0);
+
+fn report(name: &str, samples: &mut [u64]) {
+    samples.sort_unstable();
+    let overhead = OVERHEAD.load(SeqCst);
+    let median = samples[samples.len() / 2].saturating_sub(overhead);
+    let min = samples[0].saturating_sub(overhead);
+    println!(
+        "bench: {name} median={median} min={min} iterations={}",
+        samples.len()
+    );
+}
+
+/// Measure `f` ITERATIONS times after WARMUP runs.
+fn measure(name: &str, mut f: impl FnMut()) {
+    for _ in 0..WARMUP {
+        f();
+    }
+    let mut samples = Vec::with_capacity(ITERATIONS);
+    for _ in 0..ITERATIONS {
+        let t0 = rdtsc();
+        f();
+        let t1 = rdtsc();
+        samples.push(t1 - t0);
+    }
+    report(name, &mut samples);
+}
+
+/// Echo server: replies with the tag's word count, the words left in registers and the UTCB.
+fn echo_loop() -> ! {
+    // SAFETY: raw IPC on our own UTCB.
+    let (mut rax, mut tag, _, mut words) =
+        unsafe { raw_ipc(Syscall::Receive, 0, OPEN_WAIT, 0, 0, [0; 4]) };
+    loop {
+        let reply = if rax == 0 {
+            MessageTag::new(0, MessageTag(tag).untyped(), 0).0
+        } else {
+            0
+        };
+        // SAFETY: as above.
+        (rax, tag, _, words) =
+            unsafe { raw_ipc(Syscall::ReplyWait, 0, OPEN_WAIT, reply, 0, words) };
+    }
+}
+
+extern "C" fn echo_thread(_: u64) -> ! {
+    echo_loop()
+}
+
+extern "C" fn echo_child() -> ! {
+    echo_loop()
+}
+
+fn round_trips(prefix: &str, server: u64) {
+    for words in [0usize, 8, 64] {
+        let tag = MessageTag::new(1, words, 0).0;
+        let name = alloc::format!("{prefix}_{words}w");
+        measure(&name, || {
+            // SAFETY: raw IPC; words 4.. come from our UTCB as they are.
+            let (rax, ..) = unsafe { raw_ipc(Syscall::Call, server, 0, tag, 0, [1, 2, 3, 4]) };
+            assert_eq!(rax, 0, "IPC failed in benchmark");
+        });
+    }
+}
+
+// ---- page faults: a child touches pages, our pager maps pre-zeroed ones
+
+const FAULT_AREA: u64 = 0x0000_6000_0000_0000;
+static POOL: AtomicU64 = AtomicU64::new(0);
+static POOL_NEXT: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn pager_thread(_: u64) -> ! {
+    let mut message = ipc::wait(Timeouts::INFINITE);
+    loop {
+        let Ok(m) = message else {
+            message = ipc::wait(Timeouts::INFINITE);
+            continue;
+        };
+        let item = if m.tag.label() != LABEL_PAGE_FAULT {
+            None
+        } else if (FAULT_AREA..FAULT_AREA + (1 << 30)).contains(&m.word(0)) {
+            let page = POOL.load(SeqCst) + POOL_NEXT.fetch_add(1, SeqCst) * PAGE_SIZE;
+            Some(MapItem::map(
+                m.word(0),
+                Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE),
+            ))
+        } else {
+            l4::child::resolve_image_fault(m.word(0), m.word(1))
+        };
+        message = match item {
+            Some(item) => ipc::reply_wait(
+                MessageTag::new(0, 0, 1),
+                &[item.control, item.fpage.0],
+                Timeouts::INFINITE,
+            ),
+            None => ipc::reply_wait(MessageTag::new(-1, 0, 0), &[], Timeouts::INFINITE),
+        };
+    }
+}
+
+const FAULTS: usize = 1000;
+
+extern "C" fn fault_child() -> ! {
+    let mut samples = [0u64; FAULTS];
+    for (i, sample) in samples.iter_mut().enumerate() {
+        let address = FAULT_AREA + i as u64 * PAGE_SIZE;
+        let t0 = rdtsc();
+        // SAFETY: the pager maps this page on the fault.
+        unsafe { core::ptr::write_volatile(address as *mut u64, 1) };
+        *sample = rdtsc() - t0;
+    }
+    samples.sort_unstable();
+    let _ = ipc::send(
+        slots::PEER,
+        MessageTag::new(1, 2, 0),
+        &[samples[FAULTS / 2], samples[0]],
+        Timeouts::INFINITE,
+    );
+    sys::thread_exit(0)
+}
+
+// ---- IRQ latency
+
+static IRQ_SEEN: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn irq_thread(irq: u64) -> ! {
+    loop {
+        if ipc::wait(Timeouts::INFINITE).is_ok() {
+            IRQ_SEEN.store(rdtsc(), SeqCst);
+            let _ = sys::irq_control(irq, IrqOp::Acknowledge, 0);
+        }
+    }
+}
+
+fn main() -> i64 {
+    println!("# bench: kernel microbenchmarks (guest instructions under -icount)");
+    let mut empty = Vec::new();
+    for _ in 0..1000 {
+        let t0 = rdtsc();
+        let t1 = rdtsc();
+        empty.push(t1 - t0);
+    }
+    empty.sort_unstable();
+    OVERHEAD.store(empty[500], SeqCst);
+
+    // Two threads of one address space.
+    let local = spawn(echo_thread, 0, Spawn::default()).expect("server thread");
+    sys::thread_yield();
+    round_trips("ipc_call_reply_same_space", local);
+
+    // Two address spaces.
+    let pager = spawn(pager_thread, 0, Spawn::default()).expect("pager thread");
+    let pager_gate = alloc_slot();
+    sys::factory_create(slots::FACTORY, ObjectKind::Gate, pager_gate, pager, 1).expect("gate");
+    let (_, remote) =
+        l4::child::create(echo_child, pager_gate, NO_CAP, NO_CAP, true).expect("child");
+    sys::thread_yield();
+    round_trips("ipc_call_reply_cross_space", remote);
+
+    // Map and unmap into another task.
+    let (target, _) =
+        l4::child::create(echo_child, pager_gate, NO_CAP, NO_CAP, false).expect("target task");
+    let page = fresh_page();
+    let destination = 0x0000_7000_0000_0000;
+    let mut map_samples = Vec::new();
+    let mut unmap_samples = Vec::new();
+    for i in 0..ITERATIONS + WARMUP {
+        let t0 = rdtsc();
+        sys::map(
+            target,
+            Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE),
+            destination,
+            0,
+        )
+        .expect("map");
+        let t1 = rdtsc();
+        // SAFETY: revokes only the copy in the other task.
+        unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) }.expect("unmap");
+        let t2 = rdtsc();
+        if i >= WARMUP {
+            map_samples.push(t1 - t0);
+            unmap_samples.push(t2 - t1);
+        }
+    }
+    report("map_4k", &mut map_samples);
+    report("unmap_4k", &mut unmap_samples);
+
+    let layout = core::alloc::Layout::from_size_align(2 << 20, 2 << 20).expect("layout");
+    // SAFETY: a valid layout; the region is leaked.
+    let region = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
+    let mut map_samples = Vec::new();
+    let mut unmap_samples = Vec::new();
+    for i in 0..110 {
+        let t0 = rdtsc();
+        sys::map(
+            target,
+            Fpage::memory(region, 21, Fpage::READ | Fpage::WRITE),
+            destination,
+            0,
+        )
+        .expect("map");
+        let t1 = rdtsc();
+        // SAFETY: revokes only the copies in the other task.
+        unsafe { sys::unmap(Fpage::memory(region, 21, 7), 0) }.expect("unmap");
+        let t2 = rdtsc();
+        if i >= 10 {
+            map_samples.push(t1 - t0);
+            unmap_samples.push(t2 - t1);
+        }
+    }
+    report("map_2m_flexpage_of_4k_pages", &mut map_samples);
+    report("unmap_2m_flexpage_of_4k_pages", &mut unmap_samples);
+
+    // Page faults resolved by a pager in another task.
+    let layout =
+        core::alloc::Layout::from_size_align((FAULTS + 8) * PAGE_SIZE as usize, PAGE_SIZE as usize)
+            .expect("layout");
+    // SAFETY: a valid layout; zeroing faults the pool in now, so the pager maps present pages.
+    let pool = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
+    let contiguous = pool != 0;
+    POOL.store(pool, SeqCst);
+    let peer = alloc_slot();
+    sys::factory_create(
+        slots::FACTORY,
+        ObjectKind::Gate,
+        peer,
+        slots::SELF_THREAD,
+        7,
+    )
+    .expect("gate");
+    let _ = l4::child::create(fault_child, pager_gate, NO_CAP, peer, true).expect("fault child");
+    match ipc::wait(Timeouts::INFINITE) {
+        Ok(m) if contiguous => println!(
+            "bench: page_fault_via_pager median={} min={} iterations={FAULTS}",
+            m.word(0).saturating_sub(OVERHEAD.load(SeqCst)),
+            m.word(1).saturating_sub(OVERHEAD.load(SeqCst))
+        ),
+        Ok(_) => println!("# bench: page-fault pool not contiguous; skipped"),
+        Err(e) => println!("# bench: page-fault child: {e:?}"),
+    }
+
+    // IRQ delivery: software trigger to a waiting handler thread of higher priority.
+    let irq = alloc_slot();
+    sys::factory_create(slots::PLATFORM, ObjectKind::Irq, irq, 33, 0).expect("irq");
+    let handler = alloc_slot();
+    sys::factory_create(slots::FACTORY, ObjectKind::Thread, handler, 0, 0).expect("thread");
+    let _ = handler;
+    let receiver = spawn(irq_thread, irq, Spawn::default()).expect("irq thread");
+    sys::thread_schedule(receiver, 100, 0).expect("priority");
+    sys::irq_control(irq, IrqOp::Attach, receiver).expect("attach");
+    sys::thread_yield();
+    let mut samples = Vec::new();
+    for i in 0..ITERATIONS + WARMUP {
+        let t0 = rdtsc();
+        sys::irq_control(irq, IrqOp::Trigger, 0).expect("trigger");
+        // The handler has equal priority: let it run.
+        sys::thread_yield();
+        if i >= WARMUP {
+            samples.push(IRQ_SEEN.load(SeqCst).wrapping_sub(t0));
+        }
+    }
+    report("irq_delivery_software_trigger", &mut samples);
+    println!("# bench: done");
+    0
+}
+
+l4::main!(main);

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Kernel benchmarks: boots the benchmark task twice in QEMU with -icount shift=0 (rdtsc then
+# counts guest instructions exactly), once with the IPC fast path disabled (kernel command
+# line `nofastpath`) and once enabled. Writes target/bench/kernel.json and prints a table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/build.sh bench bench-slowpath >&2
+mkdir -p target/bench
+
+run() {
+    local scenario=$1 log=target/bench/$1.log status=0
+    QEMU_TIMEOUT=900 scripts/qemu.sh "target/iso/$scenario.iso" -icount shift=0 >"$log" 2>&1 </dev/null || status=$?
+    if [ "$status" != 33 ]; then
+        echo "bench.sh: $scenario run failed (QEMU status $status); see $log" >&2
+        exit 1
+    fi
+}
+run bench
+run bench-slowpath
+
+python3 - <<'PY'
+import json, re
+def parse(path):
+    out = {}
+    for line in open(path, encoding="utf-8", errors="replace"):
+        m = re.match(r"bench: (\S+) median=(\d+) min=(\d+) iterations=(\d+)", line.strip())
+        if m:
+            out[m.group(1)] = {"median": int(m.group(2)), "min": int(m.group(3)), "iterations": int(m.group(4))}
+    return out
+fast = parse("target/bench/bench.log")
+slow = parse("target/bench/bench-slowpath.log")
+result = {
+    "unit": "guest instructions (QEMU TCG, -icount shift=0, rdtsc deltas), median",
+    "fast_path": fast,
+    "slow_path": slow,
+}
+json.dump(result, open("target/bench/kernel.json", "w"), indent=2)
+names = list(fast.keys())
+width = max(len(n) for n in names) + 2
+print(f"{'benchmark':<{width}} {'slow path':>10} {'fast path':>10}")
+for n in names:
+    s = slow.get(n, {}).get("median", "-")
+    f = fast[n]["median"]
+    print(f"{n:<{width}} {s:>10} {f:>10}")
+print("(guest instructions, median; JSON in target/bench/kernel.json)")
+PY
