@@ -17,9 +17,11 @@ const SLOW_TAG_BITS: u64 = 0xffff_f000 | (0x1f << 7) | 0x78;
 pub static mut ENABLED: bool = true;
 
 /// Try the fast path for the current thread's syscall; returns if the slow path must run.
-/// `frame` is the frame the syscall entry saved: the `frame` field of the current thread.
+///
+/// # Safety
+/// `frame` must be the frame the syscall entry saved: the `frame` field of the current thread.
 #[inline(always)]
-pub fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
+pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
     // SAFETY: written once at boot.
     if !unsafe { ENABLED } {
         return;
@@ -112,5 +114,6 @@ pub fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
         };
     }
     sender.deadline = None;
-    k.resume_thread(target, receiver_ptr);
+    // SAFETY: `receiver_ptr` is the live boxed thread `target`.
+    unsafe { k.resume_thread(target, receiver_ptr) }
 }

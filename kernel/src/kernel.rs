@@ -203,13 +203,17 @@ impl Kernel {
     /// Return to user mode in thread `id`.
     pub fn resume(&mut self, id: ThreadId) -> ! {
         let thread = self.threads.get(id).expect("resuming a dead thread");
-        self.resume_thread(id, thread as *const Thread)
+        // SAFETY: just looked up: the live thread `id`.
+        unsafe { self.resume_thread(id, thread as *const Thread) }
     }
 
     /// Return to user mode in thread `id`, whose object is at `thread` (a shortcut of
     /// [`Kernel::resume`] for callers that hold the pointer already).
+    ///
+    /// # Safety
+    /// `thread` must point to the live, boxed thread `id`.
     #[inline(always)]
-    pub fn resume_thread(&mut self, id: ThreadId, thread: *const Thread) -> ! {
+    pub unsafe fn resume_thread(&mut self, id: ThreadId, thread: *const Thread) -> ! {
         self.current = Some(id);
         // SAFETY: the caller passes the live, boxed thread `id`.
         let thread = unsafe { &*thread };

@@ -54,7 +54,8 @@ pub extern "C" fn kernel_main(magic: u32, multiboot_info: u32) -> ! {
 #[no_mangle]
 extern "C" fn syscall_dispatch(frame: *mut Frame) -> ! {
     let k = kernel::kernel();
-    fastpath::try_fastpath(k, frame);
+    // SAFETY: the syscall stub passes the current thread's frame.
+    unsafe { fastpath::try_fastpath(k, frame) };
     syscall::dispatch(k)
 }
 
