@@ -53,6 +53,12 @@ fn describe(k: &Kernel, id: ThreadId) -> (u32, &str) {
 /// A user page fault of the current thread at `address` with CPU error code `error`.
 pub fn page_fault(k: &mut Kernel, address: u64, error: u64) {
     let id = k.current_id();
+    page_fault_of(k, id, address, error);
+}
+
+/// A page fault of thread `id` (the current one, or one the kernel faults on behalf of for a
+/// string copy) at `address`: a call to its pager.
+pub fn page_fault_of(k: &mut Kernel, id: ThreadId, address: u64, error: u64) {
     let rip = k.thread(id).frame.rip;
     let access = error & (fault_access::PRESENT | fault_access::WRITE | fault_access::EXECUTE);
     let target = k.thread(id).pager.map(|cap| k.ipc_target(cap));
@@ -110,7 +116,18 @@ pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, mes
         };
         match map_fpage(k, from, source, to, destination, item.is_grant()) {
             Ok(()) => {
-                k.wake(faulter);
+                match k.thread(faulter).resume_receive.take() {
+                    // Faulted for a string copy while waiting: wait again (and take the
+                    // sender that is queued by now).
+                    Some(from) => {
+                        if ipc::receive(k, faulter, from, Timeout::INFINITE).is_ok()
+                            && k.thread(faulter).state == ThreadState::Ready
+                        {
+                            k.wake(faulter);
+                        }
+                    }
+                    None => k.wake(faulter),
+                }
                 return;
             }
             Err(e) => crate::warn!("fault reply mapping failed: {e}"),

@@ -5,10 +5,12 @@ use crate::arch::x86_64::paging::phys_to_virt;
 use crate::kernel::Kernel;
 use crate::map::{map_flexpage, place_window};
 use crate::object::ThreadId;
+use crate::strings;
 use crate::thread::{AfterDelivery, Awaiting, ThreadState, KERNEL_MESSAGE_WORDS};
 use l4_abi::{
-    Error, Fpage, FpageKind, MapItem, MessageTag, Timeout, TimeoutKind, Utcb, BR_OBJECT_WINDOW,
-    BR_RECEIVE_WINDOW, MAX_WORDS, RECEIVE_PHASE,
+    Error, Fpage, FpageKind, MapItem, MessageTag, StringItem, Timeout, TimeoutKind, Utcb,
+    BR_OBJECT_WINDOW, BR_RECEIVE_WINDOW, KERNEL_AREA_START, MAX_STRINGS, MAX_STRING_LENGTH,
+    MAX_WORDS, RECEIVE_PHASE,
 };
 
 /// A message on its way from sender to receiver.
@@ -38,9 +40,22 @@ pub fn validate_outgoing(k: &mut Kernel, sender: ThreadId) -> Result<(), Error> 
         return Ok(());
     }
     let message = read_message(k, sender);
+    let mut strings = 0;
     for item in 0..tag.typed() {
-        let fpage = Fpage(message.words[tag.untyped() + 2 * item + 1]);
-        if !fpage.is_valid() {
+        let (w0, w1) = (
+            message.words[tag.untyped() + 2 * item],
+            message.words[tag.untyped() + 2 * item + 1],
+        );
+        if let Some(string) = StringItem::decode(w0, w1) {
+            strings += 1;
+            let end = string.address.checked_add(string.length);
+            if strings > MAX_STRINGS
+                || string.length > MAX_STRING_LENGTH
+                || end.is_none_or(|end| end > KERNEL_AREA_START)
+            {
+                return Err(Error::InvalidArgument);
+            }
+        } else if !Fpage(w1).is_valid() {
             return Err(Error::InvalidArgument);
         }
     }
@@ -71,7 +86,7 @@ pub fn read_message(k: &mut Kernel, sender: ThreadId) -> Message {
 /// A receiver awaiting a page-fault reply has the map item applied instead, or is killed
 /// if the pager refused.
 fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
-    let message = read_message(k, sender);
+    let mut message = read_message(k, sender);
     match k.thread(receiver).state {
         ThreadState::Receiving {
             awaiting: Awaiting::PageFaultReply,
@@ -88,6 +103,9 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
             return;
         }
         _ => {}
+    }
+    if strings::has_strings(&message) {
+        strings::copy(k, sender, receiver, &mut message);
     }
     let tag = message.tag;
     let count = tag.words().min(MAX_WORDS);
@@ -116,6 +134,9 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
                 control: message.words[tag.untyped() + 2 * i],
                 fpage: Fpage(message.words[tag.untyped() + 2 * i + 1]),
             };
+            if item.control & StringItem::FLAG != 0 {
+                continue;
+            }
             let (source, destination) = match item.fpage.kind() {
                 Some(FpageKind::Memory) if memory_window.is_valid_memory() => {
                     place_window(memory_window, item)
@@ -134,6 +155,52 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
             }
         }
     }
+}
+
+fn check_strings(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+) -> Result<(), strings::Missing> {
+    let tag = MessageTag(k.thread(sender).frame.rdx);
+    if k.thread(sender).kernel_message.is_some() || tag.typed() == 0 {
+        return Ok(());
+    }
+    let message = read_message(k, sender);
+    strings::check(k, sender, receiver, &message)
+}
+
+/// Make `thread` (in an IPC syscall that has not taken effect) fault on `missing` and
+/// re-execute the syscall once the fault is resolved.
+fn restart_with_fault(k: &mut Kernel, thread: ThreadId, missing: strings::Missing) {
+    let f = &mut k.thread(thread).frame;
+    f.rip -= 2; // the length of `syscall`
+    if f.rax == l4_abi::Syscall::ReplyWait as u64 {
+        // The reply already happened: only the receive is repeated.
+        f.rax = l4_abi::Syscall::Receive as u64;
+        f.rsi = l4_abi::OPEN_WAIT;
+    }
+    k.thread(thread).state = ThreadState::Ready;
+    crate::fault::page_fault_of(
+        k,
+        thread,
+        missing.address,
+        if missing.write {
+            l4_abi::fault_access::WRITE
+        } else {
+            0
+        },
+    );
+}
+
+/// Make the waiting `receiver` fault on `missing`; afterwards it resumes its receive.
+fn fault_for_receiver(k: &mut Kernel, receiver: ThreadId, missing: strings::Missing) {
+    let ThreadState::Receiving { from, .. } = k.thread(receiver).state else {
+        return;
+    };
+    k.thread(receiver).resume_receive = Some(from);
+    k.thread(receiver).state = ThreadState::Ready;
+    crate::fault::page_fault_of(k, receiver, missing.address, l4_abi::fault_access::WRITE);
 }
 
 /// Whether thread `id` waits for the answer to a page fault or exception.
@@ -191,6 +258,21 @@ pub fn send(
         Some(_) => false,
     };
     k.thread(sender).receive_timeout = receive_timeout;
+    let mut waiting = waiting;
+    if waiting {
+        match check_strings(k, sender, target) {
+            Ok(()) => {}
+            Err(missing) if missing.thread == sender => {
+                restart_with_fault(k, sender, missing);
+                return Ok(SendOutcome::Blocked);
+            }
+            Err(missing) => {
+                // The waiting receiver's buffer lacks a page: it faults first; we queue.
+                fault_for_receiver(k, target, missing);
+                waiting = false;
+            }
+        }
+    }
     if waiting {
         deliver(k, sender, target, badge);
         if !awaits_kernel_reply(k, target) {
@@ -283,6 +365,20 @@ pub fn receive(
             .senders
             .remove(index)
             .expect("queued sender");
+        match check_strings(k, sender, receiver) {
+            Ok(()) => {}
+            Err(missing) if missing.thread == sender => {
+                // The queued sender faults on its string; we look further.
+                k.thread(sender).deadline = None;
+                restart_with_fault(k, sender, missing);
+                return receive(k, receiver, from, timeout);
+            }
+            Err(missing) => {
+                k.thread(receiver).senders.push_front(sender);
+                restart_with_fault(k, receiver, missing);
+                return Ok(());
+            }
+        }
         let ThreadState::Sending { badge, call, .. } = k.thread(sender).state else {
             unreachable!("queued sender not sending");
         };
@@ -318,6 +414,19 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<(), Error> {
         return Err(Error::NoPartner);
     }
     let kernel_reply = awaits_kernel_reply(k, caller);
+    match check_strings(k, replier, caller) {
+        Ok(()) => {}
+        Err(missing) if missing.thread == replier => {
+            k.thread(replier).caller = Some(caller);
+            restart_with_fault(k, replier, missing);
+            return Ok(());
+        }
+        Err(_) => {
+            // A reply never waits: the caller's receive buffer must be mapped.
+            abort(k, caller, Error::Timeout as u64 | RECEIVE_PHASE);
+            return Err(Error::Timeout);
+        }
+    }
     deliver(k, replier, caller, 0);
     if !kernel_reply {
         k.wake(caller);

@@ -17,6 +17,7 @@ pub mod log;
 pub mod map;
 pub mod memory;
 pub mod object;
+pub mod strings;
 pub mod syscall;
 pub mod task;
 pub mod thread;

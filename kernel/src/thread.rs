@@ -109,6 +109,8 @@ pub struct Thread {
     pub receive_timeout: Timeout,
     /// Address of the page fault being resolved.
     pub fault_address: u64,
+    /// Set while a receiver resolves a fault in its string buffer: the source it waits for.
+    pub resume_receive: Option<Option<ThreadId>>,
     /// Page-table root of its task (cached at bind time).
     pub space_root: u64,
     /// Whether its task has an I/O bitmap (cached; the switch path then loads it).
@@ -137,6 +139,7 @@ impl Thread {
             kernel_message: None,
             receive_timeout: Timeout::INFINITE,
             fault_address: 0,
+            resume_receive: None,
             space_root: 0,
             task_has_io: false,
             number,

@@ -294,6 +294,46 @@ impl MapItem {
     }
 }
 
+/// A string item (indirect long IPC): two message words after the untyped words, like a map
+/// item. Word 0: the length in bytes shifted left by 12, with [`StringItem::FLAG`] set; word 1:
+/// the address of the bytes in the sender's space. The receiver names its buffers in
+/// [`crate::Utcb::br`]`[2..10]` (up to [`MAX_STRINGS`] pairs in the same format). The kernel
+/// copies string `i` into buffer `i` (at most the buffer's length) and rewrites the item the
+/// receiver sees: word 0 the copied length, word 1 the buffer address. Pages missing in the
+/// sender's string raise a page fault of the sender (its IPC restarts once resolved); pages
+/// missing in a waiting receiver's buffer raise a page fault of the receiver before the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StringItem {
+    /// Length in bytes.
+    pub length: u64,
+    /// Address.
+    pub address: u64,
+}
+
+/// Maximum string items per message (and receive buffers).
+pub const MAX_STRINGS: usize = 4;
+/// Maximum length of one string item.
+pub const MAX_STRING_LENGTH: u64 = 4 << 20;
+
+impl StringItem {
+    /// Bit 1 of word 0 marks a string item (bit 0 is the grant bit of map items).
+    pub const FLAG: u64 = 2;
+    /// The two words.
+    pub const fn words(self) -> [u64; 2] {
+        [(self.length << 12) | StringItem::FLAG, self.address]
+    }
+    /// Decode two words, if they are a string item.
+    pub const fn decode(word0: u64, word1: u64) -> Option<StringItem> {
+        if word0 & StringItem::FLAG == 0 {
+            return None;
+        }
+        Some(StringItem {
+            length: word0 >> 12,
+            address: word1,
+        })
+    }
+}
+
 /// Where a flexpage of size `1 << send_order` lands in a receive window of size
 /// `1 << window_order` at `window_base`, given the sender's `send_base` hint, following the
 /// classic L4 rule. Returns `(destination address, source offset inside the flexpage, size)`.

@@ -77,6 +77,37 @@ extern "C" fn echo_thread(_: u64) -> ! {
     echo_loop()
 }
 
+/// Echo server with a 4 KiB receive buffer for string items (on its stack).
+fn string_echo_loop() -> ! {
+    let mut buffer = [0u8; 4096];
+    l4::utcb::set_string_buffer(0, &mut buffer);
+    echo_loop()
+}
+
+extern "C" fn string_echo_thread(_: u64) -> ! {
+    string_echo_loop()
+}
+
+extern "C" fn string_echo_child() -> ! {
+    string_echo_loop()
+}
+
+fn string_round_trip(name: &str, server: u64) {
+    let data = alloc::vec![7u8; 4096];
+    let item = l4::abi::StringItem {
+        length: 4096,
+        address: data.as_ptr() as u64,
+    }
+    .words();
+    let tag = MessageTag::new(1, 0, 1).0;
+    measure(name, || {
+        // SAFETY: raw IPC; the string item travels in the first two registers.
+        let (rax, ..) =
+            unsafe { raw_ipc(Syscall::Call, server, 0, tag, 0, [item[0], item[1], 0, 0]) };
+        assert_eq!(rax, 0, "string IPC failed in benchmark");
+    });
+}
+
 extern "C" fn echo_child() -> ! {
     echo_loop()
 }
@@ -177,6 +208,10 @@ fn main() -> i64 {
     let local = spawn(echo_thread, 0, Spawn::default()).expect("server thread");
     sys::thread_yield();
     round_trips("ipc_call_reply_same_space", local);
+    let local_strings =
+        spawn(string_echo_thread, 0, Spawn::default()).expect("string server thread");
+    sys::thread_yield();
+    string_round_trip("ipc_call_reply_same_space_4k_string", local_strings);
 
     // Two address spaces.
     let pager = spawn(pager_thread, 0, Spawn::default()).expect("pager thread");
@@ -186,6 +221,10 @@ fn main() -> i64 {
         l4::child::create(echo_child, pager_gate, NO_CAP, NO_CAP, true).expect("child");
     sys::thread_yield();
     round_trips("ipc_call_reply_cross_space", remote);
+    let (_, remote_strings) =
+        l4::child::create(string_echo_child, pager_gate, NO_CAP, NO_CAP, true).expect("child");
+    sys::thread_yield();
+    string_round_trip("ipc_call_reply_cross_space_4k_string", remote_strings);
 
     // Map and unmap into another task.
     let (target, _) =

@@ -1198,6 +1198,7 @@ fn main() -> i64 {
         ..suite
     };
     mapping_cases(&suite);
+    string_cases(&suite);
     io_cases(&suite);
     priority_cases();
 

@@ -495,3 +495,89 @@ fn spawn_with_priority(entry: extern "C" fn(u64) -> !, argument: u64, priority: 
     sys::ex_regs(slot, l4_thread_trampoline as *const () as u64, sp, ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START).expect("start");
     slot
 }
+
+// ---- string items
+
+static mut UNTOUCHED_SOURCE: [u8; 3 * 4096] = [0; 3 * 4096];
+static mut UNTOUCHED_BUFFER: [u8; 3 * 4096] = [0; 3 * 4096];
+
+fn string_tag(label: i32, untyped: usize, strings: usize) -> MessageTag {
+    MessageTag::new(label, untyped, strings)
+}
+
+/// Send a string of `argument` bytes (pattern i % 251) with one untyped word.
+extern "C" fn send_string(length: u64) -> ! {
+    let data: Vec<u8> = (0..length).map(|i| (i % 251) as u8).collect();
+    let item = l4::abi::StringItem { length, address: data.as_ptr() as u64 }.words();
+    let _ = ipc::send(slots::SELF_THREAD, string_tag(12, 1, 1), &[length, item[0], item[1]], Timeouts::INFINITE);
+    sys::thread_exit(0)
+}
+
+/// Send the untouched static source (first page marked) as a string.
+extern "C" fn send_untouched(_: u64) -> ! {
+    let address = core::ptr::addr_of!(UNTOUCHED_SOURCE) as u64;
+    let item = l4::abi::StringItem { length: 3 * 4096, address }.words();
+    let _ = ipc::send(slots::SELF_THREAD, string_tag(13, 0, 1), &item, Timeouts::INFINITE);
+    sys::thread_exit(0)
+}
+
+/// In a child (agent-like): send a string from the test area (the probing pager maps the
+/// marker page there) to the peer.
+extern "C" fn child_send_test_area_string() -> ! {
+    let item = l4::abi::StringItem { length: 64, address: page_at(0x700) }.words();
+    let _ = ipc::send(slots::PEER, string_tag(14, 0, 1), &item, Timeouts::INFINITE);
+    sys::thread_exit(0)
+}
+
+fn string_cases(suite: &Suite) {
+    let mut buffer = alloc::vec![0u8; 8192];
+    l4::utcb::set_string_buffer(0, &mut buffer);
+    let t = go(send_string, 5000);
+    let r = ipc::receive(t, RECEIVE_2S);
+    let copied = matches!(r, Ok(m) if m.tag.typed() == 1 && m.word(0) == 5000 && l4::abi::StringItem::decode(m.word(1), m.word(2)) == Some(l4::abi::StringItem { length: 5000, address: buffer.as_ptr() as u64 }));
+    check("string", "a 5000-byte string item is copied into the receive buffer", copied && (0..5000).all(|i| buffer[i] == (i % 251) as u8));
+
+    let mut small = alloc::vec![0u8; 100];
+    l4::utcb::set_string_buffer(0, &mut small);
+    let t = go(send_string, 4096);
+    let r = ipc::receive(t, RECEIVE_2S);
+    check("string", "a string longer than the buffer is truncated to it, with the length reported", matches!(r, Ok(m) if m.word(1) >> 12 == 100) && small[99] == 99);
+
+    l4::utcb::clear_string_buffer(0);
+    let t = go(send_string, 64);
+    let r = ipc::receive(t, RECEIVE_2S);
+    check("string", "without a receive buffer nothing is copied (length 0)", matches!(r, Ok(m) if m.word(1) >> 12 == 0));
+
+    // Missing pages in the receiver's buffer: we fault (through our pager) before the copy.
+    // SAFETY: only this thread uses the static, through the kernel's copy.
+    let target = unsafe { &mut *core::ptr::addr_of_mut!(UNTOUCHED_BUFFER) };
+    l4::utcb::set_string_buffer(0, target);
+    let t = go(send_string, 3 * 4096);
+    let r = ipc::receive(t, RECEIVE_2S);
+    check("string", "missing pages in the receive buffer are faulted in first", matches!(r, Ok(m) if m.word(1) >> 12 == 3 * 4096) && target[3 * 4096 - 1] == ((3 * 4096 - 1) % 251) as u8);
+
+    // Missing pages in the sender's string: it faults, then its IPC is redone.
+    l4::utcb::set_string_buffer(0, &mut buffer);
+    let t = go(send_untouched, 0);
+    let r = ipc::receive(t, RECEIVE_2S);
+    check("string", "missing pages in the sender's string are faulted in, then sent", matches!(r, Ok(m) if m.word(0) >> 12 == 8192));
+
+    // Across address spaces, with the pager of the sender resolving the fault.
+    let faults = FAULTS.load(SeqCst);
+    let (_, _) = suite.child(child_send_test_area_string, suite.pager_probe, suite.recorder, true);
+    let r = wait_badge(CHILD_BADGE);
+    let marker = u64::from_le_bytes(buffer[..8].try_into().expect("8 bytes"));
+    check("string", "a string from another task, faulted in by its pager", matches!(r, Some(m) if m.word(0) >> 12 == 64) && marker == MARKER && FAULTS.load(SeqCst) > faults);
+
+    // Hostile strings.
+    let s = go(server, 1);
+    let too_long = l4::abi::StringItem { length: l4::abi::MAX_STRING_LENGTH + 1, address: buffer.as_ptr() as u64 }.words();
+    check_eq("string", "string longer than the maximum rejected", ipc::send(s, string_tag(1, 0, 1), &too_long, POLL), Err(err(Error::InvalidArgument, false)));
+    let kernel = l4::abi::StringItem { length: 8, address: 0xffff_8000_0000_0000 }.words();
+    check_eq("string", "string in kernel memory rejected", ipc::send(s, string_tag(1, 0, 1), &kernel, POLL), Err(err(Error::InvalidArgument, false)));
+    let item = l4::abi::StringItem { length: 8, address: buffer.as_ptr() as u64 }.words();
+    let five: Vec<u64> = (0..5).flat_map(|_| item).collect();
+    check_eq("string", "more than four strings rejected", ipc::send(s, string_tag(1, 0, 5), &five, POLL), Err(err(Error::InvalidArgument, false)));
+    let _ = ipc::call(s, tag(1, 1), &[0], RECEIVE_2S);
+    l4::utcb::clear_string_buffer(0);
+}

@@ -19,3 +19,22 @@ pub fn utcb() -> &'static mut Utcb {
 pub fn set_receive_window(window: l4_abi::Fpage) {
     utcb().br[l4_abi::BR_RECEIVE_WINDOW] = window.0;
 }
+
+/// Name receive buffer `index` (0..[`l4_abi::MAX_STRINGS`]) for string items.
+pub fn set_string_buffer(index: usize, buffer: &mut [u8]) {
+    let words = l4_abi::StringItem {
+        length: buffer.len() as u64,
+        address: buffer.as_mut_ptr() as u64,
+    }
+    .words();
+    let u = utcb();
+    u.br[2 + 2 * index] = words[0];
+    u.br[3 + 2 * index] = words[1];
+}
+
+/// Remove receive buffer `index`.
+pub fn clear_string_buffer(index: usize) {
+    let u = utcb();
+    u.br[2 + 2 * index] = 0;
+    u.br[3 + 2 * index] = 0;
+}
