@@ -167,6 +167,7 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         threads: Arena::new(),
         gates: Arena::new(),
         irqs: Arena::new(),
+        quotas: Arena::new(),
         irq_lines: [None; crate::irq::LINES],
         io_owner: None,
         memory_db: kernel_core::MappingDatabase::new(),
@@ -192,7 +193,13 @@ pub fn boot(multiboot_info: u64) -> Kernel {
             modules.len()
         );
     }
-    let (sigma0, sigma0_thread) = start_module(&mut k, &modules[0], "sigma0");
+    // sigma0 and the root task are the kernel's own creations (an unlimited quota); the root
+    // task's factory gets three quarters of the kernel pool and half the kernel heap.
+    let boot_quota = k.quotas.insert(kernel_core::Quota::new(u64::MAX));
+    let root_quota_bytes =
+        k.frames.free_frames() as u64 * PAGE_4K * 3 / 4 + crate::memory::HEAP_SIZE as u64 / 2;
+    let root_quota = k.quotas.insert(kernel_core::Quota::new(root_quota_bytes));
+    let (sigma0, sigma0_thread) = start_module(&mut k, &modules[0], "sigma0", boot_quota);
     map_sigma0_window(&mut k, sigma0);
     // sigma0's stack: 64 KiB, mapped up front (sigma0 has no pager).
     let space = k.tasks.get(sigma0).expect("sigma0").space;
@@ -211,15 +218,18 @@ pub fn boot(multiboot_info: u64) -> Kernel {
             )
             .expect("map sigma0 stack");
     }
-    let (root, root_thread) = start_module(&mut k, &modules[1], "root");
+    let (root, root_thread) = start_module(&mut k, &modules[1], "root", boot_quota);
     let pager = Capability {
         object: Object::Thread(sigma0_thread),
         rights: rights::SEND,
         badge: 0,
     };
     let caps = &mut k.tasks.get_mut(root).expect("root").caps;
-    caps.insert(slots::FACTORY, Capability::full(Object::Factory))
-        .expect("slot");
+    caps.insert(
+        slots::FACTORY,
+        Capability::full(Object::Factory(root_quota)),
+    )
+    .expect("slot");
     caps.insert(slots::PAGER, pager).expect("slot");
     caps.insert(slots::PLATFORM, Capability::full(Object::Platform))
         .expect("slot");
@@ -239,7 +249,12 @@ pub fn boot(multiboot_info: u64) -> Kernel {
 
 /// Create a task from an ELF boot module with one thread at its entry point and the
 /// capabilities to itself.
-fn start_module(k: &mut Kernel, module: &Module, name: &str) -> (TaskId, ThreadId) {
+fn start_module(
+    k: &mut Kernel,
+    module: &Module,
+    name: &str,
+    quota: crate::object::QuotaId,
+) -> (TaskId, ThreadId) {
     // SAFETY: the boot loader placed the module at this physical range (in the direct map),
     // and the memory is reserved for it.
     let bytes = unsafe {
@@ -258,7 +273,7 @@ fn start_module(k: &mut Kernel, module: &Module, name: &str) -> (TaskId, ThreadI
             module.cmdline
         )
     });
-    let task = new_task(k, name).expect("memory for a boot task");
+    let task = new_task(k, name, quota).expect("memory for a boot task");
     let space = k.tasks.get(task).expect("task").space;
     for segment in image.segments() {
         let first = page_down(segment.vaddr);
@@ -301,7 +316,7 @@ fn start_module(k: &mut Kernel, module: &Module, name: &str) -> (TaskId, ThreadI
             page += PAGE_4K;
         }
     }
-    let thread = new_thread(k);
+    let thread = new_thread(k, quota).expect("memory for a boot thread");
     bind_thread(k, thread, task, UTCB_AREA).expect("bind boot thread");
     k.thread(thread).frame = Frame::new_user(image.entry, INITIAL_STACK_TOP);
     let caps = &mut k.tasks.get_mut(task).expect("task").caps;

@@ -22,6 +22,8 @@ pub struct Kernel {
     pub gates: Arena<Gate>,
     /// IRQ objects.
     pub irqs: Arena<crate::irq::Irq>,
+    /// Kernel-memory quotas (one per factory).
+    pub quotas: Arena<kernel_core::Quota>,
     /// The IRQ object of each line.
     pub irq_lines: [Option<crate::object::IrqId>; crate::irq::LINES],
     /// The task whose I/O bitmap is loaded in the TSS (`None`: all ports denied).
@@ -115,7 +117,8 @@ impl Kernel {
             Object::Thread(id) => self.threads.contains(id),
             Object::Gate(id) => self.gates.contains(id),
             Object::Irq(id) => self.irqs.contains(id),
-            Object::Factory | Object::Platform => true,
+            Object::Factory(id) => self.quotas.contains(id),
+            Object::Platform => true,
         };
         if alive {
             Ok(cap)
@@ -254,6 +257,39 @@ impl Kernel {
 }
 
 impl Kernel {
+    /// Frames for `task`'s page tables and UTCBs, charged to its quota.
+    pub fn charged(&mut self, task: TaskId) -> Option<crate::memory::Charged<'_>> {
+        let t = self.tasks.get_mut(task)?;
+        let quota = self.quotas.get_mut(t.quota)?;
+        Some(crate::memory::Charged {
+            frames: &mut self.frames,
+            quota,
+            charged: &mut t.charged,
+        })
+    }
+
+    /// Charge `bytes` of kernel memory to `task`'s quota.
+    pub fn charge_task(&mut self, task: TaskId, bytes: u64) -> Result<(), Error> {
+        let t = self.tasks.get_mut(task).ok_or(Error::InvalidCapability)?;
+        let quota = self
+            .quotas
+            .get_mut(t.quota)
+            .ok_or(Error::InvalidCapability)?;
+        quota.charge(bytes).map_err(|_| Error::OutOfMemory)?;
+        t.charged += bytes;
+        Ok(())
+    }
+
+    /// Give back `bytes` charged to `task` earlier.
+    pub fn refund_task(&mut self, task: TaskId, bytes: u64) {
+        if let Some(t) = self.tasks.get_mut(task) {
+            if let Some(quota) = self.quotas.get_mut(t.quota) {
+                quota.refund(bytes);
+            }
+            t.charged = t.charged.saturating_sub(bytes);
+        }
+    }
+
     /// Make the TSS's I/O permission bitmap that of `task` (copied only on change).
     fn load_io_bitmap(&mut self, task: TaskId) {
         let has_bitmap = self.tasks.get(task).is_some_and(|t| t.io_bitmap.is_some());

@@ -25,6 +25,75 @@ fn task_of_key(space: u64) -> TaskId {
     }
 }
 
+/// Kernel memory charged per mapping-database node (to the task that holds the mapping).
+pub const NODE_BYTES: u64 = 64;
+
+/// Which mapping database.
+#[derive(Clone, Copy)]
+enum Db {
+    Memory,
+    Io,
+    Caps,
+}
+
+fn db(k: &mut Kernel, which: Db) -> &mut kernel_core::MappingDatabase<Key> {
+    match which {
+        Db::Memory => &mut k.memory_db,
+        Db::Io => &mut k.io_db,
+        Db::Caps => &mut k.cap_db,
+    }
+}
+
+/// Record `to_key` (in task `to`) as mapped (or granted) from `from_key` (in task `from`),
+/// charging new nodes to their tasks' quotas. Returns the keys the new mapping replaced (the
+/// caller revokes them).
+fn derive(
+    k: &mut Kernel,
+    which: Db,
+    from: TaskId,
+    from_key: Key,
+    to: TaskId,
+    to_key: Key,
+    grant: bool,
+) -> Result<Vec<Key>, Error> {
+    let parent_new = !db(k, which).contains(from_key);
+    let child_new = !db(k, which).contains(to_key);
+    let charge_parent = parent_new && !grant;
+    if charge_parent {
+        k.charge_task(from, NODE_BYTES)?;
+    }
+    if child_new {
+        if let Err(e) = k.charge_task(to, NODE_BYTES) {
+            if charge_parent {
+                k.refund_task(from, NODE_BYTES);
+            }
+            return Err(e);
+        }
+    }
+    let result = if grant {
+        db(k, which).grant(from_key, to_key)
+    } else {
+        db(k, which).map(from_key, to_key)
+    };
+    match result {
+        Ok(replaced) => {
+            if grant && !parent_new {
+                k.refund_task(from, NODE_BYTES);
+            }
+            Ok(replaced)
+        }
+        Err(_) => {
+            if charge_parent {
+                k.refund_task(from, NODE_BYTES);
+            }
+            if child_new {
+                k.refund_task(to, NODE_BYTES);
+            }
+            Err(Error::InvalidArgument)
+        }
+    }
+}
+
 /// Where map item `item` lands in receive window `window`: the part of the sender's flexpage
 /// that is transferred, and its destination (address or slot).
 pub fn place_window(window: Fpage, item: MapItem) -> (Fpage, u64) {
@@ -150,11 +219,29 @@ pub fn map_fpage(
         {
             for i in 0..512 {
                 let offset = i * PAGE_4K;
-                if let Ok(replaced) = k
-                    .memory_db
-                    .map((from_key, va + offset), (to_key, large_target + offset))
-                {
-                    revoke_memory(k, &replaced);
+                match derive(
+                    k,
+                    Db::Memory,
+                    from,
+                    (from_key, va + offset),
+                    to,
+                    (to_key, large_target + offset),
+                    false,
+                ) {
+                    Ok(replaced) => revoke_memory(k, &replaced),
+                    Err(e) => {
+                        // Out of quota: the large page cannot be recorded; take it back.
+                        let mut frames = k.charged(to).ok_or(Error::InvalidCapability)?;
+                        for j in 0..512 {
+                            target_space.unmap(large_target + j * PAGE_4K, &mut frames);
+                        }
+                        for j in 0..i {
+                            k.memory_db
+                                .unmap((to_key, large_target + j * PAGE_4K), true);
+                            k.refund_task(to, NODE_BYTES);
+                        }
+                        return Err(e);
+                    }
                 }
             }
             continue;
@@ -164,23 +251,35 @@ pub fn map_fpage(
             let target = destination + (page - start);
             if mappable(page) && mappable(target) && !(from == to && page == target) {
                 let physical = t.physical + (page - va);
-                let replaced = if grant {
-                    k.memory_db.grant((from_key, page), (to_key, target))
-                } else {
-                    k.memory_db.map((from_key, page), (to_key, target))
-                };
-                match replaced {
+                match derive(
+                    k,
+                    Db::Memory,
+                    from,
+                    (from_key, page),
+                    to,
+                    (to_key, target),
+                    grant,
+                ) {
                     Ok(replaced) => revoke_memory(k, &replaced),
+                    Err(Error::OutOfMemory) => return Err(Error::OutOfMemory),
                     Err(_) => {
                         page += PAGE_4K;
                         continue;
                     }
                 }
-                target_space
-                    .map(target, physical, PAGE_4K, flags, &mut k.frames)
-                    .map_err(|_| Error::OutOfMemory)?;
+                let mapped = {
+                    let mut frames = k.charged(to).ok_or(Error::InvalidCapability)?;
+                    target_space.map(target, physical, PAGE_4K, flags, &mut frames)
+                };
+                if mapped.is_err() {
+                    // No page-table memory left in the receiver's quota: undo the record.
+                    k.memory_db.unmap((to_key, target), true);
+                    k.refund_task(to, NODE_BYTES);
+                    return Err(Error::OutOfMemory);
+                }
                 if grant {
-                    source_space.unmap(page, &mut k.frames);
+                    let mut frames = k.charged(from).ok_or(Error::InvalidCapability)?;
+                    source_space.unmap(page, &mut frames);
                 }
             }
             page += PAGE_4K;
@@ -192,9 +291,13 @@ pub fn map_fpage(
 /// Remove the page mappings named by `keys` (revoked entries of the mapping database).
 pub fn revoke_memory(k: &mut Kernel, keys: &[Key]) {
     for &(space, page) in keys {
-        if let Some(task) = k.tasks.get(task_of_key(space)) {
-            let space = task.space;
-            space.unmap(page, &mut k.frames);
+        let task = task_of_key(space);
+        if let Some(t) = k.tasks.get(task) {
+            let space = t.space;
+            if let Some(mut frames) = k.charged(task) {
+                space.unmap(page, &mut frames);
+            }
+            k.refund_task(task, NODE_BYTES);
         }
     }
 }
@@ -214,14 +317,17 @@ fn revoke_io(k: &mut Kernel, keys: &[Key]) {
         if let Some(task) = k.tasks.get_mut(id) {
             task.set_port(port as u32, false);
             refresh_io(k, id);
+            k.refund_task(id, NODE_BYTES);
         }
     }
 }
 
 fn revoke_caps(k: &mut Kernel, keys: &[Key]) {
     for &(space, slot) in keys {
-        if let Some(task) = k.tasks.get_mut(task_of_key(space)) {
+        let id = task_of_key(space);
+        if let Some(task) = k.tasks.get_mut(id) {
             let _ = task.caps.remove(slot);
+            k.refund_task(id, NODE_BYTES);
         }
     }
 }
@@ -246,14 +352,13 @@ fn map_io(
         if !held || from == to {
             continue;
         }
-        let replaced = if grant {
-            k.io_db.grant((from_key, port), (to_key, port))
-        } else {
-            k.io_db.map((from_key, port), (to_key, port))
-        };
+        let had_bitmap = k.tasks.get(to).is_some_and(|t| t.io_bitmap.is_some());
+        if !had_bitmap {
+            k.charge_task(to, crate::task::IO_BITMAP_BYTES as u64)?;
+        }
+        let replaced = derive(k, Db::Io, from, (from_key, port), to, (to_key, port), grant);
         if let Ok(replaced) = replaced {
             revoke_io(k, &replaced);
-            let had_bitmap = k.tasks.get(to).is_some_and(|t| t.io_bitmap.is_some());
             k.tasks
                 .get_mut(to)
                 .expect("task")
@@ -329,12 +434,7 @@ pub fn copy_capability(
     grant: bool,
 ) -> Result<(), Error> {
     let (from_key, to_key) = ((space_key(from), source), (space_key(to), target));
-    let replaced = if grant {
-        k.cap_db.grant(from_key, to_key)
-    } else {
-        k.cap_db.map(from_key, to_key)
-    }
-    .map_err(|_| Error::InvalidArgument)?;
+    let replaced = derive(k, Db::Caps, from, from_key, to, to_key, grant)?;
     revoke_caps(k, &replaced);
     let table = &mut k.tasks.get_mut(to).ok_or(Error::InvalidCapability)?.caps;
     let _ = table.remove(target);
@@ -381,6 +481,7 @@ pub fn unmap_flexpage(
                 let own: Vec<Key> = k.memory_db.keys_in((space, start)..(space, end));
                 for key in own {
                     k.memory_db.unmap(key, true);
+                    k.refund_task(task, NODE_BYTES);
                 }
                 let address_space = k.tasks.get(task).ok_or(Error::InvalidCapability)?.space;
                 let mut pages: Vec<(u64, u64)> = Vec::new();
@@ -390,7 +491,9 @@ pub fn unmap_flexpage(
                     let mut page = va;
                     while page < va + size && page < end {
                         if mappable(page) {
-                            address_space.unmap(page, &mut k.frames);
+                            if let Some(mut frames) = k.charged(task) {
+                                address_space.unmap(page, &mut frames);
+                            }
                         }
                         page += PAGE_4K;
                     }

@@ -27,6 +27,41 @@ pub fn heap_used() -> usize {
     HEAP.lock().used()
 }
 
+/// Frames charged to a task's quota (page tables and UTCBs it causes).
+pub struct Charged<'a> {
+    /// The frame pool.
+    pub frames: &'a mut FrameAllocator,
+    /// The quota charged.
+    pub quota: &'a mut kernel_core::Quota,
+    /// The task's running total of charged bytes (refunded when it is destroyed).
+    pub charged: &'a mut u64,
+}
+
+/// Bytes of a frame.
+pub const FRAME_BYTES: u64 = 4096;
+
+impl FrameSource for Charged<'_> {
+    fn allocate_zeroed(&mut self) -> Option<u64> {
+        self.quota.charge(FRAME_BYTES).ok()?;
+        match self.frames.allocate_zeroed() {
+            Some(frame) => {
+                *self.charged += FRAME_BYTES;
+                Some(frame)
+            }
+            None => {
+                self.quota.refund(FRAME_BYTES);
+                None
+            }
+        }
+    }
+
+    fn free_frame(&mut self, physical: u64) {
+        self.frames.free_frame(physical);
+        self.quota.refund(FRAME_BYTES);
+        *self.charged = self.charged.saturating_sub(FRAME_BYTES);
+    }
+}
+
 /// A source of physical frames for page tables.
 pub trait FrameSource {
     /// A zero-filled frame.

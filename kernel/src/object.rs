@@ -10,6 +10,8 @@ pub type ThreadId = ObjectId;
 pub type GateId = ObjectId;
 /// Identifies an IRQ object.
 pub type IrqId = ObjectId;
+/// Identifies a kernel-memory quota.
+pub type QuotaId = ObjectId;
 
 /// The kernel object a capability names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,8 +22,8 @@ pub enum Object {
     Thread(ThreadId),
     /// An IPC gate.
     Gate(GateId),
-    /// The kernel-object factory.
-    Factory,
+    /// A kernel-object factory, drawing on a quota.
+    Factory(QuotaId),
     /// Platform control.
     Platform,
     /// An interrupt line.

@@ -10,7 +10,8 @@ use crate::arch::x86_64::paging::{
 use crate::ipc::{self, SendOutcome};
 use crate::kernel::Kernel;
 use crate::map::{copy_capability, delete_capability, map_flexpage, unmap_flexpage};
-use crate::object::{Capability, Gate, Object, TaskId, ThreadId};
+use crate::memory::FrameSource;
+use crate::object::{Capability, Gate, Object, QuotaId, TaskId, ThreadId};
 use crate::task::Task;
 use crate::thread::{Thread, ThreadState};
 use crate::usermem;
@@ -165,32 +166,62 @@ fn current_task(k: &Kernel) -> TaskId {
         .expect("current thread has a task")
 }
 
-/// Create a new task: empty capability table, the KIP mapped.
-pub fn new_task(k: &mut Kernel, name: &str) -> Result<TaskId, Error> {
-    let space = AddressSpace::new(&mut k.frames).map_err(|_| Error::OutOfMemory)?;
+/// Kernel memory of a task object with its capability table and PML4.
+pub const TASK_BYTES: u64 = (core::mem::size_of::<Task>()
+    + l4_abi::CAP_SLOTS * core::mem::size_of::<Option<Capability>>())
+    as u64
+    + crate::memory::FRAME_BYTES;
+/// Kernel memory of a thread object.
+pub const THREAD_BYTES: u64 = core::mem::size_of::<Thread>() as u64;
+
+/// Create a new task whose kernel memory is charged to `quota`: empty capability table, the
+/// KIP mapped.
+pub fn new_task(k: &mut Kernel, name: &str, quota: QuotaId) -> Result<TaskId, Error> {
+    k.quotas
+        .get_mut(quota)
+        .ok_or(Error::InvalidCapability)?
+        .charge(TASK_BYTES)
+        .map_err(|_| Error::OutOfMemory)?;
+    let Ok(space) = AddressSpace::new(&mut k.frames) else {
+        k.quotas.get_mut(quota).expect("quota").refund(TASK_BYTES);
+        return Err(Error::OutOfMemory);
+    };
+    let mut task = Task::new(space, quota);
+    task.set_name(name);
+    task.charged = TASK_BYTES;
+    let id = k.tasks.insert(task);
+    let kip = k.kip_frame;
+    let mut frames = k.charged(id).expect("new task");
     if space
-        .map(
-            KIP_ADDRESS,
-            k.kip_frame,
-            PAGE_4K,
-            USER | NO_EXECUTE,
-            &mut k.frames,
-        )
+        .map(KIP_ADDRESS, kip, PAGE_4K, USER | NO_EXECUTE, &mut frames)
         .is_err()
     {
-        space.destroy(&mut k.frames);
+        destroy_task(k, id);
         return Err(Error::OutOfMemory);
     }
-    let mut task = Task::new(space);
-    task.set_name(name);
-    Ok(k.tasks.insert(task))
+    Ok(id)
 }
 
-/// Create a new, unbound thread.
-pub fn new_thread(k: &mut Kernel) -> ThreadId {
+/// Create a new, unbound thread, charged to `quota`.
+pub fn new_thread(k: &mut Kernel, quota: QuotaId) -> Result<ThreadId, Error> {
+    k.quotas
+        .get_mut(quota)
+        .ok_or(Error::InvalidCapability)?
+        .charge(THREAD_BYTES)
+        .map_err(|_| Error::OutOfMemory)?;
     k.next_thread_number += 1;
-    let number = k.next_thread_number;
-    k.threads.insert(Thread::new(number))
+    let mut thread = Thread::new(k.next_thread_number);
+    thread.quota = Some(quota);
+    Ok(k.threads.insert(thread))
+}
+
+/// Charge `bytes` for a new object to `quota`.
+fn charge(k: &mut Kernel, quota: QuotaId, bytes: usize) -> Result<(), Error> {
+    k.quotas
+        .get_mut(quota)
+        .ok_or(Error::InvalidCapability)?
+        .charge(bytes as u64)
+        .map_err(|_| Error::OutOfMemory)
 }
 
 fn factory_create(
@@ -203,12 +234,12 @@ fn factory_create(
 ) -> Result<(), Error> {
     let cap = k.lookup(factory)?;
     let kind_code = kind;
-    match (cap.object, ObjectKind::from_u64(kind_code)) {
-        (Object::Factory, _) => {}
+    let quota = match (cap.object, ObjectKind::from_u64(kind_code)) {
+        (Object::Factory(quota), _) => Some(quota),
         // The platform capability is the factory of IRQ objects.
-        (Object::Platform, Some(ObjectKind::Irq)) => {}
+        (Object::Platform, Some(ObjectKind::Irq)) => None,
         _ => return Err(Error::WrongType),
-    }
+    };
     require(cap, rights::CONTROL)?;
     let task = current_task(k);
     match k.tasks.get(task).expect("task").caps.is_free(slot) {
@@ -218,10 +249,22 @@ fn factory_create(
     }
     let kind = ObjectKind::from_u64(kind).ok_or(Error::InvalidArgument)?;
     let new = match kind {
-        ObjectKind::Task => Capability::full(Object::Task(new_task(k, "task")?)),
-        ObjectKind::Thread => Capability::full(Object::Thread(new_thread(k))),
+        ObjectKind::Task => Capability::full(Object::Task(new_task(
+            k,
+            "task",
+            quota.ok_or(Error::WrongType)?,
+        )?)),
+        ObjectKind::Thread => Capability::full(Object::Thread(new_thread(
+            k,
+            quota.ok_or(Error::WrongType)?,
+        )?)),
         ObjectKind::Gate => {
             let thread = thread_cap(k, argument)?;
+            charge(
+                k,
+                quota.ok_or(Error::WrongType)?,
+                core::mem::size_of::<Gate>(),
+            )?;
             Capability {
                 badge,
                 ..Capability::full(Object::Gate(k.gates.insert(Gate { thread })))
@@ -248,7 +291,18 @@ fn factory_create(
                 ..Capability::full(Object::Irq(irq))
             }
         }
-        ObjectKind::Factory | ObjectKind::Platform => return Err(Error::InvalidArgument),
+        ObjectKind::Factory => {
+            // A factory with a quota of `argument` bytes, carved out of this one's.
+            let parent = quota.ok_or(Error::WrongType)?;
+            if argument == 0 {
+                return Err(Error::InvalidArgument);
+            }
+            charge(k, parent, argument as usize)?;
+            Capability::full(Object::Factory(
+                k.quotas.insert(kernel_core::Quota::new(argument)),
+            ))
+        }
+        ObjectKind::Platform => return Err(Error::InvalidArgument),
     };
     k.tasks
         .get_mut(task)
@@ -313,20 +367,20 @@ fn thread_control(
 
 /// Bind `thread` to `task` with its UTCB at `utcb` (a fresh kernel frame mapped there).
 pub fn bind_thread(k: &mut Kernel, thread: ThreadId, task: TaskId, utcb: u64) -> Result<(), Error> {
-    let frame =
-        crate::memory::FrameSource::allocate_zeroed(&mut k.frames).ok_or(Error::OutOfMemory)?;
     let space = k.tasks.get(task).ok_or(Error::InvalidCapability)?.space;
+    let mut frames = k.charged(task).ok_or(Error::InvalidCapability)?;
+    let frame = frames.allocate_zeroed().ok_or(Error::OutOfMemory)?;
     if space
         .map(
             utcb,
             frame,
             PAGE_4K,
             USER | WRITABLE | NO_EXECUTE,
-            &mut k.frames,
+            &mut frames,
         )
         .is_err()
     {
-        crate::memory::FrameSource::free_frame(&mut k.frames, frame);
+        frames.free_frame(frame);
         return Err(Error::OutOfMemory);
     }
     // SAFETY: a fresh kernel-owned frame in the direct map.
@@ -594,10 +648,18 @@ pub fn destroy_task(k: &mut Kernel, task: TaskId) {
             if thread.utcb_frame != 0 {
                 crate::memory::FrameSource::free_frame(&mut k.frames, thread.utcb_frame);
             }
+            if let Some(quota) = thread.quota.and_then(|q| k.quotas.get_mut(q)) {
+                quota.refund(THREAD_BYTES);
+            }
         }
     }
     if let Some(task) = k.tasks.remove(task) {
         task.space.destroy(&mut k.frames);
+        // Everything charged on the task's behalf (object, page tables, UTCBs, mapping
+        // nodes, I/O bitmap) goes back to its quota.
+        if let Some(quota) = k.quotas.get_mut(task.quota) {
+            quota.refund(task.charged);
+        }
     }
 }
 

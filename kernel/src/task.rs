@@ -15,6 +15,10 @@ pub struct Task {
     pub threads: Vec<ThreadId>,
     /// A short name for log messages.
     pub name: [u8; 16],
+    /// The quota the task's kernel memory is charged to.
+    pub quota: crate::object::QuotaId,
+    /// Bytes charged to the quota on the task's behalf (refunded when it is destroyed).
+    pub charged: u64,
     /// I/O permission bitmap in the CPU's format (a set bit denies the port); `None` while
     /// the task holds no ports.
     pub io_bitmap: Option<alloc::boxed::Box<[u8; IO_BITMAP_BYTES]>>,
@@ -45,14 +49,16 @@ impl Task {
 }
 
 impl Task {
-    /// A task with an empty capability table.
-    pub fn new(space: AddressSpace) -> Self {
+    /// A task with an empty capability table, charging `quota`.
+    pub fn new(space: AddressSpace, quota: crate::object::QuotaId) -> Self {
         Task {
             space,
             caps: CapabilityTable::new(l4_abi::CAP_SLOTS),
             threads: Vec::new(),
             name: [0; 16],
             io_bitmap: None,
+            quota,
+            charged: 0,
         }
     }
 

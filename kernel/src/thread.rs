@@ -115,6 +115,8 @@ pub struct Thread {
     pub space_root: u64,
     /// Whether its task has an I/O bitmap (cached; the switch path then loads it).
     pub task_has_io: bool,
+    /// The quota its object was charged to.
+    pub quota: Option<crate::object::QuotaId>,
     /// A number for logs.
     pub number: u32,
 }
@@ -142,6 +144,7 @@ impl Thread {
             resume_receive: None,
             space_root: 0,
             task_has_io: false,
+            quota: None,
             number,
         }
     }

@@ -13,6 +13,8 @@ pub use capability_table::{CapabilityError, CapabilityTable};
 pub use frame_allocator::{FrameAllocator, FrameError};
 pub use ready_queues::ReadyQueues;
 pub mod arena;
+pub mod quota;
 pub use arena::{Arena, ObjectId};
+pub use quota::{Quota, QuotaExceeded};
 pub mod mapping_database;
 pub use mapping_database::{MappingDatabase, MappingError};

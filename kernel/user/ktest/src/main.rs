@@ -1199,6 +1199,7 @@ fn main() -> i64 {
     };
     mapping_cases(&suite);
     string_cases(&suite);
+    quota_cases();
     io_cases(&suite);
     priority_cases();
 

@@ -581,3 +581,53 @@ fn string_cases(suite: &Suite) {
     let _ = ipc::call(s, tag(1, 1), &[0], RECEIVE_2S);
     l4::utcb::clear_string_buffer(0);
 }
+
+// ---- kernel memory quotas
+
+fn quota_cases() {
+    let small = alloc_slot();
+    check_eq("quota", "create a factory with a 64 KiB quota", sys::factory_create(slots::FACTORY, ObjectKind::Factory, small, 64 << 10, 0), Ok(()));
+    check_eq("quota", "a factory with an empty quota is rejected", sys::factory_create(slots::FACTORY, ObjectKind::Factory, alloc_slot(), 0, 0), Err(Error::InvalidArgument));
+    check_eq("quota", "a quota larger than the parent's is refused", sys::factory_create(slots::FACTORY, ObjectKind::Factory, alloc_slot(), 1 << 50, 0), Err(Error::OutOfMemory));
+
+    // Threads until the quota runs out.
+    let mut created = 0;
+    let last = loop {
+        let slot = alloc_slot();
+        match sys::factory_create(small, ObjectKind::Thread, slot, 0, 0) {
+            Ok(()) => created += 1,
+            Err(e) => break e,
+        }
+        if created > 10_000 {
+            break Error::InvalidArgument;
+        }
+    };
+    check("quota", "creating threads stops with OutOfMemory when the quota is used up", created > 0 && last == Error::OutOfMemory);
+    check_eq("quota", "the exhausted factory refuses a task too", sys::factory_create(small, ObjectKind::Task, alloc_slot(), 0, 0), Err(Error::OutOfMemory));
+    let fine = alloc_slot();
+    check_eq("quota", "other factories are unaffected", sys::factory_create(slots::FACTORY, ObjectKind::Thread, fine, 0, 0), Ok(()));
+
+    // Page tables and mapping nodes of a task are charged to its quota.
+    let pages = alloc_slot();
+    sys::factory_create(slots::FACTORY, ObjectKind::Factory, pages, 96 << 10, 0).expect("factory");
+    let task = alloc_slot();
+    let made = sys::factory_create(pages, ObjectKind::Task, task, 0, 0);
+    let page = fresh_page();
+    let mut mapped = 0;
+    let result = loop {
+        // One page per GiB: each needs fresh page tables in the target.
+        let destination = TEST_AREA + (mapped as u64) * (1 << 30);
+        match sys::map(task, Fpage::memory(page, 12, Fpage::READ), destination, 0) {
+            Ok(()) => mapped += 1,
+            Err(e) => break e,
+        }
+        if mapped > 1000 {
+            break Error::InvalidArgument;
+        }
+    };
+    check("quota", "mapping into a task stops with OutOfMemory when its page tables exceed its quota", made.is_ok() && mapped > 0 && result == Error::OutOfMemory);
+    let destroyed = sys::task_destroy(task);
+    let again = sys::factory_create(pages, ObjectKind::Task, alloc_slot(), 0, 0);
+    check("quota", "destroying a task returns its kernel memory to the quota", destroyed.is_ok() && again.is_ok());
+    check_eq("quota", "the kernel keeps serving after quota exhaustion", ipc::wait(POLL).map(|_| ()), Err(err(Error::Timeout, true)));
+}

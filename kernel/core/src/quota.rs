@@ -1,0 +1,79 @@
+//! Kernel-memory quotas: a limit of bytes that the objects and page tables a task causes to be
+//! allocated are charged to. A creator hands a task a factory whose quota it carved from its
+//! own, so a task can never make the kernel allocate more than it was given.
+
+/// Why a charge failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaExceeded;
+
+/// A kernel-memory quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    limit: u64,
+    used: u64,
+}
+
+impl Quota {
+    /// A quota of `limit` bytes, nothing used.
+    pub const fn new(limit: u64) -> Self {
+        Quota { limit, used: 0 }
+    }
+
+    /// Bytes allowed.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Bytes still available.
+    pub fn available(&self) -> u64 {
+        self.limit - self.used
+    }
+
+    /// Charge `bytes`, or fail without change.
+    pub fn charge(&mut self, bytes: u64) -> Result<(), QuotaExceeded> {
+        match self.used.checked_add(bytes) {
+            Some(total) if total <= self.limit => {
+                self.used = total;
+                Ok(())
+            }
+            _ => Err(QuotaExceeded),
+        }
+    }
+
+    /// Give back `bytes` charged earlier (saturating: never below zero).
+    pub fn refund(&mut self, bytes: u64) {
+        self.used = self.used.saturating_sub(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charges_up_to_the_limit_and_no_further() {
+        let mut q = Quota::new(100);
+        assert_eq!(q.charge(60), Ok(()));
+        assert_eq!(q.charge(41), Err(QuotaExceeded));
+        assert_eq!(q.used(), 60);
+        assert_eq!(q.charge(40), Ok(()));
+        assert_eq!(q.available(), 0);
+        assert_eq!(q.charge(1), Err(QuotaExceeded));
+    }
+
+    #[test]
+    fn refunds_and_overflow() {
+        let mut q = Quota::new(u64::MAX - 1);
+        assert_eq!(q.charge(u64::MAX - 1), Ok(()));
+        assert_eq!(q.charge(u64::MAX), Err(QuotaExceeded));
+        q.refund(10);
+        assert_eq!(q.available(), 10);
+        q.refund(u64::MAX);
+        assert_eq!(q.used(), 0);
+    }
+}
