@@ -16,10 +16,10 @@ scenarios=("$@")
 modules_for() {
     case "$1" in
         demo) echo "demo:pong demo:ping_peer=pong" ;;
-        test) echo "ktest:ktest_factory_platform_io=0x40/2" ;;
+        test) echo "ktest:ktest_factory_platform_io=0x40/2_superpage" ;;
         bad-module) echo "bad.elf:broken demo:pong demo:ping_peer=pong" ;;
         bad-sigma0) echo "" ;;
-        bench|bench-slowpath) echo "bench:bench_factory_platform" ;;
+        bench|bench-slowpath) echo "bench:bench_factory_platform_superpage" ;;
         *) echo "unknown scenario $1" >&2; exit 2 ;;
     esac
 }

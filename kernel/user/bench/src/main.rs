@@ -280,6 +280,31 @@ fn main() -> i64 {
     report("map_2m_flexpage_of_4k_pages", &mut map_samples);
     report("unmap_2m_flexpage_of_4k_pages", &mut unmap_samples);
 
+    // A real 2 MiB page (from sigma0 through the root task, module option `superpage`).
+    const SUPERPAGE: u64 = 0x0000_0800_0000_0000;
+    let mut map_samples = Vec::new();
+    let mut unmap_samples = Vec::new();
+    for i in 0..ITERATIONS + WARMUP {
+        let t0 = rdtsc();
+        sys::map(
+            target,
+            Fpage::memory(SUPERPAGE, 21, Fpage::READ | Fpage::WRITE),
+            destination,
+            0,
+        )
+        .expect("map");
+        let t1 = rdtsc();
+        // SAFETY: revokes only the copy in the other task.
+        unsafe { sys::unmap(Fpage::memory(SUPERPAGE, 21, 7), 0) }.expect("unmap");
+        let t2 = rdtsc();
+        if i >= WARMUP {
+            map_samples.push(t1 - t0);
+            unmap_samples.push(t2 - t1);
+        }
+    }
+    report("map_2m_large_page", &mut map_samples);
+    report("unmap_2m_large_page", &mut unmap_samples);
+
     // Page faults resolved by a pager in another task.
     let layout =
         core::alloc::Layout::from_size_align((FAULTS + 8) * PAGE_SIZE as usize, PAGE_SIZE as usize)

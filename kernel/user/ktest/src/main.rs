@@ -215,6 +215,9 @@ extern "C" fn record_message(_: u64) -> ! {
 const PAGER_NORMAL: u64 = 1;
 /// Badge of the pager gate that refuses every fault.
 const PAGER_REFUSING: u64 = 2;
+/// Badge of the pager gate that answers the first fault on a page with a mapping it revoked
+/// just before (an unmap racing with the fault), and the second one properly.
+const PAGER_RACE: u64 = 4;
 /// Badge of the pager gate that maps the marker page for reads in the test area.
 const PAGER_PROBE: u64 = 3;
 
@@ -239,6 +242,9 @@ fn resolve_child_fault(badge: u64, address: u64, access: u64) -> Option<MapItem>
             page,
             Fpage::memory(marker_page(), 12, Fpage::READ),
         ));
+    }
+    if badge == PAGER_RACE && in_test_area {
+        return race_fault(page);
     }
     if badge == PAGER_REFUSING || in_test_area {
         return None;
@@ -327,6 +333,7 @@ extern "C" fn child_block() -> ! {
 }
 
 struct Suite {
+    pager_thread: u64,
     pager_normal: u64,
     pager_refusing: u64,
     pager_probe: u64,
@@ -1182,6 +1189,7 @@ fn main() -> i64 {
 
     let pager = go(pager_thread, 0);
     let suite = Suite {
+        pager_thread: pager,
         pager_normal: gate(pager, PAGER_NORMAL),
         pager_refusing: gate(pager, PAGER_REFUSING),
         pager_probe: gate(pager, PAGER_PROBE),
@@ -1200,6 +1208,7 @@ fn main() -> i64 {
     mapping_cases(&suite);
     string_cases(&suite);
     quota_cases();
+    large_page_cases(&suite);
     io_cases(&suite);
     priority_cases();
 

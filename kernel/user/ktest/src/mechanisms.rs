@@ -631,3 +631,64 @@ fn quota_cases() {
     check("quota", "destroying a task returns its kernel memory to the quota", destroyed.is_ok() && again.is_ok());
     check_eq("quota", "the kernel keeps serving after quota exhaustion", ipc::wait(POLL).map(|_| ()), Err(err(Error::Timeout, true)));
 }
+
+// ---- large pages and a fault racing with an unmap
+
+/// Where the root task put our 2 MiB page (module option `superpage`).
+const SUPERPAGE: u64 = 0x0000_0800_0000_0000;
+const TWO_MIB: u64 = 2 << 20;
+
+static RACE_FAULTS: AtomicU64 = AtomicU64::new(0);
+
+/// The racing pager: the first fault on a page gets a map item for a page the pager has just
+/// unmapped from itself (so nothing can be mapped); the second gets a real page.
+fn race_fault(page: u64) -> Option<MapItem> {
+    let n = RACE_FAULTS.fetch_add(1, SeqCst);
+    let local = fresh_page();
+    // SAFETY: a fresh page of ours.
+    unsafe { core::ptr::write_volatile(local as *mut u64, 0x5ace) };
+    if n == 0 {
+        // SAFETY: nothing of ours lives in this page any more.
+        let _ = unsafe { sys::unmap(Fpage::memory(local, 12, 7), l4::abi::UNMAP_SELF) };
+    }
+    Some(MapItem::map(page, Fpage::memory(local, 12, Fpage::READ)))
+}
+
+fn large_page_cases(suite: &Suite) {
+    // SAFETY: the root task mapped a 2 MiB page here for us.
+    let ours = |offset: u64| unsafe { core::ptr::read_volatile((SUPERPAGE + offset) as *const u64) };
+    // SAFETY: as above.
+    let write = |offset: u64, value: u64| unsafe { core::ptr::write_volatile((SUPERPAGE + offset) as *mut u64, value) };
+    let zero = (0..512).all(|i| ours(i * PAGE_SIZE) == 0);
+    write(0x10_0000, 0xb16);
+    write(0x10_1000, 0xb17);
+    check("large", "a 2 MiB page from sigma0 is mapped, zeroed and writable", zero && ours(0x10_0000) == 0xb16);
+
+    let a = Agent::new(suite);
+    let destination = TEST_AREA + 64 * TWO_MIB;
+    let mapped = sys::map(a.task, Fpage::memory(SUPERPAGE, 21, Fpage::READ), destination, 0);
+    check("large", "a 2 MiB flexpage is mapped into another task", mapped.is_ok() && a.read(destination + 0x10_0000) == 0xb16 && a.read(destination + TWO_MIB - 8) == 0);
+    // SAFETY: only the copy in the agent is revoked.
+    let split = unsafe { sys::unmap(Fpage::memory(SUPERPAGE + 0x10_0000, 12, 7), 0) };
+    check_eq(
+        "large",
+        "a partial unmap splits the large page: only the 4 KiB page goes",
+        (split, a.read(destination + 0x10_0000), a.read(destination + 0x10_1000), a.read(destination)),
+        (Ok(()), MARKER, 0xb17, 0),
+    );
+    check_eq("large", "the mapper's own large page is untouched", (ours(0x10_0000), ours(0x10_1000)), (0xb16, 0xb17));
+    // SAFETY: as above.
+    let all = unsafe { sys::unmap(Fpage::memory(SUPERPAGE, 21, 7), 0) };
+    check_eq("large", "unmapping the whole 2 MiB revokes the rest", (all, a.read(destination + 0x10_1000)), (Ok(()), MARKER));
+    check_eq("large", "a 2 MiB flexpage at a misaligned destination rejected", sys::map(a.task, Fpage::memory(SUPERPAGE, 21, Fpage::READ), destination + PAGE_SIZE, 0), Err(Error::InvalidArgument));
+    let _ = sys::task_destroy(a.task);
+
+    // A fault whose answer names memory the pager just unmapped: nothing is mapped, the thread
+    // faults again, and the second answer is used. No stale mapping survives.
+    let race_gate = gate(suite.pager_thread, PAGER_RACE);
+    let (task, thread) = suite.child(child_agent, race_gate, suite.recorder, true);
+    let agent = Agent { task, thread };
+    let value = agent.read(page_at(0x900));
+    check_eq("pagefault", "unmap racing with a fault: the thread faults again and gets the new page", (value, RACE_FAULTS.load(SeqCst)), (0x5ace, 2));
+    let _ = sys::task_destroy(task);
+}

@@ -46,9 +46,24 @@ pub mod sigma0 {
     use crate::ipc::{self, IpcError};
     use l4_abi::{Fpage, MessageTag, Timeouts};
 
-    /// Label: map the physical range `[word0, word0 + 2^word1)` (a boot module or free RAM not
-    /// yet handed out) into the caller's receive window.
+    /// Label: map the physical range `[word0, word0 + 2^word1)` (a boot module) into the
+    /// caller's receive window.
     pub const LABEL_PHYSICAL: i32 = 0x5330;
+    /// Label: allocate fresh zeroed memory of `2^word0` bytes (naturally aligned, order
+    /// 12..=21) and map it into the caller's receive window (as a large page where possible).
+    pub const LABEL_ALLOCATE: i32 = 0x5331;
+
+    /// Ask sigma0 (through `pager`) for fresh memory of `1 << order` bytes in `window`.
+    pub fn allocate(pager: u64, order: u32, window: Fpage) -> Result<bool, IpcError> {
+        crate::utcb::set_receive_window(window);
+        let reply = ipc::call(
+            pager,
+            MessageTag::new(LABEL_ALLOCATE, 1, 0),
+            &[order as u64],
+            Timeouts::INFINITE,
+        )?;
+        Ok(reply.tag.typed() == 1)
+    }
 
     /// Ask sigma0 (through `pager`) for the physical range at `physical` of `1 << order` bytes,
     /// to be mapped into `window` of this thread.

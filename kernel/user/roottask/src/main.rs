@@ -29,6 +29,10 @@ use l4_elf::{Image, Limits};
 const MODULE_WINDOW: u64 = 0x0000_3000_0000_0000;
 /// Where the root task keeps the pages it hands to its children.
 const POOL_BASE: u64 = 0x0000_2000_0000_0000;
+/// Where the root task keeps 2 MiB pages for children (module index * 2 MiB).
+const SUPERPAGE_WINDOW: u64 = 0x0000_2800_0000_0000;
+/// Where a child with the `superpage` option finds its 2 MiB page.
+pub const SUPERPAGE_ADDRESS: u64 = 0x0000_0800_0000_0000;
 /// Stack bytes a child may use below `INITIAL_STACK_TOP`.
 const CHILD_STACK: u64 = 1 << 20;
 /// QEMU isa-debug-exit codes: all tasks exited with 0 / something failed.
@@ -156,6 +160,20 @@ fn create(
             return Err(alloc::format!("creating {name}: bad io option '{io}'"));
         };
         sys::map(task, Fpage::io(port, order), 0, 0).map_err(|e| fail("io ports", e))?;
+    }
+    if options.iter().any(|o| o == "superpage") {
+        // A 2 MiB page from sigma0, passed on at SUPERPAGE_ADDRESS (both large pages).
+        let at = SUPERPAGE_WINDOW + index as u64 * (2 << 20);
+        match l4::sigma0::allocate(slots::PAGER, 21, Fpage::memory(at, 21, Fpage::RWX)) {
+            Ok(true) => sys::map(
+                task,
+                Fpage::memory(at, 21, Fpage::READ | Fpage::WRITE),
+                SUPERPAGE_ADDRESS,
+                0,
+            )
+            .map_err(|e| fail("superpage", e))?,
+            _ => return Err(alloc::format!("creating {name}: sigma0 gave no 2 MiB page")),
+        }
     }
     let peer = options
         .iter()

@@ -21,6 +21,26 @@ struct Frames {
 }
 
 impl Frames {
+    /// `size` bytes (a power of two) aligned to `size`, from the current free region on
+    /// (what is skipped for alignment is not reused).
+    fn allocate_aligned(&mut self, size: u64) -> Option<u64> {
+        let kip = kip();
+        while self.region < kip.region_count as usize {
+            let r = kip.regions[self.region];
+            if r.kind == region_kind::FREE {
+                let start = (r.base + self.offset).next_multiple_of(size);
+                if start + size <= r.base + r.size {
+                    self.offset = start + size - r.base;
+                    self.handed_out += size / PAGE_SIZE;
+                    return Some(start);
+                }
+            }
+            self.region += 1;
+            self.offset = 0;
+        }
+        None
+    }
+
     fn allocate(&mut self) -> Option<u64> {
         let kip = kip();
         while self.region < kip.region_count as usize {
@@ -84,6 +104,27 @@ fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 2]) {
             let item = MapItem::map(
                 physical,
                 Fpage::memory(SIGMA0_PHYS_WINDOW + physical, order as u32, Fpage::RWX),
+            );
+            (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
+        }
+        l4::sigma0::LABEL_ALLOCATE => {
+            let order = message.word(0);
+            let Some(base) = (12..=21)
+                .contains(&order)
+                .then(|| frames.allocate_aligned(1 << order))
+                .flatten()
+            else {
+                println!("[sigma0] cannot allocate 2^{order} bytes");
+                return refuse;
+            };
+            let mut offset = 0;
+            while offset < 1 << order {
+                zero(base + offset);
+                offset += PAGE_SIZE;
+            }
+            let item = MapItem::map(
+                0,
+                Fpage::memory(SIGMA0_PHYS_WINDOW + base, order as u32, Fpage::RWX),
             );
             (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
         }
