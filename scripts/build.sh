@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 TARGET=x86_64-unknown-none
 OUT=target/$TARGET/release
-cargo build --release --target "$TARGET" -p kernel -p sigma0 -p roottask -p demo -p ktest -p bench >&2
+cargo build --release --target "$TARGET" -p kernel -p sigma0 -p roottask -p demo -p ktest -p bench -p vmm -p guest-basic >&2
 
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=(demo test)
@@ -19,7 +19,8 @@ modules_for() {
         test) echo "ktest:ktest_factory_platform_io=0x40/2_superpage" ;;
         bad-module) echo "bad.elf:broken demo:pong demo:ping_peer=pong" ;;
         bad-sigma0) echo "" ;;
-        bench|bench-slowpath) echo "bench:bench_factory_platform_superpage" ;;
+                bench|bench-slowpath) echo "bench:bench_factory_platform_superpage" ;;
+        vm) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest" ;;
         *) echo "unknown scenario $1" >&2; exit 2 ;;
     esac
 }

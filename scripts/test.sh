@@ -13,7 +13,7 @@ fail() { failed=$((failed + 1)); echo "not ok - $*"; }
 logdir=target/test-logs
 mkdir -p "$logdir"
 
-TARGET_CRATES=(-p kernel -p sigma0 -p roottask -p demo -p ktest -p bench -p l4)
+TARGET_CRATES=(-p kernel -p sigma0 -p roottask -p demo -p ktest -p bench -p l4 -p vmm -p guest-basic)
 
 # --- style and lints ---------------------------------------------------------------------
 if cargo fmt --all -- --check >"$logdir/fmt.log" 2>&1; then pass "cargo fmt --check"; else fail "cargo fmt --check (see $logdir/fmt.log)"; fi
@@ -36,7 +36,7 @@ failed=$((failed + ${host_failed:-0}))
 echo "host unit tests: ${host_passed:-0} passed, ${host_failed:-0} failed"
 
 # --- in-QEMU suites ----------------------------------------------------------------------
-if ! scripts/build.sh demo test bad-module bad-sigma0 >"$logdir/build.log" 2>&1; then
+if ! scripts/build.sh demo test vm bad-module bad-sigma0 >"$logdir/build.log" 2>&1; then
     cat "$logdir/build.log"
     fail "build of kernel, tasks and ISOs"
     echo "$passed passed, $failed failed"
@@ -61,6 +61,18 @@ plan=$(grep -E "^1\.\.[0-9]+" "$log" | tr -d '\r' | sed 's/1\.\.//' | tail -1)
 echo "ktest: $ok_lines ok, $bad_lines not ok, plan ${plan:-missing}, QEMU status $status"
 if [ -z "$plan" ] || [ "$plan" != $((ok_lines + bad_lines)) ]; then fail "ktest: plan line missing or count mismatch (see $log)"; fi
 if [ "$status" = 33 ]; then pass "ktest: clean power-off (isa-debug-exit 0x10)"; else fail "ktest: QEMU exit status $status, want 33 (see $log)"; fi
+
+# Guest suite: SVM VMs run by a VMM task; every "ok N - guest:" line counts.
+log=$logdir/vm.log
+boot vm 600 "$log"
+status=$?
+ok_lines=$(grep -cE "^ok [0-9]+ - guest: " "$log")
+bad_lines=$(grep -cE "^not ok [0-9]+ - guest: " "$log")
+grep -E "^not ok [0-9]+ - |PANIC|\[vmm\]" "$log" || true
+passed=$((passed + ok_lines))
+failed=$((failed + bad_lines))
+echo "guest suite: $ok_lines ok, $bad_lines not ok, QEMU status $status"
+if [ "$status" = 33 ] && [ "$ok_lines" -gt 0 ]; then pass "guest suite: clean power-off"; else fail "guest suite: QEMU exit status $status (see $log)"; fi
 
 # Demo: ping/pong over IPC, both exit cleanly.
 log=$logdir/demo.log

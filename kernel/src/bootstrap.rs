@@ -168,6 +168,9 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         gates: Arena::new(),
         irqs: Arena::new(),
         quotas: Arena::new(),
+        vms: Arena::new(),
+        vcpus: Arena::new(),
+        svm: None,
         irq_lines: [None; crate::irq::LINES],
         io_owner: None,
         memory_db: kernel_core::MappingDatabase::new(),
@@ -187,6 +190,7 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         next_thread_number: 0,
     };
 
+    k.svm = crate::vm::init(&mut k.frames);
     if modules.len() < 2 {
         panic!(
             "need at least two boot modules (sigma0 and the root task), got {}",

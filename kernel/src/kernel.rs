@@ -24,6 +24,12 @@ pub struct Kernel {
     pub irqs: Arena<crate::irq::Irq>,
     /// Kernel-memory quotas (one per factory).
     pub quotas: Arena<kernel_core::Quota>,
+    /// Virtual machines.
+    pub vms: Arena<crate::vm::Vm>,
+    /// Virtual CPUs.
+    pub vcpus: Arena<crate::vm::Vcpu>,
+    /// SVM state (`None` without SVM and nested paging).
+    pub svm: Option<crate::vm::Svm>,
     /// The IRQ object of each line.
     pub irq_lines: [Option<crate::object::IrqId>; crate::irq::LINES],
     /// The task whose I/O bitmap is loaded in the TSS (`None`: all ports denied).
@@ -117,6 +123,8 @@ impl Kernel {
             Object::Thread(id) => self.threads.contains(id),
             Object::Gate(id) => self.gates.contains(id),
             Object::Irq(id) => self.irqs.contains(id),
+            Object::Vm(id) => self.vms.contains(id),
+            Object::Vcpu(id) => self.vcpus.contains(id),
             Object::Factory(id) => self.quotas.contains(id),
             Object::Platform => true,
         };

@@ -22,6 +22,7 @@ pub mod syscall;
 pub mod task;
 pub mod thread;
 pub mod usermem;
+pub mod vm;
 
 use arch::x86_64::entry::{self, Frame, SPURIOUS_VECTOR, TIMER_VECTOR};
 use arch::x86_64::{apic, cpu, ioapic, serial};

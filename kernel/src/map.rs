@@ -291,6 +291,10 @@ pub fn map_fpage(
 /// Remove the page mappings named by `keys` (revoked entries of the mapping database).
 pub fn revoke_memory(k: &mut Kernel, keys: &[Key]) {
     for &(space, page) in keys {
+        if space & crate::vm::VM_KEY_BIT != 0 {
+            crate::vm::unmap_guest_page(k, crate::vm::vm_of_key(space), page);
+            continue;
+        }
         let task = task_of_key(space);
         if let Some(t) = k.tasks.get(task) {
             let space = t.space;

@@ -28,6 +28,10 @@ pub enum Object {
     Platform,
     /// An interrupt line.
     Irq(IrqId),
+    /// A virtual machine.
+    Vm(crate::vm::VmId),
+    /// A virtual CPU.
+    Vcpu(crate::vm::VcpuId),
 }
 
 /// A capability: an object, the rights held on it, and the badge IPC through it carries.

@@ -60,6 +60,7 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         Some(Syscall::ThreadSchedule) => thread_schedule(k, id, f.rdi, f.rsi, f.rdx),
         Some(Syscall::ThreadSwitch) => thread_switch(k, id, f.rdi),
         Some(Syscall::IrqControl) => irq_control(k, f.rdi, f.rsi, f.rdx),
+        Some(Syscall::VcpuRun) => vcpu_run(k, id, f.rdi, f.rsi),
         None => Err(Error::UnknownSyscall),
     };
     // IPC paths set rax themselves on success (they may block); errors are written here.
@@ -302,6 +303,29 @@ fn factory_create(
                 k.quotas.insert(kernel_core::Quota::new(argument)),
             ))
         }
+        ObjectKind::Vm => Capability::full(Object::Vm(crate::vm::create_vm(
+            k,
+            quota.ok_or(Error::WrongType)?,
+        )?)),
+        ObjectKind::Vcpu => {
+            let vm = match k.lookup(argument)? {
+                Capability {
+                    object: Object::Vm(vm),
+                    rights,
+                    ..
+                } if rights & rights::CONTROL != 0 => vm,
+                Capability {
+                    object: Object::Vm(_),
+                    ..
+                } => return Err(Error::NoRights),
+                _ => return Err(Error::WrongType),
+            };
+            Capability::full(Object::Vcpu(crate::vm::create_vcpu(
+                k,
+                vm,
+                quota.ok_or(Error::WrongType)?,
+            )?))
+        }
         ObjectKind::Platform => return Err(Error::InvalidArgument),
     };
     k.tasks
@@ -486,6 +510,16 @@ fn cap_delete(k: &mut Kernel, slot: u64) -> Result<(), Error> {
 }
 
 fn map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) -> Result<(), Error> {
+    let cap = k.lookup(task)?;
+    if let Object::Vm(vm) = cap.object {
+        // Guest memory: a memory flexpage of ours at a guest-physical address.
+        require(cap, rights::CONTROL)?;
+        if flags != 0 {
+            return Err(Error::InvalidArgument);
+        }
+        let source = current_task(k);
+        return crate::vm::map_into_vm(k, source, Fpage(fpage), vm, destination);
+    }
     let target = task_cap(k, task)?;
     let fpage = Fpage(fpage);
     if !fpage.is_valid() || flags & !MAP_GRANT != 0 {
@@ -580,6 +614,15 @@ fn thread_switch(k: &mut Kernel, caller: ThreadId, thread: u64) -> Result<(), Er
     }
     k.thread(caller).remaining = 0;
     Ok(())
+}
+
+fn vcpu_run(k: &mut Kernel, caller: ThreadId, vcpu: u64, mask: u64) -> Result<(), Error> {
+    let cap = k.lookup(vcpu)?;
+    let Object::Vcpu(id) = cap.object else {
+        return Err(Error::WrongType);
+    };
+    require(cap, rights::CONTROL)?;
+    crate::vm::run(k, caller, id, mask)
 }
 
 fn irq_control(k: &mut Kernel, irq: u64, operation: u64, thread: u64) -> Result<(), Error> {

@@ -1,4 +1,13 @@
 //! The Linux-facing interface of a compartment (boot protocol, guest memory layout, device
-//! models, hypercall ABI). It is filled in by the SVM and Linux issues; it has no `unsafe`.
+//! models, hypercall ABI), host-testable and free of `unsafe`. So far: the port bus and the
+//! guest-test device, exit decoding and CPUID policy for VMMs.
 #![no_std]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod decode;
+pub mod exits;
+pub mod guest_paging;
+pub mod ports;
+pub mod test_device;

@@ -29,6 +29,7 @@
 
 pub mod layout;
 pub mod message;
+pub mod vcpu;
 
 pub use layout::*;
 pub use message::*;
@@ -124,6 +125,15 @@ pub enum Syscall {
     /// [`crate::LABEL_IRQ`] and the IRQ capability's badge, and the line stays masked until
     /// [`IrqOp::Acknowledge`]. [`IrqOp::Trigger`] raises the IRQ in software.
     IrqControl = 24,
+    /// Run a virtual CPU: `a0` vCPU capability (needs [`rights::CONTROL`]), `a1` transfer mask
+    /// ([`vcpu::ALL`] and its groups) of the state to load from the caller's UTCB first. The
+    /// guest runs until an exit the kernel does not handle itself; then the call returns with
+    /// the exit code in `rdi` and the whole state (see [`vcpu`]) in the UTCB. Physical
+    /// interrupts during the run are handled by the kernel (the run resumes transparently).
+    /// Errors: [`Error::InvalidCapability`], [`Error::WrongType`], [`Error::NoRights`],
+    /// [`Error::InvalidArgument`] (state the kernel refuses, or a VMCB the CPU rejects),
+    /// [`Error::NotSupported`] (no SVM).
+    VcpuRun = 25,
 }
 
 /// Operations of [`Syscall::IrqControl`].
@@ -178,6 +188,7 @@ impl Syscall {
             22 => ThreadSchedule,
             23 => ThreadSwitch,
             24 => IrqControl,
+            25 => VcpuRun,
             _ => return None,
         })
     }
@@ -290,6 +301,12 @@ pub enum ObjectKind {
     /// An interrupt line (created through the platform capability; argument: the line,
     /// 0..=23 for IOAPIC inputs, 32..=63 for software-only IRQs).
     Irq = 6,
+    /// A virtual machine: a guest-physical address space (nested page tables) populated by
+    /// mapping memory flexpages into it ([`Syscall::Map`] with the VM capability as the
+    /// destination). Needs SVM with nested paging ([`Error::NotSupported`] otherwise).
+    Vm = 7,
+    /// A virtual CPU of a VM (argument: the VM capability slot), run by [`Syscall::VcpuRun`].
+    Vcpu = 8,
 }
 
 impl ObjectKind {
@@ -302,6 +319,8 @@ impl ObjectKind {
             4 => ObjectKind::Factory,
             5 => ObjectKind::Platform,
             6 => ObjectKind::Irq,
+            7 => ObjectKind::Vm,
+            8 => ObjectKind::Vcpu,
             _ => return None,
         })
     }
@@ -398,6 +417,7 @@ mod tests {
         assert_eq!(ObjectKind::from_u64(3), Some(ObjectKind::Gate));
         assert_eq!(ObjectKind::from_u64(0), None);
         assert_eq!(ObjectKind::from_u64(6), Some(ObjectKind::Irq));
-        assert_eq!(ObjectKind::from_u64(7), None);
+        assert_eq!(ObjectKind::from_u64(7), Some(ObjectKind::Vm));
+        assert_eq!(ObjectKind::from_u64(9), None);
     }
 }

@@ -7,3 +7,4 @@ pub mod entry;
 pub mod ioapic;
 pub mod paging;
 pub mod serial;
+pub mod svm;

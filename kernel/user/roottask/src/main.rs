@@ -29,6 +29,8 @@ use l4_elf::{Image, Limits};
 const MODULE_WINDOW: u64 = 0x0000_3000_0000_0000;
 /// Where the root task keeps the pages it hands to its children.
 const POOL_BASE: u64 = 0x0000_2000_0000_0000;
+/// Where a child with the `blob=NAME` option finds the data module NAME.
+pub const BLOB_ADDRESS: u64 = 0x0000_0900_0000_0000;
 /// Where the root task keeps 2 MiB pages for children (module index * 2 MiB).
 const SUPERPAGE_WINDOW: u64 = 0x0000_2800_0000_0000;
 /// Where a child with the `superpage` option finds its 2 MiB page.
@@ -107,6 +109,7 @@ fn create(
     index: usize,
     cmdline: &str,
     bytes: &'static [u8],
+    blobs: &[(String, u64, u64)],
     gate_badge: u64,
 ) -> Result<Child, String> {
     let (name, options) = module_name(cmdline);
@@ -175,13 +178,39 @@ fn create(
             _ => return Err(alloc::format!("creating {name}: sigma0 gave no 2 MiB page")),
         }
     }
+    let mut cmdline = String::from(cmdline);
+    for wanted in options.iter().filter_map(|o| o.strip_prefix("blob=")) {
+        // Map the data module read-only at BLOB_ADDRESS (page by page) and tell its size.
+        let Some(&(_, address, size)) = blobs.iter().find(|(n, _, _)| n == wanted) else {
+            return Err(alloc::format!(
+                "creating {name}: no data module named {wanted}"
+            ));
+        };
+        let first = address & !(PAGE_SIZE - 1);
+        let mut page = first;
+        while page < address + size {
+            sys::map(
+                task,
+                Fpage::memory(page, 12, Fpage::READ),
+                BLOB_ADDRESS + (page - first),
+                0,
+            )
+            .map_err(|e| fail("blob", e))?;
+            page += PAGE_SIZE;
+        }
+        cmdline.push_str(&alloc::format!(
+            " blob_offset={} blob_size={}",
+            address - first,
+            size
+        ));
+    }
     let peer = options
         .iter()
         .find_map(|o| o.strip_prefix("peer="))
         .map(String::from);
     Ok(Child {
         name,
-        cmdline: cmdline.into(),
+        cmdline,
         image,
         bytes,
         task,
@@ -266,6 +295,9 @@ fn main() -> i64 {
     println!("[root] {} boot modules", modules.len());
     let mut children: Vec<Child> = Vec::new();
     let mut failures = 0u32;
+    // Data modules (option `data`) are not started; tasks get them with `blob=NAME`.
+    let mut blobs: Vec<(String, u64, u64)> = Vec::new();
+    let mut programs: Vec<(usize, &'static [u8])> = Vec::new();
     for (index, module) in modules.iter().enumerate().skip(2) {
         let Some(bytes) = map_module(index, module.base, module.size) else {
             println!(
@@ -275,7 +307,26 @@ fn main() -> i64 {
             failures += 1;
             continue;
         };
-        match create(index, module.cmdline(), bytes, children.len() as u64 + 1) {
+        let (name, options) = module_name(module.cmdline());
+        if options.iter().any(|o| o == "data") {
+            blobs.push((
+                name,
+                MODULE_WINDOW + index as u64 * (1 << 30) + (module.base & (PAGE_SIZE - 1)),
+                module.size,
+            ));
+        } else {
+            programs.push((index, bytes));
+        }
+    }
+    for (index, bytes) in programs {
+        let module = &modules[index];
+        match create(
+            index,
+            module.cmdline(),
+            bytes,
+            &blobs,
+            children.len() as u64 + 1,
+        ) {
             Ok(child) => children.push(child),
             Err(message) => {
                 println!("[root] {message}");

@@ -1,0 +1,144 @@
+//! The virtual-CPU state that travels between the kernel and a VMM through the VMM thread's
+//! UTCB ([`crate::Syscall::VcpuRun`]): word indices into [`crate::Utcb::mr`], the groups a VMM
+//! selects with a transfer mask, and the SVM exit codes it sees.
+
+/// Exit code (read only).
+pub const EXIT_CODE: usize = 0;
+/// EXITINFO1 (read only).
+pub const EXIT_INFO1: usize = 1;
+/// EXITINFO2 (read only; for I/O exits the next RIP).
+pub const EXIT_INFO2: usize = 2;
+/// EXITINTINFO: an event whose delivery the exit interrupted (read only; the kernel re-injects
+/// it on the next run unless the VMM injects something else).
+pub const EXIT_INT_INFO: usize = 3;
+/// Instruction pointer ([`GPRS`]).
+pub const RIP: usize = 4;
+/// Stack pointer ([`GPRS`]).
+pub const RSP: usize = 5;
+/// Flags ([`GPRS`]).
+pub const RFLAGS: usize = 6;
+/// rax; then rbx, rcx, rdx, rsi, rdi, rbp, r8..r15 follow in that order ([`GPRS`]).
+pub const RAX: usize = 7;
+/// rbx.
+pub const RBX: usize = 8;
+/// rcx.
+pub const RCX: usize = 9;
+/// rdx.
+pub const RDX: usize = 10;
+/// rsi.
+pub const RSI: usize = 11;
+/// rdi.
+pub const RDI: usize = 12;
+/// rbp.
+pub const RBP: usize = 13;
+/// r8 (r9..r15 follow).
+pub const R8: usize = 14;
+/// CR0 ([`CONTROL`]).
+pub const CR0: usize = 22;
+/// CR2 ([`CONTROL`]).
+pub const CR2: usize = 23;
+/// CR3 ([`CONTROL`]).
+pub const CR3: usize = 24;
+/// CR4 ([`CONTROL`]).
+pub const CR4: usize = 25;
+/// EFER ([`CONTROL`]; SVME is always set by the kernel).
+pub const EFER: usize = 26;
+/// Event to inject on the next run, in the VMCB EVENTINJ format ([`EVENTS`]; 0: none).
+pub const EVENT_INJECT: usize = 27;
+/// Virtual interrupt request ([`EVENTS`]): bit 63 requests vector `bits 0..8`, delivered
+/// when the guest can take interrupts (RFLAGS.IF set, no interrupt shadow); 0 withdraws it.
+pub const VIRTUAL_IRQ: usize = 28;
+/// Interrupt shadow (bit 0) as of the exit; written back with [`EVENTS`] (a VMM that completes
+/// an instruction clears it, e.g. after a HLT that followed `sti`).
+pub const INTERRUPT_SHADOW: usize = 29;
+/// First segment register: CS, SS, DS, ES, FS, GS, TR, LDTR follow, two words each
+/// (`selector | attributes << 16 | limit << 32`, base) ([`SEGMENTS`]).
+pub const CS: usize = 30;
+/// SS.
+pub const SS: usize = 32;
+/// DS.
+pub const DS: usize = 34;
+/// ES.
+pub const ES: usize = 36;
+/// FS.
+pub const FS: usize = 38;
+/// GS.
+pub const GS: usize = 40;
+/// TR.
+pub const TR: usize = 42;
+/// LDTR.
+pub const LDTR: usize = 44;
+/// GDTR: limit, base ([`SEGMENTS`]).
+pub const GDTR: usize = 46;
+/// IDTR: limit, base ([`SEGMENTS`]).
+pub const IDTR: usize = 48;
+/// Words of the state.
+pub const STATE_WORDS: usize = 50;
+
+/// Transfer-mask group: RIP, RSP, RFLAGS and the 16 general registers.
+pub const GPRS: u64 = 1;
+/// Transfer-mask group: CR0, CR2, CR3, CR4, EFER.
+pub const CONTROL: u64 = 2;
+/// Transfer-mask group: segment registers and descriptor tables.
+pub const SEGMENTS: u64 = 4;
+/// Transfer-mask group: event injection and virtual interrupt request.
+pub const EVENTS: u64 = 8;
+/// Every group.
+pub const ALL: u64 = GPRS | CONTROL | SEGMENTS | EVENTS;
+
+/// Encode a segment register word.
+pub const fn segment(selector: u16, attributes: u16, limit: u32) -> u64 {
+    selector as u64 | (attributes as u64) << 16 | (limit as u64) << 32
+}
+
+/// SVM exit codes (the low 32 bits of the VMCB exit code).
+pub mod exit {
+    /// Write to CR0 (intercepted only when asked).
+    pub const CR0_WRITE: u64 = 0x10;
+    /// Exception `vector` is `EXCEPTION_BASE + vector`.
+    pub const EXCEPTION_BASE: u64 = 0x40;
+    /// Physical interrupt (handled by the kernel, never seen by a VMM).
+    pub const INTR: u64 = 0x60;
+    /// Physical NMI (handled by the kernel).
+    pub const NMI: u64 = 0x61;
+    /// Virtual interrupt window.
+    pub const VINTR: u64 = 0x64;
+    /// CPUID (2 bytes).
+    pub const CPUID: u64 = 0x72;
+    /// HLT (1 byte).
+    pub const HLT: u64 = 0x78;
+    /// Port I/O; EXITINFO1 describes it, EXITINFO2 is the next RIP.
+    pub const IOIO: u64 = 0x7b;
+    /// RDMSR (EXITINFO1 = 0) or WRMSR (1); 2 bytes.
+    pub const MSR: u64 = 0x7c;
+    /// Shutdown (triple fault).
+    pub const SHUTDOWN: u64 = 0x7f;
+    /// VMRUN in the guest.
+    pub const VMRUN: u64 = 0x80;
+    /// VMMCALL (3 bytes).
+    pub const VMMCALL: u64 = 0x81;
+    /// Nested page fault: EXITINFO1 the error code, EXITINFO2 the guest-physical address.
+    pub const NPF: u64 = 0x400;
+    /// The VMCB held invalid state (the run fails with `InvalidArgument`).
+    pub const INVALID: u64 = 0xffff_ffff;
+}
+
+/// Bits of EXITINFO1 of an I/O exit.
+pub mod io {
+    /// An IN (else OUT).
+    pub const IN: u64 = 1;
+    /// A string instruction (INS/OUTS).
+    pub const STRING: u64 = 4;
+    /// With REP.
+    pub const REP: u64 = 8;
+    /// Operand size in bytes (1, 2 or 4).
+    pub const fn size(info1: u64) -> u64 {
+        (info1 >> 4) & 7
+    }
+    /// The port.
+    pub const fn port(info1: u64) -> u16 {
+        (info1 >> 16) as u16
+    }
+}
+
+const _: () = assert!(STATE_WORDS <= 64);

@@ -1,0 +1,253 @@
+//! AMD SVM: detection and enabling, the VMCB layout the kernel uses, and the world switch
+//! (`vmrun` with the guest's general registers and the host's hidden state saved around it).
+
+use super::cpu::{self, msr};
+use core::arch::global_asm;
+
+/// VM_HSAVE_PA: the host state-save area.
+const VM_HSAVE_PA: u32 = 0xc001_0117;
+/// EFER.SVME.
+pub const EFER_SVME: u64 = 1 << 12;
+
+/// VMCB control-area and state-save offsets (AMD APM vol. 2, appendix B).
+pub mod vmcb {
+    /// CR read (bits 0..16) and write (16..32) intercepts.
+    pub const INTERCEPT_CR: usize = 0x000;
+    /// Exception intercepts (bit per vector).
+    pub const INTERCEPT_EXCEPTIONS: usize = 0x008;
+    /// Intercept vector 3 (INTR .. SHUTDOWN).
+    pub const INTERCEPT_MISC1: usize = 0x00c;
+    /// Intercept vector 4 (VMRUN .. XSETBV).
+    pub const INTERCEPT_MISC2: usize = 0x010;
+    /// Physical address of the I/O permission map.
+    pub const IOPM_BASE: usize = 0x040;
+    /// Physical address of the MSR permission map.
+    pub const MSRPM_BASE: usize = 0x048;
+    /// TSC offset.
+    pub const TSC_OFFSET: usize = 0x050;
+    /// Guest ASID (u32).
+    pub const ASID: usize = 0x058;
+    /// TLB control (u8).
+    pub const TLB_CONTROL: usize = 0x05c;
+    /// Virtual interrupt control (V_TPR, V_IRQ, V_INTR_PRIO, V_INTR_MASKING, V_INTR_VECTOR).
+    pub const V_INTR: usize = 0x060;
+    /// Interrupt shadow.
+    pub const INTERRUPT_SHADOW: usize = 0x068;
+    /// Exit code.
+    pub const EXIT_CODE: usize = 0x070;
+    /// EXITINFO1.
+    pub const EXIT_INFO1: usize = 0x078;
+    /// EXITINFO2.
+    pub const EXIT_INFO2: usize = 0x080;
+    /// EXITINTINFO.
+    pub const EXIT_INT_INFO: usize = 0x088;
+    /// Nested paging enable (bit 0).
+    pub const NP_ENABLE: usize = 0x090;
+    /// Event injection.
+    pub const EVENT_INJECT: usize = 0x0a8;
+    /// Nested page-table root.
+    pub const N_CR3: usize = 0x0b0;
+    /// Segment registers: 16 bytes each (selector u16, attributes u16, limit u32, base u64).
+    pub const ES: usize = 0x400;
+    /// CS.
+    pub const CS: usize = 0x410;
+    /// SS.
+    pub const SS: usize = 0x420;
+    /// DS.
+    pub const DS: usize = 0x430;
+    /// FS.
+    pub const FS: usize = 0x440;
+    /// GS.
+    pub const GS: usize = 0x450;
+    /// GDTR.
+    pub const GDTR: usize = 0x460;
+    /// LDTR.
+    pub const LDTR: usize = 0x470;
+    /// IDTR.
+    pub const IDTR: usize = 0x480;
+    /// TR.
+    pub const TR: usize = 0x490;
+    /// CPL (u8).
+    pub const CPL: usize = 0x4cb;
+    /// EFER.
+    pub const EFER: usize = 0x4d0;
+    /// CR4.
+    pub const CR4: usize = 0x548;
+    /// CR3.
+    pub const CR3: usize = 0x550;
+    /// CR0.
+    pub const CR0: usize = 0x558;
+    /// DR7.
+    pub const DR7: usize = 0x560;
+    /// DR6.
+    pub const DR6: usize = 0x568;
+    /// RFLAGS.
+    pub const RFLAGS: usize = 0x570;
+    /// RIP.
+    pub const RIP: usize = 0x578;
+    /// RSP.
+    pub const RSP: usize = 0x5d8;
+    /// RAX.
+    pub const RAX: usize = 0x5f8;
+    /// CR2.
+    pub const CR2: usize = 0x640;
+    /// Guest PAT.
+    pub const G_PAT: usize = 0x668;
+}
+
+/// Intercept vector 3 bits.
+pub mod intercept {
+    /// Physical interrupts.
+    pub const INTR: u32 = 1 << 0;
+    /// NMIs.
+    pub const NMI: u32 = 1 << 1;
+    /// SMIs.
+    pub const SMI: u32 = 1 << 2;
+    /// INIT.
+    pub const INIT: u32 = 1 << 3;
+    /// CPUID.
+    pub const CPUID: u32 = 1 << 18;
+    /// RSM.
+    pub const RSM: u32 = 1 << 19;
+    /// INVD.
+    pub const INVD: u32 = 1 << 22;
+    /// HLT.
+    pub const HLT: u32 = 1 << 24;
+    /// INVLPGA.
+    pub const INVLPGA: u32 = 1 << 26;
+    /// I/O instructions (with the permission map).
+    pub const IOIO: u32 = 1 << 27;
+    /// MSR accesses (with the permission map).
+    pub const MSR: u32 = 1 << 28;
+    /// Task switches.
+    pub const TASK_SWITCH: u32 = 1 << 29;
+    /// Shutdown.
+    pub const SHUTDOWN: u32 = 1 << 31;
+    /// Vector 4: VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, (RDTSCP no), ICEBP,
+    /// WBINVD, MONITOR, MWAIT, MWAIT_CONDITIONAL, XSETBV.
+    pub const MISC2_ALL: u32 = 0b11_1111_0111_1111;
+}
+
+/// Whether the CPU offers SVM with nested paging.
+pub fn supported() -> bool {
+    let id = raw_cpuid::CpuId::new();
+    let svm = id
+        .get_extended_processor_and_feature_identifiers()
+        .is_some_and(|f| f.has_svm());
+    let npt = id.get_svm_info().is_some_and(|s| s.has_nested_paging());
+    svm && npt
+}
+
+/// Enable SVM on this CPU with `host_save_area` (a frame) as VM_HSAVE_PA.
+pub fn enable(host_save_area: u64) {
+    // SAFETY: EFER.SVME only enables the SVM instructions; the host save area is a frame the
+    // kernel reserved for the CPU.
+    unsafe {
+        cpu::wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | EFER_SVME);
+        cpu::wrmsr(VM_HSAVE_PA, host_save_area);
+    }
+}
+
+/// The guest's general registers that `vmrun` does not switch (rax, rsp, rip live in the VMCB).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GuestRegisters {
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
+
+extern "C" {
+    fn svm_world_switch(guest_vmcb: u64, registers: *mut GuestRegisters, host_vmcb: u64);
+}
+
+/// Run the guest of `guest_vmcb` (physical) until the next #VMEXIT. `host_vmcb` (physical)
+/// holds the host's hidden state (FS/GS/TR/LDTR bases, syscall MSRs) across the run.
+///
+/// # Safety
+/// Both VMCBs must be valid, kernel-owned frames; the guest VMCB's nested page tables must
+/// map only memory the guest may use.
+pub unsafe fn run(guest_vmcb: u64, registers: &mut GuestRegisters, host_vmcb: u64) {
+    // SAFETY: per the caller; the assembly saves and restores every host register it uses.
+    unsafe { svm_world_switch(guest_vmcb, registers, host_vmcb) }
+}
+
+global_asm!(
+    r#"
+.section .text
+.global svm_world_switch
+svm_world_switch:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    push rsi
+    push rdx
+    push rdi
+    mov rax, rdx
+    vmsave rax
+    mov rax, rdi
+    vmload rax
+    mov rbx, [rsi + 0]
+    mov rcx, [rsi + 8]
+    mov rdx, [rsi + 16]
+    mov rdi, [rsi + 32]
+    mov rbp, [rsi + 40]
+    mov r8,  [rsi + 48]
+    mov r9,  [rsi + 56]
+    mov r10, [rsi + 64]
+    mov r11, [rsi + 72]
+    mov r12, [rsi + 80]
+    mov r13, [rsi + 88]
+    mov r14, [rsi + 96]
+    mov r15, [rsi + 104]
+    mov rsi, [rsi + 24]
+    clgi
+    sti
+    vmrun rax
+    cli
+    push rsi
+    mov rsi, [rsp + 24]
+    mov [rsi + 0], rbx
+    mov [rsi + 8], rcx
+    mov [rsi + 16], rdx
+    mov [rsi + 32], rdi
+    mov [rsi + 40], rbp
+    mov [rsi + 48], r8
+    mov [rsi + 56], r9
+    mov [rsi + 64], r10
+    mov [rsi + 72], r11
+    mov [rsi + 80], r12
+    mov [rsi + 88], r13
+    mov [rsi + 96], r14
+    mov [rsi + 104], r15
+    pop rax
+    mov [rsi + 24], rax
+    mov rax, [rsp]
+    vmsave rax
+    mov rax, [rsp + 8]
+    vmload rax
+    stgi
+    add rsp, 24
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
+"#
+);

@@ -1,0 +1,551 @@
+//! Virtual machines (SVM with nested paging) as kernel objects. A VM is a guest-physical
+//! address space whose nested page tables the kernel owns and that is populated only by
+//! mapping memory flexpages into it (recorded in the mapping database like any mapping, so
+//! `unmap` revokes guest memory recursively). A vCPU is a VMCB plus the guest registers; a VMM
+//! thread runs it with `VcpuRun`, which returns at every exit the kernel does not handle
+//! itself, with the state in the thread's UTCB (the state changes travel back the same way).
+
+use crate::arch::x86_64::paging::{
+    phys_to_virt, AddressSpace, Translation, PAGE_4K, USER, WRITABLE,
+};
+use crate::arch::x86_64::svm::{self, intercept, vmcb, GuestRegisters};
+use crate::ipc::utcb;
+use crate::kernel::Kernel;
+use crate::memory::FrameSource;
+use crate::object::{QuotaId, TaskId, ThreadId};
+use alloc::vec::Vec;
+use kernel_core::ObjectId;
+use l4_abi::vcpu::{self as state, exit};
+use l4_abi::{Error, Fpage};
+
+/// Identifies a VM.
+pub type VmId = ObjectId;
+/// Identifies a vCPU.
+pub type VcpuId = ObjectId;
+
+/// Mapping-database space keys of VMs have this bit set (tasks' never do).
+pub const VM_KEY_BIT: u64 = 1 << 63;
+
+/// Per-CPU SVM state, set up at boot when the CPU supports SVM with nested paging.
+pub struct Svm {
+    /// Host VMCB for `vmsave`/`vmload` of the host's hidden state.
+    pub host_vmcb: u64,
+    /// I/O permission map (12 KiB, all ports intercepted).
+    pub iopm: u64,
+    /// MSR permission map (8 KiB, all MSRs intercepted).
+    pub msrpm: u64,
+    /// The next address-space identifier.
+    pub next_asid: u32,
+}
+
+/// A virtual machine.
+pub struct Vm {
+    /// Nested page tables (guest-physical to host-physical).
+    pub npt: AddressSpace,
+    /// Its ASID.
+    pub asid: u32,
+    /// The quota its page tables and mapping nodes are charged to.
+    pub quota: QuotaId,
+    /// Set when a guest mapping was removed: flush the guest TLB on the next run.
+    pub flush: bool,
+}
+
+/// A virtual CPU.
+pub struct Vcpu {
+    /// Its VM.
+    pub vm: VmId,
+    /// Physical address of its VMCB.
+    pub vmcb: u64,
+    /// Guest registers outside the VMCB.
+    pub registers: GuestRegisters,
+    /// An event interrupted by the last exit, to re-inject unless the VMM injects another.
+    pub reinject: u64,
+}
+
+/// Set up SVM if the CPU has it (called at boot); `None` otherwise.
+pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
+    if !svm::supported() {
+        crate::info!("SVM with nested paging not available: VM objects are not supported");
+        return None;
+    }
+    let host_save = frames.allocate_zeroed()?;
+    let host_vmcb = frames.allocate_zeroed()?;
+    let iopm = frames.allocate_contiguous(3, 1)?;
+    let msrpm = frames.allocate_contiguous(2, 1)?;
+    for (base, pages) in [(iopm, 3), (msrpm, 2)] {
+        // SAFETY: freshly allocated kernel frames in the direct map.
+        unsafe {
+            core::ptr::write_bytes(
+                phys_to_virt(base) as *mut u8,
+                0xff,
+                pages * PAGE_4K as usize,
+            )
+        };
+    }
+    svm::enable(host_save);
+    crate::info!("SVM enabled with nested paging");
+    Some(Svm {
+        host_vmcb,
+        iopm,
+        msrpm,
+        next_asid: 1,
+    })
+}
+
+/// The mapping-database space key of VM `vm`.
+pub fn space_key(vm: VmId) -> u64 {
+    VM_KEY_BIT | (vm.index as u64) << 32 | vm.generation as u64
+}
+
+/// The VM of a space key with [`VM_KEY_BIT`].
+pub fn vm_of_key(space: u64) -> VmId {
+    ObjectId {
+        index: ((space & !VM_KEY_BIT) >> 32) as u32,
+        generation: space as u32,
+    }
+}
+
+fn write<T: Copy>(vmcb_frame: u64, offset: usize, value: T) {
+    // SAFETY: the VMCB is a kernel-owned frame in the direct map; offsets are inside it.
+    unsafe {
+        core::ptr::write_unaligned((phys_to_virt(vmcb_frame) + offset as u64) as *mut T, value)
+    }
+}
+
+fn read<T: Copy>(vmcb_frame: u64, offset: usize) -> T {
+    // SAFETY: as for `write`.
+    unsafe { core::ptr::read_unaligned((phys_to_virt(vmcb_frame) + offset as u64) as *const T) }
+}
+
+/// Create a VM charged to `quota`.
+pub fn create_vm(k: &mut Kernel, quota: QuotaId) -> Result<VmId, Error> {
+    let asid = match k.svm.as_mut() {
+        Some(svm) => {
+            svm.next_asid += 1;
+            svm.next_asid - 1
+        }
+        None => return Err(Error::NotSupported),
+    };
+    let q = k.quotas.get_mut(quota).ok_or(Error::InvalidCapability)?;
+    q.charge(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64)
+        .map_err(|_| Error::OutOfMemory)?;
+    let Some(root) = k.frames.allocate_zeroed() else {
+        k.quotas
+            .get_mut(quota)
+            .expect("quota")
+            .refund(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64);
+        return Err(Error::OutOfMemory);
+    };
+    Ok(k.vms.insert(Vm {
+        npt: AddressSpace { root },
+        asid,
+        quota,
+        flush: false,
+    }))
+}
+
+/// Create a vCPU of `vm` charged to `quota`, with default intercepts (everything that could
+/// reach host state) and a 32-bit flat protected-mode reset state.
+pub fn create_vcpu(k: &mut Kernel, vm: VmId, quota: QuotaId) -> Result<VcpuId, Error> {
+    let (iopm, msrpm) = match k.svm.as_ref() {
+        Some(svm) => (svm.iopm, svm.msrpm),
+        None => return Err(Error::NotSupported),
+    };
+    let (asid, npt) = {
+        let v = k.vms.get(vm).ok_or(Error::InvalidCapability)?;
+        (v.asid, v.npt.root)
+    };
+    let bytes = crate::memory::FRAME_BYTES + core::mem::size_of::<Vcpu>() as u64;
+    k.quotas
+        .get_mut(quota)
+        .ok_or(Error::InvalidCapability)?
+        .charge(bytes)
+        .map_err(|_| Error::OutOfMemory)?;
+    let Some(frame) = k.frames.allocate_zeroed() else {
+        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        return Err(Error::OutOfMemory);
+    };
+    let misc1 = intercept::INTR
+        | intercept::NMI
+        | intercept::SMI
+        | intercept::INIT
+        | intercept::CPUID
+        | intercept::RSM
+        | intercept::INVD
+        | intercept::HLT
+        | intercept::INVLPGA
+        | intercept::IOIO
+        | intercept::MSR
+        | intercept::TASK_SWITCH
+        | intercept::SHUTDOWN;
+    write(frame, vmcb::INTERCEPT_MISC1, misc1);
+    write(frame, vmcb::INTERCEPT_MISC2, intercept::MISC2_ALL);
+    write(frame, vmcb::IOPM_BASE, iopm);
+    write(frame, vmcb::MSRPM_BASE, msrpm);
+    write(frame, vmcb::ASID, asid);
+    write(frame, vmcb::TLB_CONTROL, 1u8);
+    // V_INTR_MASKING: the guest's IF masks only virtual interrupts.
+    write(frame, vmcb::V_INTR, 1u64 << 24);
+    write(frame, vmcb::NP_ENABLE, 1u64);
+    write(frame, vmcb::N_CR3, npt);
+    write(frame, vmcb::G_PAT, 0x0007_0406_0007_0406u64);
+    write(frame, vmcb::EFER, svm::EFER_SVME);
+    write(frame, vmcb::CR0, 0x11u64); // PE | ET
+    write(frame, vmcb::RFLAGS, 2u64);
+    write(frame, vmcb::DR6, 0xffff_0ff0u64);
+    write(frame, vmcb::DR7, 0x400u64);
+    let flat_code = (0x08u16, 0xc9bu16, 0xffff_ffffu32, 0u64);
+    let flat_data = (0x10u16, 0xc93u16, 0xffff_ffffu32, 0u64);
+    for (offset, seg) in [
+        (vmcb::CS, flat_code),
+        (vmcb::SS, flat_data),
+        (vmcb::DS, flat_data),
+        (vmcb::ES, flat_data),
+        (vmcb::FS, flat_data),
+        (vmcb::GS, flat_data),
+        (vmcb::TR, (0, 0x8b, 0xffff, 0)),
+        (vmcb::LDTR, (0, 0x82, 0xffff, 0)),
+    ] {
+        write_segment(frame, offset, seg);
+    }
+    Ok(k.vcpus.insert(Vcpu {
+        vm,
+        vmcb: frame,
+        registers: GuestRegisters::default(),
+        reinject: 0,
+    }))
+}
+
+fn write_segment(
+    frame: u64,
+    offset: usize,
+    (selector, attributes, limit, base): (u16, u16, u32, u64),
+) {
+    write(frame, offset, selector);
+    write(frame, offset + 2, attributes);
+    write(frame, offset + 4, limit);
+    write(frame, offset + 8, base);
+}
+
+/// Map memory `fpage` of task `from` into `vm` at guest-physical `destination`.
+pub fn map_into_vm(
+    k: &mut Kernel,
+    from: TaskId,
+    fpage: Fpage,
+    vm: VmId,
+    destination: u64,
+) -> Result<(), Error> {
+    if !fpage.is_valid_memory() || !destination.is_multiple_of(fpage.size()) {
+        return Err(Error::InvalidArgument);
+    }
+    if destination
+        .checked_add(fpage.size())
+        .is_none_or(|end| end > (1 << 46))
+    {
+        return Err(Error::InvalidArgument);
+    }
+    let source = k.tasks.get(from).ok_or(Error::InvalidCapability)?.space;
+    let npt = k.vms.get(vm).ok_or(Error::InvalidCapability)?.npt;
+    let start = fpage.base();
+    let end = start + fpage.size();
+    let mut leaves: Vec<(u64, Translation)> = Vec::new();
+    source.for_each_mapping(start, end, &mut |va, t| leaves.push((va, t)));
+    let (from_key, to_key) = (crate::map::space_key(from), space_key(vm));
+    for (va, t) in leaves {
+        if t.flags & USER == 0 || fpage.rights() & Fpage::READ == 0 {
+            continue;
+        }
+        let mut flags = USER;
+        if fpage.rights() & Fpage::WRITE != 0 && t.flags & WRITABLE != 0 {
+            flags |= WRITABLE;
+        }
+        let mut page = va.max(start);
+        while page < (va + t.page_size).min(end) {
+            let gpa = destination + (page - start);
+            if k.memory_db.contains((to_key, gpa)) {
+                let old = k.memory_db.unmap((to_key, gpa), true);
+                crate::map::revoke_memory(k, &old);
+            }
+            let replaced = k
+                .memory_db
+                .map((from_key, page), (to_key, gpa))
+                .map_err(|_| Error::InvalidArgument)?;
+            crate::map::revoke_memory(k, &replaced);
+            let quota = k.vms.get(vm).expect("vm").quota;
+            let mut frames = Charged { k, quota };
+            if npt
+                .map(gpa, t.physical + (page - va), PAGE_4K, flags, &mut frames)
+                .is_err()
+            {
+                k.memory_db.unmap((to_key, gpa), true);
+                return Err(Error::OutOfMemory);
+            }
+            page += PAGE_4K;
+        }
+    }
+    Ok(())
+}
+
+/// Page-table frames for a VM's nested page tables, charged to its quota.
+struct Charged<'a> {
+    k: &'a mut Kernel,
+    quota: QuotaId,
+}
+
+impl FrameSource for Charged<'_> {
+    fn allocate_zeroed(&mut self) -> Option<u64> {
+        self.k
+            .quotas
+            .get_mut(self.quota)?
+            .charge(crate::memory::FRAME_BYTES)
+            .ok()?;
+        let frame = self.k.frames.allocate_zeroed();
+        if frame.is_none() {
+            self.k
+                .quotas
+                .get_mut(self.quota)?
+                .refund(crate::memory::FRAME_BYTES);
+        }
+        frame
+    }
+
+    fn free_frame(&mut self, physical: u64) {
+        self.k.frames.free_frame(physical);
+        if let Some(q) = self.k.quotas.get_mut(self.quota) {
+            q.refund(crate::memory::FRAME_BYTES);
+        }
+    }
+}
+
+/// Remove guest-physical page `gpa` from `vm` (a revoked mapping).
+pub fn unmap_guest_page(k: &mut Kernel, vm: VmId, gpa: u64) {
+    let Some(v) = k.vms.get(vm) else { return };
+    let (npt, quota) = (v.npt, v.quota);
+    let mut frames = Charged { k, quota };
+    npt.unmap(gpa, &mut frames);
+    if let Some(v) = k.vms.get_mut(vm) {
+        v.flush = true;
+    }
+}
+
+const CR0_ALLOWED: u64 = 0xe005_003f;
+const CR4_ALLOWED: u64 = 0x0005_07ff;
+const EFER_ALLOWED: u64 = 0x0d01;
+
+/// Load the state groups in `mask` from `words` into the vCPU, refusing state the kernel does
+/// not allow (it cannot count on the CPU to reject inconsistent state).
+fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Result<(), Error> {
+    let frame = vcpu.vmcb;
+    if mask & state::CONTROL != 0 {
+        let (cr0, cr4, efer) = (words[state::CR0], words[state::CR4], words[state::EFER]);
+        let paging = cr0 & (1 << 31) != 0;
+        let long = efer & (1 << 8) != 0;
+        if cr0 & !CR0_ALLOWED != 0
+            || cr4 & !CR4_ALLOWED != 0
+            || efer & !(EFER_ALLOWED | svm::EFER_SVME) != 0
+            || (paging && cr0 & 1 == 0)
+            || (cr0 & (1 << 29) != 0 && cr0 & (1 << 30) == 0)
+            || (long && paging && cr4 & (1 << 5) == 0)
+            || ((efer & (1 << 10) != 0) != (long && paging))
+        {
+            return Err(Error::InvalidArgument);
+        }
+        write(frame, vmcb::CR0, cr0);
+        write(frame, vmcb::CR2, words[state::CR2]);
+        write(frame, vmcb::CR3, words[state::CR3] & 0x000f_ffff_ffff_ffff);
+        write(frame, vmcb::CR4, cr4);
+        write(frame, vmcb::EFER, efer | svm::EFER_SVME);
+    }
+    if mask & state::SEGMENTS != 0 {
+        let table = [
+            (state::CS, vmcb::CS),
+            (state::SS, vmcb::SS),
+            (state::DS, vmcb::DS),
+            (state::ES, vmcb::ES),
+            (state::FS, vmcb::FS),
+            (state::GS, vmcb::GS),
+            (state::TR, vmcb::TR),
+            (state::LDTR, vmcb::LDTR),
+        ];
+        for (index, offset) in table {
+            let w = words[index];
+            write_segment(
+                frame,
+                offset,
+                (
+                    w as u16,
+                    (w >> 16) as u16 & 0xfff,
+                    (w >> 32) as u32,
+                    words[index + 1],
+                ),
+            );
+        }
+        for (index, offset) in [(state::GDTR, vmcb::GDTR), (state::IDTR, vmcb::IDTR)] {
+            write(frame, offset + 4, words[index] as u32);
+            write(frame, offset + 8, words[index + 1]);
+        }
+        let ss_attributes = (words[state::SS] >> 16) as u16;
+        write(frame, vmcb::CPL, ((ss_attributes >> 5) & 3) as u8);
+    }
+    if mask & state::GPRS != 0 {
+        write(frame, vmcb::RIP, words[state::RIP]);
+        write(frame, vmcb::RSP, words[state::RSP]);
+        // Reserved bit 1 set; VM and other reserved bits clear.
+        write(
+            frame,
+            vmcb::RFLAGS,
+            (words[state::RFLAGS] & 0x003f_7fd7) | 2,
+        );
+        write(frame, vmcb::RAX, words[state::RAX]);
+        let r = &mut vcpu.registers;
+        let g = &words[state::RBX..state::RBX + 14];
+        (r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp) = (g[0], g[1], g[2], g[3], g[4], g[5]);
+        (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
+            (g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13]);
+    }
+    if mask & state::EVENTS != 0 {
+        let event = words[state::EVENT_INJECT];
+        // Valid bit 31; type 0 (external interrupt), 2 (NMI), 3 (exception) or 4 (software
+        // interrupt); reserved bits clear.
+        let kind = (event >> 8) & 7;
+        if event != 0
+            && (event & (1 << 31) == 0
+                || !matches!(kind, 0 | 2 | 3 | 4)
+                || event & 0x7fff_f000 != 0)
+        {
+            return Err(Error::InvalidArgument);
+        }
+        write(frame, vmcb::EVENT_INJECT, event);
+        if event != 0 {
+            vcpu.reinject = 0;
+        }
+        let irq = words[state::VIRTUAL_IRQ];
+        let mut v_intr: u64 = read(frame, vmcb::V_INTR);
+        v_intr &= !((1 << 8) | (0xff << 32) | (0xf << 16));
+        if irq & (1 << 63) != 0 {
+            v_intr |= (1 << 8) | ((irq & 0xff) << 32) | (0xf << 16);
+        }
+        write(frame, vmcb::V_INTR, v_intr);
+        // The VMM may end an interrupt shadow (e.g. after emulating the HLT that `sti` shadowed).
+        let shadow: u64 = read(frame, vmcb::INTERRUPT_SHADOW);
+        write(
+            frame,
+            vmcb::INTERRUPT_SHADOW,
+            (shadow & !1) | (words[state::INTERRUPT_SHADOW] & 1),
+        );
+    }
+    Ok(())
+}
+
+fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
+    let frame = vcpu.vmcb;
+    words[state::EXIT_CODE] = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;
+    words[state::EXIT_INFO1] = read(frame, vmcb::EXIT_INFO1);
+    words[state::EXIT_INFO2] = read(frame, vmcb::EXIT_INFO2);
+    words[state::EXIT_INT_INFO] = read(frame, vmcb::EXIT_INT_INFO);
+    words[state::RIP] = read(frame, vmcb::RIP);
+    words[state::RSP] = read(frame, vmcb::RSP);
+    words[state::RFLAGS] = read(frame, vmcb::RFLAGS);
+    words[state::RAX] = read(frame, vmcb::RAX);
+    let r = &vcpu.registers;
+    words[state::RBX..state::RBX + 14].copy_from_slice(&[
+        r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+        r.r15,
+    ]);
+    words[state::CR0] = read(frame, vmcb::CR0);
+    words[state::CR2] = read(frame, vmcb::CR2);
+    words[state::CR3] = read(frame, vmcb::CR3);
+    words[state::CR4] = read(frame, vmcb::CR4);
+    words[state::EFER] = read(frame, vmcb::EFER);
+    words[state::EVENT_INJECT] = read(frame, vmcb::EVENT_INJECT);
+    let v_intr: u64 = read(frame, vmcb::V_INTR);
+    words[state::VIRTUAL_IRQ] = if v_intr & (1 << 8) != 0 {
+        (1 << 63) | ((v_intr >> 32) & 0xff)
+    } else {
+        0
+    };
+    words[state::INTERRUPT_SHADOW] = read::<u64>(frame, vmcb::INTERRUPT_SHADOW) & 1;
+    for (index, offset) in [
+        (state::CS, vmcb::CS),
+        (state::SS, vmcb::SS),
+        (state::DS, vmcb::DS),
+        (state::ES, vmcb::ES),
+        (state::FS, vmcb::FS),
+        (state::GS, vmcb::GS),
+        (state::TR, vmcb::TR),
+        (state::LDTR, vmcb::LDTR),
+    ] {
+        words[index] = state::segment(
+            read(frame, offset),
+            read(frame, offset + 2),
+            read(frame, offset + 4),
+        );
+        words[index + 1] = read(frame, offset + 8);
+    }
+    for (index, offset) in [(state::GDTR, vmcb::GDTR), (state::IDTR, vmcb::IDTR)] {
+        words[index] = read::<u32>(frame, offset + 4) as u64;
+        words[index + 1] = read(frame, offset + 8);
+    }
+}
+
+/// `VcpuRun` of thread `caller` on `vcpu`, loading `mask` first. Returns with the exit in the
+/// caller's UTCB and the exit code in its `rdi`, or an error; a physical interrupt makes the
+/// caller re-issue the call (with an empty mask) after the kernel handled it.
+pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Result<(), Error> {
+    let host_vmcb = k.svm.as_ref().ok_or(Error::NotSupported)?.host_vmcb;
+    if mask & !state::ALL != 0 {
+        return Err(Error::InvalidArgument);
+    }
+    let words = &mut utcb(k, caller).mr;
+    let vm_id = k.vcpus.get(vcpu_id).ok_or(Error::InvalidCapability)?.vm;
+    if !k.vms.contains(vm_id) {
+        return Err(Error::InvalidCapability);
+    }
+    let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
+    load_state(vcpu, words, mask)?;
+    let flush = k
+        .vms
+        .get_mut(vm_id)
+        .map(|v| core::mem::take(&mut v.flush))
+        .unwrap_or(false);
+    let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
+    let frame = vcpu.vmcb;
+    // Flush the guest's TLB entries when a guest mapping was removed since the last run.
+    write(frame, vmcb::TLB_CONTROL, if flush { 1u8 } else { 0u8 });
+    let injected: u64 = read(frame, vmcb::EVENT_INJECT);
+    if injected & (1 << 31) == 0 && vcpu.reinject & (1 << 31) != 0 {
+        write(frame, vmcb::EVENT_INJECT, vcpu.reinject);
+    }
+    vcpu.reinject = 0;
+    // SAFETY: the VMCB was built by `create_vcpu` and only changed through `load_state`;
+    // its nested page tables hold only what the VMM mapped.
+    unsafe { svm::run(frame, &mut vcpu.registers, host_vmcb) };
+    let code = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;
+    let interrupted: u64 = read(frame, vmcb::EXIT_INT_INFO);
+    if interrupted & (1 << 31) != 0 {
+        vcpu.reinject = interrupted;
+    }
+    write(frame, vmcb::EVENT_INJECT, 0u64);
+    match code {
+        exit::INTR | exit::NMI => {
+            // A physical interrupt: let the kernel take it (it stays pending until interrupts
+            // are enabled again, at the latest when a thread runs) and make the VMM's call
+            // resume the guest afterwards, loading nothing new.
+            let f = &mut k.thread(caller).frame;
+            f.rip -= 2;
+            f.rsi = 0;
+            k.schedule()
+        }
+        exit::INVALID => {
+            crate::warn!("VMRUN refused the vCPU state (invalid VMCB)");
+            Err(Error::InvalidArgument)
+        }
+        _ => {
+            let words = &mut utcb(k, caller).mr;
+            let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");
+            store_state(vcpu, words);
+            k.thread(caller).frame.rdi = code;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! A bare-metal test guest, started by the VMM in 64-bit mode with identity-mapped paging.
+//! Each case checks one mechanism of the VM (port I/O, CPUID, MSRs, hypercalls, interrupts,
+//! lazy memory, MMIO, exceptions) and prints `ok - case` or `not ok - case` on the test
+//! device's console port; the VMM numbers the lines. It ends by writing the number of failures
+//! to the exit port.
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, global_asm};
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+const BASE: u16 = 0xe0;
+const CONSOLE: u16 = BASE;
+const EXIT: u16 = BASE + 4;
+const SCRATCH: u16 = BASE + 8;
+const COUNTER: u16 = BASE + 12;
+const STATUS: u16 = BASE + 16;
+/// The VMM's MMIO scratch device.
+const MMIO: u64 = 0xd000_0000;
+/// Guest RAM the VMM maps only when touched.
+const LAZY: u64 = 0x80_0000;
+/// An address outside RAM and devices.
+const NOWHERE: u64 = 0x8000_0000;
+/// The VMM's test MSR.
+const TEST_MSR: u32 = 0x4b56_4d10;
+
+fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O in the guest; the VMM intercepts it.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v) }
+}
+fn outw(port: u16, v: u16) {
+    // SAFETY: as above.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v) }
+}
+fn outl(port: u16, v: u32) {
+    // SAFETY: as above.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v) }
+}
+fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as above.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v) };
+    v
+}
+fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: as above.
+    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v) };
+    v
+}
+fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as above.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v) };
+    v
+}
+
+struct Console;
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for b in s.bytes() {
+            outb(CONSOLE, b);
+        }
+        Ok(())
+    }
+}
+
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+fn check(case: &str, ok: bool) {
+    if !ok {
+        FAILED.fetch_add(1, SeqCst);
+    }
+    let _ = writeln!(Console, "{}ok - {case}", if ok { "" } else { "not " });
+}
+
+// ---- interrupts: GDT, IDT and handlers
+
+static TIMER: AtomicU64 = AtomicU64::new(0);
+static WINDOW: AtomicU64 = AtomicU64::new(0);
+static UD: AtomicU64 = AtomicU64::new(0);
+static GP: AtomicU64 = AtomicU64::new(0);
+static NMI: AtomicU64 = AtomicU64::new(0);
+static TS_ERROR: AtomicU64 = AtomicU64::new(0);
+
+#[no_mangle]
+extern "C" fn guest_interrupt(vector: u64, frame: *mut u64) {
+    match vector {
+        2 => {
+            NMI.fetch_add(1, SeqCst);
+        }
+        10 => {
+            // SAFETY: the error code sits just below the interrupt frame.
+            TS_ERROR.store(unsafe { *frame.sub(1) }, SeqCst);
+        }
+        6 => {
+            UD.fetch_add(1, SeqCst);
+            // SAFETY: `frame` points at the interrupt frame; skip the two-byte ud2.
+            unsafe { *frame += 2 };
+        }
+        13 => {
+            GP.fetch_add(1, SeqCst);
+            // SAFETY: as above; the faulting rdmsr/wrmsr is two bytes.
+            unsafe { *frame += 2 };
+        }
+        0x30 => {
+            TIMER.fetch_add(1, SeqCst);
+        }
+        0x31 => {
+            WINDOW.fetch_add(1, SeqCst);
+        }
+        _ => {}
+    }
+}
+
+global_asm!(
+    r#"
+.section .text.start, "ax"
+.global _start
+_start:
+    lgdt [rip + guest_gdt_pointer]
+    lea rax, [rip + 2f]
+    push 0x08
+    push rax
+    retfq
+2:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    call guest_main
+3:
+    hlt
+    jmp 3b
+
+.macro STUB vector, error
+guest_isr_\vector:
+    .if \error == 0
+    push 0
+    .endif
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    mov edi, \vector
+    lea rsi, [rsp + 80]
+    call guest_interrupt
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    add rsp, 8
+    iretq
+.endm
+STUB 2, 0
+STUB 6, 0
+STUB 10, 1
+STUB 13, 1
+STUB 48, 0
+STUB 49, 0
+
+.section .rodata
+.balign 8
+.global guest_isr_table
+guest_isr_table:
+        .quad guest_isr_2, guest_isr_6, guest_isr_10, guest_isr_13, guest_isr_48, guest_isr_49
+
+.section .data
+.balign 16
+guest_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff
+    .quad 0x00cf92000000ffff
+guest_gdt_pointer:
+    .short 23
+    .quad guest_gdt
+"#
+);
+
+#[repr(C, align(16))]
+struct Idt([[u64; 2]; 64]);
+static mut IDT: Idt = Idt([[0; 2]; 64]);
+
+fn setup_idt() {
+    extern "C" {
+        static guest_isr_table: [u64; 6];
+    }
+    for (i, vector) in [2usize, 6, 10, 13, 0x30, 0x31].into_iter().enumerate() {
+        // SAFETY: reading the table of stub addresses.
+        let handler = unsafe { guest_isr_table[i] };
+        let low =
+            (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48;
+        // SAFETY: single-threaded guest; the IDT is ours.
+        unsafe { (*core::ptr::addr_of_mut!(IDT)).0[vector] = [low, handler >> 32] };
+    }
+    let pointer: [u16; 5] = {
+        let base = core::ptr::addr_of!(IDT) as u64;
+        [
+            64 * 16 - 1,
+            base as u16,
+            (base >> 16) as u16,
+            (base >> 32) as u16,
+            (base >> 48) as u16,
+        ]
+    };
+    // SAFETY: loads our IDT.
+    unsafe { asm!("lidt [{}]", in(reg) pointer.as_ptr()) };
+}
+
+fn cpuid(leaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid(leaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+fn vmmcall(nr: u64, a: u64, b: u64) -> u64 {
+    let result: u64;
+    // SAFETY: a hypercall to the VMM; rbx is saved by hand (LLVM reserves it).
+    unsafe {
+        asm!("xchg {a}, rbx", "vmmcall", "xchg {a}, rbx", a = inout(reg) a => _, inout("rax") nr => result, in("rcx") b)
+    };
+    result
+}
+
+#[no_mangle]
+extern "C" fn guest_main() -> ! {
+    setup_idt();
+
+    // Port I/O of every size.
+    outb(SCRATCH, 0x5a);
+    outw(SCRATCH, 0xbeef);
+    outl(SCRATCH, 0xdead_beef);
+    check("port I/O: byte", inb(SCRATCH) == 0x5a);
+    check("port I/O: word", inw(SCRATCH) == 0xbeef);
+    check("port I/O: dword", inl(SCRATCH) == 0xdead_beef);
+    check(
+        "port I/O: unclaimed port reads all ones",
+        inb(0x300) == 0xff,
+    );
+    let mut buffer = [0u8; 16];
+    // SAFETY: string input into our buffer.
+    unsafe {
+        asm!("cld", "rep insb", inout("rdi") buffer.as_mut_ptr() => _, inout("rcx") 16u64 => _, in("dx") COUNTER)
+    };
+    check(
+        "string I/O: rep insb",
+        (0..16).all(|i| buffer[i] == i as u8),
+    );
+    let words = [0x1111u16, 0x2222, 0x3333];
+    // SAFETY: string output from our array.
+    unsafe {
+        asm!("cld", "rep outsw", inout("rsi") words.as_ptr() => _, inout("rcx") 3u64 => _, in("dx") SCRATCH)
+    };
+    check("string I/O: rep outsw", inw(SCRATCH) == 0x3333);
+
+    // CPUID values the VMM chose.
+    let leaf = cpuid(0x4000_0000);
+    check(
+        "cpuid: hypervisor signature",
+        leaf[1..] == [0x7352_344c, 0x744d_4d56, 0x7374_7365],
+    );
+    check(
+        "cpuid: SVM hidden from the guest",
+        cpuid(0x8000_0001)[2] & 4 == 0,
+    );
+    check("cpuid: hypervisor bit set", cpuid(1)[2] >> 31 == 1);
+
+    // MSRs.
+    // SAFETY: the VMM emulates its test MSR.
+    unsafe { asm!("wrmsr", in("ecx") TEST_MSR, in("eax") 0x1234_5678u32, in("edx") 0x9abcu32) };
+    let (lo, hi): (u32, u32);
+    // SAFETY: as above.
+    unsafe { asm!("rdmsr", in("ecx") TEST_MSR, out("eax") lo, out("edx") hi) };
+    check(
+        "msr: write then read the VMM's MSR",
+        lo == 0x1234_5678 && hi == 0x9abc,
+    );
+    let before = GP.load(SeqCst);
+    // SAFETY: an MSR the VMM refuses: #GP, handled by our IDT.
+    unsafe { asm!("rdmsr", in("ecx") 0x1234u32, out("eax") _, out("edx") _) };
+    check(
+        "msr: unknown MSR raises #GP in the guest",
+        GP.load(SeqCst) == before + 1,
+    );
+
+    // Hypercalls.
+    check("vmmcall: arguments and result", vmmcall(1, 20, 22) == 42);
+    check("vmmcall: unknown hypercall", vmmcall(99, 0, 0) == u64::MAX);
+
+    // Exceptions handled by the guest's own IDT.
+    // SAFETY: deliberately raises #UD, which our handler skips.
+    unsafe { asm!("ud2") };
+    check(
+        "exception: #UD handled by the guest's IDT",
+        UD.load(SeqCst) == 1,
+    );
+
+    // HLT is woken by an injected timer interrupt.
+    // SAFETY: enable interrupts and halt until the VMM injects vector 0x30.
+    unsafe { asm!("sti", "hlt", "cli") };
+    check(
+        "hlt: woken by an injected interrupt",
+        TIMER.load(SeqCst) == 1,
+    );
+
+    // An interrupt requested while interrupts are disabled waits for sti.
+    vmmcall(2, 0x31, 0);
+    let mut spins = 0u64;
+    for _ in 0..1000 {
+        spins += 1;
+        core::hint::black_box(spins);
+    }
+    let early = WINDOW.load(SeqCst);
+    // SAFETY: open the interrupt window for one instruction.
+    unsafe { asm!("sti", "nop", "cli") };
+    check(
+        "interrupt injection waits while IF=0",
+        early == 0 && WINDOW.load(SeqCst) == 1,
+    );
+
+    // Lazy memory: the VMM maps these pages on the first touch.
+    let mut lazy_ok = true;
+    for page in 0..4u64 {
+        let p = (LAZY + page * 4096) as *mut u64;
+        // SAFETY: guest RAM the VMM provides on demand.
+        unsafe {
+            lazy_ok &= core::ptr::read_volatile(p) == 0;
+            core::ptr::write_volatile(p, page + 1);
+            lazy_ok &= core::ptr::read_volatile(p) == page + 1;
+        }
+    }
+    check(
+        "lazy memory: guest-physical faults resolved by the VMM",
+        lazy_ok && inl(STATUS) >= 4,
+    );
+
+    // MMIO decoded from guest memory.
+    let m = MMIO as *mut u32;
+    // SAFETY: the VMM emulates the MMIO scratch device.
+    unsafe {
+        core::ptr::write_volatile(m, 0xcafe_f00d);
+        check(
+            "mmio: 32-bit write and read",
+            core::ptr::read_volatile(m) == 0xcafe_f00d,
+        );
+        core::ptr::write_volatile(m as *mut u8, 0x42);
+        check(
+            "mmio: 8-bit write and read",
+            core::ptr::read_volatile(m as *mut u8) == 0x42,
+        );
+        core::ptr::write_volatile(m as *mut u64, 0x0123_4567_89ab_cdef);
+        check(
+            "mmio: 64-bit write and read",
+            core::ptr::read_volatile(m as *mut u64) == 0x0123_4567_89ab_cdef,
+        );
+        asm!("mov dword ptr [{}], 0x77", in(reg) m);
+        check("mmio: immediate store", core::ptr::read_volatile(m) == 0x77);
+        let zx: u32;
+        asm!("movzx {0:e}, word ptr [{1}]", out(reg) zx, in(reg) m);
+        check("mmio: movzx load", zx == 0x77);
+    }
+
+    // SAFETY: the VMM emulates the MMIO scratch device; SIB addressing and 16-bit stores.
+    unsafe {
+        let index = 2u64;
+        asm!("mov word ptr [{base} + {index} * 4 - 8], {value:x}", base = in(reg) m, index = in(reg) index, value = in(reg) 0x5566u16);
+        check(
+            "mmio: 16-bit store with SIB addressing",
+            core::ptr::read_volatile(m as *mut u16) == 0x5566,
+        );
+    }
+    let in_imm: u8;
+    // SAFETY: port input with an immediate port number.
+    unsafe { asm!("in al, 0xe8", out("al") in_imm) };
+    check("port I/O: in al, imm8", in_imm == 0x5a);
+    check(
+        "cpuid: hypervisor leaf 0x40000001",
+        cpuid(0x4000_0001)[0] == 0x1234_5678,
+    );
+
+    // Events the VMM injects: an NMI, and an exception with an error code.
+    vmmcall(3, 0, 0);
+    check(
+        "event injection: NMI delivered to the guest",
+        NMI.load(SeqCst) == 1,
+    );
+    vmmcall(4, 0x1234, 0);
+    check(
+        "event injection: exception with error code (#TS)",
+        TS_ERROR.load(SeqCst) == 0x1234,
+    );
+
+    // A write outside RAM: the VMM sees the guest-physical fault.
+    // SAFETY: deliberately touches a guest-physical address nothing backs.
+    unsafe { core::ptr::write_volatile(NOWHERE as *mut u32, 1) };
+    check(
+        "isolation: a write outside guest RAM is seen by the VMM",
+        inl(STATUS) == NOWHERE as u32,
+    );
+
+    outl(EXIT, FAILED.load(SeqCst) as u32);
+    loop {
+        // SAFETY: nothing left to do.
+        unsafe { asm!("hlt") };
+    }
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    let _ = writeln!(Console, "not ok - guest panicked");
+    outl(EXIT, 0xff);
+    loop {}
+}

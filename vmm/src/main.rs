@@ -1,0 +1,690 @@
+//! The VMM task: creates a VM and a vCPU through its factory, gives the VM guest RAM from its
+//! own memory (mapped flexpages), loads a guest ELF image (a data module the root task maps at
+//! `BLOB_ADDRESS`), starts it in 64-bit mode and runs the exit loop: one handler per exit
+//! reason, a port bus and an MMIO device, lazy guest memory on guest-physical faults. Then it
+//! runs the checks that need their own guests: a 32-bit guest with paging off, a triple fault,
+//! state the kernel must refuse, and a second VM at the same time (isolation).
+//!
+//! Every guest case becomes a line `ok N - guest: case` (or `not ok`); the task exits with the
+//! number of failures.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use core::cell::RefCell;
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use l4::abi::vcpu::{self as state, exit};
+use l4::abi::{slots, Error, Fpage, ObjectKind, Syscall, PAGE_SIZE};
+use l4::thread::alloc_slot;
+use l4::{println, sys};
+use l4linux_glue::exits::{self, IoExit};
+use l4linux_glue::ports::{PortBus, PortDevice};
+use l4linux_glue::test_device::{self, TestDevice};
+
+/// Where the root task maps our guest image (module option `blob=NAME`).
+const BLOB_ADDRESS: u64 = 0x0000_0900_0000_0000;
+/// Guest RAM mapped up front: 8 MiB at guest-physical 0.
+const RAM_SIZE: u64 = 8 << 20;
+/// Guest RAM mapped on first touch: 8..12 MiB.
+const LAZY: core::ops::Range<u64> = 0x80_0000..0xc0_0000;
+/// The MMIO scratch device.
+const MMIO: core::ops::Range<u64> = 0xd000_0000..0xd000_1000;
+/// The VMM's test MSR.
+const TEST_MSR: u64 = 0x4b56_4d10;
+
+static NEXT: AtomicU64 = AtomicU64::new(1);
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+fn report(ok: bool, case: &str) {
+    let n = NEXT.fetch_add(1, SeqCst);
+    if !ok {
+        FAILED.fetch_add(1, SeqCst);
+    }
+    println!("{}ok {n} - guest: {case}", if ok { "" } else { "not " });
+}
+
+fn utcb_words() -> &'static mut [u64; 64] {
+    &mut l4::utcb::utcb().mr
+}
+
+/// Run the vCPU with `mask` of the UTCB state loaded first; returns the exit code.
+fn run(vcpu: u64, mask: u64) -> Result<u64, Error> {
+    // SAFETY: VcpuRun touches only our UTCB.
+    let (rax, code, _, _) = unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, mask, 0, 0, 0) };
+    if rax == 0 {
+        Ok(code)
+    } else {
+        Err(Error::from_u64(rax).unwrap_or(Error::InvalidArgument))
+    }
+}
+
+/// Guest RAM in our address space.
+struct Ram {
+    base: u64,
+    size: u64,
+}
+
+impl Ram {
+    fn new(size: u64) -> Ram {
+        // Aligned to its size: it is mapped into the VM as one flexpage.
+        let layout =
+            core::alloc::Layout::from_size_align(size as usize, size as usize).expect("layout");
+        // SAFETY: a valid layout; zeroing faults every page in from our pager.
+        let base = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
+        assert!(base != 0, "no memory for guest RAM");
+        Ram { base, size }
+    }
+
+    fn contains(&self, gpa: u64, length: u64) -> bool {
+        gpa.checked_add(length).is_some_and(|end| end <= self.size)
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(self.contains(gpa, bytes.len() as u64));
+        // SAFETY: inside our RAM allocation.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (self.base + gpa) as *mut u8,
+                bytes.len(),
+            )
+        };
+    }
+
+    fn read_u64(&self, gpa: u64) -> Option<u64> {
+        if !self.contains(gpa, 8) {
+            return None;
+        }
+        // SAFETY: inside our RAM allocation.
+        Some(unsafe { core::ptr::read_unaligned((self.base + gpa) as *const u64) })
+    }
+
+    fn read_bytes(&self, gpa: u64, out: &mut [u8]) -> bool {
+        if !self.contains(gpa, out.len() as u64) {
+            return false;
+        }
+        // SAFETY: inside our RAM allocation.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (self.base + gpa) as *const u8,
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+        true
+    }
+}
+
+struct Vm {
+    vm: u64,
+    vcpu: u64,
+    ram: Ram,
+}
+
+fn create_vm(ram_size: u64) -> Result<Vm, Error> {
+    let vm = alloc_slot();
+    sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, 0, 0)?;
+    let vcpu = alloc_slot();
+    sys::factory_create(slots::FACTORY, ObjectKind::Vcpu, vcpu, vm, 0)?;
+    let ram = Ram::new(ram_size);
+    sys::map(
+        vm,
+        Fpage::memory(ram.base, ram_size.trailing_zeros(), Fpage::RWX),
+        0,
+        0,
+    )?;
+    Ok(Vm { vm, vcpu, ram })
+}
+
+/// Load the guest ELF into RAM (guest-physical = link address) and build identity page tables
+/// for the first 4 GiB (2 MiB pages) at 0x1000..0x7000. Returns the entry point.
+fn load_guest(ram: &Ram, image: &[u8]) -> Result<u64, l4_elf::ElfError> {
+    let parsed = l4_elf::parse(
+        image,
+        l4_elf::Limits {
+            min_vaddr: 0x10_0000,
+            user_limit: RAM_SIZE,
+        },
+    )?;
+    for segment in parsed.segments() {
+        let file = &image
+            [segment.file_offset as usize..(segment.file_offset + segment.file_size) as usize];
+        ram.write(segment.vaddr, file);
+    }
+    let mut tables = [0u64; 512 * 6];
+    tables[0] = 0x2000 | 7; // PML4[0] -> PDPT
+    for i in 0..4 {
+        tables[512 + i] = (0x3000 + i as u64 * 0x1000) | 7; // PDPT[i] -> PD i
+    }
+    for i in 0..2048u64 {
+        tables[1024 + i as usize] = (i << 21) | 0x87; // 2 MiB pages, identity
+    }
+    let bytes: alloc::vec::Vec<u8> = tables[..512 * 6]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    ram.write(0x1000, &bytes);
+    Ok(parsed.entry)
+}
+
+fn long_mode_state(words: &mut [u64; 64], entry: u64) {
+    words.fill(0);
+    words[state::RIP] = entry;
+    words[state::RSP] = 0x7_f000;
+    words[state::RFLAGS] = 2;
+    words[state::CR0] = 0x8000_0031; // PG, NE, ET, PE
+    words[state::CR3] = 0x1000;
+    words[state::CR4] = 0x20; // PAE
+    words[state::EFER] = 0x500; // LME, LMA
+    words[state::CS] = state::segment(0x08, 0x29b, 0xffff_ffff);
+    for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
+        words[s] = state::segment(0x10, 0xc93, 0xffff_ffff);
+    }
+    words[state::TR] = state::segment(0, 0x8b, 0x67);
+    words[state::LDTR] = state::segment(0, 0x82, 0);
+}
+
+/// The MMIO scratch device: remembers what was written.
+#[derive(Default)]
+struct MmioScratch {
+    value: u64,
+}
+
+/// The exit loop of the test guest. Returns when the guest writes the exit port or stops
+/// with an unexpected exit.
+fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
+    let device = Rc::new(RefCell::new(TestDevice::new()));
+    let mut bus = PortBus::new();
+    struct Shared(Rc<RefCell<TestDevice>>);
+    impl PortDevice for Shared {
+        fn read(&mut self, offset: u16, size: u8) -> u32 {
+            self.0.borrow_mut().read(offset, size)
+        }
+        fn write(&mut self, offset: u16, size: u8, value: u32) {
+            self.0.borrow_mut().write(offset, size, value)
+        }
+    }
+    bus.register(
+        test_device::BASE_PORT,
+        test_device::LENGTH,
+        Box::new(Shared(device.clone())),
+    )
+    .map_err(|_| "port bus")?;
+    let mut mmio = MmioScratch::default();
+    let mut test_msr = 0u64;
+    let mut lazy_faults = 0u32;
+    let words = utcb_words();
+    long_mode_state(words, entry);
+    let mut mask = state::ALL;
+    loop {
+        let code = run(vm.vcpu, mask).map_err(|_| "VcpuRun failed")?;
+        let w = utcb_words();
+        for line in device.borrow_mut().take_lines() {
+            let (ok, case) = match line.strip_prefix("ok - ") {
+                Some(case) => (true, case),
+                None => (false, line.strip_prefix("not ok - ").unwrap_or(&line)),
+            };
+            report(ok, case);
+        }
+        if let Some(code) = device.borrow().exit {
+            return Ok(code);
+        }
+        mask = state::GPRS;
+        match code {
+            exit::IOIO => {
+                let Some(io) = IoExit::decode(w[state::EXIT_INFO1]) else {
+                    return Err("bad I/O exit");
+                };
+                if io.string {
+                    // INS/OUTS with identity-mapped guest memory (the test guest's).
+                    let count = if io.rep { w[state::RCX] } else { 1 };
+                    for _ in 0..count {
+                        let (index, address) = if io.input {
+                            (state::RDI, w[state::RDI])
+                        } else {
+                            (state::RSI, w[state::RSI])
+                        };
+                        let mut bytes = [0u8; 4];
+                        if io.input {
+                            let value = bus.read(io.port, io.size);
+                            bytes[..io.size as usize]
+                                .copy_from_slice(&value.to_le_bytes()[..io.size as usize]);
+                            vm.ram.write(address, &bytes[..io.size as usize]);
+                        } else {
+                            if !vm.ram.read_bytes(address, &mut bytes[..io.size as usize]) {
+                                return Err("string I/O outside RAM");
+                            }
+                            bus.write(io.port, io.size, u32::from_le_bytes(bytes));
+                        }
+                        w[index] = address + io.size as u64;
+                    }
+                    if io.rep {
+                        w[state::RCX] = 0;
+                    }
+                } else if io.input {
+                    let value = bus.read(io.port, io.size) as u64;
+                    let keep = !((1u64 << (8 * io.size)) - 1);
+                    w[state::RAX] = if io.size == 4 {
+                        value
+                    } else {
+                        (w[state::RAX] & keep) | value
+                    };
+                } else {
+                    bus.write(io.port, io.size, w[state::RAX] as u32);
+                }
+                w[state::RIP] = w[state::EXIT_INFO2];
+            }
+            exit::CPUID => {
+                let leaf = w[state::RAX] as u32;
+                let host = core::arch::x86_64::__cpuid_count(leaf, w[state::RCX] as u32);
+                let r = exits::cpuid(
+                    leaf,
+                    w[state::RCX] as u32,
+                    [host.eax, host.ebx, host.ecx, host.edx],
+                );
+                (w[state::RAX], w[state::RBX], w[state::RCX], w[state::RDX]) =
+                    (r[0] as u64, r[1] as u64, r[2] as u64, r[3] as u64);
+                w[state::RIP] += exits::CPUID_LENGTH;
+            }
+            exit::MSR => {
+                let msr = w[state::RCX] & 0xffff_ffff;
+                if msr != TEST_MSR {
+                    // #GP(0) into the guest; the instruction does not complete.
+                    w[state::EVENT_INJECT] = (1 << 31) | (1 << 11) | (3 << 8) | 13;
+                    mask |= state::EVENTS;
+                    continue;
+                }
+                if w[state::EXIT_INFO1] == 0 {
+                    w[state::RAX] = test_msr & 0xffff_ffff;
+                    w[state::RDX] = test_msr >> 32;
+                } else {
+                    test_msr = (w[state::RDX] << 32) | (w[state::RAX] & 0xffff_ffff);
+                }
+                w[state::RIP] += exits::MSR_LENGTH;
+            }
+            exit::VMMCALL => {
+                w[state::RAX] = match w[state::RAX] {
+                    1 => w[state::RBX].wrapping_add(w[state::RCX]),
+                    2 => {
+                        w[state::VIRTUAL_IRQ] = (1 << 63) | (w[state::RBX] & 0xff);
+                        w[state::EVENT_INJECT] = 0;
+                        mask |= state::EVENTS;
+                        0
+                    }
+                    3 => {
+                        // NMI.
+                        w[state::EVENT_INJECT] = (1 << 31) | (2 << 8) | 2;
+                        mask |= state::EVENTS;
+                        0
+                    }
+                    4 => {
+                        // #TS with the error code the guest asked for.
+                        w[state::EVENT_INJECT] = (1 << 31)
+                            | (1 << 11)
+                            | (3 << 8)
+                            | 10
+                            | (w[state::RBX] & 0xffff_ffff) << 32;
+                        mask |= state::EVENTS;
+                        0
+                    }
+                    _ => u64::MAX,
+                };
+                w[state::RIP] += exits::VMMCALL_LENGTH;
+            }
+            exit::HLT => {
+                // A timer tick for the halted guest: a virtual interrupt, taken when it can.
+                w[state::RIP] += exits::HLT_LENGTH;
+                w[state::VIRTUAL_IRQ] = (1 << 63) | 0x30;
+                w[state::EVENT_INJECT] = 0;
+                w[state::INTERRUPT_SHADOW] = 0;
+                mask |= state::EVENTS;
+            }
+            exit::NPF => {
+                let gpa = w[state::EXIT_INFO2];
+                if LAZY.contains(&gpa) {
+                    let page = l4::child::fresh_page();
+                    sys::map(
+                        vm.vm,
+                        Fpage::memory(page, 12, Fpage::RWX),
+                        gpa & !(PAGE_SIZE - 1),
+                        0,
+                    )
+                    .map_err(|_| "lazy map")?;
+                    lazy_faults += 1;
+                    device.borrow_mut().status = lazy_faults;
+                    continue;
+                }
+                let instruction =
+                    fetch_instruction(vm, w).ok_or("cannot fetch the faulting instruction")?;
+                let decoded = l4linux_glue::decode::decode_mmio(&instruction)
+                    .map_err(|_| "undecodable MMIO instruction")?;
+                if MMIO.contains(&gpa) {
+                    emulate_mmio(&mut mmio, decoded.access, w);
+                } else {
+                    println!("[vmm] guest touched guest-physical {gpa:#x} outside RAM and devices; skipped");
+                    device.borrow_mut().status = gpa as u32;
+                }
+                w[state::RIP] += decoded.length as u64;
+            }
+            other => {
+                println!(
+                    "[vmm] unexpected exit {other:#x} at rip {:#x}",
+                    w[state::RIP]
+                );
+                return Err("unexpected exit");
+            }
+        }
+    }
+}
+
+fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {
+    let mode = l4linux_glue::guest_paging::PagingMode {
+        cr0: w[state::CR0],
+        cr4: w[state::CR4],
+        efer: w[state::EFER],
+    };
+    let gpa = l4linux_glue::guest_paging::translate(mode, w[state::CR3], w[state::RIP], &mut |a| {
+        vm.ram.read_u64(a)
+    })
+    .ok()?;
+    let mut bytes = [0u8; 15];
+    let available = (RAM_SIZE.saturating_sub(gpa)).min(15) as usize;
+    vm.ram
+        .read_bytes(gpa, &mut bytes[..available])
+        .then_some(bytes)
+}
+
+fn emulate_mmio(
+    device: &mut MmioScratch,
+    access: l4linux_glue::decode::MmioAccess,
+    w: &mut [u64; 64],
+) {
+    use l4linux_glue::decode::{merge_read, MmioAccess};
+    let register_index = |r: u8| match r {
+        0 => state::RAX,
+        1 => state::RCX,
+        2 => state::RDX,
+        3 => state::RBX,
+        4 => state::RSP,
+        5 => state::RBP,
+        6 => state::RSI,
+        7 => state::RDI,
+        n => state::R8 + (n as usize - 8),
+    };
+    let mask = |size: u8| {
+        if size >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * size)) - 1
+        }
+    };
+    match access {
+        MmioAccess::Read {
+            size,
+            register,
+            extend_to,
+        } => {
+            let i = register_index(register);
+            w[i] = merge_read(w[i], device.value & mask(size), size, extend_to);
+        }
+        MmioAccess::WriteRegister {
+            size,
+            register,
+            high_byte,
+        } => {
+            let value = if high_byte {
+                w[register_index(register - 4)] >> 8
+            } else {
+                w[register_index(register)]
+            };
+            device.value = value & mask(size);
+        }
+        MmioAccess::WriteImmediate { size, value } => device.value = value & mask(size),
+    }
+}
+
+/// A 32-bit protected-mode guest with paging off: stores 0x12345678 at guest-physical 0x9000
+/// and writes the exit port. Hand-assembled.
+const GUEST32: [u8; 20] = [
+    0xb8, 0x78, 0x56, 0x34, 0x12, // mov eax, 0x12345678
+    0xa3, 0x00, 0x90, 0x00, 0x00, // mov [0x9000], eax
+    0x31, 0xc0, // xor eax, eax
+    0x66, 0xba, 0xe4, 0x00, // mov dx, 0xe4
+    0xef, // out dx, eax
+    0xf4, // hlt
+    0xeb, 0xfd, // jmp -3
+];
+
+fn protected_mode_state(words: &mut [u64; 64], entry: u64) {
+    words.fill(0);
+    words[state::RIP] = entry;
+    words[state::RSP] = 0x8000;
+    words[state::RFLAGS] = 2;
+    words[state::CR0] = 0x11; // PE, ET
+    words[state::CS] = state::segment(0x08, 0xc9b, 0xffff_ffff);
+    for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
+        words[s] = state::segment(0x10, 0xc93, 0xffff_ffff);
+    }
+    words[state::TR] = state::segment(0, 0x8b, 0x67);
+    words[state::LDTR] = state::segment(0, 0x82, 0);
+}
+
+/// Run the 32-bit guest in `vm` to its exit port write; true if it got there.
+fn run_guest32(vm: &Vm) -> bool {
+    vm.ram.write(0x7000, &GUEST32);
+    protected_mode_state(utcb_words(), 0x7000);
+    let mut mask = state::ALL;
+    for _ in 0..8 {
+        match run(vm.vcpu, mask) {
+            Ok(exit::IOIO) => {
+                let w = utcb_words();
+                if IoExit::decode(w[state::EXIT_INFO1]).is_some_and(|io| io.port == 0xe4) {
+                    return true;
+                }
+                w[state::RIP] = w[state::EXIT_INFO2];
+                mask = state::GPRS;
+            }
+            _ => return false,
+        }
+    }
+    false
+}
+
+static SECOND_DONE: AtomicU64 = AtomicU64::new(0);
+static SPINS_STARTED: AtomicU64 = AtomicU64::new(0);
+
+/// A VM whose guest spins forever (`jmp $`); its thread never returns from VcpuRun.
+extern "C" fn spinning_vm(_: u64) -> ! {
+    if let Ok(vm) = create_vm(1 << 20) {
+        vm.ram.write(0x7000, &[0xeb, 0xfe]);
+        protected_mode_state(utcb_words(), 0x7000);
+        SPINS_STARTED.store(1, SeqCst);
+        let _ = run(vm.vcpu, state::ALL);
+    }
+    sys::thread_exit(0)
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Block for `us` microseconds (a receive nobody answers).
+fn ipc_sleep(us: u32) -> Result<(), l4::ipc::IpcError> {
+    l4::ipc::wait(l4::abi::Timeouts::new(
+        l4::abi::Timeout::INFINITE,
+        l4::abi::Timeout::micros(us),
+    ))
+    .map(|_| ())
+}
+
+/// A second VM, run by a second thread while the first runs: its guest writes its own RAM.
+extern "C" fn second_vm(_: u64) -> ! {
+    let result = match create_vm(1 << 20) {
+        Ok(vm) => {
+            let mut ok = true;
+            for _ in 0..20 {
+                ok &= run_guest32(&vm);
+            }
+            let value = vm.ram.read_u64(0x9000).unwrap_or(0) as u32;
+            if ok && value == 0x1234_5678 {
+                1
+            } else {
+                2
+            }
+        }
+        Err(_) => 3,
+    };
+    SECOND_DONE.store(result, SeqCst);
+    sys::thread_exit(0)
+}
+
+fn argument(name: &str) -> Option<u64> {
+    l4::rt::arguments()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
+fn main() -> i64 {
+    let (Some(offset), Some(size)) = (argument("blob_offset"), argument("blob_size")) else {
+        println!("[vmm] no guest image (module option blob=NAME)");
+        return 1;
+    };
+    // SAFETY: the root task mapped the guest image read-only here.
+    let image =
+        unsafe { core::slice::from_raw_parts((BLOB_ADDRESS + offset) as *const u8, size as usize) };
+    let vm = match create_vm(RAM_SIZE) {
+        Ok(vm) => vm,
+        Err(e) => {
+            println!("[vmm] cannot create a VM: {e}");
+            return 1;
+        }
+    };
+    let entry = match load_guest(&vm.ram, image) {
+        Ok(entry) => entry,
+        Err(e) => {
+            println!("[vmm] guest image rejected: {e}");
+            return 1;
+        }
+    };
+    println!(
+        "[vmm] VM created, {} MiB guest RAM, guest entry {entry:#x}",
+        RAM_SIZE >> 20
+    );
+    let second = l4::thread::spawn(
+        second_vm,
+        0,
+        l4::thread::Spawn {
+            stack_size: 32 * 1024,
+            ..Default::default()
+        },
+    );
+    match run_test_guest(&vm, entry) {
+        Ok(failed) => report(failed == 0, "test guest finished without failures"),
+        Err(reason) => report(false, reason),
+    }
+
+    // 32-bit protected mode with paging off: nested paging still applies.
+    let vm32 = create_vm(1 << 20).expect("second VM");
+    let ran = run_guest32(&vm32);
+    report(
+        ran && vm32.ram.read_u64(0x9000).map(|v| v as u32) == Some(0x1234_5678),
+        "32-bit protected mode, paging off, under nested paging",
+    );
+    report(
+        vm.ram.read_u64(0x9000).map(|v| v as u32) != Some(0x1234_5678),
+        "two VMs do not share guest memory",
+    );
+
+    // A triple fault (no IDT, then int3) ends in a SHUTDOWN exit to the VMM.
+    vm32.ram.write(0x7000, &[0xcc]);
+    protected_mode_state(utcb_words(), 0x7000);
+    utcb_words()[state::IDTR] = 0;
+    report(
+        run(vm32.vcpu, state::ALL) == Ok(exit::SHUTDOWN),
+        "triple fault is a SHUTDOWN exit to the VMM",
+    );
+
+    // State the kernel must refuse: paging without protection, EFER.LMA without paging.
+    let w = utcb_words();
+    protected_mode_state(w, 0x7000);
+    w[state::CR0] = 0x8000_0010;
+    report(
+        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        "invalid guest state (CR0.PG without PE) refused",
+    );
+    protected_mode_state(w, 0x7000);
+    w[state::EFER] = 0x400;
+    report(
+        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        "invalid guest state (EFER.LMA without paging) refused",
+    );
+    w[state::EFER] = 0;
+    w[state::EVENT_INJECT] = (1 << 31) | (7 << 8) | 3;
+    report(
+        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        "invalid event type refused",
+    );
+
+    w[state::EVENT_INJECT] = 0;
+    protected_mode_state(w, 0x7000);
+    w[state::CR0] = 0x8000_0011;
+    w[state::EFER] = 0x500;
+    report(
+        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        "invalid guest state (long mode without PAE) refused",
+    );
+    protected_mode_state(w, 0x7000);
+    w[state::CR4] = 1 << 13;
+    report(
+        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        "invalid guest state (CR4.VMXE) refused",
+    );
+
+    // A guest that spins forever cannot lock up the machine: timer interrupts preempt it.
+    let spinner = l4::thread::spawn(
+        spinning_vm,
+        0,
+        l4::thread::Spawn {
+            stack_size: 32 * 1024,
+            ..Default::default()
+        },
+    );
+    let mut seen = false;
+    for _ in 0..200 {
+        let _ = ipc_sleep(10_000);
+        if SPINS_STARTED.load(SeqCst) != 0 {
+            seen = true;
+            break;
+        }
+    }
+    let start = rdtsc();
+    let _ = ipc_sleep(20_000);
+    report(
+        spinner.is_ok() && seen && rdtsc() > start,
+        "a spinning guest is preempted; the VMM keeps running",
+    );
+
+    // The second VM ran on its own thread at the same time.
+    for _ in 0..10_000 {
+        if SECOND_DONE.load(SeqCst) != 0 {
+            break;
+        }
+        sys::thread_yield();
+    }
+    report(
+        second.is_ok() && SECOND_DONE.load(SeqCst) == 1,
+        "a second VM runs at the same time on another thread",
+    );
+    let failed = FAILED.load(SeqCst);
+    println!(
+        "[vmm] {} guest checks, {failed} failed",
+        NEXT.load(SeqCst) - 1
+    );
+    failed as i64
+}
+
+l4::main!(main);
