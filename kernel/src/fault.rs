@@ -100,6 +100,10 @@ pub fn page_fault_of(k: &mut Kernel, id: ThreadId, address: u64, error: u64) {
 
 /// The pager's answer (`message` from `pager`) to the fault of `faulter`.
 pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, message: &Message) {
+    if let Some((vm, vcpu)) = k.thread(faulter).guest_fault.take() {
+        crate::vm::apply_guest_fault_reply(k, pager, faulter, vm, vcpu, message);
+        return;
+    }
     let fault_address = k.thread(faulter).fault_address;
     let tag = message.tag;
     let refused = tag.typed() == 0 || tag.label() != 0;

@@ -303,10 +303,18 @@ fn factory_create(
                 k.quotas.insert(kernel_core::Quota::new(argument)),
             ))
         }
-        ObjectKind::Vm => Capability::full(Object::Vm(crate::vm::create_vm(
-            k,
-            quota.ok_or(Error::WrongType)?,
-        )?)),
+        ObjectKind::Vm => {
+            let pager = if argument == NO_CAP {
+                None
+            } else {
+                Some(ipc_cap(k, argument)?)
+            };
+            Capability::full(Object::Vm(crate::vm::create_vm(
+                k,
+                quota.ok_or(Error::WrongType)?,
+                pager,
+            )?))
+        }
         ObjectKind::Vcpu => {
             let vm = match k.lookup(argument)? {
                 Capability {

@@ -111,6 +111,8 @@ pub struct Thread {
     pub fault_address: u64,
     /// Set while a receiver resolves a fault in its string buffer: the source it waits for.
     pub resume_receive: Option<Option<ThreadId>>,
+    /// Set while the VM pager resolves a guest page fault of the vCPU this thread runs.
+    pub guest_fault: Option<(crate::vm::VmId, crate::vm::VcpuId)>,
     /// Page-table root of its task (cached at bind time).
     pub space_root: u64,
     /// Whether its task has an I/O bitmap (cached; the switch path then loads it).
@@ -142,6 +144,7 @@ impl Thread {
             receive_timeout: Timeout::INFINITE,
             fault_address: 0,
             resume_receive: None,
+            guest_fault: None,
             space_root: 0,
             task_has_io: false,
             quota: None,

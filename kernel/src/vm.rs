@@ -48,6 +48,8 @@ pub struct Vm {
     pub quota: QuotaId,
     /// Set when a guest mapping was removed: flush the guest TLB on the next run.
     pub flush: bool,
+    /// Where guest page faults go (`None`: to the VMM as exits).
+    pub pager: Option<crate::object::Capability>,
 }
 
 /// A virtual CPU.
@@ -117,8 +119,12 @@ fn read<T: Copy>(vmcb_frame: u64, offset: usize) -> T {
     unsafe { core::ptr::read_unaligned((phys_to_virt(vmcb_frame) + offset as u64) as *const T) }
 }
 
-/// Create a VM charged to `quota`.
-pub fn create_vm(k: &mut Kernel, quota: QuotaId) -> Result<VmId, Error> {
+/// Create a VM charged to `quota`, with guest page faults going to `pager`.
+pub fn create_vm(
+    k: &mut Kernel,
+    quota: QuotaId,
+    pager: Option<crate::object::Capability>,
+) -> Result<VmId, Error> {
     let asid = match k.svm.as_mut() {
         Some(svm) => {
             svm.next_asid += 1;
@@ -141,6 +147,7 @@ pub fn create_vm(k: &mut Kernel, quota: QuotaId) -> Result<VmId, Error> {
         asid,
         quota,
         flush: false,
+        pager,
     }))
 }
 
@@ -488,6 +495,93 @@ fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
     }
 }
 
+/// Send the nested page fault of `vcpu` to its VM's pager, in the name of `caller` (which
+/// re-issues its `VcpuRun` once the fault is resolved). False if the VM has no usable pager.
+fn guest_fault_to_pager(k: &mut Kernel, caller: ThreadId, vm: VmId, vcpu: VcpuId) -> bool {
+    let Some(Ok((pager, badge))) = k
+        .vms
+        .get(vm)
+        .and_then(|v| v.pager)
+        .map(|cap| k.ipc_target(cap))
+    else {
+        return false;
+    };
+    let frame = k.vcpus.get(vcpu).expect("vcpu").vmcb;
+    let (gpa, error, rip): (u64, u64, u64) = (
+        read(frame, vmcb::EXIT_INFO2),
+        read(frame, vmcb::EXIT_INFO1),
+        read(frame, vmcb::RIP),
+    );
+    let thread = k.thread(caller);
+    thread.frame.rip -= 2;
+    thread.frame.rsi = 0;
+    thread.fault_address = gpa;
+    thread.guest_fault = Some((vm, vcpu));
+    let mut words = [0; crate::thread::KERNEL_MESSAGE_WORDS];
+    words[..3].copy_from_slice(&[gpa, error, rip]);
+    thread.kernel_message = Some(crate::thread::KernelMessage {
+        tag: l4_abi::MessageTag::new(l4_abi::LABEL_GUEST_PAGE_FAULT, 3, 0),
+        words,
+        after: crate::thread::AfterDelivery::AwaitFaultReply,
+    });
+    let sent = crate::ipc::send(
+        k,
+        caller,
+        pager,
+        badge,
+        true,
+        l4_abi::Timeout::INFINITE,
+        l4_abi::Timeout::INFINITE,
+    );
+    if sent.is_err() {
+        let thread = k.thread(caller);
+        thread.kernel_message = None;
+        thread.guest_fault = None;
+        thread.frame.rip += 2;
+        return false;
+    }
+    true
+}
+
+/// The VM pager's answer to the guest page fault of `thread`'s vCPU: a map item maps into the
+/// VM and the vCPU run is re-issued; anything else returns the exit to the VMM.
+pub fn apply_guest_fault_reply(
+    k: &mut Kernel,
+    pager: ThreadId,
+    thread: ThreadId,
+    vm: VmId,
+    vcpu: VcpuId,
+    message: &crate::ipc::Message,
+) {
+    let tag = message.tag;
+    let gpa = k.thread(thread).fault_address;
+    let mut mapped = false;
+    if tag.label() == 0 && tag.typed() > 0 {
+        let item = l4_abi::MapItem {
+            control: message.words[tag.untyped()],
+            fpage: Fpage(message.words[tag.untyped() + 1]),
+        };
+        let (source, destination) =
+            crate::map::place_window(Fpage::memory(0, 46, Fpage::RWX), item);
+        if let Some(from) = k.task_of(pager) {
+            mapped = map_into_vm(k, from, source, vm, destination).is_ok()
+                && k.vms.get(vm).is_some_and(|v| v.npt.lookup(gpa).is_some());
+        }
+    }
+    if !mapped {
+        // Hand the exit to the VMM: its VcpuRun returns the nested page fault.
+        let words = &mut utcb(k, thread).mr;
+        if let Some(v) = k.vcpus.get(vcpu) {
+            store_state(v, words);
+        }
+        let f = &mut k.thread(thread).frame;
+        f.rip += 2;
+        f.rax = 0;
+        f.rdi = exit::NPF;
+    }
+    k.wake(thread);
+}
+
 /// `VcpuRun` of thread `caller` on `vcpu`, loading `mask` first. Returns with the exit in the
 /// caller's UTCB and the exit code in its `rdi`, or an error; a physical interrupt makes the
 /// caller re-issue the call (with an empty mask) after the kernel handled it.
@@ -540,6 +634,7 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
             crate::warn!("VMRUN refused the vCPU state (invalid VMCB)");
             Err(Error::InvalidArgument)
         }
+        exit::NPF if guest_fault_to_pager(k, caller, vm_id, vcpu_id) => k.schedule(),
         _ => {
             let words = &mut utcb(k, caller).mr;
             let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");

@@ -36,6 +36,41 @@ const MMIO: core::ops::Range<u64> = 0xd000_0000..0xd000_1000;
 const TEST_MSR: u64 = 0x4b56_4d10;
 
 static NEXT: AtomicU64 = AtomicU64::new(1);
+/// Guest page faults the VM's pager resolved.
+static LAZY_FAULTS: AtomicU64 = AtomicU64::new(0);
+/// Guest page faults the VM's pager handed back to the VMM (MMIO and the like).
+static HANDED_BACK: AtomicU64 = AtomicU64::new(0);
+
+/// The VM's pager: maps fresh pages for the lazy RAM range, hands everything else back to
+/// the VMM for emulation.
+extern "C" fn vm_pager(_: u64) -> ! {
+    use l4::abi::{MapItem, MessageTag, Timeouts, LABEL_GUEST_PAGE_FAULT};
+    let mut message = l4::ipc::wait(Timeouts::INFINITE);
+    loop {
+        let Ok(m) = message else {
+            message = l4::ipc::wait(Timeouts::INFINITE);
+            continue;
+        };
+        if m.tag.label() != LABEL_GUEST_PAGE_FAULT {
+            message = l4::ipc::wait(Timeouts::INFINITE);
+            continue;
+        }
+        let gpa = m.word(0);
+        message = if LAZY.contains(&gpa) {
+            LAZY_FAULTS.fetch_add(1, SeqCst);
+            let page = l4::child::fresh_page();
+            let item = MapItem::map(gpa & !(PAGE_SIZE - 1), Fpage::memory(page, 12, Fpage::RWX));
+            l4::ipc::reply_wait(
+                MessageTag::new(0, 0, 1),
+                &[item.control, item.fpage.0],
+                Timeouts::INFINITE,
+            )
+        } else {
+            HANDED_BACK.fetch_add(1, SeqCst);
+            l4::ipc::reply_wait(MessageTag::new(1, 0, 0), &[], Timeouts::INFINITE)
+        };
+    }
+}
 static FAILED: AtomicU64 = AtomicU64::new(0);
 
 fn report(ok: bool, case: &str) {
@@ -124,9 +159,11 @@ struct Vm {
     ram: Ram,
 }
 
-fn create_vm(ram_size: u64) -> Result<Vm, Error> {
+/// A VM with `ram_size` bytes of RAM at guest-physical 0; its guest page faults go to the
+/// thread or gate in slot `pager` (or, with `NO_CAP`, to the VMM as exits).
+fn create_vm(ram_size: u64, pager: u64) -> Result<Vm, Error> {
     let vm = alloc_slot();
-    sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, 0, 0)?;
+    sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, pager, 0)?;
     let vcpu = alloc_slot();
     sys::factory_create(slots::FACTORY, ObjectKind::Vcpu, vcpu, vm, 0)?;
     let ram = Ram::new(ram_size);
@@ -216,6 +253,7 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
     let mut mmio = MmioScratch::default();
     let mut test_msr = 0u64;
     let mut lazy_faults = 0u32;
+    let mut outside_reported = false;
     let words = utcb_words();
     long_mode_state(words, entry);
     let mut mask = state::ALL;
@@ -231,6 +269,9 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
         }
         if let Some(code) = device.borrow().exit {
             return Ok(code);
+        }
+        if !outside_reported {
+            device.borrow_mut().status = LAZY_FAULTS.load(SeqCst) as u32 + lazy_faults;
         }
         mask = state::GPRS;
         match code {
@@ -366,6 +407,7 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
                 } else {
                     println!("[vmm] guest touched guest-physical {gpa:#x} outside RAM and devices; skipped");
                     device.borrow_mut().status = gpa as u32;
+                    outside_reported = true;
                 }
                 w[state::RIP] += decoded.length as u64;
             }
@@ -498,7 +540,7 @@ static SPINS_STARTED: AtomicU64 = AtomicU64::new(0);
 
 /// A VM whose guest spins forever (`jmp $`); its thread never returns from VcpuRun.
 extern "C" fn spinning_vm(_: u64) -> ! {
-    if let Ok(vm) = create_vm(1 << 20) {
+    if let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) {
         vm.ram.write(0x7000, &[0xeb, 0xfe]);
         protected_mode_state(utcb_words(), 0x7000);
         SPINS_STARTED.store(1, SeqCst);
@@ -523,7 +565,7 @@ fn ipc_sleep(us: u32) -> Result<(), l4::ipc::IpcError> {
 
 /// A second VM, run by a second thread while the first runs: its guest writes its own RAM.
 extern "C" fn second_vm(_: u64) -> ! {
-    let result = match create_vm(1 << 20) {
+    let result = match create_vm(1 << 20, l4::abi::NO_CAP) {
         Ok(vm) => {
             let mut ok = true;
             for _ in 0..20 {
@@ -556,7 +598,16 @@ fn main() -> i64 {
     // SAFETY: the root task mapped the guest image read-only here.
     let image =
         unsafe { core::slice::from_raw_parts((BLOB_ADDRESS + offset) as *const u8, size as usize) };
-    let vm = match create_vm(RAM_SIZE) {
+    let pager = l4::thread::spawn(
+        vm_pager,
+        0,
+        l4::thread::Spawn {
+            stack_size: 32 * 1024,
+            ..Default::default()
+        },
+    )
+    .expect("VM pager thread");
+    let vm = match create_vm(RAM_SIZE, pager) {
         Ok(vm) => vm,
         Err(e) => {
             println!("[vmm] cannot create a VM: {e}");
@@ -586,9 +637,27 @@ fn main() -> i64 {
         Ok(failed) => report(failed == 0, "test guest finished without failures"),
         Err(reason) => report(false, reason),
     }
+    report(
+        LAZY_FAULTS.load(SeqCst) >= 4,
+        "guest page faults arrive as IPC at the VM's pager and its mappings resolve them",
+    );
+    report(
+        HANDED_BACK.load(SeqCst) >= 6,
+        "the VM's pager hands MMIO faults back to the VMM for emulation",
+    );
+    report(
+        sys::factory_create(
+            slots::FACTORY,
+            ObjectKind::Vm,
+            alloc_slot(),
+            slots::SELF_TASK,
+            0,
+        ) == Err(Error::WrongType),
+        "a VM pager must be a thread or gate",
+    );
 
     // 32-bit protected mode with paging off: nested paging still applies.
-    let vm32 = create_vm(1 << 20).expect("second VM");
+    let vm32 = create_vm(1 << 20, l4::abi::NO_CAP).expect("second VM");
     let ran = run_guest32(&vm32);
     report(
         ran && vm32.ram.read_u64(0x9000).map(|v| v as u32) == Some(0x1234_5678),

@@ -303,7 +303,10 @@ pub enum ObjectKind {
     Irq = 6,
     /// A virtual machine: a guest-physical address space (nested page tables) populated by
     /// mapping memory flexpages into it ([`Syscall::Map`] with the VM capability as the
-    /// destination). Needs SVM with nested paging ([`Error::NotSupported`] otherwise).
+    /// destination). Argument: the slot of the VM's pager (a thread or gate that receives
+    /// [`crate::LABEL_GUEST_PAGE_FAULT`] messages), or [`NO_CAP`] to hand every nested page
+    /// fault to the VMM as an exit. Needs SVM with nested paging ([`Error::NotSupported`]
+    /// otherwise).
     Vm = 7,
     /// A virtual CPU of a VM (argument: the VM capability slot), run by [`Syscall::VcpuRun`].
     Vcpu = 8,

@@ -58,6 +58,14 @@ pub const LABEL_EXCEPTION: i32 = -3;
 pub const LABEL_DEATH: i32 = -5;
 /// Label of an interrupt message. Word 0: the IRQ line. The badge is the IRQ capability's.
 pub const LABEL_IRQ: i32 = -6;
+/// Label of a guest page fault: a VM's nested page fault on guest-physical memory nothing is
+/// mapped at, sent by the kernel in the name of the thread running the vCPU to the VM's pager
+/// (a call). Words: guest-physical address, the nested page fault's error code (EXITINFO1),
+/// guest RIP. A reply with a map item (a memory flexpage of the pager's, placed at the
+/// address like a page-fault reply) maps it into the VM and the guest retries; any other
+/// reply hands the exit to the VMM (its `VcpuRun` returns the nested-page-fault exit), which is
+/// how a pager asks for MMIO emulation.
+pub const LABEL_GUEST_PAGE_FAULT: i32 = -7;
 /// Label a task's runtime sends to its parent when it exits. Word 0: exit code.
 pub const LABEL_EXIT: i32 = -16;
 
