@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-scripts/build.sh bench bench-slowpath >&2
+scripts/build.sh bench bench-slowpath vm-bench >&2
 mkdir -p target/bench
 
 run() {
@@ -18,6 +18,7 @@ run() {
 }
 run bench
 run bench-slowpath
+run vm-bench
 
 python3 - <<'PY'
 import json, re
@@ -30,10 +31,12 @@ def parse(path):
     return out
 fast = parse("target/bench/bench.log")
 slow = parse("target/bench/bench-slowpath.log")
+vm = parse("target/bench/vm-bench.log")
 result = {
     "unit": "guest instructions (QEMU TCG, -icount shift=0, rdtsc deltas), median",
     "fast_path": fast,
     "slow_path": slow,
+    "vm": vm,
 }
 json.dump(result, open("target/bench/kernel.json", "w"), indent=2)
 names = list(fast.keys())
@@ -43,5 +46,13 @@ for n in names:
     s = slow.get(n, {}).get("median", "-")
     f = fast[n]["median"]
     print(f"{n:<{width}} {s:>10} {f:>10}")
+print()
+print(f"{'VM exit (measured in the guest)':<{width}} {'':>10} {'median':>10}")
+for n, v in vm.items():
+    print(f"{n:<{width}} {'':>10} {v['median']:>10}")
+ipc = fast.get("ipc_call_reply_cross_space_0w", {}).get("median")
+hc = vm.get("vm_hypercall_round_trip", {}).get("median")
+if ipc and hc:
+    print(f"one hypercall exit round trip = {hc / ipc:.2f} x one IPC call+reply (fast path)")
 print("(guest instructions, median; JSON in target/bench/kernel.json)")
 PY

@@ -20,7 +20,8 @@ modules_for() {
         bad-module) echo "bad.elf:broken demo:pong demo:ping_peer=pong" ;;
         bad-sigma0) echo "" ;;
                 bench|bench-slowpath) echo "bench:bench_factory_platform_superpage" ;;
-        vm) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest" ;;
+                vm) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest" ;;
+        vm-bench) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest_bench" ;;
         *) echo "unknown scenario $1" >&2; exit 2 ;;
     esac
 }

@@ -36,6 +36,8 @@ const MMIO: core::ops::Range<u64> = 0xd000_0000..0xd000_1000;
 const TEST_MSR: u64 = 0x4b56_4d10;
 
 static NEXT: AtomicU64 = AtomicU64::new(1);
+/// 1 when started with the argument `bench`: the guest runs its benchmarks.
+static BENCH_MODE: AtomicU64 = AtomicU64::new(0);
 /// Guest page faults the VM's pager resolved.
 static LAZY_FAULTS: AtomicU64 = AtomicU64::new(0);
 /// Guest page faults the VM's pager handed back to the VMM (MMIO and the like).
@@ -261,6 +263,10 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
         let code = run(vm.vcpu, mask).map_err(|_| "VcpuRun failed")?;
         let w = utcb_words();
         for line in device.borrow_mut().take_lines() {
+            if line.starts_with("bench: ") {
+                println!("{line}");
+                continue;
+            }
             let (ok, case) = match line.strip_prefix("ok - ") {
                 Some(case) => (true, case),
                 None => (false, line.strip_prefix("not ok - ").unwrap_or(&line)),
@@ -321,11 +327,15 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
             exit::CPUID => {
                 let leaf = w[state::RAX] as u32;
                 let host = core::arch::x86_64::__cpuid_count(leaf, w[state::RCX] as u32);
-                let r = exits::cpuid(
+                let mut r = exits::cpuid(
                     leaf,
                     w[state::RCX] as u32,
                     [host.eax, host.ebx, host.ecx, host.edx],
                 );
+                if leaf == 0x4000_0002 {
+                    // Our private leaf: run the benchmarks instead of the tests?
+                    r = [BENCH_MODE.load(SeqCst) as u32, 0, 0, 0];
+                }
                 (w[state::RAX], w[state::RBX], w[state::RCX], w[state::RDX]) =
                     (r[0] as u64, r[1] as u64, r[2] as u64, r[3] as u64);
                 w[state::RIP] += exits::CPUID_LENGTH;
@@ -625,6 +635,12 @@ fn main() -> i64 {
         "[vmm] VM created, {} MiB guest RAM, guest entry {entry:#x}",
         RAM_SIZE >> 20
     );
+    if l4::rt::arguments().split_whitespace().any(|w| w == "bench") {
+        BENCH_MODE.store(1, SeqCst);
+        let result = run_test_guest(&vm, entry);
+        println!("[vmm] benchmarks done: {result:?}");
+        return if result == Ok(0) { 0 } else { 1 };
+    }
     let second = l4::thread::spawn(
         second_vm,
         0,
