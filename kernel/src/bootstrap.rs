@@ -241,6 +241,7 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     // The root task holds every I/O port; it hands them out with I/O flexpages.
     k.tasks.get_mut(root).expect("root").io_bitmap =
         Some(alloc::boxed::Box::new([0; crate::task::IO_BITMAP_BYTES]));
+    k.mark_io_task(root);
     k.wake(sigma0_thread);
     k.wake(root_thread);
     info!(

@@ -172,10 +172,15 @@ fn check_strings(
 
 /// Make `thread` (in an IPC syscall that has not taken effect) fault on `missing` and
 /// re-execute the syscall once the fault is resolved.
-fn restart_with_fault(k: &mut Kernel, thread: ThreadId, missing: strings::Missing) {
+fn restart_with_fault(
+    k: &mut Kernel,
+    thread: ThreadId,
+    missing: strings::Missing,
+    reply_done: bool,
+) {
     let f = &mut k.thread(thread).frame;
     f.rip -= 2; // the length of `syscall`
-    if f.rax == l4_abi::Syscall::ReplyWait as u64 {
+    if reply_done && f.rax == l4_abi::Syscall::ReplyWait as u64 {
         // The reply already happened: only the receive is repeated.
         f.rax = l4_abi::Syscall::Receive as u64;
         f.rsi = l4_abi::OPEN_WAIT;
@@ -263,7 +268,7 @@ pub fn send(
         match check_strings(k, sender, target) {
             Ok(()) => {}
             Err(missing) if missing.thread == sender => {
-                restart_with_fault(k, sender, missing);
+                restart_with_fault(k, sender, missing, false);
                 return Ok(SendOutcome::Blocked);
             }
             Err(missing) => {
@@ -321,7 +326,12 @@ fn sender_done(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, call: bool)
             };
             k.thread(receiver).caller = Some(sender);
             let timeout = k.thread(sender).receive_timeout;
-            set_deadline(k, sender, timeout);
+            if timeout.kind() == TimeoutKind::Zero {
+                // Polling for the reply: it cannot be there yet.
+                abort(k, sender, Error::Timeout as u64 | RECEIVE_PHASE);
+            } else {
+                set_deadline(k, sender, timeout);
+            }
         }
         None => {
             k.thread(sender).frame.rax = 0;
@@ -370,12 +380,12 @@ pub fn receive(
             Err(missing) if missing.thread == sender => {
                 // The queued sender faults on its string; we look further.
                 k.thread(sender).deadline = None;
-                restart_with_fault(k, sender, missing);
+                restart_with_fault(k, sender, missing, false);
                 return receive(k, receiver, from, timeout);
             }
             Err(missing) => {
                 k.thread(receiver).senders.push_front(sender);
-                restart_with_fault(k, receiver, missing);
+                restart_with_fault(k, receiver, missing, true);
                 return Ok(());
             }
         }
@@ -404,7 +414,11 @@ pub fn receive(
 }
 
 /// Reply from `replier` (the current thread) to its pending caller.
-pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<(), Error> {
+///
+/// Returns `Ok(false)` when the replier's own string faulted instead: its syscall is
+/// re-issued once the fault is resolved, and the caller must not continue it.
+pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
+    validate_outgoing(k, replier)?;
     let caller = k.thread(replier).caller.take().ok_or(Error::NoPartner)?;
     let waiting = matches!(
         k.threads.get(caller).map(|t| t.state),
@@ -418,8 +432,8 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<(), Error> {
         Ok(()) => {}
         Err(missing) if missing.thread == replier => {
             k.thread(replier).caller = Some(caller);
-            restart_with_fault(k, replier, missing);
-            return Ok(());
+            restart_with_fault(k, replier, missing, false);
+            return Ok(false);
         }
         Err(_) => {
             // A reply never waits: the caller's receive buffer must be mapped.
@@ -431,7 +445,7 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<(), Error> {
     if !kernel_reply {
         k.wake(caller);
     }
-    Ok(())
+    Ok(true)
 }
 
 /// End a blocked thread's IPC with `error` and make it runnable.
@@ -444,13 +458,20 @@ pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
             if let Some(target) = k.threads.get_mut(to) {
                 target.senders.retain(|&s| s != id);
             }
-            if k.thread(id).kernel_message.is_some() {
-                // A kernel message that cannot be delivered: the thread is beyond help.
-                let after = k.thread(id).kernel_message.take().map(|m| m.after);
-                if after == Some(AfterDelivery::Die) {
+            if let Some(after) = k.thread(id).kernel_message.take().map(|m| m.after) {
+                // A kernel message that cannot be delivered: a dying thread dies now; a thread
+                // with an unresolved fault or exception cannot continue and is killed.
+                if after == AfterDelivery::Die {
                     finish_death(k, id);
-                    return;
+                } else {
+                    k.thread(id).guest_fault = None;
+                    crate::warn!(
+                        "thread {} killed: its fault or exception message could not be delivered",
+                        k.thread(id).number
+                    );
+                    crate::fault::kill(k, id, crate::fault::DEATH_PAGER_GONE, 0);
                 }
+                return;
             }
         }
         ThreadState::Receiving {

@@ -104,7 +104,5 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     use core::fmt::Write;
     let _ = write!(serial::Console, "\n[kernel] PANIC: {info}\n");
     cpu::outb(0xf4, EXIT_PANIC);
-    loop {
-        cpu::wait_for_interrupt();
-    }
+    cpu::halt_forever()
 }

@@ -357,11 +357,15 @@ fn map_io(
             continue;
         }
         let had_bitmap = k.tasks.get(to).is_some_and(|t| t.io_bitmap.is_some());
+        let replaced = derive(k, Db::Io, from, (from_key, port), to, (to_key, port), grant)?;
         if !had_bitmap {
-            k.charge_task(to, crate::task::IO_BITMAP_BYTES as u64)?;
+            if let Err(e) = k.charge_task(to, crate::task::IO_BITMAP_BYTES as u64) {
+                k.io_db.unmap((to_key, port), true);
+                k.refund_task(to, NODE_BYTES);
+                return Err(e);
+            }
         }
-        let replaced = derive(k, Db::Io, from, (from_key, port), to, (to_key, port), grant);
-        if let Ok(replaced) = replaced {
+        {
             revoke_io(k, &replaced);
             k.tasks
                 .get_mut(to)
@@ -509,8 +513,12 @@ pub fn unmap_flexpage(
             for port in fpage.index()..fpage.index() + (1 << fpage.order()) {
                 let revoked = k.io_db.unmap((space, port), include_self);
                 revoke_io(k, &revoked);
-                if include_self {
-                    revoke_io(k, &[(space, port)]);
+                if include_self && !revoked.contains(&(space, port)) {
+                    // Held without a database node (the root task's ports): nothing to refund.
+                    if let Some(t) = k.tasks.get_mut(task) {
+                        t.set_port(port as u32, false);
+                    }
+                    refresh_io(k, task);
                 }
             }
             Ok(())
@@ -519,8 +527,10 @@ pub fn unmap_flexpage(
             for slot in fpage.index()..fpage.index() + (1 << fpage.order()) {
                 let revoked = k.cap_db.unmap((space, slot), include_self);
                 revoke_caps(k, &revoked);
-                if include_self {
-                    revoke_caps(k, &[(space, slot)]);
+                if include_self && !revoked.contains(&(space, slot)) {
+                    if let Some(t) = k.tasks.get_mut(task) {
+                        let _ = t.caps.remove(slot);
+                    }
                 }
             }
             Ok(())

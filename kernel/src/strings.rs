@@ -24,6 +24,9 @@ fn items(message: &Message) -> impl Iterator<Item = (usize, StringItem)> + '_ {
     let tag = message.tag;
     (0..tag.typed()).filter_map(move |i| {
         let at = tag.untyped() + 2 * i;
+        if at + 1 >= message.words.len() {
+            return None;
+        }
         StringItem::decode(message.words[at], message.words[at + 1]).map(|s| (at, s))
     })
 }

@@ -31,9 +31,14 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         Some(Syscall::Send) => ipc_send(k, id, f.rdi, false, Timeouts(f.r10)),
         Some(Syscall::Call) => ipc_send(k, id, f.rdi, true, Timeouts(f.r10)),
         Some(Syscall::Receive) => ipc_receive(k, id, f.rsi, Timeouts(f.r10)),
-        Some(Syscall::Reply) => ipc::reply(k, id).map(|()| set_ok(k, id)),
+        Some(Syscall::Reply) => ipc::reply(k, id).map(|done| {
+            if done {
+                set_ok(k, id)
+            }
+        }),
         Some(Syscall::ReplyWait) => match ipc::reply(k, id) {
-            Ok(()) => {
+            Ok(false) => Ok(()),
+            Ok(true) => {
                 receive_phase = true;
                 ipc_receive(k, id, OPEN_WAIT, Timeouts(f.r10))
             }
@@ -736,7 +741,5 @@ fn shutdown(k: &mut Kernel, platform: u64, code: u64) -> Result<(), Error> {
     );
     outb(0xf4, code as u8);
     crate::info!("halted (without an isa-debug-exit device, QEMU keeps running)");
-    loop {
-        crate::arch::x86_64::cpu::wait_for_interrupt();
-    }
+    crate::arch::x86_64::cpu::halt_forever()
 }

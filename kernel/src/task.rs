@@ -35,14 +35,14 @@ impl Task {
             .is_some_and(|b| b[(port / 8) as usize] & (1 << (port % 8)) == 0)
     }
 
-    /// Allow or deny `port`.
+    /// Allow or deny `port` (allowing creates the bitmap; denying never does).
     pub fn set_port(&mut self, port: u32, allowed: bool) {
-        let bitmap = self
-            .io_bitmap
-            .get_or_insert_with(|| alloc::boxed::Box::new([0xff; IO_BITMAP_BYTES]));
         if allowed {
+            let bitmap = self
+                .io_bitmap
+                .get_or_insert_with(|| alloc::boxed::Box::new([0xff; IO_BITMAP_BYTES]));
             bitmap[(port / 8) as usize] &= !(1 << (port % 8));
-        } else {
+        } else if let Some(bitmap) = self.io_bitmap.as_mut() {
             bitmap[(port / 8) as usize] |= 1 << (port % 8);
         }
     }

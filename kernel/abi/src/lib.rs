@@ -76,7 +76,7 @@ pub enum Syscall {
     ThreadControl = 11,
     /// Exchange a thread's registers. `a0` thread capability (needs [`rights::CONTROL`]),
     /// `a1` new instruction pointer, `a2` new stack pointer, `a3` [`ExRegsFlags`] bits.
-    /// Returns the old instruction pointer in `rdi`, stack pointer in `rsi`, flags in `rdx`.
+    /// Returns the old instruction pointer in `rdi`, stack pointer in `rsi`, RFLAGS in `rdx`.
     /// Starting a thread that is not bound to a task fails with [`Error::NotBound`].
     ExRegs = 12,
     /// Copy a capability into a task. `a0` destination task capability (needs
@@ -84,8 +84,9 @@ pub enum Syscall {
     /// destination slot (must be free), `a3` rights mask (rights can only shrink), `a4` badge
     /// to mint (only if the source badge is 0; 0 keeps it).
     CapCopy = 13,
-    /// Delete the capability in slot `a0` of the caller's table. Objects live on while other
-    /// capabilities name them; see [`Syscall::TaskDestroy`].
+    /// Delete the capability in slot `a0` of the caller's table, and every capability derived
+    /// from it in other tasks (recursively). Objects live on while other capabilities name
+    /// them; see [`Syscall::TaskDestroy`].
     CapDelete = 14,
     /// Map a flexpage of the caller into another task. `a0` destination task capability
     /// (needs [`rights::CONTROL`]), `a1` the [`Fpage`] (memory, I/O ports or capability
@@ -116,8 +117,9 @@ pub enum Syscall {
     /// slice (µs) in `rsi`. Errors: [`Error::InvalidCapability`], [`Error::WrongType`],
     /// [`Error::NoRights`], [`Error::InvalidArgument`] (priority above the caller's).
     ThreadSchedule = 22,
-    /// Switch to another thread: `a0` a thread capability whose thread gets the rest of the
-    /// caller's time slice if it is ready (otherwise, and with [`NO_CAP`], a plain yield).
+    /// Switch to another thread: `a0` a thread capability whose thread runs at once if it is
+    /// ready (on its own time slice; the caller queues behind it); otherwise, and with
+    /// [`NO_CAP`], a plain yield.
     ThreadSwitch = 23,
     /// Operate on an IRQ object: `a0` IRQ capability, `a1` [`IrqOp`], `a2` thread capability
     /// (attach). Attach binds the one receiving thread (a second attach fails with
@@ -210,7 +212,7 @@ pub enum Error {
     OutOfMemory = 5,
     /// The timeout expired before the partner was ready.
     Timeout = 6,
-    /// The IPC was cancelled (by `ex_regs` or destruction of the waiting thread's partner).
+    /// The IPC was cancelled by `ex_regs` (a dead or destroyed partner gives [`Error::DeadPartner`]).
     Canceled = 7,
     /// The partner thread is dead or its task was destroyed.
     DeadPartner = 8,

@@ -97,6 +97,14 @@ pub fn wait_for_interrupt() {
     unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) }
 }
 
+/// Stop the CPU for good: interrupts off, halt.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: stopping the machine; nothing runs after this.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+    }
+}
+
 /// Model-specific register numbers.
 pub mod msr {
     /// Extended feature enable.

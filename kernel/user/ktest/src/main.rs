@@ -1209,6 +1209,7 @@ fn main() -> i64 {
     string_cases(&suite);
     quota_cases();
     large_page_cases(&suite);
+    regression_cases();
     io_cases(&suite);
     priority_cases();
 

@@ -692,3 +692,63 @@ fn large_page_cases(suite: &Suite) {
     check_eq("pagefault", "unmap racing with a fault: the thread faults again and gets the new page", (value, RACE_FAULTS.load(SeqCst)), (0x5ace, 2));
     let _ = sys::task_destroy(task);
 }
+
+// ---- regressions found in review
+
+/// Receive a call, try a malformed reply (65 words), record the error, then reply properly.
+extern "C" fn bad_reply_server(_: u64) -> ! {
+    if ipc::wait(Timeouts::INFINITE).is_ok() {
+        // SAFETY: raw IPC with an invalid tag: 64 untyped words plus a typed item.
+        let (rax, ..) = unsafe { ipc::raw_ipc(Syscall::Reply, 0, 0, 64 | (1 << 7), 0, [0; 4]) };
+        VALUE.store(rax, SeqCst);
+        let _ = ipc::reply(tag(0, 1), &[7]);
+    }
+    sys::thread_exit(0)
+}
+
+/// Echo a call's untyped words back.
+extern "C" fn echo_words_server(_: u64) -> ! {
+    if let Ok(m) = ipc::wait(Timeouts::INFINITE) {
+        let n = m.tag.untyped();
+        let _ = ipc::reply(tag(0, n), &m.words[..n]);
+    }
+    sys::thread_exit(0)
+}
+
+/// Receive a call and try to reply; record the reply's result.
+extern "C" fn late_reply_server(_: u64) -> ! {
+    if ipc::wait(Timeouts::INFINITE).is_ok() {
+        for _ in 0..3 {
+            sys::thread_yield();
+        }
+        let r = ipc::reply(tag(0, 0), &[]);
+        VALUE.store(r.map(|_| 0).unwrap_or_else(|e| e.error as u64), SeqCst);
+        FLAG.store(true, SeqCst);
+    }
+    sys::thread_exit(0)
+}
+
+fn regression_cases() {
+    VALUE.store(0, SeqCst);
+    let s = go(bad_reply_server, 0);
+    sys::thread_yield();
+    let r = ipc::call(s, tag(1, 0), &[], RECEIVE_2S);
+    check("ipc", "a reply with a malformed tag is rejected, the kernel survives", VALUE.load(SeqCst) == Error::InvalidArgument as u64 && matches!(r, Ok(m) if m.word(0) == 7));
+
+    let s = go(echo_words_server, 0);
+    sys::thread_yield();
+    let words = [11, 12, 13, 14, 15, 16];
+    let r = ipc::call(s, tag(1, 6), &words, RECEIVE_2S);
+    check("ipc", "a 6-word call arrives whole (words beyond the registers through the UTCB)", matches!(r, Ok(m) if m.tag.untyped() == 6 && m.words[..6] == words));
+
+    FLAG.store(false, SeqCst);
+    let s = go(late_reply_server, 0);
+    sys::thread_yield();
+    let r = ipc::call(s, tag(1, 0), &[], Timeouts::new(Timeout::INFINITE, Timeout::ZERO));
+    let _ = wait_flag(&FLAG);
+    check(
+        "ipc",
+        "a call with a zero receive timeout fails at once; the late reply finds no caller",
+        r.map(|_| ()) == Err(err(Error::Timeout, true)) && VALUE.load(SeqCst) == Error::NoPartner as u64,
+    );
+}
