@@ -36,6 +36,8 @@ pub struct Svm {
     pub msrpm: u64,
     /// The next address-space identifier.
     pub next_asid: u32,
+    /// Whether XCR0 is switched between host and guests.
+    pub xcr0_switching: bool,
 }
 
 /// A virtual machine.
@@ -62,6 +64,8 @@ pub struct Vcpu {
     pub registers: GuestRegisters,
     /// An event interrupted by the last exit, to re-inject unless the VMM injects another.
     pub reinject: u64,
+    /// The guest's XCR0 (x87 only until the guest changes it).
+    pub xcr0: u64,
 }
 
 /// Set up SVM if the CPU has it (called at boot); `None` otherwise.
@@ -85,12 +89,21 @@ pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
         };
     }
     svm::enable(host_save);
-    crate::info!("SVM enabled with nested paging");
+    let xcr0_switching = svm::enable_xcr0_switching();
+    crate::info!(
+        "SVM enabled with nested paging{}",
+        if xcr0_switching {
+            ", XCR0 switched per guest"
+        } else {
+            ""
+        }
+    );
     Some(Svm {
         host_vmcb,
         iopm,
         msrpm,
         next_asid: 1,
+        xcr0_switching,
     })
 }
 
@@ -220,6 +233,7 @@ pub fn create_vcpu(k: &mut Kernel, vm: VmId, quota: QuotaId) -> Result<VcpuId, E
         vmcb: frame,
         registers: GuestRegisters::default(),
         reinject: 0,
+        xcr0: 1,
     }))
 }
 
@@ -586,7 +600,11 @@ pub fn apply_guest_fault_reply(
 /// caller's UTCB and the exit code in its `rdi`, or an error; a physical interrupt makes the
 /// caller re-issue the call (with an empty mask) after the kernel handled it.
 pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Result<(), Error> {
-    let host_vmcb = k.svm.as_ref().ok_or(Error::NotSupported)?.host_vmcb;
+    let (host_vmcb, xcr0_switching) = k
+        .svm
+        .as_ref()
+        .map(|s| (s.host_vmcb, s.xcr0_switching))
+        .ok_or(Error::NotSupported)?;
     if mask & !state::ALL != 0 {
         return Err(Error::InvalidArgument);
     }
@@ -597,50 +615,86 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
     }
     let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
     load_state(vcpu, words, mask)?;
-    let flush = k
-        .vms
-        .get_mut(vm_id)
-        .map(|v| core::mem::take(&mut v.flush))
-        .unwrap_or(false);
-    let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
-    let frame = vcpu.vmcb;
-    // Flush the guest's TLB entries when a guest mapping was removed since the last run.
-    write(frame, vmcb::TLB_CONTROL, if flush { 1u8 } else { 0u8 });
-    let injected: u64 = read(frame, vmcb::EVENT_INJECT);
-    if injected & (1 << 31) == 0 && vcpu.reinject & (1 << 31) != 0 {
-        write(frame, vmcb::EVENT_INJECT, vcpu.reinject);
-    }
-    vcpu.reinject = 0;
-    // SAFETY: the VMCB was built by `create_vcpu` and only changed through `load_state`;
-    // its nested page tables hold only what the VMM mapped.
-    unsafe { svm::run(frame, &mut vcpu.registers, host_vmcb) };
-    let code = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;
-    let interrupted: u64 = read(frame, vmcb::EXIT_INT_INFO);
-    if interrupted & (1 << 31) != 0 {
-        vcpu.reinject = interrupted;
-    }
-    write(frame, vmcb::EVENT_INJECT, 0u64);
-    match code {
-        exit::INTR | exit::NMI => {
-            // A physical interrupt: let the kernel take it (it stays pending until interrupts
-            // are enabled again, at the latest when a thread runs) and make the VMM's call
-            // resume the guest afterwards, loading nothing new.
-            let f = &mut k.thread(caller).frame;
-            f.rip -= 2;
-            f.rsi = 0;
-            k.schedule()
+    loop {
+        let flush = k
+            .vms
+            .get_mut(vm_id)
+            .map(|v| core::mem::take(&mut v.flush))
+            .unwrap_or(false);
+        let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
+        let frame = vcpu.vmcb;
+        // Flush the guest's TLB entries when a guest mapping was removed since the last run.
+        write(frame, vmcb::TLB_CONTROL, if flush { 1u8 } else { 0u8 });
+        let injected: u64 = read(frame, vmcb::EVENT_INJECT);
+        if injected & (1 << 31) == 0 && vcpu.reinject & (1 << 31) != 0 {
+            write(frame, vmcb::EVENT_INJECT, vcpu.reinject);
         }
-        exit::INVALID => {
-            crate::warn!("VMRUN refused the vCPU state (invalid VMCB)");
-            Err(Error::InvalidArgument)
+        vcpu.reinject = 0;
+        // SAFETY: the VMCB was built by `create_vcpu` and only changed through `load_state`;
+        // its nested page tables hold only what the VMM mapped.
+        unsafe {
+            if xcr0_switching {
+                svm::set_xcr0(vcpu.xcr0);
+            }
+            svm::run(frame, &mut vcpu.registers, host_vmcb);
+            if xcr0_switching {
+                // What the guest set (the CPU validated it); the host runs with x87 only.
+                vcpu.xcr0 = svm::xcr0();
+                svm::set_xcr0(1);
+            }
         }
-        exit::NPF if guest_fault_to_pager(k, caller, vm_id, vcpu_id) => k.schedule(),
-        _ => {
-            let words = &mut utcb(k, caller).mr;
-            let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");
-            store_state(vcpu, words);
-            k.thread(caller).frame.rdi = code;
-            Ok(())
+        let code = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;
+        let interrupted: u64 = read(frame, vmcb::EXIT_INT_INFO);
+        if interrupted & (1 << 31) != 0 {
+            vcpu.reinject = interrupted;
+        }
+        write(frame, vmcb::EVENT_INJECT, 0u64);
+        match code {
+            exit::INTR | exit::NMI => {
+                // A physical interrupt: let the kernel take it (it stays pending until interrupts
+                // are enabled again, at the latest when a thread runs) and make the VMM's call
+                // resume the guest afterwards, loading nothing new.
+                let f = &mut k.thread(caller).frame;
+                f.rip -= 2;
+                f.rsi = 0;
+                k.schedule()
+            }
+            exit::INVALID => {
+                crate::warn!("VMRUN refused the vCPU state (invalid VMCB)");
+                return Err(Error::InvalidArgument);
+            }
+            exit::NPF if guest_fault_to_pager(k, caller, vm_id, vcpu_id) => k.schedule(),
+            exit::XSETBV if xcr0_switching => {
+                // Handled here: XCR0 is switched per guest, so the guest may set its own
+                // (within what the CPU supports); anything else is #GP in the guest.
+                let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
+                let value =
+                    (vcpu.registers.rdx << 32) | (read::<u64>(frame, vmcb::RAX) & 0xffff_ffff);
+                let supported = svm::supported_xcr0();
+                let valid = vcpu.registers.rcx & 0xffff_ffff == 0
+                    && value & 1 != 0
+                    && value & !supported == 0
+                    && (value & 4 == 0 || value & 2 != 0);
+                if valid {
+                    vcpu.xcr0 = value;
+                    let rip: u64 = read(frame, vmcb::RIP);
+                    write(frame, vmcb::RIP, rip + 3);
+                } else {
+                    write(
+                        frame,
+                        vmcb::EVENT_INJECT,
+                        (1u64 << 31) | (1 << 11) | (3 << 8) | 13,
+                    );
+                }
+                continue;
+            }
+            _ => {
+                let words = &mut utcb(k, caller).mr;
+                let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");
+                store_state(vcpu, words);
+                k.thread(caller).frame.rdi = code;
+                return Ok(());
+            }
         }
     }
 }

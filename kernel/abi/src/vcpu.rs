@@ -111,6 +111,8 @@ pub mod exit {
     pub const IOIO: u64 = 0x7b;
     /// RDMSR (EXITINFO1 = 0) or WRMSR (1); 2 bytes.
     pub const MSR: u64 = 0x7c;
+    /// XSETBV (handled by the kernel when it switches XCR0 per guest).
+    pub const XSETBV: u64 = 0x8d;
     /// Shutdown (triple fault).
     pub const SHUTDOWN: u64 = 0x7f;
     /// VMRUN in the guest.

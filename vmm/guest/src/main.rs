@@ -462,6 +462,20 @@ extern "C" fn guest_main() -> ! {
         TS_ERROR.load(SeqCst) == 0x1234,
     );
 
+    // XCR0 belongs to the guest: set it, exit, and find it unchanged (the kernel switches it).
+    // SAFETY: enabling XSAVE in our own CR4 and setting our XCR0 to x87|SSE.
+    let xcr0 = unsafe {
+        let cr4: u64;
+        asm!("mov {}, cr4", out(reg) cr4);
+        asm!("mov cr4, {}", in(reg) cr4 | (1 << 18));
+        asm!("xsetbv", in("ecx") 0, in("eax") 3u32, in("edx") 0u32);
+        vmmcall(1, 0, 0);
+        let (lo, hi): (u32, u32);
+        asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi);
+        (hi as u64) << 32 | lo as u64
+    };
+    check("xcr0: the guest's XCR0 survives exits", xcr0 == 3);
+
     // A write outside RAM: the VMM sees the guest-physical fault.
     // SAFETY: deliberately touches a guest-physical address nothing backs.
     unsafe { core::ptr::write_volatile(NOWHERE as *mut u32, 1) };

@@ -138,6 +138,49 @@ pub fn supported() -> bool {
     svm && npt
 }
 
+/// Whether the CPU has XSAVE (then the kernel enables CR4.OSXSAVE to switch XCR0 around guest
+/// runs: a guest's XSETBV cannot be intercepted under QEMU and would otherwise leak into the
+/// host and other guests).
+pub fn enable_xcr0_switching() -> bool {
+    let xsave = raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .is_some_and(|f| f.has_xsave());
+    if xsave {
+        // SAFETY: CR4.OSXSAVE only enables XGETBV/XSETBV; the host keeps XCR0 = x87 only.
+        unsafe {
+            let cr4: u64;
+            core::arch::asm!("mov {}, cr4", out(reg) cr4);
+            core::arch::asm!("mov cr4, {}", in(reg) cr4 | (1 << 18));
+        }
+    }
+    xsave
+}
+
+/// The XCR0 bits the CPU supports (CPUID leaf 0xD).
+pub fn supported_xcr0() -> u64 {
+    let r = core::arch::x86_64::__cpuid_count(0xd, 0);
+    (r.edx as u64) << 32 | r.eax as u64
+}
+
+/// Read XCR0.
+pub fn xcr0() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: only called when CR4.OSXSAVE is set.
+    unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") low, out("edx") high) };
+    (high as u64) << 32 | low as u64
+}
+
+/// Write XCR0.
+///
+/// # Safety
+/// CR4.OSXSAVE must be set and `value` a valid XCR0 (bit 0 set, supported components only).
+pub unsafe fn set_xcr0(value: u64) {
+    // SAFETY: per the caller.
+    unsafe {
+        core::arch::asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32)
+    };
+}
+
 /// Enable SVM on this CPU with `host_save_area` (a frame) as VM_HSAVE_PA.
 pub fn enable(host_save_area: u64) {
     // SAFETY: EFER.SVME only enables the SVM instructions; the host save area is a frame the
