@@ -38,6 +38,8 @@ const TEST_MSR: u64 = 0x4b56_4d10;
 static NEXT: AtomicU64 = AtomicU64::new(1);
 /// 1 when started with the argument `bench`: the guest runs its benchmarks.
 static BENCH_MODE: AtomicU64 = AtomicU64::new(0);
+/// The backing page of each lazy guest page (0: none yet).
+static LAZY_PAGES: [AtomicU64; 1024] = [const { AtomicU64::new(0) }; 1024];
 /// Guest page faults the VM's pager resolved.
 static LAZY_FAULTS: AtomicU64 = AtomicU64::new(0);
 /// Guest page faults the VM's pager handed back to the VMM (MMIO and the like).
@@ -60,7 +62,16 @@ extern "C" fn vm_pager(_: u64) -> ! {
         let gpa = m.word(0);
         message = if LAZY.contains(&gpa) {
             LAZY_FAULTS.fetch_add(1, SeqCst);
-            let page = l4::child::fresh_page();
+            // The same backing page every time for a guest page (it may have been revoked).
+            let slot = &LAZY_PAGES[((gpa - LAZY.start) / PAGE_SIZE) as usize];
+            let page = match slot.load(SeqCst) {
+                0 => {
+                    let page = l4::child::fresh_page();
+                    slot.store(page, SeqCst);
+                    page
+                }
+                page => page,
+            };
             let item = MapItem::map(gpa & !(PAGE_SIZE - 1), Fpage::memory(page, 12, Fpage::RWX));
             l4::ipc::reply_wait(
                 MessageTag::new(0, 0, 1),
@@ -371,6 +382,26 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
                         mask |= state::EVENTS;
                         0
                     }
+                    5 => {
+                        // Revoke the guest page at rbx from the VM (our copy stays).
+                        let gpa = w[state::RBX];
+                        let page = LAZY.contains(&gpa).then(|| {
+                            LAZY_PAGES[((gpa - LAZY.start) / PAGE_SIZE) as usize].load(SeqCst)
+                        });
+                        match page {
+                            // SAFETY: revokes only the mapping derived from ours.
+                            Some(page) if page != 0 => {
+                                error_code(unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) })
+                            }
+                            _ => u64::MAX,
+                        }
+                    }
+                    6 => {
+                        // Inject external interrupt vector rbx.
+                        w[state::EVENT_INJECT] = (1 << 31) | (w[state::RBX] & 0xff);
+                        mask |= state::EVENTS;
+                        0
+                    }
                     4 => {
                         // #TS with the error code the guest asked for.
                         w[state::EVENT_INJECT] = (1 << 31)
@@ -592,6 +623,13 @@ extern "C" fn second_vm(_: u64) -> ! {
     };
     SECOND_DONE.store(result, SeqCst);
     sys::thread_exit(0)
+}
+
+fn error_code(r: Result<(), Error>) -> u64 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => e as u64,
+    }
 }
 
 fn argument(name: &str) -> Option<u64> {

@@ -83,6 +83,7 @@ static UD: AtomicU64 = AtomicU64::new(0);
 static GP: AtomicU64 = AtomicU64::new(0);
 static NMI: AtomicU64 = AtomicU64::new(0);
 static TS_ERROR: AtomicU64 = AtomicU64::new(0);
+static REINJECTED: AtomicU64 = AtomicU64::new(0);
 
 #[no_mangle]
 extern "C" fn guest_interrupt(vector: u64, frame: *mut u64) {
@@ -109,6 +110,9 @@ extern "C" fn guest_interrupt(vector: u64, frame: *mut u64) {
         }
         0x31 => {
             WINDOW.fetch_add(1, SeqCst);
+        }
+        0x32 => {
+            REINJECTED.fetch_add(1, SeqCst);
         }
         _ => {}
     }
@@ -169,12 +173,13 @@ STUB 10, 1
 STUB 13, 1
 STUB 48, 0
 STUB 49, 0
+STUB 50, 0
 
 .section .rodata
 .balign 8
 .global guest_isr_table
 guest_isr_table:
-        .quad guest_isr_2, guest_isr_6, guest_isr_10, guest_isr_13, guest_isr_48, guest_isr_49
+            .quad guest_isr_2, guest_isr_6, guest_isr_10, guest_isr_13, guest_isr_48, guest_isr_49, guest_isr_50
 
 .section .data
 .balign 16
@@ -194,9 +199,12 @@ static mut IDT: Idt = Idt([[0; 2]; 64]);
 
 fn setup_idt() {
     extern "C" {
-        static guest_isr_table: [u64; 6];
+        static guest_isr_table: [u64; 7];
     }
-    for (i, vector) in [2usize, 6, 10, 13, 0x30, 0x31].into_iter().enumerate() {
+    for (i, vector) in [2usize, 6, 10, 13, 0x30, 0x31, 0x32]
+        .into_iter()
+        .enumerate()
+    {
         // SAFETY: reading the table of stub addresses.
         let handler = unsafe { guest_isr_table[i] };
         let low =
@@ -204,18 +212,44 @@ fn setup_idt() {
         // SAFETY: single-threaded guest; the IDT is ours.
         unsafe { (*core::ptr::addr_of_mut!(IDT)).0[vector] = [low, handler >> 32] };
     }
-    let pointer: [u16; 5] = {
-        let base = core::ptr::addr_of!(IDT) as u64;
-        [
-            64 * 16 - 1,
-            base as u16,
-            (base >> 16) as u16,
-            (base >> 32) as u16,
-            (base >> 48) as u16,
-        ]
-    };
-    // SAFETY: loads our IDT.
+    load_idt(core::ptr::addr_of!(IDT) as u64);
+}
+
+fn load_idt(base: u64) {
+    let pointer: [u16; 5] = [
+        64 * 16 - 1,
+        base as u16,
+        (base >> 16) as u16,
+        (base >> 32) as u16,
+        (base >> 48) as u16,
+    ];
+    // SAFETY: loads an IDT whose entries we wrote.
     unsafe { asm!("lidt [{}]", in(reg) pointer.as_ptr()) };
+}
+
+/// An event whose delivery is interrupted by a guest-physical fault (the IDT's page was
+/// revoked) must be re-injected once the fault is resolved.
+fn reinjection_case() {
+    let page = LAZY + 0x30_0000;
+    // SAFETY: copy our IDT into a lazy page (mapped on the first touch) and use that copy.
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            core::ptr::addr_of!(IDT) as *const u8,
+            page as *mut u8,
+            64 * 16,
+        )
+    };
+    load_idt(page);
+    let revoked = vmmcall(5, page, 0); // the VMM revokes the page from the VM
+    let faults_before = inl(STATUS);
+    vmmcall(6, 0x32, 0); // and injects vector 0x32, whose delivery reads the revoked IDT page
+    let seen = REINJECTED.load(SeqCst);
+    let faulted = inl(STATUS) > faults_before;
+    load_idt(core::ptr::addr_of!(IDT) as u64);
+    check(
+        "events: an injection interrupted by a guest page fault is re-injected",
+        revoked == 0 && faulted && seen == 1,
+    );
 }
 
 fn cpuid(leaf: u32) -> [u32; 4] {
@@ -461,6 +495,8 @@ extern "C" fn guest_main() -> ! {
         "event injection: exception with error code (#TS)",
         TS_ERROR.load(SeqCst) == 0x1234,
     );
+
+    reinjection_case();
 
     // XCR0 belongs to the guest: set it, exit, and find it unchanged (the kernel switches it).
     // SAFETY: enabling XSAVE in our own CR4 and setting our XCR0 to x87|SSE.
