@@ -10,9 +10,9 @@ use crate::object::Object;
 use crate::thread::{Awaiting, Thread, ThreadState};
 use l4_abi::{rights, Syscall};
 
-/// Tag bits that must be clear: typed items (bits 7..12) and reserved bits.
-const SLOW_TAG_BITS: u64 = 0xffff_f000 | (0x1f << 7);
-/// At most this many untyped words (the ones in registers).
+/// At most this many untyped words (the ones in registers). With the label (bits 32..64)
+/// masked off, a tag is fast exactly when its value is at most this: no typed items (bits
+/// 7..12), no reserved bits, at most 4 untyped words (bits 0..7).
 const FAST_WORDS: u64 = 4;
 
 /// Whether the fast path is enabled (kernel command line `nofastpath` disables it).
@@ -39,7 +39,7 @@ pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
             .cast::<Thread>()
     };
     let f = &sender.frame;
-    if f.rdx & SLOW_TAG_BITS != 0 || f.rdx & 0x7f > FAST_WORDS || f.r10 >> 32 != 0 {
+    if f.rdx & 0xffff_ffff > FAST_WORDS || f.r10 >> 32 != 0 {
         return;
     }
     let (target, badge) = if f.rax == Syscall::Call as u64 {
