@@ -74,6 +74,16 @@ failed=$((failed + bad_lines))
 echo "guest suite: $ok_lines ok, $bad_lines not ok, QEMU status $status"
 if [ "$status" = 33 ] && [ "$ok_lines" -gt 0 ]; then pass "guest suite: clean power-off"; else fail "guest suite: QEMU exit status $status (see $log)"; fi
 
+# Without SVM the kernel refuses VMs cleanly: the VMM gets an error, nothing crashes.
+log=$logdir/vm-nosvm.log
+QEMU_TIMEOUT=300 scripts/qemu.sh target/iso/vm.iso -cpu max,svm=off >"$log" 2>&1 </dev/null
+status=$?
+if [ "$status" = 35 ] && grep -q "SVM with nested paging not available" "$log" && grep -q "cannot create a VM: not supported" "$log" && ! grep -q PANIC "$log"; then
+    pass "kernel: without SVM, VM creation fails cleanly with NotSupported"
+else
+    fail "kernel: no-SVM refusal (status $status, see $log)"
+fi
+
 # Demo: ping/pong over IPC, both exit cleanly.
 log=$logdir/demo.log
 boot demo 300 "$log"

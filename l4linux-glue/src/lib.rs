@@ -1,6 +1,7 @@
 //! The Linux-facing interface of a compartment (boot protocol, guest memory layout, device
 //! models, hypercall ABI), host-testable and free of `unsafe`. So far: the port bus and the
-//! guest-test device, exit decoding and CPUID policy for VMMs.
+//! guest-test device, the MMIO bus, exit decoding and CPUID policy, MMIO instruction decoding
+//! and guest page-table walks for VMMs.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -9,5 +10,6 @@ extern crate alloc;
 pub mod decode;
 pub mod exits;
 pub mod guest_paging;
+pub mod mmio;
 pub mod ports;
 pub mod test_device;

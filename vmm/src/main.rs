@@ -21,6 +21,7 @@ use l4::abi::{slots, Error, Fpage, ObjectKind, Syscall, PAGE_SIZE};
 use l4::thread::alloc_slot;
 use l4::{println, sys};
 use l4linux_glue::exits::{self, IoExit};
+use l4linux_glue::mmio::{mask, MmioBus, Scratch};
 use l4linux_glue::ports::{PortBus, PortDevice};
 use l4linux_glue::test_device::{self, TestDevice};
 
@@ -237,12 +238,6 @@ fn long_mode_state(words: &mut [u64; 64], entry: u64) {
     words[state::LDTR] = state::segment(0, 0x82, 0);
 }
 
-/// The MMIO scratch device: remembers what was written.
-#[derive(Default)]
-struct MmioScratch {
-    value: u64,
-}
-
 /// The exit loop of the test guest. Returns when the guest writes the exit port or stops
 /// with an unexpected exit.
 fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
@@ -263,7 +258,13 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
         Box::new(Shared(device.clone())),
     )
     .map_err(|_| "port bus")?;
-    let mut mmio = MmioScratch::default();
+    let mut mmio = MmioBus::new();
+    mmio.register(
+        MMIO.start,
+        MMIO.end - MMIO.start,
+        Box::new(Scratch::default()),
+    )
+    .map_err(|_| "MMIO bus")?;
     let mut test_msr = 0u64;
     let mut lazy_faults = 0u32;
     let mut outside_reported = false;
@@ -443,8 +444,8 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
                     fetch_instruction(vm, w).ok_or("cannot fetch the faulting instruction")?;
                 let decoded = l4linux_glue::decode::decode_mmio(&instruction)
                     .map_err(|_| "undecodable MMIO instruction")?;
-                if MMIO.contains(&gpa) {
-                    emulate_mmio(&mut mmio, decoded.access, w);
+                if mmio.claims(gpa) {
+                    emulate_mmio(&mut mmio, gpa, decoded.access, w);
                 } else {
                     println!("[vmm] guest touched guest-physical {gpa:#x} outside RAM and devices; skipped");
                     device.borrow_mut().status = gpa as u32;
@@ -480,8 +481,10 @@ fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {
         .then_some(bytes)
 }
 
+/// Carry out a decoded MMIO access at `gpa` on the bus, with the guest registers in `w`.
 fn emulate_mmio(
-    device: &mut MmioScratch,
+    bus: &mut MmioBus,
+    gpa: u64,
     access: l4linux_glue::decode::MmioAccess,
     w: &mut [u64; 64],
 ) {
@@ -497,13 +500,6 @@ fn emulate_mmio(
         7 => state::RDI,
         n => state::R8 + (n as usize - 8),
     };
-    let mask = |size: u8| {
-        if size >= 8 {
-            u64::MAX
-        } else {
-            (1u64 << (8 * size)) - 1
-        }
-    };
     match access {
         MmioAccess::Read {
             size,
@@ -511,7 +507,8 @@ fn emulate_mmio(
             extend_to,
         } => {
             let i = register_index(register);
-            w[i] = merge_read(w[i], device.value & mask(size), size, extend_to);
+            let data = bus.read(gpa, size).unwrap_or(mask(size));
+            w[i] = merge_read(w[i], data, size, extend_to);
         }
         MmioAccess::WriteRegister {
             size,
@@ -523,9 +520,11 @@ fn emulate_mmio(
             } else {
                 w[register_index(register)]
             };
-            device.value = value & mask(size);
+            bus.write(gpa, size, value);
         }
-        MmioAccess::WriteImmediate { size, value } => device.value = value & mask(size),
+        MmioAccess::WriteImmediate { size, value } => {
+            bus.write(gpa, size, value);
+        }
     }
 }
 
