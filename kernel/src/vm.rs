@@ -349,6 +349,20 @@ pub fn unmap_guest_page(k: &mut Kernel, vm: VmId, gpa: u64) {
     }
 }
 
+/// Where each segment register of the transfer state lives in the VMCB.
+const SEGMENT_REGISTERS: [(usize, usize); 8] = [
+    (state::CS, vmcb::CS),
+    (state::SS, vmcb::SS),
+    (state::DS, vmcb::DS),
+    (state::ES, vmcb::ES),
+    (state::FS, vmcb::FS),
+    (state::GS, vmcb::GS),
+    (state::TR, vmcb::TR),
+    (state::LDTR, vmcb::LDTR),
+];
+/// Where the descriptor-table registers live.
+const TABLE_REGISTERS: [(usize, usize); 2] = [(state::GDTR, vmcb::GDTR), (state::IDTR, vmcb::IDTR)];
+
 const CR0_ALLOWED: u64 = 0xe005_003f;
 const CR4_ALLOWED: u64 = 0x0005_07ff;
 const EFER_ALLOWED: u64 = 0x0d01;
@@ -378,17 +392,7 @@ fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Result<(), Error
         write(frame, vmcb::EFER, efer | svm::EFER_SVME);
     }
     if mask & state::SEGMENTS != 0 {
-        let table = [
-            (state::CS, vmcb::CS),
-            (state::SS, vmcb::SS),
-            (state::DS, vmcb::DS),
-            (state::ES, vmcb::ES),
-            (state::FS, vmcb::FS),
-            (state::GS, vmcb::GS),
-            (state::TR, vmcb::TR),
-            (state::LDTR, vmcb::LDTR),
-        ];
-        for (index, offset) in table {
+        for (index, offset) in SEGMENT_REGISTERS {
             let w = words[index];
             write_segment(
                 frame,
@@ -401,7 +405,7 @@ fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Result<(), Error
                 ),
             );
         }
-        for (index, offset) in [(state::GDTR, vmcb::GDTR), (state::IDTR, vmcb::IDTR)] {
+        for (index, offset) in TABLE_REGISTERS {
             write(frame, offset + 4, words[index] as u32);
             write(frame, offset + 8, words[index + 1]);
         }
@@ -486,16 +490,7 @@ fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
         0
     };
     words[state::INTERRUPT_SHADOW] = read::<u64>(frame, vmcb::INTERRUPT_SHADOW) & 1;
-    for (index, offset) in [
-        (state::CS, vmcb::CS),
-        (state::SS, vmcb::SS),
-        (state::DS, vmcb::DS),
-        (state::ES, vmcb::ES),
-        (state::FS, vmcb::FS),
-        (state::GS, vmcb::GS),
-        (state::TR, vmcb::TR),
-        (state::LDTR, vmcb::LDTR),
-    ] {
+    for (index, offset) in SEGMENT_REGISTERS {
         words[index] = state::segment(
             read(frame, offset),
             read(frame, offset + 2),
@@ -503,7 +498,7 @@ fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
         );
         words[index + 1] = read(frame, offset + 8);
     }
-    for (index, offset) in [(state::GDTR, vmcb::GDTR), (state::IDTR, vmcb::IDTR)] {
+    for (index, offset) in TABLE_REGISTERS {
         words[index] = read::<u32>(frame, offset + 4) as u64;
         words[index + 1] = read(frame, offset + 8);
     }

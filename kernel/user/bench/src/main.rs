@@ -124,6 +124,27 @@ fn round_trips(prefix: &str, server: u64) {
     }
 }
 
+/// Measure mapping `fpage` into `target` and revoking it again (`map_NAME`, `unmap_NAME`).
+fn map_unmap(name: &str, target: u64, fpage: Fpage, iterations: usize, warmup: usize) {
+    let destination = 0x0000_7000_0000_0000;
+    let mut map_samples = Vec::new();
+    let mut unmap_samples = Vec::new();
+    for i in 0..iterations + warmup {
+        let t0 = rdtsc();
+        sys::map(target, fpage, destination, 0).expect("map");
+        let t1 = rdtsc();
+        // SAFETY: revokes only the copies in the other task.
+        unsafe { sys::unmap(Fpage::memory(fpage.base(), fpage.order(), 7), 0) }.expect("unmap");
+        let t2 = rdtsc();
+        if i >= warmup {
+            map_samples.push(t1 - t0);
+            unmap_samples.push(t2 - t1);
+        }
+    }
+    report(&alloc::format!("map_{name}"), &mut map_samples);
+    report(&alloc::format!("unmap_{name}"), &mut unmap_samples);
+}
+
 // ---- page faults: a child touches pages, our pager maps pre-zeroed ones
 
 const FAULT_AREA: u64 = 0x0000_6000_0000_0000;
@@ -230,80 +251,32 @@ fn main() -> i64 {
     let (target, _) =
         l4::child::create(echo_child, pager_gate, NO_CAP, NO_CAP, false).expect("target task");
     let page = fresh_page();
-    let destination = 0x0000_7000_0000_0000;
-    let mut map_samples = Vec::new();
-    let mut unmap_samples = Vec::new();
-    for i in 0..ITERATIONS + WARMUP {
-        let t0 = rdtsc();
-        sys::map(
-            target,
-            Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE),
-            destination,
-            0,
-        )
-        .expect("map");
-        let t1 = rdtsc();
-        // SAFETY: revokes only the copy in the other task.
-        unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) }.expect("unmap");
-        let t2 = rdtsc();
-        if i >= WARMUP {
-            map_samples.push(t1 - t0);
-            unmap_samples.push(t2 - t1);
-        }
-    }
-    report("map_4k", &mut map_samples);
-    report("unmap_4k", &mut unmap_samples);
-
+    map_unmap(
+        "4k",
+        target,
+        Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE),
+        ITERATIONS,
+        WARMUP,
+    );
     let layout = core::alloc::Layout::from_size_align(2 << 20, 2 << 20).expect("layout");
     // SAFETY: a valid layout; the region is leaked.
     let region = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
-    let mut map_samples = Vec::new();
-    let mut unmap_samples = Vec::new();
-    for i in 0..110 {
-        let t0 = rdtsc();
-        sys::map(
-            target,
-            Fpage::memory(region, 21, Fpage::READ | Fpage::WRITE),
-            destination,
-            0,
-        )
-        .expect("map");
-        let t1 = rdtsc();
-        // SAFETY: revokes only the copies in the other task.
-        unsafe { sys::unmap(Fpage::memory(region, 21, 7), 0) }.expect("unmap");
-        let t2 = rdtsc();
-        if i >= 10 {
-            map_samples.push(t1 - t0);
-            unmap_samples.push(t2 - t1);
-        }
-    }
-    report("map_2m_flexpage_of_4k_pages", &mut map_samples);
-    report("unmap_2m_flexpage_of_4k_pages", &mut unmap_samples);
-
+    map_unmap(
+        "2m_flexpage_of_4k_pages",
+        target,
+        Fpage::memory(region, 21, Fpage::READ | Fpage::WRITE),
+        100,
+        10,
+    );
     // A real 2 MiB page (from sigma0 through the root task, module option `superpage`).
     const SUPERPAGE: u64 = 0x0000_0800_0000_0000;
-    let mut map_samples = Vec::new();
-    let mut unmap_samples = Vec::new();
-    for i in 0..ITERATIONS + WARMUP {
-        let t0 = rdtsc();
-        sys::map(
-            target,
-            Fpage::memory(SUPERPAGE, 21, Fpage::READ | Fpage::WRITE),
-            destination,
-            0,
-        )
-        .expect("map");
-        let t1 = rdtsc();
-        // SAFETY: revokes only the copy in the other task.
-        unsafe { sys::unmap(Fpage::memory(SUPERPAGE, 21, 7), 0) }.expect("unmap");
-        let t2 = rdtsc();
-        if i >= WARMUP {
-            map_samples.push(t1 - t0);
-            unmap_samples.push(t2 - t1);
-        }
-    }
-    report("map_2m_large_page", &mut map_samples);
-    report("unmap_2m_large_page", &mut unmap_samples);
+    map_unmap(
+        "2m_large_page",
+        target,
+        Fpage::memory(SUPERPAGE, 21, Fpage::READ | Fpage::WRITE),
+        ITERATIONS,
+        WARMUP,
+    );
 
     // Page faults resolved by a pager in another task.
     let layout =
