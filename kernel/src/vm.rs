@@ -36,8 +36,13 @@ pub struct Svm {
     pub msrpm: u64,
     /// The next address-space identifier.
     pub next_asid: u32,
-    /// Whether XCR0 is switched between host and guests.
+    /// Whether XCR0 and the extended state are switched between host and guests.
     pub xcr0_switching: bool,
+    /// An all-zero XSAVE area: restoring it clears the extended registers.
+    pub zero_area: u64,
+    /// The state components saved and restored around guest runs (all the CPU supports whose
+    /// XSAVE image fits a page, at least x87 and SSE).
+    pub xstate: u64,
 }
 
 /// A virtual machine.
@@ -66,6 +71,8 @@ pub struct Vcpu {
     pub reinject: u64,
     /// The guest's XCR0 (x87 only until the guest changes it).
     pub xcr0: u64,
+    /// The guest's x87/SSE/AVX state between runs (an XSAVE area frame; zeros: initial state).
+    pub fpu: u64,
 }
 
 /// Set up SVM if the CPU has it (called at boot); `None` otherwise.
@@ -76,6 +83,8 @@ pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
     }
     let host_save = frames.allocate_zeroed()?;
     let host_vmcb = frames.allocate_zeroed()?;
+    let zero_area = frames.allocate_zeroed()?;
+    init_xsave_area(zero_area);
     let iopm = frames.allocate_contiguous(3, 1)?;
     let msrpm = frames.allocate_contiguous(2, 1)?;
     for (base, pages) in [(iopm, 3), (msrpm, 2)] {
@@ -104,7 +113,15 @@ pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
         msrpm,
         next_asid: 1,
         xcr0_switching,
+        zero_area,
+        xstate: svm::saved_xstate(),
     })
+}
+
+/// Make a zeroed XSAVE area the initial state: all components absent (XSTATE_BV = 0) and
+/// MXCSR at its reset value (it is loaded whenever SSE state is restored).
+fn init_xsave_area(frame: u64) {
+    write(frame, 24, 0x1f80u32);
 }
 
 /// The mapping-database space key of VM `vm`.
@@ -175,7 +192,7 @@ pub fn create_vcpu(k: &mut Kernel, vm: VmId, quota: QuotaId) -> Result<VcpuId, E
         let v = k.vms.get(vm).ok_or(Error::InvalidCapability)?;
         (v.asid, v.npt.root)
     };
-    let bytes = crate::memory::FRAME_BYTES + core::mem::size_of::<Vcpu>() as u64;
+    let bytes = 2 * crate::memory::FRAME_BYTES + core::mem::size_of::<Vcpu>() as u64;
     k.quotas
         .get_mut(quota)
         .ok_or(Error::InvalidCapability)?
@@ -185,6 +202,12 @@ pub fn create_vcpu(k: &mut Kernel, vm: VmId, quota: QuotaId) -> Result<VcpuId, E
         k.quotas.get_mut(quota).expect("quota").refund(bytes);
         return Err(Error::OutOfMemory);
     };
+    let Some(fpu) = k.frames.allocate_zeroed() else {
+        k.frames.free_frame(frame);
+        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        return Err(Error::OutOfMemory);
+    };
+    init_xsave_area(fpu);
     let misc1 = intercept::INTR
         | intercept::NMI
         | intercept::SMI
@@ -234,6 +257,7 @@ pub fn create_vcpu(k: &mut Kernel, vm: VmId, quota: QuotaId) -> Result<VcpuId, E
         registers: GuestRegisters::default(),
         reinject: 0,
         xcr0: 1,
+        fpu,
     }))
 }
 
@@ -595,10 +619,10 @@ pub fn apply_guest_fault_reply(
 /// caller's UTCB and the exit code in its `rdi`, or an error; a physical interrupt makes the
 /// caller re-issue the call (with an empty mask) after the kernel handled it.
 pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Result<(), Error> {
-    let (host_vmcb, xcr0_switching) = k
+    let (host_vmcb, xcr0_switching, zero_area, xstate) = k
         .svm
         .as_ref()
-        .map(|s| (s.host_vmcb, s.xcr0_switching))
+        .map(|s| (s.host_vmcb, s.xcr0_switching, s.zero_area, s.xstate))
         .ok_or(Error::NotSupported)?;
     if mask & !state::ALL != 0 {
         return Err(Error::InvalidArgument);
@@ -629,12 +653,19 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
         // its nested page tables hold only what the VMM mapped.
         unsafe {
             if xcr0_switching {
+                // The guest's x87/SSE/AVX registers (nothing of another guest's), then its XCR0.
+                svm::set_xcr0(xstate);
+                svm::xrstor(vcpu.fpu, xstate);
                 svm::set_xcr0(vcpu.xcr0);
             }
             svm::run(frame, &mut vcpu.registers, host_vmcb);
             if xcr0_switching {
-                // What the guest set (the CPU validated it); the host runs with x87 only.
+                // Save what the guest left (XCR0 as the CPU accepted it), clear the registers
+                // so no task or other guest sees them, and return to the host's XCR0.
                 vcpu.xcr0 = svm::xcr0();
+                svm::set_xcr0(xstate);
+                svm::xsave(vcpu.fpu, xstate);
+                svm::xrstor(zero_area, xstate);
                 svm::set_xcr0(1);
             }
         }

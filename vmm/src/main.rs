@@ -383,6 +383,13 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
                         mask |= state::EVENTS;
                         0
                     }
+                    7 => {
+                        // Run another VM that sets its own xmm0, then come back.
+                        let saved = *w;
+                        let other = sse_vm();
+                        *utcb_words() = saved;
+                        other
+                    }
                     5 => {
                         // Revoke the guest page at rbx from the VM (our copy stays).
                         let gpa = w[state::RBX];
@@ -552,6 +559,31 @@ fn protected_mode_state(words: &mut [u64; 64], entry: u64) {
     }
     words[state::TR] = state::segment(0, 0x8b, 0x67);
     words[state::LDTR] = state::segment(0, 0x82, 0);
+}
+
+/// A 32-bit guest that puts 0xdeadbeef into xmm0 (CR4.OSFXSR set by the VMM) and exits.
+const GUEST32_SSE: [u8; 17] = [
+    0xb8, 0xef, 0xbe, 0xad, 0xde, // mov eax, 0xdeadbeef
+    0x66, 0x0f, 0x6e, 0xc0, // movd xmm0, eax
+    0x31, 0xc0, // xor eax, eax
+    0x66, 0xba, 0xe4, 0x00, // mov dx, 0xe4
+    0xef, // out dx, eax
+    0xf4, // hlt
+];
+
+/// Run a fresh VM whose guest writes xmm0; 0 if it ran to its exit.
+fn sse_vm() -> u64 {
+    let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
+        return 1;
+    };
+    vm.ram.write(0x7000, &GUEST32_SSE);
+    let w = utcb_words();
+    protected_mode_state(w, 0x7000);
+    w[state::CR4] = 0x600;
+    match run(vm.vcpu, state::ALL) {
+        Ok(exit::IOIO) => 0,
+        _ => 2,
+    }
 }
 
 /// Run the 32-bit guest in `vm` to its exit port write; true if it got there.

@@ -498,6 +498,24 @@ extern "C" fn guest_main() -> ! {
 
     reinjection_case();
 
+    // SSE registers belong to this guest: another VM that runs in between (and sets its own
+    // xmm0) changes nothing here.
+    let xmm0: u64;
+    // SAFETY: enable SSE in our CR4, put a pattern in xmm0, let the VMM run another VM, read
+    // xmm0 back (this guest is built without SSE, so nothing else uses the register).
+    unsafe {
+        let cr4: u64;
+        asm!("mov {}, cr4", out(reg) cr4);
+        asm!("mov cr4, {}", in(reg) cr4 | (3 << 9));
+        asm!("movq xmm0, {}", in(reg) 0x5151_5151_a5a5_a5a5u64);
+        vmmcall(7, 0, 0);
+        asm!("movq {}, xmm0", out(reg) xmm0);
+    }
+    check(
+        "fpu: SSE registers are the guest's own across another VM's run",
+        xmm0 == 0x5151_5151_a5a5_a5a5,
+    );
+
     // XCR0 belongs to the guest: set it, exit, and find it unchanged (the kernel switches it).
     // SAFETY: enabling XSAVE in our own CR4 and setting our XCR0 to x87|SSE.
     let xcr0 = unsafe {

@@ -162,6 +162,44 @@ pub fn supported_xcr0() -> u64 {
     (r.edx as u64) << 32 | r.eax as u64
 }
 
+/// Save the extended state components in `mask` (with XCR0 covering them) to the 64-byte
+/// aligned area at `area` (physical frame, through the direct map).
+///
+/// # Safety
+/// CR4.OSXSAVE must be set, `area` a kernel-owned frame used only for this.
+pub unsafe fn xsave(area: u64, mask: u64) {
+    let pointer = super::paging::phys_to_virt(area);
+    // SAFETY: per the caller.
+    unsafe {
+        core::arch::asm!("xsave64 [{}]", in(reg) pointer, in("eax") mask as u32, in("edx") (mask >> 32) as u32)
+    };
+}
+
+/// Load the extended state components in `mask` from `area` (a zeroed area loads the initial
+/// state: all registers cleared).
+///
+/// # Safety
+/// As for [`xsave`]; the area must hold a valid XSAVE image or zeros.
+pub unsafe fn xrstor(area: u64, mask: u64) {
+    let pointer = super::paging::phys_to_virt(area);
+    // SAFETY: per the caller.
+    unsafe {
+        core::arch::asm!("xrstor64 [{}]", in(reg) pointer, in("eax") mask as u32, in("edx") (mask >> 32) as u32)
+    };
+}
+
+/// The extended-state components to save and restore around guest runs: everything the CPU
+/// supports if its XSAVE image fits a 4 KiB frame, else x87, SSE and AVX.
+pub fn saved_xstate() -> u64 {
+    let all = supported_xcr0();
+    let size = core::arch::x86_64::__cpuid_count(0xd, 0).ecx;
+    if size <= 4096 {
+        all
+    } else {
+        all & 7
+    }
+}
+
 /// Read XCR0.
 pub fn xcr0() -> u64 {
     let (low, high): (u32, u32);
