@@ -72,8 +72,7 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     if let Some(cmdline) = boot.command_line_tag().and_then(|t| t.cmdline().ok()) {
         info!("command line: {cmdline}");
         if cmdline.contains("nofastpath") {
-            // SAFETY: single-threaded boot.
-            unsafe { crate::fastpath::ENABLED = false };
+            crate::arch::x86_64::entry::disable_fastpath();
         }
         if cmdline.contains("debug") {
             // SAFETY: single-threaded boot.

@@ -1,22 +1,42 @@
-//! The IPC fast path: a chain of checks for the common short call and reply-and-wait (message
-//! in registers, no map items, partner already waiting, no timeout to arm, no scheduling
-//! decision to make). When every check passes it does exactly what the slow path would do,
+//! The IPC fast path: a chain of checks for the common call and reply-and-wait (untyped words
+//! only: up to 4 in registers, the rest copied between UTCBs; no map or string items; the
+//! partner already waiting; no timeout to arm; no scheduling decision to make). When every check passes it does exactly what the slow path would do,
 //! with fewer steps; when any fails it returns and the slow path (`syscall::dispatch`) runs.
 //! It defines no behaviour of its own.
 
 use crate::arch::x86_64::entry::Frame;
+use crate::arch::x86_64::paging::phys_to_virt;
 use crate::kernel::Kernel;
 use crate::object::Object;
 use crate::thread::{Awaiting, Thread, ThreadState};
 use l4_abi::{rights, Syscall};
 
-/// At most this many untyped words (the ones in registers). With the label (bits 32..64)
-/// masked off, a tag is fast exactly when its value is at most this: no typed items (bits
-/// 7..12), no reserved bits, at most 4 untyped words (bits 0..7).
-const FAST_WORDS: u64 = 4;
+/// At most this many untyped words. With the label (bits 32..64) masked off, a tag is fast
+/// exactly when its value is at most this: no typed items (bits 7..12), no reserved bits, at
+/// most 64 untyped words (bits 0..7). Words 0..4 travel in registers, the rest are copied from
+/// UTCB to UTCB.
+const FAST_WORDS: u64 = l4_abi::MAX_WORDS as u64;
+/// Words that travel in registers.
+const REGISTER_WORDS: u64 = l4_abi::REGISTER_WORDS as u64;
 
-/// Whether the fast path is enabled (kernel command line `nofastpath` disables it).
-pub static mut ENABLED: bool = true;
+/// Copy message words 4..`words` from one UTCB frame to another (one `rep movsq`, so that no
+/// call disturbs the register-only case).
+#[inline(always)]
+fn copy_utcb_words(from: u64, to: u64, words: u64) {
+    let offset = REGISTER_WORDS * 8;
+    // SAFETY: both UTCBs are kernel frames in the direct map and distinct (different threads);
+    // the range 4..words lies inside the 64 message registers (the tag was checked); the
+    // direction flag is clear in the kernel.
+    unsafe {
+        core::arch::asm!(
+            "rep movsq",
+            inout("rcx") words - REGISTER_WORDS => _,
+            inout("rsi") phys_to_virt(from) + offset => _,
+            inout("rdi") phys_to_virt(to) + offset => _,
+            options(nostack, preserves_flags),
+        );
+    }
+}
 
 /// Try the fast path for the current thread's syscall; returns if the slow path must run.
 ///
@@ -24,10 +44,6 @@ pub static mut ENABLED: bool = true;
 /// `frame` must be the frame the syscall entry saved: the `frame` field of the current thread.
 #[inline(always)]
 pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
-    // SAFETY: written once at boot.
-    if !unsafe { ENABLED } {
-        return;
-    }
     let Some(current) = k.current else { return };
     // SAFETY: the syscall entry saved the registers into the current thread's `frame` field
     // (CURRENT_FRAME_END points just past it), so stepping back by the field's offset gives
@@ -91,6 +107,9 @@ pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
     };
     if !waiting || receiver.priority < sender.priority {
         return;
+    }
+    if f.rdx & 0x7f > REGISTER_WORDS {
+        copy_utcb_words(sender.utcb_frame, receiver.utcb_frame, f.rdx & 0x7f);
     }
     let r = &mut receiver.frame;
     r.rax = 0;

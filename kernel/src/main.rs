@@ -61,6 +61,12 @@ extern "C" fn syscall_dispatch(frame: *mut Frame) -> ! {
     syscall::dispatch(k)
 }
 
+/// Entry from the syscall stub when the fast path is disabled (`nofastpath`).
+#[no_mangle]
+extern "C" fn syscall_dispatch_slow(_frame: *mut Frame) -> ! {
+    syscall::dispatch(kernel::kernel())
+}
+
 /// Entry from the interrupt and exception stubs.
 #[no_mangle]
 extern "C" fn interrupt_dispatch(frame: *mut Frame) -> ! {

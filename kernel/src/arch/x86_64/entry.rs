@@ -177,7 +177,15 @@ static mut IDT: [IdtEntry; 256] = [IdtEntry {
 extern "C" {
     static isr_table: [u64; 256];
     fn syscall_entry();
+    fn syscall_entry_slow();
     fn restore_frame(frame: *const Frame) -> !;
+}
+
+/// Make syscalls bypass the IPC fast path (kernel command line `nofastpath`, to measure the
+/// slow path).
+pub fn disable_fastpath() {
+    // SAFETY: points LSTAR at the other, equivalent entry stub.
+    unsafe { wrmsr(msr::LSTAR, syscall_entry_slow as *const () as u64) };
 }
 
 /// Load the GDT, TSS and IDT and program the syscall MSRs.
@@ -269,8 +277,9 @@ pub unsafe fn return_to_user(frame: *const Frame) -> ! {
 global_asm!(
     r#"
 .section .text
-.global syscall_entry
-syscall_entry:
+.macro SYSCALL_ENTRY name, handler
+.global \name
+\name:
     mov [rip + SYSCALL_USER_RSP], rsp
     mov rsp, [rip + CURRENT_FRAME_END]
     push {user_ss}
@@ -297,8 +306,11 @@ syscall_entry:
     push r15
     mov rdi, rsp
     mov rsp, [rip + KERNEL_STACK_TOP]
-    call syscall_dispatch
+    call \handler
     ud2
+.endm
+SYSCALL_ENTRY syscall_entry, syscall_dispatch
+SYSCALL_ENTRY syscall_entry_slow, syscall_dispatch_slow
 
 interrupt_common:
     push rax
