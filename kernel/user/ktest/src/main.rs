@@ -1210,6 +1210,7 @@ fn main() -> i64 {
     quota_cases();
     large_page_cases(&suite);
     regression_cases();
+    fuzz_case(&suite);
     io_cases(&suite);
     priority_cases();
 

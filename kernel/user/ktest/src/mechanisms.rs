@@ -752,3 +752,87 @@ fn regression_cases() {
         r.map(|_| ()) == Err(err(Error::Timeout, true)) && VALUE.load(SeqCst) == Error::NoPartner as u64,
     );
 }
+
+// ---- robustness: random syscalls from a hostile task
+
+const FUZZ_ROUNDS: u64 = 20_000;
+
+fn fuzz_next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// A value that is often interesting: small slots, boundaries, flexpage-like words, garbage.
+fn fuzz_value(state: &mut u64) -> u64 {
+    let r = fuzz_next(state);
+    match r % 8 {
+        0 => r >> 56,                                  // small numbers (slots, kinds, flags)
+        1 => [0, 1, u64::MAX, u64::MAX - 1, 1 << 47, 0xffff_8000_0000_0000][(r >> 8) as usize % 6],
+        2 => Fpage::memory((r >> 20) << 12, 12 + (r >> 4) as u32 % 40, r & 7).0,
+        3 => Fpage::io((r >> 16) & 0xffff, (r >> 4) as u32 % 17).0,
+        4 => Fpage::object((r >> 20) & 0x3ff, (r >> 4) as u32 % 11, r & 7).0,
+        5 => TEST_AREA + ((r >> 12) & 0xffff) * PAGE_SIZE,
+        6 => (r >> 32) << 32 | (r & 0x7f), // tag-like
+        _ => r,
+    }
+}
+
+/// Issue random syscalls (all but the ones that end the thread or block without a timeout)
+/// and report how many ran.
+extern "C" fn child_fuzzer() -> ! {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let numbers = [1u64, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 22, 23, 24, 25, 0, 26, 99];
+    let mut done = 0u64;
+    for _ in 0..FUZZ_ROUNDS {
+        let number = numbers[(fuzz_next(&mut state) % numbers.len() as u64) as usize];
+        let mut a = [0u64; 6];
+        for v in a.iter_mut() {
+            *v = fuzz_value(&mut state);
+        }
+        if (1..=5).contains(&number) {
+            // IPC: never wait (zero timeouts), any words.
+            // SAFETY: raw IPC with hostile arguments; only registers and our UTCB change.
+            unsafe { ipc::raw_ipc(Syscall::from_u64(number).expect("ipc"), a[0], a[1], a[2], POLL.0, [a[3], a[4], a[5], 0]) };
+        } else if number == 16 {
+            // Unmap: never our own mappings (UNMAP_SELF could take our code and stack).
+            // SAFETY: revokes only what others derived from us.
+            unsafe { sys::raw(16, a[0], 0, 0, 0, 0) };
+        } else if number == 12 && a[0] == slots::SELF_THREAD {
+            continue; // ex_regs on ourselves could send us anywhere
+        } else {
+            // SAFETY: hostile arguments; the kernel must refuse what is invalid.
+            unsafe { sys::raw(number, a[0], a[1], a[2], a[3], a[4]) };
+        }
+        done += 1;
+    }
+    let _ = ipc::send(slots::PEER, tag(15, 1), &[done], Timeouts::INFINITE);
+    sys::thread_exit(0)
+}
+
+fn fuzz_case(suite: &Suite) {
+    // The fuzzer gets a small factory of its own (so creation paths run, within a quota).
+    let (task, thread) = suite.child(child_fuzzer, suite.pager_normal, suite.recorder, false);
+    let small = alloc_slot();
+    let factory = sys::factory_create(slots::FACTORY, ObjectKind::Factory, small, 256 << 10, 0)
+        .and_then(|()| sys::cap_copy(task, small, slots::FACTORY, rights::ALL, 0));
+    suite.start(thread, child_fuzzer);
+    let mut result = None;
+    for _ in 0..30 {
+        match ipc::wait(RECEIVE_2S) {
+            Ok(m) if m.badge == CHILD_BADGE && m.tag.label() == 15 => {
+                result = Some(m.word(0));
+                break;
+            }
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    check(
+        "robustness",
+        "20,000 random syscalls from a hostile task leave the kernel running",
+        factory.is_ok() && result == Some(FUZZ_ROUNDS) && ipc::wait(POLL).map(|_| ()) == Err(err(Error::Timeout, true)),
+    );
+    let _ = sys::task_destroy(task);
+}
