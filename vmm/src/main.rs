@@ -822,6 +822,51 @@ fn main() -> i64 {
         "a spinning guest is preempted; the VMM keeps running",
     );
 
+    // Hostile guests: random bytes as code, in 64-bit and 32-bit mode. Every exit is handled by
+    // stopping that run; the kernel and this VMM must survive all of them.
+    let fuzz = create_vm(1 << 20, l4::abi::NO_CAP).expect("fuzz VM");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut runs = 0;
+    for round in 0..40u64 {
+        let mut code = [0u8; 4096];
+        for chunk in code.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            chunk.copy_from_slice(&seed.to_le_bytes());
+        }
+        fuzz.ram.write(0x7000, &code);
+        let w = utcb_words();
+        if round % 2 == 0 {
+            protected_mode_state(w, 0x7000);
+        } else {
+            // 64-bit mode needs page tables: identity-map the first 2 MiB of this 1 MiB VM.
+            let tables: [u64; 3] = [0x2000 | 7, 0x3000 | 7, 0x87];
+            for (i, entry) in tables.iter().enumerate() {
+                fuzz.ram
+                    .write(0x1000 * (i as u64 + 1), &entry.to_le_bytes());
+            }
+            long_mode_state(w, 0x7000);
+            w[state::RSP] = 0x6_f000;
+        }
+        for _ in 0..20 {
+            match run(fuzz.vcpu, state::ALL) {
+                Ok(exit::SHUTDOWN) | Err(_) => break,
+                Ok(_) => {
+                    // Skip a byte and go on from the next state (all of it reloaded).
+                    let w = utcb_words();
+                    w[state::RIP] += 1;
+                    w[state::EVENT_INJECT] = 0;
+                }
+            }
+        }
+        runs += 1;
+    }
+    report(
+        runs == 40,
+        "40 guests of random code (32- and 64-bit) leave the kernel and the VMM running",
+    );
+
     // The second VM ran on its own thread at the same time.
     for _ in 0..10_000 {
         if SECOND_DONE.load(SeqCst) != 0 {
