@@ -1,9 +1,9 @@
-//! Kernel memory: the kernel heap (a static arena for kernel objects) and the pool of physical
+//! Kernel memory: the kernel heap (a static arena for kernel objects, a buddy allocator) and the pool of physical
 //! frames for page tables, UTCBs and the KIP.
 
 use crate::arch::x86_64::paging::zero_frame;
+use buddy_system_allocator::LockedHeap;
 use kernel_core::FrameAllocator;
-use linked_list_allocator::LockedHeap;
 
 /// Bytes of the kernel heap.
 pub const HEAP_SIZE: usize = 8 << 20;
@@ -14,17 +14,17 @@ struct HeapSpace([u8; HEAP_SIZE]);
 static mut HEAP_SPACE: HeapSpace = HeapSpace([0; HEAP_SIZE]);
 
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: LockedHeap<32> = LockedHeap::<32>::empty();
 
 /// Hand the static heap area to the allocator.
 pub fn init_heap() {
     // SAFETY: called once at boot; the area is a static used for nothing else.
-    unsafe { HEAP.lock().init(&raw mut HEAP_SPACE as *mut u8, HEAP_SIZE) }
+    unsafe { HEAP.lock().init(&raw mut HEAP_SPACE as usize, HEAP_SIZE) }
 }
 
 /// Bytes of the kernel heap in use.
 pub fn heap_used() -> usize {
-    HEAP.lock().used()
+    HEAP.lock().stats_alloc_actual()
 }
 
 /// Frames charged to a task's quota (page tables and UTCBs it causes).
