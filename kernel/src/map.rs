@@ -57,38 +57,48 @@ fn derive(
     grant: bool,
 ) -> Result<Vec<Key>, Error> {
     let parent_new = !db(k, which).contains(from_key);
-    let child_new = !db(k, which).contains(to_key);
-    let charge_parent = parent_new && !grant;
-    if charge_parent {
+    if grant {
+        let child_new = !db(k, which).contains(to_key);
+        if child_new {
+            k.charge_task(to, NODE_BYTES)?;
+        }
+        return match db(k, which).grant(from_key, to_key) {
+            Ok(replaced) => {
+                if !parent_new {
+                    k.refund_task(from, NODE_BYTES);
+                }
+                Ok(replaced)
+            }
+            Err(_) => {
+                if child_new {
+                    k.refund_task(to, NODE_BYTES);
+                }
+                Err(Error::InvalidArgument)
+            }
+        };
+    }
+    // Map: charge the new parent (if any) and, until we know better, a new child node.
+    if parent_new {
         k.charge_task(from, NODE_BYTES)?;
     }
-    if child_new {
-        if let Err(e) = k.charge_task(to, NODE_BYTES) {
-            if charge_parent {
-                k.refund_task(from, NODE_BYTES);
-            }
-            return Err(e);
+    if let Err(e) = k.charge_task(to, NODE_BYTES) {
+        if parent_new {
+            k.refund_task(from, NODE_BYTES);
         }
+        return Err(e);
     }
-    let result = if grant {
-        db(k, which).grant(from_key, to_key)
-    } else {
-        db(k, which).map(from_key, to_key)
-    };
-    match result {
-        Ok(replaced) => {
-            if grant && !parent_new {
-                k.refund_task(from, NODE_BYTES);
-            }
-            Ok(replaced)
-        }
-        Err(_) => {
-            if charge_parent {
-                k.refund_task(from, NODE_BYTES);
-            }
-            if child_new {
+    match db(k, which).map_detailed(from_key, to_key) {
+        Ok(derived) => {
+            if derived.child_existed {
                 k.refund_task(to, NODE_BYTES);
             }
+            Ok(derived.replaced)
+        }
+        Err(_) => {
+            if parent_new {
+                k.refund_task(from, NODE_BYTES);
+            }
+            k.refund_task(to, NODE_BYTES);
             Err(Error::InvalidArgument)
         }
     }

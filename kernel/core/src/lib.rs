@@ -17,4 +17,4 @@ pub mod quota;
 pub use arena::{Arena, ObjectId};
 pub use quota::{Quota, QuotaExceeded};
 pub mod mapping_database;
-pub use mapping_database::{MappingDatabase, MappingError};
+pub use mapping_database::{Derived, MappingDatabase, MappingError};

@@ -37,6 +37,17 @@ struct Node<K> {
     children: Vec<u32>,
 }
 
+/// What [`MappingDatabase::map_detailed`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Derived<K> {
+    /// Keys the new mapping replaced (the old child's descendants), for the caller to revoke.
+    pub replaced: Vec<K>,
+    /// Whether the parent had no node and was created as a root.
+    pub parent_created: bool,
+    /// Whether the child had a node before (it was replaced in place).
+    pub child_existed: bool,
+}
+
 /// The derivation tree of mappings, keyed by `K` (the kernel uses `(space, page/port/slot)`).
 ///
 /// Nodes live in a slab (`Vec<Option<Node>>`) whose vacant slots are reused through a free list;
@@ -119,24 +130,38 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
     /// Errors: [`MappingError::SameKey`] if `parent == child`; [`MappingError::Cycle`] if `child`
     /// is an ancestor of `parent` (then nothing changes).
     pub fn map(&mut self, parent: K, child: K) -> Result<Vec<K>, MappingError> {
+        self.map_detailed(parent, child).map(|d| d.replaced)
+    }
+
+    /// [`MappingDatabase::map`], also telling which nodes it created (callers that account
+    /// for nodes use this instead of asking with `contains` first).
+    pub fn map_detailed(&mut self, parent: K, child: K) -> Result<Derived<K>, MappingError> {
         if parent == child {
             return Err(MappingError::SameKey);
         }
-        let mut removed = Vec::new();
-        if let Some(c) = self.idx(child) {
-            if let Some(p) = self.idx(parent) {
-                if self.is_ancestor_or_self(c, p) {
-                    return Err(MappingError::Cycle);
+        let mut replaced = Vec::new();
+        let child_existed = match self.idx(child) {
+            Some(c) => {
+                if let Some(p) = self.idx(parent) {
+                    if self.is_ancestor_or_self(c, p) {
+                        return Err(MappingError::Cycle);
+                    }
                 }
+                replaced = self.discard(c);
+                true
             }
-            removed = self.discard(c);
-        }
-        let p = match self.idx(parent) {
-            Some(p) => p,
-            None => self.alloc(parent, None),
+            None => false,
+        };
+        let (p, parent_created) = match self.idx(parent) {
+            Some(p) => (p, false),
+            None => (self.alloc(parent, None), true),
         };
         self.alloc(child, Some(p));
-        Ok(removed)
+        Ok(Derived {
+            replaced,
+            parent_created,
+            child_existed,
+        })
     }
 
     /// Grant: `to` takes `from`'s place in the tree (same parent, same children, same position);
@@ -408,6 +433,26 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
         self.unlink_from_parent(i);
         self.release(i);
         out
+    }
+}
+
+#[cfg(test)]
+mod detailed_tests {
+    use super::*;
+
+    #[test]
+    fn map_detailed_reports_created_and_replaced_nodes() {
+        let mut db = MappingDatabase::new();
+        let d = db.map_detailed((0u64, 1u64), (1, 1)).unwrap();
+        assert_eq!(
+            (d.parent_created, d.child_existed, d.replaced.len()),
+            (true, false, 0)
+        );
+        db.map((1, 1), (2, 1)).unwrap();
+        let d = db.map_detailed((0, 1), (1, 1)).unwrap();
+        assert_eq!((d.parent_created, d.child_existed), (false, true));
+        assert_eq!(d.replaced, alloc::vec![(2, 1)]);
+        assert!(db.check_invariants().is_ok());
     }
 }
 
