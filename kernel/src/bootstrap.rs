@@ -172,7 +172,7 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         svm: None,
         irq_lines: [None; crate::irq::LINES],
         io_owner: None,
-        memory_db: kernel_core::MappingDatabase::new(),
+        memory_db: kernel_core::MappingDatabase::with_shift(12),
         io_db: kernel_core::MappingDatabase::new(),
         cap_db: kernel_core::MappingDatabase::new(),
         frames,

@@ -4,7 +4,7 @@
 //! derivation chains thousands deep, and the kernel stack is small, so every walk uses an explicit
 //! work list.
 
-use alloc::collections::BTreeMap;
+use crate::radix_index::RadixIndex;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
@@ -56,22 +56,58 @@ pub struct Derived<K> {
 pub struct MappingDatabase<K> {
     slab: Vec<Option<Node<K>>>,
     free: Vec<u32>,
-    index: BTreeMap<K, u32>,
+    index: RadixIndex,
 }
 
-impl<K: Ord + Copy + fmt::Debug> Default for MappingDatabase<K> {
+impl<K: IndexKey> Default for MappingDatabase<K> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
+/// Keys the database can index: a space and a number within it.
+pub trait IndexKey: Ord + Copy + fmt::Debug {
+    /// The (space, number) pair.
+    fn pair(self) -> (u64, u64);
+    /// The key of a pair.
+    fn from_pair(pair: (u64, u64)) -> Self;
+}
+
+impl IndexKey for u32 {
+    fn pair(self) -> (u64, u64) {
+        (0, self as u64)
+    }
+    fn from_pair(pair: (u64, u64)) -> Self {
+        pair.1 as u32
+    }
+}
+
+impl IndexKey for (u64, u64) {
+    fn pair(self) -> (u64, u64) {
+        self
+    }
+    fn from_pair(pair: (u64, u64)) -> Self {
+        pair
+    }
+}
+
+impl<K: IndexKey> MappingDatabase<K> {
+    /// An empty database whose keys' numbers are multiples of `1 << shift` (12 for page
+    /// addresses: the index then spends no space on the offsets within a page).
+    pub const fn with_shift(shift: u32) -> Self {
+        MappingDatabase {
+            slab: Vec::new(),
+            free: Vec::new(),
+            index: RadixIndex::new(shift),
+        }
+    }
+
     /// An empty database.
     pub const fn new() -> Self {
         MappingDatabase {
             slab: Vec::new(),
             free: Vec::new(),
-            index: BTreeMap::new(),
+            index: RadixIndex::new(0),
         }
     }
 
@@ -87,7 +123,7 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
 
     /// Whether `key` has a node.
     pub fn contains(&self, key: K) -> bool {
-        self.index.contains_key(&key)
+        self.index.get(key.pair()).is_some()
     }
 
     /// The mapping `key` was derived from; `None` for a root or an absent key.
@@ -189,9 +225,12 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
         };
         match f {
             Some(f) => {
-                self.index.remove(&from);
+                self.index.remove(from.pair());
                 self.node_mut(f).key = to;
-                self.index.insert(to, f);
+                assert!(
+                    self.index.insert(to.pair(), f),
+                    "mapping database: key not representable"
+                );
             }
             None => {
                 self.alloc(to, None);
@@ -213,13 +252,26 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
     /// Remove every node whose key satisfies `belongs` and all of their descendants (a destroyed
     /// address space). Returns every removed key (each once).
     pub fn remove_where(&mut self, belongs: impl Fn(&K) -> bool) -> Vec<K> {
-        let hits: Vec<K> = self.index.keys().filter(|k| belongs(k)).copied().collect();
+        let hits: Vec<K> = self
+            .index
+            .entries()
+            .into_iter()
+            .map(|(k, _)| K::from_pair(k))
+            .filter(|k| belongs(k))
+            .collect();
         let mut out = Vec::new();
         for key in hits {
             // Skip keys already removed as a descendant of an earlier hit.
             if let Some(i) = self.idx(key) {
                 self.remove_subtree(i, true, &mut out);
             }
+        }
+        // Give back the index memory of spaces that are empty now.
+        let mut spaces: Vec<u64> = out.iter().map(|k| k.pair().0).collect();
+        spaces.sort_unstable();
+        spaces.dedup();
+        for space in spaces {
+            self.index.drop_space_if_empty(space);
         }
         out
     }
@@ -242,7 +294,16 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
         if empty {
             return Vec::new();
         }
-        self.index.range((start, end)).map(|(&k, _)| k).collect()
+        let pair = |b: Bound<K>| match b {
+            Bound::Included(k) => Bound::Included(k.pair()),
+            Bound::Excluded(k) => Bound::Excluded(k.pair()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        self.index
+            .range(pair(start), pair(end))
+            .into_iter()
+            .map(|(k, _)| K::from_pair(k))
+            .collect()
     }
 
     /// Check the internal invariants (index and slab agree, free list is exact, parent/child
@@ -254,7 +315,7 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
         for (i, slot) in self.slab.iter().enumerate() {
             let Some(node) = slot else { continue };
             occupied += 1;
-            if self.index.get(&node.key).map(|&j| j as usize) != Some(i) {
+            if self.index.get(node.key.pair()).map(|j| j as usize) != Some(i) {
                 return Err("slab node is not indexed at its slot");
             }
             match node.parent {
@@ -276,7 +337,7 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
         if occupied != self.index.len() {
             return Err("index and slab sizes differ");
         }
-        for &i in self.index.values() {
+        for (_, i) in self.index.entries() {
             if self.slot(i).is_none() {
                 return Err("index points to a vacant slot");
             }
@@ -319,7 +380,7 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
     // ---- private helpers ----
 
     fn idx(&self, key: K) -> Option<u32> {
-        self.index.get(&key).copied()
+        self.index.get(key.pair())
     }
 
     fn slot(&self, i: u32) -> Option<&Node<K>> {
@@ -374,7 +435,10 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
                 i
             }
         };
-        self.index.insert(key, i);
+        assert!(
+            self.index.insert(key.pair(), i),
+            "mapping database: key not representable"
+        );
         if let Some(p) = parent {
             self.node_mut(p).children.push(i);
         }
@@ -388,7 +452,7 @@ impl<K: Ord + Copy + fmt::Debug> MappingDatabase<K> {
             .get_mut(i as usize)
             .and_then(Option::take)
             .expect("mapping database: releasing a vacant slot");
-        self.index.remove(&node.key);
+        self.index.remove(node.key.pair());
         self.free.push(i);
         node
     }
