@@ -5,7 +5,7 @@
 set -uo pipefail
 iso=$1
 shift
-args=(-cpu max -m "${QEMU_MEMORY:-256M}" -display none -serial stdio -no-reboot
+args=(-cpu max -m "${QEMU_MEMORY:-256M}" -display none -serial mon:stdio -no-reboot
       -device isa-debug-exit,iobase=0xf4,iosize=4 -cdrom "$iso" "$@")
 if [ -n "${QEMU_TIMEOUT:-}" ]; then
     exec timeout --foreground -k 5 "$QEMU_TIMEOUT" qemu-system-x86_64 "${args[@]}"

@@ -12,8 +12,8 @@ scripts/build.sh "$scenario"
 status=0
 scripts/qemu.sh "target/iso/$scenario.iso" "$@" || status=$?
 case $status in
-    33) echo "run.sh: system powered off normally (all tasks exited with 0)" ;;
-    35) echo "run.sh: system powered off after a task failed (see the log above)"; exit 1 ;;
-    37) echo "run.sh: kernel panic (see the log above)"; exit 1 ;;
-    *) echo "run.sh: QEMU exited with status $status"; exit 1 ;;
+    33) echo; echo "run.sh: system powered off normally (all tasks exited with 0)" ;;
+    35) echo; echo "run.sh: system powered off after a task failed (see the log above)"; exit 1 ;;
+    37) echo; echo "run.sh: kernel panic (see the log above)"; exit 1 ;;
+    *) echo; echo "run.sh: QEMU exited with status $status"; exit 1 ;;
 esac
