@@ -59,20 +59,31 @@ pub fn page_fault(k: &mut Kernel, address: u64, error: u64) {
 /// A page fault of thread `id` (the current one, or one the kernel faults on behalf of for a
 /// string copy) at `address`: a call to its pager.
 pub fn page_fault_of(k: &mut Kernel, id: ThreadId, address: u64, error: u64) {
+    if let Err(e) = page_fault_timed(k, id, address, error, Timeout::INFINITE) {
+        let (number, name) = describe(k, id);
+        crate::warn!(
+            "thread {number} ({name}) killed: page fault at {address:#x} not resolvable: {e}"
+        );
+        kill(k, id, DEATH_NO_PAGER, address);
+    }
+}
+
+/// Send the page fault of thread `id` to its pager, both phases bounded by `timeout`. An error
+/// means the fault cannot be resolved (no pager, or not taken in time); the caller decides.
+pub fn page_fault_timed(
+    k: &mut Kernel,
+    id: ThreadId,
+    address: u64,
+    error: u64,
+    timeout: Timeout,
+) -> Result<(), l4_abi::Error> {
     let rip = k.thread(id).frame.rip;
     let access = error & (fault_access::PRESENT | fault_access::WRITE | fault_access::EXECUTE);
     let target = k.thread(id).pager.map(|cap| k.ipc_target(cap));
     let (pager, badge) = match target {
         Some(Ok(t)) => t,
-        other => {
-            let (number, name) = describe(k, id);
-            crate::warn!(
-                "thread {number} ({name}) killed: page fault at {address:#x} (access {access:#x}, ip {rip:#x}) and {}",
-                if other.is_none() { "no pager" } else { "its pager is gone" }
-            );
-            kill(k, id, DEATH_NO_PAGER, address);
-            return;
-        }
+        Some(Err(_)) => return Err(l4_abi::Error::DeadPartner),
+        None => return Err(l4_abi::Error::InvalidArgument),
     };
     k.thread(id).fault_address = address;
     k.thread(id).kernel_message = Some(KernelMessage {
@@ -80,22 +91,11 @@ pub fn page_fault_of(k: &mut Kernel, id: ThreadId, address: u64, error: u64) {
         words: words(&[address, access, rip]),
         after: AfterDelivery::AwaitFaultReply,
     });
-    if let Err(e) = ipc::send(
-        k,
-        id,
-        pager,
-        badge,
-        true,
-        Timeout::INFINITE,
-        Timeout::INFINITE,
-    ) {
-        let (number, name) = describe(k, id);
-        crate::warn!(
-            "thread {number} ({name}) killed: page fault at {address:#x} not deliverable: {e}"
-        );
+    if let Err(e) = ipc::send(k, id, pager, badge, true, timeout, timeout) {
         k.thread(id).kernel_message = None;
-        kill(k, id, DEATH_NO_PAGER, address);
+        return Err(e);
     }
+    Ok(())
 }
 
 /// The pager's answer (`message` from `pager`) to the fault of `faulter`.
@@ -120,6 +120,7 @@ pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, mes
         };
         match map_fpage(k, from, source, to, destination, item.is_grant()) {
             Ok(()) => {
+                k.thread(faulter).string_fault = None;
                 match k.thread(faulter).resume_receive.take() {
                     // Faulted for a string copy while waiting: wait again (and take the
                     // sender that is queued by now).
@@ -136,6 +137,11 @@ pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, mes
             }
             Err(e) => crate::warn!("fault reply mapping failed: {e}"),
         }
+    }
+    if k.thread(faulter).string_fault.is_some() {
+        // The fault was taken for a string copy: the IPC fails, the thread lives on.
+        ipc::fail_string_fault(k, faulter, l4_abi::Error::InvalidArgument);
+        return;
     }
     let rip = k.thread(faulter).frame.rip;
     let (number, name) = describe(k, faulter);

@@ -171,7 +171,10 @@ fn check_strings(
 }
 
 /// Make `thread` (in an IPC syscall that has not taken effect) fault on `missing` and
-/// re-execute the syscall once the fault is resolved.
+/// re-execute the syscall once the fault is resolved. The IPC's own timeout (send timeout for a
+/// sender, receive timeout for a receiver) bounds the fault: if the pager does not take or
+/// answer it in time, or refuses it, the IPC fails instead (`Timeout`, or `InvalidArgument`
+/// for a string no pager can provide).
 fn restart_with_fault(
     k: &mut Kernel,
     thread: ThreadId,
@@ -185,17 +188,41 @@ fn restart_with_fault(
         f.rax = l4_abi::Syscall::Receive as u64;
         f.rsi = l4_abi::OPEN_WAIT;
     }
-    k.thread(thread).state = ThreadState::Ready;
-    crate::fault::page_fault_of(
-        k,
-        thread,
-        missing.address,
-        if missing.write {
-            l4_abi::fault_access::WRITE
-        } else {
-            0
-        },
-    );
+    let receiving = f.rax == l4_abi::Syscall::Receive as u64;
+    let timeouts = l4_abi::Timeouts(f.r10);
+    let timeout = if receiving {
+        timeouts.receive()
+    } else {
+        timeouts.send()
+    };
+    let t = k.thread(thread);
+    t.state = ThreadState::Ready;
+    t.string_fault = Some(if receiving { RECEIVE_PHASE } else { 0 });
+    let access = if missing.write {
+        l4_abi::fault_access::WRITE
+    } else {
+        0
+    };
+    if let Err(e) = crate::fault::page_fault_timed(k, thread, missing.address, access, timeout) {
+        fail_string_fault(k, thread, e);
+    }
+}
+
+/// End the string fault of `thread` by failing its re-issued IPC with `error`.
+pub fn fail_string_fault(k: &mut Kernel, thread: ThreadId, error: Error) {
+    let Some(phase) = k.thread(thread).string_fault.take() else {
+        return;
+    };
+    let t = k.thread(thread);
+    t.kernel_message = None;
+    t.deadline = None;
+    t.frame.rip += 2;
+    t.frame.rax = error as u64 | phase;
+    if k.current == Some(thread) {
+        k.thread(thread).state = ThreadState::Ready;
+    } else {
+        k.wake(thread);
+    }
 }
 
 /// Make the waiting `receiver` fault on `missing`; afterwards it resumes its receive.
@@ -318,6 +345,10 @@ fn sender_done(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, call: bool)
                 awaiting,
             };
             k.thread(receiver).caller = Some(sender);
+            if k.thread(sender).string_fault.is_some() {
+                let timeout = k.thread(sender).receive_timeout;
+                set_deadline(k, sender, timeout);
+            }
         }
         None if call => {
             k.thread(sender).state = ThreadState::Receiving {
@@ -453,6 +484,26 @@ pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
     let Some(thread) = k.threads.get(id) else {
         return;
     };
+    if thread.string_fault.is_some()
+        && matches!(
+            thread.state,
+            ThreadState::Sending { .. }
+                | ThreadState::Receiving {
+                    awaiting: Awaiting::PageFaultReply,
+                    ..
+                }
+        )
+    {
+        // A fault taken for a string copy: the IPC that needed it fails instead.
+        if let ThreadState::Sending { to, .. } = thread.state {
+            if let Some(target) = k.threads.get_mut(to) {
+                target.senders.retain(|&s| s != id);
+            }
+        }
+        let error = Error::from_u64(error).unwrap_or(Error::Canceled);
+        fail_string_fault(k, id, error);
+        return;
+    }
     match thread.state {
         ThreadState::Sending { to, .. } => {
             if let Some(target) = k.threads.get_mut(to) {

@@ -109,6 +109,9 @@ pub struct Thread {
     pub receive_timeout: Timeout,
     /// Address of the page fault being resolved.
     pub fault_address: u64,
+    /// Set while the thread resolves a fault for a string copy of its own IPC: the phase bit its
+    /// IPC fails with if the fault is not resolved in time.
+    pub string_fault: Option<u64>,
     /// Set while a receiver resolves a fault in its string buffer: the source it waits for.
     pub resume_receive: Option<Option<ThreadId>>,
     /// Set while the VM pager resolves a guest page fault of the vCPU this thread runs.
@@ -144,6 +147,7 @@ impl Thread {
             receive_timeout: Timeout::INFINITE,
             fault_address: 0,
             resume_receive: None,
+            string_fault: None,
             guest_fault: None,
             space_root: 0,
             task_has_io: false,

@@ -218,6 +218,11 @@ const PAGER_REFUSING: u64 = 2;
 /// Badge of the pager gate that answers the first fault on a page with a mapping it revoked
 /// just before (an unmap racing with the fault), and the second one properly.
 const PAGER_RACE: u64 = 4;
+/// Badge of the pager gate that serves images and stacks but never answers a fault on
+/// [`SILENT_PAGE`].
+const PAGER_SILENT: u64 = 5;
+/// The page the silent pager ignores.
+const SILENT_PAGE: u64 = TEST_AREA + 0x800 * PAGE_SIZE;
 /// Badge of the pager gate that maps the marker page for reads in the test area.
 const PAGER_PROBE: u64 = 3;
 
@@ -269,6 +274,11 @@ extern "C" fn pager_thread(_: u64) -> ! {
         FAULTS.fetch_add(1, SeqCst);
         LAST_FAULT.store(m.word(0), SeqCst);
         LAST_ACCESS.store(m.word(1), SeqCst);
+        if m.badge == PAGER_SILENT && m.word(0) & !(PAGE_SIZE - 1) == SILENT_PAGE {
+            // Never answer this one: the faulting IPC's timeout must end it.
+            message = ipc::wait(Timeouts::INFINITE);
+            continue;
+        }
         message = match resolve_child_fault(m.badge, m.word(0), m.word(1)) {
             Some(item) => ipc::reply_wait(
                 MessageTag::new(0, 0, 1),
@@ -1207,6 +1217,7 @@ fn main() -> i64 {
     };
     mapping_cases(&suite);
     string_cases(&suite);
+    string_timeout_case(&suite);
     quota_cases();
     large_page_cases(&suite);
     regression_cases();

@@ -836,3 +836,31 @@ fn fuzz_case(suite: &Suite) {
     );
     let _ = sys::task_destroy(task);
 }
+
+
+
+/// Send a string from an untouched page with a 20 ms send timeout; report the result.
+extern "C" fn child_string_with_silent_pager() -> ! {
+        let item = l4::abi::StringItem { length: 64, address: SILENT_PAGE }.words();
+    let r = ipc::send(slots::PEER, string_tag(16, 0, 1), &item, Timeouts::new(Timeout::micros(20_000), Timeout::INFINITE));
+    let code = match r {
+        Ok(()) => 0,
+        Err(e) => e.error as u64,
+    };
+    let _ = ipc::send(slots::PEER, tag(17, 1), &[code], Timeouts::INFINITE);
+    sys::thread_exit(0)
+}
+
+fn string_timeout_case(suite: &Suite) {
+            let silent = gate(suite.pager_thread, PAGER_SILENT);
+    let mut buffer = alloc::vec![0u8; 4096];
+    l4::utcb::set_string_buffer(0, &mut buffer);
+    let (_, _) = suite.child(child_string_with_silent_pager, silent, suite.recorder, true);
+    let r = wait_badge(CHILD_BADGE);
+    l4::utcb::clear_string_buffer(0);
+    check(
+        "string",
+        "the IPC timeout bounds a string fault: a pager that never answers makes the send time out",
+        matches!(r, Some(m) if m.tag.label() == 17 && m.word(0) == Error::Timeout as u64),
+    );
+}
