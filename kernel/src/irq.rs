@@ -23,6 +23,8 @@ pub struct Irq {
     pub receiver: Option<(ThreadId, u64)>,
     /// An interrupt arrived and was not yet delivered.
     pub pending: bool,
+    /// The task that created it (the object dies with it and frees the line).
+    pub owner: crate::object::TaskId,
 }
 
 /// Whether `line` may be named by an IRQ object.

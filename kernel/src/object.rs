@@ -61,4 +61,8 @@ impl Capability {
 pub struct Gate {
     /// The receiving thread.
     pub thread: ThreadId,
+    /// The task that created it (the gate dies with it).
+    pub owner: TaskId,
+    /// The quota it was charged to.
+    pub quota: QuotaId,
 }

@@ -218,6 +218,7 @@ pub fn new_thread(k: &mut Kernel, quota: QuotaId) -> Result<ThreadId, Error> {
     k.next_thread_number += 1;
     let mut thread = Thread::new(k.next_thread_number);
     thread.quota = Some(quota);
+    thread.creator = k.current.and_then(|c| k.task_of(c));
     Ok(k.threads.insert(thread))
 }
 
@@ -273,7 +274,11 @@ fn factory_create(
             )?;
             Capability {
                 badge,
-                ..Capability::full(Object::Gate(k.gates.insert(Gate { thread })))
+                ..Capability::full(Object::Gate(k.gates.insert(Gate {
+                    thread,
+                    owner: task,
+                    quota: quota.ok_or(Error::WrongType)?,
+                })))
             }
         }
         ObjectKind::Irq => {
@@ -287,6 +292,7 @@ fn factory_create(
                 return Err(Error::AlreadyBound);
             }
             let irq = k.irqs.insert(crate::irq::Irq {
+                owner: task,
                 line: argument as u32,
                 receiver: None,
                 pending: false,
@@ -318,6 +324,7 @@ fn factory_create(
                 k,
                 quota.ok_or(Error::WrongType)?,
                 pager,
+                task,
             )?))
         }
         ObjectKind::Vcpu => {
@@ -337,6 +344,7 @@ fn factory_create(
                 k,
                 vm,
                 quota.ok_or(Error::WrongType)?,
+                task,
             )?))
         }
         ObjectKind::Platform => return Err(Error::InvalidArgument),
@@ -709,12 +717,63 @@ pub fn destroy_task(k: &mut Kernel, task: TaskId) {
             }
         }
     }
+    destroy_owned(k, task);
     if let Some(task) = k.tasks.remove(task) {
         task.space.destroy(&mut k.frames);
         // Everything charged on the task's behalf (object, page tables, UTCBs, mapping
         // nodes, I/O bitmap) goes back to its quota.
         if let Some(quota) = k.quotas.get_mut(task.quota) {
             quota.refund(task.charged);
+        }
+    }
+}
+
+/// Destroy the kernel objects `task` created that are not bound elsewhere: gates, IRQ objects
+/// (their lines become free), VMs and vCPUs, and threads never bound to a task.
+fn destroy_owned(k: &mut Kernel, task: TaskId) {
+    let gates: alloc::vec::Vec<_> = k
+        .gates
+        .ids()
+        .filter(|&g| k.gates.get(g).is_some_and(|x| x.owner == task))
+        .collect();
+    for g in gates {
+        if let Some(gate) = k.gates.remove(g) {
+            if let Some(q) = k.quotas.get_mut(gate.quota) {
+                q.refund(core::mem::size_of::<Gate>() as u64);
+            }
+        }
+    }
+    let irqs: alloc::vec::Vec<_> = k
+        .irqs
+        .ids()
+        .filter(|&i| k.irqs.get(i).is_some_and(|x| x.owner == task))
+        .collect();
+    for i in irqs {
+        if let Some(irq) = k.irqs.remove(i) {
+            if irq.pending {
+                k.pending_irqs -= 1;
+            }
+            if irq.line < crate::irq::HARDWARE_LINES {
+                crate::arch::x86_64::ioapic::set_masked(irq.line, true);
+            }
+            k.irq_lines[irq.line as usize] = None;
+        }
+    }
+    crate::vm::destroy_owned(k, task);
+    let unbound: alloc::vec::Vec<_> = k
+        .threads
+        .ids()
+        .filter(|&t| {
+            k.threads
+                .get(t)
+                .is_some_and(|x| x.creator == Some(task) && x.task.is_none())
+        })
+        .collect();
+    for t in unbound {
+        if let Some(thread) = k.threads.remove(t) {
+            if let Some(q) = thread.quota.and_then(|q| k.quotas.get_mut(q)) {
+                q.refund(THREAD_BYTES);
+            }
         }
     }
 }

@@ -122,6 +122,8 @@ pub struct Thread {
     pub task_has_io: bool,
     /// The quota its object was charged to.
     pub quota: Option<crate::object::QuotaId>,
+    /// The task that created it (an unbound thread dies with it).
+    pub creator: Option<TaskId>,
     /// A number for logs.
     pub number: u32,
 }
@@ -152,6 +154,7 @@ impl Thread {
             space_root: 0,
             task_has_io: false,
             quota: None,
+            creator: None,
             number,
         }
     }

@@ -57,6 +57,8 @@ pub struct Vm {
     pub flush: bool,
     /// Where guest page faults go (`None`: to the VMM as exits).
     pub pager: Option<crate::object::Capability>,
+    /// The task that created it (the VM dies with it).
+    pub owner: TaskId,
 }
 
 /// A virtual CPU.
@@ -73,6 +75,10 @@ pub struct Vcpu {
     pub xcr0: u64,
     /// The guest's x87/SSE/AVX state between runs (an XSAVE area frame; zeros: initial state).
     pub fpu: u64,
+    /// The task that created it (the vCPU dies with it).
+    pub owner: TaskId,
+    /// The quota it was charged to.
+    pub quota: QuotaId,
 }
 
 /// Set up SVM if the CPU has it (called at boot); `None` otherwise.
@@ -154,6 +160,7 @@ pub fn create_vm(
     k: &mut Kernel,
     quota: QuotaId,
     pager: Option<crate::object::Capability>,
+    owner: TaskId,
 ) -> Result<VmId, Error> {
     let asid = match k.svm.as_mut() {
         Some(svm) => {
@@ -178,12 +185,18 @@ pub fn create_vm(
         quota,
         flush: false,
         pager,
+        owner,
     }))
 }
 
 /// Create a vCPU of `vm` charged to `quota`, with default intercepts (everything that could
 /// reach host state) and a 32-bit flat protected-mode reset state.
-pub fn create_vcpu(k: &mut Kernel, vm: VmId, quota: QuotaId) -> Result<VcpuId, Error> {
+pub fn create_vcpu(
+    k: &mut Kernel,
+    vm: VmId,
+    quota: QuotaId,
+    owner: TaskId,
+) -> Result<VcpuId, Error> {
     let (iopm, msrpm) = match k.svm.as_ref() {
         Some(svm) => (svm.iopm, svm.msrpm),
         None => return Err(Error::NotSupported),
@@ -258,6 +271,8 @@ pub fn create_vcpu(k: &mut Kernel, vm: VmId, quota: QuotaId) -> Result<VcpuId, E
         reinject: 0,
         xcr0: 1,
         fpu,
+        owner,
+        quota,
     }))
 }
 
@@ -358,6 +373,42 @@ impl FrameSource for Charged<'_> {
         self.k.frames.free_frame(physical);
         if let Some(q) = self.k.quotas.get_mut(self.quota) {
             q.refund(crate::memory::FRAME_BYTES);
+        }
+    }
+}
+
+/// Destroy the VMs and vCPUs `task` created: their VMCBs, extended-state areas and nested
+/// page tables are freed and the quotas refunded; guest memory mappings were derived from the
+/// VMM's memory and go from the mapping database.
+pub fn destroy_owned(k: &mut Kernel, task: TaskId) {
+    let vcpus: Vec<VcpuId> = k
+        .vcpus
+        .ids()
+        .filter(|&v| k.vcpus.get(v).is_some_and(|x| x.owner == task))
+        .collect();
+    for id in vcpus {
+        if let Some(vcpu) = k.vcpus.remove(id) {
+            k.frames.free_frame(vcpu.vmcb);
+            k.frames.free_frame(vcpu.fpu);
+            if let Some(q) = k.quotas.get_mut(vcpu.quota) {
+                q.refund(2 * crate::memory::FRAME_BYTES + core::mem::size_of::<Vcpu>() as u64);
+            }
+        }
+    }
+    let vms: Vec<VmId> = k
+        .vms
+        .ids()
+        .filter(|&v| k.vms.get(v).is_some_and(|x| x.owner == task))
+        .collect();
+    for id in vms {
+        let key = space_key(id);
+        k.memory_db.remove_where(|k| k.0 == key);
+        if let Some(vm) = k.vms.remove(id) {
+            let quota = vm.quota;
+            vm.npt.destroy(&mut Charged { k, quota });
+            if let Some(q) = k.quotas.get_mut(quota) {
+                q.refund(core::mem::size_of::<Vm>() as u64);
+            }
         }
     }
 }

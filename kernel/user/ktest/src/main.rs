@@ -1221,6 +1221,7 @@ fn main() -> i64 {
     quota_cases();
     large_page_cases(&suite);
     regression_cases();
+    ownership_cases(&suite);
     fuzz_case(&suite);
     io_cases(&suite);
     priority_cases();

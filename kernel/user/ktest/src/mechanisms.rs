@@ -50,6 +50,7 @@ const AGENT_WRITE: i32 = 4;
 const AGENT_SEND: i32 = 5;
 const AGENT_IN: i32 = 6;
 const AGENT_CAP_COPY: i32 = 7;
+const AGENT_CREATE: i32 = 8;
 
 fn code(r: Result<(), Error>) -> u64 {
     match r {
@@ -90,7 +91,11 @@ extern "C" fn child_agent() -> ! {
                 unsafe { core::arch::asm!("xor eax, eax", "in al, dx", in("dx") w(0) as u16, out("rax") value) };
                 value
             }
-            AGENT_CAP_COPY => code(sys::cap_copy(w(0), w(1), w(2), w(3), 0)),
+                        AGENT_CAP_COPY => code(sys::cap_copy(w(0), w(1), w(2), w(3), 0)),
+            AGENT_CREATE => match ObjectKind::from_u64(w(1)) {
+                Some(kind) => code(sys::factory_create(w(0), kind, w(2), w(3), 0)),
+                None => u64::MAX - 3,
+            },
             _ => u64::MAX - 1,
         };
         message = ipc::reply_wait(tag(0, 1), &[result], Timeouts::INFINITE);
@@ -862,5 +867,38 @@ fn string_timeout_case(suite: &Suite) {
         "string",
         "the IPC timeout bounds a string fault: a pager that never answers makes the send time out",
         matches!(r, Some(m) if m.tag.label() == 17 && m.word(0) == Error::Timeout as u64),
+    );
+}
+
+// ---- objects die with the task that created them
+
+fn ownership_cases(suite: &Suite) {
+    let small = alloc_slot();
+    sys::factory_create(slots::FACTORY, ObjectKind::Factory, small, 64 << 10, 0).expect("factory");
+    let a = Agent::new(suite);
+    sys::cap_copy(a.task, small, slots::FACTORY, rights::ALL, 0).expect("factory for the agent");
+    sys::cap_copy(a.task, slots::PLATFORM, slots::PLATFORM, rights::ALL, 0).expect("platform for the agent");
+    let irq = a.command(AGENT_CREATE, &[slots::PLATFORM, ObjectKind::Irq as u64, 60, 42]);
+    let thread = a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Thread as u64, 61, 0]);
+    let gate = a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Gate as u64, 62, 61]);
+    let vm = a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Vm as u64, 63, NO_CAP]);
+    let vcpu = a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Vcpu as u64, 64, 63]);
+    let created = [irq, thread, gate, vm, vcpu];
+    let taken = sys::factory_create(slots::PLATFORM, ObjectKind::Irq, alloc_slot(), 42, 0);
+    let destroyed = sys::task_destroy(a.task);
+    let again = alloc_slot();
+    let free_again = sys::factory_create(slots::PLATFORM, ObjectKind::Irq, again, 42, 0);
+    check(
+        "task",
+        "an IRQ line held by a task's IRQ object is free again once the task is destroyed",
+        irq == 0 && taken == Err(Error::AlreadyBound) && destroyed.is_ok() && free_again.is_ok(),
+    );
+    // Everything the agent created from `small` was charged to it; all of it came back.
+    let whole = sys::factory_create(small, ObjectKind::Factory, alloc_slot(), 64 << 10, 0);
+    let vm_ok = if vm == 0 { vcpu == 0 } else { vm == Error::NotSupported as u64 };
+    check(
+        "quota",
+        "the objects a destroyed task created (thread, gate, VM, vCPU) return their memory",
+        created[1..3] == [0, 0] && vm_ok && whole.is_ok(),
     );
 }
