@@ -535,18 +535,6 @@ fn emulate_mmio(
     }
 }
 
-/// A 32-bit protected-mode guest with paging off: stores 0x12345678 at guest-physical 0x9000
-/// and writes the exit port. Hand-assembled.
-const GUEST32: [u8; 20] = [
-    0xb8, 0x78, 0x56, 0x34, 0x12, // mov eax, 0x12345678
-    0xa3, 0x00, 0x90, 0x00, 0x00, // mov [0x9000], eax
-    0x31, 0xc0, // xor eax, eax
-    0x66, 0xba, 0xe4, 0x00, // mov dx, 0xe4
-    0xef, // out dx, eax
-    0xf4, // hlt
-    0xeb, 0xfd, // jmp -3
-];
-
 fn protected_mode_state(words: &mut [u64; 64], entry: u64) {
     words.fill(0);
     words[state::RIP] = entry;
@@ -561,22 +549,63 @@ fn protected_mode_state(words: &mut [u64; 64], entry: u64) {
     words[state::LDTR] = state::segment(0, 0x82, 0);
 }
 
-/// A 32-bit guest that puts 0xdeadbeef into xmm0 (CR4.OSFXSR set by the VMM) and exits.
-const GUEST32_SSE: [u8; 17] = [
-    0xb8, 0xef, 0xbe, 0xad, 0xde, // mov eax, 0xdeadbeef
-    0x66, 0x0f, 0x6e, 0xc0, // movd xmm0, eax
-    0x31, 0xc0, // xor eax, eax
-    0x66, 0xba, 0xe4, 0x00, // mov dx, 0xe4
-    0xef, // out dx, eax
-    0xf4, // hlt
-];
+/// The 32-bit guests built into the guest image (sections `.guest32`: stores 0x12345678 at
+/// guest-physical 0x9000 and writes the exit port; `.guest32_sse`: puts 0xdeadbeef into xmm0).
+static GUEST32: spin_once::Once = spin_once::Once::new();
+static GUEST32_SSE: spin_once::Once = spin_once::Once::new();
+
+mod spin_once {
+    //! A write-once byte buffer (set at start-up by the one main thread).
+    use alloc::vec::Vec;
+    use core::cell::UnsafeCell;
+
+    /// The buffer.
+    pub struct Once(UnsafeCell<Option<Vec<u8>>>);
+    // SAFETY: written once by the main thread before any other thread starts, read after.
+    unsafe impl Sync for Once {}
+
+    impl Once {
+        /// Empty.
+        pub const fn new() -> Self {
+            Once(UnsafeCell::new(None))
+        }
+        /// Set the contents (start-up only).
+        pub fn set(&self, bytes: Vec<u8>) {
+            // SAFETY: see the Sync impl.
+            unsafe { *self.0.get() = Some(bytes) };
+        }
+        /// The contents (empty if unset).
+        pub fn get(&self) -> &[u8] {
+            // SAFETY: see the Sync impl.
+            unsafe { (*self.0.get()).as_deref().unwrap_or(&[]) }
+        }
+    }
+}
+
+/// Copy the named section of the guest ELF image.
+fn section(image: &[u8], name: &str) -> Option<alloc::vec::Vec<u8>> {
+    // xmas-elf wants 8-byte aligned input.
+    let mut aligned = alloc::vec![0u64; image.len().div_ceil(8)];
+    // SAFETY: plain byte copy into a buffer at least as large.
+    unsafe {
+        core::ptr::copy_nonoverlapping(image.as_ptr(), aligned.as_mut_ptr() as *mut u8, image.len())
+    };
+    // SAFETY: viewing the u64 buffer as the bytes just copied.
+    let bytes = unsafe { core::slice::from_raw_parts(aligned.as_ptr() as *const u8, image.len()) };
+    let elf = xmas_elf::ElfFile::new(bytes).ok()?;
+    let found = elf.section_iter().find(|s| s.get_name(&elf) == Ok(name))?;
+    match found.get_data(&elf).ok()? {
+        xmas_elf::sections::SectionData::Undefined(data) => Some(data.to_vec()),
+        _ => None,
+    }
+}
 
 /// Run a fresh VM whose guest writes xmm0; 0 if it ran to its exit.
 fn sse_vm() -> u64 {
     let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
         return 1;
     };
-    vm.ram.write(0x7000, &GUEST32_SSE);
+    vm.ram.write(0x7000, GUEST32_SSE.get());
     let w = utcb_words();
     protected_mode_state(w, 0x7000);
     w[state::CR4] = 0x600;
@@ -588,7 +617,7 @@ fn sse_vm() -> u64 {
 
 /// Run the 32-bit guest in `vm` to its exit port write; true if it got there.
 fn run_guest32(vm: &Vm) -> bool {
-    vm.ram.write(0x7000, &GUEST32);
+    vm.ram.write(0x7000, GUEST32.get());
     protected_mode_state(utcb_words(), 0x7000);
     let mut mask = state::ALL;
     for _ in 0..8 {
@@ -704,6 +733,13 @@ fn main() -> i64 {
         "[vmm] VM created, {} MiB guest RAM, guest entry {entry:#x}",
         RAM_SIZE >> 20
     );
+    match (section(image, ".guest32"), section(image, ".guest32_sse")) {
+        (Some(plain), Some(sse)) => {
+            GUEST32.set(plain);
+            GUEST32_SSE.set(sse);
+        }
+        _ => println!("[vmm] the guest image has no 32-bit guests"),
+    }
     if l4::rt::arguments().split_whitespace().any(|w| w == "bench") {
         BENCH_MODE.store(1, SeqCst);
         let result = run_test_guest(&vm, entry);

@@ -193,6 +193,46 @@ guest_gdt_pointer:
 "#
 );
 
+// Two 32-bit protected-mode guests (paging off) the VMM runs in VMs of their own: it finds
+// them by section name in this image and copies them to guest-physical 0x7000.
+global_asm!(
+    r#"
+.section .guest32, "ax"
+.global guest32_store
+guest32_store:
+.code32
+    mov eax, 0x12345678
+    mov dword ptr [0x9000], eax
+    xor eax, eax
+    mov dx, 0xe4
+    out dx, eax
+2:
+    hlt
+    jmp 2b
+.section .guest32_sse, "ax"
+.global guest32_sse
+guest32_sse:
+    mov eax, 0xdeadbeef
+    movd xmm0, eax
+    xor eax, eax
+    mov dx, 0xe4
+    out dx, eax
+3:
+    hlt
+    jmp 3b
+.code64
+"#
+);
+
+extern "C" {
+    fn guest32_store();
+    fn guest32_sse();
+}
+
+/// Keeps the 32-bit guests' sections in the image (nothing in this guest calls them).
+#[used]
+static GUEST32_SECTIONS: [unsafe extern "C" fn(); 2] = [guest32_store, guest32_sse];
+
 #[repr(C, align(16))]
 struct Idt([[u64; 2]; 64]);
 static mut IDT: Idt = Idt([[0; 2]; 64]);
