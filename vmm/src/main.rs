@@ -903,6 +903,64 @@ fn main() -> i64 {
         "40 guests of random code (32- and 64-bit) leave the kernel and the VMM running",
     );
 
+    // Hostile vCPU state: random words for every register, control register, segment and
+    // event, in a VM without memory (any instruction fetch exits). Each run must end in an
+    // exit or an error; the kernel validates what the CPU might accept inconsistently.
+    let bare = (|| -> Result<(u64, u64), Error> {
+        let vm = alloc_slot();
+        sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, l4::abi::NO_CAP, 0)?;
+        let vcpu = alloc_slot();
+        sys::factory_create(slots::FACTORY, ObjectKind::Vcpu, vcpu, vm, 0)?;
+        Ok((vm, vcpu))
+    })();
+    let mut outcomes = [0u32; 3];
+    if let Ok((_, vcpu)) = bare {
+        for round in 0..300u64 {
+            let w = utcb_words();
+            for (i, word) in w.iter_mut().enumerate().take(state::STATE_WORDS) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // Every other round keeps values small and plausible.
+                *word = if round % 2 == 0 {
+                    seed
+                } else {
+                    seed & (0xfff << (i % 4 * 8))
+                };
+            }
+            if round % 2 == 1 {
+                // Consistent control registers (real-ish, protected, paged or long mode) and a
+                // valid event, with everything else random: these runs reach the CPU.
+                let modes = [
+                    (0x10, 0, 0),
+                    (0x11, 0, 0),
+                    (0x8000_0011, 0x20, 0),
+                    (0x8000_0031, 0x20, 0x500),
+                ];
+                let (cr0, cr4, efer) = modes[(seed % 4) as usize];
+                (w[state::CR0], w[state::CR4], w[state::EFER]) = (cr0, cr4, efer);
+                w[state::EVENT_INJECT] = if seed & 0x100 != 0 {
+                    (1 << 31) | (3 << 8) | (seed & 0x1f)
+                } else {
+                    0
+                };
+            }
+            match run(vcpu, state::ALL) {
+                Ok(_) => outcomes[0] += 1,
+                Err(Error::InvalidArgument) => outcomes[1] += 1,
+                Err(_) => outcomes[2] += 1,
+            }
+        }
+    }
+    report(
+        bare.is_ok() && outcomes[0] + outcomes[1] == 300 && outcomes[2] == 0,
+        "300 random vCPU states are refused or run to an exit, never crash the kernel",
+    );
+    println!(
+        "[vmm] random vCPU states: {} ran to an exit, {} refused",
+        outcomes[0], outcomes[1]
+    );
+
     // The second VM ran on its own thread at the same time.
     for _ in 0..10_000 {
         if SECOND_DONE.load(SeqCst) != 0 {
