@@ -1,12 +1,13 @@
 //! The Linux-facing interface of a compartment (boot protocol, guest memory layout, device
 //! models, hypercall ABI), host-testable and free of `unsafe`. So far: the port bus and the
-//! guest-test device, the MMIO bus, exit decoding and CPUID policy, MMIO instruction decoding
+//! guest-test device, the MMIO bus, the Linux boot protocol (bzImage header, layout, zero page), exit decoding and CPUID policy, MMIO instruction decoding
 //! and guest page-table walks for VMMs.
 #![no_std]
 #![forbid(unsafe_code)]
 
 extern crate alloc;
 
+pub mod boot;
 pub mod decode;
 pub mod exits;
 pub mod guest_paging;
