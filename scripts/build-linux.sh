@@ -7,7 +7,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/target/linux"
 mkdir -p "$out"
 need=()
-for p in linux-source-6.1 busybox-static flex bison libelf-dev libssl-dev bc cpio gcc make; do
+for p in linux-source-6.1 busybox-static flex bison libelf-dev libssl-dev bc cpio gcc libc6-dev make; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -40,12 +40,14 @@ if [ ! -f "$out/bzImage" ] || [ "$fragment" -nt "$out/bzImage" ]; then
     make -C "$src" -s -j"$(nproc)" bzImage
     cp "$src/arch/x86/boot/bzImage" "$out/bzImage"
 fi
-# initramfs: busybox-static and initramfs/init.
+# initramfs: busybox-static, initramfs/init and the workloads (initramfs/l4bench.c).
 stage="$out/initramfs"
 rm -rf "$stage"
 mkdir -p "$stage"/{bin,dev,proc,sys}
 cp /bin/busybox "$stage/bin/busybox"
 ln -s busybox "$stage/bin/sh"
+ln -s busybox "$stage/bin/true"
+gcc -static -O2 -Wall -Werror -o "$stage/bin/l4bench" "$root/initramfs/l4bench.c"
 install -m 755 "$root/initramfs/init" "$stage/init"
 (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -9) > "$out/initramfs.cpio.gz"
 echo "build-linux: $out/bzImage ($(stat -c %s "$out/bzImage") bytes), $out/initramfs.cpio.gz"
