@@ -262,11 +262,12 @@ impl<'a> BzImage<'a> {
         &self.image[self.kernel_offset()..]
     }
 
-    /// Where the kernel goes: its preferred address if that is at least 1 MiB and aligned,
-    /// else 16 MiB (a relocatable kernel moves itself as it needs).
+    /// Where the kernel goes: its preferred address if it is not relocatable (it must run
+    /// there) or if that is at least 1 MiB and aligned; else 16 MiB rounded up to the
+    /// alignment (a relocatable kernel moves itself as it needs).
     pub fn load_address(&self) -> u64 {
         let aligned = self.pref_address.is_multiple_of(self.kernel_alignment);
-        if self.pref_address >= 0x10_0000 && aligned {
+        if !self.relocatable || (self.pref_address >= 0x10_0000 && aligned) {
             self.pref_address
         } else {
             0x100_0000_u64.next_multiple_of(self.kernel_alignment)
@@ -337,7 +338,7 @@ pub fn plan(
     let kernel_end = kernel
         .checked_add(image.footprint())
         .ok_or(BootError::Layout("kernel"))?;
-    if ram < HIGH_RAM || kernel_end > ram {
+    if kernel < HIGH_RAM || ram < HIGH_RAM || kernel_end > ram {
         return Err(BootError::Layout("kernel"));
     }
     let (initrd, initrd_size) = if initrd_size == 0 {

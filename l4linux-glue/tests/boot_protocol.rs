@@ -200,6 +200,16 @@ fn plan_places_initrd_high_and_kernel_at_its_preferred_address() {
     odd[offset::PREF_ADDRESS..offset::PREF_ADDRESS + 8]
         .copy_from_slice(&0x123_4000u64.to_le_bytes());
     assert_eq!(BzImage::parse(&odd).unwrap().load_address(), 16 * MIB);
+    // ... but a kernel that is not relocatable runs only where it asks to be.
+    odd[offset::RELOCATABLE_KERNEL] = 0;
+    let fixed = BzImage::parse(&odd).unwrap();
+    assert_eq!(fixed.load_address(), 0x123_4000);
+    assert_eq!(plan(&fixed, 256 * MIB, 0, 20).unwrap().kernel, 0x123_4000);
+    odd[offset::PREF_ADDRESS..offset::PREF_ADDRESS + 8].copy_from_slice(&0x8000u64.to_le_bytes());
+    assert_eq!(
+        plan(&BzImage::parse(&odd).unwrap(), 256 * MIB, 0, 20),
+        Err(BootError::Layout("kernel"))
+    );
 }
 
 #[test]
@@ -345,4 +355,58 @@ fn bad_configurations_are_refused() {
     assert!(zero_page(&bz, &l, b"").is_ok());
     // Every refusal has a readable reason.
     assert!(BootError::Layout("kernel").to_string().contains("kernel"));
+}
+
+/// The real guest kernel (after `scripts/build-linux.sh`):
+/// `cargo test -p l4linux-glue --test boot_protocol -- --ignored`.
+#[test]
+#[ignore = "needs target/linux/bzImage from scripts/build-linux.sh"]
+fn real_bzimage_parses_and_agrees_with_linux_loader() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/linux/bzImage");
+    let image = std::fs::read(path).expect("run scripts/build-linux.sh first");
+    let bz = BzImage::parse(&image).unwrap();
+    assert!(bz.version >= 0x020f, "6.1 speaks protocol 2.15");
+    // tinyconfig has no CONFIG_RELOCATABLE: the kernel must be loaded at its preferred address.
+    assert_eq!(bz.load_address(), bz.pref_address);
+    let layout = plan(&bz, 256 * MIB, 1_500_000, 40).unwrap();
+    let zp = zero_page(&bz, &layout, b"console=ttyS0 panic=-1 printk.time=1").unwrap();
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), (256 * MIB) as usize)]).unwrap();
+    let result = OracleBzImage::load(
+        &mem,
+        Some(GuestAddress(layout.kernel)),
+        &mut Cursor::new(&image),
+        Some(GuestAddress(MIB)),
+    )
+    .unwrap();
+    assert_eq!(result.kernel_end, layout.kernel + bz.kernel().len() as u64);
+    let hdr = result.setup_header.unwrap();
+    let n = hdr.as_slice().len();
+    // Same header apart from the fields a loader fills in.
+    let ours = &zp[0x1f1..0x1f1 + n];
+    let theirs = hdr.as_slice();
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        let o = 0x1f1 + i;
+        let loader_field = [
+            offset::TYPE_OF_LOADER..offset::TYPE_OF_LOADER + 1,
+            offset::LOADFLAGS..offset::LOADFLAGS + 1,
+            offset::CODE32_START..offset::CODE32_START + 4,
+            offset::RAMDISK_IMAGE..offset::RAMDISK_SIZE + 4,
+            offset::HEAP_END_PTR..offset::HEAP_END_PTR + 2,
+            offset::CMD_LINE_PTR..offset::CMD_LINE_PTR + 4,
+        ]
+        .iter()
+        .any(|r| r.contains(&o));
+        assert!(
+            loader_field || a == b,
+            "header byte {o:#x}: {a:#x} vs {b:#x}"
+        );
+    }
+    println!(
+        "bzImage: protocol {:#x}, load {:#x}, init_size {:#x}, kernel {} bytes",
+        bz.version,
+        layout.kernel,
+        bz.init_size,
+        bz.kernel().len()
+    );
 }
