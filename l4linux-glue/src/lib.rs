@@ -1,6 +1,6 @@
 //! The Linux-facing interface of a compartment (boot protocol, guest memory layout, device
 //! models, hypercall ABI), host-testable and free of `unsafe`. So far: the port bus and the
-//! guest-test device, the MMIO bus, the Linux boot protocol (bzImage header, layout, zero page), a 16550A UART, exit decoding and CPUID policy, MMIO instruction decoding
+//! guest-test device, the MMIO bus, the Linux boot protocol (bzImage header, layout, zero page), a 16550A UART, the MP table, exit decoding and CPUID policy, MMIO instruction decoding
 //! and guest page-table walks for VMMs.
 #![no_std]
 #![forbid(unsafe_code)]
@@ -12,6 +12,7 @@ pub mod decode;
 pub mod exits;
 pub mod guest_paging;
 pub mod mmio;
+pub mod mptable;
 pub mod ports;
 pub mod test_device;
 pub mod uart8250;
