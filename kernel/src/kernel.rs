@@ -12,6 +12,9 @@ use core::mem::MaybeUninit;
 use kernel_core::{Arena, FrameAllocator, ReadyQueues};
 use l4_abi::Error;
 
+/// Kernel heap bytes never handed out on a task's behalf (see [`Kernel::charge_task`]).
+const HEAP_RESERVE: usize = 512 << 10;
+
 /// All kernel state.
 pub struct Kernel {
     /// Tasks.
@@ -283,6 +286,11 @@ impl Kernel {
             .quotas
             .get_mut(t.quota)
             .ok_or(Error::InvalidCapability)?;
+        // Quotas bound each task; the kernel heap bounds them all: keep a reserve so that no
+        // request can exhaust it (an allocation failure in the kernel would be a panic).
+        if crate::memory::heap_used() + HEAP_RESERVE > crate::memory::HEAP_SIZE {
+            return Err(Error::OutOfMemory);
+        }
         quota.charge(bytes).map_err(|_| Error::OutOfMemory)?;
         t.charged += bytes;
         Ok(())

@@ -103,6 +103,20 @@ pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
             )
         };
     }
+    // MSRs that VMRUN/VMLOAD/VMSAVE keep per guest (the world switch saves and restores the
+    // host's around each run): the guest accesses them directly. Everything else exits.
+    for msr in PASSTHROUGH_MSRS {
+        let (region, index) = match msr {
+            0..=0x1fff => (0, msr),
+            0xc000_0000..=0xc000_1fff => (0x800, msr - 0xc000_0000),
+            _ => continue,
+        };
+        let bit = index as usize * 2;
+        let byte = phys_to_virt(msrpm) as usize + region + bit / 8;
+        // SAFETY: inside the MSR permission map allocated above (two pages); clears the read
+        // and write intercept bits of this MSR.
+        unsafe { *(byte as *mut u8) &= !(0b11 << (bit % 8)) };
+    }
     svm::enable(host_save);
     let xcr0_switching = svm::enable_xcr0_switching();
     crate::info!(
@@ -438,8 +452,24 @@ const SEGMENT_REGISTERS: [(usize, usize); 8] = [
 /// Where the descriptor-table registers live.
 const TABLE_REGISTERS: [(usize, usize); 2] = [(state::GDTR, vmcb::GDTR), (state::IDTR, vmcb::IDTR)];
 
+/// SYSENTER_CS/ESP/EIP, STAR, LSTAR, CSTAR, SFMASK, FS_BASE, GS_BASE, KERNEL_GS_BASE.
+const PASSTHROUGH_MSRS: [u32; 10] = [
+    0x174,
+    0x175,
+    0x176,
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0xc000_0100,
+    0xc000_0101,
+    0xc000_0102,
+];
+
 const CR0_ALLOWED: u64 = 0xe005_003f;
-const CR4_ALLOWED: u64 = 0x0005_07ff;
+/// CR4 bits a guest may have (VMRUN still rejects what the CPU lacks): VME..OSXMMEXCPT, UMIP,
+/// LA57, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
+const CR4_ALLOWED: u64 = 0x0077_1fff;
 const EFER_ALLOWED: u64 = 0x0d01;
 
 /// Load the state groups in `mask` from `words` into the vCPU, refusing state the kernel does

@@ -6,6 +6,7 @@
 extern crate alloc;
 
 pub mod capability_table;
+pub mod chunked;
 pub mod frame_allocator;
 pub mod ready_queues;
 

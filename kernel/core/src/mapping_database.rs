@@ -50,11 +50,11 @@ pub struct Derived<K> {
 
 /// The derivation tree of mappings, keyed by `K` (the kernel uses `(space, page/port/slot)`).
 ///
-/// Nodes live in a slab (`Vec<Option<Node>>`) whose vacant slots are reused through a free list;
+/// Nodes live in a slab (chunked, so growing it never needs a large contiguous allocation) whose vacant slots are reused through a free list;
 /// a `BTreeMap` indexes the slab by key.
 #[derive(Debug, Clone)]
 pub struct MappingDatabase<K> {
-    slab: Vec<Option<Node<K>>>,
+    slab: crate::chunked::ChunkedVec<Option<Node<K>>>,
     free: Vec<u32>,
     index: RadixIndex,
 }
@@ -96,7 +96,7 @@ impl<K: IndexKey> MappingDatabase<K> {
     /// addresses: the index then spends no space on the offsets within a page).
     pub const fn with_shift(shift: u32) -> Self {
         MappingDatabase {
-            slab: Vec::new(),
+            slab: crate::chunked::ChunkedVec::new(),
             free: Vec::new(),
             index: RadixIndex::new(shift),
         }
@@ -105,7 +105,7 @@ impl<K: IndexKey> MappingDatabase<K> {
     /// An empty database.
     pub const fn new() -> Self {
         MappingDatabase {
-            slab: Vec::new(),
+            slab: crate::chunked::ChunkedVec::new(),
             free: Vec::new(),
             index: RadixIndex::new(0),
         }
