@@ -22,6 +22,7 @@ modules_for() {
                 bench|bench-slowpath) echo "bench:bench_factory_platform_superpage" ;;
                 vm) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest" ;;
         vm-bench) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest_bench" ;;
+        linux-early) echo "bzImage:linux_data vmm:vmm_factory_blob=linux_linux" ;;
         *) echo "unknown scenario $1" >&2; exit 2 ;;
     esac
 }
@@ -51,6 +52,10 @@ for scenario in "${scenarios[@]}"; do
                 # An ELF header claiming a 32-bit ARM executable, then garbage.
                 printf '\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x28\x00' > "$dir/boot/$binary"
                 head -c 200 /dev/zero >> "$dir/boot/$binary"
+            elif [ "$binary" = bzImage ]; then
+                # The guest Linux from scripts/build-linux.sh.
+                [ -f target/linux/bzImage ] || { echo "build.sh: no target/linux/bzImage; run scripts/build-linux.sh" >&2; exit 1; }
+                cp target/linux/bzImage "$dir/boot/$binary"
             else
                 cp "$OUT/$binary" "$dir/boot/$binary"
             fi

@@ -12,6 +12,8 @@
 
 extern crate alloc;
 
+mod linux;
+
 use alloc::boxed::Box;
 use alloc::rc::Rc;
 use core::cell::RefCell;
@@ -205,6 +207,12 @@ fn load_guest(ram: &Ram, image: &[u8]) -> Result<u64, l4_elf::ElfError> {
             [segment.file_offset as usize..(segment.file_offset + segment.file_size) as usize];
         ram.write(segment.vaddr, file);
     }
+    identity_tables(ram);
+    Ok(parsed.entry)
+}
+
+/// Identity page tables for the first 4 GiB (2 MiB pages) at 0x1000..0x7000.
+fn identity_tables(ram: &Ram) {
     let mut tables = [0u64; 512 * 6];
     tables[0] = 0x2000 | 7; // PML4[0] -> PDPT
     for i in 0..4 {
@@ -218,7 +226,6 @@ fn load_guest(ram: &Ram, image: &[u8]) -> Result<u64, l4_elf::ElfError> {
         .flat_map(|w| w.to_le_bytes())
         .collect();
     ram.write(0x1000, &bytes);
-    Ok(parsed.entry)
 }
 
 fn long_mode_state(words: &mut [u64; 64], entry: u64) {
@@ -706,6 +713,9 @@ fn main() -> i64 {
     // SAFETY: the root task mapped the guest image read-only here.
     let image =
         unsafe { core::slice::from_raw_parts((BLOB_ADDRESS + offset) as *const u8, size as usize) };
+    if l4::rt::arguments().split_whitespace().any(|w| w == "linux") {
+        return linux::boot_linux(image);
+    }
     let pager = l4::thread::spawn(
         vm_pager,
         0,
