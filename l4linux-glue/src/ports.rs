@@ -11,6 +11,17 @@ pub trait PortDevice {
     fn write(&mut self, offset: u16, size: u8, value: u32);
 }
 
+/// A device the VMM keeps a handle to (to drain its output, post status, ...) while the bus
+/// owns another: the bus registers a clone of the `Rc`.
+impl<D: PortDevice> PortDevice for alloc::rc::Rc<core::cell::RefCell<D>> {
+    fn read(&mut self, offset: u16, size: u8) -> u32 {
+        self.borrow_mut().read(offset, size)
+    }
+    fn write(&mut self, offset: u16, size: u8, value: u32) {
+        self.borrow_mut().write(offset, size, value)
+    }
+}
+
 /// Why a bus operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BusError {
@@ -124,6 +135,17 @@ mod tests {
         assert_eq!(bus.read(0x3fa, 1), 0x201);
         bus.write(0x3ff, 2, 0x1_2345);
         assert_eq!(log.borrow().as_slice(), &[(7, 2, 0x2345)]);
+    }
+
+    #[test]
+    fn a_shared_device_is_seen_through_both_handles() {
+        let device = Rc::new(RefCell::new(crate::uart8250::Uart8250::new()));
+        let mut bus = PortBus::new();
+        bus.register(0x3f8, 8, Box::new(device.clone())).unwrap();
+        bus.write(0x3f8, 1, u32::from(b'x'));
+        assert_eq!(device.borrow().output, b"x");
+        device.borrow_mut().receive(b"y");
+        assert_eq!(bus.read(0x3f8, 1), u32::from(b'y'));
     }
 
     #[test]

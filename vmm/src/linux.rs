@@ -4,13 +4,13 @@
 //! `[linux] ...` lines), CPUID policy and MSRs refused with #GP. It stops at the first exit it
 //! cannot handle yet (no timer, interrupt controller or virtio devices so far) and says where.
 
-use crate::{create_vm, identity_tables, run, utcb_words, Vm};
+use crate::{create_vm, emulate_cpuid, identity_tables, port_io, run, utcb_words, Vm, INJECT_GP0};
 use alloc::vec::Vec;
 use l4::abi::vcpu::{self as state, exit};
 use l4::println;
 use l4linux_glue::boot::{self, BzImage};
 use l4linux_glue::exits::{self, IoExit};
-use l4linux_glue::ports::{PortBus, PortDevice};
+use l4linux_glue::ports::PortBus;
 use l4linux_glue::uart8250::{self, Uart8250};
 
 /// Guest RAM: the kernel loads at 16 MiB and needs its init_size above that.
@@ -25,16 +25,6 @@ const EFER_SVME: u64 = 1 << 12;
 const EFER_WRITABLE: u64 = 0x0d01;
 /// Exits after which we give up (a guest stuck in a loop of exits we mishandle).
 const MAX_EXITS: u64 = 5_000_000;
-
-struct Shared(alloc::rc::Rc<core::cell::RefCell<Uart8250>>);
-impl PortDevice for Shared {
-    fn read(&mut self, offset: u16, size: u8) -> u32 {
-        self.0.borrow_mut().read(offset, size)
-    }
-    fn write(&mut self, offset: u16, size: u8, value: u32) {
-        self.0.borrow_mut().write(offset, size, value)
-    }
-}
 
 /// Boot `image`; returns 0 if Linux got as far as printing its version banner.
 pub fn boot_linux(image: &[u8]) -> i64 {
@@ -103,7 +93,7 @@ pub fn boot_linux(image: &[u8]) -> i64 {
         .register(
             uart8250::COM1_PORT,
             uart8250::LENGTH,
-            alloc::boxed::Box::new(Shared(uart.clone())),
+            alloc::boxed::Box::new(uart.clone()),
         )
         .is_err()
     {
@@ -151,31 +141,10 @@ pub fn boot_linux(image: &[u8]) -> i64 {
                 if io.string {
                     break "string I/O";
                 }
-                if io.input {
-                    let value = bus.read(io.port, io.size) as u64;
-                    let keep = !((1u64 << (8 * io.size)) - 1);
-                    w[state::RAX] = if io.size == 4 {
-                        value
-                    } else {
-                        (w[state::RAX] & keep) | value
-                    };
-                } else {
-                    bus.write(io.port, io.size, w[state::RAX] as u32);
-                }
+                port_io(&mut bus, &io, w);
                 w[state::RIP] = w[state::EXIT_INFO2];
             }
-            exit::CPUID => {
-                let leaf = w[state::RAX] as u32;
-                let host = core::arch::x86_64::__cpuid_count(leaf, w[state::RCX] as u32);
-                let r = exits::cpuid(
-                    leaf,
-                    w[state::RCX] as u32,
-                    [host.eax, host.ebx, host.ecx, host.edx],
-                );
-                (w[state::RAX], w[state::RBX], w[state::RCX], w[state::RDX]) =
-                    (r[0] as u64, r[1] as u64, r[2] as u64, r[3] as u64);
-                w[state::RIP] += exits::CPUID_LENGTH;
-            }
+            exit::CPUID => emulate_cpuid(w, |_| None),
             exit::MSR => {
                 let msr = w[state::RCX] & 0xffff_ffff;
                 let write = w[state::EXIT_INFO1] != 0;
@@ -199,7 +168,7 @@ pub fn boot_linux(image: &[u8]) -> i64 {
                             "[vmm] Linux: {} MSR {msr:#x} refused with #GP",
                             if write { "wrmsr" } else { "rdmsr" }
                         );
-                        w[state::EVENT_INJECT] = (1 << 31) | (1 << 11) | (3 << 8) | 13;
+                        w[state::EVENT_INJECT] = INJECT_GP0;
                         mask |= state::EVENTS;
                         continue;
                     }

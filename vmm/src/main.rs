@@ -24,7 +24,7 @@ use l4::thread::alloc_slot;
 use l4::{println, sys};
 use l4linux_glue::exits::{self, IoExit};
 use l4linux_glue::mmio::{mask, MmioBus, Scratch};
-use l4linux_glue::ports::{PortBus, PortDevice};
+use l4linux_glue::ports::PortBus;
 use l4linux_glue::test_device::{self, TestDevice};
 
 /// Where the root task maps our guest image (module option `blob=NAME`).
@@ -250,19 +250,10 @@ fn long_mode_state(words: &mut [u64; 64], entry: u64) {
 fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
     let device = Rc::new(RefCell::new(TestDevice::new()));
     let mut bus = PortBus::new();
-    struct Shared(Rc<RefCell<TestDevice>>);
-    impl PortDevice for Shared {
-        fn read(&mut self, offset: u16, size: u8) -> u32 {
-            self.0.borrow_mut().read(offset, size)
-        }
-        fn write(&mut self, offset: u16, size: u8, value: u32) {
-            self.0.borrow_mut().write(offset, size, value)
-        }
-    }
     bus.register(
         test_device::BASE_PORT,
         test_device::LENGTH,
-        Box::new(Shared(device.clone())),
+        Box::new(device.clone()),
     )
     .map_err(|_| "port bus")?;
     let mut mmio = MmioBus::new();
@@ -330,40 +321,20 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
                     if io.rep {
                         w[state::RCX] = 0;
                     }
-                } else if io.input {
-                    let value = bus.read(io.port, io.size) as u64;
-                    let keep = !((1u64 << (8 * io.size)) - 1);
-                    w[state::RAX] = if io.size == 4 {
-                        value
-                    } else {
-                        (w[state::RAX] & keep) | value
-                    };
                 } else {
-                    bus.write(io.port, io.size, w[state::RAX] as u32);
+                    port_io(&mut bus, &io, w);
                 }
                 w[state::RIP] = w[state::EXIT_INFO2];
             }
-            exit::CPUID => {
-                let leaf = w[state::RAX] as u32;
-                let host = core::arch::x86_64::__cpuid_count(leaf, w[state::RCX] as u32);
-                let mut r = exits::cpuid(
-                    leaf,
-                    w[state::RCX] as u32,
-                    [host.eax, host.ebx, host.ecx, host.edx],
-                );
-                if leaf == 0x4000_0002 {
-                    // Our private leaf: run the benchmarks instead of the tests?
-                    r = [BENCH_MODE.load(SeqCst) as u32, 0, 0, 0];
-                }
-                (w[state::RAX], w[state::RBX], w[state::RCX], w[state::RDX]) =
-                    (r[0] as u64, r[1] as u64, r[2] as u64, r[3] as u64);
-                w[state::RIP] += exits::CPUID_LENGTH;
-            }
+            exit::CPUID => emulate_cpuid(w, |leaf| {
+                // Our private leaf: run the benchmarks instead of the tests?
+                (leaf == 0x4000_0002).then(|| [BENCH_MODE.load(SeqCst) as u32, 0, 0, 0])
+            }),
             exit::MSR => {
                 let msr = w[state::RCX] & 0xffff_ffff;
                 if msr != TEST_MSR {
                     // #GP(0) into the guest; the instruction does not complete.
-                    w[state::EVENT_INJECT] = (1 << 31) | (1 << 11) | (3 << 8) | 13;
+                    w[state::EVENT_INJECT] = INJECT_GP0;
                     mask |= state::EVENTS;
                     continue;
                 }
@@ -476,6 +447,38 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
             }
         }
     }
+}
+
+/// Event injection of #GP(0): valid, error code, exception.
+const INJECT_GP0: u64 = (1 << 31) | (1 << 11) | (3 << 8) | 13;
+
+/// A non-string IN or OUT through `bus`. An IN writes the value as the CPU does: a 32-bit IN
+/// zero-extends into RAX, an 8- or 16-bit IN keeps the rest of RAX.
+fn port_io(bus: &mut PortBus, io: &IoExit, w: &mut [u64; 64]) {
+    if io.input {
+        let value = bus.read(io.port, io.size) as u64;
+        let keep = !((1u64 << (8 * io.size)) - 1);
+        w[state::RAX] = if io.size == 4 {
+            value
+        } else {
+            (w[state::RAX] & keep) | value
+        };
+    } else {
+        bus.write(io.port, io.size, w[state::RAX] as u32);
+    }
+}
+
+/// Complete a CPUID exit: the VMM's policy over the host's values (or what `private` says for
+/// a leaf it answers itself) into RAX..RDX, and RIP past the instruction.
+fn emulate_cpuid(w: &mut [u64; 64], private: impl Fn(u32) -> Option<[u32; 4]>) {
+    let (leaf, subleaf) = (w[state::RAX] as u32, w[state::RCX] as u32);
+    let r = private(leaf).unwrap_or_else(|| {
+        let host = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        exits::cpuid(leaf, subleaf, [host.eax, host.ebx, host.ecx, host.edx])
+    });
+    (w[state::RAX], w[state::RBX], w[state::RCX], w[state::RDX]) =
+        (r[0] as u64, r[1] as u64, r[2] as u64, r[3] as u64);
+    w[state::RIP] += exits::CPUID_LENGTH;
 }
 
 fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {
