@@ -20,9 +20,9 @@ modules_for() {
         bad-module) echo "bad.elf:broken demo:pong demo:ping_peer=pong" ;;
         bad-sigma0) echo "" ;;
                 bench|bench-slowpath) echo "bench:bench_factory_platform_superpage" ;;
-                vm) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest" ;;
-        vm-bench) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest_bench" ;;
-        linux-early) echo "bzImage:linux_data vmm:vmm_factory_blob=linux_linux" ;;
+                vm) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest_ram=32M" ;;
+        vm-bench) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest_bench_ram=32M" ;;
+        linux-early) echo "bzImage:linux_data vmm:vmm_factory_blob=linux_linux_ram=64M" ;;
         *) echo "unknown scenario $1" >&2; exit 2 ;;
     esac
 }

@@ -7,7 +7,7 @@ use crate::arch::x86_64::entry::Frame;
 use crate::arch::x86_64::entry::{RFLAGS_IF, RFLAGS_RESERVED, RFLAGS_USER_MASK};
 use crate::ipc::{self, Message};
 use crate::kernel::Kernel;
-use crate::map::map_fpage;
+use crate::map::{map_memory, Space};
 use crate::object::ThreadId;
 use crate::thread::{AfterDelivery, KernelMessage, ThreadState, KERNEL_MESSAGE_WORDS};
 use l4_abi::{
@@ -118,7 +118,14 @@ pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, mes
             kill(k, faulter, DEATH_PAGER_GONE, fault_address);
             return;
         };
-        match map_fpage(k, from, source, to, destination, item.is_grant()) {
+        match map_memory(
+            k,
+            from,
+            source,
+            Space::Task(to),
+            destination,
+            item.is_grant(),
+        ) {
             Ok(()) => {
                 k.thread(faulter).string_fault = None;
                 match k.thread(faulter).resume_receive.take() {

@@ -37,12 +37,12 @@ pub struct Kernel {
     pub irq_lines: [Option<crate::object::IrqId>; crate::irq::LINES],
     /// The task whose I/O bitmap is loaded in the TSS (`None`: all ports denied).
     pub io_owner: Option<TaskId>,
-    /// Derivation of memory mappings (keys: task, page address).
-    pub memory_db: kernel_core::MappingDatabase<crate::map::Key>,
-    /// Derivation of I/O-port mappings (keys: task, port).
-    pub io_db: kernel_core::MappingDatabase<crate::map::Key>,
-    /// Derivation of capabilities (keys: task, slot).
-    pub cap_db: kernel_core::MappingDatabase<crate::map::Key>,
+    /// Derivation of memory mappings (tasks' pages and VMs' guest-physical pages).
+    pub memory_db: kernel_core::MappingDatabase<crate::map::Space>,
+    /// Derivation of I/O-port mappings (task, port).
+    pub io_db: kernel_core::MappingDatabase<crate::map::Space>,
+    /// Derivation of capabilities (task, slot).
+    pub cap_db: kernel_core::MappingDatabase<crate::map::Space>,
     /// Frames for page tables and UTCBs.
     pub frames: FrameAllocator,
     /// Runnable threads other than the current one.
@@ -294,6 +294,58 @@ impl Kernel {
         quota.charge(bytes).map_err(|_| Error::OutOfMemory)?;
         t.charged += bytes;
         Ok(())
+    }
+
+    /// Frames for the page tables of `space` (a task's, or a VM's nested ones), charged to
+    /// its quota.
+    pub fn space_frames(&mut self, space: crate::map::Space) -> Option<crate::memory::Charged<'_>> {
+        match space {
+            crate::map::Space::Task(task) => self.charged(task),
+            crate::map::Space::Vm(vm) => {
+                let v = self.vms.get_mut(vm)?;
+                let quota = self.quotas.get_mut(v.quota)?;
+                Some(crate::memory::Charged {
+                    frames: &mut self.frames,
+                    quota,
+                    charged: &mut v.charged,
+                })
+            }
+        }
+    }
+
+    /// Charge `bytes` of kernel memory to the quota of `space`.
+    pub fn charge_space(&mut self, space: crate::map::Space, bytes: u64) -> Result<(), Error> {
+        match space {
+            crate::map::Space::Task(task) => self.charge_task(task, bytes),
+            crate::map::Space::Vm(vm) => {
+                if crate::memory::heap_used() + HEAP_RESERVE > crate::memory::HEAP_SIZE {
+                    return Err(Error::OutOfMemory);
+                }
+                let v = self.vms.get_mut(vm).ok_or(Error::InvalidCapability)?;
+                let quota = self
+                    .quotas
+                    .get_mut(v.quota)
+                    .ok_or(Error::InvalidCapability)?;
+                quota.charge(bytes).map_err(|_| Error::OutOfMemory)?;
+                v.charged += bytes;
+                Ok(())
+            }
+        }
+    }
+
+    /// Give back `bytes` charged to `space` earlier.
+    pub fn refund_space(&mut self, space: crate::map::Space, bytes: u64) {
+        match space {
+            crate::map::Space::Task(task) => self.refund_task(task, bytes),
+            crate::map::Space::Vm(vm) => {
+                if let Some(v) = self.vms.get_mut(vm) {
+                    if let Some(quota) = self.quotas.get_mut(v.quota) {
+                        quota.refund(bytes);
+                    }
+                    v.charged = v.charged.saturating_sub(bytes);
+                }
+            }
+        }
     }
 
     /// Give back `bytes` charged to `task` earlier.

@@ -3,29 +3,58 @@
 //! transfer is recorded in the mapping database, so that `unmap` and task destruction revoke
 //! whatever was derived, in every task, at any depth.
 
-use crate::arch::x86_64::paging::{Translation, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE};
+use crate::arch::x86_64::paging::{
+    AddressSpace, Translation, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE,
+};
 use crate::kernel::Kernel;
-use crate::object::{Capability, TaskId};
+use crate::object::{Capability, TaskId, VmId};
 use alloc::vec::Vec;
-use kernel_core::ObjectId;
+use kernel_core::{Demand, Mapping, MappingError, ObjectId, SpaceKey};
 use l4_abi::{place_in_window, Error, Fpage, FpageKind, MapItem, KERNEL_AREA_START, USER_START};
 
-/// A mapping-database key: the task (see [`space_key`]) and the page address, port or slot.
-pub type Key = (u64, u64);
-
-/// The mapping-database name of a task.
-pub fn space_key(task: TaskId) -> u64 {
-    (task.index as u64) << 32 | task.generation as u64
+/// An address space the mapping databases record mappings in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Space {
+    /// A task's virtual address space (also its ports and capability slots).
+    Task(TaskId),
+    /// A VM's guest-physical address space.
+    Vm(VmId),
 }
 
-fn task_of_key(space: u64) -> TaskId {
-    ObjectId {
-        index: (space >> 32) as u32,
-        generation: space as u32,
+/// The index stores a space as a number: the object's index and generation, and bit 63 for
+/// VMs.
+const VM_BIT: u64 = 1 << 63;
+
+impl SpaceKey for Space {
+    fn to_u64(self) -> u64 {
+        match self {
+            Space::Task(t) => (t.index as u64) << 32 | t.generation as u64,
+            Space::Vm(v) => VM_BIT | (v.index as u64) << 32 | v.generation as u64,
+        }
+    }
+
+    fn from_u64(value: u64) -> Self {
+        let id = ObjectId {
+            index: ((value & !VM_BIT) >> 32) as u32,
+            generation: value as u32,
+        };
+        if value & VM_BIT != 0 {
+            Space::Vm(id)
+        } else {
+            Space::Task(id)
+        }
     }
 }
 
-/// Kernel memory charged per mapping-database node (to the task that holds the mapping).
+/// A recorded mapping.
+pub type Recorded = Mapping<Space>;
+
+/// Sizes of memory mappings the database records (log2): 4 KiB and 2 MiB pages.
+pub const MEMORY_ORDERS: &[u32] = &[12, 21];
+/// Ports and capability slots are recorded one by one.
+pub const UNIT_ORDERS: &[u32] = &[0];
+
+/// Kernel memory charged per mapping-database node (to the space that holds the mapping).
 pub const NODE_BYTES: u64 = 64;
 
 /// Which mapping database.
@@ -36,7 +65,7 @@ enum Db {
     Caps,
 }
 
-fn db(k: &mut Kernel, which: Db) -> &mut kernel_core::MappingDatabase<Key> {
+fn db(k: &mut Kernel, which: Db) -> &mut kernel_core::MappingDatabase<Space> {
     match which {
         Db::Memory => &mut k.memory_db,
         Db::Io => &mut k.io_db,
@@ -44,64 +73,94 @@ fn db(k: &mut Kernel, which: Db) -> &mut kernel_core::MappingDatabase<Key> {
     }
 }
 
-/// Record `to_key` (in task `to`) as mapped (or granted) from `from_key` (in task `from`),
-/// charging new nodes to their tasks' quotas. Returns the keys the new mapping replaced (the
-/// caller revokes them).
+/// Charge `nodes` mapping nodes to each space of `demand`; all or nothing.
+fn charge_nodes(k: &mut Kernel, demand: &Demand<Space>) -> Result<(), Error> {
+    for (n, &(space, nodes)) in demand.iter().enumerate() {
+        if let Err(e) = k.charge_space(space, nodes * NODE_BYTES) {
+            refund_nodes(k, &demand[..n]);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn refund_nodes(k: &mut Kernel, demand: &[(Space, u64)]) {
+    for &(space, nodes) in demand {
+        k.refund_space(space, nodes * NODE_BYTES);
+    }
+}
+
+/// Refund what was charged for `demand` beyond what the operation's splits created.
+fn settle(k: &mut Kernel, demand: &Demand<Space>, split: &Demand<Space>) {
+    for &(space, nodes) in demand {
+        let used = split
+            .iter()
+            .filter(|(s, _)| *s == space)
+            .map(|(_, n)| n)
+            .sum::<u64>();
+        k.refund_space(space, nodes.saturating_sub(used) * NODE_BYTES);
+    }
+}
+
+/// Record `to` (in its space) as mapped or granted from `from`, `1 << order` numbers,
+/// charging every node the operation creates before it changes anything. Returns the
+/// mappings the new one replaced (the caller revokes them with [`revoke`]).
+#[allow(clippy::too_many_arguments)]
 fn derive(
     k: &mut Kernel,
     which: Db,
-    from: TaskId,
-    from_key: Key,
-    to: TaskId,
-    to_key: Key,
+    from: (Space, u64),
+    root_order: u32,
+    to: (Space, u64),
+    order: u32,
     grant: bool,
-) -> Result<Vec<Key>, Error> {
-    let parent_new = !db(k, which).contains(from_key);
+) -> Result<Vec<Recorded>, Refusal> {
+    let size = 1u64 << order;
+    let source_known = db(k, which).find(from.0, from.1).is_some();
+    let mut demand = db(k, which).split_demand(to.0, to.1, to.1 + size);
     if grant {
-        let child_new = !db(k, which).contains(to_key);
-        if child_new {
-            k.charge_task(to, NODE_BYTES)?;
-        }
-        return match db(k, which).grant(from_key, to_key) {
-            Ok(replaced) => {
-                if !parent_new {
-                    k.refund_task(from, NODE_BYTES);
-                }
-                Ok(replaced)
-            }
-            Err(_) => {
-                if child_new {
-                    k.refund_task(to, NODE_BYTES);
-                }
-                Err(Error::InvalidArgument)
-            }
-        };
+        demand.extend(db(k, which).split_demand(from.0, from.1, from.1 + size));
     }
-    // Map: charge the new parent (if any) and, until we know better, a new child node.
-    if parent_new {
-        k.charge_task(from, NODE_BYTES)?;
+    // The new node (in the target) and, for a map from an unrecorded source, its root.
+    demand.push((to.0, 1));
+    if !source_known && !grant {
+        demand.push((from.0, 1));
     }
-    if let Err(e) = k.charge_task(to, NODE_BYTES) {
-        if parent_new {
-            k.refund_task(from, NODE_BYTES);
-        }
-        return Err(e);
+    if charge_nodes(k, &demand).is_err() {
+        return Err(Refusal::OutOfMemory);
     }
-    match db(k, which).map_detailed(from_key, to_key) {
-        Ok(derived) => {
-            if derived.child_existed {
-                k.refund_task(to, NODE_BYTES);
+    let result = if grant {
+        db(k, which).grant(from, to, order)
+    } else {
+        db(k, which).map(from, root_order, to, order)
+    };
+    match result {
+        Ok(changes) => {
+            let mut created = changes.split;
+            created.push((to.0, 1));
+            if !source_known && !grant {
+                created.push((from.0, 1));
             }
-            Ok(derived.replaced)
+            settle(k, &demand, &created);
+            if grant && source_known {
+                // The node moved: the source's space no longer holds it.
+                k.refund_space(from.0, NODE_BYTES);
+            }
+            Ok(changes.removed)
         }
-        Err(_) => {
-            if parent_new {
-                k.refund_task(from, NODE_BYTES);
-            }
-            k.refund_task(to, NODE_BYTES);
-            Err(Error::InvalidArgument)
+        Err(e) => {
+            refund_nodes(k, &demand);
+            Err(Refusal::Mapping(e))
         }
     }
+}
+
+/// Why [`derive`] refused.
+enum Refusal {
+    /// A quota cannot pay for the nodes.
+    OutOfMemory,
+    /// The mapping database refused (nothing changed).
+    Mapping(MappingError),
 }
 
 /// Where map item `item` lands in receive window `window`: the part of the sender's flexpage
@@ -140,8 +199,21 @@ pub fn place_window(window: Fpage, item: MapItem) -> (Fpage, u64) {
     }
 }
 
+/// Whether a task may hold a mapping at `address` (not below the first user page, not in
+/// the kernel-managed area of UTCBs and the KIP).
 fn mappable(address: u64) -> bool {
     (USER_START..KERNEL_AREA_START).contains(&address)
+}
+
+/// Guest-physical addresses a VM can map (what its nested page tables can hold).
+pub const GUEST_PHYSICAL_LIMIT: u64 = 1 << 46;
+
+/// Whether `space` may hold a mapping at `address`.
+fn accepts(space: Space, address: u64) -> bool {
+    match space {
+        Space::Task(_) => mappable(address),
+        Space::Vm(_) => address < GUEST_PHYSICAL_LIMIT,
+    }
 }
 
 /// Map (or grant) flexpage `fpage` of task `from` into task `to` at `destination`.
@@ -154,54 +226,79 @@ pub fn map_flexpage(
     grant: bool,
 ) -> Result<(), Error> {
     match fpage.kind() {
-        Some(FpageKind::Memory) => map_fpage(k, from, fpage, to, destination, grant),
+        Some(FpageKind::Memory) => map_memory(k, from, fpage, Space::Task(to), destination, grant),
         Some(FpageKind::Io) => map_io(k, from, fpage, to, grant),
         Some(FpageKind::Object) => map_objects(k, from, fpage, to, destination, grant),
         None => Err(Error::InvalidArgument),
     }
 }
 
-/// Map (or grant) the memory of `fpage` in `from` to `destination` in `to`. Pages the source
-/// has not mapped are skipped; each page gets the flexpage's rights intersected with the
-/// source's. Pages of the kernel-managed area are never transferred or overwritten.
-pub fn map_fpage(
+/// The page tables of `space` (a task's, or a VM's nested ones).
+fn tables(k: &Kernel, space: Space) -> Option<AddressSpace> {
+    match space {
+        Space::Task(t) => k.tasks.get(t).map(|t| t.space),
+        Space::Vm(v) => k.vms.get(v).map(|v| v.npt),
+    }
+}
+
+/// One page-table leaf of the source, clipped to the flexpage.
+struct Leaf {
+    /// Source address of the leaf's first byte.
+    va: u64,
+    translation: Translation,
+}
+
+/// Map (or grant) the memory of `fpage` in task `from` to `destination` in `to` (a task or
+/// a VM): the one mapping routine. Pages the source has not mapped are skipped; each page
+/// gets the flexpage's rights intersected with the source's (a page without `EXECUTE` is
+/// not executable, for a guest too). Pages of the kernel-managed area (UTCBs, KIP) are never
+/// transferred or overwritten. A source large page that the flexpage covers whole lands as a
+/// large page (one mapping node) when the destination is aligned.
+pub fn map_memory(
     k: &mut Kernel,
     from: TaskId,
     fpage: Fpage,
-    to: TaskId,
+    to: Space,
     destination: u64,
     grant: bool,
 ) -> Result<(), Error> {
     if !fpage.is_valid_memory() || !destination.is_multiple_of(fpage.size()) {
         return Err(Error::InvalidArgument);
     }
+    if matches!(to, Space::Vm(_))
+        && (grant
+            || destination
+                .checked_add(fpage.size())
+                .is_none_or(|end| end > GUEST_PHYSICAL_LIMIT))
+    {
+        return Err(Error::InvalidArgument);
+    }
     let source_space = k.tasks.get(from).ok_or(Error::InvalidCapability)?.space;
-    let target_space = k.tasks.get(to).ok_or(Error::InvalidCapability)?.space;
+    let target_space = tables(k, to).ok_or(Error::InvalidCapability)?;
     let start = fpage.base();
     let end = start + fpage.size();
     let rights = fpage.rights();
     if rights & Fpage::READ == 0 {
         return Ok(());
     }
-    let mut leaves: Vec<(u64, Translation)> = Vec::new();
-    source_space.for_each_mapping(start, end, &mut |va, t| leaves.push((va, t)));
+    let mut leaves: Vec<Leaf> = Vec::new();
     // A large page that starts before `start` is not found by the walk: look it up.
     if let Some(t) = source_space.lookup(start) {
         if t.page_size > PAGE_4K && !start.is_multiple_of(t.page_size) {
-            leaves.insert(
-                0,
-                (
-                    start & !(t.page_size - 1),
-                    Translation {
-                        physical: t.physical & !(t.page_size - 1),
-                        ..t
-                    },
-                ),
-            );
+            leaves.push(Leaf {
+                va: start & !(t.page_size - 1),
+                translation: Translation {
+                    physical: t.physical & !(t.page_size - 1),
+                    ..t
+                },
+            });
         }
     }
-    let (from_key, to_key) = (space_key(from), space_key(to));
-    for (va, t) in leaves {
+    source_space.for_each_mapping(start, end, &mut |va, translation| {
+        leaves.push(Leaf { va, translation })
+    });
+    let source = Space::Task(from);
+    for Leaf { va, translation: t } in leaves {
         if t.flags & USER == 0 {
             continue;
         }
@@ -212,85 +309,62 @@ pub fn map_fpage(
         if rights & Fpage::EXECUTE == 0 || t.flags & NO_EXECUTE != 0 {
             flags |= NO_EXECUTE;
         }
+        let root_order = t.page_size.trailing_zeros();
         let leaf_end = va + t.page_size;
         let large_target = destination + (va.max(start) - start);
         let whole_large = t.page_size == PAGE_2M
             && va >= start
             && leaf_end <= end
             && large_target.is_multiple_of(PAGE_2M)
-            && mappable(large_target)
-            && mappable(large_target + PAGE_2M - 1)
-            && !grant
-            && (0..512).all(|i| !k.memory_db.contains((to_key, large_target + i * PAGE_4K)));
-        if whole_large
-            && target_space
-                .map(large_target, t.physical, PAGE_2M, flags, &mut k.frames)
-                .is_ok()
-        {
-            for i in 0..512 {
-                let offset = i * PAGE_4K;
-                match derive(
-                    k,
-                    Db::Memory,
-                    from,
-                    (from_key, va + offset),
-                    to,
-                    (to_key, large_target + offset),
-                    false,
-                ) {
-                    Ok(replaced) => revoke_memory(k, &replaced),
-                    Err(e) => {
-                        // Out of quota: the large page cannot be recorded; take it back.
-                        let mut frames = k.charged(to).ok_or(Error::InvalidCapability)?;
-                        for j in 0..512 {
-                            target_space.unmap(large_target + j * PAGE_4K, &mut frames);
-                        }
-                        for j in 0..i {
-                            k.memory_db
-                                .unmap((to_key, large_target + j * PAGE_4K), true);
-                            k.refund_task(to, NODE_BYTES);
-                        }
-                        return Err(e);
-                    }
-                }
+            && mappable(va)
+            && mappable(leaf_end - 1)
+            && accepts(to, large_target)
+            && accepts(to, large_target + PAGE_2M - 1)
+            && !(to == source && va == large_target);
+        if whole_large {
+            let page = Page {
+                va,
+                physical: t.physical,
+                size: PAGE_2M,
+                flags,
+                root_order,
+            };
+            match map_page(
+                k,
+                source,
+                to,
+                target_space,
+                source_space,
+                page,
+                large_target,
+                grant,
+            ) {
+                Ok(Placed::Done) => continue,
+                Ok(Placed::Split) => {}
+                Err(e) => return Err(e),
             }
-            continue;
         }
         let mut page = va.max(start);
         while page < leaf_end.min(end) {
             let target = destination + (page - start);
-            if mappable(page) && mappable(target) && !(from == to && page == target) {
-                let physical = t.physical + (page - va);
-                match derive(
-                    k,
-                    Db::Memory,
-                    from,
-                    (from_key, page),
-                    to,
-                    (to_key, target),
-                    grant,
-                ) {
-                    Ok(replaced) => revoke_memory(k, &replaced),
-                    Err(Error::OutOfMemory) => return Err(Error::OutOfMemory),
-                    Err(_) => {
-                        page += PAGE_4K;
-                        continue;
-                    }
-                }
-                let mapped = {
-                    let mut frames = k.charged(to).ok_or(Error::InvalidCapability)?;
-                    target_space.map(target, physical, PAGE_4K, flags, &mut frames)
+            if mappable(page) && accepts(to, target) && !(to == source && page == target) {
+                let small = Page {
+                    va: page,
+                    physical: t.physical + (page - va),
+                    size: PAGE_4K,
+                    flags,
+                    root_order,
                 };
-                if mapped.is_err() {
-                    // No page-table memory left in the receiver's quota: undo the record.
-                    k.memory_db.unmap((to_key, target), true);
-                    k.refund_task(to, NODE_BYTES);
-                    return Err(Error::OutOfMemory);
-                }
-                if grant {
-                    let mut frames = k.charged(from).ok_or(Error::InvalidCapability)?;
-                    source_space.unmap(page, &mut frames);
-                }
+                map_page(
+                    k,
+                    source,
+                    to,
+                    target_space,
+                    source_space,
+                    small,
+                    target,
+                    grant,
+                )?;
             }
             page += PAGE_4K;
         }
@@ -298,21 +372,107 @@ pub fn map_fpage(
     Ok(())
 }
 
-/// Remove the page mappings named by `keys` (revoked entries of the mapping database).
-pub fn revoke_memory(k: &mut Kernel, keys: &[Key]) {
-    for &(space, page) in keys {
-        if space & crate::vm::VM_KEY_BIT != 0 {
-            crate::vm::unmap_guest_page(k, crate::vm::vm_of_key(space), page);
-            continue;
+/// One page (4 KiB or 2 MiB) to transfer.
+#[derive(Clone, Copy)]
+struct Page {
+    va: u64,
+    physical: u64,
+    size: u64,
+    flags: u64,
+    /// The size the source holds it at (log2; for an unrecorded source's root).
+    root_order: u32,
+}
+
+/// What became of a page.
+enum Placed {
+    /// Mapped, or skipped for good (a cycle).
+    Done,
+    /// A large page that must go as small pages (the source is recorded in smaller parts, or
+    /// the target has small mappings in the way).
+    Split,
+}
+
+/// Record and enter one page; undoes the record when the page table cannot take it.
+#[allow(clippy::too_many_arguments)]
+fn map_page(
+    k: &mut Kernel,
+    source: Space,
+    to: Space,
+    target_space: AddressSpace,
+    source_space: AddressSpace,
+    page: Page,
+    target: u64,
+    grant: bool,
+) -> Result<Placed, Error> {
+    let order = page.size.trailing_zeros();
+    let replaced = match derive(
+        k,
+        Db::Memory,
+        (source, page.va),
+        page.root_order,
+        (to, target),
+        order,
+        grant,
+    ) {
+        Ok(replaced) => replaced,
+        Err(Refusal::OutOfMemory) => return Err(Error::OutOfMemory),
+        Err(Refusal::Mapping(MappingError::Fragmented)) => return Ok(Placed::Split),
+        Err(Refusal::Mapping(MappingError::Cycle | MappingError::Misaligned)) => {
+            return Ok(Placed::Done)
         }
-        let task = task_of_key(space);
-        if let Some(t) = k.tasks.get(task) {
-            let space = t.space;
-            if let Some(mut frames) = k.charged(task) {
-                space.unmap(page, &mut frames);
+    };
+    revoke_memory(k, &replaced);
+    let mapped = {
+        let mut frames = k.space_frames(to).ok_or(Error::InvalidCapability)?;
+        target_space.map(target, page.physical, page.size, page.flags, &mut frames)
+    };
+    if let Err(e) = mapped {
+        // The page table cannot take it: undo the record (the new node has no children).
+        let undone = k.memory_db.unmap(to, target, target + page.size, true);
+        for m in &undone.removed {
+            k.refund_space(m.space, NODE_BYTES);
+        }
+        return match e {
+            crate::arch::x86_64::paging::PagingError::Conflict if page.size == PAGE_2M => {
+                Ok(Placed::Split)
             }
-            k.refund_task(task, NODE_BYTES);
+            _ => Err(Error::OutOfMemory),
+        };
+    }
+    if let Space::Vm(vm) = to {
+        if let Some(v) = k.vms.get_mut(vm) {
+            v.flush = true;
         }
+    }
+    if grant {
+        let mut frames = k.space_frames(source).ok_or(Error::InvalidCapability)?;
+        source_space.unmap_range(page.va, page.va + page.size, &mut frames);
+    }
+    Ok(Placed::Done)
+}
+
+/// Remove the page mappings of `removed` (revoked entries of the memory database) from their
+/// page tables and refund their nodes.
+pub fn revoke_memory(k: &mut Kernel, removed: &[Recorded]) {
+    for m in removed {
+        if let Some(tables) = tables(k, m.space) {
+            if let Some(mut frames) = k.space_frames(m.space) {
+                tables.unmap_range(m.base, m.end(), &mut frames);
+            }
+            if let Space::Vm(vm) = m.space {
+                if let Some(v) = k.vms.get_mut(vm) {
+                    v.flush = true;
+                }
+            }
+        }
+        k.refund_space(m.space, NODE_BYTES);
+    }
+}
+
+fn task_of(space: Space) -> Option<TaskId> {
+    match space {
+        Space::Task(t) => Some(t),
+        Space::Vm(_) => None,
     }
 }
 
@@ -325,25 +485,41 @@ fn refresh_io(k: &mut Kernel, task: TaskId) {
     }
 }
 
-fn revoke_io(k: &mut Kernel, keys: &[Key]) {
-    for &(space, port) in keys {
-        let id = task_of_key(space);
+fn revoke_io(k: &mut Kernel, removed: &[Recorded]) {
+    for m in removed {
+        let Some(id) = task_of(m.space) else { continue };
         if let Some(task) = k.tasks.get_mut(id) {
-            task.set_port(port as u32, false);
+            task.set_port(m.base as u32, false);
             refresh_io(k, id);
-            k.refund_task(id, NODE_BYTES);
         }
+        k.refund_space(m.space, NODE_BYTES);
     }
 }
 
-fn revoke_caps(k: &mut Kernel, keys: &[Key]) {
-    for &(space, slot) in keys {
-        let id = task_of_key(space);
+fn revoke_caps(k: &mut Kernel, removed: &[Recorded]) {
+    for m in removed {
+        let Some(id) = task_of(m.space) else { continue };
         if let Some(task) = k.tasks.get_mut(id) {
-            let _ = task.caps.remove(slot);
-            k.refund_task(id, NODE_BYTES);
+            let _ = task.caps.remove(m.base);
         }
+        k.refund_space(m.space, NODE_BYTES);
     }
+}
+
+/// Record one port or capability slot as derived (or granted); errors other than quota
+/// exhaustion become `InvalidArgument`.
+fn derive_unit(
+    k: &mut Kernel,
+    which: Db,
+    from: (TaskId, u64),
+    to: (TaskId, u64),
+    grant: bool,
+) -> Result<Vec<Recorded>, Error> {
+    let (from, to) = ((Space::Task(from.0), from.1), (Space::Task(to.0), to.1));
+    derive(k, which, from, 0, to, 0, grant).map_err(|e| match e {
+        Refusal::OutOfMemory => Error::OutOfMemory,
+        Refusal::Mapping(_) => Error::InvalidArgument,
+    })
 }
 
 /// Give `to` the I/O ports of `fpage` that `from` holds.
@@ -360,36 +536,37 @@ fn map_io(
     if !k.tasks.contains(to) {
         return Err(Error::InvalidCapability);
     }
-    let (from_key, to_key) = (space_key(from), space_key(to));
     for port in fpage.index()..fpage.index() + (1 << fpage.order()) {
         let held = k.tasks.get(from).is_some_and(|t| t.has_port(port as u32));
         if !held || from == to {
             continue;
         }
         let had_bitmap = k.tasks.get(to).is_some_and(|t| t.io_bitmap.is_some());
-        let replaced = derive(k, Db::Io, from, (from_key, port), to, (to_key, port), grant)?;
         if !had_bitmap {
-            if let Err(e) = k.charge_task(to, crate::task::IO_BITMAP_BYTES as u64) {
-                k.io_db.unmap((to_key, port), true);
-                k.refund_task(to, NODE_BYTES);
+            k.charge_task(to, crate::task::IO_BITMAP_BYTES as u64)?;
+        }
+        let replaced = match derive_unit(k, Db::Io, (from, port), (to, port), grant) {
+            Ok(replaced) => replaced,
+            Err(e) => {
+                if !had_bitmap {
+                    k.refund_task(to, crate::task::IO_BITMAP_BYTES as u64);
+                }
                 return Err(e);
             }
+        };
+        revoke_io(k, &replaced);
+        k.tasks
+            .get_mut(to)
+            .expect("task")
+            .set_port(port as u32, true);
+        if !had_bitmap {
+            k.mark_io_task(to);
         }
-        {
-            revoke_io(k, &replaced);
+        if grant {
             k.tasks
-                .get_mut(to)
+                .get_mut(from)
                 .expect("task")
-                .set_port(port as u32, true);
-            if !had_bitmap {
-                k.mark_io_task(to);
-            }
-            if grant {
-                k.tasks
-                    .get_mut(from)
-                    .expect("task")
-                    .set_port(port as u32, false);
-            }
+                .set_port(port as u32, false);
         }
     }
     refresh_io(k, to);
@@ -451,8 +628,7 @@ pub fn copy_capability(
     cap: Capability,
     grant: bool,
 ) -> Result<(), Error> {
-    let (from_key, to_key) = ((space_key(from), source), (space_key(to), target));
-    let replaced = derive(k, Db::Caps, from, from_key, to, to_key, grant)?;
+    let replaced = derive_unit(k, Db::Caps, (from, source), (to, target), grant)?;
     revoke_caps(k, &replaced);
     let table = &mut k.tasks.get_mut(to).ok_or(Error::InvalidCapability)?.caps;
     let _ = table.remove(target);
@@ -473,47 +649,38 @@ pub fn delete_capability(k: &mut Kernel, task: TaskId, slot: u64) -> Result<(), 
         .caps
         .remove(slot)
         .map_err(|_| Error::InvalidCapability)?;
-    let revoked = k.cap_db.unmap((space_key(task), slot), true);
-    revoke_caps(k, &revoked);
+    let revoked = k.cap_db.unmap(Space::Task(task), slot, slot + 1, true);
+    revoke_caps(k, &revoked.removed);
     Ok(())
 }
 
-/// Revoke `fpage` of `task`: everything derived from it in every task, recursively, and with
-/// `include_self` the task's own mappings.
+/// Revoke `fpage` of `task`: everything derived from it in every task and VM, recursively,
+/// and with `include_self` the task's own mappings.
 pub fn unmap_flexpage(
     k: &mut Kernel,
     task: TaskId,
     fpage: Fpage,
     include_self: bool,
 ) -> Result<(), Error> {
-    let space = space_key(task);
+    let space = Space::Task(task);
     match fpage.kind() {
         Some(FpageKind::Memory) if fpage.is_valid_memory() => {
+            let address_space = k.tasks.get(task).ok_or(Error::InvalidCapability)?.space;
             let start = fpage.base();
             let end = start + fpage.size();
-            for (s, page) in k.memory_db.keys_in((space, start)..(space, end)) {
-                let revoked = k.memory_db.unmap((s, page), false);
-                revoke_memory(k, &revoked);
-            }
+            // Large mappings that straddle the range are split along it: pay for the nodes.
+            let demand = k.memory_db.unmap_demand(space, start, end, include_self);
+            charge_nodes(k, &demand)?;
+            let changes = k.memory_db.unmap(space, start, end, include_self);
+            settle(k, &demand, &changes.split);
+            revoke_memory(k, &changes.removed);
             if include_self {
-                let own: Vec<Key> = k.memory_db.keys_in((space, start)..(space, end));
-                for key in own {
-                    k.memory_db.unmap(key, true);
-                    k.refund_task(task, NODE_BYTES);
-                }
-                let address_space = k.tasks.get(task).ok_or(Error::InvalidCapability)?.space;
-                let mut pages: Vec<(u64, u64)> = Vec::new();
-                address_space
-                    .for_each_mapping(start, end, &mut |va, t| pages.push((va, t.page_size)));
-                for (va, size) in pages {
-                    let mut page = va;
-                    while page < va + size && page < end {
-                        if mappable(page) {
-                            if let Some(mut frames) = k.charged(task) {
-                                address_space.unmap(page, &mut frames);
-                            }
-                        }
-                        page += PAGE_4K;
+                // Also what the task holds without a record (its initial mappings), except
+                // the kernel-managed area.
+                let (low, high) = (start.max(USER_START), end.min(KERNEL_AREA_START));
+                if low < high {
+                    if let Some(mut frames) = k.charged(task) {
+                        address_space.unmap_range(low, high, &mut frames);
                     }
                 }
             }
@@ -521,9 +688,10 @@ pub fn unmap_flexpage(
         }
         Some(FpageKind::Io) if fpage.is_valid_io() => {
             for port in fpage.index()..fpage.index() + (1 << fpage.order()) {
-                let revoked = k.io_db.unmap((space, port), include_self);
+                let revoked = k.io_db.unmap(space, port, port + 1, include_self).removed;
+                let own = revoked.iter().any(|m| m.space == space && m.base == port);
                 revoke_io(k, &revoked);
-                if include_self && !revoked.contains(&(space, port)) {
+                if include_self && !own {
                     // Held without a database node (the root task's ports): nothing to refund.
                     if let Some(t) = k.tasks.get_mut(task) {
                         t.set_port(port as u32, false);
@@ -535,9 +703,10 @@ pub fn unmap_flexpage(
         }
         Some(FpageKind::Object) if fpage.is_valid_object() => {
             for slot in fpage.index()..fpage.index() + (1 << fpage.order()) {
-                let revoked = k.cap_db.unmap((space, slot), include_self);
+                let revoked = k.cap_db.unmap(space, slot, slot + 1, include_self).removed;
+                let own = revoked.iter().any(|m| m.space == space && m.base == slot);
                 revoke_caps(k, &revoked);
-                if include_self && !revoked.contains(&(space, slot)) {
+                if include_self && !own {
                     if let Some(t) = k.tasks.get_mut(task) {
                         let _ = t.caps.remove(slot);
                     }
@@ -549,16 +718,26 @@ pub fn unmap_flexpage(
     }
 }
 
-/// Revoke everything derived from `task`'s mappings and capabilities (it is being destroyed).
+/// Revoke everything derived from `task`'s mappings and capabilities (it is being destroyed;
+/// its own nodes are refunded with the rest of what it was charged).
 pub fn revoke_task(k: &mut Kernel, task: TaskId) {
-    let space = space_key(task);
-    let memory = k.memory_db.remove_where(|key| key.0 == space);
-    let others: Vec<Key> = memory.into_iter().filter(|key| key.0 != space).collect();
-    revoke_memory(k, &others);
-    let io = k.io_db.remove_where(|key| key.0 == space);
-    let others: Vec<Key> = io.into_iter().filter(|key| key.0 != space).collect();
-    revoke_io(k, &others);
-    let caps = k.cap_db.remove_where(|key| key.0 == space);
-    let others: Vec<Key> = caps.into_iter().filter(|key| key.0 != space).collect();
-    revoke_caps(k, &others);
+    let space = Space::Task(task);
+    let others = |removed: Vec<Recorded>| -> Vec<Recorded> {
+        removed.into_iter().filter(|m| m.space != space).collect()
+    };
+    let memory = others(k.memory_db.remove_space(space));
+    revoke_memory(k, &memory);
+    let io = others(k.io_db.remove_space(space));
+    revoke_io(k, &io);
+    let caps = others(k.cap_db.remove_space(space));
+    revoke_caps(k, &caps);
+}
+
+/// Forget the mappings of a VM that is being destroyed (its nested page tables go with it;
+/// its nodes are refunded with the rest of what it was charged).
+pub fn forget_vm(k: &mut Kernel, vm: VmId) {
+    let space = Space::Vm(vm);
+    let removed = k.memory_db.remove_space(space);
+    // A VM's mappings have nothing derived from them.
+    debug_assert!(removed.iter().all(|m| m.space == space));
 }

@@ -12,6 +12,10 @@ pub type GateId = ObjectId;
 pub type IrqId = ObjectId;
 /// Identifies a kernel-memory quota.
 pub type QuotaId = ObjectId;
+/// Identifies a VM.
+pub type VmId = ObjectId;
+/// Identifies a vCPU.
+pub type VcpuId = ObjectId;
 
 /// The kernel object a capability names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,9 +33,9 @@ pub enum Object {
     /// An interrupt line.
     Irq(IrqId),
     /// A virtual machine.
-    Vm(crate::vm::VmId),
+    Vm(VmId),
     /// A virtual CPU.
-    Vcpu(crate::vm::VcpuId),
+    Vcpu(VcpuId),
 }
 
 /// A capability: an object, the rights held on it, and the badge IPC through it carries.

@@ -9,7 +9,7 @@ use crate::arch::x86_64::paging::{
 };
 use crate::ipc::{self, SendOutcome};
 use crate::kernel::Kernel;
-use crate::map::{copy_capability, delete_capability, map_flexpage, unmap_flexpage};
+use crate::map::{copy_capability, delete_capability, map_flexpage, unmap_flexpage, Space};
 use crate::memory::FrameSource;
 use crate::object::{Capability, Gate, Object, QuotaId, TaskId, ThreadId};
 use crate::task::Task;
@@ -539,7 +539,7 @@ fn map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) -> R
             return Err(Error::InvalidArgument);
         }
         let source = current_task(k);
-        return crate::vm::map_into_vm(k, source, Fpage(fpage), vm, destination);
+        return crate::map::map_memory(k, source, Fpage(fpage), Space::Vm(vm), destination, false);
     }
     let target = task_cap(k, task)?;
     let fpage = Fpage(fpage);

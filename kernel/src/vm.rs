@@ -5,26 +5,17 @@
 //! thread runs it with `VcpuRun`, which returns at every exit the kernel does not handle
 //! itself, with the state in the thread's UTCB (the state changes travel back the same way).
 
-use crate::arch::x86_64::paging::{
-    phys_to_virt, AddressSpace, Translation, PAGE_4K, USER, WRITABLE,
-};
+use crate::arch::x86_64::paging::{phys_to_virt, AddressSpace, PAGE_4K};
 use crate::arch::x86_64::svm::{self, intercept, vmcb, GuestRegisters};
 use crate::ipc::utcb;
 use crate::kernel::Kernel;
 use crate::memory::FrameSource;
 use crate::object::{QuotaId, TaskId, ThreadId};
 use alloc::vec::Vec;
-use kernel_core::ObjectId;
 use l4_abi::vcpu::{self as state, exit};
 use l4_abi::{Error, Fpage};
 
-/// Identifies a VM.
-pub type VmId = ObjectId;
-/// Identifies a vCPU.
-pub type VcpuId = ObjectId;
-
-/// Mapping-database space keys of VMs have this bit set (tasks' never do).
-pub const VM_KEY_BIT: u64 = 1 << 63;
+pub use crate::object::{VcpuId, VmId};
 
 /// Per-CPU SVM state, set up at boot when the CPU supports SVM with nested paging.
 pub struct Svm {
@@ -59,6 +50,9 @@ pub struct Vm {
     pub pager: Option<crate::object::Capability>,
     /// The task that created it (the VM dies with it).
     pub owner: TaskId,
+    /// Bytes charged to `quota` for its nested page tables and mapping nodes (the object
+    /// itself is charged separately).
+    pub charged: u64,
 }
 
 /// A virtual CPU.
@@ -144,19 +138,6 @@ fn init_xsave_area(frame: u64) {
     write(frame, 24, 0x1f80u32);
 }
 
-/// The mapping-database space key of VM `vm`.
-pub fn space_key(vm: VmId) -> u64 {
-    VM_KEY_BIT | (vm.index as u64) << 32 | vm.generation as u64
-}
-
-/// The VM of a space key with [`VM_KEY_BIT`].
-pub fn vm_of_key(space: u64) -> VmId {
-    ObjectId {
-        index: ((space & !VM_KEY_BIT) >> 32) as u32,
-        generation: space as u32,
-    }
-}
-
 fn write<T: Copy>(vmcb_frame: u64, offset: usize, value: T) {
     // SAFETY: the VMCB is a kernel-owned frame in the direct map; offsets are inside it.
     unsafe {
@@ -200,6 +181,7 @@ pub fn create_vm(
         flush: false,
         pager,
         owner,
+        charged: 0,
     }))
 }
 
@@ -301,96 +283,6 @@ fn write_segment(
     write(frame, offset + 8, base);
 }
 
-/// Map memory `fpage` of task `from` into `vm` at guest-physical `destination`.
-pub fn map_into_vm(
-    k: &mut Kernel,
-    from: TaskId,
-    fpage: Fpage,
-    vm: VmId,
-    destination: u64,
-) -> Result<(), Error> {
-    if !fpage.is_valid_memory() || !destination.is_multiple_of(fpage.size()) {
-        return Err(Error::InvalidArgument);
-    }
-    if destination
-        .checked_add(fpage.size())
-        .is_none_or(|end| end > (1 << 46))
-    {
-        return Err(Error::InvalidArgument);
-    }
-    let source = k.tasks.get(from).ok_or(Error::InvalidCapability)?.space;
-    let npt = k.vms.get(vm).ok_or(Error::InvalidCapability)?.npt;
-    let start = fpage.base();
-    let end = start + fpage.size();
-    let mut leaves: Vec<(u64, Translation)> = Vec::new();
-    source.for_each_mapping(start, end, &mut |va, t| leaves.push((va, t)));
-    let (from_key, to_key) = (crate::map::space_key(from), space_key(vm));
-    for (va, t) in leaves {
-        if t.flags & USER == 0 || fpage.rights() & Fpage::READ == 0 {
-            continue;
-        }
-        let mut flags = USER;
-        if fpage.rights() & Fpage::WRITE != 0 && t.flags & WRITABLE != 0 {
-            flags |= WRITABLE;
-        }
-        let mut page = va.max(start);
-        while page < (va + t.page_size).min(end) {
-            let gpa = destination + (page - start);
-            if k.memory_db.contains((to_key, gpa)) {
-                let old = k.memory_db.unmap((to_key, gpa), true);
-                crate::map::revoke_memory(k, &old);
-            }
-            let replaced = k
-                .memory_db
-                .map((from_key, page), (to_key, gpa))
-                .map_err(|_| Error::InvalidArgument)?;
-            crate::map::revoke_memory(k, &replaced);
-            let quota = k.vms.get(vm).expect("vm").quota;
-            let mut frames = Charged { k, quota };
-            if npt
-                .map(gpa, t.physical + (page - va), PAGE_4K, flags, &mut frames)
-                .is_err()
-            {
-                k.memory_db.unmap((to_key, gpa), true);
-                return Err(Error::OutOfMemory);
-            }
-            page += PAGE_4K;
-        }
-    }
-    Ok(())
-}
-
-/// Page-table frames for a VM's nested page tables, charged to its quota.
-struct Charged<'a> {
-    k: &'a mut Kernel,
-    quota: QuotaId,
-}
-
-impl FrameSource for Charged<'_> {
-    fn allocate_zeroed(&mut self) -> Option<u64> {
-        self.k
-            .quotas
-            .get_mut(self.quota)?
-            .charge(crate::memory::FRAME_BYTES)
-            .ok()?;
-        let frame = self.k.frames.allocate_zeroed();
-        if frame.is_none() {
-            self.k
-                .quotas
-                .get_mut(self.quota)?
-                .refund(crate::memory::FRAME_BYTES);
-        }
-        frame
-    }
-
-    fn free_frame(&mut self, physical: u64) {
-        self.k.frames.free_frame(physical);
-        if let Some(q) = self.k.quotas.get_mut(self.quota) {
-            q.refund(crate::memory::FRAME_BYTES);
-        }
-    }
-}
-
 /// Destroy the VMs and vCPUs `task` created: their VMCBs, extended-state areas and nested
 /// page tables are freed and the quotas refunded; guest memory mappings were derived from the
 /// VMM's memory and go from the mapping database.
@@ -415,26 +307,16 @@ pub fn destroy_owned(k: &mut Kernel, task: TaskId) {
         .filter(|&v| k.vms.get(v).is_some_and(|x| x.owner == task))
         .collect();
     for id in vms {
-        let key = space_key(id);
-        k.memory_db.remove_where(|k| k.0 == key);
+        crate::map::forget_vm(k, id);
         if let Some(vm) = k.vms.remove(id) {
-            let quota = vm.quota;
-            vm.npt.destroy(&mut Charged { k, quota });
-            if let Some(q) = k.quotas.get_mut(quota) {
-                q.refund(core::mem::size_of::<Vm>() as u64);
+            // Frees the root too, which the object's charge covers.
+            vm.npt.destroy(&mut k.frames);
+            if let Some(q) = k.quotas.get_mut(vm.quota) {
+                q.refund(
+                    vm.charged + crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64,
+                );
             }
         }
-    }
-}
-
-/// Remove guest-physical page `gpa` from `vm` (a revoked mapping).
-pub fn unmap_guest_page(k: &mut Kernel, vm: VmId, gpa: u64) {
-    let Some(v) = k.vms.get(vm) else { return };
-    let (npt, quota) = (v.npt, v.quota);
-    let mut frames = Charged { k, quota };
-    npt.unmap(gpa, &mut frames);
-    if let Some(v) = k.vms.get_mut(vm) {
-        v.flush = true;
     }
 }
 
@@ -678,7 +560,8 @@ pub fn apply_guest_fault_reply(
         let (source, destination) =
             crate::map::place_window(Fpage::memory(0, 46, Fpage::RWX), item);
         if let Some(from) = k.task_of(pager) {
-            mapped = map_into_vm(k, from, source, vm, destination).is_ok()
+            let to = crate::map::Space::Vm(vm);
+            mapped = crate::map::map_memory(k, from, source, to, destination, false).is_ok()
                 && k.vms.get(vm).is_some_and(|v| v.npt.lookup(gpa).is_some());
         }
     }

@@ -118,15 +118,22 @@ struct Ram {
     size: u64,
 }
 
+/// Where guest RAM from the parent goes in our address space (bump-allocated, each block
+/// aligned to its size so that it can be mapped into a VM as one flexpage).
+const GUEST_RAM_WINDOW: u64 = 0x0000_4000_0000_0000;
+static NEXT_GUEST_RAM: AtomicU64 = AtomicU64::new(GUEST_RAM_WINDOW);
+
 impl Ram {
-    fn new(size: u64) -> Ram {
-        // Aligned to its size: it is mapped into the VM as one flexpage.
-        let layout =
-            core::alloc::Layout::from_size_align(size as usize, size as usize).expect("layout");
-        // SAFETY: a valid layout; zeroing faults every page in from our pager.
-        let base = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
-        assert!(base != 0, "no memory for guest RAM");
-        Ram { base, size }
+    /// `size` bytes (a power of two) of zeroed guest RAM from the parent's RAM service:
+    /// 2 MiB pages that the VM gets as large pages too, with all rights.
+    fn new(size: u64) -> Result<Ram, l4::parent::RamError> {
+        let granule = l4::parent::RAM_GRANULE;
+        let align = size.max(granule);
+        let base = NEXT_GUEST_RAM.load(SeqCst).next_multiple_of(align);
+        let bytes = size.next_multiple_of(granule);
+        l4::parent::request_ram(base, bytes)?;
+        NEXT_GUEST_RAM.store(base + bytes, SeqCst);
+        Ok(Ram { base, size })
     }
 
     fn contains(&self, gpa: u64, length: u64) -> bool {
@@ -182,7 +189,10 @@ fn create_vm(ram_size: u64, pager: u64) -> Result<Vm, Error> {
     sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, pager, 0)?;
     let vcpu = alloc_slot();
     sys::factory_create(slots::FACTORY, ObjectKind::Vcpu, vcpu, vm, 0)?;
-    let ram = Ram::new(ram_size);
+    let ram = Ram::new(ram_size).map_err(|e| {
+        println!("[vmm] no guest RAM ({} KiB): {e}", ram_size >> 10);
+        Error::OutOfMemory
+    })?;
     sys::map(
         vm,
         Fpage::memory(ram.base, ram_size.trailing_zeros(), Fpage::RWX),

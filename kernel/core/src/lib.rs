@@ -19,4 +19,4 @@ pub mod radix_index;
 pub use arena::{Arena, ObjectId};
 pub use quota::{Quota, QuotaExceeded};
 pub mod mapping_database;
-pub use mapping_database::{Derived, IndexKey, MappingDatabase, MappingError};
+pub use mapping_database::{Changes, Demand, Mapping, MappingDatabase, MappingError, SpaceKey};

@@ -154,7 +154,15 @@ impl AddressSpace {
         let entries = unsafe { table(table_phys) };
         let i = index(address, leaf_level);
         if leaf_level == 1 && entries[i] & PRESENT != 0 && entries[i] & HUGE == 0 {
-            return Err(PagingError::Conflict);
+            // A page table where the large page goes: free it if it maps nothing any more.
+            let pt = entries[i] & ADDRESS_MASK;
+            // SAFETY: a page table of this address space.
+            if unsafe { table(pt) }.iter().any(|&e| e & PRESENT != 0) {
+                return Err(PagingError::Conflict);
+            }
+            entries[i] = 0;
+            flush_all();
+            frames.free_frame(pt);
         }
         let huge = if leaf_level == 1 { HUGE } else { 0 };
         entries[i] = (physical & ADDRESS_MASK) | flags | huge | PRESENT;
@@ -166,8 +174,11 @@ impl AddressSpace {
     /// physical address that was mapped.
     pub fn unmap(&self, address: u64, frames: &mut impl FrameSource) -> Option<u64> {
         let translation = self.lookup(address)?;
-        if translation.page_size == PAGE_2M {
-            self.split_2m(address, frames).ok()?;
+        if translation.page_size == PAGE_2M && self.split_2m(address, frames).is_err() {
+            // No frame for a page table: drop the whole large page (a revoked page must not
+            // stay mapped; the rest is faulted in again through the pager).
+            self.clear_leaf(address & !(PAGE_2M - 1), PAGE_2M);
+            return Some(translation.physical & !(PAGE_4K - 1));
         }
         let mut table_phys = self.root;
         for level in (1..4).rev() {
@@ -182,6 +193,48 @@ impl AddressSpace {
         entries[i] = 0;
         invalidate(address);
         Some(old & ADDRESS_MASK)
+    }
+
+    /// Remove every mapping of `start..end` (4 KiB aligned): large pages inside the range go
+    /// whole, large pages that straddle its ends are split first.
+    pub fn unmap_range(&self, start: u64, end: u64, frames: &mut impl FrameSource) {
+        let mut leaves: alloc::vec::Vec<(u64, u64)> = alloc::vec::Vec::new();
+        if let Some(t) = self.lookup(start) {
+            let base = start & !(t.page_size - 1);
+            if base < start {
+                leaves.push((base, t.page_size));
+            }
+        }
+        self.for_each_mapping(start, end, &mut |va, t| leaves.push((va, t.page_size)));
+        for (va, size) in leaves {
+            if va >= start && va + size <= end {
+                self.clear_leaf(va, size);
+            } else {
+                let mut page = va.max(start);
+                while page < (va + size).min(end) {
+                    self.unmap(page, frames);
+                    page += PAGE_4K;
+                }
+            }
+        }
+    }
+
+    /// Clear the leaf entry of the page of `size` at `address`.
+    fn clear_leaf(&self, address: u64, size: u64) {
+        let leaf_level = if size == PAGE_2M { 1 } else { 0 };
+        let mut table_phys = self.root;
+        for level in (leaf_level + 1..4).rev() {
+            // SAFETY: walking our own page tables (the leaf was just found by a walk).
+            let entry = unsafe { table(table_phys) }[index(address, level)];
+            if entry & PRESENT == 0 || entry & HUGE != 0 {
+                return;
+            }
+            table_phys = entry & ADDRESS_MASK;
+        }
+        // SAFETY: as above.
+        let entries = unsafe { table(table_phys) };
+        entries[index(address, leaf_level)] = 0;
+        invalidate(address);
     }
 
     fn split_2m(&self, address: u64, frames: &mut impl FrameSource) -> Result<(), PagingError> {

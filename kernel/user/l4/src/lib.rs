@@ -83,3 +83,54 @@ pub mod sigma0 {
         Ok(reply.tag.typed() == 1)
     }
 }
+
+/// What a task asks of its parent (the root task), through slot [`l4_abi::slots::PARENT`].
+pub mod parent {
+    use crate::ipc::{self, IpcError};
+    use l4_abi::{slots, MessageTag, Timeouts};
+
+    /// Label: map `word1` bytes (a multiple of [`RAM_GRANULE`]) of fresh zeroed RAM, as
+    /// large pages with all rights, at `word0` (aligned to [`RAM_GRANULE`]) in the caller's
+    /// address space, out of the RAM budget its command line gives it (`ram=SIZE`). The reply
+    /// has label 0 on success; label -1 and word 0 the [`l4_abi::Error`] code otherwise.
+    pub const LABEL_RAM: i32 = 0x5241;
+    /// Size and alignment of the RAM the parent hands out: 2 MiB (one large page each).
+    pub const RAM_GRANULE: u64 = 2 << 20;
+
+    /// Why a RAM request failed.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RamError {
+        /// The parent could not be reached.
+        Ipc(IpcError),
+        /// The parent refused (over budget, bad address, no memory).
+        Refused(l4_abi::Error),
+    }
+
+    impl core::fmt::Display for RamError {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match self {
+                RamError::Ipc(e) => write!(f, "parent unreachable: {e:?}"),
+                RamError::Refused(e) => write!(f, "parent refused: {e}"),
+            }
+        }
+    }
+
+    /// Ask the parent for `bytes` of RAM at `address` (see [`LABEL_RAM`]).
+    pub fn request_ram(address: u64, bytes: u64) -> Result<(), RamError> {
+        let reply = ipc::call(
+            slots::PARENT,
+            MessageTag::new(LABEL_RAM, 2, 0),
+            &[address, bytes],
+            Timeouts::INFINITE,
+        )
+        .map_err(RamError::Ipc)?;
+        if reply.tag.label() == 0 {
+            Ok(())
+        } else {
+            let code = reply.word(0);
+            Err(RamError::Refused(
+                l4_abi::Error::from_u64(code).unwrap_or(l4_abi::Error::InvalidArgument),
+            ))
+        }
+    }
+}

@@ -16,11 +16,12 @@ extern crate alloc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use l4::abi::{
-    fault_access, rights, slots, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Timeouts,
-    INITIAL_STACK_TOP, KERNEL_AREA_START, LABEL_DEATH, LABEL_EXIT, LABEL_PAGE_FAULT, PAGE_SIZE,
-    USER_START, UTCB_AREA,
+    fault_access, rights, slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind,
+    Timeouts, INITIAL_STACK_TOP, KERNEL_AREA_START, LABEL_DEATH, LABEL_EXIT, LABEL_PAGE_FAULT,
+    PAGE_SIZE, USER_START, UTCB_AREA,
 };
 use l4::ipc::{self, Received};
+use l4::parent::RAM_GRANULE;
 use l4::thread::alloc_slot;
 use l4::{println, sys};
 use l4_elf::{Image, Limits};
@@ -35,6 +36,8 @@ pub const BLOB_ADDRESS: u64 = 0x0000_0900_0000_0000;
 const SUPERPAGE_WINDOW: u64 = 0x0000_2800_0000_0000;
 /// Where a child with the `superpage` option finds its 2 MiB page.
 pub const SUPERPAGE_ADDRESS: u64 = 0x0000_0800_0000_0000;
+/// Where the root task keeps the 2 MiB pages of RAM it gives children on request.
+const RAM_WINDOW: u64 = 0x0000_2c00_0000_0000;
 /// Stack bytes a child may use below `INITIAL_STACK_TOP`.
 const CHILD_STACK: u64 = 1 << 20;
 /// QEMU isa-debug-exit codes: all tasks exited with 0 / something failed.
@@ -50,7 +53,78 @@ struct Child {
     thread: u64,
     peer: Option<String>,
     pages: Vec<u64>,
+    /// RAM the child may request (`ram=SIZE`), and the 2 MiB pages it has (root addresses).
+    ram_budget: u64,
+    ram: Vec<u64>,
     running: bool,
+}
+
+/// 2 MiB pages of RAM for children: fresh ones from sigma0, or ones a finished child had.
+struct RamPool {
+    next: u64,
+    free: Vec<u64>,
+}
+
+impl RamPool {
+    /// A zeroed 2 MiB page mapped in the root task.
+    fn take(&mut self) -> Option<u64> {
+        if let Some(page) = self.free.pop() {
+            // SAFETY: a page of ours that no child holds any more.
+            unsafe { core::ptr::write_bytes(page as *mut u8, 0, RAM_GRANULE as usize) };
+            return Some(page);
+        }
+        let at = self.next;
+        match l4::sigma0::allocate(slots::PAGER, 21, Fpage::memory(at, 21, Fpage::RWX)) {
+            Ok(true) => {
+                self.next += RAM_GRANULE;
+                Some(at)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Give `child` `bytes` of RAM at `address` in its address space (the `LABEL_RAM` request).
+fn give_ram(child: &mut Child, pool: &mut RamPool, address: u64, bytes: u64) -> Result<(), Error> {
+    let end = address.checked_add(bytes).ok_or(Error::InvalidArgument)?;
+    if bytes == 0
+        || !bytes.is_multiple_of(RAM_GRANULE)
+        || !address.is_multiple_of(RAM_GRANULE)
+        || address < USER_START
+        || end > KERNEL_AREA_START
+    {
+        return Err(Error::InvalidArgument);
+    }
+    let held = child.ram.len() as u64 * RAM_GRANULE;
+    if held + bytes > child.ram_budget {
+        return Err(Error::OutOfMemory);
+    }
+    let mut at = address;
+    while at < end {
+        let page = pool.take().ok_or(Error::OutOfMemory)?;
+        if let Err(e) = sys::map(child.task, Fpage::memory(page, 21, Fpage::RWX), at, 0) {
+            pool.free.push(page);
+            return Err(e);
+        }
+        child.ram.push(page);
+        at += RAM_GRANULE;
+    }
+    Ok(())
+}
+
+/// A size such as `64M`, `1G`, `4096` or `0x200000`.
+fn parse_size(text: &str) -> Option<u64> {
+    let (digits, unit) = match text.as_bytes().last()? {
+        b'K' | b'k' => (&text[..text.len() - 1], 1u64 << 10),
+        b'M' | b'm' => (&text[..text.len() - 1], 1 << 20),
+        b'G' | b'g' => (&text[..text.len() - 1], 1 << 30),
+        _ => (text, 1),
+    };
+    let value = match digits.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => digits.parse::<u64>().ok()?,
+    };
+    value.checked_mul(unit)
 }
 
 struct Pool {
@@ -178,6 +252,14 @@ fn create(
             _ => return Err(alloc::format!("creating {name}: sigma0 gave no 2 MiB page")),
         }
     }
+    let mut ram_budget = 0;
+    for size in options.iter().filter_map(|o| o.strip_prefix("ram=")) {
+        ram_budget = parse_size(size)
+            .filter(|s| s.is_multiple_of(RAM_GRANULE))
+            .ok_or_else(|| {
+                alloc::format!("creating {name}: bad ram option '{size}' (a multiple of 2M)")
+            })?;
+    }
     let mut cmdline = String::from(cmdline);
     for wanted in options.iter().filter_map(|o| o.strip_prefix("blob=")) {
         // Map the data module read-only at BLOB_ADDRESS (page by page) and tell its size.
@@ -217,6 +299,8 @@ fn create(
         thread,
         peer,
         pages: Vec::new(),
+        ram_budget,
+        ram: Vec::new(),
         running: false,
     })
 }
@@ -280,12 +364,13 @@ fn resolve(child: &mut Child, pool: &mut Pool, address: u64, access: u64) -> Opt
     Some(MapItem::map(page, Fpage::memory(local, 12, rights)))
 }
 
-fn finish(child: &mut Child, pool: &mut Pool, how: &str) {
+fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, how: &str) {
     println!("[root] task {} {how}", child.name);
     if let Err(e) = sys::task_destroy(child.task) {
         println!("[root] destroying {}: {e}", child.name);
     }
     pool.free.append(&mut child.pages);
+    ram.free.append(&mut child.ram);
     child.running = false;
 }
 
@@ -377,6 +462,10 @@ fn main() -> i64 {
         next: POOL_BASE,
         free: Vec::new(),
     };
+    let mut ram = RamPool {
+        next: RAM_WINDOW,
+        free: Vec::new(),
+    };
     let mut reply: Option<(MessageTag, [u64; 2])> = None;
     while children.iter().any(|c| c.running) {
         let next: Result<Received, ipc::IpcError> = match reply.take() {
@@ -413,12 +502,17 @@ fn main() -> i64 {
                 if code != 0 {
                     failures += 1;
                 }
-                finish(child, &mut pool, &alloc::format!("exited with code {code}"));
+                finish(
+                    child,
+                    &mut pool,
+                    &mut ram,
+                    &alloc::format!("exited with code {code}"),
+                );
             }
             l4::abi::LABEL_EXCEPTION => {
                 failures += 1;
                 let (vector, error, ip) = (message.word(0), message.word(1), message.word(2));
-                finish(child, &mut pool, &alloc::format!("raised unhandled exception {vector} (error {error:#x}) at ip {ip:#x}; destroyed"));
+                finish(child, &mut pool, &mut ram, &alloc::format!("raised unhandled exception {vector} (error {error:#x}) at ip {ip:#x}; destroyed"));
             }
             LABEL_DEATH => {
                 failures += 1;
@@ -426,10 +520,21 @@ fn main() -> i64 {
                 finish(
                     child,
                     &mut pool,
+                    &mut ram,
                     &alloc::format!(
                         "was killed (reason {reason:#x}, detail {detail:#x}, ip {ip:#x})"
                     ),
                 );
+            }
+            l4::parent::LABEL_RAM => {
+                let (address, bytes) = (message.word(0), message.word(1));
+                reply = Some(match give_ram(child, &mut ram, address, bytes) {
+                    Ok(()) => (MessageTag::new(0, 0, 0), [0, 0]),
+                    Err(e) => {
+                        println!("[root] task {}: RAM request of {bytes:#x} bytes at {address:#x} refused: {e}", child.name);
+                        (MessageTag::new(-1, 1, 0), [e as u64, 0])
+                    }
+                });
             }
             label => {
                 println!("[root] task {}: unknown request label {label}", child.name);
