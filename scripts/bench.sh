@@ -10,7 +10,7 @@ mkdir -p target/bench
 
 run() {
     local scenario=$1 log=target/bench/$1.log status=0
-    QEMU_TIMEOUT=900 scripts/qemu.sh "target/iso/$scenario.iso" -icount shift=0 >"$log" 2>&1 </dev/null || status=$?
+    QEMU_MEMORY=1G QEMU_TIMEOUT=900 scripts/qemu.sh "target/iso/$scenario.iso" -icount shift=0 >"$log" 2>&1 </dev/null || status=$?
     if [ "$status" != 33 ]; then
         echo "bench.sh: $scenario run failed (QEMU status $status); see $log" >&2
         exit 1

@@ -19,7 +19,7 @@ modules_for() {
         test) echo "ktest:ktest_factory_platform_io=0x40/2_superpage" ;;
         bad-module) echo "bad.elf:broken demo:pong demo:ping_peer=pong" ;;
         bad-sigma0) echo "" ;;
-                bench|bench-slowpath) echo "bench:bench_factory_platform_superpage" ;;
+                bench|bench-slowpath) echo "bench:bench_factory_platform_superpage_ram=256M" ;;
                 vm) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest_ram=32M" ;;
         vm-bench) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest_bench_ram=32M" ;;
         linux-early) echo "bzImage:linux_data vmm:vmm_factory_blob=linux_linux_ram=64M" ;;

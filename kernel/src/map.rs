@@ -9,6 +9,7 @@ use crate::arch::x86_64::paging::{
 use crate::kernel::Kernel;
 use crate::object::{Capability, TaskId, VmId};
 use alloc::vec::Vec;
+use kernel_core::mapping_database::Removed;
 use kernel_core::{Demand, Mapping, MappingError, ObjectId, SpaceKey};
 use l4_abi::{place_in_window, Error, Fpage, FpageKind, MapItem, KERNEL_AREA_START, USER_START};
 
@@ -85,6 +86,9 @@ fn charge_nodes(k: &mut Kernel, demand: &Demand<Space>) -> Result<(), Error> {
 }
 
 fn refund_nodes(k: &mut Kernel, demand: &[(Space, u64)]) {
+    if demand.is_empty() {
+        return;
+    }
     for &(space, nodes) in demand {
         k.refund_space(space, nodes * NODE_BYTES);
     }
@@ -92,6 +96,9 @@ fn refund_nodes(k: &mut Kernel, demand: &[(Space, u64)]) {
 
 /// Refund what was charged for `demand` beyond what the operation's splits created.
 fn settle(k: &mut Kernel, demand: &Demand<Space>, split: &Demand<Space>) {
+    if demand.is_empty() {
+        return;
+    }
     for &(space, nodes) in demand {
         let used = split
             .iter()
@@ -103,9 +110,9 @@ fn settle(k: &mut Kernel, demand: &Demand<Space>, split: &Demand<Space>) {
 }
 
 /// Record `to` (in its space) as mapped or granted from `from`, `1 << order` numbers,
-/// charging every node the operation creates before it changes anything. Returns the
-/// mappings the new one replaced (the caller revokes them with [`revoke`]).
-#[allow(clippy::too_many_arguments)]
+/// charging every node the operation creates before it changes anything (decode, charge,
+/// invoke). Returns the mappings the new one replaced (the caller revokes them with
+/// [`revoke_memory`] or its kin).
 fn derive(
     k: &mut Kernel,
     which: Db,
@@ -114,36 +121,42 @@ fn derive(
     to: (Space, u64),
     order: u32,
     grant: bool,
-) -> Result<Vec<Recorded>, Refusal> {
-    let size = 1u64 << order;
-    let source_known = db(k, which).find(from.0, from.1).is_some();
-    let mut demand = db(k, which).split_demand(to.0, to.1, to.1 + size);
+) -> Result<Removed<Space>, Refusal> {
     if grant {
-        demand.extend(db(k, which).split_demand(from.0, from.1, from.1 + size));
+        return derive_grant(k, which, from, to, order);
     }
-    // The new node (in the target) and, for a map from an unrecorded source, its root.
+    let plan = db(k, which)
+        .plan_map(from, root_order, to, order)
+        .map_err(Refusal::Mapping)?;
+    charge_nodes(k, &plan.demand).map_err(|_| Refusal::OutOfMemory)?;
+    let demand = plan.demand.clone();
+    let changes = db(k, which).apply_map(plan);
+    settle(k, &demand, &changes.created);
+    Ok(changes.removed)
+}
+
+/// [`derive`] for a grant: the node moves from `from`'s space to `to`'s.
+fn derive_grant(
+    k: &mut Kernel,
+    which: Db,
+    from: (Space, u64),
+    to: (Space, u64),
+    order: u32,
+) -> Result<Removed<Space>, Refusal> {
+    let size = 1u64 << order;
+    let moved = db(k, which).find(from.0, from.1).is_some();
+    let mut demand = db(k, which).split_demand(to.0, to.1, to.1 + size);
+    demand.extend(db(k, which).split_demand(from.0, from.1, from.1 + size));
+    // The node in its new place.
     demand.push((to.0, 1));
-    if !source_known && !grant {
-        demand.push((from.0, 1));
-    }
-    if charge_nodes(k, &demand).is_err() {
-        return Err(Refusal::OutOfMemory);
-    }
-    let result = if grant {
-        db(k, which).grant(from, to, order)
-    } else {
-        db(k, which).map(from, root_order, to, order)
-    };
-    match result {
+    charge_nodes(k, &demand).map_err(|_| Refusal::OutOfMemory)?;
+    match db(k, which).grant(from, to, order) {
         Ok(changes) => {
-            let mut created = changes.split;
+            let mut created = changes.created;
             created.push((to.0, 1));
-            if !source_known && !grant {
-                created.push((from.0, 1));
-            }
             settle(k, &demand, &created);
-            if grant && source_known {
-                // The node moved: the source's space no longer holds it.
+            if moved {
+                // The source's space no longer holds the node.
                 k.refund_space(from.0, NODE_BYTES);
             }
             Ok(changes.removed)
@@ -514,7 +527,7 @@ fn derive_unit(
     from: (TaskId, u64),
     to: (TaskId, u64),
     grant: bool,
-) -> Result<Vec<Recorded>, Error> {
+) -> Result<Removed<Space>, Error> {
     let (from, to) = ((Space::Task(from.0), from.1), (Space::Task(to.0), to.1));
     derive(k, which, from, 0, to, 0, grant).map_err(|e| match e {
         Refusal::OutOfMemory => Error::OutOfMemory,
@@ -669,10 +682,11 @@ pub fn unmap_flexpage(
             let start = fpage.base();
             let end = start + fpage.size();
             // Large mappings that straddle the range are split along it: pay for the nodes.
-            let demand = k.memory_db.unmap_demand(space, start, end, include_self);
-            charge_nodes(k, &demand)?;
-            let changes = k.memory_db.unmap(space, start, end, include_self);
-            settle(k, &demand, &changes.split);
+            let plan = k.memory_db.plan_unmap(space, start, end, include_self);
+            charge_nodes(k, &plan.demand)?;
+            let demand = plan.demand.clone();
+            let changes = k.memory_db.apply_unmap(plan);
+            settle(k, &demand, &changes.created);
             revoke_memory(k, &changes.removed);
             if include_self {
                 // Also what the task holds without a record (its initial mappings), except

@@ -1,5 +1,6 @@
 //! Kernel algorithms that need no hardware, built and unit-tested on the host: the physical
-//! frame allocator, the capability table and the scheduler's ready queues.
+//! frame allocator, the capability table, the object arena, kernel-memory quotas, the
+//! scheduler's ready queues, and the mapping database with its radix index.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -19,4 +20,6 @@ pub mod radix_index;
 pub use arena::{Arena, ObjectId};
 pub use quota::{Quota, QuotaExceeded};
 pub mod mapping_database;
-pub use mapping_database::{Changes, Demand, Mapping, MappingDatabase, MappingError, SpaceKey};
+pub use mapping_database::{
+    Changes, Demand, MapPlan, Mapping, MappingDatabase, MappingError, SpaceKey, UnmapPlan,
+};

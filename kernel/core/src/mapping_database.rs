@@ -16,6 +16,13 @@ use crate::radix_index::RadixIndex;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
+use smallvec::SmallVec;
+
+/// Mappings an operation removed (most remove a few: they live inline).
+pub type Removed<S> = SmallVec<[Mapping<S>; 4]>;
+
+/// Node indices of a small range (inline up to a handful).
+type Nodes = SmallVec<[u32; 8]>;
 
 /// Why a mapping-database operation was refused (nothing was changed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,19 +119,45 @@ pub struct MappingDatabase<S> {
     split_created: Demand<S>,
 }
 
-/// What an operation did besides its own node: the mappings it removed (for the caller to
-/// revoke) and the nodes its splits created, per space (at most what
-/// [`MappingDatabase::split_demand`] or [`MappingDatabase::unmap_demand`] said beforehand).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Changes<S> {
-    /// Removed mappings, parents before their children.
-    pub removed: Vec<Mapping<S>>,
-    /// Nodes created by splitting, per space.
-    pub split: Demand<S>,
+/// A map checked by [`MappingDatabase::plan_map`], to be applied with
+/// [`MappingDatabase::apply_map`].
+#[derive(Debug, Clone)]
+pub struct MapPlan<S> {
+    parent: (S, u64),
+    child: (S, u64),
+    order: u32,
+    source: Option<u32>,
+    root: Option<(u64, u32)>,
+    overlapping: bool,
+    /// Nodes the map creates, per space (charge them before applying).
+    pub demand: Demand<S>,
 }
 
-/// Nodes a split would add, per space.
-pub type Demand<S> = Vec<(S, u64)>;
+/// A revocation planned by [`MappingDatabase::plan_unmap`], to be applied with
+/// [`MappingDatabase::apply_unmap`].
+#[derive(Debug, Clone)]
+pub struct UnmapPlan<S> {
+    space: S,
+    start: u64,
+    end: u64,
+    include_self: bool,
+    split: [bool; 2],
+    /// Nodes its splits create, per space (charge them before applying).
+    pub demand: Demand<S>,
+}
+
+/// What an operation did: the mappings it removed (for the caller to revoke) and the nodes
+/// it created, per space (at most what its plan demanded; for a grant, the splits only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes<S> {
+    /// Removed mappings, children before their parents.
+    pub removed: Removed<S>,
+    /// Nodes created, per space.
+    pub created: Demand<S>,
+}
+
+/// Nodes an operation adds, per space (usually one or two spaces: inline).
+pub type Demand<S> = SmallVec<[(S, u64); 2]>;
 
 fn add_demand<S: SpaceKey>(demand: &mut Demand<S>, space: S, nodes: u64) {
     match demand.iter_mut().find(|(s, _)| *s == space) {
@@ -143,7 +176,7 @@ impl<S: SpaceKey> MappingDatabase<S> {
             free: Vec::new(),
             index: RadixIndex::new(orders[0]),
             orders,
-            split_created: Vec::new(),
+            split_created: SmallVec::new_const(),
         }
     }
 
@@ -212,24 +245,14 @@ impl<S: SpaceKey> MappingDatabase<S> {
     /// boundary; when one node straddles both, splitting along the first makes the second
     /// cheaper).
     pub fn split_demand(&self, space: S, start: u64, end: u64) -> Demand<S> {
-        let mut demand = Vec::new();
+        let mut demand = Demand::new();
         let heads = self.split_demand_at(space, start, &mut demand, &[]);
         self.split_demand_at(space, end, &mut demand, &heads);
         demand
     }
 
-    /// Record that `1 << order` numbers from `child` are mapped from `parent`.
-    ///
-    /// The parent range must lie inside one node (it may be larger); if no node intersects
-    /// it, a root is created for it, of size `1 << root_order` (the size the source holds the
-    /// memory at) when no node intersects that aligned range either. Whatever `child`'s range
-    /// overlapped in its space is removed first, with everything derived from it (a large
-    /// node that covers more is split so that only the overlapped part goes); the removed
-    /// mappings are returned for the caller to revoke.
-    ///
-    /// Errors (nothing changes): [`MappingError::Misaligned`], [`MappingError::Fragmented`]
-    /// when several smaller nodes cover the parent range, [`MappingError::Cycle`] when the
-    /// child range holds the parent or one of its ancestors.
+    /// Record that `1 << order` numbers from `child` are mapped from `parent` (plan and
+    /// apply in one; see [`MappingDatabase::plan_map`]).
     pub fn map(
         &mut self,
         parent: (S, u64),
@@ -237,38 +260,109 @@ impl<S: SpaceKey> MappingDatabase<S> {
         child: (S, u64),
         order: u32,
     ) -> Result<Changes<S>, MappingError> {
+        let plan = self.plan_map(parent, root_order, child, order)?;
+        Ok(self.apply_map(plan))
+    }
+
+    /// Check a map of `1 << order` numbers from `parent` to `child` and say what it will
+    /// create ([`MapPlan::demand`]: the new node, a root for an unrecorded source, the nodes
+    /// splits add), changing nothing. [`MappingDatabase::apply_map`] then cannot fail, as
+    /// long as nothing else changed the database in between.
+    ///
+    /// The parent range must lie inside one node (it may be larger); if no node intersects
+    /// it, a root is created for it, of size `1 << root_order` (the size the source holds the
+    /// memory at) when no node intersects that aligned range either. Whatever `child`'s range
+    /// overlapped in its space is removed when the plan is applied, with everything derived
+    /// from it (a large node that covers more is split so that only the overlapped part goes).
+    ///
+    /// Errors: [`MappingError::Misaligned`], [`MappingError::Fragmented`] when several
+    /// smaller nodes cover the parent range, [`MappingError::Cycle`] when the child range
+    /// holds the parent or one of its ancestors.
+    pub fn plan_map(
+        &self,
+        parent: (S, u64),
+        root_order: u32,
+        child: (S, u64),
+        order: u32,
+    ) -> Result<MapPlan<S>, MappingError> {
         self.check(parent.1, order)?;
         self.check(child.1, order)?;
         if !self.orders.contains(&root_order) || root_order < order {
             return Err(MappingError::Misaligned);
         }
+        let size = 1u64 << order;
         let source = self.source_node(parent, order)?;
-        if let Some(p) = source {
-            self.refuse_cycle(child, order, p)?;
-        }
-        let p = match source {
-            Some(p) => p,
+        let root = match source {
+            Some(p) => {
+                self.refuse_cycle(child, order, p)?;
+                None
+            }
             None => {
-                let size = 1u64 << order;
                 if parent.0 == child.0 && parent.1 < child.1 + size && child.1 < parent.1 + size {
                     return Err(MappingError::Cycle);
                 }
                 let root_base = parent.1 & !((1u64 << root_order) - 1);
                 let root_end = root_base + (1 << root_order);
-                let free = self.intersecting(parent.0, root_base, root_end).is_empty()
-                    && !(parent.0 == child.0 && root_base < child.1 + size && child.1 < root_end);
-                let (base, o) = if free {
+                let holds_child =
+                    parent.0 == child.0 && root_base < child.1 + size && child.1 < root_end;
+                let free = !holds_child && !self.overlaps(parent.0, root_base, root_end);
+                Some(if free {
                     (root_base, root_order)
                 } else {
                     (parent.1, order)
-                };
-                self.alloc(parent.0, base, o, base, NONE)
+                })
             }
         };
-        let removed = self.clear(child.0, child.1, child.1 + (1 << order));
+        let overlapping = self.overlaps(child.0, child.1, child.1 + size);
+        let mut demand = if overlapping {
+            self.split_demand(child.0, child.1, child.1 + size)
+        } else {
+            Demand::new()
+        };
+        add_demand(&mut demand, child.0, 1);
+        if root.is_some() {
+            add_demand(&mut demand, parent.0, 1);
+        }
+        Ok(MapPlan {
+            parent,
+            child,
+            order,
+            source,
+            root,
+            overlapping,
+            demand,
+        })
+    }
+
+    /// Carry out a map checked by [`MappingDatabase::plan_map`]; returns the mappings it
+    /// removed and the nodes it created (at most the plan's demand).
+    pub fn apply_map(&mut self, plan: MapPlan<S>) -> Changes<S> {
+        let MapPlan {
+            parent,
+            child,
+            order,
+            source,
+            root,
+            overlapping,
+            ..
+        } = plan;
+        let p = match (source, root) {
+            (Some(p), _) => p,
+            (None, Some((base, o))) => {
+                add_demand(&mut self.split_created, parent.0, 1);
+                self.alloc(parent.0, base, o, base, NONE)
+            }
+            (None, None) => unreachable!("a plan has a source or a root"),
+        };
+        let removed = if overlapping {
+            self.clear(child.0, child.1, child.1 + (1 << order))
+        } else {
+            Removed::new()
+        };
         debug_assert!(parent.1 >= self.node(p).base);
         self.alloc(child.0, child.1, order, parent.1, p);
-        Ok(self.changes(removed))
+        add_demand(&mut self.split_created, child.0, 1);
+        self.changes(removed)
     }
 
     /// Grant: the `1 << order` numbers from `from` move to `to`, keeping their place in the
@@ -331,16 +425,66 @@ impl<S: SpaceKey> MappingDatabase<S> {
     }
 
     /// Revoke everything derived from `start..end` of `space`, recursively, and with
-    /// `include_self` the space's own mappings there. Nodes that straddle the range are split
-    /// along it first. Returns every removed mapping (parents before their children).
+    /// `include_self` the space's own mappings there (plan and apply in one; see
+    /// [`MappingDatabase::plan_unmap`]).
     pub fn unmap(&mut self, space: S, start: u64, end: u64, include_self: bool) -> Changes<S> {
-        let mut out = Vec::new();
+        let plan = self.plan_unmap(space, start, end, include_self);
+        self.apply_unmap(plan)
+    }
+
+    /// Nodes that [`MappingDatabase::unmap`] of the same arguments adds by splitting, per
+    /// space.
+    pub fn unmap_demand(&self, space: S, start: u64, end: u64, include_self: bool) -> Demand<S> {
+        self.plan_unmap(space, start, end, include_self).demand
+    }
+
+    /// Plan the revocation of `start..end` (4 KiB aligned start; the end is rounded up) of
+    /// `space`: nodes that straddle the range are split along it when anything goes from
+    /// them ([`UnmapPlan::demand`] counts the nodes that adds). Changes nothing.
+    pub fn plan_unmap(&self, space: S, start: u64, end: u64, include_self: bool) -> UnmapPlan<S> {
+        let mut plan = UnmapPlan {
+            space,
+            start,
+            end,
+            include_self,
+            split: [false; 2],
+            demand: Demand::new(),
+        };
         if start >= end || self.check(start, self.orders[0]).is_err() {
+            plan.end = start;
+            return plan;
+        }
+        plan.end = end.next_multiple_of(1 << self.orders[0]);
+        let mut heads = Vec::new();
+        for (k, boundary) in [plan.start, plan.end].into_iter().enumerate() {
+            let Some(i) = self.cover(space, boundary) else {
+                continue;
+            };
+            let node = self.node(i);
+            if node.base < boundary && (include_self || node.first_child != NONE) {
+                plan.split[k] = true;
+                heads = self.split_demand_at(space, boundary, &mut plan.demand, &heads);
+            }
+        }
+        plan
+    }
+
+    /// Carry out a revocation planned by [`MappingDatabase::plan_unmap`]: returns every
+    /// removed mapping (children before their parents) and the nodes splits created.
+    pub fn apply_unmap(&mut self, plan: UnmapPlan<S>) -> Changes<S> {
+        let UnmapPlan {
+            space,
+            start,
+            end,
+            include_self,
+            split,
+            ..
+        } = plan;
+        let mut out = Removed::new();
+        if start >= end {
             return self.changes(out);
         }
-        let end = end.next_multiple_of(1 << self.orders[0]);
-        let splits = [start, end].map(|b| self.unmap_splits(space, b, include_self));
-        for (boundary, split) in [start, end].into_iter().zip(splits) {
+        for (boundary, split) in [start, end].into_iter().zip(split) {
             if split {
                 self.split_at(space, boundary);
             }
@@ -358,34 +502,6 @@ impl<S: SpaceKey> MappingDatabase<S> {
             }
         }
         self.changes(out)
-    }
-
-    /// Nodes that [`MappingDatabase::unmap`] of the same arguments adds by splitting, per
-    /// space.
-    pub fn unmap_demand(&self, space: S, start: u64, end: u64, include_self: bool) -> Demand<S> {
-        let mut demand = Vec::new();
-        if start >= end || self.check(start, self.orders[0]).is_err() {
-            return demand;
-        }
-        let end = end.next_multiple_of(1 << self.orders[0]);
-        let splits = [start, end].map(|b| self.unmap_splits(space, b, include_self));
-        let mut heads = Vec::new();
-        if splits[0] {
-            heads = self.split_demand_at(space, start, &mut demand, &[]);
-        }
-        if splits[1] {
-            self.split_demand_at(space, end, &mut demand, &heads);
-        }
-        demand
-    }
-
-    /// Whether unmap splits along `boundary`: a node that straddles it is split unless only
-    /// what is derived from it goes and nothing is.
-    fn unmap_splits(&self, space: S, boundary: u64, include_self: bool) -> bool {
-        include_self
-            || self
-                .cover(space, boundary)
-                .is_some_and(|i| self.node(i).first_child != NONE)
     }
 
     /// Remove every node of `space` and all of their descendants (a destroyed address space).
@@ -495,10 +611,10 @@ impl<S: SpaceKey> MappingDatabase<S> {
 
     // ---- private helpers ----
 
-    fn changes(&mut self, removed: Vec<Mapping<S>>) -> Changes<S> {
+    fn changes(&mut self, removed: Removed<S>) -> Changes<S> {
         Changes {
             removed,
-            split: core::mem::take(&mut self.split_created),
+            created: core::mem::take(&mut self.split_created),
         }
     }
 
@@ -526,11 +642,13 @@ impl<S: SpaceKey> MappingDatabase<S> {
 
     /// The node covering `number` of `space`.
     fn cover(&self, space: S, number: u64) -> Option<u32> {
+        // Smallest size first: a node found at the base for size `o` is at least that large
+        // (a smaller one there would have been found at a smaller size), so it covers.
         let key = space.to_u64();
-        for &order in self.orders.iter().rev() {
+        for &order in self.orders {
             let base = number & !((1u64 << order) - 1);
             if let Some(i) = self.index.get((key, base)) {
-                if self.node(i).order as u32 == order {
+                if self.node(i).order as u32 >= order {
                     return Some(i);
                 }
             }
@@ -539,43 +657,37 @@ impl<S: SpaceKey> MappingDatabase<S> {
     }
 
     /// Nodes of `space` starting in `start..end`.
-    fn starting_in(&self, space: S, start: u64, end: u64) -> Vec<u32> {
-        if start >= end {
-            return Vec::new();
+    fn starting_in(&self, space: S, start: u64, end: u64) -> Nodes {
+        let mut out = Nodes::new();
+        if end.checked_sub(start) == Some(1 << self.orders[0]) {
+            // One granule: one lookup instead of a range walk.
+            out.extend(self.index.get((space.to_u64(), start)));
+            return out;
         }
-        let key = space.to_u64();
         self.index
-            .range(
-                core::ops::Bound::Included((key, start)),
-                core::ops::Bound::Excluded((key, end)),
-            )
-            .into_iter()
-            .map(|(_, i)| i)
-            .collect()
-    }
-
-    fn space_nodes(&self, space: S) -> Vec<u32> {
-        let key = space.to_u64();
-        self.index
-            .range(
-                core::ops::Bound::Included((key, 0)),
-                core::ops::Bound::Included((key, u64::MAX)),
-            )
-            .into_iter()
-            .map(|(_, i)| i)
-            .collect()
-    }
-
-    /// Nodes of `space` intersecting `start..end`.
-    fn intersecting(&self, space: S, start: u64, end: u64) -> Vec<u32> {
-        let mut out = Vec::new();
-        if let Some(i) = self.cover(space, start) {
-            if self.node(i).base < start {
+            .visit_space(space.to_u64(), start, end, &mut |_, i| {
                 out.push(i);
-            }
-        }
-        out.extend(self.starting_in(space, start, end));
+                true
+            });
         out
+    }
+
+    fn space_nodes(&self, space: S) -> Nodes {
+        self.starting_in(space, 0, u64::MAX)
+    }
+
+    /// Whether a node of `space` intersects `start..end`.
+    fn overlaps(&self, space: S, start: u64, end: u64) -> bool {
+        self.cover(space, start).is_some() || self.starts_in_range(space, start, end)
+    }
+
+    /// Whether a node of `space` starts in `start..end`.
+    fn starts_in_range(&self, space: S, start: u64, end: u64) -> bool {
+        if end.checked_sub(start) == Some(1 << self.orders[0]) {
+            // One granule: a node there would cover `start`.
+            return self.index.get((space.to_u64(), start)).is_some();
+        }
+        self.index.first_in(space.to_u64(), start, end).is_some()
     }
 
     /// The node a source range `(space, number) .. + 1 << order` lies in: `Ok(Some)` for one
@@ -588,12 +700,7 @@ impl<S: SpaceKey> MappingDatabase<S> {
         match self.cover(space, number) {
             Some(i) if self.node(i).order as u32 >= order => Ok(Some(i)),
             Some(_) => Err(MappingError::Fragmented),
-            None if self
-                .starting_in(space, number, number + (1 << order))
-                .is_empty() =>
-            {
-                Ok(None)
-            }
+            None if !self.starts_in_range(space, number, number + (1 << order)) => Ok(None),
             None => Err(MappingError::Fragmented),
         }
     }
@@ -605,16 +712,14 @@ impl<S: SpaceKey> MappingDatabase<S> {
         order: u32,
         source: u32,
     ) -> Result<(), MappingError> {
-        let overlapping = self.intersecting(space, number, number + (1 << order));
-        if overlapping.is_empty() {
-            return Ok(());
-        }
+        let end = number + (1 << order);
         let mut n = source;
         loop {
-            if overlapping.contains(&n) {
+            let node = self.node(n);
+            if node.space == space && node.base < end && number < node.base + (1 << node.order) {
                 return Err(MappingError::Cycle);
             }
-            match self.node(n).parent {
+            match node.parent {
                 NONE => return Ok(()),
                 p => n = p,
             }
@@ -745,34 +850,56 @@ impl<S: SpaceKey> MappingDatabase<S> {
         m
     }
 
-    /// Free unlinked node `i` and its subtree, appending their mappings in pre-order.
-    fn free_subtree(&mut self, i: u32, out: &mut Vec<Mapping<S>>) {
-        let mut stack = vec![i];
-        while let Some(x) = stack.pop() {
-            let mut children = self.child_list(x);
-            children.reverse();
-            stack.extend(children);
-            out.push(self.release(x));
+    /// Free unlinked node `root` and its subtree, appending their mappings (children before
+    /// their parents). Walks the sibling links: no work list, no allocation.
+    fn free_subtree(&mut self, root: u32, out: &mut impl Extend<Mapping<S>>) {
+        let mut x = root;
+        loop {
+            while self.node(x).first_child != NONE {
+                x = self.node(x).first_child;
+            }
+            let (next, parent) = {
+                let n = self.node(x);
+                (n.next, n.parent)
+            };
+            out.extend(Some(self.release(x)));
+            if x == root {
+                return;
+            }
+            // `x` was its parent's first child.
+            let p = self.node_mut(parent);
+            p.first_child = next;
+            if next == NONE {
+                p.last_child = NONE;
+                x = parent;
+            } else {
+                x = next;
+            }
         }
     }
 
     /// Free all descendants of `i`.
-    fn free_children(&mut self, i: u32, out: &mut Vec<Mapping<S>>) {
-        let children = self.child_list(i);
+    fn free_children(&mut self, i: u32, out: &mut impl Extend<Mapping<S>>) {
+        let mut c = self.node(i).first_child;
+        while c != NONE {
+            let next = self.node(c).next;
+            self.free_subtree(c, out);
+            c = next;
+        }
         let node = self.node_mut(i);
         node.first_child = NONE;
         node.last_child = NONE;
-        for c in children {
-            self.free_subtree(c, out);
-        }
     }
 
     /// Remove the nodes of `space` inside `start..end` (splitting straddling ones first) with
     /// their subtrees.
-    fn clear(&mut self, space: S, start: u64, end: u64) -> Vec<Mapping<S>> {
+    fn clear(&mut self, space: S, start: u64, end: u64) -> Removed<S> {
+        if !self.overlaps(space, start, end) {
+            return Removed::new();
+        }
         self.split_at(space, start);
         self.split_at(space, end);
-        let mut out = Vec::new();
+        let mut out = Removed::new();
         for i in self.starting_in(space, start, end) {
             if self.slot(i).is_some() {
                 self.unlink(i);

@@ -216,9 +216,47 @@ impl RadixIndex {
             }
             collect(root, LEVELS - 1, 0, first, last, &mut |index, value| {
                 out.push(((space, index << self.shift), value));
+                true
             });
         }
         out
+    }
+
+    /// Visit the entries of `space` with numbers in `start..end` (ascending) until `visit`
+    /// returns false; allocates nothing and skips empty subtrees.
+    pub fn visit_space(
+        &self,
+        space: u64,
+        start: u64,
+        end: u64,
+        visit: &mut impl FnMut(u64, u32) -> bool,
+    ) {
+        if start >= end {
+            return;
+        }
+        let Some(root) = self.spaces.get(&space) else {
+            return;
+        };
+        let last_index = (1u64 << (BITS * LEVELS)) - 1;
+        let first = start.div_ceil(1 << self.shift);
+        let last = ((end - 1) >> self.shift).min(last_index);
+        if first > last {
+            return;
+        }
+        let shift = self.shift;
+        collect(root, LEVELS - 1, 0, first, last, &mut |index, value| {
+            visit(index << shift, value)
+        });
+    }
+
+    /// The first entry of `space` with a number in `start..end`.
+    pub fn first_in(&self, space: u64, start: u64, end: u64) -> Option<(u64, u32)> {
+        let mut found = None;
+        self.visit_space(space, start, end, &mut |number, value| {
+            found = Some((number, value));
+            false
+        });
+        found
     }
 
     /// Every entry, ascending.
@@ -253,7 +291,8 @@ fn remove_in(node: &mut Node, index: u64, level: u32) -> Option<u32> {
 }
 
 /// Visit entries with index in `first..=last` below `node` (which covers indices from `base`;
-/// the caller guarantees `base <= last`). Only the slots that overlap the range are looked at.
+/// the caller guarantees `base <= last`) until `visit` returns false (then returns false).
+/// Only the slots that overlap the range are looked at, and empty subtrees are skipped.
 /// Recursion depth is bounded by the fixed number of levels.
 fn collect(
     node: &Node,
@@ -261,27 +300,33 @@ fn collect(
     base: u64,
     first: u64,
     last: u64,
-    visit: &mut impl FnMut(u64, u32),
-) {
+    visit: &mut impl FnMut(u64, u32) -> bool,
+) -> bool {
+    if node.count() == 0 {
+        return true;
+    }
     let span = 1u64 << (BITS * level);
     let low = (first.saturating_sub(base) / span) as usize;
     let high = ((last - base) / span).min(FANOUT as u64 - 1) as usize;
     match node {
         Node::Leaf { values, .. } => {
             for (i, &v) in values.iter().enumerate().take(high + 1).skip(low) {
-                if v != EMPTY {
-                    visit(base + i as u64, v);
+                if v != EMPTY && !visit(base + i as u64, v) {
+                    return false;
                 }
             }
         }
         Node::Inner { children, .. } => {
             for (i, child) in children.iter().enumerate().take(high + 1).skip(low) {
                 if let Some(child) = child {
-                    collect(child, level - 1, base + i as u64 * span, first, last, visit);
+                    if !collect(child, level - 1, base + i as u64 * span, first, last, visit) {
+                        return false;
+                    }
                 }
             }
         }
     }
+    true
 }
 
 #[cfg(test)]

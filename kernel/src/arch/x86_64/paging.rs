@@ -198,7 +198,7 @@ impl AddressSpace {
     /// Remove every mapping of `start..end` (4 KiB aligned): large pages inside the range go
     /// whole, large pages that straddle its ends are split first.
     pub fn unmap_range(&self, start: u64, end: u64, frames: &mut impl FrameSource) {
-        let mut leaves: alloc::vec::Vec<(u64, u64)> = alloc::vec::Vec::new();
+        let mut leaves: smallvec::SmallVec<[(u64, u64); 8]> = smallvec::SmallVec::new();
         if let Some(t) = self.lookup(start) {
             let base = start & !(t.page_size - 1);
             if base < start {

@@ -145,6 +145,42 @@ fn map_unmap(name: &str, target: u64, fpage: Fpage, iterations: usize, warmup: u
     report(&alloc::format!("unmap_{name}"), &mut unmap_samples);
 }
 
+/// Guest RAM into a VM: 256 MiB of 2 MiB pages from the root task's RAM service (module
+/// option `ram=256M`) mapped into a VM with one `Map` (`map_256m_guest_ram`) and revoked
+/// with one `Unmap` (`unmap_256m_guest_ram`); and one 2 MiB page (`map_2m_into_vm`,
+/// `unmap_2m_from_vm`). Skipped without SVM or without the RAM.
+fn guest_ram() {
+    const RAM: u64 = 0x0000_4000_0000_0000;
+    const SIZE_ORDER: u32 = 28;
+    if let Err(e) = l4::parent::request_ram(RAM, 1 << SIZE_ORDER) {
+        println!("bench: guest RAM benchmarks skipped: {e}");
+        return;
+    }
+    let vm = alloc_slot();
+    if let Err(e) = sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, NO_CAP, 0) {
+        println!("bench: guest RAM benchmarks skipped: no VM ({e})");
+        return;
+    }
+    for (name, order, iterations) in [("256m_guest_ram", SIZE_ORDER, 9), ("2m_into_vm", 21, 200)] {
+        let mut map_samples = Vec::new();
+        let mut unmap_samples = Vec::new();
+        for i in 0..iterations + 2 {
+            let t0 = rdtsc();
+            sys::map(vm, Fpage::memory(RAM, order, Fpage::RWX), 0, 0).expect("map into VM");
+            let t1 = rdtsc();
+            // SAFETY: revokes only the VM's copies.
+            unsafe { sys::unmap(Fpage::memory(RAM, order, 7), 0) }.expect("unmap");
+            let t2 = rdtsc();
+            if i >= 2 {
+                map_samples.push(t1 - t0);
+                unmap_samples.push(t2 - t1);
+            }
+        }
+        report(&alloc::format!("map_{name}"), &mut map_samples);
+        report(&alloc::format!("unmap_{name}"), &mut unmap_samples);
+    }
+}
+
 // ---- page faults: a child touches pages, our pager maps pre-zeroed ones
 
 const FAULT_AREA: u64 = 0x0000_6000_0000_0000;
@@ -277,6 +313,8 @@ fn main() -> i64 {
         ITERATIONS,
         WARMUP,
     );
+
+    guest_ram();
 
     // Page faults resolved by a pager in another task.
     let layout =
