@@ -75,6 +75,8 @@ pub struct Vcpu {
     pub xcr0: u64,
     /// The guest's x87/SSE/AVX state between runs (an XSAVE area frame; zeros: initial state).
     pub fpu: u64,
+    /// The guest's DR0-DR3 between runs (VMRUN switches only DR6 and DR7, in the VMCB).
+    pub debug: [u64; 4],
     /// The task that created it (the vCPU dies with it).
     pub owner: TaskId,
     /// The quota it was charged to.
@@ -118,6 +120,8 @@ pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
         unsafe { *(byte as *mut u8) &= !(0b11 << (bit % 8)) };
     }
     svm::enable(host_save);
+    // DR0-DR3 are 0 outside guest runs (whatever the boot loader left).
+    svm::take_debug_registers();
     let xcr0_switching = svm::enable_xcr0_switching();
     crate::info!(
         "SVM enabled with nested paging{}",
@@ -285,6 +289,7 @@ pub fn create_vcpu(
         reinject: 0,
         xcr0: 1,
         fpu,
+        debug: [0; 4],
         owner,
         quota,
     }))
@@ -739,7 +744,11 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
                 svm::xrstor(vcpu.fpu, xstate);
                 svm::set_xcr0(vcpu.xcr0);
             }
+            // Its DR0-DR3 (DR6 and DR7 are in the VMCB); afterwards they are saved and
+            // cleared, so no task or other guest sees them.
+            svm::load_debug_registers(&vcpu.debug);
             svm::run(frame, &mut vcpu.registers, host_vmcb);
+            vcpu.debug = svm::take_debug_registers();
             if xcr0_switching {
                 // Save what the guest left (XCR0 as the CPU accepted it), clear the registers
                 // so no task or other guest sees them, and return to the host's XCR0.

@@ -193,8 +193,10 @@ guest_gdt_pointer:
 "#
 );
 
-// Two 32-bit protected-mode guests (paging off) the VMM runs in VMs of their own: it finds
-// them by section name in this image and copies them to guest-physical 0x7000.
+// 32-bit protected-mode guests (paging off) the VMM runs in VMs of their own: it finds them by
+// section name in this image and copies them to guest-physical 0x7000. `.guest32_peek` stores
+// what it finds in DR0-DR3, CR2 and the syscall MSRs (at 0x9000: the debug registers and CR2
+// as dwords, from 0x9020 the MSRs as qwords), then writes values of its own to all of them.
 global_asm!(
     r#"
 .section .guest32, "ax"
@@ -220,6 +222,58 @@ guest32_sse:
 3:
     hlt
     jmp 3b
+.section .guest32_peek, "ax"
+.global guest32_peek
+guest32_peek:
+    jmp 7f
+guest32_peek_msrs:
+    .long 0xc0000081, 0xc0000082, 0xc0000083, 0xc0000084, 0xc0000102, 0x174, 0x175, 0x176, 0
+.set PEEK_MSRS, guest32_peek_msrs - guest32_peek + 0x7000
+7:
+    mov eax, dr0
+    mov dword ptr [0x9000], eax
+    mov eax, dr1
+    mov dword ptr [0x9004], eax
+    mov eax, dr2
+    mov dword ptr [0x9008], eax
+    mov eax, dr3
+    mov dword ptr [0x900c], eax
+    mov eax, cr2
+    mov dword ptr [0x9010], eax
+    mov esi, 0x9020
+    mov edi, offset PEEK_MSRS
+4:
+    mov ecx, dword ptr [edi]
+    test ecx, ecx
+    jz 5f
+    rdmsr
+    mov dword ptr [esi], eax
+    mov dword ptr [esi + 4], edx
+    mov eax, ecx
+    and eax, 0xff
+    or eax, 0x5a5a0000
+    xor edx, edx
+    wrmsr
+    add esi, 8
+    add edi, 4
+    jmp 4b
+5:
+    mov eax, 0x5a5a0010
+    mov dr0, eax
+    mov eax, 0x5a5a0020
+    mov dr1, eax
+    mov eax, 0x5a5a0030
+    mov dr2, eax
+    mov eax, 0x5a5a0040
+    mov dr3, eax
+    mov eax, 0x5a5a0050
+    mov cr2, eax
+    xor eax, eax
+    mov dx, 0xe4
+    out dx, eax
+6:
+    hlt
+    jmp 6b
 .code64
 "#
 );
@@ -227,11 +281,12 @@ guest32_sse:
 extern "C" {
     fn guest32_store();
     fn guest32_sse();
+    fn guest32_peek();
 }
 
 /// Keeps the 32-bit guests' sections in the image (nothing in this guest calls them).
 #[used]
-static GUEST32_SECTIONS: [unsafe extern "C" fn(); 2] = [guest32_store, guest32_sse];
+static GUEST32_SECTIONS: [unsafe extern "C" fn(); 3] = [guest32_store, guest32_sse, guest32_peek];
 
 #[repr(C, align(16))]
 struct Idt([[u64; 2]; 64]);
@@ -289,6 +344,93 @@ fn reinjection_case() {
     check(
         "events: an injection interrupted by a guest page fault is re-injected",
         revoked == 0 && faulted && seen == 1,
+    );
+}
+
+/// The syscall MSRs VMLOAD/VMSAVE switch (the guest reaches them without exits): STAR, LSTAR,
+/// CSTAR, SFMASK, KERNEL_GS_BASE, SYSENTER_CS/ESP/EIP, in the order `.guest32_peek` reads them.
+const SYSCALL_MSRS: [u32; 8] = [
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0xc000_0102,
+    0x174,
+    0x175,
+    0x176,
+];
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: only MSRs the VMM passes through or emulates.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi) };
+    (hi as u64) << 32 | lo as u64
+}
+
+fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: as for `rdmsr`; the values written are valid for each MSR.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32) };
+}
+
+fn debug_registers() -> [u64; 4] {
+    let (a, b, c, d): (u64, u64, u64, u64);
+    // SAFETY: reading debug registers at CPL 0.
+    unsafe {
+        asm!("mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3", out(reg) a, out(reg) b, out(reg) c, out(reg) d)
+    };
+    [a, b, c, d]
+}
+
+/// DR0-DR3, CR2 and the syscall MSRs belong to this guest: another VM that runs in between
+/// (the VMM's hypercall 8 runs `.guest32_peek`) finds its own reset values, not ours, and what
+/// it writes there does not reach us.
+fn debug_register_case() {
+    let pattern: [u64; 4] = [
+        0x1111_0000_0000_1000,
+        0x2222_0000_0000_2000,
+        0x3333_0000_0000_3000,
+        0x4444_0000_0000_4000,
+    ];
+    let msrs: [u64; 8] = [
+        0x0023_0010_0000_0000,
+        0xffff_8000_1234_5000,
+        0xffff_8000_1234_6000,
+        0x0004_7700,
+        0xffff_8000_1234_7000,
+        0x10,
+        0x0007_e000,
+        0x0010_2340,
+    ];
+    // SAFETY: DR7 keeps every breakpoint disabled, so the addresses are never matched; CR2
+    // is only read back.
+    unsafe {
+        asm!("mov dr0, {}", "mov dr1, {}", "mov dr2, {}", "mov dr3, {}", in(reg) pattern[0], in(reg) pattern[1], in(reg) pattern[2], in(reg) pattern[3]);
+        asm!("mov cr2, {}", in(reg) 0xffff_8000_dead_b000u64);
+    }
+    for (msr, value) in SYSCALL_MSRS.iter().zip(msrs) {
+        wrmsr(*msr, value);
+    }
+    let seen = vmmcall(8, 0, 0);
+    let own = debug_registers();
+    let cr2: u64;
+    // SAFETY: reading CR2.
+    unsafe { asm!("mov {}, cr2", out(reg) cr2) };
+    let own_msrs = SYSCALL_MSRS.map(rdmsr);
+    check(
+        "isolation: another VM finds its own DR0-DR3, not this guest's",
+        seen & 0xf == 0,
+    );
+    check(
+        "isolation: DR0-DR3 are this guest's own after another VM wrote its own",
+        own == pattern,
+    );
+    check(
+        "isolation: another VM finds its own CR2 and syscall MSRs, not this guest's",
+        seen & !0xf == 0,
+    );
+    check(
+        "isolation: CR2 and the syscall MSRs are this guest's own after another VM wrote its own",
+        cr2 == 0xffff_8000_dead_b000 && own_msrs == msrs,
     );
 }
 
@@ -569,6 +711,8 @@ extern "C" fn guest_main() -> ! {
         (hi as u64) << 32 | lo as u64
     };
     check("xcr0: the guest's XCR0 survives exits", xcr0 == 3);
+
+    debug_register_case();
 
     // A write outside RAM: the VMM sees the guest-physical fault.
     // SAFETY: deliberately touches a guest-physical address nothing backs.
