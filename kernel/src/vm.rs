@@ -471,6 +471,13 @@ const PASSTHROUGH_MSRS: [u32; 10] = [
     0xc000_0102,
 ];
 
+/// CR4.OSXSAVE.
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// Event injection of #UD: valid, exception, vector 6.
+const INJECT_UD: u64 = (1 << 31) | (3 << 8) | 6;
+/// Event injection of #GP(0): valid, error code (0), exception, vector 13.
+const INJECT_GP0: u64 = (1 << 31) | (1 << 11) | (3 << 8) | 13;
+
 const CR0_ALLOWED: u64 = 0xe005_003f;
 /// CR4 bits a guest may have (VMRUN still rejects what the CPU lacks): VME..OSXMMEXCPT, UMIP,
 /// LA57, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
@@ -782,25 +789,28 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
             exit::NPF if guest_fault_to_pager(k, caller, vm_id, vcpu_id) => k.schedule(),
             exit::XSETBV if xcr0_switching => {
                 // Handled here: XCR0 is switched per guest, so the guest may set its own
-                // (within what the CPU supports); anything else is #GP in the guest.
+                // (within what the CPU supports). The intercept comes before the CPU's own
+                // checks, so they are made here as the CPU makes them: #UD without the
+                // guest's CR4.OSXSAVE, #GP(0) at CPL > 0, for an XCR other than XCR0 or an
+                // invalid value.
                 let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
                 let value =
                     (vcpu.registers.rdx << 32) | (read::<u64>(frame, vmcb::RAX) & 0xffff_ffff);
                 let supported = svm::supported_xcr0();
-                let valid = vcpu.registers.rcx & 0xffff_ffff == 0
+                let osxsave = read::<u64>(frame, vmcb::CR4) & CR4_OSXSAVE != 0;
+                let valid = read::<u8>(frame, vmcb::CPL) == 0
+                    && vcpu.registers.rcx & 0xffff_ffff == 0
                     && value & 1 != 0
                     && value & !supported == 0
                     && (value & 4 == 0 || value & 2 != 0);
-                if valid {
+                if !osxsave {
+                    write(frame, vmcb::EVENT_INJECT, INJECT_UD);
+                } else if valid {
                     vcpu.xcr0 = value;
                     let rip: u64 = read(frame, vmcb::RIP);
                     write(frame, vmcb::RIP, rip + 3);
                 } else {
-                    write(
-                        frame,
-                        vmcb::EVENT_INJECT,
-                        (1u64 << 31) | (1 << 11) | (3 << 8) | 13,
-                    );
+                    write(frame, vmcb::EVENT_INJECT, INJECT_GP0);
                 }
                 continue;
             }
