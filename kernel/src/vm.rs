@@ -34,8 +34,8 @@ pub struct Svm {
     pub iopm: u64,
     /// MSR permission map (8 KiB, all MSRs intercepted).
     pub msrpm: u64,
-    /// The next address-space identifier.
-    pub next_asid: u32,
+    /// The guests' address-space identifiers: each live VM holds one; a VM's death frees it.
+    pub asids: kernel_core::AsidAllocator,
     /// Whether XCR0 and the extended state are switched between host and guests.
     pub xcr0_switching: bool,
     /// An all-zero XSAVE area: restoring it clears the extended registers.
@@ -53,7 +53,8 @@ pub struct Vm {
     pub asid: u32,
     /// The quota its page tables and mapping nodes are charged to.
     pub quota: QuotaId,
-    /// Set when a guest mapping was removed: flush the guest TLB on the next run.
+    /// Set when the VM is new (its ASID may be reused) or a guest mapping was removed: flush
+    /// the guest TLB on the next run.
     pub flush: bool,
     /// Where guest page faults go (`None`: to the VMM as exits).
     pub pager: Option<crate::object::Capability>,
@@ -135,7 +136,8 @@ pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
         host_vmcb,
         iopm,
         msrpm,
-        next_asid: 1,
+        // At most 2^16 (a bitmap of 8 KiB), however many the CPU has.
+        asids: kernel_core::AsidAllocator::new(svm::asid_count().min(1 << 16)),
         xcr0_switching,
         zero_area,
         xstate: svm::saved_xstate(),
@@ -173,24 +175,26 @@ fn read<T: Copy>(vmcb_frame: u64, offset: usize) -> T {
     unsafe { core::ptr::read_unaligned((phys_to_virt(vmcb_frame) + offset as u64) as *const T) }
 }
 
-/// Create a VM charged to `quota`, with guest page faults going to `pager`.
+/// Create a VM charged to `quota`, with guest page faults going to `pager`. Each VM holds one
+/// of the CPU's ASIDs while it lives: when all are taken, creation fails with `OutOfMemory`.
 pub fn create_vm(
     k: &mut Kernel,
     quota: QuotaId,
     pager: Option<crate::object::Capability>,
     owner: TaskId,
 ) -> Result<VmId, Error> {
-    let asid = match k.svm.as_mut() {
-        Some(svm) => {
-            svm.next_asid += 1;
-            svm.next_asid - 1
-        }
-        None => return Err(Error::NotSupported),
-    };
+    if k.svm.is_none() {
+        return Err(Error::NotSupported);
+    }
     let q = k.quotas.get_mut(quota).ok_or(Error::InvalidCapability)?;
     q.charge(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64)
         .map_err(|_| Error::OutOfMemory)?;
-    let Some(root) = k.frames.allocate_zeroed() else {
+    let asid = k.svm.as_mut().and_then(|svm| svm.asids.allocate());
+    let root = asid.and_then(|_| k.frames.allocate_zeroed());
+    let (Some(asid), Some(root)) = (asid, root) else {
+        if let (Some(asid), Some(svm)) = (asid, k.svm.as_mut()) {
+            svm.asids.free(asid);
+        }
         k.quotas
             .get_mut(quota)
             .expect("quota")
@@ -201,7 +205,9 @@ pub fn create_vm(
         npt: AddressSpace { root },
         asid,
         quota,
-        flush: false,
+        // The ASID may have served a VM that died: no TLB entry of that one may survive into
+        // this one (flush-by-ASID is missing under QEMU, so the first run flushes all).
+        flush: true,
         pager,
         owner,
     }))
@@ -423,6 +429,9 @@ pub fn destroy_owned(k: &mut Kernel, task: TaskId) {
         let key = space_key(id);
         k.memory_db.remove_where(|k| k.0 == key);
         if let Some(vm) = k.vms.remove(id) {
+            if let Some(svm) = k.svm.as_mut() {
+                svm.asids.free(vm.asid);
+            }
             let quota = vm.quota;
             vm.npt.destroy(&mut Charged { k, quota });
             if let Some(q) = k.quotas.get_mut(quota) {

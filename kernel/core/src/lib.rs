@@ -20,3 +20,5 @@ pub use arena::{Arena, ObjectId};
 pub use quota::{Quota, QuotaExceeded};
 pub mod mapping_database;
 pub use mapping_database::{Derived, IndexKey, MappingDatabase, MappingError};
+pub mod asid_allocator;
+pub use asid_allocator::AsidAllocator;

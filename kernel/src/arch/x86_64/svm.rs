@@ -138,6 +138,13 @@ pub fn supported() -> bool {
     svm && npt
 }
 
+/// How many ASIDs the CPU has (CPUID Fn8000_000A EBX, counting the host's ASID 0).
+pub fn asid_count() -> u32 {
+    raw_cpuid::CpuId::new()
+        .get_svm_info()
+        .map_or(0, |s| s.supported_asids())
+}
+
 /// Whether the CPU has XSAVE (then the kernel enables CR4.OSXSAVE to switch XCR0 around guest
 /// runs: a guest's XSETBV cannot be intercepted under QEMU and would otherwise leak into the
 /// host and other guests).

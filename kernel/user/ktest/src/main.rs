@@ -1222,6 +1222,7 @@ fn main() -> i64 {
     large_page_cases(&suite);
     regression_cases();
     ownership_cases(&suite);
+    asid_cases(&suite);
     fuzz_case(&suite);
     io_cases(&suite);
     priority_cases();

@@ -914,3 +914,54 @@ fn ownership_cases(suite: &Suite) {
         created[1..3] == [0, 0] && vm_ok && whole.is_ok(),
     );
 }
+
+// ---- VM address-space identifiers
+
+/// The ASIDs the CPU offers guests (CPUID Fn8000_000A EBX, less ASID 0, the host's); 0 without
+/// SVM.
+fn guest_asids() -> u64 {
+    use core::arch::x86_64::__cpuid;
+    if __cpuid(0x8000_0000).eax < 0x8000_000a || __cpuid(0x8000_0001).ecx & 4 == 0 {
+        return 0;
+    }
+    (__cpuid(0x8000_000a).ebx as u64).saturating_sub(1)
+}
+
+/// A fresh agent with our factory creates VMs (slots 100..) until one is refused, at most
+/// `limit`; then its task is destroyed. Returns how many it created and the refusal (0: none).
+fn agent_creates_vms(suite: &Suite, limit: u64) -> (u64, u64) {
+    let a = Agent::new(suite);
+    sys::cap_copy(a.task, slots::FACTORY, slots::FACTORY, rights::ALL, 0).expect("factory for the agent");
+    let mut result = (limit, 0);
+    for i in 0..limit {
+        let r = a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Vm as u64, 100 + i, NO_CAP]);
+        if r != 0 {
+            result = (i, r);
+            break;
+        }
+    }
+    sys::task_destroy(a.task).expect("destroy the agent");
+    result
+}
+
+fn asid_cases(suite: &Suite) {
+    let asids = guest_asids();
+    // Room for 8 more than the CPU has (bounded: the agent has 512 slots).
+    let limit = (asids + 8).min(300);
+    let (first, refusal) = agent_creates_vms(suite, limit);
+    if asids == 0 {
+        check_eq("vm", "without SVM, VM creation fails with NotSupported", (first, refusal), (0, Error::NotSupported as u64));
+        return;
+    }
+    let bounded = if asids + 8 > limit { first == limit } else { first >= 1 && first <= asids && refusal == Error::OutOfMemory as u64 };
+    println!("# vm: {asids} guest ASIDs, {first} VMs created, then {refusal}");
+    check("vm", "VMs beyond the CPU's ASIDs are refused with OutOfMemory (no wraparound, no panic)", bounded);
+    let mut same = true;
+    let mut total = 0;
+    for _ in 0..3 {
+        let (n, r) = agent_creates_vms(suite, limit);
+        same &= (n, r) == (first, refusal);
+        total += n;
+    }
+    check("vm", "ASIDs come back when their VMs die: 3 more rounds of all of them, in new tasks", same && total == 3 * first);
+}
