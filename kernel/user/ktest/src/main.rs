@@ -1218,6 +1218,7 @@ fn main() -> i64 {
     mapping_cases(&suite);
     string_cases(&suite);
     string_timeout_case(&suite);
+    string_edge_cases();
     quota_cases();
     large_page_cases(&suite);
     regression_cases();
