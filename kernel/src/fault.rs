@@ -131,13 +131,16 @@ pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, mes
                 match k.thread(faulter).resume_receive.take() {
                     // Faulted for a string copy while waiting: wait again (and take the
                     // sender that is queued by now).
-                    Some(from) => {
-                        if ipc::receive(k, faulter, from, Timeout::INFINITE).is_ok()
-                            && k.thread(faulter).state == ThreadState::Ready
-                        {
+                    Some(from) => match ipc::receive(k, faulter, from, Timeout::INFINITE) {
+                        Ok(()) if k.thread(faulter).state == ThreadState::Ready => k.wake(faulter),
+                        Ok(()) => {}
+                        // The receive cannot go on (its partner died, or its buffer is no
+                        // longer in user memory): it fails.
+                        Err(e) => {
+                            k.thread(faulter).frame.rax = e as u64 | l4_abi::RECEIVE_PHASE;
                             k.wake(faulter);
                         }
-                    }
+                    },
                     None => k.wake(faulter),
                 }
                 return;

@@ -5,12 +5,11 @@ use crate::arch::x86_64::paging::phys_to_virt;
 use crate::kernel::Kernel;
 use crate::map::{map_flexpage, place_window};
 use crate::object::ThreadId;
-use crate::strings;
+use crate::strings::{self, Obstacle};
 use crate::thread::{AfterDelivery, Awaiting, ThreadState, KERNEL_MESSAGE_WORDS};
 use l4_abi::{
     Error, Fpage, FpageKind, MapItem, MessageTag, StringItem, Timeout, TimeoutKind, Utcb,
-    BR_OBJECT_WINDOW, BR_RECEIVE_WINDOW, KERNEL_AREA_START, MAX_STRINGS, MAX_STRING_LENGTH,
-    MAX_WORDS, RECEIVE_PHASE,
+    BR_OBJECT_WINDOW, BR_RECEIVE_WINDOW, MAX_STRINGS, MAX_WORDS, RECEIVE_PHASE,
 };
 
 /// A message on its way from sender to receiver.
@@ -48,11 +47,7 @@ pub fn validate_outgoing(k: &mut Kernel, sender: ThreadId) -> Result<(), Error> 
         );
         if let Some(string) = StringItem::decode(w0, w1) {
             strings += 1;
-            let end = string.address.checked_add(string.length);
-            if strings > MAX_STRINGS
-                || string.length > MAX_STRING_LENGTH
-                || end.is_none_or(|end| end > KERNEL_AREA_START)
-            {
+            if strings > MAX_STRINGS || !strings::is_valid_string(string) {
                 return Err(Error::InvalidArgument);
             }
         } else if !Fpage(w1).is_valid() {
@@ -157,11 +152,8 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     }
 }
 
-fn check_strings(
-    k: &mut Kernel,
-    sender: ThreadId,
-    receiver: ThreadId,
-) -> Result<(), strings::Missing> {
+/// Check the strings `sender` sends to `receiver` (see [`strings::check`]).
+fn check_strings(k: &mut Kernel, sender: ThreadId, receiver: ThreadId) -> Result<(), Obstacle> {
     let tag = MessageTag(k.thread(sender).frame.rdx);
     if k.thread(sender).kernel_message.is_some() || tag.typed() == 0 {
         return Ok(());
@@ -291,14 +283,24 @@ pub fn send(
     };
     k.thread(sender).receive_timeout = receive_timeout;
     let mut waiting = waiting;
-    if waiting {
+    // A fault or exception reply copies no strings.
+    if waiting && !awaits_kernel_reply(k, target) {
         match check_strings(k, sender, target) {
             Ok(()) => {}
-            Err(missing) if missing.thread == sender => {
+            Err(Obstacle::Invalid(thread)) if thread == sender => {
+                return Err(Error::InvalidArgument);
+            }
+            Err(Obstacle::Invalid(_)) => {
+                // The waiting receiver's buffer is not in user memory: its receive fails; we
+                // go on as if it had not been waiting.
+                abort(k, target, Error::InvalidArgument as u64 | RECEIVE_PHASE);
+                waiting = false;
+            }
+            Err(Obstacle::Missing(missing)) if missing.thread == sender => {
                 restart_with_fault(k, sender, missing, false);
                 return Ok(SendOutcome::Blocked);
             }
-            Err(missing) => {
+            Err(Obstacle::Missing(missing)) => {
                 // The waiting receiver's buffer lacks a page: it faults first; we queue.
                 fault_for_receiver(k, target, missing);
                 waiting = false;
@@ -408,13 +410,24 @@ pub fn receive(
             .expect("queued sender");
         match check_strings(k, sender, receiver) {
             Ok(()) => {}
-            Err(missing) if missing.thread == sender => {
+            Err(Obstacle::Invalid(thread)) if thread == sender => {
+                // The queued sender changed its string since `Send` checked it: its IPC
+                // fails; we look further.
+                abort(k, sender, Error::InvalidArgument as u64);
+                return receive(k, receiver, from, timeout);
+            }
+            Err(Obstacle::Invalid(_)) => {
+                // Our buffer is not in user memory: we fail, the sender stays queued.
+                k.thread(receiver).senders.push_front(sender);
+                return Err(Error::InvalidArgument);
+            }
+            Err(Obstacle::Missing(missing)) if missing.thread == sender => {
                 // The queued sender faults on its string; we look further.
                 k.thread(sender).deadline = None;
                 restart_with_fault(k, sender, missing, false);
                 return receive(k, receiver, from, timeout);
             }
-            Err(missing) => {
+            Err(Obstacle::Missing(missing)) => {
                 k.thread(receiver).senders.push_front(sender);
                 restart_with_fault(k, receiver, missing, true);
                 return Ok(());
@@ -459,14 +472,29 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
         return Err(Error::NoPartner);
     }
     let kernel_reply = awaits_kernel_reply(k, caller);
-    match check_strings(k, replier, caller) {
+    // A fault or exception reply copies no strings.
+    let checked = if kernel_reply {
+        Ok(())
+    } else {
+        check_strings(k, replier, caller)
+    };
+    match checked {
         Ok(()) => {}
-        Err(missing) if missing.thread == replier => {
+        Err(Obstacle::Invalid(thread)) if thread == replier => {
+            k.thread(replier).caller = Some(caller);
+            return Err(Error::InvalidArgument);
+        }
+        Err(Obstacle::Invalid(_)) => {
+            // A reply never waits: the caller's buffer not in user memory fails both.
+            abort(k, caller, Error::InvalidArgument as u64 | RECEIVE_PHASE);
+            return Err(Error::InvalidArgument);
+        }
+        Err(Obstacle::Missing(missing)) if missing.thread == replier => {
             k.thread(replier).caller = Some(caller);
             restart_with_fault(k, replier, missing, false);
             return Ok(false);
         }
-        Err(_) => {
+        Err(Obstacle::Missing(_)) => {
             // A reply never waits: the caller's receive buffer must be mapped.
             abort(k, caller, Error::Timeout as u64 | RECEIVE_PHASE);
             return Err(Error::Timeout);

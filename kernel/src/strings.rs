@@ -1,12 +1,13 @@
 //! String items (indirect long IPC): the kernel copies bytes named by the sender into buffers
-//! named by the receiver, after checking that every page involved is mapped; a missing page
-//! becomes a page fault of the thread that lacks it (see [`l4_abi::StringItem`]).
+//! named by the receiver, after checking that every range lies in user memory and every page
+//! involved is mapped; a missing page becomes a page fault of the thread that lacks it (see
+//! [`l4_abi::StringItem`]).
 
 use crate::arch::x86_64::paging::{phys_to_virt, AddressSpace, PAGE_4K, USER, WRITABLE};
 use crate::ipc::{utcb, Message};
 use crate::kernel::Kernel;
 use crate::object::ThreadId;
-use l4_abi::{MessageTag, StringItem, MAX_STRINGS};
+use l4_abi::{MessageTag, StringItem, KERNEL_AREA_START, MAX_STRINGS, MAX_STRING_LENGTH};
 
 /// A page that must be faulted in before a string can be copied.
 #[derive(Debug, Clone, Copy)]
@@ -17,6 +18,30 @@ pub struct Missing {
     pub address: u64,
     /// Whether write access is needed.
     pub write: bool,
+}
+
+/// Why the strings of a message cannot be copied now.
+#[derive(Debug, Clone, Copy)]
+pub enum Obstacle {
+    /// A page must be faulted in first.
+    Missing(Missing),
+    /// A range of this thread is not in user memory: a string (its item may have changed in
+    /// the sender's UTCB since `Send` checked it) or a receive buffer (checked only here).
+    Invalid(ThreadId),
+}
+
+/// Whether `range` lies wholly below [`KERNEL_AREA_START`] (the top of the memory a task
+/// can map), without wrapping around.
+fn in_user_memory(range: StringItem) -> bool {
+    range
+        .address
+        .checked_add(range.length)
+        .is_some_and(|end| end <= KERNEL_AREA_START)
+}
+
+/// Whether a sender may send `item`: at most [`MAX_STRING_LENGTH`] bytes in user memory.
+pub fn is_valid_string(item: StringItem) -> bool {
+    item.length <= MAX_STRING_LENGTH && in_user_memory(item)
 }
 
 /// The string items of a message: (index of the item's first word, item).
@@ -64,40 +89,49 @@ fn first_missing(space: AddressSpace, start: u64, length: u64, write: bool) -> O
     None
 }
 
-/// Check every page the strings of `message` need, in the sender and the receiver.
+/// Check every range and page the strings of `message` need, in the sender and the
+/// receiver: every string must be valid ([`is_valid_string`]), every receive buffer a string
+/// goes to must lie in user memory, and their pages must be mapped.
 pub fn check(
     k: &mut Kernel,
     sender: ThreadId,
     receiver: ThreadId,
     message: &Message,
-) -> Result<(), Missing> {
+) -> Result<(), Obstacle> {
     let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
         return Ok(());
     };
     for (n, (_, item)) in items(message).enumerate() {
+        if !is_valid_string(item) {
+            return Err(Obstacle::Invalid(sender));
+        }
         let Some(buffer) = buffer(k, receiver, n) else {
             continue;
         };
+        if !in_user_memory(buffer) {
+            return Err(Obstacle::Invalid(receiver));
+        }
         let length = item.length.min(buffer.length);
         if let Some(address) = first_missing(from, item.address, length, false) {
-            return Err(Missing {
+            return Err(Obstacle::Missing(Missing {
                 thread: sender,
                 address,
                 write: false,
-            });
+            }));
         }
         if let Some(address) = first_missing(to, buffer.address, length, true) {
-            return Err(Missing {
+            return Err(Obstacle::Missing(Missing {
                 thread: receiver,
                 address,
                 write: true,
-            });
+            }));
         }
     }
     Ok(())
 }
 
-/// Copy the strings (after a successful [`check`]) and rewrite the items the receiver sees.
+/// Copy the strings (after a successful [`check`] in the same kernel entry, so every range is
+/// in user memory and mapped) and rewrite the items the receiver sees.
 pub fn copy(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &mut Message) {
     let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
         return;

@@ -25,8 +25,8 @@ pub struct Svm {
     pub iopm: u64,
     /// MSR permission map (8 KiB, all MSRs intercepted).
     pub msrpm: u64,
-    /// The next address-space identifier.
-    pub next_asid: u32,
+    /// The guests' address-space identifiers: each live VM holds one; a VM's death frees it.
+    pub asids: kernel_core::AsidAllocator,
     /// Whether XCR0 and the extended state are switched between host and guests.
     pub xcr0_switching: bool,
     /// An all-zero XSAVE area: restoring it clears the extended registers.
@@ -44,7 +44,8 @@ pub struct Vm {
     pub asid: u32,
     /// The quota its page tables and mapping nodes are charged to.
     pub quota: QuotaId,
-    /// Set when a guest mapping was removed: flush the guest TLB on the next run.
+    /// Set when the VM is new (its ASID may be reused) or a guest mapping was removed: flush
+    /// the guest TLB on the next run.
     pub flush: bool,
     /// Where guest page faults go (`None`: to the VMM as exits).
     pub pager: Option<crate::object::Capability>,
@@ -69,6 +70,8 @@ pub struct Vcpu {
     pub xcr0: u64,
     /// The guest's x87/SSE/AVX state between runs (an XSAVE area frame; zeros: initial state).
     pub fpu: u64,
+    /// The guest's DR0-DR3 between runs (VMRUN switches only DR6 and DR7, in the VMCB).
+    pub debug: [u64; 4],
     /// The task that created it (the vCPU dies with it).
     pub owner: TaskId,
     /// The quota it was charged to.
@@ -112,6 +115,8 @@ pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
         unsafe { *(byte as *mut u8) &= !(0b11 << (bit % 8)) };
     }
     svm::enable(host_save);
+    // DR0-DR3 are 0 outside guest runs (whatever the boot loader left).
+    svm::take_debug_registers();
     let xcr0_switching = svm::enable_xcr0_switching();
     crate::info!(
         "SVM enabled with nested paging{}",
@@ -125,7 +130,8 @@ pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
         host_vmcb,
         iopm,
         msrpm,
-        next_asid: 1,
+        // At most 2^16 (a bitmap of 8 KiB), however many the CPU has.
+        asids: kernel_core::AsidAllocator::new(svm::asid_count().min(1 << 16)),
         xcr0_switching,
         zero_area,
         xstate: svm::saved_xstate(),
@@ -150,24 +156,26 @@ fn read<T: Copy>(vmcb_frame: u64, offset: usize) -> T {
     unsafe { core::ptr::read_unaligned((phys_to_virt(vmcb_frame) + offset as u64) as *const T) }
 }
 
-/// Create a VM charged to `quota`, with guest page faults going to `pager`.
+/// Create a VM charged to `quota`, with guest page faults going to `pager`. Each VM holds one
+/// of the CPU's ASIDs while it lives: when all are taken, creation fails with `OutOfMemory`.
 pub fn create_vm(
     k: &mut Kernel,
     quota: QuotaId,
     pager: Option<crate::object::Capability>,
     owner: TaskId,
 ) -> Result<VmId, Error> {
-    let asid = match k.svm.as_mut() {
-        Some(svm) => {
-            svm.next_asid += 1;
-            svm.next_asid - 1
-        }
-        None => return Err(Error::NotSupported),
-    };
+    if k.svm.is_none() {
+        return Err(Error::NotSupported);
+    }
     let q = k.quotas.get_mut(quota).ok_or(Error::InvalidCapability)?;
     q.charge(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64)
         .map_err(|_| Error::OutOfMemory)?;
-    let Some(root) = k.frames.allocate_zeroed() else {
+    let asid = k.svm.as_mut().and_then(|svm| svm.asids.allocate());
+    let root = asid.and_then(|_| k.frames.allocate_zeroed());
+    let (Some(asid), Some(root)) = (asid, root) else {
+        if let (Some(asid), Some(svm)) = (asid, k.svm.as_mut()) {
+            svm.asids.free(asid);
+        }
         k.quotas
             .get_mut(quota)
             .expect("quota")
@@ -178,7 +186,9 @@ pub fn create_vm(
         npt: AddressSpace { root },
         asid,
         quota,
-        flush: false,
+        // The ASID may have served a VM that died: no TLB entry of that one may survive into
+        // this one (flush-by-ASID is missing under QEMU, so the first run flushes all).
+        flush: true,
         pager,
         owner,
         charged: 0,
@@ -267,6 +277,7 @@ pub fn create_vcpu(
         reinject: 0,
         xcr0: 1,
         fpu,
+        debug: [0; 4],
         owner,
         quota,
     }))
@@ -309,6 +320,9 @@ pub fn destroy_owned(k: &mut Kernel, task: TaskId) {
     for id in vms {
         crate::map::forget_vm(k, id);
         if let Some(vm) = k.vms.remove(id) {
+            if let Some(svm) = k.svm.as_mut() {
+                svm.asids.free(vm.asid);
+            }
             // Frees the root too, which the object's charge covers.
             vm.npt.destroy(&mut k.frames);
             if let Some(q) = k.quotas.get_mut(vm.quota) {
@@ -347,6 +361,13 @@ const PASSTHROUGH_MSRS: [u32; 10] = [
     0xc000_0101,
     0xc000_0102,
 ];
+
+/// CR4.OSXSAVE.
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// Event injection of #UD: valid, exception, vector 6.
+const INJECT_UD: u64 = (1 << 31) | (3 << 8) | 6;
+/// Event injection of #GP(0): valid, error code (0), exception, vector 13.
+const INJECT_GP0: u64 = (1 << 31) | (1 << 11) | (3 << 8) | 13;
 
 const CR0_ALLOWED: u64 = 0xe005_003f;
 /// CR4 bits a guest may have (VMRUN still rejects what the CPU lacks): VME..OSXMMEXCPT, UMIP,
@@ -622,7 +643,11 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
                 svm::xrstor(vcpu.fpu, xstate);
                 svm::set_xcr0(vcpu.xcr0);
             }
+            // Its DR0-DR3 (DR6 and DR7 are in the VMCB); afterwards they are saved and
+            // cleared, so no task or other guest sees them.
+            svm::load_debug_registers(&vcpu.debug);
             svm::run(frame, &mut vcpu.registers, host_vmcb);
+            vcpu.debug = svm::take_debug_registers();
             if xcr0_switching {
                 // Save what the guest left (XCR0 as the CPU accepted it), clear the registers
                 // so no task or other guest sees them, and return to the host's XCR0.
@@ -656,25 +681,28 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
             exit::NPF if guest_fault_to_pager(k, caller, vm_id, vcpu_id) => k.schedule(),
             exit::XSETBV if xcr0_switching => {
                 // Handled here: XCR0 is switched per guest, so the guest may set its own
-                // (within what the CPU supports); anything else is #GP in the guest.
+                // (within what the CPU supports). The intercept comes before the CPU's own
+                // checks, so they are made here as the CPU makes them: #UD without the
+                // guest's CR4.OSXSAVE, #GP(0) at CPL > 0, for an XCR other than XCR0 or an
+                // invalid value.
                 let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
                 let value =
                     (vcpu.registers.rdx << 32) | (read::<u64>(frame, vmcb::RAX) & 0xffff_ffff);
                 let supported = svm::supported_xcr0();
-                let valid = vcpu.registers.rcx & 0xffff_ffff == 0
+                let osxsave = read::<u64>(frame, vmcb::CR4) & CR4_OSXSAVE != 0;
+                let valid = read::<u8>(frame, vmcb::CPL) == 0
+                    && vcpu.registers.rcx & 0xffff_ffff == 0
                     && value & 1 != 0
                     && value & !supported == 0
                     && (value & 4 == 0 || value & 2 != 0);
-                if valid {
+                if !osxsave {
+                    write(frame, vmcb::EVENT_INJECT, INJECT_UD);
+                } else if valid {
                     vcpu.xcr0 = value;
                     let rip: u64 = read(frame, vmcb::RIP);
                     write(frame, vmcb::RIP, rip + 3);
                 } else {
-                    write(
-                        frame,
-                        vmcb::EVENT_INJECT,
-                        (1u64 << 31) | (1 << 11) | (3 << 8) | 13,
-                    );
+                    write(frame, vmcb::EVENT_INJECT, INJECT_GP0);
                 }
                 continue;
             }

@@ -378,6 +378,14 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
                         *utcb_words() = saved;
                         other
                     }
+                    8 => {
+                        // Run another VM that reports what it finds in DR0-DR3, CR2 and the
+                        // syscall MSRs (and sets its own), then come back.
+                        let saved = *w;
+                        let seen = peek_vm();
+                        *utcb_words() = saved;
+                        seen
+                    }
                     5 => {
                         // Revoke the guest page at rbx from the VM (our copy stays).
                         let gpa = w[state::RBX];
@@ -570,9 +578,11 @@ fn protected_mode_state(words: &mut [u64; 64], entry: u64) {
 }
 
 /// The 32-bit guests built into the guest image (sections `.guest32`: stores 0x12345678 at
-/// guest-physical 0x9000 and writes the exit port; `.guest32_sse`: puts 0xdeadbeef into xmm0).
+/// guest-physical 0x9000 and writes the exit port; `.guest32_sse`: puts 0xdeadbeef into xmm0;
+/// `.guest32_peek`: stores DR0-DR3, CR2 and the syscall MSRs it finds, then sets its own).
 static GUEST32: spin_once::Once = spin_once::Once::new();
 static GUEST32_SSE: spin_once::Once = spin_once::Once::new();
+static GUEST32_PEEK: spin_once::Once = spin_once::Once::new();
 
 mod spin_once {
     //! A write-once byte buffer (set at start-up by the one main thread).
@@ -633,6 +643,36 @@ fn sse_vm() -> u64 {
         Ok(exit::IOIO) => 0,
         _ => 2,
     }
+}
+
+/// Run a fresh VM whose guest reports the DR0-DR3, CR2 and syscall-MSR values it finds (and
+/// then writes its own). Returns a bit per non-zero value (0-3: DR0-DR3, 4: CR2, 8-15: the
+/// MSRs), or all ones if it did not run to its exit.
+fn peek_vm() -> u64 {
+    let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
+        return u64::MAX;
+    };
+    vm.ram.write(0x7000, GUEST32_PEEK.get());
+    protected_mode_state(utcb_words(), 0x7000);
+    if run(vm.vcpu, state::ALL) != Ok(exit::IOIO) {
+        return u64::MAX;
+    }
+    let dword = |gpa| vm.ram.read_u64(gpa).map_or(u64::MAX, |v| v & 0xffff_ffff);
+    let mut seen = 0;
+    for (bit, gpa) in [0x9000, 0x9004, 0x9008, 0x900c, 0x9010]
+        .into_iter()
+        .enumerate()
+    {
+        if dword(gpa) != 0 {
+            seen |= 1 << bit;
+        }
+    }
+    for i in 0..8 {
+        if vm.ram.read_u64(0x9020 + 8 * i) != Some(0) {
+            seen |= 1 << (8 + i);
+        }
+    }
+    seen
 }
 
 /// Run the 32-bit guest in `vm` to its exit port write; true if it got there.
@@ -756,10 +796,15 @@ fn main() -> i64 {
         "[vmm] VM created, {} MiB guest RAM, guest entry {entry:#x}",
         RAM_SIZE >> 20
     );
-    match (section(image, ".guest32"), section(image, ".guest32_sse")) {
-        (Some(plain), Some(sse)) => {
+    match (
+        section(image, ".guest32"),
+        section(image, ".guest32_sse"),
+        section(image, ".guest32_peek"),
+    ) {
+        (Some(plain), Some(sse), Some(peek)) => {
             GUEST32.set(plain);
             GUEST32_SSE.set(sse);
+            GUEST32_PEEK.set(peek);
         }
         _ => println!("[vmm] the guest image has no 32-bit guests"),
     }

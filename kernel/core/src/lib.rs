@@ -23,3 +23,5 @@ pub mod mapping_database;
 pub use mapping_database::{
     Changes, Demand, MapPlan, Mapping, MappingDatabase, MappingError, SpaceKey, UnmapPlan,
 };
+pub mod asid_allocator;
+pub use asid_allocator::AsidAllocator;

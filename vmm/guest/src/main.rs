@@ -84,6 +84,9 @@ static GP: AtomicU64 = AtomicU64::new(0);
 static NMI: AtomicU64 = AtomicU64::new(0);
 static TS_ERROR: AtomicU64 = AtomicU64::new(0);
 static REINJECTED: AtomicU64 = AtomicU64::new(0);
+/// How many bytes the #UD and #GP handlers skip: the length of the faulting instruction
+/// (`ud2`, `rdmsr`, `wrmsr`: 2; `xsetbv`: 3).
+static SKIP: AtomicU64 = AtomicU64::new(2);
 
 #[no_mangle]
 extern "C" fn guest_interrupt(vector: u64, frame: *mut u64) {
@@ -97,13 +100,13 @@ extern "C" fn guest_interrupt(vector: u64, frame: *mut u64) {
         }
         6 => {
             UD.fetch_add(1, SeqCst);
-            // SAFETY: `frame` points at the interrupt frame; skip the two-byte ud2.
-            unsafe { *frame += 2 };
+            // SAFETY: `frame` points at the interrupt frame; skip the faulting instruction.
+            unsafe { *frame += SKIP.load(SeqCst) };
         }
         13 => {
             GP.fetch_add(1, SeqCst);
-            // SAFETY: as above; the faulting rdmsr/wrmsr is two bytes.
-            unsafe { *frame += 2 };
+            // SAFETY: as above.
+            unsafe { *frame += SKIP.load(SeqCst) };
         }
         0x30 => {
             TIMER.fetch_add(1, SeqCst);
@@ -183,18 +186,75 @@ guest_isr_table:
 
 .section .data
 .balign 16
+.global guest_gdt
 guest_gdt:
     .quad 0
     .quad 0x00af9a000000ffff
     .quad 0x00cf92000000ffff
+    .quad 0x00cff2000000ffff
+    .quad 0x00affa000000ffff
+    .quad 0, 0
 guest_gdt_pointer:
-    .short 23
+    .short 55
     .quad guest_gdt
+
+// Run `xsetbv` with ecx = 0, edx:eax = rsi at CPL 3 on the user stack whose top is rdi, and
+// come back: the ring-3 code ends with `int 0x33`, whose gate (DPL 3) is `guest_user_return`.
+// The TSS's RSP0 is the stack of this call.
+.section .text
+.global guest_xsetbv_user
+guest_xsetbv_user:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    mov [rip + guest_saved_rsp], rsp
+    mov [rip + guest_tss + 4], rsp
+    mov rax, rsi
+    mov rdx, rsi
+    shr rdx, 32
+    push 0x1b
+    push rdi
+    push 0x2
+    push 0x23
+    lea rcx, [rip + 8f]
+    push rcx
+    xor ecx, ecx
+    iretq
+8:
+    xsetbv
+    int 0x33
+.global guest_user_return
+guest_user_return:
+    mov rsp, [rip + guest_saved_rsp]
+    mov ax, 0x10
+    mov ss, ax
+    mov ds, ax
+    mov es, ax
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
+
+.section .data
+.balign 16
+.global guest_tss
+guest_tss:
+    .fill 104, 1, 0
+guest_saved_rsp:
+    .quad 0
 "#
 );
 
-// Two 32-bit protected-mode guests (paging off) the VMM runs in VMs of their own: it finds
-// them by section name in this image and copies them to guest-physical 0x7000.
+// 32-bit protected-mode guests (paging off) the VMM runs in VMs of their own: it finds them by
+// section name in this image and copies them to guest-physical 0x7000. `.guest32_peek` stores
+// what it finds in DR0-DR3, CR2 and the syscall MSRs (at 0x9000: the debug registers and CR2
+// as dwords, from 0x9020 the MSRs as qwords), then writes values of its own to all of them.
 global_asm!(
     r#"
 .section .guest32, "ax"
@@ -220,6 +280,58 @@ guest32_sse:
 3:
     hlt
     jmp 3b
+.section .guest32_peek, "ax"
+.global guest32_peek
+guest32_peek:
+    jmp 7f
+guest32_peek_msrs:
+    .long 0xc0000081, 0xc0000082, 0xc0000083, 0xc0000084, 0xc0000102, 0x174, 0x175, 0x176, 0
+.set PEEK_MSRS, guest32_peek_msrs - guest32_peek + 0x7000
+7:
+    mov eax, dr0
+    mov dword ptr [0x9000], eax
+    mov eax, dr1
+    mov dword ptr [0x9004], eax
+    mov eax, dr2
+    mov dword ptr [0x9008], eax
+    mov eax, dr3
+    mov dword ptr [0x900c], eax
+    mov eax, cr2
+    mov dword ptr [0x9010], eax
+    mov esi, 0x9020
+    mov edi, offset PEEK_MSRS
+4:
+    mov ecx, dword ptr [edi]
+    test ecx, ecx
+    jz 5f
+    rdmsr
+    mov dword ptr [esi], eax
+    mov dword ptr [esi + 4], edx
+    mov eax, ecx
+    and eax, 0xff
+    or eax, 0x5a5a0000
+    xor edx, edx
+    wrmsr
+    add esi, 8
+    add edi, 4
+    jmp 4b
+5:
+    mov eax, 0x5a5a0010
+    mov dr0, eax
+    mov eax, 0x5a5a0020
+    mov dr1, eax
+    mov eax, 0x5a5a0030
+    mov dr2, eax
+    mov eax, 0x5a5a0040
+    mov dr3, eax
+    mov eax, 0x5a5a0050
+    mov cr2, eax
+    xor eax, eax
+    mov dx, 0xe4
+    out dx, eax
+6:
+    hlt
+    jmp 6b
 .code64
 "#
 );
@@ -227,11 +339,12 @@ guest32_sse:
 extern "C" {
     fn guest32_store();
     fn guest32_sse();
+    fn guest32_peek();
 }
 
 /// Keeps the 32-bit guests' sections in the image (nothing in this guest calls them).
 #[used]
-static GUEST32_SECTIONS: [unsafe extern "C" fn(); 2] = [guest32_store, guest32_sse];
+static GUEST32_SECTIONS: [unsafe extern "C" fn(); 3] = [guest32_store, guest32_sse, guest32_peek];
 
 #[repr(C, align(16))]
 struct Idt([[u64; 2]; 64]);
@@ -252,7 +365,100 @@ fn setup_idt() {
         // SAFETY: single-threaded guest; the IDT is ours.
         unsafe { (*core::ptr::addr_of_mut!(IDT)).0[vector] = [low, handler >> 32] };
     }
+    let handler = guest_user_return as *const () as u64;
+    let low = (handler & 0xffff) | (0x08 << 16) | (0xee00 << 32) | ((handler >> 16) & 0xffff) << 48;
+    // SAFETY: as above; vector 0x33 may be raised at CPL 3 (DPL 3) to come back from it.
+    unsafe { (*core::ptr::addr_of_mut!(IDT)).0[0x33] = [low, handler >> 32] };
     load_idt(core::ptr::addr_of!(IDT) as u64);
+    // A 64-bit TSS (for RSP0 when an exception or `int 0x33` comes from CPL 3) in GDT slot 5.
+    // SAFETY: single-threaded guest; the GDT slots 5 and 6 are reserved for it.
+    unsafe {
+        let tss = core::ptr::addr_of!(guest_tss) as u64;
+        let gdt = core::ptr::addr_of_mut!(guest_gdt) as *mut u64;
+        let low = 103 | (tss & 0xff_ffff) << 16 | 0x89 << 40 | ((tss >> 24) & 0xff) << 56;
+        gdt.add(5).write(low);
+        gdt.add(6).write(tss >> 32);
+        asm!("ltr {0:x}", in(reg) 0x28u16);
+    }
+}
+
+extern "C" {
+    static mut guest_gdt: [u64; 7];
+    static guest_tss: [u8; 104];
+    fn guest_user_return();
+    fn guest_xsetbv_user(user_stack_top: u64, value: u64);
+}
+
+/// A stack for the excursion to CPL 3.
+#[repr(C, align(16))]
+struct UserStack([u8; 4096]);
+static mut USER_STACK: UserStack = UserStack([0; 4096]);
+
+fn xgetbv() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: only called with CR4.OSXSAVE set.
+    unsafe { asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi) };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// `xsetbv` of `value` into XCR `index`; returns how many #UD and #GP it raised.
+fn xsetbv_faults(index: u32, value: u64) -> (u64, u64) {
+    let (ud, gp) = (UD.load(SeqCst), GP.load(SeqCst));
+    SKIP.store(3, SeqCst);
+    // SAFETY: the value is one the kernel must refuse (the handlers skip the instruction) or
+    // the XCR0 the guest already has.
+    unsafe {
+        asm!("xsetbv", in("ecx") index, in("eax") value as u32, in("edx") (value >> 32) as u32)
+    };
+    SKIP.store(2, SeqCst);
+    (UD.load(SeqCst) - ud, GP.load(SeqCst) - gp)
+}
+
+fn set_cr4_bit(bit: u32, on: bool) {
+    // SAFETY: toggles OSXSAVE in our own CR4.
+    unsafe {
+        let cr4: u64;
+        asm!("mov {}, cr4", out(reg) cr4);
+        let cr4 = if on {
+            cr4 | 1 << bit
+        } else {
+            cr4 & !(1 << bit)
+        };
+        asm!("mov cr4, {}", in(reg) cr4);
+    }
+}
+
+/// XSETBV behaves as on the CPU: #UD without CR4.OSXSAVE, #GP(0) at CPL 3 or for an invalid
+/// XCR0, and a refused XSETBV changes nothing. Starts and ends with CR4.OSXSAVE set and XCR0 = 3.
+fn xsetbv_cases() {
+    set_cr4_bit(18, false);
+    let faults = xsetbv_faults(0, 1);
+    set_cr4_bit(18, true);
+    check(
+        "xsetbv: #UD when the guest's CR4.OSXSAVE is clear",
+        faults == (1, 0) && xgetbv() == 3,
+    );
+    let gp = GP.load(SeqCst);
+    SKIP.store(3, SeqCst);
+    // SAFETY: runs `xsetbv` at CPL 3 on our user stack (identity pages are user-accessible);
+    // the #GP handler skips it and `int 0x33` brings us back.
+    unsafe {
+        let top = core::ptr::addr_of_mut!(USER_STACK) as u64 + 4096;
+        guest_xsetbv_user(top, 1);
+    }
+    SKIP.store(2, SeqCst);
+    check(
+        "xsetbv: #GP(0) at CPL 3",
+        GP.load(SeqCst) == gp + 1 && xgetbv() == 3,
+    );
+    let before = xgetbv();
+    let refused = [(0, 0), (0, 2), (0, 1 << 2 | 1), (0, 1 << 63 | 3), (1, 3)]
+        .iter()
+        .all(|&(index, value)| xsetbv_faults(index, value) == (0, 1));
+    check(
+        "xsetbv: #GP(0) for an invalid XCR0 or XCR index, nothing changed",
+        refused && xgetbv() == before,
+    );
 }
 
 fn load_idt(base: u64) {
@@ -289,6 +495,93 @@ fn reinjection_case() {
     check(
         "events: an injection interrupted by a guest page fault is re-injected",
         revoked == 0 && faulted && seen == 1,
+    );
+}
+
+/// The syscall MSRs VMLOAD/VMSAVE switch (the guest reaches them without exits): STAR, LSTAR,
+/// CSTAR, SFMASK, KERNEL_GS_BASE, SYSENTER_CS/ESP/EIP, in the order `.guest32_peek` reads them.
+const SYSCALL_MSRS: [u32; 8] = [
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0xc000_0102,
+    0x174,
+    0x175,
+    0x176,
+];
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: only MSRs the VMM passes through or emulates.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi) };
+    (hi as u64) << 32 | lo as u64
+}
+
+fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: as for `rdmsr`; the values written are valid for each MSR.
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32) };
+}
+
+fn debug_registers() -> [u64; 4] {
+    let (a, b, c, d): (u64, u64, u64, u64);
+    // SAFETY: reading debug registers at CPL 0.
+    unsafe {
+        asm!("mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3", out(reg) a, out(reg) b, out(reg) c, out(reg) d)
+    };
+    [a, b, c, d]
+}
+
+/// DR0-DR3, CR2 and the syscall MSRs belong to this guest: another VM that runs in between
+/// (the VMM's hypercall 8 runs `.guest32_peek`) finds its own reset values, not ours, and what
+/// it writes there does not reach us.
+fn debug_register_case() {
+    let pattern: [u64; 4] = [
+        0x1111_0000_0000_1000,
+        0x2222_0000_0000_2000,
+        0x3333_0000_0000_3000,
+        0x4444_0000_0000_4000,
+    ];
+    let msrs: [u64; 8] = [
+        0x0023_0010_0000_0000,
+        0xffff_8000_1234_5000,
+        0xffff_8000_1234_6000,
+        0x0004_7700,
+        0xffff_8000_1234_7000,
+        0x10,
+        0x0007_e000,
+        0x0010_2340,
+    ];
+    // SAFETY: DR7 keeps every breakpoint disabled, so the addresses are never matched; CR2
+    // is only read back.
+    unsafe {
+        asm!("mov dr0, {}", "mov dr1, {}", "mov dr2, {}", "mov dr3, {}", in(reg) pattern[0], in(reg) pattern[1], in(reg) pattern[2], in(reg) pattern[3]);
+        asm!("mov cr2, {}", in(reg) 0xffff_8000_dead_b000u64);
+    }
+    for (msr, value) in SYSCALL_MSRS.iter().zip(msrs) {
+        wrmsr(*msr, value);
+    }
+    let seen = vmmcall(8, 0, 0);
+    let own = debug_registers();
+    let cr2: u64;
+    // SAFETY: reading CR2.
+    unsafe { asm!("mov {}, cr2", out(reg) cr2) };
+    let own_msrs = SYSCALL_MSRS.map(rdmsr);
+    check(
+        "isolation: another VM finds its own DR0-DR3, not this guest's",
+        seen & 0xf == 0,
+    );
+    check(
+        "isolation: DR0-DR3 are this guest's own after another VM wrote its own",
+        own == pattern,
+    );
+    check(
+        "isolation: another VM finds its own CR2 and syscall MSRs, not this guest's",
+        seen & !0xf == 0,
+    );
+    check(
+        "isolation: CR2 and the syscall MSRs are this guest's own after another VM wrote its own",
+        cr2 == 0xffff_8000_dead_b000 && own_msrs == msrs,
     );
 }
 
@@ -569,6 +862,9 @@ extern "C" fn guest_main() -> ! {
         (hi as u64) << 32 | lo as u64
     };
     check("xcr0: the guest's XCR0 survives exits", xcr0 == 3);
+    xsetbv_cases();
+
+    debug_register_case();
 
     // A write outside RAM: the VMM sees the guest-physical fault.
     // SAFETY: deliberately touches a guest-physical address nothing backs.

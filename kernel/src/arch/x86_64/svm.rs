@@ -138,6 +138,13 @@ pub fn supported() -> bool {
     svm && npt
 }
 
+/// How many ASIDs the CPU has (CPUID Fn8000_000A EBX, counting the host's ASID 0).
+pub fn asid_count() -> u32 {
+    raw_cpuid::CpuId::new()
+        .get_svm_info()
+        .map_or(0, |s| s.supported_asids())
+}
+
 /// Whether the CPU has XSAVE (then the kernel enables CR4.OSXSAVE to switch XCR0 around guest
 /// runs: a guest's XSETBV cannot be intercepted under QEMU and would otherwise leak into the
 /// host and other guests).
@@ -217,6 +224,60 @@ pub unsafe fn set_xcr0(value: u64) {
     unsafe {
         core::arch::asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32)
     };
+}
+
+/// Load a guest's DR0-DR3 before its run. VMRUN switches DR6 and DR7 (they live in the VMCB)
+/// but not DR0-DR3; outside guest runs they hold 0 (see [`take_debug_registers`]), so only the
+/// non-zero values need writing.
+///
+/// # Safety
+/// Only right before `run`: the host's DR7 enables no breakpoint, so the addresses take effect
+/// only under the guest's DR7, inside the guest.
+pub unsafe fn load_debug_registers(values: &[u64; 4]) {
+    // SAFETY: per the caller; writing DR0-DR3 at CPL 0 cannot fault, and the values are ones
+    // the CPU accepted from the guest (or 0).
+    unsafe {
+        if values[0] != 0 {
+            core::arch::asm!("mov dr0, {}", in(reg) values[0], options(nostack));
+        }
+        if values[1] != 0 {
+            core::arch::asm!("mov dr1, {}", in(reg) values[1], options(nostack));
+        }
+        if values[2] != 0 {
+            core::arch::asm!("mov dr2, {}", in(reg) values[2], options(nostack));
+        }
+        if values[3] != 0 {
+            core::arch::asm!("mov dr3, {}", in(reg) values[3], options(nostack));
+        }
+    }
+}
+
+/// Read DR0-DR3 (a guest's, right after its run) and set the non-zero ones to 0, so that no
+/// task or other guest finds them (the kernel itself uses no breakpoints).
+pub fn take_debug_registers() -> [u64; 4] {
+    let (a, b, c, d): (u64, u64, u64, u64);
+    // SAFETY: reading and clearing debug registers at CPL 0 has no other effect (the host's DR7
+    // enables no breakpoint).
+    unsafe {
+        core::arch::asm!(
+            "mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3",
+            out(reg) a, out(reg) b, out(reg) c, out(reg) d, options(nostack),
+        );
+        let zero = 0u64;
+        if a != 0 {
+            core::arch::asm!("mov dr0, {}", in(reg) zero, options(nostack));
+        }
+        if b != 0 {
+            core::arch::asm!("mov dr1, {}", in(reg) zero, options(nostack));
+        }
+        if c != 0 {
+            core::arch::asm!("mov dr2, {}", in(reg) zero, options(nostack));
+        }
+        if d != 0 {
+            core::arch::asm!("mov dr3, {}", in(reg) zero, options(nostack));
+        }
+    }
+    [a, b, c, d]
 }
 
 /// Enable SVM on this CPU with `host_save_area` (a frame) as VM_HSAVE_PA.

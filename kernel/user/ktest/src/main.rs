@@ -1218,10 +1218,12 @@ fn main() -> i64 {
     mapping_cases(&suite);
     string_cases(&suite);
     string_timeout_case(&suite);
+    string_edge_cases();
     quota_cases();
     large_page_cases(&suite);
     regression_cases();
     ownership_cases(&suite);
+    asid_cases(&suite);
     fuzz_case(&suite);
     io_cases(&suite);
     priority_cases();

@@ -914,3 +914,181 @@ fn ownership_cases(suite: &Suite) {
         created[1..3] == [0, 0] && vm_ok && whole.is_ok(),
     );
 }
+
+// ---- VM address-space identifiers
+
+/// The ASIDs the CPU offers guests (CPUID Fn8000_000A EBX, less ASID 0, the host's); 0 without
+/// SVM.
+fn guest_asids() -> u64 {
+    use core::arch::x86_64::__cpuid;
+    if __cpuid(0x8000_0000).eax < 0x8000_000a || __cpuid(0x8000_0001).ecx & 4 == 0 {
+        return 0;
+    }
+    (__cpuid(0x8000_000a).ebx as u64).saturating_sub(1)
+}
+
+/// A fresh agent with our factory creates VMs (slots 100..) until one is refused, at most
+/// `limit`; then its task is destroyed. Returns how many it created and the refusal (0: none).
+fn agent_creates_vms(suite: &Suite, limit: u64) -> (u64, u64) {
+    let a = Agent::new(suite);
+    sys::cap_copy(a.task, slots::FACTORY, slots::FACTORY, rights::ALL, 0).expect("factory for the agent");
+    let mut result = (limit, 0);
+    for i in 0..limit {
+        let r = a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Vm as u64, 100 + i, NO_CAP]);
+        if r != 0 {
+            result = (i, r);
+            break;
+        }
+    }
+    sys::task_destroy(a.task).expect("destroy the agent");
+    result
+}
+
+fn asid_cases(suite: &Suite) {
+    let asids = guest_asids();
+    // Room for 8 more than the CPU has (bounded: the agent has 512 slots).
+    let limit = (asids + 8).min(300);
+    let (first, refusal) = agent_creates_vms(suite, limit);
+    if asids == 0 {
+        check_eq("vm", "without SVM, VM creation fails with NotSupported", (first, refusal), (0, Error::NotSupported as u64));
+        return;
+    }
+    let bounded = if asids + 8 > limit { first == limit } else { first >= 1 && first <= asids && refusal == Error::OutOfMemory as u64 };
+    println!("# vm: {asids} guest ASIDs, {first} VMs created, then {refusal}");
+    check("vm", "VMs beyond the CPU's ASIDs are refused with OutOfMemory (no wraparound, no panic)", bounded);
+    let mut same = true;
+    let mut total = 0;
+    for _ in 0..3 {
+        let (n, r) = agent_creates_vms(suite, limit);
+        same &= (n, r) == (first, refusal);
+        total += n;
+    }
+    check("vm", "ASIDs come back when their VMs die: 3 more rounds of all of them, in new tasks", same && total == 3 * first);
+}
+
+// ---- string ranges at the edges of the address space
+
+/// The result of the last recorded string IPC (0: success, else the error code; `u64::MAX`:
+/// not done yet).
+static STRING_RESULT: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The UTCB of the recording sender (set just before it sends).
+static STRING_SENDER_UTCB: AtomicU64 = AtomicU64::new(0);
+/// Length of the strings the recording threads send.
+const EDGE_STRING: u64 = 0x2000;
+
+fn record(r: Result<(), IpcError>) {
+    STRING_RESULT.store(r.map_or_else(|e| e.error as u64, |()| 0), SeqCst);
+}
+
+/// Wait (bounded) until the recording thread reported.
+fn recorded() -> u64 {
+    for _ in 0..10_000 {
+        let r = STRING_RESULT.load(SeqCst);
+        if r != u64::MAX {
+            return r;
+        }
+        sys::thread_yield();
+    }
+    u64::MAX
+}
+
+/// Send an `EDGE_STRING`-byte string (pattern i % 239) after `untyped` untyped words (so with
+/// 4 the item lies in the UTCB) to the main thread, with a 1 s send timeout; record the result.
+extern "C" fn send_edge_string(untyped: u64) -> ! {
+    let data: Vec<u8> = (0..EDGE_STRING).map(|i| (i % 239) as u8).collect();
+    let item = l4::abi::StringItem { length: EDGE_STRING, address: data.as_ptr() as u64 }.words();
+    let mut words = [0u64; 6];
+    words[untyped as usize..untyped as usize + 2].copy_from_slice(&item);
+    STRING_SENDER_UTCB.store(l4::utcb::utcb() as *mut l4::abi::Utcb as u64, SeqCst);
+    let r = ipc::send(slots::SELF_THREAD, string_tag(18, untyped as usize, 1), &words[..untyped as usize + 2], Timeouts::new(Timeout::micros(1_000_000), Timeout::INFINITE));
+    record(r);
+    sys::thread_exit(0)
+}
+
+/// Answer one call with an `EDGE_STRING`-byte string; record the reply's result.
+extern "C" fn reply_edge_string(_: u64) -> ! {
+    let data: Vec<u8> = (0..EDGE_STRING).map(|i| (i % 239) as u8).collect();
+    let item = l4::abi::StringItem { length: EDGE_STRING, address: data.as_ptr() as u64 }.words();
+    if ipc::wait(Timeouts::INFINITE).is_ok() {
+        record(ipc::reply(string_tag(0, 0, 1), &item));
+    }
+    sys::thread_exit(0)
+}
+
+fn set_buffer_words(address: u64, length: u64) {
+    let words = l4::abi::StringItem { length, address }.words();
+    let u = l4::utcb::utcb();
+    u.br[2] = words[0];
+    u.br[3] = words[1];
+}
+
+/// Start the recording sender and let it block in its send (we do not receive yet).
+fn queued_edge_sender(untyped: u64) -> u64 {
+    STRING_RESULT.store(u64::MAX, SeqCst);
+    STRING_SENDER_UTCB.store(0, SeqCst);
+    let t = go(send_edge_string, untyped);
+    for _ in 0..100 {
+        sys::thread_yield();
+    }
+    t
+}
+
+fn string_edge_cases() {
+    let mut good = alloc::vec![0u8; EDGE_STRING as usize];
+    let pattern_ok = |b: &[u8]| b.iter().enumerate().all(|(i, &x)| x == (i % 239) as u8);
+
+    // A buffer that wraps around the top of the address space, the receiver waiting first:
+    // its receive fails, the sender is unaffected and delivers into a valid buffer next.
+    STRING_RESULT.store(u64::MAX, SeqCst);
+    set_buffer_words(0xffff_ffff_ffff_f000, 0x2000);
+    let t = go(send_edge_string, 0);
+    let bad = ipc::receive(t, RECEIVE_2S).map(|m| m.word(0));
+    l4::utcb::set_string_buffer(0, &mut good);
+    let r = ipc::receive(t, RECEIVE_2S);
+    let delivered = matches!(r, Ok(m) if m.word(0) >> 12 == EDGE_STRING) && pattern_ok(&good);
+    check_eq("string", "a receive buffer wrapping around the address space is refused (InvalidArgument)", bad, Err(err(Error::InvalidArgument, true)));
+    check("string", "after a refused buffer, the waiting sender's string reaches a valid one", delivered && recorded() == 0);
+
+    // A buffer in the kernel-managed area at the top of user space (our own UTCB page), the
+    // sender queued first.
+    good.fill(0);
+    let t = queued_edge_sender(0);
+    let utcb = l4::utcb::utcb() as *mut l4::abi::Utcb as u64;
+    set_buffer_words(utcb + 0x100, 0x100);
+    let bad = ipc::receive(t, RECEIVE_2S).map(|m| m.word(0));
+    l4::utcb::set_string_buffer(0, &mut good);
+    let r = ipc::receive(t, RECEIVE_2S);
+    let delivered = matches!(r, Ok(m) if m.word(0) >> 12 == EDGE_STRING) && pattern_ok(&good);
+    check_eq("string", "a receive buffer above the top of user memory (in the UTCB area) is refused", bad, Err(err(Error::InvalidArgument, true)));
+    check("string", "after a refused buffer, the queued sender's string reaches a valid one", delivered && recorded() == 0);
+
+    // A reply into a wrapping buffer: the call fails, and so does the reply.
+    STRING_RESULT.store(u64::MAX, SeqCst);
+    let s = go(reply_edge_string, 0);
+    set_buffer_words(0xffff_ffff_ffff_f000, 0x2000);
+    let bad = ipc::call(s, tag(1, 1), &[0], RECEIVE_2S).map(|m| m.word(0));
+    check_eq("string", "a reply into a wrapping receive buffer fails for both (InvalidArgument)", (bad, recorded()), (Err(err(Error::InvalidArgument, true)), Error::InvalidArgument as u64));
+
+    // The sender's item lies in its UTCB (after 4 untyped words): changing it while the
+    // sender waits must not get past the check `Send` made (here: a range that wraps around).
+    // The sender's IPC fails; it exits, so our closed receive ends with DeadPartner.
+    let mut buffer = alloc::vec![0u8; EDGE_STRING as usize];
+    l4::utcb::set_string_buffer(0, &mut buffer);
+    let t = queued_edge_sender(4);
+    let sender_utcb = STRING_SENDER_UTCB.load(SeqCst) as *mut l4::abi::Utcb;
+    let hostile = l4::abi::StringItem { length: EDGE_STRING, address: 0xffff_ffff_ffff_f000 }.words();
+    if !sender_utcb.is_null() {
+        // SAFETY: the sender's UTCB is mapped in our task; it is blocked in its send.
+        unsafe {
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*sender_utcb).mr[4]), hostile[0]);
+            core::ptr::write_volatile(core::ptr::addr_of_mut!((*sender_utcb).mr[5]), hostile[1]);
+        }
+    }
+    let r = ipc::receive(t, RECEIVE_2S).map(|m| m.word(4) >> 12);
+    let (sender, copied) = (recorded(), buffer.iter().filter(|&&b| b != 0).count());
+    if r != Err(err(Error::DeadPartner, true)) || sender != Error::InvalidArgument as u64 || copied != 0 {
+        println!("# string: changed item: receive {r:?}, sender {sender}, {copied} non-zero bytes received");
+    }
+    check("string", "a string item changed in the sender's UTCB after Send checked it is refused at delivery", r == Err(err(Error::DeadPartner, true)) && sender == Error::InvalidArgument as u64 && copied == 0);
+    l4::utcb::clear_string_buffer(0);
+}
