@@ -1,24 +1,17 @@
 #!/usr/bin/env bash
-# Kernel benchmarks: boots the benchmark task twice in QEMU with -icount shift=0 (rdtsc then
-# counts guest instructions exactly), once with the IPC fast path disabled (kernel command
-# line `nofastpath`) and once enabled. Writes target/bench/kernel.json and prints a table.
+# Kernel benchmarks: boots the scenarios of group "bench" in scenarios.toml (QEMU with
+# -icount shift=0, so rdtsc counts guest instructions exactly): the benchmark task once with
+# the IPC fast path disabled (kernel command line `nofastpath`) and once enabled, and the
+# guest-side VM-exit benchmarks. Logs in target/bench/; writes target/bench/kernel.json and
+# prints a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-scripts/build.sh bench bench-slowpath vm-bench >&2
 mkdir -p target/bench
-
-run() {
-    local scenario=$1 log=target/bench/$1.log status=0
-    QEMU_MEMORY=1G QEMU_TIMEOUT=900 scripts/qemu.sh "target/iso/$scenario.iso" -icount shift=0 >"$log" 2>&1 </dev/null || status=$?
-    if [ "$status" != 33 ]; then
-        echo "bench.sh: $scenario run failed (QEMU status $status); see $log" >&2
-        exit 1
-    fi
-}
-run bench
-run bench-slowpath
-run vm-bench
+if ! cargo xtask bench >&2; then
+    echo "bench.sh: a benchmark run failed (see above; logs in target/bench/)" >&2
+    exit 1
+fi
 
 python3 - <<'PY'
 import json, re

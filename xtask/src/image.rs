@@ -1,0 +1,342 @@
+//! Building what a scenario boots: the kernel and the tasks (`cargo build`), the special
+//! modules, the GRUB configuration and the ISO (`grub-mkrescue`), reused while nothing in it
+//! changed.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs;
+use std::hash::Hasher;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::scenario::{Boot, Generator, Module, Scenario, Scenarios, Source};
+
+/// Where build output goes: the terminal (stderr) or a log file.
+pub enum Sink {
+    /// Standard error.
+    Stderr,
+    /// A log file.
+    File(fs::File),
+}
+
+impl Sink {
+    /// A handle for a child's stdout or stderr.
+    fn stdio(&self) -> io::Result<Stdio> {
+        Ok(match self {
+            Sink::Stderr => Stdio::from(io::stderr()),
+            Sink::File(f) => Stdio::from(f.try_clone()?),
+        })
+    }
+
+    /// Writes one line.
+    pub fn line(&mut self, text: &str) {
+        // Build output is informational; a failed write must not stop the build.
+        let _ = match self {
+            Sink::Stderr => writeln!(io::stderr(), "{text}"),
+            Sink::File(f) => writeln!(f, "{text}"),
+        };
+    }
+}
+
+/// What QEMU boots for one scenario.
+pub enum Bootable {
+    /// A GRUB ISO.
+    Iso(PathBuf),
+    /// A Linux kernel, initramfs and command line.
+    Linux {
+        /// The bzImage.
+        kernel: PathBuf,
+        /// The initramfs, if any.
+        initrd: Option<PathBuf>,
+        /// The command line (`-append`).
+        cmdline: String,
+    },
+}
+
+/// The directory of the built kernel and tasks.
+pub fn binaries(scenarios: &Scenarios) -> PathBuf {
+    Path::new("target")
+        .join(&scenarios.build.target)
+        .join("release")
+}
+
+/// Inputs of `scenario` made elsewhere that are missing, with what makes them.
+pub fn missing_inputs(scenarios: &Scenarios, scenario: &Scenario) -> Option<String> {
+    let owner = scenarios.image_of(scenario);
+    let files: Vec<&Path> = match &owner.boot {
+        Boot::Multiboot { modules, .. } => modules
+            .iter()
+            .filter_map(|m| match &m.source {
+                Source::File(f) => Some(f.as_path()),
+                _ => None,
+            })
+            .collect(),
+        Boot::Linux { kernel, initrd, .. } => std::iter::once(kernel.as_path())
+            .chain(initrd.as_deref())
+            .collect(),
+        Boot::Image(_) => unreachable!("image_of resolves it"),
+    };
+    let missing: Vec<String> = files
+        .iter()
+        .filter(|f| !f.is_file())
+        .map(|f| f.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let hint = match &owner.made_by {
+        Some(cmd) => format!("; run {cmd} first"),
+        None => String::new(),
+    };
+    Some(format!("{} missing{hint}", missing.join(" and ")))
+}
+
+/// Builds what `selected` boot, writing progress to `sink`; returns one bootable per scenario.
+pub fn build(
+    scenarios: &Scenarios,
+    selected: &[&Scenario],
+    sink: &mut Sink,
+) -> Result<Vec<Bootable>, String> {
+    for s in selected {
+        if let Some(problem) = missing_inputs(scenarios, s) {
+            return Err(format!("scenario {}: {problem}", s.name));
+        }
+    }
+    let owners: Vec<&Scenario> = selected.iter().map(|s| scenarios.image_of(s)).collect();
+    if owners
+        .iter()
+        .any(|o| matches!(o.boot, Boot::Multiboot { .. }))
+    {
+        cargo_build(scenarios, sink)?;
+    }
+    let mut built: Vec<(String, PathBuf)> = Vec::new();
+    let mut result = Vec::new();
+    for owner in owners {
+        result.push(match &owner.boot {
+            Boot::Multiboot {
+                cmdline,
+                sigma0,
+                modules,
+            } => {
+                let iso = match built.iter().find(|b| b.0 == owner.name) {
+                    Some(b) => b.1.clone(),
+                    None => {
+                        let iso = make_iso(scenarios, owner, cmdline, sigma0, modules, sink)
+                            .map_err(|e| format!("scenario {}: {e}", owner.name))?;
+                        built.push((owner.name.clone(), iso.clone()));
+                        iso
+                    }
+                };
+                Bootable::Iso(iso)
+            }
+            Boot::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => Bootable::Linux {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: cmdline.clone(),
+            },
+            Boot::Image(_) => unreachable!("image_of resolves it"),
+        });
+    }
+    Ok(result)
+}
+
+/// `cargo build --release --target T -p ...` for `[build]`.
+fn cargo_build(scenarios: &Scenarios, sink: &mut Sink) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--release", "--target", &scenarios.build.target]);
+    for p in &scenarios.build.packages {
+        cmd.args(["-p", p]);
+    }
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(sink.stdio().map_err(|e| e.to_string())?)
+        .stderr(sink.stdio().map_err(|e| e.to_string())?)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo build failed ({status})"))
+    }
+}
+
+/// The content of a module.
+fn content(scenarios: &Scenarios, module: &Module) -> Result<Vec<u8>, String> {
+    let read =
+        |path: &Path| fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
+    match &module.source {
+        Source::Binary(b) => {
+            let path = binaries(scenarios).join(b);
+            if !path.is_file() {
+                return Err(format!(
+                    "no binary {} (is its package in [build] packages?)",
+                    path.display()
+                ));
+            }
+            read(&path)
+        }
+        Source::File(f) => read(f),
+        Source::Text(t) => Ok(t.clone().into_bytes()),
+        Source::Generate(Generator::BadElf) => {
+            // ELF magic, 32-bit, little endian, version 1; e_type EXEC, e_machine ARM; then
+            // garbage.
+            let mut bytes = b"\x7fELF\x01\x01\x01\x00".to_vec();
+            bytes.extend([0; 8]);
+            bytes.extend([0x02, 0x00, 0x28, 0x00]);
+            bytes.extend([0; 200]);
+            Ok(bytes)
+        }
+        Source::Generate(Generator::TruncatedSigma0) => {
+            let mut bytes = read(&binaries(scenarios).join("sigma0"))?;
+            bytes.truncate(100);
+            Ok(bytes)
+        }
+    }
+}
+
+/// The kernel command line: `$KERNEL_CMDLINE`, then the scenario's.
+fn kernel_cmdline(scenario_cmdline: &str) -> String {
+    let env = std::env::var("KERNEL_CMDLINE").unwrap_or_default();
+    [env.trim(), scenario_cmdline.trim()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The GRUB configuration of one ISO.
+fn grub_cfg(name: &str, cmdline: &str, sigma0: &Module, modules: &[Module]) -> String {
+    let line = |m: &Module| format!("    module2 /boot/{} {}\n", m.name, m.args.join(" "));
+    let mut cfg = format!("set timeout=0\nset default=0\nmenuentry \"L4 ({name})\" {{\n");
+    cfg.push_str(format!("    multiboot2 /boot/kernel {cmdline}").trim_end());
+    cfg.push('\n');
+    cfg.push_str(&line(sigma0));
+    cfg.push_str("    module2 /boot/roottask root\n");
+    for m in modules {
+        cfg.push_str(&line(m));
+    }
+    cfg.push_str("    boot\n}\n");
+    cfg
+}
+
+/// Stages `target/iso/NAME/` and makes `target/iso/NAME.iso` unless an identical one exists.
+fn make_iso(
+    scenarios: &Scenarios,
+    scenario: &Scenario,
+    cmdline: &str,
+    sigma0: &Module,
+    modules: &[Module],
+    sink: &mut Sink,
+) -> Result<PathBuf, String> {
+    let io = |e: io::Error| e.to_string();
+    let dir = Path::new("target/iso").join(&scenario.name);
+    let boot = dir.join("boot");
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(io)?;
+    }
+    fs::create_dir_all(boot.join("grub")).map_err(io)?;
+    let out = binaries(scenarios);
+    for file in ["kernel", "roottask"] {
+        fs::copy(out.join(file), boot.join(file))
+            .map_err(|e| format!("cannot copy {}: {e}", out.join(file).display()))?;
+    }
+    for m in std::iter::once(sigma0).chain(modules) {
+        fs::write(boot.join(&m.name), content(scenarios, m)?).map_err(io)?;
+    }
+    let cfg = grub_cfg(&scenario.name, &kernel_cmdline(cmdline), sigma0, modules);
+    fs::write(boot.join("grub/grub.cfg"), cfg).map_err(io)?;
+
+    let iso = Path::new("target/iso").join(format!("{}.iso", scenario.name));
+    let stamp_path = iso.with_extension("iso.stamp");
+    let stamp = format!("{:016x}", tree_hash(&dir).map_err(io)?);
+    if iso.is_file() && fs::read_to_string(&stamp_path).is_ok_and(|s| s.trim() == stamp) {
+        return Ok(iso);
+    }
+    let quiet = Command::new("grub-mkrescue")
+        .arg("-o")
+        .arg(&iso)
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run grub-mkrescue: {e}"))?;
+    if !quiet.success() {
+        // Again, with its output, to show why.
+        let _ = Command::new("grub-mkrescue")
+            .arg("-o")
+            .arg(&iso)
+            .arg(&dir)
+            .stdout(sink.stdio().map_err(io)?)
+            .stderr(sink.stdio().map_err(io)?)
+            .status();
+        return Err("grub-mkrescue failed".into());
+    }
+    fs::write(&stamp_path, format!("{stamp}\n")).map_err(io)?;
+    sink.line(&format!("built {}", iso.display()));
+    Ok(iso)
+}
+
+/// A hash of every file's relative path and content under `dir` (the ISO's cache key).
+fn tree_hash(dir: &Path) -> io::Result<u64> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in fs::read_dir(d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    let mut hasher = DefaultHasher::new();
+    for f in files {
+        hasher.write(
+            f.strip_prefix(dir)
+                .unwrap_or(&f)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        hasher.write(&fs::read(&f)?);
+    }
+    Ok(hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grub_cfg_joins_the_argument_lists() {
+        let m = |name: &str, args: &[&str]| Module {
+            name: name.into(),
+            source: Source::Binary(name.into()),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        let cfg = grub_cfg(
+            "demo",
+            "",
+            &m("sigma0", &["sigma0"]),
+            &[m("demo", &["pong"]), m("demo", &["ping", "peer=pong"])],
+        );
+        assert_eq!(
+            cfg,
+            "set timeout=0\nset default=0\nmenuentry \"L4 (demo)\" {\n\
+             \x20   multiboot2 /boot/kernel\n\
+             \x20   module2 /boot/sigma0 sigma0\n\
+             \x20   module2 /boot/roottask root\n\
+             \x20   module2 /boot/demo pong\n\
+             \x20   module2 /boot/demo ping peer=pong\n\
+             \x20   boot\n}\n"
+        );
+    }
+}

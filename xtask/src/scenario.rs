@@ -1,0 +1,714 @@
+//! The scenario file (`scenarios.toml`): its format as written, and the checked form the
+//! runner uses. Every problem is reported with the file, the scenario (and its line) and the
+//! field; syntax and type errors come from `toml` with their line and column.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use regex::Regex;
+use serde::Deserialize;
+
+/// An error in the scenario file, with the text to show.
+#[derive(Debug)]
+pub struct Error(pub String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The whole file, as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    build: Build,
+    scenario: IndexMap<String, RawScenario>,
+}
+
+/// `[build]`: what `cargo build` makes for the modules to name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Build {
+    /// The target triple of the kernel and the tasks.
+    pub target: String,
+    /// The packages built for it; their binaries are what `binary = "..."` names.
+    pub packages: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    description: String,
+    #[serde(default)]
+    groups: Vec<String>,
+    modules: Option<Vec<RawModule>>,
+    linux: Option<RawLinux>,
+    image: Option<String>,
+    sigma0: Option<RawModule>,
+    cmdline: Option<String>,
+    made_by: Option<String>,
+    memory: Option<String>,
+    #[serde(default)]
+    qemu: Vec<String>,
+    check: Option<RawCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModule {
+    binary: Option<String>,
+    file: Option<String>,
+    generate: Option<Generator>,
+    text: Option<String>,
+    name: Option<String>,
+    args: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLinux {
+    kernel: String,
+    initrd: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: String,
+    timeout: u64,
+    status: Option<i32>,
+    #[serde(default)]
+    require: Vec<String>,
+    #[serde(default)]
+    forbid: Vec<String>,
+    #[serde(default)]
+    show: Vec<String>,
+    tap: Option<Tap>,
+}
+
+/// A special module the runner makes itself.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Generator {
+    /// An ELF header claiming a 32-bit ARM executable, then 200 zero bytes.
+    BadElf,
+    /// The first 100 bytes of the real sigma0.
+    TruncatedSigma0,
+}
+
+impl Generator {
+    /// The file name the module gets when the scenario gives none.
+    fn default_name(self) -> &'static str {
+        match self {
+            Generator::BadElf => "bad.elf",
+            Generator::TruncatedSigma0 => "sigma0",
+        }
+    }
+}
+
+/// `[scenario.NAME.check.tap]`: the boot runs a TAP suite with a fixed plan.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tap {
+    /// Prefix of the suite's summary line and plan check.
+    pub label: String,
+    /// The number of cases; exactly `ok`/`not ok` 1..=plan must appear, each once.
+    pub plan: u32,
+    /// The suite prints its own `1..N` line, which must equal `plan`.
+    #[serde(default)]
+    pub plan_line: bool,
+}
+
+/// All scenarios, checked, in file order.
+#[derive(Debug)]
+pub struct Scenarios {
+    /// `[build]`.
+    pub build: Build,
+    /// The scenarios in the order of the file.
+    pub list: Vec<Scenario>,
+}
+
+/// One scenario, checked.
+#[derive(Debug)]
+pub struct Scenario {
+    /// Its name (`[scenario.NAME]`), also the name of its ISO and log.
+    pub name: String,
+    /// One line for `cargo xtask list`.
+    pub description: String,
+    /// The runs that include it (`test`, `bench`).
+    pub groups: Vec<String>,
+    /// What QEMU boots.
+    pub boot: Boot,
+    /// The command that makes its `file` inputs.
+    pub made_by: Option<String>,
+    /// QEMU `-m`.
+    pub memory: String,
+    /// Extra QEMU arguments.
+    pub qemu: Vec<String>,
+    /// What a test run requires.
+    pub check: Option<Check>,
+}
+
+/// What QEMU boots.
+#[derive(Debug)]
+pub enum Boot {
+    /// Our kernel from a GRUB ISO: sigma0, the root task, then the modules.
+    Multiboot {
+        /// The kernel command line (before `$KERNEL_CMDLINE` is added).
+        cmdline: String,
+        /// The sigma0 module.
+        sigma0: Module,
+        /// The boot modules after sigma0 and the root task.
+        modules: Vec<Module>,
+    },
+    /// A Linux bzImage that QEMU loads itself (`-kernel`, `-initrd`, `-append`).
+    Linux {
+        /// The bzImage.
+        kernel: PathBuf,
+        /// The initramfs, if any.
+        initrd: Option<PathBuf>,
+        /// Linux's command line.
+        cmdline: String,
+    },
+    /// The image of another scenario (which is a `Multiboot` or a `Linux` one).
+    Image(String),
+}
+
+/// One boot module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    /// Its file name in `/boot`.
+    pub name: String,
+    /// Where its content comes from.
+    pub source: Source,
+    /// Its command line, the task name first.
+    pub args: Vec<String>,
+}
+
+/// Where a module's content comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A binary of a `[build]` package.
+    Binary(String),
+    /// A file made elsewhere (see `made_by`), relative to the repository.
+    File(PathBuf),
+    /// Made by the runner.
+    Generate(Generator),
+    /// This text.
+    Text(String),
+}
+
+/// What a test run of a scenario requires.
+#[derive(Debug)]
+pub struct Check {
+    /// The test's name in the results.
+    pub name: String,
+    /// When QEMU is killed.
+    pub timeout: Duration,
+    /// The QEMU exit status; `None`: any.
+    pub status: Option<i32>,
+    /// Each must match some line.
+    pub require: Vec<Regex>,
+    /// None may match any line.
+    pub forbid: Vec<Regex>,
+    /// Lines to copy into the progress output.
+    pub show: Vec<Regex>,
+    /// The TAP suite and its plan.
+    pub tap: Option<Tap>,
+}
+
+impl Scenarios {
+    /// Parses and checks the text of `path`.
+    pub fn parse(path: &str, text: &str) -> Result<Scenarios, Error> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| Error(format!("{path}: {e}")))?;
+        if raw.build.packages.is_empty() {
+            return Err(Error(format!("{path}: [build] packages: list no package")));
+        }
+        let mut list = Vec::new();
+        for (name, scenario) in &raw.scenario {
+            let context = Context {
+                path,
+                name,
+                line: header_line(text, name),
+            };
+            list.push(context.scenario(scenario, &raw.scenario)?);
+        }
+        Ok(Scenarios {
+            build: raw.build,
+            list,
+        })
+    }
+
+    /// The scenario called `name`.
+    pub fn get(&self, name: &str) -> Option<&Scenario> {
+        self.list.iter().find(|s| s.name == name)
+    }
+
+    /// The scenario whose image `scenario` boots (itself unless it says `image = "..."`).
+    pub fn image_of<'a>(&'a self, scenario: &'a Scenario) -> &'a Scenario {
+        match &scenario.boot {
+            Boot::Image(other) => self.get(other).expect("checked when parsed"),
+            _ => scenario,
+        }
+    }
+}
+
+/// The line of `[scenario.NAME]` (or of the first `[scenario.NAME.…]` table).
+fn header_line(text: &str, name: &str) -> Option<usize> {
+    let exact = format!("[scenario.{name}]");
+    let nested = format!("[scenario.{name}.");
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.starts_with(&exact) || l.starts_with(&nested)
+        })
+        .map(|i| i + 1)
+}
+
+/// Where an error is: the file and the scenario.
+struct Context<'a> {
+    path: &'a str,
+    name: &'a str,
+    line: Option<usize>,
+}
+
+/// Characters GRUB's configuration parser would split on or interpret.
+const GRUB_SPECIAL: &[char] = &['"', '\'', '\\', ';', '$', '{', '}', '#', '|', '&', '<', '>'];
+
+/// File names the image already uses.
+const RESERVED_NAMES: &[&str] = &["kernel", "sigma0", "roottask", "grub"];
+
+impl Context<'_> {
+    fn error(&self, field: &str, problem: impl fmt::Display) -> Error {
+        let at = match self.line {
+            Some(line) => format!("{}:{line}", self.path),
+            None => self.path.to_string(),
+        };
+        Error(format!(
+            "{at}: scenario `{}`: {field}: {problem}",
+            self.name
+        ))
+    }
+
+    fn scenario(
+        &self,
+        raw: &RawScenario,
+        all: &IndexMap<String, RawScenario>,
+    ) -> Result<Scenario, Error> {
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(self.error(
+                "name",
+                "use lower-case letters, digits and `-` only (it names files)",
+            ));
+        }
+        if raw.description.trim().is_empty() {
+            return Err(self.error("description", "is empty"));
+        }
+        if let Some(group) = raw.groups.iter().find(|g| g.trim().is_empty()) {
+            return Err(self.error("groups", format!("{group:?} is not a group name")));
+        }
+        let kinds = [
+            raw.modules.is_some(),
+            raw.linux.is_some(),
+            raw.image.is_some(),
+        ];
+        if kinds.iter().filter(|&&k| k).count() != 1 {
+            return Err(self.error(
+                "modules/linux/image",
+                "give exactly one of `modules`, `linux` and `image` (what to boot)",
+            ));
+        }
+        let cmdline = raw.cmdline.clone().unwrap_or_default();
+        if raw.sigma0.is_some() && raw.modules.is_none() {
+            return Err(self.error("sigma0", "only a scenario with `modules` has a sigma0"));
+        }
+        let boot = if let Some(modules) = &raw.modules {
+            if let Some(c) = cmdline.chars().find(|c| GRUB_SPECIAL.contains(c)) {
+                return Err(self.error("cmdline", format!("contains {c:?}, which GRUB interprets")));
+            }
+            let sigma0 = match &raw.sigma0 {
+                Some(m) => self.module("sigma0", m)?,
+                None => Module {
+                    name: "sigma0".into(),
+                    source: Source::Binary("sigma0".into()),
+                    args: vec!["sigma0".into()],
+                },
+            };
+            let mut checked: Vec<Module> = Vec::new();
+            for (i, m) in modules.iter().enumerate() {
+                let field = format!("modules[{i}]");
+                let module = self.module(&field, m)?;
+                if RESERVED_NAMES.contains(&module.name.as_str()) {
+                    return Err(self.error(
+                        &field,
+                        format!("name {:?} is taken by the image itself", module.name),
+                    ));
+                }
+                if let Some(other) = checked
+                    .iter()
+                    .find(|o| o.name == module.name && o.source != module.source)
+                {
+                    return Err(self.error(
+                        &field,
+                        format!(
+                            "name {:?} is already used for another file ({:?}); give `name`",
+                            other.name, other.source
+                        ),
+                    ));
+                }
+                checked.push(module);
+            }
+            Boot::Multiboot {
+                cmdline,
+                sigma0,
+                modules: checked,
+            }
+        } else if let Some(linux) = &raw.linux {
+            if linux.kernel.is_empty() {
+                return Err(self.error("linux.kernel", "is empty"));
+            }
+            Boot::Linux {
+                kernel: linux.kernel.clone().into(),
+                initrd: linux.initrd.clone().map(PathBuf::from),
+                cmdline,
+            }
+        } else {
+            let other = raw.image.clone().expect("one kind is set");
+            match all.get(&other) {
+                None => return Err(self.error("image", format!("no scenario `{other}`"))),
+                Some(o) if o.image.is_some() => {
+                    return Err(self.error(
+                        "image",
+                        format!("scenario `{other}` boots another's image itself; name that one"),
+                    ))
+                }
+                Some(_) => {}
+            }
+            for (field, set) in [
+                ("cmdline", raw.cmdline.is_some()),
+                ("made_by", raw.made_by.is_some()),
+                ("memory", raw.memory.is_some()),
+            ] {
+                if set {
+                    return Err(self.error(
+                        field,
+                        format!("belongs to scenario `{other}`, whose image this one boots"),
+                    ));
+                }
+            }
+            Boot::Image(other)
+        };
+        let memory = raw.memory.clone().unwrap_or_else(|| "256M".into());
+        if memory.is_empty() {
+            return Err(self.error("memory", "is empty"));
+        }
+        let check = raw.check.as_ref().map(|c| self.check(c)).transpose()?;
+        Ok(Scenario {
+            name: self.name.to_string(),
+            description: raw.description.clone(),
+            groups: raw.groups.clone(),
+            boot,
+            made_by: raw.made_by.clone(),
+            memory,
+            qemu: raw.qemu.clone(),
+            check,
+        })
+    }
+
+    fn module(&self, field: &str, raw: &RawModule) -> Result<Module, Error> {
+        let sources = [
+            raw.binary.clone().map(Source::Binary),
+            raw.file.clone().map(|f| Source::File(f.into())),
+            raw.generate.map(Source::Generate),
+            raw.text.clone().map(Source::Text),
+        ];
+        let mut given = sources.into_iter().flatten();
+        let (Some(source), None) = (given.next(), given.next()) else {
+            return Err(self.error(
+                field,
+                "give exactly one of `binary`, `file`, `generate` and `text`",
+            ));
+        };
+        let default_name = match &source {
+            Source::Binary(b) => Some(b.clone()),
+            Source::File(f) => f.file_name().map(|n| n.to_string_lossy().into_owned()),
+            Source::Generate(g) => Some(g.default_name().to_string()),
+            Source::Text(_) => None,
+        };
+        let Some(name) = raw.name.clone().or(default_name) else {
+            return Err(self.error(field, "a `text` module needs a `name`"));
+        };
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(self.error(
+                &format!("{field}.name"),
+                format!("{name:?} is not a plain file name"),
+            ));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| c.is_whitespace() || GRUB_SPECIAL.contains(c))
+        {
+            return Err(self.error(&format!("{field}.name"), format!("{name:?} contains {c:?}")));
+        }
+        if raw.args.is_empty() {
+            return Err(self.error(
+                &format!("{field}.args"),
+                "is empty; the first argument is the task's name",
+            ));
+        }
+        for (i, arg) in raw.args.iter().enumerate() {
+            if arg.is_empty()
+                || arg
+                    .chars()
+                    .any(|c| c.is_whitespace() || GRUB_SPECIAL.contains(&c))
+            {
+                return Err(self.error(
+                    &format!("{field}.args[{i}]"),
+                    format!(
+                        "{arg:?}: an argument must be non-empty, without whitespace or any of {}",
+                        GRUB_SPECIAL.iter().collect::<String>()
+                    ),
+                ));
+            }
+        }
+        Ok(Module {
+            name,
+            source,
+            args: raw.args.clone(),
+        })
+    }
+
+    fn check(&self, raw: &RawCheck) -> Result<Check, Error> {
+        if raw.name.trim().is_empty() {
+            return Err(self.error("check.name", "is empty"));
+        }
+        if raw.timeout == 0 {
+            return Err(self.error("check.timeout", "must be at least 1 second"));
+        }
+        let regexes = |field: &str, list: &[String]| -> Result<Vec<Regex>, Error> {
+            list.iter()
+                .enumerate()
+                .map(|(i, r)| Regex::new(r).map_err(|e| self.error(&format!("{field}[{i}]"), e)))
+                .collect()
+        };
+        if let Some(tap) = &raw.tap {
+            if tap.plan == 0 {
+                return Err(self.error("check.tap.plan", "must be at least 1"));
+            }
+            if tap.label.trim().is_empty() {
+                return Err(self.error("check.tap.label", "is empty"));
+            }
+        }
+        Ok(Check {
+            name: raw.name.clone(),
+            timeout: Duration::from_secs(raw.timeout),
+            status: raw.status,
+            require: regexes("check.require", &raw.require)?,
+            forbid: regexes("check.forbid", &raw.forbid)?,
+            show: regexes("check.show", &raw.show)?,
+            tap: raw.tap.as_ref().map(|t| Tap {
+                label: t.label.clone(),
+                plan: t.plan,
+                plan_line: t.plan_line,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: &str = "[build]\ntarget = \"x86_64-unknown-none\"\npackages = [\"demo\"]\n";
+
+    fn parse(body: &str) -> Result<Scenarios, Error> {
+        Scenarios::parse("s.toml", &format!("{HEAD}{body}"))
+    }
+
+    fn error(body: &str) -> String {
+        match parse(body) {
+            Ok(_) => panic!("accepted:\n{body}"),
+            Err(e) => e.0,
+        }
+    }
+
+    const DEMO: &str = "[scenario.demo]\ndescription = \"d\"\n\
+        modules = [{ binary = \"demo\", args = [\"pong\"] }]\n";
+
+    #[test]
+    fn the_real_file_parses() {
+        let s = Scenarios::parse(
+            "scenarios.toml",
+            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios.toml")),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        for name in ["test", "vm", "vm-nosvm", "demo", "bad-module", "bad-sigma0"] {
+            let scenario = s.get(name).expect(name);
+            assert!(scenario.groups.contains(&"test".to_string()), "{name}");
+            assert!(scenario.check.is_some(), "{name}");
+        }
+        // Both TAP suites have a fixed plan.
+        for name in ["test", "vm"] {
+            let check = s.get(name).unwrap().check.as_ref().unwrap();
+            assert!(check.tap.as_ref().is_some_and(|t| t.plan > 0), "{name}");
+        }
+        assert_eq!(s.image_of(s.get("vm-nosvm").unwrap()).name, "vm");
+        assert!(matches!(
+            s.get("linux-native").unwrap().boot,
+            Boot::Linux { .. }
+        ));
+    }
+
+    #[test]
+    fn modules_keep_their_argument_lists() {
+        let s = parse(
+            "[scenario.demo]\ndescription = \"d\"\ncmdline = \"nofastpath\"\nmodules = [\n\
+             { binary = \"demo\", args = [\"pong\"] },\n\
+             { binary = \"demo\", args = [\"ping\", \"peer=pong\"] },\n\
+             { generate = \"bad-elf\", args = [\"broken\"] },\n\
+             { text = \"console=ttyS0 quiet\", name = \"linux.cmdline\", args = [\"cmd\", \"data\"] },\n]\n",
+        )
+        .unwrap();
+        let Boot::Multiboot {
+            cmdline,
+            sigma0,
+            modules,
+        } = &s.list[0].boot
+        else {
+            panic!("not multiboot");
+        };
+        assert_eq!(cmdline, "nofastpath");
+        assert_eq!(sigma0.source, Source::Binary("sigma0".into()));
+        assert_eq!(modules[1].args, ["ping", "peer=pong"]);
+        assert_eq!(modules[2].name, "bad.elf");
+        assert_eq!(
+            modules[3].source,
+            Source::Text("console=ttyS0 quiet".into())
+        );
+        assert_eq!(s.list[0].memory, "256M");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = error("[scenario.demo]\ndescription = \"d\n");
+        assert!(e.starts_with("s.toml: TOML parse error at line 5"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_field_is_named() {
+        let e = error("[scenario.demo]\nmodules = []\n");
+        assert!(e.contains("missing field `description`"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_with_its_line() {
+        let e = error(&format!(
+            "{DEMO}[scenario.demo.check]\nname = \"n\"\ntimeout = 5\nstatsu = 33\n"
+        ));
+        assert!(e.contains("unknown field `statsu`"), "{e}");
+        assert!(e.contains("line 10"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_type_is_named() {
+        let e = error(&format!(
+            "{DEMO}[scenario.demo.check]\nname = \"n\"\ntimeout = \"600\"\n"
+        ));
+        assert!(e.contains("line 9"), "{e}");
+        assert!(e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_generator_lists_the_known_ones() {
+        let e = error("[scenario.x]\ndescription = \"d\"\nmodules = [{ generate = \"bad-eff\", args = [\"b\"] }]\n");
+        assert!(
+            e.contains("bad-elf") && e.contains("truncated-sigma0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn exactly_one_boot_kind() {
+        let e = error("[scenario.x]\ndescription = \"d\"\n");
+        assert!(
+            e.contains("s.toml:4: scenario `x`: modules/linux/image"),
+            "{e}"
+        );
+        let e = error("[scenario.x]\ndescription = \"d\"\nmodules = []\nimage = \"x\"\n");
+        assert!(
+            e.contains("exactly one of `modules`, `linux` and `image`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn exactly_one_module_source() {
+        let e = error("[scenario.x]\ndescription = \"d\"\nmodules = [{ binary = \"a\", file = \"b\", args = [\"a\"] }]\n");
+        assert!(
+            e.contains("scenario `x`: modules[0]: give exactly one of"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn arguments_are_words() {
+        let e = error("[scenario.x]\ndescription = \"d\"\nmodules = [{ binary = \"demo\", args = [\"ping\", \"peer pong\"] }]\n");
+        assert!(e.contains("modules[0].args[1]: \"peer pong\""), "{e}");
+        let e = error(
+            "[scenario.x]\ndescription = \"d\"\nmodules = [{ binary = \"demo\", args = [] }]\n",
+        );
+        assert!(e.contains("modules[0].args: is empty"), "{e}");
+    }
+
+    #[test]
+    fn module_names_do_not_collide() {
+        let e = error("[scenario.x]\ndescription = \"d\"\nmodules = [{ binary = \"kernel\", args = [\"k\"] }]\n");
+        assert!(e.contains("taken by the image"), "{e}");
+        let e = error(
+            "[scenario.x]\ndescription = \"d\"\nmodules = [{ binary = \"demo\", args = [\"a\"] },\n\
+             { file = \"elsewhere/demo\", args = [\"b\"] }]\n",
+        );
+        assert!(
+            e.contains("modules[1]: name \"demo\" is already used"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_regex_is_named() {
+        let e = error(&format!(
+            "{DEMO}[scenario.demo.check]\nname = \"n\"\ntimeout = 5\nrequire = ['ok', '[unclosed']\n"
+        ));
+        assert!(e.contains("scenario `demo`: check.require[1]"), "{e}");
+    }
+
+    #[test]
+    fn an_image_must_exist_and_stand_alone() {
+        let e = error("[scenario.x]\ndescription = \"d\"\nimage = \"nope\"\n");
+        assert!(e.contains("image: no scenario `nope`"), "{e}");
+        let e = error(&format!(
+            "{DEMO}[scenario.y]\ndescription = \"d\"\nimage = \"demo\"\ncmdline = \"debug\"\n"
+        ));
+        assert!(
+            e.contains("scenario `y`: cmdline: belongs to scenario `demo`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_plan_must_be_positive() {
+        let e = error(&format!(
+            "{DEMO}[scenario.demo.check]\nname = \"n\"\ntimeout = 5\n[scenario.demo.check.tap]\nlabel = \"t\"\nplan = 0\n"
+        ));
+        assert!(e.contains("check.tap.plan: must be at least 1"), "{e}");
+    }
+}
