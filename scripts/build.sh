@@ -19,7 +19,7 @@ modules_for() {
         test) echo "ktest:ktest_factory_platform_io=0x40/2_superpage" ;;
         bad-module) echo "bad.elf:broken demo:pong demo:ping_peer=pong" ;;
         bad-sigma0) echo "" ;;
-                bench|bench-slowpath) echo "bench:bench_factory_platform_superpage" ;;
+        bench|bench-slowpath|bench-eagerfpu) echo "bench:bench_factory_platform_superpage" ;;
                 vm) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest" ;;
         vm-bench) echo "guest-basic:guest_data vmm:vmm_factory_blob=guest_bench" ;;
         linux-early) echo "bzImage:linux_data vmm:vmm_factory_blob=linux_linux" ;;
@@ -42,6 +42,7 @@ for scenario in "${scenarios[@]}"; do
         echo "menuentry \"L4 ($scenario)\" {"
         cmdline=${KERNEL_CMDLINE:-}
         [ "$scenario" = bench-slowpath ] && cmdline="$cmdline nofastpath"
+        [ "$scenario" = bench-eagerfpu ] && cmdline="$cmdline eagerfpu"
         echo "    multiboot2 /boot/kernel $cmdline"
         echo "    module2 /boot/sigma0 sigma0"
         echo "    module2 /boot/roottask root"
