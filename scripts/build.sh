@@ -6,9 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The kernel and the guest images are soft-float (x86_64-unknown-none: no SSE code); the user
+# tasks may use SSE and are built for the hard-float target with .cargo/tasks.toml.
 TARGET=x86_64-unknown-none
 OUT=target/$TARGET/release
-cargo build --release --target "$TARGET" -p kernel -p sigma0 -p roottask -p demo -p ktest -p bench -p vmm -p guest-basic >&2
+TASK_TARGET=x86_64-unknown-linux-gnu
+TASK_OUT=target/$TASK_TARGET/release
+cargo build --release --target "$TARGET" -p kernel -p guest-basic >&2
+cargo --config .cargo/tasks.toml build --release --target "$TASK_TARGET" \
+    -p sigma0 -p roottask -p demo -p ktest -p bench -p vmm >&2
 
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=(demo test)
@@ -31,10 +37,10 @@ for scenario in "${scenarios[@]}"; do
     dir=target/iso/$scenario
     rm -rf "$dir"
     mkdir -p "$dir/boot/grub"
-    cp "$OUT/kernel" "$OUT/sigma0" "$OUT/roottask" "$dir/boot/"
+    cp "$OUT/kernel" "$TASK_OUT/sigma0" "$TASK_OUT/roottask" "$dir/boot/"
     if [ "$scenario" = bad-sigma0 ]; then
         # Truncated ELF image as sigma0: the kernel must refuse it with a clear message.
-        head -c 100 "$OUT/sigma0" > "$dir/boot/sigma0"
+        head -c 100 "$TASK_OUT/sigma0" > "$dir/boot/sigma0"
     fi
     {
         echo "set timeout=0"
@@ -57,6 +63,8 @@ for scenario in "${scenarios[@]}"; do
                 # The guest Linux from scripts/build-linux.sh.
                 [ -f target/linux/bzImage ] || { echo "build.sh: no target/linux/bzImage; run scripts/build-linux.sh" >&2; exit 1; }
                 cp target/linux/bzImage "$dir/boot/$binary"
+            elif [ -f "$TASK_OUT/$binary" ]; then
+                cp "$TASK_OUT/$binary" "$dir/boot/$binary"
             else
                 cp "$OUT/$binary" "$dir/boot/$binary"
             fi
