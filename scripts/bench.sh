@@ -2,7 +2,7 @@
 # Kernel benchmarks: boots the scenarios of group "bench" in scenarios.toml (QEMU with
 # -icount shift=0, so rdtsc counts guest instructions exactly): the benchmark task once with
 # the IPC fast path disabled (kernel command line `nofastpath`) and once enabled, and the
-# guest-side VM-exit benchmarks. Logs in target/bench/; writes target/bench/kernel.json and
+# guest-side VM-exit benchmarks, and once more with eager FPU switching (`eagerfpu`). Logs in target/bench/; writes target/bench/kernel.json and
 # prints a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,21 +24,24 @@ def parse(path):
     return out
 fast = parse("target/bench/bench.log")
 slow = parse("target/bench/bench-slowpath.log")
+eager = parse("target/bench/bench-eagerfpu.log")
 vm = parse("target/bench/vm-bench.log")
 result = {
     "unit": "guest instructions (QEMU TCG, -icount shift=0, rdtsc deltas), median",
     "fast_path": fast,
     "slow_path": slow,
+    "fast_path_eager_fpu": eager,
     "vm": vm,
 }
 json.dump(result, open("target/bench/kernel.json", "w"), indent=2)
 names = list(fast.keys())
 width = max(len(n) for n in names) + 2
-print(f"{'benchmark':<{width}} {'slow path':>10} {'fast path':>10}")
+print(f"{'benchmark':<{width}} {'slow path':>10} {'fast path':>10} {'eager FPU':>10}")
 for n in names:
     s = slow.get(n, {}).get("median", "-")
     f = fast[n]["median"]
-    print(f"{n:<{width}} {s:>10} {f:>10}")
+    e = eager.get(n, {}).get("median", "-")
+    print(f"{n:<{width}} {s:>10} {f:>10} {e:>10}")
 print()
 print(f"{'VM exit (measured in the guest)':<{width}} {'':>10} {'median':>10}")
 for n, v in vm.items():

@@ -69,8 +69,10 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         BootInformation::load(phys_to_virt(multiboot_info) as *const BootInformationHeader)
     }
     .unwrap_or_else(|e| panic!("invalid multiboot2 information: {e:?}"));
+    let mut eager_fpu = false;
     if let Some(cmdline) = boot.command_line_tag().and_then(|t| t.cmdline().ok()) {
         info!("command line: {cmdline}");
+        eager_fpu = cmdline.contains("eagerfpu");
         if cmdline.contains("nofastpath") {
             crate::arch::x86_64::entry::disable_fastpath();
         }
@@ -187,6 +189,7 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         timeouts: Vec::new(),
         kip_frame,
         next_thread_number: 0,
+        fpu: crate::fpu::Fpu::init(eager_fpu),
     };
 
     k.svm = crate::vm::init(&mut k.frames);

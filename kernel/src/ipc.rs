@@ -602,6 +602,7 @@ pub fn finish_death(k: &mut Kernel, id: ThreadId) {
             target.senders.retain(|&s| s != id);
         }
     }
+    crate::fpu::release(k, id);
     let thread = k.thread(id);
     thread.state = ThreadState::Dead;
     thread.deadline = None;

@@ -67,6 +67,8 @@ pub struct Kernel {
     pub kip_frame: u64,
     /// The next thread number for logs.
     pub next_thread_number: u32,
+    /// Which thread's x87/SSE/AVX registers are live, and the switching policy.
+    pub fpu: crate::fpu::Fpu,
 }
 
 struct KernelCell(UnsafeCell<MaybeUninit<Kernel>>);
@@ -229,7 +231,12 @@ impl Kernel {
     #[inline(always)]
     pub unsafe fn resume_thread(&mut self, id: ThreadId, thread: *const Thread) -> ! {
         self.current = Some(id);
-        // SAFETY: the caller passes the live, boxed thread `id`.
+        // SAFETY: the caller passes the live, boxed thread `id`; the flag is read before any
+        // reference to the thread exists (the switch below may change it).
+        if unsafe { (*thread).fpu_loaded } == self.fpu.trap {
+            self.switch_fpu(id);
+        }
+        // SAFETY: as above.
         let thread = unsafe { &*thread };
         let (root, utcb, io) = (thread.space_root, thread.utcb_address, thread.task_has_io);
         let frame = &raw const thread.frame;
@@ -286,11 +293,7 @@ impl Kernel {
             .quotas
             .get_mut(t.quota)
             .ok_or(Error::InvalidCapability)?;
-        // Quotas bound each task; the kernel heap bounds them all: keep a reserve so that no
-        // request can exhaust it (an allocation failure in the kernel would be a panic).
-        if crate::memory::heap_used() + HEAP_RESERVE > crate::memory::HEAP_SIZE {
-            return Err(Error::OutOfMemory);
-        }
+        heap_reserve_kept()?;
         quota.charge(bytes).map_err(|_| Error::OutOfMemory)?;
         t.charged += bytes;
         Ok(())
@@ -376,6 +379,16 @@ impl Kernel {
             self.io_owner = None;
         }
     }
+}
+
+/// Quotas bound each task; the kernel heap bounds them all: requests on a task's behalf fail
+/// with `OutOfMemory` once only the reserve is left, so that none can exhaust it (an
+/// allocation failure in the kernel would be a panic).
+pub fn heap_reserve_kept() -> Result<(), Error> {
+    if crate::memory::heap_used() + HEAP_RESERVE > crate::memory::HEAP_SIZE {
+        return Err(Error::OutOfMemory);
+    }
+    Ok(())
 }
 
 /// Halt until an interrupt arrives, on a fresh kernel stack.

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod bootstrap;
 pub mod fastpath;
 pub mod fault;
+pub mod fpu;
 pub mod ipc;
 pub mod irq;
 pub mod kernel;
@@ -79,6 +80,7 @@ extern "C" fn interrupt_dispatch(frame: *mut Frame) -> ! {
     match vector {
         0..=31 if !from_user => fault::kernel_fault(frame),
         14 => fault::page_fault(k, cpu::cr2(), frame.error),
+        7 => fpu::device_not_available(k),
         0..=31 => fault::exception(k, vector, frame.error),
         v if v == TIMER_VECTOR as u64 => {
             apic::end_of_interrupt();

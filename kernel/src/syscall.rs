@@ -177,7 +177,8 @@ pub const TASK_BYTES: u64 = (core::mem::size_of::<Task>()
     + l4_abi::CAP_SLOTS * core::mem::size_of::<Option<Capability>>())
     as u64
     + crate::memory::FRAME_BYTES;
-/// Kernel memory of a thread object.
+/// Kernel memory of a thread object (its x87/SSE/AVX save area is charged separately, see
+/// [`crate::fpu::AREA_BYTES`]: it is refunded when the thread dies).
 pub const THREAD_BYTES: u64 = core::mem::size_of::<Thread>() as u64;
 
 /// Create a new task whose kernel memory is charged to `quota`: empty capability table, the
@@ -208,15 +209,23 @@ pub fn new_task(k: &mut Kernel, name: &str, quota: QuotaId) -> Result<TaskId, Er
     Ok(id)
 }
 
-/// Create a new, unbound thread, charged to `quota`.
+/// Create a new, unbound thread with its x87/SSE/AVX save area in the initial state, both
+/// charged to `quota`.
 pub fn new_thread(k: &mut Kernel, quota: QuotaId) -> Result<ThreadId, Error> {
+    let bytes = THREAD_BYTES + crate::fpu::AREA_BYTES;
+    crate::kernel::heap_reserve_kept()?;
     k.quotas
         .get_mut(quota)
         .ok_or(Error::InvalidCapability)?
-        .charge(THREAD_BYTES)
+        .charge(bytes)
         .map_err(|_| Error::OutOfMemory)?;
+    let Some(area) = crate::fpu::new_area() else {
+        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        return Err(Error::OutOfMemory);
+    };
     k.next_thread_number += 1;
     let mut thread = Thread::new(k.next_thread_number);
+    thread.fpu = Some(area);
     thread.quota = Some(quota);
     thread.creator = k.current.and_then(|c| k.task_of(c));
     Ok(k.threads.insert(thread))
@@ -708,6 +717,7 @@ pub fn destroy_task(k: &mut Kernel, task: TaskId) {
         }
     }
     for t in threads {
+        crate::fpu::release(k, t);
         if let Some(thread) = k.threads.remove(t) {
             if thread.utcb_frame != 0 {
                 crate::memory::FrameSource::free_frame(&mut k.frames, thread.utcb_frame);
@@ -770,6 +780,7 @@ fn destroy_owned(k: &mut Kernel, task: TaskId) {
         })
         .collect();
     for t in unbound {
+        crate::fpu::release(k, t);
         if let Some(thread) = k.threads.remove(t) {
             if let Some(q) = thread.quota.and_then(|q| k.quotas.get_mut(q)) {
                 q.refund(THREAD_BYTES);

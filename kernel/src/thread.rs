@@ -126,6 +126,10 @@ pub struct Thread {
     pub creator: Option<TaskId>,
     /// A number for logs.
     pub number: u32,
+    /// Its x87/SSE/AVX registers while they are not live in the CPU (`None` once it died).
+    pub fpu: Option<alloc::boxed::Box<crate::arch::x86_64::fpu::Area>>,
+    /// Whether its registers are the ones live in the CPU (it is the FPU owner).
+    pub fpu_loaded: bool,
 }
 
 impl Thread {
@@ -156,6 +160,8 @@ impl Thread {
             quota: None,
             creator: None,
             number,
+            fpu: None,
+            fpu_loaded: false,
         }
     }
 

@@ -619,6 +619,10 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
     }
     let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
     load_state(vcpu, words, mask)?;
+    // The guest gets the registers: the owner's user state is saved first (the VMM thread
+    // gets its own back when it next runs), and user threads run with the user XCR0.
+    crate::fpu::surrender(k);
+    let user_xcr0 = k.fpu.hardware.xcr0;
     loop {
         let flush = k
             .vms
@@ -655,7 +659,7 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
                 svm::set_xcr0(xstate);
                 svm::xsave(vcpu.fpu, xstate);
                 svm::xrstor(zero_area, xstate);
-                svm::set_xcr0(1);
+                svm::set_xcr0(user_xcr0);
             }
         }
         let code = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;

@@ -53,11 +53,12 @@ pub enum Bootable {
     },
 }
 
-/// The directory of the built kernel and tasks.
-pub fn binaries(scenarios: &Scenarios) -> PathBuf {
+/// The built binary of package `name`.
+pub fn binary(scenarios: &Scenarios, name: &str) -> PathBuf {
     Path::new("target")
-        .join(&scenarios.build.target)
+        .join(scenarios.build.target_of(name))
         .join("release")
+        .join(name)
 }
 
 /// Inputs of `scenario` made elsewhere that are missing, with what makes them.
@@ -144,25 +145,29 @@ pub fn build(
     Ok(result)
 }
 
-/// `cargo build --release --target T -p ...` for `[build]`.
+/// `cargo [--config C] build --release --target T -p ...` for each part of `[build]`.
 fn cargo_build(scenarios: &Scenarios, sink: &mut Sink) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--release", "--target", &scenarios.build.target]);
-    for p in &scenarios.build.packages {
-        cmd.args(["-p", p]);
+    for (target, config, packages) in scenarios.build.invocations() {
+        let mut cmd = Command::new(&cargo);
+        if let Some(config) = config {
+            cmd.args(["--config", config]);
+        }
+        cmd.args(["build", "--release", "--target", target]);
+        for p in packages {
+            cmd.args(["-p", p]);
+        }
+        let status = cmd
+            .stdin(Stdio::null())
+            .stdout(sink.stdio().map_err(|e| e.to_string())?)
+            .stderr(sink.stdio().map_err(|e| e.to_string())?)
+            .status()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build for {target} failed ({status})"));
+        }
     }
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(sink.stdio().map_err(|e| e.to_string())?)
-        .stderr(sink.stdio().map_err(|e| e.to_string())?)
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("cargo build failed ({status})"))
-    }
+    Ok(())
 }
 
 /// The content of a module.
@@ -171,7 +176,7 @@ fn content(scenarios: &Scenarios, module: &Module) -> Result<Vec<u8>, String> {
         |path: &Path| fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
     match &module.source {
         Source::Binary(b) => {
-            let path = binaries(scenarios).join(b);
+            let path = binary(scenarios, b);
             if !path.is_file() {
                 return Err(format!(
                     "no binary {} (is its package in [build] packages?)",
@@ -192,7 +197,7 @@ fn content(scenarios: &Scenarios, module: &Module) -> Result<Vec<u8>, String> {
             Ok(bytes)
         }
         Source::Generate(Generator::TruncatedSigma0) => {
-            let mut bytes = read(&binaries(scenarios).join("sigma0"))?;
+            let mut bytes = read(&binary(scenarios, "sigma0"))?;
             bytes.truncate(100);
             Ok(bytes)
         }
@@ -241,10 +246,10 @@ fn make_iso(
         fs::remove_dir_all(&dir).map_err(io)?;
     }
     fs::create_dir_all(boot.join("grub")).map_err(io)?;
-    let out = binaries(scenarios);
     for file in ["kernel", "roottask"] {
-        fs::copy(out.join(file), boot.join(file))
-            .map_err(|e| format!("cannot copy {}: {e}", out.join(file).display()))?;
+        let from = binary(scenarios, file);
+        fs::copy(&from, boot.join(file))
+            .map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
     }
     for m in std::iter::once(sigma0).chain(modules) {
         fs::write(boot.join(&m.name), content(scenarios, m)?).map_err(io)?;

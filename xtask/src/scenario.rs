@@ -32,10 +32,50 @@ struct RawFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Build {
-    /// The target triple of the kernel and the tasks.
+    /// The target triple of the kernel (and of any package not in `tasks`).
     pub target: String,
     /// The packages built for it; their binaries are what `binary = "..."` names.
     pub packages: Vec<String>,
+    /// `[build.tasks]`: the user tasks, built separately (another target and configuration).
+    #[serde(default)]
+    pub tasks: Option<TaskBuild>,
+}
+
+/// `[build.tasks]`: packages built for their own target with an extra cargo configuration
+/// file (the user tasks, which may use SSE while the kernel stays soft-float).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskBuild {
+    /// Their target triple.
+    pub target: String,
+    /// A cargo configuration file passed with `--config`.
+    #[serde(default)]
+    pub config: Option<String>,
+    /// The packages.
+    pub packages: Vec<String>,
+}
+
+impl Build {
+    /// Each cargo invocation: (target, configuration file, packages).
+    pub fn invocations(&self) -> Vec<(&str, Option<&str>, &[String])> {
+        let mut out = vec![(self.target.as_str(), None, self.packages.as_slice())];
+        if let Some(t) = &self.tasks {
+            out.push((
+                t.target.as_str(),
+                t.config.as_deref(),
+                t.packages.as_slice(),
+            ));
+        }
+        out
+    }
+
+    /// The target a package's binary is built for.
+    pub fn target_of(&self, package: &str) -> &str {
+        match &self.tasks {
+            Some(t) if t.packages.iter().any(|p| p == package) => &t.target,
+            _ => &self.target,
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -153,7 +153,8 @@ pub fn enable_xcr0_switching() -> bool {
         .get_feature_info()
         .is_some_and(|f| f.has_xsave());
     if xsave {
-        // SAFETY: CR4.OSXSAVE only enables XGETBV/XSETBV; the host keeps XCR0 = x87 only.
+        // SAFETY: CR4.OSXSAVE only enables XGETBV/XSETBV (the FPU setup at boot has set it
+        // already where XSAVE exists); user threads run with the user XCR0 (`fpu::init`).
         unsafe {
             let cr4: u64;
             core::arch::asm!("mov {}, cr4", out(reg) cr4);

@@ -112,6 +112,42 @@ extern "C" fn echo_child() -> ! {
     echo_loop()
 }
 
+/// Touch the SSE registers (one vector add), as code compiled with SSE does between IPCs.
+#[inline(always)]
+fn use_sse() {
+    // SAFETY: changes only the declared XMM registers.
+    unsafe {
+        core::arch::asm!("paddq xmm0, xmm1", out("xmm0") _, out("xmm1") _, options(nomem, nostack))
+    };
+}
+
+/// Echo server that uses the SSE registers before every reply (0-word messages).
+extern "C" fn fpu_echo_child() -> ! {
+    // SAFETY: raw IPC on our own UTCB.
+    let (mut rax, ..) = unsafe { raw_ipc(Syscall::Receive, 0, OPEN_WAIT, 0, 0, [0; 4]) };
+    loop {
+        use_sse();
+        let reply = if rax == 0 {
+            MessageTag::new(0, 0, 0).0
+        } else {
+            0
+        };
+        // SAFETY: as above.
+        (rax, ..) = unsafe { raw_ipc(Syscall::ReplyWait, 0, OPEN_WAIT, reply, 0, [0; 4]) };
+    }
+}
+
+/// Call and reply, both sides using the SSE registers in between.
+fn fpu_round_trips(name: &str, server: u64) {
+    let tag = MessageTag::new(1, 0, 0).0;
+    measure(name, || {
+        use_sse();
+        // SAFETY: raw IPC.
+        let (rax, ..) = unsafe { raw_ipc(Syscall::Call, server, 0, tag, 0, [1, 2, 3, 4]) };
+        assert_eq!(rax, 0, "IPC failed in benchmark");
+    });
+}
+
 fn round_trips(prefix: &str, server: u64) {
     for words in [0usize, 8, 64] {
         let tag = MessageTag::new(1, words, 0).0;
@@ -278,6 +314,10 @@ fn main() -> i64 {
         l4::child::create(echo_child, pager_gate, NO_CAP, NO_CAP, true).expect("child");
     sys::thread_yield();
     round_trips("ipc_call_reply_cross_space", remote);
+    let (_, remote_fpu) =
+        l4::child::create(fpu_echo_child, pager_gate, NO_CAP, NO_CAP, true).expect("child");
+    sys::thread_yield();
+    fpu_round_trips("ipc_call_reply_cross_space_0w_both_use_sse", remote_fpu);
     let (_, remote_strings) =
         l4::child::create(string_echo_child, pager_gate, NO_CAP, NO_CAP, true).expect("child");
     sys::thread_yield();

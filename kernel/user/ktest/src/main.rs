@@ -1186,6 +1186,7 @@ fn task_cases(suite: &Suite) {
 }
 
 include!("mechanisms.rs");
+include!("fpu.rs");
 
 fn main() -> i64 {
     println!("# ktest: kernel conformance suite");
@@ -1226,6 +1227,7 @@ fn main() -> i64 {
     asid_cases(&suite);
     fuzz_case(&suite);
     io_cases(&suite);
+    fpu_cases(&suite);
     priority_cases();
 
     let total = NEXT.load(SeqCst) - 1;

@@ -8,6 +8,8 @@ extern crate alloc;
 pub mod child;
 pub mod ipc;
 pub mod kip;
+#[cfg(target_os = "linux")]
+pub mod mem;
 pub mod rt;
 pub mod sys;
 pub mod thread;
