@@ -13,9 +13,19 @@ use core::arch::asm;
 /// As C's `memcpy`.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(destination: *mut u8, source: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: per the caller, both ranges are valid for `n` bytes; DF is clear (ABI).
+    // SAFETY: per the caller, both ranges are valid for `n` bytes; DF is clear (ABI). Eight
+    // bytes a step, then the rest (each step of a string instruction is an instruction).
     unsafe {
-        asm!("rep movsb", inout("rcx") n => _, inout("rdi") destination => _, inout("rsi") source => _, options(nostack, preserves_flags))
+        asm!(
+            "rep movsq",
+            "mov rcx, {rest}",
+            "rep movsb",
+            rest = in(reg) n % 8,
+            inout("rcx") n / 8 => _,
+            inout("rdi") destination => _,
+            inout("rsi") source => _,
+            options(nostack, preserves_flags)
+        )
     };
     destination
 }
@@ -52,9 +62,20 @@ pub unsafe extern "C" fn memmove(destination: *mut u8, source: *const u8, n: usi
 /// As C's `memset`.
 #[no_mangle]
 pub unsafe extern "C" fn memset(destination: *mut u8, value: i32, n: usize) -> *mut u8 {
-    // SAFETY: per the caller, the range is valid for `n` bytes; DF is clear (ABI).
+    let pattern = (value as u8 as u64) * 0x0101_0101_0101_0101;
+    // SAFETY: per the caller, the range is valid for `n` bytes; DF is clear (ABI). Eight
+    // bytes a step, then the rest.
     unsafe {
-        asm!("rep stosb", inout("rcx") n => _, inout("rdi") destination => _, in("al") value as u8, options(nostack, preserves_flags))
+        asm!(
+            "rep stosq",
+            "mov rcx, {rest}",
+            "rep stosb",
+            rest = in(reg) n % 8,
+            inout("rcx") n / 8 => _,
+            inout("rdi") destination => _,
+            in("rax") pattern,
+            options(nostack, preserves_flags)
+        )
     };
     destination
 }
