@@ -4,7 +4,7 @@
 
 use crate::arch::x86_64::entry::Frame;
 use crate::arch::x86_64::paging::{
-    phys_to_virt, DIRECT_MAP_SIZE, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE,
+    phys_to_virt, BOOT_DIRECT_MAP, DIRECT_MAP_LIMIT, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE,
 };
 use crate::kernel::Kernel;
 use crate::memory::FrameSource;
@@ -70,8 +70,13 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     }
     .unwrap_or_else(|e| panic!("invalid multiboot2 information: {e:?}"));
     let mut eager_fpu = false;
+    let mut kmem: Option<alloc::string::String> = None;
     if let Some(cmdline) = boot.command_line_tag().and_then(|t| t.cmdline().ok()) {
         info!("command line: {cmdline}");
+        kmem = cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("kmem="))
+            .map(Into::into);
         eager_fpu = cmdline.contains("eagerfpu");
         if cmdline.contains("nofastpath") {
             crate::arch::x86_64::entry::disable_fastpath();
@@ -88,7 +93,7 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     for area in memory_map.memory_areas() {
         if MemoryAreaType::from(area.typ()) == MemoryAreaType::Available {
             let start = page_up(area.start_address());
-            let end = page_down(area.end_address()).min(DIRECT_MAP_SIZE);
+            let end = page_down(area.end_address()).min(DIRECT_MAP_LIMIT);
             if start < end {
                 available.push((start, end));
             }
@@ -111,13 +116,21 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         free = subtract(free, (page_down(m.base), page_up(m.end)));
     }
     let total: u64 = free.iter().map(|(s, e)| e - s).sum();
-    // The kernel pool: an eighth of memory, 16..128 MiB, from the largest free piece.
-    let pool_size = (total / 8).clamp(16 * MIB, 128 * MIB) & !(PAGE_2M - 1);
+    // The kernel pool: a fraction of memory (kernel_core::pool_size, `kmem=SIZE` overrides),
+    // from the largest free piece the boot page tables map.
+    let (pool_size, refused) = kernel_core::pool_size::pool_size(total, kmem.as_deref());
+    if let Some(why) = refused {
+        crate::warn!(
+            "kmem={} not taken ({why:?}: between 16 MiB and half of memory); using the default",
+            kmem.as_deref().unwrap_or("")
+        );
+    }
     let largest = free
         .iter()
-        .copied()
+        .map(|&(s, e)| (s, e.min(BOOT_DIRECT_MAP)))
+        .filter(|(s, e)| s < e)
         .max_by_key(|(s, e)| e - s)
-        .expect("no free memory");
+        .expect("no free memory below 4 GiB");
     let pool_start = (largest.0 + PAGE_2M - 1) & !(PAGE_2M - 1);
     let pool_end = (pool_start + pool_size).min(page_down(largest.1));
     assert!(
@@ -133,8 +146,24 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         (pool_end - pool_start) / MIB,
         modules.len()
     );
-
-    let mut frames = FrameAllocator::new(pool_start, ((pool_end - pool_start) / PAGE_4K) as usize);
+    // What the kernel keeps beyond all quotas: sigma0's page tables and the mapping nodes of
+    // the memory it hands out (one per 2 MiB at most, with their index), and a margin.
+    let reserve = 2 * MIB + total / PAGE_2M * 512 + (pool_end - pool_start) / 64;
+    let mut frames = crate::memory::init_pool(
+        FrameAllocator::new(pool_start, ((pool_end - pool_start) / PAGE_4K) as usize),
+        reserve,
+    );
+    let memory_end = free.iter().map(|&(_, e)| e).max().unwrap_or(0);
+    if memory_end > BOOT_DIRECT_MAP {
+        let reached = crate::arch::x86_64::paging::extend_direct_map(memory_end, &mut frames);
+        if reached < memory_end {
+            crate::warn!(
+                "memory above {} MiB is not used (direct map limit)",
+                reached / MIB
+            );
+            free = subtract(free, (reached, u64::MAX));
+        }
+    }
     let kip_frame = frames.allocate_zeroed().expect("frame for the KIP");
     kip::init(kip_frame, TIMER_HZ);
     for (start, end) in &free {
@@ -199,12 +228,11 @@ pub fn boot(multiboot_info: u64) -> Kernel {
             modules.len()
         );
     }
-    // sigma0 and the root task are the kernel's own creations (an unlimited quota); the root
-    // task's factory gets three quarters of the kernel pool and half the kernel heap.
+    // sigma0 is the kernel's own creation (an unlimited quota, bounded by what it can hold:
+    // see the reserve above). The root task and everything it creates are charged to the
+    // root quota: what is left of the pool after sigma0 minus the reserve, so that the sum of
+    // the top-level quotas never exceeds what the pool can give.
     let boot_quota = k.quotas.insert(kernel_core::Quota::new(u64::MAX));
-    let root_quota_bytes =
-        k.frames.free_frames() as u64 * PAGE_4K * 3 / 4 + crate::memory::HEAP_SIZE as u64 / 2;
-    let root_quota = k.quotas.insert(kernel_core::Quota::new(root_quota_bytes));
     let (sigma0, sigma0_thread) = start_module(&mut k, &modules[0], "sigma0", boot_quota);
     map_sigma0_window(&mut k, sigma0);
     // sigma0's stack: 64 KiB, mapped up front (sigma0 has no pager).
@@ -224,7 +252,11 @@ pub fn boot(multiboot_info: u64) -> Kernel {
             )
             .expect("map sigma0 stack");
     }
-    let (root, root_thread) = start_module(&mut k, &modules[1], "root", boot_quota);
+    // (Less what loading the root task's image takes from the pool uncharged.)
+    let root_image = 2 * (modules[1].end - modules[1].base) + MIB;
+    let root_quota_bytes = crate::memory::available().saturating_sub(reserve + root_image);
+    let root_quota = k.quotas.insert(kernel_core::Quota::new(root_quota_bytes));
+    let (root, root_thread) = start_module(&mut k, &modules[1], "root", root_quota);
     let pager = Capability {
         object: Object::Thread(sigma0_thread),
         rights: rights::SEND,
@@ -247,9 +279,12 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     k.wake(sigma0_thread);
     k.wake(root_thread);
     info!(
-        "sigma0 and root task started; kernel pool {} of {} frames free",
+        "sigma0 and root task started; kernel pool {} of {} frames free, root quota {} KiB, \
+         kernel reserve {} KiB",
         k.frames.free_frames(),
-        k.frames.total_frames()
+        k.frames.total_frames(),
+        root_quota_bytes >> 10,
+        reserve >> 10
     );
     k
 }

@@ -22,7 +22,7 @@ use crate::object::ThreadId;
 use alloc::boxed::Box;
 
 /// Bytes of kernel memory of a thread's save area (charged with the thread object).
-pub const AREA_BYTES: u64 = core::mem::size_of::<Area>() as u64;
+pub const AREA_BYTES: u64 = crate::memory::object_bytes(core::mem::size_of::<Area>());
 
 /// The kernel's FPU bookkeeping.
 pub struct Fpu {

@@ -9,11 +9,8 @@ use crate::thread::{Thread, ThreadState};
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
-use kernel_core::{Arena, FrameAllocator, ReadyQueues};
+use kernel_core::{Arena, ReadyQueues};
 use l4_abi::Error;
-
-/// Kernel heap bytes never handed out on a task's behalf (see [`Kernel::charge_task`]).
-const HEAP_RESERVE: usize = 512 << 10;
 
 /// All kernel state.
 pub struct Kernel {
@@ -43,8 +40,8 @@ pub struct Kernel {
     pub io_db: kernel_core::MappingDatabase<crate::map::Space>,
     /// Derivation of capabilities (task, slot).
     pub cap_db: kernel_core::MappingDatabase<crate::map::Space>,
-    /// Frames for page tables and UTCBs.
-    pub frames: FrameAllocator,
+    /// The kernel memory pool (frames for page tables, UTCBs, VMCBs; the heap grows from it).
+    pub frames: crate::memory::Pool,
     /// Runnable threads other than the current one.
     pub ready: ReadyQueues<ThreadId>,
     /// The thread whose frame holds live user state (`None` while idle).
@@ -321,9 +318,7 @@ impl Kernel {
         match space {
             crate::map::Space::Task(task) => self.charge_task(task, bytes),
             crate::map::Space::Vm(vm) => {
-                if crate::memory::heap_used() + HEAP_RESERVE > crate::memory::HEAP_SIZE {
-                    return Err(Error::OutOfMemory);
-                }
+                crate::memory::reserve_kept()?;
                 let v = self.vms.get_mut(vm).ok_or(Error::InvalidCapability)?;
                 let quota = self
                     .quotas
@@ -381,14 +376,11 @@ impl Kernel {
     }
 }
 
-/// Quotas bound each task; the kernel heap bounds them all: requests on a task's behalf fail
-/// with `OutOfMemory` once only the reserve is left, so that none can exhaust it (an
-/// allocation failure in the kernel would be a panic).
+/// Quotas bound each task and their sum is below the pool; requests on a task's behalf also
+/// fail with `OutOfMemory` once only the kernel's reserve is left (see
+/// [`crate::memory::reserve_kept`]), so that none can exhaust it.
 pub fn heap_reserve_kept() -> Result<(), Error> {
-    if crate::memory::heap_used() + HEAP_RESERVE > crate::memory::HEAP_SIZE {
-        return Err(Error::OutOfMemory);
-    }
-    Ok(())
+    crate::memory::reserve_kept()
 }
 
 /// Halt until an interrupt arrives, on a fresh kernel stack.

@@ -173,22 +173,19 @@ fn current_task(k: &Kernel) -> TaskId {
 }
 
 /// Kernel memory of a task object with its capability table and PML4.
-pub const TASK_BYTES: u64 = (core::mem::size_of::<Task>()
-    + l4_abi::CAP_SLOTS * core::mem::size_of::<Option<Capability>>())
-    as u64
+pub const TASK_BYTES: u64 = crate::memory::object_charge(core::mem::size_of::<Task>())
+    + crate::memory::object_bytes(l4_abi::CAP_SLOTS * core::mem::size_of::<Option<Capability>>())
     + crate::memory::FRAME_BYTES;
 /// Kernel memory of a thread object (its x87/SSE/AVX save area is charged separately, see
 /// [`crate::fpu::AREA_BYTES`]: it is refunded when the thread dies).
-pub const THREAD_BYTES: u64 = core::mem::size_of::<Thread>() as u64;
+pub const THREAD_BYTES: u64 = crate::memory::object_charge(core::mem::size_of::<Thread>());
+/// Kernel memory of a gate.
+pub const GATE_BYTES: u64 = crate::memory::object_charge(core::mem::size_of::<Gate>());
 
 /// Create a new task whose kernel memory is charged to `quota`: empty capability table, the
 /// KIP mapped.
 pub fn new_task(k: &mut Kernel, name: &str, quota: QuotaId) -> Result<TaskId, Error> {
-    k.quotas
-        .get_mut(quota)
-        .ok_or(Error::InvalidCapability)?
-        .charge(TASK_BYTES)
-        .map_err(|_| Error::OutOfMemory)?;
+    charge(k, quota, TASK_BYTES)?;
     let Ok(space) = AddressSpace::new(&mut k.frames) else {
         k.quotas.get_mut(quota).expect("quota").refund(TASK_BYTES);
         return Err(Error::OutOfMemory);
@@ -231,12 +228,13 @@ pub fn new_thread(k: &mut Kernel, quota: QuotaId) -> Result<ThreadId, Error> {
     Ok(k.threads.insert(thread))
 }
 
-/// Charge `bytes` for a new object to `quota`.
-fn charge(k: &mut Kernel, quota: QuotaId, bytes: usize) -> Result<(), Error> {
+/// Charge `bytes` for a new object to `quota` (if the kernel keeps its reserve).
+fn charge(k: &mut Kernel, quota: QuotaId, bytes: u64) -> Result<(), Error> {
+    crate::memory::reserve_kept()?;
     k.quotas
         .get_mut(quota)
         .ok_or(Error::InvalidCapability)?
-        .charge(bytes as u64)
+        .charge(bytes)
         .map_err(|_| Error::OutOfMemory)
 }
 
@@ -276,11 +274,7 @@ fn factory_create(
         )?)),
         ObjectKind::Gate => {
             let thread = thread_cap(k, argument)?;
-            charge(
-                k,
-                quota.ok_or(Error::WrongType)?,
-                core::mem::size_of::<Gate>(),
-            )?;
+            charge(k, quota.ok_or(Error::WrongType)?, GATE_BYTES)?;
             Capability {
                 badge,
                 ..Capability::full(Object::Gate(k.gates.insert(Gate {
@@ -318,7 +312,7 @@ fn factory_create(
             if argument == 0 {
                 return Err(Error::InvalidArgument);
             }
-            charge(k, parent, argument as usize)?;
+            charge(k, parent, argument)?;
             Capability::full(Object::Factory(
                 k.quotas.insert(kernel_core::Quota::new(argument)),
             ))
@@ -749,7 +743,7 @@ fn destroy_owned(k: &mut Kernel, task: TaskId) {
     for g in gates {
         if let Some(gate) = k.gates.remove(g) {
             if let Some(q) = k.quotas.get_mut(gate.quota) {
-                q.refund(core::mem::size_of::<Gate>() as u64);
+                q.refund(GATE_BYTES);
             }
         }
     }

@@ -36,6 +36,13 @@ pub struct Svm {
     pub xstate: u64,
 }
 
+/// Kernel memory of a VM object with the root of its nested page tables.
+pub const VM_BYTES: u64 =
+    crate::memory::object_charge(core::mem::size_of::<Vm>()) + crate::memory::FRAME_BYTES;
+/// Kernel memory of a vCPU object with its VMCB and extended-state frames.
+pub const VCPU_BYTES: u64 =
+    crate::memory::object_charge(core::mem::size_of::<Vcpu>()) + 2 * crate::memory::FRAME_BYTES;
+
 /// A virtual machine.
 pub struct Vm {
     /// Nested page tables (guest-physical to host-physical).
@@ -79,7 +86,7 @@ pub struct Vcpu {
 }
 
 /// Set up SVM if the CPU has it (called at boot); `None` otherwise.
-pub fn init(frames: &mut kernel_core::FrameAllocator) -> Option<Svm> {
+pub fn init(frames: &mut crate::memory::Pool) -> Option<Svm> {
     if !svm::supported() {
         crate::info!("SVM with nested paging not available: VM objects are not supported");
         return None;
@@ -167,19 +174,16 @@ pub fn create_vm(
     if k.svm.is_none() {
         return Err(Error::NotSupported);
     }
+    crate::memory::reserve_kept()?;
     let q = k.quotas.get_mut(quota).ok_or(Error::InvalidCapability)?;
-    q.charge(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64)
-        .map_err(|_| Error::OutOfMemory)?;
+    q.charge(VM_BYTES).map_err(|_| Error::OutOfMemory)?;
     let asid = k.svm.as_mut().and_then(|svm| svm.asids.allocate());
     let root = asid.and_then(|_| k.frames.allocate_zeroed());
     let (Some(asid), Some(root)) = (asid, root) else {
         if let (Some(asid), Some(svm)) = (asid, k.svm.as_mut()) {
             svm.asids.free(asid);
         }
-        k.quotas
-            .get_mut(quota)
-            .expect("quota")
-            .refund(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64);
+        k.quotas.get_mut(quota).expect("quota").refund(VM_BYTES);
         return Err(Error::OutOfMemory);
     };
     Ok(k.vms.insert(Vm {
@@ -211,7 +215,8 @@ pub fn create_vcpu(
         let v = k.vms.get(vm).ok_or(Error::InvalidCapability)?;
         (v.asid, v.npt.root)
     };
-    let bytes = 2 * crate::memory::FRAME_BYTES + core::mem::size_of::<Vcpu>() as u64;
+    let bytes = VCPU_BYTES;
+    crate::memory::reserve_kept()?;
     k.quotas
         .get_mut(quota)
         .ok_or(Error::InvalidCapability)?
@@ -308,7 +313,7 @@ pub fn destroy_owned(k: &mut Kernel, task: TaskId) {
             k.frames.free_frame(vcpu.vmcb);
             k.frames.free_frame(vcpu.fpu);
             if let Some(q) = k.quotas.get_mut(vcpu.quota) {
-                q.refund(2 * crate::memory::FRAME_BYTES + core::mem::size_of::<Vcpu>() as u64);
+                q.refund(VCPU_BYTES);
             }
         }
     }
@@ -326,9 +331,7 @@ pub fn destroy_owned(k: &mut Kernel, task: TaskId) {
             // Frees the root too, which the object's charge covers.
             vm.npt.destroy(&mut k.frames);
             if let Some(q) = k.quotas.get_mut(vm.quota) {
-                q.refund(
-                    vm.charged + crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64,
-                );
+                q.refund(vm.charged + VM_BYTES);
             }
         }
     }

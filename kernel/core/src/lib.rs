@@ -25,3 +25,4 @@ pub use mapping_database::{
 };
 pub mod asid_allocator;
 pub use asid_allocator::AsidAllocator;
+pub mod pool_size;

@@ -4,10 +4,16 @@
 use crate::memory::FrameSource;
 use core::arch::asm;
 
-/// Virtual address of physical address 0 in the kernel's direct map (first 4 GiB).
+/// Virtual address of physical address 0 in the kernel's direct map.
 pub const PHYS_OFFSET: u64 = 0xffff_8000_0000_0000;
-/// Physical memory the direct map covers.
-pub const DIRECT_MAP_SIZE: u64 = 4 << 30;
+/// Physical memory the boot page tables map directly (the first 4 GiB).
+pub const BOOT_DIRECT_MAP: u64 = 4 << 30;
+/// The most physical memory the direct map can cover (one page-directory-pointer table).
+pub const DIRECT_MAP_LIMIT: u64 = 512 << 30;
+
+/// Physical memory the direct map covers now (see [`extend_direct_map`]).
+static DIRECT_MAP_END: core::sync::atomic::AtomicU64 =
+    core::sync::atomic::AtomicU64::new(BOOT_DIRECT_MAP);
 
 /// Entry is present.
 pub const PRESENT: u64 = 1;
@@ -33,8 +39,33 @@ pub const PAGE_2M: u64 = 0x20_0000;
 
 /// The kernel virtual address of physical address `physical` (must be below 4 GiB).
 pub fn phys_to_virt(physical: u64) -> u64 {
-    debug_assert!(physical < DIRECT_MAP_SIZE);
+    debug_assert!(physical < DIRECT_MAP_END.load(core::sync::atomic::Ordering::Relaxed));
     physical + PHYS_OFFSET
+}
+
+/// Extend the direct map to cover physical memory up to `end` (RAM above the 4 GiB the boot
+/// page tables map), with 2 MiB pages in page directories from `frames`. Returns how far it
+/// reaches (less than asked if frames ran out or `end` exceeds [`DIRECT_MAP_LIMIT`]).
+pub fn extend_direct_map(end: u64, frames: &mut impl FrameSource) -> u64 {
+    const GIB: u64 = 1 << 30;
+    // SAFETY: the boot PML4's direct-map slot (256) points to the boot PDPT; both are kernel
+    // page tables that nothing else touches during boot.
+    let pdpt = unsafe { table(table(boot_root())[256] & ADDRESS_MASK) };
+    let mut reached = DIRECT_MAP_END.load(core::sync::atomic::Ordering::Relaxed);
+    while reached < end.min(DIRECT_MAP_LIMIT) {
+        let Some(pd) = frames.allocate_zeroed() else {
+            break;
+        };
+        // SAFETY: a fresh frame.
+        let entries = unsafe { table(pd) };
+        for (i, e) in entries.iter_mut().enumerate() {
+            *e = (reached + i as u64 * PAGE_2M) | PRESENT | WRITABLE | HUGE | NO_EXECUTE;
+        }
+        pdpt[(reached / GIB) as usize] = pd | PRESENT | WRITABLE;
+        reached += GIB;
+    }
+    DIRECT_MAP_END.store(reached, core::sync::atomic::Ordering::Relaxed);
+    reached
 }
 
 /// A page table (any level) through the direct map.
