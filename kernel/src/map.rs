@@ -12,6 +12,7 @@ use alloc::vec::Vec;
 use kernel_core::mapping_database::Removed;
 use kernel_core::{Demand, Mapping, MappingError, ObjectId, SpaceKey};
 use l4_abi::{place_in_window, Error, Fpage, FpageKind, MapItem, KERNEL_AREA_START, USER_START};
+use smallvec::SmallVec;
 
 /// An address space the mapping databases record mappings in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -129,10 +130,62 @@ fn derive(
         .plan_map(from, root_order, to, order)
         .map_err(Refusal::Mapping)?;
     charge_nodes(k, &plan.demand).map_err(|_| Refusal::OutOfMemory)?;
-    let demand = plan.demand.clone();
-    let changes = db(k, which).apply_map(plan);
-    settle(k, &demand, &changes.created);
+    let index = match IndexCharge::charge(k, which, &plan.index) {
+        Ok(index) => index,
+        Err(_) => {
+            refund_nodes(k, &plan.demand);
+            return Err(Refusal::OutOfMemory);
+        }
+    };
+    let changes = db(k, which).apply_map(&plan);
+    settle(k, &plan.demand, &changes.created);
+    index.settle(k, which);
     Ok(changes.removed)
+}
+
+/// Heap bytes charged for the growth of a mapping database's index, per space: the plan's
+/// upper bound before the operation, settled to what the index actually grew by after it (the
+/// index keeps its nodes until the space's last mapping goes, and the space's charges are
+/// refunded with the task or VM).
+struct IndexCharge {
+    charged: Demand<Space>,
+    before: SmallVec<[u64; 2]>,
+}
+
+impl IndexCharge {
+    fn charge(k: &mut Kernel, which: Db, bound: &Demand<Space>) -> Result<Self, Error> {
+        let bound: Demand<Space> = bound.iter().copied().filter(|&(_, b)| b > 0).collect();
+        if bound.is_empty() {
+            return Ok(IndexCharge {
+                charged: bound,
+                before: SmallVec::new(),
+            });
+        }
+        for (n, &(space, bytes)) in bound.iter().enumerate() {
+            if let Err(e) = k.charge_space(space, bytes) {
+                for &(space, bytes) in &bound[..n] {
+                    k.refund_space(space, bytes);
+                }
+                return Err(e);
+            }
+        }
+        let before = bound
+            .iter()
+            .map(|&(space, _)| db(k, which).index_bytes(space))
+            .collect();
+        Ok(IndexCharge {
+            charged: bound,
+            before,
+        })
+    }
+
+    fn settle(self, k: &mut Kernel, which: Db) {
+        for (&(space, bound), before) in self.charged.iter().zip(self.before) {
+            let grown = db(k, which).index_bytes(space).saturating_sub(before);
+            debug_assert!(grown <= bound, "index grew beyond its plan");
+            k.refund_space(space, bound.saturating_sub(grown));
+        }
+    }
 }
 
 /// [`derive`] for a grant: the node moves from `from`'s space to `to`'s.
@@ -145,13 +198,24 @@ fn derive_grant(
 ) -> Result<Removed<Space>, Refusal> {
     let size = 1u64 << order;
     let moved = db(k, which).find(from.0, from.1).is_some();
-    let mut demand = db(k, which).split_demand(to.0, to.1, to.1 + size);
-    demand.extend(db(k, which).split_demand(from.0, from.1, from.1 + size));
+    let (mut demand, mut index) = db(k, which).split_costs(to.0, to.1, to.1 + size);
+    let (from_demand, from_index) = db(k, which).split_costs(from.0, from.1, from.1 + size);
+    demand.extend(from_demand);
+    index.extend(from_index);
     // The node in its new place.
     demand.push((to.0, 1));
+    index.push((to.0, db(k, which).index_cost(to.0, [to.1])));
     charge_nodes(k, &demand).map_err(|_| Refusal::OutOfMemory)?;
+    let index = match IndexCharge::charge(k, which, &index) {
+        Ok(index) => index,
+        Err(_) => {
+            refund_nodes(k, &demand);
+            return Err(Refusal::OutOfMemory);
+        }
+    };
     match db(k, which).grant(from, to, order) {
         Ok(changes) => {
+            index.settle(k, which);
             let mut created = changes.created;
             created.push((to.0, 1));
             settle(k, &demand, &created);
@@ -162,6 +226,7 @@ fn derive_grant(
             Ok(changes.removed)
         }
         Err(e) => {
+            index.settle(k, which);
             refund_nodes(k, &demand);
             Err(Refusal::Mapping(e))
         }
@@ -684,9 +749,16 @@ pub fn unmap_flexpage(
             // Large mappings that straddle the range are split along it: pay for the nodes.
             let plan = k.memory_db.plan_unmap(space, start, end, include_self);
             charge_nodes(k, &plan.demand)?;
-            let demand = plan.demand.clone();
-            let changes = k.memory_db.apply_unmap(plan);
-            settle(k, &demand, &changes.created);
+            let index = match IndexCharge::charge(k, Db::Memory, &plan.index) {
+                Ok(index) => index,
+                Err(e) => {
+                    refund_nodes(k, &plan.demand);
+                    return Err(e);
+                }
+            };
+            let changes = k.memory_db.apply_unmap(&plan);
+            settle(k, &plan.demand, &changes.created);
+            index.settle(k, Db::Memory);
             revoke_memory(k, &changes.removed);
             if include_self {
                 // Also what the task holds without a record (its initial mappings), except

@@ -131,6 +131,9 @@ pub struct MapPlan<S> {
     overlapping: bool,
     /// Nodes the map creates, per space (charge them before applying).
     pub demand: Demand<S>,
+    /// Heap bytes the index may grow by, per space (at most; see
+    /// [`MappingDatabase::index_bytes`] for what it holds).
+    pub index: Demand<S>,
 }
 
 /// A revocation planned by [`MappingDatabase::plan_unmap`], to be applied with
@@ -144,6 +147,8 @@ pub struct UnmapPlan<S> {
     split: [bool; 2],
     /// Nodes its splits create, per space (charge them before applying).
     pub demand: Demand<S>,
+    /// Heap bytes the index may grow by, per space (at most).
+    pub index: Demand<S>,
 }
 
 /// What an operation did: the mappings it removed (for the caller to revoke) and the nodes
@@ -245,10 +250,26 @@ impl<S: SpaceKey> MappingDatabase<S> {
     /// boundary; when one node straddles both, splitting along the first makes the second
     /// cheaper).
     pub fn split_demand(&self, space: S, start: u64, end: u64) -> Demand<S> {
-        let mut demand = Demand::new();
-        let heads = self.split_demand_at(space, start, &mut demand, &[]);
-        self.split_demand_at(space, end, &mut demand, &heads);
-        demand
+        self.split_costs(space, start, end).0
+    }
+
+    /// [`MappingDatabase::split_demand`], and the heap bytes the index may grow by, per space.
+    pub fn split_costs(&self, space: S, start: u64, end: u64) -> (Demand<S>, Demand<S>) {
+        let (mut demand, mut index) = (Demand::new(), Demand::new());
+        let heads = self.split_demand_at(space, start, &mut demand, &mut index, &[]);
+        self.split_demand_at(space, end, &mut demand, &mut index, &heads);
+        (demand, index)
+    }
+
+    /// Heap bytes the index holds for `space` (they stay until the space's last mapping goes
+    /// with [`MappingDatabase::remove_space`]).
+    pub fn index_bytes(&self, space: S) -> u64 {
+        self.index.space_bytes(space.to_u64())
+    }
+
+    /// Heap bytes the index may grow by when `numbers` of `space` get nodes.
+    pub fn index_cost(&self, space: S, numbers: impl IntoIterator<Item = u64>) -> u64 {
+        self.index.insert_cost(space.to_u64(), numbers)
     }
 
     /// Record that `1 << order` numbers from `child` are mapped from `parent` (plan and
@@ -261,7 +282,7 @@ impl<S: SpaceKey> MappingDatabase<S> {
         order: u32,
     ) -> Result<Changes<S>, MappingError> {
         let plan = self.plan_map(parent, root_order, child, order)?;
-        Ok(self.apply_map(plan))
+        Ok(self.apply_map(&plan))
     }
 
     /// Check a map of `1 << order` numbers from `parent` to `child` and say what it will
@@ -314,14 +335,22 @@ impl<S: SpaceKey> MappingDatabase<S> {
             }
         };
         let overlapping = self.overlaps(child.0, child.1, child.1 + size);
-        let mut demand = if overlapping {
-            self.split_demand(child.0, child.1, child.1 + size)
+        let (mut demand, mut index) = if overlapping {
+            self.split_costs(child.0, child.1, child.1 + size)
         } else {
-            Demand::new()
+            (Demand::new(), Demand::new())
         };
         add_demand(&mut demand, child.0, 1);
-        if root.is_some() {
+        let cost = self.index_cost(child.0, [child.1]);
+        if cost > 0 {
+            add_demand(&mut index, child.0, cost);
+        }
+        if let Some((base, _)) = root {
             add_demand(&mut demand, parent.0, 1);
+            let cost = self.index_cost(parent.0, [base]);
+            if cost > 0 {
+                add_demand(&mut index, parent.0, cost);
+            }
         }
         Ok(MapPlan {
             parent,
@@ -331,12 +360,13 @@ impl<S: SpaceKey> MappingDatabase<S> {
             root,
             overlapping,
             demand,
+            index,
         })
     }
 
     /// Carry out a map checked by [`MappingDatabase::plan_map`]; returns the mappings it
     /// removed and the nodes it created (at most the plan's demand).
-    pub fn apply_map(&mut self, plan: MapPlan<S>) -> Changes<S> {
+    pub fn apply_map(&mut self, plan: &MapPlan<S>) -> Changes<S> {
         let MapPlan {
             parent,
             child,
@@ -345,7 +375,7 @@ impl<S: SpaceKey> MappingDatabase<S> {
             root,
             overlapping,
             ..
-        } = plan;
+        } = *plan;
         let p = match (source, root) {
             (Some(p), _) => p,
             (None, Some((base, o))) => {
@@ -429,7 +459,7 @@ impl<S: SpaceKey> MappingDatabase<S> {
     /// [`MappingDatabase::plan_unmap`]).
     pub fn unmap(&mut self, space: S, start: u64, end: u64, include_self: bool) -> Changes<S> {
         let plan = self.plan_unmap(space, start, end, include_self);
-        self.apply_unmap(plan)
+        self.apply_unmap(&plan)
     }
 
     /// Nodes that [`MappingDatabase::unmap`] of the same arguments adds by splitting, per
@@ -449,6 +479,7 @@ impl<S: SpaceKey> MappingDatabase<S> {
             include_self,
             split: [false; 2],
             demand: Demand::new(),
+            index: Demand::new(),
         };
         if start >= end || self.check(start, self.orders[0]).is_err() {
             plan.end = start;
@@ -463,7 +494,13 @@ impl<S: SpaceKey> MappingDatabase<S> {
             let node = self.node(i);
             if node.base < boundary && (include_self || node.first_child != NONE) {
                 plan.split[k] = true;
-                heads = self.split_demand_at(space, boundary, &mut plan.demand, &heads);
+                heads = self.split_demand_at(
+                    space,
+                    boundary,
+                    &mut plan.demand,
+                    &mut plan.index,
+                    &heads,
+                );
             }
         }
         plan
@@ -471,7 +508,7 @@ impl<S: SpaceKey> MappingDatabase<S> {
 
     /// Carry out a revocation planned by [`MappingDatabase::plan_unmap`]: returns every
     /// removed mapping (children before their parents) and the nodes splits created.
-    pub fn apply_unmap(&mut self, plan: UnmapPlan<S>) -> Changes<S> {
+    pub fn apply_unmap(&mut self, plan: &UnmapPlan<S>) -> Changes<S> {
         let UnmapPlan {
             space,
             start,
@@ -479,7 +516,7 @@ impl<S: SpaceKey> MappingDatabase<S> {
             include_self,
             split,
             ..
-        } = plan;
+        } = *plan;
         let mut out = Removed::new();
         if start >= end {
             return self.changes(out);
@@ -985,6 +1022,7 @@ impl<S: SpaceKey> MappingDatabase<S> {
         space: S,
         boundary: u64,
         demand: &mut Demand<S>,
+        index: &mut Demand<S>,
         shared: &[(u32, u64, u32)],
     ) -> Vec<(u32, u64, u32)> {
         let mut heads = Vec::new();
@@ -1009,8 +1047,11 @@ impl<S: SpaceKey> MappingDatabase<S> {
             let head = (current[0].0, current[0].1, order);
             heads.push(head);
             if !shared.contains(&head) {
-                for &(i, _) in &current {
-                    add_demand(demand, self.node(i).space, (1 << (order - small)) - 1);
+                for &(i, low) in &current {
+                    let space = self.node(i).space;
+                    add_demand(demand, space, (1 << (order - small)) - 1);
+                    let pieces = (1..1u64 << (order - small)).map(|j| low + (j << small));
+                    add_demand(index, space, self.index_cost(space, pieces));
                 }
             }
             let offset = (boundary - current[0].1) & !((1u64 << small) - 1);

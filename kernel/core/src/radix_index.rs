@@ -51,11 +51,21 @@ fn slot(index: u64, level: u32) -> usize {
     ((index >> (BITS * level)) & (FANOUT as u64 - 1)) as usize
 }
 
+/// Heap bytes of a leaf (its box and its value array).
+pub const LEAF_BYTES: u64 = 16 + 256;
+/// Heap bytes of an inner node below the root (its box and its child array).
+pub const INNER_BYTES: u64 = 16 + 512;
+/// Heap bytes of a space's tree before any entry (its root's child array and its share of
+/// the map of spaces).
+pub const SPACE_BYTES: u64 = 512 + 64;
+
 /// The index.
 #[derive(Clone, Debug)]
 pub struct RadixIndex {
     shift: u32,
     spaces: BTreeMap<u64, Node>,
+    /// Heap bytes each space's tree holds (nodes stay until the space's tree is dropped).
+    bytes: BTreeMap<u64, u64>,
     len: usize,
 }
 
@@ -65,6 +75,7 @@ impl RadixIndex {
         RadixIndex {
             shift,
             spaces: BTreeMap::new(),
+            bytes: BTreeMap::new(),
             len: 0,
         }
     }
@@ -106,10 +117,11 @@ impl RadixIndex {
         let Some(index) = self.split(number) else {
             return false;
         };
-        let mut node = self
-            .spaces
-            .entry(space)
-            .or_insert_with(|| Node::new(LEVELS - 1));
+        let mut added = 0;
+        let mut node = self.spaces.entry(space).or_insert_with(|| {
+            added += SPACE_BYTES;
+            Node::new(LEVELS - 1)
+        });
         for level in (1..LEVELS).rev() {
             let Node::Inner { children, count } = node else {
                 unreachable!("inner level holds a leaf")
@@ -117,6 +129,7 @@ impl RadixIndex {
             let child = &mut children[slot(index, level)];
             if child.is_none() {
                 *child = Some(Box::new(Node::new(level - 1)));
+                added += if level == 1 { LEAF_BYTES } else { INNER_BYTES };
             }
             let child = child.as_deref_mut().expect("just filled");
             // An empty child (new, or emptied earlier) holds the new entry below: count it.
@@ -134,7 +147,44 @@ impl RadixIndex {
             self.len += 1;
         }
         *entry = value;
+        if added > 0 {
+            *self.bytes.entry(space).or_insert(0) += added;
+        }
         true
+    }
+
+    /// Heap bytes the tree of `space` holds.
+    pub fn space_bytes(&self, space: u64) -> u64 {
+        self.bytes.get(&space).copied().unwrap_or(0)
+    }
+
+    /// Heap bytes inserting `numbers` into `space` would add (at most: each missing node is
+    /// counted once; numbers that are not representable add nothing).
+    pub fn insert_cost(&self, space: u64, numbers: impl IntoIterator<Item = u64>) -> u64 {
+        let root = self.spaces.get(&space);
+        let mut cost = if root.is_none() { SPACE_BYTES } else { 0 };
+        let mut counted: Vec<(u32, u64)> = Vec::new();
+        for number in numbers {
+            let Some(index) = self.split(number) else {
+                continue;
+            };
+            let mut node = root;
+            for level in (1..LEVELS).rev() {
+                let child = match node {
+                    Some(Node::Inner { children, .. }) => children[slot(index, level)].as_deref(),
+                    _ => None,
+                };
+                if child.is_none() {
+                    let key = (level, index >> (BITS * level));
+                    if !counted.contains(&key) {
+                        counted.push(key);
+                        cost += if level == 1 { LEAF_BYTES } else { INNER_BYTES };
+                    }
+                }
+                node = child;
+            }
+        }
+        cost
     }
 
     /// Remove `(space, number)`; returns its value. Emptied nodes stay allocated (the same
@@ -156,6 +206,7 @@ impl RadixIndex {
             .is_some_and(|root| root.count() == 0)
         {
             self.spaces.remove(&space);
+            self.bytes.remove(&space);
         }
     }
 
@@ -334,6 +385,27 @@ mod tests {
     extern crate std;
     use super::*;
     use std::collections::BTreeMap as Model;
+
+    #[test]
+    fn bytes_and_insert_cost_agree() {
+        let mut r = RadixIndex::new(12);
+        let keys: std::vec::Vec<u64> = (0..600).map(|i| 0x40_0000 + i * 0x1000).collect();
+        let sparse: std::vec::Vec<u64> = (0..20).map(|i| i << 33).collect();
+        for batch in [&keys[..1], &keys[1..], &sparse[..]] {
+            let before = r.space_bytes(7);
+            let cost = r.insert_cost(7, batch.iter().copied());
+            for &k in batch {
+                assert!(r.insert((7, k), 1));
+            }
+            assert_eq!(r.space_bytes(7) - before, cost);
+        }
+        assert_eq!(r.insert_cost(7, keys.iter().copied()), 0);
+        for k in keys.iter().chain(&sparse) {
+            r.remove((7, *k));
+        }
+        r.drop_space_if_empty(7);
+        assert_eq!(r.space_bytes(7), 0);
+    }
 
     #[test]
     fn insert_get_remove_and_free() {

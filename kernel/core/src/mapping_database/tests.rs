@@ -436,6 +436,23 @@ fn check(
     }
 }
 
+fn index_bytes(db: &MappingDatabase<u64>) -> Vec<u64> {
+    (0..4).map(|s| db.index_bytes(s)).collect()
+}
+
+/// The index grew by no more than the plan said, in every space.
+fn check_index(db: &MappingDatabase<u64>, before: &[u64], bound: &[(u64, u64)], ctx: &str) {
+    let bound = total(bound);
+    for (space, &was) in before.iter().enumerate() {
+        let grown = db.index_bytes(space as u64).saturating_sub(was);
+        let allowed = bound.get(&(space as u64)).copied().unwrap_or(0);
+        assert!(
+            grown <= allowed,
+            "{ctx}: index of space {space} grew {grown} > {allowed}"
+        );
+    }
+}
+
 #[test]
 fn randomized_against_a_per_unit_model() {
     for run in 0..60u64 {
@@ -455,14 +472,15 @@ fn randomized_against_a_per_unit_model() {
                         .nth(rng.below(2) as usize)
                         .unwrap_or(order);
                     let (parent, child) = (rng.place(order), rng.place(order));
-                    let demand = db
-                        .plan_map(parent, root_order, child, order)
-                        .map(|p| p.demand)
-                        .unwrap_or_default();
+                    let plan = db.plan_map(parent, root_order, child, order).ok();
+                    let demand = plan.as_ref().map(|p| p.demand.clone()).unwrap_or_default();
+                    let index = plan.map(|p| p.index).unwrap_or_default();
+                    let index_before = index_bytes(&db);
                     match db.map(parent, root_order, child, order) {
                         Ok(c) => {
                             model.map(parent, root_order, child, order);
                             check(&db, &model, &c.created, &demand, &ctx);
+                            check_index(&db, &index_before, &index, &ctx);
                         }
                         Err(MappingError::Fragmented) => {
                             assert_eq!(expand(&db), before, "{ctx}");
@@ -500,8 +518,11 @@ fn randomized_against_a_per_unit_model() {
                     let start = rng.below(64);
                     let end = start + 1 + rng.below(20);
                     let include_self = rng.below(2) == 0;
-                    let demand = db.unmap_demand(space, start, end, include_self);
-                    let c = db.unmap(space, start, end, include_self);
+                    let plan = db.plan_unmap(space, start, end, include_self);
+                    let (demand, index) = (plan.demand.clone(), plan.index.clone());
+                    let index_before = index_bytes(&db);
+                    let c = db.apply_unmap(&plan);
+                    check_index(&db, &index_before, &index, &ctx);
                     model.unmap(space, start, end, include_self);
                     check(&db, &model, &c.created, &demand, &ctx);
                     for r in &c.removed {
