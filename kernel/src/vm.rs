@@ -167,6 +167,7 @@ pub fn create_vm(
     if k.svm.is_none() {
         return Err(Error::NotSupported);
     }
+    crate::kernel::heap_reserve_kept()?;
     let q = k.quotas.get_mut(quota).ok_or(Error::InvalidCapability)?;
     q.charge(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64)
         .map_err(|_| Error::OutOfMemory)?;
@@ -182,7 +183,7 @@ pub fn create_vm(
             .refund(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64);
         return Err(Error::OutOfMemory);
     };
-    Ok(k.vms.insert(Vm {
+    let vm = Vm {
         npt: AddressSpace { root },
         asid,
         quota,
@@ -192,7 +193,18 @@ pub fn create_vm(
         pager,
         owner,
         charged: 0,
-    }))
+    };
+    k.vms.try_insert(vm).map_err(|vm| {
+        k.frames.free_frame(vm.npt.root);
+        if let Some(svm) = k.svm.as_mut() {
+            svm.asids.free(vm.asid);
+        }
+        k.quotas
+            .get_mut(quota)
+            .expect("quota")
+            .refund(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64);
+        Error::OutOfMemory
+    })
 }
 
 /// Create a vCPU of `vm` charged to `quota`, with default intercepts (everything that could
@@ -212,6 +224,7 @@ pub fn create_vcpu(
         (v.asid, v.npt.root)
     };
     let bytes = 2 * crate::memory::FRAME_BYTES + core::mem::size_of::<Vcpu>() as u64;
+    crate::kernel::heap_reserve_kept()?;
     k.quotas
         .get_mut(quota)
         .ok_or(Error::InvalidCapability)?
@@ -270,7 +283,7 @@ pub fn create_vcpu(
     ] {
         write_segment(frame, offset, seg);
     }
-    Ok(k.vcpus.insert(Vcpu {
+    let vcpu = Vcpu {
         vm,
         vmcb: frame,
         registers: GuestRegisters::default(),
@@ -280,7 +293,13 @@ pub fn create_vcpu(
         debug: [0; 4],
         owner,
         quota,
-    }))
+    };
+    k.vcpus.try_insert(vcpu).map_err(|vcpu| {
+        k.frames.free_frame(vcpu.vmcb);
+        k.frames.free_frame(vcpu.fpu);
+        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        Error::OutOfMemory
+    })
 }
 
 fn write_segment(
