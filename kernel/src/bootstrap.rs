@@ -316,6 +316,7 @@ fn start_module(
         )
     });
     let task = new_task(k, name, quota).expect("memory for a boot task");
+    k.tasks.get_mut(task).expect("task").loaded_at_boot = true;
     let space = k.tasks.get(task).expect("task").space;
     for segment in image.segments() {
         let first = page_down(segment.vaddr);

@@ -6,6 +6,7 @@
 extern crate alloc;
 
 pub mod arch;
+pub mod audit;
 pub mod bootstrap;
 pub mod fastpath;
 pub mod fault;

@@ -66,6 +66,7 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         Some(Syscall::ThreadSwitch) => thread_switch(k, id, f.rdi),
         Some(Syscall::IrqControl) => irq_control(k, f.rdi, f.rsi, f.rdx),
         Some(Syscall::VcpuRun) => vcpu_run(k, id, f.rdi, f.rsi),
+        Some(Syscall::QuotaCheck) => crate::audit::quota_check(k, id, f.rdi, f.rsi),
         None => Err(Error::UnknownSyscall),
     };
     // IPC paths set rax themselves on success (they may block); errors are written here.
@@ -193,7 +194,14 @@ pub fn new_task(k: &mut Kernel, name: &str, quota: QuotaId) -> Result<TaskId, Er
     let mut task = Task::new(space, quota);
     task.set_name(name);
     task.charged = TASK_BYTES;
-    let id = k.tasks.insert(task);
+    let id = match k.tasks.try_insert(task) {
+        Ok(id) => id,
+        Err(task) => {
+            task.space.destroy(&mut k.frames);
+            k.quotas.get_mut(quota).expect("quota").refund(TASK_BYTES);
+            return Err(Error::OutOfMemory);
+        }
+    };
     let kip = k.kip_frame;
     let mut frames = k.charged(id).expect("new task");
     if space
@@ -225,7 +233,11 @@ pub fn new_thread(k: &mut Kernel, quota: QuotaId) -> Result<ThreadId, Error> {
     thread.fpu = Some(area);
     thread.quota = Some(quota);
     thread.creator = k.current.and_then(|c| k.task_of(c));
-    Ok(k.threads.insert(thread))
+    k.threads.try_insert(thread).map_err(|_| {
+        // The save area goes with the thread.
+        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        Error::OutOfMemory
+    })
 }
 
 /// Charge `bytes` for a new object to `quota` (if the kernel keeps its reserve).
@@ -236,6 +248,13 @@ fn charge(k: &mut Kernel, quota: QuotaId, bytes: u64) -> Result<(), Error> {
         .ok_or(Error::InvalidCapability)?
         .charge(bytes)
         .map_err(|_| Error::OutOfMemory)
+}
+
+/// Give back `bytes` charged to `quota` for an object that could not be made.
+fn refund(k: &mut Kernel, quota: QuotaId, bytes: u64) {
+    if let Some(q) = k.quotas.get_mut(quota) {
+        q.refund(bytes);
+    }
 }
 
 fn factory_create(
@@ -274,14 +293,20 @@ fn factory_create(
         )?)),
         ObjectKind::Gate => {
             let thread = thread_cap(k, argument)?;
-            charge(k, quota.ok_or(Error::WrongType)?, GATE_BYTES)?;
+            let quota = quota.ok_or(Error::WrongType)?;
+            charge(k, quota, GATE_BYTES)?;
+            let gate = Gate {
+                thread,
+                owner: task,
+                quota,
+            };
+            let Ok(gate) = k.gates.try_insert(gate) else {
+                refund(k, quota, GATE_BYTES);
+                return Err(Error::OutOfMemory);
+            };
             Capability {
                 badge,
-                ..Capability::full(Object::Gate(k.gates.insert(Gate {
-                    thread,
-                    owner: task,
-                    quota: quota.ok_or(Error::WrongType)?,
-                })))
+                ..Capability::full(Object::Gate(gate))
             }
         }
         ObjectKind::Irq => {
@@ -313,9 +338,12 @@ fn factory_create(
                 return Err(Error::InvalidArgument);
             }
             charge(k, parent, argument)?;
-            Capability::full(Object::Factory(
-                k.quotas.insert(kernel_core::Quota::new(argument)),
-            ))
+            let carved = kernel_core::Quota::carved(argument, parent);
+            let Ok(child) = k.quotas.try_insert(carved) else {
+                refund(k, parent, argument);
+                return Err(Error::OutOfMemory);
+            };
+            Capability::full(Object::Factory(child))
         }
         ObjectKind::Vm => {
             let pager = if argument == NO_CAP {
@@ -735,18 +763,16 @@ pub fn destroy_task(k: &mut Kernel, task: TaskId) {
 /// Destroy the kernel objects `task` created that are not bound elsewhere: gates, IRQ objects
 /// (their lines become free), VMs and vCPUs, and threads never bound to a task.
 fn destroy_owned(k: &mut Kernel, task: TaskId) {
-    let gates: alloc::vec::Vec<_> = k
-        .gates
-        .ids()
-        .filter(|&g| k.gates.get(g).is_some_and(|x| x.owner == task))
-        .collect();
-    for g in gates {
-        if let Some(gate) = k.gates.remove(g) {
-            if let Some(q) = k.quotas.get_mut(gate.quota) {
+    // Without collecting their ids first: a task may have filled the kernel heap with gates.
+    let quotas = &mut k.quotas;
+    k.gates.remove_where(
+        |gate| gate.owner == task,
+        |gate| {
+            if let Some(q) = quotas.get_mut(gate.quota) {
                 q.refund(GATE_BYTES);
             }
-        }
-    }
+        },
+    );
     let irqs: alloc::vec::Vec<_> = k
         .irqs
         .ids()

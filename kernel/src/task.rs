@@ -19,6 +19,9 @@ pub struct Task {
     pub quota: crate::object::QuotaId,
     /// Bytes charged to the quota on the task's behalf (refunded when it is destroyed).
     pub charged: u64,
+    /// Loaded by the kernel at boot (sigma0, the root task): part of what it holds came from
+    /// the kernel uncharged.
+    pub loaded_at_boot: bool,
     /// I/O permission bitmap in the CPU's format (a set bit denies the port); `None` while
     /// the task holds no ports.
     pub io_bitmap: Option<alloc::boxed::Box<[u8; IO_BITMAP_BYTES]>>,
@@ -59,6 +62,7 @@ impl Task {
             io_bitmap: None,
             quota,
             charged: 0,
+            loaded_at_boot: false,
         }
     }
 

@@ -186,7 +186,7 @@ pub fn create_vm(
         k.quotas.get_mut(quota).expect("quota").refund(VM_BYTES);
         return Err(Error::OutOfMemory);
     };
-    Ok(k.vms.insert(Vm {
+    let vm = Vm {
         npt: AddressSpace { root },
         asid,
         quota,
@@ -196,7 +196,18 @@ pub fn create_vm(
         pager,
         owner,
         charged: 0,
-    }))
+    };
+    k.vms.try_insert(vm).map_err(|vm| {
+        k.frames.free_frame(vm.npt.root);
+        if let Some(svm) = k.svm.as_mut() {
+            svm.asids.free(vm.asid);
+        }
+        k.quotas
+            .get_mut(quota)
+            .expect("quota")
+            .refund(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64);
+        Error::OutOfMemory
+    })
 }
 
 /// Create a vCPU of `vm` charged to `quota`, with default intercepts (everything that could
@@ -275,7 +286,7 @@ pub fn create_vcpu(
     ] {
         write_segment(frame, offset, seg);
     }
-    Ok(k.vcpus.insert(Vcpu {
+    let vcpu = Vcpu {
         vm,
         vmcb: frame,
         registers: GuestRegisters::default(),
@@ -285,7 +296,13 @@ pub fn create_vcpu(
         debug: [0; 4],
         owner,
         quota,
-    }))
+    };
+    k.vcpus.try_insert(vcpu).map_err(|vcpu| {
+        k.frames.free_frame(vcpu.vmcb);
+        k.frames.free_frame(vcpu.fpu);
+        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        Error::OutOfMemory
+    })
 }
 
 fn write_segment(

@@ -696,6 +696,98 @@ fn run_guest32(vm: &Vm) -> bool {
     false
 }
 
+/// Guest-physical page the rights cases map with fewer rights (and the kernel-area pages after
+/// it).
+const RIGHTS_PAGE: u64 = 0x20_0000;
+
+/// Run `code` at 0x7000 of `vm` (32-bit, paging off); the exit and its (info1, info2).
+fn run_code(vm: &Vm, code: &[u8]) -> (Result<u64, Error>, u64, u64) {
+    vm.ram.write(0x7000, code);
+    protected_mode_state(utcb_words(), 0x7000);
+    let result = run(vm.vcpu, state::ALL);
+    let w = utcb_words();
+    (result, w[state::EXIT_INFO1], w[state::EXIT_INFO2])
+}
+
+/// Guest NX, rights that only shrink, and the kernel area: pages mapped into a VM with fewer
+/// rights than the guest uses fault as nested page faults (exits to us: the VM has no pager).
+fn rights_cases() {
+    const NPF_PRESENT: u64 = 1;
+    const NPF_WRITE: u64 = 2;
+    const NPF_FETCH: u64 = 1 << 4;
+    let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
+        for _ in 0..5 {
+            report(false, "rights cases: no VM");
+        }
+        return;
+    };
+    // mov eax, RIGHTS_PAGE; jmp eax — and there: out 0xe4, al.
+    let jump = [0xb8, 0x00, 0x00, 0x20, 0x00, 0xff, 0xe0];
+    // A page we hold with all rights (guest RAM from our parent; our heap is not executable).
+    let code = vm.ram.base + 0x8_0000;
+    vm.ram.write(0x8_0000, &[0xe6, 0xe4]);
+    let no_execute = sys::map(
+        vm.vm,
+        Fpage::memory(code, 12, Fpage::READ | Fpage::WRITE),
+        RIGHTS_PAGE,
+        0,
+    );
+    let (exit, info1, gpa) = run_code(&vm, &jump);
+    report(
+        no_execute.is_ok()
+            && exit == Ok(exit::NPF)
+            && info1 & (NPF_PRESENT | NPF_FETCH) == NPF_PRESENT | NPF_FETCH
+            && gpa == RIGHTS_PAGE,
+        "memory mapped into a VM without EXECUTE is not executable: instruction fetch is a nested page fault",
+    );
+    let executable = sys::map(vm.vm, Fpage::memory(code, 12, Fpage::RWX), RIGHTS_PAGE, 0);
+    let (exit, info1, _) = run_code(&vm, &jump);
+    let port = IoExit::decode(info1).map(|io| io.port);
+    report(
+        executable.is_ok() && exit == Ok(exit::IOIO) && port == Some(0xe4),
+        "the same page mapped with EXECUTE runs",
+    );
+    // The guest image is mapped read-only into us: mapped with all rights into the VM, it is
+    // still read-only there. mov [RIGHTS_PAGE + 0x1000], eax; out 0xe4, al.
+    let read_only = sys::map(
+        vm.vm,
+        Fpage::memory(BLOB_ADDRESS, 12, Fpage::RWX),
+        RIGHTS_PAGE + 0x1000,
+        0,
+    );
+    let (exit, info1, gpa) = run_code(&vm, &[0xa3, 0x00, 0x10, 0x20, 0x00, 0xe6, 0xe4]);
+    report(
+        read_only.is_ok()
+            && exit == Ok(exit::NPF)
+            && info1 & (NPF_PRESENT | NPF_WRITE) == NPF_PRESENT | NPF_WRITE
+            && gpa == RIGHTS_PAGE + 0x1000,
+        "rights only shrink: a page we hold read-only is read-only for the guest too",
+    );
+    // The KIP and our UTCB: Map succeeds and maps nothing; the guest faults there (not present).
+    for (address, offset, what) in [
+        (
+            l4::abi::KIP_ADDRESS,
+            0x2000u64,
+            "the KIP cannot be mapped into a VM: the guest faults there",
+        ),
+        (
+            l4::utcb::utcb() as *const _ as u64,
+            0x3000,
+            "a UTCB cannot be mapped into a VM: the guest faults there",
+        ),
+    ] {
+        let gpa = RIGHTS_PAGE + offset;
+        let mapped = sys::map(vm.vm, Fpage::memory(address, 12, Fpage::RWX), gpa, 0);
+        // mov eax, [gpa]; out 0xe4, al.
+        let load = [0xa1, 0x00, (offset >> 8) as u8, 0x20, 0x00, 0xe6, 0xe4];
+        let (exit, info1, fault) = run_code(&vm, &load);
+        report(
+            mapped.is_ok() && exit == Ok(exit::NPF) && info1 & NPF_PRESENT == 0 && fault == gpa,
+            what,
+        );
+    }
+}
+
 static SECOND_DONE: AtomicU64 = AtomicU64::new(0);
 static SPINS_STARTED: AtomicU64 = AtomicU64::new(0);
 
@@ -1029,6 +1121,8 @@ fn main() -> i64 {
         outcomes[0], outcomes[1]
     );
 
+    rights_cases();
+
     // The second VM ran on its own thread at the same time.
     for _ in 0..10_000 {
         if SECOND_DONE.load(SeqCst) != 0 {
@@ -1039,6 +1133,10 @@ fn main() -> i64 {
     report(
         second.is_ok() && SECOND_DONE.load(SeqCst) == 1,
         "a second VM runs at the same time on another thread",
+    );
+    report(
+        sys::quota_check(slots::FACTORY, true).is_ok_and(|(_, mismatches)| mismatches == 0),
+        "the kernel's books balance after the guest suite (QuotaCheck)",
     );
     let failed = FAILED.load(SeqCst);
     println!(

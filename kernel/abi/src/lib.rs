@@ -136,7 +136,20 @@ pub enum Syscall {
     /// [`Error::InvalidArgument`] (state the kernel refuses, or a VMCB the CPU rejects),
     /// [`Error::NotSupported`] (no SVM).
     VcpuRun = 25,
+    /// Read a factory's kernel-memory quota and, with [`QUOTA_CHECK_ALL`] in `a1`, check the
+    /// kernel's books (a debug aid for tests). `a0` factory capability (any rights), `a1` 0 or
+    /// [`QUOTA_CHECK_ALL`]. Returns the quota's bytes used in `rdi` and its limit in `rsi`;
+    /// `rdx` is the number of inconsistencies the check found (0 without the flag): a quota
+    /// whose `used` differs from what is held for it, or a task or VM whose charged total
+    /// differs from what it holds. The first of each is logged on the kernel console. Errors:
+    /// [`Error::InvalidCapability`], [`Error::WrongType`] (not a factory),
+    /// [`Error::InvalidArgument`] (unknown flags), [`Error::OutOfMemory`] (no kernel memory
+    /// for the check's per-quota totals).
+    QuotaCheck = 26,
 }
+
+/// [`Syscall::QuotaCheck`] flag: check every quota, task and VM, not just read one quota.
+pub const QUOTA_CHECK_ALL: u64 = 1;
 
 /// Operations of [`Syscall::IrqControl`].
 #[repr(u64)]
@@ -191,6 +204,7 @@ impl Syscall {
             23 => ThreadSwitch,
             24 => IrqControl,
             25 => VcpuRun,
+            26 => QuotaCheck,
             _ => return None,
         })
     }

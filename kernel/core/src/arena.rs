@@ -65,6 +65,24 @@ impl<T> Arena<T> {
         }
     }
 
+    /// Store `value` unless the allocator has no room for the arena's own bookkeeping (its
+    /// slot and free lists grow by doubling, which needs one large block): then `value` comes
+    /// back and nothing changed. Once this succeeded, [`Arena::remove`] of any object never
+    /// allocates. The object itself is boxed as by [`Arena::insert`] (a small allocation the
+    /// caller must have room for).
+    pub fn try_insert(&mut self, value: T) -> Result<ObjectId, T> {
+        if self.free.is_empty() {
+            // Room for the new slot, and for every slot on the free list later.
+            let slots = self.slots.len() + 1;
+            if self.slots.try_reserve(1).is_err()
+                || self.free.try_reserve(slots - self.free.len()).is_err()
+            {
+                return Err(value);
+            }
+        }
+        Ok(self.insert(value))
+    }
+
     /// The object `id`, if it still exists.
     pub fn get(&self, id: ObjectId) -> Option<&T> {
         let slot = self.slots.get(id.index as usize)?;
@@ -107,6 +125,26 @@ impl<T> Arena<T> {
         Some(value)
     }
 
+    /// Destroy every object for which `doomed` says so, handing each to `removed`, in one pass
+    /// over the slots and without collecting them first (it allocates only when the free list
+    /// must grow, which it never must for objects stored with [`Arena::try_insert`]).
+    pub fn remove_where(
+        &mut self,
+        mut doomed: impl FnMut(&T) -> bool,
+        mut removed: impl FnMut(Box<T>),
+    ) {
+        for index in 0..self.slots.len() {
+            let slot = &mut self.slots[index];
+            if slot.value.as_deref().is_some_and(&mut doomed) {
+                let value = slot.value.take().expect("checked");
+                slot.generation = slot.generation.wrapping_add(1);
+                self.free.push(index as u32);
+                self.live -= 1;
+                removed(value);
+            }
+        }
+    }
+
     /// Number of live objects.
     pub fn len(&self) -> usize {
         self.live
@@ -146,6 +184,31 @@ mod tests {
         assert_eq!(a.get(x), None);
         assert_eq!(a.get(y), Some(&2));
         assert_eq!(a.len(), 1);
+    }
+
+    #[test]
+    fn try_insert_reuses_slots_and_keeps_room_for_removal() {
+        let mut a = Arena::new();
+        let ids: Vec<_> = (0..100).map(|i| a.try_insert(i).unwrap()).collect();
+        assert!(a.free.capacity() >= a.slots.len());
+        for &id in &ids {
+            a.remove(id);
+        }
+        let again = a.try_insert(7).unwrap();
+        assert_eq!(a.get(again), Some(&7));
+        assert_eq!(a.slots.len(), 100);
+    }
+
+    #[test]
+    fn remove_where_removes_exactly_the_doomed() {
+        let mut a = Arena::new();
+        let ids: Vec<_> = (0..10).map(|i| a.try_insert(i).unwrap()).collect();
+        let mut gone = Vec::new();
+        a.remove_where(|&v| v % 3 == 0, |v| gone.push(*v));
+        assert_eq!(gone, [0, 3, 6, 9]);
+        assert_eq!(a.len(), 6);
+        assert!(a.get(ids[3]).is_none());
+        assert_eq!(a.get(ids[4]), Some(&4));
     }
 
     #[test]

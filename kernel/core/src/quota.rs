@@ -11,12 +11,32 @@ pub struct QuotaExceeded;
 pub struct Quota {
     limit: u64,
     used: u64,
+    /// The quota this one was carved out of (`None` for the kernel's own).
+    parent: Option<crate::ObjectId>,
 }
 
 impl Quota {
     /// A quota of `limit` bytes, nothing used.
     pub const fn new(limit: u64) -> Self {
-        Quota { limit, used: 0 }
+        Quota {
+            limit,
+            used: 0,
+            parent: None,
+        }
+    }
+
+    /// A quota of `limit` bytes carved out of quota `parent` (which is charged the limit).
+    pub const fn carved(limit: u64, parent: crate::ObjectId) -> Self {
+        Quota {
+            limit,
+            used: 0,
+            parent: Some(parent),
+        }
+    }
+
+    /// The quota this one was carved out of.
+    pub fn parent(&self) -> Option<crate::ObjectId> {
+        self.parent
     }
 
     /// Bytes allowed.

@@ -303,6 +303,12 @@ impl AddressSpace {
         frames.free_frame(self.root);
     }
 
+    /// Number of page-table frames below the root in the user half (what [`Self::destroy`]
+    /// frees besides the root); walks the tables, allocates nothing.
+    pub fn table_frames(&self) -> u64 {
+        count_tables(self.root, 3, 256)
+    }
+
     /// Whether this address space is the one loaded in CR3.
     pub fn is_current(&self) -> bool {
         super::cpu::cr3() & ADDRESS_MASK == self.root
@@ -347,6 +353,21 @@ fn walk(
             walk(entry & ADDRESS_MASK, level - 1, address, start, end, f);
         }
     }
+}
+
+fn count_tables(table_phys: u64, level: u32, limit: usize) -> u64 {
+    if level == 0 {
+        return 0;
+    }
+    let mut count = 0;
+    for i in 0..limit {
+        // SAFETY: walking our own page tables.
+        let entry = unsafe { table(table_phys) }[i];
+        if entry & PRESENT != 0 && entry & HUGE == 0 {
+            count += 1 + count_tables(entry & ADDRESS_MASK, level - 1, 512);
+        }
+    }
+    count
 }
 
 fn free_tables(table_phys: u64, level: u32, limit: usize, frames: &mut impl FrameSource) {

@@ -1187,6 +1187,7 @@ fn task_cases(suite: &Suite) {
 
 include!("mechanisms.rs");
 include!("fpu.rs");
+include!("hostile.rs");
 
 fn main() -> i64 {
     println!("# ktest: kernel conformance suite");
@@ -1225,6 +1226,7 @@ fn main() -> i64 {
     regression_cases();
     ownership_cases(&suite);
     asid_cases(&suite);
+    hostile_cases(&suite);
     fuzz_case(&suite);
     io_cases(&suite);
     fpu_cases(&suite);

@@ -791,7 +791,7 @@ fn fuzz_value(state: &mut u64) -> u64 {
 /// and report how many ran.
 extern "C" fn child_fuzzer() -> ! {
     let mut state = 0x2545_f491_4f6c_dd1du64;
-        let numbers = [1u64, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 22, 23, 24, 25, 0, 26, 99];
+        let numbers = [1u64, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 22, 23, 24, 25, 26, 0, 27, 99];
     // (25, VcpuRun, is skipped below; the VM and vCPU creation paths are still fuzzed.)
     let mut done = 0u64;
     for _ in 0..FUZZ_ROUNDS {
@@ -851,7 +851,9 @@ fn fuzz_case(suite: &Suite) {
         "20,000 random syscalls from a hostile task leave the kernel running",
         factory.is_ok() && result == Some(FUZZ_ROUNDS) && ipc::wait(POLL).map(|_| ()) == Err(err(Error::Timeout, true)),
     );
+    let balanced = books_balance();
     let _ = sys::task_destroy(task);
+    check("quota", "the kernel's books balance after the random syscalls, and once their task is gone", balanced && books_balance());
 }
 
 

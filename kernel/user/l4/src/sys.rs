@@ -176,3 +176,30 @@ pub fn task_destroy(task: u64) -> Result<(), Error> {
 pub fn shutdown(platform: u64, code: u64) -> Result<(), Error> {
     result(call(Syscall::Shutdown, platform, code, 0, 0, 0).0)
 }
+
+/// A factory's kernel-memory quota, as [`quota_check`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaState {
+    /// Bytes charged now.
+    pub used: u64,
+    /// Bytes allowed.
+    pub limit: u64,
+}
+
+/// Read the quota of `factory` (see [`Syscall::QuotaCheck`]).
+pub fn quota(factory: u64) -> Result<QuotaState, Error> {
+    quota_check(factory, false).map(|(state, _)| state)
+}
+
+/// Read the quota of `factory` and, with `check_all`, check the kernel's books on every
+/// quota, task and VM; returns the quota and the number of inconsistencies found (each kind's
+/// first is logged on the kernel console). See [`Syscall::QuotaCheck`].
+pub fn quota_check(factory: u64, check_all: bool) -> Result<(QuotaState, u64), Error> {
+    let flags = if check_all {
+        l4_abi::QUOTA_CHECK_ALL
+    } else {
+        0
+    };
+    let (rax, used, limit, mismatches) = call(Syscall::QuotaCheck, factory, flags, 0, 0, 0);
+    result(rax).map(|()| (QuotaState { used, limit }, mismatches))
+}

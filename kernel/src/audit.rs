@@ -1,0 +1,211 @@
+//! The quota self-check ([`l4_abi::Syscall::QuotaCheck`]): reads one factory's quota and,
+//! on request, checks the kernel's books on kernel memory against what is actually held.
+//!
+//! Two identities are checked, without changing any state:
+//! * **the ledger**: each quota's `used` equals the sum of what is charged to it: the
+//!   `charged` total of each task of that quota, each VM's `charged` plus its object and root table, each vCPU, thread (with its x87/SSE/AVX area while it has one) and
+//!   gate, and the whole limit of each sub-factory carved out of it;
+//! * **the holdings**: each task's `charged` equals its object ([`TASK_BYTES`]), its user
+//!   page-table frames below the PML4, the UTCB frames of its threads, its mapping-database
+//!   nodes (memory, I/O ports, capabilities) and its I/O bitmap; each VM's `charged` equals
+//!   its nested page-table frames below the root and its mapping nodes. Tasks of the kernel's
+//!   unlimited boot quota (sigma0, the root task) got their boot image tables, sigma0's window
+//!   and the root task's I/O bitmap from the kernel for free: for them `charged` may only be
+//!   less than what they hold.
+//!
+//! IRQ objects are not charged to any quota (the platform capability that makes them has
+//! none; their number is bounded by the interrupt lines), so they do not appear here.
+
+use crate::kernel::Kernel;
+use crate::map::{Space, NODE_BYTES};
+use crate::memory::FRAME_BYTES;
+use crate::object::{Object, QuotaId, ThreadId};
+use crate::syscall::{GATE_BYTES, TASK_BYTES, THREAD_BYTES};
+use alloc::vec::Vec;
+use l4_abi::{Error, QUOTA_CHECK_ALL};
+
+/// What is held for one quota, by kind.
+#[derive(Clone, Copy, Default, Debug)]
+struct Held {
+    tasks: u64,
+    vms: u64,
+    vcpus: u64,
+    threads: u64,
+    gates: u64,
+    factories: u64,
+}
+
+impl Held {
+    fn total(&self) -> u64 {
+        self.tasks + self.vms + self.vcpus + self.threads + self.gates + self.factories
+    }
+}
+
+use crate::vm::{VCPU_BYTES, VM_BYTES};
+
+/// [`l4_abi::Syscall::QuotaCheck`] for thread `caller`: the quota of factory slot `factory`
+/// into its `rdi`/`rsi`, the number of inconsistencies found into `rdx`.
+pub fn quota_check(
+    k: &mut Kernel,
+    caller: ThreadId,
+    factory: u64,
+    flags: u64,
+) -> Result<(), Error> {
+    let cap = k.lookup(factory)?;
+    let Object::Factory(quota) = cap.object else {
+        return Err(Error::WrongType);
+    };
+    if flags & !QUOTA_CHECK_ALL != 0 {
+        return Err(Error::InvalidArgument);
+    }
+    let q = k.quotas.get(quota).ok_or(Error::InvalidCapability)?;
+    let (used, limit) = (q.used(), q.limit());
+    let mismatches = if flags & QUOTA_CHECK_ALL != 0 {
+        check_all(k)?
+    } else {
+        0
+    };
+    let f = &mut k.thread(caller).frame;
+    f.rdi = used;
+    f.rsi = limit;
+    f.rdx = mismatches;
+    Ok(())
+}
+
+/// Check the ledger of every quota and the holdings of every task and VM; returns the number
+/// of inconsistencies and logs the first of each kind.
+fn check_all(k: &Kernel) -> Result<u64, Error> {
+    let slots = k
+        .quotas
+        .ids()
+        .map(|q| q.index as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let mut held: Vec<Held> = Vec::new();
+    // The only allocation: fallible (the check may run with the heap at its reserve).
+    held.try_reserve_exact(slots)
+        .map_err(|_| Error::OutOfMemory)?;
+    held.resize(slots, Held::default());
+    let mut add = |quota: QuotaId, field: fn(&mut Held) -> &mut u64, bytes: u64| {
+        if let Some(h) = held.get_mut(quota.index as usize) {
+            *field(h) += bytes;
+        }
+    };
+    for id in k.tasks.ids() {
+        let t = k.tasks.get(id).expect("listed");
+        add(t.quota, |h| &mut h.tasks, t.charged);
+    }
+    for id in k.vms.ids() {
+        let v = k.vms.get(id).expect("listed");
+        add(v.quota, |h| &mut h.vms, v.charged + VM_BYTES);
+    }
+    for id in k.vcpus.ids() {
+        add(
+            k.vcpus.get(id).expect("listed").quota,
+            |h| &mut h.vcpus,
+            VCPU_BYTES,
+        );
+    }
+    for id in k.threads.ids() {
+        let t = k.threads.get(id).expect("listed");
+        if let Some(quota) = t.quota {
+            let area = if t.fpu.is_some() {
+                crate::fpu::AREA_BYTES
+            } else {
+                0
+            };
+            add(quota, |h| &mut h.threads, THREAD_BYTES + area);
+        }
+    }
+    for id in k.gates.ids() {
+        let gate = k.gates.get(id).expect("listed");
+        add(gate.quota, |h| &mut h.gates, GATE_BYTES);
+    }
+    for id in k.quotas.ids() {
+        let q = k.quotas.get(id).expect("listed");
+        if let Some(parent) = q.parent() {
+            add(parent, |h| &mut h.factories, q.limit());
+        }
+    }
+    let mut mismatches = 0;
+    for id in k.quotas.ids() {
+        let q = k.quotas.get(id).expect("listed");
+        let h = held[id.index as usize];
+        if q.used() != h.total() {
+            if mismatches == 0 {
+                crate::warn!(
+                    "quota check: quota {} (limit {:#x}): used {}, but {} held for it ({h:?})",
+                    id.index,
+                    q.limit(),
+                    q.used(),
+                    h.total()
+                );
+            }
+            mismatches += 1;
+        }
+    }
+    let quota_mismatches = mismatches;
+    for id in k.tasks.ids() {
+        let t = k.tasks.get(id).expect("listed");
+        let space = Space::Task(id);
+        let nodes =
+            k.memory_db.count_in(space) + k.io_db.count_in(space) + k.cap_db.count_in(space);
+        let utcbs = t
+            .threads
+            .iter()
+            .filter(|&&th| k.threads.get(th).is_some_and(|x| x.utcb_frame != 0))
+            .count() as u64;
+        let tables = t.space.table_frames();
+        let bitmap = if t.io_bitmap.is_some() {
+            crate::task::IO_BITMAP_BYTES as u64
+        } else {
+            0
+        };
+        // The mapping databases' index memory of the task's space.
+        let index = k.memory_db.index_bytes(space)
+            + k.io_db.index_bytes(space)
+            + k.cap_db.index_bytes(space);
+        let holds = TASK_BYTES
+            + NODE_BYTES * nodes as u64
+            + index
+            + FRAME_BYTES * (tables + utcbs)
+            + bitmap;
+        // sigma0 and the root task got their images' page tables (and the root its I/O
+        // bitmap) from the kernel at boot, uncharged.
+        let boot = t.loaded_at_boot;
+        let consistent = if boot {
+            t.charged <= holds
+        } else {
+            t.charged == holds
+        };
+        if !consistent {
+            if mismatches == quota_mismatches {
+                crate::warn!(
+                    "quota check: task '{}': charged {}, but holds {holds} ({tables} page tables, {utcbs} UTCBs, {nodes} mapping nodes, index {index}, I/O bitmap {bitmap})",
+                    t.name(),
+                    t.charged
+                );
+            }
+            mismatches += 1;
+        }
+    }
+    let task_mismatches = mismatches;
+    for id in k.vms.ids() {
+        let v = k.vms.get(id).expect("listed");
+        let nodes = k.memory_db.count_in(Space::Vm(id)) as u64;
+        let index = k.memory_db.index_bytes(Space::Vm(id));
+        let tables = v.npt.table_frames();
+        let holds = NODE_BYTES * nodes + index + FRAME_BYTES * tables;
+        if v.charged != holds {
+            if mismatches == task_mismatches {
+                crate::warn!(
+                    "quota check: VM {}: charged {}, but holds {holds} ({tables} nested page tables, {nodes} mapping nodes, index {index})",
+                    id.index,
+                    v.charged
+                );
+            }
+            mismatches += 1;
+        }
+    }
+    Ok(mismatches)
+}

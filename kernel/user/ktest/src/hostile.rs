@@ -1,0 +1,248 @@
+// Hostile cases against kernel memory: floods of VM mappings and object creation that must end
+// in OutOfMemory (never a kernel panic) and give every byte back, guest mappings of the
+// kernel area, and map/unmap/grant/create cycles that must never raise what a quota has left;
+// each checked against the kernel's own books (`QuotaCheck`). Included by main.rs.
+
+/// Where a hostile child holds the 2 MiB page it floods a VM with.
+const FLOOD_SOURCE: u64 = 0x0000_0a00_0000_0000;
+/// Where we put the 2 MiB page from our parent's RAM service (module option `ram=2M`; the
+/// superpage has been split by the large-page cases: it maps as 512 small pages by now).
+const FLOOD_RAM: u64 = 0x0000_0b00_0000_0000;
+/// Child commands (labels of the call that starts one; the reply is `[count, error code]`).
+const HOSTILE_VM_FLOOD: i32 = 1;
+const HOSTILE_CREATE_LOOP: i32 = 2;
+/// At most this many rounds of a flood (far more than any quota or the heap allows).
+const FLOOD_ROUNDS: u64 = 4_000_000;
+/// A flood's call waits at most a minute for its reply.
+const FLOOD_WAIT: Timeouts = Timeouts::new(Timeout::INFINITE, Timeout::micros(60_000_000));
+
+/// Whether the kernel's books balance (every quota, task and VM; see `QuotaCheck`).
+fn books_balance() -> bool {
+    match sys::quota_check(slots::FACTORY, true) {
+        Ok((_, 0)) => true,
+        other => {
+            println!("# quota check: {other:?}");
+            false
+        }
+    }
+}
+
+fn used(factory: u64) -> u64 {
+    sys::quota(factory).map_or(u64::MAX, |q| q.used)
+}
+
+/// A hostile child: runs one flood on its factory (slot FACTORY) when called, replies with
+/// how many rounds succeeded and the error that ended them, then waits forever (its objects
+/// live until the task is destroyed).
+extern "C" fn child_hostile() -> ! {
+    let Ok(m) = ipc::wait(Timeouts::INFINITE) else { sys::thread_exit(1) };
+    let (count, error) = match m.tag.label() {
+        HOSTILE_VM_FLOOD => vm_flood(),
+        HOSTILE_CREATE_LOOP => create_loop(m.word(0)),
+        _ => (0, u64::MAX),
+    };
+    let _ = ipc::reply(tag(0, 2), &[count, error]);
+    let _ = ipc::wait(Timeouts::INFINITE);
+    sys::thread_exit(0)
+}
+
+/// Map the 2 MiB page at FLOOD_SOURCE into a new VM at ever new guest-physical addresses.
+fn vm_flood() -> (u64, u64) {
+    let vm = 20;
+    if let Err(e) = sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, NO_CAP, 0) {
+        return (0, e as u64);
+    }
+    for i in 0..FLOOD_ROUNDS {
+        if let Err(e) = sys::map(vm, Fpage::memory(FLOOD_SOURCE, 21, Fpage::RWX), i << 21, 0) {
+            return (i, e as u64);
+        }
+    }
+    (FLOOD_ROUNDS, 0)
+}
+
+/// Create objects of `kind` (gates bound to a thread of ours) and delete their capability,
+/// again and again.
+fn create_loop(kind: u64) -> (u64, u64) {
+    let (receiver, slot) = (20, 21);
+    if let Err(e) = sys::factory_create(slots::FACTORY, ObjectKind::Thread, receiver, 0, 0) {
+        return (0, e as u64);
+    }
+    let Some(kind) = ObjectKind::from_u64(kind) else { return (0, u64::MAX) };
+    for i in 0..FLOOD_ROUNDS {
+        if let Err(e) = sys::factory_create(slots::FACTORY, kind, slot, receiver, 0) {
+            return (i, e as u64);
+        }
+        if let Err(e) = sys::cap_delete(slot) {
+            return (i, e as u64);
+        }
+    }
+    (FLOOD_ROUNDS, 0)
+}
+
+/// Start a hostile child with `factory` as its FACTORY (and our 2 MiB page `source`, if any,
+/// at FLOOD_SOURCE),
+/// run one flood (`label`, `argument`), check the books while its objects live, destroy it.
+/// Returns `(rounds, error code, books balanced, factory used afterwards)`.
+fn flood(suite: &Suite, factory: u64, source: Option<u64>, label: i32, argument: u64) -> (u64, u64, bool, u64) {
+    let (task, thread) = suite.child(child_hostile, suite.pager_normal, suite.recorder, false);
+    let given = sys::cap_copy(task, factory, slots::FACTORY, rights::ALL, 0).and_then(|()| match source {
+        Some(page) => sys::map(task, Fpage::memory(page, 21, Fpage::RWX), FLOOD_SOURCE, 0),
+        None => Ok(()),
+    });
+    suite.start(thread, child_hostile);
+    let reply = ipc::call(thread, tag(label, 1), &[argument], FLOOD_WAIT);
+    let balanced = books_balance();
+    println!("# flood {label}/{argument}: {:?}, destroying its task", reply.map(|m| (m.word(0), m.word(1))));
+    let _ = sys::task_destroy(task);
+    match (given, reply) {
+        (Ok(()), Ok(m)) => (m.word(0), m.word(1), balanced, used(factory)),
+        (given, reply) => {
+            println!("# flood: {given:?} {:?}", reply.map(|_| ()));
+            (0, u64::MAX, balanced, used(factory))
+        }
+    }
+}
+
+fn quota_check_cases() {
+    let parent = used(slots::FACTORY);
+    let small = alloc_slot();
+    let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, small, 64 << 10, 0);
+    check_eq(
+        "quota",
+        "QuotaCheck reads a factory's quota: a new 64 KiB factory has 0 of 64 KiB used, carved from its parent",
+        (made, sys::quota(small), used(slots::FACTORY) - parent),
+        (Ok(()), Ok(sys::QuotaState { used: 0, limit: 64 << 10 }), 64 << 10),
+    );
+    check_eq(
+        "quota",
+        "QuotaCheck refuses a capability that is no factory, and unknown flags",
+        (sys::quota(slots::SELF_TASK), sys::quota(alloc_slot()), call_quota_check(small, 2)),
+        (Err(Error::WrongType), Err(Error::InvalidCapability), Err(Error::InvalidArgument)),
+    );
+    check("quota", "the kernel's books balance: every quota's use is what is held for it", books_balance());
+}
+
+fn call_quota_check(factory: u64, flags: u64) -> Result<(), Error> {
+    // SAFETY: QuotaCheck changes no state.
+    let (rax, ..) = unsafe { sys::raw(Syscall::QuotaCheck as u64, factory, flags, 0, 0, 0) };
+    if rax == 0 { Ok(()) } else { Err(Error::from_u64(rax).unwrap_or(Error::InvalidArgument)) }
+}
+
+fn hostile_cases(suite: &Suite) {
+    quota_check_cases();
+    // One factory larger than the kernel heap (8 MiB) for every flood: the heap bound, not
+    // the quota, has to stop them.
+    let big = alloc_slot();
+    let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, big, 16 << 20, 0);
+    // The VM flood gets a quota below the heap bound: see the report (mapping-database
+    // revocation collects what it removes, which a heap at its reserve cannot hold).
+    let vm_factory = alloc_slot();
+    let vm_made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, vm_factory, 256 << 10, 0);
+    let ram = l4::parent::request_ram(FLOOD_RAM, 2 << 20);
+    if let Err(e) = &ram {
+        println!("# no 2 MiB page from the parent: {e}");
+    }
+    if guest_asids() > 0 {
+        let (rounds, error, balanced, after) = flood(suite, vm_factory, Some(FLOOD_RAM), HOSTILE_VM_FLOOD, 0);
+        println!("# vm flood: {rounds} mappings of 2 MiB, then {error}");
+        check("vm", "mapping one 2 MiB page at ever new guest-physical addresses ends in OutOfMemory from Map, no panic", vm_made.is_ok() && ram.is_ok() && rounds > 512 && error == Error::OutOfMemory as u64);
+        check("quota", "the books balance with a VM flooded to the kernel heap's reserve", balanced);
+        check_eq("quota", "destroying the flooding VM's creator gives its factory back every byte", after, 0);
+    } else {
+        check("vm", "without SVM: no VM to flood (skipped)", true);
+        check("quota", "without SVM: no VM flood (skipped)", true);
+        check("quota", "without SVM: no VM flood (skipped)", true);
+    }
+    for (kind, name) in [(ObjectKind::Gate, "gates"), (ObjectKind::Thread, "threads")] {
+        let (rounds, error, balanced, after) = flood(suite, big, None, HOSTILE_CREATE_LOOP, kind as u64);
+        println!("# {name}: {rounds} created and their capability deleted, then {error}");
+        // Deleting the last capability frees nothing (objects die with their creator), so
+        // the loop must end, in OutOfMemory.
+        check("quota", &alloc::format!("creating and deleting {name} in a loop ends in OutOfMemory, no panic"), made.is_ok() && rounds > 0 && error == Error::OutOfMemory as u64);
+        check("quota", &alloc::format!("the books balance with {name} filling the kernel heap"), balanced);
+        check_eq("quota", &alloc::format!("destroying the creator of the {name} gives its factory back every byte"), after, 0);
+    }
+    kernel_area_cases(suite);
+    cycle_cases(suite);
+    check("quota", "the kernel's books balance after the hostile cases", books_balance());
+}
+
+/// The KIP and UTCB pages are the kernel's: never mapped into a VM, and revoking them changes
+/// no quota.
+fn kernel_area_cases(suite: &Suite) {
+    let _ = suite;
+    if guest_asids() == 0 {
+        check("vm", "without SVM: no VM for the kernel area (skipped)", true);
+        check("quota", "without SVM: no VM for the kernel area (skipped)", true);
+        return;
+    }
+    let factory = alloc_slot();
+    let vm = alloc_slot();
+    let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, factory, 64 << 10, 0)
+        .and_then(|()| sys::factory_create(factory, ObjectKind::Vm, vm, NO_CAP, 0));
+    let before = (used(factory), used(slots::FACTORY));
+    let kip = Fpage::memory(l4::abi::KIP_ADDRESS, 12, Fpage::RWX);
+    let utcb = Fpage::memory(UTCB_AREA, 12, Fpage::RWX);
+    let mapped = (sys::map(vm, kip, 0, 0), sys::map(vm, utcb, 0x1000, 0));
+    let after_map = (used(factory), used(slots::FACTORY));
+    check_eq(
+        "vm",
+        "the KIP and a UTCB map nothing into a VM: no mapping node, no nested page table charged",
+        (made, mapped, after_map),
+        (Ok(()), (Ok(()), Ok(())), before),
+    );
+    // SAFETY: the kernel area is never unmapped from a task: nothing of ours goes.
+    let revoked = unsafe { (sys::unmap(kip, l4::abi::UNMAP_SELF), sys::unmap(utcb, l4::abi::UNMAP_SELF)) };
+    check_eq(
+        "quota",
+        "unmapping the unrecorded KIP and UTCB with UNMAP_SELF after mapping them into a VM raises no quota",
+        (revoked, (used(factory), used(slots::FACTORY))),
+        ((Ok(()), Ok(())), before),
+    );
+}
+
+/// Map/unmap, grant and create/destroy cycles: after one round (which may leave page tables),
+/// every further round ends with the quota exactly where the previous one did.
+fn cycle_cases(suite: &Suite) {
+    let page = fresh_page();
+    let (a, b) = (Agent::new(suite), Agent::new(suite));
+    a.give_task(&b, 30);
+    let at_a = TEST_AREA + 0x300 * PAGE_SIZE;
+    let at_b = TEST_AREA + 0x301 * PAGE_SIZE;
+    let mut rounds = Vec::with_capacity(4);
+    for _ in 0..4 {
+        // Map to A, A grants it on to B, we revoke it from B.
+        let mapped = sys::map(a.task, Fpage::memory(page, 12, Fpage::RWX), at_a, 0);
+        let granted = a.map(30, Fpage::memory(at_a, 12, Fpage::RWX), at_b, l4::abi::MAP_GRANT);
+        let seen = b.read(at_b);
+        // SAFETY: revokes only what others derived from our page.
+        let revoked = unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) };
+        rounds.push((mapped.is_ok() && granted == 0 && seen == 0 && revoked.is_ok(), used(slots::FACTORY)));
+    }
+    let _ = (sys::task_destroy(a.task), sys::task_destroy(b.task));
+    check(
+        "quota",
+        "map, grant and unmap cycles through two tasks leave the quota where the first cycle did",
+        rounds.iter().all(|r| r.0) && rounds[1..].iter().all(|r| r.1 == rounds[0].1),
+    );
+
+    let factory = alloc_slot();
+    let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, factory, 256 << 10, 0);
+    let mut after = Vec::with_capacity(4);
+    for _ in 0..4 {
+        let task = alloc_slot();
+        let created = sys::factory_create(factory, ObjectKind::Task, task, 0, 0);
+        let thread = alloc_slot();
+        let bound = sys::factory_create(factory, ObjectKind::Thread, thread, 0, 0)
+            .and_then(|()| sys::thread_control(thread, task, UTCB_AREA, NO_CAP, NO_CAP));
+        let mapped = sys::map(task, Fpage::memory(page, 12, Fpage::READ), TEST_AREA, 0);
+        let destroyed = sys::task_destroy(task);
+        let _ = sys::cap_delete(thread);
+        after.push((created.and(bound).and(mapped).and(destroyed).is_ok(), used(factory)));
+    }
+    check(
+        "quota",
+        "creating a task with a bound thread and a mapping and destroying it gives its factory back every byte",
+        made.is_ok() && after.iter().all(|&(ok, used)| ok && used == 0),
+    );
+}
