@@ -11,8 +11,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use l4::abi::{
     slots, Fpage, IrqOp, MapItem, MessageTag, ObjectKind, Syscall, Timeout, Timeouts,
-    LABEL_PAGE_FAULT,
-    NO_CAP, OPEN_WAIT, PAGE_SIZE,
+    LABEL_PAGE_FAULT, NO_CAP, OPEN_WAIT, PAGE_SIZE,
 };
 use l4::child::fresh_page;
 use l4::ipc::{self, raw_ipc};
@@ -312,6 +311,9 @@ fn sleep_ms(ms: u32) {
     let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(ms * 1000)));
 }
 
+/// How early or late against the timer grid an undisturbed wake-up may be.
+const JITTER: u64 = 50_000;
+
 /// Run `op` (in this low-priority thread) while the watcher sleeps tick by tick; print the
 /// worst delay of its wake-ups (`latency: NAME worst=W op=T wakes=N`).
 ///
@@ -321,9 +323,6 @@ fn sleep_ms(ms: u32) {
 /// interval), and is late by the difference. Undisturbed wake-ups measure 0 (to within the
 /// timer's jitter, about 15,000 instructions either way in this emulator): the figure is the
 /// delay beyond an idle wake-up.
-
-const JITTER: u64 = 50_000;
-
 fn latency(name: &str, op: impl FnOnce()) {
     WAKES.store(0, SeqCst);
     sleep_ms(8);
@@ -346,7 +345,6 @@ fn latency(name: &str, op: impl FnOnce()) {
     let period = (post - pre) / ticks(post - pre);
     let mut worst = 0;
     for i in first..last {
-        // A wake-up is up to JITTER early or late against the grid.
         let slept_in = (times[i - 1] + JITTER - pre) / period;
         let due = pre + (slept_in + n) * period;
         worst = worst.max(times[i].saturating_sub(due));
@@ -423,7 +421,14 @@ fn latency_benchmarks() {
     let mut links = 0;
     for i in 0..1000u64 {
         let to = CHAIN + i * PAGE_SIZE;
-        if sys::map(slots::SELF_TASK, Fpage::memory(from, 12, Fpage::READ), to, 0).is_err() {
+        if sys::map(
+            slots::SELF_TASK,
+            Fpage::memory(from, 12, Fpage::READ),
+            to,
+            0,
+        )
+        .is_err()
+        {
             break;
         }
         links += 1;
@@ -453,7 +458,12 @@ fn latency_benchmarks() {
     // A 4 MiB string to a thread of ours.
     let source = alloc::vec![0x5au8; STRING_BYTES];
     let sink_buffer = alloc::vec![1u8; STRING_BYTES].leak();
-    let sink = spawn(string_sink, sink_buffer.as_mut_ptr() as u64, Spawn::default()).expect("sink");
+    let sink = spawn(
+        string_sink,
+        sink_buffer.as_mut_ptr() as u64,
+        Spawn::default(),
+    )
+    .expect("sink");
     sys::thread_schedule(sink, 10, 0).expect("sink priority");
     sys::thread_yield();
     let item = l4::abi::StringItem {

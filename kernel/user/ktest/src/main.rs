@@ -1187,6 +1187,7 @@ fn task_cases(suite: &Suite) {
 
 include!("mechanisms.rs");
 include!("fpu.rs");
+include!("bounded.rs");
 
 fn main() -> i64 {
     println!("# ktest: kernel conformance suite");
@@ -1229,6 +1230,7 @@ fn main() -> i64 {
     io_cases(&suite);
     fpu_cases(&suite);
     priority_cases();
+    bounded_destroy_cases();
 
     let total = NEXT.load(SeqCst) - 1;
     let failed = FAILED.load(SeqCst);
