@@ -2,7 +2,8 @@
 # Kernel benchmarks: boots the scenarios of group "bench" in scenarios.toml (QEMU with
 # -icount shift=0, so rdtsc counts guest instructions exactly): the benchmark task once with
 # the IPC fast path disabled (kernel command line `nofastpath`) and once enabled, and the
-# guest-side VM-exit benchmarks, and once more with eager FPU switching (`eagerfpu`). Logs in target/bench/; writes target/bench/kernel.json and
+# guest-side VM-exit benchmarks, once more with eager FPU switching (`eagerfpu`), and the
+# latency of a timer wake-up during long syscalls (`bench-latency`). Logs in target/bench/; writes target/bench/kernel.json and
 # prints a table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,12 +27,18 @@ fast = parse("target/bench/bench.log")
 slow = parse("target/bench/bench-slowpath.log")
 eager = parse("target/bench/bench-eagerfpu.log")
 vm = parse("target/bench/vm-bench.log")
+latency = {}
+for line in open("target/bench/bench-latency.log", encoding="utf-8", errors="replace"):
+    m = re.match(r"latency: (\S+) worst=(\d+) op=(\d+) wakes=(\d+)", line.strip())
+    if m:
+        latency[m.group(1)] = {"worst": int(m.group(2)), "op": int(m.group(3)), "wakes": int(m.group(4))}
 result = {
     "unit": "guest instructions (QEMU TCG, -icount shift=0, rdtsc deltas), median",
     "fast_path": fast,
     "slow_path": slow,
     "fast_path_eager_fpu": eager,
     "vm": vm,
+    "latency": latency,
 }
 json.dump(result, open("target/bench/kernel.json", "w"), indent=2)
 names = list(fast.keys())
@@ -46,6 +53,10 @@ print()
 print(f"{'VM exit (measured in the guest)':<{width}} {'':>10} {'median':>10}")
 for n, v in vm.items():
     print(f"{n:<{width}} {'':>10} {v['median']:>10}")
+print()
+print(f"{'timer wake-up during (bench-latency)':<{width}} {'worst':>10} {'operation':>10}")
+for n, v in latency.items():
+    print(f"{n:<{width}} {v['worst']:>10} {v['op']:>10}")
 ipc = fast.get("ipc_call_reply_cross_space_0w", {}).get("median")
 hc = vm.get("vm_hypercall_round_trip", {}).get("median")
 if ipc and hc:

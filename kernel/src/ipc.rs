@@ -173,8 +173,8 @@ fn restart_with_fault(
     missing: strings::Missing,
     reply_done: bool,
 ) {
+    k.thread(thread).restart_syscall();
     let f = &mut k.thread(thread).frame;
-    f.rip -= 2; // the length of `syscall`
     if reply_done && f.rax == l4_abi::Syscall::ReplyWait as u64 {
         // The reply already happened: only the receive is repeated.
         f.rax = l4_abi::Syscall::Receive as u64;
@@ -251,8 +251,10 @@ pub fn deadline(k: &Kernel, timeout: Timeout) -> Option<u64> {
 
 fn set_deadline(k: &mut Kernel, id: ThreadId, timeout: Timeout) {
     let d = deadline(k, timeout);
-    k.thread(id).deadline = d;
-    if d.is_some() && !k.timeouts.contains(&id) {
+    let t = k.thread(id);
+    t.deadline = d;
+    if d.is_some() && !t.in_timeouts {
+        t.in_timeouts = true;
         k.timeouts.push(id);
     }
 }
@@ -323,9 +325,25 @@ pub fn send(
         badge,
         call,
     };
-    k.thread(target).senders.push_back(sender);
+    push_sender(k, target, sender);
     set_deadline(k, sender, send_timeout);
     Ok(SendOutcome::Blocked)
+}
+
+/// Queue `sender` at `target`. Threads that die in a task's destruction leave their entries
+/// behind (removing each would cost the whole queue); a queue that reaches a power of two
+/// (from 64) is pruned of them first, so stale entries cost O(1) each, amortized.
+fn push_sender(k: &mut Kernel, target: ThreadId, sender: ThreadId) {
+    let length = k.thread(target).senders.len();
+    if length >= 64 && length.is_power_of_two() {
+        let mut queue = core::mem::take(&mut k.thread(target).senders);
+        queue.retain(|s| {
+            matches!(k.threads.get(*s).map(|t| t.state),
+                Some(ThreadState::Sending { to, .. }) if to == target)
+        });
+        k.thread(target).senders = queue;
+    }
+    k.thread(target).senders.push_back(sender);
 }
 
 /// After `sender`'s message reached `receiver`: a call waits for the reply, a kernel
@@ -393,6 +411,15 @@ pub fn receive(
     if from.is_none() && crate::irq::deliver_pending(k, receiver) {
         return Ok(());
     }
+    // Drop stale entries (senders that died or gave up) at the head.
+    while let Some(&head) = k.thread(receiver).senders.front() {
+        let stale = !matches!(k.threads.get(head).map(|t| t.state),
+            Some(ThreadState::Sending { to, .. }) if to == receiver);
+        if !stale {
+            break;
+        }
+        k.thread(receiver).senders.pop_front();
+    }
     let position = {
         let threads = &k.threads;
         let queue = &threads.get(receiver).expect("receiver").senders;
@@ -401,7 +428,6 @@ pub fn receive(
                 && matches!(threads.get(s).map(|t| t.state), Some(ThreadState::Sending { to, .. }) if to == receiver)
         })
     };
-    // Drop stale entries at the head cheaply.
     if let Some(index) = position {
         let sender = k
             .thread(receiver)
@@ -581,9 +607,13 @@ pub fn expire_timeouts(k: &mut Kernel) {
         match deadline {
             None => {
                 k.timeouts.swap_remove(i);
+                if let Some(t) = k.threads.get_mut(id) {
+                    t.in_timeouts = false;
+                }
             }
             Some(d) if d <= now => {
                 k.timeouts.swap_remove(i);
+                k.thread(id).in_timeouts = false;
                 let code = match k.thread(id).state {
                     ThreadState::Receiving { .. } => Error::Timeout as u64 | RECEIVE_PHASE,
                     _ => Error::Timeout as u64,
@@ -602,6 +632,25 @@ pub fn finish_death(k: &mut Kernel, id: ThreadId) {
             target.senders.retain(|&s| s != id);
         }
     }
+    let_die(k, id);
+    let waiting: alloc::vec::Vec<ThreadId> = k
+        .threads
+        .ids()
+        .filter(|&t| {
+            matches!(k.threads.get(t).map(|t| t.state),
+                Some(ThreadState::Receiving { from: Some(f), .. }) if f == id)
+        })
+        .collect();
+    for t in waiting {
+        abort(k, t, Error::DeadPartner as u64 | RECEIVE_PHASE);
+    }
+}
+
+/// The part of [`finish_death`] whose cost is the thread's own: it is dead, its queued
+/// senders fail. Its entry in the queue it was sending to stays (stale, skipped and pruned by
+/// the queue's owner), and the threads that wait to receive from it are the caller's to fail
+/// (a task's destruction does it once for all its threads, [`fail_waiters_of_dead`]).
+pub fn let_die(k: &mut Kernel, id: ThreadId) {
     crate::fpu::release(k, id);
     let thread = k.thread(id);
     thread.state = ThreadState::Dead;
@@ -615,15 +664,25 @@ pub fn finish_death(k: &mut Kernel, id: ThreadId) {
             abort(k, s, Error::DeadPartner as u64);
         }
     }
-    let waiting: alloc::vec::Vec<ThreadId> = k
+}
+
+/// Fail the receives (closed receives, calls awaiting their reply, faults awaiting their
+/// answer) that wait on a thread that is dead or gone, among thread slots `*cursor..` (at most
+/// `limit`); advances `*cursor`. Returns whether the scan reached the end.
+pub fn fail_waiters_of_dead(k: &mut Kernel, cursor: &mut usize, limit: usize) -> bool {
+    let end = k.threads.slot_count().min(cursor.saturating_add(limit));
+    let ids: alloc::vec::Vec<ThreadId> = k
         .threads
-        .ids()
+        .ids_in(*cursor..end)
         .filter(|&t| {
             matches!(k.threads.get(t).map(|t| t.state),
-                Some(ThreadState::Receiving { from: Some(f), .. }) if f == id)
+                Some(ThreadState::Receiving { from: Some(f), .. })
+                    if !k.threads.get(f).is_some_and(|p| p.is_alive()))
         })
         .collect();
-    for t in waiting {
+    *cursor = end;
+    for t in ids {
         abort(k, t, Error::DeadPartner as u64 | RECEIVE_PHASE);
     }
+    end >= k.threads.slot_count()
 }

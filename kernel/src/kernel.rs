@@ -121,7 +121,7 @@ impl Kernel {
         let task = self.tasks.get(task).ok_or(Error::InvalidCapability)?;
         let cap = *task.caps.get(slot).map_err(|_| Error::InvalidCapability)?;
         let alive = match cap.object {
-            Object::Task(id) => self.tasks.contains(id),
+            Object::Task(id) => self.tasks.get(id).is_some_and(|t| t.dying.is_none()),
             Object::Thread(id) => self.threads.contains(id),
             Object::Gate(id) => self.gates.contains(id),
             Object::Irq(id) => self.irqs.contains(id),

@@ -60,7 +60,15 @@ pub fn dispatch(k: &mut Kernel) -> ! {
             Ok(())
         }
         Some(Syscall::DebugWrite) => debug_write(k, id, f.rdi, f.rsi),
-        Some(Syscall::TaskDestroy) => task_destroy(k, id, f.rdi),
+        Some(Syscall::TaskDestroy) => match task_destroy(k, id, f.rdi) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                // More remains: again after the kernel served what is pending.
+                k.thread(id).restart_syscall();
+                k.schedule()
+            }
+            Err(e) => Err(e),
+        },
         Some(Syscall::Shutdown) => shutdown(k, f.rdi, f.rsi),
         Some(Syscall::ThreadSchedule) => thread_schedule(k, id, f.rdi, f.rsi, f.rdx),
         Some(Syscall::ThreadSwitch) => thread_switch(k, id, f.rdi),
@@ -725,31 +733,118 @@ fn debug_write(k: &mut Kernel, id: ThreadId, address: u64, length: u64) -> Resul
     Ok(())
 }
 
-/// Destroy `task`: kill its threads, free its page tables, UTCBs and capability table.
+/// Destroy `task` at once: kill its threads, free its page tables, UTCBs and capability
+/// table (for a task that has not run; `TaskDestroy` goes in steps).
 pub fn destroy_task(k: &mut Kernel, task: TaskId) {
-    crate::map::revoke_task(k, task);
-    if k.io_owner == Some(task) {
-        crate::arch::x86_64::entry::set_io_bitmap(None);
-        k.io_owner = None;
-    }
-    let threads = core::mem::take(&mut k.tasks.get_mut(task).expect("task").threads);
-    for &t in &threads {
-        if k.thread(t).is_alive() {
-            ipc::finish_death(k, t);
+    while !destroy_task_step(k, task, usize::MAX) {}
+}
+
+/// The work one `TaskDestroy` step may do, in units of about 16 instructions: a thread slot
+/// scanned is one unit, a thread or object destroyed [`OBJECT_UNITS`]. About 50,000
+/// instructions, so that a timer interrupt waits at most that long for a task's destruction.
+const STEP_UNITS: usize = 3_000;
+/// Units of destroying one thread or object.
+const OBJECT_UNITS: usize = 64;
+
+/// Go on destroying `task` for at most `budget` units of work; returns whether it is gone.
+///
+/// The first step makes the task dying (its capabilities no longer resolve, so it gets no new
+/// threads, mappings or objects from outside). The stages then are: its threads die and are
+/// freed one by one (its remaining threads may run between steps, they cannot reach their own
+/// task); one scan of the thread arena fails the receives that wait on a dead thread; what was
+/// derived from its mappings is revoked; one scan of each object arena destroys the objects it
+/// created (gates, IRQs, vCPUs, VMs, unbound threads); then the task object goes. Each stage is
+/// linear in what it visits, and its progress lives in the task, so the next `TaskDestroy` of
+/// any thread holding a capability continues it.
+pub fn destroy_task_step(k: &mut Kernel, task: TaskId, budget: usize) -> bool {
+    use crate::task::Dying;
+    let mut budget = budget;
+    loop {
+        let Some(t) = k.tasks.get_mut(task) else {
+            return true;
+        };
+        let stage = *t.dying.get_or_insert(Dying::Threads);
+        if budget == 0 {
+            return false;
+        }
+        let next = match stage {
+            Dying::Threads => {
+                if k.io_owner == Some(task) {
+                    crate::arch::x86_64::entry::set_io_bitmap(None);
+                    k.io_owner = None;
+                }
+                loop {
+                    if budget < OBJECT_UNITS {
+                        return false;
+                    }
+                    let Some(thread) = k.tasks.get_mut(task).and_then(|t| t.threads.pop()) else {
+                        break;
+                    };
+                    free_thread(k, thread);
+                    budget -= OBJECT_UNITS;
+                }
+                Dying::Waiters { cursor: 0 }
+            }
+            Dying::Waiters { mut cursor } => {
+                let start = cursor;
+                let done = ipc::fail_waiters_of_dead(k, &mut cursor, budget);
+                budget = budget.saturating_sub(cursor - start);
+                if done {
+                    Dying::Revoke
+                } else {
+                    Dying::Waiters { cursor }
+                }
+            }
+            Dying::Revoke => {
+                crate::map::revoke_task(k, task);
+                budget = budget.saturating_sub(OBJECT_UNITS);
+                Dying::Owned {
+                    arena: 0,
+                    cursor: 0,
+                }
+            }
+            Dying::Owned { arena, mut cursor } => {
+                let start = cursor;
+                let (max, end) = (budget / OBJECT_UNITS + 1, arena_slots(k, arena));
+                let removed = destroy_owned(k, task, arena, &mut cursor, budget, max);
+                budget = budget.saturating_sub(cursor - start + removed * OBJECT_UNITS);
+                match (cursor >= end, arena) {
+                    (false, _) => Dying::Owned { arena, cursor },
+                    (true, 4) => {
+                        finish_task(k, task);
+                        return true;
+                    }
+                    (true, _) => Dying::Owned {
+                        arena: arena + 1,
+                        cursor: 0,
+                    },
+                }
+            }
+        };
+        if let Some(t) = k.tasks.get_mut(task) {
+            t.dying = Some(next);
         }
     }
-    for t in threads {
-        crate::fpu::release(k, t);
-        if let Some(thread) = k.threads.remove(t) {
-            if thread.utcb_frame != 0 {
-                crate::memory::FrameSource::free_frame(&mut k.frames, thread.utcb_frame);
-            }
-            if let Some(quota) = thread.quota.and_then(|q| k.quotas.get_mut(q)) {
-                quota.refund(THREAD_BYTES);
-            }
+}
+
+/// Kill and free thread `id` of a dying task.
+fn free_thread(k: &mut Kernel, id: ThreadId) {
+    if k.threads.get(id).is_some_and(|t| t.is_alive()) {
+        ipc::let_die(k, id);
+    }
+    crate::fpu::release(k, id);
+    if let Some(thread) = k.threads.remove(id) {
+        if thread.utcb_frame != 0 {
+            crate::memory::FrameSource::free_frame(&mut k.frames, thread.utcb_frame);
+        }
+        if let Some(quota) = thread.quota.and_then(|q| k.quotas.get_mut(q)) {
+            quota.refund(THREAD_BYTES);
         }
     }
-    destroy_owned(k, task);
+}
+
+/// Free the task object of a destroyed task, its page tables and capability table.
+fn finish_task(k: &mut Kernel, task: TaskId) {
     if let Some(task) = k.tasks.remove(task) {
         task.space.destroy(&mut k.frames);
         // Everything charged on the task's behalf (object, page tables, UTCBs, mapping
@@ -760,62 +855,111 @@ pub fn destroy_task(k: &mut Kernel, task: TaskId) {
     }
 }
 
-/// Destroy the kernel objects `task` created that are not bound elsewhere: gates, IRQ objects
-/// (their lines become free), VMs and vCPUs, and threads never bound to a task.
-fn destroy_owned(k: &mut Kernel, task: TaskId) {
-    // Without collecting their ids first: a task may have filled the kernel heap with gates.
-    let quotas = &mut k.quotas;
-    k.gates.remove_where(
-        |gate| gate.owner == task,
-        |gate| {
-            if let Some(q) = quotas.get_mut(gate.quota) {
-                q.refund(GATE_BYTES);
-            }
-        },
-    );
-    let irqs: alloc::vec::Vec<_> = k
-        .irqs
-        .ids()
-        .filter(|&i| k.irqs.get(i).is_some_and(|x| x.owner == task))
-        .collect();
-    for i in irqs {
-        if let Some(irq) = k.irqs.remove(i) {
-            if irq.pending {
-                k.pending_irqs -= 1;
-            }
-            if irq.line < crate::irq::HARDWARE_LINES {
-                crate::arch::x86_64::ioapic::set_masked(irq.line, true);
-            }
-            k.irq_lines[irq.line as usize] = None;
-        }
+/// Slots of owned-object arena `arena` (see [`destroy_owned`]).
+fn arena_slots(k: &Kernel, arena: u8) -> usize {
+    match arena {
+        0 => k.gates.slot_count(),
+        1 => k.irqs.slot_count(),
+        2 => k.vcpus.slot_count(),
+        3 => k.vms.slot_count(),
+        _ => k.threads.slot_count(),
     }
-    crate::vm::destroy_owned(k, task);
-    let unbound: alloc::vec::Vec<_> = k
-        .threads
-        .ids()
-        .filter(|&t| {
-            k.threads
-                .get(t)
-                .is_some_and(|x| x.creator == Some(task) && x.task.is_none())
-        })
-        .collect();
-    for t in unbound {
-        crate::fpu::release(k, t);
-        if let Some(thread) = k.threads.remove(t) {
-            if let Some(q) = thread.quota.and_then(|q| k.quotas.get_mut(q)) {
-                q.refund(THREAD_BYTES);
+}
+
+/// Destroy the kernel objects `task` created that are not bound elsewhere, in arena `arena`
+/// (0 gates, 1 IRQ objects (their lines become free), 2 vCPUs, 3 VMs, 4 threads never bound
+/// to a task), scanning at most `limit` slots from `*cursor` and destroying at most `max`;
+/// returns how many it destroyed.
+fn destroy_owned(
+    k: &mut Kernel,
+    task: TaskId,
+    arena: u8,
+    cursor: &mut usize,
+    limit: usize,
+    max: usize,
+) -> usize {
+    match arena {
+        0 => {
+            let gates = k.gates.drain_where(cursor, limit, max, |g| g.owner == task);
+            for (_, gate) in &gates {
+                if let Some(q) = k.quotas.get_mut(gate.quota) {
+                    q.refund(GATE_BYTES);
+                }
             }
+            gates.len()
+        }
+        1 => {
+            let irqs = k.irqs.drain_where(cursor, limit, max, |i| i.owner == task);
+            for (_, irq) in &irqs {
+                if irq.pending {
+                    k.pending_irqs -= 1;
+                }
+                if irq.line < crate::irq::HARDWARE_LINES {
+                    crate::arch::x86_64::ioapic::set_masked(irq.line, true);
+                }
+                k.irq_lines[irq.line as usize] = None;
+            }
+            irqs.len()
+        }
+        2 => {
+            let vcpus = k.vcpus.drain_where(cursor, limit, max, |v| v.owner == task);
+            let count = vcpus.len();
+            for (_, vcpu) in vcpus {
+                crate::vm::destroy_vcpu(k, &vcpu);
+            }
+            count
+        }
+        3 => {
+            let vms = k.vms.drain_where(cursor, limit, max, |v| v.owner == task);
+            let count = vms.len();
+            for (id, vm) in vms {
+                crate::vm::destroy_vm(k, id, &vm);
+            }
+            count
+        }
+        _ => {
+            let threads = k.threads.drain_where(cursor, limit, max, |t| {
+                t.creator == Some(task) && t.task.is_none()
+            });
+            for (id, thread) in &threads {
+                if k.fpu.owner == Some(*id) {
+                    k.fpu.owner = None;
+                }
+                if let Some(q) = thread.quota.and_then(|q| k.quotas.get_mut(q)) {
+                    let area = if thread.fpu.is_some() {
+                        crate::fpu::AREA_BYTES
+                    } else {
+                        0
+                    };
+                    q.refund(THREAD_BYTES + area);
+                }
+            }
+            threads.len()
         }
     }
 }
 
-fn task_destroy(k: &mut Kernel, id: ThreadId, slot: u64) -> Result<(), Error> {
-    let task = task_cap(k, slot)?;
+/// `TaskDestroy`: one step of the destruction (see [`destroy_task_step`]); `Ok(false)` when
+/// more remains (the caller restarts the syscall). The capability may name a dying task.
+fn task_destroy(k: &mut Kernel, id: ThreadId, slot: u64) -> Result<bool, Error> {
+    let own = current_task(k);
+    let cap = k
+        .tasks
+        .get(own)
+        .and_then(|t| t.caps.get(slot).ok().copied())
+        .ok_or(Error::InvalidCapability)?;
+    let task = match cap.object {
+        Object::Task(t) if k.tasks.contains(t) => require(cap, rights::CONTROL).map(|_| t)?,
+        Object::Task(_) => return Err(Error::InvalidCapability),
+        _ => {
+            k.lookup(slot)?;
+            return Err(Error::WrongType);
+        }
+    };
     if k.task_of(id) == Some(task) {
         return Err(Error::InvalidArgument);
     }
-    destroy_task(k, task);
-    Ok(())
+    Ok(destroy_task_step(k, task, STEP_UNITS))
 }
 
 fn shutdown(k: &mut Kernel, platform: u64, code: u64) -> Result<(), Error> {

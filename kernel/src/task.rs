@@ -25,6 +25,32 @@ pub struct Task {
     /// I/O permission bitmap in the CPU's format (a set bit denies the port); `None` while
     /// the task holds no ports.
     pub io_bitmap: Option<alloc::boxed::Box<[u8; IO_BITMAP_BYTES]>>,
+    /// Set once a `TaskDestroy` began: how far the destruction got (it goes in steps, see
+    /// `syscall::destroy_task_steps`). A dying task's capabilities no longer resolve.
+    pub dying: Option<Dying>,
+}
+
+/// The stages of a task's destruction, each done in bounded steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dying {
+    /// Killing and freeing its threads (popped from `threads`).
+    Threads,
+    /// Failing the closed receives (and calls) that wait on a thread that died: a scan of the
+    /// thread arena from `cursor`.
+    Waiters {
+        /// Next thread slot.
+        cursor: usize,
+    },
+    /// Revoking what was derived from its mappings and capabilities.
+    Revoke,
+    /// Destroying the objects it created (arena `arena` of gates, IRQs, vCPUs, VMs, unbound
+    /// threads), scanning from slot `cursor`.
+    Owned {
+        /// Which arena.
+        arena: u8,
+        /// Next slot.
+        cursor: usize,
+    },
 }
 
 /// Bytes of an I/O permission bitmap (65536 ports).
@@ -63,6 +89,7 @@ impl Task {
             quota,
             charged: 0,
             loaded_at_boot: false,
+            dying: None,
         }
     }
 

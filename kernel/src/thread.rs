@@ -103,6 +103,8 @@ pub struct Thread {
     pub caller: Option<ThreadId>,
     /// Timer tick at which the current IPC phase times out.
     pub deadline: Option<u64>,
+    /// Whether it is in the kernel's list of threads with a deadline.
+    pub in_timeouts: bool,
     /// A message the kernel sends on this thread's behalf, instead of its registers.
     pub kernel_message: Option<KernelMessage>,
     /// The receive timeout of a call still in its send phase.
@@ -149,6 +151,7 @@ impl Thread {
             senders: VecDeque::new(),
             caller: None,
             deadline: None,
+            in_timeouts: false,
             kernel_message: None,
             receive_timeout: Timeout::INFINITE,
             fault_address: 0,
@@ -163,6 +166,13 @@ impl Thread {
             fpu: None,
             fpu_loaded: false,
         }
+    }
+
+    /// Make the thread re-execute its syscall (`syscall` is two bytes long) when it next
+    /// runs: the syscall did part of its work and continues after the kernel served pending
+    /// interrupts, or waits for something (a fault) first.
+    pub fn restart_syscall(&mut self) {
+        self.frame.rip -= 2;
     }
 
     /// Whether the thread can take part in IPC.

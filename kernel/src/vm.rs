@@ -11,7 +11,6 @@ use crate::ipc::utcb;
 use crate::kernel::Kernel;
 use crate::memory::FrameSource;
 use crate::object::{QuotaId, TaskId, ThreadId};
-use alloc::vec::Vec;
 use l4_abi::vcpu::{self as state, exit};
 use l4_abi::{Error, Fpage};
 
@@ -202,10 +201,7 @@ pub fn create_vm(
         if let Some(svm) = k.svm.as_mut() {
             svm.asids.free(vm.asid);
         }
-        k.quotas
-            .get_mut(quota)
-            .expect("quota")
-            .refund(crate::memory::FRAME_BYTES + core::mem::size_of::<Vm>() as u64);
+        k.quotas.get_mut(quota).expect("quota").refund(VM_BYTES);
         Error::OutOfMemory
     })
 }
@@ -316,41 +312,28 @@ fn write_segment(
     write(frame, offset + 8, base);
 }
 
-/// Destroy the VMs and vCPUs `task` created: their VMCBs, extended-state areas and nested
-/// page tables are freed and the quotas refunded; guest memory mappings were derived from the
-/// VMM's memory and go from the mapping database.
-pub fn destroy_owned(k: &mut Kernel, task: TaskId) {
-    let vcpus: Vec<VcpuId> = k
-        .vcpus
-        .ids()
-        .filter(|&v| k.vcpus.get(v).is_some_and(|x| x.owner == task))
-        .collect();
-    for id in vcpus {
-        if let Some(vcpu) = k.vcpus.remove(id) {
-            k.frames.free_frame(vcpu.vmcb);
-            k.frames.free_frame(vcpu.fpu);
-            if let Some(q) = k.quotas.get_mut(vcpu.quota) {
-                q.refund(VCPU_BYTES);
-            }
-        }
+/// Destroy vCPU `vcpu` (removed from its arena; its task is being destroyed): its VMCB and
+/// extended-state area are freed and its quota refunded.
+pub fn destroy_vcpu(k: &mut Kernel, vcpu: &Vcpu) {
+    k.frames.free_frame(vcpu.vmcb);
+    k.frames.free_frame(vcpu.fpu);
+    if let Some(q) = k.quotas.get_mut(vcpu.quota) {
+        q.refund(VCPU_BYTES);
     }
-    let vms: Vec<VmId> = k
-        .vms
-        .ids()
-        .filter(|&v| k.vms.get(v).is_some_and(|x| x.owner == task))
-        .collect();
-    for id in vms {
-        crate::map::forget_vm(k, id);
-        if let Some(vm) = k.vms.remove(id) {
-            if let Some(svm) = k.svm.as_mut() {
-                svm.asids.free(vm.asid);
-            }
-            // Frees the root too, which the object's charge covers.
-            vm.npt.destroy(&mut k.frames);
-            if let Some(q) = k.quotas.get_mut(vm.quota) {
-                q.refund(vm.charged + VM_BYTES);
-            }
-        }
+}
+
+/// Destroy VM `id` (removed from its arena as `vm`; its task is being destroyed): its
+/// nested page tables are freed and the quota refunded; guest memory mappings were derived
+/// from the VMM's memory and go from the mapping database.
+pub fn destroy_vm(k: &mut Kernel, id: VmId, vm: &Vm) {
+    crate::map::forget_vm(k, id);
+    if let Some(svm) = k.svm.as_mut() {
+        svm.asids.free(vm.asid);
+    }
+    // Frees the root too, which the object's charge covers.
+    vm.npt.destroy(&mut k.frames);
+    if let Some(q) = k.quotas.get_mut(vm.quota) {
+        q.refund(vm.charged + VM_BYTES);
     }
 }
 

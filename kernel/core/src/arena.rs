@@ -155,6 +155,61 @@ impl<T> Arena<T> {
         self.live == 0
     }
 
+    /// Number of slots (live or free): the end of a [`Arena::drain_where`] scan.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Remove the objects that `select` picks, scanning slots from `*cursor` on: at most
+    /// `limit` slots, and no further once `max_removed` objects were removed. Advances
+    /// `*cursor` past the slots scanned (the scan is done when it reaches
+    /// [`Arena::slot_count`]) and returns the removed objects with their identifiers. A scan
+    /// of the whole arena in steps costs one visit per slot, however many objects it removes.
+    pub fn drain_where(
+        &mut self,
+        cursor: &mut usize,
+        limit: usize,
+        max_removed: usize,
+        mut select: impl FnMut(&T) -> bool,
+    ) -> Vec<(ObjectId, Box<T>)> {
+        let mut removed = Vec::new();
+        let end = self.slots.len().min(cursor.saturating_add(limit));
+        while *cursor < end && removed.len() < max_removed {
+            let index = *cursor;
+            *cursor += 1;
+            let slot = &mut self.slots[index];
+            if !slot.value.as_deref().is_some_and(&mut select) {
+                continue;
+            }
+            let id = ObjectId {
+                index: index as u32,
+                generation: slot.generation,
+            };
+            if let Some(value) = slot.value.take() {
+                slot.generation = slot.generation.wrapping_add(1);
+                self.free.push(index as u32);
+                self.live -= 1;
+                removed.push((id, value));
+            }
+        }
+        removed
+    }
+
+    /// Identifiers of the live objects in slots `range`.
+    pub fn ids_in(&self, range: core::ops::Range<usize>) -> impl Iterator<Item = ObjectId> + '_ {
+        let end = range.end.min(self.slots.len());
+        let start = range.start.min(end);
+        self.slots[start..end]
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, s)| {
+                s.value.as_ref().map(|_| ObjectId {
+                    index: (start + i) as u32,
+                    generation: s.generation,
+                })
+            })
+    }
+
     /// Identifiers of all live objects.
     pub fn ids(&self) -> impl Iterator<Item = ObjectId> + '_ {
         self.slots.iter().enumerate().filter_map(|(i, s)| {
@@ -209,6 +264,31 @@ mod tests {
         assert_eq!(a.len(), 6);
         assert!(a.get(ids[3]).is_none());
         assert_eq!(a.get(ids[4]), Some(&4));
+    }
+
+    #[test]
+    fn drain_where_scans_in_steps() {
+        let mut a = Arena::new();
+        let ids: Vec<_> = (0..100).map(|i| a.insert(i)).collect();
+        let mut cursor = 0;
+        let mut removed = Vec::new();
+        let mut steps = 0;
+        while cursor < a.slot_count() {
+            removed.extend(a.drain_where(&mut cursor, 16, 3, |&v| v % 2 == 0));
+            steps += 1;
+        }
+        assert_eq!(removed.len(), 50);
+        assert!(steps >= 17);
+        assert!(removed
+            .iter()
+            .all(|(id, v)| **v % 2 == 0 && ids[**v as usize] == *id));
+        assert_eq!(a.len(), 50);
+        assert!(ids
+            .iter()
+            .enumerate()
+            .all(|(i, &id)| a.contains(id) == (i % 2 == 1)));
+        let again = a.insert(7);
+        assert!(!ids.contains(&again));
     }
 
     #[test]

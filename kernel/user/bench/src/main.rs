@@ -10,8 +10,8 @@ extern crate alloc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use l4::abi::{
-    slots, Fpage, IrqOp, MapItem, MessageTag, ObjectKind, Syscall, Timeouts, LABEL_PAGE_FAULT,
-    NO_CAP, OPEN_WAIT, PAGE_SIZE,
+    slots, Fpage, IrqOp, MapItem, MessageTag, ObjectKind, Syscall, Timeout, Timeouts,
+    LABEL_PAGE_FAULT, NO_CAP, OPEN_WAIT, PAGE_SIZE,
 };
 use l4::child::fresh_page;
 use l4::ipc::{self, raw_ipc};
@@ -286,7 +286,212 @@ extern "C" fn irq_thread(irq: u64) -> ! {
     }
 }
 
+// ---- worst-case latency of a timer wake-up while a lower-priority thread is in a long syscall
+
+/// Wake-up times of the watcher (rdtsc), in order.
+static WAKE_TIMES: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+static WAKES: AtomicU64 = AtomicU64::new(0);
+
+/// The high-priority thread: sleeps one timer tick at a time (a receive with a 1 ms timeout
+/// that nobody answers) and records when it wakes.
+extern "C" fn watcher(_: u64) -> ! {
+    let timeout = Timeouts::new(Timeout::INFINITE, Timeout::micros(1000));
+    loop {
+        let _ = ipc::wait(timeout);
+        let now = rdtsc();
+        let i = WAKES.load(SeqCst) as usize;
+        if i < WAKE_TIMES.len() {
+            WAKE_TIMES[i].store(now, SeqCst);
+            WAKES.store(i as u64 + 1, SeqCst);
+        }
+    }
+}
+
+fn sleep_ms(ms: u32) {
+    let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(ms * 1000)));
+}
+
+/// How early or late against the timer grid an undisturbed wake-up may be.
+const JITTER: u64 = 50_000;
+
+/// Run `op` (in this low-priority thread) while the watcher sleeps tick by tick; print the
+/// worst delay of its wake-ups (`latency: NAME worst=W op=T wakes=N`).
+///
+/// The timer ticks on a grid: the last undisturbed wake-up before `op` and the last one after
+/// it (both idle) lie on it, which gives the period; each wake-up during `op` is due `n` ticks
+/// after the tick in which the previous one slept down again (`n` from the undisturbed
+/// interval), and is late by the difference. Undisturbed wake-ups measure 0 (to within the
+/// timer's jitter, about 15,000 instructions either way in this emulator): the figure is the
+/// delay beyond an idle wake-up.
+fn latency(name: &str, op: impl FnOnce()) {
+    WAKES.store(0, SeqCst);
+    sleep_ms(8);
+    let first = WAKES.load(SeqCst) as usize;
+    let t0 = rdtsc();
+    op();
+    let t1 = rdtsc();
+    sleep_ms(8);
+    let last = WAKES.load(SeqCst) as usize;
+    let times: Vec<u64> = WAKE_TIMES[..last].iter().map(|t| t.load(SeqCst)).collect();
+    if first < 2 || last < first + 3 {
+        println!("# bench: latency {name}: too few wake-ups ({first}, {last})");
+        return;
+    }
+    let nominal = 1_000_000_000 / l4::kip::kip().timer_hz.max(1);
+    let ticks = |span: u64| ((span + nominal / 2) / nominal).max(1);
+    let interval = times[first - 1] - times[first - 2];
+    let n = ticks(interval);
+    let (pre, post) = (times[first - 1], times[last - 1]);
+    let period = (post - pre) / ticks(post - pre);
+    let mut worst = 0;
+    for i in first..last {
+        let slept_in = (times[i - 1] + JITTER - pre) / period;
+        let due = pre + (slept_in + n) * period;
+        worst = worst.max(times[i].saturating_sub(due));
+    }
+    println!(
+        "latency: {name} worst={worst} op={} wakes={}",
+        t1 - t0,
+        last - first
+    );
+}
+
+extern "C" fn never_runs() -> ! {
+    sys::thread_exit(0)
+}
+
+/// Receives 4 MiB strings forever (at the main thread's priority).
+extern "C" fn string_sink(buffer: u64) -> ! {
+    // SAFETY: the main thread leaked this buffer of STRING_BYTES for us.
+    let buffer = unsafe { core::slice::from_raw_parts_mut(buffer as *mut u8, STRING_BYTES) };
+    l4::utcb::set_string_buffer(0, buffer);
+    loop {
+        let _ = ipc::wait(Timeouts::INFINITE);
+    }
+}
+
+const STRING_BYTES: usize = 4 << 20;
+
+/// The latency benchmarks (module argument `latency`): a timer wake-up of a high-priority
+/// thread while this low-priority thread destroys a task of 4,000 threads, revokes a fan-out
+/// of 4,000 mappings and a chain of 1,000, unmaps 256 MiB of guest RAM and sends a 4 MiB string.
+fn latency_benchmarks() {
+    let watcher = spawn(watcher, 0, Spawn::default()).expect("watcher");
+    sys::thread_schedule(watcher, 100, 0).expect("watcher priority");
+    sys::thread_schedule(slots::SELF_THREAD, 10, 0).expect("own priority");
+    latency("idle", || sleep_ms(3));
+
+    // A task with 4,000 threads, never started.
+    let (task, _) = l4::child::create(never_runs, NO_CAP, NO_CAP, NO_CAP, false).expect("task");
+    let scratch = alloc_slot();
+    let mut threads = 1;
+    for i in 1..4000u64 {
+        if sys::factory_create(slots::FACTORY, ObjectKind::Thread, scratch, 0, 0).is_err() {
+            break;
+        }
+        let utcb = l4::abi::UTCB_AREA + i * l4::abi::UTCB_SIZE;
+        let bound = sys::thread_control(scratch, task, utcb, NO_CAP, NO_CAP);
+        sys::cap_delete(scratch).expect("delete");
+        if bound.is_err() {
+            break;
+        }
+        threads += 1;
+    }
+    latency(&alloc::format!("task_destroy_{threads}_threads"), || {
+        sys::task_destroy(task).expect("destroy")
+    });
+
+    // One page mapped 4,000 times into another task, revoked.
+    let (target, _) =
+        l4::child::create(never_runs, NO_CAP, NO_CAP, NO_CAP, false).expect("target task");
+    let page = fresh_page();
+    let read = Fpage::memory(page, 12, Fpage::READ);
+    for i in 0..4000u64 {
+        sys::map(target, read, 0x0000_7000_0000_0000 + i * PAGE_SIZE, 0).expect("map fan-out");
+    }
+    latency("unmap_fanout_4000", || {
+        // SAFETY: revokes only the copies in the other task.
+        unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) }.expect("unmap")
+    });
+
+    // A chain of 1,000 mappings in our own space, each derived from the previous one.
+    let chain = fresh_page();
+    const CHAIN: u64 = 0x0000_7100_0000_0000;
+    let mut from = chain;
+    let mut links = 0;
+    for i in 0..1000u64 {
+        let to = CHAIN + i * PAGE_SIZE;
+        if sys::map(
+            slots::SELF_TASK,
+            Fpage::memory(from, 12, Fpage::READ),
+            to,
+            0,
+        )
+        .is_err()
+        {
+            break;
+        }
+        links += 1;
+        from = to;
+    }
+    latency(&alloc::format!("unmap_chain_{links}"), || {
+        // SAFETY: revokes only the copies (CHAIN.., never touched).
+        unsafe { sys::unmap(Fpage::memory(chain, 12, 7), 0) }.expect("unmap")
+    });
+    sys::task_destroy(target).expect("destroy target");
+
+    // 256 MiB of guest RAM (2 MiB pages) in a VM, revoked with one Unmap.
+    const RAM: u64 = 0x0000_4000_0000_0000;
+    let vm = alloc_slot();
+    if l4::parent::request_ram(RAM, 1 << 28).is_ok()
+        && sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, NO_CAP, 0).is_ok()
+    {
+        sys::map(vm, Fpage::memory(RAM, 28, Fpage::RWX), 0, 0).expect("map into VM");
+        latency("unmap_256m_guest_ram", || {
+            // SAFETY: revokes only the VM's copies.
+            unsafe { sys::unmap(Fpage::memory(RAM, 28, 7), 0) }.expect("unmap")
+        });
+    } else {
+        println!("# bench: no VM or guest RAM: guest latency skipped");
+    }
+
+    // A 4 MiB string to a thread of ours.
+    let source = alloc::vec![0x5au8; STRING_BYTES];
+    let sink_buffer = alloc::vec![1u8; STRING_BYTES].leak();
+    let sink = spawn(
+        string_sink,
+        sink_buffer.as_mut_ptr() as u64,
+        Spawn::default(),
+    )
+    .expect("sink");
+    sys::thread_schedule(sink, 10, 0).expect("sink priority");
+    sys::thread_yield();
+    let item = l4::abi::StringItem {
+        length: STRING_BYTES as u64,
+        address: source.as_ptr() as u64,
+    }
+    .words();
+    latency("string_copy_4m", || {
+        let tag = MessageTag::new(1, 0, 1).0;
+        // SAFETY: raw IPC; the string item travels in the first two registers.
+        let (rax, ..) =
+            unsafe { raw_ipc(Syscall::Send, sink, 0, tag, 0, [item[0], item[1], 0, 0]) };
+        assert_eq!(rax, 0, "string send failed");
+    });
+    let copied = sink_buffer.iter().all(|&b| b == 0x5a);
+    println!("# bench: string arrived: {copied}");
+}
+
 fn main() -> i64 {
+    if l4::rt::arguments()
+        .split_whitespace()
+        .any(|a| a == "latency")
+    {
+        println!("# bench: latency of a timer wake-up during long syscalls (instructions)");
+        latency_benchmarks();
+        println!("# bench: done");
+        return 0;
+    }
     println!("# bench: kernel microbenchmarks (guest instructions under -icount)");
     let mut empty = Vec::new();
     for _ in 0..1000 {

@@ -1188,6 +1188,7 @@ fn task_cases(suite: &Suite) {
 include!("mechanisms.rs");
 include!("fpu.rs");
 include!("hostile.rs");
+include!("bounded.rs");
 
 fn main() -> i64 {
     println!("# ktest: kernel conformance suite");
@@ -1226,6 +1227,8 @@ fn main() -> i64 {
     regression_cases();
     ownership_cases(&suite);
     asid_cases(&suite);
+    // Before the hostile floods, which keep their carved factories to the end.
+    bounded_destroy_cases();
     hostile_cases(&suite);
     fuzz_case(&suite);
     io_cases(&suite);
