@@ -359,7 +359,7 @@ pub fn map_memory(
     if rights & Fpage::READ == 0 {
         return Ok(());
     }
-    let mut leaves: Vec<Leaf> = Vec::new();
+    let mut leaves: SmallVec<[Leaf; 4]> = SmallVec::new();
     // A large page that starts before `start` is not found by the walk: look it up.
     if let Some(t) = source_space.lookup(start) {
         if t.page_size > PAGE_4K && !start.is_multiple_of(t.page_size) {

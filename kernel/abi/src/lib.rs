@@ -29,7 +29,9 @@
 
 pub mod layout;
 pub mod message;
+pub mod size;
 pub mod vcpu;
+pub use size::parse_size;
 
 pub use layout::*;
 pub use message::*;

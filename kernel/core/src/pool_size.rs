@@ -10,20 +10,7 @@ pub const MIN_POOL: u64 = 16 * MIB;
 /// The largest default pool (`kmem=` may ask for more, up to half of RAM).
 pub const MAX_DEFAULT_POOL: u64 = 1024 * MIB;
 
-/// A size such as `64M`, `1G`, `512K`, `4096` or `0x200000`.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let (digits, unit) = match text.as_bytes().last()? {
-        b'K' | b'k' => (&text[..text.len() - 1], 1u64 << 10),
-        b'M' | b'm' => (&text[..text.len() - 1], MIB),
-        b'G' | b'g' => (&text[..text.len() - 1], 1 << 30),
-        _ => (text, 1),
-    };
-    let value = match digits.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
-        None => digits.parse::<u64>().ok()?,
-    };
-    value.checked_mul(unit)
-}
+pub use l4_abi::parse_size;
 
 /// Why a `kmem=` value was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,20 +42,6 @@ pub fn pool_size(ram: u64, request: Option<&str>) -> (u64, Option<PoolSizeError>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("64M"), Some(64 * MIB));
-        assert_eq!(parse_size("1g"), Some(1 << 30));
-        assert_eq!(parse_size("512K"), Some(512 << 10));
-        assert_eq!(parse_size("0x200000"), Some(2 * MIB));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size(""), None);
-        assert_eq!(parse_size("M"), None);
-        assert_eq!(parse_size("12Q"), None);
-        assert_eq!(parse_size("99999999999999999999G"), None);
-        assert_eq!(parse_size("18446744073709551615G"), None);
-    }
 
     #[test]
     fn default_is_an_eighth_within_bounds() {

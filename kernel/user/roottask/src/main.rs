@@ -112,21 +112,6 @@ fn give_ram(child: &mut Child, pool: &mut RamPool, address: u64, bytes: u64) -> 
     Ok(())
 }
 
-/// A size such as `64M`, `1G`, `4096` or `0x200000`.
-fn parse_size(text: &str) -> Option<u64> {
-    let (digits, unit) = match text.as_bytes().last()? {
-        b'K' | b'k' => (&text[..text.len() - 1], 1u64 << 10),
-        b'M' | b'm' => (&text[..text.len() - 1], 1 << 20),
-        b'G' | b'g' => (&text[..text.len() - 1], 1 << 30),
-        _ => (text, 1),
-    };
-    let value = match digits.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
-        None => digits.parse::<u64>().ok()?,
-    };
-    value.checked_mul(unit)
-}
-
 struct Pool {
     next: u64,
     free: Vec<u64>,
@@ -254,7 +239,7 @@ fn create(
     }
     let mut ram_budget = 0;
     for size in options.iter().filter_map(|o| o.strip_prefix("ram=")) {
-        ram_budget = parse_size(size)
+        ram_budget = l4::abi::parse_size(size)
             .filter(|s| s.is_multiple_of(RAM_GRANULE))
             .ok_or_else(|| {
                 alloc::format!("creating {name}: bad ram option '{size}' (a multiple of 2M)")
