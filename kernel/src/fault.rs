@@ -22,7 +22,7 @@ fn words(values: &[u64]) -> [u64; KERNEL_MESSAGE_WORDS] {
 }
 
 /// Number of words of an exception message and of the reply that resumes the thread.
-pub const EXCEPTION_WORDS: usize = 20;
+pub const EXCEPTION_WORDS: usize = l4_abi::exception::WORDS;
 
 /// The exception message words: vector, error code, then the register state (see
 /// [`l4_abi::LABEL_EXCEPTION`]).
@@ -33,12 +33,10 @@ fn exception_words(vector: u64, error: u64, f: &Frame) -> [u64; KERNEL_MESSAGE_W
     ])
 }
 
-/// Death reason: the pager refused a page fault (word 1: fault address).
-pub const DEATH_FAULT_REFUSED: u64 = 0x100;
-/// Death reason: the thread has no pager (word 1: fault address).
-pub const DEATH_NO_PAGER: u64 = 0x101;
-/// Death reason: the pager died while the fault was pending.
-pub const DEATH_PAGER_GONE: u64 = 0x102;
+pub use l4_abi::death::{
+    FAULT_REFUSED as DEATH_FAULT_REFUSED, NO_PAGER as DEATH_NO_PAGER,
+    PAGER_GONE as DEATH_PAGER_GONE,
+};
 
 fn describe(k: &Kernel, id: ThreadId) -> (u32, &str) {
     let t = k.threads.get(id).expect("thread");

@@ -30,7 +30,7 @@ use arch::x86_64::entry::{self, Frame, SPURIOUS_VECTOR, TIMER_VECTOR};
 use arch::x86_64::{apic, cpu, ioapic, serial};
 
 /// isa-debug-exit value for a kernel panic (QEMU exits with status 2*v+1 = 37).
-pub const EXIT_PANIC: u8 = 0x12;
+pub const EXIT_PANIC: u8 = l4_abi::qemu_exit::PANIC;
 
 /// The Rust entry point, called by the boot code in long mode on the kernel stack.
 #[no_mangle]
@@ -112,6 +112,6 @@ extern "C" fn interrupt_dispatch(frame: *mut Frame) -> ! {
 fn panic(info: &core::panic::PanicInfo) -> ! {
     use core::fmt::Write;
     let _ = write!(serial::Console, "\n[kernel] PANIC: {info}\n");
-    cpu::outb(0xf4, EXIT_PANIC);
+    cpu::outb(l4_abi::qemu_exit::PORT, EXIT_PANIC);
     cpu::halt_forever()
 }

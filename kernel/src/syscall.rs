@@ -973,7 +973,7 @@ fn shutdown(k: &mut Kernel, platform: u64, code: u64) -> Result<(), Error> {
         k.tasks.len(),
         k.threads.len()
     );
-    outb(0xf4, code as u8);
+    outb(l4_abi::qemu_exit::PORT, code as u8);
     crate::info!("halted (without an isa-debug-exit device, QEMU keeps running)");
     crate::arch::x86_64::cpu::halt_forever()
 }

@@ -368,9 +368,9 @@ const PASSTHROUGH_MSRS: [u32; 10] = [
 /// CR4.OSXSAVE.
 const CR4_OSXSAVE: u64 = 1 << 18;
 /// Event injection of #UD: valid, exception, vector 6.
-const INJECT_UD: u64 = (1 << 31) | (3 << 8) | 6;
+const INJECT_UD: u64 = state::event::UD;
 /// Event injection of #GP(0): valid, error code (0), exception, vector 13.
-const INJECT_GP0: u64 = (1 << 31) | (1 << 11) | (3 << 8) | 13;
+const INJECT_GP0: u64 = state::event::GP0;
 
 const CR0_ALLOWED: u64 = 0xe005_003f;
 /// CR4 bits a guest may have (VMRUN still rejects what the CPU lacks): VME..OSXMMEXCPT, UMIP,

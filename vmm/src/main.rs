@@ -367,7 +367,7 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
                     }
                     3 => {
                         // NMI.
-                        w[state::EVENT_INJECT] = (1 << 31) | (2 << 8) | 2;
+                        w[state::EVENT_INJECT] = state::event::nmi();
                         mask |= state::EVENTS;
                         0
                     }
@@ -402,17 +402,14 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
                     }
                     6 => {
                         // Inject external interrupt vector rbx.
-                        w[state::EVENT_INJECT] = (1 << 31) | (w[state::RBX] & 0xff);
+                        w[state::EVENT_INJECT] = state::event::interrupt(w[state::RBX] as u8);
                         mask |= state::EVENTS;
                         0
                     }
                     4 => {
                         // #TS with the error code the guest asked for.
-                        w[state::EVENT_INJECT] = (1 << 31)
-                            | (1 << 11)
-                            | (3 << 8)
-                            | 10
-                            | (w[state::RBX] & 0xffff_ffff) << 32;
+                        w[state::EVENT_INJECT] =
+                            state::event::exception_with_code(10, w[state::RBX] as u32);
                         mask |= state::EVENTS;
                         0
                     }
@@ -468,7 +465,7 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
 }
 
 /// Event injection of #GP(0): valid, error code, exception.
-const INJECT_GP0: u64 = (1 << 31) | (1 << 11) | (3 << 8) | 13;
+const INJECT_GP0: u64 = state::event::GP0;
 
 /// A non-string IN or OUT through `bus`. An IN writes the value as the CPU does: a 32-bit IN
 /// zero-extends into RAX, an 8- or 16-bit IN keeps the rest of RAX.
@@ -973,7 +970,7 @@ fn main() -> i64 {
         "invalid guest state (EFER.LMA without paging) refused",
     );
     w[state::EFER] = 0;
-    w[state::EVENT_INJECT] = (1 << 31) | (7 << 8) | 3;
+    w[state::EVENT_INJECT] = state::event::VALID | (7 << 8) | 3;
     report(
         run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
         "invalid event type refused",
@@ -1100,7 +1097,7 @@ fn main() -> i64 {
                 let (cr0, cr4, efer) = modes[(seed % 4) as usize];
                 (w[state::CR0], w[state::CR4], w[state::EFER]) = (cr0, cr4, efer);
                 w[state::EVENT_INJECT] = if seed & 0x100 != 0 {
-                    (1 << 31) | (3 << 8) | (seed & 0x1f)
+                    state::event::exception((seed & 0x1f) as u8)
                 } else {
                     0
                 };

@@ -347,6 +347,54 @@ impl ObjectKind {
     }
 }
 
+/// Why the kernel killed a thread: word 0 of a death notice ([`LABEL_DEATH`]).
+pub mod death {
+    /// The pager refused a page fault (word 1: the fault address).
+    pub const FAULT_REFUSED: u64 = 0x100;
+    /// The thread has no pager (word 1: the fault address).
+    pub const NO_PAGER: u64 = 0x101;
+    /// The pager died, or did not answer, while the fault was pending.
+    pub const PAGER_GONE: u64 = 0x102;
+}
+
+/// The words of an exception message ([`LABEL_EXCEPTION`]) and of the reply that resumes the
+/// thread: vector, error code, then the register state.
+pub mod exception {
+    /// The exception vector.
+    pub const VECTOR: usize = 0;
+    /// The error code (0 for exceptions without one).
+    pub const ERROR: usize = 1;
+    /// rip.
+    pub const RIP: usize = 2;
+    /// rsp.
+    pub const RSP: usize = 3;
+    /// rflags.
+    pub const RFLAGS: usize = 4;
+    /// rax; rbx, rcx, rdx, rsi, rdi, rbp, r8..r15 follow in that order.
+    pub const RAX: usize = 5;
+    /// r15, the last register word.
+    pub const R15: usize = 19;
+    /// Words of the message and of the resuming reply.
+    pub const WORDS: usize = 20;
+}
+
+/// QEMU's `isa-debug-exit` device (port [`qemu_exit::PORT`]): a byte `v` written there ends
+/// QEMU with status `2v + 1`.
+pub mod qemu_exit {
+    /// The device's I/O port.
+    pub const PORT: u16 = 0xf4;
+    /// Every task exited with 0 (QEMU status 33).
+    pub const SUCCESS: u8 = 0x10;
+    /// A task failed (QEMU status 35).
+    pub const FAILURE: u8 = 0x11;
+    /// The kernel panicked (QEMU status 37).
+    pub const PANIC: u8 = 0x12;
+    /// The QEMU exit status for `value`.
+    pub const fn status(value: u8) -> i32 {
+        2 * value as i32 + 1
+    }
+}
+
 /// Capability rights.
 pub mod rights {
     /// May send IPC through the capability (threads, gates).

@@ -125,21 +125,44 @@ pub mod exit {
     pub const INVALID: u64 = 0xffff_ffff;
 }
 
-/// Bits of EXITINFO1 of an I/O exit.
-pub mod io {
-    /// An IN (else OUT).
-    pub const IN: u64 = 1;
-    /// A string instruction (INS/OUTS).
-    pub const STRING: u64 = 4;
-    /// With REP.
-    pub const REP: u64 = 8;
-    /// Operand size in bytes (1, 2 or 4).
-    pub const fn size(info1: u64) -> u64 {
-        (info1 >> 4) & 7
+/// Events to inject ([`EVENT_INJECT`]): the VMCB EVENTINJ encoding (AMD APM vol. 2, 15.20).
+pub mod event {
+    /// The event is valid (bit 31).
+    pub const VALID: u64 = 1 << 31;
+    /// An error code is pushed (bit 11; the code is in bits 32..64).
+    pub const ERROR_VALID: u64 = 1 << 11;
+    /// Type: external interrupt.
+    pub const INTERRUPT: u64 = 0 << 8;
+    /// Type: non-maskable interrupt.
+    pub const NMI: u64 = 2 << 8;
+    /// Type: exception.
+    pub const EXCEPTION: u64 = 3 << 8;
+    /// Type: software interrupt (INTn).
+    pub const SOFTWARE: u64 = 4 << 8;
+
+    /// An external interrupt at `vector`.
+    pub const fn interrupt(vector: u8) -> u64 {
+        VALID | INTERRUPT | vector as u64
     }
-    /// The port.
-    pub const fn port(info1: u64) -> u16 {
-        (info1 >> 16) as u16
+    /// The NMI.
+    pub const fn nmi() -> u64 {
+        VALID | NMI | 2
+    }
+    /// Exception `vector` without an error code.
+    pub const fn exception(vector: u8) -> u64 {
+        VALID | EXCEPTION | vector as u64
+    }
+    /// Exception `vector` with error code `code`.
+    pub const fn exception_with_code(vector: u8, code: u32) -> u64 {
+        VALID | EXCEPTION | ERROR_VALID | (code as u64) << 32 | vector as u64
+    }
+    /// #UD.
+    pub const UD: u64 = exception(6);
+    /// #GP(0).
+    pub const GP0: u64 = exception_with_code(13, 0);
+    /// Whether `event` is valid.
+    pub const fn is_valid(event: u64) -> bool {
+        event & VALID != 0
     }
 }
 

@@ -1033,7 +1033,7 @@ fn task_cases(suite: &Suite) {
     check(
         "pagefault",
         "refused fault kills the thread and notifies its handler",
-        matches!(notice, Some(m) if m.tag.label() == LABEL_DEATH && m.word(0) == 0x100),
+        matches!(notice, Some(m) if m.tag.label() == LABEL_DEATH && m.word(0) == l4::abi::death::FAULT_REFUSED),
     );
     check_eq(
         "pagefault",
@@ -1055,7 +1055,7 @@ fn task_cases(suite: &Suite) {
     check(
         "pagefault",
         "a thread without pager is killed on its first fault",
-        matches!(notice, Some(m) if m.word(0) == 0x101),
+        matches!(notice, Some(m) if m.word(0) == l4::abi::death::NO_PAGER),
     );
 
     // Explicit mapping into another task.

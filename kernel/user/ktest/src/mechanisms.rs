@@ -196,7 +196,7 @@ fn exception_cases(suite: &Suite) {
     check(
         "exception",
         "unanswered exception: cancel kills the thread with a death notice",
-        m.is_some() && cancel.is_ok() && matches!(notice, Some(n) if n.tag.label() == LABEL_DEATH && n.word(0) == 0x102),
+        m.is_some() && cancel.is_ok() && matches!(notice, Some(n) if n.tag.label() == LABEL_DEATH && n.word(0) == l4::abi::death::PAGER_GONE),
     );
 }
 

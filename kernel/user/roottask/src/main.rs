@@ -41,8 +41,8 @@ const RAM_WINDOW: u64 = 0x0000_2c00_0000_0000;
 /// Stack bytes a child may use below `INITIAL_STACK_TOP`.
 const CHILD_STACK: u64 = 1 << 20;
 /// QEMU isa-debug-exit codes: all tasks exited with 0 / something failed.
-const EXIT_SUCCESS: u64 = 0x10;
-const EXIT_FAILURE: u64 = 0x11;
+const EXIT_SUCCESS: u64 = l4::abi::qemu_exit::SUCCESS as u64;
+const EXIT_FAILURE: u64 = l4::abi::qemu_exit::FAILURE as u64;
 
 struct Child {
     name: String,
