@@ -36,214 +36,135 @@ pub use size::parse_size;
 pub use layout::*;
 pub use message::*;
 
-/// Syscall numbers (`rax` on entry). The values are part of the ABI and never change.
-#[repr(u64)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Syscall {
-    /// Send a message to the thread or gate named by the capability in `rdi`; block until a
-    /// receiver takes it or the send timeout expires. Errors: [`Error::InvalidCapability`],
-    /// [`Error::WrongType`], [`Error::NoRights`], [`Error::Timeout`], [`Error::DeadPartner`],
-    /// [`Error::InvalidArgument`] (bad tag or map item).
-    Send = 1,
-    /// Receive a message. `rsi` is [`OPEN_WAIT`] (from anyone: open wait) or a thread
-    /// capability slot (closed wait: only from that thread). Returns the tag in `rdx`, the
-    /// badge of the capability the sender used in `rsi`, the words in registers and the UTCB.
-    /// Errors: [`Error::Timeout`] (with [`RECEIVE_PHASE`]), [`Error::DeadPartner`] when the
-    /// partner of a closed wait is dead, [`Error::InvalidCapability`].
-    Receive = 2,
-    /// Send to `rdi`, then atomically wait for the reply from the thread that received the
-    /// message. The receiver gets a one-shot reply right, used by [`Syscall::Reply`] or
-    /// [`Syscall::ReplyWait`]. Errors as for send and receive; a callee that dies before
-    /// replying yields [`Error::DeadPartner`] | [`RECEIVE_PHASE`].
-    Call = 3,
-    /// Reply to the thread whose call this thread received last (never blocks: fails with
-    /// [`Error::NoPartner`] if no call is pending), then open-wait like [`Syscall::Receive`]
-    /// with `rsi` = [`OPEN_WAIT`].
-    ReplyWait = 4,
-    /// Reply to the pending caller without waiting. Errors: [`Error::NoPartner`].
-    Reply = 5,
-    /// Create a kernel object. `a0` factory capability, `a1` [`ObjectKind`], `a2` the free slot
-    /// of the caller's capability table that receives the new capability (full rights),
-    /// `a3` kind-specific argument (gate: the slot of the thread capability to bind to),
-    /// `a4` badge (gate: the badge the new capability carries). Errors:
-    /// [`Error::InvalidCapability`], [`Error::WrongType`], [`Error::NoRights`],
-    /// [`Error::SlotOccupied`], [`Error::OutOfMemory`], [`Error::InvalidArgument`].
-    FactoryCreate = 10,
-    /// Configure a thread. `a0` thread capability (needs [`rights::CONTROL`]), `a1` task
-    /// capability to bind the thread to (once; [`NO_CAP`] to leave), `a2` the UTCB address
-    /// in that task (page aligned, user half; required with `a1`), `a3` pager capability
-    /// slot (thread or gate; [`NO_CAP`] to leave), `a4` exception handler capability slot
-    /// ([`NO_CAP`] to leave). Errors: [`Error::InvalidCapability`], [`Error::WrongType`],
-    /// [`Error::NoRights`], [`Error::InvalidArgument`], [`Error::AlreadyBound`].
-    ThreadControl = 11,
-    /// Exchange a thread's registers. `a0` thread capability (needs [`rights::CONTROL`]),
-    /// `a1` new instruction pointer, `a2` new stack pointer, `a3` [`ExRegsFlags`] bits.
-    /// Returns the old instruction pointer in `rdi`, stack pointer in `rsi`, RFLAGS in `rdx`.
-    /// Starting a thread that is not bound to a task fails with [`Error::NotBound`].
-    ExRegs = 12,
-    /// Copy a capability into a task. `a0` destination task capability (needs
-    /// [`rights::CONTROL`]), `a1` source slot in the caller (needs [`rights::COPY`]), `a2`
-    /// destination slot (must be free), `a3` rights mask (rights can only shrink), `a4` badge
-    /// to mint (only if the source badge is 0; 0 keeps it).
-    CapCopy = 13,
-    /// Delete the capability in slot `a0` of the caller's table, and every capability derived
-    /// from it in other tasks (recursively). Objects live on while other capabilities name
-    /// them; see [`Syscall::TaskDestroy`].
-    CapDelete = 14,
-    /// Map a flexpage of the caller into another task. `a0` destination task capability
-    /// (needs [`rights::CONTROL`]), `a1` the [`Fpage`] (memory, I/O ports or capability
-    /// slots), `a2` destination (memory: an address aligned to the flexpage size, below
-    /// [`KERNEL_AREA_START`]; capabilities: the first slot; I/O: ignored, ports keep their
-    /// numbers), `a3` [`MAP_GRANT`] or 0. What the caller does not hold is skipped; rights are
-    /// the intersection of the flexpage's and the caller's (they only shrink). The mapping
-    /// database records the new mappings as derived from the caller's.
-    Map = 15,
-    /// Revoke a flexpage `a0` of the caller: every mapping derived from it in any task,
-    /// recursively; with `a1` = [`UNMAP_SELF`] also the caller's own.
-    Unmap = 16,
-    /// End the calling thread; `a0` is an exit code for the kernel log.
-    ThreadExit = 17,
-    /// Give up the rest of the time slice.
-    ThreadYield = 18,
-    /// Write `a1` bytes at address `a0` to the kernel console (at most 256 bytes per call).
-    DebugWrite = 19,
-    /// Destroy a task and all threads bound to it. `a0` task capability (needs
-    /// [`rights::CONTROL`]). A task cannot destroy itself.
-    TaskDestroy = 20,
-    /// Power the machine off. `a0` platform capability, `a1` exit code (QEMU's isa-debug-exit
-    /// turns it into the emulator's exit status).
-    Shutdown = 21,
-    /// Set a thread's scheduling parameters. `a0` thread capability (needs
-    /// [`rights::SCHEDULE`]), `a1` priority (0..=255, at most the caller's own priority), `a2`
-    /// time slice in microseconds (0: leave). Returns the old priority in `rdi` and the old time
-    /// slice (µs) in `rsi`. Errors: [`Error::InvalidCapability`], [`Error::WrongType`],
-    /// [`Error::NoRights`], [`Error::InvalidArgument`] (priority above the caller's).
-    ThreadSchedule = 22,
-    /// Switch to another thread: `a0` a thread capability whose thread runs at once if it is
-    /// ready (on its own time slice; the caller queues behind it); otherwise, and with
-    /// [`NO_CAP`], a plain yield.
-    ThreadSwitch = 23,
-    /// Operate on an IRQ object: `a0` IRQ capability, `a1` [`IrqOp`], `a2` thread capability
-    /// (attach). Attach binds the one receiving thread (a second attach fails with
-    /// [`Error::AlreadyBound`]); each interrupt then arrives as a message with label
-    /// [`crate::LABEL_IRQ`] and the IRQ capability's badge, and the line stays masked until
-    /// [`IrqOp::Acknowledge`]. [`IrqOp::Trigger`] raises the IRQ in software.
-    IrqControl = 24,
-    /// Run a virtual CPU: `a0` vCPU capability (needs [`rights::CONTROL`]), `a1` transfer mask
-    /// ([`vcpu::ALL`] and its groups) of the state to load from the caller's UTCB first. The
-    /// guest runs until an exit the kernel does not handle itself; then the call returns with
-    /// the exit code in `rdi` and the whole state (see [`vcpu`]) in the UTCB. Physical
-    /// interrupts during the run are handled by the kernel (the run resumes transparently).
-    /// Errors: [`Error::InvalidCapability`], [`Error::WrongType`], [`Error::NoRights`],
-    /// [`Error::InvalidArgument`] (state the kernel refuses, or a VMCB the CPU rejects),
-    /// [`Error::NotSupported`] (no SVM).
-    VcpuRun = 25,
-    /// Read a factory's kernel-memory quota and, with [`QUOTA_CHECK_ALL`] in `a1`, check the
-    /// kernel's books (a debug aid for tests). `a0` factory capability (any rights), `a1` 0 or
-    /// [`QUOTA_CHECK_ALL`]. Returns the quota's bytes used in `rdi` and its limit in `rsi`;
-    /// `rdx` is the number of inconsistencies the check found (0 without the flag): a quota
-    /// whose `used` differs from what is held for it, or a task or VM whose charged total
-    /// differs from what it holds. The first of each is logged on the kernel console. Errors:
-    /// [`Error::InvalidCapability`], [`Error::WrongType`] (not a factory),
-    /// [`Error::InvalidArgument`] (unknown flags), [`Error::OutOfMemory`] (no kernel memory
-    /// for the check's per-quota totals).
-    QuotaCheck = 26,
+/// An enum of ABI values with explicit discriminants and its decoder (`$decode`), generated
+/// from one list so that the two cannot disagree.
+macro_rules! abi_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident, decoded by $decode:ident {
+            $($(#[$variant_meta:meta])* $variant:ident = $value:literal,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u64)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$variant_meta])* $variant = $value,)*
+        }
+
+        impl $name {
+            /// Decode a value (`None` for one the ABI does not define).
+            pub const fn $decode(value: u64) -> Option<Self> {
+                match value {
+                    $($value => Some($name::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+abi_enum! {
+    /// Syscall numbers (`rax` on entry). The values are part of the ABI and never change. Each
+    /// one's arguments, results, errors and semantics are in `kernel/docs/syscalls.md`
+    /// (section 9), the one reference.
+    pub enum Syscall, decoded by from_u64 {
+        /// Send a message to a thread or gate. See [syscalls.md](../../../kernel/docs/syscalls.md#91-send-1).
+        Send = 1,
+        /// Receive a message (open or closed wait). See [syscalls.md](../../../kernel/docs/syscalls.md#92-receive-2).
+        Receive = 2,
+        /// Send, then wait for the reply. See [syscalls.md](../../../kernel/docs/syscalls.md#93-call-3).
+        Call = 3,
+        /// Reply to the pending caller, then open-wait. See [syscalls.md](../../../kernel/docs/syscalls.md#94-replywait-4).
+        ReplyWait = 4,
+        /// Reply to the pending caller without waiting. See [syscalls.md](../../../kernel/docs/syscalls.md#95-reply-5).
+        Reply = 5,
+        /// Create a kernel object through a factory. See [syscalls.md](../../../kernel/docs/syscalls.md#96-factorycreate-10).
+        FactoryCreate = 10,
+        /// Bind a thread to a task, set its pager and exception handler. See [syscalls.md](../../../kernel/docs/syscalls.md#97-threadcontrol-11).
+        ThreadControl = 11,
+        /// Exchange a thread's registers. See [syscalls.md](../../../kernel/docs/syscalls.md#98-exregs-12).
+        ExRegs = 12,
+        /// Copy a capability into a task. See [syscalls.md](../../../kernel/docs/syscalls.md#99-capcopy-13).
+        CapCopy = 13,
+        /// Delete a capability and everything derived from it. See [syscalls.md](../../../kernel/docs/syscalls.md#910-capdelete-14).
+        CapDelete = 14,
+        /// Map or grant a flexpage into a task or a VM. See [syscalls.md](../../../kernel/docs/syscalls.md#911-map-15).
+        Map = 15,
+        /// Revoke what was derived from a flexpage of the caller. See [syscalls.md](../../../kernel/docs/syscalls.md#912-unmap-16).
+        Unmap = 16,
+        /// End the calling thread. See [syscalls.md](../../../kernel/docs/syscalls.md#913-threadexit-17).
+        ThreadExit = 17,
+        /// Give up the rest of the time slice. See [syscalls.md](../../../kernel/docs/syscalls.md#914-threadyield-18).
+        ThreadYield = 18,
+        /// Write bytes to the kernel console. See [syscalls.md](../../../kernel/docs/syscalls.md#915-debugwrite-19).
+        DebugWrite = 19,
+        /// Destroy a task and its threads (in restartable steps). See [syscalls.md](../../../kernel/docs/syscalls.md#916-taskdestroy-20).
+        TaskDestroy = 20,
+        /// Power the machine off. See [syscalls.md](../../../kernel/docs/syscalls.md#917-shutdown-21).
+        Shutdown = 21,
+        /// Set a thread's priority and time slice. See [syscalls.md](../../../kernel/docs/syscalls.md#918-threadschedule-22).
+        ThreadSchedule = 22,
+        /// Run another ready thread now. See [syscalls.md](../../../kernel/docs/syscalls.md#919-threadswitch-23).
+        ThreadSwitch = 23,
+        /// Attach, detach, acknowledge or trigger an IRQ object. See [syscalls.md](../../../kernel/docs/syscalls.md#920-irqcontrol-24).
+        IrqControl = 24,
+        /// Run a virtual CPU until an exit the kernel does not handle. See [syscalls.md](../../../kernel/docs/syscalls.md#922-virtual-machines-vm-vcpu-vcpurun).
+        VcpuRun = 25,
+        /// Read a factory's quota and audit the kernel's books. See [syscalls.md](../../../kernel/docs/syscalls.md#920a-quotacheck-26).
+        QuotaCheck = 26,
+    }
 }
 
 /// [`Syscall::QuotaCheck`] flag: check every quota, task and VM, not just read one quota.
 pub const QUOTA_CHECK_ALL: u64 = 1;
 
-/// Operations of [`Syscall::IrqControl`].
-#[repr(u64)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IrqOp {
-    /// Bind the receiving thread (`a2`).
-    Attach = 1,
-    /// Unbind the receiving thread.
-    Detach = 2,
-    /// Unmask the line after an interrupt was handled.
-    Acknowledge = 3,
-    /// Raise the IRQ in software.
-    Trigger = 4,
-}
-
-impl IrqOp {
-    /// Decode an operation.
-    pub fn from_u64(value: u64) -> Option<Self> {
-        Some(match value {
-            1 => IrqOp::Attach,
-            2 => IrqOp::Detach,
-            3 => IrqOp::Acknowledge,
-            4 => IrqOp::Trigger,
-            _ => return None,
-        })
+abi_enum! {
+    /// Operations of [`Syscall::IrqControl`].
+    pub enum IrqOp, decoded by from_u64 {
+        /// Bind the receiving thread (`a2`).
+        Attach = 1,
+        /// Unbind the receiving thread.
+        Detach = 2,
+        /// Unmask the line after an interrupt was handled.
+        Acknowledge = 3,
+        /// Raise the IRQ in software.
+        Trigger = 4,
     }
 }
 
-impl Syscall {
-    /// Decode a syscall number.
-    pub fn from_u64(value: u64) -> Option<Self> {
-        use Syscall::*;
-        Some(match value {
-            1 => Send,
-            2 => Receive,
-            3 => Call,
-            4 => ReplyWait,
-            5 => Reply,
-            10 => FactoryCreate,
-            11 => ThreadControl,
-            12 => ExRegs,
-            13 => CapCopy,
-            14 => CapDelete,
-            15 => Map,
-            16 => Unmap,
-            17 => ThreadExit,
-            18 => ThreadYield,
-            19 => DebugWrite,
-            20 => TaskDestroy,
-            21 => Shutdown,
-            22 => ThreadSchedule,
-            23 => ThreadSwitch,
-            24 => IrqControl,
-            25 => VcpuRun,
-            26 => QuotaCheck,
-            _ => return None,
-        })
+abi_enum! {
+    /// Error codes returned in `rax`. 0 means success.
+    pub enum Error, decoded by from_code {
+        /// The slot is out of range or empty, or names an object that no longer exists.
+        InvalidCapability = 1,
+        /// The capability names an object of another kind than the operation needs.
+        WrongType = 2,
+        /// The capability lacks a right the operation needs.
+        NoRights = 3,
+        /// An argument is malformed or out of range.
+        InvalidArgument = 4,
+        /// Kernel memory (or the caller's quota) is exhausted.
+        OutOfMemory = 5,
+        /// The timeout expired before the partner was ready.
+        Timeout = 6,
+        /// The IPC was cancelled by `ex_regs` (a dead or destroyed partner gives [`Error::DeadPartner`]).
+        Canceled = 7,
+        /// The partner thread is dead or its task was destroyed.
+        DeadPartner = 8,
+        /// The destination slot is occupied.
+        SlotOccupied = 9,
+        /// No call is pending to reply to.
+        NoPartner = 10,
+        /// The thread is already bound to a task.
+        AlreadyBound = 11,
+        /// The thread is not bound to a task.
+        NotBound = 12,
+        /// The syscall number is unknown.
+        UnknownSyscall = 13,
+        /// The operation is not supported (by this CPU or this kernel).
+        NotSupported = 14,
     }
-}
-
-/// Error codes returned in `rax`. 0 means success.
-#[repr(u64)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Error {
-    /// The slot is out of range or empty, or names an object that no longer exists.
-    InvalidCapability = 1,
-    /// The capability names an object of another kind than the operation needs.
-    WrongType = 2,
-    /// The capability lacks a right the operation needs.
-    NoRights = 3,
-    /// An argument is malformed or out of range.
-    InvalidArgument = 4,
-    /// Kernel memory (or the caller's quota) is exhausted.
-    OutOfMemory = 5,
-    /// The timeout expired before the partner was ready.
-    Timeout = 6,
-    /// The IPC was cancelled by `ex_regs` (a dead or destroyed partner gives [`Error::DeadPartner`]).
-    Canceled = 7,
-    /// The partner thread is dead or its task was destroyed.
-    DeadPartner = 8,
-    /// The destination slot is occupied.
-    SlotOccupied = 9,
-    /// No call is pending to reply to.
-    NoPartner = 10,
-    /// The thread is already bound to a task.
-    AlreadyBound = 11,
-    /// The thread is not bound to a task.
-    NotBound = 12,
-    /// The syscall number is unknown.
-    UnknownSyscall = 13,
-    /// The operation is not supported (by this CPU or this kernel).
-    NotSupported = 14,
 }
 
 /// Set in an IPC error code when the error happened in the receive phase (for example a
@@ -252,25 +173,8 @@ pub const RECEIVE_PHASE: u64 = 0x100;
 
 impl Error {
     /// Decode an error code (with [`RECEIVE_PHASE`] stripped).
-    pub fn from_u64(value: u64) -> Option<Self> {
-        use Error::*;
-        Some(match value & !RECEIVE_PHASE {
-            1 => InvalidCapability,
-            2 => WrongType,
-            3 => NoRights,
-            4 => InvalidArgument,
-            5 => OutOfMemory,
-            6 => Timeout,
-            7 => Canceled,
-            8 => DeadPartner,
-            9 => SlotOccupied,
-            10 => NoPartner,
-            11 => AlreadyBound,
-            12 => NotBound,
-            13 => UnknownSyscall,
-            14 => NotSupported,
-            _ => return None,
-        })
+    pub const fn from_u64(value: u64) -> Option<Self> {
+        Self::from_code(value & !RECEIVE_PHASE)
     }
 
     /// A short description for logs.
@@ -301,49 +205,32 @@ impl core::fmt::Display for Error {
     }
 }
 
-/// Kinds of kernel objects a capability can name.
-#[repr(u64)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjectKind {
-    /// An address space with a capability table.
-    Task = 1,
-    /// A thread of execution, bound to one task.
-    Thread = 2,
-    /// An IPC gate: an endpoint bound to one receiving thread; senders are told apart by the
-    /// badge of the capability they send through.
-    Gate = 3,
-    /// The right to create kernel objects.
-    Factory = 4,
-    /// Platform control (shutdown; the factory of IRQ objects).
-    Platform = 5,
-    /// An interrupt line (created through the platform capability; argument: the line,
-    /// 0..=23 for IOAPIC inputs, 32..=63 for software-only IRQs).
-    Irq = 6,
-    /// A virtual machine: a guest-physical address space (nested page tables) populated by
-    /// mapping memory flexpages into it ([`Syscall::Map`] with the VM capability as the
-    /// destination). Argument: the slot of the VM's pager (a thread or gate that receives
-    /// [`crate::LABEL_GUEST_PAGE_FAULT`] messages), or [`NO_CAP`] to hand every nested page
-    /// fault to the VMM as an exit. Needs SVM with nested paging ([`Error::NotSupported`]
-    /// otherwise).
-    Vm = 7,
-    /// A virtual CPU of a VM (argument: the VM capability slot), run by [`Syscall::VcpuRun`].
-    Vcpu = 8,
-}
-
-impl ObjectKind {
-    /// Decode an object kind.
-    pub fn from_u64(value: u64) -> Option<Self> {
-        Some(match value {
-            1 => ObjectKind::Task,
-            2 => ObjectKind::Thread,
-            3 => ObjectKind::Gate,
-            4 => ObjectKind::Factory,
-            5 => ObjectKind::Platform,
-            6 => ObjectKind::Irq,
-            7 => ObjectKind::Vm,
-            8 => ObjectKind::Vcpu,
-            _ => return None,
-        })
+abi_enum! {
+    /// Kinds of kernel objects a capability can name.
+    pub enum ObjectKind, decoded by from_u64 {
+        /// An address space with a capability table.
+        Task = 1,
+        /// A thread of execution, bound to one task.
+        Thread = 2,
+        /// An IPC gate: an endpoint bound to one receiving thread; senders are told apart by the
+        /// badge of the capability they send through.
+        Gate = 3,
+        /// The right to create kernel objects.
+        Factory = 4,
+        /// Platform control (shutdown; the factory of IRQ objects).
+        Platform = 5,
+        /// An interrupt line (created through the platform capability; argument: the line,
+        /// 0..=23 for IOAPIC inputs, 32..=63 for software-only IRQs).
+        Irq = 6,
+        /// A virtual machine: a guest-physical address space (nested page tables) populated by
+        /// mapping memory flexpages into it ([`Syscall::Map`] with the VM capability as the
+        /// destination). Argument: the slot of the VM's pager (a thread or gate that receives
+        /// [`crate::LABEL_GUEST_PAGE_FAULT`] messages), or [`NO_CAP`] to hand every nested page
+        /// fault to the VMM as an exit. Needs SVM with nested paging ([`Error::NotSupported`]
+        /// otherwise).
+        Vm = 7,
+        /// A virtual CPU of a VM (argument: the VM capability slot), run by [`Syscall::VcpuRun`].
+        Vcpu = 8,
     }
 }
 
