@@ -393,8 +393,8 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
                             LAZY_PAGES[((gpa - LAZY.start) / PAGE_SIZE) as usize].load(SeqCst)
                         });
                         match page {
-                            // SAFETY: revokes only the mapping derived from ours.
                             Some(page) if page != 0 => {
+                                // SAFETY: revokes only the mapping derived from ours.
                                 error_code(unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) })
                             }
                             _ => u64::MAX,

@@ -25,6 +25,7 @@
 //! Message words 4..63 live in the sender's and receiver's UTCB ([`Utcb::mr`]), at the same
 //! index. The kernel copies a message directly from the sender to the receiver; it never buffers.
 #![no_std]
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod layout;

@@ -2,6 +2,7 @@
 //! UTCB and KIP ([`utcb`], [`kip`]), threads ([`thread`]) and the task runtime ([`rt`]: entry,
 //! exit, panic handler, heap, console output).
 #![no_std]
+#![warn(missing_docs)]
 
 extern crate alloc;
 
