@@ -732,20 +732,59 @@ pub fn delete_capability(k: &mut Kernel, task: TaskId, slot: u64) -> Result<(), 
     Ok(())
 }
 
+/// The work one `Unmap` step may do, in the mapping database's units
+/// ([`kernel_core::mapping_database::REMOVE_UNITS`] per mapping revoked): 32 mappings, about
+/// 30,000 instructions for 4 KiB pages in tasks and 80,000 for 2 MiB pages of a VM.
+pub const UNMAP_STEP_UNITS: usize = 256;
+/// Units of looking at one port or capability slot of the flexpage.
+const UNIT_VISIT_UNITS: usize = 2;
+
+/// Where a restarted `Unmap` goes on: its arguments, and the first number (address, port,
+/// slot) of the flexpage not yet revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnmapProgress {
+    /// The flexpage, as passed.
+    pub fpage: u64,
+    /// Whether the caller's own mappings go too.
+    pub include_self: bool,
+    /// The next number to revoke from.
+    pub next: u64,
+}
+
 /// Revoke `fpage` of `task`: everything derived from it in every task and VM, recursively,
-/// and with `include_self` the task's own mappings.
+/// and with `include_self` the task's own mappings (all at once; `Unmap` goes in steps with
+/// [`unmap_flexpage_step`]).
 pub fn unmap_flexpage(
     k: &mut Kernel,
     task: TaskId,
     fpage: Fpage,
     include_self: bool,
 ) -> Result<(), Error> {
+    let mut from = None;
+    while let Some(next) = unmap_flexpage_step(k, task, fpage, include_self, from, usize::MAX)? {
+        from = Some(next);
+    }
+    Ok(())
+}
+
+/// One bounded step of [`unmap_flexpage`]: revokes from number `from` of the flexpage (its
+/// start for `None`) for about `budget` units of work, and returns where to go on (`None`:
+/// done). Every step is a revocation of its own (planned, charged and settled), so a partial
+/// one leaves every quota exact: what was revoked is refunded, splits are paid.
+pub fn unmap_flexpage_step(
+    k: &mut Kernel,
+    task: TaskId,
+    fpage: Fpage,
+    include_self: bool,
+    from: Option<u64>,
+    budget: usize,
+) -> Result<Option<u64>, Error> {
     let space = Space::Task(task);
     match fpage.kind() {
         Some(FpageKind::Memory) if fpage.is_valid_memory() => {
             let address_space = k.tasks.get(task).ok_or(Error::InvalidCapability)?.space;
-            let start = fpage.base();
-            let end = start + fpage.size();
+            let end = fpage.base() + fpage.size();
+            let start = from.unwrap_or(fpage.base()).clamp(fpage.base(), end);
             // Large mappings that straddle the range are split along it: pay for the nodes.
             let plan = k.memory_db.plan_unmap(space, start, end, include_self);
             charge_nodes(k, &plan.demand)?;
@@ -756,67 +795,113 @@ pub fn unmap_flexpage(
                     return Err(e);
                 }
             };
-            let changes = k.memory_db.apply_unmap(&plan);
+            let (changes, rest) = k.memory_db.apply_unmap_bounded(&plan, budget);
             settle(k, &plan.demand, &changes.created);
             index.settle(k, Db::Memory);
             revoke_memory(k, &changes.removed);
             if include_self {
-                // Also what the task holds without a record (its initial mappings), except
-                // the kernel-managed area.
-                let (low, high) = (start.max(USER_START), end.min(KERNEL_AREA_START));
+                // Also what the task holds without a record (its initial mappings) in the
+                // part done, except the kernel-managed area.
+                let done = rest.unwrap_or(end);
+                let (low, high) = (start.max(USER_START), done.min(KERNEL_AREA_START));
                 if low < high {
                     if let Some(mut frames) = k.charged(task) {
                         address_space.unmap_range(low, high, &mut frames);
                     }
                 }
             }
-            Ok(())
+            Ok(rest)
         }
         Some(FpageKind::Io) if fpage.is_valid_io() => {
-            for port in fpage.index()..fpage.index() + (1 << fpage.order()) {
-                let revoked = k.io_db.unmap(space, port, port + 1, include_self).removed;
-                let own = revoked.iter().any(|m| m.space == space && m.base == port);
-                revoke_io(k, &revoked);
-                if include_self && !own {
-                    // Held without a database node (the root task's ports): nothing to refund.
-                    if let Some(t) = k.tasks.get_mut(task) {
-                        t.set_port(port as u32, false);
-                    }
-                    refresh_io(k, task);
-                }
-            }
-            Ok(())
+            let (start, end) = (fpage.index(), fpage.index() + (1 << fpage.order()));
+            unmap_units(k, Db::Io, task, (start, end), from, include_self, budget)
         }
         Some(FpageKind::Object) if fpage.is_valid_object() => {
-            for slot in fpage.index()..fpage.index() + (1 << fpage.order()) {
-                let revoked = k.cap_db.unmap(space, slot, slot + 1, include_self).removed;
-                let own = revoked.iter().any(|m| m.space == space && m.base == slot);
-                revoke_caps(k, &revoked);
-                if include_self && !own {
-                    if let Some(t) = k.tasks.get_mut(task) {
-                        let _ = t.caps.remove(slot);
-                    }
-                }
-            }
-            Ok(())
+            let (start, end) = (fpage.index(), fpage.index() + (1 << fpage.order()));
+            unmap_units(k, Db::Caps, task, (start, end), from, include_self, budget)
         }
         _ => Err(Error::InvalidArgument),
     }
 }
 
-/// Revoke everything derived from `task`'s mappings and capabilities (it is being destroyed;
-/// its own nodes are refunded with the rest of what it was charged).
-pub fn revoke_task(k: &mut Kernel, task: TaskId) {
+/// [`unmap_flexpage_step`] for ports or capability slots `range` (from `from`): each
+/// number's derived tree is revoked leaves first, a large one over several steps.
+fn unmap_units(
+    k: &mut Kernel,
+    which: Db,
+    task: TaskId,
+    (start, end): (u64, u64),
+    from: Option<u64>,
+    include_self: bool,
+    budget: usize,
+) -> Result<Option<u64>, Error> {
     let space = Space::Task(task);
-    let others = |removed: Vec<Recorded>| -> Vec<Recorded> {
-        removed.into_iter().filter(|m| m.space != space).collect()
+    let mut spent = 0usize;
+    for number in from.unwrap_or(start).max(start)..end {
+        if spent >= budget {
+            return Ok(Some(number));
+        }
+        // One unit: nothing to split, nothing to charge.
+        let plan = db(k, which).plan_unmap(space, number, number + 1, include_self);
+        let (changes, rest) = db(k, which).apply_unmap_bounded(&plan, budget - spent);
+        let revoked = changes.removed;
+        spent += UNIT_VISIT_UNITS + revoked.len() * kernel_core::mapping_database::REMOVE_UNITS;
+        let own = revoked.iter().any(|m| m.space == space && m.base == number);
+        match which {
+            Db::Io => revoke_io(k, &revoked),
+            _ => revoke_caps(k, &revoked),
+        }
+        if rest.is_some() {
+            return Ok(Some(number));
+        }
+        if include_self && !own {
+            // Held without a database node (the root task's ports, capabilities that
+            // `FactoryCreate` installed): nothing to refund.
+            if let Some(t) = k.tasks.get_mut(task) {
+                match which {
+                    Db::Io => t.set_port(number as u32, false),
+                    _ => {
+                        let _ = t.caps.remove(number);
+                    }
+                }
+            }
+            if let Db::Io = which {
+                refresh_io(k, task);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Revoke everything derived from `task`'s mappings and capabilities (it is being destroyed;
+/// its own nodes are refunded with the rest of what it was charged), all at once.
+pub fn revoke_task(k: &mut Kernel, task: TaskId) {
+    let mut database = 0;
+    while !revoke_task_step(k, task, &mut database, usize::MAX) {}
+}
+
+/// One bounded step of [`revoke_task`]: removes the task's nodes of database `*database` (0
+/// memory, 1 ports, 2 capabilities; advanced as each is done) for about `budget` units of the
+/// mapping database's work; returns whether all three are done.
+pub fn revoke_task_step(k: &mut Kernel, task: TaskId, database: &mut u8, budget: usize) -> bool {
+    let space = Space::Task(task);
+    let which = match *database {
+        0 => Db::Memory,
+        1 => Db::Io,
+        2 => Db::Caps,
+        _ => return true,
     };
-    let memory = others(k.memory_db.remove_space(space));
-    revoke_memory(k, &memory);
-    let io = others(k.io_db.remove_space(space));
-    revoke_io(k, &io);
-    let caps = others(k.cap_db.remove_space(space));
-    revoke_caps(k, &caps);
+    let (removed, done) = db(k, which).remove_space_bounded(space, budget);
+    let others: Vec<Recorded> = removed.into_iter().filter(|m| m.space != space).collect();
+    match which {
+        Db::Memory => revoke_memory(k, &others),
+        Db::Io => revoke_io(k, &others),
+        Db::Caps => revoke_caps(k, &others),
+    }
+    if done {
+        *database += 1;
+    }
+    *database > 2
 }
 
 /// Forget the mappings of a VM that is being destroyed (its nested page tables go with it;

@@ -9,7 +9,10 @@ use crate::arch::x86_64::paging::{
 };
 use crate::ipc::{self, SendOutcome};
 use crate::kernel::Kernel;
-use crate::map::{copy_capability, delete_capability, map_flexpage, unmap_flexpage, Space};
+use crate::map::{
+    copy_capability, delete_capability, map_flexpage, unmap_flexpage_step, Space, UnmapProgress,
+    UNMAP_STEP_UNITS,
+};
 use crate::memory::FrameSource;
 use crate::object::{Capability, Gate, Object, QuotaId, TaskId, ThreadId};
 use crate::task::Task;
@@ -50,7 +53,15 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         Some(Syscall::CapCopy) => cap_copy(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8),
         Some(Syscall::CapDelete) => cap_delete(k, f.rdi),
         Some(Syscall::Map) => map(k, f.rdi, f.rsi, f.rdx, f.r10),
-        Some(Syscall::Unmap) => unmap(k, f.rdi, f.rsi),
+        Some(Syscall::Unmap) => match unmap(k, id, f.rdi, f.rsi) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                // More remains: again after the kernel served what is pending.
+                k.thread(id).restart_syscall();
+                k.schedule()
+            }
+            Err(e) => Err(e),
+        },
         Some(Syscall::ThreadExit) => {
             thread_exit(k, id, f.rdi);
             Ok(())
@@ -510,6 +521,7 @@ fn ex_regs(
     }
     let old = (t.frame.rip, t.frame.rsp, t.frame.rflags);
     if flags & ExRegsFlags::SET_IP != 0 {
+        t.unmap_progress = None;
         t.frame.rip = ip;
     }
     if flags & ExRegsFlags::SET_SP != 0 {
@@ -605,12 +617,33 @@ fn map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) -> R
     )
 }
 
-fn unmap(k: &mut Kernel, fpage: u64, flags: u64) -> Result<(), Error> {
+/// `Unmap`: one bounded step; `Ok(false)` when more remains (the caller restarts the
+/// syscall, and the thread keeps how far it got).
+fn unmap(k: &mut Kernel, id: ThreadId, fpage: u64, flags: u64) -> Result<bool, Error> {
+    // Progress counts only for the same call re-executed (`ExRegs` forgets it).
+    let include_self = flags & UNMAP_SELF != 0;
+    let from = k
+        .thread(id)
+        .unmap_progress
+        .take()
+        .filter(|p| p.fpage == fpage && p.include_self == include_self)
+        .map(|p| p.next);
     if flags & !UNMAP_SELF != 0 {
         return Err(Error::InvalidArgument);
     }
     let task = current_task(k);
-    unmap_flexpage(k, task, Fpage(fpage), flags & UNMAP_SELF != 0)
+    let step = UNMAP_STEP_UNITS;
+    match unmap_flexpage_step(k, task, Fpage(fpage), include_self, from, step)? {
+        None => Ok(true),
+        Some(next) => {
+            k.thread(id).unmap_progress = Some(UnmapProgress {
+                fpage,
+                include_self,
+                next,
+            });
+            Ok(false)
+        }
+    }
 }
 
 fn thread_schedule(
@@ -745,6 +778,8 @@ pub fn destroy_task(k: &mut Kernel, task: TaskId) {
 const STEP_UNITS: usize = 3_000;
 /// Units of destroying one thread or object.
 const OBJECT_UNITS: usize = 64;
+/// Our units per unit of the mapping database's work (revoking a mapping is 8 of those).
+const MAPPING_UNITS: usize = 16;
 
 /// Go on destroying `task` for at most `budget` units of work; returns whether it is gone.
 ///
@@ -790,13 +825,22 @@ pub fn destroy_task_step(k: &mut Kernel, task: TaskId, budget: usize) -> bool {
                 let done = ipc::fail_waiters_of_dead(k, &mut cursor, budget);
                 budget = budget.saturating_sub(cursor - start);
                 if done {
-                    Dying::Revoke
+                    Dying::Revoke { database: 0 }
                 } else {
                     Dying::Waiters { cursor }
                 }
             }
-            Dying::Revoke => {
-                crate::map::revoke_task(k, task);
+            Dying::Revoke { mut database } => {
+                // A mapping-database unit is about as much work as 16 of ours.
+                let units = (budget / MAPPING_UNITS).max(1);
+                let done = crate::map::revoke_task_step(k, task, &mut database, units);
+                if !done {
+                    if let Some(t) = k.tasks.get_mut(task) {
+                        t.dying = Some(Dying::Revoke { database });
+                    }
+                    // The step used its budget, or finished a database: go on in the next.
+                    return false;
+                }
                 budget = budget.saturating_sub(OBJECT_UNITS);
                 Dying::Owned {
                     arena: 0,

@@ -41,8 +41,12 @@ pub enum Dying {
         /// Next thread slot.
         cursor: usize,
     },
-    /// Revoking what was derived from its mappings and capabilities.
-    Revoke,
+    /// Revoking what was derived from its mappings and capabilities, in mapping database
+    /// `database` (0 memory, 1 ports, 2 capabilities).
+    Revoke {
+        /// The database being emptied of the task's nodes.
+        database: u8,
+    },
     /// Destroying the objects it created (arena `arena` of gates, IRQs, vCPUs, VMs, unbound
     /// threads), scanning from slot `cursor`.
     Owned {

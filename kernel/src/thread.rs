@@ -116,6 +116,8 @@ pub struct Thread {
     pub string_fault: Option<u64>,
     /// Set while a receiver resolves a fault in its string buffer: the source it waits for.
     pub resume_receive: Option<Option<ThreadId>>,
+    /// How far the thread's restarted `Unmap` got (see [`crate::map::UnmapProgress`]).
+    pub unmap_progress: Option<crate::map::UnmapProgress>,
     /// Set while the VM pager resolves a guest page fault of the vCPU this thread runs.
     pub guest_fault: Option<(crate::vm::VmId, crate::vm::VcpuId)>,
     /// Page-table root of its task (cached at bind time).
@@ -156,6 +158,7 @@ impl Thread {
             receive_timeout: Timeout::INFINITE,
             fault_address: 0,
             resume_receive: None,
+            unmap_progress: None,
             string_fault: None,
             guest_fault: None,
             space_root: 0,

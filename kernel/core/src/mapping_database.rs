@@ -161,6 +161,26 @@ pub struct Changes<S> {
     pub created: Demand<S>,
 }
 
+/// Work units of removing one node in a bounded operation
+/// ([`MappingDatabase::apply_unmap_bounded`]).
+pub const REMOVE_UNITS: usize = 8;
+/// Work units of visiting one node of the range in a bounded operation.
+pub const VISIT_UNITS: usize = 1;
+
+/// The budget of one bounded step.
+struct Work {
+    budget: usize,
+    spent: usize,
+    /// Whether the step removed a node or finished one (it must, before it may stop).
+    progressed: bool,
+}
+
+impl Work {
+    fn exhausted(&self) -> bool {
+        self.progressed && self.spent >= self.budget
+    }
+}
+
 /// Nodes an operation adds, per space (usually one or two spaces: inline).
 pub type Demand<S> = SmallVec<[(S, u64); 2]>;
 
@@ -548,6 +568,91 @@ impl<S: SpaceKey> MappingDatabase<S> {
         self.changes(out)
     }
 
+    /// [`MappingDatabase::apply_unmap`] in bounded steps. Does the plan's splits, then removes
+    /// nodes leaves first (a node only once everything derived from it is gone), so that a
+    /// partial revocation leaves a consistent tree: whatever is removed is removed with
+    /// everything derived from it, whatever remains keeps its place. A step stops once it has
+    /// spent `budget` work units ([`REMOVE_UNITS`] per node removed, [`VISIT_UNITS`] per node of
+    /// `space` visited in the range; the walk down to a subtree's first leaf is not counted)
+    /// and has made progress (removed a node, or finished one of the range's nodes).
+    ///
+    /// Returns the changes and where to go on: `None` when the revocation is complete, or
+    /// `Some(number)`: the nodes of the range before `number` are finished, and planning
+    /// `number..end` with [`MappingDatabase::plan_unmap`] (same space and `include_self`) and
+    /// applying that continues it. Steps until `None` remove exactly what one
+    /// [`MappingDatabase::apply_unmap`] removes and create the same split nodes, as long as
+    /// nothing else changes the database in between.
+    pub fn apply_unmap_bounded(
+        &mut self,
+        plan: &UnmapPlan<S>,
+        budget: usize,
+    ) -> (Changes<S>, Option<u64>) {
+        let UnmapPlan {
+            space,
+            start,
+            end,
+            include_self,
+            split,
+            ..
+        } = *plan;
+        let mut out = Removed::new();
+        if start >= end {
+            return (self.changes(out), None);
+        }
+        for (boundary, split) in [start, end].into_iter().zip(split) {
+            if split {
+                self.split_at(space, boundary);
+            }
+        }
+        let mut work = Work {
+            budget,
+            spent: 0,
+            progressed: false,
+        };
+        let mut cursor = start;
+        while let Some((base, i)) = self.index.first_in(space.to_u64(), cursor, end) {
+            if work.exhausted() {
+                return (self.changes(out), Some(base));
+            }
+            work.spent += VISIT_UNITS;
+            let next = base + (1u64 << self.node(i).order);
+            if !self.prune(i, include_self, &mut work, &mut out) {
+                return (self.changes(out), Some(base));
+            }
+            work.progressed = true;
+            cursor = next;
+            if cursor >= end {
+                break;
+            }
+        }
+        (self.changes(out), None)
+    }
+
+    /// [`MappingDatabase::remove_space`] in bounded steps (see
+    /// [`MappingDatabase::apply_unmap_bounded`] for the budget and the order of removal):
+    /// returns the mappings this step removed and whether the space is empty now. Each step
+    /// starts afresh (the nodes it finished are gone); steps until `true` remove exactly what
+    /// one [`MappingDatabase::remove_space`] removes.
+    pub fn remove_space_bounded(&mut self, space: S, budget: usize) -> (Vec<Mapping<S>>, bool) {
+        let mut out = Vec::new();
+        let mut work = Work {
+            budget,
+            spent: 0,
+            progressed: false,
+        };
+        while let Some((_, i)) = self.index.first_in(space.to_u64(), 0, u64::MAX) {
+            if work.exhausted() {
+                return (out, false);
+            }
+            work.spent += VISIT_UNITS;
+            if !self.prune(i, true, &mut work, &mut out) {
+                return (out, false);
+            }
+        }
+        self.index.drop_space_if_empty(space.to_u64());
+        (out, true)
+    }
+
     /// Remove every node of `space` and all of their descendants (a destroyed address space).
     /// Returns every removed mapping (each once).
     pub fn remove_space(&mut self, space: S) -> Vec<Mapping<S>> {
@@ -919,6 +1024,39 @@ impl<S: SpaceKey> MappingDatabase<S> {
             } else {
                 x = next;
             }
+        }
+    }
+
+    /// Remove the descendants of `root`, and with `include_self` `root` itself, leaves first,
+    /// until `work` is exhausted; appends their mappings (children before their parents).
+    /// Returns whether it finished (stopped only after some progress: a node removed).
+    fn prune(
+        &mut self,
+        root: u32,
+        include_self: bool,
+        work: &mut Work,
+        out: &mut impl Extend<Mapping<S>>,
+    ) -> bool {
+        let mut x = root;
+        loop {
+            while self.node(x).first_child != NONE {
+                x = self.node(x).first_child;
+            }
+            if x == root && !include_self {
+                return true;
+            }
+            if work.exhausted() {
+                return false;
+            }
+            let parent = self.node(x).parent;
+            self.unlink(x);
+            out.extend(Some(self.release(x)));
+            work.spent += REMOVE_UNITS;
+            work.progressed = true;
+            if x == root {
+                return true;
+            }
+            x = parent;
         }
     }
 

@@ -264,6 +264,141 @@ fn deep_chains_need_no_recursion() {
     assert_eq!(db.check_invariants(), Ok(()));
 }
 
+/// Every node and what it is derived from (for databases of any sizes).
+fn shape(db: &MappingDatabase<u64>) -> BTreeMap<Mapping<u64>, Option<(Mapping<u64>, u64)>> {
+    db.slab
+        .iter()
+        .flatten()
+        .map(|n| {
+            let mapping = m(n.space, n.base, n.order as u32);
+            (mapping, db.parent(mapping))
+        })
+        .collect()
+}
+
+/// Revoke `start..end` of `space` in bounded steps of `budget`, re-planning from where each
+/// step stopped (as the kernel's restarted `Unmap` does); checks the tree after every step.
+/// Returns every removed mapping, the nodes the splits created, and the number of steps.
+fn unmap_in_steps(
+    db: &mut MappingDatabase<u64>,
+    space: u64,
+    start: u64,
+    end: u64,
+    include_self: bool,
+    budget: usize,
+) -> (Vec<Mapping<u64>>, Vec<(u64, u64)>, usize) {
+    let (mut removed, mut created, mut steps) = (Vec::new(), Vec::new(), 0);
+    let mut from = start;
+    loop {
+        let plan = db.plan_unmap(space, from, end, include_self);
+        let (c, rest) = db.apply_unmap_bounded(&plan, budget);
+        steps += 1;
+        assert_eq!(db.check_invariants(), Ok(()), "after step {steps}");
+        assert!(
+            c.removed.len() * REMOVE_UNITS <= budget.max(REMOVE_UNITS) + REMOVE_UNITS,
+            "a step removed {} nodes over its budget {budget}",
+            c.removed.len()
+        );
+        removed.extend(c.removed);
+        created.extend(c.created);
+        match rest {
+            None => return (removed, created, steps),
+            Some(next) => {
+                assert!(next >= from && next < end, "continues inside the range");
+                from = next;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bounded_unmap_of_a_fan_out_equals_the_one_shot_unmap() {
+    let mut db = pages();
+    for i in 1..=3000u64 {
+        db.map((0, 0), 12, (i, 0x10_0000), 12).unwrap();
+    }
+    // Some grandchildren, so that subtrees are more than one node.
+    for i in 1..=50u64 {
+        db.map((i, 0x10_0000), 12, (5000 + i, 0), 12).unwrap();
+    }
+    let mut one_shot = db.clone();
+    let expected = sorted(one_shot.unmap(0, 0, K4, false).removed);
+    let (mut removed, created, steps) = unmap_in_steps(&mut db, 0, 0, K4, false, 64);
+    removed.sort();
+    assert_eq!(removed, expected);
+    assert!(created.is_empty());
+    assert!(steps >= 3050 * REMOVE_UNITS / 64, "{steps} steps");
+    assert_eq!(shape(&db), shape(&one_shot));
+    assert_eq!(db.len(), 1);
+}
+
+#[test]
+fn a_bounded_unmap_of_a_deep_chain_equals_the_one_shot_unmap() {
+    let mut db = pages();
+    for i in 0..5_000u64 {
+        db.map((i, 0), 12, (i + 1, 0), 12).unwrap();
+    }
+    let mut one_shot = db.clone();
+    let expected = one_shot.unmap(1, 0, K4, true).removed.to_vec();
+    let (removed, _, steps) = unmap_in_steps(&mut db, 1, 0, K4, true, 100);
+    // Leaves first: the same order as the one-shot removal (children before parents).
+    assert_eq!(removed, expected);
+    assert!(steps > 1);
+    assert_eq!(shape(&db), shape(&one_shot));
+    assert_eq!(db.len(), 1);
+}
+
+#[test]
+fn a_bounded_unmap_splits_once_and_continues_over_a_range() {
+    let mut db = pages();
+    db.map((0, 0), 21, (1, 0), 21).unwrap();
+    db.map((1, 0), 21, (2, 0), 21).unwrap();
+    db.map((1, 0), 21, (3, 0), 21).unwrap();
+    // Revoking part of the large page: the first step splits, later ones find nothing to
+    // split and go on where the previous stopped.
+    let (start, end) = (0x3000, 0x1f_0000);
+    let demand = db.unmap_demand(1, start, end, true);
+    let mut one_shot = db.clone();
+    let c = one_shot.unmap(1, start, end, true);
+    let (mut removed, created, steps) = unmap_in_steps(&mut db, 1, start, end, true, 40);
+    removed.sort();
+    assert_eq!(removed, sorted(c.removed));
+    assert_eq!(total(&created), total(&c.created));
+    assert_eq!(total(&created), total(&demand));
+    assert!(steps > 10, "{steps} steps");
+    assert_eq!(shape(&db), shape(&one_shot));
+}
+
+#[test]
+fn a_bounded_removal_of_a_space_equals_the_one_shot_removal() {
+    let mut db = pages();
+    for i in 0..400u64 {
+        db.map((0, i * K4), 12, (1, i * K4), 12).unwrap();
+        db.map((1, i * K4), 12, (2 + i % 7, i * K4), 12).unwrap();
+        db.map((2 + i % 7, i * K4), 12, (20, i * K4), 12).unwrap();
+    }
+    let mut one_shot = db.clone();
+    let mut expected = one_shot.remove_space(1);
+    expected.sort();
+    let mut removed = Vec::new();
+    let mut steps = 0;
+    loop {
+        let (r, done) = db.remove_space_bounded(1, 50);
+        steps += 1;
+        assert_eq!(db.check_invariants(), Ok(()));
+        removed.extend(r);
+        if done {
+            break;
+        }
+    }
+    removed.sort();
+    assert_eq!(removed, expected);
+    assert!(steps > 10);
+    assert_eq!(shape(&db), shape(&one_shot));
+    assert_eq!(db.index_bytes(1), 0);
+    assert_eq!(db.index_bytes(1), one_shot.index_bytes(1));
+}
+
 #[test]
 fn invariant_check_detects_corruption() {
     let mut db = pages();
@@ -521,7 +656,24 @@ fn randomized_against_a_per_unit_model() {
                     let plan = db.plan_unmap(space, start, end, include_self);
                     let (demand, index) = (plan.demand.clone(), plan.index.clone());
                     let index_before = index_bytes(&db);
-                    let c = db.apply_unmap(&plan);
+                    let c = if rng.below(2) == 0 {
+                        db.apply_unmap(&plan)
+                    } else {
+                        // In bounded steps: the same as one step, against a one-shot copy.
+                        let mut one_shot = db.clone();
+                        let whole = one_shot.apply_unmap(&plan);
+                        let budget = 1 + rng.below(40) as usize;
+                        let (mut removed, created, _) =
+                            unmap_in_steps(&mut db, space, start, end, include_self, budget);
+                        removed.sort();
+                        assert_eq!(removed, sorted(whole.removed.clone()), "{ctx}");
+                        assert_eq!(total(&created), total(&whole.created), "{ctx}");
+                        assert_eq!(index_bytes(&db), index_bytes(&one_shot), "{ctx}");
+                        Changes {
+                            removed: removed.into_iter().collect(),
+                            created: created.into_iter().collect(),
+                        }
+                    };
                     check_index(&db, &index_before, &index, &ctx);
                     model.unmap(space, start, end, include_self);
                     check(&db, &model, &c.created, &demand, &ctx);
@@ -534,7 +686,14 @@ fn randomized_against_a_per_unit_model() {
                 }
                 _ => {
                     let space = rng.below(4);
-                    db.remove_space(space);
+                    if rng.below(2) == 0 {
+                        db.remove_space(space);
+                    } else {
+                        let budget = 1 + rng.below(30) as usize;
+                        while !db.remove_space_bounded(space, budget).1 {
+                            assert_eq!(db.check_invariants(), Ok(()), "{ctx}");
+                        }
+                    }
                     model.remove_space(space);
                     check(&db, &model, &[], &[], &ctx);
                 }

@@ -1189,6 +1189,7 @@ include!("mechanisms.rs");
 include!("fpu.rs");
 include!("hostile.rs");
 include!("bounded.rs");
+include!("revoke.rs");
 
 fn main() -> i64 {
     println!("# ktest: kernel conformance suite");
@@ -1229,6 +1230,7 @@ fn main() -> i64 {
     asid_cases(&suite);
     // Before the hostile floods, which keep their carved factories to the end.
     bounded_destroy_cases();
+    revoke_cases();
     hostile_cases(&suite);
     fuzz_case(&suite);
     io_cases(&suite);

@@ -1,0 +1,211 @@
+// ---- bounded revocation: Unmap and a task's revocation go in steps (included by main.rs)
+
+/// Where the fan-out lands in the target task, and where our own chain lies (never touched).
+const FAN_OUT_AREA: u64 = 0x0000_7000_0000_0000;
+const CHAIN_AREA: u64 = 0x0000_7100_0000_0000;
+const FAN_OUT: u64 = 4000;
+const CHAIN: u64 = 1000;
+
+/// The unmapper's job: the flexpage (0: none) and whether it is done.
+static REVOKE_FPAGE: AtomicU64 = AtomicU64::new(0);
+static REVOKE_RESULT: AtomicU64 = AtomicU64::new(u64::MAX);
+static REVOKE_DONE: AtomicBool = AtomicBool::new(false);
+static REVOKE_GO: AtomicBool = AtomicBool::new(false);
+
+/// Low priority: once `REVOKE_GO` is set, revokes what is derived from the flexpage
+/// `REVOKE_FPAGE` (never our own).
+extern "C" fn slow_unmapper(_: u64) -> ! {
+    while !REVOKE_GO.load(SeqCst) {
+        let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
+    }
+    // SAFETY: the flexpage's own mapping stays (no UNMAP_SELF).
+    let r = unsafe { sys::unmap(Fpage(REVOKE_FPAGE.load(SeqCst)), 0) };
+    REVOKE_RESULT.store(result_code(r), SeqCst);
+    REVOKE_DONE.store(true, SeqCst);
+    // Stays (an exit would refund its FPU area to our quota while we compare it).
+    loop {
+        let _ = ipc::wait(Timeouts::INFINITE);
+    }
+}
+
+/// A thread (below us) that waits to revoke a flexpage, made before the quotas are read (a
+/// thread is charged to our quota).
+fn unmapper() -> u64 {
+    REVOKE_GO.store(false, SeqCst);
+    let unmapper = go(slow_unmapper, 0);
+    let _ = sys::thread_schedule(unmapper, 50, 0);
+    // Let it run into its wait (its first touch of its stack and heap is paged now).
+    let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(3000)));
+    unmapper
+}
+
+/// Revoke `fpage` in a thread made by [`unmapper`] while we wake every tick and sample
+/// `factory`'s quota; returns the unmap's result and whether a sample fell strictly between
+/// `from` and `to` (we saw the revocation half done: it went in steps).
+fn unmap_watched(fpage: Fpage, factory: u64, from: u64, to: u64) -> (u64, bool) {
+    REVOKE_FPAGE.store(fpage.0, SeqCst);
+    REVOKE_RESULT.store(u64::MAX, SeqCst);
+    REVOKE_DONE.store(false, SeqCst);
+    REVOKE_GO.store(true, SeqCst);
+    let mut halfway = false;
+    for _ in 0..5_000 {
+        if REVOKE_DONE.load(SeqCst) {
+            break;
+        }
+        let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
+        let now = used(factory);
+        halfway |= now < from.max(to) && now > from.min(to);
+    }
+    (REVOKE_RESULT.load(SeqCst), halfway)
+}
+
+fn fan_out_into(task: u64, page: u64) -> bool {
+    (0..FAN_OUT).all(|i| {
+        sys::map(task, Fpage::memory(page, 12, Fpage::READ), FAN_OUT_AREA + i * PAGE_SIZE, 0)
+            .is_ok()
+    })
+}
+
+fn revoke_cases() {
+    const QUOTA: u64 = 4 << 20;
+    let quota = alloc_slot();
+    let task = alloc_slot();
+    let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, quota, QUOTA, 0)
+        .and_then(|_| sys::factory_create(quota, ObjectKind::Task, task, 0, 0));
+    let empty = used(quota);
+
+    // A fan-out of 4,000 copies of one page in another task, revoked by a thread below us.
+    let page = fresh_page();
+    let mut mapped = made.is_ok() && fan_out_into(task, page);
+    let full = used(quota);
+    let nodes = FAN_OUT * 64;
+    let mut halfway = false;
+    let mut results = Vec::new();
+    // A tick may miss one run's steps: try up to three times.
+    for _ in 0..3 {
+        let _ = unmapper();
+        let (r, seen) = unmap_watched(Fpage::memory(page, 12, 7), quota, full, full - nodes);
+        results.push(r);
+        let after = used(quota);
+        mapped &= after == full - nodes;
+        halfway |= seen;
+        if halfway || !mapped {
+            break;
+        }
+        mapped &= fan_out_into(task, page) && used(quota) == full;
+    }
+    println!("# revoke: fan-out results {results:?}, {} -> {} -> {}", empty, full, used(quota));
+    check(
+        "revoke",
+        "an Unmap of a fan-out of 4,000 mappings revokes all of them, refunding every node",
+        mapped && results.iter().all(|&r| r == 0),
+    );
+    check(
+        "revoke",
+        "the fan-out's revocation goes in steps: a higher-priority thread runs in between",
+        halfway,
+    );
+    check(
+        "revoke",
+        "after the stepwise revocation the page can be mapped again to all 4,000 places",
+        fan_out_into(task, page) && used(quota) == full,
+    );
+
+    // Destroying the task that holds them: its revocation goes in steps too.
+    let destroyed = sys::task_destroy(task);
+    check_eq(
+        "revoke",
+        "destroying a task holding 4,000 mappings returns its whole quota",
+        (destroyed, used(quota)),
+        (Ok(()), 0),
+    );
+
+    // A chain of 1,000 mappings in our own space, each derived from the previous one.
+    let root = fresh_page();
+    // SAFETY: our page.
+    unsafe { core::ptr::write_volatile(root as *mut u64, 0x5eed_cafe) };
+    let chain = |n: u64| -> bool {
+        let mut from = root;
+        (0..n).all(|i| {
+            let to = CHAIN_AREA + i * PAGE_SIZE;
+            let ok = sys::map(slots::SELF_TASK, Fpage::memory(from, 12, Fpage::READ), to, 0)
+                .is_ok();
+            from = to;
+            ok
+        })
+    };
+    // The first round also makes the page tables, which stay.
+    let built = chain(CHAIN);
+    // SAFETY: revokes only the copies (CHAIN_AREA.., never touched).
+    let first = unsafe { sys::unmap(Fpage::memory(root, 12, 7), 0) };
+    let _ = unmapper();
+    let before = used(slots::FACTORY);
+    let built = built && chain(CHAIN);
+    let full = used(slots::FACTORY);
+    let (r, _) = unmap_watched(Fpage::memory(root, 12, 7), slots::FACTORY, full, before);
+    check_eq(
+        "revoke",
+        "an Unmap of a chain of 1,000 mappings revokes every level in steps, refunding every node",
+        (built, first, r, full - before, used(slots::FACTORY)),
+        (true, Ok(()), 0, CHAIN * 64, before),
+    );
+    check(
+        "revoke",
+        "after a stepwise Unmap the caller keeps its own mapping",
+        // SAFETY: our page.
+        unsafe { core::ptr::read_volatile(root as *const u64) } == 0x5eed_cafe,
+    );
+    // With UNMAP_SELF over the whole chain area, in steps: the chain goes again, and its root.
+    let built = chain(CHAIN);
+    // SAFETY: the chain area holds only the chain (never touched).
+    let r = unsafe { sys::unmap(Fpage::memory(CHAIN_AREA, 22, 7), l4::abi::UNMAP_SELF) };
+    check_eq(
+        "revoke",
+        "an Unmap with UNMAP_SELF of the chain's 4 MiB area takes all of it, in steps",
+        (built, r, used(slots::FACTORY)),
+        (true, Ok(()), before),
+    );
+
+    // A 4 MiB string item arrives whole.
+    string_4m_case();
+    check(
+        "quota",
+        "after the stepwise revocations the kernel's books balance",
+        books_balance(),
+    );
+}
+
+const STRING_4M: usize = 4 << 20;
+
+fn pattern(i: usize) -> u8 {
+    (i * 7 % 253) as u8
+}
+
+/// Sends a 4 MiB string of `pattern` to the main thread.
+extern "C" fn send_4m_string(_: u64) -> ! {
+    let data: Vec<u8> = (0..STRING_4M).map(pattern).collect();
+    let item = l4::abi::StringItem {
+        length: STRING_4M as u64,
+        address: data.as_ptr() as u64,
+    }
+    .words();
+    let _ = ipc::send(slots::SELF_THREAD, string_tag(14, 0, 1), &item, Timeouts::INFINITE);
+    sys::thread_exit(0)
+}
+
+fn string_4m_case() {
+    let mut buffer = alloc::vec![1u8; STRING_4M];
+    l4::utcb::set_string_buffer(0, &mut buffer);
+    let t = go(send_4m_string, 0);
+    let r = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+    l4::utcb::clear_string_buffer(0);
+    let length = match r {
+        Ok(m) => m.word(0) >> 12,
+        Err(_) => 0,
+    };
+    check(
+        "string",
+        "a 4 MiB string item arrives intact",
+        length == STRING_4M as u64 && buffer.iter().enumerate().all(|(i, &b)| b == pattern(i)),
+    );
+}
