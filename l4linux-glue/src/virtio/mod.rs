@@ -1,6 +1,12 @@
-//! Virtio 1.2 devices for a Linux guest over the virtio-mmio transport. So far: split
-//! virtqueues ([`queue`]).
+//! Virtio 1.2 devices for a Linux guest over the virtio-mmio transport (version 2): split
+//! virtqueues ([`queue`]) and the MMIO register block ([`mmio`]) that any
+//! [`mmio::VirtioBackend`] sits behind.
+//!
+//! Linux finds each device from its command line (`virtio_mmio.device=4K@0xd0000000:5`): the
+//! VMM registers a [`mmio::VirtioMmio`] at that address on the [`crate::mmio::MmioBus`] and
+//! injects the IRQ while [`mmio::VirtioMmio::irq_level`] is high.
 
+pub mod mmio;
 pub mod queue;
 
 /// Feature bits common to all devices (virtio 1.2 §6).
