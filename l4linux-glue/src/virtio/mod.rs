@@ -1,11 +1,12 @@
 //! Virtio 1.2 devices for a Linux guest over the virtio-mmio transport (version 2): split
-//! virtqueues ([`queue`]) and the MMIO register block ([`mmio`]) that any
-//! [`mmio::VirtioBackend`] sits behind.
+//! virtqueues ([`queue`]), the MMIO register block ([`mmio`]) that any
+//! [`mmio::VirtioBackend`] sits behind, and a console backend ([`console`]).
 //!
 //! Linux finds each device from its command line (`virtio_mmio.device=4K@0xd0000000:5`): the
 //! VMM registers a [`mmio::VirtioMmio`] at that address on the [`crate::mmio::MmioBus`] and
 //! injects the IRQ while [`mmio::VirtioMmio::irq_level`] is high.
 
+pub mod console;
 pub mod mmio;
 pub mod queue;
 
@@ -41,4 +42,29 @@ pub mod device_id {
     pub const BLOCK: u32 = 2;
     /// Console.
     pub const CONSOLE: u32 = 3;
+}
+
+/// Copy `config[offset..]` into `data`, zeros past its end.
+pub(crate) fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_copies_are_bounded() {
+        let config = [1, 2, 3];
+        let mut data = [9u8; 4];
+        super::copy_config(&config, 1, &mut data);
+        assert_eq!(data, [2, 3, 0, 0]);
+        super::copy_config(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
 }
