@@ -1,11 +1,13 @@
 //! Virtio 1.2 devices for a Linux guest over the virtio-mmio transport (version 2): split
-//! virtqueues ([`queue`]), the MMIO register block ([`mmio`]) that any
-//! [`mmio::VirtioBackend`] sits behind, and a console backend ([`console`]).
+//! virtqueues ([`queue`]), the MMIO register block ([`mmio`]) that any [`mmio::VirtioBackend`]
+//! sits behind, and two backends, a console ([`console`]) and a block device over a memory
+//! image ([`block`]).
 //!
 //! Linux finds each device from its command line (`virtio_mmio.device=4K@0xd0000000:5`): the
 //! VMM registers a [`mmio::VirtioMmio`] at that address on the [`crate::mmio::MmioBus`] and
 //! injects the IRQ while [`mmio::VirtioMmio::irq_level`] is high.
 
+pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod queue;
