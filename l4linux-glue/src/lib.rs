@@ -2,6 +2,13 @@
 //! models, hypercall ABI), host-testable and free of `unsafe`. So far: the port bus and the
 //! guest-test device, the MMIO bus, the Linux boot protocol (bzImage header, layout, zero page), a 16550A UART, the MP table, exit decoding and CPUID policy, MMIO instruction decoding
 //! and guest page-table walks for VMMs.
+//!
+//! Virtio ([`virtio`]): devices reach guest RAM only through [`guest_memory::GuestMemory`]
+//! (bounds-checked byte reads and writes; the VMM implements it over the RAM it maps). Split
+//! virtqueues ([`virtio::queue`]) with indirect descriptors and EVENT_IDX, where every hostile
+//! ring or chain is an error value; the virtio-mmio version-2 transport ([`virtio::mmio`]) as an
+//! [`mmio::MmioDevice`] in front of a backend; a console ([`virtio::console`]) and a block
+//! device over a memory image ([`virtio::block`]). Not yet wired into the VMM.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -10,9 +17,11 @@ extern crate alloc;
 pub mod boot;
 pub mod decode;
 pub mod exits;
+pub mod guest_memory;
 pub mod guest_paging;
 pub mod mmio;
 pub mod mptable;
 pub mod ports;
 pub mod test_device;
 pub mod uart8250;
+pub mod virtio;

@@ -11,6 +11,17 @@ pub trait MmioDevice {
     fn write(&mut self, offset: u64, size: u8, value: u64);
 }
 
+/// A device the VMM keeps a handle to (to poll its interrupt, feed it input, drain its
+/// output) while the bus owns another: the bus registers a clone of the `Rc`.
+impl<D: MmioDevice> MmioDevice for alloc::rc::Rc<core::cell::RefCell<D>> {
+    fn read(&mut self, offset: u64, size: u8) -> u64 {
+        self.borrow_mut().read(offset, size)
+    }
+    fn write(&mut self, offset: u64, size: u8, value: u64) {
+        self.borrow_mut().write(offset, size, value)
+    }
+}
+
 /// Why a registration failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MmioError {
