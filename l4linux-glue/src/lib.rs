@@ -11,6 +11,7 @@ pub mod boot;
 pub mod decode;
 pub mod exits;
 pub mod guest_paging;
+pub mod ioapic;
 pub mod lapic;
 pub mod mmio;
 pub mod mptable;
