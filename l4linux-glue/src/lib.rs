@@ -12,6 +12,7 @@ pub mod decode;
 pub mod exits;
 pub mod guest_paging;
 pub mod ioapic;
+pub mod kvmclock;
 pub mod lapic;
 pub mod mmio;
 pub mod mptable;
