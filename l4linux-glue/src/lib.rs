@@ -8,6 +8,7 @@
 extern crate alloc;
 
 pub mod boot;
+pub mod cpuid_linux;
 pub mod decode;
 pub mod exits;
 pub mod guest_paging;
