@@ -509,7 +509,7 @@ impl LocalApic {
         (self.enabled() && !self.x2apic_mode()).then_some(self.apic_base & APIC_BASE_ADDRESS_MASK)
     }
 
-    /// The APIC id as the current mode reports it (x2APIC: 32 bits; xAPIC: ID[31:24]).
+    /// The APIC id as the current mode reports it (x2APIC: 32 bits; xAPIC: bits 31:24 of ID).
     pub fn id(&self) -> u32 {
         if self.x2apic_mode() {
             self.config.apic_id
