@@ -1,7 +1,11 @@
 //! The Linux-facing interface of a compartment (boot protocol, guest memory layout, device
 //! models, hypercall ABI), host-testable and free of `unsafe`. So far: the port bus and the
-//! guest-test device, the MMIO bus, the Linux boot protocol (bzImage header, layout, zero page), a 16550A UART, the MP table, exit decoding and CPUID policy, MMIO instruction decoding
-//! and guest page-table walks for VMMs.
+//! guest-test device, the MMIO bus, the Linux boot protocol (bzImage header, layout, zero page),
+//! a 16550A UART, the MP table, exit decoding and the test guests' CPUID policy, MMIO
+//! instruction decoding and guest page-table walks for VMMs; and the interrupt and time
+//! platform of a Linux guest (not wired into the VMM yet): a local APIC as x2APIC and xAPIC
+//! with its timer (`lapic`), an IOAPIC (`ioapic`), kvmclock (`kvmclock`), the Linux CPUID and
+//! MSR policy (`cpuid_linux`), and `platform`, which ties them together for an exit loop.
 //!
 //! Virtio ([`virtio`]): devices reach guest RAM only through [`guest_memory::GuestMemory`]
 //! (bounds-checked byte reads and writes; the VMM implements it over the RAM it maps). Split
@@ -15,12 +19,17 @@
 extern crate alloc;
 
 pub mod boot;
+pub mod cpuid_linux;
 pub mod decode;
 pub mod exits;
 pub mod guest_memory;
 pub mod guest_paging;
+pub mod ioapic;
+pub mod kvmclock;
+pub mod lapic;
 pub mod mmio;
 pub mod mptable;
+pub mod platform;
 pub mod ports;
 pub mod test_device;
 pub mod uart8250;
