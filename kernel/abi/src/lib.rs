@@ -85,8 +85,11 @@ pub enum Syscall {
     /// to mint (only if the source badge is 0; 0 keeps it).
     CapCopy = 13,
     /// Delete the capability in slot `a0` of the caller's table, and every capability derived
-    /// from it in other tasks (recursively). Objects live on while other capabilities name
-    /// them; see [`Syscall::TaskDestroy`].
+    /// from it in other tasks (recursively). Each deleted capability is one reference less on
+    /// its object: an object lives while any capability names it and is destroyed with the
+    /// last one, its memory going back to its factory (a task counts only the capabilities
+    /// other tasks hold to it, and is destroyed in steps after the call); see
+    /// [`Syscall::TaskDestroy`].
     CapDelete = 14,
     /// Map a flexpage of the caller into another task. `a0` destination task capability
     /// (needs [`rights::CONTROL`]), `a1` the [`Fpage`] (memory, I/O ports or capability
