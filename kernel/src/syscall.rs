@@ -710,10 +710,14 @@ fn irq_control(k: &mut Kernel, irq: u64, operation: u64, thread: u64) -> Result<
     match operation {
         l4_abi::IrqOp::Attach => {
             let target = thread_cap(k, thread)?;
-            let irq = k.irqs.get_mut(id).expect("irq");
-            if irq.receiver.is_some_and(|(t, _)| t != target) {
+            // A receiver that died or was destroyed does not hold the IRQ any more.
+            let receiver = k.irqs.get(id).expect("irq").receiver;
+            if receiver
+                .is_some_and(|(t, _)| t != target && k.threads.get(t).is_some_and(|r| r.is_alive()))
+            {
                 return Err(Error::AlreadyBound);
             }
+            let irq = k.irqs.get_mut(id).expect("irq");
             irq.receiver = Some((target, cap.badge));
             crate::irq::acknowledge(line);
         }

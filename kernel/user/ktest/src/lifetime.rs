@@ -76,6 +76,23 @@ fn lifetime_cases(suite: &Suite) {
         (Ok(()), Err(Error::AlreadyBound), Ok(()), Ok(())),
     );
 
+    // An IRQ's receiver does not keep its thread; a destroyed receiver no longer holds the IRQ.
+    let (irq, receiver) = (alloc_slot(), alloc_slot());
+    let made = sys::factory_create(slots::PLATFORM, ObjectKind::Irq, irq, 57, 0)
+        .and_then(|()| sys::factory_create(factory, ObjectKind::Thread, receiver, 0, 0))
+        .and_then(|()| sys::irq_control(irq, l4::abi::IrqOp::Attach, receiver));
+    let busy = sys::irq_control(irq, l4::abi::IrqOp::Attach, slots::SELF_THREAD);
+    let deleted = sys::cap_delete(receiver);
+    let attached = sys::irq_control(irq, l4::abi::IrqOp::Attach, slots::SELF_THREAD);
+    let _ = sys::irq_control(irq, l4::abi::IrqOp::Detach, 0);
+    let _ = sys::cap_delete(irq);
+    check_eq(
+        "lifetime",
+        "an IRQ attached to a never-bound thread can be attached anew once the thread died with its last capability",
+        (made, busy, deleted, attached),
+        (Ok(()), Err(Error::AlreadyBound), Ok(()), Ok(())),
+    );
+
     // Copies: the gate lives while any capability names it; its copies go with the original.
     let (original, copy) = (alloc_slot(), alloc_slot());
     let before = used(factory);
