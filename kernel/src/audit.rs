@@ -13,6 +13,10 @@
 //!   and the root task's I/O bitmap from the kernel for free: for them `charged` may only be
 //!   less than what they hold.
 //!
+//! A third identity concerns object lifetime: each object's reference count equals the
+//! capabilities that name it (see `lifetime`), and no carved quota that nothing names or uses
+//! is left.
+//!
 //! IRQ objects are not charged to any quota (the platform capability that makes them has
 //! none; their number is bounded by the interrupt lines), so they do not appear here.
 
@@ -206,6 +210,98 @@ fn check_all(k: &Kernel) -> Result<u64, Error> {
             }
             mismatches += 1;
         }
+    }
+    Ok(mismatches + check_references(k)?)
+}
+
+/// The third identity: each object's reference count equals the capabilities naming it in
+/// the tables of tasks other than itself, plus one per vCPU for a VM and one kernel reference
+/// for each boot task (see `lifetime`). Returns the number of objects whose count differs.
+fn check_references(k: &Kernel) -> Result<u64, Error> {
+    let counter = |slots: usize| -> Result<Vec<u64>, Error> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(slots).map_err(|_| Error::OutOfMemory)?;
+        v.resize(slots, 0);
+        Ok(v)
+    };
+    let mut tasks = counter(k.tasks.slot_count())?;
+    let mut threads = counter(k.threads.slot_count())?;
+    let mut gates = counter(k.gates.slot_count())?;
+    let mut irqs = counter(k.irqs.slot_count())?;
+    let mut vms = counter(k.vms.slot_count())?;
+    let mut vcpus = counter(k.vcpus.slot_count())?;
+    let mut quotas = counter(k.quotas.slot_count())?;
+    for holder in k.tasks.ids() {
+        let t = k.tasks.get(holder).expect("listed");
+        if t.loaded_at_boot {
+            tasks[holder.index as usize] += 1;
+        }
+        for (_, cap) in t.caps.iter() {
+            let (count, id) = match cap.object {
+                Object::Task(id) if id == holder => continue,
+                Object::Task(id) if k.tasks.contains(id) => (&mut tasks, id),
+                Object::Thread(id) if k.threads.contains(id) => (&mut threads, id),
+                Object::Gate(id) if k.gates.contains(id) => (&mut gates, id),
+                Object::Irq(id) if k.irqs.contains(id) => (&mut irqs, id),
+                Object::Vm(id) if k.vms.contains(id) => (&mut vms, id),
+                Object::Vcpu(id) if k.vcpus.contains(id) => (&mut vcpus, id),
+                Object::Factory(id) if k.quotas.contains(id) => (&mut quotas, id),
+                _ => continue,
+            };
+            count[id.index as usize] += 1;
+        }
+    }
+    for id in k.vcpus.ids() {
+        let vm = k.vcpus.get(id).expect("listed").vm;
+        if k.vms.contains(vm) {
+            vms[vm.index as usize] += 1;
+        }
+    }
+    let mut mismatches = 0;
+    let mut compare = |kind: &str, index: u32, have: u64, want: u64| {
+        if have != want {
+            if mismatches == 0 {
+                crate::warn!(
+                    "quota check: {kind} {index}: {have} references counted, {want} capabilities"
+                );
+            }
+            mismatches += 1;
+        }
+    };
+    for id in k.tasks.ids() {
+        let have = k.tasks.get(id).expect("listed").references;
+        compare("task", id.index, have, tasks[id.index as usize]);
+    }
+    for id in k.threads.ids() {
+        let have = k.threads.get(id).expect("listed").references;
+        compare("thread", id.index, have, threads[id.index as usize]);
+    }
+    for id in k.gates.ids() {
+        let have = k.gates.get(id).expect("listed").references;
+        compare("gate", id.index, have, gates[id.index as usize]);
+    }
+    for id in k.irqs.ids() {
+        let have = k.irqs.get(id).expect("listed").references;
+        compare("IRQ", id.index, have, irqs[id.index as usize]);
+    }
+    for id in k.vms.ids() {
+        let have = k.vms.get(id).expect("listed").references;
+        compare("VM", id.index, have, vms[id.index as usize]);
+    }
+    for id in k.vcpus.ids() {
+        let have = k.vcpus.get(id).expect("listed").references;
+        compare("vCPU", id.index, have, vcpus[id.index as usize]);
+    }
+    for id in k.quotas.ids() {
+        let q = k.quotas.get(id).expect("listed");
+        compare(
+            "factory",
+            id.index,
+            q.references(),
+            quotas[id.index as usize],
+        );
+        // A carved quota nothing names or uses should have gone back to its parent.
+        compare("released factory", id.index, q.is_released() as u64, 0);
     }
     Ok(mismatches)
 }

@@ -216,6 +216,9 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         loaded_root: 0,
         timer_hz: TIMER_HZ,
         timeouts: Vec::new(),
+        reaping: Vec::new(),
+        waiter_scan: None,
+        waiter_rescan: false,
         kip_frame,
         next_thread_number: 0,
         fpu: crate::fpu::Fpu::init(eager_fpu),
@@ -271,6 +274,9 @@ pub fn boot(multiboot_info: u64) -> Kernel {
     caps.insert(slots::PAGER, pager).expect("slot");
     caps.insert(slots::PLATFORM, Capability::full(Object::Platform))
         .expect("slot");
+    for object in [Object::Factory(root_quota), pager.object, Object::Platform] {
+        crate::lifetime::acquire(&mut k, root, object);
+    }
     k.thread(root_thread).pager = Some(pager);
     // The root task holds every I/O port; it hands them out with I/O flexpages.
     k.tasks.get_mut(root).expect("root").io_bitmap =
@@ -367,6 +373,10 @@ fn start_module(
         .expect("slot");
     caps.insert(slots::SELF_THREAD, Capability::full(Object::Thread(thread)))
         .expect("slot");
+    crate::lifetime::acquire(k, task, Object::Task(task));
+    crate::lifetime::acquire(k, task, Object::Thread(thread));
+    // The kernel's own reference: a boot task is never released (nobody else names it).
+    k.tasks.get_mut(task).expect("task").references += 1;
     info!(
         "loaded {name} ('{}'): entry {:#x}, {} segments",
         module.cmdline,

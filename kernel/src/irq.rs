@@ -25,6 +25,22 @@ pub struct Irq {
     pub pending: bool,
     /// The task that created it (the object dies with it and frees the line).
     pub owner: crate::object::TaskId,
+    /// Capabilities that name it (it is destroyed, freeing the line, when the last one goes).
+    pub references: u64,
+}
+
+/// Free the line of IRQ object `irq` (removed from its arena): masked, pending interrupt
+/// dropped, free for a new object.
+pub fn destroy(k: &mut Kernel, irq: &Irq) {
+    if irq.pending {
+        k.pending_irqs -= 1;
+    }
+    if irq.line < HARDWARE_LINES {
+        ioapic::set_masked(irq.line, true);
+    }
+    if k.irq_lines[irq.line as usize].is_some_and(|id| k.irqs.get(id).is_none()) {
+        k.irq_lines[irq.line as usize] = None;
+    }
 }
 
 /// Whether `line` may be named by an IRQ object.

@@ -66,6 +66,14 @@ pub struct Kernel {
     pub next_thread_number: u32,
     /// Which thread's x87/SSE/AVX registers are live, and the switching policy.
     pub fpu: crate::fpu::Fpu,
+    /// Tasks whose last capability went, destroyed in steps by [`crate::lifetime::reap`]
+    /// (room for every live task is reserved when a task is created).
+    pub reaping: Vec<TaskId>,
+    /// A scan for closed receives waiting on a destroyed never-bound thread, in progress
+    /// from this thread slot (see [`crate::lifetime::tick`]).
+    pub waiter_scan: Option<usize>,
+    /// Another such thread was destroyed during the scan: scan once more after it.
+    pub waiter_rescan: bool,
 }
 
 struct KernelCell(UnsafeCell<MaybeUninit<Kernel>>);

@@ -15,6 +15,7 @@ pub mod ipc;
 pub mod irq;
 pub mod kernel;
 pub mod kip;
+pub mod lifetime;
 pub mod log;
 pub mod map;
 pub mod memory;
@@ -87,6 +88,7 @@ extern "C" fn interrupt_dispatch(frame: *mut Frame) -> ! {
             apic::end_of_interrupt();
             k.ticks += 1;
             ipc::expire_timeouts(k);
+            lifetime::tick(k);
             if let Some(current) = k.current {
                 if let Some(t) = k.threads.get_mut(current) {
                     t.remaining = t.remaining.saturating_sub(1);

@@ -574,13 +574,19 @@ fn revoke_io(k: &mut Kernel, removed: &[Recorded]) {
     }
 }
 
+/// Empty the capability slots of `removed` (revoked entries of the capability database),
+/// each one reference less on its object, and refund their nodes.
 fn revoke_caps(k: &mut Kernel, removed: &[Recorded]) {
     for m in removed {
         let Some(id) = task_of(m.space) else { continue };
-        if let Some(task) = k.tasks.get_mut(id) {
-            let _ = task.caps.remove(m.base);
-        }
+        let cap = k
+            .tasks
+            .get_mut(id)
+            .and_then(|task| task.caps.remove(m.base).ok());
         k.refund_space(m.space, NODE_BYTES);
+        if let Some(cap) = cap {
+            crate::lifetime::release(k, id, cap.object);
+        }
     }
 }
 
@@ -696,7 +702,9 @@ fn map_objects(
 }
 
 /// Install `cap` (derived from slot `source` of `from`) in slot `target` of `to`, recording
-/// the derivation; with `grant` the source slot is emptied.
+/// the derivation; with `grant` the source slot is emptied. The new capability counts as a
+/// reference before anything it replaces is let go, so replacing a capability with one to
+/// the same object never destroys the object.
 pub fn copy_capability(
     k: &mut Kernel,
     from: TaskId,
@@ -707,21 +715,39 @@ pub fn copy_capability(
     grant: bool,
 ) -> Result<(), Error> {
     let replaced = derive_unit(k, Db::Caps, (from, source), (to, target), grant)?;
+    crate::lifetime::acquire(k, to, cap.object);
     revoke_caps(k, &replaced);
-    let table = &mut k.tasks.get_mut(to).ok_or(Error::InvalidCapability)?.caps;
-    let _ = table.remove(target);
-    table
-        .insert(target, cap)
-        .map_err(|_| Error::InvalidArgument)?;
+    let Some(task) = k.tasks.get_mut(to) else {
+        crate::lifetime::release(k, to, cap.object);
+        return Err(Error::InvalidCapability);
+    };
+    // An unrecorded capability in the slot (one `FactoryCreate` made) is replaced too.
+    let old = task.caps.remove(target).ok();
+    let inserted = task.caps.insert(target, cap);
+    if let Some(old) = old {
+        crate::lifetime::release(k, to, old.object);
+    }
+    if inserted.is_err() {
+        crate::lifetime::release(k, to, cap.object);
+        return Err(Error::InvalidArgument);
+    }
     if grant {
-        let _ = k.tasks.get_mut(from).expect("task").caps.remove(source);
+        let moved = k
+            .tasks
+            .get_mut(from)
+            .and_then(|t| t.caps.remove(source).ok());
+        if let Some(moved) = moved {
+            crate::lifetime::release(k, from, moved.object);
+        }
     }
     Ok(())
 }
 
-/// Delete slot `slot` of `task` and every capability derived from it.
+/// Delete slot `slot` of `task` and every capability derived from it; each is one reference
+/// less on its object (the last destroys it, see `lifetime`).
 pub fn delete_capability(k: &mut Kernel, task: TaskId, slot: u64) -> Result<(), Error> {
-    k.tasks
+    let cap = k
+        .tasks
         .get_mut(task)
         .ok_or(Error::InvalidCapability)?
         .caps
@@ -729,6 +755,7 @@ pub fn delete_capability(k: &mut Kernel, task: TaskId, slot: u64) -> Result<(), 
         .map_err(|_| Error::InvalidCapability)?;
     let revoked = k.cap_db.unmap(Space::Task(task), slot, slot + 1, true);
     revoke_caps(k, &revoked.removed);
+    crate::lifetime::release(k, task, cap.object);
     Ok(())
 }
 
@@ -857,16 +884,19 @@ fn unmap_units(
         if include_self && !own {
             // Held without a database node (the root task's ports, capabilities that
             // `FactoryCreate` installed): nothing to refund.
+            let mut released = None;
             if let Some(t) = k.tasks.get_mut(task) {
                 match which {
                     Db::Io => t.set_port(number as u32, false),
-                    _ => {
-                        let _ = t.caps.remove(number);
-                    }
+                    _ => released = t.caps.remove(number).ok(),
                 }
             }
             if let Db::Io = which {
                 refresh_io(k, task);
+            }
+            // A capability removed is one reference less on its object.
+            if let Some(cap) = released {
+                crate::lifetime::release(k, task, cap.object);
             }
         }
     }

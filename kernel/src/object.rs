@@ -69,4 +69,6 @@ pub struct Gate {
     pub owner: TaskId,
     /// The quota it was charged to.
     pub quota: QuotaId,
+    /// Capabilities that name it (it is destroyed when the last one goes).
+    pub references: u64,
 }

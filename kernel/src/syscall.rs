@@ -109,6 +109,10 @@ pub fn dispatch(k: &mut Kernel) -> ! {
             }
         }
     }
+    if !k.reaping.is_empty() {
+        // A task whose last capability went: one bounded step of its destruction.
+        crate::lifetime::reap(k);
+    }
     k.schedule()
 }
 
@@ -205,6 +209,12 @@ pub const GATE_BYTES: u64 = crate::memory::object_charge(core::mem::size_of::<Ga
 /// Create a new task whose kernel memory is charged to `quota`: empty capability table, the
 /// KIP mapped.
 pub fn new_task(k: &mut Kernel, name: &str, quota: QuotaId) -> Result<TaskId, Error> {
+    // Room in the list of tasks to destroy for every live task, this one included, so that
+    // queueing a task whose last capability went never allocates.
+    let wanted = (k.tasks.len() + 1).saturating_sub(k.reaping.len());
+    k.reaping
+        .try_reserve(wanted)
+        .map_err(|_| Error::OutOfMemory)?;
     charge(k, quota, TASK_BYTES)?;
     let Ok(space) = AddressSpace::new(&mut k.frames) else {
         k.quotas.get_mut(quota).expect("quota").refund(TASK_BYTES);
@@ -318,6 +328,7 @@ fn factory_create(
                 thread,
                 owner: task,
                 quota,
+                references: 0,
             };
             let Ok(gate) = k.gates.try_insert(gate) else {
                 refund(k, quota, GATE_BYTES);
@@ -343,6 +354,7 @@ fn factory_create(
                 line: argument as u32,
                 receiver: None,
                 pending: false,
+                references: 0,
             });
             k.irq_lines[argument as usize] = Some(irq);
             Capability {
@@ -399,12 +411,14 @@ fn factory_create(
         }
         ObjectKind::Platform => return Err(Error::InvalidArgument),
     };
-    k.tasks
-        .get_mut(task)
-        .expect("task")
-        .caps
-        .insert(slot, new)
-        .map_err(|_| Error::SlotOccupied)
+    crate::lifetime::acquire(k, task, new.object);
+    let inserted = k.tasks.get_mut(task).expect("task").caps.insert(slot, new);
+    if inserted.is_err() {
+        // Checked free above; should it fail, the object goes again.
+        crate::lifetime::release(k, task, new.object);
+        return Err(Error::SlotOccupied);
+    }
+    Ok(())
 }
 
 fn thread_control(
@@ -729,10 +743,14 @@ fn irq_control(k: &mut Kernel, irq: u64, operation: u64, thread: u64) -> Result<
     match operation {
         l4_abi::IrqOp::Attach => {
             let target = thread_cap(k, thread)?;
-            let irq = k.irqs.get_mut(id).expect("irq");
-            if irq.receiver.is_some_and(|(t, _)| t != target) {
+            // A receiver that died or was destroyed does not hold the IRQ any more.
+            let receiver = k.irqs.get(id).expect("irq").receiver;
+            if receiver
+                .is_some_and(|(t, _)| t != target && k.threads.get(t).is_some_and(|r| r.is_alive()))
+            {
                 return Err(Error::AlreadyBound);
             }
+            let irq = k.irqs.get_mut(id).expect("irq");
             irq.receiver = Some((target, cap.badge));
             crate::irq::acknowledge(line);
         }
@@ -775,7 +793,7 @@ pub fn destroy_task(k: &mut Kernel, task: TaskId) {
 /// The work one `TaskDestroy` step may do, in units of about 16 instructions: a thread slot
 /// scanned is one unit, a thread or object destroyed [`OBJECT_UNITS`]. About 50,000
 /// instructions, so that a timer interrupt waits at most that long for a task's destruction.
-const STEP_UNITS: usize = 3_000;
+pub const STEP_UNITS: usize = 3_000;
 /// Units of destroying one thread or object.
 const OBJECT_UNITS: usize = 64;
 /// Our units per unit of the mapping database's work (revoking a mapping is 8 of those).
@@ -842,9 +860,34 @@ pub fn destroy_task_step(k: &mut Kernel, task: TaskId, budget: usize) -> bool {
                     return false;
                 }
                 budget = budget.saturating_sub(OBJECT_UNITS);
-                Dying::Owned {
-                    arena: 0,
-                    cursor: 0,
+                Dying::Caps { cursor: 0 }
+            }
+            Dying::Caps { mut cursor } => {
+                // Each capability of its table is one reference less on its object.
+                if budget < OBJECT_UNITS {
+                    return false;
+                }
+                let slots = l4_abi::CAP_SLOTS as u64;
+                while cursor < slots && budget >= OBJECT_UNITS {
+                    let removed = k
+                        .tasks
+                        .get_mut(task)
+                        .and_then(|t| t.caps.remove(cursor).ok());
+                    if let Some(cap) = removed {
+                        crate::lifetime::release(k, task, cap.object);
+                        budget -= OBJECT_UNITS;
+                    } else {
+                        budget -= 1;
+                    }
+                    cursor += 1;
+                }
+                if cursor < slots {
+                    Dying::Caps { cursor }
+                } else {
+                    Dying::Owned {
+                        arena: 0,
+                        cursor: 0,
+                    }
                 }
             }
             Dying::Owned { arena, mut cursor } => {
@@ -881,8 +924,8 @@ fn free_thread(k: &mut Kernel, id: ThreadId) {
         if thread.utcb_frame != 0 {
             crate::memory::FrameSource::free_frame(&mut k.frames, thread.utcb_frame);
         }
-        if let Some(quota) = thread.quota.and_then(|q| k.quotas.get_mut(q)) {
-            quota.refund(THREAD_BYTES);
+        if let Some(quota) = thread.quota {
+            crate::lifetime::refund(k, quota, THREAD_BYTES);
         }
     }
 }
@@ -890,12 +933,18 @@ fn free_thread(k: &mut Kernel, id: ThreadId) {
 /// Free the task object of a destroyed task, its page tables and capability table.
 fn finish_task(k: &mut Kernel, task: TaskId) {
     if let Some(task) = k.tasks.remove(task) {
+        if k.loaded_root == task.space.root {
+            // A task destroyed by `lifetime::reap` may have been interrupted (or have made
+            // the syscall) with its page tables loaded: leave them before they are freed.
+            let boot = crate::arch::x86_64::paging::boot_root();
+            // SAFETY: the boot PML4 maps the kernel half like every task's.
+            unsafe { crate::arch::x86_64::cpu::write_cr3(boot) };
+            k.loaded_root = boot;
+        }
         task.space.destroy(&mut k.frames);
         // Everything charged on the task's behalf (object, page tables, UTCBs, mapping
         // nodes, I/O bitmap) goes back to its quota.
-        if let Some(quota) = k.quotas.get_mut(task.quota) {
-            quota.refund(task.charged);
-        }
+        crate::lifetime::refund(k, task.quota, task.charged);
     }
 }
 
@@ -926,22 +975,14 @@ fn destroy_owned(
         0 => {
             let gates = k.gates.drain_where(cursor, limit, max, |g| g.owner == task);
             for (_, gate) in &gates {
-                if let Some(q) = k.quotas.get_mut(gate.quota) {
-                    q.refund(GATE_BYTES);
-                }
+                crate::lifetime::refund(k, gate.quota, GATE_BYTES);
             }
             gates.len()
         }
         1 => {
             let irqs = k.irqs.drain_where(cursor, limit, max, |i| i.owner == task);
             for (_, irq) in &irqs {
-                if irq.pending {
-                    k.pending_irqs -= 1;
-                }
-                if irq.line < crate::irq::HARDWARE_LINES {
-                    crate::arch::x86_64::ioapic::set_masked(irq.line, true);
-                }
-                k.irq_lines[irq.line as usize] = None;
+                crate::irq::destroy(k, irq);
             }
             irqs.len()
         }
@@ -969,13 +1010,13 @@ fn destroy_owned(
                 if k.fpu.owner == Some(*id) {
                     k.fpu.owner = None;
                 }
-                if let Some(q) = thread.quota.and_then(|q| k.quotas.get_mut(q)) {
+                if let Some(quota) = thread.quota {
                     let area = if thread.fpu.is_some() {
                         crate::fpu::AREA_BYTES
                     } else {
                         0
                     };
-                    q.refund(THREAD_BYTES + area);
+                    crate::lifetime::refund(k, quota, THREAD_BYTES + area);
                 }
             }
             threads.len()

@@ -28,6 +28,12 @@ pub struct Task {
     /// Set once a `TaskDestroy` began: how far the destruction got (it goes in steps, see
     /// `syscall::destroy_task_steps`). A dying task's capabilities no longer resolve.
     pub dying: Option<Dying>,
+    /// Capabilities that name it in other tasks' tables (its own, e.g. `SELF_TASK`, do not
+    /// count), plus one the kernel holds for the boot tasks: when the count drops to zero the
+    /// task becomes dying and the kernel destroys it in steps (see `lifetime::reap`).
+    pub references: u64,
+    /// Whether it is in the kernel's list of tasks to destroy (`Kernel::reaping`).
+    pub reaping: bool,
 }
 
 /// The stages of a task's destruction, each done in bounded steps.
@@ -46,6 +52,12 @@ pub enum Dying {
     Revoke {
         /// The database being emptied of the task's nodes.
         database: u8,
+    },
+    /// Emptying its capability table from slot `cursor`: each capability removed counts as
+    /// gone for the object it names (which may be destroyed with it).
+    Caps {
+        /// Next slot.
+        cursor: u64,
     },
     /// Destroying the objects it created (arena `arena` of gates, IRQs, vCPUs, VMs, unbound
     /// threads), scanning from slot `cursor`.
@@ -94,6 +106,8 @@ impl Task {
             charged: 0,
             loaded_at_boot: false,
             dying: None,
+            references: 0,
+            reaping: false,
         }
     }
 

@@ -128,6 +128,9 @@ pub struct Thread {
     pub quota: Option<crate::object::QuotaId>,
     /// The task that created it (an unbound thread dies with it).
     pub creator: Option<TaskId>,
+    /// Capabilities that name it: an unbound thread is destroyed when the last one goes (a
+    /// bound thread lives as long as its task).
+    pub references: u64,
     /// A number for logs.
     pub number: u32,
     /// Its x87/SSE/AVX registers while they are not live in the CPU (`None` once it died).
@@ -165,6 +168,7 @@ impl Thread {
             task_has_io: false,
             quota: None,
             creator: None,
+            references: 0,
             number,
             fpu: None,
             fpu_loaded: false,

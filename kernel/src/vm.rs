@@ -60,6 +60,9 @@ pub struct Vm {
     /// Bytes charged to `quota` for its nested page tables and mapping nodes (the object
     /// itself is charged separately).
     pub charged: u64,
+    /// Capabilities that name it plus its vCPUs (each holds one): it is destroyed when the
+    /// count drops to zero.
+    pub references: u64,
 }
 
 /// A virtual CPU.
@@ -82,6 +85,8 @@ pub struct Vcpu {
     pub owner: TaskId,
     /// The quota it was charged to.
     pub quota: QuotaId,
+    /// Capabilities that name it (it is destroyed when the last one goes).
+    pub references: u64,
 }
 
 /// Set up SVM if the CPU has it (called at boot); `None` otherwise.
@@ -195,6 +200,7 @@ pub fn create_vm(
         pager,
         owner,
         charged: 0,
+        references: 0,
     };
     k.vms.try_insert(vm).map_err(|vm| {
         k.frames.free_frame(vm.npt.root);
@@ -292,13 +298,19 @@ pub fn create_vcpu(
         debug: [0; 4],
         owner,
         quota,
+        references: 0,
     };
-    k.vcpus.try_insert(vcpu).map_err(|vcpu| {
+    let id = k.vcpus.try_insert(vcpu).map_err(|vcpu| {
         k.frames.free_frame(vcpu.vmcb);
         k.frames.free_frame(vcpu.fpu);
         k.quotas.get_mut(quota).expect("quota").refund(bytes);
         Error::OutOfMemory
-    })
+    })?;
+    // The vCPU holds a reference on its VM.
+    if let Some(v) = k.vms.get_mut(vm) {
+        v.references += 1;
+    }
+    Ok(id)
 }
 
 fn write_segment(
@@ -312,17 +324,21 @@ fn write_segment(
     write(frame, offset + 8, base);
 }
 
-/// Destroy vCPU `vcpu` (removed from its arena; its task is being destroyed): its VMCB and
-/// extended-state area are freed and its quota refunded.
+/// Destroy vCPU `vcpu` (removed from its arena: its last capability went, or its creator is
+/// being destroyed): its VMCB and extended-state area are freed, its quota refunded, and its
+/// reference on its VM dropped (which may destroy the VM).
 pub fn destroy_vcpu(k: &mut Kernel, vcpu: &Vcpu) {
     k.frames.free_frame(vcpu.vmcb);
     k.frames.free_frame(vcpu.fpu);
     if let Some(q) = k.quotas.get_mut(vcpu.quota) {
         q.refund(VCPU_BYTES);
     }
+    crate::lifetime::release_quota(k, vcpu.quota);
+    crate::lifetime::drop_vm_reference(k, vcpu.vm);
 }
 
-/// Destroy VM `id` (removed from its arena as `vm`; its task is being destroyed): its
+/// Destroy VM `id` (removed from its arena as `vm`: no capability and no vCPU names it any
+/// more, or its creator is being destroyed): its
 /// nested page tables are freed and the quota refunded; guest memory mappings were derived
 /// from the VMM's memory and go from the mapping database.
 pub fn destroy_vm(k: &mut Kernel, id: VmId, vm: &Vm) {
@@ -335,6 +351,7 @@ pub fn destroy_vm(k: &mut Kernel, id: VmId, vm: &Vm) {
     if let Some(q) = k.quotas.get_mut(vm.quota) {
         q.refund(vm.charged + VM_BYTES);
     }
+    crate::lifetime::release_quota(k, vm.quota);
 }
 
 /// Where each segment register of the transfer state lives in the VMCB.

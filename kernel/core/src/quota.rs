@@ -13,6 +13,9 @@ pub struct Quota {
     used: u64,
     /// The quota this one was carved out of (`None` for the kernel's own).
     parent: Option<crate::ObjectId>,
+    /// Factory capabilities that name it (a carved quota whose last one went goes back to
+    /// its parent once nothing is charged to it any more).
+    references: u64,
 }
 
 impl Quota {
@@ -22,6 +25,7 @@ impl Quota {
             limit,
             used: 0,
             parent: None,
+            references: 0,
         }
     }
 
@@ -31,6 +35,7 @@ impl Quota {
             limit,
             used: 0,
             parent: Some(parent),
+            references: 0,
         }
     }
 
@@ -69,6 +74,28 @@ impl Quota {
     pub fn refund(&mut self, bytes: u64) {
         self.used = self.used.saturating_sub(bytes);
     }
+
+    /// Count one more capability naming this quota.
+    pub fn add_reference(&mut self) {
+        self.references += 1;
+    }
+
+    /// Count one capability less (saturating); returns how many are left.
+    pub fn drop_reference(&mut self) -> u64 {
+        self.references = self.references.saturating_sub(1);
+        self.references
+    }
+
+    /// Capabilities naming this quota.
+    pub fn references(&self) -> u64 {
+        self.references
+    }
+
+    /// Whether the quota can go back to its parent: carved, no capability names it and
+    /// nothing is charged to it.
+    pub fn is_released(&self) -> bool {
+        self.parent.is_some() && self.references == 0 && self.used == 0
+    }
 }
 
 #[cfg(test)]
@@ -95,5 +122,28 @@ mod tests {
         assert_eq!(q.available(), 10);
         q.refund(u64::MAX);
         assert_eq!(q.used(), 0);
+    }
+
+    #[test]
+    fn released_only_when_carved_unreferenced_and_empty() {
+        let parent = crate::ObjectId {
+            index: 0,
+            generation: 0,
+        };
+        let mut top = Quota::new(100);
+        assert!(!top.is_released());
+        top.add_reference();
+        assert_eq!(top.drop_reference(), 0);
+        assert!(!top.is_released(), "a top-level quota is never given back");
+        let mut q = Quota::carved(100, parent);
+        q.add_reference();
+        q.add_reference();
+        assert_eq!(q.charge(10), Ok(()));
+        assert_eq!(q.drop_reference(), 1);
+        assert_eq!(q.drop_reference(), 0);
+        assert!(!q.is_released(), "still charged");
+        q.refund(10);
+        assert!(q.is_released());
+        assert_eq!(q.drop_reference(), 0, "saturates");
     }
 }

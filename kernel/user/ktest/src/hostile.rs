@@ -13,6 +13,9 @@ const HOSTILE_VM_FLOOD: i32 = 1;
 const HOSTILE_CREATE_LOOP: i32 = 2;
 /// At most this many rounds of a flood (far more than any quota or the heap allows).
 const FLOOD_ROUNDS: u64 = 4_000_000;
+/// Rounds of a create/delete loop: each object dies with its last capability, so the loop
+/// never runs out of memory.
+const CREATE_ROUNDS: u64 = 100_000;
 /// A flood's call waits at most a minute for its reply.
 const FLOOD_WAIT: Timeouts = Timeouts::new(Timeout::INFINITE, Timeout::micros(60_000_000));
 
@@ -32,16 +35,18 @@ fn used(factory: u64) -> u64 {
 }
 
 /// A hostile child: runs one flood on its factory (slot FACTORY) when called, replies with
-/// how many rounds succeeded and the error that ended them, then waits forever (its objects
-/// live until the task is destroyed).
+/// how many rounds succeeded, the error that ended them and how much its factory's use grew,
+/// then waits forever (its objects live until the task is destroyed).
 extern "C" fn child_hostile() -> ! {
     let Ok(m) = ipc::wait(Timeouts::INFINITE) else { sys::thread_exit(1) };
+    let before = used(slots::FACTORY);
     let (count, error) = match m.tag.label() {
         HOSTILE_VM_FLOOD => vm_flood(),
         HOSTILE_CREATE_LOOP => create_loop(m.word(0)),
         _ => (0, u64::MAX),
     };
-    let _ = ipc::reply(tag(0, 2), &[count, error]);
+    let grown = used(slots::FACTORY).wrapping_sub(before);
+    let _ = ipc::reply(tag(0, 3), &[count, error, grown]);
     let _ = ipc::wait(Timeouts::INFINITE);
     sys::thread_exit(0)
 }
@@ -61,29 +66,36 @@ fn vm_flood() -> (u64, u64) {
 }
 
 /// Create objects of `kind` (gates bound to a thread of ours) and delete their capability,
-/// again and again.
+/// CREATE_ROUNDS times (the receiver thread is made first, so the factory's use must not
+/// grow during the loop).
 fn create_loop(kind: u64) -> (u64, u64) {
     let (receiver, slot) = (20, 21);
     if let Err(e) = sys::factory_create(slots::FACTORY, ObjectKind::Thread, receiver, 0, 0) {
         return (0, e as u64);
     }
     let Some(kind) = ObjectKind::from_u64(kind) else { return (0, u64::MAX) };
-    for i in 0..FLOOD_ROUNDS {
+    let start = used(slots::FACTORY);
+    for i in 0..CREATE_ROUNDS {
         if let Err(e) = sys::factory_create(slots::FACTORY, kind, slot, receiver, 0) {
             return (i, e as u64);
         }
         if let Err(e) = sys::cap_delete(slot) {
             return (i, e as u64);
         }
+        if i % 1_000 == 999 && used(slots::FACTORY) != start {
+            return (i, u64::MAX - 1);
+        }
     }
-    (FLOOD_ROUNDS, 0)
+    let _ = sys::cap_delete(receiver);
+    (CREATE_ROUNDS, 0)
 }
 
 /// Start a hostile child with `factory` as its FACTORY (and our 2 MiB page `source`, if any,
 /// at FLOOD_SOURCE),
 /// run one flood (`label`, `argument`), check the books while its objects live, destroy it.
-/// Returns `(rounds, error code, books balanced, factory used afterwards)`.
-fn flood(suite: &Suite, factory: u64, source: Option<u64>, label: i32, argument: u64) -> (u64, u64, bool, u64) {
+/// Returns `(rounds, error code, books balanced, factory used afterwards, growth of the
+/// factory's use during the flood)`.
+fn flood(suite: &Suite, factory: u64, source: Option<u64>, label: i32, argument: u64) -> (u64, u64, bool, u64, u64) {
     let (task, thread) = suite.child(child_hostile, suite.pager_normal, suite.recorder, false);
     let given = sys::cap_copy(task, factory, slots::FACTORY, rights::ALL, 0).and_then(|()| match source {
         Some(page) => sys::map(task, Fpage::memory(page, 21, Fpage::RWX), FLOOD_SOURCE, 0),
@@ -95,10 +107,10 @@ fn flood(suite: &Suite, factory: u64, source: Option<u64>, label: i32, argument:
     println!("# flood {label}/{argument}: {:?}, destroying its task", reply.map(|m| (m.word(0), m.word(1))));
     let _ = sys::task_destroy(task);
     match (given, reply) {
-        (Ok(()), Ok(m)) => (m.word(0), m.word(1), balanced, used(factory)),
+        (Ok(()), Ok(m)) => (m.word(0), m.word(1), balanced, used(factory), m.word(2)),
         (given, reply) => {
             println!("# flood: {given:?} {:?}", reply.map(|_| ()));
-            (0, u64::MAX, balanced, used(factory))
+            (0, u64::MAX, balanced, used(factory), u64::MAX)
         }
     }
 }
@@ -143,7 +155,7 @@ fn hostile_cases(suite: &Suite) {
         println!("# no 2 MiB page from the parent: {e}");
     }
     if guest_asids() > 0 {
-        let (rounds, error, balanced, after) = flood(suite, vm_factory, Some(FLOOD_RAM), HOSTILE_VM_FLOOD, 0);
+        let (rounds, error, balanced, after, _) = flood(suite, vm_factory, Some(FLOOD_RAM), HOSTILE_VM_FLOOD, 0);
         println!("# vm flood: {rounds} mappings of 2 MiB, then {error}");
         check("vm", "mapping one 2 MiB page at ever new guest-physical addresses ends in OutOfMemory from Map, no panic", vm_made.is_ok() && ram.is_ok() && rounds > 512 && error == Error::OutOfMemory as u64);
         check("quota", "the books balance with a VM flooded to the kernel heap's reserve", balanced);
@@ -154,12 +166,12 @@ fn hostile_cases(suite: &Suite) {
         check("quota", "without SVM: no VM flood (skipped)", true);
     }
     for (kind, name) in [(ObjectKind::Gate, "gates"), (ObjectKind::Thread, "threads")] {
-        let (rounds, error, balanced, after) = flood(suite, big, None, HOSTILE_CREATE_LOOP, kind as u64);
-        println!("# {name}: {rounds} created and their capability deleted, then {error}");
-        // Deleting the last capability frees nothing (objects die with their creator), so
-        // the loop must end, in OutOfMemory.
-        check("quota", &alloc::format!("creating and deleting {name} in a loop ends in OutOfMemory, no panic"), made.is_ok() && rounds > 0 && error == Error::OutOfMemory as u64);
-        check("quota", &alloc::format!("the books balance with {name} filling the kernel heap"), balanced);
+        let (rounds, error, balanced, after, grown) = flood(suite, big, None, HOSTILE_CREATE_LOOP, kind as u64);
+        println!("# {name}: {rounds} created and their capability deleted, then {error}, use grew by {grown}");
+        // Deleting the last capability destroys the object: the loop runs to its end with
+        // the factory's use unchanged after every round.
+        check_eq("quota", &alloc::format!("creating and deleting {name} {CREATE_ROUNDS} times never grows the factory's use"), (made, rounds, error, grown), (Ok(()), CREATE_ROUNDS, 0, 0));
+        check("quota", &alloc::format!("the books balance after a create/delete loop of {name}"), balanced);
         check_eq("quota", &alloc::format!("destroying the creator of the {name} gives its factory back every byte"), after, 0);
     }
     kernel_area_cases(suite);

@@ -1187,6 +1187,7 @@ fn task_cases(suite: &Suite) {
 
 include!("mechanisms.rs");
 include!("fpu.rs");
+include!("lifetime.rs");
 include!("hostile.rs");
 include!("bounded.rs");
 include!("revoke.rs");
@@ -1228,6 +1229,7 @@ fn main() -> i64 {
     regression_cases();
     ownership_cases(&suite);
     asid_cases(&suite);
+    lifetime_cases(&suite);
     // Before the hostile floods, which keep their carved factories to the end.
     bounded_destroy_cases();
     revoke_cases();
