@@ -21,30 +21,55 @@ pub const E820_MAX: usize = 128;
 
 /// Zero-page offsets (boot.rst, "the zero page" and "the real-mode kernel header").
 pub mod offset {
+    /// High 32 bits of the initramfs address (`ext_ramdisk_image`).
     pub const EXT_RAMDISK_IMAGE: usize = 0x0c0;
+    /// High 32 bits of the initramfs size (`ext_ramdisk_size`).
     pub const EXT_RAMDISK_SIZE: usize = 0x0c4;
+    /// High 32 bits of the command-line address (`ext_cmd_line_ptr`).
     pub const EXT_CMD_LINE_PTR: usize = 0x0c8;
+    /// Number of E820 entries (`e820_entries`).
     pub const E820_ENTRIES: usize = 0x1e8;
+    /// Byte a boot loader must clear (`sentinel`); set means a stale setup header.
     pub const SENTINEL: usize = 0x1ef;
+    /// 512-byte setup sectors after the boot sector (`setup_sects`).
     pub const SETUP_SECTS: usize = 0x1f1;
+    /// 0xAA55 (`boot_flag`).
     pub const BOOT_FLAG: usize = 0x1fe;
+    /// The jump over the header (`jump`).
     pub const JUMP: usize = 0x200;
+    /// "HdrS" (`header`).
     pub const HEADER: usize = 0x202;
+    /// Boot protocol version (`version`).
     pub const VERSION: usize = 0x206;
+    /// The boot loader's id (`type_of_loader`).
     pub const TYPE_OF_LOADER: usize = 0x210;
+    /// Load flags (`loadflags`).
     pub const LOADFLAGS: usize = 0x211;
+    /// 32-bit entry point (`code32_start`).
     pub const CODE32_START: usize = 0x214;
+    /// Initramfs address, low 32 bits (`ramdisk_image`).
     pub const RAMDISK_IMAGE: usize = 0x218;
+    /// Initramfs size, low 32 bits (`ramdisk_size`).
     pub const RAMDISK_SIZE: usize = 0x21c;
+    /// End of the setup heap (`heap_end_ptr`).
     pub const HEAP_END_PTR: usize = 0x224;
+    /// Command-line address, low 32 bits (`cmd_line_ptr`).
     pub const CMD_LINE_PTR: usize = 0x228;
+    /// Highest address the initramfs may reach (`initrd_addr_max`).
     pub const INITRD_ADDR_MAX: usize = 0x22c;
+    /// Alignment a relocatable kernel needs (`kernel_alignment`).
     pub const KERNEL_ALIGNMENT: usize = 0x230;
+    /// Whether the kernel is relocatable (`relocatable_kernel`).
     pub const RELOCATABLE_KERNEL: usize = 0x234;
+    /// Extended load flags (`xloadflags`).
     pub const XLOADFLAGS: usize = 0x236;
+    /// Longest command line, without its NUL (`cmdline_size`).
     pub const CMDLINE_SIZE: usize = 0x238;
+    /// Preferred load address (`pref_address`).
     pub const PREF_ADDRESS: usize = 0x258;
+    /// Memory the kernel needs while decompressing (`init_size`).
     pub const INIT_SIZE: usize = 0x260;
+    /// The E820 table (`e820_table`).
     pub const E820_TABLE: usize = 0x2d0;
 }
 
@@ -54,24 +79,32 @@ pub const BOOT_FLAG_MAGIC: u16 = 0xaa55;
 pub const HEADER_MAGIC: u32 = 0x5372_6448;
 /// Oldest protocol we accept: 2.12 has `xloadflags` (64-bit entry) and `pref_address`/`init_size`.
 pub const MIN_VERSION: u16 = 0x020c;
-/// `loadflags` bits.
+/// `loadflags`: the protected-mode kernel loads at 1 MiB.
 pub const LOADED_HIGH: u8 = 1 << 0;
+/// `loadflags`: `heap_end_ptr` is valid.
 pub const CAN_USE_HEAP: u8 = 1 << 7;
-/// `xloadflags` bits.
+/// `xloadflags`: the kernel has a 64-bit entry point at +0x200.
 pub const XLF_KERNEL_64: u16 = 1 << 0;
+/// `xloadflags`: kernel, boot parameters and initramfs may lie above 4 GiB.
 pub const XLF_CAN_BE_LOADED_ABOVE_4G: u16 = 1 << 1;
 /// `type_of_loader` for a loader without an assigned id.
 pub const LOADER_UNDEFINED: u8 = 0xff;
 
-/// E820 range types.
+/// E820 range type: usable RAM.
 pub const E820_RAM: u32 = 1;
+/// E820 range type: reserved.
 pub const E820_RESERVED: u32 = 2;
 
 /// Why an image or a boot configuration was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootError {
     /// The image ends before its setup header (or before its protected-mode kernel).
-    TooShort { length: usize, needed: usize },
+    TooShort {
+        /// Bytes of the image.
+        length: usize,
+        /// Bytes it would need.
+        needed: usize,
+    },
     /// `boot_flag` is not 0xAA55.
     BadBootFlag(u16),
     /// No "HdrS" signature: not a bzImage (or a protocol older than 2.00).
@@ -85,11 +118,21 @@ pub enum BootError {
     /// `kernel_alignment` is not a power of two of at least 4 KiB.
     BadAlignment(u32),
     /// The command line (with its terminating NUL) is longer than the kernel accepts.
-    CmdlineTooLong { length: usize, max: usize },
+    CmdlineTooLong {
+        /// Bytes of the command line with its NUL.
+        length: usize,
+        /// What the kernel accepts.
+        max: usize,
+    },
     /// The command line contains a NUL byte.
     CmdlineHasNul,
     /// The initramfs would end above what the kernel can reach (`initrd_addr_max`).
-    InitrdTooHigh { end: u64, max: u64 },
+    InitrdTooHigh {
+        /// Where it would end.
+        end: u64,
+        /// The highest address the kernel can reach.
+        max: u64,
+    },
     /// More E820 entries than the zero page holds.
     TooManyE820Entries(usize),
     /// An E820 entry is empty, overflows, or the entries are unsorted or overlap.
@@ -171,9 +214,13 @@ pub struct BzImage<'a> {
     pub version: u16,
     /// Number of 512-byte setup sectors after the boot sector.
     pub setup_sects: u32,
+    /// `loadflags` ([`LOADED_HIGH`], [`CAN_USE_HEAP`]).
     pub loadflags: u8,
+    /// `xloadflags` ([`XLF_KERNEL_64`], [`XLF_CAN_BE_LOADED_ABOVE_4G`]).
     pub xloadflags: u16,
+    /// Whether the kernel may be loaded at another aligned address.
     pub relocatable: bool,
+    /// Alignment of a relocated load address.
     pub kernel_alignment: u64,
     /// Preferred load address of the protected-mode kernel.
     pub pref_address: u64,
@@ -291,32 +338,42 @@ impl<'a> BzImage<'a> {
 /// One E820 range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct E820Entry {
+    /// Start.
     pub addr: u64,
+    /// Bytes.
     pub size: u64,
+    /// [`E820_RAM`] or [`E820_RESERVED`].
     pub kind: u32,
 }
 
 /// Where everything goes in guest-physical memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootLayout {
+    /// Guest-physical address of the zero page (boot parameters).
     pub zero_page: u64,
+    /// Guest-physical address of the command line.
     pub cmdline: u64,
+    /// Guest-physical load address of the protected-mode kernel.
     pub kernel: u64,
     /// Guest-physical start of the initramfs (0 and `initrd_size` 0 if none).
     pub initrd: u64,
+    /// Bytes of the initramfs.
     pub initrd_size: u64,
     /// The 64-bit entry point: `kernel + 0x200`.
     pub entry64: u64,
+    /// The memory map given to the guest.
     pub e820: Vec<E820Entry>,
 }
 
-/// Guest-physical addresses of the small pieces, below the EBDA.
+/// Guest-physical address of the zero page (below the EBDA).
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Guest-physical address of the command line (below the EBDA).
 pub const CMDLINE_ADDR: u64 = 0x2_0000;
 /// End of low RAM (the EBDA and the BIOS areas above are reserved).
 pub const LOW_RAM_END: u64 = 0x9_fc00;
 /// The BIOS area (MP table and the like) that Linux scans; reserved, backed by memory.
 pub const BIOS_AREA: u64 = 0xf_0000;
+/// Start of RAM above the BIOS areas (1 MiB), where the kernel is loaded.
 pub const HIGH_RAM: u64 = 0x10_0000;
 
 /// Plan a guest of `ram` bytes (contiguous from 0, at least 2 MiB above 1 MiB) for `image`

@@ -15,6 +15,7 @@
 //! device over a memory image ([`virtio::block`]). Not yet wired into the VMM.
 #![no_std]
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 extern crate alloc;
 

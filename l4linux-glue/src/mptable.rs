@@ -10,27 +10,40 @@
 use alloc::vec::Vec;
 use core::fmt;
 
+/// Signature of the MP floating pointer structure.
 pub const FLOATING_SIGNATURE: &[u8; 4] = b"_MP_";
+/// Signature of the MP configuration table.
 pub const TABLE_SIGNATURE: &[u8; 4] = b"PCMP";
 /// Specification revision 1.4.
 pub const SPEC_REV: u8 = 4;
+/// Where the table says the local APICs are.
 pub const LOCAL_APIC_ADDRESS: u32 = 0xfee0_0000;
+/// Where the table says the IOAPIC is.
 pub const IOAPIC_ADDRESS: u32 = 0xfec0_0000;
-/// Sizes.
+/// Bytes of the floating pointer structure.
 pub const FLOATING_SIZE: usize = 16;
+/// Bytes of the configuration table header.
 pub const HEADER_SIZE: usize = 44;
+/// Bytes of a processor entry.
 pub const PROCESSOR_SIZE: usize = 20;
+/// Bytes of every other entry (bus, IOAPIC, interrupt assignments).
 pub const SMALL_ENTRY_SIZE: usize = 8;
 
-/// Entry types.
+/// Entry type: a processor.
 pub const ENTRY_PROCESSOR: u8 = 0;
+/// Entry type: a bus.
 pub const ENTRY_BUS: u8 = 1;
+/// Entry type: an IOAPIC.
 pub const ENTRY_IOAPIC: u8 = 2;
+/// Entry type: an interrupt routed to an IOAPIC pin.
 pub const ENTRY_IO_INTERRUPT: u8 = 3;
+/// Entry type: an interrupt routed to a local APIC pin (LINT0/LINT1).
 pub const ENTRY_LOCAL_INTERRUPT: u8 = 4;
-/// Interrupt types.
+/// Interrupt type: vectored (INT).
 pub const INT_VECTORED: u8 = 0;
+/// Interrupt type: NMI.
 pub const INT_NMI: u8 = 1;
+/// Interrupt type: ExtINT (from an 8259).
 pub const INT_EXTINT: u8 = 3;
 
 /// What the table describes.
@@ -38,8 +51,9 @@ pub const INT_EXTINT: u8 = 3;
 pub struct MpConfig {
     /// vCPUs, with local APIC ids 0..cpus; the first is the bootstrap processor.
     pub cpus: u8,
-    /// The IOAPIC's id (after the CPUs' ids) and its number of pins.
+    /// The IOAPIC's id (after the CPUs' ids).
     pub ioapic_id: u8,
+    /// The IOAPIC's number of pins.
     pub ioapic_pins: u8,
     /// ISA IRQs routed, 0..isa_irqs, each to the IOAPIC pin of the same number.
     pub isa_irqs: u8,
@@ -57,6 +71,7 @@ impl MpConfig {
     }
 }
 
+/// Why a table cannot be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MpError {
     /// No CPUs, or more than fit in 8-bit APIC ids next to the IOAPIC (and broadcast 0xff).

@@ -10,8 +10,9 @@ use crate::ports::PortDevice;
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
-/// COM1's ports and IRQ.
+/// COM1's first port.
 pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's ISA interrupt line.
 pub const COM1_IRQ: u8 = 4;
 /// Ports the device occupies.
 pub const LENGTH: u16 = 8;
@@ -20,37 +21,67 @@ pub const FIFO_DEPTH: usize = 16;
 
 /// Register offsets.
 pub mod reg {
-    pub const DATA: u16 = 0; // RBR / THR, DLL with DLAB
-    pub const IER: u16 = 1; // DLM with DLAB
+    /// Receive buffer (read) / transmit holding register (write); divisor low byte with DLAB.
+    pub const DATA: u16 = 0;
+    /// Interrupt enable; divisor high byte with DLAB.
+    pub const IER: u16 = 1;
+    /// Interrupt identification (read) / FIFO control (write).
     pub const IIR_FCR: u16 = 2;
+    /// Line control (word length, parity, DLAB).
     pub const LCR: u16 = 3;
+    /// Modem control (DTR, RTS, OUT1, OUT2, loopback).
     pub const MCR: u16 = 4;
+    /// Line status.
     pub const LSR: u16 = 5;
+    /// Modem status.
     pub const MSR: u16 = 6;
+    /// Scratch register.
     pub const SCR: u16 = 7;
 }
 
+/// IER: interrupt when received data is available.
 pub const IER_RDI: u8 = 0x01;
+/// IER: interrupt when the transmit holding register is empty.
 pub const IER_THRI: u8 = 0x02;
+/// IIR: no interrupt pending.
 pub const IIR_NO_INT: u8 = 0x01;
+/// IIR: transmit holding register empty.
 pub const IIR_THRI: u8 = 0x02;
+/// IIR: received data available.
 pub const IIR_RDI: u8 = 0x04;
+/// IIR: FIFOs enabled (both bits set on a 16550A).
 pub const IIR_FIFOS: u8 = 0xc0;
+/// FCR: enable the FIFOs.
 pub const FCR_ENABLE: u8 = 0x01;
+/// FCR: clear the receive FIFO.
 pub const FCR_CLEAR_RX: u8 = 0x02;
+/// LCR: divisor latch access (ports 0 and 1 address the baud divisor).
 pub const LCR_DLAB: u8 = 0x80;
+/// MCR: data terminal ready.
 pub const MCR_DTR: u8 = 0x01;
+/// MCR: request to send.
 pub const MCR_RTS: u8 = 0x02;
+/// MCR: auxiliary output 1 (ring indicator in loopback).
 pub const MCR_OUT1: u8 = 0x04;
+/// MCR: auxiliary output 2 (gates the interrupt line on PCs).
 pub const MCR_OUT2: u8 = 0x08;
+/// MCR: loopback mode.
 pub const MCR_LOOP: u8 = 0x10;
+/// LSR: data ready.
 pub const LSR_DR: u8 = 0x01;
+/// LSR: overrun error (a received byte was lost).
 pub const LSR_OE: u8 = 0x02;
+/// LSR: transmit holding register empty.
 pub const LSR_THRE: u8 = 0x20;
+/// LSR: transmitter empty.
 pub const LSR_TEMT: u8 = 0x40;
+/// MSR: clear to send.
 pub const MSR_CTS: u8 = 0x10;
+/// MSR: data set ready.
 pub const MSR_DSR: u8 = 0x20;
+/// MSR: ring indicator.
 pub const MSR_RI: u8 = 0x40;
+/// MSR: data carrier detect.
 pub const MSR_DCD: u8 = 0x80;
 
 /// The UART's state.
@@ -67,10 +98,12 @@ pub struct Uart8250 {
     thr_interrupt: bool,
     rx: VecDeque<u8>,
     /// Bytes the guest transmitted (not in loopback mode), for the VMM to drain.
+    /// Bytes the guest transmitted that the VMM has not taken yet.
     pub output: Vec<u8>,
 }
 
 impl Uart8250 {
+    /// A UART after reset (9600 baud, 8N1, interrupts off).
     pub fn new() -> Self {
         Self {
             divisor: 12, // 9600 baud
