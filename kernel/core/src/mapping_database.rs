@@ -536,36 +536,9 @@ impl<S: SpaceKey> MappingDatabase<S> {
     /// Carry out a revocation planned by [`MappingDatabase::plan_unmap`]: returns every
     /// removed mapping (children before their parents) and the nodes splits created.
     pub fn apply_unmap(&mut self, plan: &UnmapPlan<S>) -> Changes<S> {
-        let UnmapPlan {
-            space,
-            start,
-            end,
-            include_self,
-            split,
-            ..
-        } = *plan;
-        let mut out = Removed::new();
-        if start >= end {
-            return self.changes(out);
-        }
-        for (boundary, split) in [start, end].into_iter().zip(split) {
-            if split {
-                self.split_at(space, boundary);
-            }
-        }
-        for i in self.starting_in(space, start, end) {
-            // Skip nodes already removed as a descendant of an earlier one.
-            if self.slot(i).is_none() {
-                continue;
-            }
-            if include_self {
-                self.unlink(i);
-                self.free_subtree(i, &mut out);
-            } else {
-                self.free_children(i, &mut out);
-            }
-        }
-        self.changes(out)
+        let (changes, rest) = self.apply_unmap_bounded(plan, usize::MAX);
+        debug_assert!(rest.is_none(), "an unbounded step finishes");
+        changes
     }
 
     /// [`MappingDatabase::apply_unmap`] in bounded steps. Does the plan's splits, then removes
@@ -1058,19 +1031,6 @@ impl<S: SpaceKey> MappingDatabase<S> {
             }
             x = parent;
         }
-    }
-
-    /// Free all descendants of `i`.
-    fn free_children(&mut self, i: u32, out: &mut impl Extend<Mapping<S>>) {
-        let mut c = self.node(i).first_child;
-        while c != NONE {
-            let next = self.node(c).next;
-            self.free_subtree(c, out);
-            c = next;
-        }
-        let node = self.node_mut(i);
-        node.first_child = NONE;
-        node.last_child = NONE;
     }
 
     /// Remove the nodes of `space` inside `start..end` (splitting straddling ones first) with
