@@ -778,23 +778,9 @@ pub struct UnmapProgress {
     pub next: u64,
 }
 
-/// Revoke `fpage` of `task`: everything derived from it in every task and VM, recursively,
-/// and with `include_self` the task's own mappings (all at once; `Unmap` goes in steps with
-/// [`unmap_flexpage_step`]).
-pub fn unmap_flexpage(
-    k: &mut Kernel,
-    task: TaskId,
-    fpage: Fpage,
-    include_self: bool,
-) -> Result<(), Error> {
-    let mut from = None;
-    while let Some(next) = unmap_flexpage_step(k, task, fpage, include_self, from, usize::MAX)? {
-        from = Some(next);
-    }
-    Ok(())
-}
-
-/// One bounded step of [`unmap_flexpage`]: revokes from number `from` of the flexpage (its
+/// One bounded step of `Unmap`: revokes `fpage` of `task` (everything derived from it in every
+/// task and VM, recursively, and with `include_self` the task's own mappings) from number
+/// `from` of the flexpage (its
 /// start for `None`) for about `budget` units of work, and returns where to go on (`None`:
 /// done). Every step is a revocation of its own (planned, charged and settled), so a partial
 /// one leaves every quota exact: what was revoked is refunded, splits are paid.
@@ -903,14 +889,9 @@ fn unmap_units(
     Ok(None)
 }
 
-/// Revoke everything derived from `task`'s mappings and capabilities (it is being destroyed;
-/// its own nodes are refunded with the rest of what it was charged), all at once.
-pub fn revoke_task(k: &mut Kernel, task: TaskId) {
-    let mut database = 0;
-    while !revoke_task_step(k, task, &mut database, usize::MAX) {}
-}
-
-/// One bounded step of [`revoke_task`]: removes the task's nodes of database `*database` (0
+/// One bounded step of revoking everything derived from `task`'s mappings and capabilities (it
+/// is being destroyed; its own nodes are refunded with the rest of what it was charged): removes
+/// the task's nodes of database `*database` (0
 /// memory, 1 ports, 2 capabilities; advanced as each is done) for about `budget` units of the
 /// mapping database's work; returns whether all three are done.
 pub fn revoke_task_step(k: &mut Kernel, task: TaskId, database: &mut u8, budget: usize) -> bool {
