@@ -282,86 +282,52 @@ impl Kernel {
 impl Kernel {
     /// Frames for `task`'s page tables and UTCBs, charged to its quota.
     pub fn charged(&mut self, task: TaskId) -> Option<crate::memory::Charged<'_>> {
-        let t = self.tasks.get_mut(task)?;
-        let quota = self.quotas.get_mut(t.quota)?;
-        Some(crate::memory::Charged {
-            frames: &mut self.frames,
-            quota,
-            charged: &mut t.charged,
-        })
-    }
-
-    /// Charge `bytes` of kernel memory to `task`'s quota.
-    pub fn charge_task(&mut self, task: TaskId, bytes: u64) -> Result<(), Error> {
-        let t = self.tasks.get_mut(task).ok_or(Error::InvalidCapability)?;
-        let quota = self
-            .quotas
-            .get_mut(t.quota)
-            .ok_or(Error::InvalidCapability)?;
-        heap_reserve_kept()?;
-        quota.charge(bytes).map_err(|_| Error::OutOfMemory)?;
-        t.charged += bytes;
-        Ok(())
+        self.space_frames(crate::map::Space::Task(task))
     }
 
     /// Frames for the page tables of `space` (a task's, or a VM's nested ones), charged to
     /// its quota.
     pub fn space_frames(&mut self, space: crate::map::Space) -> Option<crate::memory::Charged<'_>> {
-        match space {
-            crate::map::Space::Task(task) => self.charged(task),
-            crate::map::Space::Vm(vm) => {
-                let v = self.vms.get_mut(vm)?;
-                let quota = self.quotas.get_mut(v.quota)?;
-                Some(crate::memory::Charged {
-                    frames: &mut self.frames,
-                    quota,
-                    charged: &mut v.charged,
-                })
-            }
-        }
+        let (quota, charged) = ledger(&mut self.tasks, &mut self.vms, &mut self.quotas, space)?;
+        Some(crate::memory::Charged {
+            frames: &mut self.frames,
+            quota: quota?,
+            charged,
+        })
     }
 
-    /// Charge `bytes` of kernel memory to the quota of `space`.
+    /// Charge `bytes` of kernel memory to `task`'s quota.
+    pub fn charge_task(&mut self, task: TaskId, bytes: u64) -> Result<(), Error> {
+        self.charge_space(crate::map::Space::Task(task), bytes)
+    }
+
+    /// Charge `bytes` of kernel memory to the quota of `space` (if the kernel keeps its
+    /// reserve, see [`crate::memory::reserve_kept`]).
     pub fn charge_space(&mut self, space: crate::map::Space, bytes: u64) -> Result<(), Error> {
-        match space {
-            crate::map::Space::Task(task) => self.charge_task(task, bytes),
-            crate::map::Space::Vm(vm) => {
-                crate::memory::reserve_kept()?;
-                let v = self.vms.get_mut(vm).ok_or(Error::InvalidCapability)?;
-                let quota = self
-                    .quotas
-                    .get_mut(v.quota)
-                    .ok_or(Error::InvalidCapability)?;
-                quota.charge(bytes).map_err(|_| Error::OutOfMemory)?;
-                v.charged += bytes;
-                Ok(())
-            }
-        }
+        let (quota, charged) = ledger(&mut self.tasks, &mut self.vms, &mut self.quotas, space)
+            .ok_or(Error::InvalidCapability)?;
+        let quota = quota.ok_or(Error::InvalidCapability)?;
+        crate::memory::reserve_kept()?;
+        quota.charge(bytes).map_err(|_| Error::OutOfMemory)?;
+        *charged += bytes;
+        Ok(())
     }
 
     /// Give back `bytes` charged to `space` earlier.
     pub fn refund_space(&mut self, space: crate::map::Space, bytes: u64) {
-        match space {
-            crate::map::Space::Task(task) => self.refund_task(task, bytes),
-            crate::map::Space::Vm(vm) => {
-                if let Some(v) = self.vms.get_mut(vm) {
-                    if let Some(quota) = self.quotas.get_mut(v.quota) {
-                        quota.refund(bytes);
-                    }
-                    v.charged = v.charged.saturating_sub(bytes);
-                }
+        if let Some((quota, charged)) =
+            ledger(&mut self.tasks, &mut self.vms, &mut self.quotas, space)
+        {
+            if let Some(quota) = quota {
+                quota.refund(bytes);
             }
+            *charged = charged.saturating_sub(bytes);
         }
     }
 
     /// Give back `bytes` charged to `task` earlier.
     pub fn refund_task(&mut self, task: TaskId, bytes: u64) {
-        if let Some(t) = self.tasks.get_mut(task) {
-            if let Some(quota) = self.quotas.get_mut(t.quota) {
-                quota.refund(bytes);
-            }
-            t.charged = t.charged.saturating_sub(bytes);
-        }
+        self.refund_space(crate::map::Space::Task(task), bytes)
     }
 
     /// Make the TSS's I/O permission bitmap that of `task` (copied only on change).
@@ -384,11 +350,25 @@ impl Kernel {
     }
 }
 
-/// Quotas bound each task and their sum is below the pool; requests on a task's behalf also
-/// fail with `OutOfMemory` once only the kernel's reserve is left (see
-/// [`crate::memory::reserve_kept`]), so that none can exhaust it.
-pub fn heap_reserve_kept() -> Result<(), Error> {
-    crate::memory::reserve_kept()
+/// Where the charges of `space` go: its quota (`None` if it is gone) and its running total
+/// (refunded in one sum when the task or VM is destroyed).
+fn ledger<'a>(
+    tasks: &'a mut Arena<Task>,
+    vms: &'a mut Arena<crate::vm::Vm>,
+    quotas: &'a mut Arena<kernel_core::Quota>,
+    space: crate::map::Space,
+) -> Option<(Option<&'a mut kernel_core::Quota>, &'a mut u64)> {
+    let (quota, charged) = match space {
+        crate::map::Space::Task(task) => {
+            let t = tasks.get_mut(task)?;
+            (t.quota, &mut t.charged)
+        }
+        crate::map::Space::Vm(vm) => {
+            let v = vms.get_mut(vm)?;
+            (v.quota, &mut v.charged)
+        }
+    };
+    Some((quotas.get_mut(quota), charged))
 }
 
 /// Halt until an interrupt arrives, on a fresh kernel stack.

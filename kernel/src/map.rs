@@ -77,21 +77,27 @@ fn db(k: &mut Kernel, which: Db) -> &mut kernel_core::MappingDatabase<Space> {
 
 /// Charge `nodes` mapping nodes to each space of `demand`; all or nothing.
 fn charge_nodes(k: &mut Kernel, demand: &Demand<Space>) -> Result<(), Error> {
-    for (n, &(space, nodes)) in demand.iter().enumerate() {
-        if let Err(e) = k.charge_space(space, nodes * NODE_BYTES) {
-            refund_nodes(k, &demand[..n]);
+    charge_all(k, demand, NODE_BYTES)
+}
+
+fn refund_nodes(k: &mut Kernel, demand: &[(Space, u64)]) {
+    refund_all(k, demand, NODE_BYTES);
+}
+
+/// Charge `amount * unit` bytes to each space of `demand`; all or nothing.
+fn charge_all(k: &mut Kernel, demand: &[(Space, u64)], unit: u64) -> Result<(), Error> {
+    for (n, &(space, amount)) in demand.iter().enumerate() {
+        if let Err(e) = k.charge_space(space, amount * unit) {
+            refund_all(k, &demand[..n], unit);
             return Err(e);
         }
     }
     Ok(())
 }
 
-fn refund_nodes(k: &mut Kernel, demand: &[(Space, u64)]) {
-    if demand.is_empty() {
-        return;
-    }
-    for &(space, nodes) in demand {
-        k.refund_space(space, nodes * NODE_BYTES);
+fn refund_all(k: &mut Kernel, demand: &[(Space, u64)], unit: u64) {
+    for &(space, amount) in demand {
+        k.refund_space(space, amount * unit);
     }
 }
 
@@ -161,14 +167,7 @@ impl IndexCharge {
                 before: SmallVec::new(),
             });
         }
-        for (n, &(space, bytes)) in bound.iter().enumerate() {
-            if let Err(e) = k.charge_space(space, bytes) {
-                for &(space, bytes) in &bound[..n] {
-                    k.refund_space(space, bytes);
-                }
-                return Err(e);
-            }
-        }
+        charge_all(k, &bound, 1)?;
         let before = bound
             .iter()
             .map(|&(space, _)| db(k, which).index_bytes(space))

@@ -247,7 +247,7 @@ pub fn new_task(k: &mut Kernel, name: &str, quota: QuotaId) -> Result<TaskId, Er
 /// charged to `quota`.
 pub fn new_thread(k: &mut Kernel, quota: QuotaId) -> Result<ThreadId, Error> {
     let bytes = THREAD_BYTES + crate::fpu::AREA_BYTES;
-    crate::kernel::heap_reserve_kept()?;
+    crate::memory::reserve_kept()?;
     k.quotas
         .get_mut(quota)
         .ok_or(Error::InvalidCapability)?
