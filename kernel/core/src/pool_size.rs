@@ -10,7 +10,7 @@ pub const MIN_POOL: u64 = 16 * MIB;
 /// The largest default pool (`kmem=` may ask for more, up to half of RAM).
 pub const MAX_DEFAULT_POOL: u64 = 1024 * MIB;
 
-pub use l4_abi::parse_size;
+use l4_abi::parse_size;
 
 /// Why a `kmem=` value was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
