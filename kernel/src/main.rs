@@ -45,11 +45,13 @@ pub extern "C" fn kernel_main(magic: u32, multiboot_info: u32) -> ! {
     entry::init();
     let k = bootstrap::boot(multiboot_info as u64);
     arch::x86_64::ioapic::init();
-    let per_10ms = apic::init(bootstrap::TIMER_HZ as u32);
+    let (per_10ms, tsc_hz) = apic::init(bootstrap::TIMER_HZ as u32);
+    kip::kip_mut(k.kip_frame).tsc_hz = tsc_hz;
     info!(
-        "local APIC timer: {} ticks per 10 ms, {} Hz",
+        "local APIC timer: {} ticks per 10 ms, {} Hz; TSC {} kHz",
         per_10ms,
-        bootstrap::TIMER_HZ
+        bootstrap::TIMER_HZ,
+        tsc_hz / 1000
     );
     kernel::install(k);
     kernel::kernel().schedule()

@@ -1,6 +1,6 @@
 //! The CPUID and MSR policy of a Linux compartment (the test guests keep theirs in
 //! [`crate::exits`]). It shows Linux the minimal no-ACPI platform of PLATFORM.md: an x2APIC
-//! with the TSC-deadline timer and ARAT (so no PIT is needed), an invariant TSC, and KVM's
+//! with the TSC-deadline timer and ARAT (so no PIT is needed), no invariant TSC (kvmclock is the clocksource), and KVM's
 //! signature with kvmclock; it hides what the VMM does not emulate and passes the host's
 //! vendor, family/model and harmless instruction-set features through.
 //!
@@ -21,7 +21,7 @@
 //! | other 0x4000_00xx | 0 |
 //! | 0x8000_0000 | max extended leaf clamped to 0x8000_0008 |
 //! | 0x8000_0001 | ECX: - CmpLegacy, SVM, ExtApicSpace, IBS, SKINIT, WDT, LWP, NodeId, TopoExt, PerfCtrExt*, DataBkptExt, PerfTsc, MONITORX, AddrMaskExt; EDX: - RDTSCP (TSC_AUX is not virtualized) |
-//! | 0x8000_0007 | invariant TSC only |
+//! | 0x8000_0007 | 0: no invariant TSC, so that Linux keeps kvmclock as its clocksource (with an invariant TSC it prefers the raw TSC, which is not corrected when the VMM is descheduled) |
 //! | 0x8000_0008 | address sizes from the host; EBX only CLZERO, XSaveErPtr, WBNOINVD; ECX: vCPUs - 1 |
 //!
 //! KVM features not offered, because nothing behind them is modelled: the old kvmclock MSRs
@@ -239,7 +239,7 @@ impl LinuxCpuid {
                     | (1 << 30);
                 [a, b, c & !ecx_hidden, d & !(1 << 27)]
             }
-            0x8000_0007 => [0, 0, 0, INVARIANT_TSC],
+            0x8000_0007 => [0, 0, 0, 0],
             0x8000_0008 => [
                 a,
                 b & ((1 << 0) | (1 << 2) | (1 << 9)),
@@ -494,7 +494,7 @@ mod tests {
         assert_ne!(ecx & 1, 0); // LAHF/SAHF passes
         assert_eq!(edx & (1 << 27), 0); // RDTSCP
         assert_ne!(edx & (1 << 29), 0); // long mode passes
-        assert_eq!(p.answer(0x8000_0007, 0, ALL, 0), [0, 0, 0, INVARIANT_TSC]);
+        assert_eq!(p.answer(0x8000_0007, 0, ALL, 0), [0, 0, 0, 0]);
         assert_eq!(
             p.answer(0x8000_0008, 0, [0x3030, u32::MAX, 0xff, 7], 0),
             [0x3030, 0x205, 0, 0]

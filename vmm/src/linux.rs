@@ -1,33 +1,164 @@
-//! Linux early boot in a compartment (work in progress toward the Linux issue): loads a
-//! bzImage with `l4linux_glue::boot`, enters its 64-bit entry point with the boot protocol's
-//! state, and runs an exit loop with a 16550A UART on COM1 (its output is printed as
-//! `[linux] ...` lines), CPUID policy and MSRs refused with #GP. It stops at the first exit it
-//! cannot handle yet (no timer, interrupt controller or virtio devices so far) and says where.
+//! A Linux compartment: loads a bzImage, an initramfs and a command line (data modules
+//! `linux`, `initrd`, `cmdline`), builds the boot-protocol state and the platform
+//! ([`l4linux_glue::platform::Platform`]: local APIC, IOAPIC, kvmclock, CPUID/MSR policy, MP
+//! table) and runs the vCPU's exit loop: one handler per exit reason, interrupts injected as
+//! virtual interrupts, the guest's timer as the `VcpuRun` deadline, HLT as a blocking wait in
+//! L4 until an interrupt is due, and COM1 as a 16550A whose output is printed as `[linux] ...`
+//! lines.
+//!
+//! The compartment ends when the guest powers off (HLT with interrupts off), reboots (a triple
+//! fault: Linux without ACPI reboots that way), or does something the VMM cannot handle; the
+//! VMM says which and with how many exits of each kind.
 
-use crate::{create_vm, emulate_cpuid, identity_tables, port_io, run, utcb_words, Vm, INJECT_GP0};
+use crate::{create_vm, emulate_cpuid_with, fetch_instruction, port_io, utcb_words, Vm};
+use crate::{Mmio, INJECT_GP0};
+use alloc::rc::Rc;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 use l4::abi::vcpu::{self as state, exit};
 use l4::println;
 use l4linux_glue::boot::{self, BzImage};
 use l4linux_glue::exits::{self, IoExit};
-use l4linux_glue::ports::PortBus;
+use l4linux_glue::platform::{Platform, PlatformConfig};
+use l4linux_glue::ports::{PortBus, PortDevice};
 use l4linux_glue::uart8250::{self, Uart8250};
 
-/// Guest RAM: the kernel loads at 16 MiB and needs its init_size above that.
-const RAM: u64 = 32 << 20;
+/// Guest RAM when the arguments name no size (`mem=SIZE`).
+const DEFAULT_RAM: u64 = 128 << 20;
 const GDT: u64 = 0x500;
-const CMDLINE: &[u8] = b"console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 printk.time=1";
-const MSR_EFER: u64 = 0xc000_0080;
+/// Where the MP table goes (the BIOS area Linux scans).
+const MP_TABLE: u64 = boot::BIOS_AREA;
+/// The command line when no `cmdline` module is given.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
+const MSR_EFER: u32 = 0xc000_0080;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_SVME: u64 = 1 << 12;
 /// SCE, LME, LMA (ignored), NXE.
 const EFER_WRITABLE: u64 = 0x0d01;
-/// Exits after which we give up (a guest stuck in a loop of exits we mishandle).
-const MAX_EXITS: u64 = 5_000_000;
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
 
-/// Boot `image`; returns 0 if Linux got as far as printing its version banner.
-pub fn boot_linux(image: &[u8]) -> i64 {
+/// Exit counts by reason, for the report at the end.
+#[derive(Default)]
+struct ExitCounts {
+    io: u64,
+    uart: u64,
+    cpuid: u64,
+    msr: u64,
+    mmio: u64,
+    hlt: u64,
+    deadline: u64,
+    message: u64,
+    other: u64,
+    injected: u64,
+}
+
+/// Lines of COM1 output, printed with a `[linux]` prefix.
+struct ConsoleLog {
+    line: Vec<u8>,
+    reached_init: bool,
+}
+
+impl ConsoleLog {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            match b {
+                b'\n' => self.flush(),
+                b'\r' => {}
+                _ => self.line.push(b),
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let text = core::str::from_utf8(&self.line).unwrap_or("<binary>");
+        self.reached_init |= text.contains("l4linux: reached /init");
+        println!("[linux] {text}");
+        self.line.clear();
+    }
+}
+
+/// Ports of PC devices the platform does not have, answered so that Linux sees them absent
+/// quickly: the PIC reads 0xff (masked, absent), everything else all ones; writes are ignored.
+struct Absent;
+
+impl PortDevice for Absent {
+    fn read(&mut self, _offset: u16, size: u8) -> u32 {
+        l4linux_glue::ports::mask(size)
+    }
+    fn write(&mut self, _offset: u16, _size: u8, _value: u32) {}
+}
+
+/// The platform's MMIO (local APIC page in xAPIC mode, IOAPIC) at the current TSC.
+struct PlatformMmio<'a> {
+    platform: &'a mut Platform,
+    now: u64,
+}
+
+impl Mmio for PlatformMmio<'_> {
+    fn read(&mut self, gpa: u64, size: u8) -> Option<u64> {
+        self.platform.mmio_read(gpa, size, self.now)
+    }
+    fn write(&mut self, gpa: u64, size: u8, value: u64) -> bool {
+        self.platform.mmio_write(gpa, size, value, self.now)
+    }
+}
+
+/// The software exits of `VcpuRun` (to move to the ABI).
+const EXIT_DEADLINE: u64 = 0x1_0000;
+const EXIT_MESSAGE: u64 = 0x1_0001;
+
+/// `VcpuRun` with a TSC deadline (0: none).
+fn run(vcpu: u64, mask: u64, deadline: u64) -> Result<u64, l4::abi::Error> {
+    use l4::abi::{Error, Syscall};
+    // SAFETY: VcpuRun touches only our UTCB.
+    let (rax, code, _, _) =
+        unsafe { l4::sys::raw(Syscall::VcpuRun as u64, vcpu, mask, deadline, 0, 0) };
+    if rax == 0 {
+        Ok(code)
+    } else {
+        Err(Error::from_u64(rax).unwrap_or(Error::InvalidArgument))
+    }
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+fn size_argument(name: &str) -> Option<Result<u64, ()>> {
+    let value = l4::rt::arguments()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))?;
+    Some(l4::abi::parse_size(value).ok_or(()))
+}
+
+/// Boot the Linux named by the data modules; returns the compartment's exit status (0: it
+/// powered off or rebooted after reaching /init).
+pub fn boot_linux() -> i64 {
+    let Some(image) = l4::rt::blob("linux") else {
+        println!("[vmm] no Linux kernel: give the bzImage as data module `linux` (blob=linux)");
+        return 1;
+    };
+    let initrd = l4::rt::blob("initrd").unwrap_or(&[]);
+    let cmdline_module = l4::rt::blob("cmdline");
+    let cmdline = match cmdline_module.map(core::str::from_utf8) {
+        None => DEFAULT_CMDLINE,
+        Some(Ok(text)) => text.trim(),
+        Some(Err(_)) => {
+            println!("[vmm] the command line module is not UTF-8");
+            return 1;
+        }
+    };
+    let ram_size = match size_argument("mem").or_else(|| size_argument("ram")) {
+        None => DEFAULT_RAM,
+        Some(Ok(size)) => size,
+        Some(Err(())) => {
+            println!("[vmm] bad memory size (mem=SIZE, e.g. mem=256M)");
+            return 1;
+        }
+    };
     let bz = match BzImage::parse(image) {
         Ok(bz) => bz,
         Err(e) => {
@@ -35,21 +166,45 @@ pub fn boot_linux(image: &[u8]) -> i64 {
             return 1;
         }
     };
-    let layout = match boot::plan(&bz, RAM, 0, CMDLINE.len()) {
+    let layout = match boot::plan(&bz, ram_size, initrd.len() as u64, cmdline.len()) {
         Ok(l) => l,
         Err(e) => {
-            println!("[vmm] Linux does not fit: {e}");
+            println!(
+                "[vmm] Linux does not fit in {} MiB of guest RAM: {e}",
+                ram_size >> 20
+            );
             return 1;
         }
     };
-    let zero_page = match boot::zero_page(&bz, &layout, CMDLINE) {
+    let zero_page = match boot::zero_page(&bz, &layout, cmdline.as_bytes()) {
         Ok(z) => z,
         Err(e) => {
             println!("[vmm] cannot build the zero page: {e}");
             return 1;
         }
     };
-    let vm: Vm = match create_vm(RAM, l4::abi::NO_CAP) {
+    let tsc_hz = l4::kip::kip().tsc_hz;
+    let boot_tsc = rdtsc();
+    let platform = match Platform::new(PlatformConfig {
+        tsc_hz,
+        bus_hz: tsc_hz,
+        boot_tsc,
+        boot_wall_nanoseconds: 0,
+    }) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("[vmm] platform: {e} (TSC {tsc_hz} Hz)");
+            return 1;
+        }
+    };
+    let mp_table = match platform.mp_table(MP_TABLE) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("[vmm] {e}");
+            return 1;
+        }
+    };
+    let vm: Vm = match create_vm(ram_size, l4::abi::NO_CAP) {
         Ok(vm) => vm,
         Err(e) => {
             println!("[vmm] cannot create a VM: {e}");
@@ -58,23 +213,28 @@ pub fn boot_linux(image: &[u8]) -> i64 {
     };
     vm.ram.write(layout.kernel, bz.kernel());
     vm.ram.write(layout.zero_page, &zero_page);
-    let mut cmdline = Vec::from(CMDLINE);
-    cmdline.push(0);
-    vm.ram.write(layout.cmdline, &cmdline);
-    identity_tables(&vm.ram);
+    let mut bytes = Vec::from(cmdline.as_bytes());
+    bytes.push(0);
+    vm.ram.write(layout.cmdline, &bytes);
+    if !initrd.is_empty() {
+        vm.ram.write(layout.initrd, initrd);
+    }
+    vm.ram.write(MP_TABLE, &mp_table);
+    crate::identity_tables(&vm.ram);
     // GDT: null, null, __BOOT_CS (0x10, 64-bit code), __BOOT_DS (0x18, data).
     let gdt: [u64; 4] = [0, 0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
     vm.ram.write(GDT, &bytes);
     println!(
-        "[vmm] Linux: protocol {}.{:02}, kernel {} KiB at {:#x}, entry {:#x}, {} MiB RAM",
+        "[vmm] Linux: protocol {}.{:02}, kernel {} KiB, initramfs {} KiB, {} MiB RAM, TSC {} kHz",
         bz.version >> 8,
         bz.version & 0xff,
         bz.kernel().len() / 1024,
-        layout.kernel,
-        layout.entry64,
-        RAM >> 20
+        initrd.len() / 1024,
+        ram_size >> 20,
+        tsc_hz / 1000
     );
+    println!("[vmm] Linux command line: {cmdline}");
 
     let w = utcb_words();
     crate::long_mode_state(w, layout.entry64);
@@ -87,127 +247,374 @@ pub fn boot_linux(image: &[u8]) -> i64 {
     w[state::RSI] = layout.zero_page;
     w[state::RSP] = 0;
 
-    let uart = alloc::rc::Rc::new(core::cell::RefCell::new(Uart8250::new()));
-    let mut bus = PortBus::new();
-    if bus
-        .register(
-            uart8250::COM1_PORT,
-            uart8250::LENGTH,
-            alloc::boxed::Box::new(uart.clone()),
-        )
-        .is_err()
-    {
+    let mut compartment = Compartment {
+        vm,
+        platform,
+        ports: PortBus::new(),
+        uart: Rc::new(RefCell::new(Uart8250::new())),
+        log: ConsoleLog {
+            line: Vec::new(),
+            reached_init: false,
+        },
+        counts: ExitCounts::default(),
+        requested: None,
+        tsc_hz,
+        boot_tsc,
+        console: crate::console::HostConsole::open(),
+    };
+    if compartment.console.is_none() {
+        println!("[vmm] no console input (the VMM needs io=0x3f8/3 and platform)");
+    }
+    if compartment.attach_devices().is_err() {
+        println!("[vmm] cannot attach the devices");
         return 1;
     }
-    let mut line: Vec<u8> = Vec::new();
-    let mut banner = false;
-    let mut mask = state::ALL;
-    let mut exits_seen = 0u64;
-    let outcome = loop {
-        exits_seen += 1;
-        if exits_seen > MAX_EXITS {
-            break "too many exits";
-        }
-        let code = match run(vm.vcpu, mask) {
-            Ok(code) => code,
-            Err(e) => {
-                let w = utcb_words();
-                println!(
-                    "[vmm] VcpuRun refused: {e} (cr0 {:#x} cr4 {:#x} efer {:#x} mask {mask:#x})",
-                    w[state::CR0],
-                    w[state::CR4],
-                    w[state::EFER]
-                );
-                break "VcpuRun refused";
+    let outcome = compartment.run();
+    compartment.report(outcome)
+}
+
+/// Why the exit loop ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Outcome {
+    PowerOff,
+    Reboot,
+    Failed(&'static str),
+}
+
+struct Compartment {
+    vm: Vm,
+    platform: Platform,
+    ports: PortBus,
+    uart: Rc<RefCell<Uart8250>>,
+    log: ConsoleLog,
+    counts: ExitCounts,
+    /// The vector requested as the virtual interrupt (not yet taken by the guest).
+    requested: Option<u8>,
+    tsc_hz: u64,
+    boot_tsc: u64,
+    /// COM1's receive side, if this compartment has the console.
+    console: Option<crate::console::HostConsole>,
+}
+
+/// What a handler wants next.
+enum Next {
+    /// Run the vCPU again, loading these state groups.
+    Resume(u64),
+    /// The compartment is over.
+    Stop(Outcome),
+}
+
+impl Compartment {
+    fn attach_devices(&mut self) -> Result<(), l4linux_glue::ports::BusError> {
+        use alloc::boxed::Box;
+        self.ports.register(
+            uart8250::COM1_PORT,
+            uart8250::LENGTH,
+            Box::new(self.uart.clone()),
+        )?;
+        // PIC master and slave: absent.
+        self.ports.register(0x20, 2, Box::new(Absent))?;
+        self.ports.register(0xa0, 2, Box::new(Absent))?;
+        Ok(())
+    }
+
+    /// The exit loop.
+    fn run(&mut self) -> Outcome {
+        let mut mask = state::ALL;
+        loop {
+            let w = utcb_words();
+            let now = rdtsc();
+            // The guest took the requested interrupt: it moves from IRR to ISR.
+            if let Some(v) = self.requested {
+                if w[state::VIRTUAL_IRQ] & (1 << 63) == 0 {
+                    self.platform.accept(v);
+                    self.requested = None;
+                    self.counts.injected += 1;
+                }
             }
-        };
-        mask = state::GPRS;
+            self.feed_input();
+            let pending = self.platform.tick(now);
+            if pending != self.requested {
+                w[state::VIRTUAL_IRQ] = pending.map_or(0, |v| (1 << 63) | u64::from(v));
+                self.requested = pending;
+                mask |= state::EVENTS;
+            }
+            let deadline = self.platform.next_deadline().unwrap_or(0);
+            let code = match run(self.vm.vcpu, mask, deadline) {
+                Ok(code) => code,
+                Err(e) => {
+                    println!(
+                        "[vmm] VcpuRun refused: {e} (cr0 {:#x} cr4 {:#x} efer {:#x} mask {mask:#x})",
+                        w[state::CR0],
+                        w[state::CR4],
+                        w[state::EFER]
+                    );
+                    return Outcome::Failed("VcpuRun refused");
+                }
+            };
+            let output = core::mem::take(&mut self.uart.borrow_mut().output);
+            self.log.push(&output);
+            mask = match self.handle(code) {
+                Next::Resume(mask) => mask,
+                Next::Stop(outcome) => return outcome,
+            };
+        }
+    }
+
+    /// One handler per exit reason.
+    fn handle(&mut self, code: u64) -> Next {
         let w = utcb_words();
-        for b in core::mem::take(&mut uart.borrow_mut().output) {
-            if b == b'\n' {
-                let text = core::str::from_utf8(&line).unwrap_or("<binary>");
-                banner |= text.contains("Linux version");
-                println!("[linux] {}", text.trim_end_matches('\r'));
-                line.clear();
-            } else {
-                line.push(b);
-            }
-        }
         match code {
-            exit::IOIO => {
-                let Some(io) = IoExit::decode(w[state::EXIT_INFO1]) else {
-                    break "bad I/O exit";
-                };
-                if io.string {
-                    break "string I/O";
-                }
-                port_io(&mut bus, &io, w);
-                w[state::RIP] = w[state::EXIT_INFO2];
+            exit::IOIO => self.port_io(),
+            exit::CPUID => {
+                self.counts.cpuid += 1;
+                let cr4 = w[state::CR4];
+                let platform = &self.platform;
+                emulate_cpuid_with(w, |leaf, subleaf, host| {
+                    platform.cpuid(leaf, subleaf, host, cr4)
+                });
+                Next::Resume(state::GPRS)
             }
-            exit::CPUID => emulate_cpuid(w, |_| None),
-            exit::MSR => {
-                let msr = w[state::RCX] & 0xffff_ffff;
-                let write = w[state::EXIT_INFO1] != 0;
-                let value = (w[state::RDX] << 32) | (w[state::RAX] & 0xffff_ffff);
-                match (msr, write) {
-                    (MSR_EFER, false) => {
-                        let efer = w[state::EFER] & !EFER_SVME;
-                        (w[state::RAX], w[state::RDX]) = (efer & 0xffff_ffff, efer >> 32);
-                    }
-                    (MSR_EFER, true) if value & !EFER_WRITABLE == 0 => {
-                        // LMA follows LME and CR0.PG; the kernel keeps SVME set.
-                        let paging = w[state::CR0] & (1 << 31) != 0;
-                        let long = value & EFER_LME != 0;
-                        w[state::EFER] =
-                            (value & !EFER_LMA) | if long && paging { EFER_LMA } else { 0 };
-                        mask |= state::CONTROL;
-                    }
-                    _ => {
-                        // Not emulated: #GP(0), which Linux's safe accessors expect.
-                        println!(
-                            "[vmm] Linux: {} MSR {msr:#x} refused with #GP",
-                            if write { "wrmsr" } else { "rdmsr" }
-                        );
-                        w[state::EVENT_INJECT] = INJECT_GP0;
-                        mask |= state::EVENTS;
-                        continue;
-                    }
-                }
-                w[state::RIP] += exits::MSR_LENGTH;
+            exit::MSR => self.msr(),
+            exit::NPF => self.mmio(),
+            exit::HLT => self.halt(),
+            EXIT_DEADLINE => {
+                self.counts.deadline += 1;
+                Next::Resume(0)
             }
-            exit::HLT => break "HLT (no timer or interrupt controller yet)",
-            exit::SHUTDOWN => break "SHUTDOWN (triple fault)",
-            exit::NPF => {
-                println!(
-                    "[vmm] Linux touched guest-physical {:#x} outside RAM at rip {:#x}",
-                    w[state::EXIT_INFO2],
-                    w[state::RIP]
-                );
-                break "access outside RAM (no MMIO devices yet)";
+            EXIT_MESSAGE => {
+                self.counts.message += 1;
+                self.drain_messages(l4::abi::Timeout::ZERO);
+                Next::Resume(0)
+            }
+            exit::SHUTDOWN => {
+                if self.log.reached_init {
+                    Next::Stop(Outcome::Reboot)
+                } else {
+                    Next::Stop(Outcome::Failed("triple fault before /init"))
+                }
+            }
+            exit::VMMCALL => {
+                self.counts.other += 1;
+                // No hypercalls yet: -KVM_ENOSYS in RAX, as KVM answers unknown ones.
+                w[state::RAX] = (-1000i64) as u64;
+                w[state::RIP] += 3;
+                Next::Resume(state::GPRS)
             }
             other => {
+                self.counts.other += 1;
                 println!(
-                    "[vmm] Linux: unhandled exit {other:#x} at rip {:#x}",
-                    w[state::RIP]
+                    "[vmm] Linux: unhandled exit {other:#x} at rip {:#x} (info1 {:#x} info2 {:#x})",
+                    w[state::RIP],
+                    w[state::EXIT_INFO1],
+                    w[state::EXIT_INFO2]
                 );
-                break "unhandled exit";
+                Next::Stop(Outcome::Failed("unhandled exit"))
             }
         }
-    };
-    if !line.is_empty() {
-        println!(
-            "[linux] {}",
-            core::str::from_utf8(&line).unwrap_or("<binary>")
-        );
     }
-    let w = utcb_words();
-    println!(
-        "[vmm] Linux stopped after {exits_seen} exits: {outcome} (rip {:#x})",
-        w[state::RIP]
-    );
-    if banner {
-        0
-    } else {
-        1
+
+    fn port_io(&mut self) -> Next {
+        let w = utcb_words();
+        let Some(io) = IoExit::decode(w[state::EXIT_INFO1]) else {
+            return Next::Stop(Outcome::Failed("bad I/O exit"));
+        };
+        if io.string {
+            return Next::Stop(Outcome::Failed("string I/O"));
+        }
+        if io.port & !7 == uart8250::COM1_PORT {
+            self.counts.uart += 1;
+        } else {
+            self.counts.io += 1;
+        }
+        port_io(&mut self.ports, &io, w);
+        w[state::RIP] = w[state::EXIT_INFO2];
+        Next::Resume(state::GPRS)
+    }
+
+    fn msr(&mut self) -> Next {
+        self.counts.msr += 1;
+        let w = utcb_words();
+        let msr = w[state::RCX] as u32;
+        let write = w[state::EXIT_INFO1] != 0;
+        let value = (w[state::RDX] << 32) | (w[state::RAX] & 0xffff_ffff);
+        let now = rdtsc();
+        let mut mask = state::GPRS;
+        let result = match (msr, write) {
+            (MSR_EFER, false) => Ok(w[state::EFER] & !EFER_SVME),
+            (MSR_EFER, true) if value & !EFER_WRITABLE == 0 => {
+                // LMA follows LME and CR0.PG; the kernel keeps SVME set.
+                let paging = w[state::CR0] & (1 << 31) != 0;
+                let long = value & EFER_LME != 0;
+                w[state::EFER] = (value & !EFER_LMA) | if long && paging { EFER_LMA } else { 0 };
+                mask |= state::CONTROL;
+                Ok(0)
+            }
+            (_, false) => self.platform.msr_read(msr, now).map_err(|e| {
+                println!("[vmm] Linux: rdmsr {msr:#x} refused with #GP: {e}");
+            }),
+            (_, true) => match self.platform.msr_write(msr, value, now) {
+                Ok(Some(update)) => {
+                    if self.vm.ram.contains(update.address, update.bytes.len() as u64) {
+                        self.vm.ram.write(update.address, &update.bytes);
+                    }
+                    Ok(0)
+                }
+                Ok(None) => Ok(0),
+                Err(e) => {
+                    println!("[vmm] Linux: wrmsr {msr:#x} <- {value:#x} refused with #GP: {e}");
+                    Err(())
+                }
+            },
+        };
+        match result {
+            Ok(value) => {
+                if !write {
+                    (w[state::RAX], w[state::RDX]) = (value & 0xffff_ffff, value >> 32);
+                }
+                w[state::RIP] += exits::MSR_LENGTH;
+                Next::Resume(mask)
+            }
+            Err(()) => {
+                // #GP(0), which Linux's safe accessors expect.
+                w[state::EVENT_INJECT] = INJECT_GP0;
+                Next::Resume(state::EVENTS)
+            }
+        }
+    }
+
+    /// A nested page fault outside RAM: MMIO, emulated by decoding the instruction.
+    fn mmio(&mut self) -> Next {
+        self.counts.mmio += 1;
+        let w = utcb_words();
+        let gpa = w[state::EXIT_INFO2];
+        let Some(bytes) = fetch_instruction(&self.vm, w) else {
+            println!(
+                "[vmm] Linux: cannot fetch the instruction at rip {:#x} (access to {gpa:#x})",
+                w[state::RIP]
+            );
+            return Next::Stop(Outcome::Failed("MMIO instruction not readable"));
+        };
+        let decoded = if w[state::CS] >> 16 & 0x200 != 0 {
+            l4linux_glue::decode::decode_mmio(&bytes)
+        } else {
+            l4linux_glue::decode::decode_mmio_32(&bytes)
+        };
+        let instruction = match decoded {
+            Ok(i) => i,
+            Err(e) => {
+                println!(
+                    "[vmm] Linux: cannot emulate the access to {gpa:#x} at rip {:#x}: {e:?} ({:02x?})",
+                    w[state::RIP],
+                    &bytes[..8]
+                );
+                return Next::Stop(Outcome::Failed("MMIO instruction not emulated"));
+            }
+        };
+        if !self.platform.claims_mmio(gpa) {
+            println!(
+                "[vmm] Linux: access to unclaimed guest-physical {gpa:#x} at rip {:#x} (reads all ones)",
+                w[state::RIP]
+            );
+        }
+        let mut devices = PlatformMmio {
+            platform: &mut self.platform,
+            now: rdtsc(),
+        };
+        crate::emulate_mmio(&mut devices, gpa, instruction.access, w);
+        w[state::RIP] += u64::from(instruction.length);
+        Next::Resume(state::GPRS)
+    }
+
+    /// HLT: block in L4 until an interrupt is due (the guest's timer or a message).
+    fn halt(&mut self) -> Next {
+        self.counts.hlt += 1;
+        let w = utcb_words();
+        w[state::RIP] += 1;
+        w[state::INTERRUPT_SHADOW] = 0;
+        if w[state::RFLAGS] & RFLAGS_IF == 0 && !self.platform.nmi_pending() {
+            return Next::Stop(Outcome::PowerOff);
+        }
+        loop {
+            self.feed_input();
+            let now = rdtsc();
+            if self.platform.tick(now).is_some() || self.platform.nmi_pending() {
+                return Next::Resume(state::GPRS | state::EVENTS);
+            }
+            let timeout = match self.platform.next_deadline() {
+                None => l4::abi::Timeout::INFINITE,
+                Some(d) => {
+                    let us = (d.saturating_sub(now) as u128 * 1_000_000 / self.tsc_hz as u128)
+                        .min(u32::MAX as u128 - 2) as u32;
+                    if us == 0 {
+                        continue;
+                    }
+                    l4::abi::Timeout::micros(us)
+                }
+            };
+            self.drain_messages(timeout);
+        }
+    }
+
+    /// Receive what waits for the vCPU thread (console input and the like), waiting at most
+    /// `timeout` for the first message.
+    fn drain_messages(&mut self, timeout: l4::abi::Timeout) {
+        let mut timeout = timeout;
+        while let Ok(message) = l4::ipc::wait(l4::abi::Timeouts::new(
+            l4::abi::Timeout::INFINITE,
+            timeout,
+        )) {
+            let handled = self.console.as_mut().is_some_and(|c| c.handle(&message));
+            if !handled {
+                println!(
+                    "[vmm] Linux: unexpected message (label {}) ignored",
+                    message.tag.label()
+                );
+            }
+            timeout = l4::abi::Timeout::ZERO;
+        }
+    }
+
+    /// Move console input into the UART's receive FIFO as far as it has room, and drive its
+    /// interrupt line.
+    fn feed_input(&mut self) {
+        if let Some(console) = self.console.as_mut() {
+            if !console.input.is_empty() {
+                let taken = self.uart.borrow_mut().receive(console.input.make_contiguous());
+                console.input.drain(..taken);
+            }
+        }
+        self.platform
+            .set_irq(uart8250::COM1_IRQ.into(), self.uart.borrow().irq_level());
+    }
+
+    fn report(&mut self, outcome: Outcome) -> i64 {
+        if !self.log.line.is_empty() {
+            self.log.flush();
+        }
+        let w = utcb_words();
+        let c = &self.counts;
+        let seconds = (rdtsc() - self.boot_tsc) / self.tsc_hz.max(1);
+        println!(
+            "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} other {}; {} interrupts injected; {seconds} s",
+            c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.other, c.injected
+        );
+        match outcome {
+            Outcome::PowerOff => {
+                println!("[vmm] Linux powered off: the compartment ends");
+                i64::from(!self.log.reached_init)
+            }
+            Outcome::Reboot => {
+                println!("[vmm] Linux rebooted (triple fault after /init): the compartment ends");
+                0
+            }
+            Outcome::Failed(why) => {
+                println!(
+                    "[vmm] Linux stopped: {why} (rip {:#x}); the compartment ends",
+                    w[state::RIP]
+                );
+                1
+            }
+        }
     }
 }

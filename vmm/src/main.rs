@@ -12,6 +12,7 @@
 
 extern crate alloc;
 
+mod console;
 mod linux;
 
 use alloc::boxed::Box;
@@ -486,14 +487,35 @@ fn port_io(bus: &mut PortBus, io: &IoExit, w: &mut [u64; 64]) {
 /// Complete a CPUID exit: the VMM's policy over the host's values (or what `private` says for
 /// a leaf it answers itself) into RAX..RDX, and RIP past the instruction.
 fn emulate_cpuid(w: &mut [u64; 64], private: impl Fn(u32) -> Option<[u32; 4]>) {
-    let (leaf, subleaf) = (w[state::RAX] as u32, w[state::RCX] as u32);
-    let r = private(leaf).unwrap_or_else(|| {
-        let host = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        exits::cpuid(leaf, subleaf, [host.eax, host.ebx, host.ecx, host.edx])
+    emulate_cpuid_with(w, |leaf, subleaf, host| {
+        private(leaf).unwrap_or_else(|| exits::cpuid(leaf, subleaf, host))
     });
+}
+
+/// Complete a CPUID exit with `policy(leaf, subleaf, host answer)`.
+fn emulate_cpuid_with(w: &mut [u64; 64], policy: impl Fn(u32, u32, [u32; 4]) -> [u32; 4]) {
+    let (leaf, subleaf) = (w[state::RAX] as u32, w[state::RCX] as u32);
+    let host = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    let r = policy(leaf, subleaf, [host.eax, host.ebx, host.ecx, host.edx]);
     (w[state::RAX], w[state::RBX], w[state::RCX], w[state::RDX]) =
         (r[0] as u64, r[1] as u64, r[2] as u64, r[3] as u64);
     w[state::RIP] += exits::CPUID_LENGTH;
+}
+
+/// What an emulated MMIO access goes to: guest-physical addresses, `None`/false if nothing
+/// claims them.
+trait Mmio {
+    fn read(&mut self, gpa: u64, size: u8) -> Option<u64>;
+    fn write(&mut self, gpa: u64, size: u8, value: u64) -> bool;
+}
+
+impl Mmio for MmioBus {
+    fn read(&mut self, gpa: u64, size: u8) -> Option<u64> {
+        MmioBus::read(self, gpa, size)
+    }
+    fn write(&mut self, gpa: u64, size: u8, value: u64) -> bool {
+        MmioBus::write(self, gpa, size, value)
+    }
 }
 
 fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {
@@ -507,7 +529,7 @@ fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {
     })
     .ok()?;
     let mut bytes = [0u8; 15];
-    let available = (RAM_SIZE.saturating_sub(gpa)).min(15) as usize;
+    let available = vm.ram.size.saturating_sub(gpa).min(15) as usize;
     vm.ram
         .read_bytes(gpa, &mut bytes[..available])
         .then_some(bytes)
@@ -515,7 +537,7 @@ fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {
 
 /// Carry out a decoded MMIO access at `gpa` on the bus, with the guest registers in `w`.
 fn emulate_mmio(
-    bus: &mut MmioBus,
+    bus: &mut impl Mmio,
     gpa: u64,
     access: l4linux_glue::decode::MmioAccess,
     w: &mut [u64; 64],
@@ -839,23 +861,14 @@ fn error_code(r: Result<(), Error>) -> u64 {
     }
 }
 
-fn argument(name: &str) -> Option<u64> {
-    l4::rt::arguments()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
-}
-
 fn main() -> i64 {
-    let (Some(offset), Some(size)) = (argument("blob_offset"), argument("blob_size")) else {
-        println!("[vmm] no guest image (module option blob=NAME)");
+    if l4::rt::arguments().split_whitespace().any(|w| w == "linux") {
+        return linux::boot_linux();
+    }
+    let Some(image) = l4::rt::blob("guest") else {
+        println!("[vmm] no guest image (module option blob=guest)");
         return 1;
     };
-    // SAFETY: the root task mapped the guest image read-only here.
-    let image =
-        unsafe { core::slice::from_raw_parts((BLOB_ADDRESS + offset) as *const u8, size as usize) };
-    if l4::rt::arguments().split_whitespace().any(|w| w == "linux") {
-        return linux::boot_linux(image);
-    }
     let pager = l4::thread::spawn(
         vm_pager,
         0,

@@ -55,6 +55,26 @@ impl Report {
     }
 }
 
+/// The result of a console dialog of which `steps` steps matched.
+pub fn dialog_result(check: &Check, steps: usize, log_path: &str) -> (bool, String) {
+    match check.console.get(steps) {
+        None => (
+            true,
+            format!("{}: console dialog ({steps} steps)", check.name),
+        ),
+        Some(step) => (
+            false,
+            format!(
+                "{}: console dialog stopped at step {} of {}: the output never showed /{}/ (log: {log_path})",
+                check.name,
+                steps + 1,
+                check.console.len(),
+                step.expect
+            ),
+        ),
+    }
+}
+
 /// Judges `log` (the serial output) and `exit` against `check`; `log_path` goes into every
 /// failure message.
 pub fn judge(check: &Check, log: &str, exit: Exit, log_path: &str) -> Report {

@@ -210,10 +210,18 @@ fn test(scenarios: &Scenarios, args: &[String]) -> Result<ExitCode, String> {
     for (scenario, bootable) in selected.iter().zip(&bootables) {
         let check = scenario.check.as_ref().expect("checked above");
         let log = logs.join(format!("{}.log", scenario.name));
-        let exit = qemu::run_logged(qemu::command(scenario, bootable, &[]), &log, check.timeout)?;
+        let command = qemu::command(scenario, bootable, &[]);
+        let (exit, steps) = if check.console.is_empty() {
+            (qemu::run_logged(command, &log, check.timeout)?, 0)
+        } else {
+            qemu::run_dialog(command, &log, check.timeout, &check.console)?
+        };
         let bytes = fs::read(&log).map_err(|e| format!("cannot read {}: {e}", log.display()))?;
         let text = String::from_utf8_lossy(&bytes);
-        let report = check::judge(check, &text, exit, &log.display().to_string());
+        let mut report = check::judge(check, &text, exit, &log.display().to_string());
+        if !check.console.is_empty() {
+            report.results.push(check::dialog_result(check, steps, &log.display().to_string()));
+        }
         for line in &report.shown {
             println!("{line}");
         }

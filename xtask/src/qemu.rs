@@ -2,13 +2,15 @@
 
 use std::fs;
 use std::path::Path;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::check::Exit;
 use crate::image::Bootable;
-use crate::scenario::Scenario;
+use crate::scenario::{Scenario, Step};
 
 /// QEMU's exit status when the root task powers off after every task exited with 0.
 pub const STATUS_ALL_EXITED: i32 = 33;
@@ -69,6 +71,78 @@ pub fn run_logged(mut cmd: Command, log: &Path, timeout: Duration) -> Result<Exi
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs `cmd` with its output in `log` and a dialog on its console: for each step, waits until
+/// the output since the previous step matches `expect`, then types `send`. Kills QEMU after
+/// `timeout`. Returns how QEMU ended and how many steps matched.
+pub fn run_dialog(
+    mut cmd: Command,
+    log: &Path,
+    timeout: Duration,
+    steps: &[Step],
+) -> Result<(Exit, usize), String> {
+    let mut file =
+        fs::File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
+    let output = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let mut readers = Vec::new();
+    for mut pipe in [
+        Box::new(child.stdout.take().expect("piped")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("piped")),
+    ] {
+        let output = Arc::clone(&output);
+        readers.push(thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                output.lock().expect("output").extend_from_slice(&buffer[..n]);
+            }
+        }));
+    }
+    let mut stdin = child.stdin.take().expect("piped");
+    let deadline = Instant::now() + timeout;
+    let (mut done, mut cursor) = (0, 0);
+    let exit = loop {
+        if done < steps.len() {
+            let text = String::from_utf8_lossy(&output.lock().expect("output")).into_owned();
+            if let Some(m) = steps[done].expect.find(&text[cursor.min(text.len())..]) {
+                cursor += m.end();
+                // QEMU reads the serial input as it comes; a pause per line lets the guest
+                // keep up with its 16-byte FIFO.
+                for line in steps[done].send.split_inclusive('\n') {
+                    let _ = stdin.write_all(line.as_bytes());
+                    let _ = stdin.flush();
+                    thread::sleep(Duration::from_millis(100));
+                }
+                done += 1;
+                continue;
+            }
+        }
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status.code().map_or(Exit::Signal, Exit::Status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break Exit::TimedOut;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    drop(stdin);
+    for reader in readers {
+        let _ = reader.join();
+    }
+    file.write_all(&output.lock().expect("output"))
+        .map_err(|e| format!("cannot write {}: {e}", log.display()))?;
+    Ok((exit, done))
 }
 
 /// What an exit status of our kernel's boot means.

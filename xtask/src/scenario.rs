@@ -127,6 +127,26 @@ struct RawCheck {
     #[serde(default)]
     show: Vec<String>,
     tap: Option<Tap>,
+    #[serde(default)]
+    console: Vec<RawStep>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    expect: String,
+    #[serde(default)]
+    send: String,
+}
+
+/// One step of a console dialog: wait until the output since the previous step matches
+/// `expect`, then type `send`.
+#[derive(Debug)]
+pub struct Step {
+    /// What the output must show (across lines: prompts end without a newline).
+    pub expect: Regex,
+    /// What to type then (may be empty).
+    pub send: String,
 }
 
 /// A special module the runner makes itself.
@@ -258,6 +278,8 @@ pub struct Check {
     pub show: Vec<Regex>,
     /// The TAP suite and its plan.
     pub tap: Option<Tap>,
+    /// A dialog on the serial console, in order (empty: no input).
+    pub console: Vec<Step>,
 }
 
 impl Scenarios {
@@ -559,6 +581,18 @@ impl Context<'_> {
                 plan: t.plan,
                 plan_line: t.plan_line,
             }),
+            console: raw
+                .console
+                .iter()
+                .enumerate()
+                .map(|(i, step)| {
+                    Ok(Step {
+                        expect: Regex::new(&step.expect)
+                            .map_err(|e| self.error(&format!("check.console[{i}].expect"), e))?,
+                        send: step.send.clone(),
+                    })
+                })
+                .collect::<Result<_, Error>>()?,
         })
     }
 }

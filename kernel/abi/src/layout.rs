@@ -115,6 +115,9 @@ pub struct Kip {
     pub module_count: u64,
     /// Boot modules, in boot loader order (module 0 is sigma0, 1 the root task).
     pub modules: [BootModule; KIP_MAX_MODULES],
+    /// TSC ticks per second, measured at boot against the PIT (10 ms; under QEMU
+    /// `-icount shift=0` about 1 GHz).
+    pub tsc_hz: u64,
 }
 
 /// The ABI version in the KIP.

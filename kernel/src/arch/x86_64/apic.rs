@@ -38,8 +38,9 @@ fn disable_pic() {
     }
 }
 
-/// Count local APIC timer ticks (divide by 16) during 10 ms measured with PIT channel 2.
-fn calibrate() -> u32 {
+/// Count local APIC timer ticks (divide by 16) and TSC ticks during 10 ms measured with PIT
+/// channel 2.
+fn calibrate() -> (u32, u64) {
     const PIT_HZ: u32 = 1_193_182;
     let count = (PIT_HZ / 100) as u16;
     // Gate on, speaker off.
@@ -53,27 +54,30 @@ fn calibrate() -> u32 {
     outb(0x61, gate | 1);
     write(REG_TIMER_DIVIDE, 0x3);
     write(REG_TIMER_INITIAL, u32::MAX);
+    let tsc_start = super::cpu::rdtsc();
     let mut spins = 0u64;
     while inb(0x61) & 0x20 == 0 && spins < 100_000_000 {
         spins += 1;
     }
     let elapsed = u32::MAX - read(REG_TIMER_CURRENT);
+    let tsc_elapsed = super::cpu::rdtsc().wrapping_sub(tsc_start);
     write(REG_TIMER_INITIAL, 0);
-    elapsed
+    (elapsed, tsc_elapsed)
 }
 
 /// Enable the local APIC and start the periodic timer at `hz` interrupts per second.
-/// Returns the calibrated timer ticks per 10 ms.
-pub fn init(hz: u32) -> u32 {
+/// Returns the calibrated timer ticks per 10 ms and the TSC frequency in Hz.
+pub fn init(hz: u32) -> (u32, u64) {
     disable_pic();
     write(REG_SPURIOUS, 0x100 | SPURIOUS_VECTOR as u32);
     write(REG_TPR, 0);
-    let per_10ms = calibrate().max(1000);
+    let (per_10ms, tsc_per_10ms) = calibrate();
+    let per_10ms = per_10ms.max(1000);
     let initial = (per_10ms as u64 * 100 / hz as u64).max(1) as u32;
     write(REG_TIMER_DIVIDE, 0x3);
     write(REG_LVT_TIMER, TIMER_VECTOR as u32 | (1 << 17));
     write(REG_TIMER_INITIAL, initial);
-    per_10ms
+    (per_10ms, tsc_per_10ms * 100)
 }
 
 /// Signal the end of the current interrupt.

@@ -55,6 +55,21 @@ pub fn arguments() -> &'static str {
     core::str::from_utf8(&bytes[..len]).unwrap_or("")
 }
 
+/// The data module the root task mapped for option `blob=NAME` (announced in the arguments
+/// as `blob:NAME=ADDRESS+SIZE`), read-only; `None` if there is none by that name.
+pub fn blob(name: &str) -> Option<&'static [u8]> {
+    let value = arguments().split_whitespace().find_map(|w| {
+        w.strip_prefix("blob:")?
+            .strip_prefix(name)?
+            .strip_prefix('=')
+    })?;
+    let (address, size) = value.split_once('+')?;
+    let (address, size) = (address.parse::<u64>().ok()?, size.parse::<usize>().ok()?);
+    // SAFETY: the root task mapped `size` bytes at `address` read-only before we started and
+    // never unmaps them.
+    Some(unsafe { core::slice::from_raw_parts(address as *const u8, size) })
+}
+
 extern "Rust" {
     fn l4_task_main() -> i64;
 }

@@ -246,8 +246,11 @@ fn create(
             })?;
     }
     let mut cmdline = String::from(cmdline);
+    // Each data module named by `blob=NAME` is mapped read-only (page by page) at the next
+    // free place from BLOB_ADDRESS; the child learns where from `blob:NAME=ADDRESS+SIZE`
+    // (`l4::rt::blob`).
+    let mut next_blob = BLOB_ADDRESS;
     for wanted in options.iter().filter_map(|o| o.strip_prefix("blob=")) {
-        // Map the data module read-only at BLOB_ADDRESS (page by page) and tell its size.
         let Some(&(_, address, size)) = blobs.iter().find(|(n, _, _)| n == wanted) else {
             return Err(alloc::format!(
                 "creating {name}: no data module named {wanted}"
@@ -259,17 +262,17 @@ fn create(
             sys::map(
                 task,
                 Fpage::memory(page, 12, Fpage::READ),
-                BLOB_ADDRESS + (page - first),
+                next_blob + (page - first),
                 0,
             )
             .map_err(|e| fail("blob", e))?;
             page += PAGE_SIZE;
         }
         cmdline.push_str(&alloc::format!(
-            " blob_offset={} blob_size={}",
-            address - first,
-            size
+            " blob:{wanted}={}+{size}",
+            next_blob + (address - first)
         ));
+        next_blob += (page - first).next_multiple_of(RAM_GRANULE);
     }
     let peer = options
         .iter()

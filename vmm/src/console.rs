@@ -1,0 +1,86 @@
+//! Console input from the machine's COM1 for a compartment.
+//!
+//! COM1 is shared: the kernel writes its log (and the VMM's, and the guests' console lines)
+//! through the transmit side with polled output, and never reads. The VMM of the compartment
+//! that owns the console gets the receive side: the I/O ports 0x3f8..0x3ff (`io=0x3f8/3`) and
+//! an IRQ object for ISA line 4 (`platform`) attached to its vCPU thread, so a key press makes
+//! the running vCPU exit (`VcpuRun` returns `MESSAGE`); the VMM then drains the receive FIFO
+//! into the guest's UART model and acknowledges the line.
+
+use alloc::collections::VecDeque;
+use l4::abi::{slots, IrqOp, ObjectKind, LABEL_IRQ};
+use l4::ipc::Received;
+use l4::sys;
+
+const COM1: u16 = 0x3f8;
+const IER: u16 = 1;
+const LSR: u16 = 5;
+const LSR_DATA_READY: u8 = 1;
+const IER_RECEIVE: u8 = 1;
+const COM1_LINE: u64 = 4;
+/// Bytes kept for the guest before the oldest are dropped (the guest reads them as its UART
+/// FIFO drains).
+const CAPACITY: usize = 4096;
+
+fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: the root task mapped COM1's ports into this task (checked by `open`); reading a
+    // UART register has no effect on memory.
+    unsafe { core::arch::asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack)) };
+    value
+}
+
+fn outb(port: u16, value: u8) {
+    // SAFETY: as for `inb`; the only register written is the interrupt enable register.
+    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+}
+
+/// The receive side of COM1.
+pub struct HostConsole {
+    irq: u64,
+    /// Input not yet taken by the guest.
+    pub input: VecDeque<u8>,
+    /// Bytes dropped because the guest did not read them in time.
+    pub dropped: u64,
+}
+
+impl HostConsole {
+    /// Take COM1's receive side if this task was given its ports and the platform capability
+    /// (`None` otherwise: the compartment then has no console input).
+    pub fn open() -> Option<HostConsole> {
+        let args = l4::rt::arguments();
+        if !args.split_whitespace().any(|w| w == "io=0x3f8/3") {
+            return None;
+        }
+        let irq = l4::thread::alloc_slot();
+        sys::factory_create(slots::PLATFORM, ObjectKind::Irq, irq, COM1_LINE, 0).ok()?;
+        sys::irq_control(irq, IrqOp::Attach, slots::SELF_THREAD).ok()?;
+        // Drop what was typed before we were ready, then enable the receive interrupt.
+        while inb(COM1 + LSR) & LSR_DATA_READY != 0 {
+            inb(COM1);
+        }
+        outb(COM1 + IER, IER_RECEIVE);
+        Some(HostConsole {
+            irq,
+            input: VecDeque::new(),
+            dropped: 0,
+        })
+    }
+
+    /// Whether `message` is COM1's interrupt; if so, drain the receive FIFO and acknowledge.
+    pub fn handle(&mut self, message: &Received) -> bool {
+        if message.tag.label() != LABEL_IRQ || message.word(0) != COM1_LINE {
+            return false;
+        }
+        while inb(COM1 + LSR) & LSR_DATA_READY != 0 {
+            let byte = inb(COM1);
+            if self.input.len() >= CAPACITY {
+                self.input.pop_front();
+                self.dropped += 1;
+            }
+            self.input.push_back(byte);
+        }
+        let _ = sys::irq_control(self.irq, IrqOp::Acknowledge, 0);
+        true
+    }
+}
