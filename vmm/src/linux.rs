@@ -108,7 +108,7 @@ pub fn boot_linux(image: &[u8]) -> i64 {
         if exits_seen > MAX_EXITS {
             break "too many exits";
         }
-        let code = match run(vm.vcpu, mask) {
+        let code = match run(vm.vcpu, mask, 0) {
             Ok(code) => code,
             Err(e) => {
                 let w = utcb_words();
