@@ -395,6 +395,26 @@ fn sender_done(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, call: bool)
     }
 }
 
+/// Drop the stale entries (senders that died or gave up) at the head of `receiver`'s queue:
+/// afterwards the head, if any, is a thread sending to `receiver`.
+fn drop_stale_senders(k: &mut Kernel, receiver: ThreadId) {
+    while let Some(&head) = k.thread(receiver).senders.front() {
+        let stale = !matches!(k.threads.get(head).map(|t| t.state),
+            Some(ThreadState::Sending { to, .. }) if to == receiver);
+        if !stale {
+            break;
+        }
+        k.thread(receiver).senders.pop_front();
+    }
+}
+
+/// Whether a thread is blocked sending to `receiver` (an open receive would take its message
+/// at once). Costs nothing beyond a look at the queue when nobody is queued.
+pub fn sender_waiting(k: &mut Kernel, receiver: ThreadId) -> bool {
+    drop_stale_senders(k, receiver);
+    !k.thread(receiver).senders.is_empty()
+}
+
 /// The receive phase of thread `receiver` (the current thread): take a waiting sender's
 /// message, or block (or fail with a zero timeout).
 pub fn receive(
@@ -411,15 +431,7 @@ pub fn receive(
     if from.is_none() && crate::irq::deliver_pending(k, receiver) {
         return Ok(());
     }
-    // Drop stale entries (senders that died or gave up) at the head.
-    while let Some(&head) = k.thread(receiver).senders.front() {
-        let stale = !matches!(k.threads.get(head).map(|t| t.state),
-            Some(ThreadState::Sending { to, .. }) if to == receiver);
-        if !stale {
-            break;
-        }
-        k.thread(receiver).senders.pop_front();
-    }
+    drop_stale_senders(k, receiver);
     let position = {
         let threads = &k.threads;
         let queue = &threads.get(receiver).expect("receiver").senders;

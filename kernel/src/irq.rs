@@ -79,15 +79,23 @@ pub fn hardware(k: &mut Kernel, line: u32) {
     }
 }
 
-/// If an IRQ attached to `thread` is pending, write its message into the thread's registers
-/// and clear it. Returns whether one was delivered.
-pub fn deliver_pending(k: &mut Kernel, thread: ThreadId) -> bool {
-    let found = k.irqs.ids().find(|&id| {
+/// A pending IRQ attached to `thread`, if any (the IRQ objects are scanned only while some
+/// interrupt is pending at all).
+pub fn pending_for(k: &Kernel, thread: ThreadId) -> Option<IrqId> {
+    if k.pending_irqs == 0 {
+        return None;
+    }
+    k.irqs.ids().find(|&id| {
         k.irqs
             .get(id)
             .is_some_and(|i| i.pending && i.receiver.is_some_and(|(t, _)| t == thread))
-    });
-    let Some(id) = found else {
+    })
+}
+
+/// If an IRQ attached to `thread` is pending, write its message into the thread's registers
+/// and clear it. Returns whether one was delivered.
+pub fn deliver_pending(k: &mut Kernel, thread: ThreadId) -> bool {
+    let Some(id) = pending_for(k, thread) else {
         return false;
     };
     let irq = k.irqs.get_mut(id).expect("irq");

@@ -84,7 +84,7 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         Some(Syscall::ThreadSchedule) => thread_schedule(k, id, f.rdi, f.rsi, f.rdx),
         Some(Syscall::ThreadSwitch) => thread_switch(k, id, f.rdi),
         Some(Syscall::IrqControl) => irq_control(k, f.rdi, f.rsi, f.rdx),
-        Some(Syscall::VcpuRun) => vcpu_run(k, id, f.rdi, f.rsi),
+        Some(Syscall::VcpuRun) => vcpu_run(k, id, f.rdi, f.rsi, f.rdx),
         Some(Syscall::QuotaCheck) => crate::audit::quota_check(k, id, f.rdi, f.rsi),
         None => Err(Error::UnknownSyscall),
     };
@@ -723,13 +723,19 @@ fn thread_switch(k: &mut Kernel, caller: ThreadId, thread: u64) -> Result<(), Er
     Ok(())
 }
 
-fn vcpu_run(k: &mut Kernel, caller: ThreadId, vcpu: u64, mask: u64) -> Result<(), Error> {
+fn vcpu_run(
+    k: &mut Kernel,
+    caller: ThreadId,
+    vcpu: u64,
+    mask: u64,
+    deadline: u64,
+) -> Result<(), Error> {
     let cap = k.lookup(vcpu)?;
     let Object::Vcpu(id) = cap.object else {
         return Err(Error::WrongType);
     };
     require(cap, rights::CONTROL)?;
-    crate::vm::run(k, caller, id, mask)
+    crate::vm::run(k, caller, id, mask, deadline)
 }
 
 fn irq_control(k: &mut Kernel, irq: u64, operation: u64, thread: u64) -> Result<(), Error> {

@@ -620,10 +620,31 @@ pub fn apply_guest_fault_reply(
     k.wake(thread);
 }
 
-/// `VcpuRun` of thread `caller` on `vcpu`, loading `mask` first. Returns with the exit in the
-/// caller's UTCB and the exit code in its `rdi`, or an error; a physical interrupt makes the
-/// caller re-issue the call (with an empty mask) after the kernel handled it.
-pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Result<(), Error> {
+/// The exit `VcpuRun` of `caller` takes instead of entering the guest, if any: a message
+/// waiting for the caller ([`exit::MESSAGE`], checked first), or `deadline` (a TSC value; 0:
+/// none) reached ([`exit::DEADLINE`]). Without pending IRQs or queued senders this is two
+/// loads and, with a deadline, an `rdtsc`.
+fn software_exit(k: &mut Kernel, caller: ThreadId, deadline: u64) -> Option<u64> {
+    if crate::irq::pending_for(k, caller).is_some() || crate::ipc::sender_waiting(k, caller) {
+        return Some(exit::MESSAGE);
+    }
+    if deadline != 0 && crate::arch::x86_64::cpu::rdtsc() >= deadline {
+        return Some(exit::DEADLINE);
+    }
+    None
+}
+
+/// `VcpuRun` of thread `caller` on `vcpu`, loading `mask` first, until `deadline` (a TSC
+/// value; 0: none). Returns with the exit in the caller's UTCB and the exit code in its `rdi`,
+/// or an error; a physical interrupt makes the caller re-issue the call (with an empty mask,
+/// the same deadline) after the kernel handled it.
+pub fn run(
+    k: &mut Kernel,
+    caller: ThreadId,
+    vcpu_id: VcpuId,
+    mask: u64,
+    deadline: u64,
+) -> Result<(), Error> {
     let (host_vmcb, xcr0_switching, zero_area, xstate) = k
         .svm
         .as_ref()
@@ -644,6 +665,19 @@ pub fn run(k: &mut Kernel, caller: ThreadId, vcpu_id: VcpuId, mask: u64) -> Resu
     crate::fpu::surrender(k);
     let user_xcr0 = k.fpu.hardware.xcr0;
     loop {
+        // Before every entry: a waiting message or the deadline returns to the VMM with the
+        // state as it stands (a pending re-injection stays pending, and is reported).
+        if let Some(code) = software_exit(k, caller, deadline) {
+            let words = &mut utcb(k, caller).mr;
+            let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");
+            store_state(vcpu, words);
+            words[state::EXIT_CODE] = code;
+            words[state::EXIT_INFO1] = 0;
+            words[state::EXIT_INFO2] = 0;
+            words[state::EXIT_INT_INFO] = vcpu.reinject;
+            k.thread(caller).frame.rdi = code;
+            return Ok(());
+        }
         let flush = k
             .vms
             .get_mut(vm_id)

@@ -10,7 +10,7 @@
 //! fault: Linux without ACPI reboots that way), or does something the VMM cannot handle; the
 //! VMM says which and with how many exits of each kind.
 
-use crate::{create_vm, emulate_cpuid_with, fetch_instruction, port_io, utcb_words, Vm};
+use crate::{create_vm, emulate_cpuid_with, fetch_instruction, port_io, run, utcb_words, Vm};
 use crate::{Mmio, INJECT_GP0};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
@@ -102,23 +102,6 @@ impl Mmio for PlatformMmio<'_> {
     }
     fn write(&mut self, gpa: u64, size: u8, value: u64) -> bool {
         self.platform.mmio_write(gpa, size, value, self.now)
-    }
-}
-
-/// The software exits of `VcpuRun` (to move to the ABI).
-const EXIT_DEADLINE: u64 = 0x1_0000;
-const EXIT_MESSAGE: u64 = 0x1_0001;
-
-/// `VcpuRun` with a TSC deadline (0: none).
-fn run(vcpu: u64, mask: u64, deadline: u64) -> Result<u64, l4::abi::Error> {
-    use l4::abi::{Error, Syscall};
-    // SAFETY: VcpuRun touches only our UTCB.
-    let (rax, code, _, _) =
-        unsafe { l4::sys::raw(Syscall::VcpuRun as u64, vcpu, mask, deadline, 0, 0) };
-    if rax == 0 {
-        Ok(code)
-    } else {
-        Err(Error::from_u64(rax).unwrap_or(Error::InvalidArgument))
     }
 }
 
@@ -378,11 +361,11 @@ impl Compartment {
             exit::MSR => self.msr(),
             exit::NPF => self.mmio(),
             exit::HLT => self.halt(),
-            EXIT_DEADLINE => {
+            exit::DEADLINE => {
                 self.counts.deadline += 1;
                 Next::Resume(0)
             }
-            EXIT_MESSAGE => {
+            exit::MESSAGE => {
                 self.counts.message += 1;
                 self.drain_messages(l4::abi::Timeout::ZERO);
                 Next::Resume(0)

@@ -3,7 +3,8 @@
 //! `BLOB_ADDRESS`), starts it in 64-bit mode and runs the exit loop: one handler per exit
 //! reason, a port bus and an MMIO device, lazy guest memory on guest-physical faults. Then it
 //! runs the checks that need their own guests: a 32-bit guest with paging off, a triple fault,
-//! state the kernel must refuse, and a second VM at the same time (isolation).
+//! state the kernel must refuse, VcpuRun's deadline and message (recall) exits, and a second VM
+//! at the same time (isolation).
 //!
 //! Every guest case becomes a line `ok N - guest: case` (or `not ok`); the task exits with the
 //! number of failures.
@@ -102,10 +103,12 @@ fn utcb_words() -> &'static mut [u64; 64] {
     &mut l4::utcb::utcb().mr
 }
 
-/// Run the vCPU with `mask` of the UTCB state loaded first; returns the exit code.
-fn run(vcpu: u64, mask: u64) -> Result<u64, Error> {
+/// Run the vCPU with `mask` of the UTCB state loaded first, until `deadline` (a TSC value;
+/// 0: none) at the latest; returns the exit code.
+fn run(vcpu: u64, mask: u64, deadline: u64) -> Result<u64, Error> {
     // SAFETY: VcpuRun touches only our UTCB.
-    let (rax, code, _, _) = unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, mask, 0, 0, 0) };
+    let (rax, code, _, _) =
+        unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, mask, deadline, 0, 0) };
     if rax == 0 {
         Ok(code)
     } else {
@@ -281,7 +284,7 @@ fn run_test_guest(vm: &Vm, entry: u64) -> Result<u32, &'static str> {
     long_mode_state(words, entry);
     let mut mask = state::ALL;
     loop {
-        let code = run(vm.vcpu, mask).map_err(|_| "VcpuRun failed")?;
+        let code = run(vm.vcpu, mask, 0).map_err(|_| "VcpuRun failed")?;
         let w = utcb_words();
         for line in device.borrow_mut().take_lines() {
             if line.starts_with("bench: ") {
@@ -658,7 +661,7 @@ fn sse_vm() -> u64 {
     let w = utcb_words();
     protected_mode_state(w, 0x7000);
     w[state::CR4] = 0x600;
-    match run(vm.vcpu, state::ALL) {
+    match run(vm.vcpu, state::ALL, 0) {
         Ok(exit::IOIO) => 0,
         _ => 2,
     }
@@ -673,7 +676,7 @@ fn peek_vm() -> u64 {
     };
     vm.ram.write(0x7000, GUEST32_PEEK.get());
     protected_mode_state(utcb_words(), 0x7000);
-    if run(vm.vcpu, state::ALL) != Ok(exit::IOIO) {
+    if run(vm.vcpu, state::ALL, 0) != Ok(exit::IOIO) {
         return u64::MAX;
     }
     let dword = |gpa| vm.ram.read_u64(gpa).map_or(u64::MAX, |v| v & 0xffff_ffff);
@@ -700,7 +703,7 @@ fn run_guest32(vm: &Vm) -> bool {
     protected_mode_state(utcb_words(), 0x7000);
     let mut mask = state::ALL;
     for _ in 0..8 {
-        match run(vm.vcpu, mask) {
+        match run(vm.vcpu, mask, 0) {
             Ok(exit::IOIO) => {
                 let w = utcb_words();
                 if IoExit::decode(w[state::EXIT_INFO1]).is_some_and(|io| io.port == 0xe4) {
@@ -723,7 +726,7 @@ const RIGHTS_PAGE: u64 = 0x20_0000;
 fn run_code(vm: &Vm, code: &[u8]) -> (Result<u64, Error>, u64, u64) {
     vm.ram.write(0x7000, code);
     protected_mode_state(utcb_words(), 0x7000);
-    let result = run(vm.vcpu, state::ALL);
+    let result = run(vm.vcpu, state::ALL, 0);
     let w = utcb_words();
     (result, w[state::EXIT_INFO1], w[state::EXIT_INFO2])
 }
@@ -807,6 +810,252 @@ fn rights_cases() {
     }
 }
 
+/// The TSC (shared with the guests: their TSC offset is 0).
+fn tsc() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: rdtsc has no side effects.
+    unsafe { core::arch::asm!("rdtsc", out("eax") low, out("edx") high, options(nomem, nostack)) };
+    (high as u64) << 32 | low as u64
+}
+
+/// TSC cycles per millisecond, measured against a 10 ms IPC timeout (at least that long, so
+/// this errs on the high side).
+fn tsc_per_ms() -> u64 {
+    let start = tsc();
+    let _ = ipc_sleep(10_000);
+    ((tsc() - start) / 10).max(1)
+}
+
+/// The label of the message [`message_sender`] sends.
+const RECALL_LABEL: i32 = 0x77;
+/// The software IRQ line of the recall cases.
+const RECALL_LINE: u64 = 48;
+/// The badge of its IRQ object.
+const RECALL_BADGE: u64 = 0xb0b;
+/// What the helper threads of the recall cases did (0: not yet; 1: done; 2: failed).
+static RECALL_SENT: AtomicU64 = AtomicU64::new(0);
+
+/// After 2 ms, send a message with words `[0x5eed, value]` to the first thread (which runs a
+/// spinning guest meanwhile).
+extern "C" fn message_sender(value: u64) -> ! {
+    use l4::abi::{MessageTag, Timeout, Timeouts};
+    let _ = ipc_sleep(2_000);
+    let sent = l4::ipc::send(
+        slots::SELF_THREAD,
+        MessageTag::new(RECALL_LABEL, 2, 0),
+        &[0x5eed, value],
+        Timeouts::new(Timeout::micros(5_000_000), Timeout::INFINITE),
+    );
+    RECALL_SENT.store(if sent.is_ok() { 1 } else { 2 }, SeqCst);
+    sys::thread_exit(0)
+}
+
+/// After 2 ms, trigger the IRQ object in slot `irq` (attached to the first thread).
+extern "C" fn irq_trigger(irq: u64) -> ! {
+    let _ = ipc_sleep(2_000);
+    let triggered = sys::irq_control(irq, l4::abi::IrqOp::Trigger, 0);
+    RECALL_SENT.store(if triggered.is_ok() { 1 } else { 2 }, SeqCst);
+    sys::thread_exit(0)
+}
+
+/// `1: inc ecx; jnz 1b; out 0xe4, al` at 0x7000: spins until ecx wraps (from 0x8000_0000 that
+/// is seconds, far beyond any deadline here, yet no case can hang for ever).
+const COUNTING_SPIN: [u8; 5] = [0x41, 0x75, 0xfd, 0xe6, 0xe4];
+/// Where its `out` is.
+const COUNTING_SPIN_OUT: u64 = 0x7003;
+
+/// Load the counting spin into `vm` (32-bit, paging off), with ecx at 0x8000_0000 and a
+/// marker in ebx.
+fn counting_spin_state(vm: &Vm) {
+    vm.ram.write(0x7000, &COUNTING_SPIN);
+    let w = utcb_words();
+    protected_mode_state(w, 0x7000);
+    w[state::RCX] = 0x8000_0000;
+    w[state::RBX] = 0x9abc_def0;
+}
+
+/// Whether the UTCB shows the counting spin stopped in its loop with its registers intact,
+/// at exit `code` of the kernel's own (no EXITINFO).
+fn stopped_in_spin(code: u64) -> bool {
+    let w = utcb_words();
+    w[state::EXIT_CODE] == code
+        && w[state::EXIT_INFO1] == 0
+        && w[state::EXIT_INFO2] == 0
+        && (0x7000..COUNTING_SPIN_OUT).contains(&w[state::RIP])
+        && w[state::RBX] == 0x9abc_def0
+        && w[state::RCX] & 0xffff_ffff > 0x8000_0000
+}
+
+/// Wait (bounded) for the helper thread of a recall case; true if it did its part.
+fn helper_done() -> bool {
+    for _ in 0..1000 {
+        match RECALL_SENT.load(SeqCst) {
+            0 => {
+                let _ = ipc_sleep(1_000);
+            }
+            done => return done == 1,
+        }
+    }
+    false
+}
+
+/// VcpuRun's own exits: the deadline (a TSC value) and messages waiting for the thread that
+/// runs the vCPU (an IPC sender or an IRQ), each before any guest entry.
+fn event_cases() {
+    use l4::abi::{Timeout, Timeouts};
+    const CASES: usize = 7;
+    let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
+        for _ in 0..CASES {
+            report(false, "VcpuRun exits: no VM");
+        }
+        return;
+    };
+    let per_ms = tsc_per_ms();
+    let short_wait = Timeouts::new(Timeout::INFINITE, Timeout::micros(100_000));
+
+    // A deadline 5 ms ahead stops a spinning guest, not before it, with the state intact.
+    counting_spin_state(&vm);
+    let deadline = tsc() + 5 * per_ms;
+    let first = run(vm.vcpu, state::ALL, deadline);
+    let returned = tsc();
+    let counted = utcb_words()[state::RCX] & 0xffff_ffff;
+    println!(
+        "[vmm] deadline exit {} us after the deadline",
+        returned.saturating_sub(deadline) * 1000 / per_ms
+    );
+    report(
+        first == Ok(exit::DEADLINE) && returned >= deadline && stopped_in_spin(exit::DEADLINE),
+        "a deadline stops a spinning guest with exit DEADLINE, not before the deadline, state intact",
+    );
+    // A second run (loading nothing) continues where the guest stopped; without a deadline
+    // the guest runs to its next real exit.
+    let deadline = tsc() + 2 * per_ms;
+    let again = run(vm.vcpu, 0, deadline);
+    let returned = tsc();
+    let continued =
+        stopped_in_spin(exit::DEADLINE) && utcb_words()[state::RCX] & 0xffff_ffff > counted;
+    utcb_words()[state::RIP] = COUNTING_SPIN_OUT;
+    let to_out = run(vm.vcpu, state::GPRS, 0);
+    let port = IoExit::decode(utcb_words()[state::EXIT_INFO1]).map(|io| io.port);
+    report(
+        again == Ok(exit::DEADLINE)
+            && returned >= deadline
+            && continued
+            && to_out == Ok(exit::IOIO)
+            && port == Some(0xe4),
+        "the next run continues the guest to the next deadline; deadline 0 is none",
+    );
+
+    // A deadline already past: the exit comes before the guest runs (its `out` is not
+    // executed) and the state loaded stays loaded.
+    vm.ram.write(0x7000, &[0xe6, 0xe4]);
+    protected_mode_state(utcb_words(), 0x7000);
+    let past = run(vm.vcpu, state::ALL, 1);
+    let unchanged = utcb_words()[state::RIP] == 0x7000;
+    let then = run(vm.vcpu, 0, 0);
+    report(
+        past == Ok(exit::DEADLINE) && unchanged && then == Ok(exit::IOIO),
+        "a deadline in the past returns DEADLINE without entering the guest",
+    );
+
+    // Another thread sends us a message while our guest spins: VcpuRun returns MESSAGE and a
+    // receive takes the message.
+    RECALL_SENT.store(0, SeqCst);
+    counting_spin_state(&vm);
+    let safety = tsc() + 2_000 * per_ms;
+    let sender = l4::thread::spawn(message_sender, 0x1234, l4::thread::Spawn::default());
+    let recalled = sender.is_ok() && run(vm.vcpu, state::ALL, safety) == Ok(exit::MESSAGE);
+    let in_spin = stopped_in_spin(exit::MESSAGE);
+    let message = l4::ipc::wait(short_wait);
+    report(
+        recalled
+            && in_spin
+            && matches!(&message, Ok(m) if m.tag.label() == RECALL_LABEL
+                && m.word(0) == 0x5eed && m.word(1) == 0x1234)
+            && helper_done(),
+        "an IPC to the vCPU thread from another thread recalls the spinning guest (MESSAGE)",
+    );
+
+    // The same with an IRQ attached to us, triggered by another thread.
+    RECALL_SENT.store(0, SeqCst);
+    let irq = alloc_slot();
+    let attached = sys::factory_create(
+        slots::PLATFORM,
+        ObjectKind::Irq,
+        irq,
+        RECALL_LINE,
+        RECALL_BADGE,
+    )
+    .and_then(|()| sys::irq_control(irq, l4::abi::IrqOp::Attach, slots::SELF_THREAD));
+    counting_spin_state(&vm);
+    let safety = tsc() + 2_000 * per_ms;
+    let trigger = l4::thread::spawn(irq_trigger, irq, l4::thread::Spawn::default());
+    let recalled = attached.is_ok()
+        && trigger.is_ok()
+        && run(vm.vcpu, state::ALL, safety) == Ok(exit::MESSAGE);
+    let in_spin = stopped_in_spin(exit::MESSAGE);
+    let message = l4::ipc::wait(short_wait);
+    let is_irq = |m: &Result<l4::ipc::Received, l4::ipc::IpcError>| {
+        matches!(m, Ok(m) if m.tag.label() == l4::abi::LABEL_IRQ
+            && m.badge == RECALL_BADGE && m.word(0) == RECALL_LINE)
+    };
+    report(
+        recalled && in_spin && is_irq(&message) && helper_done(),
+        "an IRQ attached to the vCPU thread, triggered by another thread, recalls the guest",
+    );
+    let _ = sys::irq_control(irq, l4::abi::IrqOp::Acknowledge, 0);
+
+    // A message already waiting (and a deadline past): MESSAGE first, before the guest runs;
+    // once the message is taken, the deadline.
+    let triggered = sys::irq_control(irq, l4::abi::IrqOp::Trigger, 0);
+    vm.ram.write(0x7000, &[0xe6, 0xe4]);
+    protected_mode_state(utcb_words(), 0x7000);
+    let waiting = run(vm.vcpu, state::ALL, 1);
+    let unchanged = utcb_words()[state::RIP] == 0x7000;
+    let message = l4::ipc::wait(short_wait);
+    let then = run(vm.vcpu, 0, 1);
+    report(
+        attached.is_ok()
+            && triggered.is_ok()
+            && waiting == Ok(exit::MESSAGE)
+            && unchanged
+            && is_irq(&message)
+            && then == Ok(exit::DEADLINE),
+        "a waiting message comes before the guest runs and before the deadline",
+    );
+    let _ = sys::irq_control(irq, l4::abi::IrqOp::Acknowledge, 0);
+    let _ = sys::irq_control(irq, l4::abi::IrqOp::Detach, 0);
+    let _ = sys::cap_delete(irq);
+
+    // An event whose delivery an exit interrupted (an injected #UD reading an IDT nothing is
+    // mapped at: a nested page fault) stays pending across a DEADLINE exit, reported in
+    // EXITINTINFO, and the next run re-injects it (it faults again instead of running `out`).
+    // Last: the vCPU keeps that event.
+    const IDT: u64 = 0x20_0000;
+    let w = utcb_words();
+    protected_mode_state(w, 0x7000);
+    w[state::IDTR] = 0x7ff;
+    w[state::IDTR + 1] = IDT;
+    w[state::EVENT_INJECT] = state::event::UD;
+    let faulted = run(vm.vcpu, state::ALL, 0);
+    let interrupted = utcb_words()[state::EXIT_INT_INFO];
+    let stopped = run(vm.vcpu, 0, 1);
+    let reported = utcb_words()[state::EXIT_INT_INFO];
+    let again = run(vm.vcpu, 0, 0);
+    let w = utcb_words();
+    report(
+        faulted == Ok(exit::NPF)
+            && state::event::is_valid(interrupted)
+            && interrupted & 0xff == 6
+            && stopped == Ok(exit::DEADLINE)
+            && reported == interrupted
+            && again == Ok(exit::NPF)
+            && w[state::EXIT_INT_INFO] == interrupted
+            && w[state::EXIT_INFO2] & !0xfff == IDT,
+        "an interrupted event stays pending across a DEADLINE exit and is re-injected",
+    );
+}
+
 static SECOND_DONE: AtomicU64 = AtomicU64::new(0);
 static SPINS_STARTED: AtomicU64 = AtomicU64::new(0);
 static SPINNER_RETURNED: AtomicU64 = AtomicU64::new(0);
@@ -817,7 +1066,7 @@ extern "C" fn spinning_vm(_: u64) -> ! {
         vm.ram.write(0x7000, &[0xeb, 0xfe]);
         protected_mode_state(utcb_words(), 0x7000);
         SPINS_STARTED.store(1, SeqCst);
-        let _ = run(vm.vcpu, state::ALL);
+        let _ = run(vm.vcpu, state::ALL, 0);
         // The guest spins forever: VcpuRun must never return.
         SPINNER_RETURNED.store(1, SeqCst);
     }
@@ -962,7 +1211,7 @@ fn main() -> i64 {
     protected_mode_state(utcb_words(), 0x7000);
     utcb_words()[state::IDTR] = 0;
     report(
-        run(vm32.vcpu, state::ALL) == Ok(exit::SHUTDOWN),
+        run(vm32.vcpu, state::ALL, 0) == Ok(exit::SHUTDOWN),
         "triple fault is a SHUTDOWN exit to the VMM",
     );
 
@@ -971,19 +1220,19 @@ fn main() -> i64 {
     protected_mode_state(w, 0x7000);
     w[state::CR0] = 0x8000_0010;
     report(
-        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
         "invalid guest state (CR0.PG without PE) refused",
     );
     protected_mode_state(w, 0x7000);
     w[state::EFER] = 0x400;
     report(
-        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
         "invalid guest state (EFER.LMA without paging) refused",
     );
     w[state::EFER] = 0;
     w[state::EVENT_INJECT] = state::event::VALID | (7 << 8) | 3;
     report(
-        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
         "invalid event type refused",
     );
 
@@ -992,13 +1241,13 @@ fn main() -> i64 {
     w[state::CR0] = 0x8000_0011;
     w[state::EFER] = 0x500;
     report(
-        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
         "invalid guest state (long mode without PAE) refused",
     );
     protected_mode_state(w, 0x7000);
     w[state::CR4] = 1 << 13;
     report(
-        run(vm32.vcpu, state::ALL) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
         "invalid guest state (CR4.VMXE) refused",
     );
 
@@ -1058,7 +1307,7 @@ fn main() -> i64 {
             w[state::RSP] = 0x6_f000;
         }
         for _ in 0..20 {
-            match run(fuzz.vcpu, state::ALL) {
+            match run(fuzz.vcpu, state::ALL, 0) {
                 Ok(exit::SHUTDOWN) => {
                     exits += 1;
                     break;
@@ -1087,7 +1336,7 @@ fn main() -> i64 {
         Ok(vm) => {
             vm.ram.write(0x7000, &[0xf4]);
             protected_mode_state(utcb_words(), 0x7000);
-            run(vm.vcpu, state::ALL)
+            run(vm.vcpu, state::ALL, 0)
         }
         Err(e) => Err(e),
     };
@@ -1142,7 +1391,7 @@ fn main() -> i64 {
                     0
                 };
             }
-            match run(vcpu, state::ALL) {
+            match run(vcpu, state::ALL, 0) {
                 Ok(_) => outcomes[0] += 1,
                 Err(Error::InvalidArgument) => outcomes[1] += 1,
                 Err(_) => outcomes[2] += 1,
@@ -1159,6 +1408,7 @@ fn main() -> i64 {
     );
 
     rights_cases();
+    event_cases();
 
     // The second VM ran on its own thread at the same time.
     for _ in 0..10_000 {

@@ -110,7 +110,8 @@ abi_enum! {
         ThreadSwitch = 23,
         /// Attach, detach, acknowledge or trigger an IRQ object. See [syscalls.md](../../../kernel/docs/syscalls.md#920-irqcontrol-24).
         IrqControl = 24,
-        /// Run a virtual CPU until an exit the kernel does not handle. See [syscalls.md](../../../kernel/docs/syscalls.md#922-virtual-machines-vm-vcpu-vcpurun).
+        /// Run a virtual CPU until an exit the kernel does not handle, a TSC deadline, or a
+        /// message waiting for the caller. See [syscalls.md](../../../kernel/docs/syscalls.md#922-virtual-machines-vm-vcpu-vcpurun).
         VcpuRun = 25,
         /// Read a factory's quota and audit the kernel's books. See [syscalls.md](../../../kernel/docs/syscalls.md#920a-quotacheck-26).
         QuotaCheck = 26,

@@ -1,6 +1,6 @@
 //! The virtual-CPU state that travels between the kernel and a VMM through the VMM thread's
 //! UTCB ([`crate::Syscall::VcpuRun`]): word indices into [`crate::Utcb::mr`], the groups a VMM
-//! selects with a transfer mask, and the SVM exit codes it sees.
+//! selects with a transfer mask, and the exit codes it sees (SVM's and the kernel's own).
 
 /// Exit code (read only).
 pub const EXIT_CODE: usize = 0;
@@ -123,6 +123,19 @@ pub mod exit {
     pub const NPF: u64 = 0x400;
     /// The VMCB held invalid state (the run fails with `InvalidArgument`).
     pub const INVALID: u64 = 0xffff_ffff;
+
+    /// First of the kernel's own exit codes. SVM's are below 0x1000 (up to VMGEXIT, 0x403) or
+    /// negative at the top of the 32-bit range ([`INVALID`] is -1), so these never come from
+    /// the CPU.
+    pub const SOFTWARE_BASE: u64 = 0x1_0000;
+    /// The deadline of the `VcpuRun` (an absolute TSC value in `a2`) has passed: the kernel
+    /// checks it before every guest entry and returns instead of entering. EXITINFO1/2 are 0;
+    /// EXITINTINFO is the event the next run re-injects (0: none). Checked after [`MESSAGE`].
+    pub const DEADLINE: u64 = SOFTWARE_BASE;
+    /// A message waits for the thread running the vCPU (a queued sender or a pending IRQ
+    /// attached to it): the kernel returns before entering the guest, and the thread takes
+    /// the message with an open receive. EXITINFO1/2 are 0; EXITINTINFO as for [`DEADLINE`].
+    pub const MESSAGE: u64 = SOFTWARE_BASE + 1;
 }
 
 /// Events to inject ([`EVENT_INJECT`]): the VMCB EVENTINJ encoding (AMD APM vol. 2, 15.20).
