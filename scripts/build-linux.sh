@@ -90,7 +90,8 @@ fi
 cp "$cache/bzImage" "$out/bzImage"
 cp "$cache/config" "$out/config"
 
-# initramfs: busybox-static, initramfs/init and the workloads (initramfs/l4bench.c).
+# initramfs: busybox-static, initramfs/init, the workloads (initramfs/l4bench.c) and the
+# compartment's control tool (initramfs/l4ctl.c).
 step "initramfs"
 stage="$out/initramfs"
 rm -rf "$stage"
@@ -98,6 +99,7 @@ mkdir -p "$stage"/{bin,dev,proc,sys,tmp,root,etc}
 cp /bin/busybox "$stage/bin/busybox"
 for applet in sh true; do ln -s busybox "$stage/bin/$applet"; done
 run gcc -static -O2 -Wall -Werror -o "$stage/bin/l4bench" "$root/initramfs/l4bench.c"
+run gcc -static -O2 -Wall -Werror -o "$stage/bin/l4ctl" "$root/initramfs/l4ctl.c"
 install -m 755 "$root/initramfs/init" "$stage/init"
 # Reproducible: sorted names, root owner, one fixed time stamp.
 find "$stage" -exec touch -h -d @0 {} +

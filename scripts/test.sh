@@ -38,6 +38,13 @@ passed=$((passed + ${host_passed:-0}))
 failed=$((failed + ${host_failed:-0}))
 echo "host unit tests: ${host_passed:-0} passed, ${host_failed:-0} failed"
 
+# --- the guest Linux ---------------------------------------------------------------------
+# The Linux compartment scenarios boot the guest kernel and initramfs: build them (cached by
+# version and configuration under target/linux/cache; the first build takes a few minutes).
+if ! scripts/build-linux.sh; then
+    fail "scripts/build-linux.sh (see target/linux/build.log)"
+fi
+
 # --- in-QEMU suites ----------------------------------------------------------------------
 # The scenarios of group "test" in scenarios.toml, booted and checked by the runner (xtask/):
 # each TAP line of the kernel and guest suites counts, each suite's fixed plan is one check,

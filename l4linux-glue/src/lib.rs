@@ -2,10 +2,11 @@
 //! models, hypercall ABI), host-testable and free of `unsafe`. So far: the port bus and the
 //! guest-test device, the MMIO bus, the Linux boot protocol (bzImage header, layout, zero page),
 //! a 16550A UART, the MP table, exit decoding and the test guests' CPUID policy, MMIO
-//! instruction decoding and guest page-table walks for VMMs; and the interrupt and time
-//! platform of a Linux guest (not wired into the VMM yet): a local APIC as x2APIC and xAPIC
+//! instruction decoding and guest page-table walks for VMMs; the interrupt and time platform
+//! of a Linux guest, which the VMM's Linux exit loop runs: a local APIC as x2APIC and xAPIC
 //! with its timer (`lapic`), an IOAPIC (`ioapic`), kvmclock (`kvmclock`), the Linux CPUID and
-//! MSR policy (`cpuid_linux`), and `platform`, which ties them together for an exit loop.
+//! MSR policy (`cpuid_linux`), and `platform`, which ties them together; the compartment's
+//! hypercalls (`hypercall`).
 //!
 //! Virtio ([`virtio`]): devices reach guest RAM only through [`guest_memory::GuestMemory`]
 //! (bounds-checked byte reads and writes; the VMM implements it over the RAM it maps). Split
@@ -25,6 +26,7 @@ pub mod decode;
 pub mod exits;
 pub mod guest_memory;
 pub mod guest_paging;
+pub mod hypercall;
 pub mod ioapic;
 pub mod kvmclock;
 pub mod lapic;

@@ -26,13 +26,17 @@ fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: the root task mapped COM1's ports into this task (checked by `open`); reading a
     // UART register has no effect on memory.
-    unsafe { core::arch::asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack))
+    };
     value
 }
 
 fn outb(port: u16, value: u8) {
     // SAFETY: as for `inb`; the only register written is the interrupt enable register.
-    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
+    };
 }
 
 /// The receive side of COM1.

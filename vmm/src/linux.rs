@@ -50,32 +50,82 @@ struct ExitCounts {
     hlt: u64,
     deadline: u64,
     message: u64,
+    hypercall: u64,
     other: u64,
     injected: u64,
 }
 
-/// Lines of COM1 output, printed with a `[linux]` prefix.
+/// COM1 output on the L4 console as it comes (an interactive shell needs its prompt, which
+/// ends without a newline), each line starting with the compartment's name in brackets so
+/// that the guest's lines stay distinguishable from the kernel's and the VMM's.
 struct ConsoleLog {
+    prefix: alloc::string::String,
+    /// The last line so far (to recognise the markers below).
     line: Vec<u8>,
+    at_line_start: bool,
+    /// A carriage return not yet written: dropped if a newline follows (the kernel console
+    /// turns each newline into CR LF itself).
+    carriage_return: bool,
     reached_init: bool,
+    panicked: bool,
 }
 
 impl ConsoleLog {
-    fn push(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            match b {
-                b'\n' => self.flush(),
-                b'\r' => {}
-                _ => self.line.push(b),
-            }
+    fn new(name: &str) -> ConsoleLog {
+        ConsoleLog {
+            prefix: alloc::format!("[{name}] "),
+            line: Vec::new(),
+            at_line_start: true,
+            carriage_return: false,
+            reached_init: false,
+            panicked: false,
         }
     }
 
-    fn flush(&mut self) {
-        let text = core::str::from_utf8(&self.line).unwrap_or("<binary>");
+    fn push(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut out = Vec::with_capacity(bytes.len() + self.prefix.len());
+        for &b in bytes {
+            if core::mem::take(&mut self.carriage_return) && b != b'\n' {
+                out.push(b'\r');
+            }
+            if b == b'\r' {
+                self.carriage_return = true;
+                continue;
+            }
+            if self.at_line_start {
+                out.extend_from_slice(self.prefix.as_bytes());
+                self.at_line_start = false;
+            }
+            out.push(b);
+            if b == b'\n' {
+                self.at_line_start = true;
+                self.end_of_line();
+            } else {
+                self.line.push(b);
+            }
+        }
+        for chunk in out.chunks(256) {
+            let _ = l4::sys::debug_write(chunk);
+        }
+    }
+
+    fn end_of_line(&mut self) {
+        let text = core::str::from_utf8(&self.line).unwrap_or("");
         self.reached_init |= text.contains("l4linux: reached /init");
-        println!("[linux] {text}");
+        self.panicked |= text.contains("Kernel panic - not syncing");
         self.line.clear();
+    }
+
+    /// End an unfinished line (before the VMM prints its own).
+    fn break_line(&mut self) {
+        if !self.at_line_start {
+            let _ = l4::sys::debug_write(b"\n");
+            self.at_line_start = true;
+            self.end_of_line();
+        }
     }
 }
 
@@ -166,6 +216,10 @@ pub fn boot_linux() -> i64 {
             return 1;
         }
     };
+    let name = l4::rt::arguments()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("name="))
+        .unwrap_or("linux");
     let tsc_hz = l4::kip::kip().tsc_hz;
     let boot_tsc = rdtsc();
     let platform = match Platform::new(PlatformConfig {
@@ -235,10 +289,7 @@ pub fn boot_linux() -> i64 {
         platform,
         ports: PortBus::new(),
         uart: Rc::new(RefCell::new(Uart8250::new())),
-        log: ConsoleLog {
-            line: Vec::new(),
-            reached_init: false,
-        },
+        log: ConsoleLog::new(name),
         counts: ExitCounts::default(),
         requested: None,
         tsc_hz,
@@ -259,7 +310,8 @@ pub fn boot_linux() -> i64 {
 /// Why the exit loop ended.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Outcome {
-    PowerOff,
+    /// Power-off with this status (HLT with interrupts off is status 0).
+    PowerOff(u8),
     Reboot,
     Failed(&'static str),
 }
@@ -307,14 +359,6 @@ impl Compartment {
         loop {
             let w = utcb_words();
             let now = rdtsc();
-            // The guest took the requested interrupt: it moves from IRR to ISR.
-            if let Some(v) = self.requested {
-                if w[state::VIRTUAL_IRQ] & (1 << 63) == 0 {
-                    self.platform.accept(v);
-                    self.requested = None;
-                    self.counts.injected += 1;
-                }
-            }
             self.feed_input();
             let pending = self.platform.tick(now);
             if pending != self.requested {
@@ -335,6 +379,15 @@ impl Compartment {
                     return Outcome::Failed("VcpuRun refused");
                 }
             };
+            // The guest took the requested interrupt: it moves from IRR to ISR, before the
+            // exit is handled (the exit may be the guest's EOI for it).
+            if let Some(v) = self.requested {
+                if w[state::VIRTUAL_IRQ] & (1 << 63) == 0 {
+                    self.platform.accept(v);
+                    self.requested = None;
+                    self.counts.injected += 1;
+                }
+            }
             let output = core::mem::take(&mut self.uart.borrow_mut().output);
             self.log.push(&output);
             mask = match self.handle(code) {
@@ -370,20 +423,8 @@ impl Compartment {
                 self.drain_messages(l4::abi::Timeout::ZERO);
                 Next::Resume(0)
             }
-            exit::SHUTDOWN => {
-                if self.log.reached_init {
-                    Next::Stop(Outcome::Reboot)
-                } else {
-                    Next::Stop(Outcome::Failed("triple fault before /init"))
-                }
-            }
-            exit::VMMCALL => {
-                self.counts.other += 1;
-                // No hypercalls yet: -KVM_ENOSYS in RAX, as KVM answers unknown ones.
-                w[state::RAX] = (-1000i64) as u64;
-                w[state::RIP] += 3;
-                Next::Resume(state::GPRS)
-            }
+            exit::SHUTDOWN => self.reset(),
+            exit::VMMCALL => self.hypercall(),
             other => {
                 self.counts.other += 1;
                 println!(
@@ -395,6 +436,42 @@ impl Compartment {
                 Next::Stop(Outcome::Failed("unhandled exit"))
             }
         }
+    }
+
+    /// A triple fault: how Linux without ACPI reboots (after a panic too, with `panic=-1`).
+    fn reset(&mut self) -> Next {
+        if self.log.panicked {
+            Next::Stop(Outcome::Failed("guest kernel panic"))
+        } else {
+            Next::Stop(Outcome::Reboot)
+        }
+    }
+
+    /// VMMCALL ([`l4linux_glue::hypercall`]).
+    fn hypercall(&mut self) -> Next {
+        use l4linux_glue::hypercall::{self as hc, Hypercall};
+        self.counts.hypercall += 1;
+        let w = utcb_words();
+        w[state::RIP] += 3;
+        let result = match hc::decode(w[state::RAX], w[state::RBX], w[state::RCX]) {
+            Hypercall::PowerOff(status) => return Next::Stop(Outcome::PowerOff(status)),
+            Hypercall::Reboot => return Next::Stop(Outcome::Reboot),
+            Hypercall::Log { address, length } => {
+                let mut bytes = [0u8; hc::LOG_MAX as usize];
+                let bytes = &mut bytes[..length as usize];
+                if crate::read_guest_virtual(&self.vm, w, address, bytes) {
+                    self.log.break_line();
+                    println!("{}{}", self.log.prefix, hc::log_line(bytes));
+                    0
+                } else {
+                    hc::EFAULT
+                }
+            }
+            Hypercall::Invalid => hc::EINVAL,
+            Hypercall::Unknown(_) => hc::ENOSYS,
+        };
+        w[state::RAX] = result;
+        Next::Resume(state::GPRS)
     }
 
     fn port_io(&mut self) -> Next {
@@ -409,6 +486,10 @@ impl Compartment {
             self.counts.uart += 1;
         } else {
             self.counts.io += 1;
+        }
+        // The keyboard controller's reset line (0xfe to port 0x64): Linux's first reboot method.
+        if io.port == 0x64 && !io.input && w[state::RAX] as u8 == 0xfe {
+            return self.reset();
         }
         port_io(&mut self.ports, &io, w);
         w[state::RIP] = w[state::EXIT_INFO2];
@@ -438,7 +519,11 @@ impl Compartment {
             }),
             (_, true) => match self.platform.msr_write(msr, value, now) {
                 Ok(Some(update)) => {
-                    if self.vm.ram.contains(update.address, update.bytes.len() as u64) {
+                    if self
+                        .vm
+                        .ram
+                        .contains(update.address, update.bytes.len() as u64)
+                    {
                         self.vm.ram.write(update.address, &update.bytes);
                     }
                     Ok(0)
@@ -516,7 +601,7 @@ impl Compartment {
         w[state::RIP] += 1;
         w[state::INTERRUPT_SHADOW] = 0;
         if w[state::RFLAGS] & RFLAGS_IF == 0 && !self.platform.nmi_pending() {
-            return Next::Stop(Outcome::PowerOff);
+            return Next::Stop(Outcome::PowerOff(0));
         }
         loop {
             self.feed_input();
@@ -543,10 +628,9 @@ impl Compartment {
     /// `timeout` for the first message.
     fn drain_messages(&mut self, timeout: l4::abi::Timeout) {
         let mut timeout = timeout;
-        while let Ok(message) = l4::ipc::wait(l4::abi::Timeouts::new(
-            l4::abi::Timeout::INFINITE,
-            timeout,
-        )) {
+        while let Ok(message) =
+            l4::ipc::wait(l4::abi::Timeouts::new(l4::abi::Timeout::INFINITE, timeout))
+        {
             let handled = self.console.as_mut().is_some_and(|c| c.handle(&message));
             if !handled {
                 println!(
@@ -563,7 +647,10 @@ impl Compartment {
     fn feed_input(&mut self) {
         if let Some(console) = self.console.as_mut() {
             if !console.input.is_empty() {
-                let taken = self.uart.borrow_mut().receive(console.input.make_contiguous());
+                let taken = self
+                    .uart
+                    .borrow_mut()
+                    .receive(console.input.make_contiguous());
                 console.input.drain(..taken);
             }
         }
@@ -572,23 +659,21 @@ impl Compartment {
     }
 
     fn report(&mut self, outcome: Outcome) -> i64 {
-        if !self.log.line.is_empty() {
-            self.log.flush();
-        }
+        self.log.break_line();
         let w = utcb_words();
         let c = &self.counts;
         let seconds = (rdtsc() - self.boot_tsc) / self.tsc_hz.max(1);
         println!(
-            "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} other {}; {} interrupts injected; {seconds} s",
-            c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.other, c.injected
+            "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} interrupts injected; {seconds} s",
+            c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.injected
         );
         match outcome {
-            Outcome::PowerOff => {
-                println!("[vmm] Linux powered off: the compartment ends");
-                i64::from(!self.log.reached_init)
+            Outcome::PowerOff(status) => {
+                println!("[vmm] Linux powered off (status {status}): the compartment ends");
+                i64::from(status)
             }
             Outcome::Reboot => {
-                println!("[vmm] Linux rebooted (triple fault after /init): the compartment ends");
+                println!("[vmm] Linux rebooted: the compartment ends");
                 0
             }
             Outcome::Failed(why) => {

@@ -521,6 +521,31 @@ impl Mmio for MmioBus {
     }
 }
 
+/// Copy `out.len()` bytes from guest-virtual `address` (translated through the guest's page
+/// tables as of the exit state `w`, page by page); false if any page is not mapped.
+fn read_guest_virtual(vm: &Vm, w: &[u64; 64], address: u64, out: &mut [u8]) -> bool {
+    let mode = l4linux_glue::guest_paging::PagingMode {
+        cr0: w[state::CR0],
+        cr4: w[state::CR4],
+        efer: w[state::EFER],
+    };
+    let mut done = 0;
+    while done < out.len() {
+        let va = address.wrapping_add(done as u64);
+        let Ok(gpa) = l4linux_glue::guest_paging::translate(mode, w[state::CR3], va, &mut |a| {
+            vm.ram.read_u64(a)
+        }) else {
+            return false;
+        };
+        let chunk = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(out.len() - done);
+        if !vm.ram.read_bytes(gpa, &mut out[done..done + chunk]) {
+            return false;
+        }
+        done += chunk;
+    }
+    true
+}
+
 fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {
     let mode = l4linux_glue::guest_paging::PagingMode {
         cr0: w[state::CR0],

@@ -218,7 +218,26 @@ mod tests {
                 plan,
                 plan_line,
             }),
+            console: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_dialog_passes_only_when_every_step_matched() {
+        let mut c = check(None, None);
+        for expect in ["# $", "kernel=6"] {
+            c.console.push(crate::scenario::Step {
+                expect: Regex::new(expect).unwrap(),
+                send: String::new(),
+            });
+        }
+        assert!(dialog_result(&c, 2, "log").0);
+        let (ok, text) = dialog_result(&c, 1, "log");
+        assert!(!ok);
+        assert!(
+            text.contains("step 2 of 2") && text.contains("kernel=6"),
+            "{text}"
+        );
     }
 
     const GOOD: &str = "ok 1 - a\r\nnot ok 2 - b\nok 3 - c\n1..3\n[root] all tasks finished\n";

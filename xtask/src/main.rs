@@ -22,7 +22,9 @@ usage: cargo xtask COMMAND
   list                                   the scenarios, their groups and descriptions
   build [SCENARIO...]                    build the kernel, the tasks and the scenarios' ISOs
                                          (default: every scenario whose inputs exist)
-  run SCENARIO [QEMU ARG...]             build it and boot it with the serial console here
+  run SCENARIO [OPTION...] [QEMU ARG...] build it and boot it with the serial console here;
+                                         for a Linux compartment scenario: --kernel BZIMAGE,
+                                         --initrd FILE, --append \"CMDLINE\", --mem SIZE
   test [--group G] [--logs DIR] [SCENARIO...]
                                          boot each scenario with its checks (default: group
                                          `test`, logs in target/test-logs) and end with
@@ -134,9 +136,33 @@ fn run(scenarios: &Scenarios, args: &[String]) -> Result<ExitCode, String> {
     let Some(name) = args.first() else {
         return Err(USAGE.to_string());
     };
-    let scenario = by_name(scenarios, std::slice::from_ref(name))?[0];
+    let mut overrides = scenario::LinuxOverrides::default();
+    let mut rest = args[1..].iter();
+    let mut qemu_args = Vec::new();
+    while let Some(a) = rest.next() {
+        let mut value = || {
+            rest.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--kernel" => overrides.kernel = Some(value()?.into()),
+            "--initrd" => overrides.initrd = Some(value()?.into()),
+            "--append" => overrides.append = Some(value()?),
+            "--mem" => overrides.mem = Some(value()?),
+            _ => qemu_args.push(a.clone()),
+        }
+    }
+    let named = by_name(scenarios, std::slice::from_ref(name))?[0];
+    let replaced;
+    let scenario = if overrides.is_empty() {
+        named
+    } else {
+        replaced = overrides.apply(named)?;
+        &replaced
+    };
     let bootable = image::build(scenarios, &[scenario], &mut Sink::Stderr)?.remove(0);
-    let status = qemu::command(scenario, &bootable, &args[1..])
+    let status = qemu::command(scenario, &bootable, &qemu_args)
         .status()
         .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
     println!();
@@ -220,7 +246,11 @@ fn test(scenarios: &Scenarios, args: &[String]) -> Result<ExitCode, String> {
         let text = String::from_utf8_lossy(&bytes);
         let mut report = check::judge(check, &text, exit, &log.display().to_string());
         if !check.console.is_empty() {
-            report.results.push(check::dialog_result(check, steps, &log.display().to_string()));
+            report.results.push(check::dialog_result(
+                check,
+                steps,
+                &log.display().to_string(),
+            ));
         }
         for line in &report.shown {
             println!("{line}");

@@ -1,8 +1,8 @@
 //! The one QEMU command line, and running it on the terminal or into a log with a timeout.
 
 use std::fs;
-use std::path::Path;
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -103,7 +103,10 @@ pub fn run_dialog(
                 if n == 0 {
                     break;
                 }
-                output.lock().expect("output").extend_from_slice(&buffer[..n]);
+                output
+                    .lock()
+                    .expect("output")
+                    .extend_from_slice(&buffer[..n]);
             }
         }));
     }

@@ -141,7 +141,7 @@ struct RawStep {
 
 /// One step of a console dialog: wait until the output since the previous step matches
 /// `expect`, then type `send`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Step {
     /// What the output must show (across lines: prompts end without a newline).
     pub expect: Regex,
@@ -170,7 +170,7 @@ impl Generator {
 }
 
 /// `[scenario.NAME.check.tap]`: the boot runs a TAP suite with a fixed plan.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tap {
     /// Prefix of the suite's summary line and plan check.
@@ -192,7 +192,7 @@ pub struct Scenarios {
 }
 
 /// One scenario, checked.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Scenario {
     /// Its name (`[scenario.NAME]`), also the name of its ISO and log.
     pub name: String,
@@ -213,7 +213,7 @@ pub struct Scenario {
 }
 
 /// What QEMU boots.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Boot {
     /// Our kernel from a GRUB ISO: sigma0, the root task, then the modules.
     Multiboot {
@@ -262,7 +262,7 @@ pub enum Source {
 }
 
 /// What a test run of a scenario requires.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Check {
     /// The test's name in the results.
     pub name: String,
@@ -280,6 +280,100 @@ pub struct Check {
     pub tap: Option<Tap>,
     /// A dialog on the serial console, in order (empty: no input).
     pub console: Vec<Step>,
+}
+
+/// What `cargo xtask run` may replace in a Linux compartment scenario: the data modules the
+/// VMM boots (named `linux`, `initrd`, `cmdline` by their first argument) and its guest RAM.
+#[derive(Debug, Default)]
+pub struct LinuxOverrides {
+    /// `--kernel FILE`: the bzImage.
+    pub kernel: Option<PathBuf>,
+    /// `--initrd FILE`: the initramfs.
+    pub initrd: Option<PathBuf>,
+    /// `--append TEXT`: Linux's command line.
+    pub append: Option<String>,
+    /// `--mem SIZE`: guest RAM (`ram=` of the VMM), e.g. `512M`.
+    pub mem: Option<String>,
+}
+
+impl LinuxOverrides {
+    /// Whether nothing is replaced.
+    pub fn is_empty(&self) -> bool {
+        self.kernel.is_none()
+            && self.initrd.is_none()
+            && self.append.is_none()
+            && self.mem.is_none()
+    }
+
+    /// `scenario` with the overrides applied; an error if it is not a Linux compartment
+    /// scenario, a file does not exist or the size is malformed.
+    pub fn apply(&self, scenario: &Scenario) -> Result<Scenario, String> {
+        let mut s = scenario.clone();
+        let Boot::Multiboot { modules, .. } = &mut s.boot else {
+            return Err(format!("scenario `{}` is not booted by our kernel", s.name));
+        };
+        let by_role = |modules: &mut Vec<Module>, role: &str| -> Result<usize, String> {
+            modules
+                .iter()
+                .position(|m| m.args.first().map(String::as_str) == Some(role))
+                .ok_or_else(|| {
+                    format!(
+                        "scenario `{}` has no `{role}` module for a Linux compartment",
+                        scenario.name
+                    )
+                })
+        };
+        for (role, file) in [("linux", &self.kernel), ("initrd", &self.initrd)] {
+            if let Some(file) = file {
+                if !file.is_file() {
+                    return Err(format!(
+                        "--{}: no such file: {}",
+                        if role == "linux" { "kernel" } else { "initrd" },
+                        file.display()
+                    ));
+                }
+                let i = by_role(modules, role)?;
+                modules[i].source =
+                    Source::File(std::fs::canonicalize(file).map_err(|e| e.to_string())?);
+            }
+        }
+        if let Some(text) = &self.append {
+            let i = by_role(modules, "cmdline")?;
+            modules[i].source = Source::Text(text.clone());
+        }
+        if let Some(mem) = &self.mem {
+            let bytes = parse_size(mem)
+                .filter(|b| *b >= 16 << 20 && b.is_power_of_two())
+                .ok_or_else(|| {
+                    format!("--mem {mem}: give a power of two of at least 16M, e.g. 256M or 1G")
+                })?;
+            let vmm = modules
+                .iter_mut()
+                .find(|m| {
+                    m.args.iter().any(|a| a == "linux")
+                        && m.args.first().map(String::as_str) == Some("vmm")
+                })
+                .ok_or_else(|| format!("scenario `{}` has no VMM module", scenario.name))?;
+            vmm.args.retain(|a| !a.starts_with("ram="));
+            vmm.args.push(format!("ram={mem}"));
+            let machine = parse_size(&s.memory).unwrap_or(0);
+            if machine < bytes + (256 << 20) {
+                s.memory = format!("{}M", (bytes + (384 << 20)) >> 20);
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// `64M`, `1G`, `4096K` or bytes.
+fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'K' | b'k' => (&text[..text.len() - 1], 10),
+        b'M' | b'm' => (&text[..text.len() - 1], 20),
+        b'G' | b'g' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 impl Scenarios {
@@ -616,6 +710,56 @@ mod tests {
 
     const DEMO: &str = "[scenario.demo]\ndescription = \"d\"\n\
         modules = [{ binary = \"demo\", args = [\"pong\"] }]\n";
+
+    #[test]
+    fn linux_overrides_replace_the_modules_and_the_memory() {
+        let s = Scenarios::parse(
+            "scenarios.toml",
+            &std::fs::read_to_string("../scenarios.toml").unwrap(),
+        )
+        .unwrap();
+        let linux = s.get("linux").unwrap();
+        let here = std::env::current_dir().unwrap().join("Cargo.toml");
+        let o = LinuxOverrides {
+            kernel: Some(here.clone()),
+            append: Some("console=ttyS0 quiet".into()),
+            mem: Some("1G".into()),
+            ..LinuxOverrides::default()
+        };
+        let changed = o.apply(linux).unwrap();
+        let Boot::Multiboot { modules, .. } = &changed.boot else {
+            panic!("not multiboot")
+        };
+        let role = |r: &str| modules.iter().find(|m| m.args[0] == r).unwrap();
+        assert_eq!(
+            role("linux").source,
+            Source::File(here.canonicalize().unwrap())
+        );
+        assert_eq!(
+            role("cmdline").source,
+            Source::Text("console=ttyS0 quiet".into())
+        );
+        let vmm = role("vmm");
+        assert_eq!(vmm.args.iter().filter(|a| a.starts_with("ram=")).count(), 1);
+        assert!(vmm.args.contains(&"ram=1G".to_string()));
+        assert!(parse_size(&changed.memory).unwrap() >= (1 << 30) + (256 << 20));
+        // Bad input: a missing file, a malformed size, a scenario without a compartment.
+        let missing = LinuxOverrides {
+            initrd: Some("/nonexistent/initrd".into()),
+            ..LinuxOverrides::default()
+        };
+        assert!(missing.apply(linux).unwrap_err().contains("no such file"));
+        let bad = LinuxOverrides {
+            mem: Some("100M".into()),
+            ..LinuxOverrides::default()
+        };
+        assert!(bad.apply(linux).unwrap_err().contains("power of two"));
+        let demo = LinuxOverrides {
+            append: Some("x".into()),
+            ..LinuxOverrides::default()
+        };
+        assert!(demo.apply(s.get("demo").unwrap()).is_err());
+    }
 
     #[test]
     fn the_real_file_parses() {

@@ -1,0 +1,78 @@
+/*
+ * l4ctl: the compartment's hypercalls from the guest's user space (the interface is
+ * l4linux-glue/src/hypercall.rs: VMMCALL, number in RAX, arguments in RBX and RCX).
+ *
+ *   l4ctl poweroff [STATUS]   end the compartment with STATUS (0..255, default 0)
+ *   l4ctl reboot              end the compartment as rebooted
+ *   l4ctl log TEXT...         print TEXT as one line on the L4 console
+ *
+ * Outside a compartment VMMCALL raises #UD: l4ctl then exits with status 3, so that callers
+ * fall back to the native way (/init runs `poweroff -f` then).
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define L4_HC_POWER_OFF 0x4c340001UL
+#define L4_HC_REBOOT 0x4c340002UL
+#define L4_HC_LOG 0x4c340003UL
+#define L4_HC_LOG_MAX 256
+
+static long hypercall(unsigned long nr, unsigned long a1, unsigned long a2)
+{
+    long result;
+    __asm__ volatile("vmmcall" : "=a"(result) : "a"(nr), "b"(a1), "c"(a2) : "memory");
+    return result;
+}
+
+static void not_in_a_compartment(int sig)
+{
+    (void)sig;
+    static const char message[] = "l4ctl: not in an L4 compartment (VMMCALL is undefined)\n";
+    if (write(2, message, sizeof message - 1) < 0) {
+        /* nothing more to say */
+    }
+    _exit(3);
+}
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: l4ctl poweroff [STATUS] | reboot | log TEXT...\n");
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGILL, not_in_a_compartment);
+    if (argc < 2)
+        return usage();
+    if (strcmp(argv[1], "poweroff") == 0) {
+        unsigned long status = argc > 2 ? strtoul(argv[2], NULL, 0) : 0;
+        if (status > 255)
+            return usage();
+        sync();
+        hypercall(L4_HC_POWER_OFF, status, 0);
+    } else if (strcmp(argv[1], "reboot") == 0) {
+        sync();
+        hypercall(L4_HC_REBOOT, 0, 0);
+    } else if (strcmp(argv[1], "log") == 0) {
+        char line[L4_HC_LOG_MAX];
+        size_t used = 0;
+        for (int i = 2; i < argc; i++) {
+            int n = snprintf(line + used, sizeof line - used, "%s%s", i > 2 ? " " : "", argv[i]);
+            if (n < 0 || (size_t)n >= sizeof line - used) {
+                used = sizeof line - 1;
+                break;
+            }
+            used += (size_t)n;
+        }
+        long r = hypercall(L4_HC_LOG, (unsigned long)line, used);
+        return r == 0 ? 0 : 1;
+    } else {
+        return usage();
+    }
+    fprintf(stderr, "l4ctl: the VMM refused %s\n", argv[1]);
+    return 1;
+}
