@@ -11,7 +11,7 @@
 //! VMM says which and with how many exits of each kind.
 
 use crate::{create_vm, emulate_cpuid_with, fetch_instruction, port_io, run, utcb_words, Vm};
-use crate::{Mmio, INJECT_GP0};
+use crate::{GuestRam, Mmio, Ram, INJECT_GP0};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::RefCell;
@@ -19,9 +19,13 @@ use l4::abi::vcpu::{self as state, exit};
 use l4::println;
 use l4linux_glue::boot::{self, BzImage};
 use l4linux_glue::exits::{self, IoExit};
+use l4linux_glue::mmio::MmioBus;
 use l4linux_glue::platform::{Platform, PlatformConfig};
 use l4linux_glue::ports::{PortBus, PortDevice};
 use l4linux_glue::uart8250::{self, Uart8250};
+use l4linux_glue::virtio::block::VirtioBlock;
+use l4linux_glue::virtio::console::VirtioConsole;
+use l4linux_glue::virtio::mmio::VirtioMmio;
 
 /// Guest RAM when the arguments name no size (`mem=SIZE`).
 const DEFAULT_RAM: u64 = 128 << 20;
@@ -140,18 +144,34 @@ impl PortDevice for Absent {
     fn write(&mut self, _offset: u16, _size: u8, _value: u32) {}
 }
 
-/// The platform's MMIO (local APIC page in xAPIC mode, IOAPIC) at the current TSC.
-struct PlatformMmio<'a> {
+/// Where the virtio-mmio devices are (one 4 KiB window each) and their IOAPIC pins.
+const VIRTIO_BASE: u64 = 0xd000_0000;
+const CONSOLE_WINDOW: u64 = VIRTIO_BASE;
+const CONSOLE_IRQ: u8 = 5;
+const BLOCK_WINDOW: u64 = VIRTIO_BASE + 0x1000;
+const BLOCK_IRQ: u8 = 6;
+/// The virtio block device's size when no `disk` module gives an image (`disk=SIZE`).
+const DEFAULT_DISK: u64 = 16 << 20;
+
+type Console = VirtioMmio<VirtioConsole<Vec<u8>>, GuestRam>;
+type Block = VirtioMmio<VirtioBlock<&'static mut [u8]>, GuestRam>;
+
+/// The guest's MMIO at the current TSC: the platform (local APIC page in xAPIC mode, IOAPIC)
+/// and the virtio devices on the bus.
+struct DeviceMmio<'a> {
     platform: &'a mut Platform,
+    bus: &'a mut MmioBus,
     now: u64,
 }
 
-impl Mmio for PlatformMmio<'_> {
+impl Mmio for DeviceMmio<'_> {
     fn read(&mut self, gpa: u64, size: u8) -> Option<u64> {
-        self.platform.mmio_read(gpa, size, self.now)
+        self.platform
+            .mmio_read(gpa, size, self.now)
+            .or_else(|| self.bus.read(gpa, size))
     }
     fn write(&mut self, gpa: u64, size: u8, value: u64) -> bool {
-        self.platform.mmio_write(gpa, size, value, self.now)
+        self.platform.mmio_write(gpa, size, value, self.now) || self.bus.write(gpa, size, value)
     }
 }
 
@@ -199,6 +219,12 @@ pub fn boot_linux() -> i64 {
             return 1;
         }
     };
+    // The devices this VMM gives every compartment, announced as Linux's virtio-mmio driver
+    // expects them without ACPI or a device tree.
+    let cmdline = alloc::format!(
+        "{cmdline} virtio_mmio.device=4K@{CONSOLE_WINDOW:#x}:{CONSOLE_IRQ} virtio_mmio.device=4K@{BLOCK_WINDOW:#x}:{BLOCK_IRQ}"
+    );
+    let cmdline = cmdline.as_str();
     let layout = match boot::plan(&bz, ram_size, initrd.len() as u64, cmdline.len()) {
         Ok(l) => l,
         Err(e) => {
@@ -248,6 +274,35 @@ pub fn boot_linux() -> i64 {
             return 1;
         }
     };
+    let disk = match make_disk() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("[vmm] no virtio disk: {e}");
+            return 1;
+        }
+    };
+    let memory = GuestRam::of(&vm.ram);
+    let console = Rc::new(RefCell::new(VirtioMmio::new(
+        VirtioConsole::with_size(Vec::new(), 80, 25),
+        memory,
+    )));
+    let block = Rc::new(RefCell::new(VirtioMmio::new(
+        VirtioBlock::new(disk).with_id(b"l4-disk0"),
+        memory,
+    )));
+    let mut bus = MmioBus::new();
+    if bus
+        .register(
+            CONSOLE_WINDOW,
+            0x1000,
+            alloc::boxed::Box::new(console.clone()),
+        )
+        .and_then(|()| bus.register(BLOCK_WINDOW, 0x1000, alloc::boxed::Box::new(block.clone())))
+        .is_err()
+    {
+        println!("[vmm] cannot place the virtio devices");
+        return 1;
+    }
     vm.ram.write(layout.kernel, bz.kernel());
     vm.ram.write(layout.zero_page, &zero_page);
     let mut bytes = Vec::from(cmdline.as_bytes());
@@ -295,6 +350,10 @@ pub fn boot_linux() -> i64 {
         tsc_hz,
         boot_tsc,
         console: crate::console::HostConsole::open(),
+        bus,
+        virtio_console: console,
+        block,
+        input_to_hvc: cmdline.split_whitespace().any(|w| w == "console=hvc0"),
     };
     if compartment.console.is_none() {
         println!("[vmm] no console input (the VMM needs io=0x3f8/3 and platform)");
@@ -305,6 +364,26 @@ pub fn boot_linux() -> i64 {
     }
     let outcome = compartment.run();
     compartment.report(outcome)
+}
+
+/// The virtio disk: the `disk` module's image (copied, so the guest may write it) or
+/// `disk=SIZE` (default 16 MiB) of zeroes, in RAM from the root task's RAM service.
+fn make_disk() -> Result<&'static mut [u8], &'static str> {
+    let image = l4::rt::blob("disk").unwrap_or(&[]);
+    let size = match size_argument("disk") {
+        Some(Ok(size)) => size,
+        Some(Err(())) => return Err("bad disk size (disk=SIZE)"),
+        None if !image.is_empty() => (image.len() as u64).next_multiple_of(512),
+        None => DEFAULT_DISK,
+    };
+    if size < image.len() as u64 || size == 0 {
+        return Err("the disk image is larger than disk=SIZE");
+    }
+    let ram = Ram::new(size).map_err(|_| "no RAM for the disk (raise ram=)")?;
+    ram.write(0, image);
+    // SAFETY: the RAM service mapped `size` bytes at `ram.base` into this task, only for this
+    // disk; nothing else refers to them, and they stay mapped for the task's lifetime.
+    Ok(unsafe { core::slice::from_raw_parts_mut(ram.base as *mut u8, size as usize) })
 }
 
 /// Why the exit loop ended.
@@ -329,6 +408,12 @@ struct Compartment {
     boot_tsc: u64,
     /// COM1's receive side, if this compartment has the console.
     console: Option<crate::console::HostConsole>,
+    /// The virtio devices' MMIO windows.
+    bus: MmioBus,
+    virtio_console: Rc<RefCell<Console>>,
+    block: Rc<RefCell<Block>>,
+    /// Console input goes to the virtio console (the guest's console is hvc0), not COM1.
+    input_to_hvc: bool,
 }
 
 /// What a handler wants next.
@@ -579,14 +664,15 @@ impl Compartment {
                 return Next::Stop(Outcome::Failed("MMIO instruction not emulated"));
             }
         };
-        if !self.platform.claims_mmio(gpa) {
+        if !self.platform.claims_mmio(gpa) && !self.bus.claims(gpa) {
             println!(
                 "[vmm] Linux: access to unclaimed guest-physical {gpa:#x} at rip {:#x} (reads all ones)",
                 w[state::RIP]
             );
         }
-        let mut devices = PlatformMmio {
+        let mut devices = DeviceMmio {
             platform: &mut self.platform,
+            bus: &mut self.bus,
             now: rdtsc(),
         };
         crate::emulate_mmio(&mut devices, gpa, instruction.access, w);
@@ -647,15 +733,29 @@ impl Compartment {
     fn feed_input(&mut self) {
         if let Some(console) = self.console.as_mut() {
             if !console.input.is_empty() {
-                let taken = self
-                    .uart
-                    .borrow_mut()
-                    .receive(console.input.make_contiguous());
+                let taken = if self.input_to_hvc {
+                    let mut hvc = self.virtio_console.borrow_mut();
+                    let taken = hvc
+                        .backend_mut()
+                        .queue_input(console.input.make_contiguous());
+                    hvc.poll();
+                    taken
+                } else {
+                    self.uart
+                        .borrow_mut()
+                        .receive(console.input.make_contiguous())
+                };
                 console.input.drain(..taken);
             }
         }
+        let hvc_output = core::mem::take(self.virtio_console.borrow_mut().backend_mut().sink_mut());
+        self.log.push(&hvc_output);
         self.platform
             .set_irq(uart8250::COM1_IRQ.into(), self.uart.borrow().irq_level());
+        self.platform
+            .set_irq(CONSOLE_IRQ.into(), self.virtio_console.borrow().irq_level());
+        self.platform
+            .set_irq(BLOCK_IRQ.into(), self.block.borrow().irq_level());
     }
 
     fn report(&mut self, outcome: Outcome) -> i64 {

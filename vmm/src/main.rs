@@ -180,6 +180,70 @@ impl Ram {
     }
 }
 
+/// Guest RAM as the device models see it ([`GuestMemory`]): a copyable view of a [`Ram`].
+#[derive(Clone, Copy)]
+struct GuestRam {
+    base: u64,
+    size: u64,
+}
+
+impl GuestRam {
+    fn of(ram: &Ram) -> GuestRam {
+        GuestRam {
+            base: ram.base,
+            size: ram.size,
+        }
+    }
+}
+
+impl l4linux_glue::guest_memory::GuestMemory for GuestRam {
+    fn read(
+        &self,
+        address: u64,
+        buffer: &mut [u8],
+    ) -> Result<(), l4linux_glue::guest_memory::MemoryError> {
+        self.check_range(address, buffer.len() as u64)?;
+        // SAFETY: inside the guest RAM allocation (checked above), which stays mapped in this
+        // task for its lifetime; the vCPU is stopped while the VMM handles devices.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (self.base + address) as *const u8,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        address: u64,
+        data: &[u8],
+    ) -> Result<(), l4linux_glue::guest_memory::MemoryError> {
+        self.check_range(address, data.len() as u64)?;
+        // SAFETY: as for `read`.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (self.base + address) as *mut u8,
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn check_range(
+        &self,
+        address: u64,
+        length: u64,
+    ) -> Result<(), l4linux_glue::guest_memory::MemoryError> {
+        match address.checked_add(length) {
+            Some(end) if end <= self.size && address < self.size.max(1) => Ok(()),
+            _ => Err(l4linux_glue::guest_memory::MemoryError::OutOfRange { address, length }),
+        }
+    }
+}
+
 struct Vm {
     vm: u64,
     vcpu: u64,

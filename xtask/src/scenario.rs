@@ -292,7 +292,8 @@ pub struct LinuxOverrides {
     pub initrd: Option<PathBuf>,
     /// `--append TEXT`: Linux's command line.
     pub append: Option<String>,
-    /// `--mem SIZE`: guest RAM (`ram=` of the VMM), e.g. `512M`.
+    /// `--mem SIZE`: guest RAM (`mem=` of the VMM, whose `ram=` budget grows with it),
+    /// e.g. `512M`.
     pub mem: Option<String>,
 }
 
@@ -354,8 +355,17 @@ impl LinuxOverrides {
                         && m.args.first().map(String::as_str) == Some("vmm")
                 })
                 .ok_or_else(|| format!("scenario `{}` has no VMM module", scenario.name))?;
-            vmm.args.retain(|a| !a.starts_with("ram="));
-            vmm.args.push(format!("ram={mem}"));
+            // The VMM's RAM budget at the root task covers guest RAM and the virtio disk.
+            let disk = vmm
+                .args
+                .iter()
+                .find_map(|a| parse_size(a.strip_prefix("disk=")?))
+                .unwrap_or(16 << 20);
+            vmm.args
+                .retain(|a| !a.starts_with("ram=") && !a.starts_with("mem="));
+            vmm.args.push(format!("mem={mem}"));
+            vmm.args
+                .push(format!("ram={}M", (bytes + disk + (16 << 20)) >> 20));
             let machine = parse_size(&s.memory).unwrap_or(0);
             if machine < bytes + (256 << 20) {
                 s.memory = format!("{}M", (bytes + (384 << 20)) >> 20);
@@ -740,8 +750,13 @@ mod tests {
             Source::Text("console=ttyS0 quiet".into())
         );
         let vmm = role("vmm");
-        assert_eq!(vmm.args.iter().filter(|a| a.starts_with("ram=")).count(), 1);
-        assert!(vmm.args.contains(&"ram=1G".to_string()));
+        assert_eq!(vmm.args.iter().filter(|a| a.starts_with("mem=")).count(), 1);
+        assert!(vmm.args.contains(&"mem=1G".to_string()));
+        assert!(
+            vmm.args.contains(&"ram=1056M".to_string()),
+            "{:?}",
+            vmm.args
+        );
         assert!(parse_size(&changed.memory).unwrap() >= (1 << 30) + (256 << 20));
         // Bad input: a missing file, a malformed size, a scenario without a compartment.
         let missing = LinuxOverrides {
