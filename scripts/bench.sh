@@ -4,7 +4,8 @@
 # the IPC fast path disabled (kernel command line `nofastpath`) and once enabled, and the
 # guest-side VM-exit benchmarks, once more with eager FPU switching (`eagerfpu`), and the
 # latency of a timer wake-up during long syscalls (`bench-latency`). Logs in target/bench/; writes target/bench/kernel.json and
-# prints a table.
+# prints a table. Then Linux in a compartment against native Linux (scripts/bench-linux.sh,
+# target/bench/linux.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -63,3 +64,5 @@ if ipc and hc:
     print(f"one hypercall exit round trip = {hc / ipc:.2f} x one IPC call+reply (fast path)")
 print("(guest instructions, median; JSON in target/bench/kernel.json)")
 PY
+echo
+scripts/bench-linux.sh

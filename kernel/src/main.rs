@@ -37,7 +37,7 @@ pub const EXIT_PANIC: u8 = l4_abi::qemu_exit::PANIC;
 #[no_mangle]
 pub extern "C" fn kernel_main(magic: u32, multiboot_info: u32) -> ! {
     serial::init();
-    info!("L4 kernel starting");
+    info!("L4 kernel starting (TSC {})", cpu::rdtsc());
     if magic != 0x36d7_6289 {
         panic!("not booted by a multiboot2 loader (magic {magic:#x})");
     }

@@ -318,13 +318,14 @@ pub fn boot_linux() -> i64 {
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
     vm.ram.write(GDT, &bytes);
     println!(
-        "[vmm] Linux: protocol {}.{:02}, kernel {} KiB, initramfs {} KiB, {} MiB RAM, TSC {} kHz",
+        "[vmm] Linux: protocol {}.{:02}, kernel {} KiB, initramfs {} KiB, {} MiB RAM, TSC {} kHz; starts at TSC {}",
         bz.version >> 8,
         bz.version & 0xff,
         bz.kernel().len() / 1024,
         initrd.len() / 1024,
         ram_size >> 20,
-        tsc_hz / 1000
+        tsc_hz / 1000,
+        rdtsc()
     );
     println!("[vmm] Linux command line: {cmdline}");
 

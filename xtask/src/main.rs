@@ -237,11 +237,17 @@ fn test(scenarios: &Scenarios, args: &[String]) -> Result<ExitCode, String> {
         let check = scenario.check.as_ref().expect("checked above");
         let log = logs.join(format!("{}.log", scenario.name));
         let command = qemu::command(scenario, bootable, &[]);
+        let started = std::time::Instant::now();
         let (exit, steps) = if check.console.is_empty() {
             (qemu::run_logged(command, &log, check.timeout)?, 0)
         } else {
             qemu::run_dialog(command, &log, check.timeout, &check.console)?
         };
+        // The wall-clock time of the QEMU run, for benchmarks (NAME.seconds beside the log).
+        let _ = fs::write(
+            logs.join(format!("{}.seconds", scenario.name)),
+            format!("{:.3}\n", started.elapsed().as_secs_f64()),
+        );
         let bytes = fs::read(&log).map_err(|e| format!("cannot read {}: {e}", log.display()))?;
         let text = String::from_utf8_lossy(&bytes);
         let mut report = check::judge(check, &text, exit, &log.display().to_string());

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Linux in a compartment against the same kernel, initramfs and command line booted natively
+# by the same QEMU (scenarios linux-bench, linux-native, linux-boot, linux-native-boot):
+#   * under -icount shift=0 (1 ns of guest time = 1 instruction, deterministic): the TSC when
+#     /init starts (instructions since QEMU's reset: BIOS and Linux natively; GRUB, our kernel,
+#     sigma0, the root task, the VMM and Linux in the compartment) and the workloads of initramfs/l4bench.c (CPU loop, getppid,
+#     fork+exec+wait), and the VMM's exit counts by reason;
+#   * in wall-clock time, without icount: QEMU start to exit of a boot to /init that reboots
+#     at once (l4exit), median of 3 runs, native and compartment interleaved.
+# Writes target/bench/linux.json and prints a table. Called by scripts/bench.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/build-linux.sh >&2
+mkdir -p target/bench
+if ! cargo xtask test --logs target/bench linux-native linux-bench >&2; then
+    echo "bench-linux.sh: a Linux run failed (logs in target/bench/)" >&2
+    exit 1
+fi
+runs=3
+for i in $(seq 1 $runs); do
+    echo "bench-linux: wall-clock boot, run $i of $runs" >&2
+    if ! cargo xtask test --logs "target/bench/wall-$i" linux-native-boot linux-boot >&2; then
+        echo "bench-linux.sh: a boot failed (logs in target/bench/wall-$i/)" >&2
+        exit 1
+    fi
+done
+python3 - "$runs" <<'PY'
+import json, re, statistics, sys
+runs = int(sys.argv[1])
+def read(path):
+    return open(path, encoding="utf-8", errors="replace").read()
+def run_init(text):
+    # /init prints the TSC: instructions since the machine's reset in both worlds.
+    m = re.search(r"l4linux: reached /init \(tsc (\d+)\)", text)
+    return int(m.group(1)) if m else None
+def workloads(text):
+    return {w: int(p) for w, t, p, n in re.findall(r"l4bench: (\w+) total=(\d+) per_op=(\d+) ops=(\d+)", text)}
+native, compartment = read("target/bench/linux-native.log"), read("target/bench/linux-bench.log")
+exits = {}
+m = re.search(r"\[vmm\] exits: (.*?);", compartment)
+if m:
+    for name, count in re.findall(r"([\w-]+) (\d+)", m.group(1)):
+        exits[name] = int(count)
+wall = {k: statistics.median(float(read(f"target/bench/wall-{i}/{k}.seconds")) for i in range(1, runs + 1))
+        for k in ("linux-native-boot", "linux-boot")}
+rows = [("QEMU reset to /init (instructions)", run_init(native), run_init(compartment))]
+wn, wc = workloads(native), workloads(compartment)
+for w in ("cpu", "syscall", "fork_exec"):
+    rows.append((f"{w} per operation (instructions)", wn.get(w), wc.get(w)))
+rows.append((f"boot to /init and reboot, wall clock s (median of {runs})", wall["linux-native-boot"], wall["linux-boot"]))
+result = {"unit": "guest ns under -icount shift=0 (= instructions) unless noted",
+          "rows": [{"name": n, "native": a, "compartment": b, "ratio": (b / a if a and b else None)} for n, a, b in rows],
+          "compartment_exits": exits}
+json.dump(result, open("target/bench/linux.json", "w"), indent=2)
+print(f"{'Linux: native vs compartment':<55} {'native':>13} {'compartment':>13} {'ratio':>7}")
+for n, a, b in rows:
+    ratio = f"{b / a:.2f}x" if a and b else "-"
+    fmt = (lambda v: f"{v:,.2f}") if isinstance(a, float) else (lambda v: f"{v:,}")
+    print(f"{n:<55} {fmt(a) if a is not None else '-':>13} {fmt(b) if b is not None else '-':>13} {ratio:>7}")
+total = sum(exits.values())
+print(f"compartment exits during boot and workloads: {total:,} (" + ", ".join(f"{k} {v:,}" for k, v in exits.items() if v) + ")")
+print("(JSON in target/bench/linux.json)")
+PY
