@@ -56,22 +56,152 @@ struct Module {
     cmdline: alloc::string::String,
 }
 
-/// Parse the boot information, set up memory and the KIP, create sigma0 and the root task.
-pub fn boot(multiboot_info: u64) -> Kernel {
-    extern "C" {
-        static __kernel_phys_end: u8;
-    }
-    // Only the symbol's address is used.
-    let kernel_end = &raw const __kernel_phys_end as u64;
+/// What the boot loader tells: the command line, usable RAM, the modules, and the physical
+/// range of its own information (kept until the kernel has copied what it needs).
+struct LoaderInfo {
+    cmdline: Option<alloc::string::String>,
+    available: Vec<(u64, u64)>,
+    modules: Vec<Module>,
+    info: (u64, u64),
+}
+
+/// The multiboot2 magic in EAX (GRUB's `multiboot2`).
+pub const MULTIBOOT2_MAGIC: u32 = 0x36d7_6289;
+/// The Multiboot (v1) magic in EAX (QEMU's `-kernel`, GRUB's `multiboot`).
+pub const MULTIBOOT1_MAGIC: u32 = 0x2bad_b002;
+
+fn from_multiboot2(multiboot_info: u64) -> LoaderInfo {
     // SAFETY: the boot loader left a valid multiboot2 information structure at this address,
     // which lies in the direct map; it stays intact until we hand memory out below.
     let boot = unsafe {
         BootInformation::load(phys_to_virt(multiboot_info) as *const BootInformationHeader)
     }
     .unwrap_or_else(|e| panic!("invalid multiboot2 information: {e:?}"));
+    let mut available = Vec::new();
+    let memory_map = boot
+        .memory_map_tag()
+        .expect("boot loader gave no memory map");
+    for area in memory_map.memory_areas() {
+        if MemoryAreaType::from(area.typ()) == MemoryAreaType::Available {
+            available.push((area.start_address(), area.end_address()));
+        }
+    }
+    LoaderInfo {
+        cmdline: boot
+            .command_line_tag()
+            .and_then(|t| t.cmdline().ok())
+            .map(Into::into),
+        available,
+        modules: boot
+            .module_tags()
+            .map(|m| Module {
+                base: m.start_address() as u64,
+                end: m.end_address() as u64,
+                cmdline: m.cmdline().unwrap_or("").into(),
+            })
+            .collect(),
+        info: (multiboot_info, multiboot_info + boot.total_size() as u64),
+    }
+}
+
+/// A `u32` of the boot loader's information at physical `address` (below 4 GiB).
+fn physical_u32(address: u64) -> u32 {
+    // SAFETY: the boot page tables map the first 4 GiB in the direct map; the loader's
+    // information lies there (its pointers are 32 bits), and nothing has reused it yet.
+    unsafe { core::ptr::read_unaligned(phys_to_virt(address) as *const u32) }
+}
+
+/// A NUL-terminated string of the loader (at most 4 KiB), and the physical end of it.
+fn physical_string(address: u64) -> (alloc::string::String, u64) {
+    let mut bytes = Vec::new();
+    while bytes.len() < 4096 {
+        // SAFETY: as for `physical_u32`.
+        let b = unsafe { *(phys_to_virt(address + bytes.len() as u64) as *const u8) };
+        if b == 0 {
+            break;
+        }
+        bytes.push(b);
+    }
+    let end = address + bytes.len() as u64 + 1;
+    (alloc::string::String::from_utf8_lossy(&bytes).into_owned(), end)
+}
+
+/// Without its first word: a Multiboot 1 command line starts with the file's name (QEMU's
+/// `-kernel`/`-initrd` and GRUB legacy put it there).
+fn without_file_name(text: &str) -> alloc::string::String {
+    text.trim_start()
+        .split_once(char::is_whitespace)
+        .map_or("", |(_, rest)| rest)
+        .trim()
+        .into()
+}
+
+fn from_multiboot1(info: u64) -> LoaderInfo {
+    let flags = physical_u32(info);
+    let mut end = info + 88;
+    let cmdline = (flags & (1 << 2) != 0).then(|| {
+        let (text, string_end) = physical_string(physical_u32(info + 16) as u64);
+        end = end.max(string_end);
+        without_file_name(&text)
+    });
+    let mut modules = Vec::new();
+    if flags & (1 << 3) != 0 {
+        let (count, list) = (physical_u32(info + 20) as u64, physical_u32(info + 24) as u64);
+        for i in 0..count.min(64) {
+            let entry = list + 16 * i;
+            let (text, string_end) = physical_string(physical_u32(entry + 8) as u64);
+            end = end.max(entry + 16).max(string_end);
+            modules.push(Module {
+                base: physical_u32(entry) as u64,
+                end: physical_u32(entry + 4) as u64,
+                cmdline: without_file_name(&text),
+            });
+        }
+    }
+    let mut available = Vec::new();
+    if flags & (1 << 6) != 0 {
+        let (length, map) = (physical_u32(info + 44) as u64, physical_u32(info + 48) as u64);
+        let mut entry = map;
+        while entry + 24 <= map + length {
+            let size = physical_u32(entry) as u64;
+            let base = physical_u32(entry + 4) as u64 | (physical_u32(entry + 8) as u64) << 32;
+            let bytes = physical_u32(entry + 12) as u64 | (physical_u32(entry + 16) as u64) << 32;
+            if physical_u32(entry + 20) == 1 {
+                available.push((base, base.saturating_add(bytes)));
+            }
+            entry += size + 4;
+        }
+    } else if flags & (1 << 0) != 0 {
+        // Only mem_upper: the KiB of RAM from 1 MiB.
+        available.push((MIB, MIB + physical_u32(info + 8) as u64 * 1024));
+    }
+    if available.is_empty() {
+        panic!("the Multiboot loader gave no memory map (flags {flags:#x})");
+    }
+    LoaderInfo {
+        cmdline,
+        available,
+        modules,
+        info: (info, end),
+    }
+}
+
+/// Parse the boot information (multiboot2 from GRUB, or Multiboot 1 from QEMU's `-kernel`),
+/// set up memory and the KIP, create sigma0 and the root task.
+pub fn boot(magic: u32, multiboot_info: u64) -> Kernel {
+    extern "C" {
+        static __kernel_phys_end: u8;
+    }
+    // Only the symbol's address is used.
+    let kernel_end = &raw const __kernel_phys_end as u64;
+    let loader = match magic {
+        MULTIBOOT2_MAGIC => from_multiboot2(multiboot_info),
+        MULTIBOOT1_MAGIC => from_multiboot1(multiboot_info),
+        other => panic!("not booted by a Multiboot loader (magic {other:#x})"),
+    };
     let mut eager_fpu = false;
     let mut kmem: Option<alloc::string::String> = None;
-    if let Some(cmdline) = boot.command_line_tag().and_then(|t| t.cmdline().ok()) {
+    if let Some(cmdline) = loader.cmdline.as_deref() {
         info!("command line: {cmdline}");
         kmem = cmdline
             .split_whitespace()
@@ -87,31 +217,18 @@ pub fn boot(multiboot_info: u64) -> Kernel {
         }
     }
     let mut available: Vec<(u64, u64)> = Vec::new();
-    let memory_map = boot
-        .memory_map_tag()
-        .expect("boot loader gave no memory map");
-    for area in memory_map.memory_areas() {
-        if MemoryAreaType::from(area.typ()) == MemoryAreaType::Available {
-            let start = page_up(area.start_address());
-            let end = page_down(area.end_address()).min(DIRECT_MAP_LIMIT);
-            if start < end {
-                available.push((start, end));
-            }
+    for &(start, end) in &loader.available {
+        let start = page_up(start);
+        let end = page_down(end).min(DIRECT_MAP_LIMIT);
+        if start < end {
+            available.push((start, end));
         }
     }
-    let modules: Vec<Module> = boot
-        .module_tags()
-        .map(|m| Module {
-            base: m.start_address() as u64,
-            end: m.end_address() as u64,
-            cmdline: m.cmdline().unwrap_or("").into(),
-        })
-        .collect();
-    let info_end = multiboot_info + boot.total_size() as u64;
+    let modules = loader.modules;
     let mut free = available;
     free = subtract(free, (0, MIB));
     free = subtract(free, (page_down(0x100000), page_up(kernel_end)));
-    free = subtract(free, (page_down(multiboot_info), page_up(info_end)));
+    free = subtract(free, (page_down(loader.info.0), page_up(loader.info.1)));
     for m in &modules {
         free = subtract(free, (page_down(m.base), page_up(m.end)));
     }

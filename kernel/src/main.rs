@@ -38,12 +38,9 @@ pub const EXIT_PANIC: u8 = l4_abi::qemu_exit::PANIC;
 pub extern "C" fn kernel_main(magic: u32, multiboot_info: u32) -> ! {
     serial::init();
     info!("L4 kernel starting (TSC {})", cpu::rdtsc());
-    if magic != 0x36d7_6289 {
-        panic!("not booted by a multiboot2 loader (magic {magic:#x})");
-    }
     memory::init_heap();
     entry::init();
-    let k = bootstrap::boot(multiboot_info as u64);
+    let k = bootstrap::boot(magic, multiboot_info as u64);
     arch::x86_64::ioapic::init();
     let (per_10ms, tsc_hz) = apic::init(bootstrap::TIMER_HZ as u32);
     kip::kip_mut(k.kip_frame).tsc_hz = tsc_hz;

@@ -42,6 +42,16 @@ impl Sink {
 pub enum Bootable {
     /// A GRUB ISO.
     Iso(PathBuf),
+    /// Our kernel as a flat Multiboot 1 image for QEMU's `-kernel`, with its modules (file
+    /// and arguments, for `-initrd`) and command line.
+    Direct {
+        /// The flat kernel image.
+        kernel: PathBuf,
+        /// Each module's file and arguments, sigma0 and the root task first.
+        modules: Vec<(PathBuf, String)>,
+        /// The kernel command line.
+        cmdline: String,
+    },
     /// A Linux kernel, initramfs and command line.
     Linux {
         /// The bzImage.
@@ -119,16 +129,21 @@ pub fn build(
                 sigma0,
                 modules,
             } => {
-                let iso = match built.iter().find(|b| b.0 == owner.name) {
-                    Some(b) => b.1.clone(),
-                    None => {
-                        let iso = make_iso(scenarios, owner, cmdline, sigma0, modules, sink)
-                            .map_err(|e| format!("scenario {}: {e}", owner.name))?;
-                        built.push((owner.name.clone(), iso.clone()));
-                        iso
-                    }
-                };
-                Bootable::Iso(iso)
+                if owner.grub {
+                    let iso = match built.iter().find(|b| b.0 == owner.name) {
+                        Some(b) => b.1.clone(),
+                        None => {
+                            let iso = make_iso(scenarios, owner, cmdline, sigma0, modules, sink)
+                                .map_err(|e| format!("scenario {}: {e}", owner.name))?;
+                            built.push((owner.name.clone(), iso.clone()));
+                            iso
+                        }
+                    };
+                    Bootable::Iso(iso)
+                } else {
+                    make_direct(scenarios, owner, cmdline, sigma0, modules)
+                        .map_err(|e| format!("scenario {}: {e}", owner.name))?
+                }
             }
             Boot::Linux {
                 kernel,
@@ -228,6 +243,96 @@ fn grub_cfg(name: &str, cmdline: &str, sigma0: &Module, modules: &[Module]) -> S
     }
     cfg.push_str("    boot\n}\n");
     cfg
+}
+
+/// Stages `target/direct/NAME/`: the flat kernel image and the modules' files, for QEMU's
+/// Multiboot 1 loader (`-kernel`, `-initrd`), which boots without a BIOS disk or GRUB.
+fn make_direct(
+    scenarios: &Scenarios,
+    scenario: &Scenario,
+    cmdline: &str,
+    sigma0: &Module,
+    modules: &[Module],
+) -> Result<Bootable, String> {
+    let io = |e: io::Error| e.to_string();
+    let dir = Path::new("target/direct").join(&scenario.name);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(io)?;
+    }
+    fs::create_dir_all(&dir).map_err(io)?;
+    let path = binary(scenarios, "kernel");
+    let elf = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let kernel = dir.join("kernel.bin");
+    fs::write(&kernel, flat_image(&elf)?).map_err(io)?;
+    let roottask = dir.join("roottask");
+    let from = binary(scenarios, "roottask");
+    fs::copy(&from, &roottask).map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
+    let mut files = Vec::new();
+    for m in std::iter::once(sigma0).chain(modules) {
+        if m.name.contains(',') || m.args.iter().any(|a| a.contains(',')) {
+            return Err(format!(
+                "module {}: QEMU's -initrd cannot pass a comma in a module's name or arguments",
+                m.name
+            ));
+        }
+        let path = dir.join(&m.name);
+        fs::write(&path, content(scenarios, m)?).map_err(io)?;
+        files.push((path, m.args.join(" ")));
+        if files.len() == 1 {
+            files.push((roottask.clone(), "root".into()));
+        }
+    }
+    Ok(Bootable::Direct {
+        kernel,
+        modules: files,
+        cmdline: kernel_cmdline(cmdline),
+    })
+}
+
+/// The flat image of the kernel ELF from its lowest physical load address: each PT_LOAD
+/// segment's file bytes at its physical address, zeroes between, padded to a page (the
+/// Multiboot 1 header's load end is page-aligned).
+fn flat_image(elf: &[u8]) -> Result<Vec<u8>, String> {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let bad = || "the kernel is not a 64-bit little-endian ELF".to_string();
+    if elf.get(0..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return Err(bad());
+    }
+    let (phoff, phentsize, phnum) = (
+        u64_at(0x20).ok_or_else(bad)? as usize,
+        u16_at(0x36).ok_or_else(bad)? as usize,
+        u16_at(0x38).ok_or_else(bad)? as usize,
+    );
+    let mut segments = Vec::new();
+    for i in 0..phnum {
+        let h = phoff + i * phentsize;
+        let kind = elf.get(h..h + 4).ok_or_else(bad)?;
+        let (offset, paddr, filesz) = (
+            u64_at(h + 8).ok_or_else(bad)? as usize,
+            u64_at(h + 0x18).ok_or_else(bad)?,
+            u64_at(h + 0x20).ok_or_else(bad)? as usize,
+        );
+        if kind == [1, 0, 0, 0] && filesz > 0 {
+            let bytes = elf.get(offset..offset + filesz).ok_or_else(bad)?;
+            segments.push((paddr, bytes));
+        }
+    }
+    let base = segments.iter().map(|s| s.0).min().ok_or_else(bad)?;
+    let end = segments
+        .iter()
+        .map(|s| s.0 + s.1.len() as u64)
+        .max()
+        .ok_or_else(bad)?;
+    let mut image = vec![0u8; ((end - base) as usize).next_multiple_of(4096)];
+    for (paddr, bytes) in segments {
+        let at = (paddr - base) as usize;
+        image[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    Ok(image)
 }
 
 /// Stages `target/iso/NAME/` and makes `target/iso/NAME.iso` unless an identical one exists.

@@ -167,7 +167,7 @@ fn run(scenarios: &Scenarios, args: &[String]) -> Result<ExitCode, String> {
         .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
     println!();
     let ok = match bootable {
-        Bootable::Iso(_) => {
+        Bootable::Iso(_) | Bootable::Direct { .. } => {
             println!("run: {}", qemu::meaning(status.code()));
             status.code() == Some(qemu::STATUS_ALL_EXITED)
         }

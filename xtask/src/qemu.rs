@@ -31,6 +31,20 @@ pub fn command(scenario: &Scenario, bootable: &Bootable, extra: &[String]) -> Co
             cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-cdrom"]);
             cmd.arg(iso);
         }
+        Bootable::Direct {
+            kernel,
+            modules,
+            cmdline,
+        } => {
+            cmd.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel"]);
+            cmd.arg(kernel);
+            let list: Vec<String> = modules
+                .iter()
+                .map(|(file, args)| format!("{} {args}", file.display()).trim_end().to_string())
+                .collect();
+            cmd.arg("-initrd").arg(list.join(","));
+            cmd.arg("-append").arg(cmdline);
+        }
         Bootable::Linux {
             kernel,
             initrd,

@@ -93,6 +93,7 @@ struct RawScenario {
     memory: Option<String>,
     #[serde(default)]
     qemu: Vec<String>,
+    loader: Option<String>,
     check: Option<RawCheck>,
 }
 
@@ -208,6 +209,9 @@ pub struct Scenario {
     pub memory: String,
     /// Extra QEMU arguments.
     pub qemu: Vec<String>,
+    /// How QEMU loads our kernel: `false` directly (`-kernel`, Multiboot 1), `true` from a GRUB
+    /// ISO (multiboot2).
+    pub grub: bool,
     /// What a test run requires.
     pub check: Option<Check>,
 }
@@ -577,6 +581,16 @@ impl Context<'_> {
             return Err(self.error("memory", "is empty"));
         }
         let check = raw.check.as_ref().map(|c| self.check(c)).transpose()?;
+        let grub = match raw.loader.as_deref() {
+            None | Some("direct") => false,
+            Some("grub") => true,
+            Some(other) => {
+                return Err(self.error(
+                    "loader",
+                    format!("is `{other}`; give `direct` (the default) or `grub`"),
+                ))
+            }
+        };
         Ok(Scenario {
             name: self.name.to_string(),
             description: raw.description.clone(),
@@ -585,6 +599,7 @@ impl Context<'_> {
             made_by: raw.made_by.clone(),
             memory,
             qemu: raw.qemu.clone(),
+            grub,
             check,
         })
     }

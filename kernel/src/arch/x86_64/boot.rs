@@ -1,6 +1,7 @@
-//! The multiboot2 header and the 32-bit entry: builds boot page tables (identity, direct map
-//! of the first 4 GiB at [`super::paging::PHYS_OFFSET`], and the kernel image at
-//! `0xffffffff80000000`), enters long mode and calls [`crate::kernel_main`] on the kernel stack.
+//! The Multiboot 1 and multiboot2 headers and the 32-bit entry: builds boot page tables
+//! (identity, direct map of the first 4 GiB at [`super::paging::PHYS_OFFSET`], and the kernel
+//! image at `0xffffffff80000000`), enters long mode and calls [`crate::kernel_main`] on the
+//! kernel stack with the loader's magic and information pointer.
 
 use core::arch::global_asm;
 
@@ -22,6 +23,18 @@ pub static mut KERNEL_STACK_TOP: u64 = 0;
 global_asm!(
     r#"
 .section .multiboot_header, "a"
+/* Multiboot 1 with the address fields (flag 16), for QEMU's -kernel with the flat image the
+   runner makes from this ELF (kernel.bin): page-aligned modules, a memory map. */
+.balign 4
+mb1_header:
+    .long 0x1badb002
+    .long 0x00010003
+    .long 0x100000000 - (0x1badb002 + 0x00010003)
+    .long mb1_header
+    .long __kernel_phys_start
+    .long __kernel_load_end
+    .long __kernel_phys_end
+    .long _start
 .balign 8
 mb2_header_start:
     .long 0xe85250d6
