@@ -123,7 +123,10 @@ fn physical_string(address: u64) -> (alloc::string::String, u64) {
         bytes.push(b);
     }
     let end = address + bytes.len() as u64 + 1;
-    (alloc::string::String::from_utf8_lossy(&bytes).into_owned(), end)
+    (
+        alloc::string::String::from_utf8_lossy(&bytes).into_owned(),
+        end,
+    )
 }
 
 /// Without its first word: a Multiboot 1 command line starts with the file's name (QEMU's
@@ -146,7 +149,10 @@ fn from_multiboot1(info: u64) -> LoaderInfo {
     });
     let mut modules = Vec::new();
     if flags & (1 << 3) != 0 {
-        let (count, list) = (physical_u32(info + 20) as u64, physical_u32(info + 24) as u64);
+        let (count, list) = (
+            physical_u32(info + 20) as u64,
+            physical_u32(info + 24) as u64,
+        );
         for i in 0..count.min(64) {
             let entry = list + 16 * i;
             let (text, string_end) = physical_string(physical_u32(entry + 8) as u64);
@@ -160,7 +166,10 @@ fn from_multiboot1(info: u64) -> LoaderInfo {
     }
     let mut available = Vec::new();
     if flags & (1 << 6) != 0 {
-        let (length, map) = (physical_u32(info + 44) as u64, physical_u32(info + 48) as u64);
+        let (length, map) = (
+            physical_u32(info + 44) as u64,
+            physical_u32(info + 48) as u64,
+        );
         let mut entry = map;
         while entry + 24 <= map + length {
             let size = physical_u32(entry) as u64;
