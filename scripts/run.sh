@@ -6,7 +6,8 @@
 # Usage: scripts/run.sh [scenario] [--kernel BZIMAGE] [--initrd FILE] [--append "CMDLINE"]
 #                       [--mem SIZE] [extra QEMU args...]
 #   scenarios (scenarios.toml; `cargo xtask list`): linux, demo, test, vm, bench, ...
-#   --kernel/--initrd/--append/--mem boot your own Linux in the compartment of a Linux scenario.
+#   --kernel/--initrd/--append/--mem boot your own Linux in the compartment of a Linux scenario
+#   (or, with `multiboot`, your own Multiboot kernel: --kernel ELF32 --append --mem).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

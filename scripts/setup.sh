@@ -54,10 +54,14 @@ if ! qemu_ok; then
 fi
 
 if command -v rustup >/dev/null 2>&1; then
-    if ! rustup target list --installed 2>/dev/null | grep -q '^x86_64-unknown-none$'; then
-        log "rustup target add x86_64-unknown-none"
-        rustup target add x86_64-unknown-none >&2
-    fi
+    # x86_64-unknown-none: the kernel and the guests; i686-unknown-linux-gnu: the 32-bit
+    # Multiboot test guest (only its prebuilt `core` is used; rust-lld links it).
+    for target in x86_64-unknown-none i686-unknown-linux-gnu; do
+        if ! rustup target list --installed 2>/dev/null | grep -q "^$target\$"; then
+            log "rustup target add $target"
+            rustup target add "$target" >&2
+        fi
+    done
     for comp in rustfmt clippy; do
         if ! rustup component list --installed 2>/dev/null | grep -q "^$comp"; then
             log "rustup component add $comp"

@@ -21,8 +21,9 @@ TASK_CRATES=(-p sigma0 -p roottask -p demo -p ktest -p bench -p l4 -p vmm)
 if cargo fmt --all -- --check >"$logdir/fmt.log" 2>&1; then pass "cargo fmt --check"; else fail "cargo fmt --check (see $logdir/fmt.log)"; fi
 if cargo clippy --all-targets -- -D warnings >"$logdir/clippy-host.log" 2>&1 \
    && cargo clippy --release --target x86_64-unknown-none "${KERNEL_CRATES[@]}" -- -D warnings >"$logdir/clippy-target.log" 2>&1 \
-   && cargo --config .cargo/tasks.toml clippy --release --target x86_64-unknown-linux-gnu "${TASK_CRATES[@]}" -- -D warnings >"$logdir/clippy-tasks.log" 2>&1; then
-    pass "cargo clippy (host, kernel for x86_64-unknown-none, tasks for x86_64-unknown-linux-gnu with SSE)"
+   && cargo --config .cargo/tasks.toml clippy --release --target x86_64-unknown-linux-gnu "${TASK_CRATES[@]}" -- -D warnings >"$logdir/clippy-tasks.log" 2>&1 \
+   && cargo --config .cargo/guest32.toml clippy --release --target i686-unknown-linux-gnu -p guest-multiboot -- -D warnings >"$logdir/clippy-guest32.log" 2>&1; then
+    pass "cargo clippy (host, kernel for x86_64-unknown-none, tasks for x86_64-unknown-linux-gnu with SSE, the 32-bit guest for i686)"
 else
     fail "cargo clippy (see $logdir/clippy-*.log)"
 fi

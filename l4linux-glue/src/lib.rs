@@ -6,7 +6,8 @@
 //! of a Linux guest, which the VMM's Linux exit loop runs: a local APIC as x2APIC and xAPIC
 //! with its timer (`lapic`), an IOAPIC (`ioapic`), kvmclock (`kvmclock`), the Linux CPUID and
 //! MSR policy (`cpuid_linux`), and `platform`, which ties them together; the compartment's
-//! hypercalls (`hypercall`).
+//! hypercalls (`hypercall`). For 32-bit Multiboot kernels: the boot protocol (`multiboot`: ELF32
+//! and header checks, the boot information), QEMU's `fw_cfg` device and a debug-exit port.
 //!
 //! Virtio ([`virtio`]): devices reach guest RAM only through [`guest_memory::GuestMemory`]
 //! (bounds-checked byte reads and writes; the VMM implements it over the RAM it maps). Split
@@ -22,8 +23,10 @@ extern crate alloc;
 
 pub mod boot;
 pub mod cpuid_linux;
+pub mod debug_exit;
 pub mod decode;
 pub mod exits;
+pub mod fw_cfg;
 pub mod guest_memory;
 pub mod guest_paging;
 pub mod hypercall;
@@ -32,6 +35,7 @@ pub mod kvmclock;
 pub mod lapic;
 pub mod mmio;
 pub mod mptable;
+pub mod multiboot;
 pub mod platform;
 pub mod ports;
 pub mod test_device;

@@ -15,6 +15,7 @@ extern crate alloc;
 
 mod console;
 mod linux;
+mod multiboot;
 
 use alloc::boxed::Box;
 use alloc::rc::Rc;
@@ -1202,6 +1203,12 @@ fn error_code(r: Result<(), Error>) -> u64 {
 fn main() -> i64 {
     if l4::rt::arguments().split_whitespace().any(|w| w == "linux") {
         return linux::boot_linux();
+    }
+    if l4::rt::arguments()
+        .split_whitespace()
+        .any(|w| w == "multiboot")
+    {
+        return multiboot::boot_multiboot();
     }
     let Some(image) = l4::rt::blob("guest") else {
         println!("[vmm] no guest image (module option blob=guest)");

@@ -94,8 +94,15 @@ pub fn judge(check: &Check, log: &str, exit: Exit, log_path: &str) -> Report {
     if let Some(tap) = &check.tap {
         let tap_line = Regex::new(r"^(not )?ok ([0-9]+) - ").expect("valid");
         let plan_line = Regex::new(r"^1\.\.([0-9]+)$").expect("valid");
+        let suite: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| match &tap.prefix {
+                Some(prefix) => l.strip_prefix(prefix.as_str()),
+                None => Some(l),
+            })
+            .collect();
         let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
-        for caps in lines.iter().filter_map(|l| tap_line.captures(l)) {
+        for caps in suite.iter().filter_map(|l| tap_line.captures(l)) {
             if caps.get(1).is_some() {
                 report.tap_failed += 1;
             } else {
@@ -104,7 +111,7 @@ pub fn judge(check: &Check, log: &str, exit: Exit, log_path: &str) -> Report {
             let number = caps[2].parse().unwrap_or(u64::MAX);
             *seen.entry(number).or_default() += 1;
         }
-        let printed_plan = lines
+        let printed_plan = suite
             .iter()
             .rev()
             .find_map(|l| plan_line.captures(l))
@@ -217,6 +224,7 @@ mod tests {
                 label: "suite".into(),
                 plan,
                 plan_line,
+                prefix: None,
             }),
             console: Vec::new(),
         }
@@ -287,6 +295,26 @@ mod tests {
         assert!(text.contains("more than once 1"), "{text}");
         assert!(text.contains("beyond the plan 4"), "{text}");
         assert!(text.contains("printed plan 1..4"), "{text}");
+    }
+
+    #[test]
+    fn a_prefixed_suite_counts_only_its_own_lines() {
+        let mut c = check(None, Some((2, true)));
+        c.tap.as_mut().unwrap().prefix = Some("[mb] ".into());
+        let log = "[mb] ok 1 - a\nok 2 - not the suite's\n[mb] not ok 2 - b\n1..9\n[mb] 1..2\n";
+        let r = judge(&c, log, Exit::Status(33), "l");
+        assert_eq!((r.tap_passed, r.tap_failed), (1, 1));
+        let text = &r.results[0].1;
+        assert!(
+            !text.contains("missing") && !text.contains("plan 1..9"),
+            "{text}"
+        );
+        let r = judge(&c, "ok 1 - a\nok 2 - b\n1..2\n", Exit::Status(33), "l");
+        assert!(
+            r.results[0].1.contains("missing 1, 2"),
+            "{}",
+            r.results[0].1
+        );
     }
 
     #[test]

@@ -24,7 +24,8 @@ usage: cargo xtask COMMAND
                                          (default: every scenario whose inputs exist)
   run SCENARIO [OPTION...] [QEMU ARG...] build it and boot it with the serial console here;
                                          for a Linux compartment scenario: --kernel BZIMAGE,
-                                         --initrd FILE, --append \"CMDLINE\", --mem SIZE
+                                         --initrd FILE, --append \"CMDLINE\", --mem SIZE;
+                                         for a Multiboot one: --kernel ELF, --append, --mem
   test [--group G] [--logs DIR] [SCENARIO...]
                                          boot each scenario with its checks (default: group
                                          `test`, logs in target/test-logs) and end with

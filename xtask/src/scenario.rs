@@ -39,6 +39,9 @@ pub struct Build {
     /// `[build.tasks]`: the user tasks, built separately (another target and configuration).
     #[serde(default)]
     pub tasks: Option<TaskBuild>,
+    /// `[build.guest32]`: the 32-bit guests (Multiboot kernels), built for a 32-bit target.
+    #[serde(default)]
+    pub guest32: Option<TaskBuild>,
 }
 
 /// `[build.tasks]`: packages built for their own target with an extra cargo configuration
@@ -59,7 +62,7 @@ impl Build {
     /// Each cargo invocation: (target, configuration file, packages).
     pub fn invocations(&self) -> Vec<(&str, Option<&str>, &[String])> {
         let mut out = vec![(self.target.as_str(), None, self.packages.as_slice())];
-        if let Some(t) = &self.tasks {
+        for t in self.tasks.iter().chain(&self.guest32) {
             out.push((
                 t.target.as_str(),
                 t.config.as_deref(),
@@ -71,10 +74,11 @@ impl Build {
 
     /// The target a package's binary is built for.
     pub fn target_of(&self, package: &str) -> &str {
-        match &self.tasks {
-            Some(t) if t.packages.iter().any(|p| p == package) => &t.target,
-            _ => &self.target,
-        }
+        self.tasks
+            .iter()
+            .chain(&self.guest32)
+            .find(|t| t.packages.iter().any(|p| p == package))
+            .map_or(&self.target, |t| &t.target)
     }
 }
 
@@ -181,6 +185,10 @@ pub struct Tap {
     /// The suite prints its own `1..N` line, which must equal `plan`.
     #[serde(default)]
     pub plan_line: bool,
+    /// The suite's lines start with this text (a compartment's `[NAME] `), which is removed
+    /// before they are read as TAP; lines without it are not the suite's.
+    #[serde(default)]
+    pub prefix: Option<String>,
 }
 
 /// All scenarios, checked, in file order.
@@ -286,11 +294,12 @@ pub struct Check {
     pub console: Vec<Step>,
 }
 
-/// What `cargo xtask run` may replace in a Linux compartment scenario: the data modules the
-/// VMM boots (named `linux`, `initrd`, `cmdline` by their first argument) and its guest RAM.
+/// What `cargo xtask run` may replace in a Linux or Multiboot compartment scenario: the data
+/// modules the VMM boots (named `linux` or `kernel`, `initrd`, `cmdline` by their first
+/// argument) and its guest RAM.
 #[derive(Debug, Default)]
 pub struct LinuxOverrides {
-    /// `--kernel FILE`: the bzImage.
+    /// `--kernel FILE`: the bzImage (module `linux`) or the Multiboot kernel (module `kernel`).
     pub kernel: Option<PathBuf>,
     /// `--initrd FILE`: the initramfs.
     pub initrd: Option<PathBuf>,
@@ -328,12 +337,19 @@ impl LinuxOverrides {
                     )
                 })
         };
-        for (role, file) in [("linux", &self.kernel), ("initrd", &self.initrd)] {
+        // `--kernel` replaces a Linux compartment's bzImage or a Multiboot compartment's kernel.
+        let kernel_role =
+            if by_role(modules, "linux").is_err() && by_role(modules, "kernel").is_ok() {
+                "kernel"
+            } else {
+                "linux"
+            };
+        for (role, file) in [(kernel_role, &self.kernel), ("initrd", &self.initrd)] {
             if let Some(file) = file {
                 if !file.is_file() {
                     return Err(format!(
                         "--{}: no such file: {}",
-                        if role == "linux" { "kernel" } else { "initrd" },
+                        if role == "initrd" { "initrd" } else { "kernel" },
                         file.display()
                     ));
                 }
@@ -355,7 +371,7 @@ impl LinuxOverrides {
             let vmm = modules
                 .iter_mut()
                 .find(|m| {
-                    m.args.iter().any(|a| a == "linux")
+                    m.args.iter().any(|a| a == "linux" || a == "multiboot")
                         && m.args.first().map(String::as_str) == Some("vmm")
                 })
                 .ok_or_else(|| format!("scenario `{}` has no VMM module", scenario.name))?;
@@ -699,6 +715,7 @@ impl Context<'_> {
                 label: t.label.clone(),
                 plan: t.plan,
                 plan_line: t.plan_line,
+                prefix: t.prefix.clone(),
             }),
             console: raw
                 .console
@@ -792,19 +809,65 @@ mod tests {
     }
 
     #[test]
+    fn overrides_replace_a_multiboot_kernel() {
+        let s = Scenarios::parse(
+            "scenarios.toml",
+            &std::fs::read_to_string("../scenarios.toml").unwrap(),
+        )
+        .unwrap();
+        let here = std::env::current_dir().unwrap().join("Cargo.toml");
+        let o = LinuxOverrides {
+            kernel: Some(here.clone()),
+            append: Some("mbtest ram=64M".into()),
+            mem: Some("64M".into()),
+            ..LinuxOverrides::default()
+        };
+        let changed = o.apply(s.get("multiboot").unwrap()).unwrap();
+        let Boot::Multiboot { modules, .. } = &changed.boot else {
+            panic!("not multiboot")
+        };
+        let role = |r: &str| modules.iter().find(|m| m.args[0] == r).unwrap();
+        assert_eq!(
+            role("kernel").source,
+            Source::File(here.canonicalize().unwrap())
+        );
+        assert_eq!(
+            role("cmdline").source,
+            Source::Text("mbtest ram=64M".into())
+        );
+        assert!(role("vmm").args.contains(&"ram=64M".to_string()));
+        // A Multiboot scenario without a command line module cannot take --append.
+        let bad = LinuxOverrides {
+            append: Some("x".into()),
+            ..LinuxOverrides::default()
+        };
+        assert!(bad.apply(s.get("multiboot-bad-image").unwrap()).is_err());
+    }
+
+    #[test]
     fn the_real_file_parses() {
         let s = Scenarios::parse(
             "scenarios.toml",
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios.toml")),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        for name in ["test", "vm", "vm-nosvm", "demo", "bad-module", "bad-sigma0"] {
+        for name in [
+            "test",
+            "vm",
+            "vm-nosvm",
+            "demo",
+            "bad-module",
+            "bad-sigma0",
+            "multiboot",
+            "multiboot-bad-image",
+            "multiboot-exit-status",
+        ] {
             let scenario = s.get(name).expect(name);
             assert!(scenario.groups.contains(&"test".to_string()), "{name}");
             assert!(scenario.check.is_some(), "{name}");
         }
-        // Both TAP suites have a fixed plan.
-        for name in ["test", "vm"] {
+        // The TAP suites have a fixed plan.
+        for name in ["test", "vm", "multiboot"] {
             let check = s.get(name).unwrap().check.as_ref().unwrap();
             assert!(check.tap.as_ref().is_some_and(|t| t.plan > 0), "{name}");
         }
