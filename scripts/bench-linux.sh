@@ -6,7 +6,9 @@
 #     sigma0, the root task, the VMM and Linux in the compartment) and the workloads of initramfs/l4bench.c (CPU loop, getppid,
 #     fork+exec+wait), and the VMM's exit counts by reason;
 #   * in wall-clock time, without icount: QEMU start to exit of a boot to /init that reboots
-#     at once (l4exit), median of 3 runs, native and compartment interleaved.
+#     at once (l4exit), median of 3 runs, native and compartment interleaved; the compartment
+#     once with the native command line (console on COM1, one exit per character) and once
+#     with its virtio console (console=hvc0, output in batches).
 # Writes target/bench/linux.json and prints a table. Called by scripts/bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,7 @@ fi
 runs=3
 for i in $(seq 1 $runs); do
     echo "bench-linux: wall-clock boot, run $i of $runs" >&2
-    if ! cargo xtask test --logs "target/bench/wall-$i" linux-native-boot linux-boot >&2; then
+    if ! cargo xtask test --logs "target/bench/wall-$i" linux-native-boot linux-boot linux-boot-hvc >&2; then
         echo "bench-linux.sh: a boot failed (logs in target/bench/wall-$i/)" >&2
         exit 1
     fi
@@ -42,12 +44,13 @@ if m:
     for name, count in re.findall(r"([\w-]+) (\d+)", m.group(1)):
         exits[name] = int(count)
 wall = {k: statistics.median(float(read(f"target/bench/wall-{i}/{k}.seconds")) for i in range(1, runs + 1))
-        for k in ("linux-native-boot", "linux-boot")}
+        for k in ("linux-native-boot", "linux-boot", "linux-boot-hvc")}
 rows = [("QEMU reset to /init (instructions)", run_init(native), run_init(compartment))]
 wn, wc = workloads(native), workloads(compartment)
 for w in ("cpu", "syscall", "fork_exec"):
     rows.append((f"{w} per operation (instructions)", wn.get(w), wc.get(w)))
 rows.append((f"boot to /init and reboot, wall clock s (median of {runs})", wall["linux-native-boot"], wall["linux-boot"]))
+rows.append(("  the same, compartment console on hvc0 (virtio)", wall["linux-native-boot"], wall["linux-boot-hvc"]))
 result = {"unit": "guest ns under -icount shift=0 (= instructions) unless noted",
           "rows": [{"name": n, "native": a, "compartment": b, "ratio": (b / a if a and b else None)} for n, a, b in rows],
           "compartment_exits": exits}

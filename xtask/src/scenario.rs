@@ -375,17 +375,23 @@ impl LinuxOverrides {
                         && m.args.first().map(String::as_str) == Some("vmm")
                 })
                 .ok_or_else(|| format!("scenario `{}` has no VMM module", scenario.name))?;
-            // The VMM's RAM budget at the root task covers guest RAM and the virtio disk.
-            let disk = vmm
-                .args
-                .iter()
-                .find_map(|a| parse_size(a.strip_prefix("disk=")?))
-                .unwrap_or(16 << 20);
             vmm.args
                 .retain(|a| !a.starts_with("ram=") && !a.starts_with("mem="));
-            vmm.args.push(format!("mem={mem}"));
-            vmm.args
-                .push(format!("ram={}M", (bytes + disk + (16 << 20)) >> 20));
+            if vmm.args.iter().any(|a| a == "linux") {
+                // The Linux VMM's RAM budget at the root task covers guest RAM (`mem=`) and
+                // the virtio disk.
+                let disk = vmm
+                    .args
+                    .iter()
+                    .find_map(|a| parse_size(a.strip_prefix("disk=")?))
+                    .unwrap_or(16 << 20);
+                vmm.args.push(format!("mem={mem}"));
+                vmm.args
+                    .push(format!("ram={}M", (bytes + disk + (16 << 20)) >> 20));
+            } else {
+                // A Multiboot guest's RAM is the VMM's budget.
+                vmm.args.push(format!("ram={mem}"));
+            }
             let machine = parse_size(&s.memory).unwrap_or(0);
             if machine < bytes + (256 << 20) {
                 s.memory = format!("{}M", (bytes + (384 << 20)) >> 20);
