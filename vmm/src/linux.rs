@@ -55,6 +55,7 @@ struct ExitCounts {
     deadline: u64,
     message: u64,
     hypercall: u64,
+    msr_refused: u64,
     other: u64,
     injected: u64,
 }
@@ -351,6 +352,9 @@ pub fn boot_linux() -> i64 {
         tsc_hz,
         boot_tsc,
         console: crate::console::HostConsole::open(),
+        verbose: l4::rt::arguments()
+            .split_whitespace()
+            .any(|w| w == "verbose"),
         bus,
         virtio_console: console,
         block,
@@ -409,6 +413,8 @@ struct Compartment {
     boot_tsc: u64,
     /// COM1's receive side, if this compartment has the console.
     console: Option<crate::console::HostConsole>,
+    /// Print each refused MSR access (VMM argument `verbose`).
+    verbose: bool,
     /// The virtio devices' MMIO windows.
     bus: MmioBus,
     virtio_console: Rc<RefCell<Console>>,
@@ -601,7 +607,9 @@ impl Compartment {
                 Ok(0)
             }
             (_, false) => self.platform.msr_read(msr, now).map_err(|e| {
-                println!("[vmm] Linux: rdmsr {msr:#x} refused with #GP: {e}");
+                if self.verbose {
+                    println!("[vmm] Linux: rdmsr {msr:#x} refused with #GP: {e}");
+                }
             }),
             (_, true) => match self.platform.msr_write(msr, value, now) {
                 Ok(Some(update)) => {
@@ -616,7 +624,9 @@ impl Compartment {
                 }
                 Ok(None) => Ok(0),
                 Err(e) => {
-                    println!("[vmm] Linux: wrmsr {msr:#x} <- {value:#x} refused with #GP: {e}");
+                    if self.verbose {
+                        println!("[vmm] Linux: wrmsr {msr:#x} <- {value:#x} refused with #GP: {e}");
+                    }
                     Err(())
                 }
             },
@@ -630,7 +640,8 @@ impl Compartment {
                 Next::Resume(mask)
             }
             Err(()) => {
-                // #GP(0), which Linux's safe accessors expect.
+                // #GP(0), which Linux's safe accessors expect (it probes MSRs it may not have).
+                self.counts.msr_refused += 1;
                 w[state::EVENT_INJECT] = INJECT_GP0;
                 Next::Resume(state::EVENTS)
             }
@@ -765,8 +776,8 @@ impl Compartment {
         let c = &self.counts;
         let seconds = (rdtsc() - self.boot_tsc) / self.tsc_hz.max(1);
         println!(
-            "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} interrupts injected; {seconds} s",
-            c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.injected
+            "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
+            c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.msr_refused, c.injected
         );
         match outcome {
             Outcome::PowerOff(status) => {
