@@ -103,6 +103,10 @@ fn check_all(k: &Kernel) -> Result<u64, Error> {
         let v = k.vms.get(id).expect("listed");
         add(v.quota, |h| &mut h.vms, v.charged + VM_BYTES);
     }
+    // A dying VM keeps its whole charge until its last destruction step.
+    for d in &k.dying_vms {
+        add(d.vm.quota, |h| &mut h.vms, d.vm.charged + VM_BYTES);
+    }
     for id in k.vcpus.ids() {
         add(
             k.vcpus.get(id).expect("listed").quota,

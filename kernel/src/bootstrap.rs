@@ -343,6 +343,7 @@ pub fn boot(magic: u32, multiboot_info: u64) -> Kernel {
         timer_hz: TIMER_HZ,
         timeouts: Vec::new(),
         reaping: Vec::new(),
+        dying_vms: Vec::new(),
         waiter_scan: None,
         waiter_rescan: false,
         kip_frame,

@@ -69,6 +69,9 @@ pub struct Kernel {
     /// Tasks whose last capability went, destroyed in steps by [`crate::lifetime::reap`]
     /// (room for every live task is reserved when a task is created).
     pub reaping: Vec<TaskId>,
+    /// VMs whose last reference went (or whose creator died), destroyed in steps by
+    /// [`crate::vm::destroy_vm_step`] (room for every live VM is reserved at creation).
+    pub dying_vms: Vec<crate::vm::DyingVm>,
     /// A scan for closed receives waiting on a destroyed never-bound thread, in progress
     /// from this thread slot (see [`crate::lifetime::tick`]).
     pub waiter_scan: Option<usize>,

@@ -147,7 +147,7 @@ pub fn drop_vm_reference(k: &mut Kernel, id: VmId) {
     v.references = v.references.saturating_sub(1);
     if v.references == 0 {
         if let Some(vm) = k.vms.remove(id) {
-            crate::vm::destroy_vm(k, id, &vm);
+            crate::vm::destroy_vm(k, id, vm);
         }
     }
 }
@@ -206,7 +206,7 @@ pub fn destroy_unbound_thread(k: &mut Kernel, id: ThreadId) {
 /// and one bounded step of the scan that fails the closed receives waiting on destroyed
 /// never-bound threads (a waiter is failed within a few ticks of the thread's death).
 pub fn tick(k: &mut Kernel) {
-    if !k.reaping.is_empty() {
+    if !k.reaping.is_empty() || !k.dying_vms.is_empty() {
         reap(k);
     }
     if let Some(mut cursor) = k.waiter_scan {
@@ -233,9 +233,14 @@ fn queue_task(k: &mut Kernel, id: TaskId) {
     k.reaping.push(id);
 }
 
-/// One `TaskDestroy` step (bounded, see `syscall::STEP_UNITS`) of the first queued task;
+/// One bounded step (see `syscall::STEP_UNITS`) of destroying the first dying VM
+/// ([`crate::vm::destroy_vm_step`]) or else of the first queued task (`TaskDestroy`'s steps);
 /// called at the end of every syscall and at every timer tick while any is queued.
 pub fn reap(k: &mut Kernel) {
+    if !k.dying_vms.is_empty() {
+        crate::vm::destroy_vm_step(k, crate::syscall::STEP_UNITS);
+        return;
+    }
     let Some(&task) = k.reaping.first() else {
         return;
     };

@@ -913,12 +913,3 @@ pub fn revoke_task_step(k: &mut Kernel, task: TaskId, database: &mut u8, budget:
     }
     *database > 2
 }
-
-/// Forget the mappings of a VM that is being destroyed (its nested page tables go with it;
-/// its nodes are refunded with the rest of what it was charged).
-pub fn forget_vm(k: &mut Kernel, vm: VmId) {
-    let space = Space::Vm(vm);
-    let removed = k.memory_db.remove_space(space);
-    // A VM's mappings have nothing derived from them.
-    debug_assert!(removed.iter().all(|m| m.space == space));
-}

@@ -109,8 +109,8 @@ pub fn dispatch(k: &mut Kernel) -> ! {
             }
         }
     }
-    if !k.reaping.is_empty() {
-        // A task whose last capability went: one bounded step of its destruction.
+    if !k.reaping.is_empty() || !k.dying_vms.is_empty() {
+        // A task or VM whose last capability went: one bounded step of its destruction.
         crate::lifetime::reap(k);
     }
     k.schedule()
@@ -1004,7 +1004,7 @@ fn destroy_owned(
             let vms = k.vms.drain_where(cursor, limit, max, |v| v.owner == task);
             let count = vms.len();
             for (id, vm) in vms {
-                crate::vm::destroy_vm(k, id, &vm);
+                crate::vm::destroy_vm(k, id, vm);
             }
             count
         }

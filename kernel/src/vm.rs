@@ -179,6 +179,11 @@ pub fn create_vm(
         return Err(Error::NotSupported);
     }
     crate::memory::reserve_kept()?;
+    // Room to queue every live VM for destruction, so that dropping one never allocates.
+    let wanted = k.vms.len() + k.dying_vms.len() + 1;
+    k.dying_vms
+        .try_reserve(wanted.saturating_sub(k.dying_vms.len()))
+        .map_err(|_| Error::OutOfMemory)?;
     let q = k.quotas.get_mut(quota).ok_or(Error::InvalidCapability)?;
     q.charge(VM_BYTES).map_err(|_| Error::OutOfMemory)?;
     let asid = k.svm.as_mut().and_then(|svm| svm.asids.allocate());
@@ -338,20 +343,92 @@ pub fn destroy_vcpu(k: &mut Kernel, vcpu: &Vcpu) {
 }
 
 /// Destroy VM `id` (removed from its arena as `vm`: no capability and no vCPU names it any
-/// more, or its creator is being destroyed): its
-/// nested page tables are freed and the quota refunded; guest memory mappings were derived
-/// from the VMM's memory and go from the mapping database.
-pub fn destroy_vm(k: &mut Kernel, id: VmId, vm: &Vm) {
-    crate::map::forget_vm(k, id);
-    if let Some(svm) = k.svm.as_mut() {
-        svm.asids.free(vm.asid);
+/// more, or its creator is being destroyed): it is queued, and [`destroy_vm_step`] removes
+/// its nodes from the mapping database (they were derived from the VMM's memory; nothing is
+/// derived from them), frees its nested page tables, its ASID and refunds its quota, in
+/// bounded steps.
+pub fn destroy_vm(k: &mut Kernel, id: VmId, vm: alloc::boxed::Box<Vm>) {
+    // `create_vm` reserved room for every live VM, so this does not allocate.
+    k.dying_vms.push(DyingVm {
+        id,
+        vm,
+        stage: VmDeath::Mappings,
+    });
+}
+
+/// A VM taken out of the arena (no capability or vCPU reaches it any more) whose mapping
+/// nodes and nested page tables are freed in bounded steps ([`destroy_vm_step`]); it keeps its
+/// charge and its ASID until the last step.
+pub struct DyingVm {
+    /// Its id (the key of its mapping nodes).
+    pub id: VmId,
+    /// The VM.
+    pub vm: alloc::boxed::Box<Vm>,
+    /// How far its destruction got.
+    pub stage: VmDeath,
+}
+
+/// The stages of a VM's destruction.
+#[derive(Clone, Copy, Debug)]
+pub enum VmDeath {
+    /// Its nodes leave the mapping database (nothing is derived from them).
+    Mappings,
+    /// Its nested page tables are freed, from this 1 GiB slot on.
+    Tables(u64),
+}
+
+/// One step of destroying the first dying VM, for about `budget` units (those of
+/// `syscall::STEP_UNITS`); called with the task reaping at the end of every syscall and at
+/// every timer tick while any VM is dying.
+pub fn destroy_vm_step(k: &mut Kernel, budget: usize) {
+    let mut budget = budget;
+    loop {
+        let Some(dying) = k.dying_vms.first_mut() else {
+            return;
+        };
+        match dying.stage {
+            VmDeath::Mappings => {
+                let space = crate::map::Space::Vm(dying.id);
+                // A mapping-database unit is about as much work as 16 of ours, and removing
+                // a node about 8 of those; the removed nodes stay charged until the last
+                // step refunds everything at once.
+                let (removed, done) = k
+                    .memory_db
+                    .remove_space_bounded(space, (budget / 16).max(1));
+                budget = budget.saturating_sub(16 + removed.len() * 128);
+                if !done {
+                    return;
+                }
+                if let Some(d) = k.dying_vms.first_mut() {
+                    d.stage = VmDeath::Tables(0);
+                }
+                if budget == 0 {
+                    return;
+                }
+            }
+            VmDeath::Tables(mut cursor) => {
+                // A frame freed is about 4 units.
+                let npt = dying.vm.npt;
+                let frames = (budget / 4).max(1) as u64;
+                if !npt.destroy_step(&mut cursor, frames, &mut k.frames) {
+                    if let Some(d) = k.dying_vms.first_mut() {
+                        d.stage = VmDeath::Tables(cursor);
+                    }
+                    return;
+                }
+                let dying = k.dying_vms.remove(0);
+                if let Some(svm) = k.svm.as_mut() {
+                    svm.asids.free(dying.vm.asid);
+                }
+                // The nodes, the tables (the root too) and the object itself.
+                if let Some(q) = k.quotas.get_mut(dying.vm.quota) {
+                    q.refund(dying.vm.charged + VM_BYTES);
+                }
+                crate::lifetime::release_quota(k, dying.vm.quota);
+                return;
+            }
+        }
     }
-    // Frees the root too, which the object's charge covers.
-    vm.npt.destroy(&mut k.frames);
-    if let Some(q) = k.quotas.get_mut(vm.quota) {
-        q.refund(vm.charged + VM_BYTES);
-    }
-    crate::lifetime::release_quota(k, vm.quota);
 }
 
 /// Where each segment register of the transfer state lives in the VMCB.

@@ -303,6 +303,55 @@ impl AddressSpace {
         frames.free_frame(self.root);
     }
 
+    /// One bounded step of [`Self::destroy`]: frees the page-directory subtrees (a page
+    /// directory and its page tables, at most 513 frames each) from `*cursor` (an index of
+    /// the 1 GiB slots of the user half, advanced) until about `budget` frames are freed,
+    /// each page-directory-pointer table after its last slot, and the root at the end.
+    /// Returns whether the address space is gone.
+    pub fn destroy_step(
+        &self,
+        cursor: &mut u64,
+        budget: u64,
+        frames: &mut impl FrameSource,
+    ) -> bool {
+        let mut freed = 0;
+        while *cursor < 256 * 512 {
+            let (i, j) = ((*cursor / 512) as usize, (*cursor % 512) as usize);
+            // SAFETY: walking our own page tables, which nothing else uses any more.
+            let top = unsafe { table(self.root) }[i];
+            if top & PRESENT == 0 || top & HUGE != 0 {
+                *cursor = (i as u64 + 1) * 512;
+                continue;
+            }
+            let pdpt = top & ADDRESS_MASK;
+            // SAFETY: as above.
+            let entry = unsafe { table(pdpt) }[j];
+            if entry & PRESENT != 0 && entry & HUGE == 0 {
+                let pd = entry & ADDRESS_MASK;
+                let before = count_tables(pd, 1, 512);
+                free_tables(pd, 1, 512, frames);
+                frames.free_frame(pd);
+                // SAFETY: as above; the slot no longer names the freed directory.
+                let entries = unsafe { table(pdpt) };
+                entries[j] = 0;
+                freed += before + 1;
+            }
+            *cursor += 1;
+            if j == 511 {
+                frames.free_frame(pdpt);
+                // SAFETY: as above.
+                let entries = unsafe { table(self.root) };
+                entries[i] = 0;
+                freed += 1;
+            }
+            if freed >= budget {
+                return false;
+            }
+        }
+        frames.free_frame(self.root);
+        true
+    }
+
     /// Number of page-table frames below the root in the user half (what [`Self::destroy`]
     /// frees besides the root); walks the tables, allocates nothing.
     pub fn table_frames(&self) -> u64 {

@@ -182,6 +182,40 @@ fn lifetime_cases(suite: &Suite) {
         check("lifetime", "without SVM: no VM and vCPU (skipped)", true);
     }
 
+    // A VM with thousands of mappings is destroyed in bounded steps after its last capability
+    // goes: the deletion returns before anything is refunded, and later syscalls finish it.
+    if guest_asids() > 0 {
+        const PAGES: u64 = 2048;
+        let vm = alloc_slot();
+        let created = sys::factory_create(factory, ObjectKind::Vm, vm, NO_CAP, 0);
+        let mut mapped = 0;
+        for i in 0..PAGES {
+            let source = Fpage::memory(SUPERPAGE + (i % 512) * PAGE_SIZE, 12, Fpage::RWX);
+            if created.is_ok() && sys::map(vm, source, i * PAGE_SIZE, 0).is_ok() {
+                mapped += 1;
+            }
+        }
+        let with_vm = used(factory) - before;
+        let deleted = sys::cap_delete(vm);
+        let right_after = used(factory) - before;
+        let mut after = right_after;
+        for _ in 0..5_000 {
+            if after == 0 {
+                break;
+            }
+            sys::thread_yield();
+            after = used(factory) - before;
+        }
+        check_eq(
+            "lifetime",
+            "a VM with 2,048 mappings is destroyed in bounded steps after its capability goes, then gives back every byte",
+            (created, mapped, deleted, right_after == with_vm && with_vm > 0, after),
+            (Ok(()), PAGES, Ok(()), true, 0),
+        );
+    } else {
+        check("lifetime", "without SVM: no VM destroyed in steps (skipped)", true);
+    }
+
     // A child task dies with our capability to it; its own SELF_TASK does not keep it.
     let child_factory = alloc_slot();
     let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, child_factory, 1 << 20, 0);
