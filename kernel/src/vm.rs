@@ -466,28 +466,13 @@ const INJECT_UD: u64 = state::event::UD;
 /// Event injection of #GP(0): valid, error code (0), exception, vector 13.
 const INJECT_GP0: u64 = state::event::GP0;
 
-const CR0_ALLOWED: u64 = 0xe005_003f;
-/// CR4 bits a guest may have (VMRUN still rejects what the CPU lacks): VME..OSXMMEXCPT, UMIP,
-/// LA57, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
-const CR4_ALLOWED: u64 = 0x0077_1fff;
-const EFER_ALLOWED: u64 = 0x0d01;
-
 /// Load the state groups in `mask` from `words` into the vCPU, refusing state the kernel does
 /// not allow (it cannot count on the CPU to reject inconsistent state).
 fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Result<(), Error> {
     let frame = vcpu.vmcb;
     if mask & state::CONTROL != 0 {
         let (cr0, cr4, efer) = (words[state::CR0], words[state::CR4], words[state::EFER]);
-        let paging = cr0 & (1 << 31) != 0;
-        let long = efer & (1 << 8) != 0;
-        if cr0 & !CR0_ALLOWED != 0
-            || cr4 & !CR4_ALLOWED != 0
-            || efer & !(EFER_ALLOWED | svm::EFER_SVME) != 0
-            || (paging && cr0 & 1 == 0)
-            || (cr0 & (1 << 29) != 0 && cr0 & (1 << 30) == 0)
-            || (long && paging && cr4 & (1 << 5) == 0)
-            || ((efer & (1 << 10) != 0) != (long && paging))
-        {
+        if !kernel_core::vcpu_state::control_valid(cr0, cr4, efer) {
             return Err(Error::InvalidArgument);
         }
         write(frame, vmcb::CR0, cr0);
@@ -520,11 +505,11 @@ fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Result<(), Error
     if mask & state::GPRS != 0 {
         write(frame, vmcb::RIP, words[state::RIP]);
         write(frame, vmcb::RSP, words[state::RSP]);
-        // Reserved bit 1 set; VM and other reserved bits clear.
+        // The defined flags; reserved bit 1 set, the other reserved bits clear.
         write(
             frame,
             vmcb::RFLAGS,
-            (words[state::RFLAGS] & 0x003f_7fd7) | 2,
+            kernel_core::vcpu_state::guest_rflags(words[state::RFLAGS]),
         );
         write(frame, vmcb::RAX, words[state::RAX]);
         let r = &mut vcpu.registers;
@@ -535,14 +520,7 @@ fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Result<(), Error
     }
     if mask & state::EVENTS != 0 {
         let event = words[state::EVENT_INJECT];
-        // Valid bit 31; type 0 (external interrupt), 2 (NMI), 3 (exception) or 4 (software
-        // interrupt); reserved bits clear.
-        let kind = (event >> 8) & 7;
-        if event != 0
-            && (event & (1 << 31) == 0
-                || !matches!(kind, 0 | 2 | 3 | 4)
-                || event & 0x7fff_f000 != 0)
-        {
+        if !kernel_core::vcpu_state::event_valid(event) {
             return Err(Error::InvalidArgument);
         }
         write(frame, vmcb::EVENT_INJECT, event);
