@@ -351,7 +351,7 @@ pub fn boot(magic: u32, multiboot_info: u64) -> Kernel {
         fpu: crate::fpu::Fpu::init(eager_fpu),
     };
 
-    k.svm = crate::vm::init(&mut k.frames);
+    k.svm = crate::arch::x86_64::svm::init(&mut k.frames);
     if modules.len() < 2 {
         panic!(
             "need at least two boot modules (sigma0 and the root task), got {}",

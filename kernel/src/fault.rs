@@ -5,10 +5,11 @@
 
 use crate::arch::x86_64::entry::Frame;
 use crate::arch::x86_64::entry::{RFLAGS_IF, RFLAGS_RESERVED, RFLAGS_USER_MASK};
-use crate::ipc::{self, Message};
+use crate::arch::x86_64::svm::vmcb;
+use crate::ipc::{self, utcb, Message};
 use crate::kernel::Kernel;
 use crate::map::{map_memory, Space};
-use crate::object::ThreadId;
+use crate::object::{ThreadId, VcpuId, VmId};
 use crate::thread::{AfterDelivery, KernelMessage, ThreadState, KERNEL_MESSAGE_WORDS};
 use l4_abi::{
     fault_access, Fpage, MapItem, MessageTag, Timeout, LABEL_DEATH, LABEL_EXCEPTION,
@@ -99,7 +100,7 @@ pub fn page_fault_timed(
 /// The pager's answer (`message` from `pager`) to the fault of `faulter`.
 pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, message: &Message) {
     if let Some((vm, vcpu)) = k.thread(faulter).guest_fault.take() {
-        crate::vm::apply_guest_fault_reply(k, pager, faulter, vm, vcpu, message);
+        apply_guest_fault_reply(k, pager, faulter, vm, vcpu, message);
         return;
     }
     let fault_address = k.thread(faulter).fault_address;
@@ -314,4 +315,99 @@ pub fn kernel_fault(frame: &Frame) -> ! {
         frame.rdi,
         frame.rbp
     );
+}
+
+// ---- guest page faults: a VM's nested page faults as IPC to its pager
+
+/// Send the nested page fault of `vcpu` to its VM's pager, in the name of `caller` (which
+/// re-issues its `VcpuRun` once the fault is resolved). False if the VM has no usable pager.
+pub(crate) fn guest_fault_to_pager(
+    k: &mut Kernel,
+    caller: ThreadId,
+    vm: VmId,
+    vcpu: VcpuId,
+) -> bool {
+    let Some(Ok((pager, badge))) = k
+        .vms
+        .get(vm)
+        .and_then(|v| v.pager)
+        .map(|cap| k.ipc_target(cap))
+    else {
+        return false;
+    };
+    let frame = k.vcpus.get(vcpu).expect("vcpu").vmcb;
+    let (gpa, error, rip): (u64, u64, u64) = (
+        crate::vm::read(frame, vmcb::EXIT_INFO2),
+        crate::vm::read(frame, vmcb::EXIT_INFO1),
+        crate::vm::read(frame, vmcb::RIP),
+    );
+    let thread = k.thread(caller);
+    thread.frame.rip -= 2;
+    thread.frame.rsi = 0;
+    thread.fault_address = gpa;
+    thread.guest_fault = Some((vm, vcpu));
+    let mut words = [0; crate::thread::KERNEL_MESSAGE_WORDS];
+    words[..3].copy_from_slice(&[gpa, error, rip]);
+    thread.kernel_message = Some(crate::thread::KernelMessage {
+        tag: l4_abi::MessageTag::new(l4_abi::LABEL_GUEST_PAGE_FAULT, 3, 0),
+        words,
+        after: crate::thread::AfterDelivery::AwaitFaultReply,
+    });
+    let sent = crate::ipc::send(
+        k,
+        caller,
+        pager,
+        badge,
+        true,
+        l4_abi::Timeout::INFINITE,
+        l4_abi::Timeout::INFINITE,
+    );
+    if sent.is_err() {
+        let thread = k.thread(caller);
+        thread.kernel_message = None;
+        thread.guest_fault = None;
+        thread.frame.rip += 2;
+        return false;
+    }
+    true
+}
+
+/// The VM pager's answer to the guest page fault of `thread`'s vCPU: a map item maps into the
+/// VM and the vCPU run is re-issued; anything else returns the exit to the VMM.
+pub fn apply_guest_fault_reply(
+    k: &mut Kernel,
+    pager: ThreadId,
+    thread: ThreadId,
+    vm: VmId,
+    vcpu: VcpuId,
+    message: &crate::ipc::Message,
+) {
+    let tag = message.tag;
+    let gpa = k.thread(thread).fault_address;
+    let mut mapped = false;
+    if tag.label() == 0 && tag.typed() > 0 {
+        let item = l4_abi::MapItem {
+            control: message.words[tag.untyped()],
+            fpage: Fpage(message.words[tag.untyped() + 1]),
+        };
+        let (source, destination) =
+            crate::map::place_window(Fpage::memory(0, 46, Fpage::RWX), item);
+        if let Some(from) = k.task_of(pager) {
+            let to = crate::map::Space::Vm(vm);
+            mapped = crate::map::map_memory(k, from, source, to, destination, false).is_ok()
+                && k.vms.get(vm).is_some_and(|v| v.npt.lookup(gpa).is_some());
+        }
+    }
+    if !mapped {
+        // Hand the exit to the VMM: its VcpuRun returns the nested page fault.
+        let words = &mut utcb(k, thread).mr;
+        if let Some(v) = k.vcpus.get(vcpu) {
+            crate::vm::store_state(v, words);
+        }
+        let f = &mut k.thread(thread).frame;
+        f.rip += 2;
+        f.rax = 0;
+        f.rdi = l4_abi::vcpu::exit::NPF;
+    }
+    k.wake(thread);
 }

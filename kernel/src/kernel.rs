@@ -29,7 +29,7 @@ pub struct Kernel {
     /// Virtual CPUs.
     pub vcpus: Arena<crate::vm::Vcpu>,
     /// SVM state (`None` without SVM and nested paging).
-    pub svm: Option<crate::vm::Svm>,
+    pub svm: Option<crate::arch::x86_64::svm::Svm>,
     /// The IRQ object of each line.
     pub irq_lines: [Option<crate::object::IrqId>; crate::irq::LINES],
     /// The task whose I/O bitmap is loaded in the TSS (`None`: all ports denied).

@@ -2,6 +2,8 @@
 //! (`vmrun` with the guest's general registers and the host's hidden state saved around it).
 
 use super::cpu::{self, msr};
+use super::paging::{phys_to_virt, PAGE_4K};
+use crate::memory::FrameSource;
 use core::arch::global_asm;
 
 /// VM_HSAVE_PA: the host state-save area.
@@ -394,3 +396,103 @@ svm_world_switch:
     ret
 "#
 );
+
+/// Per-CPU SVM state, set up at boot when the CPU supports SVM with nested paging.
+pub struct Svm {
+    /// Host VMCB for `vmsave`/`vmload` of the host's hidden state.
+    pub host_vmcb: u64,
+    /// I/O permission map (12 KiB, all ports intercepted).
+    pub iopm: u64,
+    /// MSR permission map (8 KiB, all MSRs intercepted).
+    pub msrpm: u64,
+    /// The guests' address-space identifiers: each live VM holds one; a VM's death frees it.
+    pub asids: kernel_core::AsidAllocator,
+    /// Whether XCR0 and the extended state are switched between host and guests.
+    pub xcr0_switching: bool,
+    /// An all-zero XSAVE area: restoring it clears the extended registers.
+    pub zero_area: u64,
+    /// The state components saved and restored around guest runs (all the CPU supports whose
+    /// XSAVE image fits a page, at least x87 and SSE).
+    pub xstate: u64,
+}
+
+/// SYSENTER_CS/ESP/EIP, STAR, LSTAR, CSTAR, SFMASK, FS_BASE, GS_BASE, KERNEL_GS_BASE.
+const PASSTHROUGH_MSRS: [u32; 10] = [
+    0x174,
+    0x175,
+    0x176,
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0xc000_0100,
+    0xc000_0101,
+    0xc000_0102,
+];
+
+/// Set up SVM if the CPU has it (called at boot); `None` otherwise.
+pub fn init(frames: &mut crate::memory::Pool) -> Option<Svm> {
+    if !supported() {
+        crate::info!("SVM with nested paging not available: VM objects are not supported");
+        return None;
+    }
+    let host_save = frames.allocate_zeroed()?;
+    let host_vmcb = frames.allocate_zeroed()?;
+    let zero_area = frames.allocate_zeroed()?;
+    init_xsave_area(zero_area);
+    let iopm = frames.allocate_contiguous(3, 1)?;
+    let msrpm = frames.allocate_contiguous(2, 1)?;
+    for (base, pages) in [(iopm, 3), (msrpm, 2)] {
+        // SAFETY: freshly allocated kernel frames in the direct map.
+        unsafe {
+            core::ptr::write_bytes(
+                phys_to_virt(base) as *mut u8,
+                0xff,
+                pages * PAGE_4K as usize,
+            )
+        };
+    }
+    // MSRs that VMRUN/VMLOAD/VMSAVE keep per guest (the world switch saves and restores the
+    // host's around each run): the guest accesses them directly. Everything else exits.
+    for msr in PASSTHROUGH_MSRS {
+        let (region, index) = match msr {
+            0..=0x1fff => (0, msr),
+            0xc000_0000..=0xc000_1fff => (0x800, msr - 0xc000_0000),
+            _ => continue,
+        };
+        let bit = index as usize * 2;
+        let byte = phys_to_virt(msrpm) as usize + region + bit / 8;
+        // SAFETY: inside the MSR permission map allocated above (two pages); clears the read
+        // and write intercept bits of this MSR.
+        unsafe { *(byte as *mut u8) &= !(0b11 << (bit % 8)) };
+    }
+    enable(host_save);
+    // DR0-DR3 are 0 outside guest runs (whatever the boot loader left).
+    take_debug_registers();
+    let xcr0_switching = enable_xcr0_switching();
+    crate::info!(
+        "SVM enabled with nested paging{}",
+        if xcr0_switching {
+            ", XCR0 switched per guest"
+        } else {
+            ""
+        }
+    );
+    Some(Svm {
+        host_vmcb,
+        iopm,
+        msrpm,
+        // At most 2^16 (a bitmap of 8 KiB), however many the CPU has.
+        asids: kernel_core::AsidAllocator::new(asid_count().min(1 << 16)),
+        xcr0_switching,
+        zero_area,
+        xstate: saved_xstate(),
+    })
+}
+
+/// Make a zeroed XSAVE area the initial state: all components absent (XSTATE_BV = 0) and
+/// MXCSR at its reset value (it is loaded whenever SSE state is restored).
+pub fn init_xsave_area(frame: u64) {
+    // SAFETY: a kernel-owned frame in the direct map; MXCSR lives at byte 24 of the area.
+    unsafe { core::ptr::write_unaligned((phys_to_virt(frame) + 24) as *mut u32, 0x1f80) }
+}

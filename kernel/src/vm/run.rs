@@ -1,0 +1,175 @@
+//! `VcpuRun`: the world switch loop, the exits the kernel handles itself (physical interrupts,
+//! XSETBV, guest page faults for a VM pager) and its own exits (deadline, message).
+
+use super::vcpu_state::{load_state, store_state};
+use super::{read, write, VcpuId};
+use crate::arch::x86_64::svm::{self, vmcb};
+use crate::ipc::utcb;
+use crate::kernel::Kernel;
+use crate::object::ThreadId;
+use l4_abi::vcpu::{self as state, exit};
+use l4_abi::Error;
+
+/// CR4.OSXSAVE.
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// Event injection of #UD: valid, exception, vector 6.
+const INJECT_UD: u64 = state::event::UD;
+/// Event injection of #GP(0): valid, error code (0), exception, vector 13.
+const INJECT_GP0: u64 = state::event::GP0;
+
+/// The exit `VcpuRun` of `caller` takes instead of entering the guest, if any: a message
+/// waiting for the caller ([`exit::MESSAGE`], checked first), or `deadline` (a TSC value; 0:
+/// none) reached ([`exit::DEADLINE`]). Without pending IRQs or queued senders this is two
+/// loads and, with a deadline, an `rdtsc`.
+fn software_exit(k: &mut Kernel, caller: ThreadId, deadline: u64) -> Option<u64> {
+    if crate::irq::pending_for(k, caller).is_some() || crate::ipc::sender_waiting(k, caller) {
+        return Some(exit::MESSAGE);
+    }
+    if deadline != 0 && crate::arch::x86_64::cpu::rdtsc() >= deadline {
+        return Some(exit::DEADLINE);
+    }
+    None
+}
+
+/// `VcpuRun` of thread `caller` on `vcpu`, loading `mask` first, until `deadline` (a TSC
+/// value; 0: none). Returns with the exit in the caller's UTCB and the exit code in its `rdi`,
+/// or an error; a physical interrupt makes the caller re-issue the call (with an empty mask,
+/// the same deadline) after the kernel handled it.
+pub fn run(
+    k: &mut Kernel,
+    caller: ThreadId,
+    vcpu_id: VcpuId,
+    mask: u64,
+    deadline: u64,
+) -> Result<(), Error> {
+    let (host_vmcb, xcr0_switching, zero_area, xstate) = k
+        .svm
+        .as_ref()
+        .map(|s| (s.host_vmcb, s.xcr0_switching, s.zero_area, s.xstate))
+        .ok_or(Error::NotSupported)?;
+    if mask & !state::ALL != 0 {
+        return Err(Error::InvalidArgument);
+    }
+    let words = &mut utcb(k, caller).mr;
+    let vm_id = k.vcpus.get(vcpu_id).ok_or(Error::InvalidCapability)?.vm;
+    if !k.vms.contains(vm_id) {
+        return Err(Error::InvalidCapability);
+    }
+    let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
+    load_state(vcpu, words, mask)?;
+    // The guest gets the registers: the owner's user state is saved first (the VMM thread
+    // gets its own back when it next runs), and user threads run with the user XCR0.
+    crate::fpu::surrender(k);
+    let user_xcr0 = k.fpu.hardware.xcr0;
+    loop {
+        // Before every entry: a waiting message or the deadline returns to the VMM with the
+        // state as it stands (a pending re-injection stays pending, and is reported).
+        if let Some(code) = software_exit(k, caller, deadline) {
+            let words = &mut utcb(k, caller).mr;
+            let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");
+            store_state(vcpu, words);
+            words[state::EXIT_CODE] = code;
+            words[state::EXIT_INFO1] = 0;
+            words[state::EXIT_INFO2] = 0;
+            words[state::EXIT_INT_INFO] = vcpu.reinject;
+            k.thread(caller).frame.rdi = code;
+            return Ok(());
+        }
+        let flush = k
+            .vms
+            .get_mut(vm_id)
+            .map(|v| core::mem::take(&mut v.flush))
+            .unwrap_or(false);
+        let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
+        let frame = vcpu.vmcb;
+        // Flush the guest's TLB entries when a guest mapping was removed since the last run.
+        write(frame, vmcb::TLB_CONTROL, if flush { 1u8 } else { 0u8 });
+        let injected: u64 = read(frame, vmcb::EVENT_INJECT);
+        if injected & (1 << 31) == 0 && vcpu.reinject & (1 << 31) != 0 {
+            write(frame, vmcb::EVENT_INJECT, vcpu.reinject);
+        }
+        vcpu.reinject = 0;
+        // SAFETY: the VMCB was built by `create_vcpu` and only changed through `load_state`;
+        // its nested page tables hold only what the VMM mapped.
+        unsafe {
+            if xcr0_switching {
+                // The guest's x87/SSE/AVX registers (nothing of another guest's), then its XCR0.
+                svm::set_xcr0(xstate);
+                svm::xrstor(vcpu.fpu, xstate);
+                svm::set_xcr0(vcpu.xcr0);
+            }
+            // Its DR0-DR3 (DR6 and DR7 are in the VMCB); afterwards they are saved and
+            // cleared, so no task or other guest sees them.
+            svm::load_debug_registers(&vcpu.debug);
+            svm::run(frame, &mut vcpu.registers, host_vmcb);
+            vcpu.debug = svm::take_debug_registers();
+            if xcr0_switching {
+                // Save what the guest left (XCR0 as the CPU accepted it), clear the registers
+                // so no task or other guest sees them, and return to the host's XCR0.
+                vcpu.xcr0 = svm::xcr0();
+                svm::set_xcr0(xstate);
+                svm::xsave(vcpu.fpu, xstate);
+                svm::xrstor(zero_area, xstate);
+                svm::set_xcr0(user_xcr0);
+            }
+        }
+        let code = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;
+        let interrupted: u64 = read(frame, vmcb::EXIT_INT_INFO);
+        if interrupted & (1 << 31) != 0 {
+            vcpu.reinject = interrupted;
+        }
+        write(frame, vmcb::EVENT_INJECT, 0u64);
+        match code {
+            exit::INTR | exit::NMI => {
+                // A physical interrupt: let the kernel take it (it stays pending until interrupts
+                // are enabled again, at the latest when a thread runs) and make the VMM's call
+                // resume the guest afterwards, loading nothing new.
+                let f = &mut k.thread(caller).frame;
+                f.rip -= 2;
+                f.rsi = 0;
+                k.schedule()
+            }
+            exit::INVALID => {
+                crate::warn!("VMRUN refused the vCPU state (invalid VMCB)");
+                return Err(Error::InvalidArgument);
+            }
+            exit::NPF if crate::fault::guest_fault_to_pager(k, caller, vm_id, vcpu_id) => {
+                k.schedule()
+            }
+            exit::XSETBV if xcr0_switching => {
+                // Handled here: XCR0 is switched per guest, so the guest may set its own
+                // (within what the CPU supports). The intercept comes before the CPU's own
+                // checks, so they are made here as the CPU makes them: #UD without the
+                // guest's CR4.OSXSAVE, #GP(0) at CPL > 0, for an XCR other than XCR0 or an
+                // invalid value.
+                let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
+                let value =
+                    (vcpu.registers.rdx << 32) | (read::<u64>(frame, vmcb::RAX) & 0xffff_ffff);
+                let supported = svm::supported_xcr0();
+                let osxsave = read::<u64>(frame, vmcb::CR4) & CR4_OSXSAVE != 0;
+                let valid = read::<u8>(frame, vmcb::CPL) == 0
+                    && vcpu.registers.rcx & 0xffff_ffff == 0
+                    && value & 1 != 0
+                    && value & !supported == 0
+                    && (value & 4 == 0 || value & 2 != 0);
+                if !osxsave {
+                    write(frame, vmcb::EVENT_INJECT, INJECT_UD);
+                } else if valid {
+                    vcpu.xcr0 = value;
+                    let rip: u64 = read(frame, vmcb::RIP);
+                    write(frame, vmcb::RIP, rip + 3);
+                } else {
+                    write(frame, vmcb::EVENT_INJECT, INJECT_GP0);
+                }
+                continue;
+            }
+            _ => {
+                let words = &mut utcb(k, caller).mr;
+                let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");
+                store_state(vcpu, words);
+                k.thread(caller).frame.rdi = code;
+                return Ok(());
+            }
+        }
+    }
+}

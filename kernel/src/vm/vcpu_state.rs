@@ -1,0 +1,142 @@
+//! The vCPU state that travels through the VMM thread's UTCB: loaded into the VMCB (after the
+//! checks of `kernel_core::vcpu_state`) and stored back at every exit.
+
+use super::{read, write, write_segment, Vcpu};
+use crate::arch::x86_64::svm::{self, vmcb};
+use l4_abi::vcpu as state;
+use l4_abi::Error;
+
+/// Where each segment register of the transfer state lives in the VMCB.
+const SEGMENT_REGISTERS: [(usize, usize); 8] = [
+    (state::CS, vmcb::CS),
+    (state::SS, vmcb::SS),
+    (state::DS, vmcb::DS),
+    (state::ES, vmcb::ES),
+    (state::FS, vmcb::FS),
+    (state::GS, vmcb::GS),
+    (state::TR, vmcb::TR),
+    (state::LDTR, vmcb::LDTR),
+];
+/// Where the descriptor-table registers live.
+const TABLE_REGISTERS: [(usize, usize); 2] = [(state::GDTR, vmcb::GDTR), (state::IDTR, vmcb::IDTR)];
+
+/// Load the state groups in `mask` from `words` into the vCPU, refusing state the kernel does
+/// not allow (it cannot count on the CPU to reject inconsistent state).
+pub(crate) fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Result<(), Error> {
+    let frame = vcpu.vmcb;
+    if mask & state::CONTROL != 0 {
+        let (cr0, cr4, efer) = (words[state::CR0], words[state::CR4], words[state::EFER]);
+        if !kernel_core::vcpu_state::control_valid(cr0, cr4, efer) {
+            return Err(Error::InvalidArgument);
+        }
+        write(frame, vmcb::CR0, cr0);
+        write(frame, vmcb::CR2, words[state::CR2]);
+        write(frame, vmcb::CR3, words[state::CR3] & 0x000f_ffff_ffff_ffff);
+        write(frame, vmcb::CR4, cr4);
+        write(frame, vmcb::EFER, efer | svm::EFER_SVME);
+    }
+    if mask & state::SEGMENTS != 0 {
+        for (index, offset) in SEGMENT_REGISTERS {
+            let w = words[index];
+            write_segment(
+                frame,
+                offset,
+                (
+                    w as u16,
+                    (w >> 16) as u16 & 0xfff,
+                    (w >> 32) as u32,
+                    words[index + 1],
+                ),
+            );
+        }
+        for (index, offset) in TABLE_REGISTERS {
+            write(frame, offset + 4, words[index] as u32);
+            write(frame, offset + 8, words[index + 1]);
+        }
+        let ss_attributes = (words[state::SS] >> 16) as u16;
+        write(frame, vmcb::CPL, ((ss_attributes >> 5) & 3) as u8);
+    }
+    if mask & state::GPRS != 0 {
+        write(frame, vmcb::RIP, words[state::RIP]);
+        write(frame, vmcb::RSP, words[state::RSP]);
+        // The defined flags; reserved bit 1 set, the other reserved bits clear.
+        write(
+            frame,
+            vmcb::RFLAGS,
+            kernel_core::vcpu_state::guest_rflags(words[state::RFLAGS]),
+        );
+        write(frame, vmcb::RAX, words[state::RAX]);
+        let r = &mut vcpu.registers;
+        let g = &words[state::RBX..state::RBX + 14];
+        (r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp) = (g[0], g[1], g[2], g[3], g[4], g[5]);
+        (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
+            (g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13]);
+    }
+    if mask & state::EVENTS != 0 {
+        let event = words[state::EVENT_INJECT];
+        if !kernel_core::vcpu_state::event_valid(event) {
+            return Err(Error::InvalidArgument);
+        }
+        write(frame, vmcb::EVENT_INJECT, event);
+        if event != 0 {
+            vcpu.reinject = 0;
+        }
+        let irq = words[state::VIRTUAL_IRQ];
+        let mut v_intr: u64 = read(frame, vmcb::V_INTR);
+        v_intr &= !((1 << 8) | (0xff << 32) | (0xf << 16));
+        if irq & (1 << 63) != 0 {
+            v_intr |= (1 << 8) | ((irq & 0xff) << 32) | (0xf << 16);
+        }
+        write(frame, vmcb::V_INTR, v_intr);
+        // The VMM may end an interrupt shadow (e.g. after emulating the HLT that `sti` shadowed).
+        let shadow: u64 = read(frame, vmcb::INTERRUPT_SHADOW);
+        write(
+            frame,
+            vmcb::INTERRUPT_SHADOW,
+            (shadow & !1) | (words[state::INTERRUPT_SHADOW] & 1),
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
+    let frame = vcpu.vmcb;
+    words[state::EXIT_CODE] = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;
+    words[state::EXIT_INFO1] = read(frame, vmcb::EXIT_INFO1);
+    words[state::EXIT_INFO2] = read(frame, vmcb::EXIT_INFO2);
+    words[state::EXIT_INT_INFO] = read(frame, vmcb::EXIT_INT_INFO);
+    words[state::RIP] = read(frame, vmcb::RIP);
+    words[state::RSP] = read(frame, vmcb::RSP);
+    words[state::RFLAGS] = read(frame, vmcb::RFLAGS);
+    words[state::RAX] = read(frame, vmcb::RAX);
+    let r = &vcpu.registers;
+    words[state::RBX..state::RBX + 14].copy_from_slice(&[
+        r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+        r.r15,
+    ]);
+    words[state::CR0] = read(frame, vmcb::CR0);
+    words[state::CR2] = read(frame, vmcb::CR2);
+    words[state::CR3] = read(frame, vmcb::CR3);
+    words[state::CR4] = read(frame, vmcb::CR4);
+    words[state::EFER] = read(frame, vmcb::EFER);
+    words[state::EVENT_INJECT] = read(frame, vmcb::EVENT_INJECT);
+    let v_intr: u64 = read(frame, vmcb::V_INTR);
+    words[state::VIRTUAL_IRQ] = if v_intr & (1 << 8) != 0 {
+        (1 << 63) | ((v_intr >> 32) & 0xff)
+    } else {
+        0
+    };
+    words[state::INTERRUPT_SHADOW] = read::<u64>(frame, vmcb::INTERRUPT_SHADOW) & 1;
+    for (index, offset) in SEGMENT_REGISTERS {
+        words[index] = state::segment(
+            read(frame, offset),
+            read(frame, offset + 2),
+            read(frame, offset + 4),
+        );
+        words[index + 1] = read(frame, offset + 8);
+    }
+    for (index, offset) in TABLE_REGISTERS {
+        words[index] = read::<u32>(frame, offset + 4) as u64;
+        words[index + 1] = read(frame, offset + 8);
+    }
+}
