@@ -20,11 +20,11 @@
 //! IRQ objects are not charged to any quota (the platform capability that makes them has
 //! none; their number is bounded by the interrupt lines), so they do not appear here.
 
+use crate::factory::{GATE_BYTES, TASK_BYTES, THREAD_BYTES};
 use crate::kernel::Kernel;
 use crate::map::{Space, NODE_BYTES};
 use crate::memory::FRAME_BYTES;
 use crate::object::{Object, QuotaId, ThreadId};
-use crate::syscall::{GATE_BYTES, TASK_BYTES, THREAD_BYTES};
 use alloc::vec::Vec;
 use l4_abi::{Error, QUOTA_CHECK_ALL};
 

@@ -6,10 +6,10 @@ use crate::arch::x86_64::entry::Frame;
 use crate::arch::x86_64::paging::{
     phys_to_virt, BOOT_DIRECT_MAP, DIRECT_MAP_LIMIT, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE,
 };
+use crate::factory::{bind_thread, new_task, new_thread};
 use crate::kernel::Kernel;
 use crate::memory::FrameSource;
 use crate::object::{Capability, Object, TaskId, ThreadId};
-use crate::syscall::{bind_thread, new_task, new_thread};
 use crate::{info, kip};
 use alloc::vec::Vec;
 use kernel_core::{Arena, FrameAllocator, ReadyQueues};

@@ -106,7 +106,7 @@ pub fn release(k: &mut Kernel, holder: TaskId, object: Object) {
             g.references = g.references.saturating_sub(1);
             if g.references == 0 {
                 if let Some(gate) = k.gates.remove(id) {
-                    refund(k, gate.quota, crate::syscall::GATE_BYTES);
+                    refund(k, gate.quota, crate::factory::GATE_BYTES);
                 }
             }
         }
@@ -192,7 +192,7 @@ pub fn destroy_unbound_thread(k: &mut Kernel, id: ThreadId) {
     crate::fpu::release(k, id);
     if let Some(thread) = k.threads.remove(id) {
         if let Some(quota) = thread.quota {
-            refund(k, quota, crate::syscall::THREAD_BYTES);
+            refund(k, quota, crate::factory::THREAD_BYTES);
         }
     }
     if k.waiter_scan.is_some() {
@@ -210,7 +210,7 @@ pub fn tick(k: &mut Kernel) {
         reap(k);
     }
     if let Some(mut cursor) = k.waiter_scan {
-        let done = crate::ipc::fail_waiters_of_dead(k, &mut cursor, crate::syscall::STEP_UNITS);
+        let done = crate::ipc::fail_waiters_of_dead(k, &mut cursor, crate::destroy::STEP_UNITS);
         k.waiter_scan = if !done {
             Some(cursor)
         } else if core::mem::take(&mut k.waiter_rescan) {
@@ -233,18 +233,18 @@ fn queue_task(k: &mut Kernel, id: TaskId) {
     k.reaping.push(id);
 }
 
-/// One bounded step (see `syscall::STEP_UNITS`) of destroying the first dying VM
+/// One bounded step (see `destroy::STEP_UNITS`) of destroying the first dying VM
 /// ([`crate::vm::destroy_vm_step`]) or else of the first queued task (`TaskDestroy`'s steps);
 /// called at the end of every syscall and at every timer tick while any is queued.
 pub fn reap(k: &mut Kernel) {
     if !k.dying_vms.is_empty() {
-        crate::vm::destroy_vm_step(k, crate::syscall::STEP_UNITS);
+        crate::vm::destroy_vm_step(k, crate::destroy::STEP_UNITS);
         return;
     }
     let Some(&task) = k.reaping.first() else {
         return;
     };
-    if crate::syscall::destroy_task_step(k, task, crate::syscall::STEP_UNITS) {
+    if crate::destroy::destroy_task_step(k, task, crate::destroy::STEP_UNITS) {
         k.reaping.remove(0);
     }
 }

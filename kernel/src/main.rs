@@ -8,6 +8,8 @@ extern crate alloc;
 pub mod arch;
 pub mod audit;
 pub mod bootstrap;
+pub mod destroy;
+pub mod factory;
 pub mod fastpath;
 pub mod fault;
 pub mod fpu;

@@ -26,7 +26,7 @@ pub struct Task {
     /// the task holds no ports.
     pub io_bitmap: Option<alloc::boxed::Box<[u8; IO_BITMAP_BYTES]>>,
     /// Set once a `TaskDestroy` began: how far the destruction got (it goes in steps, see
-    /// `syscall::destroy_task_steps`). A dying task's capabilities no longer resolve.
+    /// `destroy::destroy_task_step`). A dying task's capabilities no longer resolve.
     pub dying: Option<Dying>,
     /// Capabilities that name it in other tasks' tables (its own, e.g. `SELF_TASK`, do not
     /// count), plus one the kernel holds for the boot tasks: when the count drops to zero the

@@ -300,7 +300,7 @@ pub enum VmDeath {
 }
 
 /// One step of destroying the first dying VM, for about `budget` units (those of
-/// `syscall::STEP_UNITS`); called with the task reaping at the end of every syscall and at
+/// `destroy::STEP_UNITS`); called with the task reaping at the end of every syscall and at
 /// every timer tick while any VM is dying.
 pub fn destroy_vm_step(k: &mut Kernel, budget: usize) {
     let mut budget = budget;
