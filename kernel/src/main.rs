@@ -22,6 +22,7 @@ pub mod log;
 pub mod map;
 pub mod memory;
 pub mod object;
+pub mod sched;
 pub mod strings;
 pub mod syscall;
 pub mod task;

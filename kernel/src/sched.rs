@@ -1,0 +1,156 @@
+//! The scheduler: 256 priorities, round robin with timeslices within one, preemption by a
+//! woken thread of higher priority; and the switch to user mode (address space, UTCB, I/O
+//! bitmap, lazy FPU state).
+
+use crate::arch::x86_64::cpu;
+use crate::arch::x86_64::entry::return_to_user;
+use crate::kernel::Kernel;
+use crate::object::{TaskId, ThreadId};
+use crate::thread::{Thread, ThreadState};
+
+impl Kernel {
+    /// Make `id` runnable; ask for preemption if it outranks the current thread.
+    pub fn wake(&mut self, id: ThreadId) {
+        let current_priority = self
+            .current
+            .and_then(|c| self.threads.get(c))
+            .map(|t| t.priority);
+        let thread = self.thread(id);
+        thread.state = ThreadState::Ready;
+        thread.deadline = None;
+        let priority = thread.priority;
+        self.ready.enqueue(id, priority);
+        if current_priority.is_some_and(|p| priority > p) {
+            self.preempt = true;
+        }
+    }
+
+    /// Pick the next thread and return to user mode in it (or idle).
+    pub fn schedule(&mut self) -> ! {
+        if let Some(current) = self.current {
+            let runnable = self
+                .threads
+                .get(current)
+                .is_some_and(|t| t.state == ThreadState::Ready);
+            if runnable {
+                let thread = self.thread(current);
+                let priority = thread.priority;
+                let expired = thread.remaining == 0;
+                let outranked = self.ready.highest().is_some_and(|p| p > priority);
+                let rotate = expired && self.ready.highest().is_some_and(|p| p >= priority);
+                if !outranked && !rotate {
+                    self.preempt = false;
+                    if expired {
+                        let t = self.thread(current);
+                        t.remaining = t.timeslice;
+                    }
+                    self.resume(current);
+                }
+                let t = self.thread(current);
+                if expired {
+                    t.remaining = t.timeslice;
+                    self.ready.enqueue(current, priority);
+                } else {
+                    self.ready.enqueue_front(current, priority);
+                }
+            }
+        }
+        self.preempt = false;
+        while let Some((next, _)) = self.ready.dequeue() {
+            if self
+                .threads
+                .get(next)
+                .is_some_and(|t| t.state == ThreadState::Ready)
+            {
+                self.resume(next);
+            }
+        }
+        self.current = None;
+        idle()
+    }
+
+    /// Return to user mode in thread `id`.
+    pub fn resume(&mut self, id: ThreadId) -> ! {
+        let thread = self.threads.get(id).expect("resuming a dead thread");
+        // SAFETY: just looked up: the live thread `id`.
+        unsafe { self.resume_thread(id, thread as *const Thread) }
+    }
+
+    /// Return to user mode in thread `id`, whose object is at `thread` (a shortcut of
+    /// [`Kernel::resume`] for callers that hold the pointer already).
+    ///
+    /// # Safety
+    /// `thread` must point to the live, boxed thread `id`.
+    #[inline(always)]
+    pub unsafe fn resume_thread(&mut self, id: ThreadId, thread: *const Thread) -> ! {
+        self.current = Some(id);
+        // SAFETY: the caller passes the live, boxed thread `id`; the flag is read before any
+        // reference to the thread exists (the switch below may change it).
+        if unsafe { (*thread).fpu_loaded } == self.fpu.trap {
+            self.switch_fpu(id);
+        }
+        // SAFETY: as above.
+        let thread = unsafe { &*thread };
+        let (root, utcb, io) = (thread.space_root, thread.utcb_address, thread.task_has_io);
+        let frame = &raw const thread.frame;
+        if io || self.io_owner.is_some() {
+            let task = thread.task.expect("runnable thread without task");
+            self.load_io_bitmap(task);
+        }
+        if root != self.loaded_root {
+            // SAFETY: every task's PML4 maps the kernel half.
+            unsafe { cpu::write_cr3(root) };
+            self.loaded_root = root;
+        }
+        if utcb != self.fs_base {
+            // SAFETY: the UTCB address is a user address chosen at bind time.
+            unsafe { cpu::wrmsr(cpu::msr::FS_BASE, utcb) };
+            self.fs_base = utcb;
+        }
+        // SAFETY: the frame lives in the boxed thread until the thread is destroyed, which
+        // cannot happen before the next kernel entry; the page tables are the thread's.
+        unsafe { return_to_user(frame) }
+    }
+
+    /// Make the TSS's I/O permission bitmap that of `task` (copied only on change).
+    fn load_io_bitmap(&mut self, task: TaskId) {
+        let has_bitmap = self.tasks.get(task).is_some_and(|t| t.io_bitmap.is_some());
+        if has_bitmap {
+            if self.io_owner != Some(task) {
+                let bitmap = self
+                    .tasks
+                    .get(task)
+                    .and_then(|t| t.io_bitmap.as_deref())
+                    .expect("bitmap");
+                crate::arch::x86_64::entry::set_io_bitmap(Some(bitmap));
+                self.io_owner = Some(task);
+            }
+        } else if self.io_owner.is_some() {
+            crate::arch::x86_64::entry::set_io_bitmap(None);
+            self.io_owner = None;
+        }
+    }
+}
+
+/// Halt until an interrupt arrives, on a fresh kernel stack.
+pub fn idle() -> ! {
+    extern "C" {
+        fn kernel_idle() -> !;
+    }
+    // SAFETY: `kernel_idle` resets the stack pointer and never returns.
+    unsafe { kernel_idle() }
+}
+
+core::arch::global_asm!(
+    r#"
+.section .text
+.global kernel_idle
+kernel_idle:
+    mov rsp, [rip + KERNEL_STACK_TOP]
+1:
+    sti
+    hlt
+    cli
+    jmp 1b
+"#
+);
