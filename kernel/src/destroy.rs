@@ -3,7 +3,7 @@
 //! derived from the task, its capabilities, the objects it created, then the task itself.
 
 use crate::factory::{GATE_BYTES, THREAD_BYTES};
-use crate::ipc::{self};
+use crate::ipc;
 use crate::kernel::Kernel;
 use crate::object::{TaskId, ThreadId};
 

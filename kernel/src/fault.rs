@@ -6,10 +6,11 @@
 use crate::arch::x86_64::entry::Frame;
 use crate::arch::x86_64::entry::{RFLAGS_IF, RFLAGS_RESERVED, RFLAGS_USER_MASK};
 use crate::arch::x86_64::svm::vmcb;
-use crate::ipc::{self, utcb, Message};
+use crate::ipc;
 use crate::kernel::Kernel;
 use crate::map::{map_memory, Space};
 use crate::object::{ThreadId, VcpuId, VmId};
+use crate::thread::{utcb, Message};
 use crate::thread::{AfterDelivery, KernelMessage, ThreadState, KERNEL_MESSAGE_WORDS};
 use l4_abi::{
     fault_access, Fpage, MapItem, MessageTag, Timeout, LABEL_DEATH, LABEL_EXCEPTION,
@@ -380,7 +381,7 @@ pub fn apply_guest_fault_reply(
     thread: ThreadId,
     vm: VmId,
     vcpu: VcpuId,
-    message: &crate::ipc::Message,
+    message: &Message,
 ) {
     let tag = message.tag;
     let gpa = k.thread(thread).fault_address;

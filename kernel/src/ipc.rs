@@ -1,33 +1,17 @@
 //! Synchronous IPC: the send and receive phases, the direct copy of a message from sender to
 //! receiver (registers, UTCB words, map items), timeouts, and cancellation on thread death.
 
-use crate::arch::x86_64::paging::phys_to_virt;
 use crate::kernel::Kernel;
 use crate::map::{map_flexpage, place_window};
 use crate::object::ThreadId;
 use crate::strings::{self, Obstacle};
 use crate::thread::{AfterDelivery, Awaiting, ThreadState, KERNEL_MESSAGE_WORDS};
 use l4_abi::{
-    Error, Fpage, FpageKind, MapItem, MessageTag, StringItem, Timeout, TimeoutKind, Utcb,
+    Error, Fpage, FpageKind, MapItem, MessageTag, StringItem, Timeout, TimeoutKind,
     BR_OBJECT_WINDOW, BR_RECEIVE_WINDOW, MAX_STRINGS, MAX_WORDS, RECEIVE_PHASE,
 };
 
-/// A message on its way from sender to receiver.
-pub struct Message {
-    /// The tag.
-    pub tag: MessageTag,
-    /// All words (untyped, then two per map item).
-    pub words: [u64; MAX_WORDS],
-}
-
-/// The UTCB of thread `id`.
-pub fn utcb(k: &mut Kernel, id: ThreadId) -> &'static mut Utcb {
-    let frame = k.thread(id).utcb_frame;
-    assert!(frame != 0, "thread without UTCB in IPC");
-    // SAFETY: the UTCB frame is kernel-allocated, in the direct map, and lives as long as the
-    // thread; only this (single, non-reentrant) kernel path touches it now.
-    unsafe { &mut *(phys_to_virt(frame) as *mut Utcb) }
-}
+use crate::thread::{utcb, Message};
 
 /// Check what a sender may put in a message: a valid tag and well-formed map items.
 pub fn validate_outgoing(k: &mut Kernel, sender: ThreadId) -> Result<(), Error> {

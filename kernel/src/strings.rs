@@ -4,9 +4,9 @@
 //! [`l4_abi::StringItem`]).
 
 use crate::arch::x86_64::paging::{phys_to_virt, AddressSpace, PAGE_4K, USER, WRITABLE};
-use crate::ipc::{utcb, Message};
 use crate::kernel::Kernel;
 use crate::object::ThreadId;
+use crate::thread::{utcb, Message};
 use l4_abi::{MessageTag, StringItem, KERNEL_AREA_START, MAX_STRINGS, MAX_STRING_LENGTH};
 
 /// A page that must be faulted in before a string can be copied.

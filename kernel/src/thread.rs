@@ -1,10 +1,12 @@
 //! Threads: saved user registers, the binding to a task and UTCB, scheduling parameters and
-//! IPC state.
+//! IPC state; a thread's UTCB and the message that travels between UTCBs.
 
 use crate::arch::x86_64::entry::Frame;
+use crate::arch::x86_64::paging::phys_to_virt;
+use crate::kernel::Kernel;
 use crate::object::{Capability, TaskId, ThreadId};
 use alloc::collections::VecDeque;
-use l4_abi::{MessageTag, Timeout};
+use l4_abi::{MessageTag, Timeout, Utcb, MAX_WORDS};
 
 /// Default priority of new threads.
 pub const DEFAULT_PRIORITY: u8 = 100;
@@ -186,4 +188,21 @@ impl Thread {
     pub fn is_alive(&self) -> bool {
         !matches!(self.state, ThreadState::Dead)
     }
+}
+
+/// A message on its way from sender to receiver.
+pub struct Message {
+    /// The tag.
+    pub tag: MessageTag,
+    /// All words (untyped, then two per map item).
+    pub words: [u64; MAX_WORDS],
+}
+
+/// The UTCB of thread `id`.
+pub fn utcb(k: &mut Kernel, id: ThreadId) -> &'static mut Utcb {
+    let frame = k.thread(id).utcb_frame;
+    assert!(frame != 0, "thread without UTCB in IPC");
+    // SAFETY: the UTCB frame is kernel-allocated, in the direct map, and lives as long as the
+    // thread; only this (single, non-reentrant) kernel path touches it now.
+    unsafe { &mut *(phys_to_virt(frame) as *mut Utcb) }
 }

@@ -4,9 +4,9 @@
 use super::vcpu_state::{load_state, store_state};
 use super::{read, write, VcpuId};
 use crate::arch::x86_64::svm::{self, vmcb};
-use crate::ipc::utcb;
 use crate::kernel::Kernel;
 use crate::object::ThreadId;
+use crate::thread::utcb;
 use l4_abi::vcpu::{self as state, exit};
 use l4_abi::Error;
 
