@@ -1,10 +1,11 @@
 //! A Linux compartment: loads a bzImage, an initramfs and a command line (data modules
-//! `linux`, `initrd`, `cmdline`), builds the boot-protocol state and the platform
-//! ([`l4linux_glue::platform::Platform`]: local APIC, IOAPIC, kvmclock, CPUID/MSR policy, MP
-//! table) and runs the vCPU's exit loop: one handler per exit reason, interrupts injected as
-//! virtual interrupts, the guest's timer as the `VcpuRun` deadline, HLT as a blocking wait in
-//! L4 until an interrupt is due, and COM1 as a 16550A whose output is printed as `[linux] ...`
-//! lines.
+//! `linux`, `initrd`, `cmdline`), builds the boot-protocol state and fills in the board
+//! ([`crate::platform::Board`]: local APIC, IOAPIC, kvmclock, CPUID/MSR policy and MP table of
+//! [`l4linux_glue::platform::Platform`], COM1 as a 16550A, the virtio console and block device)
+//! and runs it on the one exit loop as the guest kind [`Linux`]: its hypercalls, console
+//! output as `[linux] ...` lines, console input into COM1 or the virtio console, and its ways
+//! to end. Interrupts, the guest's timer as the `VcpuRun` deadline and HLT as a blocking wait
+//! in L4 are the platform's ([`crate::platform::Compartment`]).
 //!
 //! The compartment ends when the guest powers off (HLT with interrupts off), reboots (a triple
 //! fault: Linux without ACPI reboots that way), or does something the VMM cannot handle; the
