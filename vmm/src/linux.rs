@@ -1,24 +1,27 @@
 //! A Linux compartment: loads a bzImage, an initramfs and a command line (data modules
-//! `linux`, `initrd`, `cmdline`), builds the boot-protocol state and the platform
-//! ([`l4linux_glue::platform::Platform`]: local APIC, IOAPIC, kvmclock, CPUID/MSR policy, MP
-//! table) and runs the vCPU's exit loop: one handler per exit reason, interrupts injected as
-//! virtual interrupts, the guest's timer as the `VcpuRun` deadline, HLT as a blocking wait in
-//! L4 until an interrupt is due, and COM1 as a 16550A whose output is printed as `[linux] ...`
-//! lines.
+//! `linux`, `initrd`, `cmdline`), builds the boot-protocol state and fills in the board
+//! ([`crate::platform::Board`]: local APIC, IOAPIC, kvmclock, CPUID/MSR policy and MP table of
+//! [`l4linux_glue::platform::Platform`], COM1 as a 16550A, the virtio console and block device)
+//! and runs it on the one exit loop as the guest kind [`Linux`]: its hypercalls, console
+//! output as `[linux] ...` lines, console input into COM1 or the virtio console, and its ways
+//! to end. Interrupts, the guest's timer as the `VcpuRun` deadline and HLT as a blocking wait
+//! in L4 are the platform's ([`crate::platform::Compartment`]).
 //!
 //! The compartment ends when the guest powers off (HLT with interrupts off), reboots (a triple
 //! fault: Linux without ACPI reboots that way), or does something the VMM cannot handle; the
 //! VMM says which and with how many exits of each kind.
 
-use crate::{create_vm, emulate_cpuid_with, fetch_instruction, port_io, run, utcb_words, Vm};
-use crate::{GuestRam, Mmio, Ram, INJECT_GP0};
+use crate::exit::{Next, Words};
+use crate::memory::{create_vm, identity_tables, read_guest_virtual, GuestRam, Ram, Vm};
+use crate::platform::{Board, Compartment, ExitCounts, Kind};
+use crate::vcpu::{long_mode_state, rdtsc, state_words};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use l4::abi::vcpu::{self as state, exit};
+use l4::abi::vcpu as state;
 use l4::println;
 use l4linux_glue::boot::{self, BzImage};
-use l4linux_glue::exits::{self, IoExit};
+use l4linux_glue::exits::IoExit;
 use l4linux_glue::mmio::MmioBus;
 use l4linux_glue::platform::{Platform, PlatformConfig};
 use l4linux_glue::ports::{PortBus, PortDevice};
@@ -34,32 +37,6 @@ const GDT: u64 = 0x500;
 const MP_TABLE: u64 = boot::BIOS_AREA;
 /// The command line when no `cmdline` module is given.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
-const MSR_EFER: u32 = 0xc000_0080;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_SVME: u64 = 1 << 12;
-/// SCE, LME, LMA (ignored), NXE.
-const EFER_WRITABLE: u64 = 0x0d01;
-/// RFLAGS.IF.
-const RFLAGS_IF: u64 = 1 << 9;
-
-/// Exit counts by reason, for the report at the end.
-#[derive(Default)]
-struct ExitCounts {
-    io: u64,
-    uart: u64,
-    cpuid: u64,
-    msr: u64,
-    mmio: u64,
-    hlt: u64,
-    deadline: u64,
-    message: u64,
-    hypercall: u64,
-    msr_refused: u64,
-    other: u64,
-    injected: u64,
-}
-
 /// COM1 output on the L4 console as it comes (an interactive shell needs its prompt, which
 /// ends without a newline), each line starting with the compartment's name in brackets so
 /// that the guest's lines stay distinguishable from the kernel's and the VMM's.
@@ -156,30 +133,6 @@ const DEFAULT_DISK: u64 = 16 << 20;
 
 type Console = VirtioMmio<VirtioConsole<Vec<u8>>, GuestRam>;
 type Block = VirtioMmio<VirtioBlock<&'static mut [u8]>, GuestRam>;
-
-/// The guest's MMIO at the current TSC: the platform (local APIC page in xAPIC mode, IOAPIC)
-/// and the virtio devices on the bus.
-struct DeviceMmio<'a> {
-    platform: &'a mut Platform,
-    bus: &'a mut MmioBus,
-    now: u64,
-}
-
-impl Mmio for DeviceMmio<'_> {
-    fn read(&mut self, gpa: u64, size: u8) -> Option<u64> {
-        self.platform
-            .mmio_read(gpa, size, self.now)
-            .or_else(|| self.bus.read(gpa, size))
-    }
-    fn write(&mut self, gpa: u64, size: u8, value: u64) -> bool {
-        self.platform.mmio_write(gpa, size, value, self.now) || self.bus.write(gpa, size, value)
-    }
-}
-
-fn rdtsc() -> u64 {
-    // SAFETY: RDTSC has no side effects.
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
 
 fn size_argument(name: &str) -> Option<Result<u64, ()>> {
     let value = l4::rt::arguments()
@@ -313,7 +266,7 @@ pub fn boot_linux() -> i64 {
         vm.ram.write(layout.initrd, initrd);
     }
     vm.ram.write(MP_TABLE, &mp_table);
-    crate::identity_tables(&vm.ram);
+    identity_tables(&vm.ram);
     // GDT: null, null, __BOOT_CS (0x10, 64-bit code), __BOOT_DS (0x18, data).
     let gdt: [u64; 4] = [0, 0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
@@ -330,8 +283,8 @@ pub fn boot_linux() -> i64 {
     );
     println!("[vmm] Linux command line: {cmdline}");
 
-    let w = utcb_words();
-    crate::long_mode_state(w, layout.entry64);
+    let w = state_words();
+    long_mode_state(w, layout.entry64);
     w[state::CS] = state::segment(0x10, 0x29b, 0xffff_ffff);
     for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
         w[s] = state::segment(0x18, 0xc93, 0xffff_ffff);
@@ -342,33 +295,50 @@ pub fn boot_linux() -> i64 {
     w[state::RSP] = 0;
 
     let mut compartment = Compartment {
-        vm,
-        platform,
-        ports: PortBus::new(),
-        uart: Rc::new(RefCell::new(Uart8250::new())),
-        log: ConsoleLog::new(name),
-        counts: ExitCounts::default(),
-        requested: None,
-        tsc_hz,
-        boot_tsc,
-        console: crate::console::HostConsole::open(),
-        verbose: l4::rt::arguments()
-            .split_whitespace()
-            .any(|w| w == "verbose"),
-        bus,
-        virtio_console: console,
-        block,
-        input_to_hvc: cmdline.split_whitespace().any(|w| w == "console=hvc0"),
+        board: Board {
+            vm,
+            platform,
+            ports: PortBus::new(),
+            mmio: bus,
+            uart: Rc::new(RefCell::new(Uart8250::new())),
+            console: crate::console::HostConsole::open(),
+            verbose: l4::rt::arguments()
+                .split_whitespace()
+                .any(|w| w == "verbose"),
+            tsc_hz,
+            boot_tsc,
+            counts: ExitCounts::default(),
+        },
+        kind: Linux {
+            log: ConsoleLog::new(name),
+            virtio_console: console,
+            block,
+            input_to_hvc: cmdline.split_whitespace().any(|w| w == "console=hvc0"),
+        },
     };
-    if compartment.console.is_none() {
+    if compartment.board.console.is_none() {
         println!("[vmm] no console input (the VMM needs io=0x3f8/3 and platform)");
     }
-    if compartment.attach_devices().is_err() {
+    if attach_devices(&mut compartment.board).is_err() {
         println!("[vmm] cannot attach the devices");
         return 1;
     }
     let outcome = compartment.run();
-    compartment.report(outcome)
+    report(&mut compartment, outcome)
+}
+
+/// COM1 and the PC devices Linux probes for that this platform does not have.
+fn attach_devices(board: &mut Board) -> Result<(), l4linux_glue::ports::BusError> {
+    use alloc::boxed::Box;
+    board.ports.register(
+        uart8250::COM1_PORT,
+        uart8250::LENGTH,
+        Box::new(board.uart.clone()),
+    )?;
+    // PIC master and slave: absent.
+    board.ports.register(0x20, 2, Box::new(Absent))?;
+    board.ports.register(0xa0, 2, Box::new(Absent))?;
+    Ok(())
 }
 
 /// The virtio disk: the `disk` module's image (copied, so the guest may write it) or
@@ -400,158 +370,76 @@ enum Outcome {
     Failed(&'static str),
 }
 
-struct Compartment {
-    vm: Vm,
-    platform: Platform,
-    ports: PortBus,
-    uart: Rc<RefCell<Uart8250>>,
+/// What a Linux compartment adds to its board: the virtio devices, console output as
+/// `[NAME] ...` lines, the hypercalls, and its ways to end.
+struct Linux {
     log: ConsoleLog,
-    counts: ExitCounts,
-    /// The vector requested as the virtual interrupt (not yet taken by the guest).
-    requested: Option<u8>,
-    tsc_hz: u64,
-    boot_tsc: u64,
-    /// COM1's receive side, if this compartment has the console.
-    console: Option<crate::console::HostConsole>,
-    /// Print each refused MSR access (VMM argument `verbose`).
-    verbose: bool,
-    /// The virtio devices' MMIO windows.
-    bus: MmioBus,
     virtio_console: Rc<RefCell<Console>>,
     block: Rc<RefCell<Block>>,
     /// Console input goes to the virtio console (the guest's console is hvc0), not COM1.
     input_to_hvc: bool,
 }
 
-/// What a handler wants next.
-enum Next {
-    /// Run the vCPU again, loading these state groups.
-    Resume(u64),
-    /// The compartment is over.
-    Stop(Outcome),
-}
+impl Kind for Linux {
+    type Outcome = Outcome;
+    const NAME: &'static str = "Linux";
+    const MESSAGES_WAKE: bool = true;
 
-impl Compartment {
-    fn attach_devices(&mut self) -> Result<(), l4linux_glue::ports::BusError> {
-        use alloc::boxed::Box;
-        self.ports.register(
-            uart8250::COM1_PORT,
-            uart8250::LENGTH,
-            Box::new(self.uart.clone()),
-        )?;
-        // PIC master and slave: absent.
-        self.ports.register(0x20, 2, Box::new(Absent))?;
-        self.ports.register(0xa0, 2, Box::new(Absent))?;
-        Ok(())
+    fn output(&mut self, bytes: &[u8]) {
+        self.log.push(bytes);
     }
 
-    /// The exit loop.
-    fn run(&mut self) -> Outcome {
-        let mut mask = state::ALL;
-        loop {
-            let w = utcb_words();
-            let now = rdtsc();
-            self.feed_input();
-            let pending = self.platform.tick(now);
-            if pending != self.requested {
-                w[state::VIRTUAL_IRQ] = pending.map_or(0, |v| (1 << 63) | u64::from(v));
-                self.requested = pending;
-                mask |= state::EVENTS;
-            }
-            let deadline = self.platform.next_deadline().unwrap_or(0);
-            let code = match run(self.vm.vcpu, mask, deadline) {
-                Ok(code) => code,
-                Err(e) => {
-                    println!(
-                        "[vmm] VcpuRun refused: {e} (cr0 {:#x} cr4 {:#x} efer {:#x} mask {mask:#x})",
-                        w[state::CR0],
-                        w[state::CR4],
-                        w[state::EFER]
-                    );
-                    return Outcome::Failed("VcpuRun refused");
-                }
-            };
-            // The guest took the requested interrupt: it moves from IRR to ISR, before the
-            // exit is handled (the exit may be the guest's EOI for it).
-            if let Some(v) = self.requested {
-                if w[state::VIRTUAL_IRQ] & (1 << 63) == 0 {
-                    self.platform.accept(v);
-                    self.requested = None;
-                    self.counts.injected += 1;
-                }
-            }
-            let output = core::mem::take(&mut self.uart.borrow_mut().output);
-            self.log.push(&output);
-            mask = match self.handle(code) {
-                Next::Resume(mask) => mask,
-                Next::Stop(outcome) => return outcome,
-            };
-        }
+    fn break_line(&mut self) {
+        self.log.break_line();
     }
 
-    /// One handler per exit reason.
-    fn handle(&mut self, code: u64) -> Next {
-        let w = utcb_words();
-        match code {
-            exit::IOIO => self.port_io(),
-            exit::CPUID => {
-                self.counts.cpuid += 1;
-                let cr4 = w[state::CR4];
-                let platform = &self.platform;
-                emulate_cpuid_with(w, |leaf, subleaf, host| {
-                    platform.cpuid(leaf, subleaf, host, cr4)
-                });
-                Next::Resume(state::GPRS)
-            }
-            exit::MSR => self.msr(),
-            exit::NPF => self.mmio(),
-            exit::HLT => self.halt(),
-            exit::DEADLINE => {
-                self.counts.deadline += 1;
-                Next::Resume(0)
-            }
-            exit::MESSAGE => {
-                self.counts.message += 1;
-                self.drain_messages(l4::abi::Timeout::ZERO);
-                Next::Resume(0)
-            }
-            exit::SHUTDOWN => self.reset(),
-            exit::VMMCALL => self.hypercall(),
-            other => {
-                self.counts.other += 1;
-                println!(
-                    "[vmm] Linux: unhandled exit {other:#x} at rip {:#x} (info1 {:#x} info2 {:#x})",
-                    w[state::RIP],
-                    w[state::EXIT_INFO1],
-                    w[state::EXIT_INFO2]
-                );
-                Next::Stop(Outcome::Failed("unhandled exit"))
+    /// Move console input into the UART's receive FIFO (or the virtio console) as far as it
+    /// has room, show the virtio console's output, and drive the virtio interrupt lines.
+    fn poll(&mut self, board: &mut Board) {
+        if let Some(console) = board.console.as_mut() {
+            if !console.input.is_empty() {
+                let taken = if self.input_to_hvc {
+                    let mut hvc = self.virtio_console.borrow_mut();
+                    let taken = hvc
+                        .backend_mut()
+                        .queue_input(console.input.make_contiguous());
+                    hvc.poll();
+                    taken
+                } else {
+                    board
+                        .uart
+                        .borrow_mut()
+                        .receive(console.input.make_contiguous())
+                };
+                console.input.drain(..taken);
             }
         }
+        let hvc_output = core::mem::take(self.virtio_console.borrow_mut().backend_mut().sink_mut());
+        self.log.push(&hvc_output);
+        board
+            .platform
+            .set_irq(CONSOLE_IRQ.into(), self.virtio_console.borrow().irq_level());
+        board
+            .platform
+            .set_irq(BLOCK_IRQ.into(), self.block.borrow().irq_level());
     }
 
-    /// A triple fault: how Linux without ACPI reboots (after a panic too, with `panic=-1`).
-    fn reset(&mut self) -> Next {
-        if self.log.panicked {
-            Next::Stop(Outcome::Failed("guest kernel panic"))
-        } else {
-            Next::Stop(Outcome::Reboot)
-        }
+    /// The keyboard controller's reset line (0xfe to port 0x64): Linux's first reboot method.
+    fn port_done(&mut self, _board: &mut Board, io: &IoExit, w: &Words) -> Option<Outcome> {
+        (io.port == 0x64 && !io.input && w[state::RAX] as u8 == 0xfe).then(|| self.shutdown())
     }
 
     /// VMMCALL ([`l4linux_glue::hypercall`]).
-    fn hypercall(&mut self) -> Next {
+    fn hypercall(&mut self, board: &mut Board, w: &mut Words) -> Option<Next<Outcome>> {
         use l4linux_glue::hypercall::{self as hc, Hypercall};
-        self.counts.hypercall += 1;
-        let w = utcb_words();
-        w[state::RIP] += 3;
+        w[state::RIP] += l4linux_glue::exits::VMMCALL_LENGTH;
         let result = match hc::decode(w[state::RAX], w[state::RBX], w[state::RCX]) {
-            Hypercall::PowerOff(status) => return Next::Stop(Outcome::PowerOff(status)),
-            Hypercall::Reboot => return Next::Stop(Outcome::Reboot),
+            Hypercall::PowerOff(status) => return Some(Next::Stop(Outcome::PowerOff(status))),
+            Hypercall::Reboot => return Some(Next::Stop(Outcome::Reboot)),
             Hypercall::Log { address, length } => {
                 let mut bytes = [0u8; hc::LOG_MAX as usize];
                 let bytes = &mut bytes[..length as usize];
-                if crate::read_guest_virtual(&self.vm, w, address, bytes) {
+                if read_guest_virtual(&board.vm, w, address, bytes) {
                     self.log.break_line();
                     println!("{}{}", self.log.prefix, hc::log_line(bytes));
                     0
@@ -563,238 +451,54 @@ impl Compartment {
             Hypercall::Unknown(_) => hc::ENOSYS,
         };
         w[state::RAX] = result;
-        Next::Resume(state::GPRS)
+        Some(Next::Resume(state::GPRS))
     }
 
-    fn port_io(&mut self) -> Next {
-        let w = utcb_words();
-        let Some(io) = IoExit::decode(w[state::EXIT_INFO1]) else {
-            return Next::Stop(Outcome::Failed("bad I/O exit"));
-        };
-        if io.string {
-            return Next::Stop(Outcome::Failed("string I/O"));
-        }
-        if io.port & !7 == uart8250::COM1_PORT {
-            self.counts.uart += 1;
+    /// A triple fault: how Linux without ACPI reboots (after a panic too, with `panic=-1`).
+    fn shutdown(&mut self) -> Outcome {
+        if self.log.panicked {
+            Outcome::Failed("guest kernel panic")
         } else {
-            self.counts.io += 1;
-        }
-        // The keyboard controller's reset line (0xfe to port 0x64): Linux's first reboot method.
-        if io.port == 0x64 && !io.input && w[state::RAX] as u8 == 0xfe {
-            return self.reset();
-        }
-        port_io(&mut self.ports, &io, w);
-        w[state::RIP] = w[state::EXIT_INFO2];
-        Next::Resume(state::GPRS)
-    }
-
-    fn msr(&mut self) -> Next {
-        self.counts.msr += 1;
-        let w = utcb_words();
-        let msr = w[state::RCX] as u32;
-        let write = w[state::EXIT_INFO1] != 0;
-        let value = (w[state::RDX] << 32) | (w[state::RAX] & 0xffff_ffff);
-        let now = rdtsc();
-        let mut mask = state::GPRS;
-        let result = match (msr, write) {
-            (MSR_EFER, false) => Ok(w[state::EFER] & !EFER_SVME),
-            (MSR_EFER, true) if value & !EFER_WRITABLE == 0 => {
-                // LMA follows LME and CR0.PG; the kernel keeps SVME set.
-                let paging = w[state::CR0] & (1 << 31) != 0;
-                let long = value & EFER_LME != 0;
-                w[state::EFER] = (value & !EFER_LMA) | if long && paging { EFER_LMA } else { 0 };
-                mask |= state::CONTROL;
-                Ok(0)
-            }
-            (_, false) => self.platform.msr_read(msr, now).map_err(|e| {
-                if self.verbose {
-                    println!("[vmm] Linux: rdmsr {msr:#x} refused with #GP: {e}");
-                }
-            }),
-            (_, true) => match self.platform.msr_write(msr, value, now) {
-                Ok(Some(update)) => {
-                    if self
-                        .vm
-                        .ram
-                        .contains(update.address, update.bytes.len() as u64)
-                    {
-                        self.vm.ram.write(update.address, &update.bytes);
-                    }
-                    Ok(0)
-                }
-                Ok(None) => Ok(0),
-                Err(e) => {
-                    if self.verbose {
-                        println!("[vmm] Linux: wrmsr {msr:#x} <- {value:#x} refused with #GP: {e}");
-                    }
-                    Err(())
-                }
-            },
-        };
-        match result {
-            Ok(value) => {
-                if !write {
-                    (w[state::RAX], w[state::RDX]) = (value & 0xffff_ffff, value >> 32);
-                }
-                w[state::RIP] += exits::MSR_LENGTH;
-                Next::Resume(mask)
-            }
-            Err(()) => {
-                // #GP(0), which Linux's safe accessors expect (it probes MSRs it may not have).
-                self.counts.msr_refused += 1;
-                w[state::EVENT_INJECT] = INJECT_GP0;
-                Next::Resume(state::EVENTS)
-            }
+            Outcome::Reboot
         }
     }
 
-    /// A nested page fault outside RAM: MMIO, emulated by decoding the instruction.
-    fn mmio(&mut self) -> Next {
-        self.counts.mmio += 1;
-        let w = utcb_words();
-        let gpa = w[state::EXIT_INFO2];
-        let Some(bytes) = fetch_instruction(&self.vm, w) else {
+    fn halted(&mut self) -> Outcome {
+        Outcome::PowerOff(0)
+    }
+
+    fn failed(why: &'static str) -> Outcome {
+        Outcome::Failed(why)
+    }
+}
+
+/// The exit counts and how the compartment ended; its exit status.
+fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
+    compartment.flush_output();
+    compartment.kind.log.break_line();
+    let board = &compartment.board;
+    let w = state_words();
+    let c = &board.counts;
+    let seconds = (rdtsc() - board.boot_tsc) / board.tsc_hz.max(1);
+    println!(
+        "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
+        c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.msr_refused, c.injected
+    );
+    match outcome {
+        Outcome::PowerOff(status) => {
+            println!("[vmm] Linux powered off (status {status}): the compartment ends");
+            i64::from(status)
+        }
+        Outcome::Reboot => {
+            println!("[vmm] Linux rebooted: the compartment ends");
+            0
+        }
+        Outcome::Failed(why) => {
             println!(
-                "[vmm] Linux: cannot fetch the instruction at rip {:#x} (access to {gpa:#x})",
+                "[vmm] Linux stopped: {why} (rip {:#x}); the compartment ends",
                 w[state::RIP]
             );
-            return Next::Stop(Outcome::Failed("MMIO instruction not readable"));
-        };
-        let decoded = if w[state::CS] >> 16 & 0x200 != 0 {
-            l4linux_glue::decode::decode_mmio(&bytes)
-        } else {
-            l4linux_glue::decode::decode_mmio_32(&bytes)
-        };
-        let instruction = match decoded {
-            Ok(i) => i,
-            Err(e) => {
-                println!(
-                    "[vmm] Linux: cannot emulate the access to {gpa:#x} at rip {:#x}: {e:?} ({:02x?})",
-                    w[state::RIP],
-                    &bytes[..8]
-                );
-                return Next::Stop(Outcome::Failed("MMIO instruction not emulated"));
-            }
-        };
-        if !self.platform.claims_mmio(gpa) && !self.bus.claims(gpa) {
-            println!(
-                "[vmm] Linux: access to unclaimed guest-physical {gpa:#x} at rip {:#x} (reads all ones)",
-                w[state::RIP]
-            );
-        }
-        let mut devices = DeviceMmio {
-            platform: &mut self.platform,
-            bus: &mut self.bus,
-            now: rdtsc(),
-        };
-        crate::emulate_mmio(&mut devices, gpa, instruction.access, w);
-        w[state::RIP] += u64::from(instruction.length);
-        Next::Resume(state::GPRS)
-    }
-
-    /// HLT: block in L4 until an interrupt is due (the guest's timer or a message).
-    fn halt(&mut self) -> Next {
-        self.counts.hlt += 1;
-        let w = utcb_words();
-        w[state::RIP] += 1;
-        w[state::INTERRUPT_SHADOW] = 0;
-        if w[state::RFLAGS] & RFLAGS_IF == 0 && !self.platform.nmi_pending() {
-            return Next::Stop(Outcome::PowerOff(0));
-        }
-        loop {
-            self.feed_input();
-            let now = rdtsc();
-            if self.platform.tick(now).is_some() || self.platform.nmi_pending() {
-                return Next::Resume(state::GPRS | state::EVENTS);
-            }
-            let timeout = match self.platform.next_deadline() {
-                None => l4::abi::Timeout::INFINITE,
-                Some(d) => {
-                    let us = (d.saturating_sub(now) as u128 * 1_000_000 / self.tsc_hz as u128)
-                        .min(u32::MAX as u128 - 2) as u32;
-                    if us == 0 {
-                        continue;
-                    }
-                    l4::abi::Timeout::micros(us)
-                }
-            };
-            self.drain_messages(timeout);
-        }
-    }
-
-    /// Receive what waits for the vCPU thread (console input and the like), waiting at most
-    /// `timeout` for the first message.
-    fn drain_messages(&mut self, timeout: l4::abi::Timeout) {
-        let mut timeout = timeout;
-        while let Ok(message) =
-            l4::ipc::wait(l4::abi::Timeouts::new(l4::abi::Timeout::INFINITE, timeout))
-        {
-            let handled = self.console.as_mut().is_some_and(|c| c.handle(&message));
-            if !handled {
-                println!(
-                    "[vmm] Linux: unexpected message (label {}) ignored",
-                    message.tag.label()
-                );
-            }
-            timeout = l4::abi::Timeout::ZERO;
-        }
-    }
-
-    /// Move console input into the UART's receive FIFO as far as it has room, and drive its
-    /// interrupt line.
-    fn feed_input(&mut self) {
-        if let Some(console) = self.console.as_mut() {
-            if !console.input.is_empty() {
-                let taken = if self.input_to_hvc {
-                    let mut hvc = self.virtio_console.borrow_mut();
-                    let taken = hvc
-                        .backend_mut()
-                        .queue_input(console.input.make_contiguous());
-                    hvc.poll();
-                    taken
-                } else {
-                    self.uart
-                        .borrow_mut()
-                        .receive(console.input.make_contiguous())
-                };
-                console.input.drain(..taken);
-            }
-        }
-        let hvc_output = core::mem::take(self.virtio_console.borrow_mut().backend_mut().sink_mut());
-        self.log.push(&hvc_output);
-        self.platform
-            .set_irq(uart8250::COM1_IRQ.into(), self.uart.borrow().irq_level());
-        self.platform
-            .set_irq(CONSOLE_IRQ.into(), self.virtio_console.borrow().irq_level());
-        self.platform
-            .set_irq(BLOCK_IRQ.into(), self.block.borrow().irq_level());
-    }
-
-    fn report(&mut self, outcome: Outcome) -> i64 {
-        self.log.break_line();
-        let w = utcb_words();
-        let c = &self.counts;
-        let seconds = (rdtsc() - self.boot_tsc) / self.tsc_hz.max(1);
-        println!(
-            "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
-            c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.msr_refused, c.injected
-        );
-        match outcome {
-            Outcome::PowerOff(status) => {
-                println!("[vmm] Linux powered off (status {status}): the compartment ends");
-                i64::from(status)
-            }
-            Outcome::Reboot => {
-                println!("[vmm] Linux rebooted: the compartment ends");
-                0
-            }
-            Outcome::Failed(why) => {
-                println!(
-                    "[vmm] Linux stopped: {why} (rip {:#x}); the compartment ends",
-                    w[state::RIP]
-                );
-                1
-            }
+            1
         }
     }
 }

@@ -15,18 +15,20 @@
 //! (status 0), waits in HLT for an interrupt that nothing can send, triple-faults, or does
 //! something the VMM cannot handle.
 
-use crate::{create_vm, emulate_cpuid_with, fetch_instruction, port_io, run, utcb_words, Vm};
-use crate::{Mmio, INJECT_GP0};
+use crate::memory::{create_vm, Vm};
+use crate::platform::{Board, Compartment, ExitCounts, Kind};
+use crate::vcpu::{protected_mode_state, rdtsc, state_words};
 use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use l4::abi::vcpu::{self as state, exit};
+use l4::abi::vcpu as state;
 use l4::println;
 use l4linux_glue::debug_exit::{self, DebugExit};
-use l4linux_glue::exits::{self, IoExit};
+use l4linux_glue::exits::IoExit;
 use l4linux_glue::fw_cfg::{self, FwCfg};
+use l4linux_glue::mmio::MmioBus;
 use l4linux_glue::multiboot::{self, ModuleInput};
 use l4linux_glue::platform::{Platform, PlatformConfig};
 use l4linux_glue::ports::PortBus;
@@ -36,30 +38,6 @@ use l4linux_glue::uart8250::{self, Uart8250};
 const DEFAULT_RAM: u64 = 64 << 20;
 /// The stack pointer at entry (the spec leaves it undefined; this is conventional memory).
 const ENTRY_STACK: u64 = 0x7000;
-const MSR_EFER: u32 = 0xc000_0080;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_SVME: u64 = 1 << 12;
-/// SCE, LME, LMA (ignored), NXE.
-const EFER_WRITABLE: u64 = 0x0d01;
-/// RFLAGS.IF.
-const RFLAGS_IF: u64 = 1 << 9;
-
-/// Exit counts by reason, for the report at the end.
-#[derive(Default)]
-struct ExitCounts {
-    io: u64,
-    uart: u64,
-    cpuid: u64,
-    msr: u64,
-    mmio: u64,
-    hlt: u64,
-    deadline: u64,
-    other: u64,
-    injected: u64,
-    nmis: u64,
-}
-
 /// COM1 output, a line at a time, each line prefixed with the compartment's name.
 struct LineLog {
     prefix: String,
@@ -94,26 +72,6 @@ impl LineLog {
             self.flush();
         }
     }
-}
-
-/// The platform's MMIO (local APIC page in xAPIC mode, IOAPIC) at the current TSC.
-struct PlatformMmio<'a> {
-    platform: &'a mut Platform,
-    now: u64,
-}
-
-impl Mmio for PlatformMmio<'_> {
-    fn read(&mut self, gpa: u64, size: u8) -> Option<u64> {
-        self.platform.mmio_read(gpa, size, self.now)
-    }
-    fn write(&mut self, gpa: u64, size: u8, value: u64) -> bool {
-        self.platform.mmio_write(gpa, size, value, self.now)
-    }
-}
-
-fn rdtsc() -> u64 {
-    // SAFETY: RDTSC has no side effects.
-    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 fn argument(name: &str) -> Option<&'static str> {
@@ -215,8 +173,8 @@ pub fn boot_multiboot() -> i64 {
         ram_size >> 20
     );
 
-    let w = utcb_words();
-    crate::protected_mode_state(w, u64::from(kernel.entry));
+    let w = state_words();
+    protected_mode_state(w, u64::from(kernel.entry));
     w[state::CS] = state::segment(multiboot::CODE_SELECTOR, 0xc9b, 0xffff_ffff);
     for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
         w[s] = state::segment(multiboot::DATA_SELECTOR, 0xc93, 0xffff_ffff);
@@ -228,26 +186,56 @@ pub fn boot_multiboot() -> i64 {
     w[state::RSP] = ENTRY_STACK;
 
     let mut compartment = Compartment {
-        vm,
-        platform,
-        ports: PortBus::new(),
-        uart: Rc::new(RefCell::new(Uart8250::new())),
-        exit_port: Rc::new(RefCell::new(DebugExit::default())),
-        log: LineLog {
-            prefix: alloc::format!("[{name}] "),
-            line: Vec::new(),
+        board: Board {
+            vm,
+            platform,
+            ports: PortBus::new(),
+            mmio: MmioBus::new(),
+            uart: Rc::new(RefCell::new(Uart8250::new())),
+            console: None,
+            verbose: true,
+            tsc_hz,
+            boot_tsc,
+            counts: ExitCounts::default(),
         },
-        counts: ExitCounts::default(),
-        requested: None,
-        tsc_hz,
-        boot_tsc,
+        kind: Multiboot {
+            exit_port: Rc::new(RefCell::new(DebugExit::default())),
+            log: LineLog {
+                prefix: alloc::format!("[{name}] "),
+                line: Vec::new(),
+            },
+        },
     };
-    if compartment.attach_devices(ram_size).is_err() {
+    if attach_devices(&mut compartment, ram_size).is_err() {
         println!("[vmm] cannot attach the devices");
         return 1;
     }
     let outcome = compartment.run();
-    compartment.report(outcome)
+    report(&mut compartment, outcome)
+}
+
+/// COM1, the debug-exit port and fw_cfg.
+fn attach_devices(
+    compartment: &mut Compartment<Multiboot>,
+    ram_size: u64,
+) -> Result<(), l4linux_glue::ports::BusError> {
+    let ports = &mut compartment.board.ports;
+    ports.register(
+        uart8250::COM1_PORT,
+        uart8250::LENGTH,
+        Box::new(compartment.board.uart.clone()),
+    )?;
+    ports.register(
+        debug_exit::BASE_PORT,
+        debug_exit::LENGTH,
+        Box::new(compartment.kind.exit_port.clone()),
+    )?;
+    ports.register(
+        fw_cfg::BASE_PORT,
+        fw_cfg::LENGTH,
+        Box::new(FwCfg::new(ram_size, 1)),
+    )?;
+    Ok(())
 }
 
 /// Why the exit loop ended.
@@ -260,335 +248,80 @@ enum Outcome {
     Failed(&'static str),
 }
 
-struct Compartment {
-    vm: Vm,
-    platform: Platform,
-    ports: PortBus,
-    uart: Rc<RefCell<Uart8250>>,
+/// What a Multiboot compartment adds to its board: the debug-exit port, console output as
+/// `[NAME] ...` lines, and its ways to end. Nothing but its timer can wake it from HLT.
+struct Multiboot {
     exit_port: Rc<RefCell<DebugExit>>,
     log: LineLog,
-    counts: ExitCounts,
-    /// The vector requested as the virtual interrupt (not yet taken by the guest).
-    requested: Option<u8>,
-    tsc_hz: u64,
-    boot_tsc: u64,
 }
 
-/// What a handler wants next.
-enum Next {
-    /// Run the vCPU again, loading these state groups.
-    Resume(u64),
-    /// The compartment is over.
-    Stop(Outcome),
-}
+impl Kind for Multiboot {
+    type Outcome = Outcome;
+    const NAME: &'static str = "multiboot";
+    const MESSAGES_WAKE: bool = false;
 
-impl Compartment {
-    fn attach_devices(&mut self, ram_size: u64) -> Result<(), l4linux_glue::ports::BusError> {
-        self.ports.register(
-            uart8250::COM1_PORT,
-            uart8250::LENGTH,
-            Box::new(self.uart.clone()),
-        )?;
-        self.ports.register(
-            debug_exit::BASE_PORT,
-            debug_exit::LENGTH,
-            Box::new(self.exit_port.clone()),
-        )?;
-        self.ports.register(
-            fw_cfg::BASE_PORT,
-            fw_cfg::LENGTH,
-            Box::new(FwCfg::new(ram_size, 1)),
-        )?;
-        Ok(())
+    fn output(&mut self, bytes: &[u8]) {
+        self.log.push(bytes);
     }
 
-    /// The exit loop.
-    fn run(&mut self) -> Outcome {
-        let mut mask = state::ALL;
-        loop {
-            let w = utcb_words();
-            let now = rdtsc();
-            self.platform
-                .set_irq(uart8250::COM1_IRQ.into(), self.uart.borrow().irq_level());
-            let pending = self.platform.tick(now);
-            if pending != self.requested {
-                w[state::VIRTUAL_IRQ] = pending.map_or(0, |v| (1 << 63) | u64::from(v));
-                self.requested = pending;
-                mask |= state::EVENTS;
-            }
-            // An NMI goes in as an event (unless another event is being injected now); the
-            // CPU takes it at entry whatever RFLAGS.IF says.
-            let mut nmi = false;
-            let injecting = mask & state::EVENTS != 0 && w[state::EVENT_INJECT] != 0;
-            if self.platform.nmi_pending() && !injecting {
-                w[state::EVENT_INJECT] = state::event::nmi();
-                mask |= state::EVENTS;
-                nmi = true;
-            }
-            let deadline = self.platform.next_deadline().unwrap_or(0);
-            let code = match run(self.vm.vcpu, mask, deadline) {
-                Ok(code) => code,
-                Err(e) => {
-                    println!(
-                        "[vmm] VcpuRun refused: {e} (cr0 {:#x} cr4 {:#x} efer {:#x} mask {mask:#x})",
-                        w[state::CR0],
-                        w[state::CR4],
-                        w[state::EFER]
-                    );
-                    return Outcome::Failed("VcpuRun refused");
-                }
-            };
-            if nmi {
-                // Delivered at entry (an exit during its delivery has the kernel re-inject it).
-                self.platform.accept_nmi();
-                self.counts.nmis += 1;
-            }
-            // The guest took the requested interrupt: it moves from IRR to ISR, before the
-            // exit is handled (the exit may be the guest's EOI for it).
-            if let Some(v) = self.requested {
-                if w[state::VIRTUAL_IRQ] & (1 << 63) == 0 {
-                    self.platform.accept(v);
-                    self.requested = None;
-                    self.counts.injected += 1;
-                }
-            }
-            mask = match self.handle(code) {
-                Next::Resume(mask) => mask,
-                Next::Stop(outcome) => return outcome,
-            };
-            let output = core::mem::take(&mut self.uart.borrow_mut().output);
-            self.log.push(&output);
-            for ipi in self.platform.take_ipis() {
-                self.log.break_line();
-                println!("[vmm] multiboot: {ipi:?} ignored (one vCPU)");
-            }
-        }
-    }
-
-    /// One handler per exit reason.
-    fn handle(&mut self, code: u64) -> Next {
-        let w = utcb_words();
-        match code {
-            exit::IOIO => self.port_io(),
-            exit::CPUID => {
-                self.counts.cpuid += 1;
-                let cr4 = w[state::CR4];
-                let platform = &self.platform;
-                emulate_cpuid_with(w, |leaf, subleaf, host| {
-                    platform.cpuid(leaf, subleaf, host, cr4)
-                });
-                Next::Resume(state::GPRS)
-            }
-            exit::MSR => self.msr(),
-            exit::NPF => self.mmio(),
-            exit::HLT => self.halt(),
-            exit::DEADLINE | exit::MESSAGE => {
-                self.counts.deadline += 1;
-                Next::Resume(0)
-            }
-            exit::SHUTDOWN => Next::Stop(Outcome::Failed("triple fault")),
-            other => {
-                self.counts.other += 1;
-                self.log.break_line();
-                println!(
-                    "[vmm] multiboot: unhandled exit {other:#x} at rip {:#x} (info1 {:#x} info2 {:#x})",
-                    w[state::RIP],
-                    w[state::EXIT_INFO1],
-                    w[state::EXIT_INFO2]
-                );
-                Next::Stop(Outcome::Failed("unhandled exit"))
-            }
-        }
-    }
-
-    fn port_io(&mut self) -> Next {
-        let w = utcb_words();
-        let Some(io) = IoExit::decode(w[state::EXIT_INFO1]) else {
-            return Next::Stop(Outcome::Failed("bad I/O exit"));
-        };
-        if io.string {
-            return Next::Stop(Outcome::Failed("string I/O"));
-        }
-        if io.port & !7 == uart8250::COM1_PORT {
-            self.counts.uart += 1;
-        } else {
-            self.counts.io += 1;
-        }
-        port_io(&mut self.ports, &io, w);
-        if let Some(status) = self.exit_port.borrow().status {
-            return Next::Stop(Outcome::DebugExit(status));
-        }
-        w[state::RIP] = w[state::EXIT_INFO2];
-        Next::Resume(state::GPRS)
-    }
-
-    fn msr(&mut self) -> Next {
-        self.counts.msr += 1;
-        let w = utcb_words();
-        let msr = w[state::RCX] as u32;
-        let write = w[state::EXIT_INFO1] != 0;
-        let value = (w[state::RDX] << 32) | (w[state::RAX] & 0xffff_ffff);
-        let now = rdtsc();
-        let mut mask = state::GPRS;
-        let result = match (msr, write) {
-            (MSR_EFER, false) => Ok(w[state::EFER] & !EFER_SVME),
-            (MSR_EFER, true) if value & !EFER_WRITABLE == 0 => {
-                // LMA follows LME and CR0.PG; the kernel keeps SVME set.
-                let paging = w[state::CR0] & (1 << 31) != 0;
-                let long = value & EFER_LME != 0;
-                w[state::EFER] = (value & !EFER_LMA) | if long && paging { EFER_LMA } else { 0 };
-                mask |= state::CONTROL;
-                Ok(0)
-            }
-            (_, false) => self.platform.msr_read(msr, now).map_err(|e| {
-                self.log.break_line();
-                println!("[vmm] multiboot: rdmsr {msr:#x} refused with #GP: {e}");
-            }),
-            (_, true) => match self.platform.msr_write(msr, value, now) {
-                Ok(Some(update)) => {
-                    if self
-                        .vm
-                        .ram
-                        .contains(update.address, update.bytes.len() as u64)
-                    {
-                        self.vm.ram.write(update.address, &update.bytes);
-                    }
-                    Ok(0)
-                }
-                Ok(None) => Ok(0),
-                Err(e) => {
-                    self.log.break_line();
-                    println!("[vmm] multiboot: wrmsr {msr:#x} <- {value:#x} refused with #GP: {e}");
-                    Err(())
-                }
-            },
-        };
-        match result {
-            Ok(value) => {
-                if !write {
-                    (w[state::RAX], w[state::RDX]) = (value & 0xffff_ffff, value >> 32);
-                }
-                w[state::RIP] += exits::MSR_LENGTH;
-                Next::Resume(mask)
-            }
-            Err(()) => {
-                w[state::EVENT_INJECT] = INJECT_GP0;
-                Next::Resume(state::EVENTS)
-            }
-        }
-    }
-
-    /// A nested page fault outside RAM: MMIO, emulated by decoding the instruction.
-    fn mmio(&mut self) -> Next {
-        self.counts.mmio += 1;
-        let w = utcb_words();
-        let gpa = w[state::EXIT_INFO2];
-        let Some(bytes) = fetch_instruction(&self.vm, w) else {
-            self.log.break_line();
-            println!(
-                "[vmm] multiboot: cannot fetch the instruction at rip {:#x} (access to {gpa:#x})",
-                w[state::RIP]
-            );
-            return Next::Stop(Outcome::Failed("MMIO instruction not readable"));
-        };
-        let decoded = if w[state::CS] >> 16 & 0x200 != 0 {
-            l4linux_glue::decode::decode_mmio(&bytes)
-        } else {
-            l4linux_glue::decode::decode_mmio_32(&bytes)
-        };
-        let instruction = match decoded {
-            Ok(i) => i,
-            Err(e) => {
-                self.log.break_line();
-                println!(
-                    "[vmm] multiboot: cannot emulate the access to {gpa:#x} at rip {:#x}: {e:?} ({:02x?})",
-                    w[state::RIP],
-                    &bytes[..8]
-                );
-                return Next::Stop(Outcome::Failed("MMIO instruction not emulated"));
-            }
-        };
-        if !self.platform.claims_mmio(gpa) {
-            self.log.break_line();
-            println!(
-                "[vmm] multiboot: access to unclaimed guest-physical {gpa:#x} at rip {:#x} (reads all ones)",
-                w[state::RIP]
-            );
-        }
-        let mut devices = PlatformMmio {
-            platform: &mut self.platform,
-            now: rdtsc(),
-        };
-        crate::emulate_mmio(&mut devices, gpa, instruction.access, w);
-        w[state::RIP] += u64::from(instruction.length);
-        Next::Resume(state::GPRS)
-    }
-
-    /// HLT: block in L4 until the guest's timer is due. Nothing else can wake the guest (no
-    /// device interrupts come from outside), so a wait without a timer ends the compartment.
-    fn halt(&mut self) -> Next {
-        self.counts.hlt += 1;
-        let w = utcb_words();
-        w[state::RIP] += 1;
-        w[state::INTERRUPT_SHADOW] = 0;
-        if w[state::RFLAGS] & RFLAGS_IF == 0 && !self.platform.nmi_pending() {
-            return Next::Stop(Outcome::Halted);
-        }
-        loop {
-            let now = rdtsc();
-            if self.platform.tick(now).is_some() || self.platform.nmi_pending() {
-                return Next::Resume(state::GPRS | state::EVENTS);
-            }
-            let Some(deadline) = self.platform.next_deadline() else {
-                return Next::Stop(Outcome::Failed(
-                    "HLT with no timer armed: nothing can wake the guest",
-                ));
-            };
-            let us = (deadline.saturating_sub(now) as u128 * 1_000_000 / self.tsc_hz as u128)
-                .min(u32::MAX as u128 - 2) as u32;
-            if us == 0 {
-                continue;
-            }
-            let timeouts =
-                l4::abi::Timeouts::new(l4::abi::Timeout::INFINITE, l4::abi::Timeout::micros(us));
-            if let Ok(message) = l4::ipc::wait(timeouts) {
-                println!(
-                    "[vmm] multiboot: unexpected message (label {}) ignored",
-                    message.tag.label()
-                );
-            }
-        }
-    }
-
-    fn report(&mut self, outcome: Outcome) -> i64 {
-        let output = core::mem::take(&mut self.uart.borrow_mut().output);
-        self.log.push(&output);
+    fn break_line(&mut self) {
         self.log.break_line();
-        let w = utcb_words();
-        let c = &self.counts;
-        let milliseconds = (rdtsc() - self.boot_tsc) / (self.tsc_hz / 1000).max(1);
-        println!(
-            "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} other {}; {} interrupts and {} NMIs injected; {milliseconds} ms",
-            c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.other, c.injected, c.nmis
-        );
-        match outcome {
-            Outcome::DebugExit(status) => {
-                println!(
-                    "[vmm] multiboot guest wrote status {status} to the debug-exit port: the compartment ends"
-                );
-                i64::from(status)
-            }
-            Outcome::Halted => {
-                println!("[vmm] multiboot guest halted with interrupts off: the compartment ends");
-                0
-            }
-            Outcome::Failed(why) => {
-                println!(
-                    "[vmm] multiboot guest stopped: {why} (rip {:#x}); the compartment ends",
-                    w[state::RIP]
-                );
-                1
-            }
+    }
+
+    /// INIT and SIPI: logged, nothing else (one vCPU).
+    fn after_run(&mut self, board: &mut Board) {
+        for ipi in board.platform.take_ipis() {
+            self.log.break_line();
+            println!("[vmm] multiboot: {ipi:?} ignored (one vCPU)");
+        }
+    }
+
+    fn port_done(&mut self, _board: &mut Board, _io: &IoExit, _w: &[u64; 64]) -> Option<Outcome> {
+        self.exit_port.borrow().status.map(Outcome::DebugExit)
+    }
+
+    fn shutdown(&mut self) -> Outcome {
+        Outcome::Failed("triple fault")
+    }
+
+    fn halted(&mut self) -> Outcome {
+        Outcome::Halted
+    }
+
+    fn failed(why: &'static str) -> Outcome {
+        Outcome::Failed(why)
+    }
+}
+
+/// The exit counts and how the compartment ended; its exit status.
+fn report(compartment: &mut Compartment<Multiboot>, outcome: Outcome) -> i64 {
+    compartment.flush_output();
+    compartment.kind.log.break_line();
+    let board = &compartment.board;
+    let w = state_words();
+    let c = &board.counts;
+    let milliseconds = (rdtsc() - board.boot_tsc) / (board.tsc_hz / 1000).max(1);
+    println!(
+        "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} other {}; {} interrupts and {} NMIs injected; {milliseconds} ms",
+        c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline + c.message, c.other, c.injected, c.nmis
+    );
+    match outcome {
+        Outcome::DebugExit(status) => {
+            println!(
+                "[vmm] multiboot guest wrote status {status} to the debug-exit port: the compartment ends"
+            );
+            i64::from(status)
+        }
+        Outcome::Halted => {
+            println!("[vmm] multiboot guest halted with interrupts off: the compartment ends");
+            0
+        }
+        Outcome::Failed(why) => {
+            println!(
+                "[vmm] multiboot guest stopped: {why} (rip {:#x}); the compartment ends",
+                w[state::RIP]
+            );
+            1
         }
     }
 }

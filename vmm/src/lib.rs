@@ -1,0 +1,19 @@
+//! The VMM library: what a VMM task needs to run guests whose exits arrive over the L4
+//! kernel. Guest memory from the parent's RAM service, mapped into the VM as flexpages
+//! ([`memory`]); the vCPU and its state words ([`vcpu`]); the one exit loop, an explicit state
+//! machine that calls one handler per exit reason ([`exit`]); the PC platform that wires the
+//! device models of `l4linux-glue` to the port and MMIO buses, interrupt lines and L4 services
+//! ([`platform`], [`console`]); and the guest kinds built on it, Linux ([`linux`]) and
+//! Multiboot ([`multiboot`]). The binary (`src/main.rs`) picks one by its arguments; the
+//! bare-metal guest suite (`src/suite/`, part of the binary) is another user of the loop.
+#![no_std]
+
+extern crate alloc;
+
+pub mod console;
+pub mod exit;
+pub mod linux;
+pub mod memory;
+pub mod multiboot;
+pub mod platform;
+pub mod vcpu;

@@ -1,0 +1,235 @@
+//! Guest memory: RAM from the parent's RAM service mapped into this task and, as flexpages,
+//! into the VM at guest-physical 0 ([`Ram`], [`create_vm`]); the view the device models get
+//! ([`GuestRam`]); and reading guest memory through the guest's own page tables.
+
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use l4::abi::vcpu as state;
+use l4::abi::{slots, Error, Fpage, ObjectKind, PAGE_SIZE};
+use l4::thread::alloc_slot;
+use l4::{println, sys};
+
+/// Guest RAM in our address space.
+pub struct Ram {
+    /// Where it is in our address space.
+    pub base: u64,
+    /// Its size in bytes (guest-physical `0..size`).
+    pub size: u64,
+}
+
+/// Where guest RAM from the parent goes in our address space (bump-allocated, each block
+/// aligned to its size so that it can be mapped into a VM as one flexpage).
+const GUEST_RAM_WINDOW: u64 = 0x0000_4000_0000_0000;
+static NEXT_GUEST_RAM: AtomicU64 = AtomicU64::new(GUEST_RAM_WINDOW);
+
+impl Ram {
+    /// `size` bytes (a power of two) of zeroed guest RAM from the parent's RAM service:
+    /// 2 MiB pages that the VM gets as large pages too, with all rights.
+    pub fn new(size: u64) -> Result<Ram, l4::parent::RamError> {
+        let granule = l4::parent::RAM_GRANULE;
+        let align = size.max(granule);
+        let base = NEXT_GUEST_RAM.load(SeqCst).next_multiple_of(align);
+        let bytes = size.next_multiple_of(granule);
+        l4::parent::request_ram(base, bytes)?;
+        NEXT_GUEST_RAM.store(base + bytes, SeqCst);
+        Ok(Ram { base, size })
+    }
+
+    /// Whether `gpa..gpa + length` lies inside.
+    pub fn contains(&self, gpa: u64, length: u64) -> bool {
+        gpa.checked_add(length).is_some_and(|end| end <= self.size)
+    }
+
+    /// Copy `bytes` to guest-physical `gpa` (which must be inside).
+    pub fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(self.contains(gpa, bytes.len() as u64));
+        // SAFETY: inside our RAM allocation.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (self.base + gpa) as *mut u8,
+                bytes.len(),
+            )
+        };
+    }
+
+    /// The (unaligned) word at guest-physical `gpa`, if inside.
+    pub fn read_u64(&self, gpa: u64) -> Option<u64> {
+        if !self.contains(gpa, 8) {
+            return None;
+        }
+        // SAFETY: inside our RAM allocation.
+        Some(unsafe { core::ptr::read_unaligned((self.base + gpa) as *const u64) })
+    }
+
+    /// Copy guest-physical `gpa..` into `out`; false if outside.
+    pub fn read_bytes(&self, gpa: u64, out: &mut [u8]) -> bool {
+        if !self.contains(gpa, out.len() as u64) {
+            return false;
+        }
+        // SAFETY: inside our RAM allocation.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (self.base + gpa) as *const u8,
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+        true
+    }
+}
+
+/// Guest RAM as the device models see it ([`GuestMemory`]): a copyable view of a [`Ram`].
+#[derive(Clone, Copy)]
+pub struct GuestRam {
+    base: u64,
+    size: u64,
+}
+
+impl GuestRam {
+    /// The view of `ram`.
+    pub fn of(ram: &Ram) -> GuestRam {
+        GuestRam {
+            base: ram.base,
+            size: ram.size,
+        }
+    }
+}
+
+impl l4linux_glue::guest_memory::GuestMemory for GuestRam {
+    fn read(
+        &self,
+        address: u64,
+        buffer: &mut [u8],
+    ) -> Result<(), l4linux_glue::guest_memory::MemoryError> {
+        self.check_range(address, buffer.len() as u64)?;
+        // SAFETY: inside the guest RAM allocation (checked above), which stays mapped in this
+        // task for its lifetime; the vCPU is stopped while the VMM handles devices.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (self.base + address) as *const u8,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        address: u64,
+        data: &[u8],
+    ) -> Result<(), l4linux_glue::guest_memory::MemoryError> {
+        self.check_range(address, data.len() as u64)?;
+        // SAFETY: as for `read`.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (self.base + address) as *mut u8,
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn check_range(
+        &self,
+        address: u64,
+        length: u64,
+    ) -> Result<(), l4linux_glue::guest_memory::MemoryError> {
+        match address.checked_add(length) {
+            Some(end) if end <= self.size && address < self.size.max(1) => Ok(()),
+            _ => Err(l4linux_glue::guest_memory::MemoryError::OutOfRange { address, length }),
+        }
+    }
+}
+
+/// A VM with one vCPU and its RAM.
+pub struct Vm {
+    /// The VM's capability slot (flexpages are mapped into it).
+    pub vm: u64,
+    /// The vCPU's capability slot.
+    pub vcpu: u64,
+    /// Its RAM at guest-physical 0.
+    pub ram: Ram,
+}
+
+/// A VM with `ram_size` bytes of RAM at guest-physical 0; its guest page faults go to the
+/// thread or gate in slot `pager` (or, with `NO_CAP`, to the VMM as exits).
+pub fn create_vm(ram_size: u64, pager: u64) -> Result<Vm, Error> {
+    let vm = alloc_slot();
+    sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, pager, 0)?;
+    let vcpu = alloc_slot();
+    sys::factory_create(slots::FACTORY, ObjectKind::Vcpu, vcpu, vm, 0)?;
+    let ram = Ram::new(ram_size).map_err(|e| {
+        println!("[vmm] no guest RAM ({} KiB): {e}", ram_size >> 10);
+        Error::OutOfMemory
+    })?;
+    sys::map(
+        vm,
+        Fpage::memory(ram.base, ram_size.trailing_zeros(), Fpage::RWX),
+        0,
+        0,
+    )?;
+    Ok(Vm { vm, vcpu, ram })
+}
+
+/// Identity page tables for the first 4 GiB (2 MiB pages) at 0x1000..0x7000.
+pub fn identity_tables(ram: &Ram) {
+    let mut tables = [0u64; 512 * 6];
+    tables[0] = 0x2000 | 7; // PML4[0] -> PDPT
+    for i in 0..4 {
+        tables[512 + i] = (0x3000 + i as u64 * 0x1000) | 7; // PDPT[i] -> PD i
+    }
+    for i in 0..2048u64 {
+        tables[1024 + i as usize] = (i << 21) | 0x87; // 2 MiB pages, identity
+    }
+    let bytes: alloc::vec::Vec<u8> = tables[..512 * 6]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    ram.write(0x1000, &bytes);
+}
+
+/// Copy `out.len()` bytes from guest-virtual `address` (translated through the guest's page
+/// tables as of the exit state `w`, page by page); false if any page is not mapped.
+pub fn read_guest_virtual(vm: &Vm, w: &[u64; 64], address: u64, out: &mut [u8]) -> bool {
+    let mode = l4linux_glue::guest_paging::PagingMode {
+        cr0: w[state::CR0],
+        cr4: w[state::CR4],
+        efer: w[state::EFER],
+    };
+    let mut done = 0;
+    while done < out.len() {
+        let va = address.wrapping_add(done as u64);
+        let Ok(gpa) = l4linux_glue::guest_paging::translate(mode, w[state::CR3], va, &mut |a| {
+            vm.ram.read_u64(a)
+        }) else {
+            return false;
+        };
+        let chunk = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(out.len() - done);
+        if !vm.ram.read_bytes(gpa, &mut out[done..done + chunk]) {
+            return false;
+        }
+        done += chunk;
+    }
+    true
+}
+
+/// The 15 bytes at the guest's RIP (translated as for [`read_guest_virtual`]; zero beyond
+/// RAM), for decoding the instruction of an exit.
+pub fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {
+    let mode = l4linux_glue::guest_paging::PagingMode {
+        cr0: w[state::CR0],
+        cr4: w[state::CR4],
+        efer: w[state::EFER],
+    };
+    let gpa = l4linux_glue::guest_paging::translate(mode, w[state::CR3], w[state::RIP], &mut |a| {
+        vm.ram.read_u64(a)
+    })
+    .ok()?;
+    let mut bytes = [0u8; 15];
+    let available = vm.ram.size.saturating_sub(gpa).min(15) as usize;
+    vm.ram
+        .read_bytes(gpa, &mut bytes[..available])
+        .then_some(bytes)
+}

@@ -1,0 +1,443 @@
+//! The PC platform the compartments' guests run on ([`Board`]): the VM and its RAM, the
+//! local APIC, IOAPIC and CPUID/MSR policy of [`l4linux_glue::platform::Platform`], the port
+//! and MMIO buses with their device models, COM1 as a 16550A, and COM1's receive side from L4
+//! ([`HostConsole`]). [`Compartment`] runs a guest on it with the one exit loop
+//! ([`crate::exit`]): CPUID, MSRs, MMIO, HLT as a blocking wait in L4, deadlines and messages
+//! are handled here for every guest kind; what differs (extra devices, hypercalls, what ends
+//! the guest, how its console output is shown) is the guest kind's [`Kind`].
+
+use crate::console::HostConsole;
+use crate::exit::{self, emulate_cpuid_with, emulate_mmio, Entry, Handler, Mmio, Next, Words};
+use crate::memory::{fetch_instruction, Vm};
+use crate::vcpu::{rdtsc, INJECT_GP0, RFLAGS_IF};
+use alloc::rc::Rc;
+use core::cell::RefCell;
+use l4::abi::vcpu as state;
+use l4::abi::{Error, Timeout, Timeouts};
+use l4::println;
+use l4linux_glue::exits::{self as lengths, IoExit};
+use l4linux_glue::mmio::MmioBus;
+use l4linux_glue::platform::Platform;
+use l4linux_glue::ports::PortBus;
+use l4linux_glue::uart8250::{self, Uart8250};
+
+const MSR_EFER: u32 = 0xc000_0080;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_SVME: u64 = 1 << 12;
+/// SCE, LME, LMA (ignored), NXE.
+const EFER_WRITABLE: u64 = 0x0d01;
+
+/// Exit counts by reason, for the report at the end.
+#[derive(Default)]
+pub struct ExitCounts {
+    /// Port I/O other than COM1.
+    pub io: u64,
+    /// Port I/O to COM1.
+    pub uart: u64,
+    /// CPUID.
+    pub cpuid: u64,
+    /// RDMSR and WRMSR.
+    pub msr: u64,
+    /// MMIO (nested page faults).
+    pub mmio: u64,
+    /// HLT.
+    pub hlt: u64,
+    /// The run's deadline.
+    pub deadline: u64,
+    /// A message for the vCPU thread.
+    pub message: u64,
+    /// VMMCALL.
+    pub hypercall: u64,
+    /// MSR accesses refused with #GP.
+    pub msr_refused: u64,
+    /// Exits no handler took.
+    pub other: u64,
+    /// Interrupts the guest took.
+    pub injected: u64,
+    /// NMIs injected.
+    pub nmis: u64,
+}
+
+/// The machine a compartment's guest runs on, filled in by its guest kind.
+pub struct Board {
+    /// The VM, its vCPU and RAM.
+    pub vm: Vm,
+    /// Local APIC, IOAPIC, kvmclock, CPUID/MSR policy.
+    pub platform: Platform,
+    /// The port devices (COM1 and the guest kind's).
+    pub ports: PortBus,
+    /// The MMIO devices besides the platform's own.
+    pub mmio: MmioBus,
+    /// COM1 (on `ports`).
+    pub uart: Rc<RefCell<Uart8250>>,
+    /// COM1's receive side, if this compartment has the console.
+    pub console: Option<HostConsole>,
+    /// Print each refused MSR access.
+    pub verbose: bool,
+    /// The TSC frequency.
+    pub tsc_hz: u64,
+    /// The TSC when the compartment started.
+    pub boot_tsc: u64,
+    /// Exits by reason.
+    pub counts: ExitCounts,
+}
+
+/// What a guest kind (Linux, Multiboot) adds to the [`Board`] and its exit handling.
+pub trait Kind {
+    /// Why the guest ended.
+    type Outcome;
+    /// The kind's name in the VMM's messages (`[vmm] NAME: ...`).
+    const NAME: &'static str;
+    /// Whether messages (console input) can wake a halted guest: with no timer armed, HLT
+    /// waits for one; otherwise such a HLT ends the guest.
+    const MESSAGES_WAKE: bool;
+
+    /// Show the guest's console output.
+    fn output(&mut self, bytes: &[u8]);
+    /// End an unfinished console line (before the VMM prints its own).
+    fn break_line(&mut self);
+    /// Before each entry and while halted: move input into devices, drive interrupt lines.
+    fn poll(&mut self, _board: &mut Board) {}
+    /// Right after each exit, before its handler.
+    fn after_run(&mut self, _board: &mut Board) {}
+    /// After a non-string port access went to the bus: `Some` ends the guest.
+    fn port_done(&mut self, _board: &mut Board, _io: &IoExit, _w: &Words) -> Option<Self::Outcome> {
+        None
+    }
+    /// VMMCALL (`None`: the kind has no hypercalls).
+    fn hypercall(&mut self, _board: &mut Board, _w: &mut Words) -> Option<Next<Self::Outcome>> {
+        None
+    }
+    /// A triple fault.
+    fn shutdown(&mut self) -> Self::Outcome;
+    /// HLT with interrupts off (and no NMI due): nothing can wake the guest.
+    fn halted(&mut self) -> Self::Outcome;
+    /// The VMM cannot go on.
+    fn failed(why: &'static str) -> Self::Outcome;
+}
+
+/// A guest of kind `K` on its board.
+pub struct Compartment<K> {
+    /// The machine.
+    pub board: Board,
+    /// The guest kind's part.
+    pub kind: K,
+}
+
+/// The guest's MMIO at the current TSC: the platform (local APIC page in xAPIC mode, IOAPIC)
+/// and the devices on the bus.
+struct DeviceMmio<'a> {
+    platform: &'a mut Platform,
+    bus: &'a mut MmioBus,
+    now: u64,
+}
+
+impl Mmio for DeviceMmio<'_> {
+    fn read(&mut self, gpa: u64, size: u8) -> Option<u64> {
+        self.platform
+            .mmio_read(gpa, size, self.now)
+            .or_else(|| self.bus.read(gpa, size))
+    }
+    fn write(&mut self, gpa: u64, size: u8, value: u64) -> bool {
+        self.platform.mmio_write(gpa, size, value, self.now) || self.bus.write(gpa, size, value)
+    }
+}
+
+impl<K: Kind> Compartment<K> {
+    /// Run the guest to its end (the state words hold its entry state).
+    pub fn run(&mut self) -> K::Outcome {
+        exit::run(self.board.vm.vcpu, self)
+    }
+
+    /// Show COM1's output so far.
+    pub fn flush_output(&mut self) {
+        let output = core::mem::take(&mut self.board.uart.borrow_mut().output);
+        self.kind.output(&output);
+    }
+
+    /// Let the guest kind poll its devices, then drive COM1's interrupt line.
+    fn poll(&mut self) {
+        self.kind.poll(&mut self.board);
+        let level = self.board.uart.borrow().irq_level();
+        self.board
+            .platform
+            .set_irq(uart8250::COM1_IRQ.into(), level);
+    }
+
+    /// A line of the VMM's about this guest.
+    fn say(&mut self, line: core::fmt::Arguments) {
+        self.kind.break_line();
+        println!("[vmm] {}: {line}", K::NAME);
+    }
+
+    /// Receive what waits for the vCPU thread (console input and the like), waiting at most
+    /// `timeout` for the first message.
+    fn drain_messages(&mut self, timeout: Timeout) {
+        let mut timeout = timeout;
+        while let Ok(message) = l4::ipc::wait(Timeouts::new(Timeout::INFINITE, timeout)) {
+            let handled = self
+                .board
+                .console
+                .as_mut()
+                .is_some_and(|c| c.handle(&message));
+            if !handled {
+                self.say(format_args!(
+                    "unexpected message (label {}) ignored",
+                    message.tag.label()
+                ));
+            }
+            timeout = Timeout::ZERO;
+        }
+    }
+}
+
+impl<K: Kind> Handler for Compartment<K> {
+    type Outcome = K::Outcome;
+
+    fn prepare(&mut self) -> Entry {
+        let now = rdtsc();
+        self.poll();
+        let platform = &mut self.board.platform;
+        let interrupt = platform.tick(now);
+        Entry {
+            interrupt,
+            nmi: platform.nmi_pending(),
+            deadline: platform.next_deadline().unwrap_or(0),
+        }
+    }
+
+    fn interrupt_taken(&mut self, vector: u8) {
+        self.board.platform.accept(vector);
+        self.board.counts.injected += 1;
+    }
+
+    fn nmi_delivered(&mut self) {
+        self.board.platform.accept_nmi();
+        self.board.counts.nmis += 1;
+    }
+
+    fn after_run(&mut self, _w: &mut Words) -> Option<K::Outcome> {
+        self.flush_output();
+        self.kind.after_run(&mut self.board);
+        None
+    }
+
+    fn refused(&mut self, error: Error, mask: u64, w: &mut Words) -> K::Outcome {
+        self.kind.break_line();
+        println!(
+            "[vmm] VcpuRun refused: {error} (cr0 {:#x} cr4 {:#x} efer {:#x} mask {mask:#x})",
+            w[state::CR0],
+            w[state::CR4],
+            w[state::EFER]
+        );
+        K::failed("VcpuRun refused")
+    }
+
+    fn port_io(&mut self, w: &mut Words) -> Next<K::Outcome> {
+        let Some(io) = IoExit::decode(w[state::EXIT_INFO1]) else {
+            return Next::Stop(K::failed("bad I/O exit"));
+        };
+        if io.string {
+            return Next::Stop(K::failed("string I/O"));
+        }
+        if io.port & !7 == uart8250::COM1_PORT {
+            self.board.counts.uart += 1;
+        } else {
+            self.board.counts.io += 1;
+        }
+        exit::port_io(&mut self.board.ports, &io, w);
+        if let Some(outcome) = self.kind.port_done(&mut self.board, &io, w) {
+            return Next::Stop(outcome);
+        }
+        w[state::RIP] = w[state::EXIT_INFO2];
+        Next::Resume(state::GPRS)
+    }
+
+    fn cpuid(&mut self, w: &mut Words) -> Next<K::Outcome> {
+        self.board.counts.cpuid += 1;
+        let cr4 = w[state::CR4];
+        let platform = &self.board.platform;
+        emulate_cpuid_with(w, |leaf, subleaf, host| {
+            platform.cpuid(leaf, subleaf, host, cr4)
+        });
+        Next::Resume(state::GPRS)
+    }
+
+    fn msr(&mut self, w: &mut Words) -> Next<K::Outcome> {
+        self.board.counts.msr += 1;
+        let msr = w[state::RCX] as u32;
+        let write = w[state::EXIT_INFO1] != 0;
+        let value = (w[state::RDX] << 32) | (w[state::RAX] & 0xffff_ffff);
+        let now = rdtsc();
+        let mut mask = state::GPRS;
+        let result = match (msr, write) {
+            (MSR_EFER, false) => Ok(w[state::EFER] & !EFER_SVME),
+            (MSR_EFER, true) if value & !EFER_WRITABLE == 0 => {
+                // LMA follows LME and CR0.PG; the kernel keeps SVME set.
+                let paging = w[state::CR0] & (1 << 31) != 0;
+                let long = value & EFER_LME != 0;
+                w[state::EFER] = (value & !EFER_LMA) | if long && paging { EFER_LMA } else { 0 };
+                mask |= state::CONTROL;
+                Ok(0)
+            }
+            (_, false) => match self.board.platform.msr_read(msr, now) {
+                Ok(value) => Ok(value),
+                Err(e) => {
+                    if self.board.verbose {
+                        self.say(format_args!("rdmsr {msr:#x} refused with #GP: {e}"));
+                    }
+                    Err(())
+                }
+            },
+            (_, true) => match self.board.platform.msr_write(msr, value, now) {
+                Ok(Some(update)) => {
+                    let ram = &self.board.vm.ram;
+                    if ram.contains(update.address, update.bytes.len() as u64) {
+                        ram.write(update.address, &update.bytes);
+                    }
+                    Ok(0)
+                }
+                Ok(None) => Ok(0),
+                Err(e) => {
+                    if self.board.verbose {
+                        self.say(format_args!(
+                            "wrmsr {msr:#x} <- {value:#x} refused with #GP: {e}"
+                        ));
+                    }
+                    Err(())
+                }
+            },
+        };
+        match result {
+            Ok(value) => {
+                if !write {
+                    (w[state::RAX], w[state::RDX]) = (value & 0xffff_ffff, value >> 32);
+                }
+                w[state::RIP] += lengths::MSR_LENGTH;
+                Next::Resume(mask)
+            }
+            Err(()) => {
+                // #GP(0), which Linux's safe accessors expect (it probes MSRs it may not have).
+                self.board.counts.msr_refused += 1;
+                w[state::EVENT_INJECT] = INJECT_GP0;
+                Next::Resume(state::EVENTS)
+            }
+        }
+    }
+
+    /// A nested page fault outside RAM: MMIO, emulated by decoding the instruction.
+    fn nested_page_fault(&mut self, w: &mut Words) -> Next<K::Outcome> {
+        self.board.counts.mmio += 1;
+        let gpa = w[state::EXIT_INFO2];
+        let Some(bytes) = fetch_instruction(&self.board.vm, w) else {
+            self.say(format_args!(
+                "cannot fetch the instruction at rip {:#x} (access to {gpa:#x})",
+                w[state::RIP]
+            ));
+            return Next::Stop(K::failed("MMIO instruction not readable"));
+        };
+        let decoded = if w[state::CS] >> 16 & 0x200 != 0 {
+            l4linux_glue::decode::decode_mmio(&bytes)
+        } else {
+            l4linux_glue::decode::decode_mmio_32(&bytes)
+        };
+        let instruction = match decoded {
+            Ok(i) => i,
+            Err(e) => {
+                self.say(format_args!(
+                    "cannot emulate the access to {gpa:#x} at rip {:#x}: {e:?} ({:02x?})",
+                    w[state::RIP],
+                    &bytes[..8]
+                ));
+                return Next::Stop(K::failed("MMIO instruction not emulated"));
+            }
+        };
+        if !self.board.platform.claims_mmio(gpa) && !self.board.mmio.claims(gpa) {
+            self.say(format_args!(
+                "access to unclaimed guest-physical {gpa:#x} at rip {:#x} (reads all ones)",
+                w[state::RIP]
+            ));
+        }
+        let mut devices = DeviceMmio {
+            platform: &mut self.board.platform,
+            bus: &mut self.board.mmio,
+            now: rdtsc(),
+        };
+        emulate_mmio(&mut devices, gpa, instruction.access, w);
+        w[state::RIP] += u64::from(instruction.length);
+        Next::Resume(state::GPRS)
+    }
+
+    /// HLT: block in L4 until an interrupt is due (the guest's timer or, where messages wake
+    /// the guest, a message).
+    fn halt(&mut self, w: &mut Words) -> Next<K::Outcome> {
+        self.board.counts.hlt += 1;
+        w[state::RIP] += lengths::HLT_LENGTH;
+        w[state::INTERRUPT_SHADOW] = 0;
+        if w[state::RFLAGS] & RFLAGS_IF == 0 && !self.board.platform.nmi_pending() {
+            return Next::Stop(self.kind.halted());
+        }
+        loop {
+            self.poll();
+            let now = rdtsc();
+            let platform = &mut self.board.platform;
+            if platform.tick(now).is_some() || platform.nmi_pending() {
+                return Next::Resume(state::GPRS | state::EVENTS);
+            }
+            let timeout = match platform.next_deadline() {
+                None if K::MESSAGES_WAKE => Timeout::INFINITE,
+                None => {
+                    return Next::Stop(K::failed(
+                        "HLT with no timer armed: nothing can wake the guest",
+                    ))
+                }
+                Some(d) => {
+                    let us = (d.saturating_sub(now) as u128 * 1_000_000 / self.board.tsc_hz as u128)
+                        .min(u32::MAX as u128 - 2) as u32;
+                    if us == 0 {
+                        continue;
+                    }
+                    Timeout::micros(us)
+                }
+            };
+            self.drain_messages(timeout);
+        }
+    }
+
+    fn hypercall(&mut self, w: &mut Words) -> Next<K::Outcome> {
+        match self.kind.hypercall(&mut self.board, w) {
+            Some(next) => {
+                self.board.counts.hypercall += 1;
+                next
+            }
+            None => self.unhandled(state::exit::VMMCALL, w),
+        }
+    }
+
+    fn deadline(&mut self, _w: &mut Words) -> Next<K::Outcome> {
+        self.board.counts.deadline += 1;
+        Next::Resume(0)
+    }
+
+    fn message(&mut self, _w: &mut Words) -> Next<K::Outcome> {
+        self.board.counts.message += 1;
+        self.drain_messages(Timeout::ZERO);
+        Next::Resume(0)
+    }
+
+    fn shutdown(&mut self, _w: &mut Words) -> Next<K::Outcome> {
+        Next::Stop(self.kind.shutdown())
+    }
+
+    fn unhandled(&mut self, code: u64, w: &mut Words) -> Next<K::Outcome> {
+        self.board.counts.other += 1;
+        self.say(format_args!(
+            "unhandled exit {code:#x} at rip {:#x} (info1 {:#x} info2 {:#x})",
+            w[state::RIP],
+            w[state::EXIT_INFO1],
+            w[state::EXIT_INFO2]
+        ));
+        Next::Stop(K::failed("unhandled exit"))
+    }
+}

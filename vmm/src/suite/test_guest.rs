@@ -1,0 +1,324 @@
+//! The test guest on the VMM library's exit loop: its handlers, and the other VMs it asks
+//! the VMM to run in between (through hypercalls).
+
+use super::*;
+
+/// What the test guest's exit handlers end with: the guest's exit-port value, or why it
+/// stopped early.
+type TestOutcome = Result<u32, &'static str>;
+
+/// The test guest as the exit loop sees it: the test device on the ports and a scratch device
+/// on the MMIO bus, the VMM's test MSR, lazy guest RAM, and the hypercalls of the test cases.
+struct TestGuest<'a> {
+    vm: &'a Vm,
+    device: Rc<RefCell<TestDevice>>,
+    bus: PortBus,
+    mmio: MmioBus,
+    test_msr: u64,
+    lazy_faults: u32,
+    outside_reported: bool,
+}
+
+/// A handler's result as the exit loop wants it.
+fn resume(result: Result<u64, &'static str>) -> Next<TestOutcome> {
+    match result {
+        Ok(mask) => Next::Resume(mask),
+        Err(why) => Next::Stop(Err(why)),
+    }
+}
+
+/// The exit loop of the test guest. Returns when the guest writes the exit port or stops
+/// with an unexpected exit.
+pub(super) fn run_test_guest(vm: &Vm, entry: u64) -> TestOutcome {
+    let device = Rc::new(RefCell::new(TestDevice::new()));
+    let mut bus = PortBus::new();
+    bus.register(
+        test_device::BASE_PORT,
+        test_device::LENGTH,
+        Box::new(device.clone()),
+    )
+    .map_err(|_| "port bus")?;
+    let mut mmio = MmioBus::new();
+    mmio.register(
+        MMIO.start,
+        MMIO.end - MMIO.start,
+        Box::new(Scratch::default()),
+    )
+    .map_err(|_| "MMIO bus")?;
+    long_mode_state(utcb_words(), entry);
+    let mut guest = TestGuest {
+        vm,
+        device,
+        bus,
+        mmio,
+        test_msr: 0,
+        lazy_faults: 0,
+        outside_reported: false,
+    };
+    vmm::exit::run(vm.vcpu, &mut guest)
+}
+
+impl TestGuest<'_> {
+    /// IN/OUT, and INS/OUTS with identity-mapped guest memory (the test guest's).
+    fn io(&mut self, w: &mut Words) -> Result<u64, &'static str> {
+        let Some(io) = IoExit::decode(w[state::EXIT_INFO1]) else {
+            return Err("bad I/O exit");
+        };
+        if io.string {
+            let count = if io.rep { w[state::RCX] } else { 1 };
+            for _ in 0..count {
+                let (index, address) = if io.input {
+                    (state::RDI, w[state::RDI])
+                } else {
+                    (state::RSI, w[state::RSI])
+                };
+                let mut bytes = [0u8; 4];
+                if io.input {
+                    let value = self.bus.read(io.port, io.size);
+                    bytes[..io.size as usize]
+                        .copy_from_slice(&value.to_le_bytes()[..io.size as usize]);
+                    self.vm.ram.write(address, &bytes[..io.size as usize]);
+                } else {
+                    if !self
+                        .vm
+                        .ram
+                        .read_bytes(address, &mut bytes[..io.size as usize])
+                    {
+                        return Err("string I/O outside RAM");
+                    }
+                    self.bus.write(io.port, io.size, u32::from_le_bytes(bytes));
+                }
+                w[index] = address + io.size as u64;
+            }
+            if io.rep {
+                w[state::RCX] = 0;
+            }
+        } else {
+            port_io(&mut self.bus, &io, w);
+        }
+        w[state::RIP] = w[state::EXIT_INFO2];
+        Ok(state::GPRS)
+    }
+
+    /// Lazy guest RAM (mapped here, for a VM without a pager thread's help) or MMIO.
+    fn fault(&mut self, w: &mut Words) -> Result<u64, &'static str> {
+        let gpa = w[state::EXIT_INFO2];
+        if LAZY.contains(&gpa) {
+            let page = l4::child::fresh_page();
+            sys::map(
+                self.vm.vm,
+                Fpage::memory(page, 12, Fpage::RWX),
+                gpa & !(PAGE_SIZE - 1),
+                0,
+            )
+            .map_err(|_| "lazy map")?;
+            self.lazy_faults += 1;
+            self.device.borrow_mut().status = self.lazy_faults;
+            return Ok(state::GPRS);
+        }
+        let instruction =
+            fetch_instruction(self.vm, w).ok_or("cannot fetch the faulting instruction")?;
+        let decoded = l4linux_glue::decode::decode_mmio(&instruction)
+            .map_err(|_| "undecodable MMIO instruction")?;
+        if self.mmio.claims(gpa) {
+            emulate_mmio(&mut self.mmio, gpa, decoded.access, w);
+        } else {
+            println!(
+                "[vmm] guest touched guest-physical {gpa:#x} outside RAM and devices; skipped"
+            );
+            self.device.borrow_mut().status = gpa as u32;
+            self.outside_reported = true;
+        }
+        w[state::RIP] += decoded.length as u64;
+        Ok(state::GPRS)
+    }
+}
+
+impl Handler for TestGuest<'_> {
+    type Outcome = TestOutcome;
+
+    /// The guest's TAP lines become ours; its exit-port write ends it.
+    fn after_run(&mut self, _w: &mut Words) -> Option<TestOutcome> {
+        for line in self.device.borrow_mut().take_lines() {
+            if line.starts_with("bench: ") {
+                println!("{line}");
+                continue;
+            }
+            let (ok, case) = match line.strip_prefix("ok - ") {
+                Some(case) => (true, case),
+                None => (false, line.strip_prefix("not ok - ").unwrap_or(&line)),
+            };
+            report(ok, case);
+        }
+        if let Some(code) = self.device.borrow().exit {
+            return Some(Ok(code));
+        }
+        if !self.outside_reported {
+            self.device.borrow_mut().status = LAZY_FAULTS.load(SeqCst) as u32 + self.lazy_faults;
+        }
+        None
+    }
+
+    fn refused(&mut self, _error: Error, _mask: u64, _w: &mut Words) -> TestOutcome {
+        Err("VcpuRun failed")
+    }
+
+    fn port_io(&mut self, w: &mut Words) -> Next<TestOutcome> {
+        resume(self.io(w))
+    }
+
+    fn cpuid(&mut self, w: &mut Words) -> Next<TestOutcome> {
+        emulate_cpuid(w, |leaf| {
+            // Our private leaf: run the benchmarks instead of the tests?
+            (leaf == 0x4000_0002).then(|| [BENCH_MODE.load(SeqCst) as u32, 0, 0, 0])
+        });
+        Next::Resume(state::GPRS)
+    }
+
+    fn msr(&mut self, w: &mut Words) -> Next<TestOutcome> {
+        let msr = w[state::RCX] & 0xffff_ffff;
+        if msr != TEST_MSR {
+            // #GP(0) into the guest; the instruction does not complete.
+            w[state::EVENT_INJECT] = INJECT_GP0;
+            return Next::Resume(state::GPRS | state::EVENTS);
+        }
+        if w[state::EXIT_INFO1] == 0 {
+            w[state::RAX] = self.test_msr & 0xffff_ffff;
+            w[state::RDX] = self.test_msr >> 32;
+        } else {
+            self.test_msr = (w[state::RDX] << 32) | (w[state::RAX] & 0xffff_ffff);
+        }
+        w[state::RIP] += exits::MSR_LENGTH;
+        Next::Resume(state::GPRS)
+    }
+
+    fn hypercall(&mut self, w: &mut Words) -> Next<TestOutcome> {
+        let mut mask = state::GPRS;
+        w[state::RAX] = match w[state::RAX] {
+            1 => w[state::RBX].wrapping_add(w[state::RCX]),
+            2 => {
+                w[state::VIRTUAL_IRQ] = (1 << 63) | (w[state::RBX] & 0xff);
+                w[state::EVENT_INJECT] = 0;
+                mask |= state::EVENTS;
+                0
+            }
+            3 => {
+                // NMI.
+                w[state::EVENT_INJECT] = state::event::nmi();
+                mask |= state::EVENTS;
+                0
+            }
+            7 => {
+                // Run another VM that sets its own xmm0, then come back.
+                let saved = *w;
+                let other = sse_vm(w);
+                *w = saved;
+                other
+            }
+            8 => {
+                // Run another VM that reports what it finds in DR0-DR3, CR2 and the
+                // syscall MSRs (and sets its own), then come back.
+                let saved = *w;
+                let seen = peek_vm(w);
+                *w = saved;
+                seen
+            }
+            5 => {
+                // Revoke the guest page at rbx from the VM (our copy stays).
+                let gpa = w[state::RBX];
+                let page = LAZY
+                    .contains(&gpa)
+                    .then(|| LAZY_PAGES[((gpa - LAZY.start) / PAGE_SIZE) as usize].load(SeqCst));
+                match page {
+                    Some(page) if page != 0 => {
+                        // SAFETY: revokes only the mapping derived from ours.
+                        error_code(unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) })
+                    }
+                    _ => u64::MAX,
+                }
+            }
+            6 => {
+                // Inject external interrupt vector rbx.
+                w[state::EVENT_INJECT] = state::event::interrupt(w[state::RBX] as u8);
+                mask |= state::EVENTS;
+                0
+            }
+            4 => {
+                // #TS with the error code the guest asked for.
+                w[state::EVENT_INJECT] =
+                    state::event::exception_with_code(10, w[state::RBX] as u32);
+                mask |= state::EVENTS;
+                0
+            }
+            _ => u64::MAX,
+        };
+        w[state::RIP] += exits::VMMCALL_LENGTH;
+        Next::Resume(mask)
+    }
+
+    /// A timer tick for the halted guest: a virtual interrupt, taken when it can.
+    fn halt(&mut self, w: &mut Words) -> Next<TestOutcome> {
+        w[state::RIP] += exits::HLT_LENGTH;
+        w[state::VIRTUAL_IRQ] = (1 << 63) | 0x30;
+        w[state::EVENT_INJECT] = 0;
+        w[state::INTERRUPT_SHADOW] = 0;
+        Next::Resume(state::GPRS | state::EVENTS)
+    }
+
+    fn nested_page_fault(&mut self, w: &mut Words) -> Next<TestOutcome> {
+        resume(self.fault(w))
+    }
+
+    fn unhandled(&mut self, code: u64, w: &mut Words) -> Next<TestOutcome> {
+        println!(
+            "[vmm] unexpected exit {code:#x} at rip {:#x}",
+            w[state::RIP]
+        );
+        Next::Stop(Err("unexpected exit"))
+    }
+}
+
+/// Run a fresh VM whose guest writes xmm0, with the state words `w` (the UTCB's: the caller
+/// saves and restores its own guest's); 0 if it ran to its exit.
+fn sse_vm(w: &mut Words) -> u64 {
+    let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
+        return 1;
+    };
+    vm.ram.write(0x7000, GUEST32_SSE.get());
+    protected_mode_state(w, 0x7000);
+    w[state::CR4] = 0x600;
+    match run(vm.vcpu, state::ALL, 0) {
+        Ok(exit::IOIO) => 0,
+        _ => 2,
+    }
+}
+
+/// Run a fresh VM whose guest reports the DR0-DR3, CR2 and syscall-MSR values it finds (and
+/// then writes its own). Returns a bit per non-zero value (0-3: DR0-DR3, 4: CR2, 8-15: the
+/// MSRs), or all ones if it did not run to its exit. `w` as for [`sse_vm`].
+fn peek_vm(w: &mut Words) -> u64 {
+    let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
+        return u64::MAX;
+    };
+    vm.ram.write(0x7000, GUEST32_PEEK.get());
+    protected_mode_state(w, 0x7000);
+    if run(vm.vcpu, state::ALL, 0) != Ok(exit::IOIO) {
+        return u64::MAX;
+    }
+    let dword = |gpa| vm.ram.read_u64(gpa).map_or(u64::MAX, |v| v & 0xffff_ffff);
+    let mut seen = 0;
+    for (bit, gpa) in [0x9000, 0x9004, 0x9008, 0x900c, 0x9010]
+        .into_iter()
+        .enumerate()
+    {
+        if dword(gpa) != 0 {
+            seen |= 1 << bit;
+        }
+    }
+    for i in 0..8 {
+        if vm.ram.read_u64(0x9020 + 8 * i) != Some(0) {
+            seen |= 1 << (8 + i);
+        }
+    }
+    seen
+}

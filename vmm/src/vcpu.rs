@@ -1,0 +1,72 @@
+//! The vCPU as the VMM drives it: the `VcpuRun` syscall, the UTCB words that carry the guest
+//! state in and out, and the entry states the guests start in.
+
+use l4::abi::vcpu as state;
+use l4::abi::{Error, Syscall};
+use l4::sys;
+
+/// The guest state words: the UTCB's message registers, where `VcpuRun` loads the state from
+/// and leaves it at each exit.
+pub fn state_words() -> &'static mut [u64; 64] {
+    &mut l4::utcb::utcb().mr
+}
+
+/// Run the vCPU with `mask` of the UTCB state loaded first, until `deadline` (a TSC value;
+/// 0: none) at the latest; returns the exit code.
+pub fn run(vcpu: u64, mask: u64, deadline: u64) -> Result<u64, Error> {
+    // SAFETY: VcpuRun touches only our UTCB.
+    let (rax, code, _, _) =
+        unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, mask, deadline, 0, 0) };
+    if rax == 0 {
+        Ok(code)
+    } else {
+        Err(Error::from_u64(rax).unwrap_or(Error::InvalidArgument))
+    }
+}
+
+/// Event injection of #GP(0): valid, error code, exception.
+pub const INJECT_GP0: u64 = state::event::GP0;
+
+/// RFLAGS.IF.
+pub const RFLAGS_IF: u64 = 1 << 9;
+
+/// The TSC (shared with the guests: their TSC offset is 0).
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// 64-bit mode at `entry`: paging on with the tables of [`crate::memory::identity_tables`]
+/// (CR3 0x1000), flat segments (code 0x08, data 0x10), the stack at 0x7f000.
+pub fn long_mode_state(words: &mut [u64; 64], entry: u64) {
+    words.fill(0);
+    words[state::RIP] = entry;
+    words[state::RSP] = 0x7_f000;
+    words[state::RFLAGS] = 2;
+    words[state::CR0] = 0x8000_0031; // PG, NE, ET, PE
+    words[state::CR3] = 0x1000;
+    words[state::CR4] = 0x20; // PAE
+    words[state::EFER] = 0x500; // LME, LMA
+    words[state::CS] = state::segment(0x08, 0x29b, 0xffff_ffff);
+    for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
+        words[s] = state::segment(0x10, 0xc93, 0xffff_ffff);
+    }
+    words[state::TR] = state::segment(0, 0x8b, 0x67);
+    words[state::LDTR] = state::segment(0, 0x82, 0);
+}
+
+/// 32-bit protected mode at `entry` with paging off, flat segments (code 0x08, data 0x10), the
+/// stack at 0x8000.
+pub fn protected_mode_state(words: &mut [u64; 64], entry: u64) {
+    words.fill(0);
+    words[state::RIP] = entry;
+    words[state::RSP] = 0x8000;
+    words[state::RFLAGS] = 2;
+    words[state::CR0] = 0x11; // PE, ET
+    words[state::CS] = state::segment(0x08, 0xc9b, 0xffff_ffff);
+    for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
+        words[s] = state::segment(0x10, 0xc93, 0xffff_ffff);
+    }
+    words[state::TR] = state::segment(0, 0x8b, 0x67);
+    words[state::LDTR] = state::segment(0, 0x82, 0);
+}
