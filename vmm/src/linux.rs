@@ -50,6 +50,9 @@ struct ConsoleLog {
     carriage_return: bool,
     reached_init: bool,
     panicked: bool,
+    /// A phase of the guest just ended (a workload's result line, or /init reached): its
+    /// name, for the exits-per-phase line.
+    phase_end: Option<alloc::string::String>,
 }
 
 impl ConsoleLog {
@@ -61,6 +64,7 @@ impl ConsoleLog {
             carriage_return: false,
             reached_init: false,
             panicked: false,
+            phase_end: None,
         }
     }
 
@@ -96,7 +100,15 @@ impl ConsoleLog {
 
     fn end_of_line(&mut self) {
         let text = core::str::from_utf8(&self.line).unwrap_or("");
-        self.reached_init |= text.contains("l4linux: reached /init");
+        if text.contains("l4linux: reached /init") {
+            self.reached_init = true;
+            self.phase_end = Some("boot".into());
+        }
+        if let Some(rest) = text.strip_prefix("l4bench: ") {
+            if let Some((workload, _)) = rest.split_once(" total=") {
+                self.phase_end = Some(workload.into());
+            }
+        }
         self.panicked |= text.contains("Kernel panic - not syncing");
         self.line.clear();
     }
@@ -311,6 +323,7 @@ pub fn boot_linux() -> i64 {
         },
         kind: Linux {
             log: ConsoleLog::new(name),
+            phase_start: (ExitCounts::default(), boot_tsc),
             virtio_console: console,
             block,
             input_to_hvc: cmdline.split_whitespace().any(|w| w == "console=hvc0"),
@@ -374,6 +387,8 @@ enum Outcome {
 /// `[NAME] ...` lines, the hypercalls, and its ways to end.
 struct Linux {
     log: ConsoleLog,
+    /// The exit counts and the TSC when the last phase ended (for exits per phase).
+    phase_start: (ExitCounts, u64),
     virtio_console: Rc<RefCell<Console>>,
     block: Rc<RefCell<Block>>,
     /// Console input goes to the virtio console (the guest's console is hvc0), not COM1.
@@ -396,6 +411,20 @@ impl Kind for Linux {
     /// Move console input into the UART's receive FIFO (or the virtio console) as far as it
     /// has room, show the virtio console's output, and drive the virtio interrupt lines.
     fn poll(&mut self, board: &mut Board) {
+        if let Some(phase) = self.log.phase_end.take() {
+            // Exits per phase of the guest (boot to /init, each workload) and per second.
+            let now = rdtsc();
+            let (counts, start) = self.phase_start;
+            let (text, total) = board.counts.since(&counts);
+            let micros = (now - start) as u128 * 1_000_000 / board.tsc_hz.max(1) as u128;
+            let rate = total as u128 * 1_000_000 / micros.max(1);
+            self.log.break_line();
+            println!(
+                "[vmm] exits in phase {phase}: {total} in {} ms ({rate}/s): {text}",
+                micros / 1000
+            );
+            self.phase_start = (board.counts, now);
+        }
         if let Some(console) = board.console.as_mut() {
             if !console.input.is_empty() {
                 let taken = if self.input_to_hvc {

@@ -29,7 +29,7 @@ const EFER_SVME: u64 = 1 << 12;
 const EFER_WRITABLE: u64 = 0x0d01;
 
 /// Exit counts by reason, for the report at the end.
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 pub struct ExitCounts {
     /// Port I/O other than COM1.
     pub io: u64,
@@ -57,6 +57,37 @@ pub struct ExitCounts {
     pub injected: u64,
     /// NMIs injected.
     pub nmis: u64,
+}
+
+impl ExitCounts {
+    /// The exits counted since `earlier`, by reason, as `NAME N` pairs (reasons without exits
+    /// left out), and their total.
+    pub fn since(&self, earlier: &ExitCounts) -> (alloc::string::String, u64) {
+        let pairs = [
+            ("uart", self.uart - earlier.uart),
+            ("other-io", self.io - earlier.io),
+            ("cpuid", self.cpuid - earlier.cpuid),
+            ("msr", self.msr - earlier.msr),
+            ("mmio", self.mmio - earlier.mmio),
+            ("hlt", self.hlt - earlier.hlt),
+            ("deadline", self.deadline - earlier.deadline),
+            ("message", self.message - earlier.message),
+            ("hypercall", self.hypercall - earlier.hypercall),
+            ("other", self.other - earlier.other),
+        ];
+        let mut text = alloc::string::String::new();
+        let mut total = 0;
+        for (name, n) in pairs {
+            total += n;
+            if n > 0 {
+                if !text.is_empty() {
+                    text.push(' ');
+                }
+                text.push_str(&alloc::format!("{name} {n}"));
+            }
+        }
+        (text, total)
+    }
 }
 
 /// The machine a compartment's guest runs on, filled in by its guest kind.
