@@ -51,7 +51,10 @@ for w in ("cpu", "syscall", "fork_exec"):
     rows.append((f"{w} per operation (instructions)", wn.get(w), wc.get(w)))
 rows.append((f"boot to /init and reboot, wall clock s (median of {runs})", wall["linux-native-boot"], wall["linux-boot"]))
 rows.append(("  the same, compartment console on hvc0 (virtio)", wall["linux-native-boot"], wall["linux-boot-hvc"]))
+phases = [{"phase": p, "exits": int(t), "ms": int(ms), "per_second": int(r), "by_reason": why}
+          for p, t, ms, r, why in re.findall(r"\[vmm\] exits in phase (\S+): (\d+) in (\d+) ms \((\d+)/s\): (.*)", compartment)]
 result = {"unit": "guest ns under -icount shift=0 (= instructions) unless noted",
+          "compartment_phases": phases,
           "rows": [{"name": n, "native": a, "compartment": b, "ratio": (b / a if a and b else None)} for n, a, b in rows],
           "compartment_exits": exits}
 json.dump(result, open("target/bench/linux.json", "w"), indent=2)
@@ -62,5 +65,8 @@ for n, a, b in rows:
     print(f"{n:<55} {fmt(a) if a is not None else '-':>13} {fmt(b) if b is not None else '-':>13} {ratio:>7}")
 total = sum(exits.values())
 print(f"compartment exits during boot and workloads: {total:,} (" + ", ".join(f"{k} {v:,}" for k, v in exits.items() if v) + ")")
+print(f"{'compartment exits by phase (icount run)':<40} {'exits':>8} {'ms':>6} {'per s':>8}  by reason")
+for p in phases:
+    print(f"{p['phase']:<40} {p['exits']:>8,} {p['ms']:>6} {p['per_second']:>8,}  {p['by_reason']}")
 print("(JSON in target/bench/linux.json)")
 PY
