@@ -11,6 +11,7 @@
 extern crate alloc;
 
 pub mod console;
+pub mod console_log;
 pub mod exit;
 pub mod linux;
 pub mod memory;

@@ -11,6 +11,7 @@
 //! fault: Linux without ACPI reboots that way), or does something the VMM cannot handle; the
 //! VMM says which and with how many exits of each kind.
 
+use crate::console_log::ConsoleLog;
 use crate::exit::{Next, Words};
 use crate::memory::{create_vm, identity_tables, read_guest_virtual, GuestRam, Ram, Vm};
 use crate::platform::{Board, Compartment, ExitCounts, Kind};
@@ -37,71 +38,18 @@ const GDT: u64 = 0x500;
 const MP_TABLE: u64 = boot::BIOS_AREA;
 /// The command line when no `cmdline` module is given.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1";
-/// COM1 output on the L4 console as it comes (an interactive shell needs its prompt, which
-/// ends without a newline), each line starting with the compartment's name in brackets so
-/// that the guest's lines stay distinguishable from the kernel's and the VMM's.
-struct ConsoleLog {
-    prefix: alloc::string::String,
-    /// The last line so far (to recognise the markers below).
-    line: Vec<u8>,
-    at_line_start: bool,
-    /// A carriage return not yet written: dropped if a newline follows (the kernel console
-    /// turns each newline into CR LF itself).
-    carriage_return: bool,
-    reached_init: bool,
+/// What the VMM recognises in the guest's console lines.
+#[derive(Default)]
+struct Markers {
     panicked: bool,
     /// A phase of the guest just ended (a workload's result line, or /init reached): its
     /// name, for the exits-per-phase line.
     phase_end: Option<alloc::string::String>,
 }
 
-impl ConsoleLog {
-    fn new(name: &str) -> ConsoleLog {
-        ConsoleLog {
-            prefix: alloc::format!("[{name}] "),
-            line: Vec::new(),
-            at_line_start: true,
-            carriage_return: false,
-            reached_init: false,
-            panicked: false,
-            phase_end: None,
-        }
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        let mut out = Vec::with_capacity(bytes.len() + self.prefix.len());
-        for &b in bytes {
-            if core::mem::take(&mut self.carriage_return) && b != b'\n' {
-                out.push(b'\r');
-            }
-            if b == b'\r' {
-                self.carriage_return = true;
-                continue;
-            }
-            if self.at_line_start {
-                out.extend_from_slice(self.prefix.as_bytes());
-                self.at_line_start = false;
-            }
-            out.push(b);
-            if b == b'\n' {
-                self.at_line_start = true;
-                self.end_of_line();
-            } else {
-                self.line.push(b);
-            }
-        }
-        for chunk in out.chunks(256) {
-            let _ = l4::sys::debug_write(chunk);
-        }
-    }
-
-    fn end_of_line(&mut self) {
-        let text = core::str::from_utf8(&self.line).unwrap_or("");
+impl Markers {
+    fn line(&mut self, text: &str) {
         if text.contains("l4linux: reached /init") {
-            self.reached_init = true;
             self.phase_end = Some("boot".into());
         }
         if let Some(rest) = text.strip_prefix("l4bench: ") {
@@ -110,16 +58,6 @@ impl ConsoleLog {
             }
         }
         self.panicked |= text.contains("Kernel panic - not syncing");
-        self.line.clear();
-    }
-
-    /// End an unfinished line (before the VMM prints its own).
-    fn break_line(&mut self) {
-        if !self.at_line_start {
-            let _ = l4::sys::debug_write(b"\n");
-            self.at_line_start = true;
-            self.end_of_line();
-        }
     }
 }
 
@@ -323,6 +261,7 @@ pub fn boot_linux() -> i64 {
         },
         kind: Linux {
             log: ConsoleLog::new(name),
+            markers: Markers::default(),
             phase_start: (ExitCounts::default(), boot_tsc),
             virtio_console: console,
             block,
@@ -387,6 +326,7 @@ enum Outcome {
 /// `[NAME] ...` lines, the hypercalls, and its ways to end.
 struct Linux {
     log: ConsoleLog,
+    markers: Markers,
     /// The exit counts and the TSC when the last phase ended (for exits per phase).
     phase_start: (ExitCounts, u64),
     virtio_console: Rc<RefCell<Console>>,
@@ -401,24 +341,26 @@ impl Kind for Linux {
     const MESSAGES_WAKE: bool = true;
 
     fn output(&mut self, bytes: &[u8]) {
-        self.log.push(bytes);
+        let markers = &mut self.markers;
+        self.log.push(bytes, &mut |line| markers.line(line));
     }
 
     fn break_line(&mut self) {
-        self.log.break_line();
+        let markers = &mut self.markers;
+        self.log.break_line(&mut |line| markers.line(line));
     }
 
     /// Move console input into the UART's receive FIFO (or the virtio console) as far as it
     /// has room, show the virtio console's output, and drive the virtio interrupt lines.
     fn poll(&mut self, board: &mut Board) {
-        if let Some(phase) = self.log.phase_end.take() {
+        if let Some(phase) = self.markers.phase_end.take() {
             // Exits per phase of the guest (boot to /init, each workload) and per second.
             let now = rdtsc();
             let (counts, start) = self.phase_start;
             let (text, total) = board.counts.since(&counts);
             let micros = (now - start) as u128 * 1_000_000 / board.tsc_hz.max(1) as u128;
             let rate = total as u128 * 1_000_000 / micros.max(1);
-            self.log.break_line();
+            self.break_line();
             println!(
                 "[vmm] exits in phase {phase}: {total} in {} ms ({rate}/s): {text}",
                 micros / 1000
@@ -444,7 +386,7 @@ impl Kind for Linux {
             }
         }
         let hvc_output = core::mem::take(self.virtio_console.borrow_mut().backend_mut().sink_mut());
-        self.log.push(&hvc_output);
+        self.output(&hvc_output);
         board
             .platform
             .set_irq(CONSOLE_IRQ.into(), self.virtio_console.borrow().irq_level());
@@ -469,8 +411,8 @@ impl Kind for Linux {
                 let mut bytes = [0u8; hc::LOG_MAX as usize];
                 let bytes = &mut bytes[..length as usize];
                 if read_guest_virtual(&board.vm, w, address, bytes) {
-                    self.log.break_line();
-                    println!("{}{}", self.log.prefix, hc::log_line(bytes));
+                    self.break_line();
+                    println!("{}{}", self.log.prefix(), hc::log_line(bytes));
                     0
                 } else {
                     hc::EFAULT
@@ -485,7 +427,7 @@ impl Kind for Linux {
 
     /// A triple fault: how Linux without ACPI reboots (after a panic too, with `panic=-1`).
     fn shutdown(&mut self) -> Outcome {
-        if self.log.panicked {
+        if self.markers.panicked {
             Outcome::Failed("guest kernel panic")
         } else {
             Outcome::Reboot
@@ -504,7 +446,7 @@ impl Kind for Linux {
 /// The exit counts and how the compartment ended; its exit status.
 fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
     compartment.flush_output();
-    compartment.kind.log.break_line();
+    compartment.kind.break_line();
     let board = &compartment.board;
     let w = state_words();
     let c = &board.counts;

@@ -15,12 +15,12 @@
 //! (status 0), waits in HLT for an interrupt that nothing can send, triple-faults, or does
 //! something the VMM cannot handle.
 
+use crate::console_log::ConsoleLog;
 use crate::memory::{create_vm, Vm};
 use crate::platform::{Board, Compartment, ExitCounts, Kind};
 use crate::vcpu::{protected_mode_state, rdtsc, state_words};
 use alloc::boxed::Box;
 use alloc::rc::Rc;
-use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use l4::abi::vcpu as state;
@@ -38,41 +38,6 @@ use l4linux_glue::uart8250::{self, Uart8250};
 const DEFAULT_RAM: u64 = 64 << 20;
 /// The stack pointer at entry (the spec leaves it undefined; this is conventional memory).
 const ENTRY_STACK: u64 = 0x7000;
-/// COM1 output, a line at a time, each line prefixed with the compartment's name.
-struct LineLog {
-    prefix: String,
-    line: Vec<u8>,
-}
-
-impl LineLog {
-    fn push(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            match b {
-                b'\n' => self.flush(),
-                b'\r' => {}
-                _ => self.line.push(b),
-            }
-            if self.line.len() >= 200 {
-                self.flush();
-            }
-        }
-    }
-
-    fn flush(&mut self) {
-        let mut out = Vec::with_capacity(self.prefix.len() + self.line.len() + 1);
-        out.extend_from_slice(self.prefix.as_bytes());
-        out.append(&mut self.line);
-        out.push(b'\n');
-        let _ = l4::sys::debug_write(&out);
-    }
-
-    /// End an unfinished line (before the VMM prints its own).
-    fn break_line(&mut self) {
-        if !self.line.is_empty() {
-            self.flush();
-        }
-    }
-}
 
 fn argument(name: &str) -> Option<&'static str> {
     l4::rt::arguments()
@@ -200,10 +165,7 @@ pub fn boot_multiboot() -> i64 {
         },
         kind: Multiboot {
             exit_port: Rc::new(RefCell::new(DebugExit::default())),
-            log: LineLog {
-                prefix: alloc::format!("[{name}] "),
-                line: Vec::new(),
-            },
+            log: ConsoleLog::new(name),
         },
     };
     if attach_devices(&mut compartment, ram_size).is_err() {
@@ -252,7 +214,7 @@ enum Outcome {
 /// `[NAME] ...` lines, and its ways to end. Nothing but its timer can wake it from HLT.
 struct Multiboot {
     exit_port: Rc<RefCell<DebugExit>>,
-    log: LineLog,
+    log: ConsoleLog,
 }
 
 impl Kind for Multiboot {
@@ -261,17 +223,17 @@ impl Kind for Multiboot {
     const MESSAGES_WAKE: bool = false;
 
     fn output(&mut self, bytes: &[u8]) {
-        self.log.push(bytes);
+        self.log.push(bytes, &mut |_| {});
     }
 
     fn break_line(&mut self) {
-        self.log.break_line();
+        self.log.break_line(&mut |_| {});
     }
 
     /// INIT and SIPI: logged, nothing else (one vCPU).
     fn after_run(&mut self, board: &mut Board) {
         for ipi in board.platform.take_ipis() {
-            self.log.break_line();
+            self.break_line();
             println!("[vmm] multiboot: {ipi:?} ignored (one vCPU)");
         }
     }
@@ -296,7 +258,7 @@ impl Kind for Multiboot {
 /// The exit counts and how the compartment ended; its exit status.
 fn report(compartment: &mut Compartment<Multiboot>, outcome: Outcome) -> i64 {
     compartment.flush_output();
-    compartment.kind.log.break_line();
+    compartment.kind.break_line();
     let board = &compartment.board;
     let w = state_words();
     let c = &board.counts;
