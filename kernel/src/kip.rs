@@ -47,6 +47,13 @@ pub fn add_module(frame: u64, base: u64, size: u64, cmdline: &str) -> bool {
     };
     let bytes = cmdline.as_bytes();
     let len = bytes.len().min(KIP_CMDLINE_BYTES - 1);
+    if len < bytes.len() {
+        crate::warn!(
+            "module command line '{cmdline}' is {} bytes, more than the KIP's {}: cut",
+            bytes.len(),
+            KIP_CMDLINE_BYTES - 1
+        );
+    }
     module.cmdline[..len].copy_from_slice(&bytes[..len]);
     kip.modules[n] = module;
     kip.module_count += 1;

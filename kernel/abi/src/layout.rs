@@ -50,8 +50,9 @@ pub const KIP_MAGIC: u64 = 0x5049_4b2d_5352_344c;
 pub const KIP_MAX_REGIONS: usize = 32;
 /// Maximum boot modules in the KIP.
 pub const KIP_MAX_MODULES: usize = 16;
-/// Bytes of a module's command line kept in the KIP.
-pub const KIP_CMDLINE_BYTES: usize = 104;
+/// Bytes of a module's command line kept in the KIP (with its NUL; the kernel warns about a
+/// longer one, which is cut).
+pub const KIP_CMDLINE_BYTES: usize = 176;
 
 /// Kinds of memory regions in the KIP.
 pub mod region_kind {
@@ -125,7 +126,7 @@ pub const ABI_VERSION: u64 = 1;
 
 const _: () = assert!(core::mem::size_of::<Utcb>() <= UTCB_SIZE as usize);
 const _: () = assert!(core::mem::size_of::<Kip>() <= PAGE_SIZE as usize);
-const _: () = assert!(core::mem::size_of::<BootModule>() == 120);
+const _: () = assert!(core::mem::size_of::<BootModule>() == 192);
 
 /// Offset of `Utcb::user[0]`, the UTCB's own address, from the UTCB start (FS base).
 pub const UTCB_SELF_OFFSET: usize = core::mem::offset_of!(Utcb, user);

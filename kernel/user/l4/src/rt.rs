@@ -43,7 +43,7 @@ static HEAP: LazyHeap = LazyHeap {
 
 /// Bytes at the top of the first thread's stack that hold the task's command line (NUL
 /// terminated), written there by the root task.
-pub const ARGUMENTS_SIZE: usize = 256;
+pub const ARGUMENTS_SIZE: usize = 1024;
 
 /// The task's command line, as the root task passed it (empty if none).
 pub fn arguments() -> &'static str {

@@ -278,6 +278,13 @@ fn create(
         .iter()
         .find_map(|o| o.strip_prefix("peer="))
         .map(String::from);
+    if cmdline.len() >= l4::rt::ARGUMENTS_SIZE {
+        return Err(alloc::format!(
+            "creating {name}: its arguments are {} bytes, at most {} fit",
+            cmdline.len(),
+            l4::rt::ARGUMENTS_SIZE - 1
+        ));
+    }
     Ok(Child {
         name,
         cmdline,
