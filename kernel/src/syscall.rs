@@ -1,6 +1,7 @@
 //! The syscall dispatcher: one `match` over every syscall. Each handler decodes (validates)
-//! all arguments before it changes any state, and returns `Result<_, Error>`; the dispatcher
-//! writes the result into the caller's saved registers and schedules.
+//! all arguments before it changes any state, and returns `Result<Next, Error>`: no handler
+//! leaves past the dispatcher, which writes the result into the caller's saved registers, does
+//! a step of pending destruction, and then runs the next thread ([`Next`]).
 
 use crate::arch::x86_64::cpu::outb;
 use crate::arch::x86_64::entry::{RFLAGS_IF, RFLAGS_RESERVED, RFLAGS_USER_MASK};
@@ -22,75 +23,83 @@ use l4_abi::{
 use crate::destroy::{destroy_task_step, STEP_UNITS};
 use crate::factory::{bind_thread, factory_create};
 
+/// What the dispatcher does after a handler succeeded (Hubris's `NextTask`): every handler's
+/// way out goes through the one epilogue of [`dispatch`].
+pub enum Next {
+    /// Done: the result is written (`rax` = 0 for the non-IPC calls), then the scheduler
+    /// picks who runs.
+    Done,
+    /// Not done: the handler rewound the caller to issue the system call again (after the
+    /// kernel served what is pending); nothing is written.
+    Restart,
+    /// Done, and thread `.0` runs now (a `ThreadSwitch` donation) if it still can.
+    Switch(ThreadId),
+}
+
 /// Handle the syscall of the current thread (its registers are in its frame).
 pub fn dispatch(k: &mut Kernel) -> ! {
     let id = k.current_id();
     let f = k.thread(id).frame;
     let number = f.rax;
     let mut receive_phase = number == Syscall::Receive as u64;
-    let result: Result<(), Error> = match Syscall::from_u64(number) {
-        Some(Syscall::Send) => ipc_send(k, id, f.rdi, false, Timeouts(f.r10)),
-        Some(Syscall::Call) => ipc_send(k, id, f.rdi, true, Timeouts(f.r10)),
-        Some(Syscall::Receive) => ipc_receive(k, id, f.rsi, Timeouts(f.r10)),
-        Some(Syscall::Reply) => ipc::reply(k, id).map(|done| {
-            if done {
+    let done = |r: Result<(), Error>| r.map(|()| Next::Done);
+    let result: Result<Next, Error> = match Syscall::from_u64(number) {
+        Some(Syscall::Send) => done(ipc_send(k, id, f.rdi, false, Timeouts(f.r10))),
+        Some(Syscall::Call) => done(ipc_send(k, id, f.rdi, true, Timeouts(f.r10))),
+        Some(Syscall::Receive) => done(ipc_receive(k, id, f.rsi, Timeouts(f.r10))),
+        Some(Syscall::Reply) => ipc::reply(k, id).map(|replied| {
+            if replied {
                 set_ok(k, id)
             }
+            Next::Done
         }),
         Some(Syscall::ReplyWait) => match ipc::reply(k, id) {
-            Ok(false) => Ok(()),
+            Ok(false) => Ok(Next::Done),
             Ok(true) => {
                 receive_phase = true;
-                ipc_receive(k, id, OPEN_WAIT, Timeouts(f.r10))
+                done(ipc_receive(k, id, OPEN_WAIT, Timeouts(f.r10)))
             }
             Err(e) => Err(e),
         },
-        Some(Syscall::FactoryCreate) => factory_create(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8),
-        Some(Syscall::ThreadControl) => thread_control(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8),
-        Some(Syscall::ExRegs) => ex_regs(k, id, f.rdi, f.rsi, f.rdx, f.r10),
-        Some(Syscall::CapCopy) => cap_copy(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8),
-        Some(Syscall::CapDelete) => cap_delete(k, f.rdi),
-        Some(Syscall::Map) => map(k, f.rdi, f.rsi, f.rdx, f.r10),
-        Some(Syscall::Unmap) => match unmap(k, id, f.rdi, f.rsi) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                // More remains: again after the kernel served what is pending.
-                k.thread(id).restart_syscall();
-                k.schedule()
-            }
-            Err(e) => Err(e),
-        },
+        Some(Syscall::FactoryCreate) => done(factory_create(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8)),
+        Some(Syscall::ThreadControl) => done(thread_control(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8)),
+        Some(Syscall::ExRegs) => done(ex_regs(k, id, f.rdi, f.rsi, f.rdx, f.r10)),
+        Some(Syscall::CapCopy) => done(cap_copy(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8)),
+        Some(Syscall::CapDelete) => done(cap_delete(k, f.rdi)),
+        Some(Syscall::Map) => done(map(k, f.rdi, f.rsi, f.rdx, f.r10)),
+        Some(Syscall::Unmap) => {
+            unmap(k, id, f.rdi, f.rsi).map(|finished| restart_unless(k, id, finished))
+        }
         Some(Syscall::ThreadExit) => {
             thread_exit(k, id, f.rdi);
-            Ok(())
+            Ok(Next::Done)
         }
         Some(Syscall::ThreadYield) => {
             k.thread(id).remaining = 0;
-            Ok(())
+            Ok(Next::Done)
         }
-        Some(Syscall::DebugWrite) => debug_write(k, id, f.rdi, f.rsi),
-        Some(Syscall::TaskDestroy) => match task_destroy(k, id, f.rdi) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                // More remains: again after the kernel served what is pending.
-                k.thread(id).restart_syscall();
-                k.schedule()
-            }
-            Err(e) => Err(e),
-        },
-        Some(Syscall::Shutdown) => shutdown(k, f.rdi, f.rsi),
-        Some(Syscall::ThreadSchedule) => thread_schedule(k, id, f.rdi, f.rsi, f.rdx),
+        Some(Syscall::DebugWrite) => done(debug_write(k, id, f.rdi, f.rsi)),
+        Some(Syscall::TaskDestroy) => {
+            task_destroy(k, id, f.rdi).map(|finished| restart_unless(k, id, finished))
+        }
+        Some(Syscall::Shutdown) => done(shutdown(k, f.rdi, f.rsi)),
+        Some(Syscall::ThreadSchedule) => done(thread_schedule(k, id, f.rdi, f.rsi, f.rdx)),
         Some(Syscall::ThreadSwitch) => thread_switch(k, id, f.rdi),
-        Some(Syscall::IrqControl) => irq_control(k, f.rdi, f.rsi, f.rdx),
+        Some(Syscall::IrqControl) => done(irq_control(k, f.rdi, f.rsi, f.rdx)),
         Some(Syscall::VcpuRun) => vcpu_run(k, id, f.rdi, f.rsi, f.rdx),
-        Some(Syscall::QuotaCheck) => crate::audit::quota_check(k, id, f.rdi, f.rsi),
+        Some(Syscall::QuotaCheck) => done(crate::audit::quota_check(k, id, f.rdi, f.rsi)),
         None => Err(Error::UnknownSyscall),
     };
     // IPC paths set rax themselves on success (they may block); errors are written here.
+    let mut switch = None;
     match result {
-        Ok(()) => {
+        Ok(Next::Restart) => {}
+        Ok(next) => {
             if !is_ipc(number) && k.threads.get(id).is_some() {
                 k.thread(id).frame.rax = 0;
+            }
+            if let Next::Switch(target) = next {
+                switch = Some(target);
             }
         }
         Err(e) => {
@@ -111,7 +120,26 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         // A task or VM whose last capability went: one bounded step of its destruction.
         crate::lifetime::reap(k);
     }
+    if let Some(target) = switch {
+        if k.threads
+            .get(target)
+            .is_some_and(|t| t.state == ThreadState::Ready)
+        {
+            k.resume(target);
+        }
+    }
     k.schedule()
+}
+
+/// A handler that works in restartable steps: `Next::Done` when it `finished`, else the
+/// caller issues the system call again after the kernel served what is pending.
+fn restart_unless(k: &mut Kernel, caller: ThreadId, finished: bool) -> Next {
+    if finished {
+        Next::Done
+    } else {
+        k.thread(caller).restart_syscall();
+        Next::Restart
+    }
 }
 
 fn is_ipc(number: u64) -> bool {
@@ -440,7 +468,7 @@ fn thread_schedule(
     Ok(())
 }
 
-fn thread_switch(k: &mut Kernel, caller: ThreadId, thread: u64) -> Result<(), Error> {
+fn thread_switch(k: &mut Kernel, caller: ThreadId, thread: u64) -> Result<Next, Error> {
     if thread != NO_CAP {
         let cap = k.lookup(thread)?;
         let Object::Thread(target) = cap.object else {
@@ -454,14 +482,13 @@ fn thread_switch(k: &mut Kernel, caller: ThreadId, thread: u64) -> Result<(), Er
             // Donate: the target runs now with the rest of our slice; we queue behind it.
             let priority = k.thread(target).priority;
             k.ready.remove(target, priority);
-            k.thread(caller).frame.rax = 0;
             let own = k.thread(caller).priority;
             k.ready.enqueue(caller, own);
-            k.resume(target);
+            return Ok(Next::Switch(target));
         }
     }
     k.thread(caller).remaining = 0;
-    Ok(())
+    Ok(Next::Done)
 }
 
 fn vcpu_run(
@@ -470,7 +497,7 @@ fn vcpu_run(
     vcpu: u64,
     mask: u64,
     deadline: u64,
-) -> Result<(), Error> {
+) -> Result<Next, Error> {
     let cap = k.lookup(vcpu)?;
     let Object::Vcpu(id) = cap.object else {
         return Err(Error::WrongType);

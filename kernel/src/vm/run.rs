@@ -6,6 +6,7 @@ use super::{read, write, VcpuId};
 use crate::arch::x86_64::svm::{self, vmcb};
 use crate::kernel::Kernel;
 use crate::object::ThreadId;
+use crate::syscall::Next;
 use crate::thread::utcb;
 use l4_abi::vcpu::{self as state, exit};
 use l4_abi::Error;
@@ -41,7 +42,7 @@ pub fn run(
     vcpu_id: VcpuId,
     mask: u64,
     deadline: u64,
-) -> Result<(), Error> {
+) -> Result<Next, Error> {
     let (host_vmcb, xcr0_switching, zero_area, xstate) = k
         .svm
         .as_ref()
@@ -73,7 +74,7 @@ pub fn run(
             words[state::EXIT_INFO2] = 0;
             words[state::EXIT_INT_INFO] = vcpu.reinject;
             k.thread(caller).frame.rdi = code;
-            return Ok(());
+            return Ok(Next::Done);
         }
         let flush = k
             .vms
@@ -124,17 +125,18 @@ pub fn run(
                 // A physical interrupt: let the kernel take it (it stays pending until interrupts
                 // are enabled again, at the latest when a thread runs) and make the VMM's call
                 // resume the guest afterwards, loading nothing new.
-                let f = &mut k.thread(caller).frame;
-                f.rip -= 2;
-                f.rsi = 0;
-                k.schedule()
+                let t = k.thread(caller);
+                t.restart_syscall();
+                t.frame.rsi = 0;
+                return Ok(Next::Restart);
             }
             exit::INVALID => {
                 crate::warn!("VMRUN refused the vCPU state (invalid VMCB)");
                 return Err(Error::InvalidArgument);
             }
             exit::NPF if crate::fault::guest_fault_to_pager(k, caller, vm_id, vcpu_id) => {
-                k.schedule()
+                // The caller waits for the pager's answer, then issues the call again.
+                return Ok(Next::Restart);
             }
             exit::XSETBV if xcr0_switching => {
                 // Handled here: XCR0 is switched per guest, so the guest may set its own
@@ -168,7 +170,7 @@ pub fn run(
                 let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");
                 store_state(vcpu, words);
                 k.thread(caller).frame.rdi = code;
-                return Ok(());
+                return Ok(Next::Done);
             }
         }
     }
