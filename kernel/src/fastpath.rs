@@ -111,6 +111,8 @@ pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
     if f.rdx & 0x7f > REGISTER_WORDS {
         copy_utcb_words(sender.utcb_frame, receiver.utcb_frame, f.rdx & 0x7f);
     }
+    // What `Frame::deliver` does, written out: through the helper the compiler loads the
+    // four words before storing any, which costs this path 4 instructions (347 instead of 343).
     let r = &mut receiver.frame;
     r.rax = 0;
     r.rdx = f.rdx;

@@ -88,16 +88,13 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     }
     let tag = message.tag;
     let count = tag.words().min(MAX_WORDS);
-    {
-        let f = &mut k.thread(receiver).frame;
-        f.rax = 0;
-        f.rdx = tag.0;
-        f.rsi = badge;
-        f.r8 = message.words[0];
-        f.r9 = message.words[1];
-        f.r12 = message.words[2];
-        f.r13 = message.words[3];
-    }
+    let first = [
+        message.words[0],
+        message.words[1],
+        message.words[2],
+        message.words[3],
+    ];
+    k.thread(receiver).frame.deliver(tag.0, badge, first);
     let receiver_utcb = utcb(k, receiver);
     if count > 4 {
         receiver_utcb.mr[4..count].copy_from_slice(&message.words[4..count]);

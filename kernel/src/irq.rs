@@ -102,11 +102,11 @@ pub fn deliver_pending(k: &mut Kernel, thread: ThreadId) -> bool {
     irq.pending = false;
     k.pending_irqs -= 1;
     let (line, badge) = (irq.line, irq.receiver.map(|(_, b)| b).unwrap_or(0));
-    let f = &mut k.thread(thread).frame;
-    f.rax = 0;
-    f.rdx = MessageTag::new(LABEL_IRQ, 1, 0).0;
-    f.rsi = badge;
-    f.r8 = line as u64;
+    k.thread(thread).frame.deliver(
+        MessageTag::new(LABEL_IRQ, 1, 0).0,
+        badge,
+        [line as u64, 0, 0, 0],
+    );
     true
 }
 

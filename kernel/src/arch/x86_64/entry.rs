@@ -73,6 +73,22 @@ impl Frame {
             ..Frame::default()
         }
     }
+
+    /// Deliver a message into the registers of a receiving thread: success in `rax`, the tag
+    /// in `rdx`, the badge in `rsi`, the first four words in `r8`, `r9`, `r12`, `r13` (the
+    /// rest travel in the UTCB). The delivery of IPC and IRQ messages; the fast path writes
+    /// the same registers itself (see `fastpath.rs`).
+    #[inline(always)]
+    pub fn deliver(&mut self, tag: u64, badge: u64, words: [u64; 4]) {
+        let [w0, w1, w2, w3] = words;
+        self.r8 = w0;
+        self.r9 = w1;
+        self.r12 = w2;
+        self.r13 = w3;
+        self.rsi = badge;
+        self.rdx = tag;
+        self.rax = 0;
+    }
 }
 
 /// RFLAGS.IF.
