@@ -215,6 +215,37 @@ pub fn read_guest_virtual(vm: &Vm, w: &[u64; 64], address: u64, out: &mut [u8]) 
     true
 }
 
+/// Copy `bytes` to guest-virtual `address` (translated as for [`read_guest_virtual`]); false,
+/// with nothing written, if any page is not mapped. (The guest's page permissions are not
+/// checked: this serves `INS`, which the VMM completes for the guest.)
+pub fn write_guest_virtual(vm: &Vm, w: &[u64; 64], address: u64, bytes: &[u8]) -> bool {
+    let mode = l4linux_glue::guest_paging::PagingMode {
+        cr0: w[state::CR0],
+        cr4: w[state::CR4],
+        efer: w[state::EFER],
+    };
+    let mut pieces = alloc::vec::Vec::new();
+    let mut done = 0;
+    while done < bytes.len() {
+        let va = address.wrapping_add(done as u64);
+        let Ok(gpa) = l4linux_glue::guest_paging::translate(mode, w[state::CR3], va, &mut |a| {
+            vm.ram.read_u64(a)
+        }) else {
+            return false;
+        };
+        let chunk = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(bytes.len() - done);
+        if !vm.ram.contains(gpa, chunk as u64) {
+            return false;
+        }
+        pieces.push((gpa, done, chunk));
+        done += chunk;
+    }
+    for (gpa, at, chunk) in pieces {
+        vm.ram.write(gpa, &bytes[at..at + chunk]);
+    }
+    true
+}
+
 /// The 15 bytes at the guest's RIP (translated as for [`read_guest_virtual`]; zero beyond
 /// RAM), for decoding the instruction of an exit.
 pub fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {

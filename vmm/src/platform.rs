@@ -8,7 +8,7 @@
 
 use crate::console::HostConsole;
 use crate::exit::{self, emulate_cpuid_with, emulate_mmio, Entry, Handler, Mmio, Next, Words};
-use crate::memory::{fetch_instruction, Vm};
+use crate::memory::{fetch_instruction, read_guest_virtual, write_guest_virtual, Vm};
 use crate::vcpu::{rdtsc, INJECT_GP0, RFLAGS_IF};
 use alloc::rc::Rc;
 use core::cell::RefCell;
@@ -25,6 +25,10 @@ const MSR_EFER: u32 = 0xc000_0080;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_SVME: u64 = 1 << 12;
+/// RFLAGS.DF.
+const RFLAGS_DF: u64 = 1 << 10;
+/// Elements of a REP INS/OUTS done per exit (the guest re-executes the instruction for more).
+const STRING_IO_BATCH: u64 = 4096;
 /// SCE, LME, LMA (ignored), NXE.
 const EFER_WRITABLE: u64 = 0x0d01;
 
@@ -176,6 +180,70 @@ impl Mmio for DeviceMmio<'_> {
 }
 
 impl<K: Kind> Compartment<K> {
+    /// INS/OUTS (with REP: up to [`STRING_IO_BATCH`] elements per exit; the rest re-executes
+    /// the instruction, as the CPU lets a REP string instruction be interrupted), through the
+    /// guest's page tables, with RFLAGS.DF and the address size. Flat segments are assumed
+    /// (OUTS with a segment override reads through DS as well). Returns whether the
+    /// instruction is complete.
+    fn string_io(&mut self, io: &IoExit, w: &mut Words) -> Result<bool, &'static str> {
+        let size = u64::from(io.size);
+        // QEMU leaves EXITINFO1's address-size bits clear: then the code segment tells (L: 64
+        // bits, else D: 32, else 16).
+        let address_size = if (w[state::EXIT_INFO1] >> 7) & 7 != 0 {
+            io.address_size
+        } else {
+            let attributes = (w[state::CS] >> 16) & 0xfff;
+            if w[state::EFER] & EFER_LMA != 0 && attributes & 0x200 != 0 {
+                8
+            } else if attributes & 0x400 != 0 {
+                4
+            } else {
+                2
+            }
+        };
+        let mask = match address_size {
+            2 => 0xffff,
+            4 => 0xffff_ffff,
+            _ => u64::MAX,
+        };
+        let step = if w[state::RFLAGS] & RFLAGS_DF != 0 {
+            size.wrapping_neg()
+        } else {
+            size
+        };
+        let count = if io.rep { w[state::RCX] & mask } else { 1 };
+        let batch = count.min(STRING_IO_BATCH);
+        let index = if io.input { state::RDI } else { state::RSI };
+        for _ in 0..batch {
+            let address = w[index] & mask;
+            let mut bytes = [0u8; 4];
+            let bytes = &mut bytes[..io.size as usize];
+            if io.input {
+                let value = self.board.ports.read(io.port, io.size);
+                bytes.copy_from_slice(&value.to_le_bytes()[..io.size as usize]);
+                if !write_guest_virtual(&self.board.vm, w, address, bytes) {
+                    return Err("INS to guest memory that is not mapped");
+                }
+            } else {
+                if !read_guest_virtual(&self.board.vm, w, address, bytes) {
+                    return Err("OUTS from guest memory that is not mapped");
+                }
+                let mut value = [0u8; 4];
+                value[..bytes.len()].copy_from_slice(bytes);
+                self.board
+                    .ports
+                    .write(io.port, io.size, u32::from_le_bytes(value));
+            }
+            w[index] = (w[index] & !mask) | (w[index].wrapping_add(step) & mask);
+        }
+        if io.rep {
+            w[state::RCX] = (w[state::RCX] & !mask) | ((count - batch) & mask);
+        }
+        Ok(count == batch)
+    }
+}
+
+impl<K: Kind> Compartment<K> {
     /// Run the guest to its end (the state words hold its entry state).
     pub fn run(&mut self) -> K::Outcome {
         exit::run(self.board.vm.vcpu, self)
@@ -269,13 +337,23 @@ impl<K: Kind> Handler for Compartment<K> {
         let Some(io) = IoExit::decode(w[state::EXIT_INFO1]) else {
             return Next::Stop(K::failed("bad I/O exit"));
         };
-        if io.string {
-            return Next::Stop(K::failed("string I/O"));
-        }
         if io.port & !7 == uart8250::COM1_PORT {
             self.board.counts.uart += 1;
         } else {
             self.board.counts.io += 1;
+        }
+        if io.string {
+            let finished = match self.string_io(&io, w) {
+                Ok(finished) => finished,
+                Err(why) => return Next::Stop(K::failed(why)),
+            };
+            if let Some(outcome) = self.kind.port_done(&mut self.board, &io, w) {
+                return Next::Stop(outcome);
+            }
+            if finished {
+                w[state::RIP] = w[state::EXIT_INFO2];
+            }
+            return Next::Resume(state::GPRS);
         }
         exit::port_io(&mut self.board.ports, &io, w);
         if let Some(outcome) = self.kind.port_done(&mut self.board, &io, w) {
