@@ -65,14 +65,9 @@ pub fn new_task(k: &mut Kernel, name: &str, quota: QuotaId) -> Result<TaskId, Er
 /// charged to `quota`.
 pub fn new_thread(k: &mut Kernel, quota: QuotaId) -> Result<ThreadId, Error> {
     let bytes = THREAD_BYTES + crate::fpu::AREA_BYTES;
-    crate::memory::reserve_kept()?;
-    k.quotas
-        .get_mut(quota)
-        .ok_or(Error::InvalidCapability)?
-        .charge(bytes)
-        .map_err(|_| Error::OutOfMemory)?;
+    charge(k, quota, bytes)?;
     let Some(area) = crate::fpu::new_area() else {
-        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        refund(k, quota, bytes);
         return Err(Error::OutOfMemory);
     };
     k.next_thread_number += 1;
@@ -82,13 +77,13 @@ pub fn new_thread(k: &mut Kernel, quota: QuotaId) -> Result<ThreadId, Error> {
     thread.creator = k.current.and_then(|c| k.task_of(c));
     k.threads.try_insert(thread).map_err(|_| {
         // The save area goes with the thread.
-        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        refund(k, quota, bytes);
         Error::OutOfMemory
     })
 }
 
 /// Charge `bytes` for a new object to `quota` (if the kernel keeps its reserve).
-fn charge(k: &mut Kernel, quota: QuotaId, bytes: u64) -> Result<(), Error> {
+pub(crate) fn charge(k: &mut Kernel, quota: QuotaId, bytes: u64) -> Result<(), Error> {
     crate::memory::reserve_kept()?;
     k.quotas
         .get_mut(quota)
@@ -98,7 +93,7 @@ fn charge(k: &mut Kernel, quota: QuotaId, bytes: u64) -> Result<(), Error> {
 }
 
 /// Give back `bytes` charged to `quota` for an object that could not be made.
-fn refund(k: &mut Kernel, quota: QuotaId, bytes: u64) {
+pub(crate) fn refund(k: &mut Kernel, quota: QuotaId, bytes: u64) {
     if let Some(q) = k.quotas.get_mut(quota) {
         q.refund(bytes);
     }

@@ -11,6 +11,7 @@
 
 use crate::arch::x86_64::paging::{phys_to_virt, AddressSpace};
 use crate::arch::x86_64::svm::{self, intercept, vmcb, GuestRegisters};
+use crate::factory::{charge, refund};
 use crate::kernel::Kernel;
 use crate::memory::FrameSource;
 use crate::object::{QuotaId, TaskId};
@@ -100,21 +101,19 @@ pub fn create_vm(
     if k.svm.is_none() {
         return Err(Error::NotSupported);
     }
-    crate::memory::reserve_kept()?;
     // Room to queue every live VM for destruction, so that dropping one never allocates.
     let wanted = k.vms.len() + k.dying_vms.len() + 1;
     k.dying_vms
         .try_reserve(wanted.saturating_sub(k.dying_vms.len()))
         .map_err(|_| Error::OutOfMemory)?;
-    let q = k.quotas.get_mut(quota).ok_or(Error::InvalidCapability)?;
-    q.charge(VM_BYTES).map_err(|_| Error::OutOfMemory)?;
+    charge(k, quota, VM_BYTES)?;
     let asid = k.svm.as_mut().and_then(|svm| svm.asids.allocate());
     let root = asid.and_then(|_| k.frames.allocate_zeroed());
     let (Some(asid), Some(root)) = (asid, root) else {
         if let (Some(asid), Some(svm)) = (asid, k.svm.as_mut()) {
             svm.asids.free(asid);
         }
-        k.quotas.get_mut(quota).expect("quota").refund(VM_BYTES);
+        refund(k, quota, VM_BYTES);
         return Err(Error::OutOfMemory);
     };
     let vm = Vm {
@@ -134,7 +133,7 @@ pub fn create_vm(
         if let Some(svm) = k.svm.as_mut() {
             svm.asids.free(vm.asid);
         }
-        k.quotas.get_mut(quota).expect("quota").refund(VM_BYTES);
+        refund(k, quota, VM_BYTES);
         Error::OutOfMemory
     })
 }
@@ -156,19 +155,14 @@ pub fn create_vcpu(
         (v.asid, v.npt.root)
     };
     let bytes = VCPU_BYTES;
-    crate::memory::reserve_kept()?;
-    k.quotas
-        .get_mut(quota)
-        .ok_or(Error::InvalidCapability)?
-        .charge(bytes)
-        .map_err(|_| Error::OutOfMemory)?;
+    charge(k, quota, bytes)?;
     let Some(frame) = k.frames.allocate_zeroed() else {
-        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        refund(k, quota, bytes);
         return Err(Error::OutOfMemory);
     };
     let Some(fpu) = k.frames.allocate_zeroed() else {
         k.frames.free_frame(frame);
-        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        refund(k, quota, bytes);
         return Err(Error::OutOfMemory);
     };
     svm::init_xsave_area(fpu);
@@ -230,7 +224,7 @@ pub fn create_vcpu(
     let id = k.vcpus.try_insert(vcpu).map_err(|vcpu| {
         k.frames.free_frame(vcpu.vmcb);
         k.frames.free_frame(vcpu.fpu);
-        k.quotas.get_mut(quota).expect("quota").refund(bytes);
+        refund(k, quota, bytes);
         Error::OutOfMemory
     })?;
     // The vCPU holds a reference on its VM.

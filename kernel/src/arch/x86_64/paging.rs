@@ -299,7 +299,7 @@ impl AddressSpace {
 
     /// Free the user half's page tables (not the pages they map) and the PML4.
     pub fn destroy(self, frames: &mut impl FrameSource) {
-        free_tables(self.root, 3, 256, frames);
+        let _ = free_tables(self.root, 3, 256, frames);
         frames.free_frame(self.root);
     }
 
@@ -328,13 +328,12 @@ impl AddressSpace {
             let entry = unsafe { table(pdpt) }[j];
             if entry & PRESENT != 0 && entry & HUGE == 0 {
                 let pd = entry & ADDRESS_MASK;
-                let before = count_tables(pd, 1, 512);
-                free_tables(pd, 1, 512, frames);
+                let below = free_tables(pd, 1, 512, frames);
                 frames.free_frame(pd);
                 // SAFETY: as above; the slot no longer names the freed directory.
                 let entries = unsafe { table(pdpt) };
                 entries[j] = 0;
-                freed += before + 1;
+                freed += below + 1;
             }
             *cursor += 1;
             if j == 511 {
@@ -419,19 +418,22 @@ fn count_tables(table_phys: u64, level: u32, limit: usize) -> u64 {
     count
 }
 
-fn free_tables(table_phys: u64, level: u32, limit: usize, frames: &mut impl FrameSource) {
+/// Free the page tables below `table_phys` (not itself); returns how many.
+fn free_tables(table_phys: u64, level: u32, limit: usize, frames: &mut impl FrameSource) -> u64 {
     if level == 0 {
-        return;
+        return 0;
     }
+    let mut freed = 0;
     for i in 0..limit {
         // SAFETY: walking our own page tables.
         let entry = unsafe { table(table_phys) }[i];
         if entry & PRESENT != 0 && entry & HUGE == 0 {
             let next = entry & ADDRESS_MASK;
-            free_tables(next, level - 1, 512, frames);
+            freed += 1 + free_tables(next, level - 1, 512, frames);
             frames.free_frame(next);
         }
     }
+    freed
 }
 
 fn invalidate(address: u64) {
