@@ -14,7 +14,7 @@
 use crate::console_log::ConsoleLog;
 use crate::exit::{Next, Words};
 use crate::memory::{create_vm, identity_tables, read_guest_virtual, GuestRam, Ram, Vm};
-use crate::platform::{Board, Compartment, ExitCounts, Kind};
+use crate::platform::{argument, size_argument, Board, Compartment, ExitCounts, Kind};
 use crate::vcpu::{long_mode_state, rdtsc, state_words};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
@@ -24,7 +24,6 @@ use l4::println;
 use l4linux_glue::boot::{self, BzImage};
 use l4linux_glue::exits::IoExit;
 use l4linux_glue::mmio::MmioBus;
-use l4linux_glue::platform::{Platform, PlatformConfig};
 use l4linux_glue::ports::{PortBus, PortDevice};
 use l4linux_glue::uart8250::{self, Uart8250};
 use l4linux_glue::virtio::block::VirtioBlock;
@@ -84,13 +83,6 @@ const DEFAULT_DISK: u64 = 16 << 20;
 type Console = VirtioMmio<VirtioConsole<Vec<u8>>, GuestRam>;
 type Block = VirtioMmio<VirtioBlock<&'static mut [u8]>, GuestRam>;
 
-fn size_argument(name: &str) -> Option<Result<u64, ()>> {
-    let value = l4::rt::arguments()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))?;
-    Some(l4::abi::parse_size(value).ok_or(()))
-}
-
 /// Boot the Linux named by the data modules; returns the compartment's exit status (0: it
 /// powered off or rebooted after reaching /init).
 pub fn boot_linux() -> i64 {
@@ -146,23 +138,9 @@ pub fn boot_linux() -> i64 {
             return 1;
         }
     };
-    let name = l4::rt::arguments()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("name="))
-        .unwrap_or("linux");
-    let tsc_hz = l4::kip::kip().tsc_hz;
-    let boot_tsc = rdtsc();
-    let platform = match Platform::new(PlatformConfig {
-        tsc_hz,
-        bus_hz: tsc_hz,
-        boot_tsc,
-        boot_wall_nanoseconds: 0,
-    }) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("[vmm] platform: {e} (TSC {tsc_hz} Hz)");
-            return 1;
-        }
+    let name = argument("name").unwrap_or("linux");
+    let Some((platform, tsc_hz, boot_tsc)) = crate::platform::new_platform() else {
+        return 1;
     };
     let mp_table = match platform.mp_table(MP_TABLE) {
         Ok(t) => t,

@@ -190,23 +190,33 @@ pub fn identity_tables(ram: &Ram) {
     ram.write(0x1000, &bytes);
 }
 
-/// Copy `out.len()` bytes from guest-virtual `address` (translated through the guest's page
-/// tables as of the exit state `w`, page by page); false if any page is not mapped.
-pub fn read_guest_virtual(vm: &Vm, w: &[u64; 64], address: u64, out: &mut [u8]) -> bool {
+/// The guest-physical address of guest-virtual `va`, through the guest's page tables as of
+/// the exit state `w`; `None` if it is not mapped.
+fn guest_physical(vm: &Vm, w: &[u64; 64], va: u64) -> Option<u64> {
     let mode = l4linux_glue::guest_paging::PagingMode {
         cr0: w[state::CR0],
         cr4: w[state::CR4],
         efer: w[state::EFER],
     };
+    l4linux_glue::guest_paging::translate(mode, w[state::CR3], va, &mut |a| vm.ram.read_u64(a)).ok()
+}
+
+/// Bytes from `done` on of a `length`-byte guest-virtual range at `address` that lie in the
+/// same page.
+fn in_page(address: u64, done: usize, length: usize) -> usize {
+    let va = address.wrapping_add(done as u64);
+    ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(length - done)
+}
+
+/// Copy `out.len()` bytes from guest-virtual `address` (translated through the guest's page
+/// tables as of the exit state `w`, page by page); false if any page is not mapped.
+pub fn read_guest_virtual(vm: &Vm, w: &[u64; 64], address: u64, out: &mut [u8]) -> bool {
     let mut done = 0;
     while done < out.len() {
-        let va = address.wrapping_add(done as u64);
-        let Ok(gpa) = l4linux_glue::guest_paging::translate(mode, w[state::CR3], va, &mut |a| {
-            vm.ram.read_u64(a)
-        }) else {
+        let Some(gpa) = guest_physical(vm, w, address.wrapping_add(done as u64)) else {
             return false;
         };
-        let chunk = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(out.len() - done);
+        let chunk = in_page(address, done, out.len());
         if !vm.ram.read_bytes(gpa, &mut out[done..done + chunk]) {
             return false;
         }
@@ -215,32 +225,30 @@ pub fn read_guest_virtual(vm: &Vm, w: &[u64; 64], address: u64, out: &mut [u8]) 
     true
 }
 
-/// Copy `bytes` to guest-virtual `address` (translated as for [`read_guest_virtual`]); false,
-/// with nothing written, if any page is not mapped. (The guest's page permissions are not
-/// checked: this serves `INS`, which the VMM completes for the guest.)
+/// Copy `bytes` (at most a page: they span at most two) to guest-virtual `address`
+/// (translated as for [`read_guest_virtual`]); false, with nothing written, if any page is not
+/// mapped or `bytes` is longer. (The guest's page permissions are not checked: this serves
+/// `INS`, which the VMM completes for the guest.)
 pub fn write_guest_virtual(vm: &Vm, w: &[u64; 64], address: u64, bytes: &[u8]) -> bool {
-    let mode = l4linux_glue::guest_paging::PagingMode {
-        cr0: w[state::CR0],
-        cr4: w[state::CR4],
-        efer: w[state::EFER],
-    };
-    let mut pieces = alloc::vec::Vec::new();
+    if bytes.len() as u64 > PAGE_SIZE {
+        return false;
+    }
+    let mut pieces = [(0u64, 0usize, 0usize); 2];
+    let mut count = 0;
     let mut done = 0;
     while done < bytes.len() {
-        let va = address.wrapping_add(done as u64);
-        let Ok(gpa) = l4linux_glue::guest_paging::translate(mode, w[state::CR3], va, &mut |a| {
-            vm.ram.read_u64(a)
-        }) else {
+        let Some(gpa) = guest_physical(vm, w, address.wrapping_add(done as u64)) else {
             return false;
         };
-        let chunk = ((PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize).min(bytes.len() - done);
+        let chunk = in_page(address, done, bytes.len());
         if !vm.ram.contains(gpa, chunk as u64) {
             return false;
         }
-        pieces.push((gpa, done, chunk));
+        pieces[count] = (gpa, done, chunk);
+        count += 1;
         done += chunk;
     }
-    for (gpa, at, chunk) in pieces {
+    for &(gpa, at, chunk) in &pieces[..count] {
         vm.ram.write(gpa, &bytes[at..at + chunk]);
     }
     true
@@ -249,15 +257,7 @@ pub fn write_guest_virtual(vm: &Vm, w: &[u64; 64], address: u64, bytes: &[u8]) -
 /// The 15 bytes at the guest's RIP (translated as for [`read_guest_virtual`]; zero beyond
 /// RAM), for decoding the instruction of an exit.
 pub fn fetch_instruction(vm: &Vm, w: &[u64; 64]) -> Option<[u8; 15]> {
-    let mode = l4linux_glue::guest_paging::PagingMode {
-        cr0: w[state::CR0],
-        cr4: w[state::CR4],
-        efer: w[state::EFER],
-    };
-    let gpa = l4linux_glue::guest_paging::translate(mode, w[state::CR3], w[state::RIP], &mut |a| {
-        vm.ram.read_u64(a)
-    })
-    .ok()?;
+    let gpa = guest_physical(vm, w, w[state::RIP])?;
     let mut bytes = [0u8; 15];
     let available = vm.ram.size.saturating_sub(gpa).min(15) as usize;
     vm.ram

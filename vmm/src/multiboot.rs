@@ -17,7 +17,7 @@
 
 use crate::console_log::ConsoleLog;
 use crate::memory::{create_vm, Vm};
-use crate::platform::{Board, Compartment, ExitCounts, Kind};
+use crate::platform::{argument, size_argument, Board, Compartment, ExitCounts, Kind};
 use crate::vcpu::{protected_mode_state, rdtsc, state_words};
 use alloc::boxed::Box;
 use alloc::rc::Rc;
@@ -30,7 +30,6 @@ use l4linux_glue::exits::IoExit;
 use l4linux_glue::fw_cfg::{self, FwCfg};
 use l4linux_glue::mmio::MmioBus;
 use l4linux_glue::multiboot::{self, ModuleInput};
-use l4linux_glue::platform::{Platform, PlatformConfig};
 use l4linux_glue::ports::PortBus;
 use l4linux_glue::uart8250::{self, Uart8250};
 
@@ -38,12 +37,6 @@ use l4linux_glue::uart8250::{self, Uart8250};
 const DEFAULT_RAM: u64 = 64 << 20;
 /// The stack pointer at entry (the spec leaves it undefined; this is conventional memory).
 const ENTRY_STACK: u64 = 0x7000;
-
-fn argument(name: &str) -> Option<&'static str> {
-    l4::rt::arguments()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-}
 
 /// Boot the multiboot kernel named by the data modules; returns the compartment's exit status.
 pub fn boot_multiboot() -> i64 {
@@ -59,10 +52,10 @@ pub fn boot_multiboot() -> i64 {
             return 1;
         }
     };
-    let ram_size = match argument("ram").map(l4::abi::parse_size) {
+    let ram_size = match size_argument("ram") {
         None => DEFAULT_RAM,
-        Some(Some(size)) => size,
-        Some(None) => {
+        Some(Ok(size)) => size,
+        Some(Err(())) => {
             println!("[vmm] bad memory size (ram=SIZE, e.g. ram=64M)");
             return 1;
         }
@@ -99,19 +92,8 @@ pub fn boot_multiboot() -> i64 {
         }
     };
     let name = argument("name").unwrap_or("multiboot");
-    let tsc_hz = l4::kip::kip().tsc_hz;
-    let boot_tsc = rdtsc();
-    let platform = match Platform::new(PlatformConfig {
-        tsc_hz,
-        bus_hz: tsc_hz,
-        boot_tsc,
-        boot_wall_nanoseconds: 0,
-    }) {
-        Ok(p) => p,
-        Err(e) => {
-            println!("[vmm] platform: {e} (TSC {tsc_hz} Hz)");
-            return 1;
-        }
+    let Some((platform, tsc_hz, boot_tsc)) = crate::platform::new_platform() else {
+        return 1;
     };
     let vm: Vm = match create_vm(ram_size, l4::abi::NO_CAP) {
         Ok(vm) => vm,

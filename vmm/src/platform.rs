@@ -17,7 +17,7 @@ use l4::abi::{Error, Timeout, Timeouts};
 use l4::println;
 use l4linux_glue::exits::{self as lengths, IoExit};
 use l4linux_glue::mmio::MmioBus;
-use l4linux_glue::platform::Platform;
+use l4linux_glue::platform::{Platform, PlatformConfig};
 use l4linux_glue::ports::PortBus;
 use l4linux_glue::uart8250::{self, Uart8250};
 
@@ -31,6 +31,39 @@ const RFLAGS_DF: u64 = 1 << 10;
 const STRING_IO_BATCH: u64 = 4096;
 /// SCE, LME, LMA (ignored), NXE.
 const EFER_WRITABLE: u64 = 0x0d01;
+
+/// The value of the VMM argument `NAME=VALUE`, if given.
+pub fn argument(name: &str) -> Option<&'static str> {
+    l4::rt::arguments()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// The VMM argument `NAME=SIZE` (e.g. `mem=256M`): `None` if absent, `Some(Err(()))` if it
+/// is not a size.
+pub fn size_argument(name: &str) -> Option<Result<u64, ()>> {
+    argument(name).map(|value| l4::abi::parse_size(value).ok_or(()))
+}
+
+/// The interrupt and time platform of a compartment, clocked by the TSC frequency the kernel
+/// measured (KIP), its time 0 now; with that frequency and the TSC of time 0. `None`, said
+/// why, if the platform refuses the frequency.
+pub fn new_platform() -> Option<(Platform, u64, u64)> {
+    let tsc_hz = l4::kip::kip().tsc_hz;
+    let boot_tsc = rdtsc();
+    match Platform::new(PlatformConfig {
+        tsc_hz,
+        bus_hz: tsc_hz,
+        boot_tsc,
+        boot_wall_nanoseconds: 0,
+    }) {
+        Ok(platform) => Some((platform, tsc_hz, boot_tsc)),
+        Err(e) => {
+            println!("[vmm] platform: {e} (TSC {tsc_hz} Hz)");
+            None
+        }
+    }
+}
 
 /// Exit counts by reason, for the report at the end.
 #[derive(Default, Clone, Copy)]
