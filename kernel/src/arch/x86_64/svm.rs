@@ -8,8 +8,8 @@ use core::arch::global_asm;
 
 /// VM_HSAVE_PA: the host state-save area.
 const VM_HSAVE_PA: u32 = 0xc001_0117;
-/// EFER.SVME.
-pub const EFER_SVME: u64 = 1 << 12;
+/// EFER.SVME (one definition, beside the guest-state checks that keep it set).
+pub use kernel_core::vcpu_state::EFER_SVME;
 
 /// VMCB control-area and state-save offsets (AMD APM vol. 2, appendix B).
 pub mod vmcb {
