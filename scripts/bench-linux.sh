@@ -39,7 +39,7 @@ def workloads(text):
     return {w: int(p) for w, t, p, n in re.findall(r"l4bench: (\w+) total=(\d+) per_op=(\d+) ops=(\d+)", text)}
 native, compartment = read("target/bench/linux-native.log"), read("target/bench/linux-bench.log")
 exits = {}
-m = re.search(r"\[vmm\] exits: (.*?);", compartment)
+m = re.search(r"\[vmm [^]]*\] exits: (.*?);", compartment)
 if m:
     for name, count in re.findall(r"([\w-]+) (\d+)", m.group(1)):
         exits[name] = int(count)
@@ -52,7 +52,7 @@ for w in ("cpu", "syscall", "fork_exec"):
 rows.append((f"boot to /init and reboot, wall clock s (median of {runs})", wall["linux-native-boot"], wall["linux-boot"]))
 rows.append(("  the same, compartment console on hvc0 (virtio)", wall["linux-native-boot"], wall["linux-boot-hvc"]))
 phases = [{"phase": p, "exits": int(t), "ms": int(ms), "per_second": int(r), "by_reason": why}
-          for p, t, ms, r, why in re.findall(r"\[vmm\] exits in phase (\S+): (\d+) in (\d+) ms \((\d+)/s\): (.*)", compartment)]
+          for p, t, ms, r, why in re.findall(r"\[vmm [^]]*\] exits in phase (\S+): (\d+) in (\d+) ms \((\d+)/s\): (.*)", compartment)]
 result = {"unit": "guest ns under -icount shift=0 (= instructions) unless noted",
           "compartment_phases": phases,
           "rows": [{"name": n, "native": a, "compartment": b, "ratio": (b / a if a and b else None)} for n, a, b in rows],

@@ -1,4 +1,5 @@
-//! Console input from the machine's COM1 for a compartment.
+//! Console input for a compartment: from the console server (`console=SERVER`, see
+//! [`crate::terminal`]), or from the machine's COM1 when this VMM owns it.
 //!
 //! COM1 is shared: the kernel writes its log (and the VMM's, and the guests' console lines)
 //! through the transmit side with polled output, and never reads. The VMM of the compartment
@@ -39,9 +40,17 @@ fn outb(port: u16, value: u8) {
     };
 }
 
-/// The receive side of COM1.
+/// Where the input comes from.
+enum Source {
+    /// COM1's receive side, and our IRQ object for its line.
+    Com1 { irq: u64 },
+    /// The console server; its notification is an IRQ message too.
+    Server,
+}
+
+/// The compartment's console input.
 pub struct HostConsole {
-    irq: u64,
+    source: Source,
     /// Input not yet taken by the guest.
     pub input: VecDeque<u8>,
     /// Bytes dropped because the guest did not read them in time.
@@ -49,9 +58,17 @@ pub struct HostConsole {
 }
 
 impl HostConsole {
-    /// Take COM1's receive side if this task was given its ports and the platform capability
-    /// (`None` otherwise: the compartment then has no console input).
+    /// The console server's input if this compartment is its client, else COM1's receive
+    /// side if this task was given its ports and the platform capability (`None` otherwise:
+    /// the compartment then has no console input).
     pub fn open() -> Option<HostConsole> {
+        if crate::terminal::has_server() {
+            return Some(HostConsole {
+                source: Source::Server,
+                input: VecDeque::new(),
+                dropped: 0,
+            });
+        }
         let args = l4::rt::arguments();
         if !args.split_whitespace().any(|w| w == "io=0x3f8/3") {
             return None;
@@ -65,17 +82,28 @@ impl HostConsole {
         }
         outb(COM1 + IER, IER_RECEIVE);
         Some(HostConsole {
-            irq,
+            source: Source::Com1 { irq },
             input: VecDeque::new(),
             dropped: 0,
         })
     }
 
-    /// Whether `message` is COM1's interrupt; if so, drain the receive FIFO and acknowledge.
+    /// Whether `message` is our input's notification; if so, take the input (COM1: drain
+    /// the receive FIFO and acknowledge the line).
     pub fn handle(&mut self, message: &Received) -> bool {
-        if message.tag.label() != LABEL_IRQ || message.word(0) != COM1_LINE {
-            return false;
-        }
+        let irq = match self.source {
+            Source::Server if message.tag.label() == LABEL_IRQ => {
+                crate::terminal::fetch();
+                self.take_server_input();
+                return true;
+            }
+            Source::Com1 { irq }
+                if message.tag.label() == LABEL_IRQ && message.word(0) == COM1_LINE =>
+            {
+                irq
+            }
+            _ => return false,
+        };
         while inb(COM1 + LSR) & LSR_DATA_READY != 0 {
             let byte = inb(COM1);
             if self.input.len() >= CAPACITY {
@@ -84,7 +112,14 @@ impl HostConsole {
             }
             self.input.push_back(byte);
         }
-        let _ = sys::irq_control(self.irq, IrqOp::Acknowledge, 0);
+        let _ = sys::irq_control(irq, IrqOp::Acknowledge, 0);
         true
+    }
+
+    /// Take what the console server's replies carried (they may bring input with output).
+    pub fn take_server_input(&mut self) {
+        if matches!(self.source, Source::Server) {
+            crate::terminal::take_input(&mut self.input);
+        }
     }
 }

@@ -1,66 +1,56 @@
-//! A guest's console output on the L4 console as it comes (an interactive shell needs its
-//! prompt, which ends without a newline), each line starting with the compartment's name in
-//! brackets so that the guest's lines stay distinguishable from the kernel's and the VMM's.
+//! A guest's console output: shown on the compartment's terminal ([`crate::terminal`] tags
+//! the lines) line by line, so that a UART that exits once per character does not cost one
+//! console message per character and lines of several compartments arrive whole; an
+//! unfinished line (a shell prompt) is shown when the guest halts or after
+//! [`STALE_MILLISECONDS`]. The lines also go to the VMM to recognise markers in.
 
-use alloc::string::String;
 use alloc::vec::Vec;
 
-/// The output of one compartment's console.
+/// How long an unfinished line waits before it is shown anyway.
+pub const STALE_MILLISECONDS: u64 = 200;
+/// Output held back at most (a longer line is shown in parts).
+const HOLD_BYTES: usize = 4096;
+
+/// The lines of one compartment's console.
+#[derive(Default)]
 pub struct ConsoleLog {
-    prefix: String,
     /// The current line so far (handed to the caller when it ends).
     line: Vec<u8>,
-    at_line_start: bool,
-    /// A carriage return not yet written: dropped if a newline follows (the kernel console
-    /// turns each newline into CR LF itself).
-    carriage_return: bool,
+    /// Output not shown yet (after the last newline shown), and the TSC when it began.
+    held: Vec<u8>,
+    held_since: u64,
 }
 
 impl ConsoleLog {
-    /// The log of compartment `name`.
-    pub fn new(name: &str) -> ConsoleLog {
-        ConsoleLog {
-            prefix: alloc::format!("[{name}] "),
-            line: Vec::new(),
-            at_line_start: true,
-            carriage_return: false,
-        }
+    /// An empty log.
+    pub fn new() -> ConsoleLog {
+        ConsoleLog::default()
     }
 
-    /// The prefix of each line (`[NAME] `).
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    /// Print `bytes` of guest output; `on_line` sees each line that ends (without its
-    /// newline), e.g. to recognise markers.
+    /// Show `bytes` of guest output; `on_line` sees each line that ends (without its line
+    /// end), e.g. to recognise markers.
     pub fn push(&mut self, bytes: &[u8], on_line: &mut dyn FnMut(&str)) {
         if bytes.is_empty() {
             return;
         }
-        let mut out = Vec::with_capacity(bytes.len() + self.prefix.len());
-        for &b in bytes {
-            if core::mem::take(&mut self.carriage_return) && b != b'\n' {
-                out.push(b'\r');
-            }
-            if b == b'\r' {
-                self.carriage_return = true;
-                continue;
-            }
-            if self.at_line_start {
-                out.extend_from_slice(self.prefix.as_bytes());
-                self.at_line_start = false;
-            }
-            out.push(b);
-            if b == b'\n' {
-                self.at_line_start = true;
-                self.end_of_line(on_line);
-            } else {
-                self.line.push(b);
-            }
+        if self.held.is_empty() {
+            self.held_since = crate::vcpu::rdtsc();
         }
-        for chunk in out.chunks(256) {
-            let _ = l4::sys::debug_write(chunk);
+        self.held.extend_from_slice(bytes);
+        if let Some(end) = self.held.iter().rposition(|&b| b == b'\n') {
+            crate::terminal::guest_output(&self.held[..=end]);
+            self.held.drain(..=end);
+            self.held_since = crate::vcpu::rdtsc();
+        }
+        if self.held.len() >= HOLD_BYTES {
+            self.flush();
+        }
+        for &b in bytes {
+            match b {
+                b'\n' => self.end_of_line(on_line),
+                b'\r' => {}
+                _ => self.line.push(b),
+            }
         }
     }
 
@@ -69,12 +59,38 @@ impl ConsoleLog {
         self.line.clear();
     }
 
+    /// Show what is held back.
+    pub fn flush(&mut self) {
+        if !self.held.is_empty() {
+            crate::terminal::guest_output(&self.held);
+            self.held.clear();
+        }
+    }
+
+    /// Show what is held back if it waited for [`STALE_MILLISECONDS`] (at TSC `now`).
+    pub fn flush_if_stale(&mut self, now: u64, tsc_hz: u64) {
+        if !self.held.is_empty()
+            && now.saturating_sub(self.held_since) >= tsc_hz / 1000 * STALE_MILLISECONDS
+        {
+            self.flush();
+        }
+    }
+
     /// End an unfinished line (before the VMM prints its own).
     pub fn break_line(&mut self, on_line: &mut dyn FnMut(&str)) {
-        if !self.at_line_start {
-            let _ = l4::sys::debug_write(b"\n");
-            self.at_line_start = true;
+        self.flush();
+        crate::terminal::break_line();
+        if !self.line.is_empty() {
             self.end_of_line(on_line);
         }
+    }
+
+    /// A whole line from the guest by another way than its console (a log hypercall).
+    pub fn line(&mut self, text: &str, on_line: &mut dyn FnMut(&str)) {
+        self.break_line(on_line);
+        let mut bytes = Vec::with_capacity(text.len() + 1);
+        bytes.extend_from_slice(text.as_bytes());
+        bytes.push(b'\n');
+        crate::terminal::guest_output(&bytes);
     }
 }

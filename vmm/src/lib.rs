@@ -3,7 +3,8 @@
 //! ([`memory`]); the vCPU and its state words ([`vcpu`]); the one exit loop, an explicit state
 //! machine that calls one handler per exit reason ([`exit`]); the PC platform that wires the
 //! device models of `l4linux-glue` to the port and MMIO buses, interrupt lines and L4 services
-//! ([`platform`], [`console`]); and the guest kinds built on it, Linux ([`linux`]) and
+//! ([`platform`], [`console`]); the compartment's terminal, shared through the console server
+//! or its own ([`terminal`]); and the guest kinds built on it, Linux ([`linux`]) and
 //! Multiboot ([`multiboot`]). The binary (`src/main.rs`) picks one by its arguments; the
 //! bare-metal guest suite (`src/suite/`, part of the binary) is another user of the loop.
 #![no_std]
@@ -17,4 +18,5 @@ pub mod linux;
 pub mod memory;
 pub mod multiboot;
 pub mod platform;
+pub mod terminal;
 pub mod vcpu;

@@ -14,13 +14,12 @@
 use crate::console_log::ConsoleLog;
 use crate::exit::{Next, Words};
 use crate::memory::{create_vm, identity_tables, read_guest_virtual, GuestRam, Ram, Vm};
-use crate::platform::{argument, size_argument, Board, Compartment, ExitCounts, Kind};
+use crate::platform::{size_argument, Board, Compartment, ExitCounts, Kind};
 use crate::vcpu::{long_mode_state, rdtsc, state_words};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use l4::abi::vcpu as state;
-use l4::println;
 use l4linux_glue::boot::{self, BzImage};
 use l4linux_glue::exits::IoExit;
 use l4linux_glue::mmio::MmioBus;
@@ -87,7 +86,7 @@ type Block = VirtioMmio<VirtioBlock<&'static mut [u8]>, GuestRam>;
 /// powered off or rebooted after reaching /init).
 pub fn boot_linux() -> i64 {
     let Some(image) = l4::rt::blob("linux") else {
-        println!("[vmm] no Linux kernel: give the bzImage as data module `linux` (blob=linux)");
+        crate::say!("no Linux kernel: give the bzImage as data module `linux` (blob=linux)");
         return 1;
     };
     let initrd = l4::rt::blob("initrd").unwrap_or(&[]);
@@ -96,7 +95,7 @@ pub fn boot_linux() -> i64 {
         None => DEFAULT_CMDLINE,
         Some(Ok(text)) => text.trim(),
         Some(Err(_)) => {
-            println!("[vmm] the command line module is not UTF-8");
+            crate::say!("the command line module is not UTF-8");
             return 1;
         }
     };
@@ -104,14 +103,14 @@ pub fn boot_linux() -> i64 {
         None => DEFAULT_RAM,
         Some(Ok(size)) => size,
         Some(Err(())) => {
-            println!("[vmm] bad memory size (mem=SIZE, e.g. mem=256M)");
+            crate::say!("bad memory size (mem=SIZE, e.g. mem=256M)");
             return 1;
         }
     };
     let bz = match BzImage::parse(image) {
         Ok(bz) => bz,
         Err(e) => {
-            println!("[vmm] Linux image rejected: {e}");
+            crate::say!("Linux image rejected: {e}");
             return 1;
         }
     };
@@ -124,8 +123,8 @@ pub fn boot_linux() -> i64 {
     let layout = match boot::plan(&bz, ram_size, initrd.len() as u64, cmdline.len()) {
         Ok(l) => l,
         Err(e) => {
-            println!(
-                "[vmm] Linux does not fit in {} MiB of guest RAM: {e}",
+            crate::say!(
+                "Linux does not fit in {} MiB of guest RAM: {e}",
                 ram_size >> 20
             );
             return 1;
@@ -134,32 +133,31 @@ pub fn boot_linux() -> i64 {
     let zero_page = match boot::zero_page(&bz, &layout, cmdline.as_bytes()) {
         Ok(z) => z,
         Err(e) => {
-            println!("[vmm] cannot build the zero page: {e}");
+            crate::say!("cannot build the zero page: {e}");
             return 1;
         }
     };
-    let name = argument("name").unwrap_or("linux");
     let Some((platform, tsc_hz, boot_tsc)) = crate::platform::new_platform() else {
         return 1;
     };
     let mp_table = match platform.mp_table(MP_TABLE) {
         Ok(t) => t,
         Err(e) => {
-            println!("[vmm] {e}");
+            crate::say!("{e}");
             return 1;
         }
     };
     let vm: Vm = match create_vm(ram_size, l4::abi::NO_CAP) {
         Ok(vm) => vm,
         Err(e) => {
-            println!("[vmm] cannot create a VM: {e}");
+            crate::say!("cannot create a VM: {e}");
             return 1;
         }
     };
     let disk = match make_disk() {
         Ok(d) => d,
         Err(e) => {
-            println!("[vmm] no virtio disk: {e}");
+            crate::say!("no virtio disk: {e}");
             return 1;
         }
     };
@@ -182,7 +180,7 @@ pub fn boot_linux() -> i64 {
         .and_then(|()| bus.register(BLOCK_WINDOW, 0x1000, alloc::boxed::Box::new(block.clone())))
         .is_err()
     {
-        println!("[vmm] cannot place the virtio devices");
+        crate::say!("cannot place the virtio devices");
         return 1;
     }
     vm.ram.write(layout.kernel, bz.kernel());
@@ -199,8 +197,8 @@ pub fn boot_linux() -> i64 {
     let gdt: [u64; 4] = [0, 0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
     vm.ram.write(GDT, &bytes);
-    println!(
-        "[vmm] Linux: protocol {}.{:02}, kernel {} KiB, initramfs {} KiB, {} MiB RAM, TSC {} kHz; starts at TSC {}",
+    crate::say!(
+        "Linux: protocol {}.{:02}, kernel {} KiB, initramfs {} KiB, {} MiB RAM, TSC {} kHz; starts at TSC {}",
         bz.version >> 8,
         bz.version & 0xff,
         bz.kernel().len() / 1024,
@@ -209,7 +207,7 @@ pub fn boot_linux() -> i64 {
         tsc_hz / 1000,
         rdtsc()
     );
-    println!("[vmm] Linux command line: {cmdline}");
+    crate::say!("Linux command line: {cmdline}");
 
     let w = state_words();
     long_mode_state(w, layout.entry64);
@@ -238,7 +236,7 @@ pub fn boot_linux() -> i64 {
             counts: ExitCounts::default(),
         },
         kind: Linux {
-            log: ConsoleLog::new(name),
+            log: ConsoleLog::new(),
             markers: Markers::default(),
             phase_start: (ExitCounts::default(), boot_tsc),
             virtio_console: console,
@@ -247,10 +245,10 @@ pub fn boot_linux() -> i64 {
         },
     };
     if compartment.board.console.is_none() {
-        println!("[vmm] no console input (the VMM needs io=0x3f8/3 and platform)");
+        crate::say!("no console input (the VMM needs console=SERVER, or io=0x3f8/3 and platform)");
     }
     if attach_devices(&mut compartment.board).is_err() {
-        println!("[vmm] cannot attach the devices");
+        crate::say!("cannot attach the devices");
         return 1;
     }
     let outcome = compartment.run();
@@ -328,6 +326,10 @@ impl Kind for Linux {
         self.log.break_line(&mut |line| markers.line(line));
     }
 
+    fn log(&mut self) -> &mut ConsoleLog {
+        &mut self.log
+    }
+
     /// Move console input into the UART's receive FIFO (or the virtio console) as far as it
     /// has room, show the virtio console's output, and drive the virtio interrupt lines.
     fn poll(&mut self, board: &mut Board) {
@@ -339,13 +341,14 @@ impl Kind for Linux {
             let micros = (now - start) as u128 * 1_000_000 / board.tsc_hz.max(1) as u128;
             let rate = total as u128 * 1_000_000 / micros.max(1);
             self.break_line();
-            println!(
-                "[vmm] exits in phase {phase}: {total} in {} ms ({rate}/s): {text}",
+            crate::say!(
+                "exits in phase {phase}: {total} in {} ms ({rate}/s): {text}",
                 micros / 1000
             );
             self.phase_start = (board.counts, now);
         }
         if let Some(console) = board.console.as_mut() {
+            console.take_server_input();
             if !console.input.is_empty() {
                 let taken = if self.input_to_hvc {
                     let mut hvc = self.virtio_console.borrow_mut();
@@ -389,8 +392,9 @@ impl Kind for Linux {
                 let mut bytes = [0u8; hc::LOG_MAX as usize];
                 let bytes = &mut bytes[..length as usize];
                 if read_guest_virtual(&board.vm, w, address, bytes) {
-                    self.break_line();
-                    println!("{}{}", self.log.prefix(), hc::log_line(bytes));
+                    let markers = &mut self.markers;
+                    self.log
+                        .line(&hc::log_line(bytes), &mut |line| markers.line(line));
                     0
                 } else {
                     hc::EFAULT
@@ -429,22 +433,22 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
     let w = state_words();
     let c = &board.counts;
     let seconds = (rdtsc() - board.boot_tsc) / board.tsc_hz.max(1);
-    println!(
-        "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
+    crate::say!(
+        "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
         c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.msr_refused, c.injected
     );
     match outcome {
         Outcome::PowerOff(status) => {
-            println!("[vmm] Linux powered off (status {status}): the compartment ends");
+            crate::say!("Linux powered off (status {status}): the compartment ends");
             i64::from(status)
         }
         Outcome::Reboot => {
-            println!("[vmm] Linux rebooted: the compartment ends");
+            crate::say!("Linux rebooted: the compartment ends");
             0
         }
         Outcome::Failed(why) => {
-            println!(
-                "[vmm] Linux stopped: {why} (rip {:#x}); the compartment ends",
+            crate::say!(
+                "Linux stopped: {why} (rip {:#x}); the compartment ends",
                 w[state::RIP]
             );
             1

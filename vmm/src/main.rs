@@ -10,9 +10,12 @@ mod suite;
 
 fn main() -> i64 {
     let words = || l4::rt::arguments().split_whitespace();
+    let name = vmm::platform::argument("name");
     if words().any(|w| w == "linux") {
+        vmm::terminal::open(name.unwrap_or("linux"));
         vmm::linux::boot_linux()
     } else if words().any(|w| w == "multiboot") {
+        vmm::terminal::open(name.unwrap_or("multiboot"));
         vmm::multiboot::boot_multiboot()
     } else {
         suite::run_suite()

@@ -5,8 +5,8 @@
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use l4::abi::vcpu as state;
 use l4::abi::{slots, Error, Fpage, ObjectKind, PAGE_SIZE};
+use l4::sys;
 use l4::thread::alloc_slot;
-use l4::{println, sys};
 
 /// Guest RAM in our address space.
 pub struct Ram {
@@ -161,7 +161,7 @@ pub fn create_vm(ram_size: u64, pager: u64) -> Result<Vm, Error> {
     let vcpu = alloc_slot();
     sys::factory_create(slots::FACTORY, ObjectKind::Vcpu, vcpu, vm, 0)?;
     let ram = Ram::new(ram_size).map_err(|e| {
-        println!("[vmm] no guest RAM ({} KiB): {e}", ram_size >> 10);
+        crate::say!("no guest RAM ({} KiB): {e}", ram_size >> 10);
         Error::OutOfMemory
     })?;
     sys::map(

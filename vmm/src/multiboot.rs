@@ -24,7 +24,6 @@ use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use l4::abi::vcpu as state;
-use l4::println;
 use l4linux_glue::debug_exit::{self, DebugExit};
 use l4linux_glue::exits::IoExit;
 use l4linux_glue::fw_cfg::{self, FwCfg};
@@ -41,14 +40,14 @@ const ENTRY_STACK: u64 = 0x7000;
 /// Boot the multiboot kernel named by the data modules; returns the compartment's exit status.
 pub fn boot_multiboot() -> i64 {
     let Some(image) = l4::rt::blob("kernel") else {
-        println!("[vmm] no multiboot kernel: give it as data module `kernel` (blob=kernel)");
+        crate::say!("no multiboot kernel: give it as data module `kernel` (blob=kernel)");
         return 1;
     };
     let cmdline = match l4::rt::blob("cmdline").map(core::str::from_utf8) {
         None => "",
         Some(Ok(text)) => text.trim_end_matches(['\n', '\r', '\0']),
         Some(Err(_)) => {
-            println!("[vmm] the command line module is not UTF-8");
+            crate::say!("the command line module is not UTF-8");
             return 1;
         }
     };
@@ -56,7 +55,7 @@ pub fn boot_multiboot() -> i64 {
         None => DEFAULT_RAM,
         Some(Ok(size)) => size,
         Some(Err(())) => {
-            println!("[vmm] bad memory size (ram=SIZE, e.g. ram=64M)");
+            crate::say!("bad memory size (ram=SIZE, e.g. ram=64M)");
             return 1;
         }
     };
@@ -66,7 +65,7 @@ pub fn boot_multiboot() -> i64 {
             continue;
         }
         let Some(contents) = l4::rt::blob(name) else {
-            println!("[vmm] no data module `{name}` for the multiboot modules (blob={name})");
+            crate::say!("no data module `{name}` for the multiboot modules (blob={name})");
             return 1;
         };
         modules.push(ModuleInput {
@@ -77,28 +76,27 @@ pub fn boot_multiboot() -> i64 {
     let kernel = match multiboot::parse(image, ram_size) {
         Ok(k) => k,
         Err(e) => {
-            println!("[vmm] multiboot image rejected: {e}");
+            crate::say!("multiboot image rejected: {e}");
             return 1;
         }
     };
     let plan = match multiboot::plan(&kernel, ram_size, cmdline, &modules) {
         Ok(p) => p,
         Err(e) => {
-            println!(
-                "[vmm] multiboot kernel does not fit in {} MiB of guest RAM: {e}",
+            crate::say!(
+                "multiboot kernel does not fit in {} MiB of guest RAM: {e}",
                 ram_size >> 20
             );
             return 1;
         }
     };
-    let name = argument("name").unwrap_or("multiboot");
     let Some((platform, tsc_hz, boot_tsc)) = crate::platform::new_platform() else {
         return 1;
     };
     let vm: Vm = match create_vm(ram_size, l4::abi::NO_CAP) {
         Ok(vm) => vm,
         Err(e) => {
-            println!("[vmm] cannot create a VM: {e}");
+            crate::say!("cannot create a VM: {e}");
             return 1;
         }
     };
@@ -111,8 +109,8 @@ pub fn boot_multiboot() -> i64 {
         vm.ram.write(u64::from(address), module.contents);
     }
     vm.ram.write(u64::from(plan.info), &plan.block);
-    println!(
-        "[vmm] multiboot: {} segments, entry {:#x}, {} modules, information at {:#x}, {} MiB RAM",
+    crate::say!(
+        "multiboot: {} segments, entry {:#x}, {} modules, information at {:#x}, {} MiB RAM",
         kernel.segments.len(),
         kernel.entry,
         modules.len(),
@@ -147,11 +145,11 @@ pub fn boot_multiboot() -> i64 {
         },
         kind: Multiboot {
             exit_port: Rc::new(RefCell::new(DebugExit::default())),
-            log: ConsoleLog::new(name),
+            log: ConsoleLog::new(),
         },
     };
     if attach_devices(&mut compartment, ram_size).is_err() {
-        println!("[vmm] cannot attach the devices");
+        crate::say!("cannot attach the devices");
         return 1;
     }
     let outcome = compartment.run();
@@ -212,11 +210,15 @@ impl Kind for Multiboot {
         self.log.break_line(&mut |_| {});
     }
 
+    fn log(&mut self) -> &mut ConsoleLog {
+        &mut self.log
+    }
+
     /// INIT and SIPI: logged, nothing else (one vCPU).
     fn after_run(&mut self, board: &mut Board) {
         for ipi in board.platform.take_ipis() {
             self.break_line();
-            println!("[vmm] multiboot: {ipi:?} ignored (one vCPU)");
+            crate::say!("multiboot: {ipi:?} ignored (one vCPU)");
         }
     }
 
@@ -245,24 +247,24 @@ fn report(compartment: &mut Compartment<Multiboot>, outcome: Outcome) -> i64 {
     let w = state_words();
     let c = &board.counts;
     let milliseconds = (rdtsc() - board.boot_tsc) / (board.tsc_hz / 1000).max(1);
-    println!(
-        "[vmm] exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} other {}; {} interrupts and {} NMIs injected; {milliseconds} ms",
+    crate::say!(
+        "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} other {}; {} interrupts and {} NMIs injected; {milliseconds} ms",
         c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline + c.message, c.other, c.injected, c.nmis
     );
     match outcome {
         Outcome::DebugExit(status) => {
-            println!(
-                "[vmm] multiboot guest wrote status {status} to the debug-exit port: the compartment ends"
+            crate::say!(
+                "multiboot guest wrote status {status} to the debug-exit port: the compartment ends"
             );
             i64::from(status)
         }
         Outcome::Halted => {
-            println!("[vmm] multiboot guest halted with interrupts off: the compartment ends");
+            crate::say!("multiboot guest halted with interrupts off: the compartment ends");
             0
         }
         Outcome::Failed(why) => {
-            println!(
-                "[vmm] multiboot guest stopped: {why} (rip {:#x}); the compartment ends",
+            crate::say!(
+                "multiboot guest stopped: {why} (rip {:#x}); the compartment ends",
                 w[state::RIP]
             );
             1

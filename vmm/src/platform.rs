@@ -14,7 +14,6 @@ use alloc::rc::Rc;
 use core::cell::RefCell;
 use l4::abi::vcpu as state;
 use l4::abi::{Error, Timeout, Timeouts};
-use l4::println;
 use l4linux_glue::exits::{self as lengths, IoExit};
 use l4linux_glue::mmio::MmioBus;
 use l4linux_glue::platform::{Platform, PlatformConfig};
@@ -59,7 +58,7 @@ pub fn new_platform() -> Option<(Platform, u64, u64)> {
     }) {
         Ok(platform) => Some((platform, tsc_hz, boot_tsc)),
         Err(e) => {
-            println!("[vmm] platform: {e} (TSC {tsc_hz} Hz)");
+            crate::say!("platform: {e} (TSC {tsc_hz} Hz)");
             None
         }
     }
@@ -165,6 +164,8 @@ pub trait Kind {
     fn output(&mut self, bytes: &[u8]);
     /// End an unfinished console line (before the VMM prints its own).
     fn break_line(&mut self);
+    /// The console's line log (to show held-back output).
+    fn log(&mut self) -> &mut crate::console_log::ConsoleLog;
     /// Before each entry and while halted: move input into devices, drive interrupt lines.
     fn poll(&mut self, _board: &mut Board) {}
     /// Right after each exit, before its handler.
@@ -300,12 +301,15 @@ impl<K: Kind> Compartment<K> {
     /// A line of the VMM's about this guest.
     fn say(&mut self, line: core::fmt::Arguments) {
         self.kind.break_line();
-        println!("[vmm] {}: {line}", K::NAME);
+        crate::say!("{}: {line}", K::NAME);
     }
 
     /// Receive what waits for the vCPU thread (console input and the like), waiting at most
     /// `timeout` for the first message.
     fn drain_messages(&mut self, timeout: Timeout) {
+        // A message longer than four words lands in the UTCB's message registers, which hold
+        // the vCPU state between exits: keep them.
+        let saved = l4::utcb::utcb().mr;
         let mut timeout = timeout;
         while let Ok(message) = l4::ipc::wait(Timeouts::new(Timeout::INFINITE, timeout)) {
             let handled = self
@@ -321,6 +325,7 @@ impl<K: Kind> Compartment<K> {
             }
             timeout = Timeout::ZERO;
         }
+        l4::utcb::utcb().mr = saved;
     }
 }
 
@@ -351,14 +356,16 @@ impl<K: Kind> Handler for Compartment<K> {
 
     fn after_run(&mut self, _w: &mut Words) -> Option<K::Outcome> {
         self.flush_output();
+        let tsc_hz = self.board.tsc_hz;
+        self.kind.log().flush_if_stale(rdtsc(), tsc_hz);
         self.kind.after_run(&mut self.board);
         None
     }
 
     fn refused(&mut self, error: Error, mask: u64, w: &mut Words) -> K::Outcome {
         self.kind.break_line();
-        println!(
-            "[vmm] VcpuRun refused: {error} (cr0 {:#x} cr4 {:#x} efer {:#x} mask {mask:#x})",
+        crate::say!(
+            "VcpuRun refused: {error} (cr0 {:#x} cr4 {:#x} efer {:#x} mask {mask:#x})",
             w[state::CR0],
             w[state::CR4],
             w[state::EFER]
@@ -543,6 +550,8 @@ impl<K: Kind> Handler for Compartment<K> {
                     Timeout::micros(us)
                 }
             };
+            // The guest waits: show its unfinished line (a prompt) now.
+            self.kind.log().flush();
             self.drain_messages(timeout);
         }
     }

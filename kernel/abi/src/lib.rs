@@ -326,6 +326,14 @@ pub mod slots {
     pub const PARENT: u64 = 6;
     /// A peer the creator wired up (demo and tests).
     pub const PEER: u64 = 7;
+    /// A console client's gate to its console server (the root task's `console=SERVER`).
+    pub const CONSOLE: u64 = 8;
+    /// An IRQ object the creator made for the task (the root task's `irq=LINE`).
+    pub const IRQ: u64 = 9;
+    /// A console server's notification IRQ of client `k` is in slot `CONSOLE_CLIENTS + k`.
+    pub const CONSOLE_CLIENTS: u64 = 448;
+    /// The most console clients a server can have.
+    pub const MAX_CONSOLE_CLIENTS: u64 = 64;
     /// First slot free for the task's own use.
     pub const FIRST_FREE: u64 = 16;
 }

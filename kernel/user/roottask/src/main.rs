@@ -4,10 +4,23 @@
 //! it gets from sigma0) and parent: it reports each task's exit, destroys it, and powers the
 //! machine off when all are done.
 //!
-//! Module command line: `[/path] NAME [factory] [peer=OTHER]`. `factory` gives the task a
-//! factory capability, `platform` the platform capability (IRQs, shutdown), `io=PORT/ORDER` the
-//! 2^ORDER I/O ports from hexadecimal PORT; `peer=OTHER` gives it, in slot `PEER`, a gate to
-//! OTHER's first thread.
+//! Module command line: `[/path] NAME [OPTION...]`:
+//! - `factory` gives the task the root task's own factory capability, `factory=SIZE` a factory
+//!   of its own with a quota of SIZE bytes of kernel memory (all it may ever use);
+//! - `platform` the platform capability (IRQs, shutdown), `irq=LINE` only an IRQ object for
+//!   LINE (slot `IRQ`), `io=PORT/ORDER` the 2^ORDER I/O ports from hexadecimal PORT;
+//! - `peer=OTHER` gives it, in slot `PEER`, a gate to OTHER's first thread;
+//! - `blob=NAME` maps the data module NAME read-only (`blob=AS:NAME`: the task sees it as AS);
+//! - `ram=SIZE` lets it request that much RAM in 2 MiB pages (`l4::parent::LABEL_RAM`);
+//! - `console=SERVER` makes it a client of the console server task SERVER, whose arguments
+//!   list it as `client=NAME`: a gate to the server (slot `CONSOLE`, badge = its position in
+//!   that list + 1) and a software IRQ attached to its first thread, which the server holds in
+//!   slot `CONSOLE_CLIENTS + position` to tell it that input waits;
+//! - `priority=P` its first thread's priority (at most the root task's, 100);
+//! - `service`: a server that runs for good; the machine powers off when all other tasks end;
+//! - `restart=N`: if it fails (exits with a non-zero code, raises an unhandled exception or is
+//!   killed), it is destroyed, all its memory reclaimed, and started again after 1, 2, 4 ...
+//!   seconds, at most N times.
 #![no_std]
 #![no_main]
 
@@ -16,9 +29,9 @@ extern crate alloc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use l4::abi::{
-    fault_access, rights, slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind,
-    Timeouts, INITIAL_STACK_TOP, KERNEL_AREA_START, LABEL_DEATH, LABEL_EXIT, LABEL_PAGE_FAULT,
-    PAGE_SIZE, USER_START, UTCB_AREA,
+    fault_access, rights, slots, Error, ExRegsFlags, Fpage, IrqOp, MapItem, MessageTag, ObjectKind,
+    Timeout, Timeouts, INITIAL_STACK_TOP, KERNEL_AREA_START, LABEL_DEATH, LABEL_EXIT,
+    LABEL_PAGE_FAULT, PAGE_SIZE, USER_START, UTCB_AREA,
 };
 use l4::ipc::{self, Received};
 use l4::parent::RAM_GRANULE;
@@ -46,6 +59,9 @@ const EXIT_FAILURE: u64 = l4::abi::qemu_exit::FAILURE as u64;
 
 struct Child {
     name: String,
+    /// The boot module it runs, and that module's command line.
+    module: usize,
+    module_cmdline: &'static str,
     cmdline: String,
     image: Image,
     bytes: &'static [u8],
@@ -57,6 +73,16 @@ struct Child {
     ram_budget: u64,
     ram: Vec<u64>,
     running: bool,
+    /// `console=SERVER`: the server's name, and our slot of its notification IRQ once made.
+    console: Option<String>,
+    console_irq: Option<u64>,
+    service: bool,
+    /// Restarts left (`restart=N`), done so far, and when the next one is due (TSC).
+    restarts_left: u32,
+    restarts: u32,
+    restart_at: Option<u64>,
+    /// Every slot of ours made for it (released when it is gone).
+    made: Vec<u64>,
 }
 
 /// 2 MiB pages of RAM for children: fresh ones from sigma0, or ones a finished child had.
@@ -164,14 +190,77 @@ fn map_module(index: usize, base: u64, size: u64) -> Option<&'static [u8]> {
     })
 }
 
+/// Capability slots of ours, reused after a child is gone (a child that restarts again and
+/// again must not use up the table).
+struct Slots(Vec<u64>);
+
+impl Slots {
+    fn take(&mut self) -> u64 {
+        self.0.pop().unwrap_or_else(alloc_slot)
+    }
+
+    /// Delete the capability in `slot` and keep the slot for reuse.
+    fn release(&mut self, slot: u64) {
+        let _ = sys::cap_delete(slot);
+        self.0.push(slot);
+    }
+}
+
+/// What a child was made of, in our slots, so that a failed creation takes back all of it.
+struct Made<'a> {
+    slots: &'a mut Slots,
+    made: Vec<u64>,
+    task: Option<u64>,
+}
+
+impl Made<'_> {
+    fn slot(&mut self) -> u64 {
+        let slot = self.slots.take();
+        self.made.push(slot);
+        slot
+    }
+
+    fn undo(mut self) {
+        if let Some(task) = self.task {
+            let _ = sys::task_destroy(task);
+        }
+        for slot in core::mem::take(&mut self.made).into_iter().rev() {
+            self.slots.release(slot);
+        }
+    }
+}
+
 fn create(
     index: usize,
-    cmdline: &str,
+    cmdline: &'static str,
     bytes: &'static [u8],
     blobs: &[(String, u64, u64)],
     gate_badge: u64,
+    slots_: &mut Slots,
 ) -> Result<Child, String> {
-    let (name, options) = module_name(cmdline);
+    let mut made = Made {
+        slots: slots_,
+        made: Vec::new(),
+        task: None,
+    };
+    match build(index, cmdline, bytes, blobs, gate_badge, &mut made) {
+        Ok(child) => Ok(child),
+        Err(e) => {
+            made.undo();
+            Err(e)
+        }
+    }
+}
+
+fn build(
+    index: usize,
+    module_cmdline: &'static str,
+    bytes: &'static [u8],
+    blobs: &[(String, u64, u64)],
+    gate_badge: u64,
+    made: &mut Made,
+) -> Result<Child, String> {
+    let (name, options) = module_name(module_cmdline);
     let limits = Limits {
         min_vaddr: USER_START,
         user_limit: l4::rt::HEAP_BASE.min(KERNEL_AREA_START),
@@ -179,13 +268,14 @@ fn create(
     let image = l4_elf::parse(bytes, limits)
         .map_err(|e| alloc::format!("module {index} ({name}) rejected: {e}"))?;
     let fail = |what: &str, e: l4::Error| alloc::format!("creating {name}: {what}: {e}");
-    let task = alloc_slot();
+    let task = made.slot();
     sys::factory_create(slots::FACTORY, ObjectKind::Task, task, 0, 0)
         .map_err(|e| fail("task", e))?;
-    let thread = alloc_slot();
+    made.task = Some(task);
+    let thread = made.slot();
     sys::factory_create(slots::FACTORY, ObjectKind::Thread, thread, 0, 0)
         .map_err(|e| fail("thread", e))?;
-    let gate = alloc_slot();
+    let gate = made.slot();
     sys::factory_create(
         slots::FACTORY,
         ObjectKind::Gate,
@@ -206,9 +296,29 @@ fn create(
         sys::cap_copy(task, slots::FACTORY, slots::FACTORY, rights::ALL, 0)
             .map_err(|e| fail("factory", e))?;
     }
+    for size in options.iter().filter_map(|o| o.strip_prefix("factory=")) {
+        let quota = l4::abi::parse_size(size)
+            .filter(|&q| q > 0)
+            .ok_or_else(|| alloc::format!("creating {name}: bad factory option '{size}'"))?;
+        let slot = made.slot();
+        sys::factory_create(slots::FACTORY, ObjectKind::Factory, slot, quota, 0)
+            .map_err(|e| fail("its factory", e))?;
+        sys::cap_copy(task, slot, slots::FACTORY, rights::ALL, 0)
+            .map_err(|e| fail("its factory", e))?;
+    }
     if options.iter().any(|o| o == "platform") {
         sys::cap_copy(task, slots::PLATFORM, slots::PLATFORM, rights::ALL, 0)
             .map_err(|e| fail("platform", e))?;
+    }
+    for line in options.iter().filter_map(|o| o.strip_prefix("irq=")) {
+        let line = line
+            .parse::<u64>()
+            .map_err(|_| alloc::format!("creating {name}: bad irq option '{line}'"))?;
+        let slot = made.slot();
+        sys::factory_create(slots::PLATFORM, ObjectKind::Irq, slot, line, 0)
+            .map_err(|e| fail("its IRQ object", e))?;
+        sys::cap_copy(task, slot, slots::IRQ, rights::ALL, 0)
+            .map_err(|e| fail("its IRQ object", e))?;
     }
     for io in options.iter().filter_map(|o| o.strip_prefix("io=")) {
         // io=PORT/ORDER (hexadecimal port): 2^ORDER ports from PORT.
@@ -245,12 +355,28 @@ fn create(
                 alloc::format!("creating {name}: bad ram option '{size}' (a multiple of 2M)")
             })?;
     }
-    let mut cmdline = String::from(cmdline);
-    // Each data module named by `blob=NAME` is mapped read-only (page by page) at the next
-    // free place from BLOB_ADDRESS; the child learns where from `blob:NAME=ADDRESS+SIZE`
-    // (`l4::rt::blob`).
+    let priority = match options.iter().find_map(|o| o.strip_prefix("priority=")) {
+        Some(p) => Some(
+            p.parse::<u8>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| alloc::format!("creating {name}: bad priority '{p}'"))?,
+        ),
+        None => None,
+    };
+    let restarts_left = match options.iter().find_map(|o| o.strip_prefix("restart=")) {
+        Some(n) => n
+            .parse::<u32>()
+            .map_err(|_| alloc::format!("creating {name}: bad restart option '{n}'"))?,
+        None => 0,
+    };
+    let mut cmdline = String::from(module_cmdline);
+    // Each data module named by `blob=NAME` (or `blob=AS:NAME`) is mapped read-only (page by
+    // page) at the next free place from BLOB_ADDRESS; the child learns where from
+    // `blob:AS=ADDRESS+SIZE` (`l4::rt::blob`).
     let mut next_blob = BLOB_ADDRESS;
-    for wanted in options.iter().filter_map(|o| o.strip_prefix("blob=")) {
+    for option in options.iter().filter_map(|o| o.strip_prefix("blob=")) {
+        let (seen_as, wanted) = option.split_once(':').unwrap_or((option, option));
         let Some(&(_, address, size)) = blobs.iter().find(|(n, _, _)| n == wanted) else {
             return Err(alloc::format!(
                 "creating {name}: no data module named {wanted}"
@@ -269,7 +395,7 @@ fn create(
             page += PAGE_SIZE;
         }
         cmdline.push_str(&alloc::format!(
-            " blob:{wanted}={}+{size}",
+            " blob:{seen_as}={}+{size}",
             next_blob + (address - first)
         ));
         next_blob += (page - first).next_multiple_of(RAM_GRANULE);
@@ -278,6 +404,10 @@ fn create(
         .iter()
         .find_map(|o| o.strip_prefix("peer="))
         .map(String::from);
+    let console = options
+        .iter()
+        .find_map(|o| o.strip_prefix("console="))
+        .map(String::from);
     if cmdline.len() >= l4::rt::ARGUMENTS_SIZE {
         return Err(alloc::format!(
             "creating {name}: its arguments are {} bytes, at most {} fit",
@@ -285,8 +415,14 @@ fn create(
             l4::rt::ARGUMENTS_SIZE - 1
         ));
     }
+    if let Some(p) = priority {
+        sys::thread_schedule(thread, p, 0).map_err(|e| fail("priority", e))?;
+    }
+    let service = options.iter().any(|o| o == "service");
     Ok(Child {
         name,
+        module: index,
+        module_cmdline,
         cmdline,
         image,
         bytes,
@@ -297,6 +433,13 @@ fn create(
         ram_budget,
         ram: Vec::new(),
         running: false,
+        console,
+        console_irq: None,
+        service,
+        restarts_left,
+        restarts: 0,
+        restart_at: None,
+        made: core::mem::take(&mut made.made),
     })
 }
 
@@ -359,14 +502,128 @@ fn resolve(child: &mut Child, pool: &mut Pool, address: u64, access: u64) -> Opt
     Some(MapItem::map(page, Fpage::memory(local, 12, rights)))
 }
 
-fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, how: &str) {
+/// Destroy `child`'s task and take back its memory and our capabilities of it (the IRQ that
+/// notifies it of console input stays ours, for a restart).
+fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, slots_: &mut Slots, how: &str) {
     println!("[root] task {} {how}", child.name);
     if let Err(e) = sys::task_destroy(child.task) {
         println!("[root] destroying {}: {e}", child.name);
     }
+    for slot in child.made.drain(..).rev() {
+        slots_.release(slot);
+    }
     pool.free.append(&mut child.pages);
     ram.free.append(&mut child.ram);
     child.running = false;
+}
+
+/// Give child `i` its gates to other children (`peer=`, `console=`) and its console
+/// notification IRQ.
+fn wire(children: &mut [Child], i: usize, slots_: &mut Slots, software_lines: &mut u64) {
+    let gate_to = |children: &mut [Child], j: usize, badge: u64, slot: u64, slots_: &mut Slots| {
+        let gate = slots_.take();
+        // Ours stays while the child lives: deleting it would revoke the child's copy.
+        children[i].made.push(gate);
+        sys::factory_create(
+            slots::FACTORY,
+            ObjectKind::Gate,
+            gate,
+            children[j].thread,
+            badge,
+        )
+        .and_then(|()| sys::cap_copy(children[i].task, gate, slot, rights::SEND, 0))
+    };
+    if let Some(peer) = children[i].peer.clone() {
+        match children.iter().position(|c| c.name == peer) {
+            Some(j) => {
+                if let Err(e) = gate_to(children, j, 0x1000 + i as u64, slots::PEER, slots_) {
+                    println!("[root] wiring {} to {peer}: {e}", children[i].name);
+                }
+            }
+            None => println!("[root] {}: no peer named {peer}", children[i].name),
+        }
+    }
+    let Some(server) = children[i].console.clone() else {
+        return;
+    };
+    let name = children[i].name.clone();
+    let Some(j) = children.iter().position(|c| c.name == server) else {
+        println!("[root] {name}: no console server named {server}");
+        return;
+    };
+    let (_, server_options) = module_name(children[j].module_cmdline);
+    let Some(k) = server_options
+        .iter()
+        .filter_map(|o| o.strip_prefix("client="))
+        .position(|c| c == name)
+        .filter(|&k| (k as u64) < slots::MAX_CONSOLE_CLIENTS)
+    else {
+        println!("[root] {name}: console server {server} does not list it (client={name})");
+        return;
+    };
+    if let Err(e) = gate_to(children, j, k as u64 + 1, slots::CONSOLE, slots_) {
+        println!("[root] wiring {name} to {server}: {e}");
+        return;
+    }
+    // The notification IRQ: made once, attached to each new first thread of the client.
+    let irq = match children[i].console_irq {
+        Some(irq) => irq,
+        None => {
+            let irq = slots_.take();
+            let line = 32 + *software_lines;
+            let made = sys::factory_create(slots::PLATFORM, ObjectKind::Irq, irq, line, 0)
+                .and_then(|()| {
+                    sys::cap_copy(
+                        children[j].task,
+                        irq,
+                        slots::CONSOLE_CLIENTS + k as u64,
+                        rights::ALL,
+                        0,
+                    )
+                });
+            if let Err(e) = made {
+                println!("[root] {name}: no console notification: {e}");
+                slots_.release(irq);
+                return;
+            }
+            *software_lines += 1;
+            children[i].console_irq = Some(irq);
+            irq
+        }
+    };
+    if let Err(e) = sys::irq_control(irq, IrqOp::Attach, children[i].thread) {
+        println!("[root] {name}: attaching its console notification: {e}");
+    }
+}
+
+/// Start child `child`'s first thread.
+fn start(child: &mut Child) -> bool {
+    match sys::ex_regs(
+        child.thread,
+        child.image.entry,
+        INITIAL_STACK_TOP - l4::rt::ARGUMENTS_SIZE as u64,
+        ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START,
+    ) {
+        Ok(_) => {
+            child.running = true;
+            println!("[root] started {}", child.name);
+            true
+        }
+        Err(e) => {
+            println!("[root] starting {}: {e}", child.name);
+            false
+        }
+    }
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: reading the time-stamp counter has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Our kernel memory in use (bytes), to show that a restart got all of a child's back.
+fn kernel_memory_used() -> u64 {
+    sys::quota(slots::FACTORY).map_or(0, |q| q.used)
 }
 
 fn main() -> i64 {
@@ -375,6 +632,8 @@ fn main() -> i64 {
     println!("[root] {} boot modules", modules.len());
     let mut children: Vec<Child> = Vec::new();
     let mut failures = 0u32;
+    let mut slots_ = Slots(Vec::new());
+    let mut software_lines = 0u64;
     // Data modules (option `data`) are not started; tasks get them with `blob=NAME`.
     let mut blobs: Vec<(String, u64, u64)> = Vec::new();
     let mut programs: Vec<(usize, &'static [u8])> = Vec::new();
@@ -406,6 +665,7 @@ fn main() -> i64 {
             bytes,
             &blobs,
             children.len() as u64 + 1,
+            &mut slots_,
         ) {
             Ok(child) => children.push(child),
             Err(message) => {
@@ -414,45 +674,17 @@ fn main() -> i64 {
             }
         }
     }
-    // Wire peers, then start everything.
+    // Wire peers and consoles, then start everything.
     for i in 0..children.len() {
-        let Some(peer) = children[i].peer.clone() else {
-            continue;
-        };
-        let Some(j) = children.iter().position(|c| c.name == peer) else {
-            println!("[root] {}: no peer named {peer}", children[i].name);
-            continue;
-        };
-        let gate = alloc_slot();
-        let wired = sys::factory_create(
-            slots::FACTORY,
-            ObjectKind::Gate,
-            gate,
-            children[j].thread,
-            0x1000 + i as u64,
-        )
-        .and_then(|()| sys::cap_copy(children[i].task, gate, slots::PEER, rights::SEND, 0));
-        if let Err(e) = wired {
-            println!("[root] wiring {} to {peer}: {e}", children[i].name);
-        }
+        wire(&mut children, i, &mut slots_, &mut software_lines);
     }
     for child in children.iter_mut() {
-        match sys::ex_regs(
-            child.thread,
-            child.image.entry,
-            INITIAL_STACK_TOP - l4::rt::ARGUMENTS_SIZE as u64,
-            ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START,
-        ) {
-            Ok(_) => {
-                child.running = true;
-                println!("[root] started {}", child.name);
-            }
-            Err(e) => {
-                println!("[root] starting {}: {e}", child.name);
-                failures += 1;
-            }
+        if !start(child) {
+            failures += 1;
         }
     }
+    let memory_at_start = kernel_memory_used();
+    let tsc_hz = kip.tsc_hz.max(1);
     let mut pool = Pool {
         next: POOL_BASE,
         free: Vec::new(),
@@ -462,13 +694,69 @@ fn main() -> i64 {
         free: Vec::new(),
     };
     let mut reply: Option<(MessageTag, [u64; 2])> = None;
-    while children.iter().any(|c| c.running) {
+    while children
+        .iter()
+        .any(|c| (c.running && !c.service) || c.restart_at.is_some())
+    {
+        // Restarts that are due.
+        let now = rdtsc();
+        for i in 0..children.len() {
+            if children[i].restart_at.is_some_and(|at| at <= now) {
+                children[i].restart_at = None;
+                let c = &children[i];
+                let (module, cmdline, bytes, restarts_left, restarts) = (
+                    c.module,
+                    c.module_cmdline,
+                    c.bytes,
+                    c.restarts_left,
+                    c.restarts,
+                );
+                let console_irq = c.console_irq;
+                let before = kernel_memory_used();
+                match create(module, cmdline, bytes, &blobs, i as u64 + 1, &mut slots_) {
+                    Ok(mut child) => {
+                        child.restarts_left = restarts_left;
+                        child.restarts = restarts;
+                        child.console_irq = console_irq;
+                        children[i] = child;
+                        wire(&mut children, i, &mut slots_, &mut software_lines);
+                        println!(
+                            "[root] restarting {} ({} of {}): kernel memory in use before {} KiB ({} KiB at boot), RAM pages free {}",
+                            children[i].name,
+                            restarts,
+                            restarts + restarts_left,
+                            before / 1024,
+                            memory_at_start / 1024,
+                            ram.free.len()
+                        );
+                        if !start(&mut children[i]) {
+                            failures += 1;
+                        }
+                    }
+                    Err(message) => {
+                        println!("[root] restarting: {message}");
+                        failures += 1;
+                    }
+                }
+            }
+        }
+        // Wait for the next message, or until the next restart is due.
+        let next_restart = children.iter().filter_map(|c| c.restart_at).min();
+        let timeouts = match next_restart {
+            Some(at) => {
+                let micros = (at.saturating_sub(rdtsc()) as u128 * 1_000_000 / tsc_hz as u128)
+                    .clamp(1, u32::MAX as u128 - 2) as u32;
+                Timeouts::new(Timeout::INFINITE, Timeout::micros(micros))
+            }
+            None => Timeouts::INFINITE,
+        };
         let next: Result<Received, ipc::IpcError> = match reply.take() {
-            Some((tag, words)) => ipc::reply_wait(tag, &words, Timeouts::INFINITE),
-            None => ipc::wait(Timeouts::INFINITE),
+            Some((tag, words)) => ipc::reply_wait(tag, &words, timeouts),
+            None => ipc::wait(timeouts),
         };
         let message = match next {
             Ok(m) => m,
+            Err(e) if e.error == Error::Timeout => continue,
             Err(e) => {
                 println!("[root] IPC error {:?}", e);
                 continue;
@@ -479,7 +767,8 @@ fn main() -> i64 {
             println!("[root] message from unknown badge {}", message.badge);
             continue;
         };
-        match message.tag.label() {
+        // How the child ended, if it did: (what to report, whether it failed).
+        let ended: Option<(String, bool)> = match message.tag.label() {
             LABEL_PAGE_FAULT => {
                 let (address, access) = (message.word(0), message.word(1));
                 match resolve(child, &mut pool, address, access) {
@@ -491,35 +780,24 @@ fn main() -> i64 {
                         reply = Some((MessageTag::new(-1, 0, 0), [0, 0]));
                     }
                 }
+                None
             }
             LABEL_EXIT => {
                 let code = message.word(0) as i64;
-                if code != 0 {
-                    failures += 1;
-                }
-                finish(
-                    child,
-                    &mut pool,
-                    &mut ram,
-                    &alloc::format!("exited with code {code}"),
-                );
+                Some((alloc::format!("exited with code {code}"), code != 0))
             }
             l4::abi::LABEL_EXCEPTION => {
-                failures += 1;
                 let (vector, error, ip) = (message.word(0), message.word(1), message.word(2));
-                finish(child, &mut pool, &mut ram, &alloc::format!("raised unhandled exception {vector} (error {error:#x}) at ip {ip:#x}; destroyed"));
+                Some((alloc::format!("raised unhandled exception {vector} (error {error:#x}) at ip {ip:#x}; destroyed"), true))
             }
             LABEL_DEATH => {
-                failures += 1;
                 let (reason, detail, ip) = (message.word(0), message.word(1), message.word(2));
-                finish(
-                    child,
-                    &mut pool,
-                    &mut ram,
-                    &alloc::format!(
+                Some((
+                    alloc::format!(
                         "was killed (reason {reason:#x}, detail {detail:#x}, ip {ip:#x})"
                     ),
-                );
+                    true,
+                ))
             }
             l4::parent::LABEL_RAM => {
                 let (address, bytes) = (message.word(0), message.word(1));
@@ -530,10 +808,29 @@ fn main() -> i64 {
                         (MessageTag::new(-1, 1, 0), [e as u64, 0])
                     }
                 });
+                None
             }
             label => {
                 println!("[root] task {}: unknown request label {label}", child.name);
                 reply = Some((MessageTag::new(-1, 0, 0), [0, 0]));
+                None
+            }
+        };
+        if let Some((how, failed)) = ended {
+            finish(child, &mut pool, &mut ram, &mut slots_, &how);
+            if failed && child.restarts_left > 0 {
+                child.restarts_left -= 1;
+                child.restarts += 1;
+                let delay = 1u64 << (child.restarts - 1).min(5);
+                child.restart_at = Some(rdtsc() + delay * tsc_hz);
+                println!(
+                    "[root] {} failed: restart {} of {} in {delay} s",
+                    child.name,
+                    child.restarts,
+                    child.restarts + child.restarts_left
+                );
+            } else if failed {
+                failures += 1;
             }
         }
     }
