@@ -3,6 +3,7 @@
 //! results. Behind `scripts/{build,run,test,bench,linux-native}.sh`.
 
 mod check;
+mod compartments;
 mod image;
 mod qemu;
 mod scenario;
@@ -117,7 +118,7 @@ fn build(scenarios: &Scenarios, names: &[String]) -> Result<ExitCode, String> {
     let selected = if names.is_empty() {
         let mut all = Vec::new();
         for s in &scenarios.list {
-            if !matches!(s.boot, Boot::Multiboot { .. }) {
+            if !matches!(s.boot, Boot::Multiboot { .. } | Boot::Compartments { .. }) {
                 continue;
             }
             match image::missing_inputs(scenarios, s) {
