@@ -8,9 +8,23 @@
 #   scenarios (scenarios.toml; `cargo xtask list`): linux, demo, test, vm, bench, ...
 #   --kernel/--initrd/--append/--mem boot your own Linux in the compartment of a Linux scenario
 #   (or, with `multiboot`, your own Multiboot kernel: --kernel ELF32 --append --mem).
+#    or: scripts/run.sh FILE.toml [extra QEMU args...]
+#   boots the Linux compartments of a compartment file, e.g. scenarios/default.toml (its format:
+#   the comment at its top), after scripts/build-linux.sh.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)
+# A compartment file is named from where the command was given (as a path from the repository).
+file=""
+if [[ ${1:-} == *.toml ]]; then
+    file=$(realpath --relative-to="$root" -- "$1")
+    shift
+fi
+cd "$root"
 scripts/setup.sh
+if [ -n "$file" ]; then
+    scripts/build-linux.sh
+    exec cargo xtask run "$file" "$@"
+fi
 scenario=${1:-linux}
 [ $# -gt 0 ] && shift
 if grep -A4 "^\[scenario\.$scenario\]" scenarios.toml | grep -q 'made_by = "scripts/build-linux.sh"'; then

@@ -85,6 +85,8 @@ pub fn missing_inputs(scenarios: &Scenarios, scenario: &Scenario) -> Option<Stri
         Boot::Linux { kernel, initrd, .. } => std::iter::once(kernel.as_path())
             .chain(initrd.as_deref())
             .collect(),
+        // Its files are checked when its modules are made, each named with its field.
+        Boot::Compartments { file, .. } => return file.modules().err().map(|e| e.0),
         Boot::Image(_) => unreachable!("image_of resolves it"),
     };
     let missing: Vec<String> = files
@@ -116,14 +118,24 @@ pub fn build(
     let owners: Vec<&Scenario> = selected.iter().map(|s| scenarios.image_of(s)).collect();
     if owners
         .iter()
-        .any(|o| matches!(o.boot, Boot::Multiboot { .. }))
+        .any(|o| matches!(o.boot, Boot::Multiboot { .. } | Boot::Compartments { .. }))
     {
         cargo_build(scenarios, sink)?;
     }
     let mut built: Vec<(String, PathBuf)> = Vec::new();
     let mut result = Vec::new();
     for owner in owners {
-        result.push(match &owner.boot {
+        let made;
+        let boot = match &owner.boot {
+            Boot::Compartments { cmdline, file } => {
+                made = file
+                    .boot(cmdline)
+                    .map_err(|e| format!("scenario {}: {e}", owner.name))?;
+                &made
+            }
+            boot => boot,
+        };
+        result.push(match boot {
             Boot::Multiboot {
                 cmdline,
                 sigma0,
@@ -155,6 +167,7 @@ pub fn build(
                 cmdline: cmdline.clone(),
             },
             Boot::Image(_) => unreachable!("image_of resolves it"),
+            Boot::Compartments { .. } => unreachable!("made above"),
         });
     }
     Ok(result)

@@ -3,6 +3,7 @@
 //! results. Behind `scripts/{build,run,test,bench,linux-native}.sh`.
 
 mod check;
+mod compartments;
 mod image;
 mod qemu;
 mod scenario;
@@ -11,6 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use compartments::CompartmentFile;
 use image::{Bootable, Sink};
 use scenario::{Boot, Scenario, Scenarios};
 
@@ -26,6 +28,9 @@ usage: cargo xtask COMMAND
                                          for a Linux compartment scenario: --kernel BZIMAGE,
                                          --initrd FILE, --append \"CMDLINE\", --mem SIZE;
                                          for a Multiboot one: --kernel ELF, --append, --mem
+  run FILE.toml [QEMU ARG...]            boot the compartments of a compartment file (e.g.
+                                         scenarios/default.toml; format: xtask/src/
+                                         compartments.rs), no checks
   test [--group G] [--logs DIR] [SCENARIO...]
                                          boot each scenario with its checks (default: group
                                          `test`, logs in target/test-logs) and end with
@@ -33,7 +38,9 @@ usage: cargo xtask COMMAND
   bench                                  test --group bench --logs target/bench";
 
 fn main() -> ExitCode {
-    // Paths in the scenario file and below are relative to the repository.
+    // Paths in the scenario file and below are relative to the repository; a compartment file
+    // named on the command line, to where the command was given.
+    let invoked_in = std::env::current_dir().unwrap_or_default();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     if let Err(e) = std::env::set_current_dir(&root) {
         eprintln!("xtask: cannot enter {}: {e}", root.display());
@@ -57,7 +64,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("list") => list(&scenarios),
         Some("build") => build(&scenarios, &args[1..]),
-        Some("run") => run(&scenarios, &args[1..]),
+        Some("run") => run(&scenarios, &args[1..], &invoked_in),
         Some("test") => test(&scenarios, &args[1..]),
         Some("bench") => test(
             &scenarios,
@@ -117,7 +124,7 @@ fn build(scenarios: &Scenarios, names: &[String]) -> Result<ExitCode, String> {
     let selected = if names.is_empty() {
         let mut all = Vec::new();
         for s in &scenarios.list {
-            if !matches!(s.boot, Boot::Multiboot { .. }) {
+            if !matches!(s.boot, Boot::Multiboot { .. } | Boot::Compartments { .. }) {
                 continue;
             }
             match image::missing_inputs(scenarios, s) {
@@ -133,7 +140,48 @@ fn build(scenarios: &Scenarios, names: &[String]) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(scenarios: &Scenarios, args: &[String]) -> Result<ExitCode, String> {
+/// An ad-hoc scenario, named after the file, that boots compartment file `arg` (relative to
+/// `invoked_in`).
+fn compartment_scenario(arg: &str, invoked_in: &Path) -> Result<Scenario, String> {
+    let file = invoked_in.join(arg);
+    if !file.is_file() {
+        return Err(format!("{arg}: no such compartment file"));
+    }
+    // Its name names its staging directory: lower-case letters, digits and `-`.
+    let name: String = file
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '-') => c,
+            _ => '-',
+        })
+        .collect();
+    // (A file called `.toml` would stage into target/direct itself.)
+    let name = if name.is_empty() {
+        "compartments".to_string()
+    } else {
+        name
+    };
+    let parsed = CompartmentFile::read(arg, &file, Path::new(".")).map_err(|e| e.0)?;
+    Ok(Scenario {
+        name,
+        description: format!("the compartments of {arg}"),
+        groups: Vec::new(),
+        memory: parsed.machine_memory_text(),
+        boot: Boot::Compartments {
+            cmdline: String::new(),
+            file: Box::new(parsed),
+        },
+        made_by: Some("scripts/build-linux.sh".into()),
+        qemu: Vec::new(),
+        grub: false,
+        check: None,
+    })
+}
+
+fn run(scenarios: &Scenarios, args: &[String], invoked_in: &Path) -> Result<ExitCode, String> {
     let Some(name) = args.first() else {
         return Err(USAGE.to_string());
     };
@@ -154,7 +202,13 @@ fn run(scenarios: &Scenarios, args: &[String]) -> Result<ExitCode, String> {
             _ => qemu_args.push(a.clone()),
         }
     }
-    let named = by_name(scenarios, std::slice::from_ref(name))?[0];
+    let from_file;
+    let named = if name.ends_with(".toml") {
+        from_file = compartment_scenario(name, invoked_in)?;
+        &from_file
+    } else {
+        by_name(scenarios, std::slice::from_ref(name))?[0]
+    };
     let replaced;
     let scenario = if overrides.is_empty() {
         named

@@ -3,12 +3,14 @@
 //! field; syntax and type errors come from `toml` with their line and column.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use indexmap::IndexMap;
 use regex::Regex;
 use serde::Deserialize;
+
+use crate::compartments::CompartmentFile;
 
 /// An error in the scenario file, with the text to show.
 #[derive(Debug)]
@@ -91,6 +93,7 @@ struct RawScenario {
     modules: Option<Vec<RawModule>>,
     linux: Option<RawLinux>,
     image: Option<String>,
+    compartments: Option<String>,
     sigma0: Option<RawModule>,
     cmdline: Option<String>,
     made_by: Option<String>,
@@ -152,6 +155,15 @@ pub struct Step {
     pub expect: Regex,
     /// What to type then (may be empty).
     pub send: String,
+}
+
+/// The sigma0 module of a scenario that names none.
+pub fn default_sigma0() -> Module {
+    Module {
+        name: "sigma0".into(),
+        source: Source::Binary("sigma0".into()),
+        args: vec!["sigma0".into()],
+    }
 }
 
 /// A special module the runner makes itself.
@@ -247,6 +259,14 @@ pub enum Boot {
     },
     /// The image of another scenario (which is a `Multiboot` or a `Linux` one).
     Image(String),
+    /// Our kernel with the modules of a compartment file, made when the scenario is built
+    /// ([`CompartmentFile::boot`]).
+    Compartments {
+        /// The kernel command line (before `$KERNEL_CMDLINE` is added).
+        cmdline: String,
+        /// The compartment file.
+        file: Box<CompartmentFile>,
+    },
 }
 
 /// One boot module.
@@ -323,6 +343,13 @@ impl LinuxOverrides {
     /// scenario, a file does not exist or the size is malformed.
     pub fn apply(&self, scenario: &Scenario) -> Result<Scenario, String> {
         let mut s = scenario.clone();
+        if let Boot::Compartments { file, .. } = &s.boot {
+            return Err(format!(
+                "scenario `{}` boots the compartment file {}: change the file instead",
+                s.name,
+                file.path()
+            ));
+        }
         let Boot::Multiboot { modules, .. } = &mut s.boot else {
             return Err(format!("scenario `{}` is not booted by our kernel", s.name));
         };
@@ -402,7 +429,7 @@ impl LinuxOverrides {
 }
 
 /// `64M`, `1G`, `4096K` or bytes.
-fn parse_size(text: &str) -> Option<u64> {
+pub fn parse_size(text: &str) -> Option<u64> {
     let (digits, shift) = match text.as_bytes().last()? {
         b'K' | b'k' => (&text[..text.len() - 1], 10),
         b'M' | b'm' => (&text[..text.len() - 1], 20),
@@ -423,6 +450,7 @@ impl Scenarios {
         for (name, scenario) in &raw.scenario {
             let context = Context {
                 path,
+                root: Path::new(path).parent().unwrap_or(Path::new("")),
                 name,
                 line: header_line(text, name),
             };
@@ -463,6 +491,8 @@ fn header_line(text: &str, name: &str) -> Option<usize> {
 /// Where an error is: the file and the scenario.
 struct Context<'a> {
     path: &'a str,
+    /// The directory of the scenario file, which its paths are relative to.
+    root: &'a Path,
     name: &'a str,
     line: Option<usize>,
 }
@@ -511,11 +541,12 @@ impl Context<'_> {
             raw.modules.is_some(),
             raw.linux.is_some(),
             raw.image.is_some(),
+            raw.compartments.is_some(),
         ];
         if kinds.iter().filter(|&&k| k).count() != 1 {
             return Err(self.error(
-                "modules/linux/image",
-                "give exactly one of `modules`, `linux` and `image` (what to boot)",
+                "modules/linux/image/compartments",
+                "give exactly one of `modules`, `linux`, `image` and `compartments` (what to boot)",
             ));
         }
         let cmdline = raw.cmdline.clone().unwrap_or_default();
@@ -528,11 +559,7 @@ impl Context<'_> {
             }
             let sigma0 = match &raw.sigma0 {
                 Some(m) => self.module("sigma0", m)?,
-                None => Module {
-                    name: "sigma0".into(),
-                    source: Source::Binary("sigma0".into()),
-                    args: vec!["sigma0".into()],
-                },
+                None => default_sigma0(),
             };
             let mut checked: Vec<Module> = Vec::new();
             for (i, m) in modules.iter().enumerate() {
@@ -562,6 +589,30 @@ impl Context<'_> {
                 cmdline,
                 sigma0,
                 modules: checked,
+            }
+        } else if let Some(file) = &raw.compartments {
+            if let Some(c) = cmdline.chars().find(|c| GRUB_SPECIAL.contains(c)) {
+                return Err(self.error("cmdline", format!("contains {c:?}, which GRUB interprets")));
+            }
+            if file.is_empty() {
+                return Err(self.error("compartments", "is empty; give a compartment file"));
+            }
+            // Checked now, so that a broken file stops every command; its own path and line
+            // come first.
+            let parsed =
+                CompartmentFile::read(file, &self.root.join(file), self.root).map_err(|e| {
+                    let at = match self.line {
+                        Some(line) => format!("{}:{line}", self.path),
+                        None => self.path.to_string(),
+                    };
+                    Error(format!(
+                        "{e} (the compartments of scenario `{}`, {at})",
+                        self.name
+                    ))
+                })?;
+            Boot::Compartments {
+                cmdline,
+                file: Box::new(parsed),
             }
         } else if let Some(linux) = &raw.linux {
             if linux.kernel.is_empty() {
@@ -598,7 +649,11 @@ impl Context<'_> {
             }
             Boot::Image(other)
         };
-        let memory = raw.memory.clone().unwrap_or_else(|| "256M".into());
+        let memory = match (&raw.memory, &boot) {
+            (Some(memory), _) => memory.clone(),
+            (None, Boot::Compartments { file, .. }) => file.machine_memory_text(),
+            (None, _) => "256M".into(),
+        };
         if memory.is_empty() {
             return Err(self.error("memory", "is empty"));
         }
@@ -957,12 +1012,12 @@ mod tests {
     fn exactly_one_boot_kind() {
         let e = error("[scenario.x]\ndescription = \"d\"\n");
         assert!(
-            e.contains("s.toml:4: scenario `x`: modules/linux/image"),
+            e.contains("s.toml:4: scenario `x`: modules/linux/image/compartments"),
             "{e}"
         );
         let e = error("[scenario.x]\ndescription = \"d\"\nmodules = []\nimage = \"x\"\n");
         assert!(
-            e.contains("exactly one of `modules`, `linux` and `image`"),
+            e.contains("exactly one of `modules`, `linux`, `image` and `compartments`"),
             "{e}"
         );
     }
@@ -1019,6 +1074,67 @@ mod tests {
             e.contains("scenario `y`: cmdline: belongs to scenario `demo`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_compartment_file_is_a_fourth_way_to_boot() {
+        let dir = std::env::temp_dir().join(format!("xtask-scenario-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("two.toml");
+        std::fs::write(
+            &good,
+            "[[compartment]]\nname = \"a\"\n[[compartment]]\nname = \"b\"\n",
+        )
+        .unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[[compartment]]\nname = \"a\"\nmemory = \"100M\"\n").unwrap();
+        let s = parse(&format!(
+            "[scenario.two]\ndescription = \"d\"\ncompartments = \"{}\"\ncmdline = \"nofastpath\"\n\
+             [scenario.two.check]\nname = \"n\"\ntimeout = 5\n\
+             [scenario.big]\ndescription = \"d\"\ncompartments = \"{0}\"\nmemory = \"2G\"\n",
+            good.display()
+        ))
+        .unwrap();
+        let two = s.get("two").unwrap();
+        let Boot::Compartments { cmdline, file } = &two.boot else {
+            panic!("not a compartment file");
+        };
+        assert_eq!(cmdline, "nofastpath");
+        assert_eq!(file.path(), good.display().to_string());
+        // The file's machine memory unless the scenario gives one: 2 * 144M + 256M, to 576M.
+        assert_eq!(two.memory, "576M");
+        assert!(two.check.is_some());
+        assert_eq!(s.get("big").unwrap().memory, "2G");
+        // --kernel and the like do not apply.
+        let o = LinuxOverrides {
+            append: Some("x".into()),
+            ..LinuxOverrides::default()
+        };
+        assert!(o.apply(two).unwrap_err().contains("compartment file"));
+        // A broken file fails the whole scenario file, with its own path and line first.
+        let e = error(&format!(
+            "[scenario.x]\ndescription = \"d\"\ncompartments = \"{}\"\n",
+            bad.display()
+        ));
+        assert!(
+            e.starts_with(&format!(
+                "{}:3: compartment \"a\": memory: \"100M\" is not a power of two >= 16M",
+                bad.display()
+            )),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("(the compartments of scenario `x`, s.toml:4)"),
+            "{e}"
+        );
+        let e = error("[scenario.x]\ndescription = \"d\"\ncompartments = \"/nonexistent.toml\"\n");
+        assert!(e.starts_with("/nonexistent.toml: cannot read"), "{e}");
+        let e = error(&format!(
+            "[scenario.x]\ndescription = \"d\"\ncompartments = \"{}\"\nmodules = []\n",
+            good.display()
+        ));
+        assert!(e.contains("exactly one of"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

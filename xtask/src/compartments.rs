@@ -1,0 +1,1620 @@
+//! Compartment files (`scenarios/*.toml`): a list of Linux compartments as a user writes it,
+//! checked, and translated into the boot modules that run them (a console server, the data
+//! modules, and a command line and a VMM per compartment).
+//!
+//! # Format
+//!
+//! ```toml
+//! [machine]              # optional
+//! memory = "1G"          # QEMU -m; default: the sum over the compartments of memory + disk
+//!                        # + 16M, plus 256M, rounded up to a multiple of 64M
+//!
+//! [defaults]             # optional: any compartment field but `name`, for every compartment
+//! memory = "128M"        # that does not give it itself
+//!
+//! [[compartment]]        # one table per compartment, 1 to 16
+//! name = "alpha"         # required, unique, [a-z][a-z0-9-]{0,15}; not cons, root, sigma0,
+//!                        # kernel, vmm or f<digits> (names the image's own tasks and modules)
+//! memory = "128M"        # guest RAM, a power of two >= 16M (default 128M)
+//! kernel = "PATH"        # the bzImage (default target/linux/bzImage)
+//! initrd = "PATH"        # the initramfs (default target/linux/initramfs.cpio.gz; "": none)
+//! cmdline = "..."        # appended to the default Linux command line
+//! console = "hvc0"       # "hvc0" (virtio console, the default) or "ttyS0" (the 16550A)
+//! disk = "16M"           # a blank virtio block disk of this size (default: none), or
+//! disk_image = "PATH"    # an image for it (not both)
+//! priority = 100         # the VMM's L4 thread priority, 0..=100 (default: the kernel's, 100)
+//! restart = "never"      # "never" (the default) or "on-failure"
+//! restarts = 3           # with on-failure: at most this many restarts, 1..=100 (default 3)
+//! ```
+//!
+//! Paths are relative to the repository (or absolute); `scripts/build-linux.sh` makes the
+//! default kernel and initramfs. Sizes are bytes or a number with `K`, `M` or `G`.
+//!
+//! The kernel's limits apply as well, and are checked when the modules are made: at most
+//! `KIP_MAX_MODULES` (16) boot modules in all, sigma0 and the root task among them, so 5
+//! compartments that share one kernel and initramfs; and at most `KIP_CMDLINE_BYTES` - 1
+//! (175) bytes of arguments per module, which long names with every option exceed.
+//!
+//! Every problem stops the runner before anything is built, with the file, the line and the
+//! field: `scenarios/x.toml:12: compartment "beta": memory: "100M" is not a power of two >=
+//! 16M`. The files are looked at only when the modules are made ([`CompartmentFile::modules`]).
+//!
+//! # Modules
+//!
+//! For compartments C1..Cn, in this order:
+//! 1. the console server `cons io=0x3f8/3 irq=4 client=C1 ... client=Cn`;
+//! 2. each distinct file (by canonical path) named as a kernel, initrd or disk image, in the
+//!    order of first use, as data module `fK data` (K = 1, 2, ...);
+//! 3. per compartment C its Linux command line, text module `C.cmdline data`, and its VMM
+//!    `C factory=8M blob=linux:fK [blob=initrd:fK] blob=cmdline:C.cmdline [blob=disk:fK] linux
+//!    name=C mem=SIZE [disk=SIZE] ram=RM console=cons [restart=N] [priority=P]`, where R is
+//!    the guest RAM, plus the disk rounded up to 2 MiB, plus 16 MiB, in MiB (`blob=AS:MODULE`:
+//!    module MODULE, which the task sees as AS).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::scenario::{default_sigma0, parse_size, Boot, Error, Module, Source};
+
+/// The bzImage when no table names one (`scripts/build-linux.sh` makes it).
+const DEFAULT_KERNEL: &str = "target/linux/bzImage";
+/// The initramfs when no table names one (`scripts/build-linux.sh` makes it).
+const DEFAULT_INITRD: &str = "target/linux/initramfs.cpio.gz";
+/// What a missing default file needs.
+const BUILD_HINT: &str =
+    "scripts/build-linux.sh makes the default ones, target/linux/bzImage and target/linux/initramfs.cpio.gz";
+/// Guest RAM when no table gives `memory`.
+const DEFAULT_MEMORY: u64 = 128 << 20;
+/// The smallest guest RAM.
+const MIN_MEMORY: u64 = 16 << 20;
+/// The largest size of anything (guest RAM, a disk, the machine), which keeps their sums far
+/// from overflowing.
+const MAX_SIZE: u64 = 1 << 40;
+/// The most compartments in one file.
+const MAX_COMPARTMENTS: usize = 16;
+/// Restarts with `restart = "on-failure"` and no `restarts`.
+const DEFAULT_RESTARTS: i64 = 3;
+/// The most restarts.
+const MAX_RESTARTS: i64 = 100;
+/// The highest VMM priority: `ThreadSchedule` takes 0..=255 but at most the caller's own
+/// priority, and every thread, the root task's too, starts at 100 (kernel/docs/syscalls.md).
+const MAX_PRIORITY: i64 = 100;
+/// What a VMM's RAM budget (`ram=`) has beyond guest RAM and the disk.
+const VMM_MARGIN: u64 = 16 << 20;
+/// The granule of a RAM budget (the root task's RAM service hands out 2 MiB pages).
+const RAM_GRANULE: u64 = 2 << 20;
+/// What the machine has beyond the compartments' RAM budgets by default.
+const MACHINE_MARGIN: u64 = 256 << 20;
+/// The default machine memory is a multiple of this.
+const MACHINE_GRANULE: u64 = 64 << 20;
+/// The smallest virtio disk: one sector.
+const SECTOR: u64 = 512;
+/// The longest Linux command line we make: Linux takes 2,047 bytes (`cmdline_size`), and the
+/// VMM appends its virtio devices.
+const MAX_LINUX_CMDLINE: usize = 2047 - 128;
+/// The bytes of a task's arguments (`l4::rt::ARGUMENTS_SIZE`, with the NUL).
+const TASK_ARGUMENTS: usize = 1024;
+/// What the root task appends to a task's arguments per blob: ` blob:NAME=ADDRESS+SIZE`.
+const BLOB_ANNOUNCEMENT: usize = 40;
+/// Names the image's own tasks and modules use.
+const RESERVED_NAMES: &[&str] = &["cons", "root", "sigma0", "kernel", "vmm"];
+
+/// The console server's arguments before its clients: COM1's ports and IRQ line.
+const CONSOLE_ARGS: &[&str] = &["cons", "io=0x3f8/3", "irq=4"];
+/// The Linux command line of a compartment on the virtio console (before `l4.name=NAME`).
+const HVC0_CMDLINE: &str = "console=hvc0 earlycon=uart8250,io,0x3f8 quiet panic=-1 printk.time=1";
+/// The Linux command line of a compartment on the 16550A (before `l4.name=NAME`).
+const TTYS0_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// The file as written: every field optional, so that this module names what is missing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    machine: Option<Spanned<RawMachine>>,
+    defaults: Option<Spanned<RawFields>>,
+    #[serde(default)]
+    compartment: Vec<Spanned<RawFields>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMachine {
+    memory: Option<Spanned<String>>,
+}
+
+/// A `[[compartment]]` or the `[defaults]` table (which may not give `name`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFields {
+    name: Option<Spanned<String>>,
+    memory: Option<Spanned<String>>,
+    kernel: Option<Spanned<String>>,
+    initrd: Option<Spanned<String>>,
+    cmdline: Option<Spanned<String>>,
+    console: Option<Spanned<String>>,
+    disk: Option<Spanned<String>>,
+    disk_image: Option<Spanned<String>>,
+    priority: Option<Spanned<i64>>,
+    restart: Option<Spanned<String>>,
+    restarts: Option<Spanned<i64>>,
+}
+
+/// A value and the line it is written on.
+#[derive(Debug, Clone)]
+struct Located<T> {
+    value: T,
+    line: usize,
+}
+
+/// A file one compartment needs, with where it was named.
+#[derive(Debug, Clone)]
+struct Input {
+    /// As written (relative to the repository, or absolute).
+    path: PathBuf,
+    /// The field that names it (`kernel`, `initrd`, `disk_image`).
+    field: &'static str,
+    /// The line it is named on (the compartment's header for a built-in default).
+    line: usize,
+    /// Where the value comes from, for messages: "", " (from [defaults])" or " (the default)".
+    origin: &'static str,
+}
+
+/// The Linux console of a compartment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Console {
+    /// The virtio console (few exits), with an 8250 earlycon for what comes before it.
+    Hvc0,
+    /// The 16550A UART (one exit per character).
+    TtyS0,
+}
+
+/// The virtio block disk of a compartment.
+#[derive(Debug, Clone)]
+enum Disk {
+    /// None asked for.
+    None,
+    /// Zeroes of this many bytes.
+    Blank(u64),
+    /// This image.
+    Image(Input),
+}
+
+/// The fields of one table, each checked on its own.
+#[derive(Default)]
+struct Fields {
+    memory: Option<Located<u64>>,
+    kernel: Option<Located<PathBuf>>,
+    /// `Some(None)`: `initrd = ""`, no initramfs.
+    initrd: Option<Located<Option<PathBuf>>>,
+    cmdline: Option<Located<String>>,
+    console: Option<Located<Console>>,
+    /// `disk` or `disk_image` (`Disk::Image`'s line and origin are filled in when merged).
+    disk: Option<Located<Disk>>,
+    priority: Option<Located<u8>>,
+    /// `Some(true)`: `restart = "on-failure"`.
+    on_failure: Option<Located<bool>>,
+    restarts: Option<Located<u32>>,
+}
+
+/// One compartment, checked.
+#[derive(Debug, Clone)]
+struct Compartment {
+    name: String,
+    /// The line of its `[[compartment]]` header.
+    line: usize,
+    memory: u64,
+    kernel: Input,
+    initrd: Option<Input>,
+    cmdline: String,
+    console: Console,
+    disk: Disk,
+    priority: Option<u8>,
+    /// With `restart = "on-failure"`: at most this many restarts.
+    restarts: Option<u32>,
+}
+
+/// A compartment file, checked (its kernel, initrd and disk image files are not looked at yet).
+#[derive(Debug, Clone)]
+pub struct CompartmentFile {
+    /// Its path as the user named it, for messages.
+    path: String,
+    /// The directory its paths are relative to (the repository).
+    root: PathBuf,
+    /// `[machine] memory` and its line.
+    memory: Option<Located<u64>>,
+    compartments: Vec<Compartment>,
+}
+
+/// Where an error is: the file and the table.
+struct At<'a> {
+    path: &'a str,
+    table: String,
+}
+
+impl At<'_> {
+    fn error(&self, line: usize, field: &str, problem: impl std::fmt::Display) -> Error {
+        Error(format!(
+            "{}:{line}: {}: {field}: {problem}",
+            self.path, self.table
+        ))
+    }
+}
+
+/// The line (from 1) of byte `offset` of `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line a spanned value is written on.
+fn line<T>(text: &str, value: &Spanned<T>) -> usize {
+    line_of(text, value.span().start)
+}
+
+/// `bytes` as a size argument: `NM` if whole MiB, else `NK` if whole KiB, else bytes.
+fn size_text(bytes: u64) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{}M", bytes >> 20)
+    } else if bytes.is_multiple_of(1 << 10) {
+        format!("{}K", bytes >> 10)
+    } else {
+        bytes.to_string()
+    }
+}
+
+impl CompartmentFile {
+    /// Reads and checks `file`, named `path` in messages; its paths are relative to `root`.
+    pub fn read(path: &str, file: &Path, root: &Path) -> Result<CompartmentFile, Error> {
+        let text =
+            fs::read_to_string(file).map_err(|e| Error(format!("{path}: cannot read: {e}")))?;
+        CompartmentFile::parse(path, &text, root)
+    }
+
+    /// Checks `text`, the content of the file named `path` in messages, whose paths are
+    /// relative to `root`.
+    pub fn parse(path: &str, text: &str, root: &Path) -> Result<CompartmentFile, Error> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        let memory = match &raw.machine {
+            Some(machine) => {
+                let at = At {
+                    path,
+                    table: "machine".into(),
+                };
+                machine
+                    .get_ref()
+                    .memory
+                    .as_ref()
+                    .map(|m| {
+                        let bytes = parse_size(m.get_ref())
+                            .filter(|b| {
+                                (MIN_MEMORY..=MAX_SIZE).contains(b) && b.is_multiple_of(1 << 20)
+                            })
+                            .ok_or_else(|| {
+                                at.error(
+                                    line(text, m),
+                                    "memory",
+                                    format!(
+                                        "{:?} is not a size of whole MiB from 16M to 1T, e.g. 1G",
+                                        m.get_ref()
+                                    ),
+                                )
+                            })?;
+                        Ok(Located {
+                            value: bytes,
+                            line: line(text, m),
+                        })
+                    })
+                    .transpose()?
+            }
+            None => None,
+        };
+        let defaults = match &raw.defaults {
+            Some(d) => {
+                let at = At {
+                    path,
+                    table: "defaults".into(),
+                };
+                if let Some(name) = &d.get_ref().name {
+                    return Err(at.error(
+                        line(text, name),
+                        "name",
+                        "each compartment names itself; [defaults] cannot give a name",
+                    ));
+                }
+                let fields = fields(text, &at, d.get_ref())?;
+                if let Some(restarts) = &fields.restarts {
+                    if !fields.on_failure.as_ref().is_some_and(|r| r.value) {
+                        return Err(at.error(
+                            restarts.line,
+                            "restarts",
+                            "only with restart = \"on-failure\" in [defaults]",
+                        ));
+                    }
+                }
+                fields
+            }
+            None => Fields::default(),
+        };
+        if raw.compartment.is_empty() {
+            return Err(Error(format!(
+                "{path}:{}: compartment: there is no [[compartment]] table; give at least one",
+                text.lines().count().max(1)
+            )));
+        }
+        let mut compartments: Vec<Compartment> = Vec::new();
+        for (i, table) in raw.compartment.iter().enumerate() {
+            let header = line(text, table);
+            let raw = table.get_ref();
+            let Some(name) = &raw.name else {
+                let at = At {
+                    path,
+                    table: format!("compartment {}", i + 1),
+                };
+                return Err(at.error(header, "name", "missing; every compartment needs one"));
+            };
+            let at = At {
+                path,
+                table: format!("compartment {:?}", name.get_ref()),
+            };
+            check_name(&at, line(text, name), name.get_ref())?;
+            if let Some(other) = compartments.iter().find(|c| &c.name == name.get_ref()) {
+                return Err(at.error(
+                    line(text, name),
+                    "name",
+                    format!(
+                        "{:?} is already the name of the compartment at line {}",
+                        other.name, other.line
+                    ),
+                ));
+            }
+            if i == MAX_COMPARTMENTS {
+                return Err(at.error(
+                    header,
+                    "compartment",
+                    format!("more than {MAX_COMPARTMENTS} compartments"),
+                ));
+            }
+            let own = fields(text, &at, raw)?;
+            compartments.push(merge(&at, name.get_ref(), header, own, &defaults)?);
+        }
+        Ok(CompartmentFile {
+            path: path.to_string(),
+            root: root.to_path_buf(),
+            memory,
+            compartments,
+        })
+    }
+
+    /// Its path as the user named it.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The size of the disk image `input`, 0 if it cannot be read (which
+    /// [`CompartmentFile::modules`] reports).
+    fn image_size(&self, input: &Input) -> u64 {
+        fs::metadata(self.root.join(&input.path)).map_or(0, |m| m.len())
+    }
+
+    /// The RAM budget of compartment `c`'s VMM (`ram=`), given its disk image's size.
+    fn budget(c: &Compartment, image_size: u64) -> u64 {
+        let disk = match &c.disk {
+            Disk::None => 0,
+            Disk::Blank(bytes) => *bytes,
+            Disk::Image(_) => image_size,
+        };
+        c.memory + disk.next_multiple_of(RAM_GRANULE) + VMM_MARGIN
+    }
+
+    /// The RAM all compartments' VMMs may take.
+    fn budgets(&self) -> u64 {
+        self.compartments
+            .iter()
+            .map(|c| {
+                let size = match &c.disk {
+                    Disk::Image(input) => self.image_size(input),
+                    _ => 0,
+                };
+                Self::budget(c, size)
+            })
+            .sum()
+    }
+
+    /// The machine's memory in bytes (QEMU `-m`): `[machine] memory`, or the compartments'
+    /// RAM budgets plus 256 MiB, rounded up to 64 MiB.
+    pub fn machine_memory(&self) -> u64 {
+        match &self.memory {
+            Some(m) => m.value,
+            None => (self.budgets() + MACHINE_MARGIN).next_multiple_of(MACHINE_GRANULE),
+        }
+    }
+
+    /// The machine's memory as QEMU's `-m` argument.
+    pub fn machine_memory_text(&self) -> String {
+        size_text(self.machine_memory())
+    }
+
+    /// What QEMU boots: our kernel with command line `cmdline`, the default sigma0 and
+    /// [`CompartmentFile::modules`].
+    pub fn boot(&self, cmdline: &str) -> Result<Boot, Error> {
+        Ok(Boot::Multiboot {
+            cmdline: cmdline.to_string(),
+            sigma0: default_sigma0(),
+            modules: self.modules()?,
+        })
+    }
+
+    /// The boot modules after sigma0 and the root task (see the module documentation); an
+    /// error if a file is missing or a command line or the module list is too long.
+    pub fn modules(&self) -> Result<Vec<Module>, Error> {
+        let at = |c: &Compartment| At {
+            path: &self.path,
+            table: format!("compartment {:?}", c.name),
+        };
+        // The distinct files: canonical path, module name, size.
+        let mut files: Vec<(PathBuf, String, u64)> = Vec::new();
+        let mut use_file = |c: &Compartment, input: &Input| -> Result<(String, u64), Error> {
+            let full = self.root.join(&input.path);
+            let canonical = fs::canonicalize(&full)
+                .ok()
+                .filter(|p| p.is_file())
+                .ok_or_else(|| {
+                    at(c).error(
+                        input.line,
+                        &format!("{}{}", input.field, input.origin),
+                        format!("{}: no such file ({BUILD_HINT})", input.path.display()),
+                    )
+                })?;
+            if let Some((_, name, size)) = files.iter().find(|f| f.0 == canonical) {
+                return Ok((name.clone(), *size));
+            }
+            let size = fs::metadata(&canonical)
+                .map_err(|e| at(c).error(input.line, input.field, e))?
+                .len();
+            let name = format!("f{}", files.len() + 1);
+            files.push((canonical, name.clone(), size));
+            Ok((name, size))
+        };
+        // Per compartment: the module names of its kernel, initrd and disk image (with size).
+        let mut uses = Vec::new();
+        for c in &self.compartments {
+            let kernel = use_file(c, &c.kernel)?.0;
+            let initrd = match &c.initrd {
+                Some(input) => Some(use_file(c, input)?.0),
+                None => None,
+            };
+            let image = match &c.disk {
+                Disk::Image(input) => Some(use_file(c, input)?),
+                _ => None,
+            };
+            uses.push((kernel, initrd, image));
+        }
+
+        let mut modules = Vec::new();
+        let mut console: Vec<String> = CONSOLE_ARGS.iter().map(|a| a.to_string()).collect();
+        console.extend(
+            self.compartments
+                .iter()
+                .map(|c| format!("client={}", c.name)),
+        );
+        modules.push(Module {
+            name: "cons".into(),
+            source: Source::Binary("cons".into()),
+            args: console,
+        });
+        for (path, name, _) in &files {
+            modules.push(Module {
+                name: name.clone(),
+                source: Source::File(path.clone()),
+                args: vec![name.clone(), "data".into()],
+            });
+        }
+        let mut budgets = 0;
+        for (c, (kernel, initrd, image)) in self.compartments.iter().zip(uses) {
+            let cmdline_module = format!("{}.cmdline", c.name);
+            modules.push(Module {
+                name: cmdline_module.clone(),
+                source: Source::Text(c.linux_cmdline()),
+                args: vec![cmdline_module.clone(), "data".into()],
+            });
+            let budget = Self::budget(c, image.as_ref().map_or(0, |i| i.1));
+            budgets += budget;
+            let mut args = vec![
+                c.name.clone(),
+                "factory=8M".into(),
+                format!("blob=linux:{kernel}"),
+            ];
+            if let Some(initrd) = initrd {
+                args.push(format!("blob=initrd:{initrd}"));
+            }
+            args.push(format!("blob=cmdline:{cmdline_module}"));
+            if let Some((image, _)) = &image {
+                args.push(format!("blob=disk:{image}"));
+            }
+            args.push("linux".into());
+            args.push(format!("name={}", c.name));
+            args.push(format!("mem={}", size_text(c.memory)));
+            if let Disk::Blank(bytes) = c.disk {
+                args.push(format!("disk={}", size_text(bytes)));
+            }
+            args.push(format!("ram={}M", budget >> 20));
+            args.push("console=cons".into());
+            if let Some(restarts) = c.restarts {
+                args.push(format!("restart={restarts}"));
+            }
+            if let Some(priority) = c.priority {
+                args.push(format!("priority={priority}"));
+            }
+            let module = Module {
+                name: "vmm".into(),
+                source: Source::Binary("vmm".into()),
+                args,
+            };
+            // (The KIP's limit below is the tighter one today.)
+            let blobs = module
+                .args
+                .iter()
+                .filter(|a| a.starts_with("blob="))
+                .count();
+            let length = module.args.join(" ").len();
+            if length + blobs * BLOB_ANNOUNCEMENT >= TASK_ARGUMENTS {
+                return Err(at(c).error(
+                    c.line,
+                    "compartment",
+                    format!(
+                        "the VMM's arguments ({length} bytes, and {BLOB_ANNOUNCEMENT} per blob \
+                         that the root task adds) would not fit in a task's {TASK_ARGUMENTS}"
+                    ),
+                ));
+            }
+            modules.push(module);
+        }
+
+        let last = self.compartments.last().expect("checked when parsed");
+        // The kernel keeps a module's command line in the KIP, with its NUL.
+        for m in &modules {
+            let length = m.args.join(" ").len();
+            if length >= l4_abi::KIP_CMDLINE_BYTES {
+                let owner = self
+                    .compartments
+                    .iter()
+                    .find(|c| m.args[0] == c.name)
+                    .unwrap_or(last);
+                return Err(at(owner).error(
+                    owner.line,
+                    "compartment",
+                    format!(
+                        "module `{}` would have a command line of {length} bytes, more than \
+                         the {} the kernel keeps (shorter or fewer compartment names)",
+                        m.args.join(" "),
+                        l4_abi::KIP_CMDLINE_BYTES - 1
+                    ),
+                ));
+            }
+        }
+        // sigma0 and the root task come first.
+        if modules.len() + 2 > l4_abi::KIP_MAX_MODULES {
+            return Err(at(last).error(
+                last.line,
+                "compartment",
+                format!(
+                    "the boot would have {} modules (sigma0, the root task, the console \
+                     server, {} files and 2 per compartment), more than the kernel's {}",
+                    modules.len() + 2,
+                    files.len(),
+                    l4_abi::KIP_MAX_MODULES
+                ),
+            ));
+        }
+        if let Some(memory) = &self.memory {
+            if memory.value < budgets {
+                return Err(Error(format!(
+                    "{}:{}: machine: memory: {} is less than the {} the compartments take \
+                     (memory + disk + 16M each)",
+                    self.path,
+                    memory.line,
+                    size_text(memory.value),
+                    size_text(budgets)
+                )));
+            }
+        }
+        Ok(modules)
+    }
+}
+
+impl Compartment {
+    /// Its Linux command line: the default for its console, `l4.name=NAME`, then `cmdline`.
+    fn linux_cmdline(&self) -> String {
+        let base = match self.console {
+            Console::Hvc0 => HVC0_CMDLINE,
+            Console::TtyS0 => TTYS0_CMDLINE,
+        };
+        let mut line = format!("{base} l4.name={}", self.name);
+        if !self.cmdline.is_empty() {
+            line.push(' ');
+            line.push_str(&self.cmdline);
+        }
+        line
+    }
+}
+
+/// A compartment name: `[a-z][a-z0-9-]{0,15}`, not one the image uses itself.
+fn check_name(at: &At, line: usize, name: &str) -> Result<(), Error> {
+    let mut chars = name.chars();
+    let well_formed = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.len() <= 16;
+    if !well_formed {
+        return Err(at.error(
+            line,
+            "name",
+            format!("{name:?}: give 1 to 16 lower-case letters, digits and `-`, a letter first"),
+        ));
+    }
+    let module_like =
+        name.len() > 1 && name.starts_with('f') && name[1..].chars().all(|c| c.is_ascii_digit());
+    if RESERVED_NAMES.contains(&name) || module_like {
+        return Err(at.error(
+            line,
+            "name",
+            format!("{name:?} is taken by the image itself (cons, root, sigma0, kernel, vmm, f<digits>)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks each field of one table on its own (`name` aside).
+fn fields(text: &str, at: &At, raw: &RawFields) -> Result<Fields, Error> {
+    let mut out = Fields::default();
+    if let Some(m) = &raw.memory {
+        let bytes = parse_size(m.get_ref()).ok_or_else(|| {
+            at.error(
+                line(text, m),
+                "memory",
+                format!("{:?} is not a size, e.g. 128M", m.get_ref()),
+            )
+        })?;
+        if bytes > MAX_SIZE {
+            return Err(at.error(
+                line(text, m),
+                "memory",
+                format!("{:?} is more than 1T", m.get_ref()),
+            ));
+        }
+        if bytes < MIN_MEMORY || !bytes.is_power_of_two() {
+            return Err(at.error(
+                line(text, m),
+                "memory",
+                format!("{:?} is not a power of two >= 16M", m.get_ref()),
+            ));
+        }
+        out.memory = Some(Located {
+            value: bytes,
+            line: line(text, m),
+        });
+    }
+    let path = |field: &str, value: &Spanned<String>| -> Result<Located<PathBuf>, Error> {
+        if value.get_ref().is_empty() {
+            return Err(at.error(line(text, value), field, "is empty; give a path"));
+        }
+        Ok(Located {
+            value: PathBuf::from(value.get_ref()),
+            line: line(text, value),
+        })
+    };
+    if let Some(k) = &raw.kernel {
+        out.kernel = Some(path("kernel", k)?);
+    }
+    if let Some(i) = &raw.initrd {
+        out.initrd = Some(if i.get_ref().is_empty() {
+            Located {
+                value: None,
+                line: line(text, i),
+            }
+        } else {
+            let p = path("initrd", i)?;
+            Located {
+                value: Some(p.value),
+                line: p.line,
+            }
+        });
+    }
+    if let Some(c) = &raw.cmdline {
+        if let Some(bad) = c.get_ref().chars().find(|c| c.is_control()) {
+            return Err(at.error(
+                line(text, c),
+                "cmdline",
+                format!("contains {bad:?}; give one line"),
+            ));
+        }
+        out.cmdline = Some(Located {
+            value: c.get_ref().trim().to_string(),
+            line: line(text, c),
+        });
+    }
+    if let Some(c) = &raw.console {
+        let console = match c.get_ref().as_str() {
+            "hvc0" => Console::Hvc0,
+            "ttyS0" => Console::TtyS0,
+            other => {
+                return Err(at.error(
+                    line(text, c),
+                    "console",
+                    format!("{other:?} is not a console; give \"hvc0\" or \"ttyS0\""),
+                ))
+            }
+        };
+        out.console = Some(Located {
+            value: console,
+            line: line(text, c),
+        });
+    }
+    match (&raw.disk, &raw.disk_image) {
+        (Some(_), Some(image)) => {
+            return Err(at.error(
+                line(text, image),
+                "disk_image",
+                "give either `disk` (a blank disk) or `disk_image`, not both",
+            ))
+        }
+        (Some(d), None) => {
+            let bytes = parse_size(d.get_ref())
+                .filter(|b| (SECTOR..=MAX_SIZE).contains(b) && b.is_multiple_of(SECTOR))
+                .ok_or_else(|| {
+                    at.error(
+                        line(text, d),
+                        "disk",
+                        format!(
+                            "{:?} is not a size of whole 512-byte sectors up to 1T, e.g. 16M",
+                            d.get_ref()
+                        ),
+                    )
+                })?;
+            out.disk = Some(Located {
+                value: Disk::Blank(bytes),
+                line: line(text, d),
+            });
+        }
+        (None, Some(image)) => {
+            let p = path("disk_image", image)?;
+            out.disk = Some(Located {
+                value: Disk::Image(Input {
+                    path: p.value,
+                    field: "disk_image",
+                    line: p.line,
+                    origin: "",
+                }),
+                line: p.line,
+            });
+        }
+        (None, None) => {}
+    }
+    if let Some(p) = &raw.priority {
+        let value = *p.get_ref();
+        if !(0..=MAX_PRIORITY).contains(&value) {
+            return Err(at.error(
+                line(text, p),
+                "priority",
+                format!(
+                    "{value} is out of range 0..={MAX_PRIORITY} (a thread gets at most the \
+                     priority of the one that sets it, and the root task runs at 100)"
+                ),
+            ));
+        }
+        out.priority = Some(Located {
+            value: value as u8,
+            line: line(text, p),
+        });
+    }
+    if let Some(r) = &raw.restart {
+        let on_failure = match r.get_ref().as_str() {
+            "never" => false,
+            "on-failure" => true,
+            other => {
+                return Err(at.error(
+                    line(text, r),
+                    "restart",
+                    format!("{other:?}: give \"never\" or \"on-failure\""),
+                ))
+            }
+        };
+        out.on_failure = Some(Located {
+            value: on_failure,
+            line: line(text, r),
+        });
+    }
+    if let Some(r) = &raw.restarts {
+        let value = *r.get_ref();
+        if !(1..=MAX_RESTARTS).contains(&value) {
+            return Err(at.error(
+                line(text, r),
+                "restarts",
+                format!("{value} is out of range 1..={MAX_RESTARTS}"),
+            ));
+        }
+        out.restarts = Some(Located {
+            value: value as u32,
+            line: line(text, r),
+        });
+    }
+    Ok(out)
+}
+
+/// Compartment `name` (header on line `header`): its own fields, else `[defaults]`', else
+/// the built-in defaults; checks what depends on both.
+fn merge(
+    at: &At,
+    name: &str,
+    header: usize,
+    own: Fields,
+    defaults: &Fields,
+) -> Result<Compartment, Error> {
+    const OWN: &str = "";
+    const DEFAULTS: &str = " (from [defaults])";
+    const BUILT_IN: &str = " (the default)";
+    fn pick<'a, T>(
+        own: &'a Option<Located<T>>,
+        defaults: &'a Option<Located<T>>,
+    ) -> Option<(&'a Located<T>, &'static str)> {
+        own.as_ref()
+            .map(|v| (v, OWN))
+            .or_else(|| defaults.as_ref().map(|v| (v, DEFAULTS)))
+    }
+    let on_failure = pick(&own.on_failure, &defaults.on_failure).is_some_and(|(r, _)| r.value);
+    if let Some(restarts) = &own.restarts {
+        if !on_failure {
+            return Err(at.error(
+                restarts.line,
+                "restarts",
+                "only with restart = \"on-failure\"",
+            ));
+        }
+    }
+    let kernel = match pick(&own.kernel, &defaults.kernel) {
+        Some((k, origin)) => Input {
+            path: k.value.clone(),
+            field: "kernel",
+            line: k.line,
+            origin,
+        },
+        None => Input {
+            path: DEFAULT_KERNEL.into(),
+            field: "kernel",
+            line: header,
+            origin: BUILT_IN,
+        },
+    };
+    let initrd = match pick(&own.initrd, &defaults.initrd) {
+        Some((i, origin)) => i.value.clone().map(|path| Input {
+            path,
+            field: "initrd",
+            line: i.line,
+            origin,
+        }),
+        None => Some(Input {
+            path: DEFAULT_INITRD.into(),
+            field: "initrd",
+            line: header,
+            origin: BUILT_IN,
+        }),
+    };
+    let disk = match pick(&own.disk, &defaults.disk) {
+        Some((d, origin)) => match &d.value {
+            Disk::Image(input) => Disk::Image(Input {
+                origin,
+                ..input.clone()
+            }),
+            other => other.clone(),
+        },
+        None => Disk::None,
+    };
+    let cmdline =
+        pick(&own.cmdline, &defaults.cmdline).map_or(String::new(), |(c, _)| c.value.clone());
+    let console = pick(&own.console, &defaults.console).map_or(Console::Hvc0, |(c, _)| c.value);
+    let compartment = Compartment {
+        name: name.to_string(),
+        line: header,
+        memory: pick(&own.memory, &defaults.memory).map_or(DEFAULT_MEMORY, |(m, _)| m.value),
+        kernel,
+        initrd,
+        cmdline,
+        console,
+        disk,
+        priority: pick(&own.priority, &defaults.priority).map(|(p, _)| p.value),
+        restarts: on_failure.then(|| {
+            pick(&own.restarts, &defaults.restarts)
+                .map_or(DEFAULT_RESTARTS as u32, |(r, _)| r.value)
+        }),
+    };
+    let length = compartment.linux_cmdline().len();
+    if length > MAX_LINUX_CMDLINE {
+        let line = pick(&own.cmdline, &defaults.cmdline).map_or(header, |(c, _)| c.line);
+        return Err(at.error(
+            line,
+            "cmdline",
+            format!(
+                "the Linux command line would be {length} bytes, more than {MAX_LINUX_CMDLINE}"
+            ),
+        ));
+    }
+    Ok(compartment)
+}
+
+/// A `toml` error as `PATH:LINE: TABLE: FIELD: MESSAGE` (the table and field when known).
+fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> Error {
+    let message = e.message().trim();
+    let Some(span) = e.span() else {
+        return Error(format!("{path}: {message}"));
+    };
+    let line = line_of(text, span.start);
+    let mut out = format!("{path}:{line}: ");
+    if let Some(table) = table_at(text, line) {
+        out.push_str(&table);
+        out.push_str(": ");
+    }
+    // The key on the error's line, unless the message names it already.
+    let line_text = text.lines().nth(line - 1).unwrap_or("");
+    if let Some((key, _)) = line_text.split_once('=') {
+        let key = key.trim().trim_matches('"');
+        if !key.is_empty() && !key.starts_with('[') && !message.contains(&format!("`{key}`")) {
+            out.push_str(key);
+            out.push_str(": ");
+        }
+    }
+    out.push_str(message);
+    Error(out)
+}
+
+/// The table line `line` is in: `machine`, `defaults`, `compartment "NAME"` or `compartment
+/// N`; `None` before any or in another.
+fn table_at(text: &str, line: usize) -> Option<String> {
+    let headers: Vec<(usize, String)> = text
+        .lines()
+        .take(line)
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let l = l.trim_start();
+            l.starts_with('[').then(|| {
+                let header: String = l
+                    .split('#')
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .collect();
+                (i, header)
+            })
+        })
+        .collect();
+    let (_, header) = headers.last()?;
+    match header.as_str() {
+        "[machine]" => Some("machine".into()),
+        "[defaults]" => Some("defaults".into()),
+        "[[compartment]]" => {
+            let n = headers
+                .iter()
+                .filter(|(_, h)| h == "[[compartment]]")
+                .count();
+            // Its name, if the file is valid TOML and the table gives one.
+            let name = toml::from_str::<toml::Table>(text).ok().and_then(|t| {
+                t.get("compartment")?
+                    .as_array()?
+                    .get(n - 1)?
+                    .get("name")?
+                    .as_str()
+                    .map(String::from)
+            });
+            Some(match name {
+                Some(name) => format!("compartment {name:?}"),
+                None => format!("compartment {n}"),
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system's temporary one with `files` (path, size in bytes),
+    /// as the repository the compartment files' paths are relative to.
+    fn repository(test: &str, files: &[(&str, usize)]) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("xtask-compartments-{}-{test}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        for (file, size) in files {
+            let path = dir.join(file);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, vec![0u8; *size]).unwrap();
+        }
+        fs::create_dir_all(&dir).unwrap();
+        dir.canonicalize().unwrap()
+    }
+
+    /// A repository with the default kernel and initramfs.
+    fn with_linux(test: &str) -> PathBuf {
+        repository(test, &[(DEFAULT_KERNEL, 4096), (DEFAULT_INITRD, 4096)])
+    }
+
+    fn parse(text: &str) -> Result<CompartmentFile, Error> {
+        CompartmentFile::parse("x.toml", text, Path::new("/nonexistent"))
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.0,
+        }
+    }
+
+    /// The modules of `text` with its paths relative to `root`.
+    fn modules(text: &str, root: &Path) -> Result<Vec<Module>, Error> {
+        CompartmentFile::parse("x.toml", text, root)?.modules()
+    }
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
+    /// The VMM module of compartment `name`.
+    fn vmm<'a>(modules: &'a [Module], name: &str) -> &'a Module {
+        modules
+            .iter()
+            .find(|m| m.source == Source::Binary("vmm".into()) && m.args[0] == name)
+            .unwrap()
+    }
+
+    const ONE: &str = "[[compartment]]\nname = \"a\"\n";
+
+    #[test]
+    fn the_default_file_becomes_these_modules() {
+        let root = with_linux("default");
+        let file = CompartmentFile::parse(
+            "scenarios/default.toml",
+            include_str!("../../scenarios/default.toml"),
+            &root,
+        )
+        .unwrap();
+        let data = |n: &str| args(&[n, "data"]);
+        let expected = vec![
+            Module {
+                name: "cons".into(),
+                source: Source::Binary("cons".into()),
+                args: args(&["cons", "io=0x3f8/3", "irq=4", "client=alpha", "client=beta"]),
+            },
+            Module {
+                name: "f1".into(),
+                source: Source::File(root.join("target/linux/bzImage")),
+                args: data("f1"),
+            },
+            Module {
+                name: "f2".into(),
+                source: Source::File(root.join("target/linux/initramfs.cpio.gz")),
+                args: data("f2"),
+            },
+            Module {
+                name: "alpha.cmdline".into(),
+                source: Source::Text(
+                    "console=hvc0 earlycon=uart8250,io,0x3f8 quiet panic=-1 printk.time=1 \
+                     l4.name=alpha"
+                        .into(),
+                ),
+                args: data("alpha.cmdline"),
+            },
+            Module {
+                name: "vmm".into(),
+                source: Source::Binary("vmm".into()),
+                args: args(&[
+                    "alpha",
+                    "factory=8M",
+                    "blob=linux:f1",
+                    "blob=initrd:f2",
+                    "blob=cmdline:alpha.cmdline",
+                    "linux",
+                    "name=alpha",
+                    "mem=128M",
+                    "disk=16M",
+                    "ram=160M",
+                    "console=cons",
+                ]),
+            },
+            Module {
+                name: "beta.cmdline".into(),
+                source: Source::Text(
+                    "console=hvc0 earlycon=uart8250,io,0x3f8 quiet panic=-1 printk.time=1 \
+                     l4.name=beta"
+                        .into(),
+                ),
+                args: data("beta.cmdline"),
+            },
+            Module {
+                name: "vmm".into(),
+                source: Source::Binary("vmm".into()),
+                args: args(&[
+                    "beta",
+                    "factory=8M",
+                    "blob=linux:f1",
+                    "blob=initrd:f2",
+                    "blob=cmdline:beta.cmdline",
+                    "linux",
+                    "name=beta",
+                    "mem=128M",
+                    "ram=144M",
+                    "console=cons",
+                ]),
+            },
+        ];
+        assert_eq!(file.modules().unwrap(), expected);
+        // (128M + 16M + 16M) + (128M + 16M) + 256M = 560M, rounded up to 576M.
+        assert_eq!(file.machine_memory_text(), "576M");
+        let Boot::Multiboot {
+            cmdline,
+            sigma0,
+            modules,
+        } = file.boot("").unwrap()
+        else {
+            panic!("not multiboot");
+        };
+        assert_eq!(cmdline, "");
+        assert_eq!(sigma0, default_sigma0());
+        assert_eq!(modules, expected);
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_trio_file_has_a_serial_console_restarts_and_a_cmdline() {
+        let root = with_linux("trio");
+        let file = CompartmentFile::parse(
+            "scenarios/trio.toml",
+            include_str!("../../scenarios/trio.toml"),
+            &root,
+        )
+        .unwrap();
+        let modules = file.modules().unwrap();
+        let text = |name: &str| {
+            let m = modules.iter().find(|m| m.name == name).unwrap();
+            match &m.source {
+                Source::Text(t) => t.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            text("gamma.cmdline"),
+            "console=ttyS0 quiet panic=-1 l4.name=gamma"
+        );
+        assert!(text("epsilon.cmdline").ends_with(" l4.name=epsilon loglevel=4"));
+        let delta = &vmm(&modules, "delta").args;
+        assert!(delta.contains(&"restart=2".to_string()), "{delta:?}");
+        assert!(delta.contains(&"mem=64M".to_string()), "{delta:?}");
+        assert!(delta.contains(&"ram=80M".to_string()), "{delta:?}");
+        assert!(!vmm(&modules, "gamma")
+            .args
+            .iter()
+            .any(|a| a.starts_with("restart=")));
+        assert!(vmm(&modules, "epsilon")
+            .args
+            .contains(&"mem=128M".to_string()));
+        // 80M + 80M + 144M + 256M = 560M, rounded up to 576M.
+        assert_eq!(file.machine_memory_text(), "576M");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn files_are_shared_by_canonical_path_in_the_order_of_first_use() {
+        let root = repository(
+            "dedup",
+            &[
+                ("k1", 100),
+                ("k2", 100),
+                ("sub/i", 100),
+                ("disk.img", (3 << 20) + 1),
+            ],
+        );
+        let text = "[[compartment]]\nname = \"a\"\nkernel = \"k1\"\ninitrd = \"sub/i\"\n\
+                    [[compartment]]\nname = \"b\"\nkernel = \"sub/../k1\"\ninitrd = \"\"\n\
+                    disk_image = \"disk.img\"\n\
+                    [[compartment]]\nname = \"c\"\nkernel = \"k2\"\ninitrd = \"./sub/i\"\n\
+                    disk_image = \"./disk.img\"\n";
+        let modules = modules(text, &root).unwrap();
+        let files: Vec<(&str, &Source)> = modules
+            .iter()
+            .filter(|m| m.args.get(1).map(String::as_str) == Some("data"))
+            .filter(|m| matches!(m.source, Source::File(_)))
+            .map(|m| (m.name.as_str(), &m.source))
+            .collect();
+        let file = |p: &str| Source::File(root.join(p));
+        assert_eq!(
+            files,
+            [
+                ("f1", &file("k1")),
+                ("f2", &file("sub/i")),
+                ("f3", &file("disk.img")),
+                ("f4", &file("k2")),
+            ]
+        );
+        let b = &vmm(&modules, "b").args;
+        assert_eq!(
+            b[..5],
+            args(&[
+                "b",
+                "factory=8M",
+                "blob=linux:f1",
+                "blob=cmdline:b.cmdline",
+                "blob=disk:f3"
+            ])
+        );
+        // The image's 3 MiB and a byte are rounded up to 4 MiB; no `disk=` for an image.
+        assert!(b.contains(&"ram=148M".to_string()), "{b:?}");
+        assert!(!b.iter().any(|a| a.starts_with("disk=")), "{b:?}");
+        let c = &vmm(&modules, "c").args;
+        assert!(c.contains(&"blob=linux:f4".to_string()), "{c:?}");
+        assert!(c.contains(&"blob=initrd:f2".to_string()), "{c:?}");
+        assert!(c.contains(&"blob=disk:f3".to_string()), "{c:?}");
+        // The image counts in the machine's memory too: 144M + 148M + 148M + 256M = 696M,
+        // rounded up to 704M.
+        let parsed = CompartmentFile::parse("x.toml", text, &root).unwrap();
+        assert_eq!(parsed.machine_memory_text(), "704M");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn defaults_are_inherited_and_overridden() {
+        let root = repository("defaults", &[("k", 10), ("i", 10), ("j", 10)]);
+        let text = "[defaults]\nkernel = \"k\"\ninitrd = \"i\"\nmemory = \"256M\"\n\
+                    console = \"ttyS0\"\ncmdline = \"debug\"\npriority = 50\n\
+                    restart = \"on-failure\"\nrestarts = 7\ndisk = \"1M\"\n\
+                    [[compartment]]\nname = \"a\"\n\
+                    [[compartment]]\nname = \"b\"\nmemory = \"32M\"\ninitrd = \"j\"\n\
+                    console = \"hvc0\"\ncmdline = \"\"\npriority = 10\nrestarts = 1\n\
+                    disk_image = \"k\"\n\
+                    [[compartment]]\nname = \"c\"\ninitrd = \"\"\nrestart = \"never\"\n";
+        let modules = modules(text, &root).unwrap();
+        assert_eq!(
+            vmm(&modules, "a").args,
+            args(&[
+                "a",
+                "factory=8M",
+                "blob=linux:f1",
+                "blob=initrd:f2",
+                "blob=cmdline:a.cmdline",
+                "linux",
+                "name=a",
+                "mem=256M",
+                "disk=1M",
+                "ram=274M",
+                "console=cons",
+                "restart=7",
+                "priority=50",
+            ])
+        );
+        assert_eq!(
+            vmm(&modules, "b").args,
+            args(&[
+                "b",
+                "factory=8M",
+                "blob=linux:f1",
+                "blob=initrd:f3",
+                "blob=cmdline:b.cmdline",
+                "blob=disk:f1",
+                "linux",
+                "name=b",
+                "mem=32M",
+                "ram=50M",
+                "console=cons",
+                "restart=1",
+                "priority=10",
+            ])
+        );
+        // c: no initrd, and `restart = "never"` drops the inherited restarts.
+        assert_eq!(
+            vmm(&modules, "c").args,
+            args(&[
+                "c",
+                "factory=8M",
+                "blob=linux:f1",
+                "blob=cmdline:c.cmdline",
+                "linux",
+                "name=c",
+                "mem=256M",
+                "disk=1M",
+                "ram=274M",
+                "console=cons",
+                "priority=50",
+            ])
+        );
+        let text_of = |name: &str| {
+            modules
+                .iter()
+                .find(|m| m.name == name)
+                .map(|m| m.source.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            text_of("a.cmdline"),
+            Source::Text("console=ttyS0 quiet panic=-1 l4.name=a debug".into())
+        );
+        assert_eq!(
+            text_of("b.cmdline"),
+            Source::Text(format!("{HVC0_CMDLINE} l4.name=b"))
+        );
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_machine_memory_is_given_or_computed() {
+        let file = parse("[machine]\nmemory = \"1G\"\n[[compartment]]\nname = \"a\"\n").unwrap();
+        assert_eq!(file.machine_memory_text(), "1024M");
+        // 128M + 16M + 256M = 400M, rounded up to 448M.
+        assert_eq!(parse(ONE).unwrap().machine_memory_text(), "448M");
+        // 16 compartments of 1G with a 100M disk: 16 * 1140M + 256M = 18496M, to 18496M.
+        let mut text = String::new();
+        for i in 0..16 {
+            text.push_str(&format!(
+                "[[compartment]]\nname = \"c{i}\"\nmemory = \"1G\"\ndisk = \"100M\"\n"
+            ));
+        }
+        assert_eq!(parse(&text).unwrap().machine_memory_text(), "18496M");
+        // Too little for the compartments is refused when the modules are made.
+        let root = with_linux("small-machine");
+        let e = modules(
+            "[machine]\nmemory = \"128M\"\n[[compartment]]\nname = \"a\"\n",
+            &root,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.starts_with("x.toml:2: machine: memory: 128M is less than the 144M"),
+            "{e}"
+        );
+        let e = error("[machine]\nmemory = \"lots\"\n[[compartment]]\nname = \"a\"\n");
+        assert!(e.starts_with("x.toml:2: machine: memory: \"lots\""), "{e}");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn malformed_toml_names_the_line() {
+        let e = error("[[compartment]]\nname = \"a\n");
+        assert!(e.starts_with("x.toml:2: compartment 1: name: "), "{e}");
+        let e = error("[[compartment]]\nname = \"a\"\nmemory = 128\n");
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": memory: invalid type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let e = error("[[compartment]]\nname = \"a\"\nmemroy = \"64M\"\n");
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": unknown field `memroy`"),
+            "{e}"
+        );
+        let e = error("[machine]\ncpus = 2\n[[compartment]]\nname = \"a\"\n");
+        assert!(
+            e.starts_with("x.toml:2: machine: unknown field `cpus`"),
+            "{e}"
+        );
+        let e = error("[machin]\n[[compartment]]\nname = \"a\"\n");
+        assert!(e.starts_with("x.toml:1: unknown field `machin`"), "{e}");
+        let e = error("[defaults]\nname = \"a\"\n[[compartment]]\nname = \"a\"\n");
+        assert!(e.starts_with("x.toml:2: defaults: name: "), "{e}");
+    }
+
+    #[test]
+    fn names_are_required_unique_and_well_formed() {
+        let e = error("[[compartment]]\nname = \"a\"\n\n[[compartment]]\nmemory = \"64M\"\n");
+        assert!(
+            e.starts_with("x.toml:4: compartment 2: name: missing"),
+            "{e}"
+        );
+        let e = error("[[compartment]]\nname = \"a\"\n[[compartment]]\nname = \"a\"\n");
+        assert!(
+            e.starts_with("x.toml:4: compartment \"a\": name: \"a\" is already the name of the compartment at line 1"),
+            "{e}"
+        );
+        for bad in [
+            "Alpha",
+            "1st",
+            "",
+            "a_b",
+            "abcdefghijklmnopq",
+            "cons",
+            "f1",
+            "root",
+        ] {
+            let e = error(&format!("\n[[compartment]]\nname = \"{bad}\"\n"));
+            assert!(
+                e.starts_with(&format!("x.toml:3: compartment {bad:?}: name: ")),
+                "{e}"
+            );
+        }
+        // 16 letters are fine, and so is `f` alone or `fx`.
+        for good in ["abcdefghijklmnop", "f", "fx", "a-1"] {
+            parse(&format!("[[compartment]]\nname = \"{good}\"\n")).unwrap();
+        }
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        let e = error(&format!("{ONE}memory = \"12Q\"\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": memory: \"12Q\" is not a size"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}memory = \"100M\"\n"));
+        assert_eq!(
+            e,
+            "x.toml:3: compartment \"a\": memory: \"100M\" is not a power of two >= 16M"
+        );
+        let e = error(&format!("{ONE}memory = \"8M\"\n"));
+        assert!(
+            e.contains("memory: \"8M\" is not a power of two >= 16M"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}disk = \"1000\"\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": disk: \"1000\""),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}memory = \"2048G\"\n"));
+        assert!(e.contains("memory: \"2048G\" is more than 1T"), "{e}");
+        let e = error(&format!("{ONE}disk = \"99999999999999999999G\"\n"));
+        assert!(
+            e.contains("disk: \"99999999999999999999G\" is not a size"),
+            "{e}"
+        );
+        let e = error(&format!("[defaults]\nmemory = \"3G\"\n{ONE}"));
+        assert!(e.starts_with("x.toml:2: defaults: memory: \"3G\""), "{e}");
+    }
+
+    #[test]
+    fn console_disk_restart_and_priority_are_checked() {
+        let e = error(&format!("{ONE}console = \"ttyS1\"\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": console: \"ttyS1\" is not a console"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}disk = \"16M\"\ndisk_image = \"d.img\"\n"));
+        assert!(
+            e.starts_with("x.toml:4: compartment \"a\": disk_image: give either"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}restarts = 2\n"));
+        assert!(
+            e.starts_with(
+                "x.toml:3: compartment \"a\": restarts: only with restart = \"on-failure\""
+            ),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}restart = \"on-failure\"\nrestarts = 101\n"));
+        assert!(
+            e.starts_with("x.toml:4: compartment \"a\": restarts: 101 is out of range"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}restart = \"on-failure\"\nrestarts = 0\n"));
+        assert!(e.contains("restarts: 0 is out of range 1..=100"), "{e}");
+        let e = error(&format!("{ONE}restart = \"always\"\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": restart: "),
+            "{e}"
+        );
+        let e = error(&format!("[defaults]\nrestarts = 2\n{ONE}"));
+        assert!(e.starts_with("x.toml:2: defaults: restarts: "), "{e}");
+        let e = error(&format!("{ONE}priority = 101\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": priority: 101 is out of range 0..=100"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}priority = -1\n"));
+        assert!(e.contains("priority: -1 is out of range"), "{e}");
+        let e = error(&format!("{ONE}kernel = \"\"\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": kernel: is empty"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}cmdline = \"a\\nb\"\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": cmdline: "),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}cmdline = \"{}\"\n", "x".repeat(2000)));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": cmdline: the Linux command line"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_number_of_compartments_is_bounded() {
+        let e = error("# nothing\n[machine]\nmemory = \"1G\"\n");
+        assert!(
+            e.starts_with("x.toml:3: compartment: there is no [[compartment]]"),
+            "{e}"
+        );
+        let mut text = String::new();
+        for i in 0..17 {
+            text.push_str(&format!("[[compartment]]\nname = \"c{i}\"\n"));
+        }
+        let e = error(&text);
+        assert!(
+            e.starts_with("x.toml:33: compartment \"c16\": compartment: more than 16"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_files_are_named_when_the_modules_are_made() {
+        let root = repository("missing", &[("k", 10)]);
+        let e = modules(ONE, &root).unwrap_err().0;
+        assert!(
+            e.starts_with(
+                "x.toml:1: compartment \"a\": kernel (the default): target/linux/bzImage: no such file"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("scripts/build-linux.sh makes the default ones"),
+            "{e}"
+        );
+        let e = modules(&format!("{ONE}kernel = \"k\"\n"), &root)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("x.toml:1: compartment \"a\": initrd (the default): "),
+            "{e}"
+        );
+        let e = modules(
+            &format!("[defaults]\ninitrd = \"nope\"\n{ONE}kernel = \"k\"\n"),
+            &root,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.starts_with(
+                "x.toml:2: compartment \"a\": initrd (from [defaults]): nope: no such file"
+            ),
+            "{e}"
+        );
+        let e = modules(
+            &format!("{ONE}kernel = \"k\"\ninitrd = \"\"\ndisk_image = \"d.img\"\n"),
+            &root,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.starts_with("x.toml:5: compartment \"a\": disk_image: d.img: no such file"),
+            "{e}"
+        );
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_kernels_module_limits_are_kept() {
+        // sigma0, the root task, cons, 2 files and 2 per compartment: 6 make 17.
+        let root = with_linux("kip");
+        let mut text = String::new();
+        for i in 0..6 {
+            text.push_str(&format!("[[compartment]]\nname = \"c{i}\"\n"));
+        }
+        let e = modules(&text, &root).unwrap_err().0;
+        assert!(
+            e.starts_with(
+                "x.toml:11: compartment \"c5\": compartment: the boot would have 17 modules"
+            ),
+            "{e}"
+        );
+        text.truncate(text.rfind("[[compartment]]").unwrap());
+        assert_eq!(modules(&text, &root).unwrap().len() + 2, 15);
+        // Long names make the console server's command line too long for the KIP.
+        let mut text = String::new();
+        for i in 0..8 {
+            text.push_str(&format!("[[compartment]]\nname = \"compartment-{i:04}\"\n"));
+        }
+        let e = modules(&text, &root).unwrap_err().0;
+        assert!(e.contains("module `cons io=0x3f8/3"), "{e}");
+        let _ = fs::remove_dir_all(&root);
+    }
+}
