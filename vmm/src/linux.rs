@@ -76,8 +76,6 @@ const CONSOLE_WINDOW: u64 = VIRTIO_BASE;
 const CONSOLE_IRQ: u8 = 5;
 const BLOCK_WINDOW: u64 = VIRTIO_BASE + 0x1000;
 const BLOCK_IRQ: u8 = 6;
-/// The virtio block device's size when no `disk` module gives an image (`disk=SIZE`).
-const DEFAULT_DISK: u64 = 16 << 20;
 
 type Console = VirtioMmio<VirtioConsole<Vec<u8>>, GuestRam>;
 type Block = VirtioMmio<VirtioBlock<&'static mut [u8]>, GuestRam>;
@@ -116,9 +114,15 @@ pub fn boot_linux() -> i64 {
     };
     // The devices this VMM gives every compartment, announced as Linux's virtio-mmio driver
     // expects them without ACPI or a device tree.
-    let cmdline = alloc::format!(
-        "{cmdline} virtio_mmio.device=4K@{CONSOLE_WINDOW:#x}:{CONSOLE_IRQ} virtio_mmio.device=4K@{BLOCK_WINDOW:#x}:{BLOCK_IRQ}"
-    );
+    // A block device only where the arguments ask for one (`disk=SIZE` or a `disk` module).
+    let wants_disk = size_argument("disk").is_some() || l4::rt::blob("disk").is_some();
+    let mut cmdline =
+        alloc::format!("{cmdline} virtio_mmio.device=4K@{CONSOLE_WINDOW:#x}:{CONSOLE_IRQ}");
+    if wants_disk {
+        cmdline.push_str(&alloc::format!(
+            " virtio_mmio.device=4K@{BLOCK_WINDOW:#x}:{BLOCK_IRQ}"
+        ));
+    }
     let cmdline = cmdline.as_str();
     let layout = match boot::plan(&bz, ram_size, initrd.len() as u64, cmdline.len()) {
         Ok(l) => l,
@@ -166,10 +170,12 @@ pub fn boot_linux() -> i64 {
         VirtioConsole::with_size(Vec::new(), 80, 25),
         memory,
     )));
-    let block = Rc::new(RefCell::new(VirtioMmio::new(
-        VirtioBlock::new(disk).with_id(b"l4-disk0"),
-        memory,
-    )));
+    let block = disk.map(|disk| {
+        Rc::new(RefCell::new(VirtioMmio::new(
+            VirtioBlock::new(disk).with_id(b"l4-disk0"),
+            memory,
+        )))
+    });
     let mut bus = MmioBus::new();
     if bus
         .register(
@@ -177,7 +183,12 @@ pub fn boot_linux() -> i64 {
             0x1000,
             alloc::boxed::Box::new(console.clone()),
         )
-        .and_then(|()| bus.register(BLOCK_WINDOW, 0x1000, alloc::boxed::Box::new(block.clone())))
+        .and_then(|()| match &block {
+            Some(block) => {
+                bus.register(BLOCK_WINDOW, 0x1000, alloc::boxed::Box::new(block.clone()))
+            }
+            None => Ok(()),
+        })
         .is_err()
     {
         crate::say!("cannot place the virtio devices");
@@ -270,14 +281,16 @@ fn attach_devices(board: &mut Board) -> Result<(), l4linux_glue::ports::BusError
 }
 
 /// The virtio disk: the `disk` module's image (copied, so the guest may write it) or
-/// `disk=SIZE` (default 16 MiB) of zeroes, in RAM from the root task's RAM service.
-fn make_disk() -> Result<&'static mut [u8], &'static str> {
+/// `disk=SIZE` of zeroes, in RAM from the root task's RAM service; `None` without either.
+fn make_disk() -> Result<Option<&'static mut [u8]>, &'static str> {
     let image = l4::rt::blob("disk").unwrap_or(&[]);
     let size = match size_argument("disk") {
         Some(Ok(size)) => size,
         Some(Err(())) => return Err("bad disk size (disk=SIZE)"),
-        None if !image.is_empty() => (image.len() as u64).next_multiple_of(512),
-        None => DEFAULT_DISK,
+        None if l4::rt::blob("disk").is_some() => {
+            (image.len() as u64).next_multiple_of(512).max(512)
+        }
+        None => return Ok(None),
     };
     if size < image.len() as u64 || size == 0 {
         return Err("the disk image is larger than disk=SIZE");
@@ -286,7 +299,9 @@ fn make_disk() -> Result<&'static mut [u8], &'static str> {
     ram.write(0, image);
     // SAFETY: the RAM service mapped `size` bytes at `ram.base` into this task, only for this
     // disk; nothing else refers to them, and they stay mapped for the task's lifetime.
-    Ok(unsafe { core::slice::from_raw_parts_mut(ram.base as *mut u8, size as usize) })
+    Ok(Some(unsafe {
+        core::slice::from_raw_parts_mut(ram.base as *mut u8, size as usize)
+    }))
 }
 
 /// Why the exit loop ended.
@@ -306,7 +321,7 @@ struct Linux {
     /// The exit counts and the TSC when the last phase ended (for exits per phase).
     phase_start: (ExitCounts, u64),
     virtio_console: Rc<RefCell<Console>>,
-    block: Rc<RefCell<Block>>,
+    block: Option<Rc<RefCell<Block>>>,
     /// Console input goes to the virtio console (the guest's console is hvc0), not COM1.
     input_to_hvc: bool,
 }
@@ -371,9 +386,11 @@ impl Kind for Linux {
         board
             .platform
             .set_irq(CONSOLE_IRQ.into(), self.virtio_console.borrow().irq_level());
-        board
-            .platform
-            .set_irq(BLOCK_IRQ.into(), self.block.borrow().irq_level());
+        if let Some(block) = &self.block {
+            board
+                .platform
+                .set_irq(BLOCK_IRQ.into(), block.borrow().irq_level());
+        }
     }
 
     /// The keyboard controller's reset line (0xfe to port 0x64): Linux's first reboot method.

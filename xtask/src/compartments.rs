@@ -30,10 +30,10 @@
 //! Paths are relative to the repository (or absolute); `scripts/build-linux.sh` makes the
 //! default kernel and initramfs. Sizes are bytes or a number with `K`, `M` or `G`.
 //!
-//! The kernel's limits apply as well, and are checked when the modules are made: at most
-//! `KIP_MAX_MODULES` (16) boot modules in all, sigma0 and the root task among them, so 5
-//! compartments that share one kernel and initramfs; and at most `KIP_CMDLINE_BYTES` - 1
-//! (175) bytes of arguments per module, which long names with every option exceed.
+//! The boot needs a fixed number of modules whatever the number of compartments (the kernel
+//! keeps at most `KIP_MAX_MODULES`, 16, with short command lines): the tasks and command lines
+//! go to the root task in one launch list. A task's arguments must fit in its 1 KiB arguments
+//! area; both are checked when the modules are made.
 //!
 //! Every problem stops the runner before anything is built, with the file, the line and the
 //! field: `scenarios/x.toml:12: compartment "beta": memory: "100M" is not a power of two >=
@@ -41,15 +41,17 @@
 //!
 //! # Modules
 //!
-//! For compartments C1..Cn, in this order:
-//! 1. the console server `cons io=0x3f8/3 irq=4 client=C1 ... client=Cn`;
-//! 2. each distinct file (by canonical path) named as a kernel, initrd or disk image, in the
-//!    order of first use, as data module `fK data` (K = 1, 2, ...);
-//! 3. per compartment C its Linux command line, text module `C.cmdline data`, and its VMM
-//!    `C factory=8M blob=linux:fK [blob=initrd:fK] blob=cmdline:C.cmdline [blob=disk:fK] linux
-//!    name=C mem=SIZE [disk=SIZE] ram=RM console=cons [restart=N] [priority=P]`, where R is
-//!    the guest RAM, plus the disk rounded up to 2 MiB, plus 16 MiB, in MiB (`blob=AS:MODULE`:
-//!    module MODULE, which the task sees as AS).
+//! For compartments C1..Cn, in this order: the console server and the VMM as data modules
+//! (`cons data`, `vmm data`); each distinct file (by canonical path) named as a kernel, initrd
+//! or disk image, in the order of first use, as data module `fK data` (K = 1, 2, ...); and the
+//! launch list, text module `launch data`, which the root task reads line by line:
+//! 1. per compartment C its Linux command line, `text C.cmdline CMDLINE`;
+//! 2. the console server, `task cons cons service io=0x3f8/3 irq=4 client=C1 ... client=Cn`;
+//! 3. per compartment C its VMM, `task C vmm factory=8M blob=linux:fK [blob=initrd:fK]
+//!    blob=cmdline:C.cmdline [blob=disk:fK] linux name=C mem=SIZE [disk=SIZE] ram=RM
+//!    console=cons [restart=N] [priority=P]`, where R is the guest RAM, plus the disk rounded
+//!    up to 2 MiB, plus 16 MiB, in MiB (`blob=AS:MODULE`: module MODULE, which the task sees
+//!    as AS).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -103,7 +105,9 @@ const BLOB_ANNOUNCEMENT: usize = 40;
 const RESERVED_NAMES: &[&str] = &["cons", "root", "sigma0", "kernel", "vmm"];
 
 /// The console server's arguments before its clients: COM1's ports and IRQ line.
-const CONSOLE_ARGS: &[&str] = &["cons", "io=0x3f8/3", "irq=4"];
+const CONSOLE_ARGS: &[&str] = &["cons", "service", "io=0x3f8/3", "irq=4"];
+/// The first line of the launch list (the root task reads it; see roottask's `launch`).
+const LAUNCH_HEADER: &str = "# made by xtask from a compartment file: texts, then tasks\n";
 /// The Linux command line of a compartment on the virtio console (before `l4.name=NAME`).
 const HVC0_CMDLINE: &str = "console=hvc0 earlycon=uart8250,io,0x3f8 quiet panic=-1 printk.time=1";
 /// The Linux command line of a compartment on the 16550A (before `l4.name=NAME`).
@@ -492,18 +496,21 @@ impl CompartmentFile {
             uses.push((kernel, initrd, image));
         }
 
-        let mut modules = Vec::new();
-        let mut console: Vec<String> = CONSOLE_ARGS.iter().map(|a| a.to_string()).collect();
-        console.extend(
-            self.compartments
-                .iter()
-                .map(|c| format!("client={}", c.name)),
-        );
-        modules.push(Module {
-            name: "cons".into(),
-            source: Source::Binary("cons".into()),
-            args: console,
-        });
+        // The console server and the VMM binary once each, the files once each, and the
+        // launch list: every task and command line as a line (the kernel's boot modules and
+        // their command lines are too few and too short for one module per compartment).
+        let mut modules = vec![
+            Module {
+                name: "cons".into(),
+                source: Source::Binary("cons".into()),
+                args: vec!["cons".into(), "data".into()],
+            },
+            Module {
+                name: "vmm".into(),
+                source: Source::Binary("vmm".into()),
+                args: vec!["vmm".into(), "data".into()],
+            },
+        ];
         for (path, name, _) in &files {
             modules.push(Module {
                 name: name.clone(),
@@ -511,14 +518,18 @@ impl CompartmentFile {
                 args: vec![name.clone(), "data".into()],
             });
         }
+        let mut launch = String::from(LAUNCH_HEADER);
+        let mut console: Vec<String> = CONSOLE_ARGS.iter().map(|a| a.to_string()).collect();
+        console.extend(
+            self.compartments
+                .iter()
+                .map(|c| format!("client={}", c.name)),
+        );
+        let mut tasks = vec![("cons", console, None)];
         let mut budgets = 0;
         for (c, (kernel, initrd, image)) in self.compartments.iter().zip(uses) {
             let cmdline_module = format!("{}.cmdline", c.name);
-            modules.push(Module {
-                name: cmdline_module.clone(),
-                source: Source::Text(c.linux_cmdline()),
-                args: vec![cmdline_module.clone(), "data".into()],
-            });
+            launch.push_str(&format!("text {cmdline_module} {}\n", c.linux_cmdline()));
             let budget = Self::budget(c, image.as_ref().map_or(0, |i| i.1));
             budgets += budget;
             let mut args = vec![
@@ -547,53 +558,35 @@ impl CompartmentFile {
             if let Some(priority) = c.priority {
                 args.push(format!("priority={priority}"));
             }
-            let module = Module {
-                name: "vmm".into(),
-                source: Source::Binary("vmm".into()),
-                args,
-            };
-            // (The KIP's limit below is the tighter one today.)
-            let blobs = module
-                .args
-                .iter()
-                .filter(|a| a.starts_with("blob="))
-                .count();
-            let length = module.args.join(" ").len();
-            if length + blobs * BLOB_ANNOUNCEMENT >= TASK_ARGUMENTS {
-                return Err(at(c).error(
-                    c.line,
-                    "compartment",
-                    format!(
-                        "the VMM's arguments ({length} bytes, and {BLOB_ANNOUNCEMENT} per blob \
-                         that the root task adds) would not fit in a task's {TASK_ARGUMENTS}"
-                    ),
-                ));
-            }
-            modules.push(module);
+            tasks.push(("vmm", args, Some(c)));
         }
-
         let last = self.compartments.last().expect("checked when parsed");
-        // The kernel keeps a module's command line in the KIP, with its NUL.
-        for m in &modules {
-            let length = m.args.join(" ").len();
-            if length >= l4_abi::KIP_CMDLINE_BYTES {
-                let owner = self
-                    .compartments
-                    .iter()
-                    .find(|c| m.args[0] == c.name)
-                    .unwrap_or(last);
+        for (program, args, owner) in &tasks {
+            let blobs = args.iter().filter(|a| a.starts_with("blob=")).count();
+            let length = args.join(" ").len();
+            if length + blobs * BLOB_ANNOUNCEMENT >= TASK_ARGUMENTS {
+                let owner = owner.unwrap_or(last);
                 return Err(at(owner).error(
                     owner.line,
                     "compartment",
                     format!(
-                        "module `{}` would have a command line of {length} bytes, more than \
-                         the {} the kernel keeps (shorter or fewer compartment names)",
-                        m.args.join(" "),
-                        l4_abi::KIP_CMDLINE_BYTES - 1
+                        "the arguments of task {} ({length} bytes, and {BLOB_ANNOUNCEMENT} per \
+                         blob that the root task adds) would not fit in a task's {TASK_ARGUMENTS}",
+                        args[0]
                     ),
                 ));
             }
+            launch.push_str(&format!(
+                "task {} {program} {}\n",
+                args[0],
+                args[1..].join(" ")
+            ));
         }
+        modules.push(Module {
+            name: "launch".into(),
+            source: Source::Text(launch),
+            args: vec!["launch".into(), "data".into()],
+        });
         // sigma0 and the root task come first.
         if modules.len() + 2 > l4_abi::KIP_MAX_MODULES {
             return Err(at(last).error(
@@ -601,7 +594,7 @@ impl CompartmentFile {
                 "compartment",
                 format!(
                     "the boot would have {} modules (sigma0, the root task, the console \
-                     server, {} files and 2 per compartment), more than the kernel's {}",
+                     server, the VMM, {} files and the launch list), more than the kernel's {}",
                     modules.len() + 2,
                     files.len(),
                     l4_abi::KIP_MAX_MODULES
@@ -1059,12 +1052,40 @@ mod tests {
         list.iter().map(|a| a.to_string()).collect()
     }
 
-    /// The VMM module of compartment `name`.
-    fn vmm<'a>(modules: &'a [Module], name: &str) -> &'a Module {
-        modules
-            .iter()
-            .find(|m| m.source == Source::Binary("vmm".into()) && m.args[0] == name)
+    /// The launch list of `modules`.
+    fn launch(modules: &[Module]) -> &str {
+        match &modules.last().unwrap().source {
+            Source::Text(text) if modules.last().unwrap().name == "launch" => text,
+            _ => panic!("no launch list last"),
+        }
+    }
+
+    /// The content of text `name` in the launch list of `modules`.
+    fn launch_text(modules: &[Module], name: &str) -> String {
+        let prefix = format!("text {name} ");
+        launch(modules)
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
             .unwrap()
+            .to_string()
+    }
+
+    /// The VMM task of compartment `name`, as a module with its arguments.
+    fn vmm(modules: &[Module], name: &str) -> Module {
+        let line = launch(modules)
+            .lines()
+            .find(|l| l.starts_with(&format!("task {name} vmm ")))
+            .unwrap();
+        let mut words = line.split(' ').skip(1);
+        let name = words.next().unwrap().to_string();
+        words.next();
+        Module {
+            name: "vmm".into(),
+            source: Source::Binary("vmm".into()),
+            args: std::iter::once(name)
+                .chain(words.map(String::from))
+                .collect(),
+        }
     }
 
     const ONE: &str = "[[compartment]]\nname = \"a\"\n";
@@ -1083,7 +1104,12 @@ mod tests {
             Module {
                 name: "cons".into(),
                 source: Source::Binary("cons".into()),
-                args: args(&["cons", "io=0x3f8/3", "irq=4", "client=alpha", "client=beta"]),
+                args: data("cons"),
+            },
+            Module {
+                name: "vmm".into(),
+                source: Source::Binary("vmm".into()),
+                args: data("vmm"),
             },
             Module {
                 name: "f1".into(),
@@ -1096,55 +1122,25 @@ mod tests {
                 args: data("f2"),
             },
             Module {
-                name: "alpha.cmdline".into(),
+                name: "launch".into(),
                 source: Source::Text(
-                    "console=hvc0 earlycon=uart8250,io,0x3f8 quiet panic=-1 printk.time=1 \
-                     l4.name=alpha"
-                        .into(),
+                    [
+                        LAUNCH_HEADER,
+                        "text alpha.cmdline console=hvc0 earlycon=uart8250,io,0x3f8 quiet \
+                         panic=-1 printk.time=1 l4.name=alpha\n",
+                        "text beta.cmdline console=hvc0 earlycon=uart8250,io,0x3f8 quiet \
+                         panic=-1 printk.time=1 l4.name=beta\n",
+                        "task cons cons service io=0x3f8/3 irq=4 client=alpha client=beta\n",
+                        "task alpha vmm factory=8M blob=linux:f1 blob=initrd:f2 \
+                         blob=cmdline:alpha.cmdline linux name=alpha mem=128M disk=16M \
+                         ram=160M console=cons\n",
+                        "task beta vmm factory=8M blob=linux:f1 blob=initrd:f2 \
+                         blob=cmdline:beta.cmdline linux name=beta mem=128M ram=144M \
+                         console=cons\n",
+                    ]
+                    .concat(),
                 ),
-                args: data("alpha.cmdline"),
-            },
-            Module {
-                name: "vmm".into(),
-                source: Source::Binary("vmm".into()),
-                args: args(&[
-                    "alpha",
-                    "factory=8M",
-                    "blob=linux:f1",
-                    "blob=initrd:f2",
-                    "blob=cmdline:alpha.cmdline",
-                    "linux",
-                    "name=alpha",
-                    "mem=128M",
-                    "disk=16M",
-                    "ram=160M",
-                    "console=cons",
-                ]),
-            },
-            Module {
-                name: "beta.cmdline".into(),
-                source: Source::Text(
-                    "console=hvc0 earlycon=uart8250,io,0x3f8 quiet panic=-1 printk.time=1 \
-                     l4.name=beta"
-                        .into(),
-                ),
-                args: data("beta.cmdline"),
-            },
-            Module {
-                name: "vmm".into(),
-                source: Source::Binary("vmm".into()),
-                args: args(&[
-                    "beta",
-                    "factory=8M",
-                    "blob=linux:f1",
-                    "blob=initrd:f2",
-                    "blob=cmdline:beta.cmdline",
-                    "linux",
-                    "name=beta",
-                    "mem=128M",
-                    "ram=144M",
-                    "console=cons",
-                ]),
+                args: data("launch"),
             },
         ];
         assert_eq!(file.modules().unwrap(), expected);
@@ -1174,13 +1170,7 @@ mod tests {
         )
         .unwrap();
         let modules = file.modules().unwrap();
-        let text = |name: &str| {
-            let m = modules.iter().find(|m| m.name == name).unwrap();
-            match &m.source {
-                Source::Text(t) => t.clone(),
-                other => panic!("{other:?}"),
-            }
-        };
+        let text = |name: &str| launch_text(&modules, name);
         assert_eq!(
             text("gamma.cmdline"),
             "console=ttyS0 quiet panic=-1 l4.name=gamma"
@@ -1325,13 +1315,7 @@ mod tests {
                 "priority=50",
             ])
         );
-        let text_of = |name: &str| {
-            modules
-                .iter()
-                .find(|m| m.name == name)
-                .map(|m| m.source.clone())
-                .unwrap()
-        };
+        let text_of = |name: &str| Source::Text(launch_text(&modules, name));
         assert_eq!(
             text_of("a.cmdline"),
             Source::Text("console=ttyS0 quiet panic=-1 l4.name=a debug".into())
@@ -1593,28 +1577,37 @@ mod tests {
 
     #[test]
     fn the_kernels_module_limits_are_kept() {
-        // sigma0, the root task, cons, 2 files and 2 per compartment: 6 make 17.
+        // Sixteen compartments with long names need no more modules than one does.
         let root = with_linux("kip");
         let mut text = String::new();
-        for i in 0..6 {
-            text.push_str(&format!("[[compartment]]\nname = \"c{i}\"\n"));
-        }
-        let e = modules(&text, &root).unwrap_err().0;
-        assert!(
-            e.starts_with(
-                "x.toml:11: compartment \"c5\": compartment: the boot would have 17 modules"
-            ),
-            "{e}"
-        );
-        text.truncate(text.rfind("[[compartment]]").unwrap());
-        assert_eq!(modules(&text, &root).unwrap().len() + 2, 15);
-        // Long names make the console server's command line too long for the KIP.
-        let mut text = String::new();
-        for i in 0..8 {
+        for i in 0..16 {
             text.push_str(&format!("[[compartment]]\nname = \"compartment-{i:04}\"\n"));
         }
+        let many = modules(&text, &root).unwrap();
+        assert_eq!(many.len(), 5);
+        assert_eq!(
+            launch(&many)
+                .lines()
+                .filter(|l| l.starts_with("task "))
+                .count(),
+            17
+        );
+        assert!(vmm(&many, "compartment-0015")
+            .args
+            .contains(&"name=compartment-0015".into()));
+        // Each compartment with a kernel of its own: 4 + 12 files (and the initramfs) + the
+        // launch list + sigma0 and the root task make 18.
+        let mut text = String::new();
+        for i in 0..12 {
+            let kernel = root.join(format!("k{i}"));
+            fs::write(&kernel, b"k").unwrap();
+            text.push_str(&format!(
+                "[[compartment]]\nname = \"c{i}\"\nkernel = {:?}\n",
+                kernel.display().to_string()
+            ));
+        }
         let e = modules(&text, &root).unwrap_err().0;
-        assert!(e.contains("module `cons io=0x3f8/3"), "{e}");
+        assert!(e.contains("the boot would have 18 modules"), "{e}");
         let _ = fs::remove_dir_all(&root);
     }
 }

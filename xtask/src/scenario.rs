@@ -817,7 +817,7 @@ mod tests {
     #[test]
     fn linux_overrides_replace_the_modules_and_the_memory() {
         let s = Scenarios::parse(
-            "scenarios.toml",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios.toml"),
             &std::fs::read_to_string("../scenarios.toml").unwrap(),
         )
         .unwrap();
@@ -872,7 +872,7 @@ mod tests {
     #[test]
     fn overrides_replace_a_multiboot_kernel() {
         let s = Scenarios::parse(
-            "scenarios.toml",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios.toml"),
             &std::fs::read_to_string("../scenarios.toml").unwrap(),
         )
         .unwrap();
@@ -908,7 +908,7 @@ mod tests {
     #[test]
     fn the_real_file_parses() {
         let s = Scenarios::parse(
-            "scenarios.toml",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios.toml"),
             include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios.toml")),
         )
         .unwrap_or_else(|e| panic!("{e}"));

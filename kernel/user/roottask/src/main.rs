@@ -83,6 +83,9 @@ struct Child {
     restart_at: Option<u64>,
     /// Every slot of ours made for it (released when it is gone).
     made: Vec<u64>,
+    /// Its own factory (`factory=SIZE`), kept after it ended until we checked that the
+    /// factory holds nothing any more.
+    factory: Option<u64>,
 }
 
 /// 2 MiB pages of RAM for children: fresh ones from sigma0, or ones a finished child had.
@@ -268,16 +271,28 @@ fn build(
     let image = l4_elf::parse(bytes, limits)
         .map_err(|e| alloc::format!("module {index} ({name}) rejected: {e}"))?;
     let fail = |what: &str, e: l4::Error| alloc::format!("creating {name}: {what}: {e}");
+    // `factory=SIZE`: the child's own factory, from which everything for it is made too (its
+    // task, page tables, thread and gate), so that it holds all the child's kernel memory.
+    let mut own_factory = None;
+    for size in options.iter().filter_map(|o| o.strip_prefix("factory=")) {
+        let quota = l4::abi::parse_size(size)
+            .filter(|&q| q > 0)
+            .ok_or_else(|| alloc::format!("creating {name}: bad factory option '{size}'"))?;
+        let slot = made.slot();
+        sys::factory_create(slots::FACTORY, ObjectKind::Factory, slot, quota, 0)
+            .map_err(|e| fail("its factory", e))?;
+        own_factory = Some(slot);
+    }
+    let factory = own_factory.unwrap_or(slots::FACTORY);
     let task = made.slot();
-    sys::factory_create(slots::FACTORY, ObjectKind::Task, task, 0, 0)
-        .map_err(|e| fail("task", e))?;
+    sys::factory_create(factory, ObjectKind::Task, task, 0, 0).map_err(|e| fail("task", e))?;
     made.task = Some(task);
     let thread = made.slot();
-    sys::factory_create(slots::FACTORY, ObjectKind::Thread, thread, 0, 0)
+    sys::factory_create(factory, ObjectKind::Thread, thread, 0, 0)
         .map_err(|e| fail("thread", e))?;
     let gate = made.slot();
     sys::factory_create(
-        slots::FACTORY,
+        factory,
         ObjectKind::Gate,
         gate,
         slots::SELF_THREAD,
@@ -292,19 +307,9 @@ fn build(
         .map_err(|e| fail("self thread", e))?;
     sys::cap_copy(task, gate, slots::PAGER, rights::SEND, 0).map_err(|e| fail("pager", e))?;
     sys::cap_copy(task, gate, slots::PARENT, rights::SEND, 0).map_err(|e| fail("parent", e))?;
-    if options.iter().any(|o| o == "factory") {
-        sys::cap_copy(task, slots::FACTORY, slots::FACTORY, rights::ALL, 0)
+    if options.iter().any(|o| o == "factory") || own_factory.is_some() {
+        sys::cap_copy(task, factory, slots::FACTORY, rights::ALL, 0)
             .map_err(|e| fail("factory", e))?;
-    }
-    for size in options.iter().filter_map(|o| o.strip_prefix("factory=")) {
-        let quota = l4::abi::parse_size(size)
-            .filter(|&q| q > 0)
-            .ok_or_else(|| alloc::format!("creating {name}: bad factory option '{size}'"))?;
-        let slot = made.slot();
-        sys::factory_create(slots::FACTORY, ObjectKind::Factory, slot, quota, 0)
-            .map_err(|e| fail("its factory", e))?;
-        sys::cap_copy(task, slot, slots::FACTORY, rights::ALL, 0)
-            .map_err(|e| fail("its factory", e))?;
     }
     if options.iter().any(|o| o == "platform") {
         sys::cap_copy(task, slots::PLATFORM, slots::PLATFORM, rights::ALL, 0)
@@ -440,6 +445,7 @@ fn build(
         restarts: 0,
         restart_at: None,
         made: core::mem::take(&mut made.made),
+        factory: own_factory,
     })
 }
 
@@ -510,7 +516,16 @@ fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, slots_: &mut Sl
         println!("[root] destroying {}: {e}", child.name);
     }
     for slot in child.made.drain(..).rev() {
-        slots_.release(slot);
+        if Some(slot) != child.factory {
+            slots_.release(slot);
+        }
+    }
+    if !child.ram.is_empty() {
+        println!(
+            "[root] {}'s {} MiB of RAM back in the pool",
+            child.name,
+            (child.ram.len() as u64 * RAM_GRANULE) >> 20
+        );
     }
     pool.free.append(&mut child.pages);
     ram.free.append(&mut child.ram);
@@ -621,9 +636,83 @@ fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Our kernel memory in use (bytes), to show that a restart got all of a child's back.
-fn kernel_memory_used() -> u64 {
-    sys::quota(slots::FACTORY).map_or(0, |q| q.used)
+/// A page-aligned copy of `text` in memory of ours that holds nothing else (so that a child
+/// it is mapped into sees only it); returns its address.
+fn text_blob(text: &str) -> u64 {
+    let size = (text.len() as u64).max(1).next_multiple_of(PAGE_SIZE) as usize;
+    let layout = core::alloc::Layout::from_size_align(size, PAGE_SIZE as usize)
+        .expect("a page multiple with page alignment");
+    // SAFETY: the layout has a non-zero size.
+    let memory = unsafe { alloc::alloc::alloc_zeroed(layout) };
+    if memory.is_null() {
+        return 0;
+    }
+    // SAFETY: `memory` is a fresh allocation of `size` >= `text.len()` bytes, never freed.
+    unsafe { core::ptr::copy_nonoverlapping(text.as_ptr(), memory, text.len()) };
+    memory as u64
+}
+
+/// Read the launch list (the data module `launch`): one task or text per line, for scenarios
+/// with more tasks than the kernel has boot modules. `task NAME PROGRAM [OPTION...]` starts the
+/// data module PROGRAM (an ELF image) as task NAME with those options, like a module with the
+/// command line `NAME OPTION...`; `text NAME CONTENT` makes a data module NAME of the rest of
+/// the line (a Linux command line, say); `#` starts a comment line. Returns the number of
+/// lines refused.
+fn launch(
+    text: &[u8],
+    first_index: usize,
+    blobs: &mut Vec<(String, u64, u64)>,
+    programs: &mut Vec<(usize, &'static str, &'static [u8])>,
+) -> u32 {
+    let Ok(text) = core::str::from_utf8(text) else {
+        println!("[root] launch: the list is not UTF-8");
+        return 1;
+    };
+    let mut refused = 0;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (what, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let (name, rest) = rest.trim_start().split_once(' ').unwrap_or((rest, ""));
+        match what {
+            "text" if !name.is_empty() => {
+                let address = text_blob(rest);
+                if address == 0 {
+                    println!("[root] launch:{}: no memory for text {name}", n + 1);
+                    refused += 1;
+                    continue;
+                }
+                blobs.push((String::from(name), address, rest.len() as u64));
+            }
+            "task" if !name.is_empty() => {
+                let (program, options) = rest.trim_start().split_once(' ').unwrap_or((rest, ""));
+                let Some(&(_, address, size)) = blobs.iter().find(|b| b.0 == program) else {
+                    println!(
+                        "[root] launch:{}: task {name}: no data module named '{program}'",
+                        n + 1
+                    );
+                    refused += 1;
+                    continue;
+                };
+                // SAFETY: data modules stay mapped at `address` for good (`map_module`), text
+                // blobs are never freed.
+                let bytes =
+                    unsafe { core::slice::from_raw_parts(address as *const u8, size as usize) };
+                let cmdline: &'static str = alloc::format!("{name} {options}").leak();
+                programs.push((first_index + n, cmdline, bytes));
+            }
+            _ => {
+                println!(
+                    "[root] launch:{}: '{line}' is neither `task NAME PROGRAM [OPTION...]` nor `text NAME CONTENT`",
+                    n + 1
+                );
+                refused += 1;
+            }
+        }
+    }
+    refused
 }
 
 fn main() -> i64 {
@@ -657,11 +746,19 @@ fn main() -> i64 {
             programs.push((index, bytes));
         }
     }
-    for (index, bytes) in programs {
-        let module = &modules[index];
+    let mut programs: Vec<(usize, &'static str, &'static [u8])> = programs
+        .into_iter()
+        .map(|(index, bytes)| (index, modules[index].cmdline(), bytes))
+        .collect();
+    if let Some(&(_, address, size)) = blobs.iter().find(|b| b.0 == "launch") {
+        // SAFETY: the launch module is mapped at `address` for good (`map_module`).
+        let text = unsafe { core::slice::from_raw_parts(address as *const u8, size as usize) };
+        failures += launch(text, modules.len(), &mut blobs, &mut programs);
+    }
+    for (index, cmdline, bytes) in programs {
         match create(
             index,
-            module.cmdline(),
+            cmdline,
             bytes,
             &blobs,
             children.len() as u64 + 1,
@@ -683,7 +780,6 @@ fn main() -> i64 {
             failures += 1;
         }
     }
-    let memory_at_start = kernel_memory_used();
     let tsc_hz = kip.tsc_hz.max(1);
     let mut pool = Pool {
         next: POOL_BASE,
@@ -712,7 +808,24 @@ fn main() -> i64 {
                     c.restarts,
                 );
                 let console_irq = c.console_irq;
-                let before = kernel_memory_used();
+                // Everything the child had is destroyed by now: its factory must hold
+                // nothing, and the kernel's books must balance.
+                let held = c
+                    .factory
+                    .map(|f| sys::quota(f).map_or(u64::MAX, |q| q.used));
+                if let Some(f) = children[i].factory.take() {
+                    slots_.release(f);
+                }
+                let books = sys::quota_check(slots::FACTORY, true).map_or(u64::MAX, |(_, m)| m);
+                let reclaimed = match held {
+                    Some(0) => String::from("all its kernel memory came back"),
+                    Some(bytes) => alloc::format!("its old factory still holds {bytes} bytes"),
+                    None => String::from("its kernel memory was the root task's"),
+                };
+                println!(
+                    "[root] restarting {}: {reclaimed}; kernel books: {books} inconsistencies",
+                    children[i].name
+                );
                 match create(module, cmdline, bytes, &blobs, i as u64 + 1, &mut slots_) {
                     Ok(mut child) => {
                         child.restarts_left = restarts_left;
@@ -720,15 +833,6 @@ fn main() -> i64 {
                         child.console_irq = console_irq;
                         children[i] = child;
                         wire(&mut children, i, &mut slots_, &mut software_lines);
-                        println!(
-                            "[root] restarting {} ({} of {}): kernel memory in use before {} KiB ({} KiB at boot), RAM pages free {}",
-                            children[i].name,
-                            restarts,
-                            restarts + restarts_left,
-                            before / 1024,
-                            memory_at_start / 1024,
-                            ram.free.len()
-                        );
                         if !start(&mut children[i]) {
                             failures += 1;
                         }
@@ -829,8 +933,14 @@ fn main() -> i64 {
                     child.restarts,
                     child.restarts + child.restarts_left
                 );
-            } else if failed {
-                failures += 1;
+            } else {
+                if failed {
+                    failures += 1;
+                }
+                // Its quota goes back to ours once the destruction is complete.
+                if let Some(f) = child.factory.take() {
+                    slots_.release(f);
+                }
             }
         }
     }
