@@ -5,6 +5,10 @@
  *   l4ctl poweroff [STATUS]   end the compartment with STATUS (0..255, default 0)
  *   l4ctl reboot              end the compartment as rebooted
  *   l4ctl log TEXT...         print TEXT as one line on the L4 console
+ *   l4ctl fill SEED MB        fill MB MiB of memory with the secret pattern of SEED and keep
+ *                             it (waits until killed; the isolation test's secret)
+ *   l4ctl scan SEED           print how often the VMM finds that pattern in this compartment's
+ *                             guest-physical memory (the pattern itself never enters it)
  *   l4ctl tsc                 print the time stamp counter (works natively too: under QEMU
  *                             -icount shift=0 it counts instructions since the machine's reset,
  *                             in a compartment as well, whose TSC is the machine's)
@@ -21,7 +25,22 @@
 #define L4_HC_POWER_OFF 0x4c340001UL
 #define L4_HC_REBOOT 0x4c340002UL
 #define L4_HC_LOG 0x4c340003UL
+#define L4_HC_SCAN 0x4c340004UL
 #define L4_HC_LOG_MAX 256
+
+/* The secret pattern of a seed: four words of SplitMix64 (as secret_pattern() in
+ * l4linux-glue/src/hypercall.rs). */
+static void secret_pattern(unsigned long long seed, unsigned long long out[4])
+{
+    unsigned long long state = seed;
+    for (int i = 0; i < 4; i++) {
+        state += 0x9e3779b97f4a7c15ULL;
+        unsigned long long z = state;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        out[i] = z ^ (z >> 31);
+    }
+}
 
 static long hypercall(unsigned long nr, unsigned long a1, unsigned long a2)
 {
@@ -42,7 +61,7 @@ static void not_in_a_compartment(int sig)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: l4ctl poweroff [STATUS] | reboot | log TEXT... | tsc\n");
+    fprintf(stderr, "usage: l4ctl poweroff [STATUS] | reboot | log TEXT... | fill SEED MB | scan SEED | tsc\n");
     return 2;
 }
 
@@ -60,6 +79,27 @@ int main(int argc, char **argv)
     } else if (strcmp(argv[1], "reboot") == 0) {
         sync();
         hypercall(L4_HC_REBOOT, 0, 0);
+    } else if (strcmp(argv[1], "fill") == 0 && argc > 3) {
+        unsigned long long pattern[4];
+        secret_pattern(strtoull(argv[2], NULL, 0), pattern);
+        size_t words = (size_t)strtoul(argv[3], NULL, 0) << 17;
+        unsigned long long *memory = malloc(words * 8);
+        if (memory == NULL) {
+            fprintf(stderr, "l4ctl: no memory to fill\n");
+            return 1;
+        }
+        for (size_t i = 0; i < words; i++)
+            memory[i] = pattern[i % 4];
+        printf("filled %s MiB\n", argv[3]);
+        fflush(stdout);
+        for (;;)
+            pause();
+    } else if (strcmp(argv[1], "scan") == 0 && argc > 2) {
+        long r = hypercall(L4_HC_SCAN, strtoull(argv[2], NULL, 0), 0);
+        if (r >= 0) {
+            printf("found %ld\n", r);
+            return 0;
+        }
     } else if (strcmp(argv[1], "tsc") == 0) {
         unsigned int lo, hi;
         __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));

@@ -8,6 +8,7 @@
 //! | `0x4c34_0001` | power off | RBX: exit status (0..=255) | the compartment ends with that status |
 //! | `0x4c34_0002` | reboot | — | the compartment ends as rebooted |
 //! | `0x4c34_0003` | log | RBX: guest-virtual address, RCX: length (at most [`LOG_MAX`]) | the bytes are printed on the L4 console as one `[NAME] ...` line |
+//! | `0x4c34_0004` | scan | RBX: a seed | RAX: how often the [`secret_pattern`] of the seed occurs in the compartment's guest-physical memory (8-byte aligned), counted by the VMM |
 //!
 //! The calls are accepted at every privilege level: they concern only the compartment itself
 //! (its power button and a debug line), so the guest's user space may use them; the
@@ -22,6 +23,8 @@ pub const POWER_OFF: u64 = BASE + 1;
 pub const REBOOT: u64 = BASE + 2;
 /// Log a line: RBX address, RCX length.
 pub const LOG: u64 = BASE + 3;
+/// Count the secret pattern of RBX in guest RAM (the isolation test).
+pub const SCAN: u64 = BASE + 4;
 /// The longest log line in bytes.
 pub const LOG_MAX: u64 = 256;
 
@@ -46,6 +49,8 @@ pub enum Hypercall {
         /// Its length.
         length: u64,
     },
+    /// Count the [`secret_pattern`] of this seed in guest RAM.
+    Scan(u64),
     /// Not a hypercall of this interface (answer [`ENOSYS`]).
     Unknown(u64),
     /// A known call with bad arguments (answer [`EINVAL`]).
@@ -65,8 +70,42 @@ pub fn decode(rax: u64, rbx: u64, rcx: u64) -> Hypercall {
             length: rcx,
         },
         LOG => Hypercall::Invalid,
+        SCAN => Hypercall::Scan(rbx),
         other => Hypercall::Unknown(other),
     }
+}
+
+/// The 32-byte pattern of `seed` for the isolation test: one compartment fills memory with
+/// it (`l4ctl fill SEED MB`, which computes the same bytes), another asks its VMM to count it
+/// in its own memory (`l4ctl scan SEED`) without ever having the pattern in guest memory. The
+/// bytes are four words of SplitMix64 from `seed`, little endian.
+pub fn secret_pattern(seed: u64) -> [u64; 4] {
+    let mut state = seed;
+    core::array::from_fn(|_| {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+/// How often `pattern` occurs in `words` at a word boundary.
+pub fn count_pattern(words: impl Iterator<Item = u64>, pattern: &[u64; 4]) -> u64 {
+    let mut matched = 0;
+    let mut count = 0;
+    for word in words {
+        if word == pattern[matched] {
+            matched += 1;
+        } else {
+            matched = usize::from(word == pattern[0]);
+        }
+        if matched == pattern.len() {
+            count += 1;
+            matched = 0;
+        }
+    }
+    count
 }
 
 /// Text of a log call as one printable line: control characters (a newline included) become
@@ -99,6 +138,23 @@ mod tests {
         // KVM_HC_KICK_CPU and anything else: unknown.
         assert_eq!(decode(5, 0, 0), Hypercall::Unknown(5));
         assert_eq!(decode(BASE, 0, 0), Hypercall::Unknown(BASE));
+    }
+
+    #[test]
+    fn the_secret_pattern_is_fixed_and_counted() {
+        // SplitMix64's first output for seed 0 (the reference value of the generator).
+        assert_eq!(secret_pattern(0)[0], 0xe220_a839_7b1d_cdaf);
+        assert_ne!(secret_pattern(7), secret_pattern(8));
+        let p = secret_pattern(7);
+        let mut memory = alloc::vec![0u64; 3];
+        for _ in 0..5 {
+            memory.extend_from_slice(&p);
+        }
+        // A partial match before a real one, and the pattern's first word repeated.
+        memory.extend_from_slice(&[p[0], p[1], p[0], p[1], p[2], p[3], 9]);
+        assert_eq!(count_pattern(memory.iter().copied(), &p), 6);
+        assert_eq!(count_pattern(memory.iter().copied(), &secret_pattern(8)), 0);
+        assert_eq!(decode(SCAN, 7, 0), Hypercall::Scan(7));
     }
 
     #[test]

@@ -18,5 +18,6 @@ pub mod linux;
 pub mod memory;
 pub mod multiboot;
 pub mod platform;
+pub mod probe;
 pub mod terminal;
 pub mod vcpu;

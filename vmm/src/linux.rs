@@ -417,6 +417,15 @@ impl Kind for Linux {
                     hc::EFAULT
                 }
             }
+            Hypercall::Scan(seed) => {
+                let pattern = hc::secret_pattern(seed);
+                let count = hc::count_pattern(board.vm.ram.words().iter().copied(), &pattern);
+                crate::say!(
+                    "isolation scan: the pattern of seed {seed} occurs {count} times in the guest's {} MiB",
+                    board.vm.ram.size >> 20
+                );
+                count
+            }
             Hypercall::Invalid => hc::EINVAL,
             Hypercall::Unknown(_) => hc::ENOSYS,
         };

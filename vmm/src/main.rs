@@ -13,6 +13,9 @@ fn main() -> i64 {
     let name = vmm::platform::argument("name");
     if words().any(|w| w == "linux") {
         vmm::terminal::open(name.unwrap_or("linux"));
+        if words().any(|w| w == "probe-isolation") {
+            vmm::probe::run();
+        }
         vmm::linux::boot_linux()
     } else if words().any(|w| w == "multiboot") {
         vmm::terminal::open(name.unwrap_or("multiboot"));

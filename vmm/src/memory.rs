@@ -52,6 +52,14 @@ impl Ram {
         };
     }
 
+    /// All of it as words (read while the guest is stopped: the VMM's only vCPU is this
+    /// thread's).
+    pub fn words(&self) -> &[u64] {
+        // SAFETY: the allocation is `size` bytes at `base` (2 MiB aligned, so 8-byte aligned),
+        // mapped into this task for its lifetime; any bit pattern is a valid u64.
+        unsafe { core::slice::from_raw_parts(self.base as *const u64, (self.size / 8) as usize) }
+    }
+
     /// The (unaligned) word at guest-physical `gpa`, if inside.
     pub fn read_u64(&self, gpa: u64) -> Option<u64> {
         if !self.contains(gpa, 8) {

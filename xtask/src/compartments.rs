@@ -25,6 +25,7 @@
 //! priority = 100         # the VMM's L4 thread priority, 0..=100 (default: the kernel's, 100)
 //! restart = "never"      # "never" (the default) or "on-failure"
 //! restarts = 3           # with on-failure: at most this many restarts, 1..=100 (default 3)
+//! vmm_options = []       # extra VMM options for debugging and tests: "verbose", "probe-isolation"
 //! ```
 //!
 //! Paths are relative to the repository (or absolute); `scripts/build-linux.sh` makes the
@@ -81,6 +82,9 @@ const MAX_COMPARTMENTS: usize = 16;
 const DEFAULT_RESTARTS: i64 = 3;
 /// The most restarts.
 const MAX_RESTARTS: i64 = 100;
+/// The VMM options a compartment may add (`vmm_options`): its exits in detail, and the
+/// isolation probes (vmm/src/probe.rs).
+const VMM_OPTIONS: &[&str] = &["verbose", "probe-isolation"];
 /// The highest VMM priority: `ThreadSchedule` takes 0..=255 but at most the caller's own
 /// priority, and every thread, the root task's too, starts at 100 (kernel/docs/syscalls.md).
 const MAX_PRIORITY: i64 = 100;
@@ -144,6 +148,7 @@ struct RawFields {
     priority: Option<Spanned<i64>>,
     restart: Option<Spanned<String>>,
     restarts: Option<Spanned<i64>>,
+    vmm_options: Option<Spanned<Vec<String>>>,
 }
 
 /// A value and the line it is written on.
@@ -201,6 +206,7 @@ struct Fields {
     /// `Some(true)`: `restart = "on-failure"`.
     on_failure: Option<Located<bool>>,
     restarts: Option<Located<u32>>,
+    vmm_options: Option<Located<Vec<String>>>,
 }
 
 /// One compartment, checked.
@@ -218,6 +224,8 @@ struct Compartment {
     priority: Option<u8>,
     /// With `restart = "on-failure"`: at most this many restarts.
     restarts: Option<u32>,
+    /// Extra VMM options (debugging and tests).
+    vmm_options: Vec<String>,
 }
 
 /// A compartment file, checked (its kernel, initrd and disk image files are not looked at yet).
@@ -551,6 +559,7 @@ impl CompartmentFile {
                 args.push(format!("disk={}", size_text(bytes)));
             }
             args.push(format!("ram={}M", budget >> 20));
+            args.extend(c.vmm_options.iter().cloned());
             args.push("console=cons".into());
             if let Some(restarts) = c.restarts {
                 args.push(format!("restart={restarts}"));
@@ -801,6 +810,23 @@ fn fields(text: &str, at: &At, raw: &RawFields) -> Result<Fields, Error> {
             line: line(text, p),
         });
     }
+    if let Some(o) = &raw.vmm_options {
+        if let Some(bad) = o
+            .get_ref()
+            .iter()
+            .find(|v| !VMM_OPTIONS.contains(&v.as_str()))
+        {
+            return Err(at.error(
+                line(text, o),
+                "vmm_options",
+                format!("{bad:?} is not one of {VMM_OPTIONS:?}"),
+            ));
+        }
+        out.vmm_options = Some(Located {
+            value: o.get_ref().clone(),
+            line: line(text, o),
+        });
+    }
     if let Some(r) = &raw.restart {
         let on_failure = match r.get_ref().as_str() {
             "never" => false,
@@ -920,6 +946,8 @@ fn merge(
             pick(&own.restarts, &defaults.restarts)
                 .map_or(DEFAULT_RESTARTS as u32, |(r, _)| r.value)
         }),
+        vmm_options: pick(&own.vmm_options, &defaults.vmm_options)
+            .map_or(Vec::new(), |(o, _)| o.value.clone()),
     };
     let length = compartment.linux_cmdline().len();
     if length > MAX_LINUX_CMDLINE {
@@ -1452,6 +1480,23 @@ mod tests {
         );
         let e = error(&format!("[defaults]\nmemory = \"3G\"\n{ONE}"));
         assert!(e.starts_with("x.toml:2: defaults: memory: \"3G\""), "{e}");
+    }
+
+    #[test]
+    fn vmm_options_are_checked_and_passed_on() {
+        let root = with_linux("options");
+        let m = modules(
+            &format!("{ONE}vmm_options = [\"probe-isolation\"]\n"),
+            &root,
+        )
+        .unwrap();
+        assert!(vmm(&m, "a").args.contains(&"probe-isolation".to_string()));
+        let e = error(&format!("{ONE}vmm_options = [\"factory=1G\"]\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": vmm_options: \"factory=1G\" is not one of"),
+            "{e}"
+        );
+        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]
