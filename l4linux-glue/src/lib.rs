@@ -14,7 +14,10 @@
 //! virtqueues ([`virtio::queue`]) with indirect descriptors and EVENT_IDX, where every hostile
 //! ring or chain is an error value; the virtio-mmio version-2 transport ([`virtio::mmio`]) as an
 //! [`mmio::MmioDevice`] in front of a backend; a console ([`virtio::console`]) and a block
-//! device over a memory image ([`virtio::block`]). Not yet wired into the VMM.
+//! device over a memory image ([`virtio::block`]) and a network device that exchanges Ethernet
+//! frames with a backend ([`virtio::net`]). Not yet wired into the VMM. For networking between
+//! compartments: a single-producer, single-consumer frame ring over shared memory that
+//! treats its peer as hostile ([`netring`]).
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -36,6 +39,7 @@ pub mod lapic;
 pub mod mmio;
 pub mod mptable;
 pub mod multiboot;
+pub mod netring;
 pub mod platform;
 pub mod ports;
 pub mod test_device;

@@ -1,7 +1,8 @@
 //! Virtio 1.2 devices for a Linux guest over the virtio-mmio transport (version 2): split
 //! virtqueues ([`queue`]), the MMIO register block ([`mmio`]) that any [`mmio::VirtioBackend`]
-//! sits behind, and two backends, a console ([`console`]) and a block device over a memory
-//! image ([`block`]).
+//! sits behind, and three backends, a console ([`console`]), a block device over a memory
+//! image ([`block`]) and a network device that exchanges Ethernet frames with a backend
+//! ([`net`]).
 //!
 //! Linux finds each device from its command line (`virtio_mmio.device=4K@0xd0000000:5`): the
 //! VMM registers a [`mmio::VirtioMmio`] at that address on the [`crate::mmio::MmioBus`] and
@@ -10,6 +11,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 
 /// Feature bits common to all devices (virtio 1.2 §6).
@@ -40,6 +42,8 @@ pub mod status {
 
 /// Device IDs (virtio 1.2 §5).
 pub mod device_id {
+    /// Network device.
+    pub const NET: u32 = 1;
     /// Block device.
     pub const BLOCK: u32 = 2;
     /// Console.

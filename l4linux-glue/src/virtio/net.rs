@@ -1,0 +1,1149 @@
+//! A virtio network device (device ID 1, virtio 1.2 §5.1) with one receive and one transmit
+//! queue: queue 0 receives (host to guest), queue 1 transmits (guest to host); no control
+//! queue, no multiqueue, no offloads. Linux drives it with its own `virtio_net` driver.
+//!
+//! Features: `VIRTIO_NET_F_MAC` (the MAC address in the configuration space),
+//! `VIRTIO_NET_F_STATUS` (the link state; up unless [`VirtioNet::set_link`] takes it down) and
+//! `VIRTIO_NET_F_MTU` (1500, so that Linux refuses a larger MTU instead of sending frames this
+//! device drops), on top of the transport's `VIRTIO_F_VERSION_1`. With VERSION_1 every buffer
+//! starts with the 12-byte `virtio_net_hdr_v1` ([`HEADER_SIZE`]).
+//!
+//! Frames are Ethernet frames of [`MIN_FRAME`]`..=`[`MAX_FRAME`] bytes (no FCS, no jumbo
+//! frames), without the virtio header. They go through a [`NetBackend`]: the device hands it
+//! each frame the guest transmits and asks it for frames to receive. [`FramePort`] is a
+//! backend with two bounded [`FrameQueue`]s that the VMM drains and fills (the virtual switch
+//! link, or a second device wired back to back).
+//!
+//! Everything the guest hands over is checked, and a bad frame is dropped and counted in
+//! [`NetStats`], never fatal:
+//! * transmit: a chain with a device-writable buffer, a header shorter than 12 bytes, a header
+//!   asking for an offload (non-zero `flags` or `gso_type`: none was offered), or a frame
+//!   outside 14..=1514 bytes; the chain is returned with nothing written;
+//! * receive: a frame the backend offers outside 14..=1514 bytes is dropped without using a
+//!   buffer; a chain with a device-readable buffer is returned unused (length 0) and the frame
+//!   waits for the next one; a frame that does not fit the chain's writable bytes (header
+//!   included) is dropped and the chain returned with length 0, which Linux counts as a
+//!   length error (`rx_length_errors`) and reposts. Frames are never truncated.
+//!
+//! While no receive buffer is posted, frames wait in the backend ([`FramePort`]'s incoming
+//! queue holds [`FramePort::DEFAULT_CAPACITY`] frames by default, dropping the oldest and
+//! counting it). A broken queue (a buffer outside guest memory, a descriptor loop, an index
+//! jump) is a [`QueueError`] that puts the device in DEVICE_NEEDS_RESET, as for the other
+//! devices ([`super::mmio`]).
+
+use super::mmio::VirtioBackend;
+use super::queue::{Chain, Queue, QueueError};
+use super::{copy_config, device_id};
+use crate::guest_memory::GuestMemory;
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+
+/// The receive queue (host to guest).
+pub const RECEIVE_QUEUE: u16 = 0;
+/// The transmit queue (guest to host).
+pub const TRANSMIT_QUEUE: u16 = 1;
+/// Feature: the device reports its MTU in the configuration space.
+pub const F_MTU: u64 = 1 << 3;
+/// Feature: the device has a MAC address in the configuration space.
+pub const F_MAC: u64 = 1 << 5;
+/// Feature: the configuration space has a link status.
+pub const F_STATUS: u64 = 1 << 16;
+/// Link status bit: the link is up.
+pub const S_LINK_UP: u16 = 1;
+/// The MTU the device reports (Ethernet payload bytes).
+pub const MTU: u16 = 1500;
+/// The size of `virtio_net_hdr_v1` (flags, gso_type, hdr_len, gso_size, csum_start,
+/// csum_offset, num_buffers).
+pub const HEADER_SIZE: usize = 12;
+/// The smallest frame: an Ethernet header.
+pub const MIN_FRAME: usize = 14;
+/// The largest frame: an Ethernet header and an MTU of payload (no FCS).
+pub const MAX_FRAME: usize = 14 + MTU as usize;
+/// The maximum size of both queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Bytes of the configuration space (mac, status, max_virtqueue_pairs, mtu).
+pub const CONFIG_SIZE: usize = 12;
+
+/// Whether `length` is a frame size the device carries.
+pub fn frame_size_ok(length: usize) -> bool {
+    (MIN_FRAME..=MAX_FRAME).contains(&length)
+}
+
+/// Where frames go and come from.
+pub trait NetBackend {
+    /// The guest transmitted `frame` ([`MIN_FRAME`]`..=`[`MAX_FRAME`] bytes, the virtio
+    /// header removed).
+    fn transmit(&mut self, frame: &[u8]);
+
+    /// The oldest frame waiting for the guest, left in place.
+    fn peek_received(&self) -> Option<&[u8]>;
+
+    /// Remove the frame [`NetBackend::peek_received`] returned (it was delivered or dropped).
+    fn pop_received(&mut self);
+}
+
+/// A bounded queue of frames: when it is full, a new frame pushes out the oldest, which is
+/// counted in [`FrameQueue::dropped`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameQueue {
+    frames: VecDeque<Vec<u8>>,
+    capacity: usize,
+    dropped: u64,
+}
+
+impl FrameQueue {
+    /// An empty queue for at most `capacity` frames (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        FrameQueue {
+            frames: VecDeque::new(),
+            capacity: capacity.max(1),
+            dropped: 0,
+        }
+    }
+
+    /// Append a copy of `frame`, dropping the oldest frame if the queue is full.
+    pub fn push(&mut self, frame: &[u8]) {
+        if self.frames.len() >= self.capacity {
+            self.frames.pop_front();
+            self.dropped += 1;
+        }
+        self.frames.push_back(frame.to_vec());
+    }
+
+    /// The oldest frame.
+    pub fn front(&self) -> Option<&[u8]> {
+        self.frames.front().map(Vec::as_slice)
+    }
+
+    /// Remove and return the oldest frame.
+    pub fn pop(&mut self) -> Option<Vec<u8>> {
+        self.frames.pop_front()
+    }
+
+    /// Frames waiting.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether no frame waits.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// The most frames that wait.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Frames pushed out by newer ones.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+/// A backend of two bounded queues: frames the guest transmitted wait in `outgoing` until the
+/// VMM takes them ([`FramePort::take_transmitted`]), frames for the guest wait in `incoming`
+/// ([`FramePort::offer`]) until it posts receive buffers. Wiring two devices back to back is
+/// moving frames from one port's outgoing queue to the other's incoming queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FramePort {
+    outgoing: FrameQueue,
+    incoming: FrameQueue,
+}
+
+impl FramePort {
+    /// Frames each queue holds by default.
+    pub const DEFAULT_CAPACITY: usize = 256;
+
+    /// A port whose queues hold [`FramePort::DEFAULT_CAPACITY`] frames each.
+    pub fn new() -> Self {
+        FramePort::with_capacity(Self::DEFAULT_CAPACITY)
+    }
+
+    /// A port whose queues hold `capacity` frames each.
+    pub fn with_capacity(capacity: usize) -> Self {
+        FramePort {
+            outgoing: FrameQueue::new(capacity),
+            incoming: FrameQueue::new(capacity),
+        }
+    }
+
+    /// Queue `frame` for the guest (the oldest waiting frame is dropped if the queue is full;
+    /// a frame of a size the device does not carry is dropped when it is its turn).
+    pub fn offer(&mut self, frame: &[u8]) {
+        self.incoming.push(frame);
+    }
+
+    /// The oldest frame the guest transmitted that the VMM has not taken yet.
+    pub fn take_transmitted(&mut self) -> Option<Vec<u8>> {
+        self.outgoing.pop()
+    }
+
+    /// Frames the guest transmitted, waiting for the VMM.
+    pub fn outgoing(&self) -> &FrameQueue {
+        &self.outgoing
+    }
+
+    /// Frames waiting for the guest's receive buffers.
+    pub fn incoming(&self) -> &FrameQueue {
+        &self.incoming
+    }
+}
+
+impl Default for FramePort {
+    fn default() -> Self {
+        FramePort::new()
+    }
+}
+
+impl NetBackend for FramePort {
+    fn transmit(&mut self, frame: &[u8]) {
+        self.outgoing.push(frame);
+    }
+
+    fn peek_received(&self) -> Option<&[u8]> {
+        self.incoming.front()
+    }
+
+    fn pop_received(&mut self) {
+        self.incoming.pop();
+    }
+}
+
+/// What the device carried and what it dropped, and why.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames handed to the backend.
+    pub tx_frames: u64,
+    /// Their bytes (without virtio headers).
+    pub tx_bytes: u64,
+    /// Transmitted chains dropped because they had a device-writable buffer.
+    pub tx_bad_chain: u64,
+    /// Transmitted frames dropped because the header was short or asked for an offload.
+    pub tx_bad_header: u64,
+    /// Transmitted frames dropped because they were outside [`MIN_FRAME`]`..=`[`MAX_FRAME`].
+    pub tx_bad_size: u64,
+    /// Frames placed in receive buffers.
+    pub rx_frames: u64,
+    /// Their bytes (without virtio headers).
+    pub rx_bytes: u64,
+    /// Receive chains returned unused because they had a device-readable buffer.
+    pub rx_bad_chain: u64,
+    /// Frames from the backend dropped because they were outside
+    /// [`MIN_FRAME`]`..=`[`MAX_FRAME`].
+    pub rx_bad_size: u64,
+    /// Frames dropped because they did not fit the receive chain they were given.
+    pub rx_too_big: u64,
+}
+
+/// The network backend.
+pub struct VirtioNet<B> {
+    backend: B,
+    mac: [u8; 6],
+    link_up: bool,
+    generation: u32,
+    stats: NetStats,
+}
+
+impl<B: NetBackend> VirtioNet<B> {
+    /// A device with MAC address `mac`, the link up, exchanging frames with `backend`.
+    pub fn new(mac: [u8; 6], backend: B) -> Self {
+        VirtioNet {
+            backend,
+            mac,
+            link_up: true,
+            generation: 0,
+            stats: NetStats::default(),
+        }
+    }
+
+    /// The MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Whether the link is up.
+    pub fn link_up(&self) -> bool {
+        self.link_up
+    }
+
+    /// Take the link up or down (the driver is told with a configuration-change interrupt at
+    /// the next poll). Frames are carried either way; Linux stops transmitting while it is
+    /// down.
+    pub fn set_link(&mut self, up: bool) {
+        if self.link_up != up {
+            self.link_up = up;
+            self.generation = self.generation.wrapping_add(1);
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &NetStats {
+        &self.stats
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, writable (to offer frames or take transmitted ones; then poll the
+    /// device).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Check one transmitted chain and hand its frame to the backend, or count why not.
+    fn transmit_chain(
+        &mut self,
+        chain: &Chain,
+        memory: &dyn GuestMemory,
+    ) -> Result<(), QueueError> {
+        if chain.writable_length() != 0 {
+            self.stats.tx_bad_chain += 1;
+            return Ok(());
+        }
+        let total = chain.readable_length();
+        let mut header = [0u8; HEADER_SIZE];
+        if chain.read(memory, 0, &mut header)? < HEADER_SIZE {
+            self.stats.tx_bad_header += 1;
+            return Ok(());
+        }
+        // flags (byte 0) and gso_type (byte 1): no offload was offered, so both must be 0.
+        if header[0] != 0 || header[1] != 0 {
+            self.stats.tx_bad_header += 1;
+            return Ok(());
+        }
+        let length = total - HEADER_SIZE as u64;
+        let Some(length) = usize::try_from(length).ok().filter(|&l| frame_size_ok(l)) else {
+            self.stats.tx_bad_size += 1;
+            return Ok(());
+        };
+        let mut frame = [0u8; MAX_FRAME];
+        let frame = &mut frame[..length];
+        let copied = chain.read(memory, HEADER_SIZE as u64, frame)?;
+        debug_assert_eq!(copied, length);
+        self.backend.transmit(frame);
+        self.stats.tx_frames += 1;
+        self.stats.tx_bytes += length as u64;
+        Ok(())
+    }
+
+    fn transmit(
+        &mut self,
+        queue: &mut Queue,
+        memory: &mut dyn GuestMemory,
+    ) -> Result<(), QueueError> {
+        loop {
+            while let Some(chain) = queue.pop(&*memory)? {
+                self.transmit_chain(&chain, &*memory)?;
+                queue.add_used(memory, chain.head(), 0)?;
+            }
+            if !queue.enable_notification(memory)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Drop waiting frames of sizes the device does not carry; true if a good one waits.
+    fn next_frame_waits(&mut self) -> bool {
+        loop {
+            match self.backend.peek_received() {
+                None => return false,
+                Some(frame) if frame_size_ok(frame.len()) => return true,
+                Some(_) => {
+                    self.backend.pop_received();
+                    self.stats.rx_bad_size += 1;
+                }
+            }
+        }
+    }
+
+    /// Place the waiting frame in `chain`; returns the used length.
+    fn receive_chain(
+        &mut self,
+        chain: &Chain,
+        memory: &mut dyn GuestMemory,
+    ) -> Result<u32, QueueError> {
+        if chain.readable_length() != 0 {
+            // The frame waits for a proper buffer.
+            self.stats.rx_bad_chain += 1;
+            return Ok(0);
+        }
+        let Some(frame) = self.backend.peek_received() else {
+            return Ok(0);
+        };
+        let length = frame.len();
+        let needed = (HEADER_SIZE + length) as u64;
+        if chain.writable_length() < needed {
+            self.backend.pop_received();
+            self.stats.rx_too_big += 1;
+            return Ok(0);
+        }
+        let mut header = [0u8; HEADER_SIZE];
+        // num_buffers = 1; everything else 0 (no checksum or segmentation information).
+        header[10..12].copy_from_slice(&1u16.to_le_bytes());
+        chain.write(memory, 0, &header)?;
+        let written = chain.write(memory, HEADER_SIZE as u64, frame)?;
+        debug_assert_eq!(written, length);
+        self.backend.pop_received();
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += length as u64;
+        // At most 12 + 1514 bytes.
+        Ok(needed as u32)
+    }
+
+    fn receive(
+        &mut self,
+        queue: &mut Queue,
+        memory: &mut dyn GuestMemory,
+    ) -> Result<(), QueueError> {
+        loop {
+            while self.next_frame_waits() {
+                let Some(chain) = queue.pop(&*memory)? else {
+                    break;
+                };
+                let used = self.receive_chain(&chain, memory)?;
+                queue.add_used(memory, chain.head(), used)?;
+            }
+            if !self.next_frame_waits() || !queue.enable_notification(memory)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn work(
+        &mut self,
+        queues: &mut [Queue],
+        memory: &mut dyn GuestMemory,
+    ) -> Result<(), QueueError> {
+        if let Some(queue) = queues.get_mut(usize::from(TRANSMIT_QUEUE)) {
+            if queue.is_ready() {
+                self.transmit(queue, memory)?;
+            }
+        }
+        if let Some(queue) = queues.get_mut(usize::from(RECEIVE_QUEUE)) {
+            if queue.is_ready() {
+                self.receive(queue, memory)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B: NetBackend> VirtioBackend for VirtioNet<B> {
+    fn device_id(&self) -> u32 {
+        device_id::NET
+    }
+
+    fn features(&self) -> u64 {
+        F_MAC | F_STATUS | F_MTU
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; CONFIG_SIZE];
+        config[0..6].copy_from_slice(&self.mac);
+        let status = if self.link_up { S_LINK_UP } else { 0 };
+        config[6..8].copy_from_slice(&status.to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        config[10..12].copy_from_slice(&MTU.to_le_bytes());
+        copy_config(&config, offset, data);
+    }
+
+    fn config_generation(&self) -> u32 {
+        self.generation
+    }
+
+    fn reset(&mut self) {
+        // Waiting frames, the counters and the link state stay.
+    }
+
+    fn notify(
+        &mut self,
+        _queue: u16,
+        queues: &mut [Queue],
+        memory: &mut dyn GuestMemory,
+    ) -> Result<(), QueueError> {
+        self.work(queues, memory)
+    }
+
+    fn poll(
+        &mut self,
+        queues: &mut [Queue],
+        memory: &mut dyn GuestMemory,
+    ) -> Result<(), QueueError> {
+        self.work(queues, memory)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest_memory::VecMemory;
+    use crate::mmio::MmioDevice;
+    use crate::virtio::feature;
+    use crate::virtio::mmio::test_transport::*;
+    use crate::virtio::mmio::{
+        reg, VirtioMmio, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_BUFFER, TRANSPORT_FEATURES,
+    };
+    use crate::virtio::queue::test_driver::Driver;
+    use crate::virtio::queue::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+    use crate::virtio::status;
+
+    const RX: usize = RECEIVE_QUEUE as usize;
+    const TX: usize = TRANSMIT_QUEUE as usize;
+    /// Transmit buffers.
+    const TX_DATA: u64 = 0x8000;
+    /// Receive buffers: 16 of 2 KiB.
+    const RX_DATA: u64 = 0x10000;
+    const RX_BUFFER: u32 = 2048;
+    const MAC_A: [u8; 6] = [0x52, 0x54, 0x00, 0x4c, 0x34, 0x01];
+    const MAC_B: [u8; 6] = [0x52, 0x54, 0x00, 0x4c, 0x34, 0x02];
+    /// What Linux's driver accepts here.
+    const LINUX: u64 = feature::VERSION_1
+        | feature::RING_EVENT_IDX
+        | feature::RING_INDIRECT_DESC
+        | F_MAC
+        | F_STATUS
+        | F_MTU;
+
+    type Net = VirtioMmio<VirtioNet<FramePort>, VecMemory>;
+
+    fn net_with(mac: [u8; 6], port: FramePort, features: u64) -> (Net, Vec<Driver>) {
+        let mut d = VirtioMmio::new(VirtioNet::new(mac, port), VecMemory::new(0, 0x20000));
+        let drivers = bring_up(&mut d, features, 2, 16);
+        (d, drivers)
+    }
+
+    fn net(features: u64) -> (Net, Vec<Driver>) {
+        net_with(MAC_A, FramePort::new(), features)
+    }
+
+    /// Run `f` on a copy of the device's memory and put it back (the driver side).
+    fn guest(d: &mut Net, f: impl FnOnce(&mut VecMemory)) {
+        let mut m = d.memory().clone();
+        f(&mut m);
+        *d.memory_mut() = m;
+    }
+
+    /// A frame of `length` bytes: destination, source, EtherType 0x88b5 (local experimental),
+    /// then a pattern made of `seed`.
+    fn frame(length: usize, seed: u8) -> Vec<u8> {
+        let mut f: Vec<u8> = (0..length)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        let header = [MAC_B, MAC_A].concat();
+        let n = length.min(12);
+        f[..n].copy_from_slice(&header[..n]);
+        if length >= 14 {
+            f[12..14].copy_from_slice(&[0x88, 0xb5]);
+        }
+        f
+    }
+
+    /// A transmit header: Linux's (all zero) unless a test asks for offloads.
+    fn tx_header(flags: u8, gso_type: u8) -> [u8; HEADER_SIZE] {
+        let mut h = [0u8; HEADER_SIZE];
+        h[0] = flags;
+        h[1] = gso_type;
+        h
+    }
+
+    /// Queue a transmit chain of header + frame at `at` in one buffer; returns its head.
+    fn send(d: &mut Net, driver: &mut Driver, at: u64, header: &[u8], frame: &[u8]) -> u16 {
+        let mut head = 0;
+        guest(d, |m| {
+            m.write(at, header).unwrap();
+            m.write(at + header.len() as u64, frame).unwrap();
+            head = driver.add_chain(m, &[(at, (header.len() + frame.len()) as u32, false)]);
+        });
+        write(d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        head
+    }
+
+    /// Post receive buffer `i` (2 KiB at RX_DATA + 2 KiB * i) as Linux's small buffers do,
+    /// and ask for an interrupt at the next used buffer (`used_event`, as Linux's
+    /// `virtqueue_enable_cb` does; ignored without EVENT_IDX).
+    fn post(d: &mut Net, driver: &mut Driver, i: u64, length: u32) -> u16 {
+        let mut head = 0;
+        guest(d, |m| {
+            let used_event = driver.available + 4 + 2 * u64::from(driver.size);
+            m.write_u16(used_event, driver.used_index(m)).unwrap();
+            head = driver.add_chain(m, &[(RX_DATA + u64::from(RX_BUFFER) * i, length, true)]);
+        });
+        write(d, reg::QUEUE_NOTIFY, RECEIVE_QUEUE.into());
+        head
+    }
+
+    /// The header and frame in receive buffer `i`, `used` bytes long.
+    fn received(d: &Net, i: u64, used: u32) -> (Vec<u8>, Vec<u8>) {
+        let at = (RX_DATA + u64::from(RX_BUFFER) * i) as usize;
+        let bytes = &d.memory().bytes()[at..at + used as usize];
+        (bytes[..HEADER_SIZE].to_vec(), bytes[HEADER_SIZE..].to_vec())
+    }
+
+    fn transmitted(d: &mut Net) -> Vec<Vec<u8>> {
+        core::iter::from_fn(|| d.backend_mut().backend_mut().take_transmitted()).collect()
+    }
+
+    fn stats(d: &Net) -> NetStats {
+        *d.backend().stats()
+    }
+
+    #[test]
+    fn identity_features_and_config() {
+        let (mut d, _) = net(LINUX);
+        assert_eq!(read(&mut d, reg::DEVICE_ID), 1);
+        assert_eq!(device_features(&mut d), LINUX | TRANSPORT_FEATURES);
+        assert_eq!(d.read(reg::CONFIG, 4), 0x4c00_5452);
+        let mut mac = [0u8; 6];
+        for (i, b) in mac.iter_mut().enumerate() {
+            *b = d.read(reg::CONFIG + i as u64, 1) as u8;
+        }
+        assert_eq!(mac, MAC_A);
+        assert_eq!(d.read(reg::CONFIG + 6, 2), u64::from(S_LINK_UP));
+        assert_eq!(d.read(reg::CONFIG + 8, 2), 1, "max_virtqueue_pairs");
+        assert_eq!(d.read(reg::CONFIG + 10, 2), 1500, "mtu");
+        assert_eq!(d.read(reg::CONFIG + 12, 4), 0);
+        // Writes to the configuration space change nothing.
+        d.write(reg::CONFIG, 4, 0);
+        assert_eq!(d.backend().mac(), MAC_A);
+        // The link goes down and up with a configuration interrupt each.
+        d.backend_mut().set_link(false);
+        d.poll();
+        assert_eq!(take_interrupt(&mut d), INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(read(&mut d, reg::CONFIG_GENERATION), 1);
+        assert_eq!(d.read(reg::CONFIG + 6, 2), 0);
+        d.backend_mut().set_link(false);
+        d.poll();
+        assert!(!d.irq_level(), "no change, no interrupt");
+        d.backend_mut().set_link(true);
+        d.poll();
+        assert_eq!(take_interrupt(&mut d), INTERRUPT_CONFIG_CHANGE);
+        assert!(d.backend().link_up());
+        // A driver that wants features not offered (e.g. the control queue, bit 17) fails.
+        assert!(!negotiate(&mut d, LINUX | 1 << 17));
+        // The minimal driver: VERSION_1 alone works too.
+        let (d, _) = net(feature::VERSION_1);
+        assert_eq!(d.error(), None);
+    }
+
+    #[test]
+    fn transmit_hands_frames_to_the_backend() {
+        let (mut d, mut drivers) = net(LINUX);
+        let small = frame(MIN_FRAME, 1);
+        let big = frame(MAX_FRAME, 2);
+        let h0 = send(&mut d, &mut drivers[TX], TX_DATA, &tx_header(0, 0), &small);
+        assert_eq!(take_interrupt(&mut d), INTERRUPT_USED_BUFFER);
+        // Linux's layout when it cannot push the header: header, then the frame in pieces.
+        let mut h1 = 0;
+        guest(&mut d, |m| {
+            m.write(TX_DATA, &tx_header(0, 0)).unwrap();
+            m.write(TX_DATA + 0x100, &big[..100]).unwrap();
+            m.write(TX_DATA + 0x1000, &big[100..]).unwrap();
+            h1 = drivers[TX].add_chain(
+                m,
+                &[
+                    (TX_DATA, HEADER_SIZE as u32, false),
+                    (TX_DATA + 0x100, 100, false),
+                    (TX_DATA + 0x1000, (MAX_FRAME - 100) as u32, false),
+                ],
+            );
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert_eq!(transmitted(&mut d), [small, big]);
+        assert_eq!(drivers[TX].used_entry(d.memory(), 0), (h0.into(), 0));
+        assert_eq!(drivers[TX].used_entry(d.memory(), 1), (h1.into(), 0));
+        let s = stats(&d);
+        assert_eq!(
+            (s.tx_frames, s.tx_bytes),
+            (2, (MIN_FRAME + MAX_FRAME) as u64)
+        );
+        assert_eq!(
+            s,
+            NetStats {
+                tx_frames: 2,
+                tx_bytes: s.tx_bytes,
+                ..NetStats::default()
+            }
+        );
+        // num_buffers and the other fields are not looked at on transmit.
+        let mut header = tx_header(0, 0);
+        header[2..12].copy_from_slice(&[0xff; 10]);
+        send(&mut d, &mut drivers[TX], TX_DATA, &header, &frame(60, 3));
+        assert_eq!(transmitted(&mut d), [frame(60, 3)]);
+    }
+
+    #[test]
+    fn bad_transmit_frames_are_dropped_and_counted() {
+        let (mut d, mut drivers) = net(LINUX);
+        let good = frame(60, 7);
+        let tx = &mut drivers[TX];
+        // Offloads were not offered: NEEDS_CSUM (1), DATA_VALID (2), a GSO type.
+        send(&mut d, tx, TX_DATA, &tx_header(1, 0), &good);
+        send(&mut d, tx, TX_DATA, &tx_header(2, 0), &good);
+        send(&mut d, tx, TX_DATA, &tx_header(0, 1), &good);
+        send(&mut d, tx, TX_DATA, &tx_header(0, 0x80), &good);
+        // A header cut short, and nothing at all.
+        send(&mut d, tx, TX_DATA, &[0; 11], &[]);
+        send(&mut d, tx, TX_DATA, &[], &[]);
+        // Frames too short (13 bytes, a header alone) and too long (1515, jumbo).
+        send(&mut d, tx, TX_DATA, &tx_header(0, 0), &frame(13, 0));
+        send(&mut d, tx, TX_DATA, &tx_header(0, 0), &[]);
+        send(
+            &mut d,
+            tx,
+            TX_DATA,
+            &tx_header(0, 0),
+            &frame(MAX_FRAME + 1, 0),
+        );
+        send(&mut d, tx, TX_DATA, &tx_header(0, 0), &frame(9000, 0));
+        // A device-writable buffer in a transmit chain.
+        guest(&mut d, |m| {
+            m.write(TX_DATA, &tx_header(0, 0)).unwrap();
+            m.write(TX_DATA + 12, &good).unwrap();
+            tx.add_chain(m, &[(TX_DATA, 72, false), (TX_DATA + 0x1000, 16, true)]);
+            tx.add_chain(m, &[(TX_DATA, 72, true)]);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert!(transmitted(&mut d).is_empty());
+        assert_eq!(d.error(), None, "bad frames are not fatal");
+        assert_eq!(
+            drivers[TX].used_index(d.memory()),
+            12,
+            "every chain is returned"
+        );
+        for slot in 0..12 {
+            assert_eq!(drivers[TX].used_entry(d.memory(), slot).1, 0);
+        }
+        let s = stats(&d);
+        assert_eq!(
+            (s.tx_bad_header, s.tx_bad_size, s.tx_bad_chain, s.tx_frames),
+            (6, 4, 2, 0)
+        );
+        // The device goes on.
+        send(&mut d, &mut drivers[TX], TX_DATA, &tx_header(0, 0), &good);
+        assert_eq!(transmitted(&mut d), [good]);
+    }
+
+    #[test]
+    fn received_frames_fill_posted_buffers() {
+        let (mut d, mut drivers) = net(LINUX);
+        let frames = [frame(MIN_FRAME, 1), frame(98, 2), frame(MAX_FRAME, 3)];
+        for f in &frames {
+            d.backend_mut().backend_mut().offer(f);
+        }
+        // No buffers posted yet: the frames wait.
+        d.poll();
+        assert_eq!(d.backend().backend().incoming().len(), 3);
+        assert!(!d.irq_level());
+        // Linux's small buffers: 12 + 1518 bytes, one descriptor each.
+        let full = (HEADER_SIZE + MAX_FRAME + 4) as u32;
+        let heads: Vec<u16> = (0..2)
+            .map(|i| post(&mut d, &mut drivers[RX], i, full))
+            .collect();
+        assert_eq!(d.backend().backend().incoming().len(), 1);
+        assert_eq!(take_interrupt(&mut d), INTERRUPT_USED_BUFFER);
+        for (i, f) in frames[..2].iter().enumerate() {
+            let (id, used) = drivers[RX].used_entry(d.memory(), i as u16);
+            assert_eq!(
+                (id, used),
+                (heads[i].into(), (HEADER_SIZE + f.len()) as u32)
+            );
+            let (header, bytes) = received(&d, i as u64, used);
+            assert_eq!(
+                header,
+                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+                "num_buffers = 1"
+            );
+            assert_eq!(&bytes, f);
+        }
+        // A chain split over two buffers, exactly as long as header + frame.
+        let at = RX_DATA + 2 * u64::from(RX_BUFFER);
+        guest(&mut d, |m| {
+            drivers[RX].add_chain(
+                m,
+                &[
+                    (at, 7, true),
+                    (at + 7, (HEADER_SIZE + MAX_FRAME) as u32 - 7, true),
+                ],
+            );
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, RECEIVE_QUEUE.into());
+        let used = drivers[RX].used_entry(d.memory(), 2).1;
+        assert_eq!(used, (HEADER_SIZE + MAX_FRAME) as u32);
+        assert_eq!(received(&d, 2, used).1, frames[2]);
+        // A frame offered while buffers wait arrives at the next poll.
+        post(&mut d, &mut drivers[RX], 3, full);
+        take_interrupt(&mut d);
+        d.backend_mut().backend_mut().offer(&frame(200, 9));
+        d.poll();
+        assert_eq!(take_interrupt(&mut d), INTERRUPT_USED_BUFFER);
+        let used = drivers[RX].used_entry(d.memory(), 3).1;
+        assert_eq!(received(&d, 3, used).1, frame(200, 9));
+        let s = stats(&d);
+        assert_eq!(
+            (s.rx_frames, s.rx_too_big, s.rx_bad_chain, s.rx_bad_size),
+            (4, 0, 0, 0)
+        );
+        assert_eq!(s.rx_bytes, (MIN_FRAME + 98 + MAX_FRAME + 200) as u64);
+    }
+
+    #[test]
+    fn frames_that_do_not_fit_are_dropped_not_truncated() {
+        let (mut d, mut drivers) = net(LINUX);
+        let port = d.backend_mut().backend_mut();
+        port.offer(&frame(100, 1));
+        port.offer(&frame(50, 2));
+        // 12 + 99 bytes: one short for the first frame.
+        let short = post(&mut d, &mut drivers[RX], 0, HEADER_SIZE as u32 + 99);
+        assert_eq!(drivers[RX].used_entry(d.memory(), 0), (short.into(), 0));
+        assert_eq!(stats(&d).rx_too_big, 1);
+        assert_eq!(
+            d.backend().backend().incoming().len(),
+            1,
+            "the next frame waits"
+        );
+        assert!(d.memory().bytes()[RX_DATA as usize..][..111]
+            .iter()
+            .all(|&b| b == 0));
+        // A buffer that holds the header alone is no use either.
+        post(&mut d, &mut drivers[RX], 1, HEADER_SIZE as u32);
+        assert_eq!(stats(&d).rx_too_big, 2);
+        assert!(d.backend().backend().incoming().is_empty());
+        // Exactly enough is enough.
+        d.backend_mut().backend_mut().offer(&frame(50, 3));
+        post(&mut d, &mut drivers[RX], 2, HEADER_SIZE as u32 + 50);
+        assert_eq!(drivers[RX].used_entry(d.memory(), 2).1, 62);
+        assert_eq!(received(&d, 2, 62).1, frame(50, 3));
+        assert_eq!(d.error(), None);
+    }
+
+    #[test]
+    fn bad_receive_chains_and_frames() {
+        let (mut d, mut drivers) = net(LINUX);
+        // Sizes the device does not carry are dropped without using a buffer.
+        let port = d.backend_mut().backend_mut();
+        port.offer(&[0; 13]);
+        port.offer(&[]);
+        port.offer(&frame(MAX_FRAME + 1, 0));
+        port.offer(&frame(64, 4));
+        // A receive chain with a device-readable buffer is returned unused; the frame waits.
+        let rx = &mut drivers[RX];
+        let mut bad = 0;
+        guest(&mut d, |m| {
+            bad = rx.add_chain(m, &[(RX_DATA, 16, false), (RX_DATA + 16, 2000, true)]);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, RECEIVE_QUEUE.into());
+        assert_eq!(drivers[RX].used_entry(d.memory(), 0), (bad.into(), 0));
+        let s = stats(&d);
+        assert_eq!((s.rx_bad_size, s.rx_bad_chain, s.rx_frames), (3, 1, 0));
+        assert_eq!(d.backend().backend().incoming().len(), 1);
+        post(&mut d, &mut drivers[RX], 1, RX_BUFFER);
+        let used = drivers[RX].used_entry(d.memory(), 1).1;
+        assert_eq!(received(&d, 1, used).1, frame(64, 4));
+        assert_eq!(d.error(), None);
+    }
+
+    #[test]
+    fn waiting_frames_are_bounded_oldest_dropped() {
+        let port = FramePort::with_capacity(4);
+        let (mut d, mut drivers) = net_with(MAC_A, port, LINUX);
+        for i in 0..6 {
+            d.backend_mut().backend_mut().offer(&frame(60, i));
+        }
+        d.poll();
+        let incoming = d.backend().backend().incoming();
+        assert_eq!(
+            (incoming.len(), incoming.dropped(), incoming.capacity()),
+            (4, 2, 4)
+        );
+        for i in 0..4 {
+            post(&mut d, &mut drivers[RX], i, RX_BUFFER);
+        }
+        for i in 0..4u8 {
+            let used = drivers[RX].used_entry(d.memory(), i.into()).1;
+            assert_eq!(
+                received(&d, i.into(), used).1,
+                frame(60, i + 2),
+                "the oldest two went"
+            );
+        }
+        // The outgoing side is bounded the same way when the VMM does not drain it.
+        for i in 0..6 {
+            send(
+                &mut d,
+                &mut drivers[TX],
+                TX_DATA,
+                &tx_header(0, 0),
+                &frame(60, i),
+            );
+        }
+        let outgoing = d.backend().backend().outgoing();
+        assert_eq!((outgoing.len(), outgoing.dropped()), (4, 2));
+        assert_eq!(transmitted(&mut d)[0], frame(60, 2));
+        assert_eq!(FrameQueue::new(0).capacity(), 1);
+        assert_eq!(
+            FramePort::default().incoming().capacity(),
+            FramePort::DEFAULT_CAPACITY
+        );
+    }
+
+    #[test]
+    fn hostile_transmit_queues_break_the_device() {
+        // A buffer outside guest memory.
+        let (mut d, mut drivers) = net(LINUX);
+        guest(&mut d, |m| {
+            drivers[TX].add_chain(m, &[(0x1f_fff0, 0x100, false)]);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert!(matches!(
+            d.error(),
+            Some(QueueError::BufferOutOfRange { .. })
+        ));
+        assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(take_interrupt(&mut d), INTERRUPT_CONFIG_CHANGE);
+        // A descriptor loop.
+        let (mut d, mut drivers) = net(LINUX);
+        guest(&mut d, |m| {
+            drivers[TX].set_descriptor(m, 0, TX_DATA, 12, DESC_F_NEXT, 1);
+            drivers[TX].set_descriptor(m, 1, TX_DATA, 60, DESC_F_NEXT, 0);
+            drivers[TX].publish(m, 0);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert_eq!(d.error(), Some(QueueError::ChainTooLong));
+        // Huge lengths: one past memory, two that add up past 4 GiB.
+        let (mut d, mut drivers) = net(LINUX);
+        guest(&mut d, |m| {
+            drivers[TX].add_chain(m, &[(TX_DATA, u32::MAX, false)]);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert!(matches!(
+            d.error(),
+            Some(QueueError::BufferOutOfRange { .. })
+        ));
+        let (mut d, mut drivers) = net(LINUX);
+        guest(&mut d, |m| {
+            drivers[TX].set_descriptor(m, 0, TX_DATA, 0x1000, DESC_F_NEXT, 1);
+            drivers[TX].set_descriptor(m, 1, TX_DATA, u32::MAX - 0xfff, 0, 0);
+            drivers[TX].publish(m, 0);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert_eq!(d.error(), Some(QueueError::LengthOverflow));
+        // A bad indirect table, an index past the table, an available index jump.
+        let (mut d, mut drivers) = net(LINUX);
+        guest(&mut d, |m| {
+            drivers[TX].set_descriptor(m, 0, 0x1f_fff0, 32, DESC_F_INDIRECT, 0);
+            drivers[TX].publish(m, 0);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert!(matches!(
+            d.error(),
+            Some(QueueError::BadIndirectTable { .. })
+        ));
+        let (mut d, mut drivers) = net(LINUX);
+        guest(&mut d, |m| drivers[TX].publish(m, 16));
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert_eq!(d.error(), Some(QueueError::DescriptorIndex(16)));
+        let (mut d, drivers) = net(LINUX);
+        guest(&mut d, |m| {
+            m.write_u16(drivers[TX].available + 2, 17).unwrap()
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert!(matches!(
+            d.error(),
+            Some(QueueError::AvailableIndexJump { .. })
+        ));
+        assert!(transmitted(&mut d).is_empty());
+        // After a reset the device works again.
+        write(&mut d, reg::STATUS, 0);
+        d.memory_mut().bytes_mut().fill(0);
+        let mut drivers = bring_up(&mut d, LINUX, 2, 16);
+        send(
+            &mut d,
+            &mut drivers[TX],
+            TX_DATA,
+            &tx_header(0, 0),
+            &frame(60, 0),
+        );
+        assert_eq!(transmitted(&mut d), [frame(60, 0)]);
+    }
+
+    #[test]
+    fn hostile_receive_queues_break_the_device() {
+        // A looping receive chain is looked at only once a frame waits.
+        let (mut d, mut drivers) = net(LINUX);
+        guest(&mut d, |m| {
+            drivers[RX].set_descriptor(m, 0, RX_DATA, 1, DESC_F_NEXT | DESC_F_WRITE, 1);
+            drivers[RX].set_descriptor(m, 1, RX_DATA, 1, DESC_F_NEXT | DESC_F_WRITE, 0);
+            drivers[RX].publish(m, 0);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, RECEIVE_QUEUE.into());
+        assert_eq!(d.error(), None);
+        d.backend_mut().backend_mut().offer(&frame(60, 0));
+        d.poll();
+        assert_eq!(d.error(), Some(QueueError::ChainTooLong));
+        assert_eq!(stats(&d).rx_frames, 0);
+        // A receive buffer outside guest memory.
+        let (mut d, mut drivers) = net(LINUX);
+        d.backend_mut().backend_mut().offer(&frame(60, 0));
+        guest(&mut d, |m| {
+            drivers[RX].add_chain(m, &[(0x1f_f000, 0x2000, true)]);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, RECEIVE_QUEUE.into());
+        assert!(matches!(
+            d.error(),
+            Some(QueueError::BufferOutOfRange { .. })
+        ));
+        // The frame is still there for the device after its reset.
+        assert_eq!(d.backend().backend().incoming().len(), 1);
+    }
+
+    /// Move every frame `from` transmitted to `to`'s incoming queue, as the switch will.
+    fn wire(from: &mut Net, to: &mut Net) -> usize {
+        let mut n = 0;
+        while let Some(f) = from.backend_mut().backend_mut().take_transmitted() {
+            to.backend_mut().backend_mut().offer(&f);
+            n += 1;
+        }
+        to.poll();
+        n
+    }
+
+    #[test]
+    fn two_devices_back_to_back() {
+        let (mut a, mut da) = net_with(MAC_A, FramePort::new(), LINUX);
+        let (mut b, mut db) = net_with(MAC_B, FramePort::new(), feature::VERSION_1 | F_MAC);
+        for i in 0..16 {
+            post(&mut a, &mut da[RX], i, RX_BUFFER);
+            post(&mut b, &mut db[RX], i, RX_BUFFER);
+        }
+        let sizes = [MIN_FRAME, 42, 60, 64, 577, 1000, MAX_FRAME - 1, MAX_FRAME];
+        let mut received_by_b = 0u16;
+        let mut received_by_a = 0u16;
+        for round in 0..4u8 {
+            for (k, &size) in sizes.iter().enumerate() {
+                let seed = round * 16 + k as u8;
+                // A to B.
+                let f = frame(size, seed);
+                send(&mut a, &mut da[TX], TX_DATA, &tx_header(0, 0), &f);
+                assert_eq!(wire(&mut a, &mut b), 1);
+                let (id, used) = db[RX].used_entry(b.memory(), received_by_b);
+                assert_eq!(used as usize, HEADER_SIZE + size);
+                let (header, bytes) = received(&b, u64::from(id), used);
+                assert_eq!(header[10..12], [1, 0]);
+                assert_eq!(bytes, f, "round {round}, {size} bytes, A to B");
+                received_by_b += 1;
+                // Give the buffer back, as Linux reposts one.
+                post(&mut b, &mut db[RX], u64::from(id), RX_BUFFER);
+                // B to A, the frame reversed in the payload.
+                let mut g = frame(size, seed ^ 0xff);
+                g[14..].reverse();
+                send(&mut b, &mut db[TX], TX_DATA, &tx_header(0, 0), &g);
+                assert_eq!(wire(&mut b, &mut a), 1);
+                let (id, used) = da[RX].used_entry(a.memory(), received_by_a);
+                assert_eq!(received(&a, u64::from(id), used).1, g, "B to A");
+                received_by_a += 1;
+                post(&mut a, &mut da[RX], u64::from(id), RX_BUFFER);
+            }
+        }
+        for d in [&a, &b] {
+            let s = stats(d);
+            assert_eq!((s.tx_frames, s.rx_frames), (32, 32));
+            assert_eq!(s.tx_bytes, s.rx_bytes);
+            assert_eq!(d.error(), None);
+        }
+        // A burst larger than the posted buffers: the rest waits, then arrives in order.
+        let burst: Vec<Vec<u8>> = (0..24).map(|i| frame(100 + i, i as u8)).collect();
+        for f in &burst {
+            send(&mut a, &mut da[TX], TX_DATA, &tx_header(0, 0), f);
+        }
+        assert_eq!(wire(&mut a, &mut b), 24);
+        assert_eq!(b.backend().backend().incoming().len(), 8);
+        let mut got = Vec::new();
+        for _ in 0..24 {
+            let (id, used) = db[RX].used_entry(b.memory(), received_by_b);
+            got.push(received(&b, u64::from(id), used).1);
+            received_by_b += 1;
+            post(&mut b, &mut db[RX], u64::from(id), RX_BUFFER);
+        }
+        assert_eq!(got, burst);
+        assert!(b.backend().backend().incoming().is_empty());
+    }
+
+    /// Random descriptor chains never panic the device, never hand the backend a bad frame,
+    /// and every call returns.
+    #[test]
+    fn random_chains() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..300 {
+            let (mut d, drivers) = net(LINUX);
+            let mut m = d.memory().clone();
+            for queue in [RX, TX] {
+                for i in 0..16u16 {
+                    let address = match random() % 8 {
+                        0 => random(),
+                        _ => TX_DATA + random() % 0x18000,
+                    };
+                    let length = match random() % 4 {
+                        0 => random() as u32,
+                        1 => (random() % 2000) as u32,
+                        _ => (random() % 100) as u32,
+                    };
+                    let flags = (random() % 8) as u16;
+                    let next = (random() % 20) as u16;
+                    drivers[queue].set_descriptor(&mut m, i, address, length, flags, next);
+                }
+                for slot in 0..16u64 {
+                    m.write_u16(
+                        drivers[queue].available + 4 + 2 * slot,
+                        (random() % 18) as u16,
+                    )
+                    .unwrap();
+                }
+                m.write_u16(drivers[queue].available + 2, (random() % 20) as u16)
+                    .unwrap();
+            }
+            // Plausible headers at the start of the data area.
+            m.write(TX_DATA, &[0; 12]).unwrap();
+            *d.memory_mut() = m;
+            for i in 0..20 {
+                d.backend_mut()
+                    .backend_mut()
+                    .offer(&frame((random() % 1600) as usize, i));
+            }
+            write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+            write(&mut d, reg::QUEUE_NOTIFY, RECEIVE_QUEUE.into());
+            d.poll();
+            for f in transmitted(&mut d) {
+                assert!(frame_size_ok(f.len()));
+            }
+        }
+    }
+
+    #[test]
+    fn frame_queue_basics() {
+        let mut q = FrameQueue::new(2);
+        assert!(q.is_empty());
+        q.push(b"one");
+        q.push(b"two");
+        q.push(b"three");
+        assert_eq!((q.len(), q.dropped()), (2, 1));
+        assert_eq!(q.front(), Some(&b"two"[..]));
+        assert_eq!(q.pop().as_deref(), Some(&b"two"[..]));
+        assert_eq!(q.pop().as_deref(), Some(&b"three"[..]));
+        assert_eq!(q.pop(), None);
+        assert!(!frame_size_ok(13) && frame_size_ok(14) && frame_size_ok(1514));
+        assert!(!frame_size_ok(1515));
+    }
+}
