@@ -92,7 +92,10 @@ impl HostConsole {
     /// the receive FIFO and acknowledge the line).
     pub fn handle(&mut self, message: &Received) -> bool {
         let irq = match self.source {
-            Source::Server if message.tag.label() == LABEL_IRQ => {
+            Source::Server
+                if message.tag.label() == LABEL_IRQ
+                    && message.badge == slots::CONSOLE_NOTIFY_BADGE =>
+            {
                 crate::terminal::fetch();
                 self.take_server_input();
                 return true;

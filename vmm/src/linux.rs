@@ -28,6 +28,7 @@ use l4linux_glue::uart8250::{self, Uart8250};
 use l4linux_glue::virtio::block::VirtioBlock;
 use l4linux_glue::virtio::console::VirtioConsole;
 use l4linux_glue::virtio::mmio::VirtioMmio;
+use l4linux_glue::virtio::net::{FramePort, VirtioNet};
 
 /// Guest RAM when the arguments name no size (`mem=SIZE`).
 const DEFAULT_RAM: u64 = 128 << 20;
@@ -76,8 +77,11 @@ const CONSOLE_WINDOW: u64 = VIRTIO_BASE;
 const CONSOLE_IRQ: u8 = 5;
 const BLOCK_WINDOW: u64 = VIRTIO_BASE + 0x1000;
 const BLOCK_IRQ: u8 = 6;
+const NET_WINDOW: u64 = VIRTIO_BASE + 0x2000;
+const NET_IRQ: u8 = 7;
 
 type Console = VirtioMmio<VirtioConsole<Vec<u8>>, GuestRam>;
+type NetDevice = VirtioMmio<VirtioNet<FramePort>, GuestRam>;
 type Block = VirtioMmio<VirtioBlock<&'static mut [u8]>, GuestRam>;
 
 /// Boot the Linux named by the data modules; returns the compartment's exit status (0: it
@@ -114,6 +118,8 @@ pub fn boot_linux() -> i64 {
     };
     // The devices this VMM gives every compartment, announced as Linux's virtio-mmio driver
     // expects them without ACPI or a device tree.
+    // A network port where the arguments ask for one (`net=SWITCH`).
+    let net = crate::net::NetPort::attach();
     // A block device only where the arguments ask for one (`disk=SIZE` or a `disk` module).
     let wants_disk = size_argument("disk").is_some() || l4::rt::blob("disk").is_some();
     let mut cmdline =
@@ -121,6 +127,11 @@ pub fn boot_linux() -> i64 {
     if wants_disk {
         cmdline.push_str(&alloc::format!(
             " virtio_mmio.device=4K@{BLOCK_WINDOW:#x}:{BLOCK_IRQ}"
+        ));
+    }
+    if net.is_some() {
+        cmdline.push_str(&alloc::format!(
+            " virtio_mmio.device=4K@{NET_WINDOW:#x}:{NET_IRQ}"
         ));
     }
     let cmdline = cmdline.as_str();
@@ -176,6 +187,13 @@ pub fn boot_linux() -> i64 {
             memory,
         )))
     });
+    let net = net.map(|port| {
+        let device = Rc::new(RefCell::new(VirtioMmio::new(
+            VirtioNet::new(port.mac, FramePort::new()),
+            memory,
+        )));
+        (port, device)
+    });
     let mut bus = MmioBus::new();
     if bus
         .register(
@@ -186,6 +204,12 @@ pub fn boot_linux() -> i64 {
         .and_then(|()| match &block {
             Some(block) => {
                 bus.register(BLOCK_WINDOW, 0x1000, alloc::boxed::Box::new(block.clone()))
+            }
+            None => Ok(()),
+        })
+        .and_then(|()| match &net {
+            Some((_, device)) => {
+                bus.register(NET_WINDOW, 0x1000, alloc::boxed::Box::new(device.clone()))
             }
             None => Ok(()),
         })
@@ -252,6 +276,7 @@ pub fn boot_linux() -> i64 {
             phase_start: (ExitCounts::default(), boot_tsc),
             virtio_console: console,
             block,
+            net,
             input_to_hvc: cmdline.split_whitespace().any(|w| w == "console=hvc0"),
         },
     };
@@ -322,6 +347,8 @@ struct Linux {
     phase_start: (ExitCounts, u64),
     virtio_console: Rc<RefCell<Console>>,
     block: Option<Rc<RefCell<Block>>>,
+    /// The network port and the guest's virtio-net device on it.
+    net: Option<(crate::net::NetPort, Rc<RefCell<NetDevice>>)>,
     /// Console input goes to the virtio console (the guest's console is hvc0), not COM1.
     input_to_hvc: bool,
 }
@@ -339,6 +366,13 @@ impl Kind for Linux {
     fn break_line(&mut self) {
         let markers = &mut self.markers;
         self.log.break_line(&mut |line| markers.line(line));
+    }
+
+    /// The switch's notification: frames wait (the next poll takes them).
+    fn message(&mut self, message: &l4::ipc::Received) -> bool {
+        message.tag.label() == l4::abi::LABEL_IRQ
+            && message.badge == l4::abi::slots::NET_NOTIFY_BADGE
+            && self.net.is_some()
     }
 
     fn log(&mut self) -> &mut ConsoleLog {
@@ -390,6 +424,12 @@ impl Kind for Linux {
             board
                 .platform
                 .set_irq(BLOCK_IRQ.into(), block.borrow().irq_level());
+        }
+        if let Some((port, device)) = &mut self.net {
+            let mut device = device.borrow_mut();
+            port.pump(device.backend_mut().backend_mut());
+            device.poll();
+            board.platform.set_irq(NET_IRQ.into(), device.irq_level());
         }
     }
 

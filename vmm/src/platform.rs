@@ -166,6 +166,10 @@ pub trait Kind {
     fn break_line(&mut self);
     /// The console's line log (to show held-back output).
     fn log(&mut self) -> &mut crate::console_log::ConsoleLog;
+    /// A message for the vCPU thread that the console did not take: whether the kind did.
+    fn message(&mut self, _message: &l4::ipc::Received) -> bool {
+        false
+    }
     /// Before each entry and while halted: move input into devices, drive interrupt lines.
     fn poll(&mut self, _board: &mut Board) {}
     /// Right after each exit, before its handler.
@@ -316,7 +320,8 @@ impl<K: Kind> Compartment<K> {
                 .board
                 .console
                 .as_mut()
-                .is_some_and(|c| c.handle(&message));
+                .is_some_and(|c| c.handle(&message))
+                || self.kind.message(&message);
             if !handled {
                 self.say(format_args!(
                     "unexpected message (label {}) ignored",

@@ -26,6 +26,8 @@
 //! restart = "never"      # "never" (the default) or "on-failure"
 //! restarts = 3           # with on-failure: at most this many restarts, 1..=100 (default 3)
 //! vmm_options = []       # extra VMM options for debugging and tests: "verbose", "probe-isolation"
+//! switch = "lan"         # a virtio-net port (eth0) on the virtual switch of this name
+//! ip = "10.0.0.1/24"     # the guest's address on it (not inherited from [defaults])
 //! ```
 //!
 //! Paths are relative to the repository (or absolute); `scripts/build-linux.sh` makes the
@@ -149,6 +151,8 @@ struct RawFields {
     restart: Option<Spanned<String>>,
     restarts: Option<Spanned<i64>>,
     vmm_options: Option<Spanned<Vec<String>>>,
+    switch: Option<Spanned<String>>,
+    ip: Option<Spanned<String>>,
 }
 
 /// A value and the line it is written on.
@@ -207,6 +211,8 @@ struct Fields {
     on_failure: Option<Located<bool>>,
     restarts: Option<Located<u32>>,
     vmm_options: Option<Located<Vec<String>>>,
+    switch: Option<Located<String>>,
+    ip: Option<Located<String>>,
 }
 
 /// One compartment, checked.
@@ -226,6 +232,9 @@ struct Compartment {
     restarts: Option<u32>,
     /// Extra VMM options (debugging and tests).
     vmm_options: Vec<String>,
+    /// The switch its network port is on, and the guest's address there.
+    switch: Option<String>,
+    ip: Option<String>,
 }
 
 /// A compartment file, checked (its kernel, initrd and disk image files are not looked at yet).
@@ -519,6 +528,13 @@ impl CompartmentFile {
                 args: vec!["vmm".into(), "data".into()],
             },
         ];
+        if self.compartments.iter().any(|c| c.switch.is_some()) {
+            modules.push(Module {
+                name: "netsw".into(),
+                source: Source::Binary("netsw".into()),
+                args: vec!["netsw".into(), "data".into()],
+            });
+        }
         for (path, name, _) in &files {
             modules.push(Module {
                 name: name.clone(),
@@ -534,6 +550,26 @@ impl CompartmentFile {
                 .map(|c| format!("client={}", c.name)),
         );
         let mut tasks = vec![("cons", console, None)];
+        // One switch task per switch name, in the order of first use: its ports and the RAM
+        // for their rings (2 MiB each).
+        let mut switches: Vec<(&str, Vec<String>)> = Vec::new();
+        for c in &self.compartments {
+            if let Some(switch) = &c.switch {
+                match switches.iter_mut().find(|(name, _)| name == switch) {
+                    Some((_, ports)) => ports.push(c.name.clone()),
+                    None => switches.push((switch, vec![c.name.clone()])),
+                }
+            }
+        }
+        for (switch, ports) in &switches {
+            let mut args = vec![
+                format!("sw.{switch}"),
+                "service".into(),
+                format!("ram={}M", ports.len() * 2),
+            ];
+            args.extend(ports.iter().map(|p| format!("port={p}")));
+            tasks.push(("netsw", args, None));
+        }
         let mut budgets = 0;
         for (c, (kernel, initrd, image)) in self.compartments.iter().zip(uses) {
             let cmdline_module = format!("{}.cmdline", c.name);
@@ -561,6 +597,9 @@ impl CompartmentFile {
             args.push(format!("ram={}M", budget >> 20));
             args.extend(c.vmm_options.iter().cloned());
             args.push("console=cons".into());
+            if let Some(switch) = &c.switch {
+                args.push(format!("net=sw.{switch}"));
+            }
             if let Some(restarts) = c.restarts {
                 args.push(format!("restart={restarts}"));
             }
@@ -634,6 +673,9 @@ impl Compartment {
             Console::TtyS0 => TTYS0_CMDLINE,
         };
         let mut line = format!("{base} l4.name={}", self.name);
+        if let Some(ip) = &self.ip {
+            line.push_str(&format!(" l4.ip={ip}"));
+        }
         if !self.cmdline.is_empty() {
             line.push(' ');
             line.push_str(&self.cmdline);
@@ -810,6 +852,44 @@ fn fields(text: &str, at: &At, raw: &RawFields) -> Result<Fields, Error> {
             line: line(text, p),
         });
     }
+    if let Some(w) = &raw.switch {
+        let name = w.get_ref();
+        let mut chars = name.chars();
+        let well_formed = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && name.len() <= 16;
+        if !well_formed {
+            return Err(at.error(
+                line(text, w),
+                "switch",
+                format!(
+                    "{name:?}: give 1 to 16 lower-case letters, digits and `-`, a letter first"
+                ),
+            ));
+        }
+        out.switch = Some(Located {
+            value: name.clone(),
+            line: line(text, w),
+        });
+    }
+    if let Some(a) = &raw.ip {
+        let text_ip = a.get_ref();
+        let valid = text_ip.split_once('/').is_some_and(|(address, prefix)| {
+            address.parse::<std::net::Ipv4Addr>().is_ok()
+                && prefix.parse::<u8>().is_ok_and(|p| (1..=32).contains(&p))
+        });
+        if !valid {
+            return Err(at.error(
+                line(text, a),
+                "ip",
+                format!("{text_ip:?}: give an IPv4 address and prefix, e.g. \"10.0.0.1/24\""),
+            ));
+        }
+        out.ip = Some(Located {
+            value: text_ip.clone(),
+            line: line(text, a),
+        });
+    }
     if let Some(o) = &raw.vmm_options {
         if let Some(bad) = o
             .get_ref()
@@ -948,7 +1028,12 @@ fn merge(
         }),
         vmm_options: pick(&own.vmm_options, &defaults.vmm_options)
             .map_or(Vec::new(), |(o, _)| o.value.clone()),
+        switch: pick(&own.switch, &defaults.switch).map(|(w, _)| w.value.clone()),
+        ip: own.ip.as_ref().map(|a| a.value.clone()),
     };
+    if let (Some(a), None) = (&own.ip, &compartment.switch) {
+        return Err(at.error(a.line, "ip", "needs a `switch` for the port"));
+    }
     let length = compartment.linux_cmdline().len();
     if length > MAX_LINUX_CMDLINE {
         let line = pick(&own.cmdline, &defaults.cmdline).map_or(header, |(c, _)| c.line);
@@ -1480,6 +1565,41 @@ mod tests {
         );
         let e = error(&format!("[defaults]\nmemory = \"3G\"\n{ONE}"));
         assert!(e.starts_with("x.toml:2: defaults: memory: \"3G\""), "{e}");
+    }
+
+    #[test]
+    fn ports_on_a_switch_become_a_switch_task() {
+        let root = with_linux("switch");
+        let text = "[[compartment]]\nname = \"a\"\nswitch = \"lan\"\nip = \"10.0.0.1/24\"\n\
+                    [[compartment]]\nname = \"b\"\nswitch = \"lan\"\n\
+                    [[compartment]]\nname = \"c\"\nswitch = \"dmz\"\n[[compartment]]\nname = \"d\"\n";
+        let m = modules(text, &root).unwrap();
+        assert!(m.iter().any(|m| m.source == Source::Binary("netsw".into())));
+        let list = launch(&m);
+        assert!(
+            list.contains("task sw.lan netsw service ram=4M port=a port=b\n"),
+            "{list}"
+        );
+        assert!(
+            list.contains("task sw.dmz netsw service ram=2M port=c\n"),
+            "{list}"
+        );
+        assert!(vmm(&m, "a").args.contains(&"net=sw.lan".to_string()));
+        assert!(!vmm(&m, "d").args.iter().any(|a| a.starts_with("net=")));
+        assert!(launch_text(&m, "a.cmdline").ends_with(" l4.ip=10.0.0.1/24"));
+        let e = error(&format!("{ONE}ip = \"10.0.0.1/24\"\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": ip: needs a `switch`"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}switch = \"lan\"\nip = \"10.0.0.300/24\"\n"));
+        assert!(
+            e.contains("ip: \"10.0.0.300/24\": give an IPv4 address"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}switch = \"L A N\"\n"));
+        assert!(e.contains("switch: \"L A N\""), "{e}");
+        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]

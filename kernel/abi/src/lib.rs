@@ -334,6 +334,16 @@ pub mod slots {
     pub const CONSOLE_CLIENTS: u64 = 448;
     /// The most console clients a server can have.
     pub const MAX_CONSOLE_CLIENTS: u64 = 64;
+    /// A network client's gate to its switch (the root task's `net=SWITCH`).
+    pub const NET: u64 = 10;
+    /// A switch's notification IRQ of port `k` is in slot `NET_PORTS + k`.
+    pub const NET_PORTS: u64 = 384;
+    /// The most ports a switch can have.
+    pub const MAX_NET_PORTS: u64 = 64;
+    /// The badge of the console notification IRQ (the word a client's IRQ message carries).
+    pub const CONSOLE_NOTIFY_BADGE: u64 = 0xc0;
+    /// The badge of the network notification IRQ.
+    pub const NET_NOTIFY_BADGE: u64 = 0xe0;
     /// First slot free for the task's own use.
     pub const FIRST_FREE: u64 = 16;
 }

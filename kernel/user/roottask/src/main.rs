@@ -16,6 +16,8 @@
 //!   list it as `client=NAME`: a gate to the server (slot `CONSOLE`, badge = its position in
 //!   that list + 1) and a software IRQ attached to its first thread, which the server holds in
 //!   slot `CONSOLE_CLIENTS + position` to tell it that input waits;
+//! - `net=SWITCH` likewise makes it a port of the switch task SWITCH (`port=NAME`): gate in
+//!   slot `NET`, notification IRQ in the switch's slot `NET_PORTS + position`;
 //! - `priority=P` its first thread's priority (at most the root task's, 100);
 //! - `service`: a server that runs for good; the machine powers off when all other tasks end;
 //! - `restart=N`: if it fails (exits with a non-zero code, raises an unhandled exception or is
@@ -74,8 +76,10 @@ struct Child {
     ram: Vec<u64>,
     running: bool,
     /// `console=SERVER`: the server's name, and our slot of its notification IRQ once made.
-    console: Option<String>,
-    console_irq: Option<u64>,
+    /// `console=SERVER` and `net=SWITCH`: the servers' names, and our slots of the
+    /// notification IRQs once made (they outlive a restart).
+    services: [Option<String>; 2],
+    notify_irqs: [Option<u64>; 2],
     service: bool,
     /// Restarts left (`restart=N`), done so far, and when the next one is due (TSC).
     restarts_left: u32,
@@ -409,10 +413,13 @@ fn build(
         .iter()
         .find_map(|o| o.strip_prefix("peer="))
         .map(String::from);
-    let console = options
-        .iter()
-        .find_map(|o| o.strip_prefix("console="))
-        .map(String::from);
+    let service = |prefix: &str| {
+        options
+            .iter()
+            .find_map(|o| o.strip_prefix(prefix))
+            .map(String::from)
+    };
+    let services = [service("console="), service("net=")];
     if cmdline.len() >= l4::rt::ARGUMENTS_SIZE {
         return Err(alloc::format!(
             "creating {name}: its arguments are {} bytes, at most {} fit",
@@ -438,8 +445,8 @@ fn build(
         ram_budget,
         ram: Vec::new(),
         running: false,
-        console,
-        console_irq: None,
+        services,
+        notify_irqs: [None, None],
         service,
         restarts_left,
         restarts: 0,
@@ -534,80 +541,143 @@ fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, slots_: &mut Sl
 
 /// Give child `i` its gates to other children (`peer=`, `console=`) and its console
 /// notification IRQ.
+/// A service a child may be a client of: the console server (`console=SERVER`, clients
+/// listed as `client=NAME`) or a network switch (`net=SWITCH`, ports `port=NAME`).
+struct Service {
+    what: &'static str,
+    /// The server's option that lists its clients.
+    list: &'static str,
+    /// Where the client finds its gate to the server.
+    client_slot: u64,
+    /// Where the server finds client `k`'s notification IRQ: `server_slots + k`.
+    server_slots: u64,
+    max_clients: u64,
+    /// The badge of the notification's IRQ messages.
+    badge: u64,
+}
+
+const CONSOLE_SERVICE: Service = Service {
+    what: "console server",
+    list: "client=",
+    client_slot: slots::CONSOLE,
+    server_slots: slots::CONSOLE_CLIENTS,
+    max_clients: slots::MAX_CONSOLE_CLIENTS,
+    badge: slots::CONSOLE_NOTIFY_BADGE,
+};
+
+const NET_SERVICE: Service = Service {
+    what: "switch",
+    list: "port=",
+    client_slot: slots::NET,
+    server_slots: slots::NET_PORTS,
+    max_clients: slots::MAX_NET_PORTS,
+    badge: slots::NET_NOTIFY_BADGE,
+};
+
+/// Give child `i` a gate (badge `badge`, in its slot `slot`) to child `j`'s first thread.
+fn gate_to(
+    children: &mut [Child],
+    i: usize,
+    j: usize,
+    badge: u64,
+    slot: u64,
+    slots_: &mut Slots,
+) -> Result<(), Error> {
+    let gate = slots_.take();
+    // Ours stays while the child lives: deleting it would revoke the child's copy.
+    children[i].made.push(gate);
+    sys::factory_create(
+        slots::FACTORY,
+        ObjectKind::Gate,
+        gate,
+        children[j].thread,
+        badge,
+    )
+    .and_then(|()| sys::cap_copy(children[i].task, gate, slot, rights::SEND, 0))
+}
+
+/// Give child `i` its gates to other children (`peer=`, `console=`, `net=`) and its
+/// notification IRQs.
 fn wire(children: &mut [Child], i: usize, slots_: &mut Slots, software_lines: &mut u64) {
-    let gate_to = |children: &mut [Child], j: usize, badge: u64, slot: u64, slots_: &mut Slots| {
-        let gate = slots_.take();
-        // Ours stays while the child lives: deleting it would revoke the child's copy.
-        children[i].made.push(gate);
-        sys::factory_create(
-            slots::FACTORY,
-            ObjectKind::Gate,
-            gate,
-            children[j].thread,
-            badge,
-        )
-        .and_then(|()| sys::cap_copy(children[i].task, gate, slot, rights::SEND, 0))
-    };
     if let Some(peer) = children[i].peer.clone() {
         match children.iter().position(|c| c.name == peer) {
             Some(j) => {
-                if let Err(e) = gate_to(children, j, 0x1000 + i as u64, slots::PEER, slots_) {
+                if let Err(e) = gate_to(children, i, j, 0x1000 + i as u64, slots::PEER, slots_) {
                     println!("[root] wiring {} to {peer}: {e}", children[i].name);
                 }
             }
             None => println!("[root] {}: no peer named {peer}", children[i].name),
         }
     }
-    let Some(server) = children[i].console.clone() else {
-        return;
-    };
+    for (n, service) in [CONSOLE_SERVICE, NET_SERVICE].iter().enumerate() {
+        if let Some(server) = children[i].services[n].clone() {
+            wire_service(children, i, n, service, &server, slots_, software_lines);
+        }
+    }
+}
+
+/// Make child `i` a client of `server`, the `service` (number `n` of the child's).
+fn wire_service(
+    children: &mut [Child],
+    i: usize,
+    n: usize,
+    service: &Service,
+    server: &str,
+    slots_: &mut Slots,
+    software_lines: &mut u64,
+) {
     let name = children[i].name.clone();
+    let what = service.what;
     let Some(j) = children.iter().position(|c| c.name == server) else {
-        println!("[root] {name}: no console server named {server}");
+        println!("[root] {name}: no {what} named {server}");
         return;
     };
     let (_, server_options) = module_name(children[j].module_cmdline);
     let Some(k) = server_options
         .iter()
-        .filter_map(|o| o.strip_prefix("client="))
+        .filter_map(|o| o.strip_prefix(service.list))
         .position(|c| c == name)
-        .filter(|&k| (k as u64) < slots::MAX_CONSOLE_CLIENTS)
+        .filter(|&k| (k as u64) < service.max_clients)
     else {
-        println!("[root] {name}: console server {server} does not list it (client={name})");
+        println!(
+            "[root] {name}: {what} {server} does not list it ({}{name})",
+            service.list
+        );
         return;
     };
-    if let Err(e) = gate_to(children, j, k as u64 + 1, slots::CONSOLE, slots_) {
+    if let Err(e) = gate_to(children, i, j, k as u64 + 1, service.client_slot, slots_) {
         println!("[root] wiring {name} to {server}: {e}");
         return;
     }
     // The notification IRQ: made once, attached to each new first thread of the client.
-    let irq = match children[i].console_irq {
+    let irq = match children[i].notify_irqs[n] {
         Some(irq) => irq,
         None => {
             let irq = slots_.take();
             let line = 32 + *software_lines;
-            let made = sys::factory_create(slots::PLATFORM, ObjectKind::Irq, irq, line, 0)
-                .and_then(|()| {
-                    sys::cap_copy(
-                        children[j].task,
-                        irq,
-                        slots::CONSOLE_CLIENTS + k as u64,
-                        rights::ALL,
-                        0,
-                    )
-                });
+            let made =
+                sys::factory_create(slots::PLATFORM, ObjectKind::Irq, irq, line, service.badge)
+                    .and_then(|()| {
+                        sys::cap_copy(
+                            children[j].task,
+                            irq,
+                            service.server_slots + k as u64,
+                            rights::ALL,
+                            0,
+                        )
+                    });
             if let Err(e) = made {
-                println!("[root] {name}: no console notification: {e}");
+                println!("[root] {name}: no {what} notification: {e}");
                 slots_.release(irq);
                 return;
             }
             *software_lines += 1;
-            children[i].console_irq = Some(irq);
+            children[i].notify_irqs[n] = Some(irq);
             irq
         }
     };
     if let Err(e) = sys::irq_control(irq, IrqOp::Attach, children[i].thread) {
-        println!("[root] {name}: attaching its console notification: {e}");
+        println!("[root] {name}: attaching its {what} notification: {e}");
     }
 }
 
@@ -807,7 +877,7 @@ fn main() -> i64 {
                     c.restarts_left,
                     c.restarts,
                 );
-                let console_irq = c.console_irq;
+                let notify_irqs = c.notify_irqs;
                 // Everything the child had is destroyed by now: its factory must hold
                 // nothing, and the kernel's books must balance.
                 let held = c
@@ -830,7 +900,7 @@ fn main() -> i64 {
                     Ok(mut child) => {
                         child.restarts_left = restarts_left;
                         child.restarts = restarts;
-                        child.console_irq = console_irq;
+                        child.notify_irqs = notify_irqs;
                         children[i] = child;
                         wire(&mut children, i, &mut slots_, &mut software_lines);
                         if !start(&mut children[i]) {

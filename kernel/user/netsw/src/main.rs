@@ -1,0 +1,220 @@
+//! The virtual Ethernet switch. Its ports are compartments' VMMs (`port=NAME` once per port, in
+//! the order of the badges `1..` of their gates, which the root task gives each VMM with
+//! `net=SWITCH`). A port's memory is the switch's own (2 MiB from its RAM budget, `ram=`),
+//! mapped into the VMM when it attaches ([`vmm::net`]): the ring from the VMM in its first
+//! MiB, the ring to it in its second. A kick makes the switch forward what waits in a port's
+//! ring: it learns the source MAC address's port, sends a frame for a known address to that
+//! port only and floods the others (broadcast, multicast, unknown) to every other attached
+//! port, then triggers the notification IRQ of each port that got frames. Only ports of this
+//! switch can reach each other; a second switch task is a second, separate network.
+//!
+//! Everything in a ring is untrusted: `l4linux_glue::netring` checks indices and lengths, a
+//! full ring drops the frame (counted), and one kick forwards at most one ring's worth of
+//! frames, so that a flooding port cannot keep the switch from the others.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+use l4::abi::{slots, Fpage, IrqOp, MapItem, MessageTag, Timeouts};
+use l4::{ipc, println, sys};
+use l4linux_glue::netring::{self, Consumer, Producer, RingLayout};
+use vmm::net::{FROM_SWITCH, LABEL_NET_ATTACH, LABEL_NET_KICK, PORT_BYTES};
+use vmm::shared::SharedRegion;
+
+/// Where the ports' memory lives in the switch (port k at `PORTS + k * PORT_BYTES`).
+const PORTS: u64 = 0x0000_5c00_0000_0000;
+/// MAC addresses learned at most (the oldest is forgotten first).
+const TABLE: usize = 256;
+
+struct Port {
+    from_vmm: Consumer<SharedRegion>,
+    to_vmm: Producer<SharedRegion>,
+    forwarded: u64,
+    dropped: u64,
+    errors: u64,
+}
+
+struct Switch {
+    names: Vec<&'static str>,
+    ports: Vec<Option<Port>>,
+    /// Which port has the memory already (from the RAM service).
+    memory: Vec<bool>,
+    /// Learned addresses: MAC and port.
+    table: Vec<([u8; 6], usize)>,
+}
+
+/// The MAC address of port `k`: locally administered, unique on this switch.
+fn mac_of(k: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x4c, 0x34, k as u8 + 1]
+}
+
+impl Switch {
+    /// Give port `k` fresh rings; returns the map item of its memory.
+    fn attach(&mut self, k: usize) -> Option<MapItem> {
+        let base = PORTS + k as u64 * PORT_BYTES;
+        if !self.memory[k] {
+            if let Err(e) = l4::parent::request_ram(base, PORT_BYTES) {
+                println!("[netsw] no memory for port {}: {e:?}", self.names[k]);
+                return None;
+            }
+            self.memory[k] = true;
+        }
+        let layout = RingLayout::ethernet();
+        // SAFETY: the RAM service mapped PORT_BYTES at `base` into this task for good; only
+        // this port's two regions refer to it.
+        let (mut from, mut to) = unsafe {
+            (
+                SharedRegion::new(base, FROM_SWITCH as usize),
+                SharedRegion::new(base + FROM_SWITCH, (PORT_BYTES - FROM_SWITCH) as usize),
+            )
+        };
+        netring::initialize(&mut from, layout).ok()?;
+        netring::initialize(&mut to, layout).ok()?;
+        self.ports[k] = Some(Port {
+            from_vmm: Consumer::new(from, layout).ok()?,
+            to_vmm: Producer::new(to, layout).ok()?,
+            forwarded: 0,
+            dropped: 0,
+            errors: 0,
+        });
+        // A new VMM on the port: forget what was learned there.
+        self.table.retain(|&(_, port)| port != k);
+        Some(MapItem::map(
+            0,
+            Fpage::memory(base, 21, Fpage::READ | Fpage::WRITE),
+        ))
+    }
+
+    fn learn(&mut self, mac: [u8; 6], k: usize) {
+        if mac[0] & 1 != 0 {
+            return; // never a source: multicast
+        }
+        if let Some(entry) = self.table.iter_mut().find(|(m, _)| *m == mac) {
+            entry.1 = k;
+            return;
+        }
+        if self.table.len() >= TABLE {
+            self.table.remove(0);
+        }
+        self.table.push((mac, k));
+    }
+
+    /// Forward what waits from port `k`; returns the ports that got frames (bit per port).
+    fn forward(&mut self, k: usize) -> u64 {
+        let mut woken = 0;
+        let slots = RingLayout::ethernet().slots();
+        let mut frame = [0u8; 2048];
+        for _ in 0..slots {
+            let Some(port) = self.ports[k].as_mut() else {
+                break;
+            };
+            let length = match port.from_vmm.pop() {
+                Ok(Some(bytes)) if bytes.len() >= 14 && bytes.len() <= frame.len() => {
+                    frame[..bytes.len()].copy_from_slice(bytes);
+                    bytes.len()
+                }
+                Ok(Some(_)) => {
+                    port.errors += 1;
+                    continue;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    port.errors += 1;
+                    break;
+                }
+            };
+            let frame = &frame[..length];
+            let destination: [u8; 6] = frame[..6].try_into().expect("14 bytes at least");
+            let source: [u8; 6] = frame[6..12].try_into().expect("14 bytes at least");
+            self.learn(source, k);
+            let known = self
+                .table
+                .iter()
+                .find(|(m, _)| *m == destination)
+                .map(|&(_, p)| p);
+            for target in 0..self.ports.len() {
+                if target == k || known.is_some_and(|p| p != target) {
+                    continue;
+                }
+                if let Some(out) = self.ports[target].as_mut() {
+                    match out.to_vmm.push(frame) {
+                        Ok(()) => {
+                            out.forwarded += 1;
+                            woken |= 1 << target;
+                        }
+                        Err(_) => out.dropped += 1,
+                    }
+                }
+            }
+        }
+        woken
+    }
+}
+
+fn main() -> i64 {
+    let names: Vec<&'static str> = l4::rt::arguments()
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("port="))
+        .collect();
+    if names.is_empty() || names.len() > slots::MAX_NET_PORTS as usize {
+        println!(
+            "[netsw] give 1 to {} ports (port=NAME)",
+            slots::MAX_NET_PORTS
+        );
+        return 1;
+    }
+    println!("[netsw] {} ports: {}", names.len(), names.join(" "));
+    let mut switch = Switch {
+        ports: names.iter().map(|_| None).collect(),
+        memory: names.iter().map(|_| false).collect(),
+        names,
+        table: Vec::new(),
+    };
+    let mut reply: Option<(MessageTag, [u64; 3])> = None;
+    loop {
+        let next = match reply.take() {
+            Some((tag, words)) => ipc::reply_wait(tag, &words, Timeouts::INFINITE),
+            None => ipc::wait(Timeouts::INFINITE),
+        };
+        let Ok(message) = next else {
+            continue;
+        };
+        let k = message.badge.wrapping_sub(1) as usize;
+        if k >= switch.ports.len() {
+            reply = Some((MessageTag::new(-1, 0, 0), [0; 3]));
+            continue;
+        }
+        match message.tag.label() {
+            LABEL_NET_ATTACH => {
+                reply = Some(match switch.attach(k) {
+                    Some(item) => {
+                        let mut mac = [0u8; 8];
+                        mac[..6].copy_from_slice(&mac_of(k));
+                        println!("[netsw] port {} attached", switch.names[k]);
+                        (
+                            MessageTag::new(0, 1, 1),
+                            [u64::from_le_bytes(mac), item.control, item.fpage.0],
+                        )
+                    }
+                    None => (MessageTag::new(-1, 0, 0), [0; 3]),
+                });
+            }
+            LABEL_NET_KICK if switch.ports[k].is_some() => {
+                let woken = switch.forward(k);
+                // Answer the kick first, then wake the ports that got frames.
+                reply = Some((MessageTag::new(0, 0, 0), [0; 3]));
+                for target in 0..switch.ports.len() {
+                    if woken & (1 << target) != 0 {
+                        let _ =
+                            sys::irq_control(slots::NET_PORTS + target as u64, IrqOp::Trigger, 0);
+                    }
+                }
+            }
+            _ => reply = Some((MessageTag::new(-1, 0, 0), [0; 3])),
+        }
+    }
+}
+
+l4::main!(main);
