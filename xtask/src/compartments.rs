@@ -1225,6 +1225,11 @@ mod tests {
                 args: data("vmm"),
             },
             Module {
+                name: "netsw".into(),
+                source: Source::Binary("netsw".into()),
+                args: data("netsw"),
+            },
+            Module {
                 name: "f1".into(),
                 source: Source::File(root.join("target/linux/bzImage")),
                 args: data("f1"),
@@ -1240,16 +1245,17 @@ mod tests {
                     [
                         LAUNCH_HEADER,
                         "text alpha.cmdline console=hvc0 earlycon=uart8250,io,0x3f8 quiet \
-                         panic=-1 printk.time=1 l4.name=alpha\n",
+                         panic=-1 printk.time=1 l4.name=alpha l4.ip=10.0.0.1/24\n",
                         "text beta.cmdline console=hvc0 earlycon=uart8250,io,0x3f8 quiet \
-                         panic=-1 printk.time=1 l4.name=beta\n",
+                         panic=-1 printk.time=1 l4.name=beta l4.ip=10.0.0.2/24\n",
                         "task cons cons service io=0x3f8/3 irq=4 client=alpha client=beta\n",
+                        "task sw.lan netsw service ram=4M port=alpha port=beta\n",
                         "task alpha vmm factory=8M blob=linux:f1 blob=initrd:f2 \
                          blob=cmdline:alpha.cmdline linux name=alpha mem=128M disk=16M \
-                         ram=160M console=cons\n",
+                         ram=160M console=cons net=sw.lan\n",
                         "task beta vmm factory=8M blob=linux:f1 blob=initrd:f2 \
                          blob=cmdline:beta.cmdline linux name=beta mem=128M ram=144M \
-                         console=cons\n",
+                         console=cons net=sw.lan\n",
                     ]
                     .concat(),
                 ),
