@@ -13,32 +13,10 @@ use l4::abi::{slots, IrqOp, ObjectKind, LABEL_IRQ};
 use l4::ipc::Received;
 use l4::sys;
 
-const COM1: u16 = 0x3f8;
-const IER: u16 = 1;
-const LSR: u16 = 5;
-const LSR_DATA_READY: u8 = 1;
-const IER_RECEIVE: u8 = 1;
-const COM1_LINE: u64 = 4;
+const COM1_LINE: u64 = l4::com1::LINE;
 /// Bytes kept for the guest before the oldest are dropped (the guest reads them as its UART
 /// FIFO drains).
 const CAPACITY: usize = 4096;
-
-fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: the root task mapped COM1's ports into this task (checked by `open`); reading a
-    // UART register has no effect on memory.
-    unsafe {
-        core::arch::asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack))
-    };
-    value
-}
-
-fn outb(port: u16, value: u8) {
-    // SAFETY: as for `inb`; the only register written is the interrupt enable register.
-    unsafe {
-        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
-    };
-}
 
 /// Where the input comes from.
 enum Source {
@@ -76,11 +54,7 @@ impl HostConsole {
         let irq = l4::thread::alloc_slot();
         sys::factory_create(slots::PLATFORM, ObjectKind::Irq, irq, COM1_LINE, 0).ok()?;
         sys::irq_control(irq, IrqOp::Attach, slots::SELF_THREAD).ok()?;
-        // Drop what was typed before we were ready, then enable the receive interrupt.
-        while inb(COM1 + LSR) & LSR_DATA_READY != 0 {
-            inb(COM1);
-        }
-        outb(COM1 + IER, IER_RECEIVE);
+        l4::com1::open();
         Some(HostConsole {
             source: Source::Com1 { irq },
             input: VecDeque::new(),
@@ -107,8 +81,7 @@ impl HostConsole {
             }
             _ => return false,
         };
-        while inb(COM1 + LSR) & LSR_DATA_READY != 0 {
-            let byte = inb(COM1);
+        while let Some(byte) = l4::com1::read() {
             if self.input.len() >= CAPACITY {
                 self.input.pop_front();
                 self.dropped += 1;

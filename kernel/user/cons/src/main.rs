@@ -20,29 +20,6 @@ use cons_mux::{Mux, Stream};
 use l4::abi::{slots, IrqOp, MessageTag, Timeouts, LABEL_IRQ};
 use l4::{ipc, println, sys};
 
-const COM1: u16 = 0x3f8;
-const IER: u16 = 1;
-const LSR: u16 = 5;
-const LSR_DATA_READY: u8 = 1;
-const IER_RECEIVE: u8 = 1;
-
-fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: used only when the arguments say the root task mapped COM1's ports into this
-    // task (`io=0x3f8/3`); reading a UART register does not touch memory.
-    unsafe {
-        core::arch::asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack))
-    };
-    value
-}
-
-fn outb(port: u16, value: u8) {
-    // SAFETY: as for `inb`; only the interrupt enable register is written.
-    unsafe {
-        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
-    };
-}
-
 /// Write terminal bytes through the kernel's console.
 fn write(out: &mut Vec<u8>) {
     for chunk in out.chunks(256) {
@@ -79,11 +56,7 @@ fn main() -> i64 {
     let mut mux = Mux::new(&names);
     let mut out = Vec::new();
     if keyboard {
-        // Drop what was typed before we were ready, then enable the receive interrupt.
-        while inb(COM1 + LSR) & LSR_DATA_READY != 0 {
-            inb(COM1);
-        }
-        outb(COM1 + IER, IER_RECEIVE);
+        l4::com1::open();
         mux.help(&mut out);
     } else {
         mux.notice(
@@ -108,8 +81,9 @@ fn main() -> i64 {
         match message.tag.label() {
             LABEL_IRQ if keyboard => {
                 let mut typed = Vec::new();
-                while inb(COM1 + LSR) & LSR_DATA_READY != 0 && typed.len() < 4096 {
-                    typed.push(inb(COM1));
+                while typed.len() < 4096 {
+                    let Some(byte) = l4::com1::read() else { break };
+                    typed.push(byte);
                 }
                 let _ = sys::irq_control(slots::IRQ, IrqOp::Acknowledge, 0);
                 let woken = mux.keyboard(&typed, &mut out);

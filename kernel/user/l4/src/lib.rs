@@ -7,6 +7,7 @@
 extern crate alloc;
 
 pub mod child;
+pub mod com1;
 pub mod ipc;
 pub mod kip;
 #[cfg(target_os = "linux")]
