@@ -40,6 +40,7 @@ pub mod mmio;
 pub mod mptable;
 pub mod multiboot;
 pub mod netring;
+pub mod netswitch;
 pub mod platform;
 pub mod ports;
 pub mod test_device;

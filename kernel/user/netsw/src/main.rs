@@ -8,7 +8,8 @@
 //! port, then triggers the notification IRQ of each port that got frames. Only ports of this
 //! switch can reach each other; a second switch task is a second, separate network.
 //!
-//! Everything in a ring is untrusted: `l4linux_glue::netring` checks indices and lengths, a
+//! The forwarding decision is `l4linux_glue::netswitch` (host-tested). Everything in a ring is
+//! untrusted: `l4linux_glue::netring` checks indices and lengths, a
 //! full ring drops the frame (counted), and one kick forwards at most one ring's worth of
 //! frames, so that a flooding port cannot keep the switch from the others.
 #![no_std]
@@ -20,6 +21,7 @@ use alloc::vec::Vec;
 use l4::abi::{slots, Fpage, IrqOp, MapItem, MessageTag, Timeouts};
 use l4::{ipc, println, sys};
 use l4linux_glue::netring::{self, Consumer, Producer, RingLayout};
+use l4linux_glue::netswitch::{Destinations, MacTable};
 use vmm::net::{FROM_SWITCH, LABEL_NET_ATTACH, LABEL_NET_KICK, PORT_BYTES};
 use vmm::shared::SharedRegion;
 
@@ -41,8 +43,8 @@ struct Switch {
     ports: Vec<Option<Port>>,
     /// Which port has the memory already (from the RAM service).
     memory: Vec<bool>,
-    /// Learned addresses: MAC and port.
-    table: Vec<([u8; 6], usize)>,
+    /// Learned addresses.
+    table: MacTable,
 }
 
 /// The MAC address of port `k`: locally administered, unique on this switch.
@@ -80,25 +82,11 @@ impl Switch {
             errors: 0,
         });
         // A new VMM on the port: forget what was learned there.
-        self.table.retain(|&(_, port)| port != k);
+        self.table.forget_port(k);
         Some(MapItem::map(
             0,
             Fpage::memory(base, 21, Fpage::READ | Fpage::WRITE),
         ))
-    }
-
-    fn learn(&mut self, mac: [u8; 6], k: usize) {
-        if mac[0] & 1 != 0 {
-            return; // never a source: multicast
-        }
-        if let Some(entry) = self.table.iter_mut().find(|(m, _)| *m == mac) {
-            entry.1 = k;
-            return;
-        }
-        if self.table.len() >= TABLE {
-            self.table.remove(0);
-        }
-        self.table.push((mac, k));
     }
 
     /// Forward what waits from port `k`; returns the ports that got frames (bit per port).
@@ -126,16 +114,14 @@ impl Switch {
                 }
             };
             let frame = &frame[..length];
-            let destination: [u8; 6] = frame[..6].try_into().expect("14 bytes at least");
-            let source: [u8; 6] = frame[6..12].try_into().expect("14 bytes at least");
-            self.learn(source, k);
-            let known = self
-                .table
-                .iter()
-                .find(|(m, _)| *m == destination)
-                .map(|&(_, p)| p);
+            let destinations = self.table.forward(frame, k);
             for target in 0..self.ports.len() {
-                if target == k || known.is_some_and(|p| p != target) {
+                let wanted = match destinations {
+                    Destinations::One(p) => p == target,
+                    Destinations::AllBut(p) => p != target,
+                    Destinations::None => false,
+                };
+                if !wanted {
                     continue;
                 }
                 if let Some(out) = self.ports[target].as_mut() {
@@ -170,7 +156,7 @@ fn main() -> i64 {
         ports: names.iter().map(|_| None).collect(),
         memory: names.iter().map(|_| false).collect(),
         names,
-        table: Vec::new(),
+        table: MacTable::new(TABLE),
     };
     let mut reply: Option<(MessageTag, [u64; 3])> = None;
     loop {
