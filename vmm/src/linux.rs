@@ -50,6 +50,16 @@ impl Markers {
     fn line(&mut self, text: &str) {
         if text.contains("l4linux: reached /init") {
             self.phase_end = Some("boot".into());
+            if l4::rt::arguments()
+                .split_whitespace()
+                .any(|w| w == "crash-at-init")
+            {
+                // The containment test's broken VMM: an undefined instruction, which the
+                // kernel turns into an exception message to the root task.
+                crate::say!("crash-at-init: raising #UD on purpose");
+                // SAFETY: `ud2` raises #UD and does nothing else; the root task destroys us.
+                unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+            }
         }
         if let Some(rest) = text.strip_prefix("l4bench: ") {
             if let Some((workload, _)) = rest.split_once(" total=") {

@@ -25,7 +25,7 @@
 //! priority = 100         # the VMM's L4 thread priority, 0..=100 (default: the kernel's, 100)
 //! restart = "never"      # "never" (the default) or "on-failure"
 //! restarts = 3           # with on-failure: at most this many restarts, 1..=100 (default 3)
-//! vmm_options = []       # extra VMM options for debugging and tests: "verbose", "probe-isolation"
+//! vmm_options = []       # extra VMM options for debugging and tests: "verbose", "probe-isolation", "crash-at-init"
 //! switch = "lan"         # a virtio-net port (eth0) on the virtual switch of this name
 //! ip = "10.0.0.1/24"     # the guest's address on it (not inherited from [defaults])
 //! ```
@@ -84,9 +84,10 @@ const MAX_COMPARTMENTS: usize = 16;
 const DEFAULT_RESTARTS: i64 = 3;
 /// The most restarts.
 const MAX_RESTARTS: i64 = 100;
-/// The VMM options a compartment may add (`vmm_options`): its exits in detail, and the
-/// isolation probes (vmm/src/probe.rs).
-const VMM_OPTIONS: &[&str] = &["verbose", "probe-isolation"];
+/// The VMM options a compartment may add (`vmm_options`): its exits in detail, the isolation
+/// probes (vmm/src/probe.rs), and a VMM that crashes when its guest reaches /init (the
+/// containment test).
+const VMM_OPTIONS: &[&str] = &["verbose", "probe-isolation", "crash-at-init"];
 /// The highest VMM priority: `ThreadSchedule` takes 0..=255 but at most the caller's own
 /// priority, and every thread, the root task's too, starts at 100 (kernel/docs/syscalls.md).
 const MAX_PRIORITY: i64 = 100;
