@@ -1,7 +1,9 @@
 /* Guest workloads for the native-vs-compartment ratios: a CPU loop, a system-call loop and
  * fork+exec+wait. Each is timed with rdtsc; under QEMU -icount shift=0 that is virtual
  * time, 1 ns per instruction (idle periods skipped), deterministic. Prints one line per
- * workload: "l4bench: <name> total=<ticks> per_op=<ticks> ops=<n>". */
+ * workload: "l4bench: <name> total=<ticks> per_op=<ticks> ops=<n>". With an argument START it
+ * first sleeps until the TSC reaches START, so that copies in several compartments (or several
+ * copies in one Linux) start their workloads together (the consolidation benchmark). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,8 +22,11 @@ static void report(const char *name, uint64_t ticks, uint64_t ops) {
            (unsigned long long)(ticks / ops), (unsigned long long)ops);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const uint64_t cpu_ops = 20000000, sys_ops = 100000, fork_ops = 100;
+    uint64_t start = argc > 1 ? strtoull(argv[1], NULL, 0) : 0;
+    while (rdtsc() < start)
+        usleep(1000);
     volatile uint64_t sink;
     uint64_t x = 88172645463325252ull, t;
 

@@ -66,3 +66,5 @@ print("(guest instructions, median; JSON in target/bench/kernel.json)")
 PY
 echo
 scripts/bench-linux.sh
+echo
+scripts/bench-consolidate.sh

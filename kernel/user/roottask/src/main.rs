@@ -519,6 +519,17 @@ fn resolve(child: &mut Child, pool: &mut Pool, address: u64, access: u64) -> Opt
 /// notifies it of console input stays ours, for a restart).
 fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, slots_: &mut Slots, how: &str) {
     println!("[root] task {} {how}", child.name);
+    // What it held beyond its RAM budget (the memory overhead of a compartment): the kernel
+    // memory of its own factory, and our 4 KiB pages for its image, stack and heap.
+    if let Some(used) = child.factory.and_then(|f| sys::quota(f).ok()).map(|q| q.used) {
+        println!(
+            "[root] {} held {} KiB of kernel memory and {} KiB of task memory beyond {} MiB of RAM",
+            child.name,
+            used / 1024,
+            child.pages.len() as u64 * PAGE_SIZE / 1024,
+            (child.ram.len() as u64 * RAM_GRANULE) >> 20
+        );
+    }
     if let Err(e) = sys::task_destroy(child.task) {
         println!("[root] destroying {}: {e}", child.name);
     }
