@@ -20,6 +20,7 @@ mkdir -p target/bench
 counts=(1 2 4)
 names=()
 for n in "${counts[@]}"; do names+=("consolidate-$n" "consolidate-native-$n"); done
+names+=(consolidate-share)
 if ! cargo xtask test --logs target/bench "${names[@]}" >&2; then
     echo "bench-consolidate.sh: a run failed (logs in target/bench/)" >&2
     exit 1
@@ -60,6 +61,15 @@ for n in counts:
     held = [(int(k), int(t)) for k, t in re.findall(r"held (\d+) KiB of kernel memory and (\d+) KiB of task memory", comp)]
     entry["overhead_kib"] = {"kernel": max(k for k, _ in held), "task": max(t for _, t in held)} if held else None
     result["n"].append(entry)
+# CPU shares: big (30 ms slices) and small (10 ms) run the CPU loop together from one TSC.
+share = read("target/bench/consolidate-share.log")
+loops = {name: int(t) for name, t in re.findall(r"\[(big|small)\] l4bench: cpu total=(\d+)", share)}
+if len(loops) == 2:
+    # While both run, big finishes first: in big's loop time small did (big's time - big's
+    # CPU time) of work; big's share = its CPU time (one loop alone) / its elapsed loop time.
+    alone = runs(read("target/bench/consolidate-native-1.log"))["cpu"][0][0]
+    result["share"] = {"big_loop": loops["big"], "small_loop": loops["small"],
+                       "big_share": alone / loops["big"]}
 json.dump(result, open("target/bench/consolidate.json", "w"), indent=2)
 print(f"{'compartments':>12} {'boot all':>9} {'cpu':>6} {'syscall':>8} {'fork+exec':>10} {'fairness':>9} {'overhead/compartment':>22}")
 for e in result["n"]:
@@ -68,6 +78,9 @@ for e in result["n"]:
     o = e["overhead_kib"]
     over = f"{o['kernel']} + {o['task']} KiB" if o else "-"
     print(f"{e['compartments']:>12} {e['boot_ratio']:>8.2f}x {w['cpu']['throughput_ratio']:>5.2f}x {w['syscall']['throughput_ratio']:>7.2f}x {w['fork_exec']['throughput_ratio']:>9.2f}x {fair:>9.2f} {over:>22}")
+if "share" in result:
+    sh = result["share"]
+    print(f"CPU shares: time slices 30 ms : 10 ms -> big got {sh['big_share']:.0%} of the CPU while both ran (3:1 is 75%)")
 print("(boot all: the last compartment at /init against one native boot; workloads: aggregate")
 print(" throughput in compartments against N copies in one native Linux; fairness: slowest over")
 print(" fastest compartment; overhead: kernel memory + VMM task memory beyond guest RAM;")

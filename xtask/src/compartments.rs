@@ -23,6 +23,8 @@
 //! disk = "16M"           # a blank virtio block disk of this size (default: none), or
 //! disk_image = "PATH"    # an image for it (not both)
 //! priority = 100         # the VMM's L4 thread priority, 0..=100 (default: the kernel's, 100)
+//! timeslice_ms = 10      # the VMM's time slice (1..=1000; default the kernel's, 10): compartments
+//!                        # of one priority share the CPU in proportion to their slices
 //! restart = "never"      # "never" (the default) or "on-failure"
 //! restarts = 3           # with on-failure: at most this many restarts, 1..=100 (default 3)
 //! vmm_options = []       # extra VMM options for debugging and tests: "verbose", "probe-isolation", "crash-at-init"
@@ -149,6 +151,7 @@ struct RawFields {
     disk: Option<Spanned<String>>,
     disk_image: Option<Spanned<String>>,
     priority: Option<Spanned<i64>>,
+    timeslice_ms: Option<Spanned<i64>>,
     restart: Option<Spanned<String>>,
     restarts: Option<Spanned<i64>>,
     vmm_options: Option<Spanned<Vec<String>>>,
@@ -208,6 +211,7 @@ struct Fields {
     /// `disk` or `disk_image` (`Disk::Image`'s line and origin are filled in when merged).
     disk: Option<Located<Disk>>,
     priority: Option<Located<u8>>,
+    timeslice_ms: Option<Located<u16>>,
     /// `Some(true)`: `restart = "on-failure"`.
     on_failure: Option<Located<bool>>,
     restarts: Option<Located<u32>>,
@@ -229,6 +233,8 @@ struct Compartment {
     console: Console,
     disk: Disk,
     priority: Option<u8>,
+    /// Its VMM's time slice in ms (its CPU share among compartments of its priority).
+    timeslice_ms: Option<u16>,
     /// With `restart = "on-failure"`: at most this many restarts.
     restarts: Option<u32>,
     /// Extra VMM options (debugging and tests).
@@ -607,6 +613,9 @@ impl CompartmentFile {
             if let Some(priority) = c.priority {
                 args.push(format!("priority={priority}"));
             }
+            if let Some(ms) = c.timeslice_ms {
+                args.push(format!("timeslice={ms}"));
+            }
             tasks.push(("vmm", args, Some(c)));
         }
         let last = self.compartments.last().expect("checked when parsed");
@@ -853,6 +862,20 @@ fn fields(text: &str, at: &At, raw: &RawFields) -> Result<Fields, Error> {
             line: line(text, p),
         });
     }
+    if let Some(t) = &raw.timeslice_ms {
+        let value = *t.get_ref();
+        if !(1..=1000).contains(&value) {
+            return Err(at.error(
+                line(text, t),
+                "timeslice_ms",
+                format!("{value} is out of range 1..=1000"),
+            ));
+        }
+        out.timeslice_ms = Some(Located {
+            value: value as u16,
+            line: line(text, t),
+        });
+    }
     if let Some(w) = &raw.switch {
         let name = w.get_ref();
         let mut chars = name.chars();
@@ -1023,6 +1046,7 @@ fn merge(
         console,
         disk,
         priority: pick(&own.priority, &defaults.priority).map(|(p, _)| p.value),
+        timeslice_ms: pick(&own.timeslice_ms, &defaults.timeslice_ms).map(|(t, _)| t.value),
         restarts: on_failure.then(|| {
             pick(&own.restarts, &defaults.restarts)
                 .map_or(DEFAULT_RESTARTS as u32, |(r, _)| r.value)
@@ -1606,6 +1630,19 @@ mod tests {
         );
         let e = error(&format!("{ONE}switch = \"L A N\"\n"));
         assert!(e.contains("switch: \"L A N\""), "{e}");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn time_slices_are_checked_and_passed_on() {
+        let root = with_linux("slices");
+        let m = modules(&format!("{ONE}timeslice_ms = 30\n"), &root).unwrap();
+        assert!(vmm(&m, "a").args.contains(&"timeslice=30".to_string()));
+        let e = error(&format!("{ONE}timeslice_ms = 0\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": timeslice_ms: 0 is out of range"),
+            "{e}"
+        );
         let _ = fs::remove_dir_all(&root);
     }
 

@@ -18,7 +18,9 @@
 //!   slot `CONSOLE_CLIENTS + position` to tell it that input waits;
 //! - `net=SWITCH` likewise makes it a port of the switch task SWITCH (`port=NAME`): gate in
 //!   slot `NET`, notification IRQ in the switch's slot `NET_PORTS + position`;
-//! - `priority=P` its first thread's priority (at most the root task's, 100);
+//! - `priority=P` its first thread's priority (at most the root task's, 100), `timeslice=MS`
+//!   its time slice (1..=1000 ms; threads of one priority share the CPU round-robin, each for
+//!   its slice, so the slices set their shares);
 //! - `service`: a server that runs for good; the machine powers off when all other tasks end;
 //! - `restart=N`: if it fails (exits with a non-zero code, raises an unhandled exception or is
 //!   killed), it is destroyed, all its memory reclaimed, and started again after 1, 2, 4 ...
@@ -368,10 +370,17 @@ fn build(
         Some(p) => Some(
             p.parse::<u8>()
                 .ok()
-                .filter(|&p| p > 0)
                 .ok_or_else(|| alloc::format!("creating {name}: bad priority '{p}'"))?,
         ),
         None => None,
+    };
+    let timeslice_ms = match options.iter().find_map(|o| o.strip_prefix("timeslice=")) {
+        Some(t) => t
+            .parse::<u64>()
+            .ok()
+            .filter(|t| (1..=1000).contains(t))
+            .ok_or_else(|| alloc::format!("creating {name}: bad timeslice '{t}' (1..=1000 ms)"))?,
+        None => 0,
     };
     let restarts_left = match options.iter().find_map(|o| o.strip_prefix("restart=")) {
         Some(n) => n
@@ -427,8 +436,10 @@ fn build(
             l4::rt::ARGUMENTS_SIZE - 1
         ));
     }
-    if let Some(p) = priority {
-        sys::thread_schedule(thread, p, 0).map_err(|e| fail("priority", e))?;
+    if priority.is_some() || timeslice_ms > 0 {
+        // Threads start at priority 100, the root task's own.
+        sys::thread_schedule(thread, priority.unwrap_or(100), timeslice_ms * 1000)
+            .map_err(|e| fail("priority and time slice", e))?;
     }
     let service = options.iter().any(|o| o == "service");
     Ok(Child {
@@ -521,7 +532,11 @@ fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, slots_: &mut Sl
     println!("[root] task {} {how}", child.name);
     // What it held beyond its RAM budget (the memory overhead of a compartment): the kernel
     // memory of its own factory, and our 4 KiB pages for its image, stack and heap.
-    if let Some(used) = child.factory.and_then(|f| sys::quota(f).ok()).map(|q| q.used) {
+    if let Some(used) = child
+        .factory
+        .and_then(|f| sys::quota(f).ok())
+        .map(|q| q.used)
+    {
         println!(
             "[root] {} held {} KiB of kernel memory and {} KiB of task memory beyond {} MiB of RAM",
             child.name,
