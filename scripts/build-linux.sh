@@ -79,7 +79,7 @@ else
         done < "$fragment"
     done
     [ $missing -eq 0 ] || exit 1
-    step "building bzImage with $(nproc) jobs (about 2.5 minutes on 2 cores; log: $log)"
+    step "building bzImage with $(nproc) jobs (about 5 minutes on 2 cores; log: $log)"
     start=$(date +%s)
     run make -C "$src" -j"$(nproc)" bzImage
     mkdir -p "$cache"
