@@ -513,14 +513,32 @@ fn start_module(
     (task, thread)
 }
 
-/// Map every region sigma0 owns at `SIGMA0_PHYS_WINDOW + physical`.
+/// Device memory sigma0 may hand out: the PCI hole below 4 GiB, from above all RAM (and at
+/// least 3 GiB) to below the IOAPIC, HPET and local APIC pages, which the kernel keeps.
+pub const DEVICE_MEMORY_END: u64 = 0xfec0_0000;
+
+/// Map every region sigma0 owns at `SIGMA0_PHYS_WINDOW + physical`: its RAM and modules, and
+/// the device memory of the PCI hole (for user-level drivers, through the root task).
 fn map_sigma0_window(k: &mut Kernel, sigma0: TaskId) {
     let space = k.tasks.get(sigma0).expect("sigma0").space;
     let kip = kip::kip_mut(k.kip_frame);
     let regions: Vec<MemoryRegion> = kip.regions[..kip.region_count as usize].to_vec();
-    for region in regions {
-        let mut physical = region.base;
-        let end = region.base + region.size;
+    let top_of_low_ram = regions
+        .iter()
+        .filter(|r| r.base < 1 << 32)
+        .map(|r| r.base + r.size)
+        .max()
+        .unwrap_or(0)
+        .max(0xc000_0000)
+        .next_multiple_of(PAGE_4K);
+    let device =
+        (top_of_low_ram < DEVICE_MEMORY_END).then_some((top_of_low_ram, DEVICE_MEMORY_END));
+    let ranges = regions
+        .iter()
+        .map(|r| (r.base, r.base + r.size))
+        .chain(device);
+    for (base, end) in ranges.collect::<Vec<_>>() {
+        let mut physical = base;
         while physical < end {
             let size = if physical % PAGE_2M == 0 && physical + PAGE_2M <= end {
                 PAGE_2M

@@ -111,7 +111,9 @@ const TASK_ARGUMENTS: usize = 1024;
 /// What the root task appends to a task's arguments per blob: ` blob:NAME=ADDRESS+SIZE`.
 const BLOB_ANNOUNCEMENT: usize = 40;
 /// Names the image's own tasks and modules use.
-const RESERVED_NAMES: &[&str] = &["cons", "root", "sigma0", "kernel", "vmm"];
+const RESERVED_NAMES: &[&str] = &[
+    "cons", "root", "sigma0", "kernel", "vmm", "uplink", "launch",
+];
 
 /// The console server's arguments before its clients: COM1's ports and IRQ line.
 const CONSOLE_ARGS: &[&str] = &["cons", "service", "io=0x3f8/3", "irq=4"];
@@ -127,9 +129,26 @@ const TTYS0_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 #[serde(deny_unknown_fields)]
 struct RawFile {
     machine: Option<Spanned<RawMachine>>,
+    uplink: Option<Spanned<RawUplink>>,
     defaults: Option<Spanned<RawFields>>,
     #[serde(default)]
     compartment: Vec<Spanned<RawFields>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplink {
+    switch: Spanned<String>,
+    #[serde(default)]
+    forward: Vec<Spanned<String>>,
+}
+
+/// `[uplink]`: the NIC driver on a switch, and QEMU's port forwards to compartments.
+#[derive(Debug, Clone)]
+struct Uplink {
+    switch: String,
+    /// `tcp:HOST_PORT:GUEST_ADDRESS:GUEST_PORT`, as QEMU's hostfwd wants them.
+    forwards: Vec<(String, u16, std::net::Ipv4Addr, u16)>,
 }
 
 #[derive(Deserialize)]
@@ -254,6 +273,7 @@ pub struct CompartmentFile {
     /// `[machine] memory` and its line.
     memory: Option<Located<u64>>,
     compartments: Vec<Compartment>,
+    uplink: Option<Uplink>,
 }
 
 /// Where an error is: the file and the table.
@@ -407,12 +427,34 @@ impl CompartmentFile {
             let own = fields(text, &at, raw)?;
             compartments.push(merge(&at, name.get_ref(), header, own, &defaults)?);
         }
+        let uplink = match &raw.uplink {
+            Some(u) => Some(uplink(path, text, u, &compartments)?),
+            None => None,
+        };
         Ok(CompartmentFile {
             path: path.to_string(),
             root: root.to_path_buf(),
             memory,
             compartments,
+            uplink,
         })
+    }
+
+    /// The QEMU arguments the file needs: with an uplink, an e1000 NIC on QEMU's user
+    /// networking with the port forwards (bound to the host's loopback address).
+    pub fn qemu_args(&self) -> Vec<String> {
+        match &self.uplink {
+            Some(u) => {
+                let mut nic = String::from("user,model=e1000");
+                for (protocol, host, address, guest) in &u.forwards {
+                    nic.push_str(&format!(
+                        ",hostfwd={protocol}:127.0.0.1:{host}-{address}:{guest}"
+                    ));
+                }
+                vec!["-nic".into(), nic]
+            }
+            None => Vec::new(),
+        }
     }
 
     /// Its path as the user named it.
@@ -542,6 +584,13 @@ impl CompartmentFile {
                 args: vec!["netsw".into(), "data".into()],
             });
         }
+        if self.uplink.is_some() {
+            modules.push(Module {
+                name: "uplink".into(),
+                source: Source::Binary("uplink".into()),
+                args: vec!["uplink".into(), "data".into()],
+            });
+        }
         for (path, name, _) in &files {
             modules.push(Module {
                 name: name.clone(),
@@ -568,6 +617,11 @@ impl CompartmentFile {
                 }
             }
         }
+        if let Some(u) = &self.uplink {
+            if let Some((_, ports)) = switches.iter_mut().find(|(name, _)| *name == u.switch) {
+                ports.push("uplink".into());
+            }
+        }
         for (switch, ports) in &switches {
             let mut args = vec![
                 format!("sw.{switch}"),
@@ -576,6 +630,20 @@ impl CompartmentFile {
             ];
             args.extend(ports.iter().map(|p| format!("port={p}")));
             tasks.push(("netsw", args, None));
+        }
+        if let Some(u) = &self.uplink {
+            tasks.push((
+                "uplink",
+                vec![
+                    "uplink".into(),
+                    "service".into(),
+                    "io=0xcf8/3".into(),
+                    "device-memory".into(),
+                    "dma=2M".into(),
+                    format!("net=sw.{}", u.switch),
+                ],
+                None,
+            ));
         }
         let mut budgets = 0;
         for (c, (kernel, initrd, image)) in self.compartments.iter().zip(uses) {
@@ -717,6 +785,61 @@ fn check_name(at: &At, line: usize, name: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// Checks `[uplink]`: a switch that compartments use, and well-formed forwards.
+fn uplink(
+    path: &str,
+    text: &str,
+    raw: &Spanned<RawUplink>,
+    compartments: &[Compartment],
+) -> Result<Uplink, Error> {
+    let at = At {
+        path,
+        table: "uplink".into(),
+    };
+    let u = raw.get_ref();
+    let switch = u.switch.get_ref();
+    if !compartments
+        .iter()
+        .any(|c| c.switch.as_deref() == Some(switch))
+    {
+        return Err(at.error(
+            line(text, &u.switch),
+            "switch",
+            format!("{switch:?}: no compartment has a port on it"),
+        ));
+    }
+    let mut forwards = Vec::new();
+    for f in &u.forward {
+        let parts: Vec<&str> = f.get_ref().split(':').collect();
+        let parsed = match parts.as_slice() {
+            ["tcp", host, address, guest] => (|| {
+                Some((
+                    "tcp".to_string(),
+                    host.parse::<u16>().ok().filter(|&p| p > 0)?,
+                    address.parse::<std::net::Ipv4Addr>().ok()?,
+                    guest.parse::<u16>().ok().filter(|&p| p > 0)?,
+                ))
+            })(),
+            _ => None,
+        };
+        let Some(forward) = parsed else {
+            return Err(at.error(
+                line(text, f),
+                "forward",
+                format!(
+                    "{:?}: give \"tcp:HOST_PORT:GUEST_ADDRESS:GUEST_PORT\", e.g. \"tcp:8080:10.0.2.15:80\"",
+                    f.get_ref()
+                ),
+            ));
+        };
+        forwards.push(forward);
+    }
+    Ok(Uplink {
+        switch: switch.clone(),
+        forwards,
+    })
 }
 
 /// Checks each field of one table on its own (`name` aside).

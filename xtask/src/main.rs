@@ -165,6 +165,7 @@ fn compartment_scenario(arg: &str, invoked_in: &Path) -> Result<Scenario, String
         name
     };
     let parsed = CompartmentFile::read(arg, &file, Path::new(".")).map_err(|e| e.0)?;
+    let qemu = parsed.qemu_args();
     Ok(Scenario {
         name,
         description: format!("the compartments of {arg}"),
@@ -175,7 +176,7 @@ fn compartment_scenario(arg: &str, invoked_in: &Path) -> Result<Scenario, String
             file: Box::new(parsed),
         },
         made_by: Some("scripts/build-linux.sh".into()),
-        qemu: Vec::new(),
+        qemu,
         grub: false,
         check: None,
     })

@@ -668,6 +668,13 @@ impl Context<'_> {
                 ))
             }
         };
+        let qemu = {
+            let mut qemu = raw.qemu.clone();
+            if let Boot::Compartments { file, .. } = &boot {
+                qemu.extend(file.qemu_args());
+            }
+            qemu
+        };
         Ok(Scenario {
             name: self.name.to_string(),
             description: raw.description.clone(),
@@ -675,7 +682,7 @@ impl Context<'_> {
             boot,
             made_by: raw.made_by.clone(),
             memory,
-            qemu: raw.qemu.clone(),
+            qemu,
             grub,
             check,
         })

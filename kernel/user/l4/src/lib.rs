@@ -50,8 +50,8 @@ pub mod sigma0 {
     use crate::ipc::{self, IpcError};
     use l4_abi::{Fpage, MessageTag, Timeouts};
 
-    /// Label: map the physical range `[word0, word0 + 2^word1)` (a boot module) into the
-    /// caller's receive window.
+    /// Label: map the physical range `[word0, word0 + 2^word1)` (a boot module, or device
+    /// memory in the PCI hole below 4 GiB) into the caller's receive window.
     pub const LABEL_PHYSICAL: i32 = 0x5330;
     /// Label: allocate fresh zeroed memory of `2^word0` bytes (naturally aligned, order
     /// 12..=21) and map it into the caller's receive window (as a large page where possible).
@@ -67,6 +67,22 @@ pub mod sigma0 {
             Timeouts::INFINITE,
         )?;
         Ok(reply.tag.typed() == 1)
+    }
+
+    /// As [`allocate`], and the memory's physical address (for a device's DMA), if it came.
+    pub fn allocate_physical(
+        pager: u64,
+        order: u32,
+        window: Fpage,
+    ) -> Result<Option<u64>, IpcError> {
+        crate::utcb::set_receive_window(window);
+        let reply = ipc::call(
+            pager,
+            MessageTag::new(LABEL_ALLOCATE, 1, 0),
+            &[order as u64],
+            Timeouts::INFINITE,
+        )?;
+        Ok((reply.tag.typed() == 1 && reply.tag.untyped() == 1).then(|| reply.word(0)))
     }
 
     /// Ask sigma0 (through `pager`) for the physical range at `physical` of `1 << order` bytes,

@@ -11,6 +11,10 @@
 //!   LINE (slot `IRQ`), `io=PORT/ORDER` the 2^ORDER I/O ports from hexadecimal PORT;
 //! - `peer=OTHER` gives it, in slot `PEER`, a gate to OTHER's first thread;
 //! - `blob=NAME` maps the data module NAME read-only (`blob=AS:NAME`: the task sees it as AS);
+//! - `device-memory` lets it ask for device registers in the PCI hole below 4 GiB
+//!   (`l4::sigma0::LABEL_PHYSICAL` to its pager), for a device driver;
+//! - `dma=SIZE` maps physically contiguous memory and tells the child its physical address
+//!   (`dma:ADDRESS+SIZE@PHYSICAL` in its arguments), for a device driver;
 //! - `ram=SIZE` lets it request that much RAM in 2 MiB pages (`l4::parent::LABEL_RAM`);
 //! - `console=SERVER` makes it a client of the console server task SERVER, whose arguments
 //!   list it as `client=NAME`: a gate to the server (slot `CONSOLE`, badge = its position in
@@ -51,6 +55,14 @@ const POOL_BASE: u64 = 0x0000_2000_0000_0000;
 pub const BLOB_ADDRESS: u64 = 0x0000_0900_0000_0000;
 /// Where the root task keeps 2 MiB pages for children (module index * 2 MiB).
 const SUPERPAGE_WINDOW: u64 = 0x0000_2800_0000_0000;
+/// Where the root task keeps device memory it passes on (physical address - 0xc000_0000).
+const DEVICE_WINDOW: u64 = 0x0000_2e00_0000_0000;
+/// The device memory a child with `device-memory` may ask for (the PCI hole below 4 GiB).
+const DEVICE_MEMORY: core::ops::Range<u64> = 0xc000_0000..0xfec0_0000;
+/// Where the root task keeps DMA memory for children (module index * 2 MiB).
+const DMA_WINDOW: u64 = 0x0000_2a00_0000_0000;
+/// Where a child with the `dma=SIZE` option finds it (`dma:ADDRESS+SIZE@PHYSICAL`).
+pub const DMA_ADDRESS: u64 = 0x0000_0a00_0000_0000;
 /// Where a child with the `superpage` option finds its 2 MiB page.
 pub const SUPERPAGE_ADDRESS: u64 = 0x0000_0800_0000_0000;
 /// Where the root task keeps the 2 MiB pages of RAM it gives children on request.
@@ -366,6 +378,34 @@ fn build(
                 alloc::format!("creating {name}: bad ram option '{size}' (a multiple of 2M)")
             })?;
     }
+    let mut dma = None;
+    if let Some(size) = options.iter().find_map(|o| o.strip_prefix("dma=")) {
+        // dma=SIZE: physically contiguous memory (a power of two of 4 KiB to 2 MiB) whose
+        // physical address the child learns, for a device driver's rings and buffers.
+        let bytes = l4::abi::parse_size(size)
+            .filter(|b| b.is_power_of_two() && (PAGE_SIZE..=RAM_GRANULE).contains(b))
+            .ok_or_else(|| {
+                alloc::format!("creating {name}: bad dma option '{size}' (4K..2M, a power of two)")
+            })?;
+        let order = bytes.trailing_zeros();
+        let at = DMA_WINDOW + index as u64 * RAM_GRANULE;
+        let physical = match l4::sigma0::allocate_physical(
+            slots::PAGER,
+            order,
+            Fpage::memory(at, order, Fpage::RWX),
+        ) {
+            Ok(Some(p)) => p,
+            _ => return Err(alloc::format!("creating {name}: sigma0 gave no DMA memory")),
+        };
+        sys::map(
+            task,
+            Fpage::memory(at, order, Fpage::READ | Fpage::WRITE),
+            DMA_ADDRESS,
+            0,
+        )
+        .map_err(|e| fail("dma", e))?;
+        dma = Some(alloc::format!(" dma:{DMA_ADDRESS}+{bytes}@{physical}"));
+    }
     let priority = match options.iter().find_map(|o| o.strip_prefix("priority=")) {
         Some(p) => Some(
             p.parse::<u8>()
@@ -417,6 +457,9 @@ fn build(
             next_blob + (address - first)
         ));
         next_blob += (page - first).next_multiple_of(RAM_GRANULE);
+    }
+    if let Some(dma) = dma {
+        cmdline.push_str(&dma);
     }
     let peer = options
         .iter()
@@ -998,6 +1041,47 @@ fn main() -> i64 {
                     ),
                     true,
                 ))
+            }
+            l4::sigma0::LABEL_PHYSICAL
+                if module_name(child.module_cmdline)
+                    .1
+                    .iter()
+                    .any(|o| o == "device-memory") =>
+            {
+                // A driver's device registers: passed on from sigma0, nothing but the PCI hole.
+                let (physical, order) = (message.word(0), message.word(1));
+                let size = 1u64.checked_shl(order as u32).unwrap_or(0);
+                let inside = (12..=24).contains(&order)
+                    && physical.is_multiple_of(size)
+                    && physical >= DEVICE_MEMORY.start
+                    && physical
+                        .checked_add(size)
+                        .is_some_and(|e| e <= DEVICE_MEMORY.end);
+                let at = DEVICE_WINDOW + physical.wrapping_sub(DEVICE_MEMORY.start);
+                let mapped = inside
+                    && matches!(
+                        l4::sigma0::request_physical(
+                            slots::PAGER,
+                            physical,
+                            order as u32,
+                            Fpage::memory(at, order as u32, Fpage::RWX)
+                        ),
+                        Ok(true)
+                    );
+                reply = Some(if mapped {
+                    let item = MapItem::map(
+                        0,
+                        Fpage::memory(at, order as u32, Fpage::READ | Fpage::WRITE),
+                    );
+                    (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
+                } else {
+                    println!(
+                        "[root] task {}: device memory {physical:#x} (order {order}) refused",
+                        child.name
+                    );
+                    (MessageTag::new(-1, 0, 0), [0, 0])
+                });
+                None
             }
             l4::parent::LABEL_RAM => {
                 let (address, bytes) = (message.word(0), message.word(1));

@@ -76,8 +76,24 @@ fn in_module(physical: u64, size: u64) -> bool {
     })
 }
 
-fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 2]) {
-    let refuse = (MessageTag::new(-1, 0, 0), [0, 0]);
+/// Device memory: the PCI hole below 4 GiB (above all RAM and below the IOAPIC and local APIC
+/// pages, which the kernel keeps), where the firmware puts PCI memory BARs.
+fn is_device_memory(physical: u64, size: u64) -> bool {
+    let kip = kip();
+    let top_of_low_ram = kip.regions[..kip.region_count as usize]
+        .iter()
+        .filter(|r| r.base < 1 << 32)
+        .map(|r| r.base + r.size)
+        .max()
+        .unwrap_or(0);
+    physical >= top_of_low_ram.max(0xc000_0000)
+        && physical
+            .checked_add(size)
+            .is_some_and(|end| end <= 0xfec0_0000)
+}
+
+fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 3]) {
+    let refuse = (MessageTag::new(-1, 0, 0), [0, 0, 0]);
     match message.tag.label() {
         LABEL_PAGE_FAULT => {
             let address = message.word(0);
@@ -90,13 +106,13 @@ fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 2]) {
                 address,
                 Fpage::memory(SIGMA0_PHYS_WINDOW + frame, 12, Fpage::RWX),
             );
-            (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
+            (MessageTag::new(0, 0, 1), [item.control, item.fpage.0, 0])
         }
         l4::sigma0::LABEL_PHYSICAL => {
             let (physical, order) = (message.word(0), message.word(1));
             if !(12..=30).contains(&order)
                 || physical % (1 << order) != 0
-                || !in_module(physical, 1 << order)
+                || !(in_module(physical, 1 << order) || is_device_memory(physical, 1 << order))
             {
                 println!("[sigma0] refused physical request {physical:#x} order {order}");
                 return refuse;
@@ -105,7 +121,7 @@ fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 2]) {
                 physical,
                 Fpage::memory(SIGMA0_PHYS_WINDOW + physical, order as u32, Fpage::RWX),
             );
-            (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
+            (MessageTag::new(0, 0, 1), [item.control, item.fpage.0, 0])
         }
         l4::sigma0::LABEL_ALLOCATE => {
             let order = message.word(0);
@@ -126,7 +142,8 @@ fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 2]) {
                 0,
                 Fpage::memory(SIGMA0_PHYS_WINDOW + base, order as u32, Fpage::RWX),
             );
-            (MessageTag::new(0, 0, 1), [item.control, item.fpage.0])
+            // Word 0: the physical address (what a driver programs a device's DMA with).
+            (MessageTag::new(0, 1, 1), [base, item.control, item.fpage.0])
         }
         label => {
             println!("[sigma0] unknown request label {label}");
