@@ -237,6 +237,7 @@ mod tests {
             c.console.push(crate::scenario::Step {
                 expect: Regex::new(expect).unwrap(),
                 send: String::new(),
+                fetch: None,
             });
         }
         assert!(dialog_result(&c, 2, "log").0);

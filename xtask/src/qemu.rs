@@ -139,6 +139,13 @@ pub fn run_dialog(
                     let _ = stdin.flush();
                     thread::sleep(Duration::from_millis(100));
                 }
+                if let Some(url) = &steps[done].fetch {
+                    let line = format!("\n[host] {}\n", http_get(url));
+                    output
+                        .lock()
+                        .expect("output")
+                        .extend_from_slice(line.as_bytes());
+                }
                 done += 1;
                 continue;
             }
@@ -160,6 +167,50 @@ pub fn run_dialog(
     file.write_all(&output.lock().expect("output"))
         .map_err(|e| format!("cannot write {}: {e}", log.display()))?;
     Ok((exit, done))
+}
+
+/// `GET URL` (`http://127.0.0.1:PORT/PATH`) from the host, retried for up to 20 s while the
+/// connection is refused or reset; a line saying what came back.
+pub fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let Some((address, path)) = url.strip_prefix("http://").map(|rest| {
+        rest.split_once('/')
+            .map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")))
+    }) else {
+        return format!("GET {url} failed: not an http:// URL");
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let attempt = (|| -> std::io::Result<Vec<u8>> {
+            let mut stream = TcpStream::connect(address)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response)?;
+            Ok(response)
+        })();
+        match attempt {
+            Ok(response) if !response.is_empty() => {
+                let text = String::from_utf8_lossy(&response);
+                let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+                let status = head.lines().next().unwrap_or("");
+                let first = body.lines().next().unwrap_or("");
+                return format!(
+                    "GET {url}: {status}, {} bytes, first line: {first}",
+                    body.len()
+                );
+            }
+            Ok(_) => last = "empty response".into(),
+            Err(e) => last = e.to_string(),
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    format!("GET {url} failed: {last}")
 }
 
 /// What an exit status of our kernel's boot means.

@@ -145,6 +145,7 @@ struct RawStep {
     expect: String,
     #[serde(default)]
     send: String,
+    fetch: Option<String>,
 }
 
 /// One step of a console dialog: wait until the output since the previous step matches
@@ -155,6 +156,10 @@ pub struct Step {
     pub expect: Regex,
     /// What to type then (may be empty).
     pub send: String,
+    /// Then fetch this `http://127.0.0.1:PORT/PATH` from the host (through QEMU's port
+    /// forwards); the runner adds a line `[host] GET URL: N bytes, first line: ...` (or
+    /// `[host] GET URL failed: ...`) to the output, for the next step to expect.
+    pub fetch: Option<String>,
 }
 
 /// The sigma0 module of a scenario that names none.
@@ -794,6 +799,7 @@ impl Context<'_> {
                         expect: Regex::new(&step.expect)
                             .map_err(|e| self.error(&format!("check.console[{i}].expect"), e))?,
                         send: step.send.clone(),
+                        fetch: step.fetch.clone(),
                     })
                 })
                 .collect::<Result<_, Error>>()?,
