@@ -9,6 +9,10 @@
 //! memory = "1G"          # QEMU -m; default: the sum over the compartments of memory + disk
 //!                        # + 16M, plus 256M, rounded up to a multiple of 64M
 //!
+//! [uplink]               # optional: a user-level e1000 driver joins this switch, and QEMU
+//! switch = "lan"         # gets `-nic user,model=e1000,hostfwd=...` with these forwards
+//! forward = ["tcp:8080:10.0.2.15:80"]   # tcp:HOST_PORT:GUEST_ADDRESS:GUEST_PORT
+//!
 //! [defaults]             # optional: any compartment field but `name`, for every compartment
 //! memory = "128M"        # that does not give it itself
 //!
@@ -1753,6 +1757,44 @@ mod tests {
         );
         let e = error(&format!("{ONE}switch = \"L A N\"\n"));
         assert!(e.contains("switch: \"L A N\""), "{e}");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn an_uplink_joins_its_switch_and_forwards_ports() {
+        let root = with_linux("uplink");
+        let text = "[[compartment]]\nname = \"web\"\nswitch = \"lan\"\nip = \"10.0.2.15/24\"\n\
+                    [uplink]\nswitch = \"lan\"\nforward = [\"tcp:8080:10.0.2.15:80\"]\n";
+        let file = CompartmentFile::parse("x.toml", text, &root).unwrap();
+        assert_eq!(
+            file.qemu_args(),
+            [
+                "-nic",
+                "user,model=e1000,hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80"
+            ]
+        );
+        let m = file.modules().unwrap();
+        let list = launch(&m);
+        assert!(
+            list.contains("task sw.lan netsw service ram=4M port=web port=uplink\n"),
+            "{list}"
+        );
+        assert!(
+            list.contains(
+                "task uplink uplink service io=0xcf8/3 device-memory dma=2M net=sw.lan\n"
+            ),
+            "{list}"
+        );
+        let e = error("[[compartment]]\nname = \"a\"\n[uplink]\nswitch = \"lan\"\n");
+        assert!(
+            e.starts_with("x.toml:4: uplink: switch: \"lan\": no compartment"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{ONE}switch = \"lan\"\n[uplink]\nswitch = \"lan\"\nforward = [\"udp:1:2\"]\n"
+        ));
+        assert!(e.contains("uplink: forward: \"udp:1:2\": give"), "{e}");
+        assert!(error(&format!("[[compartment]]\nname = \"uplink\"\n")).contains("taken"));
         let _ = fs::remove_dir_all(&root);
     }
 
