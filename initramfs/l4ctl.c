@@ -9,6 +9,8 @@
  *                             it (waits until killed; the isolation test's secret)
  *   l4ctl scan SEED           print how often the VMM finds that pattern in this compartment's
  *                             guest-physical memory (the pattern itself never enters it)
+ *   l4ctl flood IFACE N       send N broadcast frames of 1514 bytes on IFACE as fast as it can
+ *                             (AF_PACKET; the switch's hostile-flood test)
  *   l4ctl tsc                 print the time stamp counter (works natively too: under QEMU
  *                             -icount shift=0 it counts instructions since the machine's reset,
  *                             in a compartment as well, whose TSC is the machine's)
@@ -16,7 +18,12 @@
  * Outside a compartment VMMCALL raises #UD: l4ctl then exits with status 3, so that callers
  * fall back to the native way (/init runs `poweroff -f` then).
  */
+#include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
 #include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,7 +68,7 @@ static void not_in_a_compartment(int sig)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: l4ctl poweroff [STATUS] | reboot | log TEXT... | fill SEED MB | scan SEED | tsc\n");
+    fprintf(stderr, "usage: l4ctl poweroff [STATUS] | reboot | log TEXT... | fill SEED MB | scan SEED | flood IFACE N | tsc\n");
     return 2;
 }
 
@@ -100,6 +107,33 @@ int main(int argc, char **argv)
             printf("found %ld\n", r);
             return 0;
         }
+    } else if (strcmp(argv[1], "flood") == 0 && argc > 3) {
+        int s = socket(AF_PACKET, SOCK_RAW, htons(0x88b5));
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof ifr);
+        strncpy(ifr.ifr_name, argv[2], IFNAMSIZ - 1);
+        if (s < 0 || ioctl(s, SIOCGIFINDEX, &ifr) < 0) {
+            perror("l4ctl: flood");
+            return 1;
+        }
+        struct sockaddr_ll to;
+        memset(&to, 0, sizeof to);
+        to.sll_family = AF_PACKET;
+        to.sll_ifindex = ifr.ifr_ifindex;
+        to.sll_halen = 6;
+        memset(to.sll_addr, 0xff, 6);
+        unsigned char frame[1514];
+        memset(frame, 0xff, 6);                       /* broadcast */
+        memset(frame + 6, 0x02, 6);                   /* a locally administered source */
+        frame[12] = 0x88;                             /* the local experimental EtherType */
+        frame[13] = 0xb5;
+        memset(frame + 14, 0x5a, sizeof frame - 14);
+        unsigned long n = strtoul(argv[3], NULL, 0), sent = 0;
+        for (unsigned long i = 0; i < n; i++)
+            if (sendto(s, frame, sizeof frame, 0, (struct sockaddr *)&to, sizeof to) == (ssize_t)sizeof frame)
+                sent++;
+        printf("flooded %lu frames\n", sent);
+        return sent == n ? 0 : 1;
     } else if (strcmp(argv[1], "tsc") == 0) {
         unsigned int lo, hi;
         __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));

@@ -513,6 +513,21 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
         "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
         c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.msr_refused, c.injected
     );
+    if let Some((port, device)) = &compartment.kind.net {
+        let c = port.counts;
+        let device = device.borrow();
+        let stats = *device.backend().stats();
+        let waiting_dropped = device.backend().backend().incoming().dropped();
+        crate::say!(
+            "network port: {} frames to the switch, {} from it, {} dropped (the ring to the switch was full), {} ring errors; {} dropped waiting for the guest's receive buffers, {} it could not place",
+            c.sent,
+            c.received,
+            c.dropped,
+            c.errors,
+            waiting_dropped,
+            stats.rx_too_big + stats.rx_bad_chain + stats.rx_bad_size
+        );
+    }
     match outcome {
         Outcome::PowerOff(status) => {
             crate::say!("Linux powered off (status {status}): the compartment ends");

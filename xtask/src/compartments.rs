@@ -1794,7 +1794,7 @@ mod tests {
             "{ONE}switch = \"lan\"\n[uplink]\nswitch = \"lan\"\nforward = [\"udp:1:2\"]\n"
         ));
         assert!(e.contains("uplink: forward: \"udp:1:2\": give"), "{e}");
-        assert!(error(&format!("[[compartment]]\nname = \"uplink\"\n")).contains("taken"));
+        assert!(error("[[compartment]]\nname = \"uplink\"\n").contains("taken"));
         let _ = fs::remove_dir_all(&root);
     }
 
