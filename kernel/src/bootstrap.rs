@@ -304,6 +304,26 @@ pub fn boot(magic: u32, multiboot_info: u64) -> Kernel {
             crate::warn!("KIP full: memory {start:#x}..{end:#x} not given to sigma0");
         }
     }
+    // The PCI hole below 4 GiB, from above all RAM (and at least 3 GiB) to below the IOAPIC,
+    // HPET and local APIC pages, which the kernel keeps: where the firmware puts PCI memory BARs.
+    let top_of_low_ram = free
+        .iter()
+        .map(|&(_, end)| end)
+        .chain(modules.iter().map(|m| page_up(m.end)))
+        .filter(|&end| end <= 1 << 32)
+        .max()
+        .unwrap_or(0)
+        .max(0xc000_0000);
+    if top_of_low_ram < DEVICE_MEMORY_END {
+        kip::add_region(
+            kip_frame,
+            MemoryRegion {
+                base: top_of_low_ram,
+                size: DEVICE_MEMORY_END - top_of_low_ram,
+                kind: region_kind::DEVICE,
+            },
+        );
+    }
     for m in &modules {
         kip::add_region(
             kip_frame,

@@ -49,17 +49,34 @@ pub struct NetPort {
     pub counts: PortCounts,
 }
 
-/// Call the switch with `label`, keeping the UTCB's message registers (the vCPU state).
+/// Call the switch with `label` (keeping the vCPU state words).
 fn call(label: i32) -> Option<l4::ipc::Received> {
-    let saved = l4::utcb::utcb().mr;
-    let reply = l4::ipc::call(
-        slots::NET,
-        MessageTag::new(label, 0, 0),
-        &[],
-        Timeouts::INFINITE,
-    );
-    l4::utcb::utcb().mr = saved;
-    reply.ok().filter(|r| r.tag.label() == 0)
+    crate::vcpu::keeping_state(|| {
+        l4::ipc::call(
+            slots::NET,
+            MessageTag::new(label, 0, 0),
+            &[],
+            Timeouts::INFINITE,
+        )
+    })
+    .ok()
+    .filter(|r| r.tag.label() == 0)
+}
+
+/// The two rings' regions of port memory at `base` of our address space: to the switch, from
+/// the switch.
+///
+/// # Safety
+/// `PORT_BYTES` at `base` (2 MiB aligned) must stay mapped readable and writable in this task
+/// while the regions live, and be used only through them.
+pub unsafe fn port_regions(base: u64) -> (SharedRegion, SharedRegion) {
+    // SAFETY: the caller vouches for the memory; the two halves do not overlap.
+    unsafe {
+        (
+            SharedRegion::new(base, FROM_SWITCH as usize),
+            SharedRegion::new(base + FROM_SWITCH, (PORT_BYTES - FROM_SWITCH) as usize),
+        )
+    }
 }
 
 impl NetPort {
@@ -84,12 +101,7 @@ impl NetPort {
         let layout = RingLayout::ethernet();
         // SAFETY: the switch mapped its 2 MiB of port memory at WINDOW (the reply's map item),
         // for as long as it lives; only the rings touch it, through these regions.
-        let (to, from) = unsafe {
-            (
-                SharedRegion::new(WINDOW, FROM_SWITCH as usize),
-                SharedRegion::new(WINDOW + FROM_SWITCH, (PORT_BYTES - FROM_SWITCH) as usize),
-            )
-        };
+        let (to, from) = unsafe { port_regions(WINDOW) };
         let (Ok(to_switch), Ok(from_switch)) =
             (Producer::new(to, layout), Consumer::new(from, layout))
         else {

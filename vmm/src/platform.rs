@@ -311,11 +311,11 @@ impl<K: Kind> Compartment<K> {
     /// Receive what waits for the vCPU thread (console input and the like), waiting at most
     /// `timeout` for the first message.
     fn drain_messages(&mut self, timeout: Timeout) {
-        // A message longer than four words lands in the UTCB's message registers, which hold
-        // the vCPU state between exits: keep them.
-        let saved = l4::utcb::utcb().mr;
         let mut timeout = timeout;
-        while let Ok(message) = l4::ipc::wait(Timeouts::new(Timeout::INFINITE, timeout)) {
+        // (A message longer than four words would overwrite the vCPU state words.)
+        while let Ok(message) =
+            crate::vcpu::keeping_state(|| l4::ipc::wait(Timeouts::new(Timeout::INFINITE, timeout)))
+        {
             let handled = self
                 .board
                 .console
@@ -330,7 +330,6 @@ impl<K: Kind> Compartment<K> {
             }
             timeout = Timeout::ZERO;
         }
-        l4::utcb::utcb().mr = saved;
     }
 }
 

@@ -91,15 +91,14 @@ impl Terminal {
             };
             let used = protocol::encode(header, &rest[..n], &mut words);
             let mut more = false;
-            // The UTCB's message registers hold the vCPU state between exits: keep them.
-            let saved = l4::utcb::utcb().mr;
-            let result = l4::ipc::call(
-                slots::CONSOLE,
-                MessageTag::new(LABEL_CONSOLE, used, 0),
-                &words[..used],
-                Timeouts::INFINITE,
-            );
-            l4::utcb::utcb().mr = saved;
+            let result = crate::vcpu::keeping_state(|| {
+                l4::ipc::call(
+                    slots::CONSOLE,
+                    MessageTag::new(LABEL_CONSOLE, used, 0),
+                    &words[..used],
+                    Timeouts::INFINITE,
+                )
+            });
             match result {
                 Ok(reply) => {
                     if let Some((header, input)) = protocol::decode(&reply.words, reply.tag.words())

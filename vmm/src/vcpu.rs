@@ -11,6 +11,16 @@ pub fn state_words() -> &'static mut [u64; 64] {
     &mut l4::utcb::utcb().mr
 }
 
+/// Run `f`, which may do IPC, and keep the guest state words: a message longer than four
+/// words (sent or received) goes through the UTCB's message registers, which hold the vCPU
+/// state between exits.
+pub fn keeping_state<T>(f: impl FnOnce() -> T) -> T {
+    let saved = *state_words();
+    let result = f();
+    *state_words() = saved;
+    result
+}
+
 /// Run the vCPU with `mask` of the UTCB state loaded first, until `deadline` (a TSC value;
 /// 0: none) at the latest; returns the exit code.
 pub fn run(vcpu: u64, mask: u64, deadline: u64) -> Result<u64, Error> {

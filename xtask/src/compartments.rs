@@ -767,12 +767,17 @@ impl Compartment {
 }
 
 /// A compartment name: `[a-z][a-z0-9-]{0,15}`, not one the image uses itself.
-fn check_name(at: &At, line: usize, name: &str) -> Result<(), Error> {
+/// Whether `name` is 1 to 16 lower-case letters, digits and `-`, a letter first (compartment
+/// and switch names).
+fn well_formed(name: &str) -> bool {
     let mut chars = name.chars();
-    let well_formed = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && name.len() <= 16;
-    if !well_formed {
+        && name.len() <= 16
+}
+
+fn check_name(at: &At, line: usize, name: &str) -> Result<(), Error> {
+    if !well_formed(name) {
         return Err(at.error(
             line,
             "name",
@@ -1005,11 +1010,7 @@ fn fields(text: &str, at: &At, raw: &RawFields) -> Result<Fields, Error> {
     }
     if let Some(w) = &raw.switch {
         let name = w.get_ref();
-        let mut chars = name.chars();
-        let well_formed = chars.next().is_some_and(|c| c.is_ascii_lowercase())
-            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && name.len() <= 16;
-        if !well_formed {
+        if !well_formed(name) {
             return Err(at.error(
                 line(text, w),
                 "switch",

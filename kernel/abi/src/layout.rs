@@ -60,6 +60,9 @@ pub mod region_kind {
     pub const FREE: u64 = 1;
     /// A boot module (owned by sigma0, handed out only on explicit request).
     pub const MODULE: u64 = 2;
+    /// Device memory (the PCI hole below 4 GiB, above all RAM and below the IOAPIC), owned by
+    /// sigma0 and handed out only on explicit request, for user-level drivers.
+    pub const DEVICE: u64 = 3;
 }
 
 /// A physical memory region.

@@ -57,16 +57,19 @@ pub mod sigma0 {
     /// 12..=21) and map it into the caller's receive window (as a large page where possible).
     pub const LABEL_ALLOCATE: i32 = 0x5331;
 
-    /// Ask sigma0 (through `pager`) for fresh memory of `1 << order` bytes in `window`.
-    pub fn allocate(pager: u64, order: u32, window: Fpage) -> Result<bool, IpcError> {
+    fn allocate_reply(pager: u64, order: u32, window: Fpage) -> Result<ipc::Received, IpcError> {
         crate::utcb::set_receive_window(window);
-        let reply = ipc::call(
+        ipc::call(
             pager,
             MessageTag::new(LABEL_ALLOCATE, 1, 0),
             &[order as u64],
             Timeouts::INFINITE,
-        )?;
-        Ok(reply.tag.typed() == 1)
+        )
+    }
+
+    /// Ask sigma0 (through `pager`) for fresh memory of `1 << order` bytes in `window`.
+    pub fn allocate(pager: u64, order: u32, window: Fpage) -> Result<bool, IpcError> {
+        Ok(allocate_reply(pager, order, window)?.tag.typed() == 1)
     }
 
     /// As [`allocate`], and the memory's physical address (for a device's DMA), if it came.
@@ -75,13 +78,7 @@ pub mod sigma0 {
         order: u32,
         window: Fpage,
     ) -> Result<Option<u64>, IpcError> {
-        crate::utcb::set_receive_window(window);
-        let reply = ipc::call(
-            pager,
-            MessageTag::new(LABEL_ALLOCATE, 1, 0),
-            &[order as u64],
-            Timeouts::INFINITE,
-        )?;
+        let reply = allocate_reply(pager, order, window)?;
         Ok((reply.tag.typed() == 1 && reply.tag.untyped() == 1).then(|| reply.word(0)))
     }
 

@@ -22,7 +22,7 @@ use l4::abi::{slots, Fpage, IrqOp, MapItem, MessageTag, Timeouts};
 use l4::{ipc, println, sys};
 use l4linux_glue::netring::{self, Consumer, Producer, RingLayout};
 use l4linux_glue::netswitch::{Destinations, MacTable};
-use vmm::net::{FROM_SWITCH, LABEL_NET_ATTACH, LABEL_NET_KICK, PORT_BYTES};
+use vmm::net::{LABEL_NET_ATTACH, LABEL_NET_KICK, PORT_BYTES};
 use vmm::shared::SharedRegion;
 
 /// Where the ports' memory lives in the switch (port k at `PORTS + k * PORT_BYTES`).
@@ -65,13 +65,8 @@ impl Switch {
         }
         let layout = RingLayout::ethernet();
         // SAFETY: the RAM service mapped PORT_BYTES at `base` into this task for good; only
-        // this port's two regions refer to it.
-        let (mut from, mut to) = unsafe {
-            (
-                SharedRegion::new(base, FROM_SWITCH as usize),
-                SharedRegion::new(base + FROM_SWITCH, (PORT_BYTES - FROM_SWITCH) as usize),
-            )
-        };
+        // this port's two regions refer to it (the ring from the VMM comes first).
+        let (mut from, mut to) = unsafe { vmm::net::port_regions(base) };
         netring::initialize(&mut from, layout).ok()?;
         netring::initialize(&mut to, layout).ok()?;
         self.ports[k] = Some(Port {

@@ -55,10 +55,21 @@ const POOL_BASE: u64 = 0x0000_2000_0000_0000;
 pub const BLOB_ADDRESS: u64 = 0x0000_0900_0000_0000;
 /// Where the root task keeps 2 MiB pages for children (module index * 2 MiB).
 const SUPERPAGE_WINDOW: u64 = 0x0000_2800_0000_0000;
-/// Where the root task keeps device memory it passes on (physical address - 0xc000_0000).
+/// Where the root task keeps device memory it passes on (at its physical address from here).
 const DEVICE_WINDOW: u64 = 0x0000_2e00_0000_0000;
-/// The device memory a child with `device-memory` may ask for (the PCI hole below 4 GiB).
-const DEVICE_MEMORY: core::ops::Range<u64> = 0xc000_0000..0xfec0_0000;
+
+/// Whether `physical..physical + size` is device memory (the KIP's `region_kind::DEVICE`),
+/// the only memory a child with `device-memory` may ask for.
+fn is_device_memory(physical: u64, size: u64) -> bool {
+    let kip = l4::kip::kip();
+    kip.regions[..kip.region_count as usize].iter().any(|r| {
+        r.kind == l4::abi::region_kind::DEVICE
+            && physical >= r.base
+            && physical
+                .checked_add(size)
+                .is_some_and(|end| end <= r.base + r.size)
+    })
+}
 /// Where the root task keeps DMA memory for children (module index * 2 MiB).
 const DMA_WINDOW: u64 = 0x0000_2a00_0000_0000;
 /// Where a child with the `dma=SIZE` option finds it (`dma:ADDRESS+SIZE@PHYSICAL`).
@@ -1053,11 +1064,8 @@ fn main() -> i64 {
                 let size = 1u64.checked_shl(order as u32).unwrap_or(0);
                 let inside = (12..=24).contains(&order)
                     && physical.is_multiple_of(size)
-                    && physical >= DEVICE_MEMORY.start
-                    && physical
-                        .checked_add(size)
-                        .is_some_and(|e| e <= DEVICE_MEMORY.end);
-                let at = DEVICE_WINDOW + physical.wrapping_sub(DEVICE_MEMORY.start);
+                    && is_device_memory(physical, size);
+                let at = DEVICE_WINDOW + physical;
                 let mapped = inside
                     && matches!(
                         l4::sigma0::request_physical(

@@ -69,27 +69,12 @@ fn zero(frame: u64) {
     };
 }
 
-fn in_module(physical: u64, size: u64) -> bool {
+/// Whether `physical..physical + size` lies in one KIP region of `kind`.
+fn in_region(kind: u64, physical: u64, size: u64) -> bool {
     let kip = kip();
-    kip.regions[..kip.region_count as usize].iter().any(|r| {
-        r.kind == region_kind::MODULE && physical >= r.base && physical + size <= r.base + r.size
-    })
-}
-
-/// Device memory: the PCI hole below 4 GiB (above all RAM and below the IOAPIC and local APIC
-/// pages, which the kernel keeps), where the firmware puts PCI memory BARs.
-fn is_device_memory(physical: u64, size: u64) -> bool {
-    let kip = kip();
-    let top_of_low_ram = kip.regions[..kip.region_count as usize]
+    kip.regions[..kip.region_count as usize]
         .iter()
-        .filter(|r| r.base < 1 << 32)
-        .map(|r| r.base + r.size)
-        .max()
-        .unwrap_or(0);
-    physical >= top_of_low_ram.max(0xc000_0000)
-        && physical
-            .checked_add(size)
-            .is_some_and(|end| end <= 0xfec0_0000)
+        .any(|r| r.kind == kind && physical >= r.base && physical + size <= r.base + r.size)
 }
 
 fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 3]) {
@@ -112,7 +97,8 @@ fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 3]) {
             let (physical, order) = (message.word(0), message.word(1));
             if !(12..=30).contains(&order)
                 || physical % (1 << order) != 0
-                || !(in_module(physical, 1 << order) || is_device_memory(physical, 1 << order))
+                || !(in_region(region_kind::MODULE, physical, 1 << order)
+                    || in_region(region_kind::DEVICE, physical, 1 << order))
             {
                 println!("[sigma0] refused physical request {physical:#x} order {order}");
                 return refuse;
