@@ -69,12 +69,6 @@ pub fn name() -> String {
         .map_or_else(|| String::from("vmm"), |t| t.name.clone())
 }
 
-fn kernel_write(bytes: &[u8]) {
-    for chunk in bytes.chunks(256) {
-        let _ = l4::sys::debug_write(chunk);
-    }
-}
-
 impl Terminal {
     /// Send `bytes` on `stream` to the server, taking the input its replies carry; returns
     /// whether the server took them all.
@@ -125,7 +119,7 @@ impl Terminal {
                     // Not lost: shown on the kernel console directly instead.
                     let mut out = Vec::new();
                     self.local.output(0, stream, &rest[..n], &mut out);
-                    kernel_write(&out);
+                    l4::sys::debug_write_all(&out);
                     self.lost += n as u64;
                     all = false;
                 }
@@ -160,7 +154,7 @@ impl Terminal {
         } else {
             let mut out = Vec::new();
             self.local.output(0, stream, bytes, &mut out);
-            kernel_write(&out);
+            l4::sys::debug_write_all(&out);
         }
     }
 }
@@ -180,7 +174,7 @@ pub fn break_line() {
         } else {
             let mut out = Vec::new();
             t.local.break_line(0, &mut out);
-            kernel_write(&out);
+            l4::sys::debug_write_all(&out);
         }
     }
 }

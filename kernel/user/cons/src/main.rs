@@ -22,9 +22,7 @@ use l4::{ipc, println, sys};
 
 /// Write terminal bytes through the kernel's console.
 fn write(out: &mut Vec<u8>) {
-    for chunk in out.chunks(256) {
-        let _ = sys::debug_write(chunk);
-    }
+    sys::debug_write_all(out);
     out.clear();
 }
 

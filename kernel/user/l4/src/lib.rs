@@ -12,6 +12,7 @@ pub mod ipc;
 pub mod kip;
 #[cfg(target_os = "linux")]
 pub mod mem;
+pub mod port;
 pub mod rt;
 pub mod sys;
 pub mod thread;

@@ -167,6 +167,13 @@ pub fn debug_write(bytes: &[u8]) -> Result<(), Error> {
     )
 }
 
+/// Write all of `bytes` to the kernel console, 256 at a time (a failed part is skipped).
+pub fn debug_write_all(bytes: &[u8]) {
+    for chunk in bytes.chunks(256) {
+        let _ = debug_write(chunk);
+    }
+}
+
 /// Destroy a task.
 pub fn task_destroy(task: u64) -> Result<(), Error> {
     result(call(Syscall::TaskDestroy, task, 0, 0, 0, 0).0)

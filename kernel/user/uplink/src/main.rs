@@ -17,26 +17,10 @@
 extern crate alloc;
 
 use l4::abi::{Timeout, Timeouts};
+use l4::port::{inl, outl};
 use l4::println;
 use l4linux_glue::virtio::net::{FramePort, NetBackend};
 use vmm::net::NetPort;
-
-fn outl(port: u16, value: u32) {
-    // SAFETY: port I/O touches no memory; the root task gave us these ports (a missing one
-    // raises #GP, which ends this task).
-    unsafe {
-        core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack))
-    };
-}
-
-fn inl(port: u16) -> u32 {
-    let value: u32;
-    // SAFETY: as for `outl`.
-    unsafe {
-        core::arch::asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack))
-    };
-    value
-}
 
 /// PCI configuration word `register` of bus 0, `device`.
 fn pci_read(device: u32, register: u32) -> u32 {
