@@ -390,7 +390,8 @@ impl Kind for Linux {
     }
 
     /// Move console input into the UART's receive FIFO (or the virtio console) as far as it
-    /// has room, show the virtio console's output, and drive the virtio interrupt lines.
+    /// has room, show the virtio console's output, and move frames between the switch and the
+    /// network device.
     fn poll(&mut self, board: &mut Board) {
         if let Some(phase) = self.markers.phase_end.take() {
             // Exits per phase of the guest (boot to /init, each workload) and per second.
@@ -427,6 +428,15 @@ impl Kind for Linux {
         }
         let hvc_output = core::mem::take(self.virtio_console.borrow_mut().backend_mut().sink_mut());
         self.output(&hvc_output);
+        if let Some((port, device)) = &mut self.net {
+            let mut device = device.borrow_mut();
+            port.pump(device.backend_mut().backend_mut());
+            device.poll();
+        }
+    }
+
+    /// The virtio devices' interrupt lines.
+    fn drive_lines(&self, board: &mut Board) {
         board
             .platform
             .set_irq(CONSOLE_IRQ.into(), self.virtio_console.borrow().irq_level());
@@ -435,11 +445,10 @@ impl Kind for Linux {
                 .platform
                 .set_irq(BLOCK_IRQ.into(), block.borrow().irq_level());
         }
-        if let Some((port, device)) = &mut self.net {
-            let mut device = device.borrow_mut();
-            port.pump(device.backend_mut().backend_mut());
-            device.poll();
-            board.platform.set_irq(NET_IRQ.into(), device.irq_level());
+        if let Some((_, device)) = &self.net {
+            board
+                .platform
+                .set_irq(NET_IRQ.into(), device.borrow().irq_level());
         }
     }
 
@@ -513,7 +522,8 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
         "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
         c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.msr_refused, c.injected
     );
-    if let Some((port, device)) = &compartment.kind.net {
+    if let Some((port, device)) = &mut compartment.kind.net {
+        port.detach();
         let c = port.counts;
         let device = device.borrow();
         let stats = *device.backend().stats();
@@ -528,6 +538,12 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
             stats.rx_too_big + stats.rx_bad_chain + stats.rx_bad_size
         );
     }
+    let (used, high_water) = l4::rt::heap_usage();
+    crate::say!(
+        "heap: {} KiB in use, {} KiB at most",
+        used >> 10,
+        high_water >> 10
+    );
     match outcome {
         Outcome::PowerOff(status) => {
             crate::say!("Linux powered off (status {status}): the compartment ends");

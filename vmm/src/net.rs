@@ -10,7 +10,6 @@
 //! second ring, announced by the notification, and go to the guest's receive queue. Only the
 //! ring indices and the frames cross; a frame the ring cannot take is dropped and counted.
 
-use alloc::vec::Vec;
 use l4::abi::{slots, Fpage, MessageTag, Timeouts};
 use l4linux_glue::netring::{Consumer, Producer, RingLayout};
 use l4linux_glue::virtio::net::FramePort;
@@ -21,6 +20,8 @@ use crate::shared::SharedRegion;
 pub const LABEL_NET_ATTACH: i32 = 0x4e41;
 /// Frames wait in the ring to the switch.
 pub const LABEL_NET_KICK: i32 = 0x4e4b;
+/// The VMM ends: the switch reports the port's counts and forgets it.
+pub const LABEL_NET_DETACH: i32 = 0x4e44;
 /// The port memory: two rings, one MiB each.
 pub const PORT_BYTES: u64 = 2 << 20;
 /// Where the ring from the switch starts in the port memory.
@@ -116,7 +117,18 @@ impl NetPort {
         })
     }
 
+    /// Leave the switch (at the VMM's end; the switch says what the port carried).
+    pub fn detach(&mut self) {
+        if call(LABEL_NET_DETACH).is_none() {
+            self.counts.errors += 1;
+        }
+    }
+
     /// Move frames both ways between the guest's device backend and the switch.
+    ///
+    /// From the switch it takes only as many frames as the backend has room for: the rest
+    /// wait in the ring (and once that is full the switch drops and counts them), so a flood
+    /// costs this VMM neither memory nor a loop that the switch keeps feeding.
     pub fn pump(&mut self, backend: &mut FramePort) {
         let mut sent = false;
         while let Some(frame) = backend.take_transmitted() {
@@ -131,20 +143,19 @@ impl NetPort {
         if sent && call(LABEL_NET_KICK).is_none() {
             self.counts.errors += 1;
         }
-        let mut frames: Vec<Vec<u8>> = Vec::new();
-        loop {
+        let room = backend.incoming().capacity() - backend.incoming().len();
+        for _ in 0..room {
             match self.from_switch.pop() {
-                Ok(Some(frame)) => frames.push(Vec::from(frame)),
+                Ok(Some(frame)) => {
+                    self.counts.received += 1;
+                    backend.offer(frame);
+                }
                 Ok(None) => break,
                 Err(_) => {
                     self.counts.errors += 1;
                     break;
                 }
             }
-        }
-        for frame in frames {
-            self.counts.received += 1;
-            backend.offer(&frame);
         }
     }
 }

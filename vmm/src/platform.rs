@@ -170,8 +170,11 @@ pub trait Kind {
     fn message(&mut self, _message: &l4::ipc::Received) -> bool {
         false
     }
-    /// Before each entry and while halted: move input into devices, drive interrupt lines.
+    /// Before each entry and while halted: move input into devices and let them work.
     fn poll(&mut self, _board: &mut Board) {}
+    /// Set the kind's interrupt lines from its devices' levels (before and after
+    /// [`Kind::poll`]).
+    fn drive_lines(&self, _board: &mut Board) {}
     /// Right after each exit, before its handler.
     fn after_run(&mut self, _board: &mut Board) {}
     /// After a non-string port access went to the bus: `Some` ends the guest.
@@ -293,9 +296,22 @@ impl<K: Kind> Compartment<K> {
         self.kind.output(&output);
     }
 
-    /// Let the guest kind poll its devices, then drive COM1's interrupt line.
+    /// Let the guest kind poll its devices, with the interrupt lines driven before and after.
+    ///
+    /// Before: the exit just handled may have lowered a line (the guest acknowledged its
+    /// interrupt). The IOAPIC must see that, or work done now that raises the line again is
+    /// no new edge for an edge-triggered pin, and the guest, which acknowledged already,
+    /// never hears of it: a device that waits for the guest and a guest that waits for the
+    /// device (the stall after a network flood).
     fn poll(&mut self) {
+        self.drive_lines();
         self.kind.poll(&mut self.board);
+        self.drive_lines();
+    }
+
+    /// Set COM1's and the kind's interrupt lines from their devices' levels.
+    fn drive_lines(&mut self) {
+        self.kind.drive_lines(&mut self.board);
         let level = self.board.uart.borrow().irq_level();
         self.board
             .platform

@@ -4,7 +4,7 @@
 use crate::{ipc, sys};
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use l4_abi::{slots, MessageTag, Timeout, Timeouts, LABEL_EXIT};
 use linked_list_allocator::LockedHeap;
 
@@ -16,6 +16,8 @@ pub const HEAP_SIZE: usize = 64 << 20;
 struct LazyHeap {
     heap: LockedHeap,
     ready: AtomicBool,
+    /// The highest heap offset ever allocated (the pages touched).
+    high_water: AtomicU64,
 }
 
 // SAFETY: delegates to LockedHeap, initialising it once before first use.
@@ -27,7 +29,12 @@ unsafe impl GlobalAlloc for LazyHeap {
             unsafe { self.heap.lock().init(HEAP_BASE as *mut u8, HEAP_SIZE) };
         }
         // SAFETY: forwarded.
-        unsafe { self.heap.alloc(layout) }
+        let p = unsafe { self.heap.alloc(layout) };
+        if !p.is_null() {
+            let end = p as u64 + layout.size() as u64 - HEAP_BASE;
+            self.high_water.fetch_max(end, Ordering::Relaxed);
+        }
+        p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded.
@@ -39,7 +46,19 @@ unsafe impl GlobalAlloc for LazyHeap {
 static HEAP: LazyHeap = LazyHeap {
     heap: LockedHeap::empty(),
     ready: AtomicBool::new(false),
+    high_water: AtomicU64::new(0),
 };
+
+/// Heap bytes in use now and the highest heap offset ever allocated (the heap's pages below
+/// it have been touched and stay with the task).
+pub fn heap_usage() -> (usize, u64) {
+    let used = if HEAP.ready.load(Ordering::Acquire) {
+        HEAP.heap.lock().used()
+    } else {
+        0
+    };
+    (used, HEAP.high_water.load(Ordering::Relaxed))
+}
 
 /// Bytes at the top of the first thread's stack that hold the task's command line (NUL
 /// terminated), written there by the root task.

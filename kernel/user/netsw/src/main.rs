@@ -22,7 +22,7 @@ use l4::abi::{slots, Fpage, IrqOp, MapItem, MessageTag, Timeouts};
 use l4::{ipc, println, sys};
 use l4linux_glue::netring::{self, Consumer, Producer, RingLayout};
 use l4linux_glue::netswitch::{Destinations, MacTable};
-use vmm::net::{LABEL_NET_ATTACH, LABEL_NET_KICK, PORT_BYTES};
+use vmm::net::{LABEL_NET_ATTACH, LABEL_NET_DETACH, LABEL_NET_KICK, PORT_BYTES};
 use vmm::shared::SharedRegion;
 
 /// Where the ports' memory lives in the switch (port k at `PORTS + k * PORT_BYTES`).
@@ -33,8 +33,12 @@ const TABLE: usize = 256;
 struct Port {
     from_vmm: Consumer<SharedRegion>,
     to_vmm: Producer<SharedRegion>,
+    /// Frames taken from the port's ring.
+    taken: u64,
+    /// Frames put in the port's ring / dropped because it was full.
     forwarded: u64,
     dropped: u64,
+    /// Bad frames or ring indices from the port.
     errors: u64,
 }
 
@@ -53,8 +57,20 @@ fn mac_of(k: usize) -> [u8; 6] {
 }
 
 impl Switch {
+    /// Say what port `k` carried, and forget it (its VMM detached or attaches anew).
+    fn close(&mut self, k: usize, why: &str) {
+        if let Some(p) = self.ports[k].take() {
+            println!(
+                "[netsw] port {} {why}: {} frames from it, {} to it, {} dropped (its ring was full), {} errors",
+                self.names[k], p.taken, p.forwarded, p.dropped, p.errors
+            );
+        }
+        self.table.forget_port(k);
+    }
+
     /// Give port `k` fresh rings; returns the map item of its memory.
     fn attach(&mut self, k: usize) -> Option<MapItem> {
+        self.close(k, "attached again (its VMM restarted)");
         let base = PORTS + k as u64 * PORT_BYTES;
         if !self.memory[k] {
             if let Err(e) = l4::parent::request_ram(base, PORT_BYTES) {
@@ -72,12 +88,11 @@ impl Switch {
         self.ports[k] = Some(Port {
             from_vmm: Consumer::new(from, layout).ok()?,
             to_vmm: Producer::new(to, layout).ok()?,
+            taken: 0,
             forwarded: 0,
             dropped: 0,
             errors: 0,
         });
-        // A new VMM on the port: forget what was learned there.
-        self.table.forget_port(k);
         Some(MapItem::map(
             0,
             Fpage::memory(base, 21, Fpage::READ | Fpage::WRITE),
@@ -95,6 +110,7 @@ impl Switch {
             };
             let length = match port.from_vmm.pop() {
                 Ok(Some(bytes)) if bytes.len() >= 14 && bytes.len() <= frame.len() => {
+                    port.taken += 1;
                     frame[..bytes.len()].copy_from_slice(bytes);
                     bytes.len()
                 }
@@ -192,6 +208,10 @@ fn main() -> i64 {
                             sys::irq_control(slots::NET_PORTS + target as u64, IrqOp::Trigger, 0);
                     }
                 }
+            }
+            LABEL_NET_DETACH => {
+                switch.close(k, "detached");
+                reply = Some((MessageTag::new(0, 0, 0), [0; 3]));
             }
             _ => reply = Some((MessageTag::new(-1, 0, 0), [0; 3])),
         }
