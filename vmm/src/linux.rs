@@ -344,7 +344,8 @@ fn make_disk() -> Result<Option<&'static mut [u8]>, &'static str> {
 enum Outcome {
     /// Power-off with this status (HLT with interrupts off is status 0).
     PowerOff(u8),
-    Reboot,
+    /// A reboot, and how the guest asked for it.
+    Reboot(&'static str),
     Failed(&'static str),
 }
 
@@ -361,6 +362,17 @@ struct Linux {
     net: Option<(crate::net::NetPort, Rc<RefCell<NetDevice>>)>,
     /// Console input goes to the virtio console (the guest's console is hvc0), not COM1.
     input_to_hvc: bool,
+}
+
+impl Linux {
+    /// The machine resets (`how`): a reboot, or the end of a panic.
+    fn reset(&self, how: &'static str) -> Outcome {
+        if self.markers.panicked {
+            Outcome::Failed("guest kernel panic")
+        } else {
+            Outcome::Reboot(how)
+        }
+    }
 }
 
 impl Kind for Linux {
@@ -454,7 +466,8 @@ impl Kind for Linux {
 
     /// The keyboard controller's reset line (0xfe to port 0x64): Linux's first reboot method.
     fn port_done(&mut self, _board: &mut Board, io: &IoExit, w: &Words) -> Option<Outcome> {
-        (io.port == 0x64 && !io.input && w[state::RAX] as u8 == 0xfe).then(|| self.shutdown())
+        (io.port == 0x64 && !io.input && w[state::RAX] as u8 == 0xfe)
+            .then(|| self.reset("the keyboard controller's reset line"))
     }
 
     /// VMMCALL ([`l4linux_glue::hypercall`]).
@@ -463,7 +476,7 @@ impl Kind for Linux {
         w[state::RIP] += l4linux_glue::exits::VMMCALL_LENGTH;
         let result = match hc::decode(w[state::RAX], w[state::RBX], w[state::RCX]) {
             Hypercall::PowerOff(status) => return Some(Next::Stop(Outcome::PowerOff(status))),
-            Hypercall::Reboot => return Some(Next::Stop(Outcome::Reboot)),
+            Hypercall::Reboot => return Some(Next::Stop(Outcome::Reboot("the reboot hypercall"))),
             Hypercall::Log { address, length } => {
                 let mut bytes = [0u8; hc::LOG_MAX as usize];
                 let bytes = &mut bytes[..length as usize];
@@ -492,13 +505,10 @@ impl Kind for Linux {
         Some(Next::Resume(state::GPRS))
     }
 
-    /// A triple fault: how Linux without ACPI reboots (after a panic too, with `panic=-1`).
+    /// A triple fault: how Linux without ACPI reboots with `reboot=t` (and after a panic
+    /// too, with `panic=-1`).
     fn shutdown(&mut self) -> Outcome {
-        if self.markers.panicked {
-            Outcome::Failed("guest kernel panic")
-        } else {
-            Outcome::Reboot
-        }
+        self.reset("a triple fault")
     }
 
     fn halted(&mut self) -> Outcome {
@@ -549,8 +559,8 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
             crate::say!("Linux powered off (status {status}): the compartment ends");
             i64::from(status)
         }
-        Outcome::Reboot => {
-            crate::say!("Linux rebooted: the compartment ends");
+        Outcome::Reboot(how) => {
+            crate::say!("Linux rebooted ({how}): the compartment ends");
             0
         }
         Outcome::Failed(why) => {
