@@ -644,6 +644,7 @@ impl CompartmentFile {
                     "io=0xcf8/3".into(),
                     "device-memory".into(),
                     "dma=2M".into(),
+                    format!("irq={UPLINK_IRQ}"),
                     format!("net=sw.{}", u.switch),
                 ],
                 None,
@@ -795,6 +796,11 @@ fn check_name(at: &At, line: usize, name: &str) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// The interrupt line of the uplink's e1000: QEMU's PC puts the first `-nic` at PCI slot 3,
+/// whose INTA# the firmware routes to IRQ 11 (the driver checks the line in its PCI
+/// configuration and polls if it differs).
+const UPLINK_IRQ: u32 = 11;
 
 /// Checks `[uplink]`: a switch that compartments use, and well-formed forwards.
 fn uplink(
@@ -1782,7 +1788,7 @@ mod tests {
         );
         assert!(
             list.contains(
-                "task uplink uplink service io=0xcf8/3 device-memory dma=2M net=sw.lan\n"
+                "task uplink uplink service io=0xcf8/3 device-memory dma=2M irq=11 net=sw.lan\n"
             ),
             "{list}"
         );

@@ -7,16 +7,24 @@
 //! What it is given, and nothing more: the PCI configuration ports (`io=0xcf8/3`), the right to
 //! ask its pager for device memory in the PCI hole (`device-memory`: the e1000's registers,
 //! its memory BAR 0), and physically contiguous memory whose physical address it knows
-//! (`dma=2M`) for the descriptor rings and buffers. The NIC runs in
-//! promiscuous mode (the compartments' MAC addresses are not its own) with its interrupts
-//! masked: the driver polls it every millisecond and whenever the switch signals frames.
+//! (`dma=2M`) for the descriptor rings and buffers, and an IRQ object for the NIC's interrupt
+//! line (`irq=LINE`, the line the firmware wrote into the NIC's PCI configuration). The NIC
+//! runs in promiscuous mode (the compartments' MAC addresses are not its own).
+//!
+//! The NIC's receive interrupts arrive as IRQ IPC; the switch's frames as its notification
+//! (badge `NET_NOTIFY_BADGE`). The kernel masks the line at each interrupt until we
+//! acknowledge it, and the IOAPIC pin is edge-triggered: so after acknowledging, the driver
+//! reads the interrupt causes once more (which lowers the line) and works again, so that a
+//! cause that came while the line was masked, and raised no edge, is not lost. Without the
+//! IRQ object, or if it is for another line than the NIC's, the driver says so and polls the
+//! NIC every millisecond instead.
 
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
-use l4::abi::{Timeout, Timeouts};
+use l4::abi::{slots, IrqOp, Timeout, Timeouts, LABEL_IRQ};
 use l4::port::{inl, outl};
 use l4::println;
 use l4linux_glue::virtio::net::{FramePort, NetBackend};
@@ -36,6 +44,8 @@ fn pci_write(device: u32, register: u32, value: u32) {
 // e1000 registers (82540EM manual, section 13).
 const CTRL: u32 = 0x0000;
 const STATUS: u32 = 0x0008;
+const ICR: u32 = 0x00c0;
+const IMS: u32 = 0x00d0;
 const IMC: u32 = 0x00d8;
 const RCTL: u32 = 0x0100;
 const TCTL: u32 = 0x0400;
@@ -59,6 +69,9 @@ const RCTL_EN: u32 = 1 << 1;
 const RCTL_UPE: u32 = 1 << 3;
 const RCTL_MPE: u32 = 1 << 4;
 const RCTL_BAM: u32 = 1 << 15;
+/// Interrupt causes we take: link status change, receive descriptors low, receiver overrun,
+/// receive timer (a frame arrived).
+const INTERRUPTS: u32 = (1 << 2) | (1 << 4) | (1 << 6) | (1 << 7);
 const RCTL_SECRC: u32 = 1 << 26;
 const TCTL_EN: u32 = 1 << 1;
 const TCTL_PSP: u32 = 1 << 3;
@@ -297,8 +310,19 @@ fn main() -> i64 {
         return 1;
     };
     println!("[uplink] attached to the switch");
+    let interrupts = take_interrupts(device);
+    if interrupts {
+        nic.write(IMS, INTERRUPTS);
+    }
+    let (mut nic_interrupts, mut polls) = (0u64, 0u64);
     let mut frames = FramePort::new();
+    // Whether the NIC interrupted and its line waits for our acknowledgement.
+    let mut masked = false;
     loop {
+        if interrupts {
+            // Reading the causes clears them and lowers the NIC's line.
+            let _ = nic.read(ICR);
+        }
         // NIC -> switch.
         nic.receive(&mut |frame| frames.transmit(frame));
         // Switch -> NIC (and what we just received goes to the switch).
@@ -308,9 +332,57 @@ fn main() -> i64 {
             frames.pop_received();
             nic.transmit(&frame);
         }
-        // Until the switch signals frames for us, or a millisecond passes (NIC polling).
-        let _ = l4::ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
+        if masked {
+            // Unmask, then look once more (above) before waiting.
+            masked = false;
+            let _ = l4::sys::irq_control(slots::IRQ, IrqOp::Acknowledge, 0);
+            continue;
+        }
+        let timeout = if interrupts {
+            Timeout::INFINITE
+        } else {
+            polls += 1;
+            Timeout::micros(1000)
+        };
+        // Until the NIC interrupts or the switch signals frames for us (or, polling, a
+        // millisecond passes).
+        if let Ok(message) = l4::ipc::wait(Timeouts::new(Timeout::INFINITE, timeout)) {
+            if interrupts
+                && message.tag.label() == LABEL_IRQ
+                && message.badge != slots::NET_NOTIFY_BADGE
+            {
+                nic_interrupts += 1;
+                masked = true;
+                if nic_interrupts.is_power_of_two() && nic_interrupts >= 1024 {
+                    println!("[uplink] {nic_interrupts} NIC interrupts, {polls} polls so far");
+                }
+            }
+        }
     }
+}
+
+/// Attach the IRQ object (`irq=LINE`) if it is for the NIC's line; otherwise say why the
+/// driver polls.
+fn take_interrupts(device: u32) -> bool {
+    let line = pci_read(device, 0x3c) & 0xff;
+    let given = l4::rt::arguments()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("irq=")?.parse::<u32>().ok());
+    let attached = match given {
+        Some(g) if g == line => {
+            l4::sys::irq_control(slots::IRQ, IrqOp::Attach, slots::SELF_THREAD).is_ok()
+        }
+        _ => false,
+    };
+    if attached {
+        println!("[uplink] NIC interrupts on line {line}");
+    } else {
+        println!(
+            "[uplink] the NIC interrupts on line {line}, but the IRQ object is {}: polling it every millisecond",
+            given.map_or("missing (irq=LINE)".into(), |g| alloc::format!("for line {g}"))
+        );
+    }
+    attached
 }
 
 l4::main!(main);
