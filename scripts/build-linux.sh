@@ -4,7 +4,8 @@
 # --debug also debug.config), then `olddefconfig`; every fragment line must survive it. Also
 # the busybox initramfs from initramfs/ (reproducible: sorted, root-owned, fixed times).
 #
-# Outputs: target/linux/bzImage, target/linux/config (the resolved .config),
+# Outputs: target/linux/bzImage, target/linux/config (the resolved .config), target/linux/vmlinux
+# (the decompressed kernel, for direct boots),
 # target/linux/initramfs.cpio.gz. The kernel build is cached under target/linux/cache/KEY/,
 # KEY a hash of the exact package version and the fragments, so a second run (or a switch
 # back to an earlier fragment set) costs seconds. Noise goes to target/linux/build.log, which
@@ -90,6 +91,25 @@ fi
 cp "$cache/bzImage" "$out/bzImage"
 cp "$cache/config" "$out/config"
 
+# The decompressed kernel (the ELF the bzImage carries gzip-compressed, as the kernel's
+# scripts/extract-vmlinux finds it) for VMMs that boot it directly and so spare each guest its
+# own decompression.
+step "vmlinux (the bzImage's payload, decompressed)"
+python3 - "$out/bzImage" "$out/vmlinux" <<'PY'
+import struct, sys, zlib
+image = open(sys.argv[1], "rb").read()
+setup_sects = image[0x1f1] or 4
+offset, length = struct.unpack_from("<II", image, 0x248)
+start = (setup_sects + 1) * 512 + offset
+payload = image[start:start + length]
+if payload[:2] != b"\x1f\x8b":
+    sys.exit("build-linux: the bzImage's payload is not gzip (CONFIG_KERNEL_GZIP)")
+elf = zlib.decompressobj(31).decompress(payload)
+if elf[:4] != b"\x7fELF":
+    sys.exit("build-linux: the bzImage's payload is not an ELF kernel")
+open(sys.argv[2], "wb").write(elf)
+PY
+
 # initramfs: busybox-static, initramfs/init, the workloads (initramfs/l4bench.c) and the
 # compartment's control tool (initramfs/l4ctl.c).
 step "initramfs"
@@ -105,4 +125,4 @@ install -m 755 "$root/initramfs/init" "$stage/init"
 find "$stage" -exec touch -h -d @0 {} +
 (cd "$stage" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --reproducible --quiet | gzip -9n) \
     > "$out/initramfs.cpio.gz"
-echo "build-linux: $out/bzImage ($(stat -c %s "$out/bzImage") bytes, config in $out/config), $out/initramfs.cpio.gz ($(stat -c %s "$out/initramfs.cpio.gz") bytes)"
+echo "build-linux: $out/bzImage ($(stat -c %s "$out/bzImage") bytes, config in $out/config), $out/vmlinux ($(stat -c %s "$out/vmlinux") bytes), $out/initramfs.cpio.gz ($(stat -c %s "$out/initramfs.cpio.gz") bytes)"

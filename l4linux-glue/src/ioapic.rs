@@ -164,6 +164,9 @@ impl IoApic {
     /// Entries masked since they became due are skipped.
     pub fn take_deliveries(&mut self) -> Vec<Delivery> {
         let mut out = Vec::new();
+        if self.pending == 0 {
+            return out;
+        }
         let pending = core::mem::take(&mut self.pending);
         for pin in 0..PINS {
             if pending & (1 << pin) == 0 {

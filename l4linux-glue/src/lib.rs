@@ -46,3 +46,4 @@ pub mod ports;
 pub mod test_device;
 pub mod uart8250;
 pub mod virtio;
+pub mod vmlinux;

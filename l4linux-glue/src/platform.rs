@@ -210,6 +210,11 @@ impl Platform {
 
     /// A device drives IOAPIC line `pin`.
     pub fn set_irq(&mut self, pin: usize, asserted: bool) {
+        // A line that stays where it is changes nothing (an asserted level-triggered line is
+        // sent again at its EOI or unmask, without help from here).
+        if self.ioapic.line(pin) == asserted {
+            return;
+        }
         self.ioapic.set_line(pin, asserted);
         self.route();
     }

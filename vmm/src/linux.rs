@@ -126,6 +126,16 @@ pub fn boot_linux() -> i64 {
             return 1;
         }
     };
+    // The decompressed kernel, if given (`blob=vmlinux:...`): booted directly, at the place
+    // the bzImage's boot plan gives the kernel, so the guest does not decompress itself.
+    let vmlinux = match l4::rt::blob("vmlinux").map(l4linux_glue::vmlinux::parse) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(e)) => {
+            crate::say!("vmlinux rejected: {e}");
+            return 1;
+        }
+    };
     // The devices this VMM gives every compartment, announced as Linux's virtio-mmio driver
     // expects them without ACPI or a device tree.
     // A network port where the arguments ask for one (`net=SWITCH`).
@@ -155,6 +165,13 @@ pub fn boot_linux() -> i64 {
             return 1;
         }
     };
+    if let Some(Err(e)) = vmlinux
+        .as_ref()
+        .map(|v| v.check_placement(layout.kernel, bz.footprint()))
+    {
+        crate::say!("vmlinux does not match its bzImage: {e}");
+        return 1;
+    }
     let zero_page = match boot::zero_page(&bz, &layout, cmdline.as_bytes()) {
         Ok(z) => z,
         Err(e) => {
@@ -228,7 +245,19 @@ pub fn boot_linux() -> i64 {
         crate::say!("cannot place the virtio devices");
         return 1;
     }
-    vm.ram.write(layout.kernel, bz.kernel());
+    // Guest RAM comes zeroed, so segments need only their file data.
+    let (entry, kernel_bytes, how) = match &vmlinux {
+        Some(v) => {
+            for segment in &v.segments {
+                vm.ram.write(segment.address, segment.bytes);
+            }
+            (v.entry, v.data_bytes(), "vmlinux, booted directly")
+        }
+        None => {
+            vm.ram.write(layout.kernel, bz.kernel());
+            (layout.entry64, bz.kernel().len(), "compressed")
+        }
+    };
     vm.ram.write(layout.zero_page, &zero_page);
     let mut bytes = Vec::from(cmdline.as_bytes());
     bytes.push(0);
@@ -243,19 +272,27 @@ pub fn boot_linux() -> i64 {
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
     vm.ram.write(GDT, &bytes);
     crate::say!(
-        "Linux: protocol {}.{:02}, kernel {} KiB, initramfs {} KiB, {} MiB RAM, TSC {} kHz; starts at TSC {}",
+        "Linux: protocol {}.{:02}, kernel {} KiB ({how}), initramfs {} KiB, {} MiB RAM, TSC {} kHz; starts at TSC {}",
         bz.version >> 8,
         bz.version & 0xff,
-        bz.kernel().len() / 1024,
+        kernel_bytes / 1024,
         initrd.len() / 1024,
         ram_size >> 20,
         tsc_hz / 1000,
         rdtsc()
     );
     crate::say!("Linux command line: {cmdline}");
+    // The images are in guest RAM now: their pages (and the kernel memory of their mappings)
+    // go back.
+    drop((bz, vmlinux));
+    for name in ["linux", "vmlinux", "initrd"] {
+        // SAFETY: nothing reads the images after this (the BzImage and vmlinux views that
+        // borrow them are dropped above; a restart is a new VMM with the blobs mapped anew).
+        unsafe { l4::rt::release_blob(name) };
+    }
 
     let w = state_words();
-    long_mode_state(w, layout.entry64);
+    long_mode_state(w, entry);
     w[state::CS] = state::segment(0x10, 0x29b, 0xffff_ffff);
     for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
         w[s] = state::segment(0x18, 0xc93, 0xffff_ffff);

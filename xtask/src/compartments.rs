@@ -22,6 +22,9 @@
 //! memory = "128M"        # guest RAM, a power of two >= 16M (default 128M)
 //! kernel = "PATH"        # the bzImage (default target/linux/bzImage)
 //! initrd = "PATH"        # the initramfs (default target/linux/initramfs.cpio.gz; "": none)
+//! vmlinux = "PATH"       # the kernel decompressed, booted directly (default: target/linux/vmlinux
+//!                        # with the default kernel, none with another; "": none, the guest
+//!                        # decompresses its bzImage itself)
 //! cmdline = "..."        # appended to the default Linux command line
 //! console = "hvc0"       # "hvc0" (virtio console, the default) or "ttyS0" (the 16550A)
 //! disk = "16M"           # a blank virtio block disk of this size (default: none), or
@@ -56,7 +59,7 @@
 //! launch list, text module `launch data`, which the root task reads line by line:
 //! 1. per compartment C its Linux command line, `text C.cmdline CMDLINE`;
 //! 2. the console server, `task cons cons service io=0x3f8/3 irq=4 client=C1 ... client=Cn`;
-//! 3. per compartment C its VMM, `task C vmm factory=8M blob=linux:fK [blob=initrd:fK]
+//! 3. per compartment C its VMM, `task C vmm factory=8M blob=linux:fK [blob=vmlinux:fK] [blob=initrd:fK]
 //!    blob=cmdline:C.cmdline [blob=disk:fK] linux name=C mem=SIZE [disk=SIZE] ram=RM
 //!    console=cons [restart=N] [priority=P]`, where R is the guest RAM, plus the disk rounded
 //!    up to 2 MiB, plus 16 MiB, in MiB (`blob=AS:MODULE`: module MODULE, which the task sees
@@ -74,6 +77,8 @@ use crate::scenario::{default_sigma0, parse_size, Boot, Error, Module, Source};
 const DEFAULT_KERNEL: &str = "target/linux/bzImage";
 /// The initramfs when no table names one (`scripts/build-linux.sh` makes it).
 const DEFAULT_INITRD: &str = "target/linux/initramfs.cpio.gz";
+/// The default kernel decompressed (`scripts/build-linux.sh` extracts it from the bzImage).
+const DEFAULT_VMLINUX: &str = "target/linux/vmlinux";
 /// What a missing default file needs.
 const BUILD_HINT: &str =
     "scripts/build-linux.sh makes the default ones, target/linux/bzImage and target/linux/initramfs.cpio.gz";
@@ -168,6 +173,7 @@ struct RawFields {
     name: Option<Spanned<String>>,
     memory: Option<Spanned<String>>,
     kernel: Option<Spanned<String>>,
+    vmlinux: Option<Spanned<String>>,
     initrd: Option<Spanned<String>>,
     cmdline: Option<Spanned<String>>,
     console: Option<Spanned<String>>,
@@ -227,6 +233,8 @@ enum Disk {
 struct Fields {
     memory: Option<Located<u64>>,
     kernel: Option<Located<PathBuf>>,
+    /// `Some(None)`: `vmlinux = ""`, no direct boot.
+    vmlinux: Option<Located<Option<PathBuf>>>,
     /// `Some(None)`: `initrd = ""`, no initramfs.
     initrd: Option<Located<Option<PathBuf>>>,
     cmdline: Option<Located<String>>,
@@ -251,6 +259,8 @@ struct Compartment {
     line: usize,
     memory: u64,
     kernel: Input,
+    /// The kernel decompressed, for a direct boot.
+    vmlinux: Option<Input>,
     initrd: Option<Input>,
     cmdline: String,
     console: Console,
@@ -551,10 +561,14 @@ impl CompartmentFile {
             files.push((canonical, name.clone(), size));
             Ok((name, size))
         };
-        // Per compartment: the module names of its kernel, initrd and disk image (with size).
+        // Per compartment: the module names of its kernel (and the kernel decompressed),
+        // initrd and disk image (with size).
         let mut uses = Vec::new();
         for c in &self.compartments {
-            let kernel = use_file(c, &c.kernel)?.0;
+            let mut kernel = vec![format!("blob=linux:{}", use_file(c, &c.kernel)?.0)];
+            if let Some(input) = &c.vmlinux {
+                kernel.push(format!("blob=vmlinux:{}", use_file(c, input)?.0));
+            }
             let initrd = match &c.initrd {
                 Some(input) => Some(use_file(c, input)?.0),
                 None => None,
@@ -656,11 +670,8 @@ impl CompartmentFile {
             launch.push_str(&format!("text {cmdline_module} {}\n", c.linux_cmdline()));
             let budget = Self::budget(c, image.as_ref().map_or(0, |i| i.1));
             budgets += budget;
-            let mut args = vec![
-                c.name.clone(),
-                "factory=8M".into(),
-                format!("blob=linux:{kernel}"),
-            ];
+            let mut args = vec![c.name.clone(), "factory=8M".into()];
+            args.extend(kernel);
             if let Some(initrd) = initrd {
                 args.push(format!("blob=initrd:{initrd}"));
             }
@@ -899,19 +910,24 @@ fn fields(text: &str, at: &At, raw: &RawFields) -> Result<Fields, Error> {
     if let Some(k) = &raw.kernel {
         out.kernel = Some(path("kernel", k)?);
     }
-    if let Some(i) = &raw.initrd {
-        out.initrd = Some(if i.get_ref().is_empty() {
-            Located {
-                value: None,
-                line: line(text, i),
-            }
-        } else {
-            let p = path("initrd", i)?;
-            Located {
-                value: Some(p.value),
-                line: p.line,
-            }
-        });
+    for (field, raw, out) in [
+        ("initrd", &raw.initrd, &mut out.initrd),
+        ("vmlinux", &raw.vmlinux, &mut out.vmlinux),
+    ] {
+        if let Some(i) = raw {
+            *out = Some(if i.get_ref().is_empty() {
+                Located {
+                    value: None,
+                    line: line(text, i),
+                }
+            } else {
+                let p = path(field, i)?;
+                Located {
+                    value: Some(p.value),
+                    line: p.line,
+                }
+            });
+        }
     }
     if let Some(c) = &raw.cmdline {
         if let Some(bad) = c.get_ref().chars().find(|c| c.is_control()) {
@@ -1143,6 +1159,21 @@ fn merge(
             origin: BUILT_IN,
         },
     };
+    let vmlinux = match pick(&own.vmlinux, &defaults.vmlinux) {
+        Some((v, origin)) => v.value.clone().map(|path| Input {
+            path,
+            field: "vmlinux",
+            line: v.line,
+            origin,
+        }),
+        // The default kernel's own, another kernel none.
+        None => (kernel.origin == BUILT_IN).then(|| Input {
+            path: DEFAULT_VMLINUX.into(),
+            field: "vmlinux",
+            line: header,
+            origin: BUILT_IN,
+        }),
+    };
     let initrd = match pick(&own.initrd, &defaults.initrd) {
         Some((i, origin)) => i.value.clone().map(|path| Input {
             path,
@@ -1175,6 +1206,7 @@ fn merge(
         line: header,
         memory: pick(&own.memory, &defaults.memory).map_or(DEFAULT_MEMORY, |(m, _)| m.value),
         kernel,
+        vmlinux,
         initrd,
         cmdline,
         console,
@@ -1299,9 +1331,16 @@ mod tests {
         dir.canonicalize().unwrap()
     }
 
-    /// A repository with the default kernel and initramfs.
+    /// A repository with the default kernel (and its vmlinux) and initramfs.
     fn with_linux(test: &str) -> PathBuf {
-        repository(test, &[(DEFAULT_KERNEL, 4096), (DEFAULT_INITRD, 4096)])
+        repository(
+            test,
+            &[
+                (DEFAULT_KERNEL, 4096),
+                (DEFAULT_VMLINUX, 4096),
+                (DEFAULT_INITRD, 4096),
+            ],
+        )
     }
 
     fn parse(text: &str) -> Result<CompartmentFile, Error> {
@@ -1395,8 +1434,13 @@ mod tests {
             },
             Module {
                 name: "f2".into(),
-                source: Source::File(root.join("target/linux/initramfs.cpio.gz")),
+                source: Source::File(root.join("target/linux/vmlinux")),
                 args: data("f2"),
+            },
+            Module {
+                name: "f3".into(),
+                source: Source::File(root.join("target/linux/initramfs.cpio.gz")),
+                args: data("f3"),
             },
             Module {
                 name: "launch".into(),
@@ -1409,10 +1453,10 @@ mod tests {
                          panic=-1 printk.time=1 l4.name=beta l4.ip=10.0.0.2/24\n",
                         "task cons cons service io=0x3f8/3 irq=4 client=alpha client=beta\n",
                         "task sw.lan netsw service ram=4M port=alpha port=beta\n",
-                        "task alpha vmm factory=8M blob=linux:f1 blob=initrd:f2 \
+                        "task alpha vmm factory=8M blob=linux:f1 blob=vmlinux:f2 blob=initrd:f3 \
                          blob=cmdline:alpha.cmdline linux name=alpha mem=128M disk=16M \
                          ram=160M console=cons net=sw.lan\n",
-                        "task beta vmm factory=8M blob=linux:f1 blob=initrd:f2 \
+                        "task beta vmm factory=8M blob=linux:f1 blob=vmlinux:f2 blob=initrd:f3 \
                          blob=cmdline:beta.cmdline linux name=beta mem=128M ram=144M \
                          console=cons net=sw.lan\n",
                     ]
@@ -1957,6 +2001,53 @@ mod tests {
     }
 
     #[test]
+    fn the_default_kernel_boots_directly_from_its_vmlinux() {
+        let root = repository(
+            "vmlinux",
+            &[
+                (DEFAULT_KERNEL, 4096),
+                (DEFAULT_VMLINUX, 4096),
+                (DEFAULT_INITRD, 4096),
+                ("k", 4096),
+                ("v", 4096),
+            ],
+        );
+        let vmm = |text: &str| {
+            let m = modules(text, &root).unwrap();
+            let list = launch(&m);
+            let line = list.lines().find(|l| l.starts_with("task a vmm")).unwrap();
+            (line.to_string(), m)
+        };
+        // The default kernel: its vmlinux too.
+        let (line, m) = vmm(ONE);
+        assert!(
+            line.contains("blob=linux:f1 blob=vmlinux:f2 blob=initrd:f3"),
+            "{line}"
+        );
+        assert_eq!(m[3].source, Source::File(root.join(DEFAULT_VMLINUX)));
+        // `vmlinux = ""`: the guest decompresses itself.
+        let (line, _) = vmm(&format!("{ONE}vmlinux = \"\"\n"));
+        assert!(line.contains("blob=linux:f1 blob=initrd:f2"), "{line}");
+        // Another kernel: none, unless given.
+        let (line, _) = vmm(&format!("{ONE}kernel = \"k\"\n"));
+        assert!(!line.contains("vmlinux"), "{line}");
+        let (line, m) = vmm(&format!(
+            "[defaults]\nvmlinux = \"v\"\n{ONE}kernel = \"k\"\n"
+        ));
+        assert!(line.contains("blob=linux:f1 blob=vmlinux:f2"), "{line}");
+        assert_eq!(m[3].source, Source::File(root.join("v")));
+        // A missing one is named.
+        let e = modules(&format!("{ONE}vmlinux = \"nope\"\n"), &root)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": vmlinux: nope: no such file"),
+            "{e}"
+        );
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
     fn the_kernels_module_limits_are_kept() {
         // Sixteen compartments with long names need no more modules than one does.
         let root = with_linux("kip");
@@ -1965,7 +2056,7 @@ mod tests {
             text.push_str(&format!("[[compartment]]\nname = \"compartment-{i:04}\"\n"));
         }
         let many = modules(&text, &root).unwrap();
-        assert_eq!(many.len(), 5);
+        assert_eq!(many.len(), 6);
         assert_eq!(
             launch(&many)
                 .lines()

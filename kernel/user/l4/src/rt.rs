@@ -85,8 +85,40 @@ pub fn blob(name: &str) -> Option<&'static [u8]> {
     let (address, size) = value.split_once('+')?;
     let (address, size) = (address.parse::<u64>().ok()?, size.parse::<usize>().ok()?);
     // SAFETY: the root task mapped `size` bytes at `address` read-only before we started and
-    // never unmaps them.
+    // never unmaps them (only the task itself may, through `release_blob`).
     Some(unsafe { core::slice::from_raw_parts(address as *const u8, size) })
+}
+
+/// Give back the pages of data module `name` (see [`blob`]) once the task is done with it,
+/// and with them the kernel memory its mapping takes (a node per page). Returns whether there
+/// was such a blob.
+///
+/// # Safety
+/// Nothing may use the blob's bytes afterwards (they fault): no slice [`blob`] returned for
+/// `name` may be read again.
+pub unsafe fn release_blob(name: &str) -> bool {
+    let Some(bytes) = blob(name) else {
+        return false;
+    };
+    let mut address = bytes.as_ptr() as u64 & !0xfff;
+    let end = (bytes.as_ptr() as u64 + bytes.len() as u64).next_multiple_of(0x1000);
+    while address < end {
+        // The largest aligned power of two from here that stays inside the blob's pages.
+        let mut order = address.trailing_zeros().min(63);
+        while order > 12 && address + (1u64 << order) > end {
+            order -= 1;
+        }
+        // SAFETY: the caller promises the blob's pages are not used any more; the range lies
+        // inside them (the module is page aligned: the root task maps it from a page on).
+        let _ = unsafe {
+            crate::sys::unmap(
+                l4_abi::Fpage::memory(address, order, l4_abi::Fpage::RWX),
+                l4_abi::UNMAP_SELF,
+            )
+        };
+        address += 1 << order;
+    }
+    true
 }
 
 extern "Rust" {
