@@ -21,5 +21,6 @@ pub mod net;
 pub mod platform;
 pub mod probe;
 pub mod shared;
+pub mod syscalls;
 pub mod terminal;
 pub mod vcpu;

@@ -119,6 +119,13 @@ pub fn boot_linux() -> i64 {
             return 1;
         }
     };
+    let syscalls = match crate::syscalls::Routing::from_arguments() {
+        Ok(routing) => routing,
+        Err(e) => {
+            crate::say!("{}", e.0);
+            return 1;
+        }
+    };
     let bz = match BzImage::parse(image) {
         Ok(bz) => bz,
         Err(e) => {
@@ -253,6 +260,12 @@ pub fn boot_linux() -> i64 {
         rdtsc()
     );
     crate::say!("Linux command line: {cmdline}");
+    if syscalls.is_some() {
+        crate::say!(
+            "L4Linux mode: the guest's system calls go to the syscall monitor {}",
+            crate::platform::argument("monitor").unwrap_or("?")
+        );
+    }
 
     let w = state_words();
     long_mode_state(w, layout.entry64);
@@ -279,6 +292,7 @@ pub fn boot_linux() -> i64 {
             tsc_hz,
             boot_tsc,
             counts: ExitCounts::default(),
+            syscalls,
         },
         kind: Linux {
             log: ConsoleLog::new(),
@@ -476,6 +490,8 @@ impl Kind for Linux {
                 );
                 count
             }
+            Hypercall::MonitorMark => board.syscalls.as_mut().map_or(hc::ENOSYS, |r| r.mark()),
+            Hypercall::MonitorReport => board.syscalls.as_mut().map_or(hc::ENOSYS, |r| r.report()),
             Hypercall::Invalid => hc::EINVAL,
             Hypercall::Unknown(_) => hc::ENOSYS,
         };
@@ -510,9 +526,17 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
     let c = &board.counts;
     let seconds = (rdtsc() - board.boot_tsc) / board.tsc_hz.max(1);
     crate::say!(
-        "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
-        c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.msr_refused, c.injected
+        "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} ud {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
+        c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.invalid_opcode, c.other, c.msr_refused, c.injected
     );
+    if let Some(routing) = compartment.board.syscalls.as_mut() {
+        let r = routing.counts;
+        crate::say!(
+            "L4Linux mode: {} system calls routed to the monitor ({} denied, {} results reported), {} SYSRETs, {} other SYSCALLs emulated, {} faulting as on the CPU, {} other #UDs reflected to the guest",
+            r.routed, r.denied, r.reported, r.sysrets, r.unrouted, r.faults, r.reflected
+        );
+        routing.end();
+    }
     if let Some((port, device)) = &compartment.kind.net {
         let c = port.counts;
         let device = device.borrow();

@@ -142,6 +142,7 @@ pub fn boot_multiboot() -> i64 {
             tsc_hz,
             boot_tsc,
             counts: ExitCounts::default(),
+            syscalls: None,
         },
         kind: Multiboot {
             exit_port: Rc::new(RefCell::new(DebugExit::default())),
