@@ -535,6 +535,14 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
             "L4Linux mode: {} system calls routed to the monitor ({} denied, {} results reported), {} SYSRETs, {} other SYSCALLs emulated, {} faulting as on the CPU, {} other #UDs reflected to the guest",
             r.routed, r.denied, r.reported, r.sysrets, r.unrouted, r.faults, r.reflected
         );
+        let exits = (r.routed + r.sysrets + r.unrouted + r.faults + r.reflected).max(1);
+        crate::say!(
+            "L4Linux mode: per #UD exit {} TSC ticks in the VMM's handler ({} fetching and decoding, {} in IPC with the monitor); {} #UD exits",
+            r.handler_ticks / exits,
+            r.decode_ticks / exits,
+            r.monitor_ticks / exits,
+            exits
+        );
         routing.end();
     }
     if let Some((port, device)) = &compartment.kind.net {

@@ -46,6 +46,12 @@ pub struct RoutingCounts {
     pub reflected: u64,
     /// SYSCALL/SYSRET that fault as on the CPU (#UD with the shown SCE clear, #GP).
     pub faults: u64,
+    /// TSC ticks (instructions under `-icount shift=0`) in the #UD handler, in all.
+    pub handler_ticks: u64,
+    /// Of them fetching and decoding the instruction.
+    pub decode_ticks: u64,
+    /// Of them in IPC with the monitor (the calls themselves, the monitor's work included).
+    pub monitor_ticks: u64,
 }
 
 /// A system call whose result the monitor wants: where its SYSRET will return to.
@@ -149,9 +155,17 @@ impl Routing {
     /// A #UD exit: SYSCALL or SYSRET carried out (and a user system call routed), or the #UD
     /// reflected to the guest. Returns the state groups to load.
     pub fn invalid_opcode(&mut self, vm: &Vm, w: &mut Words) -> u64 {
+        let start = rdtsc();
+        let mask = self.handle(vm, w, start);
+        self.counts.handler_ticks += rdtsc().wrapping_sub(start);
+        mask
+    }
+
+    fn handle(&mut self, vm: &Vm, w: &mut Words, start: u64) -> u64 {
         let mut cpu = cpu_state(w, self.efer_read(w[state::EFER]));
         let mode = cpu.mode();
         let instruction = fetch(vm, w).and_then(|(bytes, n)| syscall::decode(&bytes[..n], mode));
+        self.counts.decode_ticks += rdtsc().wrapping_sub(start);
         let Some(instruction) = instruction else {
             self.counts.reflected += 1;
             return reflect(w, state::event::UD);
@@ -225,7 +239,9 @@ impl Routing {
             w[state::CR3],
             0, // the PID: not known to the VMM
         ];
+        let before = rdtsc();
         let reply = monitor_call(LABEL_SYSCALL, &words);
+        self.counts.monitor_ticks += rdtsc().wrapping_sub(before);
         match reply.and_then(|r| Verdict::decode([r.word(0), r.word(1)])) {
             Some(verdict) => verdict,
             None => {
@@ -248,10 +264,12 @@ impl Routing {
         };
         let p = self.pending.remove(i);
         self.counts.reported += 1;
-        let instructions = rdtsc().wrapping_sub(p.start);
+        let now = rdtsc();
+        let instructions = now.wrapping_sub(p.start);
         if monitor_call(LABEL_RESULT, &[p.number, w[state::RAX], instructions, cr3]).is_none() {
             self.monitor_failed();
         }
+        self.counts.monitor_ticks += rdtsc().wrapping_sub(now);
     }
 }
 
