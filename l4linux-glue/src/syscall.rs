@@ -164,6 +164,11 @@ pub enum Instruction {
 /// SYSRET, or `None` for anything else (including those opcodes where the CPU would not
 /// decode them: with LOCK, in real or virtual-8086 mode, cut short).
 pub fn decode(bytes: &[u8], mode: Mode) -> Option<Instruction> {
+    // The forms compilers and Linux emit (`syscall`, `sysretq`) without the decoder: the same
+    // answers, checked against it in the tests.
+    if let Some(instruction) = decode_common(bytes, mode) {
+        return Some(instruction);
+    }
     let bitness = match mode {
         Mode::Real | Mode::Virtual8086 => return None,
         Mode::Long64 => 64,
@@ -185,6 +190,23 @@ pub fn decode(bytes: &[u8], mode: Mode) -> Option<Instruction> {
         }),
         Code::Sysretq if mode == Mode::Long64 => Some(Instruction::Sysret {
             length,
+            to_64: true,
+        }),
+        _ => None,
+    }
+}
+
+/// `0f 05` (SYSCALL) in any protected mode and `48 0f 07` (SYSRET to 64-bit mode) in 64-bit
+/// mode, the forms that almost every #UD of the L4Linux mode is; `None` for anything else,
+/// which [`decode`] leaves to the full decoder.
+pub fn decode_common(bytes: &[u8], mode: Mode) -> Option<Instruction> {
+    if matches!(mode, Mode::Real | Mode::Virtual8086) {
+        return None;
+    }
+    match bytes {
+        [0x0f, 0x05, ..] => Some(Instruction::Syscall { length: 2 }),
+        [0x48, 0x0f, 0x07, ..] if mode == Mode::Long64 => Some(Instruction::Sysret {
+            length: 3,
             to_64: true,
         }),
         _ => None,
@@ -537,6 +559,52 @@ mod tests {
         assert_eq!(s.rcx, 0x40_1002);
         assert_eq!(s.r11, 0x246);
         assert_eq!(s.cpl(), 3);
+    }
+
+    #[test]
+    fn the_shortcut_agrees_with_the_decoder() {
+        let modes = [
+            Mode::Long64,
+            Mode::Compatibility(true),
+            Mode::Compatibility(false),
+            Mode::Legacy(true),
+            Mode::Legacy(false),
+            Mode::Real,
+            Mode::Virtual8086,
+        ];
+        for mode in modes {
+            for bytes in [
+                &[0x0f, 0x05, 0x90][..],
+                &[0x48, 0x0f, 0x07],
+                &[0x0f, 0x07],
+                &[0x48],
+            ] {
+                let Some(short) = decode_common(bytes, mode) else {
+                    continue;
+                };
+                let mut padded = [0x90u8; 15];
+                padded[..bytes.len()].copy_from_slice(bytes);
+                let bitness = match mode {
+                    Mode::Long64 => 64,
+                    Mode::Legacy(true) | Mode::Compatibility(true) => 32,
+                    _ => 16,
+                };
+                let full = Decoder::new(bitness, &padded, DecoderOptions::NONE).decode();
+                let expected = match full.code() {
+                    Code::Syscall => Instruction::Syscall {
+                        length: full.len() as u8,
+                    },
+                    Code::Sysretq => Instruction::Sysret {
+                        length: full.len() as u8,
+                        to_64: true,
+                    },
+                    other => panic!("{bytes:02x?} in {mode:?}: the decoder says {other:?}"),
+                };
+                assert_eq!(short, expected, "{bytes:02x?} in {mode:?}");
+            }
+        }
+        // In 32-bit code 48 is `dec eax`: not a SYSRET.
+        assert_eq!(decode(&[0x48, 0x0f, 0x07], Mode::Legacy(true)), None);
     }
 
     #[test]

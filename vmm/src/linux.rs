@@ -293,6 +293,7 @@ pub fn boot_linux() -> i64 {
             boot_tsc,
             counts: ExitCounts::default(),
             syscalls,
+            no_device_exit: false,
         },
         kind: Linux {
             log: ConsoleLog::new(),
@@ -490,8 +491,20 @@ impl Kind for Linux {
                 );
                 count
             }
-            Hypercall::MonitorMark => board.syscalls.as_mut().map_or(hc::ENOSYS, |r| r.mark()),
-            Hypercall::MonitorReport => board.syscalls.as_mut().map_or(hc::ENOSYS, |r| r.report()),
+            Hypercall::MonitorMark | Hypercall::MonitorReport => {
+                let mark = w[state::RAX] == hc::MONITOR_MARK;
+                match board
+                    .syscalls
+                    .as_mut()
+                    .map(|r| if mark { r.mark() } else { r.report() })
+                {
+                    None => hc::ENOSYS,
+                    Some(Ok(result)) => result,
+                    Some(Err(crate::syscalls::Broken)) => {
+                        return Some(Next::Stop(Outcome::Failed(crate::syscalls::Broken::WHY)))
+                    }
+                }
+            }
             Hypercall::Invalid => hc::EINVAL,
             Hypercall::Unknown(_) => hc::ENOSYS,
         };

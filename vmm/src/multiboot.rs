@@ -143,6 +143,7 @@ pub fn boot_multiboot() -> i64 {
             boot_tsc,
             counts: ExitCounts::default(),
             syscalls: None,
+            no_device_exit: false,
         },
         kind: Multiboot {
             exit_port: Rc::new(RefCell::new(DebugExit::default())),

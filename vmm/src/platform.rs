@@ -153,6 +153,11 @@ pub struct Board {
     pub counts: ExitCounts,
     /// The L4Linux mode's system call routing, if the compartment has it.
     pub syscalls: Option<crate::syscalls::Routing>,
+    /// The last exit touched no device (a SYSCALL or SYSRET of the L4Linux mode): the next
+    /// entry needs no device poll, only the platform's timers. Every device change comes with
+    /// an exit of its own (port I/O, MMIO, a message for new input or frames), whose entry
+    /// polls as always.
+    pub no_device_exit: bool,
 }
 
 /// What a guest kind (Linux, Multiboot) adds to the [`Board`] and its exit handling.
@@ -343,7 +348,9 @@ impl<K: Kind> Handler for Compartment<K> {
 
     fn prepare(&mut self) -> Entry {
         let now = rdtsc();
-        self.poll();
+        if !core::mem::take(&mut self.board.no_device_exit) {
+            self.poll();
+        }
         let platform = &mut self.board.platform;
         let interrupt = platform.tick(now);
         Entry {
@@ -363,7 +370,13 @@ impl<K: Kind> Handler for Compartment<K> {
         self.board.counts.nmis += 1;
     }
 
-    fn after_run(&mut self, _w: &mut Words) -> Option<K::Outcome> {
+    fn after_run(&mut self, w: &mut Words) -> Option<K::Outcome> {
+        if self.board.syscalls.is_some()
+            && w[state::EXIT_CODE] == state::exit::EXCEPTION_BASE + u64::from(state::VECTOR_UD)
+        {
+            // A SYSCALL or SYSRET (or another #UD): no device output to collect.
+            return None;
+        }
         self.flush_output();
         let tsc_hz = self.board.tsc_hz;
         self.kind.log().flush_if_stale(rdtsc(), tsc_hz);
@@ -608,7 +621,15 @@ impl<K: Kind> Handler for Compartment<K> {
         match self.board.syscalls.as_mut() {
             Some(routing) if vector == state::VECTOR_UD => {
                 self.board.counts.invalid_opcode += 1;
-                Next::Resume(routing.invalid_opcode(&self.board.vm, w))
+                match routing.invalid_opcode(&self.board.vm, w) {
+                    Ok(mask) => {
+                        self.board.no_device_exit = true;
+                        Next::Resume(mask)
+                    }
+                    Err(crate::syscalls::Broken) => {
+                        Next::Stop(K::failed(crate::syscalls::Broken::WHY))
+                    }
+                }
             }
             _ => self.unhandled(state::exit::EXCEPTION_BASE + u64::from(vector), w),
         }

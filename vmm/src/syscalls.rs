@@ -17,7 +17,7 @@
 
 use crate::exit::Words;
 use crate::memory::{read_guest_virtual, Vm};
-use crate::vcpu::{keeping_state, rdtsc};
+use crate::vcpu::rdtsc;
 use alloc::vec::Vec;
 use l4::abi::vcpu as state;
 use l4::abi::{slots, MessageTag, Timeouts};
@@ -116,29 +116,29 @@ impl Routing {
         value & !EFER_SCE
     }
 
-    /// The monitor's mark (`l4ctl sysmon mark`).
-    pub fn mark(&mut self) -> u64 {
+    /// The monitor's mark (`l4ctl sysmon mark`): the hypercall's result.
+    pub fn mark(&mut self) -> Result<u64, Broken> {
         self.notify(LABEL_MARK, &[])
     }
 
     /// The monitor's report.
-    pub fn report(&mut self) -> u64 {
+    pub fn report(&mut self) -> Result<u64, Broken> {
         self.notify(LABEL_REPORT, &[])
     }
 
     /// Tell the monitor that the compartment ends (it prints its totals).
     pub fn end(&mut self) {
         let c = self.counts;
-        self.notify(LABEL_END, &[c.routed, c.denied, c.reported]);
+        let _ = self.notify(LABEL_END, &[c.routed, c.denied, c.reported]);
     }
 
     /// Send the monitor `label` with `words`; 0, or -EIO if it did not answer.
-    fn notify(&mut self, label: i32, words: &[u64]) -> u64 {
-        match monitor_call(label, words) {
-            Some(_) => 0,
+    fn notify(&mut self, label: i32, words: &[u64]) -> Result<u64, Broken> {
+        match monitor_call(label, words)? {
+            Some(_) => Ok(0),
             None => {
                 self.monitor_failed();
-                (-5i64) as u64
+                Ok((-5i64) as u64)
             }
         }
     }
@@ -154,28 +154,28 @@ impl Routing {
 
     /// A #UD exit: SYSCALL or SYSRET carried out (and a user system call routed), or the #UD
     /// reflected to the guest. Returns the state groups to load.
-    pub fn invalid_opcode(&mut self, vm: &Vm, w: &mut Words) -> u64 {
+    pub fn invalid_opcode(&mut self, vm: &Vm, w: &mut Words) -> Result<u64, Broken> {
         let start = rdtsc();
         let mask = self.handle(vm, w, start);
         self.counts.handler_ticks += rdtsc().wrapping_sub(start);
         mask
     }
 
-    fn handle(&mut self, vm: &Vm, w: &mut Words, start: u64) -> u64 {
+    fn handle(&mut self, vm: &Vm, w: &mut Words, start: u64) -> Result<u64, Broken> {
         let mut cpu = cpu_state(w, self.efer_read(w[state::EFER]));
         let mode = cpu.mode();
         let instruction = fetch(vm, w).and_then(|(bytes, n)| syscall::decode(&bytes[..n], mode));
         self.counts.decode_ticks += rdtsc().wrapping_sub(start);
         let Some(instruction) = instruction else {
             self.counts.reflected += 1;
-            return reflect(w, state::event::UD);
+            return Ok(reflect(w, state::event::UD));
         };
         let from_user = mode == Mode::Long64 && cpu.cpl() == 3;
         match instruction {
             Instruction::Syscall { length } if from_user && self.shown_sce => {
                 self.counts.routed += 1;
                 let number = w[state::RAX];
-                let verdict = self.ask(number, w);
+                let verdict = self.ask(number, w)?;
                 match verdict {
                     Verdict::Deny(errno) => {
                         self.counts.denied += 1;
@@ -188,7 +188,7 @@ impl Routing {
                         );
                         w[state::RAX] = rax;
                         store(&cpu, w);
-                        return state::GPRS;
+                        return Ok(state::GPRS);
                     }
                     Verdict::Report => {
                         if self.pending.len() == PENDING {
@@ -212,22 +212,22 @@ impl Routing {
             Ok(()) => {}
             Err(Fault::InvalidOpcode) => {
                 self.counts.faults += 1;
-                return reflect(w, state::event::UD);
+                return Ok(reflect(w, state::event::UD));
             }
             Err(Fault::GeneralProtection) => {
                 self.counts.faults += 1;
-                return reflect(w, state::event::GP0);
+                return Ok(reflect(w, state::event::GP0));
             }
         }
         store(&cpu, w);
         if matches!(instruction, Instruction::Sysret { .. }) && !self.pending.is_empty() {
-            self.returned(w);
+            self.returned(w)?;
         }
-        state::GPRS | state::SEGMENTS
+        Ok(state::GPRS | state::SEGMENTS)
     }
 
     /// Ask the monitor about system call `number` (arguments in the guest's registers).
-    fn ask(&mut self, number: u64, w: &Words) -> Verdict {
+    fn ask(&mut self, number: u64, w: &Words) -> Result<Verdict, Broken> {
         let words = [
             number,
             w[state::RDI],
@@ -240,52 +240,100 @@ impl Routing {
             0, // the PID: not known to the VMM
         ];
         let before = rdtsc();
-        let reply = monitor_call(LABEL_SYSCALL, &words);
+        let reply = monitor_call(LABEL_SYSCALL, &words)?;
         self.counts.monitor_ticks += rdtsc().wrapping_sub(before);
-        match reply.and_then(|r| Verdict::decode([r.word(0), r.word(1)])) {
-            Some(verdict) => verdict,
-            None => {
-                self.monitor_failed();
-                Verdict::Deny(l4linux_glue::syscall_monitor::ENOSYS)
-            }
-        }
+        Ok(
+            match reply.and_then(|r| Verdict::decode([r.word(0), r.word(1)])) {
+                Some(verdict) => verdict,
+                None => {
+                    self.monitor_failed();
+                    Verdict::Deny(l4linux_glue::syscall_monitor::ENOSYS)
+                }
+            },
+        )
     }
 
     /// After a SYSRET (the state is the user's again): the result of a pending report that
     /// returns here goes to the monitor.
-    fn returned(&mut self, w: &Words) {
+    fn returned(&mut self, w: &Words) -> Result<(), Broken> {
         let (cr3, rsp, rip) = (w[state::CR3], w[state::RSP], w[state::RIP]);
         let Some(i) = self
             .pending
             .iter()
             .rposition(|p| p.cr3 == cr3 && p.rsp == rsp && p.rip == rip)
         else {
-            return;
+            return Ok(());
         };
         let p = self.pending.remove(i);
         self.counts.reported += 1;
         let now = rdtsc();
         let instructions = now.wrapping_sub(p.start);
-        if monitor_call(LABEL_RESULT, &[p.number, w[state::RAX], instructions, cr3]).is_none() {
+        if monitor_call(LABEL_RESULT, &[p.number, w[state::RAX], instructions, cr3])?.is_none() {
             self.monitor_failed();
         }
         self.counts.monitor_ticks += rdtsc().wrapping_sub(now);
+        Ok(())
     }
 }
 
-/// Call the monitor (keeping the vCPU state words, which a long message overwrites); the
-/// reply if it answered with label 0.
-fn monitor_call(label: i32, words: &[u64]) -> Option<l4::ipc::Received> {
-    keeping_state(|| {
-        l4::ipc::call(
+/// The monitor's reply: its first two words.
+pub struct Reply([u64; 2]);
+
+impl Reply {
+    /// Word `i` (0 or 1).
+    pub fn word(&self, i: usize) -> u64 {
+        self.0[i]
+    }
+}
+
+/// Call the monitor with `words` (at most 9) and take its reply (at most 4 words, in
+/// registers); `None` if the call failed or the monitor answered with another label. Words
+/// beyond the fourth travel in the UTCB's message registers, which hold the vCPU state
+/// between exits: only those are saved and put back (this is the L4Linux mode's hot path; the
+/// general way, [`crate::vcpu::keeping_state`], copies all 64). A reply longer than four
+/// words has overwritten more of the state: [`Broken`], the compartment cannot go on.
+fn monitor_call(label: i32, words: &[u64]) -> Result<Option<Reply>, Broken> {
+    let n = words.len().min(9);
+    let long = n.saturating_sub(4);
+    let mr = &mut l4::utcb::utcb().mr;
+    let mut saved = [0u64; 5];
+    saved[..long].copy_from_slice(&mr[4..4 + long]);
+    if n > 4 {
+        mr[4..n].copy_from_slice(&words[4..n]);
+    }
+    let mut registers = [0u64; 4];
+    registers[..n.min(4)].copy_from_slice(&words[..n.min(4)]);
+    // SAFETY: IPC moves data only into registers and our UTCB (see `l4::ipc::raw_ipc`).
+    let (rax, tag, _, reply) = unsafe {
+        l4::ipc::raw_ipc(
+            l4::abi::Syscall::Call,
             slots::MONITOR,
-            MessageTag::new(label, words.len(), 0),
-            words,
-            Timeouts::INFINITE,
+            0,
+            MessageTag::new(label, n, 0).0,
+            Timeouts::INFINITE.0,
+            registers,
         )
-    })
-    .ok()
-    .filter(|r| r.tag.label() == 0)
+    };
+    let tag = MessageTag(tag);
+    let mr = &mut l4::utcb::utcb().mr;
+    mr[4..4 + long].copy_from_slice(&saved[..long]);
+    if rax == 0 && (tag.words() > 4 || tag.typed() > 0) {
+        return Err(Broken);
+    }
+    if rax != 0 || tag.label() != 0 {
+        return Ok(None);
+    }
+    Ok(Some(Reply([reply[0], reply[1]])))
+}
+
+/// The monitor broke the protocol in a way that overwrote the vCPU state.
+#[derive(Debug, Clone, Copy)]
+pub struct Broken;
+
+impl Broken {
+    /// Why the compartment ends.
+    pub const WHY: &'static str =
+        "the syscall monitor replied with more than four words (the vCPU state is lost)";
 }
 
 /// Inject `event` (the #UD back, or the fault the instruction raises); nothing else changes.
@@ -302,11 +350,22 @@ fn fetch(vm: &Vm, w: &Words) -> Option<([u8; 15], usize)> {
     let base = if long { 0 } else { w[state::CS + 1] };
     let rip = w[state::RIP].wrapping_add(base);
     let mut bytes = [0u8; 15];
+    // The common forms are 2 or 3 bytes: try those before the whole 15.
+    if read_guest_virtual(vm, w, rip, &mut bytes[..3])
+        && syscall::decode_common(&bytes[..3], mode_of(w)).is_some()
+    {
+        return Some((bytes, 3));
+    }
     if read_guest_virtual(vm, w, rip, &mut bytes) {
         return Some((bytes, 15));
     }
     let in_page = (4096 - (rip & 4095)).min(15) as usize;
     read_guest_virtual(vm, w, rip, &mut bytes[..in_page]).then_some((bytes, in_page))
+}
+
+/// The mode the exit state is in (for the common forms' shortcut).
+fn mode_of(w: &Words) -> Mode {
+    cpu_state(w, 0).mode()
 }
 
 fn segment(w: &Words, index: usize) -> Segment {
