@@ -1927,6 +1927,25 @@ mod tests {
         let m = modules(&format!("[defaults]\nsyscalls = \"l4\"\n{ONE}"), &root).unwrap();
         assert!(vmm(&m, "a").args.contains(&"monitor=mon.a".to_string()));
 
+        // The files that use the mode.
+        for (path, text, monitor) in [
+            (
+                "scenarios/l4linux.toml",
+                include_str!("../../scenarios/l4linux.toml"),
+                "task mon.l4 sysmon service client=l4 deny=reboot:EPERM report=all\n",
+            ),
+            (
+                "scenarios/tests/l4mode.toml",
+                include_str!("../../scenarios/tests/l4mode.toml"),
+                "task mon.traced sysmon service client=traced deny=mkdir:EACCES report=getppid\n",
+            ),
+        ] {
+            let m = CompartmentFile::parse(path, text, &root)
+                .unwrap()
+                .modules()
+                .unwrap();
+            assert!(launch(&m).contains(monitor), "{path}: {}", launch(&m));
+        }
         let e = error(&format!("{ONE}syscalls = \"L4\"\n"));
         assert!(
             e.starts_with(
