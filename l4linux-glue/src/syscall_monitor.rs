@@ -17,7 +17,8 @@ use core::fmt::Write;
 pub const LABEL_SYSCALL: i32 = 0x5343;
 /// The result of a reported system call: number, result, instructions, CR3.
 pub const LABEL_RESULT: i32 = 0x5352;
-/// Start counting anew (the guest's `l4ctl sysmon mark`, through the VMM).
+/// Start counting anew the calls of one process (the guest's `l4ctl sysmon mark`, through the
+/// VMM; word 0: the CR3 of the process that asked).
 pub const LABEL_MARK: i32 = 0x534d;
 /// Print the counts since the mark and the trace ring.
 pub const LABEL_REPORT: i32 = 0x5350;
@@ -320,8 +321,12 @@ pub struct TraceEntry {
 pub struct Books {
     /// Calls per number since the start (index [`COUNTED`]: all higher numbers).
     pub total: Vec<u64>,
-    /// Calls per number since the last mark.
+    /// Calls per number since the last mark, of the process that set it (all, before a mark).
     pub since_mark: Vec<u64>,
+    /// The CR3 of the process that set the mark.
+    pub mark_cr3: Option<u64>,
+    /// Calls of other processes since the mark.
+    pub others_since_mark: u64,
     /// Calls denied.
     pub denied: u64,
     /// The last [`TRACE_ENTRIES`] calls, oldest first once full (`next` is the slot to write).
@@ -341,6 +346,8 @@ impl Books {
         Books {
             total: alloc::vec![0; COUNTED + 1],
             since_mark: alloc::vec![0; COUNTED + 1],
+            mark_cr3: None,
+            others_since_mark: 0,
             denied: 0,
             trace: Vec::new(),
             next: 0,
@@ -351,7 +358,11 @@ impl Books {
     pub fn record(&mut self, entry: TraceEntry, verdict: Verdict) {
         let i = (entry.number as usize).min(COUNTED);
         self.total[i] += 1;
-        self.since_mark[i] += 1;
+        if self.mark_cr3.is_none_or(|cr3| cr3 == entry.cr3) {
+            self.since_mark[i] += 1;
+        } else {
+            self.others_since_mark += 1;
+        }
         let mut entry = entry;
         if let Verdict::Deny(errno) = verdict {
             self.denied += 1;
@@ -384,9 +395,11 @@ impl Books {
         false
     }
 
-    /// Start counting anew (`since_mark`).
-    pub fn mark(&mut self) {
+    /// Start counting anew (`since_mark`) the calls of the process with `cr3`.
+    pub fn mark(&mut self, cr3: u64) {
         self.since_mark.iter_mut().for_each(|c| *c = 0);
+        self.mark_cr3 = Some(cr3);
+        self.others_since_mark = 0;
     }
 
     /// The trace ring, oldest first.
@@ -539,23 +552,35 @@ mod tests {
         for _ in 0..1000 {
             b.record(call(110), Verdict::Allow);
         }
-        b.mark();
+        b.mark(0x1000);
         b.record(call(83), Verdict::Deny(13));
         b.record(call(1000), Verdict::Allow);
+        // Another process's call after the mark is counted apart.
+        b.record(
+            TraceEntry {
+                number: 61,
+                cr3: 0x2000,
+                ..TraceEntry::default()
+            },
+            Verdict::Allow,
+        );
+        assert_eq!(b.others_since_mark, 1);
+        assert_eq!(b.since_mark[61], 0);
+        assert_eq!(b.total[61], 1);
         assert_eq!(b.total[110], 1000);
         assert_eq!(b.since_mark[110], 0);
         assert_eq!(b.since_mark[83], 1);
         assert_eq!(b.total[COUNTED], 1);
         assert_eq!(b.denied, 1);
         let (text, sum) = format_counts(&b.total, 10);
-        assert_eq!(text, "getppid 1000 mkdir 1 other 1");
-        assert_eq!(sum, 1002);
+        assert_eq!(text, "getppid 1000 wait4 1 mkdir 1 other 1");
+        assert_eq!(sum, 1003);
         // The ring keeps the last 32, oldest first; results land on the newest match.
         let entries: Vec<_> = b.trace_in_order().map(|e| e.number).collect();
         assert_eq!(entries.len(), TRACE_ENTRIES);
-        assert_eq!(&entries[TRACE_ENTRIES - 2..], &[83, 1000]);
+        assert_eq!(&entries[TRACE_ENTRIES - 3..], &[83, 1000, 61]);
         assert_eq!(
-            b.trace_in_order().nth(TRACE_ENTRIES - 2).unwrap().result,
+            b.trace_in_order().nth(TRACE_ENTRIES - 3).unwrap().result,
             Some((-13i64) as u64)
         );
         b.record(call(110), Verdict::Report);

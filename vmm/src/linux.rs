@@ -294,6 +294,7 @@ pub fn boot_linux() -> i64 {
             counts: ExitCounts::default(),
             syscalls,
             no_device_exit: false,
+            last_entry: None,
         },
         kind: Linux {
             log: ConsoleLog::new(),
@@ -493,10 +494,11 @@ impl Kind for Linux {
             }
             Hypercall::MonitorMark | Hypercall::MonitorReport => {
                 let mark = w[state::RAX] == hc::MONITOR_MARK;
+                let cr3 = w[state::CR3];
                 match board
                     .syscalls
                     .as_mut()
-                    .map(|r| if mark { r.mark() } else { r.report() })
+                    .map(|r| if mark { r.mark(cr3) } else { r.report() })
                 {
                     None => hc::ENOSYS,
                     Some(Ok(result)) => result,

@@ -144,6 +144,7 @@ pub fn boot_multiboot() -> i64 {
             counts: ExitCounts::default(),
             syscalls: None,
             no_device_exit: false,
+            last_entry: None,
         },
         kind: Multiboot {
             exit_port: Rc::new(RefCell::new(DebugExit::default())),

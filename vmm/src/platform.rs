@@ -158,6 +158,10 @@ pub struct Board {
     /// an exit of its own (port I/O, MMIO, a message for new input or frames), whose entry
     /// polls as always.
     pub no_device_exit: bool,
+    /// What the last entry needed, while nothing can have changed it but time (the platform
+    /// changes only at exits that touch it, and when the guest takes an interrupt or NMI):
+    /// after a device-free exit, an entry before its deadline needs the same.
+    pub last_entry: Option<Entry>,
 }
 
 /// What a guest kind (Linux, Multiboot) adds to the [`Board`] and its exit handling.
@@ -348,26 +352,36 @@ impl<K: Kind> Handler for Compartment<K> {
 
     fn prepare(&mut self) -> Entry {
         let now = rdtsc();
-        if !core::mem::take(&mut self.board.no_device_exit) {
+        if core::mem::take(&mut self.board.no_device_exit) {
+            if let Some(entry) = self.board.last_entry {
+                if entry.deadline == 0 || now < entry.deadline {
+                    return entry;
+                }
+            }
+        } else {
             self.poll();
         }
         let platform = &mut self.board.platform;
         let interrupt = platform.tick(now);
-        Entry {
+        let entry = Entry {
             interrupt,
             nmi: platform.nmi_pending(),
             deadline: platform.next_deadline().unwrap_or(0),
-        }
+        };
+        self.board.last_entry = Some(entry);
+        entry
     }
 
     fn interrupt_taken(&mut self, vector: u8) {
         self.board.platform.accept(vector);
         self.board.counts.injected += 1;
+        self.board.last_entry = None;
     }
 
     fn nmi_delivered(&mut self) {
         self.board.platform.accept_nmi();
         self.board.counts.nmis += 1;
+        self.board.last_entry = None;
     }
 
     fn after_run(&mut self, w: &mut Words) -> Option<K::Outcome> {

@@ -116,9 +116,10 @@ impl Routing {
         value & !EFER_SCE
     }
 
-    /// The monitor's mark (`l4ctl sysmon mark`): the hypercall's result.
-    pub fn mark(&mut self) -> Result<u64, Broken> {
-        self.notify(LABEL_MARK, &[])
+    /// The monitor's mark (`l4ctl sysmon mark`) for the calling process (its CR3): the
+    /// hypercall's result.
+    pub fn mark(&mut self, cr3: u64) -> Result<u64, Broken> {
+        self.notify(LABEL_MARK, &[cr3])
     }
 
     /// The monitor's report.

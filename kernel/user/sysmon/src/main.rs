@@ -158,16 +158,18 @@ fn main() -> i64 {
                 }
                 (MessageTag::new(0, 0, 0), [0, 0])
             }
-            LABEL_MARK => {
-                book.mark();
-                println!("[{}] {name}: mark", me());
+            LABEL_MARK if message.tag.words() == 1 => {
+                book.mark(w[0]);
+                println!("[{}] {name}: mark (cr3 {:#x})", me(), w[0]);
                 (MessageTag::new(0, 0, 0), [0, 0])
             }
             LABEL_REPORT => {
                 let (text, total) = format_counts(&book.since_mark, 16);
                 println!(
-                    "[{}] {name}: {total} system calls since the mark: {text}",
-                    me()
+                    "[{}] {name}: {total} system calls since the mark (cr3 {:#x}): {text}; {} by other processes",
+                    me(),
+                    book.mark_cr3.unwrap_or(0),
+                    book.others_since_mark
                 );
                 println!("[{}] {name}: the last {} calls:", me(), book.trace.len());
                 for entry in book.trace_in_order() {
