@@ -14,11 +14,22 @@
  *   l4ctl tsc                 print the time stamp counter (works natively too: under QEMU
  *                             -icount shift=0 it counts instructions since the machine's reset,
  *                             in a compartment as well, whose TSC is the machine's)
+ *   l4ctl sysmon mark|report  L4Linux mode: the syscall monitor starts counting anew / prints
+ *                             its counts since the mark and its trace ring
+ *   l4ctl getppid N           mark, call getppid N times, report (the monitor's count test)
+ *   l4ctl ud2                 execute ud2 with SIGILL at its default (the shell reports
+ *                             "Illegal instruction": a #UD that is not a system call reached
+ *                             the guest kernel's own handler)
+ *   l4ctl msr-rewrite         read EFER and LSTAR through /dev/cpu/0/msr and write them back,
+ *                             EFER with SCE set (a guest kernel that rewrites its syscall MSRs)
  *
  * Outside a compartment VMMCALL raises #UD: l4ctl then exits with status 3, so that callers
  * fall back to the native way (/init runs `poweroff -f` then).
  */
 #include <arpa/inet.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <sys/syscall.h>
 #include <linux/if_packet.h>
 #include <net/if.h>
 #include <signal.h>
@@ -33,6 +44,8 @@
 #define L4_HC_REBOOT 0x4c340002UL
 #define L4_HC_LOG 0x4c340003UL
 #define L4_HC_SCAN 0x4c340004UL
+#define L4_HC_MONITOR_MARK 0x4c340005UL
+#define L4_HC_MONITOR_REPORT 0x4c340006UL
 #define L4_HC_LOG_MAX 256
 
 /* The secret pattern of a seed: four words of SplitMix64 (as secret_pattern() in
@@ -68,7 +81,7 @@ static void not_in_a_compartment(int sig)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: l4ctl poweroff [STATUS] | reboot | log TEXT... | fill SEED MB | scan SEED | flood IFACE N | tsc\n");
+    fprintf(stderr, "usage: l4ctl poweroff [STATUS] | reboot | log TEXT... | fill SEED MB | scan SEED | flood IFACE N | tsc | sysmon mark|report | getppid N | ud2 | msr-rewrite\n");
     return 2;
 }
 
@@ -134,6 +147,48 @@ int main(int argc, char **argv)
                 sent++;
         printf("flooded %lu frames\n", sent);
         return sent == n ? 0 : 1;
+    } else if (strcmp(argv[1], "sysmon") == 0 && argc > 2) {
+        unsigned long nr = strcmp(argv[2], "mark") == 0     ? L4_HC_MONITOR_MARK
+                           : strcmp(argv[2], "report") == 0 ? L4_HC_MONITOR_REPORT
+                                                            : 0;
+        if (nr == 0)
+            return usage();
+        if (hypercall(nr, 0, 0) == 0)
+            return 0;
+    } else if (strcmp(argv[1], "getppid") == 0 && argc > 2) {
+        unsigned long n = strtoul(argv[2], NULL, 0);
+        long marked = hypercall(L4_HC_MONITOR_MARK, 0, 0);
+        long ppid = 0;
+        for (unsigned long i = 0; i < n; i++)
+            ppid = syscall(SYS_getppid);
+        long reported = hypercall(L4_HC_MONITOR_REPORT, 0, 0);
+        printf("getppid %lu times: %ld\n", n, ppid);
+        if (marked == 0 && reported == 0)
+            return 0;
+    } else if (strcmp(argv[1], "ud2") == 0) {
+        signal(SIGILL, SIG_DFL);
+        __asm__ volatile("ud2");
+        printf("l4ctl: ud2 did not trap\n");
+        return 1;
+    } else if (strcmp(argv[1], "msr-rewrite") == 0) {
+        int fd = open("/dev/cpu/0/msr", O_RDWR);
+        uint64_t efer = 0, lstar = 0;
+        if (fd < 0 || pread(fd, &efer, 8, 0xc0000080) != 8 || pread(fd, &lstar, 8, 0xc0000082) != 8) {
+            perror("l4ctl: msr-rewrite: reading /dev/cpu/0/msr");
+            return 1;
+        }
+        uint64_t sce = efer | 1;
+        if (pwrite(fd, &sce, 8, 0xc0000080) != 8 || pwrite(fd, &lstar, 8, 0xc0000082) != 8) {
+            perror("l4ctl: msr-rewrite: writing /dev/cpu/0/msr");
+            return 1;
+        }
+        uint64_t after = 0;
+        if (pread(fd, &after, 8, 0xc0000080) != 8)
+            return 1;
+        printf("EFER %#llx (SCE=%llu) and LSTAR %#llx written back; EFER reads %#llx\n",
+               (unsigned long long)efer, (unsigned long long)(efer & 1), (unsigned long long)lstar,
+               (unsigned long long)after);
+        return 0;
     } else if (strcmp(argv[1], "tsc") == 0) {
         unsigned int lo, hi;
         __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));

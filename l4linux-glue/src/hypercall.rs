@@ -9,6 +9,8 @@
 //! | `0x4c34_0002` | reboot | — | the compartment ends as rebooted |
 //! | `0x4c34_0003` | log | RBX: guest-virtual address, RCX: length (at most [`LOG_MAX`]) | the bytes are printed on the L4 console as one `[NAME] ...` line |
 //! | `0x4c34_0004` | scan | RBX: a seed | RAX: how often the [`secret_pattern`] of the seed occurs in the compartment's guest-physical memory (8-byte aligned), counted by the VMM |
+//! | `0x4c34_0005` | monitor mark | — | in the L4Linux mode: the syscall monitor starts counting anew (`-ENOSYS` without a monitor) |
+//! | `0x4c34_0006` | monitor report | — | the syscall monitor prints its counts since the mark and its trace ring |
 //!
 //! The calls are accepted at every privilege level: they concern only the compartment itself
 //! (its power button and a debug line), so the guest's user space may use them; the
@@ -25,6 +27,10 @@ pub const REBOOT: u64 = BASE + 2;
 pub const LOG: u64 = BASE + 3;
 /// Count the secret pattern of RBX in guest RAM (the isolation test).
 pub const SCAN: u64 = BASE + 4;
+/// The syscall monitor's mark (L4Linux mode).
+pub const MONITOR_MARK: u64 = BASE + 5;
+/// The syscall monitor's report.
+pub const MONITOR_REPORT: u64 = BASE + 6;
 /// The longest log line in bytes.
 pub const LOG_MAX: u64 = 256;
 
@@ -51,6 +57,10 @@ pub enum Hypercall {
     },
     /// Count the [`secret_pattern`] of this seed in guest RAM.
     Scan(u64),
+    /// The syscall monitor starts counting anew.
+    MonitorMark,
+    /// The syscall monitor prints its counts since the mark.
+    MonitorReport,
     /// Not a hypercall of this interface (answer [`ENOSYS`]).
     Unknown(u64),
     /// A known call with bad arguments (answer [`EINVAL`]).
@@ -71,6 +81,8 @@ pub fn decode(rax: u64, rbx: u64, rcx: u64) -> Hypercall {
         },
         LOG => Hypercall::Invalid,
         SCAN => Hypercall::Scan(rbx),
+        MONITOR_MARK => Hypercall::MonitorMark,
+        MONITOR_REPORT => Hypercall::MonitorReport,
         other => Hypercall::Unknown(other),
     }
 }
@@ -137,6 +149,9 @@ mod tests {
         assert_eq!(decode(LOG, u64::MAX, 2), Hypercall::Invalid);
         // KVM_HC_KICK_CPU and anything else: unknown.
         assert_eq!(decode(5, 0, 0), Hypercall::Unknown(5));
+        assert_eq!(decode(MONITOR_MARK, 0, 0), Hypercall::MonitorMark);
+        assert_eq!(decode(MONITOR_REPORT, 0, 0), Hypercall::MonitorReport);
+        assert_eq!(decode(BASE + 7, 0, 0), Hypercall::Unknown(BASE + 7));
         assert_eq!(decode(BASE, 0, 0), Hypercall::Unknown(BASE));
     }
 

@@ -43,6 +43,8 @@ pub mod netring;
 pub mod netswitch;
 pub mod platform;
 pub mod ports;
+pub mod syscall;
+pub mod syscall_monitor;
 pub mod test_device;
 pub mod uart8250;
 pub mod virtio;

@@ -82,6 +82,15 @@ pub trait Handler {
     fn shutdown(&mut self, w: &mut Words) -> Next<Self::Outcome> {
         self.unhandled(exit::SHUTDOWN, w)
     }
+    /// An intercepted exception (`vector`; the VMM intercepts only what it asked for).
+    fn exception(&mut self, vector: u8, w: &mut Words) -> Next<Self::Outcome> {
+        self.unhandled(exit::EXCEPTION_BASE + u64::from(vector), w)
+    }
+    /// The state groups the first entry loads (all of the guest's state; a handler that
+    /// intercepts exceptions adds [`state::INTERCEPTS`]).
+    fn first_entry(&self) -> u64 {
+        state::ALL
+    }
     /// Any other exit (`code`).
     fn unhandled(&mut self, code: u64, w: &mut Words) -> Next<Self::Outcome>;
 }
@@ -103,7 +112,7 @@ pub fn run<H: Handler>(vcpu: u64, handler: &mut H) -> H::Outcome {
         vcpu,
         requested: None,
     };
-    let mut state = State::Enter(state::ALL);
+    let mut state = State::Enter(handler.first_entry());
     loop {
         state = match state {
             State::Enter(mask) => driver.enter(handler, mask),
@@ -175,6 +184,9 @@ fn dispatch<H: Handler>(handler: &mut H, code: u64) -> State<H::Outcome> {
         exit::DEADLINE => handler.deadline(w),
         exit::MESSAGE => handler.message(w),
         exit::SHUTDOWN => handler.shutdown(w),
+        code if (exit::EXCEPTION_BASE..exit::EXCEPTION_BASE + 32).contains(&code) => {
+            handler.exception((code - exit::EXCEPTION_BASE) as u8, w)
+        }
         other => handler.unhandled(other, w),
     };
     match next {

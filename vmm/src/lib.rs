@@ -5,7 +5,8 @@
 //! device models of `l4linux-glue` to the port and MMIO buses, interrupt lines and L4 services
 //! ([`platform`], [`console`]); the compartment's terminal, shared through the console server
 //! or its own ([`terminal`]); and the guest kinds built on it, Linux ([`linux`]) and
-//! Multiboot ([`multiboot`]). The binary (`src/main.rs`) picks one by its arguments; the
+//! Multiboot ([`multiboot`]); the L4Linux mode, which routes a Linux guest's user system calls
+//! through a syscall monitor task ([`syscalls`]). The binary (`src/main.rs`) picks one by its arguments; the
 //! bare-metal guest suite (`src/suite/`, part of the binary) is another user of the loop.
 #![no_std]
 
@@ -21,5 +22,6 @@ pub mod net;
 pub mod platform;
 pub mod probe;
 pub mod shared;
+pub mod syscalls;
 pub mod terminal;
 pub mod vcpu;

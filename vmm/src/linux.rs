@@ -119,6 +119,13 @@ pub fn boot_linux() -> i64 {
             return 1;
         }
     };
+    let syscalls = match crate::syscalls::Routing::from_arguments() {
+        Ok(routing) => routing,
+        Err(e) => {
+            crate::say!("{}", e.0);
+            return 1;
+        }
+    };
     let bz = match BzImage::parse(image) {
         Ok(bz) => bz,
         Err(e) => {
@@ -282,6 +289,12 @@ pub fn boot_linux() -> i64 {
         rdtsc()
     );
     crate::say!("Linux command line: {cmdline}");
+    if syscalls.is_some() {
+        crate::say!(
+            "L4Linux mode: the guest's system calls go to the syscall monitor {}",
+            crate::platform::argument("monitor").unwrap_or("?")
+        );
+    }
     // The images are in guest RAM now: their pages (and the kernel memory of their mappings)
     // go back.
     drop((bz, vmlinux));
@@ -316,6 +329,9 @@ pub fn boot_linux() -> i64 {
             tsc_hz,
             boot_tsc,
             counts: ExitCounts::default(),
+            syscalls,
+            no_device_exit: false,
+            last_entry: None,
         },
         kind: Linux {
             log: ConsoleLog::new(),
@@ -535,6 +551,21 @@ impl Kind for Linux {
                 );
                 count
             }
+            Hypercall::MonitorMark | Hypercall::MonitorReport => {
+                let mark = w[state::RAX] == hc::MONITOR_MARK;
+                let cr3 = w[state::CR3];
+                match board
+                    .syscalls
+                    .as_mut()
+                    .map(|r| if mark { r.mark(cr3) } else { r.report() })
+                {
+                    None => hc::ENOSYS,
+                    Some(Ok(result)) => result,
+                    Some(Err(crate::syscalls::Broken)) => {
+                        return Some(Next::Stop(Outcome::Failed(crate::syscalls::Broken::WHY)))
+                    }
+                }
+            }
             Hypercall::Invalid => hc::EINVAL,
             Hypercall::Unknown(_) => hc::ENOSYS,
         };
@@ -566,9 +597,25 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
     let c = &board.counts;
     let seconds = (rdtsc() - board.boot_tsc) / board.tsc_hz.max(1);
     crate::say!(
-        "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
-        c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.other, c.msr_refused, c.injected
+        "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} ud {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
+        c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.invalid_opcode, c.other, c.msr_refused, c.injected
     );
+    if let Some(routing) = compartment.board.syscalls.as_mut() {
+        let r = routing.counts;
+        crate::say!(
+            "L4Linux mode: {} system calls routed to the monitor ({} denied, {} results reported), {} SYSRETs, {} other SYSCALLs emulated, {} faulting as on the CPU, {} other #UDs reflected to the guest",
+            r.routed, r.denied, r.reported, r.sysrets, r.unrouted, r.faults, r.reflected
+        );
+        let exits = (r.routed + r.sysrets + r.unrouted + r.faults + r.reflected).max(1);
+        crate::say!(
+            "L4Linux mode: per #UD exit {} TSC ticks in the VMM's handler ({} fetching and decoding, {} in IPC with the monitor); {} #UD exits",
+            r.handler_ticks / exits,
+            r.decode_ticks / exits,
+            r.monitor_ticks / exits,
+            exits
+        );
+        routing.end();
+    }
     if let Some((port, device)) = &mut compartment.kind.net {
         port.detach();
         let c = port.counts;

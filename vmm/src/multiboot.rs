@@ -142,6 +142,9 @@ pub fn boot_multiboot() -> i64 {
             tsc_hz,
             boot_tsc,
             counts: ExitCounts::default(),
+            syscalls: None,
+            no_device_exit: false,
+            last_entry: None,
         },
         kind: Multiboot {
             exit_port: Rc::new(RefCell::new(DebugExit::default())),

@@ -85,6 +85,8 @@ pub struct ExitCounts {
     pub message: u64,
     /// VMMCALL.
     pub hypercall: u64,
+    /// #UD (the L4Linux mode's SYSCALL and SYSRET, and the #UDs it reflects).
+    pub invalid_opcode: u64,
     /// MSR accesses refused with #GP.
     pub msr_refused: u64,
     /// Exits no handler took.
@@ -109,6 +111,7 @@ impl ExitCounts {
             ("deadline", self.deadline - earlier.deadline),
             ("message", self.message - earlier.message),
             ("hypercall", self.hypercall - earlier.hypercall),
+            ("ud", self.invalid_opcode - earlier.invalid_opcode),
             ("other", self.other - earlier.other),
         ];
         let mut text = alloc::string::String::new();
@@ -148,6 +151,17 @@ pub struct Board {
     pub boot_tsc: u64,
     /// Exits by reason.
     pub counts: ExitCounts,
+    /// The L4Linux mode's system call routing, if the compartment has it.
+    pub syscalls: Option<crate::syscalls::Routing>,
+    /// The last exit touched no device (a SYSCALL or SYSRET of the L4Linux mode): the next
+    /// entry needs no device poll, only the platform's timers. Every device change comes with
+    /// an exit of its own (port I/O, MMIO, a message for new input or frames), whose entry
+    /// polls as always.
+    pub no_device_exit: bool,
+    /// What the last entry needed, while nothing can have changed it but time (the platform
+    /// changes only at exits that touch it, and when the guest takes an interrupt or NMI):
+    /// after a device-free exit, an entry before its deadline needs the same.
+    pub last_entry: Option<Entry>,
 }
 
 /// What a guest kind (Linux, Multiboot) adds to the [`Board`] and its exit handling.
@@ -354,27 +368,45 @@ impl<K: Kind> Handler for Compartment<K> {
 
     fn prepare(&mut self) -> Entry {
         let now = rdtsc();
-        self.poll();
+        if core::mem::take(&mut self.board.no_device_exit) {
+            if let Some(entry) = self.board.last_entry {
+                if entry.deadline == 0 || now < entry.deadline {
+                    return entry;
+                }
+            }
+        } else {
+            self.poll();
+        }
         let platform = &mut self.board.platform;
         let interrupt = platform.tick(now);
-        Entry {
+        let entry = Entry {
             interrupt,
             nmi: platform.nmi_pending(),
             deadline: platform.next_deadline().unwrap_or(0),
-        }
+        };
+        self.board.last_entry = Some(entry);
+        entry
     }
 
     fn interrupt_taken(&mut self, vector: u8) {
         self.board.platform.accept(vector);
         self.board.counts.injected += 1;
+        self.board.last_entry = None;
     }
 
     fn nmi_delivered(&mut self) {
         self.board.platform.accept_nmi();
         self.board.counts.nmis += 1;
+        self.board.last_entry = None;
     }
 
-    fn after_run(&mut self, _w: &mut Words) -> Option<K::Outcome> {
+    fn after_run(&mut self, w: &mut Words) -> Option<K::Outcome> {
+        if self.board.syscalls.is_some()
+            && w[state::EXIT_CODE] == state::exit::EXCEPTION_BASE + u64::from(state::VECTOR_UD)
+        {
+            // A SYSCALL or SYSRET (or another #UD): no device output to collect.
+            return None;
+        }
         self.flush_output();
         let tsc_hz = self.board.tsc_hz;
         self.kind.log().flush_if_stale(rdtsc(), tsc_hz);
@@ -441,11 +473,23 @@ impl<K: Kind> Handler for Compartment<K> {
         let now = rdtsc();
         let mut mask = state::GPRS;
         let result = match (msr, write) {
-            (MSR_EFER, false) => Ok(w[state::EFER] & !EFER_SVME),
+            (MSR_EFER, false) => {
+                let efer = w[state::EFER] & !EFER_SVME;
+                // The L4Linux mode shows the SCE the guest set, not the real one (clear).
+                Ok(match &self.board.syscalls {
+                    Some(routing) => routing.efer_read(efer),
+                    None => efer,
+                })
+            }
             (MSR_EFER, true) if value & !EFER_WRITABLE == 0 => {
-                // LMA follows LME and CR0.PG; the kernel keeps SVME set.
+                // LMA follows LME and CR0.PG; the kernel keeps SVME set; in the L4Linux mode
+                // SCE stays clear (so SYSCALL and SYSRET exit).
                 let paging = w[state::CR0] & (1 << 31) != 0;
                 let long = value & EFER_LME != 0;
+                let value = match &mut self.board.syscalls {
+                    Some(routing) => routing.efer_write(value),
+                    None => value,
+                };
                 w[state::EFER] = (value & !EFER_LMA) | if long && paging { EFER_LMA } else { 0 };
                 mask |= state::CONTROL;
                 Ok(0)
@@ -599,6 +643,36 @@ impl<K: Kind> Handler for Compartment<K> {
 
     fn shutdown(&mut self, _w: &mut Words) -> Next<K::Outcome> {
         Next::Stop(self.kind.shutdown())
+    }
+
+    /// #UD in the L4Linux mode: SYSCALL or SYSRET (emulated, user system calls routed to the
+    /// monitor), or reflected to the guest.
+    fn exception(&mut self, vector: u8, w: &mut Words) -> Next<K::Outcome> {
+        match self.board.syscalls.as_mut() {
+            Some(routing) if vector == state::VECTOR_UD => {
+                self.board.counts.invalid_opcode += 1;
+                match routing.invalid_opcode(&self.board.vm, w) {
+                    Ok(mask) => {
+                        self.board.no_device_exit = true;
+                        Next::Resume(mask)
+                    }
+                    Err(crate::syscalls::Broken) => {
+                        Next::Stop(K::failed(crate::syscalls::Broken::WHY))
+                    }
+                }
+            }
+            _ => self.unhandled(state::exit::EXCEPTION_BASE + u64::from(vector), w),
+        }
+    }
+
+    fn first_entry(&self) -> u64 {
+        let w = crate::vcpu::state_words();
+        if self.board.syscalls.is_some() {
+            w[state::EXCEPTION_INTERCEPTS] = crate::syscalls::Routing::INTERCEPTS;
+            state::ALL | state::INTERCEPTS
+        } else {
+            state::ALL
+        }
     }
 
     fn unhandled(&mut self, code: u64, w: &mut Words) -> Next<K::Outcome> {

@@ -37,6 +37,11 @@
 //! vmm_options = []       # extra VMM options for debugging and tests: "verbose", "probe-isolation", "crash-at-init"
 //! switch = "lan"         # a virtio-net port (eth0) on the virtual switch of this name
 //! ip = "10.0.0.1/24"     # the guest's address on it (not inherited from [defaults])
+//! syscalls = "guest"     # "guest" (the default: Linux's user system calls stay in the guest)
+//!                        # or "l4" (the L4Linux mode: each goes through L4 IPC to a syscall
+//!                        # monitor task, `mon.NAME`, before the guest kernel sees it)
+//! syscall_policy = ["deny=mkdir:EACCES"]   # the monitor's policy (with "l4"): deny=CALL:ERRNO,
+//!                        # allow=CALL,..., report=CALL,...|all, trace
 //! ```
 //!
 //! Paths are relative to the repository (or absolute); `scripts/build-linux.sh` makes the
@@ -63,7 +68,9 @@
 //!    blob=cmdline:C.cmdline [blob=disk:fK] linux name=C mem=SIZE [disk=SIZE] ram=RM
 //!    console=cons [restart=N] [priority=P]`, where R is the guest RAM, plus the disk rounded
 //!    up to 2 MiB, plus 16 MiB, in MiB (`blob=AS:MODULE`: module MODULE, which the task sees
-//!    as AS).
+//!    as AS), and with `syscalls = "l4"` `syscalls=l4 monitor=mon.C`, after the monitor's
+//!    line `task mon.C sysmon service client=C POLICY...` (the `sysmon` binary is a data
+//!    module then).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -186,6 +193,8 @@ struct RawFields {
     vmm_options: Option<Spanned<Vec<String>>>,
     switch: Option<Spanned<String>>,
     ip: Option<Spanned<String>>,
+    syscalls: Option<Spanned<String>>,
+    syscall_policy: Option<Spanned<Vec<String>>>,
 }
 
 /// A value and the line it is written on.
@@ -249,6 +258,9 @@ struct Fields {
     vmm_options: Option<Located<Vec<String>>>,
     switch: Option<Located<String>>,
     ip: Option<Located<String>>,
+    /// `Some(true)`: `syscalls = "l4"`.
+    l4_syscalls: Option<Located<bool>>,
+    syscall_policy: Option<Located<Vec<String>>>,
 }
 
 /// One compartment, checked.
@@ -275,6 +287,9 @@ struct Compartment {
     /// The switch its network port is on, and the guest's address there.
     switch: Option<String>,
     ip: Option<String>,
+    /// The L4Linux mode: the policy of its syscall monitor (`None`: system calls stay in the
+    /// guest).
+    monitor: Option<Vec<String>>,
 }
 
 /// A compartment file, checked (its kernel, initrd and disk image files are not looked at yet).
@@ -664,6 +679,25 @@ impl CompartmentFile {
                 None,
             ));
         }
+        if self.compartments.iter().any(|c| c.monitor.is_some()) {
+            modules.push(Module {
+                name: "sysmon".into(),
+                source: Source::Binary("sysmon".into()),
+                args: vec!["sysmon".into(), "data".into()],
+            });
+        }
+        // A syscall monitor per compartment in the L4Linux mode, with its policy.
+        for c in &self.compartments {
+            if let Some(policy) = &c.monitor {
+                let mut args = vec![
+                    format!("mon.{}", c.name),
+                    "service".into(),
+                    format!("client={}", c.name),
+                ];
+                args.extend(policy.iter().cloned());
+                tasks.push(("sysmon", args, Some(c)));
+            }
+        }
         let mut budgets = 0;
         for (c, (kernel, initrd, image)) in self.compartments.iter().zip(uses) {
             let cmdline_module = format!("{}.cmdline", c.name);
@@ -688,6 +722,10 @@ impl CompartmentFile {
             args.push(format!("ram={}M", budget >> 20));
             args.extend(c.vmm_options.iter().cloned());
             args.push("console=cons".into());
+            if c.monitor.is_some() {
+                args.push("syscalls=l4".into());
+                args.push(format!("monitor=mon.{}", c.name));
+            }
             if let Some(switch) = &c.switch {
                 args.push(format!("net=sw.{switch}"));
             }
@@ -866,6 +904,11 @@ fn uplink(
         switch: switch.clone(),
         forwards,
     })
+}
+
+/// Whether `option` can be one word of a launch-list line.
+fn argument_safe(option: &str) -> bool {
+    !option.is_empty() && !option.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// Checks each field of one table on its own (`name` aside).
@@ -1081,6 +1124,42 @@ fn fields(text: &str, at: &At, raw: &RawFields) -> Result<Fields, Error> {
             line: line(text, o),
         });
     }
+    if let Some(m) = &raw.syscalls {
+        let l4 = match m.get_ref().as_str() {
+            "guest" => false,
+            "l4" => true,
+            other => {
+                return Err(at.error(
+                    line(text, m),
+                    "syscalls",
+                    format!("{other:?}: give \"guest\" or \"l4\""),
+                ))
+            }
+        };
+        out.l4_syscalls = Some(Located {
+            value: l4,
+            line: line(text, m),
+        });
+    }
+    if let Some(p) = &raw.syscall_policy {
+        if let Some(bad) = p.get_ref().iter().find(|o| !argument_safe(o)) {
+            return Err(at.error(
+                line(text, p),
+                "syscall_policy",
+                format!("{bad:?}: an option must be non-empty, without whitespace"),
+            ));
+        }
+        if let Err(e) = l4linux_glue::syscall_monitor::Policy::parse(
+            p.get_ref().iter().map(|o| o.as_str()),
+            true,
+        ) {
+            return Err(at.error(line(text, p), "syscall_policy", e));
+        }
+        out.syscall_policy = Some(Located {
+            value: p.get_ref().clone(),
+            line: line(text, p),
+        });
+    }
     if let Some(r) = &raw.restart {
         let on_failure = match r.get_ref().as_str() {
             "never" => false,
@@ -1221,6 +1300,20 @@ fn merge(
             .map_or(Vec::new(), |(o, _)| o.value.clone()),
         switch: pick(&own.switch, &defaults.switch).map(|(w, _)| w.value.clone()),
         ip: own.ip.as_ref().map(|a| a.value.clone()),
+        monitor: None,
+    };
+    let l4 = pick(&own.l4_syscalls, &defaults.l4_syscalls).is_some_and(|(m, _)| m.value);
+    let policy = pick(&own.syscall_policy, &defaults.syscall_policy);
+    if let (Some((p, _)), false) = (policy, l4) {
+        return Err(at.error(
+            p.line,
+            "syscall_policy",
+            "only with syscalls = \"l4\" (the policy is the syscall monitor's)",
+        ));
+    }
+    let compartment = Compartment {
+        monitor: l4.then(|| policy.map_or(Vec::new(), |(p, _)| p.value.clone())),
+        ..compartment
     };
     if let (Some(a), None) = (&own.ip, &compartment.switch) {
         return Err(at.error(a.line, "ip", "needs a `switch` for the port"));
@@ -1846,6 +1939,95 @@ mod tests {
         ));
         assert!(e.contains("uplink: forward: \"udp:1:2\": give"), "{e}");
         assert!(error("[[compartment]]\nname = \"uplink\"\n").contains("taken"));
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_l4linux_mode_gets_a_monitor_with_its_policy() {
+        let root = with_linux("l4mode");
+        let text = "[[compartment]]\nname = \"a\"\nsyscalls = \"l4\"\n\
+                    syscall_policy = [\"deny=mkdir:EACCES\", \"report=getppid\"]\n\
+                    [[compartment]]\nname = \"b\"\nsyscalls = \"guest\"\n\
+                    [[compartment]]\nname = \"c\"\nsyscalls = \"l4\"\n";
+        let m = modules(text, &root).unwrap();
+        assert!(m
+            .iter()
+            .any(|m| m.source == Source::Binary("sysmon".into())));
+        let list = launch(&m);
+        assert!(
+            list.contains("task mon.a sysmon service client=a deny=mkdir:EACCES report=getppid\n"),
+            "{list}"
+        );
+        assert!(
+            list.contains("task mon.c sysmon service client=c\n"),
+            "{list}"
+        );
+        assert!(!list.contains("mon.b"), "{list}");
+        // The monitor's line comes before its client's.
+        assert!(list.find("task mon.a ").unwrap() < list.find("task a vmm ").unwrap());
+        let a = vmm(&m, "a").args;
+        assert!(a.contains(&"syscalls=l4".to_string()) && a.contains(&"monitor=mon.a".to_string()));
+        assert!(!vmm(&m, "b").args.iter().any(|a| a.starts_with("syscalls=")));
+        // Without the mode nothing of it is there.
+        let m = modules(ONE, &root).unwrap();
+        assert!(!m
+            .iter()
+            .any(|m| m.source == Source::Binary("sysmon".into())));
+        // [defaults] may set the mode for all.
+        let m = modules(&format!("[defaults]\nsyscalls = \"l4\"\n{ONE}"), &root).unwrap();
+        assert!(vmm(&m, "a").args.contains(&"monitor=mon.a".to_string()));
+
+        // The files that use the mode.
+        for (path, text, monitor) in [
+            (
+                "scenarios/l4linux.toml",
+                include_str!("../../scenarios/l4linux.toml"),
+                "task mon.l4 sysmon service client=l4 deny=reboot:EPERM report=all\n",
+            ),
+            (
+                "scenarios/tests/l4mode.toml",
+                include_str!("../../scenarios/tests/l4mode.toml"),
+                "task mon.traced sysmon service client=traced deny=mkdir:EACCES report=getppid\n",
+            ),
+        ] {
+            let m = CompartmentFile::parse(path, text, &root)
+                .unwrap()
+                .modules()
+                .unwrap();
+            assert!(launch(&m).contains(monitor), "{path}: {}", launch(&m));
+        }
+        let e = error(&format!("{ONE}syscalls = \"L4\"\n"));
+        assert!(
+            e.starts_with(
+                "x.toml:3: compartment \"a\": syscalls: \"L4\": give \"guest\" or \"l4\""
+            ),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}syscalls = 4\n"));
+        assert!(e.contains("x.toml:3"), "{e}");
+        let e = error(&format!("{ONE}syscall_policy = [\"deny=mkdir:13\"]\n"));
+        assert!(
+            e.contains("syscall_policy: only with syscalls = \"l4\""),
+            "{e}"
+        );
+        for (policy, message) in [
+            ("deny=mkdir", "needs the errno"),
+            ("deny=mkdir:99999", "not an errno"),
+            ("deny=nosuchcall:1", "not a system call"),
+            ("allow=read,", "not a system call"),
+            ("tracing", "not a policy option"),
+            ("deny=mkdir:1 trace", "without whitespace"),
+            ("", "non-empty"),
+        ] {
+            let e = error(&format!(
+                "{ONE}syscalls = \"l4\"\nsyscall_policy = [\"{policy}\"]\n"
+            ));
+            assert!(
+                e.starts_with("x.toml:4: compartment \"a\": syscall_policy: ")
+                    && e.contains(message),
+                "{policy}: {e}"
+            );
+        }
         let _ = fs::remove_dir_all(&root);
     }
 

@@ -336,6 +336,10 @@ pub mod slots {
     pub const MAX_CONSOLE_CLIENTS: u64 = 64;
     /// A network client's gate to its switch (the root task's `net=SWITCH`).
     pub const NET: u64 = 10;
+    /// A VMM's gate to its syscall monitor (the root task's `monitor=NAME`; L4Linux mode).
+    pub const MONITOR: u64 = 11;
+    /// The most clients a syscall monitor can have.
+    pub const MAX_MONITOR_CLIENTS: u64 = 64;
     /// A switch's notification IRQ of port `k` is in slot `NET_PORTS + k`.
     pub const NET_PORTS: u64 = 384;
     /// The most ports a switch can have.

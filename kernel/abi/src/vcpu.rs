@@ -72,8 +72,26 @@ pub const LDTR: usize = 44;
 pub const GDTR: usize = 46;
 /// IDTR: limit, base ([`SEGMENTS`]).
 pub const IDTR: usize = 48;
+/// STAR (read only: stored at every exit, never loaded; the guest writes its syscall MSRs
+/// itself, without exits). LSTAR, CSTAR and SFMASK follow.
+pub const STAR: usize = 50;
+/// LSTAR (read only).
+pub const LSTAR: usize = 51;
+/// CSTAR (read only).
+pub const CSTAR: usize = 52;
+/// SFMASK (read only).
+pub const SFMASK: usize = 53;
+/// Exception intercepts ([`INTERCEPTS`]): bit `v` makes exception vector `v` exit to the VMM
+/// ([`exit::EXCEPTION_BASE`]` + v`) instead of reaching the guest; only the vectors of
+/// [`INTERCEPTABLE_EXCEPTIONS`] may be set.
+pub const EXCEPTION_INTERCEPTS: usize = 54;
 /// Words of the state.
-pub const STATE_WORDS: usize = 50;
+pub const STATE_WORDS: usize = 55;
+
+/// The exceptions a VMM may intercept: vectors 0..32 except #MC (18), which stays the host's.
+pub const INTERCEPTABLE_EXCEPTIONS: u64 = 0xffff_ffff & !(1 << 18);
+/// Exception vector of #UD.
+pub const VECTOR_UD: u8 = 6;
 
 /// Transfer-mask group: RIP, RSP, RFLAGS and the 16 general registers.
 pub const GPRS: u64 = 1;
@@ -83,8 +101,13 @@ pub const CONTROL: u64 = 2;
 pub const SEGMENTS: u64 = 4;
 /// Transfer-mask group: event injection and virtual interrupt request.
 pub const EVENTS: u64 = 8;
-/// Every group.
+/// Transfer-mask group: the exception intercepts ([`EXCEPTION_INTERCEPTS`]). Not part of
+/// [`ALL`]: a VMM that never loads it keeps the default (no exception intercepted).
+pub const INTERCEPTS: u64 = 16;
+/// Every group of the guest's own state.
 pub const ALL: u64 = GPRS | CONTROL | SEGMENTS | EVENTS;
+/// Every group `VcpuRun` accepts.
+pub const EVERY: u64 = ALL | INTERCEPTS;
 
 /// Encode a segment register word.
 pub const fn segment(selector: u16, attributes: u16, limit: u32) -> u64 {

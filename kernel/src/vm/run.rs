@@ -52,7 +52,7 @@ pub fn run(
         .as_ref()
         .map(|s| (s.host_vmcb, s.xcr0_switching, s.zero_area, s.xstate))
         .ok_or(Error::NotSupported)?;
-    if mask & !state::ALL != 0 {
+    if mask & !state::EVERY != 0 {
         return Err(Error::InvalidArgument);
     }
     let words = &mut utcb(k, caller).mr;

@@ -72,6 +72,13 @@ pub(crate) fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Resul
         (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
             (g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13]);
     }
+    if mask & state::INTERCEPTS != 0 {
+        let exceptions = words[state::EXCEPTION_INTERCEPTS];
+        if exceptions & !state::INTERCEPTABLE_EXCEPTIONS != 0 {
+            return Err(Error::InvalidArgument);
+        }
+        write(frame, vmcb::INTERCEPT_EXCEPTIONS, exceptions as u32);
+    }
     if mask & state::EVENTS != 0 {
         let event = words[state::EVENT_INJECT];
         if !kernel_core::vcpu_state::event_valid(event) {
@@ -139,4 +146,14 @@ pub(crate) fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
         words[index] = read::<u32>(frame, offset + 4) as u64;
         words[index + 1] = read(frame, offset + 8);
     }
+    // The syscall MSRs as the guest left them (VMSAVE put them in the VMCB after the run).
+    for (index, offset) in [
+        (state::STAR, vmcb::STAR),
+        (state::LSTAR, vmcb::LSTAR),
+        (state::CSTAR, vmcb::CSTAR),
+        (state::SFMASK, vmcb::SFMASK),
+    ] {
+        words[index] = read(frame, offset);
+    }
+    words[state::EXCEPTION_INTERCEPTS] = u64::from(read::<u32>(frame, vmcb::INTERCEPT_EXCEPTIONS));
 }

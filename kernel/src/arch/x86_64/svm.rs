@@ -91,6 +91,14 @@ pub mod vmcb {
     pub const RSP: usize = 0x5d8;
     /// RAX.
     pub const RAX: usize = 0x5f8;
+    /// STAR (LSTAR, CSTAR, SFMASK follow, 8 bytes each).
+    pub const STAR: usize = 0x600;
+    /// LSTAR.
+    pub const LSTAR: usize = 0x608;
+    /// CSTAR.
+    pub const CSTAR: usize = 0x610;
+    /// SFMASK.
+    pub const SFMASK: usize = 0x618;
     /// CR2.
     pub const CR2: usize = 0x640;
     /// Guest PAT.

@@ -22,6 +22,8 @@
 //!   slot `CONSOLE_CLIENTS + position` to tell it that input waits;
 //! - `net=SWITCH` likewise makes it a port of the switch task SWITCH (`port=NAME`): gate in
 //!   slot `NET`, notification IRQ in the switch's slot `NET_PORTS + position`;
+//! - `monitor=SYSMON` makes it a client of the syscall monitor SYSMON (`client=NAME`; the
+//!   L4Linux mode): a gate in slot `MONITOR`, no notification;
 //! - `priority=P` its first thread's priority (at most the root task's, 100), `timeslice=MS`
 //!   its time slice (1..=1000 ms; threads of one priority share the CPU round-robin, each for
 //!   its slice, so the slices set their shares);
@@ -101,10 +103,10 @@ struct Child {
     ram: Vec<u64>,
     running: bool,
     /// `console=SERVER`: the server's name, and our slot of its notification IRQ once made.
-    /// `console=SERVER` and `net=SWITCH`: the servers' names, and our slots of the
-    /// notification IRQs once made (they outlive a restart).
-    services: [Option<String>; 2],
-    notify_irqs: [Option<u64>; 2],
+    /// `console=SERVER`, `net=SWITCH` and `monitor=SYSMON`: the servers' names, and our slots
+    /// of the notification IRQs once made (they outlive a restart).
+    services: [Option<String>; 3],
+    notify_irqs: [Option<u64>; 3],
     service: bool,
     /// Restarts left (`restart=N`), done so far, and when the next one is due (TSC).
     restarts_left: u32,
@@ -482,7 +484,7 @@ fn build(
             .find_map(|o| o.strip_prefix(prefix))
             .map(String::from)
     };
-    let services = [service("console="), service("net=")];
+    let services = [service("console="), service("net="), service("monitor=")];
     if cmdline.len() >= l4::rt::ARGUMENTS_SIZE {
         return Err(alloc::format!(
             "creating {name}: its arguments are {} bytes, at most {} fit",
@@ -511,7 +513,7 @@ fn build(
         ram: Vec::new(),
         running: false,
         services,
-        notify_irqs: [None, None],
+        notify_irqs: [None, None, None],
         service,
         restarts_left,
         restarts: 0,
@@ -622,7 +624,8 @@ fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, slots_: &mut Sl
 /// Give child `i` its gates to other children (`peer=`, `console=`) and its console
 /// notification IRQ.
 /// A service a child may be a client of: the console server (`console=SERVER`, clients
-/// listed as `client=NAME`) or a network switch (`net=SWITCH`, ports `port=NAME`).
+/// listed as `client=NAME`), a network switch (`net=SWITCH`, ports `port=NAME`) or a syscall
+/// monitor (`monitor=SYSMON`, clients `client=NAME`).
 struct Service {
     what: &'static str,
     /// The server's option that lists its clients.
@@ -634,6 +637,8 @@ struct Service {
     max_clients: u64,
     /// The badge of the notification's IRQ messages.
     badge: u64,
+    /// Whether the server notifies its clients (with an IRQ).
+    notifies: bool,
 }
 
 const CONSOLE_SERVICE: Service = Service {
@@ -643,6 +648,7 @@ const CONSOLE_SERVICE: Service = Service {
     server_slots: slots::CONSOLE_CLIENTS,
     max_clients: slots::MAX_CONSOLE_CLIENTS,
     badge: slots::CONSOLE_NOTIFY_BADGE,
+    notifies: true,
 };
 
 const NET_SERVICE: Service = Service {
@@ -652,6 +658,17 @@ const NET_SERVICE: Service = Service {
     server_slots: slots::NET_PORTS,
     max_clients: slots::MAX_NET_PORTS,
     badge: slots::NET_NOTIFY_BADGE,
+    notifies: true,
+};
+
+const MONITOR_SERVICE: Service = Service {
+    what: "syscall monitor",
+    list: "client=",
+    client_slot: slots::MONITOR,
+    server_slots: 0,
+    max_clients: slots::MAX_MONITOR_CLIENTS,
+    badge: 0,
+    notifies: false,
 };
 
 /// Give child `i` a gate (badge `badge`, in its slot `slot`) to child `j`'s first thread.
@@ -689,7 +706,10 @@ fn wire(children: &mut [Child], i: usize, slots_: &mut Slots, software_lines: &m
             None => println!("[root] {}: no peer named {peer}", children[i].name),
         }
     }
-    for (n, service) in [CONSOLE_SERVICE, NET_SERVICE].iter().enumerate() {
+    for (n, service) in [CONSOLE_SERVICE, NET_SERVICE, MONITOR_SERVICE]
+        .iter()
+        .enumerate()
+    {
         if let Some(server) = children[i].services[n].clone() {
             wire_service(children, i, n, service, &server, slots_, software_lines);
         }
@@ -727,6 +747,9 @@ fn wire_service(
     };
     if let Err(e) = gate_to(children, i, j, k as u64 + 1, service.client_slot, slots_) {
         println!("[root] wiring {name} to {server}: {e}");
+        return;
+    }
+    if !service.notifies {
         return;
     }
     // The notification IRQ: made once, attached to each new first thread of the client.
