@@ -254,16 +254,21 @@ mod tests {
 
     const MB: u64 = 1 << 20;
 
-    #[test]
-    fn segments_and_entry() {
-        let f = elf(
+    /// Code at 16 MiB (the entry), data with zero fill at 17 MiB.
+    fn two_segments() -> Vec<u8> {
+        elf(
             16 * MB,
             &[
                 (5, 0x1000, 16 * MB, 0x800, 0x800),
                 (6, 0x1800, 17 * MB, 0x100, 0x4000),
             ],
             0x2000,
-        );
+        )
+    }
+
+    #[test]
+    fn segments_and_entry() {
+        let f = two_segments();
         let v = parse(&f).unwrap();
         assert_eq!(v.entry, 16 * MB);
         assert_eq!(v.segments.len(), 2);
@@ -342,14 +347,7 @@ mod tests {
     /// Random bytes and random corruptions of a good file never panic.
     #[test]
     fn corrupt_files_never_panic() {
-        let good = elf(
-            16 * MB,
-            &[
-                (5, 0x1000, 16 * MB, 0x800, 0x800),
-                (6, 0x1800, 17 * MB, 0x100, 0x4000),
-            ],
-            0x2000,
-        );
+        let good = two_segments();
         let mut state = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..20_000 {
             let mut f = good.clone();
