@@ -257,4 +257,38 @@ fn cycle_cases(suite: &Suite) {
         "creating a task with a bound thread and a mapping and destroying it gives its factory back every byte",
         made.is_ok() && after.iter().all(|&(ok, used)| ok && used == 0),
     );
+    task_cycle_case(suite);
+}
+
+/// Found by the fuzzer: two tasks that hold each other's capability (a cycle no reference
+/// count ends) made by a task that is then destroyed. They die with their creator, like every
+/// other object it made, and its factory gets every byte back.
+fn task_cycle_case(suite: &Suite) {
+    let factory = alloc_slot();
+    let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, factory, 256 << 10, 0);
+    let a = Agent::new(suite);
+    let given = sys::cap_copy(a.task, factory, slots::FACTORY, rights::ALL, 0);
+    let (x, y) = (40, 41);
+    let created = [
+        a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Task as u64, x, 0]),
+        a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Task as u64, y, 0]),
+        a.command(AGENT_CAP_COPY, &[x, y, 20, rights::ALL]),
+        a.command(AGENT_CAP_COPY, &[y, x, 20, rights::ALL]),
+    ];
+    let held = used(factory);
+    let destroyed = sys::task_destroy(a.task);
+    let mut left = used(factory);
+    for _ in 0..1_000 {
+        if left == 0 {
+            break;
+        }
+        sys::thread_yield();
+        left = used(factory);
+    }
+    check_eq(
+        "quota",
+        "two tasks holding each other's capability die with the task that made them: every byte back",
+        (made, given, created, held > 0, destroyed, left),
+        (Ok(()), Ok(()), [0; 4], true, Ok(()), 0),
+    );
 }
