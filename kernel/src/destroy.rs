@@ -29,8 +29,7 @@ const MAPPING_UNITS: usize = 16;
 /// freed one by one (its remaining threads may run between steps, they cannot reach their own
 /// task); one scan of the thread arena fails the receives that wait on a dead thread; what was
 /// derived from its mappings is revoked; one scan of each object arena destroys the objects it
-/// created (gates, IRQs, vCPUs, VMs, unbound threads; the tasks it created are queued to be
-/// destroyed in their own steps); then the task object goes. Each stage is
+/// created (gates, IRQs, vCPUs, VMs, unbound threads); then the task object goes. Each stage is
 /// linear in what it visits, and its progress lives in the task, so the next `TaskDestroy` of
 /// any thread holding a capability continues it.
 pub fn destroy_task_step(k: &mut Kernel, task: TaskId, budget: usize) -> bool {
@@ -121,7 +120,7 @@ pub fn destroy_task_step(k: &mut Kernel, task: TaskId, budget: usize) -> bool {
                 budget = budget.saturating_sub(cursor - start + removed * OBJECT_UNITS);
                 match (cursor >= end, arena) {
                     (false, _) => Dying::Owned { arena, cursor },
-                    (true, 5) => {
+                    (true, 4) => {
                         finish_task(k, task);
                         return true;
                     }
@@ -179,14 +178,13 @@ fn arena_slots(k: &Kernel, arena: u8) -> usize {
         1 => k.irqs.slot_count(),
         2 => k.vcpus.slot_count(),
         3 => k.vms.slot_count(),
-        4 => k.threads.slot_count(),
-        _ => k.tasks.slot_count(),
+        _ => k.threads.slot_count(),
     }
 }
 
 /// Destroy the kernel objects `task` created that are not bound elsewhere, in arena `arena`
 /// (0 gates, 1 IRQ objects (their lines become free), 2 vCPUs, 3 VMs, 4 threads never bound
-/// to a task, 5 tasks: queued to be destroyed by the kernel in their own steps), scanning at most `limit` slots from `*cursor` and destroying at most `max`;
+/// to a task), scanning at most `limit` slots from `*cursor` and destroying at most `max`;
 /// returns how many it destroyed.
 fn destroy_owned(
     k: &mut Kernel,
@@ -227,7 +225,7 @@ fn destroy_owned(
             }
             count
         }
-        4 => {
+        _ => {
             let threads = k.threads.drain_where(cursor, limit, max, |t| {
                 t.creator == Some(task) && t.task.is_none()
             });
@@ -245,23 +243,6 @@ fn destroy_owned(
                 }
             }
             threads.len()
-        }
-        _ => {
-            // Tasks it created: queued for `lifetime::reap` (room for every live task is
-            // reserved there), which destroys each in its own bounded steps.
-            let end = (*cursor + limit).min(k.tasks.slot_count());
-            let mut queued = 0;
-            while *cursor < end && queued < max {
-                let id = k.tasks.ids_in(*cursor..*cursor + 1).next();
-                *cursor += 1;
-                if let Some(id) = id.filter(|&id| {
-                    id != task && k.tasks.get(id).is_some_and(|t| t.creator == Some(task))
-                }) {
-                    crate::lifetime::queue_task(k, id);
-                    queued += 1;
-                }
-            }
-            queued
         }
     }
 }

@@ -40,7 +40,6 @@ pub fn new_task(k: &mut Kernel, name: &str, quota: QuotaId) -> Result<TaskId, Er
     };
     let mut task = Task::new(space, quota);
     task.set_name(name);
-    task.creator = k.current.and_then(|c| k.task_of(c));
     task.charged = TASK_BYTES;
     let id = match k.tasks.try_insert(task) {
         Ok(id) => id,

@@ -222,7 +222,7 @@ pub fn tick(k: &mut Kernel) {
 }
 
 /// Make task `id` dying and queue it for [`reap`] (unless it is already queued).
-pub fn queue_task(k: &mut Kernel, id: TaskId) {
+fn queue_task(k: &mut Kernel, id: TaskId) {
     let Some(t) = k.tasks.get_mut(id) else { return };
     if t.reaping {
         return;

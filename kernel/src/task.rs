@@ -34,10 +34,6 @@ pub struct Task {
     pub references: u64,
     /// Whether it is in the kernel's list of tasks to destroy (`Kernel::reaping`).
     pub reaping: bool,
-    /// The task that created it (`None` for the boot tasks): it dies with its creator, like
-    /// every other object a task creates, so that tasks holding each other's capabilities
-    /// (a cycle no reference count ends) still go.
-    pub creator: Option<crate::object::TaskId>,
 }
 
 /// The stages of a task's destruction, each done in bounded steps.
@@ -112,7 +108,6 @@ impl Task {
             dying: None,
             references: 0,
             reaping: false,
-            creator: None,
         }
     }
 
