@@ -49,11 +49,14 @@ fn record(number: u64, rax: u64, ticks: u64, blocking: bool) {
 /// # Safety
 /// As `l4::sys::raw`: the call must not take memory the program still uses.
 pub unsafe fn syscall(number: u64, a: [u64; 5]) -> (u64, u64, u64, u64) {
+    if TRACE.load(Relaxed) {
+        l4::println!("fuzz: trace: syscall {number} {a:x?}");
+    }
     let start = rdtsc();
     // SAFETY: the caller vouches for the call.
     let r = unsafe { l4::sys::raw(number, a[0], a[1], a[2], a[3], a[4]) };
     if TRACE.load(Relaxed) {
-        l4::println!("fuzz: trace: syscall {number} {:x?} -> {}", a, r.0);
+        l4::println!("fuzz: trace: -> {}", r.0);
     }
     let blocking = number == Syscall::ThreadYield as u64 || number == Syscall::ThreadSwitch as u64;
     record(number, r.0, rdtsc().wrapping_sub(start), blocking);

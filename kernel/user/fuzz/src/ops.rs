@@ -145,6 +145,16 @@ impl Model {
         }
     }
 
+    /// The first slot of an object flexpage (which may be granted away or unmapped from us):
+    /// one of ours or garbage, but never a slot below [`FIRST_SLOT`] (an object flexpage from
+    /// slot 0 would take our own task, thread and factory).
+    fn object_slot(&self, rng: &mut Rng) -> u64 {
+        match self.any_slot(rng) {
+            0 => FIRST_SLOT,
+            slot => slot,
+        }
+    }
+
     /// A free slot for a new object (sometimes an occupied or impossible one).
     fn new_slot(&mut self, rng: &mut Rng) -> u64 {
         if rng.chance(95) && !self.free.is_empty() {
@@ -258,7 +268,9 @@ fn task_address(rng: &mut Rng, size: u64) -> u64 {
 /// Do one random operation. Returns nothing: every result is counted by `coverage`.
 pub fn step(rng: &mut Rng, model: &mut Model, m: &Memory, infra: &Infra) {
     match rng.below(100) {
-        0..=21 => create(rng, model, infra),
+        0..=18 => create(rng, model, infra),
+        19 => create_burst(rng, model, infra),
+        20..=21 => map_burst(rng, model, m),
         22..=23 => spawn_worker(rng, model, infra),
         24..=30 => thread_control(rng, model, infra),
         31..=35 => ex_regs(rng, model),
@@ -325,6 +337,80 @@ fn create(rng: &mut Rng, model: &mut Model, infra: &Infra) {
     };
     if rax == 0 {
         model.created(kind, slot);
+    }
+}
+
+/// A sequence: create an object of one kind and delete its capability, again and again (up
+/// to 512 times), from one factory; the kernel must refund each (or refuse with OutOfMemory).
+fn create_burst(rng: &mut Rng, model: &mut Model, infra: &Infra) {
+    let kind = rng.pick(&[
+        Kind::Gate,
+        Kind::Thread,
+        Kind::Task,
+        Kind::Vm,
+        Kind::Factory,
+    ]);
+    let factory = factory_of(rng, model, infra);
+    let slot = model.new_slot(rng);
+    let argument = match kind {
+        Kind::Gate => infra.server,
+        Kind::Vm => NO_CAP,
+        Kind::Factory => rng.size_between(1, 64 << 10),
+        _ => 0,
+    };
+    for _ in 0..1 + rng.below(512) {
+        // SAFETY: creates an object and deletes its capability; no memory of ours changes.
+        let (rax, ..) = unsafe {
+            syscall(
+                Syscall::FactoryCreate as u64,
+                [factory, kind.object() as u64, slot, argument, 0],
+            )
+        };
+        if rax != 0 {
+            break;
+        }
+        // SAFETY: as above.
+        unsafe { syscall(Syscall::CapDelete as u64, [slot, 0, 0, 0, 0]) };
+    }
+}
+
+/// A sequence: map one region of our memory into one VM (or task) again and again at new
+/// addresses (successive or random), up to 64 times.
+fn map_burst(rng: &mut Rng, model: &mut Model, m: &Memory) {
+    let to_vm = rng.chance(80);
+    let destination = if to_vm {
+        model.slot(rng, Kind::Vm)
+    } else {
+        model.slot(rng, Kind::Task)
+    };
+    let region = if m.ram.1 > 0 && rng.chance(50) {
+        m.ram
+    } else {
+        m.arena
+    };
+    let order = 63 - region.1.leading_zeros() - rng.below(3) as u32;
+    let fpage = Fpage::memory(region.0, order, Fpage::RWX);
+    let size = 1u64 << order;
+    let successive = rng.chance(50);
+    let mut at = if to_vm {
+        guest_address(rng, size)
+    } else {
+        task_address(rng, size)
+    };
+    for _ in 0..1 + rng.below(64) {
+        // SAFETY: into a VM or task of the fuzzer's, never our own task.
+        let (rax, ..) = unsafe { syscall(Syscall::Map as u64, [destination, fpage.0, at, 0, 0]) };
+        if rax != 0 {
+            break;
+        }
+        model.mappings += 1;
+        at = if successive {
+            at.wrapping_add(size)
+        } else if to_vm {
+            guest_address(rng, size)
+        } else {
+            task_address(rng, size)
+        };
     }
 }
 
@@ -509,7 +595,7 @@ fn map(rng: &mut Rng, model: &mut Model, m: &Memory) {
     };
     let (fpage, scratch) = match rng.below(10) {
         0 => (
-            Fpage::object(model.any_slot(rng), rng.below(4) as u32, rng.below(16)),
+            Fpage::object(model.object_slot(rng), rng.below(4) as u32, rng.below(16)),
             false,
         ),
         1 => (Fpage::io(rng.below(0x1_0000), rng.below(17) as u32), false),
@@ -560,7 +646,7 @@ fn unmap(rng: &mut Rng, model: &mut Model, m: &Memory) {
     let (fpage, scratch) = memory_fpage(rng, m, r);
     let own = (scratch || fpage.base() == KIP_ADDRESS) && rng.chance(40);
     let fpage = if rng.chance(5) {
-        Fpage::object(model.any_slot(rng), rng.below(3) as u32, rng.below(16))
+        Fpage::object(model.object_slot(rng), rng.below(3) as u32, rng.below(16))
     } else {
         fpage
     };
