@@ -49,16 +49,19 @@ fn record(number: u64, rax: u64, ticks: u64, blocking: bool) {
 /// # Safety
 /// As `l4::sys::raw`: the call must not take memory the program still uses.
 pub unsafe fn syscall(number: u64, a: [u64; 5]) -> (u64, u64, u64, u64) {
-    if TRACE.load(Relaxed) {
+    let trace = TRACE.load(Relaxed) && number != Syscall::VcpuRun as u64;
+    if trace {
         l4::println!("fuzz: trace: syscall {number} {a:x?}");
     }
     let start = rdtsc();
     // SAFETY: the caller vouches for the call.
     let r = unsafe { l4::sys::raw(number, a[0], a[1], a[2], a[3], a[4]) };
-    if TRACE.load(Relaxed) {
+    if trace {
         l4::println!("fuzz: trace: -> {}", r.0);
     }
-    let blocking = number == Syscall::ThreadYield as u64 || number == Syscall::ThreadSwitch as u64;
+    let blocking = number == Syscall::ThreadYield as u64
+        || number == Syscall::ThreadSwitch as u64
+        || number == Syscall::VcpuRun as u64;
     record(number, r.0, rdtsc().wrapping_sub(start), blocking);
     r
 }
@@ -94,8 +97,8 @@ pub fn total() -> u64 {
         .sum()
 }
 
-/// The slowest syscall so far that cannot block (IPC, yields and switches are not timed:
-/// they wait by design): (number, ticks).
+/// The slowest syscall so far that cannot block (IPC, yields, switches and vCPU runs are not
+/// timed: they wait or run a guest by design): (number, ticks).
 pub fn slowest() -> (u64, u64) {
     (0..NUMBERS)
         .map(|n| (n as u64, SLOWEST[n].load(Relaxed)))

@@ -1,13 +1,19 @@
 //! The stateful kernel fuzzer: for each seed, batches of random operations on objects it
 //! creates and tracks (tasks, threads, gates, factories, IRQ objects, VMs, vCPUs, mappings of
 //! its own memory into tasks and VMs), with worker tasks calling a server that answers at
-//! random and getting destroyed mid-call; after every batch it checks that the kernel answers,
-//! that the kernel's books balance (`QuotaCheck`), and that destroying everything gives every
-//! byte back. Prints a TAP line per seed, the coverage table and a summary line.
+//! random and getting destroyed mid-call, and a thread that runs vCPUs while the main thread
+//! maps and unmaps their memory; after every batch it checks that the kernel answers, that the
+//! kernel's books balance (`QuotaCheck`), that destroying everything gives every byte back and
+//! that the vCPU runner comes back. Prints a TAP line per seed, the coverage table and a
+//! summary line.
 //!
-//! Arguments: `seed=N` (first seed; `seed=random` takes the TSC), `seeds=N`, `batches=N`
-//! (per seed), `batch=N` (the first batch's number, to replay one), `ops=N` (per batch), `trace=K` (print the
-//! syscalls of each batch from its K-th operation on), `ram=SIZE` (RAM from the parent to map into VMs).
+//! Arguments: `seed=N` (first seed; `seed=random` takes the TSC), `seeds=N`, `batches=N` (per
+//! seed), `batch=N` (the first batch's number, to replay one), `ops=N` (per batch), `trace=K`
+//! (print the syscalls of each batch from its K-th operation on), `ram=SIZE` (RAM from the
+//! parent to map into VMs), `runner=0` (no vCPU runner), `garble=1` (the runner garbles state
+//! words), `vmpager=any` (VM pagers may be gates that die with the batch), `audit=1` (the
+//! kernel's books checked after every operation, to find the one that upsets them). The last of an
+//! argument counts.
 #![no_std]
 #![no_main]
 
@@ -122,6 +128,23 @@ fn lasting_sandbox() -> Result<u64, String> {
     Ok(size)
 }
 
+/// Whether the vCPU runner reaches its idle loop within a second (its runs have a deadline
+/// of about 2 ms, whatever the guest does or the main thread took from the VM).
+fn runner_idles() -> bool {
+    let idle = workers::RUNNER_IDLE.load(SeqCst);
+    if idle >= u64::MAX / 2 {
+        return true; // no runner (`runner=0`)
+    }
+    let sleep = Timeouts::new(Timeout::ZERO, Timeout::micros(10_000)).0;
+    for _ in 0..100 {
+        if workers::RUNNER_IDLE.load(SeqCst) > idle {
+            return true;
+        }
+        coverage::ipc(Syscall::Receive, 0, l4::abi::OPEN_WAIT, 0, sleep, [0; 4]);
+    }
+    false
+}
+
 /// One batch: a sandbox factory of random size, `ops` operations, then the invariants.
 fn batch(
     rng: &mut Rng,
@@ -150,11 +173,24 @@ fn batch(
     let mut model = Model::new();
     let turns = workers::SERVER_TURNS.load(SeqCst);
     let trace = number("trace", u64::MAX);
+    let every_step = quotas && number("audit", 0) == 1;
     for i in 0..ops {
         coverage::TRACE.store(i + 1 >= trace, SeqCst);
         ops::step(rng, &mut model, memory, &infra);
+        if every_step && audit().is_some_and(|m| m != 0) {
+            return Err(alloc::format!(
+                "the books disagree after operation {}",
+                i + 1
+            ));
+        }
     }
     coverage::TRACE.store(false, SeqCst);
+    let mismatches = ops::MISMATCHES.swap(0, SeqCst);
+    if mismatches != 0 {
+        return Err(alloc::format!(
+            "a QuotaCheck in the batch found {mismatches} inconsistencies (see the kernel's WARN)"
+        ));
+    }
     if !kernel_answers(infra.server_gate, rng.next() >> 1) {
         return Err("the server does not answer".into());
     }
@@ -166,6 +202,9 @@ fn batch(
     }
     ops::teardown(&mut model, memory);
     workers::recycle_pages();
+    if !runner_idles() {
+        return Err("the vCPU runner did not come back from VcpuRun within a second".into());
+    }
     if quotas {
         // A dying task may take a few steps of the kernel's to go.
         let mut left = used(SANDBOX);
@@ -234,6 +273,12 @@ fn main() -> i64 {
     };
     let server = l4::thread::spawn(workers::server, first, spawn).expect("server thread");
     let pager = l4::thread::spawn(workers::image_pager, 0, spawn).expect("pager thread");
+    workers::GARBLE.store(number("garble", 0), SeqCst);
+    if number("runner", 1) == 1 {
+        l4::thread::spawn(workers::vcpu_runner, first ^ 0x5555, spawn).expect("vCPU runner");
+    } else {
+        workers::RUNNER_IDLE.store(u64::MAX / 2, SeqCst);
+    }
     let (server_gate, image_gate) = (l4::thread::alloc_slot(), l4::thread::alloc_slot());
     sys::factory_create(slots::FACTORY, ObjectKind::Gate, server_gate, server, 0x5e)
         .expect("server gate");
@@ -245,6 +290,7 @@ fn main() -> i64 {
         server,
         server_gate,
         image_gate,
+        any_vm_pager: argument("vmpager") == Some("any"),
     };
     let _ = NO_CAP;
     let mut failures = 0;
@@ -255,6 +301,10 @@ fn main() -> i64 {
         let from = number("batch", 0);
         for b in from..from + batches {
             let mut rng = Rng::new(seed.wrapping_mul(0x1_0000_0001).wrapping_add(b));
+            l4::println!(
+                "fuzz: seed {seed} batch {b} ({} syscalls so far)",
+                coverage::total()
+            );
             if let Err(e) = batch(&mut rng, &memory, base, ops, quotas) {
                 result = Err(alloc::format!("batch {b}: {e}"));
                 break;
