@@ -56,8 +56,8 @@ for seed in $(seq "$first" $((first + seeds - 1))); do
     status=0
     QEMU_MEMORY=512M QEMU_TIMEOUT=300 scripts/qemu.sh target/iso/fuzz.iso >boot.log 2>&1 </dev/null || status=$?
     seconds=$(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $start}")
-    where=$(grep -a '^fuzz: seed .* batch ' boot.log | tail -1 | sed 's/^fuzz: //')
-    panic=$(grep -a -A1 'PANIC' boot.log | tail -1)
-    result=$(grep -a -E '^(not )?ok 1 ' boot.log | head -1)
+    where=$(grep -a '^fuzz: seed .* batch ' boot.log | tail -1 | sed 's/^fuzz: //' || true)
+    panic=$(grep -a -A1 'PANIC' boot.log | tail -1 || true)
+    result=$(grep -a -E '^(not )?ok 1 ' boot.log | head -1 || true)
     echo "seed $seed: QEMU status $status after ${seconds}s, last: $where; ${panic:-$result}"
 done

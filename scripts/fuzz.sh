@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 seeds=100
 hours=0
 first=1000
-per_boot=${SEEDS_PER_BOOT:-10}
+per_boot=${SEEDS_PER_BOOT:-2}
 while [ $# -gt 0 ]; do
     case "$1" in
         --seeds) seeds=$2; shift 2 ;;
