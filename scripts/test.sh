@@ -15,7 +15,7 @@ mkdir -p "$logdir"
 
 # The kernel and guest images build soft-float; the user tasks with SSE (see scripts/build.sh).
 KERNEL_CRATES=(-p kernel -p guest-basic)
-TASK_CRATES=(-p sigma0 -p roottask -p demo -p ktest -p bench -p l4 -p vmm -p cons -p netsw -p uplink -p sysmon)
+TASK_CRATES=(-p sigma0 -p roottask -p demo -p ktest -p bench -p l4 -p vmm -p cons -p netsw -p uplink -p sysmon -p fuzz)
 
 # --- style and lints ---------------------------------------------------------------------
 if cargo fmt --all -- --check >"$logdir/fmt.log" 2>&1; then pass "cargo fmt --check"; else fail "cargo fmt --check (see $logdir/fmt.log)"; fi

@@ -145,7 +145,15 @@ fn free_thread(k: &mut Kernel, id: ThreadId) {
     crate::fpu::release(k, id);
     if let Some(thread) = k.threads.remove(id) {
         if thread.utcb_frame != 0 {
-            crate::memory::FrameSource::free_frame(&mut k.frames, thread.utcb_frame);
+            // The UTCB frame was charged to its task (`bind_thread`): refunded as it goes, so
+            // that the books stay exact while the task dies in steps (found by the fuzzer:
+            // QuotaCheck saw a dying task charged for the UTCBs of threads already freed).
+            match thread.task.and_then(|task| k.charged(task)) {
+                Some(mut frames) => {
+                    crate::memory::FrameSource::free_frame(&mut frames, thread.utcb_frame)
+                }
+                None => crate::memory::FrameSource::free_frame(&mut k.frames, thread.utcb_frame),
+            }
         }
         if let Some(quota) = thread.quota {
             crate::lifetime::refund(k, quota, THREAD_BYTES);

@@ -232,6 +232,18 @@ fn content(scenarios: &Scenarios, module: &Module) -> Result<Vec<u8>, String> {
     }
 }
 
+/// Arguments `$MODULE_ARGS` adds to module `m` (direct loader): `TASK: ARG...`, for the
+/// modules whose first argument (the task's name) is TASK; later arguments of the same name
+/// win in the tasks that read them (e.g. `MODULE_ARGS="fuzz: seed=7 seeds=1"`).
+fn extra_args(m: &Module, value: &str) -> Vec<String> {
+    match value.split_once(':') {
+        Some((task, args)) if m.args.first().map(String::as_str) == Some(task.trim()) => {
+            args.split_whitespace().map(String::from).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// The kernel command line: `$KERNEL_CMDLINE`, then the scenario's.
 fn kernel_cmdline(scenario_cmdline: &str) -> String {
     let env = std::env::var("KERNEL_CMDLINE").unwrap_or_default();
@@ -290,7 +302,12 @@ fn make_direct(
         }
         let path = dir.join(&m.name);
         fs::write(&path, content(scenarios, m)?).map_err(io)?;
-        files.push((path, m.args.join(" ")));
+        let mut args = m.args.clone();
+        args.extend(extra_args(
+            m,
+            &std::env::var("MODULE_ARGS").unwrap_or_default(),
+        ));
+        files.push((path, args.join(" ")));
         if files.len() == 1 {
             files.push((roottask.clone(), "root".into()));
         }
