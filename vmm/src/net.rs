@@ -84,12 +84,7 @@ impl NetPort {
     /// Attach to the switch if the arguments say `net=...`; `None` without a port, or (with a
     /// message) if the switch refused.
     pub fn attach() -> Option<NetPort> {
-        if !l4::rt::arguments()
-            .split_whitespace()
-            .any(|w| w.starts_with("net="))
-        {
-            return None;
-        }
+        crate::platform::argument("net")?;
         l4::utcb::set_receive_window(Fpage::memory(WINDOW, 21, Fpage::READ | Fpage::WRITE));
         let reply = call(LABEL_NET_ATTACH);
         l4::utcb::set_receive_window(Fpage(0));

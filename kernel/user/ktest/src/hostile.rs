@@ -285,14 +285,7 @@ fn dying_task_books_case() {
     // syscall, so the check below runs while it is half gone.
     let deleted = sys::cap_delete(task);
     let during = sys::quota_check(slots::FACTORY, true).map(|(_, mismatches)| mismatches);
-    let mut left = used(factory);
-    for _ in 0..1_000 {
-        if left == 0 {
-            break;
-        }
-        sys::thread_yield();
-        left = used(factory);
-    }
+    let left = settle_at(factory, 0, 1_000);
     check_eq(
         "quota",
         "the books balance while a task of 200 threads dies in steps, and its factory gets every byte back",
@@ -319,14 +312,7 @@ fn task_cycle_case(suite: &Suite) {
     ];
     let held = used(factory);
     let destroyed = sys::task_destroy(a.task);
-    let mut left = used(factory);
-    for _ in 0..1_000 {
-        if left == 0 {
-            break;
-        }
-        sys::thread_yield();
-        left = used(factory);
-    }
+    let left = settle_at(factory, 0, 1_000);
     check_eq(
         "quota",
         "two tasks holding each other's capability die with the task that made them: every byte back",

@@ -22,9 +22,9 @@ fn call_badge(slot: u64) -> Result<u64, Error> {
 }
 
 /// A task's destruction after its last capability went goes in steps at the end of syscalls:
-/// yield until `factory`'s use is `want` (at most 200 syscalls); returns the use.
-fn settle_at(factory: u64, want: u64) -> u64 {
-    for _ in 0..200 {
+/// yield until `factory`'s use is `want` (at most `yields` times); returns the use.
+fn settle_at(factory: u64, want: u64, yields: u32) -> u64 {
+    for _ in 0..yields {
         let now = used(factory);
         if now == want {
             return now;
@@ -53,7 +53,7 @@ fn lifetime_cases(suite: &Suite) {
         let created = sys::factory_create(factory, kind, slot, argument, 0);
         let charged = used(factory) - before;
         let deleted = sys::cap_delete(slot);
-        let after = settle_at(factory, before);
+        let after = settle_at(factory, before, 200);
         check_eq(
             "lifetime",
             &alloc::format!("deleting the last capability of a {name} returns exactly its bytes to its factory"),
@@ -231,7 +231,7 @@ fn lifetime_cases(suite: &Suite) {
         let ran = ipc::send(thread, tag(0, 0), &[], Timeouts::new(Timeout::micros(2_000_000), Timeout::INFINITE));
         let deleted = sys::cap_delete(task);
         let _ = sys::cap_delete(thread);
-        let after = settle_at(child_factory, 0);
+        let after = settle_at(child_factory, 0, 200);
         rounds.push((created, ran.map_err(|e| e.error), deleted, after));
     }
     println!("# child tasks: {rounds:?}");

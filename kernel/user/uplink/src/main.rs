@@ -365,9 +365,7 @@ fn main() -> i64 {
 /// driver polls.
 fn take_interrupts(device: u32) -> bool {
     let line = pci_read(device, 0x3c) & 0xff;
-    let given = l4::rt::arguments()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("irq=")?.parse::<u32>().ok());
+    let given = vmm::platform::argument("irq").and_then(|v| v.parse::<u32>().ok());
     let attached = match given {
         Some(g) if g == line => {
             l4::sys::irq_control(slots::IRQ, IrqOp::Attach, slots::SELF_THREAD).is_ok()
