@@ -400,15 +400,24 @@ pub fn apply_guest_fault_reply(
         }
     }
     if !mapped {
-        // Hand the exit to the VMM: its VcpuRun returns the nested page fault.
-        let words = &mut utcb(k, thread).mr;
-        if let Some(v) = k.vcpus.get(vcpu) {
-            crate::vm::store_state(v, words);
-        }
-        let f = &mut k.thread(thread).frame;
-        f.rip += 2;
-        f.rax = 0;
-        f.rdi = l4_abi::vcpu::exit::NPF;
+        return_guest_fault(k, thread, vcpu);
     }
     k.wake(thread);
+}
+
+/// Hand the nested page fault of `vcpu` back to the VMM thread `thread` (whose `VcpuRun` was
+/// set to be re-issued): its `VcpuRun` returns the `NPF` exit with the vCPU's state, as if the
+/// VM had no pager. For a pager that refused, and for one that died or was destroyed before it
+/// answered (the VMM decides what the guest sees; the VMM's thread lives on).
+pub fn return_guest_fault(k: &mut Kernel, thread: ThreadId, vcpu: VcpuId) {
+    let words = &mut utcb(k, thread).mr;
+    if let Some(v) = k.vcpus.get(vcpu) {
+        crate::vm::store_state(v, words);
+    }
+    let t = k.thread(thread);
+    t.guest_fault = None;
+    t.kernel_message = None;
+    t.frame.rip += 2;
+    t.frame.rax = 0;
+    t.frame.rdi = l4_abi::vcpu::exit::NPF;
 }

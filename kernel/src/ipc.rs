@@ -551,6 +551,31 @@ pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
         fail_string_fault(k, id, error);
         return;
     }
+    if let Some((_, vcpu)) = thread.guest_fault {
+        if matches!(
+            thread.state,
+            ThreadState::Sending { .. }
+                | ThreadState::Receiving {
+                    awaiting: Awaiting::PageFaultReply,
+                    ..
+                }
+        ) {
+            // A guest page fault whose VM pager is gone or canceled: the VMM gets the exit.
+            if let ThreadState::Sending { to, .. } = thread.state {
+                if let Some(target) = k.threads.get_mut(to) {
+                    target.senders.retain(|&s| s != id);
+                }
+            }
+            crate::debug!(
+                "thread {}: its VM pager did not answer a guest page fault; VcpuRun returns it",
+                k.thread(id).number
+            );
+            crate::fault::return_guest_fault(k, id, vcpu);
+            k.thread(id).deadline = None;
+            k.wake(id);
+            return;
+        }
+    }
     match thread.state {
         ThreadState::Sending { to, .. } => {
             if let Some(target) = k.threads.get_mut(to) {

@@ -21,6 +21,49 @@ pub const KINDS: [&str; 8] = [
 ];
 static MAX_LIVE: [AtomicU64; KINDS.len()] = [const { AtomicU64::new(0) }; KINDS.len()];
 
+/// String items received: items, bytes copied, the longest copy.
+static STRINGS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+/// `VcpuRun` exit codes seen: (code + 1, count) pairs, filled first come (0: free).
+static EXITS: [[AtomicU64; 2]; 24] = [const { [const { AtomicU64::new(0) }; 2] }; 24];
+
+/// Count the string items of a message this thread just received (`tag`, words 0..4 in
+/// `words`, the rest in our UTCB): the kernel rewrote each to the length it copied.
+fn note_strings(tag: u64, words: &[u64; 4]) {
+    let tag = l4::abi::MessageTag(tag);
+    let mr = &l4::utcb::utcb().mr;
+    let word = |i: usize| {
+        if i < 4 {
+            words[i]
+        } else {
+            mr.get(i).copied().unwrap_or(0)
+        }
+    };
+    for i in 0..tag.typed().min(l4::abi::MAX_STRINGS) {
+        let at = tag.untyped() + 2 * i;
+        if let Some(item) = l4::abi::StringItem::decode(word(at), word(at + 1)) {
+            STRINGS[0].fetch_add(1, Relaxed);
+            STRINGS[1].fetch_add(item.length, Relaxed);
+            STRINGS[2].fetch_max(item.length, Relaxed);
+        }
+    }
+}
+
+/// Count one `VcpuRun` exit with `code`.
+fn note_exit(code: u64) {
+    for slot in EXITS.iter() {
+        let key = slot[0].load(Relaxed);
+        let claimed = key == code + 1
+            || (key == 0
+                && slot[0]
+                    .compare_exchange(0, code + 1, Relaxed, Relaxed)
+                    .map_or_else(|seen| seen == code + 1, |_| true));
+        if claimed {
+            slot[1].fetch_add(1, Relaxed);
+            return;
+        }
+    }
+}
+
 /// Print every syscall of this thread's fuzzing (its number, arguments and result) while set.
 pub static TRACE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
@@ -63,6 +106,9 @@ pub unsafe fn syscall(number: u64, a: [u64; 5]) -> (u64, u64, u64, u64) {
         || number == Syscall::ThreadSwitch as u64
         || number == Syscall::VcpuRun as u64;
     record(number, r.0, rdtsc().wrapping_sub(start), blocking);
+    if number == Syscall::VcpuRun as u64 && r.0 == 0 {
+        note_exit(r.1);
+    }
     r
 }
 
@@ -80,6 +126,9 @@ pub fn ipc(
     // SAFETY: IPC writes only registers and this thread's UTCB.
     let r = unsafe { l4::ipc::raw_ipc(number, destination, source, tag, timeouts, words) };
     record(number as u64, r.0, rdtsc().wrapping_sub(start), true);
+    if r.0 == 0 && number != Syscall::Send && number != Syscall::Reply {
+        note_strings(r.1, &r.3);
+    }
     r
 }
 
@@ -184,6 +233,20 @@ pub fn report() {
         }
         l4::println!("{line}");
     }
+    l4::println!(
+        "fuzz: strings received: {} items, {} bytes copied, longest {}",
+        STRINGS[0].load(Relaxed),
+        STRINGS[1].load(Relaxed),
+        STRINGS[2].load(Relaxed)
+    );
+    let mut line = alloc::string::String::from("fuzz: vCPU exits (code=count):");
+    for slot in EXITS.iter() {
+        let code = slot[0].load(Relaxed);
+        if code != 0 {
+            line += &alloc::format!(" {:#x}={}", code - 1, slot[1].load(Relaxed));
+        }
+    }
+    l4::println!("{line}");
     let mut line = alloc::string::String::from("fuzz: most alive at once:");
     for (kind, most) in KINDS.iter().zip(MAX_LIVE.iter()) {
         line += &alloc::format!(" {kind}={}", most.load(Relaxed));

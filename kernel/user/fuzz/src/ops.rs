@@ -86,7 +86,7 @@ pub struct Infra {
     pub server_gate: u64,
     /// A gate to the pager of worker tasks.
     pub image_gate: u64,
-    /// Whether VMs may get a gate of the batch as their pager (`vmpager=any`).
+    /// Whether VMs may get a gate of the batch as their pager (unless `vmpager=server`).
     pub any_vm_pager: bool,
 }
 
@@ -329,9 +329,8 @@ fn create(rng: &mut Rng, model: &mut Model, infra: &Infra) {
                 rng.garbage()
             }
         }
-        // A VM pager that dies while a guest fault waits for it kills the thread running
-        // the vCPU (see the README, fuzzer findings): only with `vmpager=any` may the pager be
-        // one of the batch's gates, which die at its end.
+        // A VM pager may be one of the batch's gates, which die at its end, with guest faults
+        // waiting for them (`VcpuRun` then returns the NPF exit; `vmpager=server` turns it off).
         Kind::Vm => match rng.below(4) {
             0 if infra.any_vm_pager => model.slot(rng, Kind::Gate),
             0 | 1 => infra.server_gate,
@@ -694,12 +693,18 @@ fn ipc(rng: &mut Rng, model: &mut Model, infra: &Infra) {
         Syscall::Receive | Syscall::ReplyWait if rng.chance(50) => OPEN_WAIT,
         _ => ipc_partner(rng, model, infra),
     };
-    let tag = if rng.chance(90) {
+    let mut words = [rng.next(), rng.next(), rng.next(), rng.next()];
+    let arena = workers::arena();
+    let tag = if rng.chance(25) {
+        crate::strings::message(rng, arena, 16, &mut words).0
+    } else if rng.chance(90) {
         MessageTag::new(rng.below(16) as i32, rng.below(9) as usize, 0).0
     } else {
         rng.garbage()
     };
-    let words = [rng.next(), rng.next(), rng.next(), rng.next()];
+    if rng.chance(30) {
+        crate::strings::receive_buffers(rng, arena);
+    }
     coverage::ipc(number, destination, source, tag, timeouts(rng), words);
 }
 

@@ -46,6 +46,11 @@ fn timeouts(send_us: u32, receive_us: u32) -> u64 {
     Timeouts::new(t(send_us), t(receive_us)).0
 }
 
+/// The arena the server maps from and strings of ours live in: (base, size).
+pub fn arena() -> (u64, u64) {
+    (ARENA[0].load(SeqCst), ARENA[1].load(SeqCst))
+}
+
 /// The server: waits (100 ms at most) for anything, answers the probe, and answers the rest
 /// at random: a page fault with a random flexpage of the arena or nothing, an exception with
 /// random register state, a call with random words, or not at all.
@@ -53,6 +58,9 @@ pub extern "C" fn server(seed: u64) -> ! {
     let mut rng = Rng::new(seed);
     loop {
         SERVER_TURNS.fetch_add(1, SeqCst);
+        if rng.chance(20) {
+            crate::strings::receive_buffers(&mut rng, arena());
+        }
         let (rax, tag, _, words) = coverage::ipc(
             Syscall::Receive,
             0,
@@ -111,6 +119,11 @@ pub extern "C" fn server(seed: u64) -> ! {
                     rng.below(64) as usize
                 };
                 reply(MessageTag::new(0, words, 0), w);
+            }
+            _ if rng.chance(20) => {
+                let mut w = [rng.next(), rng.next(), rng.next(), rng.next()];
+                let tag = crate::strings::message(&mut rng, arena(), 0, &mut w);
+                reply(tag, w);
             }
             _ => {
                 let w = [rng.next(), rng.next(), rng.next(), rng.next()];
@@ -222,9 +235,20 @@ pub extern "C" fn image_pager(_: u64) -> ! {
 /// timeouts, sends that do not wait, and short receives, forever (until destroyed).
 pub extern "C" fn worker() -> ! {
     let mut rng = Rng::new(coverage::rdtsc());
+    // Strings from this image (faulted in read-only by the image pager), buffers in the lower
+    // half of the stack's 64 KiB (fresh pages from the pager; the stack stays above).
+    let image = (IMAGE.start, image_end() - IMAGE.start);
+    let buffers = (WORKER_STACK_TOP - 0x1_0000, 0x8000);
     loop {
-        let words = [rng.next(), rng.next(), rng.next(), rng.next()];
-        let tag = MessageTag::new(rng.below(8) as i32, rng.below(5) as usize, 0).0;
+        let mut words = [rng.next(), rng.next(), rng.next(), rng.next()];
+        if rng.chance(20) {
+            crate::strings::receive_buffers(&mut rng, buffers);
+        }
+        let tag = if rng.chance(20) {
+            crate::strings::message(&mut rng, image, 8, &mut words).0
+        } else {
+            MessageTag::new(rng.below(8) as i32, rng.below(5) as usize, 0).0
+        };
         let t = timeouts(rng.below(2_000) as u32, rng.below(20_000) as u32);
         let number = rng.pick(&[
             Syscall::Call,

@@ -175,6 +175,7 @@ fn hostile_cases(suite: &Suite) {
         check_eq("quota", &alloc::format!("destroying the creator of the {name} gives its factory back every byte"), after, 0);
     }
     kernel_area_cases(suite);
+    vm_pager_death_case();
     cycle_cases(suite);
     check("quota", "the kernel's books balance after the hostile cases", books_balance());
 }
@@ -319,4 +320,98 @@ fn task_cycle_case(suite: &Suite) {
         (made, given, created, held > 0, destroyed, left),
         (Ok(()), Ok(()), [0; 4], true, Ok(()), 0),
     );
+}
+
+/// The guest-physical address of the VM pager case's fault (the guest's first fetch).
+const PAGER_CASE_ENTRY: u64 = 0x7000;
+/// The VM pager case: what the pager received (the fault's address + 1; 0: nothing yet), and
+/// what its vCPU thread's `VcpuRun` returned (`[rax, exit code, done]`).
+static PAGER_GOT: AtomicU64 = AtomicU64::new(0);
+static RUNNER_GOT: [AtomicU64; 3] = [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX), AtomicU64::new(0)];
+
+/// Set to make the silent VM pager exit.
+static PAGER_EXIT: AtomicBool = AtomicBool::new(false);
+
+/// A VM pager that takes a guest page fault, never answers it and exits when told.
+extern "C" fn silent_vm_pager(_: u64) -> ! {
+    if let Ok(m) = ipc::wait(Timeouts::INFINITE) {
+        if m.tag.label() == l4::abi::LABEL_GUEST_PAGE_FAULT {
+            PAGER_GOT.store(m.word(0) + 1, SeqCst);
+        }
+    }
+    while !PAGER_EXIT.load(SeqCst) {
+        sys::thread_yield();
+    }
+    sys::thread_exit(0)
+}
+
+/// Runs vCPU `vcpu` once, from 32-bit protected mode at [`PAGER_CASE_ENTRY`] in a VM with no
+/// memory, and reports what `VcpuRun` returned.
+extern "C" fn pager_case_runner(vcpu: u64) -> ! {
+    use l4::abi::vcpu as state;
+    let words = &mut l4::utcb::utcb().mr;
+    words.fill(0);
+    words[state::RIP] = PAGER_CASE_ENTRY;
+    words[state::RSP] = 0x8000;
+    words[state::RFLAGS] = 2;
+    words[state::CR0] = 0x11; // PE, ET
+    words[state::CS] = state::segment(0x08, 0xc9b, 0xffff_ffff);
+    for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
+        words[s] = state::segment(0x10, 0xc93, 0xffff_ffff);
+    }
+    words[state::TR] = state::segment(0, 0x8b, 0x67);
+    words[state::LDTR] = state::segment(0, 0x82, 0);
+    // SAFETY: VcpuRun touches only our UTCB.
+    let (rax, code, _, _) = unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, state::ALL, u64::MAX, 0, 0) };
+    RUNNER_GOT[0].store(rax, SeqCst);
+    RUNNER_GOT[1].store(code, SeqCst);
+    RUNNER_GOT[2].store(1, SeqCst);
+    sys::thread_exit(0)
+}
+
+/// Yield until `done` holds, at most `yields` times.
+fn yield_until(done: impl Fn() -> bool, yields: u32) -> bool {
+    for _ in 0..yields {
+        if done() {
+            return true;
+        }
+        sys::thread_yield();
+    }
+    done()
+}
+
+/// Found while building the fuzzer: a VM pager that died while a guest page fault waited for
+/// its answer killed the VMM thread whose `VcpuRun` had raised it. Now that `VcpuRun` returns
+/// the nested page fault to the VMM, as for a pager that refuses.
+fn vm_pager_death_case() {
+    if guest_asids() == 0 {
+        check("vm", "without SVM: no VM pager to lose (skipped)", true);
+        return;
+    }
+    let (factory, vm, vcpu) = (alloc_slot(), alloc_slot(), alloc_slot());
+    let pager = go(silent_vm_pager, 0);
+    let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, factory, 256 << 10, 0)
+        .and_then(|()| sys::factory_create(factory, ObjectKind::Vm, vm, pager, 0))
+        .and_then(|()| sys::factory_create(factory, ObjectKind::Vcpu, vcpu, vm, 0));
+    let runner = made.map(|()| go(pager_case_runner, vcpu));
+    let faulted = yield_until(|| PAGER_GOT.load(SeqCst) != 0, 100_000);
+    // The pager exits while the fault waits for its answer.
+    PAGER_EXIT.store(true, SeqCst);
+    let gone = yield_until(|| ipc::receive(pager, POLL).map(|_| ()) == Err(err(Error::DeadPartner, true)), 100_000);
+    let destroyed = sys::cap_delete(pager).map(|()| gone);
+    let returned = yield_until(|| RUNNER_GOT[2].load(SeqCst) != 0, 100_000);
+    let got = (RUNNER_GOT[0].load(SeqCst), RUNNER_GOT[1].load(SeqCst));
+    println!("# vm pager death: fault at {:#x}, VcpuRun returned {got:?}", PAGER_GOT.load(SeqCst).wrapping_sub(1));
+    check_eq(
+        "vm",
+        "a VM pager that exits while a guest page fault waits for it: VcpuRun returns the NPF exit, the VMM thread lives",
+        (made, runner.is_ok(), faulted, PAGER_GOT.load(SeqCst) - 1, destroyed, returned, got),
+        (Ok(()), true, true, PAGER_CASE_ENTRY, Ok(true), true, (0, l4::abi::vcpu::exit::NPF)),
+    );
+    if let Ok(thread) = runner {
+        let _ = sys::cap_delete(thread);
+    }
+    for slot in [vcpu, vm, factory] {
+        let _ = sys::cap_delete(slot);
+    }
 }
