@@ -6,6 +6,7 @@ use crate::map::{map_flexpage, place_window};
 use crate::object::ThreadId;
 use crate::strings::{self, Obstacle};
 use crate::thread::{AfterDelivery, Awaiting, ThreadState, KERNEL_MESSAGE_WORDS};
+use kernel_core::string_window::Window;
 use l4_abi::{
     Error, Fpage, FpageKind, MapItem, MessageTag, StringItem, Timeout, TimeoutKind,
     BR_OBJECT_WINDOW, BR_RECEIVE_WINDOW, MAX_STRINGS, MAX_WORDS, RECEIVE_PHASE,
@@ -86,6 +87,7 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     if strings::has_strings(&message) {
         strings::copy(k, sender, receiver, &mut message);
     }
+    k.thread(receiver).partial_copy = None;
     let tag = message.tag;
     let count = tag.words().min(MAX_WORDS);
     let first = [
@@ -133,14 +135,49 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     }
 }
 
-/// Check the strings `sender` sends to `receiver` (see [`strings::check`]).
-fn check_strings(k: &mut Kernel, sender: ThreadId, receiver: ThreadId) -> Result<(), Obstacle> {
+/// Check the strings `sender` sends to `receiver` (see [`strings::check`]): `None` when the
+/// message can be delivered now, else the window of a step to copy first (after which the
+/// current thread's system call restarts, [`restart_for_step`]).
+fn check_strings(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+) -> Result<Option<Window>, Obstacle> {
     let tag = MessageTag(k.thread(sender).frame.rdx);
     if k.thread(sender).kernel_message.is_some() || tag.typed() == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let message = read_message(k, sender);
-    strings::check(k, sender, receiver, &message)
+    let window = strings::check(k, sender, receiver, &message)?;
+    if window.is_last() {
+        return Ok(None);
+    }
+    strings::copy_step(k, sender, receiver, &message, window);
+    Ok(Some(window))
+}
+
+/// Make `thread` (the current thread, in an IPC syscall that has not taken effect) issue its
+/// system call again: after a string copy's step, or a fault. With `reply_done`, a
+/// `ReplyWait` whose reply happened repeats only its receive.
+fn restart_for_step(k: &mut Kernel, thread: ThreadId, reply_done: bool) {
+    k.thread(thread).restart_syscall();
+    let f = &mut k.thread(thread).frame;
+    if reply_done && f.rax == l4_abi::Syscall::ReplyWait as u64 {
+        // The reply already happened: only the receive is repeated.
+        f.rax = l4_abi::Syscall::Receive as u64;
+        f.rsi = l4_abi::OPEN_WAIT;
+    }
+    k.thread(thread).state = ThreadState::Ready;
+}
+
+/// Mark the waiting `receiver` as receiving a message whose strings are copied in steps.
+fn await_strings(k: &mut Kernel, receiver: ThreadId) {
+    if let ThreadState::Receiving { from, .. } = k.thread(receiver).state {
+        k.thread(receiver).state = ThreadState::Receiving {
+            from,
+            awaiting: Awaiting::Strings,
+        };
+    }
 }
 
 /// Make `thread` (in an IPC syscall that has not taken effect) fault on `missing` and
@@ -154,13 +191,8 @@ fn restart_with_fault(
     missing: strings::Missing,
     reply_done: bool,
 ) {
-    k.thread(thread).restart_syscall();
-    let f = &mut k.thread(thread).frame;
-    if reply_done && f.rax == l4_abi::Syscall::ReplyWait as u64 {
-        // The reply already happened: only the receive is repeated.
-        f.rax = l4_abi::Syscall::Receive as u64;
-        f.rsi = l4_abi::OPEN_WAIT;
-    }
+    restart_for_step(k, thread, reply_done);
+    let f = &k.thread(thread).frame;
     let receiving = f.rax == l4_abi::Syscall::Receive as u64;
     let timeouts = l4_abi::Timeouts(f.r10);
     let timeout = if receiving {
@@ -169,7 +201,6 @@ fn restart_with_fault(
         timeouts.send()
     };
     let t = k.thread(thread);
-    t.state = ThreadState::Ready;
     t.string_fault = Some(if receiving { RECEIVE_PHASE } else { 0 });
     let access = if missing.write {
         l4_abi::fault_access::WRITE
@@ -269,7 +300,13 @@ pub fn send(
     // A fault or exception reply copies no strings.
     if waiting && !awaits_kernel_reply(k, target) {
         match check_strings(k, sender, target) {
-            Ok(()) => {}
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                // One step of the strings copied: the receiver waits on, we go again.
+                await_strings(k, target);
+                restart_for_step(k, sender, false);
+                return Ok(SendOutcome::Blocked);
+            }
             Err(Obstacle::Invalid(thread)) if thread == sender => {
                 return Err(Error::InvalidArgument);
             }
@@ -428,7 +465,14 @@ pub fn receive(
             .remove(index)
             .expect("queued sender");
         match check_strings(k, sender, receiver) {
-            Ok(()) => {}
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                // One step of the strings copied: the sender stays first in the queue, we
+                // go again.
+                k.thread(receiver).senders.push_front(sender);
+                restart_for_step(k, receiver, true);
+                return Ok(());
+            }
             Err(Obstacle::Invalid(thread)) if thread == sender => {
                 // The queued sender changed its string since `Send` checked it: its IPC
                 // fails; we look further.
@@ -493,12 +537,19 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
     let kernel_reply = awaits_kernel_reply(k, caller);
     // A fault or exception reply copies no strings.
     let checked = if kernel_reply {
-        Ok(())
+        Ok(None)
     } else {
         check_strings(k, replier, caller)
     };
     match checked {
-        Ok(()) => {}
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            // One step of the strings copied: the caller waits on, we reply again.
+            await_strings(k, caller);
+            k.thread(replier).caller = Some(caller);
+            restart_for_step(k, replier, false);
+            return Ok(false);
+        }
         Err(Obstacle::Invalid(thread)) if thread == replier => {
             k.thread(replier).caller = Some(caller);
             return Err(Error::InvalidArgument);
@@ -528,9 +579,12 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
 
 /// End a blocked thread's IPC with `error` and make it runnable.
 pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
-    let Some(thread) = k.threads.get(id) else {
+    let Some(thread) = k.threads.get_mut(id) else {
         return;
     };
+    // A string copy into its buffers that did some steps ends with the receive.
+    thread.partial_copy = None;
+    let thread = &*thread;
     if thread.string_fault.is_some()
         && matches!(
             thread.state,

@@ -61,7 +61,7 @@ pub fn raise(k: &mut Kernel, irq: IrqId) {
             k.threads.get(thread).map(|t| t.state),
             Some(ThreadState::Receiving {
                 from: None,
-                awaiting: Awaiting::Message
+                awaiting: Awaiting::Message | Awaiting::Strings
             })
         ) && deliver_pending(k, thread)
         {
@@ -102,6 +102,8 @@ pub fn deliver_pending(k: &mut Kernel, thread: ThreadId) -> bool {
     irq.pending = false;
     k.pending_irqs -= 1;
     let (line, badge) = (irq.line, irq.receiver.map(|(_, b)| b).unwrap_or(0));
+    // The receive ends with the IRQ: a string copy into its buffers starts over.
+    k.thread(thread).partial_copy = None;
     k.thread(thread).frame.deliver(
         MessageTag::new(LABEL_IRQ, 1, 0).0,
         badge,

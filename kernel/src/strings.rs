@@ -7,7 +7,8 @@ use crate::arch::x86_64::paging::{phys_to_virt, AddressSpace, PAGE_4K, USER, WRI
 use crate::kernel::Kernel;
 use crate::object::ThreadId;
 use crate::thread::{utcb, Message};
-use l4_abi::{MessageTag, StringItem, KERNEL_AREA_START, MAX_STRINGS, MAX_STRING_LENGTH};
+use kernel_core::string_window::Window;
+use l4_abi::{StringItem, KERNEL_AREA_START, MAX_STRINGS, MAX_STRING_LENGTH};
 
 /// A page that must be faulted in before a string can be copied.
 #[derive(Debug, Clone, Copy)]
@@ -89,37 +90,122 @@ fn first_missing(space: AddressSpace, start: u64, length: u64, write: bool) -> O
     None
 }
 
-/// Check every range and page the strings of `message` need, in the sender and the
-/// receiver: every string must be valid ([`is_valid_string`]), every receive buffer a string
-/// goes to must lie in user memory, and their pages must be mapped.
+/// Bytes a string copy moves in one step (about 25,000 instructions): a longer copy goes in
+/// steps, the current thread's system call restarting in between so that interrupts are
+/// taken (see `kernel/docs/syscalls.md`, 4.5).
+pub const STEP_BYTES: u64 = 128 << 10;
+
+/// A string copy that has done some of its steps, kept by the receiver (whose buffers hold
+/// the bytes copied so far) while its receive lasts.
+#[derive(Debug, Clone, Copy)]
+pub struct PartialCopy {
+    /// The sender.
+    pub sender: ThreadId,
+    /// [`fingerprint`] of the message's items and the receiver's buffers: a continuation
+    /// must see the same.
+    pub fingerprint: u64,
+    /// Bytes of the run (see [`kernel_core::string_window`]) copied.
+    pub done: u64,
+}
+
+/// The strings of a message to one receiver: each item's string and buffer (none: the item
+/// copies nothing), the bytes each copies, and where this copy starts.
+struct Plan {
+    strings: [StringItem; MAX_STRINGS],
+    buffers: [Option<StringItem>; MAX_STRINGS],
+    lengths: [u64; MAX_STRINGS],
+    count: usize,
+    fingerprint: u64,
+}
+
+/// Mix `word` into `hash` (a 64-bit multiply-xorshift: the fingerprint only tells a
+/// continuation of the same message to the same buffers from anything else).
+fn mix(hash: u64, word: u64) -> u64 {
+    let h = (hash ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
+}
+
+fn plan(k: &mut Kernel, receiver: ThreadId, message: &Message) -> Plan {
+    let mut p = Plan {
+        strings: [StringItem {
+            length: 0,
+            address: 0,
+        }; MAX_STRINGS],
+        buffers: [None; MAX_STRINGS],
+        lengths: [0; MAX_STRINGS],
+        count: 0,
+        fingerprint: mix(0, message.tag.0),
+    };
+    // More than MAX_STRINGS string items (the sender rewrote its UTCB after `Send` checked
+    // it): the rest have no buffer and copy nothing.
+    for (n, (_, item)) in items(message).take(MAX_STRINGS).enumerate() {
+        let b = buffer(k, receiver, n);
+        p.strings[n] = item;
+        p.buffers[n] = b;
+        p.lengths[n] = b.map_or(0, |b| item.length.min(b.length));
+        p.count = n + 1;
+        let [b0, b1] = b.map_or([0, 0], |b| b.words());
+        for word in item.words().into_iter().chain([b0, b1]) {
+            p.fingerprint = mix(p.fingerprint, word);
+        }
+    }
+    p
+}
+
+/// Where the copy of `sender`'s strings to `receiver` (with `fingerprint`) stands: the
+/// receiver's partial copy if it is of this message, else the start.
+fn start(k: &Kernel, sender: ThreadId, receiver: ThreadId, fingerprint: u64) -> u64 {
+    k.threads
+        .get(receiver)
+        .and_then(|t| t.partial_copy)
+        .filter(|p| p.sender == sender && p.fingerprint == fingerprint)
+        .map_or(0, |p| p.done)
+}
+
+/// Check the ranges and pages the strings of `message` need for their next step, in the
+/// sender and the receiver: every string must be valid ([`is_valid_string`]), every receive
+/// buffer a string goes to must lie in user memory, and the pages of this step's window must
+/// be mapped. Returns the window (the last one when [`Window::is_last`]: deliver now).
 pub fn check(
     k: &mut Kernel,
     sender: ThreadId,
     receiver: ThreadId,
     message: &Message,
-) -> Result<(), Obstacle> {
+) -> Result<Window, Obstacle> {
     let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
-        return Ok(());
+        return Ok(Window::new(&[], 0, STEP_BYTES));
     };
-    for (n, (_, item)) in items(message).enumerate() {
-        if !is_valid_string(item) {
-            return Err(Obstacle::Invalid(sender));
-        }
-        let Some(buffer) = buffer(k, receiver, n) else {
+    if items(message).any(|(_, item)| !is_valid_string(item)) {
+        return Err(Obstacle::Invalid(sender));
+    }
+    let p = plan(k, receiver, message);
+    if p.buffers[..p.count]
+        .iter()
+        .flatten()
+        .any(|&b| !in_user_memory(b))
+    {
+        return Err(Obstacle::Invalid(receiver));
+    }
+    let lengths = &p.lengths[..p.count];
+    let window = Window::new(
+        lengths,
+        start(k, sender, receiver, p.fingerprint),
+        STEP_BYTES,
+    );
+    for piece in window.pieces(lengths) {
+        let (item, Some(buffer)) = (p.strings[piece.item], p.buffers[piece.item]) else {
             continue;
         };
-        if !in_user_memory(buffer) {
-            return Err(Obstacle::Invalid(receiver));
-        }
-        let length = item.length.min(buffer.length);
-        if let Some(address) = first_missing(from, item.address, length, false) {
+        if let Some(address) = first_missing(from, item.address + piece.offset, piece.length, false)
+        {
             return Err(Obstacle::Missing(Missing {
                 thread: sender,
                 address,
                 write: false,
             }));
         }
-        if let Some(address) = first_missing(to, buffer.address, length, true) {
+        if let Some(address) = first_missing(to, buffer.address + piece.offset, piece.length, true)
+        {
             return Err(Obstacle::Missing(Missing {
                 thread: receiver,
                 address,
@@ -127,28 +213,27 @@ pub fn check(
             }));
         }
     }
-    Ok(())
+    Ok(window)
 }
 
-/// Copy the strings (after a successful [`check`] in the same kernel entry, so every range is
-/// in user memory and mapped) and rewrite the items the receiver sees.
-pub fn copy(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &mut Message) {
-    let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
-        return;
-    };
-    let found: alloc::vec::Vec<(usize, StringItem)> = items(message).collect();
-    for (n, (at, item)) in found.into_iter().enumerate() {
-        let (length, destination) = match buffer(k, receiver, n) {
-            Some(b) => (item.length.min(b.length), b.address),
-            None => (0, 0),
+/// Copy one window's bytes (checked by [`check`] in this kernel entry: every range is in user
+/// memory and mapped).
+fn copy_window(from: AddressSpace, to: AddressSpace, p: &Plan, window: Window) {
+    for piece in window.pieces(&p.lengths[..p.count]) {
+        let (item, Some(buffer)) = (p.strings[piece.item], p.buffers[piece.item]) else {
+            continue;
         };
         let mut done = 0;
-        while done < length {
-            let (s, d) = (item.address + done, destination + done);
-            let chunk = (length - done)
+        while done < piece.length {
+            let (s, d) = (
+                item.address + piece.offset + done,
+                buffer.address + piece.offset + done,
+            );
+            let chunk = (piece.length - done)
                 .min(PAGE_4K - s % PAGE_4K)
                 .min(PAGE_4K - d % PAGE_4K);
             let (Some(ts), Some(td)) = (from.lookup(s), to.lookup(d)) else {
+                crate::warn!("string copy: page {s:#x} or {d:#x} went since its check");
                 break;
             };
             // SAFETY: both pages were checked to be mapped (user, and writable for the
@@ -163,13 +248,56 @@ pub fn copy(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &mut 
             };
             done += chunk;
         }
+    }
+}
+
+/// Copy one step of the strings (not the last, see [`check`]) and note it in the receiver,
+/// whose receive goes on; the current thread's system call must restart for the next step.
+pub fn copy_step(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    message: &Message,
+    window: Window,
+) {
+    let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
+        return;
+    };
+    let p = plan(k, receiver, message);
+    copy_window(from, to, &p, window);
+    k.thread(receiver).partial_copy = Some(PartialCopy {
+        sender,
+        fingerprint: p.fingerprint,
+        done: window.end,
+    });
+}
+
+/// Copy the strings' last step (after a successful [`check`] in the same kernel entry that
+/// returned the last window) and rewrite the items the receiver sees: each its buffer's
+/// address and the bytes it received.
+pub fn copy(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &mut Message) {
+    let partial = k.thread(receiver).partial_copy.take();
+    let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
+        return;
+    };
+    let p = plan(k, receiver, message);
+    let started = partial
+        .filter(|c| c.sender == sender && c.fingerprint == p.fingerprint)
+        .map_or(0, |c| c.done);
+    let window = Window::new(&p.lengths[..p.count], started, u64::MAX);
+    copy_window(from, to, &p, window);
+    let found: alloc::vec::Vec<usize> = items(message).map(|(at, _)| at).collect();
+    for (n, at) in found.into_iter().enumerate() {
+        let (length, destination) = match p.buffers.get(n).copied().flatten() {
+            Some(b) => (p.lengths[n], b.address),
+            None => (0, 0),
+        };
         let words = StringItem {
-            length: done,
+            length,
             address: destination,
         }
         .words();
         message.words[at] = words[0];
         message.words[at + 1] = words[1];
     }
-    let _ = MessageTag(0);
 }

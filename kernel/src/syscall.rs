@@ -106,6 +106,8 @@ pub fn dispatch(k: &mut Kernel) -> ! {
             let phase = if receive_phase { RECEIVE_PHASE } else { 0 };
             if let Some(t) = k.threads.get_mut(id) {
                 t.frame.rax = e as u64 | phase;
+                // A receive that fails ends a string copy into its buffers.
+                t.partial_copy = None;
                 if matches!(
                     t.state,
                     ThreadState::Sending { .. } | ThreadState::Receiving { .. }
@@ -303,6 +305,10 @@ fn ex_regs(
         return Err(Error::DeadPartner);
     }
     let old = (t.frame.rip, t.frame.rsp, t.frame.rflags);
+    if flags & (ExRegsFlags::SET_IP | ExRegsFlags::CANCEL) != 0 {
+        // A string copy's steps count only for the same receive going on.
+        t.partial_copy = None;
+    }
     if flags & ExRegsFlags::SET_IP != 0 {
         t.unmap_progress = None;
         t.frame.rip = ip;

@@ -49,6 +49,10 @@ pub enum Awaiting {
     PageFaultReply,
     /// The exception handler's answer (new register state, or a refusal).
     ExceptionReply,
+    /// A message whose strings are being copied into this thread's buffers in steps (by the
+    /// sender, whose system call restarts between them; see [`crate::strings::STEP_BYTES`]).
+    /// Otherwise like `Message`, but the fast path and IRQ delivery leave it to the slow path.
+    Strings,
 }
 
 /// Words of the largest kernel-generated message (an exception: vector, error code and 18
@@ -120,6 +124,9 @@ pub struct Thread {
     pub resume_receive: Option<Option<ThreadId>>,
     /// How far the thread's restarted `Unmap` got (see [`crate::map::UnmapProgress`]).
     pub unmap_progress: Option<crate::map::UnmapProgress>,
+    /// The string copy into this thread's buffers that has done some of its steps, while the
+    /// receive it is for lasts (see [`crate::strings::PartialCopy`]).
+    pub partial_copy: Option<crate::strings::PartialCopy>,
     /// Set while the VM pager resolves a guest page fault of the vCPU this thread runs.
     pub guest_fault: Option<(crate::vm::VmId, crate::vm::VcpuId)>,
     /// Page-table root of its task (cached at bind time).
@@ -164,6 +171,7 @@ impl Thread {
             fault_address: 0,
             resume_receive: None,
             unmap_progress: None,
+            partial_copy: None,
             string_fault: None,
             guest_fault: None,
             space_root: 0,

@@ -1,7 +1,7 @@
 //! Kernel algorithms that need no hardware, built and unit-tested on the host: the physical
 //! frame allocator, the capability table, the object arena, kernel-memory quotas, the
 //! scheduler's ready queues, the mapping database with its radix index, and the validation of
-//! guest state a VMM hands to `VcpuRun`.
+//! guest state a VMM hands to `VcpuRun`, and the windows of a string copy in steps.
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -27,4 +27,5 @@ pub use mapping_database::{
 pub mod asid_allocator;
 pub use asid_allocator::AsidAllocator;
 pub mod pool_size;
+pub mod string_window;
 pub mod vcpu_state;

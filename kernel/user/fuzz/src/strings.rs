@@ -6,25 +6,28 @@
 use crate::rng::Rng;
 use l4::abi::{MessageTag, StringItem, KERNEL_AREA_START, MAX_STRINGS, MAX_STRING_LENGTH};
 
-/// A range the kernel must refuse as a string or buffer (or, below the limit, may copy 0
-/// bytes to): too long, in or across the kernel area, or wrapping.
-fn hostile(rng: &mut Rng) -> StringItem {
-    let (address, length) = match rng.below(5) {
+/// A range the kernel must refuse as a string or a buffer without touching it: in or across
+/// the kernel area, or wrapping around; as a string also one over the length limit, and (for
+/// `garbage`) any range at all, which may lie in memory the thread lacks (a string's fault
+/// fails the sender's IPC; a receive buffer's fault would go to the receiver's pager, which
+/// kills the fuzzer's own threads for it, so buffers never get those).
+fn hostile(rng: &mut Rng, garbage: bool) -> StringItem {
+    let (address, length) = match rng.below(if garbage { 5 } else { 3 }) {
         0 => (KERNEL_AREA_START - 8, 16),
         1 => (u64::MAX - 8, 64),
-        2 => (rng.garbage(), rng.garbage()),
-        3 => (KERNEL_AREA_START + rng.below(1 << 20), 1 + rng.below(4096)),
+        2 => (KERNEL_AREA_START + rng.below(1 << 20), 1 + rng.below(4096)),
+        3 => (rng.garbage(), rng.garbage()),
         _ => (0x1000, MAX_STRING_LENGTH + 1 + rng.below(4096)),
     };
     StringItem { length, address }
 }
 
 /// A range inside `region` (base, size): mostly short, sometimes up to the whole region or
-/// [`MAX_STRING_LENGTH`]; 5% hostile.
-pub fn range(rng: &mut Rng, region: (u64, u64)) -> StringItem {
+/// [`MAX_STRING_LENGTH`]; 5% hostile (see [`hostile`]; `garbage` for strings).
+fn range_in(rng: &mut Rng, region: (u64, u64), garbage: bool) -> StringItem {
     let (base, size) = region;
     if size == 0 || rng.chance(5) {
-        return hostile(rng);
+        return hostile(rng, garbage);
     }
     let limit = size.min(MAX_STRING_LENGTH);
     let length = if rng.chance(90) {
@@ -50,7 +53,7 @@ pub fn message(rng: &mut Rng, region: (u64, u64), labels: u64, words: &mut [u64;
         *word = i as u64;
     }
     for i in 0..count {
-        let item = range(rng, region).words();
+        let item = range_in(rng, region, true).words();
         for (j, value) in item.into_iter().enumerate() {
             let at = untyped + 2 * i + j;
             if at < 4 {
@@ -74,7 +77,7 @@ pub fn receive_buffers(rng: &mut Rng, region: (u64, u64)) {
     };
     for i in 0..MAX_STRINGS {
         let words = if i < count {
-            range(rng, region).words()
+            range_in(rng, region, false).words()
         } else {
             [0, 0]
         };

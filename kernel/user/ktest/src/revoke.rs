@@ -170,6 +170,8 @@ fn revoke_cases() {
 
     // A 4 MiB string item arrives whole.
     string_4m_case();
+    string_steps_case();
+    string_abort_case();
     check(
         "quota",
         "after the stepwise revocations the kernel's books balance",
@@ -183,31 +185,207 @@ fn pattern(i: usize) -> u8 {
     (i * 7 % 253) as u8
 }
 
-/// Sends a 4 MiB string of `pattern` to the main thread.
-extern "C" fn send_4m_string(_: u64) -> ! {
+/// Sends a 4 MiB string of `pattern` to the main thread, `rounds` times.
+extern "C" fn send_4m_string(rounds: u64) -> ! {
     let data: Vec<u8> = (0..STRING_4M).map(pattern).collect();
     let item = l4::abi::StringItem {
         length: STRING_4M as u64,
         address: data.as_ptr() as u64,
     }
     .words();
-    let _ = ipc::send(slots::SELF_THREAD, string_tag(14, 0, 1), &item, Timeouts::INFINITE);
+    for _ in 0..rounds {
+        let _ = ipc::send(slots::SELF_THREAD, string_tag(14, 0, 1), &item, Timeouts::INFINITE);
+    }
+    sys::thread_exit(0)
+}
+
+/// The string copy watcher: while set, the buffer it watches (address, length) and whether
+/// it saw the copy half done (first byte arrived, last not yet).
+static WATCHED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+static WATCH_ON: AtomicBool = AtomicBool::new(false);
+static SAW_HALF: AtomicU64 = AtomicU64::new(0);
+static WATCHER_TURNS: AtomicU64 = AtomicU64::new(0);
+
+/// Wakes every millisecond (above the copying thread's priority) and looks at the buffer.
+extern "C" fn copy_watcher(_: u64) -> ! {
+    while WATCH_ON.load(SeqCst) {
+        let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
+        WATCHER_TURNS.fetch_add(1, SeqCst);
+        let (address, length) = (WATCHED[0].load(SeqCst), WATCHED[1].load(SeqCst) as usize);
+        if length == 0 {
+            continue;
+        }
+        // SAFETY: the main thread keeps the buffer alive while WATCH_ON is set; bytes only.
+        let (first, last) = unsafe {
+            (
+                core::ptr::read_volatile(address as *const u8),
+                core::ptr::read_volatile((address as *const u8).add(length - 1)),
+            )
+        };
+        if first == pattern(0) && last != pattern(length - 1) {
+            SAW_HALF.fetch_add(1, SeqCst);
+        }
+    }
     sys::thread_exit(0)
 }
 
 fn string_4m_case() {
     let mut buffer = alloc::vec![1u8; STRING_4M];
     l4::utcb::set_string_buffer(0, &mut buffer);
-    let t = go(send_4m_string, 0);
-    let r = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+    WATCHED[0].store(buffer.as_ptr() as u64, SeqCst);
+    WATCHED[1].store(STRING_4M as u64, SeqCst);
+    WATCH_ON.store(true, SeqCst);
+    let watcher = go(copy_watcher, 0);
+    // The sender runs below us and the watcher: we wait first, so it copies (in steps at
+    // its priority) into our buffer, and the watcher's timer wake-ups come in between.
+    // Four rounds, each into a buffer of ones again: a copy takes a few timer ticks.
+    const ROUNDS: u64 = 4;
+    let t = go(send_4m_string, ROUNDS);
+    let lowered = sys::thread_schedule(t, 50, 0);
+    let mut intact = 0;
+    for round in 0..ROUNDS {
+        if round > 0 {
+            buffer.fill(1);
+        }
+        let r = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+        let length = match r {
+            Ok(m) => m.word(0) >> 12,
+            Err(_) => 0,
+        };
+        let whole = buffer.iter().enumerate().all(|(i, &b)| b == pattern(i));
+        intact += u64::from(length == STRING_4M as u64 && whole);
+    }
+    WATCH_ON.store(false, SeqCst);
+    WATCHED[1].store(0, SeqCst);
     l4::utcb::clear_string_buffer(0);
-    let length = match r {
-        Ok(m) => m.word(0) >> 12,
-        Err(_) => 0,
-    };
+    check_eq("string", "a 4 MiB string item arrives intact (4 times)", intact, ROUNDS);
+    let (half, turns) = (SAW_HALF.load(SeqCst), WATCHER_TURNS.load(SeqCst));
+    println!("# 4 MiB string: the watcher saw it half copied {half} times in {turns} wake-ups");
     check(
         "string",
-        "a 4 MiB string item arrives intact",
-        length == STRING_4M as u64 && buffer.iter().enumerate().all(|(i, &b)| b == pattern(i)),
+        "a 4 MiB string is copied in steps: a higher-priority thread runs while it is half done",
+        lowered.is_ok() && half > 0,
     );
+    let _ = sys::cap_delete(watcher);
+}
+
+/// Receive buffers no one touched before (their pages fault in during the copy's steps).
+static mut UNTOUCHED_600K: [u8; 600 << 10] = [0; 600 << 10];
+static mut UNTOUCHED_512K: [u8; 512 << 10] = [0; 512 << 10];
+
+/// Sends three strings of one 4 MiB run of `pattern`: 600 KiB from byte 0, 10 bytes from
+/// byte 123 and 700 KiB from byte 5.
+extern "C" fn send_three_strings(_: u64) -> ! {
+    let data: Vec<u8> = (0..STRING_4M).map(pattern).collect();
+    let base = data.as_ptr() as u64;
+    let words: Vec<u64> = [(600 << 10, 0), (10, 123), (700 << 10, 5)]
+        .into_iter()
+        .flat_map(|(length, offset)| l4::abi::StringItem { length, address: base + offset }.words())
+        .collect();
+    let _ = ipc::send(slots::SELF_THREAD, string_tag(15, 0, 3), &words, Timeouts::INFINITE);
+    sys::thread_exit(0)
+}
+
+/// Three strings whose steps span items, into buffers whose pages fault in between steps: one
+/// exact, one absent (0 bytes), one shorter than its string (truncated).
+fn string_steps_case() {
+    // SAFETY: only this thread uses the statics, through the kernel's copy.
+    let (b0, b2) = unsafe {
+        (
+            &mut *core::ptr::addr_of_mut!(UNTOUCHED_600K),
+            &mut *core::ptr::addr_of_mut!(UNTOUCHED_512K),
+        )
+    };
+    l4::utcb::set_string_buffer(0, b0);
+    l4::utcb::clear_string_buffer(1);
+    l4::utcb::set_string_buffer(2, b2);
+    let t = go(send_three_strings, 0);
+    let r = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+    l4::utcb::clear_string_buffer(0);
+    l4::utcb::clear_string_buffer(2);
+    let lengths = match r {
+        Ok(m) if m.tag.typed() == 3 => [0, 2, 4].map(|i| m.word(i) >> 12),
+        _ => [u64::MAX; 3],
+    };
+    let whole = b0.iter().enumerate().all(|(i, &b)| b == pattern(i))
+        && b2.iter().enumerate().all(|(i, &b)| b == pattern(i + 5));
+    check_eq(
+        "string",
+        "three strings (1.2 MiB) in steps across items, buffers faulting in between: exact, absent, truncated",
+        (lengths, whole),
+        ([600 << 10, 0, 512 << 10], true),
+    );
+}
+
+/// Wakes every millisecond and, the first time it sees the watched buffer half copied,
+/// cancels the main thread's receive (`ExRegs` with `CANCEL`).
+extern "C" fn copy_canceler(_: u64) -> ! {
+    while WATCH_ON.load(SeqCst) {
+        let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
+        let (address, length) = (WATCHED[0].load(SeqCst), WATCHED[1].load(SeqCst) as usize);
+        if length == 0 {
+            continue;
+        }
+        // SAFETY: as in `copy_watcher`.
+        let (first, last) = unsafe {
+            (
+                core::ptr::read_volatile(address as *const u8),
+                core::ptr::read_volatile((address as *const u8).add(length - 1)),
+            )
+        };
+        if first == pattern(0) && last != pattern(length - 1) {
+            WATCHED[1].store(0, SeqCst);
+            let _ = sys::ex_regs(slots::SELF_THREAD, 0, 0, ExRegsFlags::CANCEL);
+        }
+    }
+    sys::thread_exit(0)
+}
+
+/// A receive canceled in the middle of a 4 MiB copy (the sender copies in steps below our
+/// priority, a watcher above it cancels us when it sees our buffer half written) fails with
+/// `Canceled`; we fill the same buffer with ones again and receive once more: the copy starts
+/// over and every byte arrives. Up to four rounds, until one was canceled.
+fn string_abort_case() {
+    const ROUNDS: u64 = 4;
+    let mut buffer = alloc::vec![1u8; STRING_4M];
+    l4::utcb::set_string_buffer(0, &mut buffer);
+    WATCHED[0].store(buffer.as_ptr() as u64, SeqCst);
+    WATCH_ON.store(true, SeqCst);
+    let canceler = go(copy_canceler, 0);
+    let t = go(send_4m_string, ROUNDS);
+    let lowered = sys::thread_schedule(t, 50, 0);
+    let (mut canceled, mut whole, mut rounds) = (0, true, 0);
+    while rounds < ROUNDS {
+        buffer.fill(1);
+        WATCHED[1].store(if canceled == 0 { STRING_4M as u64 } else { 0 }, SeqCst);
+        match ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000))) {
+            // `Canceled` never carries the receive-phase bit (syscalls.md, 1.4).
+            Err(e) if e == err(Error::Canceled, false) && canceled == 0 => canceled += 1,
+            Ok(m) => {
+                rounds += 1;
+                whole &= m.word(0) >> 12 == STRING_4M as u64
+                    && buffer.iter().enumerate().all(|(i, &b)| b == pattern(i));
+            }
+            Err(e) => {
+                println!("# string abort: receive failed: {e:?}");
+                whole = false;
+                break;
+            }
+        }
+    }
+    WATCH_ON.store(false, SeqCst);
+    WATCHED[1].store(0, SeqCst);
+    // After a failure, take what the sender still sends (it must not reach later cases).
+    let mut drained = rounds;
+    while drained < ROUNDS && ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(2_000_000))).is_ok() {
+        drained += 1;
+    }
+    l4::utcb::clear_string_buffer(0);
+    println!("# string abort: {canceled} receive canceled mid-copy, {rounds} arrived");
+    check(
+        "string",
+        "a receive canceled mid-copy fails with Canceled; the copy starts over and arrives whole",
+        lowered.is_ok() && canceled == 1 && rounds == ROUNDS && whole,
+    );
+    let _ = sys::cap_delete(canceler);
 }
