@@ -4,7 +4,8 @@
 
 use crate::arch::x86_64::entry::Frame;
 use crate::arch::x86_64::paging::{
-    phys_to_virt, BOOT_DIRECT_MAP, DIRECT_MAP_LIMIT, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE,
+    has_1g_pages, phys_to_virt, BOOT_DIRECT_MAP, DIRECT_MAP_LIMIT, NO_EXECUTE, PAGE_1G, PAGE_2M,
+    PAGE_4K, USER, WRITABLE,
 };
 use crate::factory::{bind_thread, new_task, new_thread};
 use crate::kernel::Kernel;
@@ -557,14 +558,21 @@ fn map_sigma0_window(k: &mut Kernel, sigma0: TaskId) {
         .iter()
         .map(|r| (r.base, r.base + r.size))
         .chain(device);
+    // The largest page that fits, so that sigma0 can hand out 2 MiB and (where the CPU has
+    // them) 1 GiB pages that stay large all the way to a VM's nested page tables.
+    let sizes: &[u64] = if has_1g_pages() {
+        &[PAGE_1G, PAGE_2M, PAGE_4K]
+    } else {
+        &[PAGE_2M, PAGE_4K]
+    };
     for (base, end) in ranges.collect::<Vec<_>>() {
         let mut physical = base;
         while physical < end {
-            let size = if physical % PAGE_2M == 0 && physical + PAGE_2M <= end {
-                PAGE_2M
-            } else {
-                PAGE_4K
-            };
+            let size = sizes
+                .iter()
+                .copied()
+                .find(|&size| physical % size == 0 && physical + size <= end)
+                .unwrap_or(PAGE_4K);
             space
                 .map(
                     SIGMA0_PHYS_WINDOW + physical,

@@ -3,9 +3,7 @@
 //! transfer is recorded in the mapping database, so that `unmap` and task destruction revoke
 //! whatever was derived, in every task, at any depth.
 
-use crate::arch::x86_64::paging::{
-    AddressSpace, Translation, NO_EXECUTE, PAGE_2M, PAGE_4K, USER, WRITABLE,
-};
+use crate::arch::x86_64::paging::{AddressSpace, Translation, NO_EXECUTE, PAGE_4K, USER, WRITABLE};
 use crate::kernel::Kernel;
 use crate::object::{Capability, TaskId, VmId};
 use alloc::vec::Vec;
@@ -51,8 +49,8 @@ impl SpaceKey for Space {
 /// A recorded mapping.
 pub type Recorded = Mapping<Space>;
 
-/// Sizes of memory mappings the database records (log2): 4 KiB and 2 MiB pages.
-pub const MEMORY_ORDERS: &[u32] = &[12, 21];
+/// Sizes of memory mappings the database records (log2): 4 KiB, 2 MiB and 1 GiB pages.
+pub const MEMORY_ORDERS: &[u32] = &[12, 21, 30];
 /// Ports and capability slots are recorded one by one.
 pub const UNIT_ORDERS: &[u32] = &[0];
 
@@ -386,70 +384,110 @@ pub fn map_memory(
         if rights & Fpage::EXECUTE == 0 || t.flags & NO_EXECUTE != 0 {
             flags |= NO_EXECUTE;
         }
-        let root_order = t.page_size.trailing_zeros();
-        let leaf_end = va + t.page_size;
-        let large_target = destination + (va.max(start) - start);
-        let whole_large = t.page_size == PAGE_2M
-            && va >= start
-            && leaf_end <= end
-            && large_target.is_multiple_of(PAGE_2M)
-            && mappable(va)
-            && mappable(leaf_end - 1)
-            && accepts(to, large_target)
-            && accepts(to, large_target + PAGE_2M - 1)
-            && !(to == source && va == large_target);
-        if whole_large {
-            let page = Page {
-                va,
-                physical: t.physical,
-                size: PAGE_2M,
-                flags,
-                root_order,
-            };
-            match map_page(
-                k,
-                source,
-                to,
-                target_space,
-                source_space,
-                page,
-                large_target,
-                grant,
-            ) {
-                Ok(Placed::Done) => continue,
-                Ok(Placed::Split) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let mut page = va.max(start);
-        while page < leaf_end.min(end) {
-            let target = destination + (page - start);
-            if mappable(page) && accepts(to, target) && !(to == source && page == target) {
-                let small = Page {
-                    va: page,
-                    physical: t.physical + (page - va),
-                    size: PAGE_4K,
-                    flags,
-                    root_order,
-                };
-                map_page(
-                    k,
-                    source,
-                    to,
-                    target_space,
-                    source_space,
-                    small,
-                    target,
-                    grant,
-                )?;
-            }
-            page += PAGE_4K;
-        }
+        let transfer = Transfer {
+            source,
+            to,
+            target_space,
+            source_space,
+            start,
+            end,
+            destination,
+            grant,
+            flags,
+            leaf_va: va,
+            leaf_physical: t.physical,
+            root_order: t.page_size.trailing_zeros(),
+        };
+        place(k, &transfer, va, t.page_size)?;
     }
     Ok(())
 }
 
-/// One page (4 KiB or 2 MiB) to transfer.
+/// What [`place`] transfers: one source leaf, clipped to the flexpage `start..end` that goes
+/// to `destination`.
+struct Transfer {
+    source: Space,
+    to: Space,
+    target_space: AddressSpace,
+    source_space: AddressSpace,
+    start: u64,
+    end: u64,
+    destination: u64,
+    grant: bool,
+    flags: u64,
+    leaf_va: u64,
+    leaf_physical: u64,
+    /// The size the source holds the leaf at (log2).
+    root_order: u32,
+}
+
+/// Transfer the piece of `size` at source address `va` of a source leaf: whole as one large
+/// page (one mapping node) when the flexpage covers it and the target is aligned and takes
+/// it, else as its 512 pieces of the next smaller size (a 1 GiB leaf in 2 MiB pages, those in
+/// 4 KiB pages), only the parts inside the flexpage.
+fn place(k: &mut Kernel, x: &Transfer, va: u64, size: u64) -> Result<(), Error> {
+    let piece_end = va + size;
+    if piece_end <= x.start || va >= x.end {
+        return Ok(());
+    }
+    let target = x.destination.wrapping_add(va.wrapping_sub(x.start));
+    let inside = va >= x.start && piece_end <= x.end;
+    let page = Page {
+        va,
+        physical: x.leaf_physical + (va - x.leaf_va),
+        size,
+        flags: x.flags,
+        root_order: x.root_order,
+    };
+    if size == PAGE_4K {
+        if mappable(va) && accepts(x.to, target) && !(x.to == x.source && va == target) {
+            map_page(
+                k,
+                x.source,
+                x.to,
+                x.target_space,
+                x.source_space,
+                page,
+                target,
+                x.grant,
+            )?;
+        }
+        return Ok(());
+    }
+    let whole = inside
+        && target.is_multiple_of(size)
+        && mappable(va)
+        && mappable(piece_end - 1)
+        && accepts(x.to, target)
+        && accepts(x.to, target + size - 1)
+        && !(x.to == x.source && va == target);
+    if whole {
+        match map_page(
+            k,
+            x.source,
+            x.to,
+            x.target_space,
+            x.source_space,
+            page,
+            target,
+            x.grant,
+        )? {
+            Placed::Done => return Ok(()),
+            Placed::Split => {}
+        }
+    }
+    let smaller = size >> 9;
+    // Only the pieces that overlap the flexpage.
+    let first = x.start.max(va);
+    let mut piece = va + (first - va) / smaller * smaller;
+    while piece < piece_end.min(x.end) {
+        place(k, x, piece, smaller)?;
+        piece += smaller;
+    }
+    Ok(())
+}
+
+/// One page (4 KiB, 2 MiB or 1 GiB) to transfer.
 #[derive(Clone, Copy)]
 struct Page {
     va: u64,
@@ -510,7 +548,7 @@ fn map_page(
             k.refund_space(m.space, NODE_BYTES);
         }
         return match e {
-            crate::arch::x86_64::paging::PagingError::Conflict if page.size == PAGE_2M => {
+            crate::arch::x86_64::paging::PagingError::Conflict if page.size > PAGE_4K => {
                 Ok(Placed::Split)
             }
             _ => Err(Error::OutOfMemory),

@@ -9,6 +9,7 @@ use crate::object::ThreadId;
 use crate::thread::{utcb, Message};
 use kernel_core::string_window::Window;
 use l4_abi::{StringItem, KERNEL_AREA_START, MAX_STRINGS, MAX_STRING_LENGTH};
+use smallvec::SmallVec;
 
 /// A page that must be faulted in before a string can be copied.
 #[derive(Debug, Clone, Copy)]
@@ -109,23 +110,42 @@ pub struct PartialCopy {
 }
 
 /// The strings of a message to one receiver: each item's string and buffer (none: the item
-/// copies nothing), the bytes each copies, and where this copy starts.
+/// copies nothing) and the bytes each copies.
 struct Plan {
     strings: [StringItem; MAX_STRINGS],
     buffers: [Option<StringItem>; MAX_STRINGS],
     lengths: [u64; MAX_STRINGS],
     count: usize,
-    fingerprint: u64,
 }
 
-/// Mix `word` into `hash` (a 64-bit multiply-xorshift: the fingerprint only tells a
-/// continuation of the same message to the same buffers from anything else).
-fn mix(hash: u64, word: u64) -> u64 {
-    let h = (hash ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^ (h >> 29)
+impl Plan {
+    /// A digest of the items and buffers: a continuation of a copy in steps must see the
+    /// same (a 64-bit multiply-xorshift; it only tells a continuation of the same message to
+    /// the same buffers from anything else).
+    fn fingerprint(&self, tag: u64) -> u64 {
+        let mix = |hash: u64, word: u64| {
+            let h = (hash ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            h ^ (h >> 29)
+        };
+        let mut hash = mix(0, tag);
+        for n in 0..self.count {
+            let [b0, b1] = self.buffers[n].map_or([0, 0], |b| b.words());
+            for word in self.strings[n].words().into_iter().chain([b0, b1]) {
+                hash = mix(hash, word);
+            }
+        }
+        hash
+    }
+
+    fn lengths(&self) -> &[u64] {
+        &self.lengths[..self.count]
+    }
 }
 
-fn plan(k: &mut Kernel, receiver: ThreadId, message: &Message) -> Plan {
+/// The plan of `message`'s strings to `receiver`; `Err(true)` if a string is invalid (see
+/// [`is_valid_string`]), `Err(false)` if a buffer a string goes to is not in user memory.
+#[inline(always)]
+fn plan(k: &mut Kernel, receiver: ThreadId, message: &Message) -> Result<Plan, bool> {
     let mut p = Plan {
         strings: [StringItem {
             length: 0,
@@ -134,31 +154,35 @@ fn plan(k: &mut Kernel, receiver: ThreadId, message: &Message) -> Plan {
         buffers: [None; MAX_STRINGS],
         lengths: [0; MAX_STRINGS],
         count: 0,
-        fingerprint: mix(0, message.tag.0),
     };
-    // More than MAX_STRINGS string items (the sender rewrote its UTCB after `Send` checked
-    // it): the rest have no buffer and copy nothing.
-    for (n, (_, item)) in items(message).take(MAX_STRINGS).enumerate() {
+    for (n, (_, item)) in items(message).enumerate() {
+        if !is_valid_string(item) {
+            return Err(true);
+        }
+        // More than MAX_STRINGS string items (the sender rewrote its UTCB after `Send`
+        // checked it): the rest have no buffer and copy nothing.
+        if n >= MAX_STRINGS {
+            continue;
+        }
         let b = buffer(k, receiver, n);
+        if b.is_some_and(|b| !in_user_memory(b)) {
+            return Err(false);
+        }
         p.strings[n] = item;
         p.buffers[n] = b;
         p.lengths[n] = b.map_or(0, |b| item.length.min(b.length));
         p.count = n + 1;
-        let [b0, b1] = b.map_or([0, 0], |b| b.words());
-        for word in item.words().into_iter().chain([b0, b1]) {
-            p.fingerprint = mix(p.fingerprint, word);
-        }
     }
-    p
+    Ok(p)
 }
 
-/// Where the copy of `sender`'s strings to `receiver` (with `fingerprint`) stands: the
-/// receiver's partial copy if it is of this message, else the start.
-fn start(k: &Kernel, sender: ThreadId, receiver: ThreadId, fingerprint: u64) -> u64 {
+/// Where the copy of `sender`'s strings (`plan`, of a message with `tag`) to `receiver`
+/// stands: the receiver's partial copy if it is of this message, else the start.
+fn start(k: &Kernel, sender: ThreadId, receiver: ThreadId, plan: &Plan, tag: u64) -> u64 {
     k.threads
         .get(receiver)
         .and_then(|t| t.partial_copy)
-        .filter(|p| p.sender == sender && p.fingerprint == fingerprint)
+        .filter(|p| p.sender == sender && p.fingerprint == plan.fingerprint(tag))
         .map_or(0, |p| p.done)
 }
 
@@ -175,21 +199,15 @@ pub fn check(
     let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
         return Ok(Window::new(&[], 0, STEP_BYTES));
     };
-    if items(message).any(|(_, item)| !is_valid_string(item)) {
-        return Err(Obstacle::Invalid(sender));
-    }
-    let p = plan(k, receiver, message);
-    if p.buffers[..p.count]
-        .iter()
-        .flatten()
-        .any(|&b| !in_user_memory(b))
-    {
-        return Err(Obstacle::Invalid(receiver));
-    }
-    let lengths = &p.lengths[..p.count];
+    let p = match plan(k, receiver, message) {
+        Ok(p) => p,
+        Err(true) => return Err(Obstacle::Invalid(sender)),
+        Err(false) => return Err(Obstacle::Invalid(receiver)),
+    };
+    let lengths = p.lengths();
     let window = Window::new(
         lengths,
-        start(k, sender, receiver, p.fingerprint),
+        start(k, sender, receiver, &p, message.tag.0),
         STEP_BYTES,
     );
     for piece in window.pieces(lengths) {
@@ -219,7 +237,7 @@ pub fn check(
 /// Copy one window's bytes (checked by [`check`] in this kernel entry: every range is in user
 /// memory and mapped).
 fn copy_window(from: AddressSpace, to: AddressSpace, p: &Plan, window: Window) {
-    for piece in window.pieces(&p.lengths[..p.count]) {
+    for piece in window.pieces(p.lengths()) {
         let (item, Some(buffer)) = (p.strings[piece.item], p.buffers[piece.item]) else {
             continue;
         };
@@ -263,38 +281,40 @@ pub fn copy_step(
     let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
         return;
     };
-    let p = plan(k, receiver, message);
+    let Ok(p) = plan(k, receiver, message) else {
+        return;
+    };
     copy_window(from, to, &p, window);
     k.thread(receiver).partial_copy = Some(PartialCopy {
         sender,
-        fingerprint: p.fingerprint,
+        fingerprint: p.fingerprint(message.tag.0),
         done: window.end,
     });
 }
 
 /// Copy the strings' last step (after a successful [`check`] in the same kernel entry that
 /// returned the last window) and rewrite the items the receiver sees: each its buffer's
-/// address and the bytes it received.
+/// address and the bytes it received (items beyond [`MAX_STRINGS`]: none).
 pub fn copy(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &mut Message) {
-    let partial = k.thread(receiver).partial_copy.take();
     let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
         return;
     };
-    let p = plan(k, receiver, message);
-    let started = partial
-        .filter(|c| c.sender == sender && c.fingerprint == p.fingerprint)
-        .map_or(0, |c| c.done);
-    let window = Window::new(&p.lengths[..p.count], started, u64::MAX);
-    copy_window(from, to, &p, window);
-    let found: alloc::vec::Vec<usize> = items(message).map(|(at, _)| at).collect();
-    for (n, at) in found.into_iter().enumerate() {
-        let (length, destination) = match p.buffers.get(n).copied().flatten() {
-            Some(b) => (p.lengths[n], b.address),
-            None => (0, 0),
-        };
-        let words = StringItem {
-            length,
-            address: destination,
+    let Ok(p) = plan(k, receiver, message) else {
+        return;
+    };
+    let started = start(k, sender, receiver, &p, message.tag.0);
+    k.thread(receiver).partial_copy = None;
+    copy_window(from, to, &p, Window::new(p.lengths(), started, u64::MAX));
+    for (n, (at, _)) in items(message).enumerate().collect::<SmallVec<[_; 8]>>() {
+        let words = match p.buffers.get(n).copied().flatten() {
+            Some(b) if n < p.count => StringItem {
+                length: p.lengths[n],
+                address: b.address,
+            },
+            _ => StringItem {
+                length: 0,
+                address: 0,
+            },
         }
         .words();
         message.words[at] = words[0];

@@ -172,12 +172,24 @@ pub fn create_vm(ram_size: u64, pager: u64) -> Result<Vm, Error> {
         crate::say!("no guest RAM ({} KiB): {e}", ram_size >> 10);
         Error::OutOfMemory
     })?;
+    let before = sys::quota(slots::FACTORY).map(|q| q.used);
     sys::map(
         vm,
         Fpage::memory(ram.base, ram_size.trailing_zeros(), Fpage::RWX),
         0,
         0,
     )?;
+    // What the nested page tables and mapping nodes of guest RAM cost (a 1 GiB page: one
+    // node and one table; 2 MiB pages: a node each and a table per GiB).
+    if let (Ok(before), Ok(after)) = (before, sys::quota(slots::FACTORY).map(|q| q.used)) {
+        if ram_size >= 16 << 20 {
+            crate::say!(
+                "guest RAM {} MiB mapped into the VM with {} KiB of kernel memory",
+                ram_size >> 20,
+                after.saturating_sub(before).div_ceil(1024)
+            );
+        }
+    }
     Ok(Vm { vm, vcpu, ram })
 }
 

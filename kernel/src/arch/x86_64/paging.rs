@@ -36,6 +36,27 @@ pub const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
 pub const PAGE_4K: u64 = 0x1000;
 /// Size of a 2 MiB page.
 pub const PAGE_2M: u64 = 0x20_0000;
+/// Size of a 1 GiB page.
+pub const PAGE_1G: u64 = 0x4000_0000;
+
+/// Whether the CPU has 1 GiB pages (CPUID 0x8000_0001 EDX bit 26, `Page1GB`; for nested
+/// paging the host's support is what counts too).
+pub fn has_1g_pages() -> bool {
+    let (max, features) = (
+        core::arch::x86_64::__cpuid(0x8000_0000).eax,
+        core::arch::x86_64::__cpuid(0x8000_0001).edx,
+    );
+    max >= 0x8000_0001 && features & (1 << 26) != 0
+}
+
+/// The page-table level of a leaf of `size` (0: 4 KiB, 1: 2 MiB, 2: 1 GiB).
+fn leaf_level(size: u64) -> u32 {
+    match size {
+        PAGE_1G => 2,
+        PAGE_2M => 1,
+        _ => 0,
+    }
+}
 
 /// The kernel virtual address of physical address `physical` (must be below 4 GiB).
 pub fn phys_to_virt(physical: u64) -> u64 {
@@ -157,8 +178,8 @@ impl AddressSpace {
         None
     }
 
-    /// Map the page of `size` (4 KiB or 2 MiB) at `address` to `physical` with `flags`,
-    /// replacing any mapping of the same size.
+    /// Map the page of `size` (4 KiB, 2 MiB or 1 GiB) at `address` to `physical` with
+    /// `flags`, replacing any mapping of the same size.
     pub fn map(
         &self,
         address: u64,
@@ -167,7 +188,7 @@ impl AddressSpace {
         flags: u64,
         frames: &mut impl FrameSource,
     ) -> Result<(), PagingError> {
-        let leaf_level = if size == PAGE_2M { 1 } else { 0 };
+        let leaf_level = leaf_level(size);
         let mut table_phys = self.root;
         for level in (leaf_level + 1..4).rev() {
             // SAFETY: walking our own page tables.
@@ -184,32 +205,38 @@ impl AddressSpace {
         // SAFETY: as above.
         let entries = unsafe { table(table_phys) };
         let i = index(address, leaf_level);
-        if leaf_level == 1 && entries[i] & PRESENT != 0 && entries[i] & HUGE == 0 {
-            // A page table where the large page goes: free it if it maps nothing any more.
-            let pt = entries[i] & ADDRESS_MASK;
-            // SAFETY: a page table of this address space.
-            if unsafe { table(pt) }.iter().any(|&e| e & PRESENT != 0) {
+        if leaf_level > 0 && entries[i] & PRESENT != 0 && entries[i] & HUGE == 0 {
+            // A page table where the large page goes: free it (and the empty tables below
+            // it) if it maps nothing any more.
+            let below = entries[i] & ADDRESS_MASK;
+            if maps_anything(below, leaf_level - 1) {
                 return Err(PagingError::Conflict);
             }
             entries[i] = 0;
             flush_all();
-            frames.free_frame(pt);
+            free_tables(below, leaf_level - 1, 512, frames);
+            frames.free_frame(below);
         }
-        let huge = if leaf_level == 1 { HUGE } else { 0 };
+        let huge = if leaf_level > 0 { HUGE } else { 0 };
         entries[i] = (physical & ADDRESS_MASK) | flags | huge | PRESENT;
         invalidate(address);
         Ok(())
     }
 
-    /// Remove the 4 KiB mapping at `address`, splitting a 2 MiB page if needed. Returns the
-    /// physical address that was mapped.
+    /// Remove the 4 KiB mapping at `address`, splitting a large page if needed (a 1 GiB page
+    /// into 2 MiB pages, then the one of them holding `address` into 4 KiB pages). Returns
+    /// the physical address that was mapped.
     pub fn unmap(&self, address: u64, frames: &mut impl FrameSource) -> Option<u64> {
         let translation = self.lookup(address)?;
-        if translation.page_size == PAGE_2M && self.split_2m(address, frames).is_err() {
-            // No frame for a page table: drop the whole large page (a revoked page must not
-            // stay mapped; the rest is faulted in again through the pager).
-            self.clear_leaf(address & !(PAGE_2M - 1), PAGE_2M);
-            return Some(translation.physical & !(PAGE_4K - 1));
+        let mut size = translation.page_size;
+        while size > PAGE_4K {
+            if self.split(address, leaf_level(size), frames).is_err() {
+                // No frame for a page table: drop the whole large page (a revoked page must
+                // not stay mapped; the rest is faulted in again through the pager).
+                self.clear_leaf(address & !(size - 1), size);
+                return Some(translation.physical & !(PAGE_4K - 1));
+            }
+            size >>= 9;
         }
         let mut table_phys = self.root;
         for level in (1..4).rev() {
@@ -240,19 +267,19 @@ impl AddressSpace {
         for (va, size) in leaves {
             if va >= start && va + size <= end {
                 self.clear_leaf(va, size);
+            } else if self.split(va, leaf_level(size), frames).is_ok() {
+                // A large page across an end: split once, then its smaller pages go as above.
+                self.unmap_range(va.max(start), (va + size).min(end), frames);
             } else {
-                let mut page = va.max(start);
-                while page < (va + size).min(end) {
-                    self.unmap(page, frames);
-                    page += PAGE_4K;
-                }
+                // No frame for a page table: drop the whole large page (as `unmap` does).
+                self.clear_leaf(va, size);
             }
         }
     }
 
     /// Clear the leaf entry of the page of `size` at `address`.
     fn clear_leaf(&self, address: u64, size: u64) {
-        let leaf_level = if size == PAGE_2M { 1 } else { 0 };
+        let leaf_level = leaf_level(size);
         let mut table_phys = self.root;
         for level in (leaf_level + 1..4).rev() {
             // SAFETY: walking our own page tables (the leaf was just found by a walk).
@@ -268,25 +295,35 @@ impl AddressSpace {
         invalidate(address);
     }
 
-    fn split_2m(&self, address: u64, frames: &mut impl FrameSource) -> Result<(), PagingError> {
+    /// Split the large page (a leaf at `level`, 1 or 2) holding `address` into a table of
+    /// 512 pages of the next smaller size, with the same flags.
+    fn split(
+        &self,
+        address: u64,
+        level: u32,
+        frames: &mut impl FrameSource,
+    ) -> Result<(), PagingError> {
         let mut table_phys = self.root;
-        for level in (2..4).rev() {
+        for l in (level + 1..4).rev() {
             // SAFETY: walking our own page tables.
-            table_phys = unsafe { table(table_phys) }[index(address, level)] & ADDRESS_MASK;
+            table_phys = unsafe { table(table_phys) }[index(address, l)] & ADDRESS_MASK;
         }
         // SAFETY: as above.
-        let pd = unsafe { table(table_phys) };
-        let i = index(address, 1);
-        let entry = pd[i];
+        let parent = unsafe { table(table_phys) };
+        let i = index(address, level);
+        let entry = parent[i];
+        let size = 1u64 << (12 + 9 * level);
         let new = frames.allocate_zeroed().ok_or(PagingError::OutOfMemory)?;
         // SAFETY: a fresh frame.
-        let pt = unsafe { table(new) };
-        let base = entry & ADDRESS_MASK & !(PAGE_2M - 1);
-        let flags = entry & !ADDRESS_MASK & !HUGE;
-        for (k, e) in pt.iter_mut().enumerate() {
-            *e = (base + k as u64 * PAGE_4K) | flags;
+        let below = unsafe { table(new) };
+        let base = entry & ADDRESS_MASK & !(size - 1);
+        // The pieces keep HUGE (and PAT is bit 12 in large entries, which none of ours set)
+        // unless they are 4 KiB pages.
+        let flags = entry & !ADDRESS_MASK & if level == 1 { !HUGE } else { !0 };
+        for (k, e) in below.iter_mut().enumerate() {
+            *e = (base + k as u64 * (size >> 9)) | flags;
         }
-        pd[i] = new | PRESENT | WRITABLE | USER;
+        parent[i] = new | PRESENT | WRITABLE | USER;
         flush_all();
         Ok(())
     }
@@ -401,6 +438,15 @@ fn walk(
             walk(entry & ADDRESS_MASK, level - 1, address, start, end, f);
         }
     }
+}
+
+/// Whether the table at `level` (and the tables below it) maps any page.
+fn maps_anything(table_phys: u64, level: u32) -> bool {
+    // SAFETY: walking our own page tables.
+    unsafe { table(table_phys) }.iter().any(|&e| {
+        e & PRESENT != 0
+            && (level == 0 || e & HUGE != 0 || maps_anything(e & ADDRESS_MASK, level - 1))
+    })
 }
 
 fn count_tables(table_phys: u64, level: u32, limit: usize) -> u64 {

@@ -1191,8 +1191,25 @@ include!("lifetime.rs");
 include!("hostile.rs");
 include!("bounded.rs");
 include!("revoke.rs");
+include!("huge.rs");
 
 fn main() -> i64 {
+    if l4::rt::arguments().split_whitespace().any(|w| w == "huge") {
+        println!("# ktest: 1 GiB pages");
+        let pager = go(pager_thread, 0);
+        let recorder = go(exception_recorder, 0);
+        let suite = Suite {
+            pager_thread: pager,
+            pager_normal: gate(pager, PAGER_NORMAL),
+            pager_refusing: gate(pager, PAGER_REFUSING),
+            pager_probe: gate(pager, PAGER_PROBE),
+            peer: gate(slots::SELF_THREAD, CHILD_BADGE),
+            death: gate(slots::SELF_THREAD, DEATH_BADGE),
+            recorder: gate(recorder, 0x5eed),
+        };
+        huge_page_cases(&suite);
+        return summary();
+    }
     println!("# ktest: kernel conformance suite");
     kip_cases();
     syscall_cases();
@@ -1239,6 +1256,11 @@ fn main() -> i64 {
     fpu_cases(&suite);
     priority_cases();
 
+    summary()
+}
+
+/// Print the plan and the summary; the number of failures is the exit status.
+fn summary() -> i64 {
     let total = NEXT.load(SeqCst) - 1;
     let failed = FAILED.load(SeqCst);
     println!("1..{total}");

@@ -55,7 +55,7 @@ pub mod sigma0 {
     /// memory in the PCI hole below 4 GiB) into the caller's receive window.
     pub const LABEL_PHYSICAL: i32 = 0x5330;
     /// Label: allocate fresh zeroed memory of `2^word0` bytes (naturally aligned, order
-    /// 12..=21) and map it into the caller's receive window (as a large page where possible).
+    /// 12..=30) and map it into the caller's receive window (as a large page where possible).
     pub const LABEL_ALLOCATE: i32 = 0x5331;
 
     fn allocate_reply(pager: u64, order: u32, window: Fpage) -> Result<ipc::Received, IpcError> {
@@ -109,7 +109,8 @@ pub mod parent {
 
     /// Label: map `word1` bytes (a multiple of [`RAM_GRANULE`]) of fresh zeroed RAM, as
     /// large pages with all rights, at `word0` (aligned to [`RAM_GRANULE`]) in the caller's
-    /// address space, out of the RAM budget its command line gives it (`ram=SIZE`). The reply
+    /// address space, out of the RAM budget its command line gives it (`ram=SIZE`): 1 GiB
+    /// pages for the 1 GiB-aligned parts while sigma0 has them, 2 MiB pages for the rest. The reply
     /// has label 0 on success; label -1 and word 0 the [`l4_abi::Error`] code otherwise.
     pub const LABEL_RAM: i32 = 0x5241;
     /// Size and alignment of the RAM the parent hands out: 2 MiB (one large page each).

@@ -80,6 +80,10 @@ pub const DMA_ADDRESS: u64 = 0x0000_0a00_0000_0000;
 pub const SUPERPAGE_ADDRESS: u64 = 0x0000_0800_0000_0000;
 /// Where the root task keeps the 2 MiB pages of RAM it gives children on request.
 const RAM_WINDOW: u64 = 0x0000_2c00_0000_0000;
+/// Where our 1 GiB pages of RAM for children are (1 GiB aligned).
+const RAM_WINDOW_1G: u64 = 0x0000_2d00_0000_0000;
+/// A 1 GiB page.
+const GIB: u64 = 1 << 30;
 /// Stack bytes a child may use below `INITIAL_STACK_TOP`.
 const CHILD_STACK: u64 = 1 << 20;
 /// QEMU isa-debug-exit codes: all tasks exited with 0 / something failed.
@@ -98,9 +102,11 @@ struct Child {
     thread: u64,
     peer: Option<String>,
     pages: Vec<u64>,
-    /// RAM the child may request (`ram=SIZE`), and the 2 MiB pages it has (root addresses).
+    /// RAM the child may request (`ram=SIZE`), and the 2 MiB and 1 GiB pages it has (root
+    /// addresses).
     ram_budget: u64,
     ram: Vec<u64>,
+    ram_1g: Vec<u64>,
     running: bool,
     /// `console=SERVER`: the server's name, and our slot of its notification IRQ once made.
     /// `console=SERVER`, `net=SWITCH` and `monitor=SYSMON`: the servers' names, and our slots
@@ -119,13 +125,49 @@ struct Child {
     factory: Option<u64>,
 }
 
-/// 2 MiB pages of RAM for children: fresh ones from sigma0, or ones a finished child had.
+/// 2 MiB and 1 GiB pages of RAM for children: fresh ones from sigma0, or ones a finished
+/// child had.
 struct RamPool {
     next: u64,
     free: Vec<u64>,
+    next_1g: u64,
+    free_1g: Vec<u64>,
+    /// Set once sigma0 had no 1 GiB page (it is not asked again).
+    no_more_1g: bool,
+}
+
+impl Child {
+    /// Bytes of RAM it holds.
+    fn ram_bytes(&self) -> u64 {
+        self.ram.len() as u64 * RAM_GRANULE + self.ram_1g.len() as u64 * GIB
+    }
 }
 
 impl RamPool {
+    /// A zeroed 1 GiB page mapped in the root task, if sigma0 has one (a 1 GiB page of its
+    /// window: the kernel keeps it one page, and one mapping node, all the way to a VM).
+    fn take_1g(&mut self) -> Option<u64> {
+        if let Some(page) = self.free_1g.pop() {
+            // SAFETY: a page of ours that no child holds any more.
+            unsafe { core::ptr::write_bytes(page as *mut u8, 0, GIB as usize) };
+            return Some(page);
+        }
+        if self.no_more_1g {
+            return None;
+        }
+        let at = self.next_1g;
+        match l4::sigma0::allocate(slots::PAGER, 30, Fpage::memory(at, 30, Fpage::RWX)) {
+            Ok(true) => {
+                self.next_1g += GIB;
+                Some(at)
+            }
+            _ => {
+                self.no_more_1g = true;
+                None
+            }
+        }
+    }
+
     /// A zeroed 2 MiB page mapped in the root task.
     fn take(&mut self) -> Option<u64> {
         if let Some(page) = self.free.pop() {
@@ -155,12 +197,23 @@ fn give_ram(child: &mut Child, pool: &mut RamPool, address: u64, bytes: u64) -> 
     {
         return Err(Error::InvalidArgument);
     }
-    let held = child.ram.len() as u64 * RAM_GRANULE;
+    let held = child.ram_bytes();
     if held + bytes > child.ram_budget {
         return Err(Error::OutOfMemory);
     }
     let mut at = address;
     while at < end {
+        if at.is_multiple_of(GIB) && end - at >= GIB {
+            if let Some(page) = pool.take_1g() {
+                if let Err(e) = sys::map(child.task, Fpage::memory(page, 30, Fpage::RWX), at, 0) {
+                    pool.free_1g.push(page);
+                    return Err(e);
+                }
+                child.ram_1g.push(page);
+                at += GIB;
+                continue;
+            }
+        }
         let page = pool.take().ok_or(Error::OutOfMemory)?;
         if let Err(e) = sys::map(child.task, Fpage::memory(page, 21, Fpage::RWX), at, 0) {
             pool.free.push(page);
@@ -511,6 +564,7 @@ fn build(
         pages: Vec::new(),
         ram_budget,
         ram: Vec::new(),
+        ram_1g: Vec::new(),
         running: false,
         services,
         notify_irqs: [None, None, None],
@@ -598,7 +652,7 @@ fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, slots_: &mut Sl
             child.name,
             used / 1024,
             child.pages.len() as u64 * PAGE_SIZE / 1024,
-            (child.ram.len() as u64 * RAM_GRANULE) >> 20
+            child.ram_bytes() >> 20
         );
     }
     if let Err(e) = sys::task_destroy(child.task) {
@@ -609,15 +663,16 @@ fn finish(child: &mut Child, pool: &mut Pool, ram: &mut RamPool, slots_: &mut Sl
             slots_.release(slot);
         }
     }
-    if !child.ram.is_empty() {
+    if child.ram_bytes() > 0 {
         println!(
             "[root] {}'s {} MiB of RAM back in the pool",
             child.name,
-            (child.ram.len() as u64 * RAM_GRANULE) >> 20
+            child.ram_bytes() >> 20
         );
     }
     pool.free.append(&mut child.pages);
     ram.free.append(&mut child.ram);
+    ram.free_1g.append(&mut child.ram_1g);
     child.running = false;
 }
 
@@ -961,6 +1016,9 @@ fn main() -> i64 {
     let mut ram = RamPool {
         next: RAM_WINDOW,
         free: Vec::new(),
+        next_1g: RAM_WINDOW_1G,
+        free_1g: Vec::new(),
+        no_more_1g: false,
     };
     let mut reply: Option<(MessageTag, [u64; 2])> = None;
     while children

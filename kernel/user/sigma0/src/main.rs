@@ -13,23 +13,58 @@ use l4::ipc::{self, Received};
 use l4::kip::kip;
 use l4::println;
 
-/// Bump allocator over the free regions of the KIP.
+/// Gaps the bump allocator skipped to align a large allocation, kept for later ones.
+const HOLES: usize = 32;
+
+/// Bump allocator over the free regions of the KIP, with the gaps that alignment skips kept
+/// (up to [`HOLES`] of them) and used first.
 struct Frames {
     region: usize,
     offset: u64,
     handed_out: u64,
+    holes: [(u64, u64); HOLES],
+    hole_count: usize,
 }
 
 impl Frames {
-    /// `size` bytes (a power of two) aligned to `size`, from the current free region on
-    /// (what is skipped for alignment is not reused).
+    /// Keep `start..end` as a hole (lost if there is no room).
+    fn add_hole(&mut self, start: u64, end: u64) {
+        if start < end && self.hole_count < HOLES {
+            self.holes[self.hole_count] = (start, end);
+            self.hole_count += 1;
+        }
+    }
+
+    /// `size` bytes aligned to `size` from a hole, if one has room.
+    fn take_from_hole(&mut self, size: u64) -> Option<u64> {
+        let i = (0..self.hole_count).find(|&i| {
+            let (start, end) = self.holes[i];
+            start.next_multiple_of(size) + size <= end
+        })?;
+        let (start, end) = self.holes[i];
+        let at = start.next_multiple_of(size);
+        self.hole_count -= 1;
+        self.holes[i] = self.holes[self.hole_count];
+        self.add_hole(start, at);
+        self.add_hole(at + size, end);
+        self.handed_out += size / PAGE_SIZE;
+        Some(at)
+    }
+
+    /// `size` bytes (a power of two) aligned to `size`: from a hole, else from the current
+    /// free region on (what is skipped for alignment becomes a hole).
     fn allocate_aligned(&mut self, size: u64) -> Option<u64> {
+        if let Some(at) = self.take_from_hole(size) {
+            return Some(at);
+        }
         let kip = kip();
         while self.region < kip.region_count as usize {
             let r = kip.regions[self.region];
             if r.kind == region_kind::FREE {
-                let start = (r.base + self.offset).next_multiple_of(size);
+                let free = r.base + self.offset;
+                let start = free.next_multiple_of(size);
                 if start + size <= r.base + r.size {
+                    self.add_hole(free, start);
                     self.offset = start + size - r.base;
                     self.handed_out += size / PAGE_SIZE;
                     return Some(start);
@@ -42,6 +77,9 @@ impl Frames {
     }
 
     fn allocate(&mut self) -> Option<u64> {
+        if let Some(at) = self.take_from_hole(PAGE_SIZE) {
+            return Some(at);
+        }
         let kip = kip();
         while self.region < kip.region_count as usize {
             let r = kip.regions[self.region];
@@ -111,7 +149,7 @@ fn handle(frames: &mut Frames, message: &Received) -> (MessageTag, [u64; 3]) {
         }
         l4::sigma0::LABEL_ALLOCATE => {
             let order = message.word(0);
-            let Some(base) = (12..=21)
+            let Some(base) = (12..=30)
                 .contains(&order)
                 .then(|| frames.allocate_aligned(1 << order))
                 .flatten()
@@ -150,6 +188,8 @@ fn main() -> i64 {
         region: 0,
         offset: 0,
         handed_out: 0,
+        holes: [(0, 0); HOLES],
+        hole_count: 0,
     };
     let mut message = ipc::wait(Timeouts::INFINITE);
     loop {
