@@ -63,20 +63,12 @@ pub fn has_strings(message: &Message) -> bool {
     items(message).next().is_some()
 }
 
-/// The receive buffer `i` of `receiver`.
-fn buffer(k: &mut Kernel, receiver: ThreadId, i: usize) -> Option<StringItem> {
-    if i >= MAX_STRINGS {
-        return None;
-    }
-    let br = &utcb(k, receiver).br;
-    StringItem::decode(br[2 + 2 * i], br[3 + 2 * i])
-}
-
 fn space(k: &Kernel, thread: ThreadId) -> Option<AddressSpace> {
     let task = k.threads.get(thread)?.task?;
     Some(k.tasks.get(task)?.space)
 }
 
+#[inline(always)]
 fn first_missing(space: AddressSpace, start: u64, length: u64, write: bool) -> Option<u64> {
     let mut page = start & !(PAGE_4K - 1);
     while page < start + length {
@@ -109,81 +101,96 @@ pub struct PartialCopy {
     pub done: u64,
 }
 
-/// The strings of a message to one receiver: each item's string and buffer (none: the item
-/// copies nothing) and the bytes each copies.
+/// The strings of a message to one receiver: for each item the string's address, the
+/// buffer's address (0 without a buffer) and the bytes it copies (0 without a buffer), where
+/// the item is in the message, and where an earlier step left off.
 struct Plan {
-    strings: [StringItem; MAX_STRINGS],
-    buffers: [Option<StringItem>; MAX_STRINGS],
+    from: [u64; MAX_STRINGS],
+    to: [u64; MAX_STRINGS],
     lengths: [u64; MAX_STRINGS],
+    at: [usize; MAX_STRINGS],
     count: usize,
+    /// String items beyond [`MAX_STRINGS`] (the sender rewrote its UTCB after `Send`
+    /// checked it): they have no buffer and copy nothing.
+    excess: bool,
+    /// Bytes of the run an earlier step of this copy did (0: none).
+    start: u64,
 }
 
 impl Plan {
-    /// A digest of the items and buffers: a continuation of a copy in steps must see the
-    /// same (a 64-bit multiply-xorshift; it only tells a continuation of the same message to
-    /// the same buffers from anything else).
-    fn fingerprint(&self, tag: u64) -> u64 {
-        let mix = |hash: u64, word: u64| {
-            let h = (hash ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            h ^ (h >> 29)
-        };
-        let mut hash = mix(0, tag);
-        for n in 0..self.count {
-            let [b0, b1] = self.buffers[n].map_or([0, 0], |b| b.words());
-            for word in self.strings[n].words().into_iter().chain([b0, b1]) {
-                hash = mix(hash, word);
-            }
-        }
-        hash
-    }
-
     fn lengths(&self) -> &[u64] {
         &self.lengths[..self.count]
     }
 }
 
-/// The plan of `message`'s strings to `receiver`; `Err(true)` if a string is invalid (see
-/// [`is_valid_string`]), `Err(false)` if a buffer a string goes to is not in user memory.
-#[inline(always)]
-fn plan(k: &mut Kernel, receiver: ThreadId, message: &Message) -> Result<Plan, bool> {
-    let mut p = Plan {
-        strings: [StringItem {
-            length: 0,
-            address: 0,
-        }; MAX_STRINGS],
-        buffers: [None; MAX_STRINGS],
-        lengths: [0; MAX_STRINGS],
-        count: 0,
+/// A digest of `message`'s string items and `receiver`'s buffers: a continuation of a copy
+/// in steps must see the same (a 64-bit multiply-xorshift; it only tells a continuation of
+/// the same message to the same buffers from anything else).
+fn fingerprint(k: &mut Kernel, receiver: ThreadId, message: &Message) -> u64 {
+    let mix = |hash: u64, word: u64| {
+        let h = (hash ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^ (h >> 29)
     };
-    for (n, (_, item)) in items(message).enumerate() {
+    let mut hash = mix(0, message.tag.0);
+    let br = utcb(k, receiver).br;
+    for (n, (at, _)) in items(message).take(MAX_STRINGS).enumerate() {
+        for word in [
+            message.words[at],
+            message.words[at + 1],
+            br[2 + 2 * n],
+            br[3 + 2 * n],
+        ] {
+            hash = mix(hash, word);
+        }
+    }
+    hash
+}
+
+/// The plan of `message`'s strings from `sender` to `receiver`; `Err(true)` if a string is
+/// invalid (see [`is_valid_string`]), `Err(false)` if a buffer a string goes to is not in
+/// user memory.
+#[inline(always)]
+fn plan(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    message: &Message,
+) -> Result<Plan, bool> {
+    let mut p = Plan {
+        from: [0; MAX_STRINGS],
+        to: [0; MAX_STRINGS],
+        lengths: [0; MAX_STRINGS],
+        at: [0; MAX_STRINGS],
+        count: 0,
+        excess: false,
+        start: 0,
+    };
+    let br = &utcb(k, receiver).br;
+    for (n, (at, item)) in items(message).enumerate() {
         if !is_valid_string(item) {
             return Err(true);
         }
-        // More than MAX_STRINGS string items (the sender rewrote its UTCB after `Send`
-        // checked it): the rest have no buffer and copy nothing.
         if n >= MAX_STRINGS {
+            p.excess = true;
             continue;
         }
-        let b = buffer(k, receiver, n);
-        if b.is_some_and(|b| !in_user_memory(b)) {
-            return Err(false);
+        if let Some(b) = StringItem::decode(br[2 + 2 * n], br[3 + 2 * n]) {
+            if !in_user_memory(b) {
+                return Err(false);
+            }
+            p.to[n] = b.address;
+            p.lengths[n] = item.length.min(b.length);
         }
-        p.strings[n] = item;
-        p.buffers[n] = b;
-        p.lengths[n] = b.map_or(0, |b| item.length.min(b.length));
+        p.from[n] = item.address;
+        p.at[n] = at;
         p.count = n + 1;
     }
+    if let Some(c) = k.thread(receiver).partial_copy {
+        if c.sender == sender && c.fingerprint == fingerprint(k, receiver, message) {
+            p.start = c.done;
+        }
+    }
     Ok(p)
-}
-
-/// Where the copy of `sender`'s strings (`plan`, of a message with `tag`) to `receiver`
-/// stands: the receiver's partial copy if it is of this message, else the start.
-fn start(k: &Kernel, sender: ThreadId, receiver: ThreadId, plan: &Plan, tag: u64) -> u64 {
-    k.threads
-        .get(receiver)
-        .and_then(|t| t.partial_copy)
-        .filter(|p| p.sender == sender && p.fingerprint == plan.fingerprint(tag))
-        .map_or(0, |p| p.done)
 }
 
 /// Check the ranges and pages the strings of `message` need for their next step, in the
@@ -199,31 +206,23 @@ pub fn check(
     let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
         return Ok(Window::new(&[], 0, STEP_BYTES));
     };
-    let p = match plan(k, receiver, message) {
+    let p = match plan(k, sender, receiver, message) {
         Ok(p) => p,
         Err(true) => return Err(Obstacle::Invalid(sender)),
         Err(false) => return Err(Obstacle::Invalid(receiver)),
     };
     let lengths = p.lengths();
-    let window = Window::new(
-        lengths,
-        start(k, sender, receiver, &p, message.tag.0),
-        STEP_BYTES,
-    );
+    let window = Window::new(lengths, p.start, STEP_BYTES);
     for piece in window.pieces(lengths) {
-        let (item, Some(buffer)) = (p.strings[piece.item], p.buffers[piece.item]) else {
-            continue;
-        };
-        if let Some(address) = first_missing(from, item.address + piece.offset, piece.length, false)
-        {
+        let (source, buffer) = (p.from[piece.item], p.to[piece.item]);
+        if let Some(address) = first_missing(from, source + piece.offset, piece.length, false) {
             return Err(Obstacle::Missing(Missing {
                 thread: sender,
                 address,
                 write: false,
             }));
         }
-        if let Some(address) = first_missing(to, buffer.address + piece.offset, piece.length, true)
-        {
+        if let Some(address) = first_missing(to, buffer + piece.offset, piece.length, true) {
             return Err(Obstacle::Missing(Missing {
                 thread: receiver,
                 address,
@@ -236,17 +235,13 @@ pub fn check(
 
 /// Copy one window's bytes (checked by [`check`] in this kernel entry: every range is in user
 /// memory and mapped).
+#[inline(always)]
 fn copy_window(from: AddressSpace, to: AddressSpace, p: &Plan, window: Window) {
     for piece in window.pieces(p.lengths()) {
-        let (item, Some(buffer)) = (p.strings[piece.item], p.buffers[piece.item]) else {
-            continue;
-        };
+        let (source, buffer) = (p.from[piece.item], p.to[piece.item]);
         let mut done = 0;
         while done < piece.length {
-            let (s, d) = (
-                item.address + piece.offset + done,
-                buffer.address + piece.offset + done,
-            );
+            let (s, d) = (source + piece.offset + done, buffer + piece.offset + done);
             let chunk = (piece.length - done)
                 .min(PAGE_4K - s % PAGE_4K)
                 .min(PAGE_4K - d % PAGE_4K);
@@ -281,43 +276,50 @@ pub fn copy_step(
     let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
         return;
     };
-    let Ok(p) = plan(k, receiver, message) else {
+    let Ok(p) = plan(k, sender, receiver, message) else {
         return;
     };
     copy_window(from, to, &p, window);
+    let fingerprint = fingerprint(k, receiver, message);
     k.thread(receiver).partial_copy = Some(PartialCopy {
         sender,
-        fingerprint: p.fingerprint(message.tag.0),
+        fingerprint,
         done: window.end,
     });
 }
 
 /// Copy the strings' last step (after a successful [`check`] in the same kernel entry that
 /// returned the last window) and rewrite the items the receiver sees: each its buffer's
-/// address and the bytes it received (items beyond [`MAX_STRINGS`]: none).
+/// address and the bytes it received (without a buffer, and beyond [`MAX_STRINGS`]: 0, 0).
 pub fn copy(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &mut Message) {
     let (Some(from), Some(to)) = (space(k, sender), space(k, receiver)) else {
         return;
     };
-    let Ok(p) = plan(k, receiver, message) else {
+    let Ok(p) = plan(k, sender, receiver, message) else {
         return;
     };
-    let started = start(k, sender, receiver, &p, message.tag.0);
     k.thread(receiver).partial_copy = None;
-    copy_window(from, to, &p, Window::new(p.lengths(), started, u64::MAX));
-    for (n, (at, _)) in items(message).enumerate().collect::<SmallVec<[_; 8]>>() {
-        let words = match p.buffers.get(n).copied().flatten() {
-            Some(b) if n < p.count => StringItem {
-                length: p.lengths[n],
-                address: b.address,
-            },
-            _ => StringItem {
-                length: 0,
-                address: 0,
-            },
+    copy_window(from, to, &p, Window::new(p.lengths(), p.start, u64::MAX));
+    for n in 0..p.count {
+        let words = StringItem {
+            length: p.lengths[n],
+            address: p.to[n],
         }
         .words();
-        message.words[at] = words[0];
-        message.words[at + 1] = words[1];
+        message.words[p.at[n]] = words[0];
+        message.words[p.at[n] + 1] = words[1];
+    }
+    if p.excess {
+        let rest: SmallVec<[usize; 8]> =
+            items(message).skip(MAX_STRINGS).map(|(at, _)| at).collect();
+        for at in rest {
+            let words = StringItem {
+                length: 0,
+                address: 0,
+            }
+            .words();
+            message.words[at] = words[0];
+            message.words[at + 1] = words[1];
+        }
     }
 }

@@ -29,6 +29,7 @@ impl Window {
     /// The window of at most `step` bytes (at least 1 unless the run is done) that starts at
     /// `start` in the run of items copying `lengths` bytes each; a `start` beyond the run is
     /// clamped to its end.
+    #[inline]
     pub fn new(lengths: &[u64], start: u64, step: u64) -> Window {
         let total = lengths.iter().fold(0u64, |sum, &l| sum.saturating_add(l));
         let start = start.min(total);
@@ -40,11 +41,13 @@ impl Window {
     }
 
     /// Whether this step copies the run's last bytes.
+    #[inline]
     pub fn is_last(&self) -> bool {
         self.end == self.total
     }
 
     /// The pieces of the window, item by item (items with no bytes in it are skipped).
+    #[inline]
     pub fn pieces<'a>(&self, lengths: &'a [u64]) -> impl Iterator<Item = Piece> + 'a {
         let (start, end) = (self.start, self.end);
         let mut at = 0u64;
