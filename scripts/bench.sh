@@ -30,9 +30,9 @@ eager = parse("target/bench/bench-eagerfpu.log")
 vm = parse("target/bench/vm-bench.log")
 latency = {}
 for line in open("target/bench/bench-latency.log", encoding="utf-8", errors="replace"):
-    m = re.match(r"latency: (\S+) worst=(\d+) op=(\d+) wakes=(\d+)", line.strip())
+    m = re.match(r"latency: (\S+) worst=(\d+) op=(\d+) wakes=(\d+) busy=(\d+)", line.strip())
     if m:
-        latency[m.group(1)] = {"worst": int(m.group(2)), "op": int(m.group(3)), "wakes": int(m.group(4))}
+        latency[m.group(1)] = {"worst": int(m.group(2)), "op": int(m.group(3)), "wakes": int(m.group(4)), "busy": int(m.group(5))}
 result = {
     "unit": "guest instructions (QEMU TCG, -icount shift=0, rdtsc deltas), median",
     "fast_path": fast,
@@ -55,9 +55,9 @@ print(f"{'VM exit (measured in the guest)':<{width}} {'':>10} {'median':>10}")
 for n, v in vm.items():
     print(f"{n:<{width}} {'':>10} {v['median']:>10}")
 print()
-print(f"{'timer wake-up during (bench-latency)':<{width}} {'worst':>10} {'operation':>10}")
+print(f"{'timer wake-up during (bench-latency)':<{width}} {'worst':>10} {'operation':>10} {'floor':>10}")
 for n, v in latency.items():
-    print(f"{n:<{width}} {v['worst']:>10} {v['op']:>10}")
+    print(f"{n:<{width}} {v['worst']:>10} {v['op']:>10} {v['busy']:>10}")
 ipc = fast.get("ipc_call_reply_cross_space_0w", {}).get("median")
 hc = vm.get("vm_hypercall_round_trip", {}).get("median")
 if ipc and hc:

@@ -9,7 +9,8 @@ use l4_abi::{
 
 /// The KIP in frame `frame` (zeroed).
 pub fn kip_mut(frame: u64) -> &'static mut Kip {
-    // SAFETY: the KIP frame is a kernel-owned page in the direct map, written only at boot.
+    // SAFETY: the KIP frame is a kernel-owned page in the direct map, written at boot and
+    // (`tick_due_tsc`) in the timer interrupt, with interrupts off on this single CPU.
     unsafe { &mut *(phys_to_virt(frame) as *mut Kip) }
 }
 

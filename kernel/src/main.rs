@@ -87,6 +87,8 @@ extern "C" fn interrupt_dispatch(frame: *mut Frame) -> ! {
         7 => fpu::device_not_available(k),
         0..=31 => fault::exception(k, vector, frame.error),
         v if v == TIMER_VECTOR as u64 => {
+            let due = cpu::rdtsc().wrapping_sub(apic::tsc_since_expiry());
+            kip::kip_mut(k.kip_frame).tick_due_tsc = due;
             apic::end_of_interrupt();
             k.ticks += 1;
             ipc::expire_timeouts(k);

@@ -65,6 +65,20 @@ fn calibrate() -> (u32, u64) {
     (elapsed, tsc_elapsed)
 }
 
+/// The periodic timer's initial count, and TSC ticks per timer count (32.32 fixed point).
+static INITIAL: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+static TSC_PER_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// TSC ticks since the periodic timer last expired (read in its interrupt: how late the
+/// interrupt is taken; exact to the calibration's precision, and within one period).
+pub fn tsc_since_expiry() -> u64 {
+    use core::sync::atomic::Ordering::Relaxed;
+    let counts = INITIAL
+        .load(Relaxed)
+        .saturating_sub(read(REG_TIMER_CURRENT));
+    ((counts as u128 * TSC_PER_COUNT.load(Relaxed) as u128) >> 32) as u64
+}
+
 /// Enable the local APIC and start the periodic timer at `hz` interrupts per second.
 /// Returns the calibrated timer ticks per 10 ms and the TSC frequency in Hz.
 pub fn init(hz: u32) -> (u32, u64) {
@@ -76,6 +90,11 @@ pub fn init(hz: u32) -> (u32, u64) {
     let initial = (per_10ms as u64 * 100 / hz as u64).max(1) as u32;
     write(REG_TIMER_DIVIDE, 0x3);
     write(REG_LVT_TIMER, TIMER_VECTOR as u32 | (1 << 17));
+    INITIAL.store(initial, core::sync::atomic::Ordering::Relaxed);
+    TSC_PER_COUNT.store(
+        ((tsc_per_10ms as u128) << 32).div_ceil(per_10ms as u128) as u64,
+        core::sync::atomic::Ordering::Relaxed,
+    );
     write(REG_TIMER_INITIAL, initial);
     (per_10ms, tsc_per_10ms * 100)
 }

@@ -303,20 +303,23 @@ extern "C" fn irq_thread(irq: u64) -> ! {
 
 // ---- worst-case latency of a timer wake-up while a lower-priority thread is in a long syscall
 
-/// Wake-up times of the watcher (rdtsc), in order.
-static WAKE_TIMES: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+/// How late each wake-up of the watcher was (instructions after its timer tick was due), in
+/// order.
+static WAKE_LATENESS: [AtomicU64; 1024] = [const { AtomicU64::new(0) }; 1024];
 static WAKES: AtomicU64 = AtomicU64::new(0);
 
 /// The high-priority thread: sleeps one timer tick at a time (a receive with a 1 ms timeout
-/// that nobody answers) and records when it wakes.
+/// that nobody answers) and records, at each wake-up, how long after the tick that woke it
+/// was due it runs (the kernel puts the tick's due time, from the local APIC timer's count,
+/// in the KIP).
 extern "C" fn watcher(_: u64) -> ! {
     let timeout = Timeouts::new(Timeout::INFINITE, Timeout::micros(1000));
     loop {
         let _ = ipc::wait(timeout);
-        let now = rdtsc();
+        let late = rdtsc().wrapping_sub(l4::kip::tick_due_tsc());
         let i = WAKES.load(SeqCst) as usize;
-        if i < WAKE_TIMES.len() {
-            WAKE_TIMES[i].store(now, SeqCst);
+        if i < WAKE_LATENESS.len() {
+            WAKE_LATENESS[i].store(late, SeqCst);
             WAKES.store(i as u64 + 1, SeqCst);
         }
     }
@@ -326,49 +329,72 @@ fn sleep_ms(ms: u32) {
     let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(ms * 1000)));
 }
 
-/// How early or late against the timer grid an undisturbed wake-up may be.
-const JITTER: u64 = 50_000;
+/// Spin in user mode (the CPU stays busy, so QEMU's virtual time is the instruction count)
+/// until the watcher woke `more` more times, at most `limit` TSC ticks.
+fn spin_for_wakes(more: u64, limit: u64) {
+    let (start, target) = (rdtsc(), WAKES.load(SeqCst) + more);
+    while WAKES.load(SeqCst) < target && rdtsc().wrapping_sub(start) < limit {
+        core::hint::spin_loop();
+    }
+}
 
 /// Run `op` (in this low-priority thread) while the watcher sleeps tick by tick; print the
-/// worst delay of its wake-ups (`latency: NAME worst=W op=T wakes=N`).
-///
-/// The timer ticks on a grid: the last undisturbed wake-up before `op` and the last one after
-/// it (both idle) lie on it, which gives the period; each wake-up during `op` is due `n` ticks
-/// after the tick in which the previous one slept down again (`n` from the undisturbed
-/// interval), and is late by the difference. Undisturbed wake-ups measure 0 (to within the
-/// timer's jitter, about 15,000 instructions either way in this emulator): the figure is the
-/// delay beyond an idle wake-up.
+/// worst lateness of its wake-ups from the start of `op` to the first one after it
+/// (`latency: NAME worst=W op=T wakes=N busy=B`): the instructions from the moment the tick
+/// was due (interrupts may have been off then) to the watcher running. `B` is the worst of
+/// eight wake-ups just before, while this thread spins in user mode: the floor (the timer
+/// interrupt, the timeout, the switch). The CPU is kept busy throughout: an idle CPU waits
+/// for QEMU's host timer, which adds the host's latency. A tick that comes while interrupts
+/// are off for longer than a period is lost, and the figure then misses whole periods: `op`
+/// shows the whole operation.
 fn latency(name: &str, op: impl FnOnce()) {
-    WAKES.store(0, SeqCst);
-    sleep_ms(8);
+    let mut op = Some(op);
+    latency_rounds(name, 1, || {}, || (op.take().expect("one round"))());
+}
+
+/// As [`latency`], `op` run `rounds` times, each after `setup` (not measured) and at a
+/// different phase of the watcher's wake-ups (operations shorter than its two ticks are hit
+/// by its tick at a different point each round, or not at all); `op=` is the longest round.
+fn latency_rounds(name: &str, rounds: u64, mut setup: impl FnMut(), mut op: impl FnMut()) {
+    let period = l4::kip::kip().tsc_hz / l4::kip::kip().timer_hz.max(1);
+    spin_for_wakes(1, 4 * period);
+    let before = WAKES.load(SeqCst) as usize;
+    spin_for_wakes(8, 16 * period);
     let first = WAKES.load(SeqCst) as usize;
-    let t0 = rdtsc();
-    op();
-    let t1 = rdtsc();
-    sleep_ms(8);
-    let last = WAKES.load(SeqCst) as usize;
-    let times: Vec<u64> = WAKE_TIMES[..last].iter().map(|t| t.load(SeqCst)).collect();
-    if first < 2 || last < first + 3 {
-        println!("# bench: latency {name}: too few wake-ups ({first}, {last})");
-        return;
+    let busy = lateness(before, first).max().unwrap_or(0);
+    let (mut worst, mut longest, mut wakes) = (0, 0, 0);
+    for round in 0..rounds {
+        setup();
+        spin_for_wakes(1, 4 * period);
+        let phase = rdtsc();
+        // The watcher sleeps two ticks at a time (a timeout waits at least its length):
+        // the phases spread over two periods.
+        while rdtsc().wrapping_sub(phase) < round * 2 * period / rounds {
+            core::hint::spin_loop();
+        }
+        let start = WAKES.load(SeqCst) as usize;
+        let t0 = rdtsc();
+        op();
+        let t1 = rdtsc();
+        let during = WAKES.load(SeqCst) as usize;
+        spin_for_wakes(1, 4 * period);
+        if WAKES.load(SeqCst) as usize <= during || during >= WAKE_LATENESS.len() {
+            println!("# bench: latency {name}: too few wake-ups in round {round}");
+            return;
+        }
+        worst = lateness(start, during + 1).max().unwrap_or(0).max(worst);
+        longest = longest.max(t1 - t0);
+        wakes += during + 1 - start;
     }
-    let nominal = 1_000_000_000 / l4::kip::kip().timer_hz.max(1);
-    let ticks = |span: u64| ((span + nominal / 2) / nominal).max(1);
-    let interval = times[first - 1] - times[first - 2];
-    let n = ticks(interval);
-    let (pre, post) = (times[first - 1], times[last - 1]);
-    let period = (post - pre) / ticks(post - pre);
-    let mut worst = 0;
-    for i in first..last {
-        let slept_in = (times[i - 1] + JITTER - pre) / period;
-        let due = pre + (slept_in + n) * period;
-        worst = worst.max(times[i].saturating_sub(due));
-    }
-    println!(
-        "latency: {name} worst={worst} op={} wakes={}",
-        t1 - t0,
-        last - first
-    );
+    println!("latency: {name} worst={worst} op={longest} wakes={wakes} busy={busy}");
+}
+
+/// The recorded lateness of wake-ups `from..to` (bounded by what was recorded).
+fn lateness(from: usize, to: usize) -> impl Iterator<Item = u64> {
+    let end = to.min(WAKE_LATENESS.len());
+    WAKE_LATENESS[from.min(end)..end]
+        .iter()
+        .map(|t| t.load(SeqCst))
 }
 
 extern "C" fn never_runs() -> ! {
@@ -394,6 +420,7 @@ fn latency_benchmarks() {
     let watcher = spawn(watcher, 0, Spawn::default()).expect("watcher");
     sys::thread_schedule(watcher, 100, 0).expect("watcher priority");
     sys::thread_schedule(slots::SELF_THREAD, 10, 0).expect("own priority");
+    WAKES.store(0, SeqCst);
     latency("idle", || sleep_ms(3));
 
     // A task with 4,000 threads, never started.
@@ -461,11 +488,11 @@ fn latency_benchmarks() {
     if l4::parent::request_ram(RAM, 1 << 28).is_ok()
         && sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, NO_CAP, 0).is_ok()
     {
-        sys::map(vm, Fpage::memory(RAM, 28, Fpage::RWX), 0, 0).expect("map into VM");
-        latency("unmap_256m_guest_ram", || {
-            // SAFETY: revokes only the VM's copies.
-            unsafe { sys::unmap(Fpage::memory(RAM, 28, 7), 0) }.expect("unmap")
-        });
+        let map = || sys::map(vm, Fpage::memory(RAM, 28, Fpage::RWX), 0, 0).expect("map into VM");
+        // SAFETY: revokes only the VM's copies.
+        let unmap = || unsafe { sys::unmap(Fpage::memory(RAM, 28, 7), 0) }.expect("unmap");
+        latency_rounds("map_256m_guest_ram", 16, unmap, map);
+        latency_rounds("unmap_256m_guest_ram", 16, map, unmap);
     } else {
         println!("# bench: no VM or guest RAM: guest latency skipped");
     }
@@ -486,13 +513,18 @@ fn latency_benchmarks() {
         address: source.as_ptr() as u64,
     }
     .words();
-    latency("string_copy_4m", || {
-        let tag = MessageTag::new(1, 0, 1).0;
-        // SAFETY: raw IPC; the string item travels in the first two registers.
-        let (rax, ..) =
-            unsafe { raw_ipc(Syscall::Send, sink, 0, tag, 0, [item[0], item[1], 0, 0]) };
-        assert_eq!(rax, 0, "string send failed");
-    });
+    latency_rounds(
+        "string_copy_4m",
+        8,
+        || {},
+        || {
+            let tag = MessageTag::new(1, 0, 1).0;
+            // SAFETY: raw IPC; the string item travels in the first two registers.
+            let (rax, ..) =
+                unsafe { raw_ipc(Syscall::Send, sink, 0, tag, 0, [item[0], item[1], 0, 0]) };
+            assert_eq!(rax, 0, "string send failed");
+        },
+    );
     let copied = sink_buffer.iter().all(|&b| b == 0x5a);
     println!("# bench: string arrived: {copied}");
 }
