@@ -328,7 +328,9 @@ struct Leaf {
 /// gets the flexpage's rights intersected with the source's (a page without `EXECUTE` is
 /// not executable, for a guest too). Pages of the kernel-managed area (UTCBs, KIP) are never
 /// transferred or overwritten. A source large page that the flexpage covers whole lands as a
-/// large page (one mapping node) when the destination is aligned.
+/// large page (one mapping node) when the destination is aligned. All of it at once (in
+/// steps of [`MAP_STEP_UNITS`] inside, so that no step holds more than that many leaves);
+/// the `Map` system call goes step by step instead ([`map_memory_step`]).
 pub fn map_memory(
     k: &mut Kernel,
     from: TaskId,
@@ -337,6 +339,41 @@ pub fn map_memory(
     destination: u64,
     grant: bool,
 ) -> Result<(), Error> {
+    let mut resume = fpage.base();
+    while let Some(next) = map_memory_step(
+        k,
+        from,
+        fpage,
+        to,
+        destination,
+        grant,
+        resume,
+        MAP_STEP_UNITS,
+    )? {
+        resume = next;
+    }
+    Ok(())
+}
+
+/// Pages (of any size) one step of a map transfers at most (a 4 KiB page costs about 2,700
+/// instructions, a 2 MiB or 1 GiB page about 3,500).
+pub const MAP_STEP_UNITS: u32 = 24;
+
+/// One bounded step of [`map_memory`]: transfers the source's pages from source address
+/// `resume` on (the flexpage's base for the first step), at most `budget` of them, and
+/// returns where the next step goes on (`None`: done). Pages before `resume` are left as
+/// earlier steps made them.
+#[allow(clippy::too_many_arguments)]
+pub fn map_memory_step(
+    k: &mut Kernel,
+    from: TaskId,
+    fpage: Fpage,
+    to: Space,
+    destination: u64,
+    grant: bool,
+    resume: u64,
+    budget: u32,
+) -> Result<Option<u64>, Error> {
     if !fpage.is_valid_memory() || !destination.is_multiple_of(fpage.size()) {
         return Err(Error::InvalidArgument);
     }
@@ -352,16 +389,24 @@ pub fn map_memory(
     let target_space = tables(k, to).ok_or(Error::InvalidCapability)?;
     let start = fpage.base();
     let end = start + fpage.size();
+    let first = resume.clamp(start, end) & !(PAGE_4K - 1);
     let rights = fpage.rights();
-    if rights & Fpage::READ == 0 {
-        return Ok(());
+    let source = Space::Task(from);
+    // Onto itself: every page would be skipped (a cycle).
+    if rights & Fpage::READ == 0 || first >= end || (to == source && destination == start) {
+        return Ok(None);
     }
-    let mut leaves: SmallVec<[Leaf; 4]> = SmallVec::new();
-    // A large page that starts before `start` is not found by the walk: look it up.
-    if let Some(t) = source_space.lookup(start) {
-        if t.page_size > PAGE_4K && !start.is_multiple_of(t.page_size) {
+    let mut leaves: SmallVec<[Leaf; 8]> = SmallVec::new();
+    // A large page that starts before `first` is not found by the walk: look it up. When
+    // the page found covers the rest of the flexpage (a single page, a whole large page),
+    // the lookup is all there is to do.
+    let mut covered = end - first == PAGE_4K;
+    if let Some(t) = source_space.lookup(first) {
+        let va = first & !(t.page_size - 1);
+        covered |= va + t.page_size >= end;
+        if (t.page_size > PAGE_4K && va < first) || covered {
             leaves.push(Leaf {
-                va: start & !(t.page_size - 1),
+                va,
                 translation: Translation {
                     physical: t.physical & !(t.page_size - 1),
                     ..t
@@ -369,10 +414,15 @@ pub fn map_memory(
             });
         }
     }
-    source_space.for_each_mapping(start, end, &mut |va, translation| {
-        leaves.push(Leaf { va, translation })
-    });
-    let source = Space::Task(from);
+    let walk_stopped = if covered {
+        None
+    } else {
+        let limit = (budget.max(1) as usize).saturating_sub(leaves.len()).max(1);
+        source_space.for_some_mappings(first, end, limit, &mut |va, translation| {
+            leaves.push(Leaf { va, translation })
+        })
+    };
+    let mut budget = budget.max(1);
     for Leaf { va, translation: t } in leaves {
         if t.flags & USER == 0 {
             continue;
@@ -390,6 +440,7 @@ pub fn map_memory(
             target_space,
             source_space,
             start,
+            first,
             end,
             destination,
             grant,
@@ -398,19 +449,22 @@ pub fn map_memory(
             leaf_physical: t.physical,
             root_order: t.page_size.trailing_zeros(),
         };
-        place(k, &transfer, va, t.page_size)?;
+        if let Some(next) = place(k, &transfer, va, t.page_size, &mut budget)? {
+            return Ok(Some(next));
+        }
     }
-    Ok(())
+    Ok(walk_stopped)
 }
 
 /// What [`place`] transfers: one source leaf, clipped to the flexpage `start..end` that goes
-/// to `destination`.
+/// to `destination`, from source address `first` on.
 struct Transfer {
     source: Space,
     to: Space,
     target_space: AddressSpace,
     source_space: AddressSpace,
     start: u64,
+    first: u64,
     end: u64,
     destination: u64,
     grant: bool,
@@ -424,14 +478,25 @@ struct Transfer {
 /// Transfer the piece of `size` at source address `va` of a source leaf: whole as one large
 /// page (one mapping node) when the flexpage covers it and the target is aligned and takes
 /// it, else as its 512 pieces of the next smaller size (a 1 GiB leaf in 2 MiB pages, those in
-/// 4 KiB pages), only the parts inside the flexpage.
-fn place(k: &mut Kernel, x: &Transfer, va: u64, size: u64) -> Result<(), Error> {
+/// 4 KiB pages), only the parts inside the flexpage from `first` on. Each page transferred
+/// takes one unit of `budget`; when none is left, returns the address of the first piece
+/// not transferred.
+fn place(
+    k: &mut Kernel,
+    x: &Transfer,
+    va: u64,
+    size: u64,
+    budget: &mut u32,
+) -> Result<Option<u64>, Error> {
     let piece_end = va + size;
-    if piece_end <= x.start || va >= x.end {
-        return Ok(());
+    if piece_end <= x.first || va >= x.end {
+        return Ok(None);
+    }
+    if *budget == 0 {
+        return Ok(Some(va.max(x.first)));
     }
     let target = x.destination.wrapping_add(va.wrapping_sub(x.start));
-    let inside = va >= x.start && piece_end <= x.end;
+    let inside = va >= x.first && piece_end <= x.end;
     let page = Page {
         va,
         physical: x.leaf_physical + (va - x.leaf_va),
@@ -441,6 +506,7 @@ fn place(k: &mut Kernel, x: &Transfer, va: u64, size: u64) -> Result<(), Error> 
     };
     if size == PAGE_4K {
         if mappable(va) && accepts(x.to, target) && !(x.to == x.source && va == target) {
+            *budget -= 1;
             map_page(
                 k,
                 x.source,
@@ -452,7 +518,7 @@ fn place(k: &mut Kernel, x: &Transfer, va: u64, size: u64) -> Result<(), Error> 
                 x.grant,
             )?;
         }
-        return Ok(());
+        return Ok(None);
     }
     let whole = inside
         && target.is_multiple_of(size)
@@ -462,6 +528,7 @@ fn place(k: &mut Kernel, x: &Transfer, va: u64, size: u64) -> Result<(), Error> 
         && accepts(x.to, target + size - 1)
         && !(x.to == x.source && va == target);
     if whole {
+        *budget -= 1;
         match map_page(
             k,
             x.source,
@@ -472,19 +539,30 @@ fn place(k: &mut Kernel, x: &Transfer, va: u64, size: u64) -> Result<(), Error> 
             target,
             x.grant,
         )? {
-            Placed::Done => return Ok(()),
+            Placed::Done => return Ok(None),
             Placed::Split => {}
         }
     }
+    // A piece wholly outside what the source may give or the target take has no page to
+    // transfer: skip it whole rather than page by page.
+    let outside = |a: u64, b: u64, space: Space| match space {
+        Space::Task(_) => b <= USER_START || a >= KERNEL_AREA_START,
+        Space::Vm(_) => a >= GUEST_PHYSICAL_LIMIT,
+    };
+    if outside(va, piece_end, x.source) || outside(target, target.wrapping_add(size), x.to) {
+        return Ok(None);
+    }
     let smaller = size >> 9;
-    // Only the pieces that overlap the flexpage.
-    let first = x.start.max(va);
+    // Only the pieces that overlap the flexpage from `first` on.
+    let first = x.first.max(va);
     let mut piece = va + (first - va) / smaller * smaller;
     while piece < piece_end.min(x.end) {
-        place(k, x, piece, smaller)?;
+        if let Some(next) = place(k, x, piece, smaller, budget)? {
+            return Ok(Some(next));
+        }
         piece += smaller;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// One page (4 KiB, 2 MiB or 1 GiB) to transfer.
@@ -802,6 +880,19 @@ pub fn delete_capability(k: &mut Kernel, task: TaskId, slot: u64) -> Result<(), 
 pub const UNMAP_STEP_UNITS: usize = 256;
 /// Units of looking at one port or capability slot of the flexpage.
 const UNIT_VISIT_UNITS: usize = 2;
+
+/// Where a restarted `Map` of memory goes on: its arguments, and the source address from
+/// which pages are not yet transferred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapProgress {
+    /// The call's arguments: the target's slot, the flexpage, destination and flags.
+    pub task: u64,
+    pub fpage: u64,
+    pub destination: u64,
+    pub flags: u64,
+    /// The source address to go on from.
+    pub next: u64,
+}
 
 /// Where a restarted `Unmap` goes on: its arguments, and the first number (address, port,
 /// slot) of the flexpage not yet revoked.

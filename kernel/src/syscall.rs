@@ -9,8 +9,8 @@ use crate::arch::x86_64::paging::PAGE_4K;
 use crate::ipc::{self, SendOutcome};
 use crate::kernel::Kernel;
 use crate::map::{
-    copy_capability, delete_capability, map_flexpage, unmap_flexpage_step, Space, UnmapProgress,
-    UNMAP_STEP_UNITS,
+    copy_capability, delete_capability, map_flexpage, unmap_flexpage_step, MapProgress, Space,
+    UnmapProgress, MAP_STEP_UNITS, UNMAP_STEP_UNITS,
 };
 use crate::object::{Capability, Object, TaskId, ThreadId};
 use crate::thread::ThreadState;
@@ -66,7 +66,9 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         Some(Syscall::ExRegs) => done(ex_regs(k, id, f.rdi, f.rsi, f.rdx, f.r10)),
         Some(Syscall::CapCopy) => done(cap_copy(k, f.rdi, f.rsi, f.rdx, f.r10, f.r8)),
         Some(Syscall::CapDelete) => done(cap_delete(k, f.rdi)),
-        Some(Syscall::Map) => done(map(k, f.rdi, f.rsi, f.rdx, f.r10)),
+        Some(Syscall::Map) => {
+            map(k, id, f.rdi, f.rsi, f.rdx, f.r10).map(|finished| restart_unless(k, id, finished))
+        }
         Some(Syscall::Unmap) => {
             unmap(k, id, f.rdi, f.rsi).map(|finished| restart_unless(k, id, finished))
         }
@@ -311,6 +313,7 @@ fn ex_regs(
     }
     if flags & ExRegsFlags::SET_IP != 0 {
         t.unmap_progress = None;
+        t.map_progress = None;
         t.frame.rip = ip;
     }
     if flags & ExRegsFlags::SET_SP != 0 {
@@ -370,16 +373,60 @@ fn cap_delete(k: &mut Kernel, slot: u64) -> Result<(), Error> {
     delete_capability(k, task, slot)
 }
 
-fn map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) -> Result<(), Error> {
+/// `Map`: memory goes in bounded steps ([`crate::map::map_memory_step`]); `Ok(false)` when
+/// more remains (the caller restarts the syscall, and the thread keeps how far it got).
+fn map(
+    k: &mut Kernel,
+    id: ThreadId,
+    task: u64,
+    fpage: u64,
+    destination: u64,
+    flags: u64,
+) -> Result<bool, Error> {
+    // Progress counts only for the same call re-executed (`ExRegs` forgets it).
+    let call = MapProgress {
+        task,
+        fpage,
+        destination,
+        flags,
+        next: 0,
+    };
+    let resume = k
+        .thread(id)
+        .map_progress
+        .take()
+        .filter(|p| MapProgress { next: 0, ..*p } == call)
+        .map_or(Fpage(fpage).base(), |p| p.next);
     let cap = k.lookup(task)?;
-    if let Object::Vm(vm) = cap.object {
+    let space = if let Object::Vm(vm) = cap.object {
         // Guest memory: a memory flexpage of ours at a guest-physical address.
         require(cap, rights::CONTROL)?;
         if flags != 0 {
             return Err(Error::InvalidArgument);
         }
-        let source = current_task(k);
-        return crate::map::map_memory(k, source, Fpage(fpage), Space::Vm(vm), destination, false);
+        Some(Space::Vm(vm))
+    } else {
+        None
+    };
+    let source = current_task(k);
+    let step = |k: &mut Kernel, to: Space, grant: bool| {
+        let next = crate::map::map_memory_step(
+            k,
+            source,
+            Fpage(fpage),
+            to,
+            destination,
+            grant,
+            resume,
+            MAP_STEP_UNITS,
+        )?;
+        if let Some(next) = next {
+            k.thread(id).map_progress = Some(MapProgress { next, ..call });
+        }
+        Ok(next.is_none())
+    };
+    if let Some(vm) = space {
+        return step(k, vm, false);
     }
     let target = task_cap(k, task)?;
     let fpage = Fpage(fpage);
@@ -395,7 +442,9 @@ fn map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) -> R
             return Err(Error::InvalidArgument);
         }
     }
-    let source = current_task(k);
+    if fpage.is_valid_memory() {
+        return step(k, Space::Task(target), flags & MAP_GRANT != 0);
+    }
     map_flexpage(
         k,
         source,
@@ -404,6 +453,7 @@ fn map(k: &mut Kernel, task: u64, fpage: u64, destination: u64, flags: u64) -> R
         destination,
         flags & MAP_GRANT != 0,
     )
+    .map(|()| true)
 }
 
 /// `Unmap`: one bounded step; `Ok(false)` when more remains (the caller restarts the

@@ -124,6 +124,8 @@ pub struct Thread {
     pub resume_receive: Option<Option<ThreadId>>,
     /// How far the thread's restarted `Unmap` got (see [`crate::map::UnmapProgress`]).
     pub unmap_progress: Option<crate::map::UnmapProgress>,
+    /// How far the thread's restarted `Map` got (see [`crate::map::MapProgress`]).
+    pub map_progress: Option<crate::map::MapProgress>,
     /// The string copy into this thread's buffers that has done some of its steps, while the
     /// receive it is for lasts (see [`crate::strings::PartialCopy`]).
     pub partial_copy: Option<crate::strings::PartialCopy>,
@@ -171,6 +173,7 @@ impl Thread {
             fault_address: 0,
             resume_receive: None,
             unmap_progress: None,
+            map_progress: None,
             partial_copy: None,
             string_fault: None,
             guest_fault: None,

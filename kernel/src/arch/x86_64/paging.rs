@@ -331,7 +331,32 @@ impl AddressSpace {
     /// Call `f(address, translation)` for every leaf mapping that starts in
     /// `start..end` (user half only).
     pub fn for_each_mapping(&self, start: u64, end: u64, f: &mut impl FnMut(u64, Translation)) {
-        walk(self.root, 3, 0, start, end, f);
+        walk(self.root, 3, 0, start, end, &mut |va, t| {
+            f(va, t);
+            true
+        });
+    }
+
+    /// As [`Self::for_each_mapping`], for at most `limit` leaves (empty tables are skipped
+    /// whole): returns the address of the first leaf not visited, if the limit stopped it.
+    pub fn for_some_mappings(
+        &self,
+        start: u64,
+        end: u64,
+        limit: usize,
+        f: &mut impl FnMut(u64, Translation),
+    ) -> Option<u64> {
+        let (mut seen, mut stopped) = (0, None);
+        walk(self.root, 3, 0, start, end, &mut |va, t| {
+            if seen == limit {
+                stopped = Some(va);
+                return false;
+            }
+            seen += 1;
+            f(va, t);
+            true
+        });
+        stopped
     }
 
     /// Free the user half's page tables (not the pages they map) and the PML4.
@@ -400,14 +425,16 @@ impl AddressSpace {
     }
 }
 
+/// Visit the leaves below `table_phys` that start in `start..end` until `f` returns false;
+/// returns whether the walk went on to the end.
 fn walk(
     table_phys: u64,
     level: u32,
     base: u64,
     start: u64,
     end: u64,
-    f: &mut impl FnMut(u64, Translation),
-) {
+    f: &mut impl FnMut(u64, Translation) -> bool,
+) -> bool {
     let span = 1u64 << (12 + 9 * level);
     let limit: u64 = if level == 3 { 256 } else { 512 };
     // Only the entries that overlap start..end.
@@ -424,20 +451,23 @@ fn walk(
             continue;
         }
         if level == 0 || entry & HUGE != 0 {
-            if address >= start {
-                f(
+            if address >= start
+                && !f(
                     address,
                     Translation {
                         physical: entry & ADDRESS_MASK & !(span - 1),
                         flags: entry & !ADDRESS_MASK,
                         page_size: span,
                     },
-                );
+                )
+            {
+                return false;
             }
-        } else {
-            walk(entry & ADDRESS_MASK, level - 1, address, start, end, f);
+        } else if !walk(entry & ADDRESS_MASK, level - 1, address, start, end, f) {
+            return false;
         }
     }
+    true
 }
 
 /// Whether the table at `level` (and the tables below it) maps any page.

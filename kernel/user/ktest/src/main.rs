@@ -1249,7 +1249,7 @@ fn main() -> i64 {
     lifetime_cases(&suite);
     // Before the hostile floods, which keep their carved factories to the end.
     bounded_destroy_cases();
-    revoke_cases();
+    revoke_cases(&suite);
     hostile_cases(&suite);
     fuzz_case(&suite);
     io_cases(&suite);

@@ -66,7 +66,7 @@ fn fan_out_into(task: u64, page: u64) -> bool {
     })
 }
 
-fn revoke_cases() {
+fn revoke_cases(suite: &Suite) {
     const QUOTA: u64 = 4 << 20;
     let quota = alloc_slot();
     let task = alloc_slot();
@@ -170,6 +170,7 @@ fn revoke_cases() {
 
     // A 4 MiB string item arrives whole.
     string_4m_case();
+    map_steps_case(suite);
     string_steps_case();
     string_abort_case();
     check(
@@ -388,4 +389,78 @@ fn string_abort_case() {
         lowered.is_ok() && canceled == 1 && rounds == ROUNDS && whole,
     );
     let _ = sys::cap_delete(canceler);
+}
+
+/// The slow mapper's job: the target task's slot, the flexpage, the destination; its result.
+static MAP_JOB: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+static MAP_RESULT: AtomicU64 = AtomicU64::new(u64::MAX);
+static MAP_GO: AtomicBool = AtomicBool::new(false);
+static MAP_DONE: AtomicBool = AtomicBool::new(false);
+
+/// Low priority: once `MAP_GO` is set, maps the job's flexpage, then waits for the next.
+extern "C" fn slow_mapper(_: u64) -> ! {
+    loop {
+        while !MAP_GO.swap(false, SeqCst) {
+            let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
+        }
+        let [task, fpage, destination] = [0, 1, 2].map(|i| MAP_JOB[i].load(SeqCst));
+        MAP_RESULT.store(result_code(sys::map(task, Fpage(fpage), destination, 0)), SeqCst);
+        MAP_DONE.store(true, SeqCst);
+    }
+}
+
+/// A `Map` of 4 MiB of small pages (1,024 mapping nodes) goes in bounded steps: a thread
+/// below us maps it into an agent's task while we wake every tick and sample our quota,
+/// which must be seen between empty and full at least once (up to three tries); then the
+/// agent reads every page's mark.
+fn map_steps_case(suite: &Suite) {
+    const PAGES: u64 = 1024;
+    const TARGET: u64 = TEST_AREA + (16 << 30);
+    let layout = core::alloc::Layout::from_size_align((PAGES * PAGE_SIZE) as usize, 4 << 20).expect("layout");
+    // SAFETY: a valid layout; the region is leaked (the agent's copies are revoked at the end).
+    let region = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
+    for i in 0..PAGES {
+        // SAFETY: inside the region we just allocated.
+        unsafe { core::ptr::write_volatile((region + i * PAGE_SIZE) as *mut u64, i + 1) };
+    }
+    let a = Agent::new(suite);
+    let mapper = go(slow_mapper, 0);
+    let lowered = sys::thread_schedule(mapper, 50, 0);
+    let fpage = Fpage::memory(region, 22, Fpage::READ);
+    let (mut halfway, mut results, mut sizes) = (false, Vec::new(), Vec::new());
+    for _ in 0..3 {
+        // SAFETY: revokes only the agent's copies of our region (none the first time).
+        let _ = unsafe { sys::unmap(fpage, 0) };
+        let empty = used(slots::FACTORY);
+        for (i, v) in [a.task, fpage.0, TARGET].into_iter().enumerate() {
+            MAP_JOB[i].store(v, SeqCst);
+        }
+        MAP_DONE.store(false, SeqCst);
+        MAP_GO.store(true, SeqCst);
+        let mut samples = Vec::with_capacity(5_000);
+        for _ in 0..5_000 {
+            if MAP_DONE.load(SeqCst) {
+                break;
+            }
+            let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
+            samples.push(used(slots::FACTORY));
+        }
+        let full = used(slots::FACTORY);
+        halfway |= samples.iter().any(|&u| u > empty && u < full);
+        results.push(MAP_RESULT.load(SeqCst));
+        sizes.push(full - empty);
+        if halfway {
+            break;
+        }
+    }
+    let marks = (0..PAGES).filter(|&i| a.read(TARGET + i * PAGE_SIZE) == i + 1).count() as u64;
+    println!("# map steps: results {results:?}, bytes per try {sizes:?}, seen half done: {halfway}, {marks} pages seen");
+    check(
+        "map",
+        "a Map of 4 MiB of small pages goes in bounded steps (a higher-priority thread sees it half done) and maps every page",
+        lowered.is_ok() && results.iter().all(|&r| r == 0) && halfway && marks == PAGES,
+    );
+    // SAFETY: as above.
+    let _ = unsafe { sys::unmap(fpage, 0) };
+    let _ = sys::task_destroy(a.task);
 }
