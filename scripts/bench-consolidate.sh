@@ -11,7 +11,8 @@
 #   * memory overhead per compartment beyond guest RAM: the kernel memory of its VMM's factory
 #     (task, page tables, threads, VM, nested page tables) and the VMM's own task pages, as the
 #     root task reports them when the VMM ends.
-# Writes target/bench/consolidate.json and prints a table. Called by scripts/bench.sh.
+# Writes target/bench/consolidate.json, prints a table and plots it (target/bench/consolidate.svg,
+# scripts/plot-consolidate.py; docs/consolidate.svg is a copy of one run). Called by scripts/bench.sh.
 # (Linux/KVM as a baseline is not measured here yet.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,3 +87,4 @@ print(" throughput in compartments against N copies in one native Linux; fairnes
 print(" fastest compartment; overhead: kernel memory + VMM task memory beyond guest RAM;")
 print(" JSON in target/bench/consolidate.json)")
 PY
+python3 scripts/plot-consolidate.py target/bench/consolidate.json target/bench/consolidate.svg
