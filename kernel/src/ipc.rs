@@ -585,41 +585,29 @@ pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
     // A string copy into its buffers that did some steps ends with the receive.
     thread.partial_copy = None;
     let thread = &*thread;
-    if thread.string_fault.is_some()
-        && matches!(
-            thread.state,
-            ThreadState::Sending { .. }
-                | ThreadState::Receiving {
-                    awaiting: Awaiting::PageFaultReply,
-                    ..
-                }
-        )
-    {
-        // A fault taken for a string copy: the IPC that needed it fails instead.
+    // Its own fault (for a string copy, or a vCPU's guest page fault), sent or awaiting the
+    // answer: the fault's outcome, not the error, is what the thread sees.
+    let in_fault = matches!(
+        thread.state,
+        ThreadState::Sending { .. }
+            | ThreadState::Receiving {
+                awaiting: Awaiting::PageFaultReply,
+                ..
+            }
+    );
+    let (string_fault, guest_fault) = (thread.string_fault.is_some(), thread.guest_fault);
+    if in_fault && (string_fault || guest_fault.is_some()) {
         if let ThreadState::Sending { to, .. } = thread.state {
             if let Some(target) = k.threads.get_mut(to) {
                 target.senders.retain(|&s| s != id);
             }
         }
-        let error = Error::from_u64(error).unwrap_or(Error::Canceled);
-        fail_string_fault(k, id, error);
-        return;
-    }
-    if let Some((_, vcpu)) = thread.guest_fault {
-        if matches!(
-            thread.state,
-            ThreadState::Sending { .. }
-                | ThreadState::Receiving {
-                    awaiting: Awaiting::PageFaultReply,
-                    ..
-                }
-        ) {
+        if string_fault {
+            // A fault taken for a string copy: the IPC that needed it fails instead.
+            let error = Error::from_u64(error).unwrap_or(Error::Canceled);
+            fail_string_fault(k, id, error);
+        } else if let Some((_, vcpu)) = guest_fault {
             // A guest page fault whose VM pager is gone or canceled: the VMM gets the exit.
-            if let ThreadState::Sending { to, .. } = thread.state {
-                if let Some(target) = k.threads.get_mut(to) {
-                    target.senders.retain(|&s| s != id);
-                }
-            }
             crate::debug!(
                 "thread {}: its VM pager did not answer a guest page fault; VcpuRun returns it",
                 k.thread(id).number
@@ -627,8 +615,8 @@ pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
             crate::fault::return_guest_fault(k, id, vcpu);
             k.thread(id).deadline = None;
             k.wake(id);
-            return;
         }
+        return;
     }
     match thread.state {
         ThreadState::Sending { to, .. } => {

@@ -504,22 +504,7 @@ fn place(
         flags: x.flags,
         root_order: x.root_order,
     };
-    if size == PAGE_4K {
-        if mappable(va) && accepts(x.to, target) && !(x.to == x.source && va == target) {
-            *budget -= 1;
-            map_page(
-                k,
-                x.source,
-                x.to,
-                x.target_space,
-                x.source_space,
-                page,
-                target,
-                x.grant,
-            )?;
-        }
-        return Ok(None);
-    }
+    // (A 4 KiB piece that overlaps the flexpage from `first` on lies inside it.)
     let whole = inside
         && target.is_multiple_of(size)
         && mappable(va)
@@ -529,7 +514,7 @@ fn place(
         && !(x.to == x.source && va == target);
     if whole {
         *budget -= 1;
-        match map_page(
+        let placed = map_page(
             k,
             x.source,
             x.to,
@@ -538,10 +523,13 @@ fn place(
             page,
             target,
             x.grant,
-        )? {
-            Placed::Done => return Ok(None),
-            Placed::Split => {}
+        )?;
+        if matches!(placed, Placed::Done) {
+            return Ok(None);
         }
+    }
+    if size == PAGE_4K {
+        return Ok(None);
     }
     // A piece wholly outside what the source may give or the target take has no page to
     // transfer: skip it whole rather than page by page.

@@ -66,17 +66,7 @@ pub fn long_mode_state(words: &mut [u64; 64], entry: u64) {
 }
 
 /// 32-bit protected mode at `entry` with paging off, flat segments (code 0x08, data 0x10), the
-/// stack at 0x8000.
+/// stack at 0x8000 ([`state::protected_mode`]).
 pub fn protected_mode_state(words: &mut [u64; 64], entry: u64) {
-    words.fill(0);
-    words[state::RIP] = entry;
-    words[state::RSP] = 0x8000;
-    words[state::RFLAGS] = 2;
-    words[state::CR0] = 0x11; // PE, ET
-    words[state::CS] = state::segment(0x08, 0xc9b, 0xffff_ffff);
-    for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
-        words[s] = state::segment(0x10, 0xc93, 0xffff_ffff);
-    }
-    words[state::TR] = state::segment(0, 0x8b, 0x67);
-    words[state::LDTR] = state::segment(0, 0x82, 0);
+    state::protected_mode(words, entry);
 }

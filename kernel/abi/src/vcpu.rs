@@ -114,6 +114,22 @@ pub const fn segment(selector: u16, attributes: u16, limit: u32) -> u64 {
     selector as u64 | (attributes as u64) << 16 | (limit as u64) << 32
 }
 
+/// A state the CPU enters: 32-bit protected mode at `entry` with paging off, flat segments
+/// (code 0x08, data 0x10), the stack at 0x8000; every other word 0.
+pub fn protected_mode(words: &mut [u64; 64], entry: u64) {
+    words.fill(0);
+    words[RIP] = entry;
+    words[RSP] = 0x8000;
+    words[RFLAGS] = 2;
+    words[CR0] = 0x11; // PE, ET
+    words[CS] = segment(0x08, 0xc9b, 0xffff_ffff);
+    for s in [SS, DS, ES, FS, GS] {
+        words[s] = segment(0x10, 0xc93, 0xffff_ffff);
+    }
+    words[TR] = segment(0, 0x8b, 0x67);
+    words[LDTR] = segment(0, 0x82, 0);
+}
+
 /// SVM exit codes (the low 32 bits of the VMCB exit code).
 pub mod exit {
     /// Write to CR0 (intercepted only when asked).

@@ -349,18 +349,7 @@ extern "C" fn silent_vm_pager(_: u64) -> ! {
 /// memory, and reports what `VcpuRun` returned.
 extern "C" fn pager_case_runner(vcpu: u64) -> ! {
     use l4::abi::vcpu as state;
-    let words = &mut l4::utcb::utcb().mr;
-    words.fill(0);
-    words[state::RIP] = PAGER_CASE_ENTRY;
-    words[state::RSP] = 0x8000;
-    words[state::RFLAGS] = 2;
-    words[state::CR0] = 0x11; // PE, ET
-    words[state::CS] = state::segment(0x08, 0xc9b, 0xffff_ffff);
-    for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
-        words[s] = state::segment(0x10, 0xc93, 0xffff_ffff);
-    }
-    words[state::TR] = state::segment(0, 0x8b, 0x67);
-    words[state::LDTR] = state::segment(0, 0x82, 0);
+    state::protected_mode(&mut l4::utcb::utcb().mr, PAGER_CASE_ENTRY);
     // SAFETY: VcpuRun touches only our UTCB.
     let (rax, code, _, _) = unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, state::ALL, u64::MAX, 0, 0) };
     RUNNER_GOT[0].store(rax, SeqCst);

@@ -352,6 +352,22 @@ struct Suite {
     recorder: u64,
 }
 
+impl Suite {
+    /// The pager thread, its gates, ours; no exception recorder yet.
+    fn new() -> Suite {
+        let pager = go(pager_thread, 0);
+        Suite {
+            pager_thread: pager,
+            pager_normal: gate(pager, PAGER_NORMAL),
+            pager_refusing: gate(pager, PAGER_REFUSING),
+            pager_probe: gate(pager, PAGER_PROBE),
+            peer: gate(slots::SELF_THREAD, CHILD_BADGE),
+            death: gate(slots::SELF_THREAD, DEATH_BADGE),
+            recorder: NO_CAP,
+        }
+    }
+}
+
 /// Badge of the gate children talk to the main thread through.
 const CHILD_BADGE: u64 = 0x77;
 /// Badge of the gate death notices arrive through.
@@ -1196,16 +1212,11 @@ include!("huge.rs");
 fn main() -> i64 {
     if l4::rt::arguments().split_whitespace().any(|w| w == "huge") {
         println!("# ktest: 1 GiB pages");
-        let pager = go(pager_thread, 0);
+        let suite = Suite::new();
         let recorder = go(exception_recorder, 0);
         let suite = Suite {
-            pager_thread: pager,
-            pager_normal: gate(pager, PAGER_NORMAL),
-            pager_refusing: gate(pager, PAGER_REFUSING),
-            pager_probe: gate(pager, PAGER_PROBE),
-            peer: gate(slots::SELF_THREAD, CHILD_BADGE),
-            death: gate(slots::SELF_THREAD, DEATH_BADGE),
             recorder: gate(recorder, 0x5eed),
+            ..suite
         };
         huge_page_cases(&suite);
         return summary();
@@ -1219,16 +1230,7 @@ fn main() -> i64 {
     scheduling_cases();
     ipc_cases();
 
-    let pager = go(pager_thread, 0);
-    let suite = Suite {
-        pager_thread: pager,
-        pager_normal: gate(pager, PAGER_NORMAL),
-        pager_refusing: gate(pager, PAGER_REFUSING),
-        pager_probe: gate(pager, PAGER_PROBE),
-        peer: gate(slots::SELF_THREAD, CHILD_BADGE),
-        death: gate(slots::SELF_THREAD, DEATH_BADGE),
-        recorder: NO_CAP,
-    };
+    let suite = Suite::new();
     task_cases(&suite);
     exception_cases(&suite);
     irq_cases();

@@ -207,23 +207,28 @@ static WATCH_ON: AtomicBool = AtomicBool::new(false);
 static SAW_HALF: AtomicU64 = AtomicU64::new(0);
 static WATCHER_TURNS: AtomicU64 = AtomicU64::new(0);
 
+/// Whether the watched buffer (if any) is half copied: its first byte arrived, its last not.
+fn half_copied() -> bool {
+    let (address, length) = (WATCHED[0].load(SeqCst), WATCHED[1].load(SeqCst) as usize);
+    if length == 0 {
+        return false;
+    }
+    // SAFETY: the main thread keeps the buffer alive while it is watched; bytes only.
+    let (first, last) = unsafe {
+        (
+            core::ptr::read_volatile(address as *const u8),
+            core::ptr::read_volatile((address as *const u8).add(length - 1)),
+        )
+    };
+    first == pattern(0) && last != pattern(length - 1)
+}
+
 /// Wakes every millisecond (above the copying thread's priority) and looks at the buffer.
 extern "C" fn copy_watcher(_: u64) -> ! {
     while WATCH_ON.load(SeqCst) {
         let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
         WATCHER_TURNS.fetch_add(1, SeqCst);
-        let (address, length) = (WATCHED[0].load(SeqCst), WATCHED[1].load(SeqCst) as usize);
-        if length == 0 {
-            continue;
-        }
-        // SAFETY: the main thread keeps the buffer alive while WATCH_ON is set; bytes only.
-        let (first, last) = unsafe {
-            (
-                core::ptr::read_volatile(address as *const u8),
-                core::ptr::read_volatile((address as *const u8).add(length - 1)),
-            )
-        };
-        if first == pattern(0) && last != pattern(length - 1) {
+        if half_copied() {
             SAW_HALF.fetch_add(1, SeqCst);
         }
     }
@@ -323,18 +328,7 @@ fn string_steps_case() {
 extern "C" fn copy_canceler(_: u64) -> ! {
     while WATCH_ON.load(SeqCst) {
         let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
-        let (address, length) = (WATCHED[0].load(SeqCst), WATCHED[1].load(SeqCst) as usize);
-        if length == 0 {
-            continue;
-        }
-        // SAFETY: as in `copy_watcher`.
-        let (first, last) = unsafe {
-            (
-                core::ptr::read_volatile(address as *const u8),
-                core::ptr::read_volatile((address as *const u8).add(length - 1)),
-            )
-        };
-        if first == pattern(0) && last != pattern(length - 1) {
+        if half_copied() {
             WATCHED[1].store(0, SeqCst);
             let _ = sys::ex_regs(slots::SELF_THREAD, 0, 0, ExRegsFlags::CANCEL);
         }
