@@ -298,7 +298,7 @@ pub fn copy(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &mut 
     let Ok(p) = plan(k, sender, receiver, message) else {
         return;
     };
-    k.thread(receiver).partial_copy = None;
+    // (`ipc::deliver` ends the receiver's partial copy.)
     copy_window(from, to, &p, Window::new(p.lengths(), p.start, u64::MAX));
     for n in 0..p.count {
         let words = StringItem {

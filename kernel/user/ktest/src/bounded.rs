@@ -117,12 +117,7 @@ fn bounded_destroy_cases() {
         ipc::send(first, tag(1, 0), &[], POLL),
         Err(err(Error::InvalidCapability, false)),
     );
-    for _ in 0..100 {
-        if CLOSED_RECEIVE.load(SeqCst) != u64::MAX {
-            break;
-        }
-        sys::thread_yield();
-    }
+    yield_until(|| CLOSED_RECEIVE.load(SeqCst) != u64::MAX, 100);
     check_eq(
         "task",
         "a closed receive from a thread of a destroyed task fails with DeadPartner",

@@ -358,17 +358,6 @@ extern "C" fn pager_case_runner(vcpu: u64) -> ! {
     sys::thread_exit(0)
 }
 
-/// Yield until `done` holds, at most `yields` times.
-fn yield_until(done: impl Fn() -> bool, yields: u32) -> bool {
-    for _ in 0..yields {
-        if done() {
-            return true;
-        }
-        sys::thread_yield();
-    }
-    done()
-}
-
 /// Found while building the fuzzer: a VM pager that died while a guest page fault waited for
 /// its answer killed the VMM thread whose `VcpuRun` had raised it. Now that `VcpuRun` returns
 /// the nested page fault to the VMM, as for a pager that refuses.

@@ -21,16 +21,21 @@ fn call_badge(slot: u64) -> Result<u64, Error> {
         .map_err(|e| e.error)
 }
 
-/// A task's destruction after its last capability went goes in steps at the end of syscalls:
-/// yield until `factory`'s use is `want` (at most `yields` times); returns the use.
-fn settle_at(factory: u64, want: u64, yields: u32) -> u64 {
+/// Yield until `done` holds, at most `yields` times.
+fn yield_until(done: impl Fn() -> bool, yields: u32) -> bool {
     for _ in 0..yields {
-        let now = used(factory);
-        if now == want {
-            return now;
+        if done() {
+            return true;
         }
         sys::thread_yield();
     }
+    done()
+}
+
+/// A task's destruction after its last capability went goes in steps at the end of syscalls:
+/// yield until `factory`'s use is `want` (at most `yields` times); returns the use.
+fn settle_at(factory: u64, want: u64, yields: u32) -> u64 {
+    yield_until(|| used(factory) == want, yields);
     used(factory)
 }
 
@@ -198,14 +203,7 @@ fn lifetime_cases(suite: &Suite) {
         let with_vm = used(factory) - before;
         let deleted = sys::cap_delete(vm);
         let right_after = used(factory) - before;
-        let mut after = right_after;
-        for _ in 0..5_000 {
-            if after == 0 {
-                break;
-            }
-            sys::thread_yield();
-            after = used(factory) - before;
-        }
+        let after = settle_at(factory, before, 5_000) - before;
         check_eq(
             "lifetime",
             "a VM with 2,048 mappings is destroyed in bounded steps after its capability goes, then gives back every byte",
