@@ -8,13 +8,11 @@ use crate::arch::x86_64::entry::{RFLAGS_IF, RFLAGS_RESERVED, RFLAGS_USER_MASK};
 use crate::arch::x86_64::svm::vmcb;
 use crate::ipc;
 use crate::kernel::Kernel;
-use crate::map::{map_memory, Space};
 use crate::object::{ThreadId, VcpuId, VmId};
 use crate::thread::{utcb, Message};
 use crate::thread::{AfterDelivery, KernelMessage, ThreadState, KERNEL_MESSAGE_WORDS};
 use l4_abi::{
-    fault_access, Fpage, MapItem, MessageTag, Timeout, LABEL_DEATH, LABEL_EXCEPTION,
-    LABEL_PAGE_FAULT, USER_END,
+    fault_access, MessageTag, Timeout, LABEL_DEATH, LABEL_EXCEPTION, LABEL_PAGE_FAULT, USER_END,
 };
 
 fn words(values: &[u64]) -> [u64; KERNEL_MESSAGE_WORDS] {
@@ -98,55 +96,50 @@ pub fn page_fault_timed(
     Ok(())
 }
 
-/// The pager's answer (`message` from `pager`) to the fault of `faulter`.
-pub fn apply_fault_reply(k: &mut Kernel, pager: ThreadId, faulter: ThreadId, message: &Message) {
+/// The pager's answer (`message` from `pager`) to the fault of `faulter`, whose map item
+/// (the first typed item) IPC has transferred, `mapped` telling whether without error (see
+/// [`crate::items`]).
+pub fn apply_fault_reply(
+    k: &mut Kernel,
+    pager: ThreadId,
+    faulter: ThreadId,
+    message: &Message,
+    mapped: bool,
+) {
     if let Some((vm, vcpu)) = k.thread(faulter).guest_fault.take() {
-        apply_guest_fault_reply(k, pager, faulter, vm, vcpu, message);
+        apply_guest_fault_reply(k, faulter, vm, vcpu, message, mapped);
         return;
     }
     let fault_address = k.thread(faulter).fault_address;
     let tag = message.tag;
     let refused = tag.typed() == 0 || tag.label() != 0;
     if !refused {
-        let item = MapItem {
-            control: message.words[tag.untyped()],
-            fpage: Fpage(message.words[tag.untyped() + 1]),
-        };
-        let window = Fpage::whole_space();
-        let (source, destination) = crate::map::place_window(window, item);
-        let (Some(from), Some(to)) = (k.task_of(pager), k.task_of(faulter)) else {
+        if k.task_of(pager).is_none() || k.task_of(faulter).is_none() {
             kill(k, faulter, DEATH_PAGER_GONE, fault_address);
             return;
-        };
-        match map_memory(
-            k,
-            from,
-            source,
-            Space::Task(to),
-            destination,
-            item.is_grant(),
-        ) {
-            Ok(()) => {
-                k.thread(faulter).string_fault = None;
-                match k.thread(faulter).resume_receive.take() {
-                    // Faulted for a string copy while waiting: wait again (and take the
-                    // sender that is queued by now).
-                    Some(from) => match ipc::receive(k, faulter, from, Timeout::INFINITE) {
-                        Ok(()) if k.thread(faulter).state == ThreadState::Ready => k.wake(faulter),
-                        Ok(()) => {}
-                        // The receive cannot go on (its partner died, or its buffer is no
-                        // longer in user memory): it fails.
-                        Err(e) => {
-                            k.thread(faulter).frame.rax = e as u64 | l4_abi::RECEIVE_PHASE;
-                            k.wake(faulter);
-                        }
-                    },
-                    None => k.wake(faulter),
-                }
-                return;
-            }
-            Err(e) => crate::warn!("fault reply mapping failed: {e}"),
         }
+        if mapped {
+            // It no longer awaits the reply.
+            k.thread(faulter).state = ThreadState::Ready;
+            k.thread(faulter).string_fault = None;
+            match k.thread(faulter).resume_receive.take() {
+                // Faulted for a string copy while waiting: wait again (and take the sender
+                // that is queued by now).
+                Some(from) => match ipc::receive(k, faulter, from, Timeout::INFINITE) {
+                    Ok(()) if k.thread(faulter).state == ThreadState::Ready => k.wake(faulter),
+                    Ok(()) => {}
+                    // The receive cannot go on (its partner died, or its buffer is no longer
+                    // in user memory): it fails.
+                    Err(e) => {
+                        k.thread(faulter).frame.rax = e as u64 | l4_abi::RECEIVE_PHASE;
+                        k.wake(faulter);
+                    }
+                },
+                None => k.wake(faulter),
+            }
+            return;
+        }
+        crate::warn!("fault reply mapping failed");
     }
     if k.thread(faulter).string_fault.is_some() {
         // The fault was taken for a string copy: the IPC fails, the thread lives on.
@@ -377,29 +370,19 @@ pub(crate) fn guest_fault_to_pager(
 /// VM and the vCPU run is re-issued; anything else returns the exit to the VMM.
 pub fn apply_guest_fault_reply(
     k: &mut Kernel,
-    pager: ThreadId,
     thread: ThreadId,
     vm: VmId,
     vcpu: VcpuId,
     message: &Message,
+    mapped: bool,
 ) {
     let tag = message.tag;
     let gpa = k.thread(thread).fault_address;
-    let mut mapped = false;
-    if tag.label() == 0 && tag.typed() > 0 {
-        let item = l4_abi::MapItem {
-            control: message.words[tag.untyped()],
-            fpage: Fpage(message.words[tag.untyped() + 1]),
-        };
-        let (source, destination) =
-            crate::map::place_window(Fpage::memory(0, 46, Fpage::RWX), item);
-        if let Some(from) = k.task_of(pager) {
-            let to = crate::map::Space::Vm(vm);
-            mapped = crate::map::map_memory(k, from, source, to, destination, false).is_ok()
-                && k.vms.get(vm).is_some_and(|v| v.npt.lookup(gpa).is_some());
-        }
-    }
-    if !mapped {
+    let answered = tag.label() == 0
+        && tag.typed() > 0
+        && mapped
+        && k.vms.get(vm).is_some_and(|v| v.npt.lookup(gpa).is_some());
+    if !answered {
         return_guest_fault(k, thread, vcpu);
     }
     k.wake(thread);

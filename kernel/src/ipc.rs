@@ -1,15 +1,14 @@
 //! Synchronous IPC: the send and receive phases, the direct copy of a message from sender to
 //! receiver (registers, UTCB words, map items), timeouts, and cancellation on thread death.
 
+use crate::items;
 use crate::kernel::Kernel;
-use crate::map::{map_flexpage, place_window};
 use crate::object::ThreadId;
 use crate::strings::{self, Obstacle};
 use crate::thread::{AfterDelivery, Awaiting, ThreadState, KERNEL_MESSAGE_WORDS};
-use kernel_core::string_window::Window;
 use l4_abi::{
-    Error, Fpage, FpageKind, MapItem, MessageTag, StringItem, Timeout, TimeoutKind,
-    BR_OBJECT_WINDOW, BR_RECEIVE_WINDOW, MAX_STRINGS, MAX_WORDS, RECEIVE_PHASE,
+    Error, Fpage, MessageTag, StringItem, Timeout, TimeoutKind, MAX_STRINGS, MAX_WORDS,
+    RECEIVE_PHASE,
 };
 
 use crate::thread::{utcb, Message};
@@ -62,17 +61,20 @@ pub fn read_message(k: &mut Kernel, sender: ThreadId) -> Message {
     Message { tag, words }
 }
 
-/// Copy the message of `sender` into `receiver` (which is waiting for it), with `badge`.
-/// A receiver awaiting a page-fault reply has the map item applied instead, or is killed
-/// if the pager refused.
+/// Copy the message of `sender` into `receiver` (which is waiting for it), with `badge`: the
+/// strings' last step and what the map items have left (see [`transfer_step`]). A receiver
+/// awaiting a page-fault reply has the map item applied instead, or is killed if the pager
+/// refused.
 fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     let mut message = read_message(k, sender);
+    let mapped = message.tag.typed() == 0 || items::finish(k, sender, receiver, &message);
     match k.thread(receiver).state {
         ThreadState::Receiving {
             awaiting: Awaiting::PageFaultReply,
             ..
         } => {
-            crate::fault::apply_fault_reply(k, sender, receiver, &message);
+            k.thread(receiver).reply_copy = None;
+            crate::fault::apply_fault_reply(k, sender, receiver, &message, mapped);
             return;
         }
         ThreadState::Receiving {
@@ -101,59 +103,30 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     if count > 4 {
         receiver_utcb.mr[4..count].copy_from_slice(&message.words[4..count]);
     }
-    let memory_window = Fpage(receiver_utcb.br[BR_RECEIVE_WINDOW]);
-    let object_window = Fpage(receiver_utcb.br[BR_OBJECT_WINDOW]);
-    if tag.typed() > 0 {
-        let (Some(from), Some(to)) = (k.task_of(sender), k.task_of(receiver)) else {
-            return;
-        };
-        for i in 0..tag.typed() {
-            let item = MapItem {
-                control: message.words[tag.untyped() + 2 * i],
-                fpage: Fpage(message.words[tag.untyped() + 2 * i + 1]),
-            };
-            if item.control & StringItem::FLAG != 0 {
-                continue;
-            }
-            let (source, destination) = match item.fpage.kind() {
-                Some(FpageKind::Memory) if memory_window.is_valid_memory() => {
-                    place_window(memory_window, item)
-                }
-                Some(FpageKind::Object) if object_window.is_valid_object() => {
-                    place_window(object_window, item)
-                }
-                Some(FpageKind::Io) => (item.fpage, 0),
-                _ => {
-                    crate::debug!("map item {i} dropped: receiver has no receive window for it");
-                    continue;
-                }
-            };
-            if let Err(e) = map_flexpage(k, from, source, to, destination, item.is_grant()) {
-                crate::warn!("map item {i}: {e}");
-            }
-        }
-    }
 }
 
-/// Check the strings `sender` sends to `receiver` (see [`strings::check`]): `None` when the
-/// message can be delivered now, else the window of a step to copy first (after which the
-/// current thread's system call restarts, [`restart_for_step`]).
-fn check_strings(
-    k: &mut Kernel,
-    sender: ThreadId,
-    receiver: ThreadId,
-) -> Result<Option<Window>, Obstacle> {
+/// The steps before delivery of the message `sender` sends to `receiver`: the strings'
+/// steps but the last ([`strings::check`]), then the map items' ([`crate::items`]; a reply
+/// to a fault or exception copies no strings). `Ok(false)` when the message can be delivered
+/// in this kernel entry; `Ok(true)` after a step, when the current thread's system call
+/// must restart ([`restart_for_step`]) for the next. A message with strings and map items
+/// copies its strings' last step before the map items' first, in separate kernel entries.
+fn transfer_step(k: &mut Kernel, sender: ThreadId, receiver: ThreadId) -> Result<bool, Obstacle> {
     let tag = MessageTag(k.thread(sender).frame.rdx);
     if k.thread(sender).kernel_message.is_some() || tag.typed() == 0 {
-        return Ok(None);
+        return Ok(false);
     }
     let message = read_message(k, sender);
-    let window = strings::check(k, sender, receiver, &message)?;
-    if window.is_last() {
-        return Ok(None);
+    if awaits_kernel_reply(k, receiver) {
+        return Ok(!items::step(k, sender, receiver, &message));
     }
-    strings::copy_step(k, sender, receiver, &message, window);
-    Ok(Some(window))
+    let window = strings::check(k, sender, receiver, &message)?;
+    let maps = items::pending(k, sender, receiver, &message);
+    if !window.is_last() || (maps && window.start < window.end) {
+        strings::copy_step(k, sender, receiver, &message, window);
+        return Ok(true);
+    }
+    Ok(maps && !items::step(k, sender, receiver, &message))
 }
 
 /// Make `thread` (the current thread, in an IPC syscall that has not taken effect) issue its
@@ -170,9 +143,14 @@ fn restart_for_step(k: &mut Kernel, thread: ThreadId, reply_done: bool) {
     k.thread(thread).state = ThreadState::Ready;
 }
 
-/// Mark the waiting `receiver` as receiving a message whose strings are copied in steps.
+/// Mark the waiting `receiver` as receiving a message transferred in steps (a fault or
+/// exception reply stays what it is).
 fn await_strings(k: &mut Kernel, receiver: ThreadId) {
-    if let ThreadState::Receiving { from, .. } = k.thread(receiver).state {
+    if let ThreadState::Receiving {
+        from,
+        awaiting: Awaiting::Message,
+    } = k.thread(receiver).state
+    {
         k.thread(receiver).state = ThreadState::Receiving {
             from,
             awaiting: Awaiting::Strings,
@@ -297,12 +275,11 @@ pub fn send(
     };
     k.thread(sender).receive_timeout = receive_timeout;
     let mut waiting = waiting;
-    // A fault or exception reply copies no strings.
-    if waiting && !awaits_kernel_reply(k, target) {
-        match check_strings(k, sender, target) {
-            Ok(None) => {}
-            Ok(Some(_)) => {
-                // One step of the strings copied: the receiver waits on, we go again.
+    if waiting {
+        match transfer_step(k, sender, target) {
+            Ok(false) => {}
+            Ok(true) => {
+                // One step of the transfer done: the receiver waits on, we go again.
                 await_strings(k, target);
                 restart_for_step(k, sender, false);
                 return Ok(SendOutcome::Blocked);
@@ -464,11 +441,11 @@ pub fn receive(
             .senders
             .remove(index)
             .expect("queued sender");
-        match check_strings(k, sender, receiver) {
-            Ok(None) => {}
-            Ok(Some(_)) => {
-                // One step of the strings copied: the sender stays first in the queue, we
-                // go again.
+        match transfer_step(k, sender, receiver) {
+            Ok(false) => {}
+            Ok(true) => {
+                // One step of the transfer done: the sender stays first in the queue, we go
+                // again.
                 k.thread(receiver).senders.push_front(sender);
                 restart_for_step(k, receiver, true);
                 return Ok(());
@@ -535,16 +512,10 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
         return Err(Error::NoPartner);
     }
     let kernel_reply = awaits_kernel_reply(k, caller);
-    // A fault or exception reply copies no strings.
-    let checked = if kernel_reply {
-        Ok(None)
-    } else {
-        check_strings(k, replier, caller)
-    };
-    match checked {
-        Ok(None) => {}
-        Ok(Some(_)) => {
-            // One step of the strings copied: the caller waits on, we reply again.
+    match transfer_step(k, replier, caller) {
+        Ok(false) => {}
+        Ok(true) => {
+            // One step of the transfer done: the caller waits on, we reply again.
             await_strings(k, caller);
             k.thread(replier).caller = Some(caller);
             restart_for_step(k, replier, false);
@@ -584,6 +555,7 @@ pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
     };
     // A string copy into its buffers that did some steps ends with the receive.
     thread.partial_copy = None;
+    thread.reply_copy = None;
     let thread = &*thread;
     // Its own fault (for a string copy, or a vCPU's guest page fault), sent or awaiting the
     // answer: the fault's outcome, not the error, is what the thread sees.

@@ -15,6 +15,7 @@ pub mod fault;
 pub mod fpu;
 pub mod ipc;
 pub mod irq;
+pub mod items;
 pub mod kernel;
 pub mod kip;
 pub mod lifetime;

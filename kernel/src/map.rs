@@ -291,20 +291,44 @@ fn accepts(space: Space, address: u64) -> bool {
     }
 }
 
-/// Map (or grant) flexpage `fpage` of task `from` into task `to` at `destination`.
-pub fn map_flexpage(
+/// One bounded step of mapping (or granting) flexpage `fpage` of task `from` to
+/// `destination` in `to` (memory: a task or a VM; ports and capability slots: a task): the
+/// one mapping routine of `Map`, map items and page-fault replies. Transfers from `resume` on
+/// (an address, port or slot of the flexpage; its first for the first step) for at most
+/// `budget` units ([`MAP_STEP_UNITS`] is one step's), takes what it spends from `budget`, and
+/// returns where the next step goes on (`None`: done). What lies before `resume` is left as
+/// earlier steps made it.
+#[allow(clippy::too_many_arguments)]
+pub fn map_step(
     k: &mut Kernel,
     from: TaskId,
     fpage: Fpage,
-    to: TaskId,
+    to: Space,
     destination: u64,
     grant: bool,
-) -> Result<(), Error> {
+    resume: u64,
+    budget: &mut u32,
+) -> Result<Option<u64>, Error> {
+    if *budget == 0 {
+        return Ok(Some(resume));
+    }
+    match (fpage.kind(), to) {
+        (Some(FpageKind::Memory), _) => {
+            map_memory_step(k, from, fpage, to, destination, grant, resume, budget)
+        }
+        (Some(FpageKind::Io), Space::Task(to)) => map_io(k, from, fpage, to, grant, resume, budget),
+        (Some(FpageKind::Object), Space::Task(to)) => {
+            map_objects(k, from, fpage, to, destination, grant, resume, budget)
+        }
+        _ => Err(Error::InvalidArgument),
+    }
+}
+
+/// Where the first step of [`map_step`] for `fpage` starts.
+pub fn map_start(fpage: Fpage) -> u64 {
     match fpage.kind() {
-        Some(FpageKind::Memory) => map_memory(k, from, fpage, Space::Task(to), destination, grant),
-        Some(FpageKind::Io) => map_io(k, from, fpage, to, grant),
-        Some(FpageKind::Object) => map_objects(k, from, fpage, to, destination, grant),
-        None => Err(Error::InvalidArgument),
+        Some(FpageKind::Memory) => fpage.base(),
+        _ => fpage.index(),
     }
 }
 
@@ -323,48 +347,19 @@ struct Leaf {
     translation: Translation,
 }
 
-/// Map (or grant) the memory of `fpage` in task `from` to `destination` in `to` (a task or
-/// a VM): the one mapping routine. Pages the source has not mapped are skipped; each page
-/// gets the flexpage's rights intersected with the source's (a page without `EXECUTE` is
-/// not executable, for a guest too). Pages of the kernel-managed area (UTCBs, KIP) are never
-/// transferred or overwritten. A source large page that the flexpage covers whole lands as a
-/// large page (one mapping node) when the destination is aligned. All of it at once (in
-/// steps of [`MAP_STEP_UNITS`] inside, so that no step holds more than that many leaves);
-/// the `Map` system call goes step by step instead ([`map_memory_step`]).
-pub fn map_memory(
-    k: &mut Kernel,
-    from: TaskId,
-    fpage: Fpage,
-    to: Space,
-    destination: u64,
-    grant: bool,
-) -> Result<(), Error> {
-    let mut resume = fpage.base();
-    while let Some(next) = map_memory_step(
-        k,
-        from,
-        fpage,
-        to,
-        destination,
-        grant,
-        resume,
-        MAP_STEP_UNITS,
-    )? {
-        resume = next;
-    }
-    Ok(())
-}
-
 /// Pages (of any size) one step of a map transfers at most (a 4 KiB page costs about 2,700
 /// instructions, a 2 MiB or 1 GiB page about 3,500).
 pub const MAP_STEP_UNITS: u32 = 24;
 
-/// One bounded step of [`map_memory`]: transfers the source's pages from source address
-/// `resume` on (the flexpage's base for the first step), at most `budget` of them, and
-/// returns where the next step goes on (`None`: done). Pages before `resume` are left as
-/// earlier steps made them.
+/// [`map_step`] for memory: the source's pages in `fpage` go to `destination` in `to` (a
+/// task or a VM). Pages the source has not mapped are skipped; each page gets the
+/// flexpage's rights intersected with the source's (a page without `EXECUTE` is not
+/// executable, for a guest too). Pages of the kernel-managed area (UTCBs, KIP) are never
+/// transferred or overwritten. A source large page that the flexpage covers whole lands as a
+/// large page (one mapping node) when the destination is aligned. Each page (of any size)
+/// costs one unit; the source's empty page tables are skipped whole.
 #[allow(clippy::too_many_arguments)]
-pub fn map_memory_step(
+fn map_memory_step(
     k: &mut Kernel,
     from: TaskId,
     fpage: Fpage,
@@ -372,7 +367,7 @@ pub fn map_memory_step(
     destination: u64,
     grant: bool,
     resume: u64,
-    budget: u32,
+    budget: &mut u32,
 ) -> Result<Option<u64>, Error> {
     if !fpage.is_valid_memory() || !destination.is_multiple_of(fpage.size()) {
         return Err(Error::InvalidArgument);
@@ -417,12 +412,11 @@ pub fn map_memory_step(
     let walk_stopped = if covered {
         None
     } else {
-        let limit = (budget.max(1) as usize).saturating_sub(leaves.len()).max(1);
+        let limit = (*budget as usize).saturating_sub(leaves.len()).max(1);
         source_space.for_some_mappings(first, end, limit, &mut |va, translation| {
             leaves.push(Leaf { va, translation })
         })
     };
-    let mut budget = budget.max(1);
     for Leaf { va, translation: t } in leaves {
         if t.flags & USER == 0 {
             continue;
@@ -449,7 +443,7 @@ pub fn map_memory_step(
             leaf_physical: t.physical,
             root_order: t.page_size.trailing_zeros(),
         };
-        if let Some(next) = place(k, &transfer, va, t.page_size, &mut budget)? {
+        if let Some(next) = place(k, &transfer, va, t.page_size, budget)? {
             return Ok(Some(next));
         }
     }
@@ -709,61 +703,95 @@ fn derive_unit(
     })
 }
 
-/// Give `to` the I/O ports of `fpage` that `from` holds.
+/// Ports or capability slots of a flexpage looked at (and skipped: not held, or not
+/// transferable) per unit of a map step's budget; one transferred costs a unit.
+const UNITS_PER_SKIP: u32 = 64;
+
+/// [`map_step`] for I/O ports: gives `to` the ports of `fpage` from `resume` on that `from`
+/// holds.
 fn map_io(
     k: &mut Kernel,
     from: TaskId,
     fpage: Fpage,
     to: TaskId,
     grant: bool,
-) -> Result<(), Error> {
+    resume: u64,
+    budget: &mut u32,
+) -> Result<Option<u64>, Error> {
     if !fpage.is_valid_io() {
         return Err(Error::InvalidArgument);
     }
     if !k.tasks.contains(to) {
         return Err(Error::InvalidCapability);
     }
-    for port in fpage.index()..fpage.index() + (1 << fpage.order()) {
+    let end = fpage.index() + (1 << fpage.order());
+    let mut port = resume.max(fpage.index());
+    let mut skipped = 0;
+    let result = loop {
+        if port >= end {
+            break Ok(None);
+        }
+        if *budget == 0 {
+            break Ok(Some(port));
+        }
         let held = k.tasks.get(from).is_some_and(|t| t.has_port(port as u32));
         if !held || from == to {
+            skipped += 1;
+            if skipped % UNITS_PER_SKIP == 0 {
+                *budget -= 1;
+            }
+            port += 1;
             continue;
         }
-        let had_bitmap = k.tasks.get(to).is_some_and(|t| t.io_bitmap.is_some());
-        if !had_bitmap {
-            k.charge_task(to, crate::task::IO_BITMAP_BYTES as u64)?;
+        *budget -= 1;
+        if let Err(e) = map_port(k, from, to, port, grant) {
+            break Err(e);
         }
-        let replaced = match derive_unit(k, Db::Io, (from, port), (to, port), grant) {
-            Ok(replaced) => replaced,
-            Err(e) => {
-                if !had_bitmap {
-                    k.refund_task(to, crate::task::IO_BITMAP_BYTES as u64);
-                }
-                return Err(e);
-            }
-        };
-        revoke_io(k, &replaced);
-        k.tasks
-            .get_mut(to)
-            .expect("task")
-            .set_port(port as u32, true);
-        if !had_bitmap {
-            k.mark_io_task(to);
-        }
-        if grant {
-            k.tasks
-                .get_mut(from)
-                .expect("task")
-                .set_port(port as u32, false);
-        }
-    }
+        port += 1;
+    };
     refresh_io(k, to);
     refresh_io(k, from);
+    result
+}
+
+/// Give `to` port `port` of `from` (which holds it).
+fn map_port(k: &mut Kernel, from: TaskId, to: TaskId, port: u64, grant: bool) -> Result<(), Error> {
+    let had_bitmap = k.tasks.get(to).is_some_and(|t| t.io_bitmap.is_some());
+    if !had_bitmap {
+        k.charge_task(to, crate::task::IO_BITMAP_BYTES as u64)?;
+    }
+    let replaced = match derive_unit(k, Db::Io, (from, port), (to, port), grant) {
+        Ok(replaced) => replaced,
+        Err(e) => {
+            if !had_bitmap {
+                k.refund_task(to, crate::task::IO_BITMAP_BYTES as u64);
+            }
+            return Err(e);
+        }
+    };
+    revoke_io(k, &replaced);
+    k.tasks
+        .get_mut(to)
+        .expect("task")
+        .set_port(port as u32, true);
+    if !had_bitmap {
+        k.mark_io_task(to);
+    }
+    if grant {
+        k.tasks
+            .get_mut(from)
+            .expect("task")
+            .set_port(port as u32, false);
+    }
     Ok(())
 }
 
-/// Copy (or move) the capabilities of `fpage` in `from` to the slots from `destination` in
-/// `to`. Only capabilities with the `COPY` right are transferred; their rights are cut to the
-/// flexpage's. An occupied destination slot is replaced (and what was derived from it revoked).
+/// [`map_step`] for capabilities: copies (or moves) the capabilities of `fpage` in `from`
+/// from slot `resume` on to the matching slots from `destination` in `to`. Only
+/// capabilities with the `COPY` right are transferred; their rights are cut to the
+/// flexpage's. An occupied destination slot is replaced (and what was derived from it
+/// revoked).
+#[allow(clippy::too_many_arguments)]
 fn map_objects(
     k: &mut Kernel,
     from: TaskId,
@@ -771,7 +799,9 @@ fn map_objects(
     to: TaskId,
     destination: u64,
     grant: bool,
-) -> Result<(), Error> {
+    resume: u64,
+    budget: &mut u32,
+) -> Result<Option<u64>, Error> {
     let count = 1u64 << fpage.order();
     if !fpage.is_valid_object()
         || destination
@@ -780,14 +810,27 @@ fn map_objects(
     {
         return Err(Error::InvalidArgument);
     }
-    for i in 0..count {
-        let (source, target) = (fpage.index() + i, destination + i);
-        let Ok(cap) = k.lookup_in(from, source) else {
-            continue;
-        };
-        if cap.rights & l4_abi::rights::COPY == 0 || (from == to && source == target) {
-            continue;
+    let mut skipped = 0;
+    for source in resume.max(fpage.index())..fpage.index() + count {
+        if *budget == 0 {
+            return Ok(Some(source));
         }
+        let target = destination + (source - fpage.index());
+        let cap = match k.lookup_in(from, source) {
+            Ok(cap)
+                if cap.rights & l4_abi::rights::COPY != 0 && !(from == to && source == target) =>
+            {
+                cap
+            }
+            _ => {
+                skipped += 1;
+                if skipped % UNITS_PER_SKIP == 0 {
+                    *budget -= 1;
+                }
+                continue;
+            }
+        };
+        *budget -= 1;
         copy_capability(
             k,
             from,
@@ -801,7 +844,7 @@ fn map_objects(
             grant,
         )?;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Install `cap` (derived from slot `source` of `from`) in slot `target` of `to`, recording

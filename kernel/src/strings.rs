@@ -88,17 +88,24 @@ fn first_missing(space: AddressSpace, start: u64, length: u64, write: bool) -> O
 /// taken (see `kernel/docs/syscalls.md`, 4.5).
 pub const STEP_BYTES: u64 = 128 << 10;
 
-/// A string copy that has done some of its steps, kept by the receiver (whose buffers hold
-/// the bytes copied so far) while its receive lasts.
+/// A transfer (string copy, map items) that has done some of its steps, kept by the receiver
+/// (whose buffers hold the bytes copied so far, whose address space or VM the pages mapped so
+/// far) while its receive lasts.
 #[derive(Debug, Clone, Copy)]
 pub struct PartialCopy {
     /// The sender.
     pub sender: ThreadId,
-    /// [`fingerprint`] of the message's items and the receiver's buffers: a continuation
-    /// must see the same.
+    /// [`fingerprint`] of the message's items and the receiver's buffers and windows: a
+    /// continuation must see the same.
     pub fingerprint: u64,
     /// Bytes of the run (see [`kernel_core::string_window`]) copied.
     pub done: u64,
+    /// Map items done (see [`crate::items`]).
+    pub mapped: u8,
+    /// Where the next step of the next map item goes on (`None`: at its start).
+    pub resume: Option<u64>,
+    /// Whether a map item done failed.
+    pub failed: bool,
 }
 
 /// The strings of a message to one receiver: for each item the string's address, the
@@ -123,27 +130,63 @@ impl Plan {
     }
 }
 
-/// A digest of `message`'s string items and `receiver`'s buffers: a continuation of a copy
-/// in steps must see the same (a 64-bit multiply-xorshift; it only tells a continuation of
-/// the same message to the same buffers from anything else).
+/// A digest of `message`'s typed items and `receiver`'s buffers and receive windows (not for
+/// a reply to a fault or exception, which uses neither): a continuation of a transfer in
+/// steps must see the same (a 64-bit multiply-xorshift; it only tells a continuation of the
+/// same message to the same buffers from anything else).
 fn fingerprint(k: &mut Kernel, receiver: ThreadId, message: &Message) -> u64 {
     let mix = |hash: u64, word: u64| {
         let h = (hash ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         h ^ (h >> 29)
     };
-    let mut hash = mix(0, message.tag.0);
-    let br = utcb(k, receiver).br;
-    for (n, (at, _)) in items(message).take(MAX_STRINGS).enumerate() {
-        for word in [
-            message.words[at],
-            message.words[at + 1],
-            br[2 + 2 * n],
-            br[3 + 2 * n],
-        ] {
+    let tag = message.tag;
+    let mut hash = mix(0, tag.0);
+    let typed = tag.untyped()..(tag.untyped() + 2 * tag.typed()).min(message.words.len());
+    for &word in &message.words[typed] {
+        hash = mix(hash, word);
+    }
+    if crate::ipc::awaits_kernel_reply(k, receiver) {
+        hash = mix(hash, k.thread(receiver).fault_address);
+    } else {
+        // The receive windows (words 0 and 1) and the buffers of the strings there can be.
+        let br = &utcb(k, receiver).br;
+        let used = 2 + 2 * MAX_STRINGS.min(tag.typed());
+        for &word in &br[..used.min(br.len())] {
             hash = mix(hash, word);
         }
     }
     hash
+}
+
+/// Where `receiver` keeps the progress of the transfer to it: a page-fault or exception
+/// reply's apart from that of the receive the thread may have faulted in (which goes on
+/// after the fault).
+fn slot(k: &mut Kernel, receiver: ThreadId) -> &mut Option<PartialCopy> {
+    if crate::ipc::awaits_kernel_reply(k, receiver) {
+        &mut k.thread(receiver).reply_copy
+    } else {
+        &mut k.thread(receiver).partial_copy
+    }
+}
+
+/// How far the transfer of `message` from `sender` to `receiver` got: the receiver's
+/// [`PartialCopy`] when it continues this one, else a fresh one.
+pub fn progress(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    message: &Message,
+) -> PartialCopy {
+    let fingerprint = fingerprint(k, receiver, message);
+    match *slot(k, receiver) {
+        Some(c) if c.sender == sender && c.fingerprint == fingerprint => c,
+        _ => crate::items::fresh(sender, fingerprint),
+    }
+}
+
+/// Keep `progress` in `receiver` (see [`progress`]).
+pub fn save(k: &mut Kernel, receiver: ThreadId, progress: PartialCopy) {
+    *slot(k, receiver) = Some(progress);
 }
 
 /// The plan of `message`'s strings from `sender` to `receiver`; `Err(true)` if a string is
@@ -185,10 +228,8 @@ fn plan(
         p.at[n] = at;
         p.count = n + 1;
     }
-    if let Some(c) = k.thread(receiver).partial_copy {
-        if c.sender == sender && c.fingerprint == fingerprint(k, receiver, message) {
-            p.start = c.done;
-        }
+    if slot(k, receiver).is_some() {
+        p.start = progress(k, sender, receiver, message).done;
     }
     Ok(p)
 }
@@ -280,12 +321,15 @@ pub fn copy_step(
         return;
     };
     copy_window(from, to, &p, window);
-    let fingerprint = fingerprint(k, receiver, message);
-    k.thread(receiver).partial_copy = Some(PartialCopy {
-        sender,
-        fingerprint,
-        done: window.end,
-    });
+    let progress = progress(k, sender, receiver, message);
+    save(
+        k,
+        receiver,
+        PartialCopy {
+            done: window.end,
+            ..progress
+        },
+    );
 }
 
 /// Copy the strings' last step (after a successful [`check`] in the same kernel entry that

@@ -9,8 +9,8 @@ use crate::arch::x86_64::paging::PAGE_4K;
 use crate::ipc::{self, SendOutcome};
 use crate::kernel::Kernel;
 use crate::map::{
-    copy_capability, delete_capability, map_flexpage, unmap_flexpage_step, MapProgress, Space,
-    UnmapProgress, MAP_STEP_UNITS, UNMAP_STEP_UNITS,
+    copy_capability, delete_capability, unmap_flexpage_step, MapProgress, Space, UnmapProgress,
+    MAP_STEP_UNITS, UNMAP_STEP_UNITS,
 };
 use crate::object::{Capability, Object, TaskId, ThreadId};
 use crate::thread::ThreadState;
@@ -373,8 +373,8 @@ fn cap_delete(k: &mut Kernel, slot: u64) -> Result<(), Error> {
     delete_capability(k, task, slot)
 }
 
-/// `Map`: memory goes in bounded steps ([`crate::map::map_memory_step`]); `Ok(false)` when
-/// more remains (the caller restarts the syscall, and the thread keeps how far it got).
+/// `Map`: in bounded steps ([`crate::map::map_step`]); `Ok(false)` when more remains (the
+/// caller restarts the syscall, and the thread keeps how far it got).
 fn map(
     k: &mut Kernel,
     id: ThreadId,
@@ -396,64 +396,48 @@ fn map(
         .map_progress
         .take()
         .filter(|p| MapProgress { next: 0, ..*p } == call)
-        .map_or(Fpage(fpage).base(), |p| p.next);
+        .map_or(crate::map::map_start(Fpage(fpage)), |p| p.next);
     let cap = k.lookup(task)?;
-    let space = if let Object::Vm(vm) = cap.object {
+    let (to, grant) = if let Object::Vm(vm) = cap.object {
         // Guest memory: a memory flexpage of ours at a guest-physical address.
         require(cap, rights::CONTROL)?;
-        if flags != 0 {
+        if flags != 0 || !Fpage(fpage).is_valid_memory() {
             return Err(Error::InvalidArgument);
         }
-        Some(Space::Vm(vm))
+        (Space::Vm(vm), false)
     } else {
-        None
+        let target = task_cap(k, task)?;
+        let fpage = Fpage(fpage);
+        if !fpage.is_valid() || flags & !MAP_GRANT != 0 {
+            return Err(Error::InvalidArgument);
+        }
+        if fpage.is_valid_memory() {
+            let end = destination.checked_add(fpage.size());
+            if !destination.is_multiple_of(fpage.size())
+                || destination < USER_START
+                || end.is_none_or(|end| end > KERNEL_AREA_START)
+            {
+                return Err(Error::InvalidArgument);
+            }
+        }
+        (Space::Task(target), flags & MAP_GRANT != 0)
     };
     let source = current_task(k);
-    let step = |k: &mut Kernel, to: Space, grant: bool| {
-        let next = crate::map::map_memory_step(
-            k,
-            source,
-            Fpage(fpage),
-            to,
-            destination,
-            grant,
-            resume,
-            MAP_STEP_UNITS,
-        )?;
-        if let Some(next) = next {
-            k.thread(id).map_progress = Some(MapProgress { next, ..call });
-        }
-        Ok(next.is_none())
-    };
-    if let Some(vm) = space {
-        return step(k, vm, false);
-    }
-    let target = task_cap(k, task)?;
-    let fpage = Fpage(fpage);
-    if !fpage.is_valid() || flags & !MAP_GRANT != 0 {
-        return Err(Error::InvalidArgument);
-    }
-    if fpage.is_valid_memory() {
-        let end = destination.checked_add(fpage.size());
-        if !destination.is_multiple_of(fpage.size())
-            || destination < USER_START
-            || end.is_none_or(|end| end > KERNEL_AREA_START)
-        {
-            return Err(Error::InvalidArgument);
-        }
-    }
-    if fpage.is_valid_memory() {
-        return step(k, Space::Task(target), flags & MAP_GRANT != 0);
-    }
-    map_flexpage(
+    let mut budget = MAP_STEP_UNITS;
+    let next = crate::map::map_step(
         k,
         source,
-        fpage,
-        target,
+        Fpage(fpage),
+        to,
         destination,
-        flags & MAP_GRANT != 0,
-    )
-    .map(|()| true)
+        grant,
+        resume,
+        &mut budget,
+    )?;
+    if let Some(next) = next {
+        k.thread(id).map_progress = Some(MapProgress { next, ..call });
+    }
+    Ok(next.is_none())
 }
 
 /// `Unmap`: one bounded step; `Ok(false)` when more remains (the caller restarts the

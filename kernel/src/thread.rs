@@ -129,6 +129,9 @@ pub struct Thread {
     /// The string copy into this thread's buffers that has done some of its steps, while the
     /// receive it is for lasts (see [`crate::strings::PartialCopy`]).
     pub partial_copy: Option<crate::strings::PartialCopy>,
+    /// The same for the page-fault reply it waits for (the receive it may have faulted in
+    /// keeps its own).
+    pub reply_copy: Option<crate::strings::PartialCopy>,
     /// Set while the VM pager resolves a guest page fault of the vCPU this thread runs.
     pub guest_fault: Option<(crate::vm::VmId, crate::vm::VcpuId)>,
     /// Page-table root of its task (cached at bind time).
@@ -175,6 +178,7 @@ impl Thread {
             unmap_progress: None,
             map_progress: None,
             partial_copy: None,
+            reply_copy: None,
             string_fault: None,
             guest_fault: None,
             space_root: 0,

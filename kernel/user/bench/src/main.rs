@@ -413,9 +413,23 @@ extern "C" fn string_sink(buffer: u64) -> ! {
 
 const STRING_BYTES: usize = 4 << 20;
 
+/// Where the map item sink receives (a 16 MiB receive window).
+const ITEM_AREA: u64 = 0x0000_7200_0000_0000;
+const ITEM_ORDER: u32 = 24;
+
+/// Receives map items of up to 16 MiB forever, into `ITEM_AREA` (at the main thread's
+/// priority).
+extern "C" fn item_sink(_: u64) -> ! {
+    l4::utcb::set_receive_window(Fpage::memory(ITEM_AREA, ITEM_ORDER, Fpage::RWX));
+    loop {
+        let _ = ipc::wait(Timeouts::INFINITE);
+    }
+}
+
 /// The latency benchmarks (module argument `latency`): a timer wake-up of a high-priority
 /// thread while this low-priority thread destroys a task of 4,000 threads, revokes a fan-out
-/// of 4,000 mappings and a chain of 1,000, unmaps 256 MiB of guest RAM and sends a 4 MiB string.
+/// of 4,000 mappings and a chain of 1,000, unmaps 256 MiB of guest RAM, sends a 4 MiB string
+/// and a map item of 16 MiB of small pages.
 fn latency_benchmarks() {
     let watcher = spawn(watcher, 0, Spawn::default()).expect("watcher");
     sys::thread_schedule(watcher, 100, 0).expect("watcher priority");
@@ -527,6 +541,50 @@ fn latency_benchmarks() {
     );
     let copied = sink_buffer.iter().all(|&b| b == 0x5a);
     println!("# bench: string arrived: {copied}");
+
+    // A map item of 16 MiB of small pages (4,096 mappings) to a thread of ours.
+    let layout =
+        core::alloc::Layout::from_size_align(1 << ITEM_ORDER, 1 << ITEM_ORDER).expect("layout");
+    // SAFETY: a valid layout; leaked (only its copies at ITEM_AREA are revoked).
+    let region = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
+    for page in (region..region + (1 << ITEM_ORDER)).step_by(PAGE_SIZE as usize) {
+        // SAFETY: inside the region: fault every page in.
+        unsafe { core::ptr::write_volatile(page as *mut u64, page) };
+    }
+    let sink = spawn(item_sink, 0, Spawn::default()).expect("item sink");
+    sys::thread_schedule(sink, 10, 0).expect("item sink priority");
+    sys::thread_yield();
+    let fpage = Fpage::memory(region, ITEM_ORDER, Fpage::READ);
+    let item = l4::abi::MapItem::map(0, fpage);
+    latency_rounds(
+        "map_item_16m",
+        4,
+        // SAFETY: revokes only the sink's copies.
+        || unsafe { sys::unmap(Fpage::memory(region, ITEM_ORDER, 7), 0) }.expect("unmap"),
+        || {
+            let tag = MessageTag::new(1, 0, 1).0;
+            // SAFETY: raw IPC; the map item travels in the first two registers.
+            let (rax, ..) = unsafe {
+                raw_ipc(
+                    Syscall::Send,
+                    sink,
+                    0,
+                    tag,
+                    0,
+                    [item.control, item.fpage.0, 0, 0],
+                )
+            };
+            assert_eq!(rax, 0, "map item send failed");
+        },
+    );
+    // SAFETY: the sink's copies are mapped: read one.
+    let last = unsafe {
+        core::ptr::read_volatile((ITEM_AREA + (1 << ITEM_ORDER) - PAGE_SIZE) as *const u64)
+    };
+    println!(
+        "# bench: map item arrived: {}",
+        last == region + (1 << ITEM_ORDER) - PAGE_SIZE
+    );
 }
 
 fn main() -> i64 {

@@ -171,6 +171,8 @@ fn revoke_cases(suite: &Suite) {
     // A 4 MiB string item arrives whole.
     string_4m_case();
     map_steps_case(suite);
+    map_item_steps_case();
+    fault_reply_steps_case(suite);
     string_steps_case();
     string_abort_case();
     check(
@@ -457,4 +459,188 @@ fn map_steps_case(suite: &Suite) {
     // SAFETY: as above.
     let _ = unsafe { sys::unmap(fpage, 0) };
     let _ = sys::task_destroy(a.task);
+}
+
+/// 4 MiB of small pages of ours, each marked with its index + 1 (leaked: the cases revoke
+/// only what was derived from it).
+fn marked_region() -> u64 {
+    let layout = core::alloc::Layout::from_size_align(4 << 20, 4 << 20).expect("layout");
+    // SAFETY: a valid layout; the region is never freed.
+    let region = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
+    for i in 0..1024 {
+        // SAFETY: inside the region we just allocated.
+        unsafe { core::ptr::write_volatile((region + i * PAGE_SIZE) as *mut u64, i + 1) };
+    }
+    region
+}
+
+/// The quota sampler: while on, wakes every millisecond (above the thread doing the work)
+/// and notes our factory's use, so that a transfer seen half done shows as a sample between
+/// the use before and after it.
+static SAMPLING: AtomicBool = AtomicBool::new(false);
+static SAMPLES: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+static SAMPLE_COUNT: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn quota_sampler(_: u64) -> ! {
+    loop {
+        let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
+        if SAMPLING.load(SeqCst) {
+            let n = SAMPLE_COUNT.fetch_add(1, SeqCst) as usize;
+            SAMPLES[n % SAMPLES.len()].store(used(slots::FACTORY), SeqCst);
+        }
+    }
+}
+
+/// Whether a sample taken since the sampling started lies strictly between `empty` and `full`.
+fn sampled_between(empty: u64, full: u64) -> bool {
+    let n = (SAMPLE_COUNT.load(SeqCst) as usize).min(SAMPLES.len());
+    SAMPLES[..n].iter().map(|s| s.load(SeqCst)).any(|u| u > empty && u < full)
+}
+
+fn start_sampling() {
+    SAMPLE_COUNT.store(0, SeqCst);
+    SAMPLING.store(true, SeqCst);
+}
+
+/// The map item sender's job: the region (0: none yet).
+static ITEM_REGION: AtomicU64 = AtomicU64::new(0);
+
+/// Low priority: sends the main thread a map item of the 4 MiB region, `rounds` times.
+extern "C" fn send_map_item(rounds: u64) -> ! {
+    let item = MapItem::map(0, Fpage::memory(ITEM_REGION.load(SeqCst), 22, Fpage::READ));
+    for _ in 0..rounds {
+        let _ = ipc::send(
+            slots::SELF_THREAD,
+            MessageTag::new(16, 0, 1),
+            &[item.control, item.fpage.0],
+            Timeouts::INFINITE,
+        );
+    }
+    sys::thread_exit(0)
+}
+
+/// A map item of 4 MiB of small pages (1,024 mapping nodes) goes in bounded steps before its
+/// message arrives: a sender below us and the quota sampler sends it to us (a receive window
+/// elsewhere in our own address space), and the sampler must see our quota between empty and
+/// full at least once (up to three rounds); every page arrives.
+fn map_item_steps_case() {
+    const ROUNDS: u64 = 3;
+    const TARGET: u64 = TEST_AREA + (20 << 30);
+    let region = marked_region();
+    ITEM_REGION.store(region, SeqCst);
+    let fpage = Fpage::memory(region, 22, Fpage::READ);
+    let sampler = go(quota_sampler, 0);
+    let t = go(send_map_item, ROUNDS);
+    let lowered = sys::thread_schedule(t, 50, 0);
+    l4::utcb::set_receive_window(Fpage::memory(TARGET, 22, Fpage::RWX));
+    let (mut halfway, mut arrived, mut marks) = (false, 0, 0);
+    for round in 0..ROUNDS {
+        // SAFETY: revokes only the copy at TARGET (none in the first round).
+        let _ = unsafe { sys::unmap(fpage, 0) };
+        let empty = used(slots::FACTORY);
+        start_sampling();
+        let r = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+        SAMPLING.store(false, SeqCst);
+        let full = used(slots::FACTORY);
+        arrived += u64::from(matches!(r, Ok(m) if m.tag.label() == 16 && m.tag.typed() == 1));
+        halfway |= sampled_between(empty, full);
+        marks = (0..1024)
+            // SAFETY: reads of the pages the item mapped (read-only).
+            .filter(|&i| unsafe { core::ptr::read_volatile((TARGET + i * PAGE_SIZE) as *const u64) } == i + 1)
+            .count();
+        if halfway {
+            // The sender's remaining rounds are taken below.
+            for _ in round + 1..ROUNDS {
+                let _ = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+            }
+            break;
+        }
+    }
+    l4::utcb::set_receive_window(Fpage(0));
+    println!("# map item steps: {arrived} arrived, seen half done: {halfway}, {marks} pages");
+    check(
+        "map",
+        "a map item of 4 MiB of small pages goes in bounded steps before its message arrives (seen half done), every page mapped",
+        lowered.is_ok() && arrived > 0 && halfway && marks == 1024,
+    );
+    // SAFETY: as above.
+    let _ = unsafe { sys::unmap(fpage, 0) };
+    let _ = sys::cap_delete(sampler);
+}
+
+/// Faults the big pager answered in its area.
+static BIG_FAULTS: AtomicU64 = AtomicU64::new(0);
+/// Where the big pager answers with the whole region (4 MiB aligned).
+const BIG_AREA: u64 = TEST_AREA + (24 << 30);
+
+/// Low priority pager: a fault in `BIG_AREA`'s first 4 MiB gets the whole 4 MiB region in
+/// one reply; image faults as usual.
+extern "C" fn big_pager(_: u64) -> ! {
+    let mut message = ipc::wait(Timeouts::INFINITE);
+    loop {
+        let m = match message {
+            Ok(m) if m.tag.label() == LABEL_PAGE_FAULT => m,
+            _ => {
+                message = ipc::wait(Timeouts::INFINITE);
+                continue;
+            }
+        };
+        let (address, access) = (m.word(0), m.word(1));
+        let item = if (BIG_AREA..BIG_AREA + (4 << 20)).contains(&address) {
+            BIG_FAULTS.fetch_add(1, SeqCst);
+            Some(MapItem::map(
+                BIG_AREA,
+                Fpage::memory(ITEM_REGION.load(SeqCst), 22, Fpage::READ),
+            ))
+        } else {
+            l4::child::resolve_image_fault(address, access)
+        };
+        message = match item {
+            Some(item) => ipc::reply_wait(
+                MessageTag::new(0, 0, 1),
+                &[item.control, item.fpage.0],
+                Timeouts::INFINITE,
+            ),
+            None => ipc::reply_wait(tag(-1, 0), &[], Timeouts::INFINITE),
+        };
+    }
+}
+
+/// A page-fault reply with 4 MiB of small pages goes in bounded steps: an agent's pager below
+/// us answers its fault with the whole region, the quota sampler must see the agent's
+/// mappings half made at least once (up to three tries), and the agent then reads every page
+/// without another fault.
+fn fault_reply_steps_case(suite: &Suite) {
+    let region = marked_region();
+    ITEM_REGION.store(region, SeqCst);
+    let fpage = Fpage::memory(region, 22, Fpage::READ);
+    let pager = go(big_pager, 0);
+    let lowered = sys::thread_schedule(pager, 50, 0);
+    let sampler = go(quota_sampler, 0);
+    let (task, thread) = suite.child(child_agent, gate(pager, 0), suite.recorder, true);
+    let a = Agent { task, thread };
+    let (mut halfway, mut first, mut tries) = (false, 0, 0);
+    while tries < 3 && !halfway {
+        tries += 1;
+        // SAFETY: revokes only the agent's copies (none the first time).
+        let _ = unsafe { sys::unmap(fpage, 0) };
+        let empty = used(slots::FACTORY);
+        start_sampling();
+        first = a.read(BIG_AREA);
+        SAMPLING.store(false, SeqCst);
+        halfway |= sampled_between(empty, used(slots::FACTORY));
+    }
+    let faults = BIG_FAULTS.load(SeqCst);
+    let marks = (0..1024).filter(|&i| a.read(BIG_AREA + i * PAGE_SIZE) == i + 1).count();
+    let later = BIG_FAULTS.load(SeqCst) - faults;
+    println!("# fault reply steps: {tries} tries, seen half done: {halfway}, {marks} pages, {later} later faults");
+    check(
+        "map",
+        "a page-fault reply of 4 MiB of small pages goes in bounded steps (seen half done) and maps every page at once",
+        lowered.is_ok() && first == 1 && halfway && faults == tries && marks == 1024 && later == 0,
+    );
+    // SAFETY: as above.
+    let _ = unsafe { sys::unmap(fpage, 0) };
+    let _ = sys::task_destroy(a.task);
+    let _ = sys::cap_delete(sampler);
 }

@@ -1,0 +1,204 @@
+//! The map items of a message, and the map item of a page-fault reply, transferred in bounded
+//! steps before the message is delivered: each kernel entry of the IPC does at most
+//! [`MAP_STEP_UNITS`] of mapping work ([`crate::map::map_step`]); when more remains, the
+//! thread in whose system call it happens issues it again, and the receiver keeps how far the
+//! transfer got (in its [`PartialCopy`], with the strings' progress) while its receive lasts.
+
+use crate::kernel::Kernel;
+use crate::map::{map_start, map_step, place_window, Space, MAP_STEP_UNITS};
+use crate::object::{TaskId, ThreadId};
+use crate::strings::{self, PartialCopy};
+use crate::thread::{utcb, Awaiting, Message, ThreadState};
+use l4_abi::{Error, Fpage, FpageKind, MapItem, StringItem, BR_OBJECT_WINDOW, BR_RECEIVE_WINDOW};
+use smallvec::SmallVec;
+
+/// What one map item transfers.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    /// Index of the typed item in the message.
+    item: usize,
+    from: TaskId,
+    /// The part of the sender's flexpage that goes.
+    fpage: Fpage,
+    to: Space,
+    /// Address or first slot in `to`.
+    destination: u64,
+    grant: bool,
+}
+
+/// The map jobs of `message` from `sender` to `receiver`, in item order. A receiver awaiting
+/// a page-fault reply gets the reply's first item (memory only: anything else fails), placed
+/// in its whole address space, or in its VM's guest-physical space for a guest page fault
+/// (never granted); a receiver awaiting an exception reply gets none; any other receiver each
+/// map item its receive windows take (items without a window for them are dropped).
+fn jobs(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    message: &Message,
+) -> SmallVec<[Job; 4]> {
+    let mut jobs = SmallVec::new();
+    let (Some(from), Some(to)) = (k.task_of(sender), k.task_of(receiver)) else {
+        return jobs;
+    };
+    let tag = message.tag;
+    let item = |i: usize| MapItem {
+        control: message.words[tag.untyped() + 2 * i],
+        fpage: Fpage(message.words[tag.untyped() + 2 * i + 1]),
+    };
+    let awaiting = match k.thread(receiver).state {
+        ThreadState::Receiving { awaiting, .. } => awaiting,
+        _ => Awaiting::Message,
+    };
+    match awaiting {
+        Awaiting::ExceptionReply => {}
+        Awaiting::PageFaultReply => {
+            if tag.label() == 0 && tag.typed() > 0 {
+                let item = item(0);
+                let guest = k.thread(receiver).guest_fault;
+                let (window, to, grant) = match guest {
+                    Some((vm, _)) => (Fpage::memory(0, 46, Fpage::RWX), Space::Vm(vm), false),
+                    None => (Fpage::whole_space(), Space::Task(to), item.is_grant()),
+                };
+                let (fpage, destination) = place_window(window, item);
+                jobs.push(Job {
+                    item: 0,
+                    from,
+                    fpage,
+                    to,
+                    destination,
+                    grant,
+                });
+            }
+        }
+        Awaiting::Message | Awaiting::Strings => {
+            let br = &utcb(k, receiver).br;
+            let memory_window = Fpage(br[BR_RECEIVE_WINDOW]);
+            let object_window = Fpage(br[BR_OBJECT_WINDOW]);
+            for i in 0..tag.typed() {
+                let item = item(i);
+                if item.control & StringItem::FLAG != 0 {
+                    continue;
+                }
+                let (fpage, destination) = match item.fpage.kind() {
+                    Some(FpageKind::Memory) if memory_window.is_valid_memory() => {
+                        place_window(memory_window, item)
+                    }
+                    Some(FpageKind::Object) if object_window.is_valid_object() => {
+                        place_window(object_window, item)
+                    }
+                    Some(FpageKind::Io) => (item.fpage, 0),
+                    _ => {
+                        crate::debug!(
+                            "map item {i} dropped: receiver has no receive window for it"
+                        );
+                        continue;
+                    }
+                };
+                jobs.push(Job {
+                    item: i,
+                    from,
+                    fpage,
+                    to: Space::Task(to),
+                    destination,
+                    grant: item.is_grant(),
+                });
+            }
+        }
+    }
+    jobs
+}
+
+/// Whether a page-fault reply's job may go: memory only.
+fn allowed(k: &Kernel, receiver: ThreadId, job: &Job) -> bool {
+    let fault_reply = matches!(
+        k.threads.get(receiver).map(|t| t.state),
+        Some(ThreadState::Receiving {
+            awaiting: Awaiting::PageFaultReply,
+            ..
+        })
+    );
+    !fault_reply || job.fpage.kind() == Some(FpageKind::Memory)
+}
+
+/// Do the map items' work (see the module) from where the receiver's transfer got, at most
+/// `budget` units of it: `true` when all is done, `false` when the current thread's system
+/// call must restart for more (the progress is kept in the receiver).
+fn work(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    message: &Message,
+    mut budget: u32,
+) -> bool {
+    let jobs = jobs(k, sender, receiver, message);
+    let mut p = strings::progress(k, sender, receiver, message);
+    let total = jobs.len() as u8;
+    if p.mapped >= total {
+        return true;
+    }
+    while let Some(job) = jobs.get(p.mapped as usize) {
+        let resume = p.resume.unwrap_or_else(|| map_start(job.fpage));
+        let stepped = if allowed(k, receiver, job) {
+            map_step(
+                k,
+                job.from,
+                job.fpage,
+                job.to,
+                job.destination,
+                job.grant,
+                resume,
+                &mut budget,
+            )
+        } else {
+            Err(Error::InvalidArgument)
+        };
+        match stepped {
+            Ok(Some(next)) => {
+                p.resume = Some(next);
+                strings::save(k, receiver, p);
+                return false;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                crate::warn!("map item {}: {e}", job.item);
+                p.failed = true;
+            }
+        }
+        p.mapped += 1;
+        p.resume = None;
+    }
+    strings::save(k, receiver, p);
+    true
+}
+
+/// Whether `message` from `sender` has map work for `receiver` that is not done yet.
+pub fn pending(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &Message) -> bool {
+    let jobs = jobs(k, sender, receiver, message).len() as u8;
+    jobs > 0 && strings::progress(k, sender, receiver, message).mapped < jobs
+}
+
+/// One step of the map items' work (at most [`MAP_STEP_UNITS`]): `true` when all is done and
+/// the message can be delivered in this kernel entry.
+pub fn step(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &Message) -> bool {
+    work(k, sender, receiver, message, MAP_STEP_UNITS)
+}
+
+/// At delivery: finish the map items' work (all of it: the steps before delivery have left
+/// none, unless delivery came another way) and tell whether every item went without error.
+pub fn finish(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &Message) -> bool {
+    while !work(k, sender, receiver, message, MAP_STEP_UNITS) {}
+    !strings::progress(k, sender, receiver, message).failed
+}
+
+/// A fresh transfer's progress, for [`strings::progress`].
+pub fn fresh(sender: ThreadId, fingerprint: u64) -> PartialCopy {
+    PartialCopy {
+        sender,
+        fingerprint,
+        done: 0,
+        mapped: 0,
+        resume: None,
+        failed: false,
+    }
+}
