@@ -169,7 +169,7 @@ fn finish_task(k: &mut Kernel, task: TaskId) {
             // the syscall) with its page tables loaded: leave them before they are freed.
             let boot = crate::arch::x86_64::paging::boot_root();
             // SAFETY: the boot PML4 maps the kernel half like every task's.
-            unsafe { crate::arch::x86_64::cpu::write_cr3(boot) };
+            unsafe { crate::arch::x86_64::paging::load_root(boot) };
             k.loaded_root = boot;
         }
         task.space.destroy(&mut k.frames);

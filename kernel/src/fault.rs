@@ -300,7 +300,7 @@ pub fn kernel_fault(frame: &Frame) -> ! {
         frame.error,
         frame.rip,
         frame.rsp,
-        crate::arch::x86_64::cpu::cr2(),
+        x86_64::registers::control::Cr2::read_raw(),
         frame.rax,
         frame.rbx,
         frame.rcx,

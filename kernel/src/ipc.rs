@@ -61,33 +61,38 @@ pub fn read_message(k: &mut Kernel, sender: ThreadId) -> Message {
     Message { tag, words }
 }
 
-/// Copy the message of `sender` into `receiver` (which is waiting for it), with `badge`: the
-/// strings' last step and what the map items have left (see [`transfer_step`]). A receiver
-/// awaiting a page-fault reply has the map item applied instead, or is killed if the pager
-/// refused.
-fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
-    let mut message = read_message(k, sender);
-    let mapped = message.tag.typed() == 0 || items::finish(k, sender, receiver, &message);
+/// Copy the message of `sender` into `receiver` (which is waiting for it), with `badge`, in the
+/// kernel entry whose [`transfer_step`] found it ready (`mapped`: its map items went without
+/// error): the strings' last step, the words. A receiver awaiting a page-fault reply resumes
+/// instead, or is killed if the pager refused.
+fn deliver(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    badge: u64,
+    mapped: bool,
+    message: &mut Message,
+) {
     match k.thread(receiver).state {
         ThreadState::Receiving {
             awaiting: Awaiting::PageFaultReply,
             ..
         } => {
             k.thread(receiver).reply_copy = None;
-            crate::fault::apply_fault_reply(k, sender, receiver, &message, mapped);
+            crate::fault::apply_fault_reply(k, sender, receiver, message, mapped);
             return;
         }
         ThreadState::Receiving {
             awaiting: Awaiting::ExceptionReply,
             ..
         } => {
-            crate::fault::apply_exception_reply(k, receiver, &message);
+            crate::fault::apply_exception_reply(k, receiver, message);
             return;
         }
         _ => {}
     }
-    if strings::has_strings(&message) {
-        strings::copy(k, sender, receiver, &mut message);
+    if strings::has_strings(message) {
+        strings::copy(k, sender, receiver, message);
     }
     k.thread(receiver).partial_copy = None;
     let tag = message.tag;
@@ -105,28 +110,43 @@ fn deliver(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, badge: u64) {
     }
 }
 
+/// What the steps before delivery left.
+enum Transfer {
+    /// Deliver in this kernel entry; whether the map items went without error.
+    Deliver { mapped: bool },
+    /// A step was done: the current thread's system call must restart
+    /// ([`restart_for_step`]) for the next.
+    Restart,
+}
+
 /// The steps before delivery of the message `sender` sends to `receiver`: the strings'
 /// steps but the last ([`strings::check`]), then the map items' ([`crate::items`]; a reply
-/// to a fault or exception copies no strings). `Ok(false)` when the message can be delivered
-/// in this kernel entry; `Ok(true)` after a step, when the current thread's system call
-/// must restart ([`restart_for_step`]) for the next. A message with strings and map items
-/// copies its strings' last step before the map items' first, in separate kernel entries.
-fn transfer_step(k: &mut Kernel, sender: ThreadId, receiver: ThreadId) -> Result<bool, Obstacle> {
-    let tag = MessageTag(k.thread(sender).frame.rdx);
-    if k.thread(sender).kernel_message.is_some() || tag.typed() == 0 {
-        return Ok(false);
+/// to a fault or exception copies no strings). A message with strings and map items copies
+/// its strings' last step before the map items' first, in separate kernel entries.
+fn transfer_step(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    message: &Message,
+) -> Result<Transfer, Obstacle> {
+    let ready = Transfer::Deliver { mapped: true };
+    if k.thread(sender).kernel_message.is_some() || message.tag.typed() == 0 {
+        return Ok(ready);
     }
-    let message = read_message(k, sender);
+    let maps = |k: &mut Kernel| match items::step(k, sender, receiver, message) {
+        Some(mapped) => Transfer::Deliver { mapped },
+        None => Transfer::Restart,
+    };
     if awaits_kernel_reply(k, receiver) {
-        return Ok(!items::step(k, sender, receiver, &message));
+        return Ok(maps(k));
     }
-    let window = strings::check(k, sender, receiver, &message)?;
-    let maps = items::pending(k, sender, receiver, &message);
-    if !window.is_last() || (maps && window.start < window.end) {
-        strings::copy_step(k, sender, receiver, &message, window);
-        return Ok(true);
+    let window = strings::check(k, sender, receiver, message)?;
+    let pending = items::pending(k, sender, receiver, message);
+    if !window.is_last() || (pending && window.start < window.end) {
+        strings::copy_step(k, sender, receiver, message, window);
+        return Ok(Transfer::Restart);
     }
-    Ok(maps && !items::step(k, sender, receiver, &message))
+    Ok(if pending { maps(k) } else { ready })
 }
 
 /// Make `thread` (the current thread, in an IPC syscall that has not taken effect) issue its
@@ -274,11 +294,18 @@ pub fn send(
         Some(_) => false,
     };
     k.thread(sender).receive_timeout = receive_timeout;
-    let mut waiting = waiting;
     if waiting {
-        match transfer_step(k, sender, target) {
-            Ok(false) => {}
-            Ok(true) => {
+        let mut message = read_message(k, sender);
+        match transfer_step(k, sender, target, &message) {
+            Ok(Transfer::Deliver { mapped }) => {
+                deliver(k, sender, target, badge, mapped, &mut message);
+                if !awaits_kernel_reply(k, target) {
+                    k.wake(target);
+                }
+                sender_done(k, sender, target, call);
+                return Ok(SendOutcome::Delivered);
+            }
+            Ok(Transfer::Restart) => {
                 // One step of the transfer done: the receiver waits on, we go again.
                 await_strings(k, target);
                 restart_for_step(k, sender, false);
@@ -291,7 +318,6 @@ pub fn send(
                 // The waiting receiver's buffer is not in user memory: its receive fails; we
                 // go on as if it had not been waiting.
                 abort(k, target, Error::InvalidArgument as u64 | RECEIVE_PHASE);
-                waiting = false;
             }
             Err(Obstacle::Missing(missing)) if missing.thread == sender => {
                 restart_with_fault(k, sender, missing, false);
@@ -300,17 +326,8 @@ pub fn send(
             Err(Obstacle::Missing(missing)) => {
                 // The waiting receiver's buffer lacks a page: it faults first; we queue.
                 fault_for_receiver(k, target, missing);
-                waiting = false;
             }
         }
-    }
-    if waiting {
-        deliver(k, sender, target, badge);
-        if !awaits_kernel_reply(k, target) {
-            k.wake(target);
-        }
-        sender_done(k, sender, target, call);
-        return Ok(SendOutcome::Delivered);
     }
     if send_timeout.kind() == TimeoutKind::Zero {
         return Err(Error::Timeout);
@@ -441,9 +458,10 @@ pub fn receive(
             .senders
             .remove(index)
             .expect("queued sender");
-        match transfer_step(k, sender, receiver) {
-            Ok(false) => {}
-            Ok(true) => {
+        let mut message = read_message(k, sender);
+        let mapped = match transfer_step(k, sender, receiver, &message) {
+            Ok(Transfer::Deliver { mapped }) => mapped,
+            Ok(Transfer::Restart) => {
                 // One step of the transfer done: the sender stays first in the queue, we go
                 // again.
                 k.thread(receiver).senders.push_front(sender);
@@ -472,7 +490,7 @@ pub fn receive(
                 restart_with_fault(k, receiver, missing, true);
                 return Ok(());
             }
-        }
+        };
         let ThreadState::Sending { badge, call, .. } = k.thread(sender).state else {
             unreachable!("queued sender not sending");
         };
@@ -481,7 +499,7 @@ pub fn receive(
             from,
             awaiting: Awaiting::Message,
         };
-        deliver(k, sender, receiver, badge);
+        deliver(k, sender, receiver, badge, mapped, &mut message);
         k.thread(receiver).state = ThreadState::Ready;
         sender_done(k, sender, receiver, call);
         return Ok(());
@@ -512,9 +530,10 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
         return Err(Error::NoPartner);
     }
     let kernel_reply = awaits_kernel_reply(k, caller);
-    match transfer_step(k, replier, caller) {
-        Ok(false) => {}
-        Ok(true) => {
+    let mut message = read_message(k, replier);
+    let mapped = match transfer_step(k, replier, caller, &message) {
+        Ok(Transfer::Deliver { mapped }) => mapped,
+        Ok(Transfer::Restart) => {
             // One step of the transfer done: the caller waits on, we reply again.
             await_strings(k, caller);
             k.thread(replier).caller = Some(caller);
@@ -540,8 +559,8 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
             abort(k, caller, Error::Timeout as u64 | RECEIVE_PHASE);
             return Err(Error::Timeout);
         }
-    }
-    deliver(k, replier, caller, 0);
+    };
+    deliver(k, replier, caller, 0, mapped, &mut message);
     if !kernel_reply {
         k.wake(caller);
     }

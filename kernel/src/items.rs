@@ -3,6 +3,7 @@
 //! [`MAP_STEP_UNITS`] of mapping work ([`crate::map::map_step`]); when more remains, the
 //! thread in whose system call it happens issues it again, and the receiver keeps how far the
 //! transfer got (in its [`PartialCopy`], with the strings' progress) while its receive lasts.
+//! The last step's outcome goes straight to the delivery.
 
 use crate::kernel::Kernel;
 use crate::map::{map_start, map_step, place_window, Space, MAP_STEP_UNITS};
@@ -10,7 +11,6 @@ use crate::object::{TaskId, ThreadId};
 use crate::strings::{self, PartialCopy};
 use crate::thread::{utcb, Awaiting, Message, ThreadState};
 use l4_abi::{Error, Fpage, FpageKind, MapItem, StringItem, BR_OBJECT_WINDOW, BR_RECEIVE_WINDOW};
-use smallvec::SmallVec;
 
 /// What one map item transfers.
 #[derive(Debug, Clone, Copy)]
@@ -26,21 +26,20 @@ struct Job {
     grant: bool,
 }
 
-/// The map jobs of `message` from `sender` to `receiver`, in item order. A receiver awaiting
-/// a page-fault reply gets the reply's first item (memory only: anything else fails), placed
-/// in its whole address space, or in its VM's guest-physical space for a guest page fault
-/// (never granted); a receiver awaiting an exception reply gets none; any other receiver each
-/// map item its receive windows take (items without a window for them are dropped).
-fn jobs(
+/// Map job number `n` of `message` from `sender` to `receiver`, in item order (computed
+/// afresh each time: no list is kept or moved). A receiver awaiting a page-fault reply gets
+/// the reply's first item (memory only: anything else fails), placed in its whole address
+/// space, or in its VM's guest-physical space for a guest page fault (never granted); a
+/// receiver awaiting an exception reply gets none; any other receiver each map item its
+/// receive windows take (items without a window for them are dropped).
+fn nth_job(
     k: &mut Kernel,
     sender: ThreadId,
     receiver: ThreadId,
     message: &Message,
-) -> SmallVec<[Job; 4]> {
-    let mut jobs = SmallVec::new();
-    let (Some(from), Some(to)) = (k.task_of(sender), k.task_of(receiver)) else {
-        return jobs;
-    };
+    n: usize,
+) -> Option<Job> {
+    let (from, to) = (k.task_of(sender)?, k.task_of(receiver)?);
     let tag = message.tag;
     let item = |i: usize| MapItem {
         control: message.words[tag.untyped() + 2 * i],
@@ -51,30 +50,31 @@ fn jobs(
         _ => Awaiting::Message,
     };
     match awaiting {
-        Awaiting::ExceptionReply => {}
+        Awaiting::ExceptionReply => None,
         Awaiting::PageFaultReply => {
-            if tag.label() == 0 && tag.typed() > 0 {
-                let item = item(0);
-                let guest = k.thread(receiver).guest_fault;
-                let (window, to, grant) = match guest {
-                    Some((vm, _)) => (Fpage::memory(0, 46, Fpage::RWX), Space::Vm(vm), false),
-                    None => (Fpage::whole_space(), Space::Task(to), item.is_grant()),
-                };
-                let (fpage, destination) = place_window(window, item);
-                jobs.push(Job {
-                    item: 0,
-                    from,
-                    fpage,
-                    to,
-                    destination,
-                    grant,
-                });
+            if n > 0 || tag.label() != 0 || tag.typed() == 0 {
+                return None;
             }
+            let item = item(0);
+            let (window, to, grant) = match k.thread(receiver).guest_fault {
+                Some((vm, _)) => (Fpage::memory(0, 46, Fpage::RWX), Space::Vm(vm), false),
+                None => (Fpage::whole_space(), Space::Task(to), item.is_grant()),
+            };
+            let (fpage, destination) = place_window(window, item);
+            Some(Job {
+                item: 0,
+                from,
+                fpage,
+                to,
+                destination,
+                grant,
+            })
         }
         Awaiting::Message | Awaiting::Strings => {
             let br = &utcb(k, receiver).br;
             let memory_window = Fpage(br[BR_RECEIVE_WINDOW]);
             let object_window = Fpage(br[BR_OBJECT_WINDOW]);
+            let mut found = 0;
             for i in 0..tag.typed() {
                 let item = item(i);
                 if item.control & StringItem::FLAG != 0 {
@@ -89,24 +89,29 @@ fn jobs(
                     }
                     Some(FpageKind::Io) => (item.fpage, 0),
                     _ => {
-                        crate::debug!(
-                            "map item {i} dropped: receiver has no receive window for it"
-                        );
+                        if n == 0 {
+                            crate::debug!(
+                                "map item {i} dropped: receiver has no receive window for it"
+                            );
+                        }
                         continue;
                     }
                 };
-                jobs.push(Job {
-                    item: i,
-                    from,
-                    fpage,
-                    to: Space::Task(to),
-                    destination,
-                    grant: item.is_grant(),
-                });
+                if found == n {
+                    return Some(Job {
+                        item: i,
+                        from,
+                        fpage,
+                        to: Space::Task(to),
+                        destination,
+                        grant: item.is_grant(),
+                    });
+                }
+                found += 1;
             }
+            None
         }
     }
-    jobs
 }
 
 /// Whether a page-fault reply's job may go: memory only.
@@ -121,25 +126,42 @@ fn allowed(k: &Kernel, receiver: ThreadId, job: &Job) -> bool {
     !fault_reply || job.fpage.kind() == Some(FpageKind::Memory)
 }
 
+/// Whether `message` has typed items that are not strings (map items, or a fault reply's).
+fn has_map_items(message: &Message) -> bool {
+    let tag = message.tag;
+    (0..tag.typed()).any(|i| {
+        let at = tag.untyped() + 2 * i;
+        message
+            .words
+            .get(at)
+            .is_some_and(|&control| control & StringItem::FLAG == 0)
+    })
+}
+
+/// How far [`work`] got.
+enum Progress {
+    /// All done; whether an item failed.
+    Done { failed: bool },
+    /// More remains (kept in the receiver).
+    More,
+}
+
 /// Do the map items' work (see the module) from where the receiver's transfer got, at most
-/// `budget` units of it: `true` when all is done, `false` when the current thread's system
-/// call must restart for more (the progress is kept in the receiver).
+/// `budget` units of it.
 fn work(
     k: &mut Kernel,
     sender: ThreadId,
     receiver: ThreadId,
     message: &Message,
     mut budget: u32,
-) -> bool {
-    let jobs = jobs(k, sender, receiver, message);
-    let mut p = strings::progress(k, sender, receiver, message);
-    let total = jobs.len() as u8;
-    if p.mapped >= total {
-        return true;
+) -> Progress {
+    if !has_map_items(message) {
+        return Progress::Done { failed: false };
     }
-    while let Some(job) = jobs.get(p.mapped as usize) {
+    let mut p = strings::progress(k, sender, receiver, message);
+    while let Some(job) = nth_job(k, sender, receiver, message, p.mapped as usize) {
         let resume = p.resume.unwrap_or_else(|| map_start(job.fpage));
-        let stepped = if allowed(k, receiver, job) {
+        let stepped = if allowed(k, receiver, &job) {
             map_step(
                 k,
                 job.from,
@@ -156,8 +178,8 @@ fn work(
         match stepped {
             Ok(Some(next)) => {
                 p.resume = Some(next);
-                strings::save(k, receiver, p);
-                return false;
+                strings::save(k, sender, receiver, message, p);
+                return Progress::More;
             }
             Ok(None) => {}
             Err(e) => {
@@ -168,34 +190,38 @@ fn work(
         p.mapped += 1;
         p.resume = None;
     }
-    strings::save(k, receiver, p);
-    true
+    Progress::Done { failed: p.failed }
 }
 
 /// Whether `message` from `sender` has map work for `receiver` that is not done yet.
 pub fn pending(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &Message) -> bool {
-    let jobs = jobs(k, sender, receiver, message).len() as u8;
-    jobs > 0 && strings::progress(k, sender, receiver, message).mapped < jobs
+    if !has_map_items(message) {
+        return false;
+    }
+    let done = strings::progress(k, sender, receiver, message).mapped as usize;
+    nth_job(k, sender, receiver, message, done).is_some()
 }
 
-/// One step of the map items' work (at most [`MAP_STEP_UNITS`]): `true` when all is done and
-/// the message can be delivered in this kernel entry.
-pub fn step(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &Message) -> bool {
-    work(k, sender, receiver, message, MAP_STEP_UNITS)
-}
-
-/// At delivery: finish the map items' work (all of it: the steps before delivery have left
-/// none, unless delivery came another way) and tell whether every item went without error.
-pub fn finish(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &Message) -> bool {
-    while !work(k, sender, receiver, message, MAP_STEP_UNITS) {}
-    !strings::progress(k, sender, receiver, message).failed
+/// One step of the map items' work (at most [`MAP_STEP_UNITS`]): `Some(ok)` when all is done
+/// and the message can be delivered in this kernel entry (`ok`: every item went without
+/// error), `None` when the current thread's system call must restart for more.
+pub fn step(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    message: &Message,
+) -> Option<bool> {
+    match work(k, sender, receiver, message, MAP_STEP_UNITS) {
+        Progress::Done { failed } => Some(!failed),
+        Progress::More => None,
+    }
 }
 
 /// A fresh transfer's progress, for [`strings::progress`].
-pub fn fresh(sender: ThreadId, fingerprint: u64) -> PartialCopy {
+pub fn fresh(sender: ThreadId) -> PartialCopy {
     PartialCopy {
         sender,
-        fingerprint,
+        fingerprint: 0,
         done: 0,
         mapped: 0,
         resume: None,

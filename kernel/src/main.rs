@@ -33,6 +33,7 @@ pub mod vm;
 
 use arch::x86_64::entry::{self, Frame, SPURIOUS_VECTOR, TIMER_VECTOR};
 use arch::x86_64::{apic, cpu, ioapic, serial};
+use x86_64::registers::control::Cr2;
 
 /// isa-debug-exit value for a kernel panic (QEMU exits with status 2*v+1 = 37).
 pub const EXIT_PANIC: u8 = l4_abi::qemu_exit::PANIC;
@@ -84,7 +85,7 @@ extern "C" fn interrupt_dispatch(frame: *mut Frame) -> ! {
     let k = kernel::kernel();
     match vector {
         0..=31 if !from_user => fault::kernel_fault(frame),
-        14 => fault::page_fault(k, cpu::cr2(), frame.error),
+        14 => fault::page_fault(k, Cr2::read_raw(), frame.error),
         7 => fpu::device_not_available(k),
         0..=31 => fault::exception(k, vector, frame.error),
         v if v == TIMER_VECTOR as u64 => {

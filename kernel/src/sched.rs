@@ -2,11 +2,11 @@
 //! woken thread of higher priority; and the switch to user mode (address space, UTCB, I/O
 //! bitmap, lazy FPU state).
 
-use crate::arch::x86_64::cpu;
 use crate::arch::x86_64::entry::return_to_user;
 use crate::kernel::Kernel;
 use crate::object::{TaskId, ThreadId};
 use crate::thread::{Thread, ThreadState};
+use x86_64::registers::model_specific::FsBase;
 
 impl Kernel {
     /// Make `id` runnable; ask for preemption if it outranks the current thread.
@@ -99,12 +99,13 @@ impl Kernel {
         }
         if root != self.loaded_root {
             // SAFETY: every task's PML4 maps the kernel half.
-            unsafe { cpu::write_cr3(root) };
+            unsafe { crate::arch::x86_64::paging::load_root(root) };
             self.loaded_root = root;
         }
         if utcb != self.fs_base {
+            let mut fs_base = FsBase::MSR;
             // SAFETY: the UTCB address is a user address chosen at bind time.
-            unsafe { cpu::wrmsr(cpu::msr::FS_BASE, utcb) };
+            unsafe { fs_base.write(utcb) };
             self.fs_base = utcb;
         }
         // SAFETY: the frame lives in the boxed thread until the thread is destroyed, which

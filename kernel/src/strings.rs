@@ -177,16 +177,28 @@ pub fn progress(
     receiver: ThreadId,
     message: &Message,
 ) -> PartialCopy {
-    let fingerprint = fingerprint(k, receiver, message);
-    match *slot(k, receiver) {
-        Some(c) if c.sender == sender && c.fingerprint == fingerprint => c,
-        _ => crate::items::fresh(sender, fingerprint),
+    let saved = *slot(k, receiver);
+    match saved {
+        Some(c) if c.sender == sender && c.fingerprint == fingerprint(k, receiver, message) => c,
+        _ => crate::items::fresh(sender),
     }
 }
 
-/// Keep `progress` in `receiver` (see [`progress`]).
-pub fn save(k: &mut Kernel, receiver: ThreadId, progress: PartialCopy) {
-    *slot(k, receiver) = Some(progress);
+/// Keep `progress` of the transfer of `message` from `sender` in `receiver` (see
+/// [`progress`]).
+pub fn save(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    message: &Message,
+    progress: PartialCopy,
+) {
+    let fingerprint = fingerprint(k, receiver, message);
+    *slot(k, receiver) = Some(PartialCopy {
+        sender,
+        fingerprint,
+        ..progress
+    });
 }
 
 /// The plan of `message`'s strings from `sender` to `receiver`; `Err(true)` if a string is
@@ -324,7 +336,9 @@ pub fn copy_step(
     let progress = progress(k, sender, receiver, message);
     save(
         k,
+        sender,
         receiver,
+        message,
         PartialCopy {
             done: window.end,
             ..progress

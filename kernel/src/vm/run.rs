@@ -12,7 +12,7 @@ use l4_abi::vcpu::{self as state, exit};
 use l4_abi::Error;
 
 /// CR4.OSXSAVE.
-const CR4_OSXSAVE: u64 = 1 << 18;
+const CR4_OSXSAVE: u64 = x86_64::registers::control::Cr4Flags::OSXSAVE.bits();
 /// Event injection of #UD: valid, exception, vector 6.
 const INJECT_UD: u64 = state::event::UD;
 /// Event injection of #GP(0): valid, error code (0), exception, vector 13.

@@ -1,9 +1,10 @@
 //! The local APIC (periodic timer, end of interrupt), with the legacy PIC masked and the
 //! timer calibrated against PIT channel 2.
 
-use super::cpu::{inb, msr, outb, rdmsr};
+use super::cpu::{inb, outb};
 use super::entry::{SPURIOUS_VECTOR, TIMER_VECTOR};
 use super::paging::phys_to_virt;
+use x86_64::registers::model_specific::ApicBase;
 
 const REG_EOI: u64 = 0xb0;
 const REG_SPURIOUS: u64 = 0xf0;
@@ -14,7 +15,7 @@ const REG_TIMER_DIVIDE: u64 = 0x3e0;
 const REG_TPR: u64 = 0x80;
 
 fn base() -> u64 {
-    phys_to_virt(rdmsr(msr::APIC_BASE) & 0xffff_f000)
+    phys_to_virt(ApicBase::read_raw().0.start_address().as_u64())
 }
 
 fn write(register: u64, value: u32) {

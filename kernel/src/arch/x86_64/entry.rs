@@ -7,9 +7,17 @@
 //! Rust; every exit restores some thread's frame with `iretq`. Nothing on the kernel stack
 //! survives a return to user mode.
 
-use super::cpu::{self, msr, wrmsr};
-use core::arch::{asm, global_asm};
+use core::arch::global_asm;
 use core::mem::size_of;
+use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
+use x86_64::instructions::tables::load_tss;
+use x86_64::registers::model_specific::{Efer, EferFlags, LStar, SFMask, Star};
+use x86_64::registers::rflags::RFlags;
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable};
+use x86_64::structures::idt::InterruptDescriptorTable;
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::PrivilegeLevel;
+use x86_64::VirtAddr;
 
 /// Kernel code selector.
 pub const KERNEL_CS: u64 = 0x08;
@@ -92,11 +100,21 @@ impl Frame {
 }
 
 /// RFLAGS.IF.
-pub const RFLAGS_IF: u64 = 1 << 9;
+pub const RFLAGS_IF: u64 = RFlags::INTERRUPT_FLAG.bits();
 /// RFLAGS bit 1, always set.
 pub const RFLAGS_RESERVED: u64 = 1 << 1;
 /// RFLAGS bits a user may choose (arithmetic flags, TF, DF, AC).
-pub const RFLAGS_USER_MASK: u64 = 0xcd5 | (1 << 8) | (1 << 10) | (1 << 18);
+pub const RFLAGS_USER_MASK: u64 = RFlags::CARRY_FLAG
+    .union(RFlags::PARITY_FLAG)
+    .union(RFlags::AUXILIARY_CARRY_FLAG)
+    .union(RFlags::ZERO_FLAG)
+    .union(RFlags::SIGN_FLAG)
+    .union(RFlags::OVERFLOW_FLAG)
+    .union(RFlags::TRAP_FLAG)
+    .union(RFlags::DIRECTION_FLAG)
+    .union(RFlags::ALIGNMENT_CHECK)
+    .bits();
+const _: () = assert!(RFLAGS_USER_MASK == 0xcd5 | (1 << 8) | (1 << 10) | (1 << 18));
 
 /// End of the current thread's frame: where the syscall stub starts pushing. (Named in the
 /// stubs through a `sym` operand, not an exported symbol, so that Rust code reaches it
@@ -107,38 +125,20 @@ static mut CURRENT_FRAME_END: u64 = 0;
 #[no_mangle]
 static mut SYSCALL_USER_RSP: u64 = 0;
 
-#[repr(C, packed)]
-struct Tss {
-    reserved0: u32,
-    rsp: [u64; 3],
-    reserved1: u64,
-    ist: [u64; 7],
-    reserved2: u64,
-    reserved3: u16,
-    iomap_base: u16,
+/// The TSS followed by the I/O permission bitmap of the running task and the terminating
+/// all-ones byte the CPU requires (the bitmap's last byte).
+#[repr(C)]
+struct TssWithBitmap {
+    tss: TaskStateSegment,
+    bitmap: [u8; IO_BITMAP_BYTES + 1],
 }
 
-/// The TSS followed by the I/O permission bitmap of the running task (and the terminating
-/// all-ones byte the CPU requires).
-#[repr(C, packed)]
-struct TssWithBitmap {
-    tss: Tss,
-    bitmap: [u8; 8192],
-    end: u8,
-}
+/// Bytes of an I/O permission bitmap (65,536 ports).
+const IO_BITMAP_BYTES: usize = 8192;
 
 static mut TSS: TssWithBitmap = TssWithBitmap {
-    tss: Tss {
-        reserved0: 0,
-        rsp: [0; 3],
-        reserved1: 0,
-        ist: [0; 7],
-        reserved2: 0,
-        reserved3: 0,
-        iomap_base: size_of::<Tss>() as u16,
-    },
-    bitmap: [0xff; 8192],
-    end: 0xff,
+    tss: TaskStateSegment::new(),
+    bitmap: [0xff; IO_BITMAP_BYTES + 1],
 };
 
 /// Load the I/O permission bitmap of the task about to run (`None`: deny every port).
@@ -146,50 +146,19 @@ pub fn set_io_bitmap(bitmap: Option<&[u8; 8192]>) {
     // SAFETY: single CPU, kernel mode: the CPU reads the bitmap only in user mode.
     unsafe {
         let tss = &raw mut TSS;
+        let ports = &mut (&mut *tss).bitmap[..IO_BITMAP_BYTES];
         match bitmap {
-            Some(b) => (*tss).bitmap = *b,
-            None => (*tss).bitmap = [0xff; 8192],
+            Some(b) => ports.copy_from_slice(b),
+            None => ports.fill(0xff),
         }
     }
 }
 
-static mut GDT: [u64; 7] = [
-    0,
-    0x00af_9a00_0000_ffff, // kernel code
-    0x00cf_9200_0000_ffff, // kernel data
-    0x00cf_f200_0000_ffff, // user data
-    0x00af_fa00_0000_ffff, // user code
-    0,                     // TSS low
-    0,                     // TSS high
-];
+/// Kernel code and data, user data and code (in the order SYSRET needs), the TSS: the
+/// selectors [`KERNEL_CS`], [`KERNEL_SS`], [`USER_SS`], [`USER_CS`] and [`TSS_SELECTOR`].
+static mut GDT: GlobalDescriptorTable = GlobalDescriptorTable::new();
 
-#[repr(C, packed)]
-struct TablePointer {
-    limit: u16,
-    base: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct IdtEntry {
-    offset_low: u16,
-    selector: u16,
-    ist: u8,
-    attributes: u8,
-    offset_mid: u16,
-    offset_high: u32,
-    reserved: u32,
-}
-
-static mut IDT: [IdtEntry; 256] = [IdtEntry {
-    offset_low: 0,
-    selector: 0,
-    ist: 0,
-    attributes: 0,
-    offset_mid: 0,
-    offset_high: 0,
-    reserved: 0,
-}; 256];
+static mut IDT: InterruptDescriptorTable = InterruptDescriptorTable::new();
 
 extern "C" {
     static isr_table: [u64; 256];
@@ -202,73 +171,79 @@ extern "C" {
 /// slow path).
 pub fn disable_fastpath() {
     // SAFETY: points LSTAR at the other, equivalent entry stub.
-    unsafe { wrmsr(msr::LSTAR, syscall_entry_slow as *const () as u64) };
+    LStar::write(VirtAddr::new(syscall_entry_slow as *const () as u64));
 }
 
 /// Load the GDT, TSS and IDT and program the syscall MSRs.
 pub fn init() {
     // SAFETY: runs once at boot on the only CPU before any user code; the tables are statics
-    // that live forever, and the MSR values point at our entry stub with our selectors.
+    // that live forever (nothing else refers to them), and the MSR values point at our entry
+    // stub with our selectors.
     unsafe {
-        let tss = &raw const TSS as u64;
-        let limit = (size_of::<TssWithBitmap>() - 1) as u64;
-        let gdt = &raw mut GDT;
-        (*gdt)[5] = (limit & 0xffff)
-            | ((tss & 0xff_ffff) << 16)
-            | (0x89 << 40)
-            | (((limit >> 16) & 0xf) << 48)
-            | (((tss >> 24) & 0xff) << 56);
-        (*gdt)[6] = tss >> 32;
-        let gdtr = TablePointer {
-            limit: (size_of::<[u64; 7]>() - 1) as u16,
-            base: gdt as u64,
-        };
-        asm!(
-            "lgdt [{gdtr}]",
-            "push {cs}",
-            "lea {tmp}, [rip + 2f]",
-            "push {tmp}",
-            "retfq",
-            "2:",
-            "mov {tmp:e}, {ss}",
-            "mov ss, {tmp:e}",
-            "mov ds, {tmp:e}",
-            "mov es, {tmp:e}",
-            "ltr {tss:x}",
-            gdtr = in(reg) &gdtr,
-            cs = const KERNEL_CS,
-            ss = const KERNEL_SS,
-            tss = in(reg) TSS_SELECTOR,
-            tmp = out(reg) _,
-        );
+        let (tss, gdt, idt) = (&raw const TSS, &raw mut GDT, &raw mut IDT);
+        let (tss, gdt, idt): (
+            &'static TssWithBitmap,
+            &'static mut GlobalDescriptorTable,
+            _,
+        ) = (&*tss, &mut *gdt, &mut *idt);
+        let selectors = [
+            gdt.append(Descriptor::kernel_code_segment()),
+            gdt.append(Descriptor::kernel_data_segment()),
+            gdt.append(Descriptor::user_data_segment()),
+            gdt.append(Descriptor::user_code_segment()),
+            gdt.append(
+                Descriptor::tss_segment_with_iomap(&tss.tss, &tss.bitmap).expect("TSS I/O map"),
+            ),
+        ];
+        let expected = [KERNEL_CS, KERNEL_SS, USER_SS, USER_CS, TSS_SELECTOR as u64];
+        assert!(selectors
+            .iter()
+            .zip(expected)
+            .all(|(s, e)| u64::from(s.0) == e));
+        let gdt: &'static GlobalDescriptorTable = gdt;
+        gdt.load();
+        CS::set_reg(selectors[0]);
+        SS::set_reg(selectors[1]);
+        DS::set_reg(selectors[1]);
+        ES::set_reg(selectors[1]);
+        load_tss(selectors[4]);
 
-        let idt = &raw mut IDT;
-        for (vector, entry) in (*idt).iter_mut().enumerate() {
-            let handler = isr_table[vector];
-            *entry = IdtEntry {
-                offset_low: handler as u16,
-                selector: KERNEL_CS as u16,
-                ist: 0,
-                // present, interrupt gate; int3 (3) may be raised from user mode
-                attributes: if vector == 3 { 0xee } else { 0x8e },
-                offset_mid: (handler >> 16) as u16,
-                offset_high: (handler >> 32) as u32,
-                reserved: 0,
-            };
+        let handler = |vector: usize| VirtAddr::new(isr_table[vector]);
+        for vector in (0..=7).chain([9, 16, 19, 20, 28]).chain(32..=255) {
+            let options = idt[vector as u8].set_handler_addr(handler(vector));
+            if vector == 3 {
+                // int3 may be raised from user mode.
+                options.set_privilege_level(PrivilegeLevel::Ring3);
+            }
         }
-        let idtr = TablePointer {
-            limit: (size_of::<[IdtEntry; 256]>() - 1) as u16,
-            base: idt as u64,
-        };
-        asm!("lidt [{}]", in(reg) &idtr);
+        // The exceptions with an error code (the IDT's entries of other kinds).
+        idt.double_fault.set_handler_addr(handler(8));
+        idt.invalid_tss.set_handler_addr(handler(10));
+        idt.segment_not_present.set_handler_addr(handler(11));
+        idt.stack_segment_fault.set_handler_addr(handler(12));
+        idt.general_protection_fault.set_handler_addr(handler(13));
+        idt.page_fault.set_handler_addr(handler(14));
+        idt.alignment_check.set_handler_addr(handler(17));
+        idt.machine_check.set_handler_addr(handler(18));
+        idt.cp_protection_exception.set_handler_addr(handler(21));
+        idt.vmm_communication_exception
+            .set_handler_addr(handler(29));
+        idt.security_exception.set_handler_addr(handler(30));
+        let idt: &'static InterruptDescriptorTable = idt;
+        idt.load();
 
-        wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | 1); // SCE
-        wrmsr(msr::STAR, (KERNEL_CS << 32) | ((0x10 | 3) << 48));
-        wrmsr(msr::LSTAR, syscall_entry as *const () as u64);
+        Efer::update(|flags| flags.insert(EferFlags::SYSTEM_CALL_EXTENSIONS));
+        // SYSCALL loads CS = KERNEL_CS (SS = +8); SYSRETQ CS = 0x10 + 16 | 3 (USER_CS), SS =
+        // 0x10 + 8 | 3 (USER_SS).
+        Star::write_raw(0x10 | 3, KERNEL_CS as u16);
+        LStar::write(VirtAddr::new(syscall_entry as *const () as u64));
         // Clear IF, TF, DF, AC, NT on entry.
-        wrmsr(
-            msr::SFMASK,
-            (1 << 9) | (1 << 8) | (1 << 10) | (1 << 18) | (1 << 14),
+        SFMask::write(
+            RFlags::INTERRUPT_FLAG
+                | RFlags::TRAP_FLAG
+                | RFlags::DIRECTION_FLAG
+                | RFlags::ALIGNMENT_CHECK
+                | RFlags::NESTED_TASK,
         );
     }
 }
@@ -286,8 +261,11 @@ pub unsafe fn return_to_user(frame: *const Frame) -> ! {
     // caller guarantees the frame is valid.
     unsafe {
         CURRENT_FRAME_END = end;
+        // (The stack pointer field is a canonical `VirtAddr`, a `u64`; the kernel address
+        // `end` is one.)
         let tss = &raw mut TSS;
-        core::ptr::write_unaligned(&raw mut (*tss).tss.rsp[0], end);
+        let rsp0 = &raw mut (*tss).tss.privilege_stack_table[0];
+        core::ptr::write_unaligned(rsp0.cast::<u64>(), end);
         restore_frame(frame)
     }
 }

@@ -6,13 +6,15 @@
 //! instructions here touch the registers, on behalf of user threads.
 
 use core::arch::asm;
+use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
+use x86_64::registers::xcontrol::{XCr0, XCr0Flags};
 
 /// XCR0 bit: x87 state.
-pub const XCR0_X87: u64 = 1 << 0;
+pub const XCR0_X87: u64 = XCr0Flags::X87.bits();
 /// XCR0 bit: SSE state (XMM registers, MXCSR).
-pub const XCR0_SSE: u64 = 1 << 1;
+pub const XCR0_SSE: u64 = XCr0Flags::SSE.bits();
 /// XCR0 bit: AVX state (upper halves of the YMM registers).
-pub const XCR0_AVX: u64 = 1 << 2;
+pub const XCR0_AVX: u64 = XCr0Flags::AVX.bits();
 
 /// Bytes of a thread's save area: the legacy region (512), the XSAVE header (64) and the AVX
 /// component (256, at offset 576 in the standard format), which is all that
@@ -79,14 +81,12 @@ pub fn init() -> Hardware {
     // SAFETY: CR0.MP/NE/EM and CR4.OSXSAVE only change how x87/SSE/XSAVE instructions behave,
     // which the kernel does not execute outside this module; CR0.TS is cleared.
     unsafe {
-        let mut cr0: u64;
-        asm!("mov {}, cr0", out(reg) cr0, options(nomem, nostack, preserves_flags));
-        cr0 = (cr0 | CR0_MP | CR0_NE) & !(CR0_EM | CR0_TS);
-        asm!("mov cr0, {}", in(reg) cr0, options(nostack, preserves_flags));
+        Cr0::update(|cr0| {
+            cr0.insert(Cr0Flags::MONITOR_COPROCESSOR | Cr0Flags::NUMERIC_ERROR);
+            cr0.remove(Cr0Flags::EMULATE_COPROCESSOR | Cr0Flags::TASK_SWITCHED);
+        });
         if xsave {
-            let cr4: u64;
-            asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack, preserves_flags));
-            asm!("mov cr4, {}", in(reg) cr4 | CR4_OSXSAVE, options(nostack, preserves_flags));
+            Cr4::update(|cr4| cr4.insert(Cr4Flags::OSXSAVE));
         }
     }
     if !xsave {
@@ -117,32 +117,20 @@ pub fn init() -> Hardware {
     Hardware { method, xcr0 }
 }
 
-const CR0_MP: u64 = 1 << 1;
-const CR0_EM: u64 = 1 << 2;
-const CR0_TS: u64 = 1 << 3;
-const CR0_NE: u64 = 1 << 5;
-const CR4_OSXSAVE: u64 = 1 << 18;
-
 /// Write XCR0.
 ///
 /// # Safety
 /// CR4.OSXSAVE must be set and `value` a valid XCR0.
 unsafe fn set_xcr0(value: u64) {
     // SAFETY: per the caller.
-    unsafe {
-        asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { XCr0::write_raw(value) };
 }
 
 /// Set CR0.TS: the next x87/SSE/AVX instruction in user mode raises #NM.
 pub fn set_task_switched() {
     // SAFETY: CR0.TS only makes FPU instructions trap; the kernel executes none while it is set
     // (every save and restore clears it first).
-    unsafe {
-        let cr0: u64;
-        asm!("mov {}, cr0", out(reg) cr0, options(nomem, nostack, preserves_flags));
-        asm!("mov cr0, {}", in(reg) cr0 | CR0_TS, options(nostack, preserves_flags));
-    }
+    unsafe { Cr0::write_raw(Cr0::read_raw() | Cr0Flags::TASK_SWITCHED.bits()) };
 }
 
 /// Clear CR0.TS.

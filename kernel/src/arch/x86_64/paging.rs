@@ -2,7 +2,9 @@
 //! address spaces whose upper half is shared with the kernel.
 
 use crate::memory::FrameSource;
-use core::arch::asm;
+use x86_64::registers::control::{Cr3, Cr3Flags};
+use x86_64::structures::paging::{PageTableFlags, PhysFrame};
+use x86_64::PhysAddr;
 
 /// Virtual address of physical address 0 in the kernel's direct map.
 pub const PHYS_OFFSET: u64 = 0xffff_8000_0000_0000;
@@ -15,20 +17,21 @@ pub const DIRECT_MAP_LIMIT: u64 = 512 << 30;
 static DIRECT_MAP_END: core::sync::atomic::AtomicU64 =
     core::sync::atomic::AtomicU64::new(BOOT_DIRECT_MAP);
 
+// The entry bits the kernel uses, from the `x86_64` crate's flag set.
 /// Entry is present.
-pub const PRESENT: u64 = 1;
+pub const PRESENT: u64 = PageTableFlags::PRESENT.bits();
 /// Writable.
-pub const WRITABLE: u64 = 2;
+pub const WRITABLE: u64 = PageTableFlags::WRITABLE.bits();
 /// User accessible.
-pub const USER: u64 = 4;
+pub const USER: u64 = PageTableFlags::USER_ACCESSIBLE.bits();
 /// Write-through.
-pub const WRITE_THROUGH: u64 = 8;
+pub const WRITE_THROUGH: u64 = PageTableFlags::WRITE_THROUGH.bits();
 /// Cache disabled.
-pub const NO_CACHE: u64 = 0x10;
+pub const NO_CACHE: u64 = PageTableFlags::NO_CACHE.bits();
 /// Large page (2 MiB in a PD, 1 GiB in a PDPT).
-pub const HUGE: u64 = 0x80;
+pub const HUGE: u64 = PageTableFlags::HUGE_PAGE.bits();
 /// No execute.
-pub const NO_EXECUTE: u64 = 1 << 63;
+pub const NO_EXECUTE: u64 = PageTableFlags::NO_EXECUTE.bits();
 /// The physical address bits of an entry.
 pub const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
 
@@ -421,7 +424,7 @@ impl AddressSpace {
 
     /// Whether this address space is the one loaded in CR3.
     pub fn is_current(&self) -> bool {
-        super::cpu::cr3() & ADDRESS_MASK == self.root
+        Cr3::read_raw().0.start_address().as_u64() == self.root
     }
 }
 
@@ -513,14 +516,24 @@ fn free_tables(table_phys: u64, level: u32, limit: usize, frames: &mut impl Fram
 }
 
 fn invalidate(address: u64) {
-    super::cpu::invlpg(address);
+    x86_64::instructions::tlb::flush(x86_64::VirtAddr::new_truncate(address));
+}
+
+/// Switch to the page tables whose PML4 is at physical address `root`.
+///
+/// # Safety
+/// `root` must be a valid PML4 that maps the kernel.
+#[inline(always)]
+pub unsafe fn load_root(root: u64) {
+    // SAFETY: the caller guarantees the kernel stays mapped; a PML4's address is a page-aligned
+    // physical address.
+    unsafe {
+        let frame = PhysFrame::from_start_address_unchecked(PhysAddr::new_unsafe(root));
+        Cr3::write(frame, Cr3Flags::empty())
+    }
 }
 
 /// Flush the whole (non-global) TLB.
 pub fn flush_all() {
-    // SAFETY: reloading CR3 with its own value only flushes the TLB.
-    unsafe {
-        let root = super::cpu::cr3();
-        asm!("mov cr3, {}", in(reg) root, options(nostack));
-    }
+    x86_64::instructions::tlb::flush_all();
 }

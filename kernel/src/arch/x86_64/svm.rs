@@ -1,10 +1,12 @@
 //! AMD SVM: detection and enabling, the VMCB layout the kernel uses, and the world switch
 //! (`vmrun` with the guest's general registers and the host's hidden state saved around it).
 
-use super::cpu::{self, msr};
 use super::paging::{phys_to_virt, PAGE_4K};
 use crate::memory::FrameSource;
 use core::arch::global_asm;
+use x86_64::registers::debug::{DebugAddressRegister, Dr0, Dr1, Dr2, Dr3};
+use x86_64::registers::model_specific::{Efer, EferFlags, Msr};
+use x86_64::registers::xcontrol::XCr0;
 
 /// VM_HSAVE_PA: the host state-save area.
 const VM_HSAVE_PA: u32 = 0xc001_0117;
@@ -220,10 +222,8 @@ pub fn saved_xstate() -> u64 {
 
 /// Read XCR0.
 pub fn xcr0() -> u64 {
-    let (low, high): (u32, u32);
-    // SAFETY: only called when CR4.OSXSAVE is set.
-    unsafe { core::arch::asm!("xgetbv", in("ecx") 0, out("eax") low, out("edx") high) };
-    (high as u64) << 32 | low as u64
+    // (Only called when CR4.OSXSAVE is set.)
+    XCr0::read_raw()
 }
 
 /// Write XCR0.
@@ -232,9 +232,7 @@ pub fn xcr0() -> u64 {
 /// CR4.OSXSAVE must be set and `value` a valid XCR0 (bit 0 set, supported components only).
 pub unsafe fn set_xcr0(value: u64) {
     // SAFETY: per the caller.
-    unsafe {
-        core::arch::asm!("xsetbv", in("ecx") 0, in("eax") value as u32, in("edx") (value >> 32) as u32)
-    };
+    unsafe { XCr0::write_raw(value) };
 }
 
 /// Load a guest's DR0-DR3 before its run. VMRUN switches DR6 and DR7 (they live in the VMCB)
@@ -245,48 +243,39 @@ pub unsafe fn set_xcr0(value: u64) {
 /// Only right before `run`: the host's DR7 enables no breakpoint, so the addresses take effect
 /// only under the guest's DR7, inside the guest.
 pub unsafe fn load_debug_registers(values: &[u64; 4]) {
-    // SAFETY: per the caller; writing DR0-DR3 at CPL 0 cannot fault, and the values are ones
-    // the CPU accepted from the guest (or 0).
-    unsafe {
-        if values[0] != 0 {
-            core::arch::asm!("mov dr0, {}", in(reg) values[0], options(nostack));
-        }
-        if values[1] != 0 {
-            core::arch::asm!("mov dr1, {}", in(reg) values[1], options(nostack));
-        }
-        if values[2] != 0 {
-            core::arch::asm!("mov dr2, {}", in(reg) values[2], options(nostack));
-        }
-        if values[3] != 0 {
-            core::arch::asm!("mov dr3, {}", in(reg) values[3], options(nostack));
-        }
+    // (Writing DR0-DR3 at CPL 0 cannot fault, and the values are ones the CPU accepted from
+    // the guest, or 0.)
+    if values[0] != 0 {
+        Dr0::write(values[0]);
+    }
+    if values[1] != 0 {
+        Dr1::write(values[1]);
+    }
+    if values[2] != 0 {
+        Dr2::write(values[2]);
+    }
+    if values[3] != 0 {
+        Dr3::write(values[3]);
     }
 }
 
 /// Read DR0-DR3 (a guest's, right after its run) and set the non-zero ones to 0, so that no
 /// task or other guest finds them (the kernel itself uses no breakpoints).
 pub fn take_debug_registers() -> [u64; 4] {
-    let (a, b, c, d): (u64, u64, u64, u64);
-    // SAFETY: reading and clearing debug registers at CPL 0 has no other effect (the host's DR7
-    // enables no breakpoint).
-    unsafe {
-        core::arch::asm!(
-            "mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3",
-            out(reg) a, out(reg) b, out(reg) c, out(reg) d, options(nostack),
-        );
-        let zero = 0u64;
-        if a != 0 {
-            core::arch::asm!("mov dr0, {}", in(reg) zero, options(nostack));
-        }
-        if b != 0 {
-            core::arch::asm!("mov dr1, {}", in(reg) zero, options(nostack));
-        }
-        if c != 0 {
-            core::arch::asm!("mov dr2, {}", in(reg) zero, options(nostack));
-        }
-        if d != 0 {
-            core::arch::asm!("mov dr3, {}", in(reg) zero, options(nostack));
-        }
+    // (Reading and clearing debug registers at CPL 0 has no other effect: the host's DR7
+    // enables no breakpoint.)
+    let (a, b, c, d) = (Dr0::read(), Dr1::read(), Dr2::read(), Dr3::read());
+    if a != 0 {
+        Dr0::write(0);
+    }
+    if b != 0 {
+        Dr1::write(0);
+    }
+    if c != 0 {
+        Dr2::write(0);
+    }
+    if d != 0 {
+        Dr3::write(0);
     }
     [a, b, c, d]
 }
@@ -296,8 +285,8 @@ pub fn enable(host_save_area: u64) {
     // SAFETY: EFER.SVME only enables the SVM instructions; the host save area is a frame the
     // kernel reserved for the CPU.
     unsafe {
-        cpu::wrmsr(msr::EFER, cpu::rdmsr(msr::EFER) | EFER_SVME);
-        cpu::wrmsr(VM_HSAVE_PA, host_save_area);
+        Efer::update(|flags| flags.insert(EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE));
+        Msr::new(VM_HSAVE_PA).write(host_save_area);
     }
 }
 
