@@ -102,6 +102,7 @@ pub fn judge(check: &Check, log: &str, exit: Exit, log_path: &str) -> Report {
             })
             .collect();
         let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+        let first_case = suite.iter().position(|l| tap_line.is_match(l));
         for caps in suite.iter().filter_map(|l| tap_line.captures(l)) {
             if caps.get(1).is_some() {
                 report.tap_failed += 1;
@@ -111,11 +112,18 @@ pub fn judge(check: &Check, log: &str, exit: Exit, log_path: &str) -> Report {
             let number = caps[2].parse().unwrap_or(u64::MAX);
             *seen.entry(number).or_default() += 1;
         }
-        let printed_plan = suite
+        // A suite that prints its plan first is judged by its first plan line, others by
+        // their last.
+        let mut plan_lines = suite
             .iter()
-            .rev()
-            .find_map(|l| plan_line.captures(l))
-            .map(|c| c[1].to_string());
+            .enumerate()
+            .filter_map(|(i, l)| plan_line.captures(l).map(|c| (i, c[1].to_string())));
+        let judged = if tap.plan_first {
+            plan_lines.next()
+        } else {
+            plan_lines.next_back()
+        };
+        let (plan_at, printed_plan) = judged.unzip();
         let plan = u64::from(tap.plan);
         let mut problems = Vec::new();
         let missing: Vec<u64> = (1..=plan).filter(|n| !seen.contains_key(n)).collect();
@@ -142,6 +150,13 @@ pub fn judge(check: &Check, log: &str, exit: Exit, log_path: &str) -> Report {
                 Some(p) => format!("the suite printed plan 1..{p}"),
                 None => "no plan line 1..N".to_string(),
             });
+        }
+        if tap.plan_first {
+            if let (Some(plan_at), Some(case_at)) = (plan_at, first_case) {
+                if plan_at > case_at {
+                    problems.push("the plan line 1..N came after the first case".to_string());
+                }
+            }
         }
         let cases = report.tap_passed + report.tap_failed;
         report.summary = Some(format!(
@@ -224,6 +239,7 @@ mod tests {
                 label: "suite".into(),
                 plan,
                 plan_line,
+                plan_first: false,
                 prefix: None,
             }),
             console: Vec::new(),
@@ -296,6 +312,35 @@ mod tests {
         assert!(text.contains("more than once 1"), "{text}");
         assert!(text.contains("beyond the plan 4"), "{text}");
         assert!(text.contains("printed plan 1..4"), "{text}");
+    }
+
+    #[test]
+    fn a_plan_first_suite_must_print_its_plan_before_any_case() {
+        let mut c = check(Some(33), Some((3, true)));
+        c.tap.as_mut().unwrap().plan_first = true;
+        let first = "1..3\nok 1 - a\nnot ok 2 - b\nok 3 - c\n";
+        let r = judge(&c, first, Exit::Status(33), "l");
+        assert!(r.results[0].0, "{:?}", r.results);
+        // GOOD prints it last: right for other suites, a failure here.
+        let r = judge(&c, GOOD, Exit::Status(33), "l");
+        let text = &r.results[0].1;
+        assert!(!r.results[0].0);
+        assert!(
+            text.contains("plan line 1..N came after the first case"),
+            "{text}"
+        );
+        // The first plan line is the one judged.
+        let r = judge(
+            &c,
+            "1..2\nok 1 - a\nok 2 - b\nok 3 - c\n1..3\n",
+            Exit::Status(33),
+            "l",
+        );
+        assert!(
+            r.results[0].1.contains("printed plan 1..2"),
+            "{}",
+            r.results[0].1
+        );
     }
 
     #[test]

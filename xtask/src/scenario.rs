@@ -202,6 +202,9 @@ pub struct Tap {
     /// The suite prints its own `1..N` line, which must equal `plan`.
     #[serde(default)]
     pub plan_line: bool,
+    /// That line comes first, before any case (the suite knows its cases up front).
+    #[serde(default)]
+    pub plan_first: bool,
     /// The suite's lines start with this text (a compartment's `[NAME] `), which is removed
     /// before they are read as TAP; lines without it are not the suite's.
     #[serde(default)]
@@ -776,6 +779,9 @@ impl Context<'_> {
             if tap.label.trim().is_empty() {
                 return Err(self.error("check.tap.label", "is empty"));
             }
+            if tap.plan_first && !tap.plan_line {
+                return Err(self.error("check.tap.plan_first", "needs plan_line = true"));
+            }
         }
         Ok(Check {
             name: raw.name.clone(),
@@ -788,6 +794,7 @@ impl Context<'_> {
                 label: t.label.clone(),
                 plan: t.plan,
                 plan_line: t.plan_line,
+                plan_first: t.plan_first,
                 prefix: t.prefix.clone(),
             }),
             console: raw
@@ -1156,5 +1163,16 @@ mod tests {
             "{DEMO}[scenario.demo.check]\nname = \"n\"\ntimeout = 5\n[scenario.demo.check.tap]\nlabel = \"t\"\nplan = 0\n"
         ));
         assert!(e.contains("check.tap.plan: must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn a_plan_first_needs_a_plan_line() {
+        let e = error(&format!(
+            "{DEMO}[scenario.demo.check]\nname = \"n\"\ntimeout = 5\n[scenario.demo.check.tap]\nlabel = \"t\"\nplan = 3\nplan_first = true\n"
+        ));
+        assert!(
+            e.contains("check.tap.plan_first: needs plan_line = true"),
+            "{e}"
+        );
     }
 }

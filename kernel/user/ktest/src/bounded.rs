@@ -1,4 +1,13 @@
-// ---- bounded kernel work: a task's destruction goes in steps (included by main.rs)
+//! Bounded kernel work: a task's destruction goes in steps.
+
+use crate::lifetime::yield_until;
+use crate::support::{err, go, tag, POLL, RECEIVE_2S};
+use crate::tap::{check, check_eq, Case};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use l4::abi::{slots, Error, ObjectKind, Timeout, Timeouts, NO_CAP, UTCB_AREA};
+use l4::ipc::{self, IpcError};
+use l4::thread::alloc_slot;
+use l4::{println, sys};
 
 /// The task being destroyed (0 until the destroyer starts).
 static BIG_TASK: AtomicU64 = AtomicU64::new(0);
@@ -9,7 +18,7 @@ static DESTROY_DONE: AtomicBool = AtomicBool::new(false);
 /// What a thread in a closed receive from one of the task's threads got.
 static CLOSED_RECEIVE: AtomicU64 = AtomicU64::new(u64::MAX);
 
-fn result_code(r: Result<(), Error>) -> u64 {
+pub(crate) fn result_code(r: Result<(), Error>) -> u64 {
     match r {
         Ok(()) => 0,
         Err(e) => e as u64,
@@ -55,7 +64,28 @@ extern "C" fn closed_receiver(thread: u64) -> ! {
     sys::thread_exit(0)
 }
 
-fn bounded_destroy_cases() {
+/// The cases of [`bounded_destroy_cases`], in the order it reports them.
+pub(crate) const BOUNDED_DESTROY_CASES: &[Case] = &[
+    (
+        "task",
+        "a task with 2,000 threads is destroyed in steps; a racing TaskDestroy completes it once",
+    ),
+    (
+        "task",
+        "after a stepwise destroy the task's capability is stale",
+    ),
+    ("task", "after a stepwise destroy its threads are gone"),
+    (
+        "task",
+        "a closed receive from a thread of a destroyed task fails with DeadPartner",
+    ),
+    (
+        "quota",
+        "a stepwise destroy of 2,000 threads returns their quota exactly",
+    ),
+];
+
+pub(crate) fn bounded_destroy_cases() {
     const THREADS: u64 = 2000;
     const QUOTA: u64 = 16 << 20;
     let quota = alloc_slot();
@@ -103,7 +133,8 @@ fn bounded_destroy_cases() {
             && lowered.is_ok()
             && bound == THREADS
             && DESTROY_DONE.load(SeqCst)
-            && ((own == 0 && (raced == stale || raced == u64::MAX)) || (raced == 0 && own == stale)),
+            && ((own == 0 && (raced == stale || raced == u64::MAX))
+                || (raced == 0 && own == stale)),
     );
     check_eq(
         "task",

@@ -1,8 +1,16 @@
-// ---- x87/SSE/AVX state: every thread has its own, new threads start clean
-//
-// The register work is in assembly (`fpu_exercise`, `fpu_snapshot` below): from loading a
-// pattern into XMM0-15 (YMM0-15 with AVX), MXCSR and the x87 control word until the last check,
-// no compiled code runs in between that could legitimately use the registers, only syscalls.
+//! The x87/SSE/AVX state: every thread has its own, new threads start clean.
+//!
+//! The register work is in assembly (`fpu_exercise`, `fpu_snapshot` below): from loading a
+//! pattern into XMM0-15 (YMM0-15 with AVX), MXCSR and the x87 control word until the last check,
+//! no compiled code runs in between that could legitimately use the registers, only syscalls.
+
+use crate::support::{go, tag, wait_badge, Suite, CHILD_BADGE, MAP_ADDRESS, RECEIVE_2S};
+use crate::tap::{check, Case};
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use l4::abi::{slots, Fpage, Timeouts};
+use l4::child::fresh_page;
+use l4::ipc;
+use l4::{println, sys};
 
 /// One run of `fpu_exercise`: inputs, then results (the assembly uses these offsets).
 #[repr(C)]
@@ -364,7 +372,11 @@ fn fpu_run(seed: u64, op: u64, iterations: u64, pattern: &[u64; 64]) -> FpuRun {
 
 /// A run and its pattern on the heap, for threads of this task (leaked if a thread might
 /// still use them).
-fn boxed_run(seed: u64, op: u64, iterations: u64) -> (alloc::boxed::Box<FpuRun>, alloc::boxed::Box<[u64; 64]>) {
+fn boxed_run(
+    seed: u64,
+    op: u64,
+    iterations: u64,
+) -> (alloc::boxed::Box<FpuRun>, alloc::boxed::Box<[u64; 64]>) {
     let pattern = alloc::boxed::Box::new(fpu_pattern(seed));
     let run = alloc::boxed::Box::new(fpu_run(seed, op, iterations, &pattern));
     (run, pattern)
@@ -384,7 +396,6 @@ fn exercise(run: &mut FpuRun) {
     // are callee-saved) and touches only `run`, the pattern it points to and its own stack.
     unsafe { fpu_exercise(run) }
 }
-
 
 fn is_initial(s: &FpuSnapshot) -> bool {
     s.mxcsr == 0x1f80 && s.fcw == 0x37f && s.registers.iter().all(|&w| w == 0)
@@ -448,7 +459,12 @@ fn fresh_snapshot() -> FpuSnapshot {
 extern "C" fn fpu_fresh_body(argument: u64) -> ! {
     let s = fresh_snapshot();
     if !is_initial(&s) {
-        println!("# fresh thread: MXCSR {:#x}, FCW {:#x}, registers {:x?}", s.mxcsr, s.fcw, &s.registers[..8]);
+        println!(
+            "# fresh thread: MXCSR {:#x}, FCW {:#x}, registers {:x?}",
+            s.mxcsr,
+            s.fcw,
+            &s.registers[..8]
+        );
     }
     if argument == 1 {
         let words = [is_initial(&s) as u64, s.mxcsr as u64, s.fcw as u64];
@@ -461,7 +477,6 @@ extern "C" fn fpu_fresh_body(argument: u64) -> ! {
 
 static FPU_DONE: AtomicU64 = AtomicU64::new(0);
 static SPIN_ARRIVED: AtomicU64 = AtomicU64::new(0);
-
 
 /// Spin with the pattern of `run` (a leaked `FpuRun`) until preempted often enough.
 extern "C" fn fpu_spin_thread(run: u64) -> ! {
@@ -503,7 +518,12 @@ extern "C" fn child_fpu_spinner() -> ! {
     let mut run = fpu_run(7, 0, u64::MAX, &pattern);
     run.arrived_counter = MAP_ADDRESS;
     exercise(&mut run);
-    let _ = ipc::send(slots::PEER, tag(32, 3), &fpu_outcome(&run), Timeouts::INFINITE);
+    let _ = ipc::send(
+        slots::PEER,
+        tag(32, 3),
+        &fpu_outcome(&run),
+        Timeouts::INFINITE,
+    );
     sys::thread_exit(0)
 }
 
@@ -515,10 +535,45 @@ fn set_fpu_controls(mxcsr: u32, fcw: u16) {
     };
 }
 
-fn fpu_cases(suite: &Suite) {
+/// The cases of [`fpu_cases`], in the order it reports them.
+pub(crate) const FPU_CASES: &[Case] = &[
+    (
+        "fpu",
+        "a new thread starts with MXCSR 0x1f80, FCW 0x37f and zero XMM/YMM registers",
+    ),
+    (
+        "fpu",
+        "a new thread in a new task starts in the initial x87/SSE/AVX state",
+    ),
+    (
+        "fpu",
+        "two threads of one task keep their registers across 1500 timer preemptions each",
+    ),
+    (
+        "fpu",
+        "two threads of one task keep their registers across 3000 IPC round trips",
+    ),
+    (
+        "fpu",
+        "threads of two tasks keep their registers across 3000 IPC round trips",
+    ),
+    (
+        "fpu",
+        "threads of two tasks keep their registers across 1500 timer preemptions each",
+    ),
+];
+
+pub(crate) fn fpu_cases(suite: &Suite) {
     let avx = avx_enabled();
     FPU_AVX.store(avx as u64, SeqCst);
-    println!("# fpu: AVX {}", if avx { "enabled (YMM registers checked)" } else { "not available (XMM only)" });
+    println!(
+        "# fpu: AVX {}",
+        if avx {
+            "enabled (YMM registers checked)"
+        } else {
+            "not available (XMM only)"
+        }
+    );
 
     // A new thread (same task, then a new task) starts in the initial state, not with the
     // registers of the thread that ran before it.
@@ -536,7 +591,11 @@ fn fpu_cases(suite: &Suite) {
     }
     set_fpu_controls(0x1f80, 0x037f);
     let _ = fresh;
-    check("fpu", "a new thread starts with MXCSR 0x1f80, FCW 0x37f and zero XMM/YMM registers", seen == 1);
+    check(
+        "fpu",
+        "a new thread starts with MXCSR 0x1f80, FCW 0x37f and zero XMM/YMM registers",
+        seen == 1,
+    );
     exercise(&mut dirty);
     set_fpu_controls(0x5f80, 0x0b7f);
     let (_, _) = suite.child(fpu_fresh_child_entry, suite.pager_normal, suite.death, true);
@@ -591,7 +650,11 @@ fn fpu_cases(suite: &Suite) {
     exercise(&mut client);
     let served = wait_flag_count(&FPU_DONE, 1);
     if client.mismatches + client.errors + client.last_word != 0 || !served {
-        println!("# fpu: IPC in one task: client {:?}, server reported {}", fpu_outcome(&client), client.last_word);
+        println!(
+            "# fpu: IPC in one task: client {:?}, server reported {}",
+            fpu_outcome(&client),
+            client.last_word
+        );
     }
     check(
         "fpu",
@@ -614,7 +677,11 @@ fn fpu_cases(suite: &Suite) {
     }
     let child_ok = matches!(report, Some(m) if m.tag.label() == 31 && m.words[..3] == [0, 0, 0]);
     if !child_ok || parent.mismatches + parent.errors != 0 {
-        println!("# fpu: IPC between tasks: parent {:?}, child reported {:?}", fpu_outcome(&parent), report.map(|m| [m.word(0), m.word(1), m.word(2)]));
+        println!(
+            "# fpu: IPC between tasks: parent {:?}, child reported {:?}",
+            fpu_outcome(&parent),
+            report.map(|m| [m.word(0), m.word(1), m.word(2)])
+        );
     }
     check(
         "fpu",
@@ -625,7 +692,12 @@ fn fpu_cases(suite: &Suite) {
     // Two address spaces preempted by the timer: a child task and this thread both spin.
     let (task, child) = suite.child(child_fpu_spinner, suite.pager_normal, suite.death, false);
     let shared = fresh_page();
-    let mapped = sys::map(task, Fpage::memory(shared, 12, Fpage::READ | Fpage::WRITE), MAP_ADDRESS, 0);
+    let mapped = sys::map(
+        task,
+        Fpage::memory(shared, 12, Fpage::READ | Fpage::WRITE),
+        MAP_ADDRESS,
+        0,
+    );
     let _ = sys::thread_schedule(child, priority, 1000);
     let _ = sys::thread_schedule(slots::SELF_THREAD, priority, 1000);
     suite.start(child, child_fpu_spinner);
@@ -638,7 +710,11 @@ fn fpu_cases(suite: &Suite) {
     let report = wait_badge(CHILD_BADGE);
     let child_ok = matches!(report, Some(m) if m.tag.label() == 32 && m.words[..2] == [0, 0] && m.word(2) >= FPU_PREEMPTIONS);
     if !child_ok || mine.mismatches + mine.errors != 0 {
-        println!("# fpu: spinning tasks: parent {:?}, child reported {:?}", fpu_outcome(&mine), report.map(|m| [m.word(0), m.word(1), m.word(2)]));
+        println!(
+            "# fpu: spinning tasks: parent {:?}, child reported {:?}",
+            fpu_outcome(&mine),
+            report.map(|m| [m.word(0), m.word(1), m.word(2)])
+        );
     }
     check(
         "fpu",

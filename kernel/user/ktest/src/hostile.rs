@@ -1,7 +1,22 @@
-// Hostile cases against kernel memory: floods of VM mappings and object creation that must end
-// in OutOfMemory (never a kernel panic) and give every byte back, guest mappings of the
-// kernel area, and map/unmap/grant/create cycles that must never raise what a quota has left;
-// each checked against the kernel's own books (`QuotaCheck`). Included by main.rs.
+//! Hostile cases against kernel memory: floods of VM mappings and object creation that must end
+//! in OutOfMemory (never a kernel panic) and give every byte back, guest mappings of the
+//! kernel area, and map/unmap/grant/create cycles that must never raise what a quota has left;
+//! each checked against the kernel's own books (`QuotaCheck`).
+
+use crate::lifetime::{settle_at, yield_until};
+use crate::mechanisms::{guest_asids, Agent, AGENT_CAP_COPY, AGENT_CREATE};
+use crate::support::{err, go, tag, Suite, POLL, TEST_AREA};
+use crate::tap::{check, check_eq, skip, Case};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use l4::abi::{
+    rights, slots, Error, Fpage, ObjectKind, Syscall, Timeout, Timeouts, NO_CAP, PAGE_SIZE,
+    UTCB_AREA,
+};
+use l4::child::fresh_page;
+use l4::ipc;
+use l4::thread::alloc_slot;
+use l4::{println, sys};
 
 /// Where a hostile child holds the 2 MiB page it floods a VM with.
 const FLOOD_SOURCE: u64 = 0x0000_0a00_0000_0000;
@@ -14,13 +29,13 @@ const HOSTILE_CREATE_LOOP: i32 = 2;
 /// At most this many rounds of a flood (far more than any quota or the heap allows).
 const FLOOD_ROUNDS: u64 = 4_000_000;
 /// Rounds of a create/delete loop: each object dies with its last capability, so the loop
-/// never runs out of memory.
+/// never runs out of memory. Two names in [`HOSTILE_CASES`] spell it out.
 const CREATE_ROUNDS: u64 = 100_000;
 /// A flood's call waits at most a minute for its reply.
 const FLOOD_WAIT: Timeouts = Timeouts::new(Timeout::INFINITE, Timeout::micros(60_000_000));
 
 /// Whether the kernel's books balance (every quota, task and VM; see `QuotaCheck`).
-fn books_balance() -> bool {
+pub(crate) fn books_balance() -> bool {
     match sys::quota_check(slots::FACTORY, true) {
         Ok((_, 0)) => true,
         other => {
@@ -30,7 +45,7 @@ fn books_balance() -> bool {
     }
 }
 
-fn used(factory: u64) -> u64 {
+pub(crate) fn used(factory: u64) -> u64 {
     sys::quota(factory).map_or(u64::MAX, |q| q.used)
 }
 
@@ -38,7 +53,9 @@ fn used(factory: u64) -> u64 {
 /// how many rounds succeeded, the error that ended them and how much its factory's use grew,
 /// then waits forever (its objects live until the task is destroyed).
 extern "C" fn child_hostile() -> ! {
-    let Ok(m) = ipc::wait(Timeouts::INFINITE) else { sys::thread_exit(1) };
+    let Ok(m) = ipc::wait(Timeouts::INFINITE) else {
+        sys::thread_exit(1)
+    };
     let before = used(slots::FACTORY);
     let (count, error) = match m.tag.label() {
         HOSTILE_VM_FLOOD => vm_flood(),
@@ -73,7 +90,9 @@ fn create_loop(kind: u64) -> (u64, u64) {
     if let Err(e) = sys::factory_create(slots::FACTORY, ObjectKind::Thread, receiver, 0, 0) {
         return (0, e as u64);
     }
-    let Some(kind) = ObjectKind::from_u64(kind) else { return (0, u64::MAX) };
+    let Some(kind) = ObjectKind::from_u64(kind) else {
+        return (0, u64::MAX);
+    };
     let start = used(slots::FACTORY);
     for i in 0..CREATE_ROUNDS {
         if let Err(e) = sys::factory_create(slots::FACTORY, kind, slot, receiver, 0) {
@@ -95,16 +114,26 @@ fn create_loop(kind: u64) -> (u64, u64) {
 /// run one flood (`label`, `argument`), check the books while its objects live, destroy it.
 /// Returns `(rounds, error code, books balanced, factory used afterwards, growth of the
 /// factory's use during the flood)`.
-fn flood(suite: &Suite, factory: u64, source: Option<u64>, label: i32, argument: u64) -> (u64, u64, bool, u64, u64) {
+fn flood(
+    suite: &Suite,
+    factory: u64,
+    source: Option<u64>,
+    label: i32,
+    argument: u64,
+) -> (u64, u64, bool, u64, u64) {
     let (task, thread) = suite.child(child_hostile, suite.pager_normal, suite.recorder, false);
-    let given = sys::cap_copy(task, factory, slots::FACTORY, rights::ALL, 0).and_then(|()| match source {
-        Some(page) => sys::map(task, Fpage::memory(page, 21, Fpage::RWX), FLOOD_SOURCE, 0),
-        None => Ok(()),
-    });
+    let given =
+        sys::cap_copy(task, factory, slots::FACTORY, rights::ALL, 0).and_then(|()| match source {
+            Some(page) => sys::map(task, Fpage::memory(page, 21, Fpage::RWX), FLOOD_SOURCE, 0),
+            None => Ok(()),
+        });
     suite.start(thread, child_hostile);
     let reply = ipc::call(thread, tag(label, 1), &[argument], FLOOD_WAIT);
     let balanced = books_balance();
-    println!("# flood {label}/{argument}: {:?}, destroying its task", reply.map(|m| (m.word(0), m.word(1))));
+    println!(
+        "# flood {label}/{argument}: {:?}, destroying its task",
+        reply.map(|m| (m.word(0), m.word(1)))
+    );
     let _ = sys::task_destroy(task);
     match (given, reply) {
         (Ok(()), Ok(m)) => (m.word(0), m.word(1), balanced, used(factory), m.word(2)),
@@ -128,19 +157,59 @@ fn quota_check_cases() {
     check_eq(
         "quota",
         "QuotaCheck refuses a capability that is no factory, and unknown flags",
-        (sys::quota(slots::SELF_TASK), sys::quota(alloc_slot()), call_quota_check(small, 2)),
-        (Err(Error::WrongType), Err(Error::InvalidCapability), Err(Error::InvalidArgument)),
+        (
+            sys::quota(slots::SELF_TASK),
+            sys::quota(alloc_slot()),
+            call_quota_check(small, 2),
+        ),
+        (
+            Err(Error::WrongType),
+            Err(Error::InvalidCapability),
+            Err(Error::InvalidArgument),
+        ),
     );
-    check("quota", "the kernel's books balance: every quota's use is what is held for it", books_balance());
+    check(
+        "quota",
+        "the kernel's books balance: every quota's use is what is held for it",
+        books_balance(),
+    );
 }
 
 fn call_quota_check(factory: u64, flags: u64) -> Result<(), Error> {
     // SAFETY: QuotaCheck changes no state.
     let (rax, ..) = unsafe { sys::raw(Syscall::QuotaCheck as u64, factory, flags, 0, 0, 0) };
-    if rax == 0 { Ok(()) } else { Err(Error::from_u64(rax).unwrap_or(Error::InvalidArgument)) }
+    if rax == 0 {
+        Ok(())
+    } else {
+        Err(Error::from_u64(rax).unwrap_or(Error::InvalidArgument))
+    }
 }
 
-fn hostile_cases(suite: &Suite) {
+/// The cases of [`hostile_cases`], in the order it reports them.
+pub(crate) const HOSTILE_CASES: &[Case] = &[
+    ("quota", "QuotaCheck reads a factory's quota: a new 64 KiB factory has 0 of 64 KiB used, carved from its parent"),
+    ("quota", "QuotaCheck refuses a capability that is no factory, and unknown flags"),
+    ("quota", "the kernel's books balance: every quota's use is what is held for it"),
+    ("vm", "mapping one 2 MiB page at ever new guest-physical addresses ends in OutOfMemory from Map, no panic"),
+    ("quota", "the books balance with a VM flooded to the kernel heap's reserve"),
+    ("quota", "destroying the flooding VM's creator gives its factory back every byte"),
+    ("quota", "creating and deleting gates 100000 times never grows the factory's use"),
+    ("quota", "the books balance after a create/delete loop of gates"),
+    ("quota", "destroying the creator of the gates gives its factory back every byte"),
+    ("quota", "creating and deleting threads 100000 times never grows the factory's use"),
+    ("quota", "the books balance after a create/delete loop of threads"),
+    ("quota", "destroying the creator of the threads gives its factory back every byte"),
+    ("vm", "the KIP and a UTCB map nothing into a VM: no mapping node, no nested page table charged"),
+    ("quota", "unmapping the unrecorded KIP and UTCB with UNMAP_SELF after mapping them into a VM raises no quota"),
+    ("vm", "a VM pager that exits while a guest page fault waits for it: VcpuRun returns the NPF exit, the VMM thread lives"),
+    ("quota", "map, grant and unmap cycles through two tasks leave the quota where the first cycle did"),
+    ("quota", "creating a task with a bound thread and a mapping and destroying it gives its factory back every byte"),
+    ("quota", "two tasks holding each other's capability die with the task that made them: every byte back"),
+    ("quota", "the books balance while a task of 200 threads dies in steps, and its factory gets every byte back"),
+    ("quota", "the kernel's books balance after the hostile cases"),
+];
+
+pub(crate) fn hostile_cases(suite: &Suite) {
     quota_check_cases();
     // One factory larger than the kernel heap (8 MiB) for every flood: the heap bound, not
     // the quota, has to stop them.
@@ -149,35 +218,82 @@ fn hostile_cases(suite: &Suite) {
     // The VM flood gets a quota below the heap bound: see the report (mapping-database
     // revocation collects what it removes, which a heap at its reserve cannot hold).
     let vm_factory = alloc_slot();
-    let vm_made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, vm_factory, 256 << 10, 0);
+    let vm_made = sys::factory_create(
+        slots::FACTORY,
+        ObjectKind::Factory,
+        vm_factory,
+        256 << 10,
+        0,
+    );
     let ram = l4::parent::request_ram(FLOOD_RAM, 2 << 20);
     if let Err(e) = &ram {
         println!("# no 2 MiB page from the parent: {e}");
     }
     if guest_asids() > 0 {
-        let (rounds, error, balanced, after, _) = flood(suite, vm_factory, Some(FLOOD_RAM), HOSTILE_VM_FLOOD, 0);
+        let (rounds, error, balanced, after, _) =
+            flood(suite, vm_factory, Some(FLOOD_RAM), HOSTILE_VM_FLOOD, 0);
         println!("# vm flood: {rounds} mappings of 2 MiB, then {error}");
         check("vm", "mapping one 2 MiB page at ever new guest-physical addresses ends in OutOfMemory from Map, no panic", vm_made.is_ok() && ram.is_ok() && rounds > 512 && error == Error::OutOfMemory as u64);
-        check("quota", "the books balance with a VM flooded to the kernel heap's reserve", balanced);
-        check_eq("quota", "destroying the flooding VM's creator gives its factory back every byte", after, 0);
+        check(
+            "quota",
+            "the books balance with a VM flooded to the kernel heap's reserve",
+            balanced,
+        );
+        check_eq(
+            "quota",
+            "destroying the flooding VM's creator gives its factory back every byte",
+            after,
+            0,
+        );
     } else {
-        check("vm", "without SVM: no VM to flood (skipped)", true);
-        check("quota", "without SVM: no VM flood (skipped)", true);
-        check("quota", "without SVM: no VM flood (skipped)", true);
+        skip("vm", "mapping one 2 MiB page at ever new guest-physical addresses ends in OutOfMemory from Map, no panic", "without SVM: no VM to flood");
+        skip(
+            "quota",
+            "the books balance with a VM flooded to the kernel heap's reserve",
+            "without SVM: no VM flood",
+        );
+        skip(
+            "quota",
+            "destroying the flooding VM's creator gives its factory back every byte",
+            "without SVM: no VM flood",
+        );
     }
     for (kind, name) in [(ObjectKind::Gate, "gates"), (ObjectKind::Thread, "threads")] {
-        let (rounds, error, balanced, after, grown) = flood(suite, big, None, HOSTILE_CREATE_LOOP, kind as u64);
+        let (rounds, error, balanced, after, grown) =
+            flood(suite, big, None, HOSTILE_CREATE_LOOP, kind as u64);
         println!("# {name}: {rounds} created and their capability deleted, then {error}, use grew by {grown}");
         // Deleting the last capability destroys the object: the loop runs to its end with
         // the factory's use unchanged after every round.
-        check_eq("quota", &alloc::format!("creating and deleting {name} {CREATE_ROUNDS} times never grows the factory's use"), (made, rounds, error, grown), (Ok(()), CREATE_ROUNDS, 0, 0));
-        check("quota", &alloc::format!("the books balance after a create/delete loop of {name}"), balanced);
-        check_eq("quota", &alloc::format!("destroying the creator of the {name} gives its factory back every byte"), after, 0);
+        check_eq(
+            "quota",
+            &alloc::format!(
+                "creating and deleting {name} {CREATE_ROUNDS} times never grows the factory's use"
+            ),
+            (made, rounds, error, grown),
+            (Ok(()), CREATE_ROUNDS, 0, 0),
+        );
+        check(
+            "quota",
+            &alloc::format!("the books balance after a create/delete loop of {name}"),
+            balanced,
+        );
+        check_eq(
+            "quota",
+            &alloc::format!(
+                "destroying the creator of the {name} gives its factory back every byte"
+            ),
+            after,
+            0,
+        );
     }
     kernel_area_cases(suite);
     vm_pager_death_case();
     cycle_cases(suite);
-    check("quota", "the kernel's books balance after the hostile cases", books_balance());
+    check(
+        "quota",
+        "the kernel's books balance after the hostile cases",
+        books_balance(),
+    );
 }
 
 /// The KIP and UTCB pages are the kernel's: never mapped into a VM, and revoking them changes
@@ -185,8 +301,8 @@ fn hostile_cases(suite: &Suite) {
 fn kernel_area_cases(suite: &Suite) {
     let _ = suite;
     if guest_asids() == 0 {
-        check("vm", "without SVM: no VM for the kernel area (skipped)", true);
-        check("quota", "without SVM: no VM for the kernel area (skipped)", true);
+        skip("vm", "the KIP and a UTCB map nothing into a VM: no mapping node, no nested page table charged", "without SVM: no VM for the kernel area");
+        skip("quota", "unmapping the unrecorded KIP and UTCB with UNMAP_SELF after mapping them into a VM raises no quota", "without SVM: no VM for the kernel area");
         return;
     }
     let factory = alloc_slot();
@@ -205,7 +321,12 @@ fn kernel_area_cases(suite: &Suite) {
         (Ok(()), (Ok(()), Ok(())), before),
     );
     // SAFETY: the kernel area is never unmapped from a task: nothing of ours goes.
-    let revoked = unsafe { (sys::unmap(kip, l4::abi::UNMAP_SELF), sys::unmap(utcb, l4::abi::UNMAP_SELF)) };
+    let revoked = unsafe {
+        (
+            sys::unmap(kip, l4::abi::UNMAP_SELF),
+            sys::unmap(utcb, l4::abi::UNMAP_SELF),
+        )
+    };
     check_eq(
         "quota",
         "unmapping the unrecorded KIP and UTCB with UNMAP_SELF after mapping them into a VM raises no quota",
@@ -226,11 +347,19 @@ fn cycle_cases(suite: &Suite) {
     for _ in 0..4 {
         // Map to A, A grants it on to B, we revoke it from B.
         let mapped = sys::map(a.task, Fpage::memory(page, 12, Fpage::RWX), at_a, 0);
-        let granted = a.map(30, Fpage::memory(at_a, 12, Fpage::RWX), at_b, l4::abi::MAP_GRANT);
+        let granted = a.map(
+            30,
+            Fpage::memory(at_a, 12, Fpage::RWX),
+            at_b,
+            l4::abi::MAP_GRANT,
+        );
         let seen = b.read(at_b);
         // SAFETY: revokes only what others derived from our page.
         let revoked = unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) };
-        rounds.push((mapped.is_ok() && granted == 0 && seen == 0 && revoked.is_ok(), used(slots::FACTORY)));
+        rounds.push((
+            mapped.is_ok() && granted == 0 && seen == 0 && revoked.is_ok(),
+            used(slots::FACTORY),
+        ));
     }
     let _ = (sys::task_destroy(a.task), sys::task_destroy(b.task));
     check(
@@ -251,7 +380,10 @@ fn cycle_cases(suite: &Suite) {
         let mapped = sys::map(task, Fpage::memory(page, 12, Fpage::READ), TEST_AREA, 0);
         let destroyed = sys::task_destroy(task);
         let _ = sys::cap_delete(thread);
-        after.push((created.and(bound).and(mapped).and(destroyed).is_ok(), used(factory)));
+        after.push((
+            created.and(bound).and(mapped).and(destroyed).is_ok(),
+            used(factory),
+        ));
     }
     check(
         "quota",
@@ -278,7 +410,15 @@ fn dying_task_books_case() {
     let thread = alloc_slot();
     for i in 0..200 {
         let ok = sys::factory_create(factory, ObjectKind::Thread, thread, 0, 0)
-            .and_then(|()| sys::thread_control(thread, task, UTCB_AREA + i * l4::abi::UTCB_SIZE, NO_CAP, NO_CAP))
+            .and_then(|()| {
+                sys::thread_control(
+                    thread,
+                    task,
+                    UTCB_AREA + i * l4::abi::UTCB_SIZE,
+                    NO_CAP,
+                    NO_CAP,
+                )
+            })
             .and_then(|()| sys::cap_delete(thread));
         bound += u64::from(ok.is_ok());
     }
@@ -306,8 +446,14 @@ fn task_cycle_case(suite: &Suite) {
     let given = sys::cap_copy(a.task, factory, slots::FACTORY, rights::ALL, 0);
     let (x, y) = (40, 41);
     let created = [
-        a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Task as u64, x, 0]),
-        a.command(AGENT_CREATE, &[slots::FACTORY, ObjectKind::Task as u64, y, 0]),
+        a.command(
+            AGENT_CREATE,
+            &[slots::FACTORY, ObjectKind::Task as u64, x, 0],
+        ),
+        a.command(
+            AGENT_CREATE,
+            &[slots::FACTORY, ObjectKind::Task as u64, y, 0],
+        ),
         a.command(AGENT_CAP_COPY, &[x, y, 20, rights::ALL]),
         a.command(AGENT_CAP_COPY, &[y, x, 20, rights::ALL]),
     ];
@@ -327,7 +473,11 @@ const PAGER_CASE_ENTRY: u64 = 0x7000;
 /// The VM pager case: what the pager received (the fault's address + 1; 0: nothing yet), and
 /// what its vCPU thread's `VcpuRun` returned (`[rax, exit code, done]`).
 static PAGER_GOT: AtomicU64 = AtomicU64::new(0);
-static RUNNER_GOT: [AtomicU64; 3] = [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX), AtomicU64::new(0)];
+static RUNNER_GOT: [AtomicU64; 3] = [
+    AtomicU64::new(u64::MAX),
+    AtomicU64::new(u64::MAX),
+    AtomicU64::new(0),
+];
 
 /// Set to make the silent VM pager exit.
 static PAGER_EXIT: AtomicBool = AtomicBool::new(false);
@@ -351,7 +501,8 @@ extern "C" fn pager_case_runner(vcpu: u64) -> ! {
     use l4::abi::vcpu as state;
     state::protected_mode(&mut l4::utcb::utcb().mr, PAGER_CASE_ENTRY);
     // SAFETY: VcpuRun touches only our UTCB.
-    let (rax, code, _, _) = unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, state::ALL, u64::MAX, 0, 0) };
+    let (rax, code, _, _) =
+        unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, state::ALL, u64::MAX, 0, 0) };
     RUNNER_GOT[0].store(rax, SeqCst);
     RUNNER_GOT[1].store(code, SeqCst);
     RUNNER_GOT[2].store(1, SeqCst);
@@ -363,7 +514,7 @@ extern "C" fn pager_case_runner(vcpu: u64) -> ! {
 /// the nested page fault to the VMM, as for a pager that refuses.
 fn vm_pager_death_case() {
     if guest_asids() == 0 {
-        check("vm", "without SVM: no VM pager to lose (skipped)", true);
+        skip("vm", "a VM pager that exits while a guest page fault waits for it: VcpuRun returns the NPF exit, the VMM thread lives", "without SVM: no VM pager to lose");
         return;
     }
     let (factory, vm, vcpu) = (alloc_slot(), alloc_slot(), alloc_slot());
@@ -375,11 +526,17 @@ fn vm_pager_death_case() {
     let faulted = yield_until(|| PAGER_GOT.load(SeqCst) != 0, 100_000);
     // The pager exits while the fault waits for its answer.
     PAGER_EXIT.store(true, SeqCst);
-    let gone = yield_until(|| ipc::receive(pager, POLL).map(|_| ()) == Err(err(Error::DeadPartner, true)), 100_000);
+    let gone = yield_until(
+        || ipc::receive(pager, POLL).map(|_| ()) == Err(err(Error::DeadPartner, true)),
+        100_000,
+    );
     let destroyed = sys::cap_delete(pager).map(|()| gone);
     let returned = yield_until(|| RUNNER_GOT[2].load(SeqCst) != 0, 100_000);
     let got = (RUNNER_GOT[0].load(SeqCst), RUNNER_GOT[1].load(SeqCst));
-    println!("# vm pager death: fault at {:#x}, VcpuRun returned {got:?}", PAGER_GOT.load(SeqCst).wrapping_sub(1));
+    println!(
+        "# vm pager death: fault at {:#x}, VcpuRun returned {got:?}",
+        PAGER_GOT.load(SeqCst).wrapping_sub(1)
+    );
     check_eq(
         "vm",
         "a VM pager that exits while a guest page fault waits for it: VcpuRun returns the NPF exit, the VMM thread lives",

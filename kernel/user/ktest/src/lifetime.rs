@@ -1,7 +1,18 @@
-// Object lifetime: deleting the last capability of an object destroys it and returns exactly
-// its bytes to the factory it came from; copies keep it alive; a vCPU keeps its VM; a task
-// dies with the last capability other tasks hold to it (in steps), its own do not count.
-// Included by main.rs.
+//! Object lifetime: deleting the last capability of an object destroys it and returns exactly
+//! its bytes to the factory it came from; copies keep it alive; a vCPU keeps its VM; a task
+//! dies with the last capability other tasks hold to it (in steps), its own do not count.
+
+use crate::hostile::{books_balance, used};
+use crate::mechanisms::{guest_asids, SUPERPAGE};
+use crate::support::{child_block, go, tag, Suite, RECEIVE_2S};
+use crate::tap::{check, check_eq, skip, Case};
+use alloc::vec::Vec;
+use l4::abi::{
+    rights, slots, Error, Fpage, ObjectKind, Timeout, Timeouts, NO_CAP, PAGE_SIZE, UTCB_AREA,
+};
+use l4::ipc;
+use l4::thread::alloc_slot;
+use l4::{println, sys};
 
 /// Answers every message with its badge (word 0), forever.
 extern "C" fn badge_echo(_: u64) -> ! {
@@ -22,7 +33,7 @@ fn call_badge(slot: u64) -> Result<u64, Error> {
 }
 
 /// Yield until `done` holds, at most `yields` times.
-fn yield_until(done: impl Fn() -> bool, yields: u32) -> bool {
+pub(crate) fn yield_until(done: impl Fn() -> bool, yields: u32) -> bool {
     for _ in 0..yields {
         if done() {
             return true;
@@ -34,12 +45,34 @@ fn yield_until(done: impl Fn() -> bool, yields: u32) -> bool {
 
 /// A task's destruction after its last capability went goes in steps at the end of syscalls:
 /// yield until `factory`'s use is `want` (at most `yields` times); returns the use.
-fn settle_at(factory: u64, want: u64, yields: u32) -> u64 {
+pub(crate) fn settle_at(factory: u64, want: u64, yields: u32) -> u64 {
     yield_until(|| used(factory) == want, yields);
     used(factory)
 }
 
-fn lifetime_cases(suite: &Suite) {
+/// The cases of [`lifetime_cases`], in the order it reports them.
+pub(crate) const LIFETIME_CASES: &[Case] = &[
+    ("lifetime", "a factory for the lifetime cases"),
+    ("lifetime", "deleting the last capability of a gate returns exactly its bytes to its factory"),
+    ("lifetime", "deleting the last capability of a never-bound thread returns exactly its bytes to its factory"),
+    ("lifetime", "deleting the last capability of a sub-factory returns exactly its bytes to its factory"),
+    ("lifetime", "deleting the last capability of a task returns exactly its bytes to its factory"),
+    ("lifetime", "deleting the last capability of an IRQ object frees its line for a new one"),
+    ("lifetime", "an IRQ attached to a never-bound thread can be attached anew once the thread died with its last capability"),
+    ("lifetime", "deleting a gate's copy keeps it alive: IPC through the original still works, its bytes stay charged"),
+    ("lifetime", "after its last capability is deleted, IPC to the gate fails with InvalidCapability and its bytes are back"),
+    ("lifetime", "deleting the original also deletes its copies (derived): the gate is destroyed with them"),
+    ("lifetime", "a granted gate capability keeps the gate alive in its new slot until it is deleted there"),
+    ("lifetime", "unmapping a thread's only capability with UNMAP_SELF destroys the never-bound thread"),
+    ("lifetime", "a sub-factory whose capability is deleted keeps its quota while a gate is charged to it, and returns it with the gate"),
+    ("lifetime", "a VM whose capability is deleted stays while its vCPU lives; deleting the vCPU frees both"),
+    ("lifetime", "a VM with 2,048 mappings is destroyed in bounded steps after its capability goes, then gives back every byte"),
+    ("lifetime", "deleting our capability to a running child task destroys it (its own SELF_TASK does not count) and gives back every byte it held"),
+    ("lifetime", "a task's capabilities to itself do not count: deleting a copy of SELF_TASK leaves it running"),
+    ("lifetime", "the kernel's books balance after the lifetime cases"),
+];
+
+pub(crate) fn lifetime_cases(suite: &Suite) {
     let factory = alloc_slot();
     let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, factory, 1 << 20, 0);
     check_eq("lifetime", "a factory for the lifetime cases", made, Ok(()));
@@ -61,8 +94,16 @@ fn lifetime_cases(suite: &Suite) {
         let after = settle_at(factory, before, 200);
         check_eq(
             "lifetime",
-            &alloc::format!("deleting the last capability of a {name} returns exactly its bytes to its factory"),
-            (created, charged > 0, deleted, after, sys::quota_check(factory, true).map(|q| q.1)),
+            &alloc::format!(
+                "deleting the last capability of a {name} returns exactly its bytes to its factory"
+            ),
+            (
+                created,
+                charged > 0,
+                deleted,
+                after,
+                sys::quota_check(factory, true).map(|q| q.1),
+            ),
             (Ok(()), true, Ok(()), before, Ok(0)),
         );
     }
@@ -127,25 +168,49 @@ fn lifetime_cases(suite: &Suite) {
     check_eq(
         "lifetime",
         "deleting the original also deletes its copies (derived): the gate is destroyed with them",
-        (created, copied, deleted, call_badge(copy), used(factory) - before),
+        (
+            created,
+            copied,
+            deleted,
+            call_badge(copy),
+            used(factory) - before,
+        ),
         (Ok(()), Ok(()), Ok(()), Err(Error::InvalidCapability), 0),
     );
     // Granting moves the capability: the gate lives on in the new slot.
     let moved = alloc_slot();
     let created = sys::factory_create(factory, ObjectKind::Gate, original, echo, 7);
-    let granted = sys::map(slots::SELF_TASK, Fpage::object(original, 0, Fpage::RWX), moved, l4::abi::MAP_GRANT);
+    let granted = sys::map(
+        slots::SELF_TASK,
+        Fpage::object(original, 0, Fpage::RWX),
+        moved,
+        l4::abi::MAP_GRANT,
+    );
     let after_grant = (call_badge(original), call_badge(moved));
     let deleted = sys::cap_delete(moved);
     check_eq(
         "lifetime",
         "a granted gate capability keeps the gate alive in its new slot until it is deleted there",
-        (created, granted, after_grant, deleted, used(factory) - before),
-        (Ok(()), Ok(()), (Err(Error::InvalidCapability), Ok(7)), Ok(()), 0),
+        (
+            created,
+            granted,
+            after_grant,
+            deleted,
+            used(factory) - before,
+        ),
+        (
+            Ok(()),
+            Ok(()),
+            (Err(Error::InvalidCapability), Ok(7)),
+            Ok(()),
+            0,
+        ),
     );
     // Unmap with UNMAP_SELF of an object flexpage removes (and counts) the capability too.
     let created = sys::factory_create(factory, ObjectKind::Thread, original, 0, 0);
     // SAFETY: the flexpage names one capability slot of ours, no memory.
-    let unmapped = unsafe { sys::unmap(Fpage::object(original, 0, Fpage::RWX), l4::abi::UNMAP_SELF) };
+    let unmapped =
+        unsafe { sys::unmap(Fpage::object(original, 0, Fpage::RWX), l4::abi::UNMAP_SELF) };
     check_eq(
         "lifetime",
         "unmapping a thread's only capability with UNMAP_SELF destroys the never-bound thread",
@@ -184,7 +249,7 @@ fn lifetime_cases(suite: &Suite) {
             (Ok(()), Ok(()), true, Ok(()), 0),
         );
     } else {
-        check("lifetime", "without SVM: no VM and vCPU (skipped)", true);
+        skip("lifetime", "a VM whose capability is deleted stays while its vCPU lives; deleting the vCPU frees both", "without SVM: no VM and vCPU");
     }
 
     // A VM with thousands of mappings is destroyed in bounded steps after its last capability
@@ -211,12 +276,18 @@ fn lifetime_cases(suite: &Suite) {
             (Ok(()), PAGES, Ok(()), true, 0),
         );
     } else {
-        check("lifetime", "without SVM: no VM destroyed in steps (skipped)", true);
+        skip("lifetime", "a VM with 2,048 mappings is destroyed in bounded steps after its capability goes, then gives back every byte", "without SVM: no VM destroyed in steps");
     }
 
     // A child task dies with our capability to it; its own SELF_TASK does not keep it.
     let child_factory = alloc_slot();
-    let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, child_factory, 1 << 20, 0);
+    let made = sys::factory_create(
+        slots::FACTORY,
+        ObjectKind::Factory,
+        child_factory,
+        1 << 20,
+        0,
+    );
     let mut rounds = Vec::with_capacity(3);
     for _ in 0..3 {
         let (task, thread) = (alloc_slot(), alloc_slot());
@@ -226,7 +297,12 @@ fn lifetime_cases(suite: &Suite) {
             .and_then(|()| sys::cap_copy(task, task, slots::SELF_TASK, rights::ALL, 0))
             .and_then(|()| l4::child::start(thread, child_block));
         // It runs: it takes our message (then exits; the task lives on until we let it go).
-        let ran = ipc::send(thread, tag(0, 0), &[], Timeouts::new(Timeout::micros(2_000_000), Timeout::INFINITE));
+        let ran = ipc::send(
+            thread,
+            tag(0, 0),
+            &[],
+            Timeouts::new(Timeout::micros(2_000_000), Timeout::INFINITE),
+        );
         let deleted = sys::cap_delete(task);
         let _ = sys::cap_delete(thread);
         let after = settle_at(child_factory, 0, 200);
@@ -247,5 +323,9 @@ fn lifetime_cases(suite: &Suite) {
         (copied, deleted, sys::quota(slots::SELF_TASK).err()),
         (Ok(()), Ok(()), Some(Error::WrongType)),
     );
-    check("lifetime", "the kernel's books balance after the lifetime cases", books_balance());
+    check(
+        "lifetime",
+        "the kernel's books balance after the lifetime cases",
+        books_balance(),
+    );
 }

@@ -1,4 +1,20 @@
-// ---- bounded revocation: Unmap and a task's revocation go in steps (included by main.rs)
+//! Bounded revocation: Unmap and a task's revocation go in steps.
+
+use crate::bounded::result_code;
+use crate::hostile::{books_balance, used};
+use crate::mechanisms::{child_agent, string_tag, Agent};
+use crate::support::{err, gate, go, tag, Suite, TEST_AREA};
+use crate::tap::{check, check_eq, Case};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use l4::abi::{
+    slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Timeout, Timeouts,
+    LABEL_PAGE_FAULT, PAGE_SIZE,
+};
+use l4::child::fresh_page;
+use l4::ipc;
+use l4::thread::alloc_slot;
+use l4::{println, sys};
 
 /// Where the fan-out lands in the target task, and where our own chain lies (never touched).
 const FAN_OUT_AREA: u64 = 0x0000_7000_0000_0000;
@@ -61,12 +77,36 @@ fn unmap_watched(fpage: Fpage, factory: u64, from: u64, to: u64) -> (u64, bool) 
 
 fn fan_out_into(task: u64, page: u64) -> bool {
     (0..FAN_OUT).all(|i| {
-        sys::map(task, Fpage::memory(page, 12, Fpage::READ), FAN_OUT_AREA + i * PAGE_SIZE, 0)
-            .is_ok()
+        sys::map(
+            task,
+            Fpage::memory(page, 12, Fpage::READ),
+            FAN_OUT_AREA + i * PAGE_SIZE,
+            0,
+        )
+        .is_ok()
     })
 }
 
-fn revoke_cases(suite: &Suite) {
+/// The cases of [`revoke_cases`], in the order it reports them.
+pub(crate) const REVOKE_CASES: &[Case] = &[
+    ("revoke", "an Unmap of a fan-out of 4,000 mappings revokes all of them, refunding every node"),
+    ("revoke", "the fan-out's revocation goes in steps: a higher-priority thread runs in between"),
+    ("revoke", "after the stepwise revocation the page can be mapped again to all 4,000 places"),
+    ("revoke", "destroying a task holding 4,000 mappings returns its whole quota"),
+    ("revoke", "an Unmap of a chain of 1,000 mappings revokes every level in steps, refunding every node"),
+    ("revoke", "after a stepwise Unmap the caller keeps its own mapping"),
+    ("revoke", "an Unmap with UNMAP_SELF of the chain's 4 MiB area takes all of it, in steps"),
+    ("string", "a 4 MiB string item arrives intact (4 times)"),
+    ("string", "a 4 MiB string is copied in steps: a higher-priority thread runs while it is half done"),
+    ("map", "a Map of 4 MiB of small pages goes in bounded steps (a higher-priority thread sees it half done) and maps every page"),
+    ("map", "a map item of 4 MiB of small pages goes in bounded steps before its message arrives (seen half done), every page mapped"),
+    ("map", "a page-fault reply of 4 MiB of small pages goes in bounded steps (seen half done) and maps every page at once"),
+    ("string", "three strings (1.2 MiB) in steps across items, buffers faulting in between: exact, absent, truncated"),
+    ("string", "a receive canceled mid-copy fails with Canceled; the copy starts over and arrives whole"),
+    ("quota", "after the stepwise revocations the kernel's books balance"),
+];
+
+pub(crate) fn revoke_cases(suite: &Suite) {
     const QUOTA: u64 = 4 << 20;
     let quota = alloc_slot();
     let task = alloc_slot();
@@ -94,7 +134,12 @@ fn revoke_cases(suite: &Suite) {
         }
         mapped &= fan_out_into(task, page) && used(quota) == full;
     }
-    println!("# revoke: fan-out results {results:?}, {} -> {} -> {}", empty, full, used(quota));
+    println!(
+        "# revoke: fan-out results {results:?}, {} -> {} -> {}",
+        empty,
+        full,
+        used(quota)
+    );
     check(
         "revoke",
         "an Unmap of a fan-out of 4,000 mappings revokes all of them, refunding every node",
@@ -128,8 +173,13 @@ fn revoke_cases(suite: &Suite) {
         let mut from = root;
         (0..n).all(|i| {
             let to = CHAIN_AREA + i * PAGE_SIZE;
-            let ok = sys::map(slots::SELF_TASK, Fpage::memory(from, 12, Fpage::READ), to, 0)
-                .is_ok();
+            let ok = sys::map(
+                slots::SELF_TASK,
+                Fpage::memory(from, 12, Fpage::READ),
+                to,
+                0,
+            )
+            .is_ok();
             from = to;
             ok
         })
@@ -197,7 +247,12 @@ extern "C" fn send_4m_string(rounds: u64) -> ! {
     }
     .words();
     for _ in 0..rounds {
-        let _ = ipc::send(slots::SELF_THREAD, string_tag(14, 0, 1), &item, Timeouts::INFINITE);
+        let _ = ipc::send(
+            slots::SELF_THREAD,
+            string_tag(14, 0, 1),
+            &item,
+            Timeouts::INFINITE,
+        );
     }
     sys::thread_exit(0)
 }
@@ -255,7 +310,10 @@ fn string_4m_case() {
         if round > 0 {
             buffer.fill(1);
         }
-        let r = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+        let r = ipc::receive(
+            t,
+            Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)),
+        );
         let length = match r {
             Ok(m) => m.word(0) >> 12,
             Err(_) => 0,
@@ -266,7 +324,12 @@ fn string_4m_case() {
     WATCH_ON.store(false, SeqCst);
     WATCHED[1].store(0, SeqCst);
     l4::utcb::clear_string_buffer(0);
-    check_eq("string", "a 4 MiB string item arrives intact (4 times)", intact, ROUNDS);
+    check_eq(
+        "string",
+        "a 4 MiB string item arrives intact (4 times)",
+        intact,
+        ROUNDS,
+    );
     let (half, turns) = (SAW_HALF.load(SeqCst), WATCHER_TURNS.load(SeqCst));
     println!("# 4 MiB string: the watcher saw it half copied {half} times in {turns} wake-ups");
     check(
@@ -288,9 +351,20 @@ extern "C" fn send_three_strings(_: u64) -> ! {
     let base = data.as_ptr() as u64;
     let words: Vec<u64> = [(600 << 10, 0), (10, 123), (700 << 10, 5)]
         .into_iter()
-        .flat_map(|(length, offset)| l4::abi::StringItem { length, address: base + offset }.words())
+        .flat_map(|(length, offset)| {
+            l4::abi::StringItem {
+                length,
+                address: base + offset,
+            }
+            .words()
+        })
         .collect();
-    let _ = ipc::send(slots::SELF_THREAD, string_tag(15, 0, 3), &words, Timeouts::INFINITE);
+    let _ = ipc::send(
+        slots::SELF_THREAD,
+        string_tag(15, 0, 3),
+        &words,
+        Timeouts::INFINITE,
+    );
     sys::thread_exit(0)
 }
 
@@ -308,7 +382,10 @@ fn string_steps_case() {
     l4::utcb::clear_string_buffer(1);
     l4::utcb::set_string_buffer(2, b2);
     let t = go(send_three_strings, 0);
-    let r = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+    let r = ipc::receive(
+        t,
+        Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)),
+    );
     l4::utcb::clear_string_buffer(0);
     l4::utcb::clear_string_buffer(2);
     let lengths = match r {
@@ -355,7 +432,10 @@ fn string_abort_case() {
     while rounds < ROUNDS {
         buffer.fill(1);
         WATCHED[1].store(if canceled == 0 { STRING_4M as u64 } else { 0 }, SeqCst);
-        match ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000))) {
+        match ipc::receive(
+            t,
+            Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)),
+        ) {
             // `Canceled` never carries the receive-phase bit (syscalls.md, 1.4).
             Err(e) if e == err(Error::Canceled, false) && canceled == 0 => canceled += 1,
             Ok(m) => {
@@ -374,7 +454,13 @@ fn string_abort_case() {
     WATCHED[1].store(0, SeqCst);
     // After a failure, take what the sender still sends (it must not reach later cases).
     let mut drained = rounds;
-    while drained < ROUNDS && ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(2_000_000))).is_ok() {
+    while drained < ROUNDS
+        && ipc::receive(
+            t,
+            Timeouts::new(Timeout::INFINITE, Timeout::micros(2_000_000)),
+        )
+        .is_ok()
+    {
         drained += 1;
     }
     l4::utcb::clear_string_buffer(0);
@@ -400,7 +486,10 @@ extern "C" fn slow_mapper(_: u64) -> ! {
             let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
         }
         let [task, fpage, destination] = [0, 1, 2].map(|i| MAP_JOB[i].load(SeqCst));
-        MAP_RESULT.store(result_code(sys::map(task, Fpage(fpage), destination, 0)), SeqCst);
+        MAP_RESULT.store(
+            result_code(sys::map(task, Fpage(fpage), destination, 0)),
+            SeqCst,
+        );
         MAP_DONE.store(true, SeqCst);
     }
 }
@@ -412,7 +501,8 @@ extern "C" fn slow_mapper(_: u64) -> ! {
 fn map_steps_case(suite: &Suite) {
     const PAGES: u64 = 1024;
     const TARGET: u64 = TEST_AREA + (16 << 30);
-    let layout = core::alloc::Layout::from_size_align((PAGES * PAGE_SIZE) as usize, 4 << 20).expect("layout");
+    let layout = core::alloc::Layout::from_size_align((PAGES * PAGE_SIZE) as usize, 4 << 20)
+        .expect("layout");
     // SAFETY: a valid layout; the region is leaked (the agent's copies are revoked at the end).
     let region = unsafe { alloc::alloc::alloc_zeroed(layout) } as u64;
     for i in 0..PAGES {
@@ -449,7 +539,9 @@ fn map_steps_case(suite: &Suite) {
             break;
         }
     }
-    let marks = (0..PAGES).filter(|&i| a.read(TARGET + i * PAGE_SIZE) == i + 1).count() as u64;
+    let marks = (0..PAGES)
+        .filter(|&i| a.read(TARGET + i * PAGE_SIZE) == i + 1)
+        .count() as u64;
     println!("# map steps: results {results:?}, bytes per try {sizes:?}, seen half done: {halfway}, {marks} pages seen");
     check(
         "map",
@@ -494,7 +586,10 @@ extern "C" fn quota_sampler(_: u64) -> ! {
 /// Whether a sample taken since the sampling started lies strictly between `empty` and `full`.
 fn sampled_between(empty: u64, full: u64) -> bool {
     let n = (SAMPLE_COUNT.load(SeqCst) as usize).min(SAMPLES.len());
-    SAMPLES[..n].iter().map(|s| s.load(SeqCst)).any(|u| u > empty && u < full)
+    SAMPLES[..n]
+        .iter()
+        .map(|s| s.load(SeqCst))
+        .any(|u| u > empty && u < full)
 }
 
 fn start_sampling() {
@@ -539,7 +634,10 @@ fn map_item_steps_case() {
         let _ = unsafe { sys::unmap(fpage, 0) };
         let empty = used(slots::FACTORY);
         start_sampling();
-        let r = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+        let r = ipc::receive(
+            t,
+            Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)),
+        );
         SAMPLING.store(false, SeqCst);
         let full = used(slots::FACTORY);
         arrived += u64::from(matches!(r, Ok(m) if m.tag.label() == 16 && m.tag.typed() == 1));
@@ -551,7 +649,10 @@ fn map_item_steps_case() {
         if halfway {
             // The sender's remaining rounds are taken below.
             for _ in round + 1..ROUNDS {
-                let _ = ipc::receive(t, Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)));
+                let _ = ipc::receive(
+                    t,
+                    Timeouts::new(Timeout::INFINITE, Timeout::micros(20_000_000)),
+                );
             }
             break;
         }
@@ -631,7 +732,9 @@ fn fault_reply_steps_case(suite: &Suite) {
         halfway |= sampled_between(empty, used(slots::FACTORY));
     }
     let faults = BIG_FAULTS.load(SeqCst);
-    let marks = (0..1024).filter(|&i| a.read(BIG_AREA + i * PAGE_SIZE) == i + 1).count();
+    let marks = (0..1024)
+        .filter(|&i| a.read(BIG_AREA + i * PAGE_SIZE) == i + 1)
+        .count();
     let later = BIG_FAULTS.load(SeqCst) - faults;
     println!("# fault reply steps: {tries} tries, seen half done: {halfway}, {marks} pages, {later} later faults");
     check(
