@@ -3,6 +3,11 @@
 //! partner already waiting; no timeout to arm; no scheduling decision to make). When every check passes it does exactly what the slow path would do,
 //! with fewer steps; when any fails it returns and the slow path (`syscall::dispatch`) runs.
 //! It defines no behaviour of its own.
+//!
+//! `VcpuRun` takes a shortcut of the same kind: its vCPU capability looked up through the
+//! caller's own task, then [`crate::vm::run`], and after an exit straight back to the caller
+//! when the kernel would pick it anyway (the exit loop of a VMM is a call and reply with the
+//! guest).
 
 use crate::arch::x86_64::entry::Frame;
 use crate::arch::x86_64::paging::phys_to_virt;
@@ -55,6 +60,13 @@ pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
             .cast::<Thread>()
     };
     let f = &sender.frame;
+    if f.rax == Syscall::VcpuRun as u64 {
+        let (slot, mask, deadline) = (f.rdi, f.rsi, f.rdx);
+        let task = sender.task;
+        // SAFETY: `sender` (no longer used) is the boxed current thread.
+        unsafe { vcpu_run(k, current, sender, task, slot, mask, deadline) };
+        return;
+    }
     if f.rdx & 0xffff_ffff > FAST_WORDS || f.r10 >> 32 != 0 {
         return;
     }
@@ -139,4 +151,49 @@ pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
     sender.deadline = None;
     // SAFETY: `receiver_ptr` is the live boxed thread `target`.
     unsafe { k.resume_thread(target, receiver_ptr) }
+}
+
+/// `VcpuRun` of the current thread `caller` (at `thread`, of `task`) on the vCPU in capability
+/// slot `slot`: when the capability is a vCPU capability with `CONTROL` (else this returns and
+/// the slow path reports the error), runs it and ends the system call: straight back to the
+/// caller after an exit when nothing else is due ([`Kernel::continue_current`]), else through
+/// the dispatcher's end ([`crate::syscall::finish`]).
+///
+/// # Safety
+/// `thread` must point to the live, boxed thread `caller`, and no reference to it may be held.
+#[inline(always)]
+unsafe fn vcpu_run(
+    k: &mut Kernel,
+    caller: crate::object::ThreadId,
+    thread: *mut Thread,
+    task: Option<crate::object::TaskId>,
+    slot: u64,
+    mask: u64,
+    deadline: u64,
+) {
+    let Some(cap) = task
+        .and_then(|t| k.tasks.get(t))
+        .and_then(|t| t.caps.get(slot).ok())
+    else {
+        return;
+    };
+    let Object::Vcpu(vcpu) = cap.object else {
+        return;
+    };
+    if cap.rights & rights::CONTROL == 0 {
+        return;
+    }
+    let result = crate::vm::run(k, caller, vcpu, mask, deadline);
+    if matches!(result, Ok(crate::syscall::Next::Done))
+        && k.reaping.is_empty()
+        && k.dying_vms.is_empty()
+    {
+        // The dispatcher's end for a finished non-IPC call: rax = 0, then the schedule.
+        // SAFETY: per the caller (`vm::run` holds no reference to it either).
+        unsafe {
+            (*thread).frame.rax = 0;
+            k.continue_current(caller, thread);
+        }
+    }
+    crate::syscall::finish(k, caller, Syscall::VcpuRun as u64, false, result)
 }

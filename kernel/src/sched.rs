@@ -25,33 +25,53 @@ impl Kernel {
         }
     }
 
+    /// Whether the running thread (at `priority`, with `remaining` ticks of its slice) runs on
+    /// when the kernel schedules: no ready thread outranks it, and, with its slice used up,
+    /// none of its priority waits for its turn.
+    fn keeps_running(&self, priority: u8, remaining: u32) -> bool {
+        let highest = self.ready.highest();
+        let outranked = highest.is_some_and(|p| p > priority);
+        let rotate = remaining == 0 && highest.is_some_and(|p| p >= priority);
+        !outranked && !rotate
+    }
+
+    /// Return to user mode in the current thread `id` (at `thread`) if [`Kernel::schedule`]
+    /// would pick it: it is ready and [`Kernel::keeps_running`]; returns otherwise.
+    ///
+    /// # Safety
+    /// `thread` must point to the live, boxed thread `id`, and no reference to it may be held.
+    #[inline(always)]
+    pub unsafe fn continue_current(&mut self, id: ThreadId, thread: *mut Thread) {
+        // SAFETY: per the caller.
+        let (state, priority, remaining) =
+            unsafe { ((*thread).state, (*thread).priority, (*thread).remaining) };
+        if state != ThreadState::Ready || !self.keeps_running(priority, remaining) {
+            return;
+        }
+        self.preempt = false;
+        if remaining == 0 {
+            // SAFETY: as above.
+            unsafe { (*thread).remaining = (*thread).timeslice };
+        }
+        // SAFETY: as above.
+        unsafe { self.resume_thread(id, thread) }
+    }
+
     /// Pick the next thread and return to user mode in it (or idle).
     pub fn schedule(&mut self) -> ! {
         if let Some(current) = self.current {
-            let runnable = self
-                .threads
-                .get(current)
-                .is_some_and(|t| t.state == ThreadState::Ready);
-            if runnable {
-                let thread = self.thread(current);
-                let priority = thread.priority;
-                let expired = thread.remaining == 0;
-                let outranked = self.ready.highest().is_some_and(|p| p > priority);
-                let rotate = expired && self.ready.highest().is_some_and(|p| p >= priority);
-                if !outranked && !rotate {
-                    self.preempt = false;
-                    if expired {
-                        let t = self.thread(current);
-                        t.remaining = t.timeslice;
-                    }
-                    self.resume(current);
-                }
+            if let Some(thread) = self.threads.get_ptr(current) {
+                // SAFETY: just looked up: the live thread `current`.
+                unsafe { self.continue_current(current, thread) };
                 let t = self.thread(current);
-                if expired {
-                    t.remaining = t.timeslice;
-                    self.ready.enqueue(current, priority);
-                } else {
-                    self.ready.enqueue_front(current, priority);
+                if t.state == ThreadState::Ready {
+                    let priority = t.priority;
+                    if t.remaining == 0 {
+                        t.remaining = t.timeslice;
+                        self.ready.enqueue(current, priority);
+                    } else {
+                        self.ready.enqueue_front(current, priority);
+                    }
                 }
             }
         }

@@ -92,6 +92,19 @@ pub fn dispatch(k: &mut Kernel) -> ! {
         Some(Syscall::QuotaCheck) => done(crate::audit::quota_check(k, id, f.rdi, f.rsi)),
         None => Err(Error::UnknownSyscall),
     };
+    finish(k, id, number, receive_phase, result)
+}
+
+/// The end of every system call of thread `id` (number `number`, `receive_phase`: whether an
+/// error is reported as the receive phase's) with `result`: writes the result, takes a step
+/// of pending destruction, and schedules.
+pub fn finish(
+    k: &mut Kernel,
+    id: ThreadId,
+    number: u64,
+    receive_phase: bool,
+    result: Result<Next, Error>,
+) -> ! {
     // IPC paths set rax themselves on success (they may block); errors are written here.
     let mut switch = None;
     match result {

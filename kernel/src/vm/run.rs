@@ -19,12 +19,11 @@ const INJECT_UD: u64 = state::event::UD;
 const INJECT_GP0: u64 = state::event::GP0;
 
 /// The exit `VcpuRun` of `caller` takes instead of entering the guest, if any: a message
-/// waiting for the caller ([`exit::MESSAGE`], checked first), or `deadline` (a TSC value; 0:
+/// waiting for the caller (`queued`: whether its sender queue holds anyone) ([`exit::MESSAGE`], checked first), or `deadline` (a TSC value; 0:
 /// none) reached ([`exit::DEADLINE`]). Without pending IRQs or queued senders this is two
 /// loads and, with a deadline, an `rdtsc`.
-fn software_exit(k: &mut Kernel, caller: ThreadId, deadline: u64) -> Option<u64> {
+fn software_exit(k: &mut Kernel, caller: ThreadId, queued: bool, deadline: u64) -> Option<u64> {
     // The common case (no IRQ pending anywhere, nobody queued on the caller) in two loads.
-    let queued = k.threads.get(caller).is_some_and(|t| !t.senders.is_empty());
     if (k.pending_irqs != 0 && crate::irq::pending_for(k, caller).is_some())
         || (queued && crate::ipc::sender_waiting(k, caller))
     {
@@ -55,13 +54,17 @@ pub fn run(
     if mask & !state::EVERY != 0 {
         return Err(Error::InvalidArgument);
     }
+    // The caller, its UTCB words, the vCPU and its VM are looked up once: nothing in this
+    // call destroys them until it returns (the one IPC it may make, a guest page fault's to
+    // the VM's pager, ends it), and no other reference to them is held while these are used.
+    let thread = k.threads.get_ptr(caller).ok_or(Error::InvalidCapability)?;
     let words = &mut utcb(k, caller).mr;
-    let vm_id = k.vcpus.get(vcpu_id).ok_or(Error::InvalidCapability)?.vm;
-    if !k.vms.contains(vm_id) {
-        return Err(Error::InvalidCapability);
-    }
-    let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
-    load_state(vcpu, words, mask)?;
+    let vcpu_ptr = k.vcpus.get_ptr(vcpu_id).ok_or(Error::InvalidCapability)?;
+    // SAFETY: the live, boxed vCPU (see above).
+    let vm_id = unsafe { (*vcpu_ptr).vm };
+    let vm = k.vms.get_ptr(vm_id).ok_or(Error::InvalidCapability)?;
+    // SAFETY: as above.
+    load_state(unsafe { &mut *vcpu_ptr }, words, mask)?;
     // The guest gets the registers: the owner's user state is saved first (the VMM thread
     // gets its own back when it next runs), and user threads run with the user XCR0.
     crate::fpu::surrender(k);
@@ -69,23 +72,22 @@ pub fn run(
     loop {
         // Before every entry: a waiting message or the deadline returns to the VMM with the
         // state as it stands (a pending re-injection stays pending, and is reported).
-        if let Some(code) = software_exit(k, caller, deadline) {
-            let words = &mut utcb(k, caller).mr;
-            let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");
+        // SAFETY: the live caller (see above).
+        let queued = unsafe { !(*thread).senders.is_empty() };
+        if let Some(code) = software_exit(k, caller, queued, deadline) {
+            // SAFETY: the live vCPU and caller (see above).
+            let vcpu = unsafe { &*vcpu_ptr };
             store_state(vcpu, words);
             words[state::EXIT_CODE] = code;
             words[state::EXIT_INFO1] = 0;
             words[state::EXIT_INFO2] = 0;
             words[state::EXIT_INT_INFO] = vcpu.reinject;
-            k.thread(caller).frame.rdi = code;
+            // SAFETY: as above.
+            unsafe { (*thread).frame.rdi = code };
             return Ok(Next::Done);
         }
-        let flush = k
-            .vms
-            .get_mut(vm_id)
-            .map(|v| core::mem::take(&mut v.flush))
-            .unwrap_or(false);
-        let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
+        // SAFETY: the live VM and vCPU (see above).
+        let (flush, vcpu) = unsafe { (core::mem::take(&mut (*vm).flush), &mut *vcpu_ptr) };
         let frame = vcpu.vmcb;
         // Flush the guest's TLB entries when a guest mapping was removed since the last run.
         write(frame, vmcb::TLB_CONTROL, if flush { 1u8 } else { 0u8 });
@@ -129,7 +131,8 @@ pub fn run(
                 // A physical interrupt: let the kernel take it (it stays pending until interrupts
                 // are enabled again, at the latest when a thread runs) and make the VMM's call
                 // resume the guest afterwards, loading nothing new.
-                let t = k.thread(caller);
+                // SAFETY: the live caller (see above).
+                let t = unsafe { &mut *thread };
                 t.restart_syscall();
                 t.frame.rsi = 0;
                 return Ok(Next::Restart);
@@ -148,7 +151,8 @@ pub fn run(
                 // checks, so they are made here as the CPU makes them: #UD without the
                 // guest's CR4.OSXSAVE, #GP(0) at CPL > 0, for an XCR other than XCR0 or an
                 // invalid value.
-                let vcpu = k.vcpus.get_mut(vcpu_id).expect("vcpu");
+                // SAFETY: the live vCPU (see above).
+                let vcpu = unsafe { &mut *vcpu_ptr };
                 let value =
                     (vcpu.registers.rdx << 32) | (read::<u64>(frame, vmcb::RAX) & 0xffff_ffff);
                 let supported = svm::supported_xcr0();
@@ -170,10 +174,11 @@ pub fn run(
                 continue;
             }
             _ => {
-                let words = &mut utcb(k, caller).mr;
-                let vcpu = k.vcpus.get(vcpu_id).expect("vcpu");
-                store_state(vcpu, words);
-                k.thread(caller).frame.rdi = code;
+                // SAFETY: the live vCPU and caller (see above).
+                unsafe {
+                    store_state(&*vcpu_ptr, words);
+                    (*thread).frame.rdi = code;
+                }
                 return Ok(Next::Done);
             }
         }

@@ -137,8 +137,15 @@ impl TestGuest<'_> {
 impl Handler for TestGuest<'_> {
     type Outcome = TestOutcome;
 
-    /// The guest's TAP lines become ours; its exit-port write ends it.
+    /// The guest's TAP lines become ours; its exit-port write ends it (both come from port
+    /// writes: after any other exit there is nothing to do).
     fn after_run(&mut self, _w: &mut Words) -> Option<TestOutcome> {
+        {
+            let device = self.device.borrow();
+            if device.lines.is_empty() && device.exit.is_none() {
+                return None;
+            }
+        }
         for line in self.device.borrow_mut().take_lines() {
             if line.starts_with("bench: ") {
                 println!("{line}");
@@ -150,13 +157,7 @@ impl Handler for TestGuest<'_> {
             };
             report(ok, case);
         }
-        if let Some(code) = self.device.borrow().exit {
-            return Some(Ok(code));
-        }
-        if !self.outside_reported {
-            self.device.borrow_mut().status = LAZY_FAULTS.load(SeqCst) as u32 + self.lazy_faults;
-        }
-        None
+        self.device.borrow().exit.map(Ok)
     }
 
     fn refused(&mut self, _error: Error, _mask: u64, _w: &mut Words) -> TestOutcome {
@@ -164,6 +165,11 @@ impl Handler for TestGuest<'_> {
     }
 
     fn port_io(&mut self, w: &mut Words) -> Next<TestOutcome> {
+        // The status port tells the guest its lazy faults (ours and the pager thread's), or
+        // where it touched memory outside RAM and devices.
+        if !self.outside_reported {
+            self.device.borrow_mut().status = LAZY_FAULTS.load(SeqCst) as u32 + self.lazy_faults;
+        }
         resume(self.io(w))
     }
 
