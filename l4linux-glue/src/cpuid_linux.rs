@@ -133,7 +133,7 @@ pub const LEAF6_ARAT: u32 = 1 << 2;
 /// CPUID.8000_0007:EDX: invariant TSC.
 pub const INVARIANT_TSC: u32 = 1 << 8;
 /// CR4.OSXSAVE.
-pub const CR4_OSXSAVE: u64 = 1 << 18;
+pub const CR4_OSXSAVE: u64 = x86_64::registers::control::Cr4Flags::OSXSAVE.bits();
 
 /// The CPUID policy of one vCPU of a Linux compartment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

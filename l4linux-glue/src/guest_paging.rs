@@ -10,6 +10,10 @@
 //! form, and it does not set accessed/dirty bits. Physical addresses are taken to be at most 52
 //! bits wide.
 
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
+use x86_64::structures::paging::PageTableFlags;
+
 /// The guest's paging-related control registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagingMode {
@@ -41,15 +45,15 @@ pub enum WalkError {
     Unsupported,
 }
 
-const CR0_PG: u64 = 1 << 31;
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+const CR0_PG: u64 = Cr0Flags::PAGING.bits();
+const CR4_PSE: u64 = Cr4Flags::PAGE_SIZE_EXTENSION.bits();
+const CR4_PAE: u64 = Cr4Flags::PHYSICAL_ADDRESS_EXTENSION.bits();
+const CR4_LA57: u64 = Cr4Flags::L5_PAGING.bits();
+const EFER_LME: u64 = EferFlags::LONG_MODE_ENABLE.bits();
+const EFER_LMA: u64 = EferFlags::LONG_MODE_ACTIVE.bits();
 
-const PRESENT: u64 = 1 << 0;
-const PAGE_SIZE: u64 = 1 << 7;
+const PRESENT: u64 = PageTableFlags::PRESENT.bits();
+const PAGE_SIZE: u64 = PageTableFlags::HUGE_PAGE.bits();
 /// Bits 12..51 of a PAE/long-mode entry: the next table or the 4 KiB frame.
 const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
 

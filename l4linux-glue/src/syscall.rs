@@ -12,17 +12,19 @@
 //! matters (`X86_BUG_SYSRET_SS_ATTRS`).
 
 use iced_x86::{Code, Decoder, DecoderOptions};
+use x86_64::registers::model_specific::EferFlags;
+use x86_64::registers::rflags::RFlags;
 
 /// EFER.SCE.
-pub const EFER_SCE: u64 = 1;
+pub const EFER_SCE: u64 = EferFlags::SYSTEM_CALL_EXTENSIONS.bits();
 /// EFER.LMA.
-pub const EFER_LMA: u64 = 1 << 10;
+pub const EFER_LMA: u64 = EferFlags::LONG_MODE_ACTIVE.bits();
 /// RFLAGS.IF.
-const RFLAGS_IF: u64 = 1 << 9;
+const RFLAGS_IF: u64 = RFlags::INTERRUPT_FLAG.bits();
 /// RFLAGS.RF.
-const RFLAGS_RF: u64 = 1 << 16;
+const RFLAGS_RF: u64 = RFlags::RESUME_FLAG.bits();
 /// RFLAGS.VM.
-const RFLAGS_VM: u64 = 1 << 17;
+const RFLAGS_VM: u64 = RFlags::VIRTUAL_8086_MODE.bits();
 /// The RFLAGS bits SYSRET loads from R11 (all defined flags but RF and VM; bit 1 is set).
 const SYSRET_RFLAGS: u64 = 0x003c_7fd7;
 

@@ -19,17 +19,19 @@ use l4linux_glue::mmio::MmioBus;
 use l4linux_glue::platform::{Platform, PlatformConfig};
 use l4linux_glue::ports::PortBus;
 use l4linux_glue::uart8250::{self, Uart8250};
+use x86_64::registers::model_specific::EferFlags;
+use x86_64::registers::rflags::RFlags;
 
 const MSR_EFER: u32 = 0xc000_0080;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_SVME: u64 = 1 << 12;
+const EFER_LME: u64 = EferFlags::LONG_MODE_ENABLE.bits();
+const EFER_LMA: u64 = EferFlags::LONG_MODE_ACTIVE.bits();
+const EFER_SVME: u64 = EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits();
 /// RFLAGS.DF.
-const RFLAGS_DF: u64 = 1 << 10;
+const RFLAGS_DF: u64 = RFlags::DIRECTION_FLAG.bits();
 /// Elements of a REP INS/OUTS done per exit (the guest re-executes the instruction for more).
 const STRING_IO_BATCH: u64 = 4096;
-/// SCE, LME, LMA (ignored), NXE.
-const EFER_WRITABLE: u64 = 0x0d01;
+/// SCE, LME, LMA (ignored), NXE: what the kernel lets a guest have.
+const EFER_WRITABLE: u64 = state::EFER_ALLOWED;
 
 /// The value of the VMM argument `NAME=VALUE`, if given.
 pub fn argument(name: &str) -> Option<&'static str> {

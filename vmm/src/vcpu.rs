@@ -2,7 +2,7 @@
 //! state in and out, and the entry states the guests start in.
 
 use l4::abi::vcpu as state;
-use l4::abi::{Error, Syscall};
+use l4::abi::Error;
 use l4::sys;
 
 /// The guest state words: the UTCB's message registers, where `VcpuRun` loads the state from
@@ -24,21 +24,14 @@ pub fn keeping_state<T>(f: impl FnOnce() -> T) -> T {
 /// Run the vCPU with `mask` of the UTCB state loaded first, until `deadline` (a TSC value;
 /// 0: none) at the latest; returns the exit code.
 pub fn run(vcpu: u64, mask: u64, deadline: u64) -> Result<u64, Error> {
-    // SAFETY: VcpuRun touches only our UTCB.
-    let (rax, code, _, _) =
-        unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, mask, deadline, 0, 0) };
-    if rax == 0 {
-        Ok(code)
-    } else {
-        Err(Error::from_u64(rax).unwrap_or(Error::InvalidArgument))
-    }
+    sys::vcpu_run(vcpu, mask, deadline)
 }
 
 /// Event injection of #GP(0): valid, error code, exception.
 pub const INJECT_GP0: u64 = state::event::GP0;
 
 /// RFLAGS.IF.
-pub const RFLAGS_IF: u64 = 1 << 9;
+pub const RFLAGS_IF: u64 = x86_64::registers::rflags::RFlags::INTERRUPT_FLAG.bits();
 
 /// The TSC (shared with the guests: their TSC offset is 0).
 pub fn rdtsc() -> u64 {

@@ -90,6 +90,23 @@ pub const STATE_WORDS: usize = 55;
 
 /// The exceptions a VMM may intercept: vectors 0..32 except #MC (18), which stays the host's.
 pub const INTERCEPTABLE_EXCEPTIONS: u64 = 0xffff_ffff & !(1 << 18);
+
+/// CR0 bits a guest may have (`VcpuRun` refuses others): PE, MP, EM, TS, ET, NE, WP, AM, NW,
+/// CD, PG.
+pub const CR0_ALLOWED: u64 = x86_64::registers::control::Cr0Flags::all().bits();
+/// CR4 bits a guest may have (VMRUN still rejects what the CPU lacks): VME..OSXMMEXCPT, UMIP,
+/// LA57, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
+pub const CR4_ALLOWED: u64 = 0x0077_1fff;
+/// EFER bits a VMM may set: SCE, LME, LMA, NXE (the kernel adds SVME itself).
+pub const EFER_ALLOWED: u64 = {
+    use x86_64::registers::model_specific::EferFlags;
+    EferFlags::SYSTEM_CALL_EXTENSIONS
+        .union(EferFlags::LONG_MODE_ENABLE)
+        .union(EferFlags::LONG_MODE_ACTIVE)
+        .union(EferFlags::NO_EXECUTE_ENABLE)
+        .bits()
+};
+const _: () = assert!(CR0_ALLOWED == 0xe005_003f && EFER_ALLOWED == 0x0d01);
 /// Exception vector of #UD.
 pub const VECTOR_UD: u8 = 6;
 

@@ -2,23 +2,21 @@
 //! count on the CPU to refuse inconsistent guest state (QEMU's SVM often runs it), so every
 //! field a VMM may set is checked here before it reaches the VMCB.
 
-/// CR0 bits a guest may have: PE, MP, EM, TS, ET, NE, WP, AM, NW, CD, PG.
-pub const CR0_ALLOWED: u64 = 0xe005_003f;
-/// CR4 bits a guest may have (VMRUN still rejects what the CPU lacks): VME..OSXMMEXCPT, UMIP,
-/// LA57, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
-pub const CR4_ALLOWED: u64 = 0x0077_1fff;
-/// EFER bits a VMM may set: SCE, LME, LMA, NXE (the kernel adds SVME itself).
-pub const EFER_ALLOWED: u64 = 0x0d01;
-/// EFER.SVME, which the kernel keeps set in every guest.
-pub const EFER_SVME: u64 = 1 << 12;
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
 
-const CR0_PE: u64 = 1;
-const CR0_NW: u64 = 1 << 29;
-const CR0_CD: u64 = 1 << 30;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+pub use l4_abi::vcpu::{CR0_ALLOWED, CR4_ALLOWED, EFER_ALLOWED};
+
+/// EFER.SVME, which the kernel keeps set in every guest.
+pub const EFER_SVME: u64 = EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits();
+
+const CR0_PE: u64 = Cr0Flags::PROTECTED_MODE_ENABLE.bits();
+const CR0_NW: u64 = Cr0Flags::NOT_WRITE_THROUGH.bits();
+const CR0_CD: u64 = Cr0Flags::CACHE_DISABLE.bits();
+const CR0_PG: u64 = Cr0Flags::PAGING.bits();
+const CR4_PAE: u64 = Cr4Flags::PHYSICAL_ADDRESS_EXTENSION.bits();
+const EFER_LME: u64 = EferFlags::LONG_MODE_ENABLE.bits();
+const EFER_LMA: u64 = EferFlags::LONG_MODE_ACTIVE.bits();
 
 /// Whether CR0, CR4 and EFER form a state the kernel lets a guest run in: only allowed bits;
 /// paging needs protection; NW needs CD; long mode with paging needs PAE; EFER.LMA is set

@@ -500,9 +500,10 @@ extern "C" fn silent_vm_pager(_: u64) -> ! {
 extern "C" fn pager_case_runner(vcpu: u64) -> ! {
     use l4::abi::vcpu as state;
     state::protected_mode(&mut l4::utcb::utcb().mr, PAGER_CASE_ENTRY);
-    // SAFETY: VcpuRun touches only our UTCB.
-    let (rax, code, _, _) =
-        unsafe { sys::raw(Syscall::VcpuRun as u64, vcpu, state::ALL, u64::MAX, 0, 0) };
+    let (rax, code) = match sys::vcpu_run(vcpu, state::ALL, u64::MAX) {
+        Ok(code) => (0, code),
+        Err(e) => (e as u64, 0),
+    };
     RUNNER_GOT[0].store(rax, SeqCst);
     RUNNER_GOT[1].store(code, SeqCst);
     RUNNER_GOT[2].store(1, SeqCst);

@@ -104,6 +104,15 @@ pub fn cap_delete(slot: u64) -> Result<(), Error> {
     result(call(Syscall::CapDelete, slot, 0, 0, 0, 0).0)
 }
 
+/// Run vCPU `vcpu` (see [`Syscall::VcpuRun`]) with the state groups of `mask` (bits of
+/// [`l4_abi::vcpu`]) loaded first from this thread's UTCB, until an exit or `deadline` (a TSC
+/// value; 0: none); returns the exit code, the guest state being in the UTCB's message
+/// registers.
+pub fn vcpu_run(vcpu: u64, mask: u64, deadline: u64) -> Result<u64, Error> {
+    let (rax, code, _, _) = call(Syscall::VcpuRun, vcpu, mask, deadline, 0, 0);
+    result(rax).map(|()| code)
+}
+
 /// Map a flexpage into another task (see [`Syscall::Map`]).
 pub fn map(task: u64, fpage: l4_abi::Fpage, destination: u64, flags: u64) -> Result<(), Error> {
     result(call(Syscall::Map, task, fpage.0, destination, flags, 0).0)
