@@ -15,7 +15,7 @@ use crate::{info, kip};
 use alloc::vec::Vec;
 use kernel_core::{Arena, FrameAllocator, ReadyQueues};
 use l4_abi::{
-    region_kind, rights, slots, MemoryRegion, INITIAL_STACK_TOP, KERNEL_AREA_START,
+    region_kind, slots, MemoryRegion, Rights, INITIAL_STACK_TOP, KERNEL_AREA_START,
     SIGMA0_PHYS_WINDOW, USER_START, UTCB_AREA,
 };
 use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
@@ -410,7 +410,7 @@ pub fn boot(magic: u32, multiboot_info: u64) -> Kernel {
     let (root, root_thread) = start_module(&mut k, &modules[1], "root", root_quota);
     let pager = Capability {
         object: Object::Thread(sigma0_thread),
-        rights: rights::SEND,
+        rights: Rights::SEND,
         badge: 0,
     };
     let caps = &mut k.tasks.get_mut(root).expect("root").caps;

@@ -12,7 +12,7 @@ use crate::object::{Capability, Gate, Object, QuotaId, TaskId, ThreadId};
 use crate::syscall::{current_task, ipc_cap, require, thread_cap};
 use crate::task::Task;
 use crate::thread::Thread;
-use l4_abi::{rights, Error, ObjectKind, Utcb, KIP_ADDRESS, NO_CAP};
+use l4_abi::{Error, ObjectKind, Rights, Utcb, KIP_ADDRESS, NO_CAP};
 
 /// Kernel memory of a task object with its capability table and PML4.
 pub const TASK_BYTES: u64 = crate::memory::object_charge(core::mem::size_of::<Task>())
@@ -116,7 +116,7 @@ pub fn factory_create(
         (Object::Platform, Some(ObjectKind::Irq)) => None,
         _ => return Err(Error::WrongType),
     };
-    require(cap, rights::CONTROL)?;
+    require(cap, Rights::CONTROL)?;
     let task = current_task(k);
     match k.tasks.get(task).expect("task").caps.is_free(slot) {
         Ok(true) => {}
@@ -209,7 +209,7 @@ pub fn factory_create(
                     object: Object::Vm(vm),
                     rights,
                     ..
-                } if rights & rights::CONTROL != 0 => vm,
+                } if rights.contains(Rights::CONTROL) => vm,
                 Capability {
                     object: Object::Vm(_),
                     ..

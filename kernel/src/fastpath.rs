@@ -14,7 +14,7 @@ use crate::arch::x86_64::paging::phys_to_virt;
 use crate::kernel::Kernel;
 use crate::object::Object;
 use crate::thread::{Awaiting, Thread, ThreadState};
-use l4_abi::{rights, Syscall};
+use l4_abi::{Rights, Syscall};
 
 /// At most this many untyped words. With the label (bits 32..64) masked off, a tag is fast
 /// exactly when its value is at most this: no typed items (bits 7..12), no reserved bits, at
@@ -77,7 +77,7 @@ pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
         let Ok(cap) = task.caps.get(f.rdi) else {
             return;
         };
-        if cap.rights & rights::SEND == 0 {
+        if !cap.rights.contains(Rights::SEND) {
             return;
         }
         let target = match cap.object {
@@ -180,7 +180,7 @@ unsafe fn vcpu_run(
     let Object::Vcpu(vcpu) = cap.object else {
         return;
     };
-    if cap.rights & rights::CONTROL == 0 {
+    if !cap.rights.contains(Rights::CONTROL) {
         return;
     }
     let result = crate::vm::run(k, caller, vcpu, mask, deadline);

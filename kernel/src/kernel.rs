@@ -148,7 +148,7 @@ impl Kernel {
 
     /// Resolve an IPC destination capability to the receiving thread and the badge.
     pub fn ipc_target(&self, cap: Capability) -> Result<(ThreadId, u64), Error> {
-        if cap.rights & l4_abi::rights::SEND == 0 {
+        if !cap.rights.contains(l4_abi::Rights::SEND) {
             return Err(Error::NoRights);
         }
         let thread = match cap.object {

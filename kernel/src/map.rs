@@ -254,7 +254,7 @@ pub fn place_window(window: Fpage, item: MapItem) -> (Fpage, u64) {
                 Fpage::object(
                     fpage.index() + offset,
                     size.trailing_zeros(),
-                    fpage.rights(),
+                    l4_abi::Rights::from_bits_truncate(fpage.rights()),
                 ),
                 destination,
             )
@@ -818,7 +818,8 @@ fn map_objects(
         let target = destination + (source - fpage.index());
         let cap = match k.lookup_in(from, source) {
             Ok(cap)
-                if cap.rights & l4_abi::rights::COPY != 0 && !(from == to && source == target) =>
+                if cap.rights.contains(l4_abi::Rights::COPY)
+                    && !(from == to && source == target) =>
             {
                 cap
             }

@@ -43,8 +43,8 @@ pub enum Object {
 pub struct Capability {
     /// The object.
     pub object: Object,
-    /// [`l4_abi::rights`] bits.
-    pub rights: u64,
+    /// The rights held.
+    pub rights: l4_abi::Rights,
     /// Delivered to the receiver of IPC sent through this capability.
     pub badge: u64,
 }
@@ -54,7 +54,7 @@ impl Capability {
     pub fn full(object: Object) -> Self {
         Capability {
             object,
-            rights: l4_abi::rights::ALL,
+            rights: l4_abi::Rights::all(),
             badge: 0,
         }
     }

@@ -16,7 +16,7 @@ use crate::object::{Capability, Object, TaskId, ThreadId};
 use crate::thread::ThreadState;
 use crate::usermem;
 use l4_abi::{
-    rights, Error, ExRegsFlags, Fpage, Syscall, Timeouts, KERNEL_AREA_START, KIP_ADDRESS,
+    Error, ExRegsFlags, Fpage, Rights, Syscall, Timeouts, KERNEL_AREA_START, KIP_ADDRESS,
     MAP_GRANT, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, UNMAP_SELF, USER_END, USER_START, UTCB_AREA,
 };
 
@@ -202,8 +202,8 @@ fn ipc_receive(k: &mut Kernel, id: ThreadId, source: u64, timeouts: Timeouts) ->
     ipc::receive(k, id, from, timeouts.receive())
 }
 
-pub(crate) fn require(cap: Capability, right: u64) -> Result<Capability, Error> {
-    if cap.rights & right == right {
+pub(crate) fn require(cap: Capability, right: Rights) -> Result<Capability, Error> {
+    if cap.rights.contains(right) {
         Ok(cap)
     } else {
         Err(Error::NoRights)
@@ -213,7 +213,7 @@ pub(crate) fn require(cap: Capability, right: u64) -> Result<Capability, Error> 
 pub(crate) fn task_cap(k: &Kernel, slot: u64) -> Result<TaskId, Error> {
     let cap = k.lookup(slot)?;
     match cap.object {
-        Object::Task(t) => require(cap, rights::CONTROL).map(|_| t),
+        Object::Task(t) => require(cap, Rights::CONTROL).map(|_| t),
         _ => Err(Error::WrongType),
     }
 }
@@ -221,7 +221,7 @@ pub(crate) fn task_cap(k: &Kernel, slot: u64) -> Result<TaskId, Error> {
 pub(crate) fn thread_cap(k: &Kernel, slot: u64) -> Result<ThreadId, Error> {
     let cap = k.lookup(slot)?;
     match cap.object {
-        Object::Thread(t) => require(cap, rights::CONTROL).map(|_| t),
+        Object::Thread(t) => require(cap, Rights::CONTROL).map(|_| t),
         _ => Err(Error::WrongType),
     }
 }
@@ -229,7 +229,7 @@ pub(crate) fn thread_cap(k: &Kernel, slot: u64) -> Result<ThreadId, Error> {
 pub(crate) fn ipc_cap(k: &Kernel, slot: u64) -> Result<Capability, Error> {
     let cap = k.lookup(slot)?;
     match cap.object {
-        Object::Thread(_) | Object::Gate(_) => require(cap, rights::SEND),
+        Object::Thread(_) | Object::Gate(_) => require(cap, Rights::SEND),
         _ => Err(Error::WrongType),
     }
 }
@@ -301,35 +301,30 @@ fn ex_regs(
     flags: u64,
 ) -> Result<(), Error> {
     let target = thread_cap(k, thread)?;
-    if flags
-        & !(ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START | ExRegsFlags::CANCEL)
-        != 0
-    {
-        return Err(Error::InvalidArgument);
-    }
-    if (flags & ExRegsFlags::SET_IP != 0 && ip >= USER_END)
-        || (flags & ExRegsFlags::SET_SP != 0 && sp >= USER_END)
+    let flags = ExRegsFlags::from_bits(flags).ok_or(Error::InvalidArgument)?;
+    if (flags.contains(ExRegsFlags::SET_IP) && ip >= USER_END)
+        || (flags.contains(ExRegsFlags::SET_SP) && sp >= USER_END)
     {
         return Err(Error::InvalidArgument);
     }
     let t = k.thread(target);
-    if flags & ExRegsFlags::START != 0 && t.task.is_none() {
+    if flags.contains(ExRegsFlags::START) && t.task.is_none() {
         return Err(Error::NotBound);
     }
-    if t.state == ThreadState::Dead && flags & (ExRegsFlags::START | ExRegsFlags::CANCEL) != 0 {
+    if t.state == ThreadState::Dead && flags.intersects(ExRegsFlags::START | ExRegsFlags::CANCEL) {
         return Err(Error::DeadPartner);
     }
     let old = (t.frame.rip, t.frame.rsp, t.frame.rflags);
-    if flags & (ExRegsFlags::SET_IP | ExRegsFlags::CANCEL) != 0 {
+    if flags.intersects(ExRegsFlags::SET_IP | ExRegsFlags::CANCEL) {
         // A string copy's steps count only for the same receive going on.
         t.partial_copy = None;
     }
-    if flags & ExRegsFlags::SET_IP != 0 {
+    if flags.contains(ExRegsFlags::SET_IP) {
         t.unmap_progress = None;
         t.map_progress = None;
         t.frame.rip = ip;
     }
-    if flags & ExRegsFlags::SET_SP != 0 {
+    if flags.contains(ExRegsFlags::SET_SP) {
         t.frame.rsp = sp;
     }
     t.frame.rflags = (t.frame.rflags & RFLAGS_USER_MASK) | RFLAGS_IF | RFLAGS_RESERVED;
@@ -338,10 +333,10 @@ fn ex_regs(
         t.state,
         ThreadState::Sending { .. } | ThreadState::Receiving { .. }
     );
-    if flags & ExRegsFlags::CANCEL != 0 && blocked && target != caller {
+    if flags.contains(ExRegsFlags::CANCEL) && blocked && target != caller {
         ipc::abort(k, target, Error::Canceled as u64);
     }
-    if flags & ExRegsFlags::START != 0 && k.thread(target).state == ThreadState::Inactive {
+    if flags.contains(ExRegsFlags::START) && k.thread(target).state == ThreadState::Inactive {
         k.wake(target);
     }
     let f = &mut k.thread(caller).frame;
@@ -360,13 +355,13 @@ fn cap_copy(
     badge: u64,
 ) -> Result<(), Error> {
     let target = task_cap(k, task)?;
-    let cap = require(k.lookup(source)?, rights::COPY)?;
+    let cap = require(k.lookup(source)?, Rights::COPY)?;
     if badge != 0 && cap.badge != 0 {
         return Err(Error::InvalidArgument);
     }
     let new = Capability {
         object: cap.object,
-        rights: cap.rights & mask,
+        rights: cap.rights & Rights::from_bits_truncate(mask),
         badge: if badge != 0 { badge } else { cap.badge },
     };
     match k.tasks.get(target).expect("task").caps.is_free(destination) {
@@ -413,7 +408,7 @@ fn map(
     let cap = k.lookup(task)?;
     let (to, grant) = if let Object::Vm(vm) = cap.object {
         // Guest memory: a memory flexpage of ours at a guest-physical address.
-        require(cap, rights::CONTROL)?;
+        require(cap, Rights::CONTROL)?;
         if flags != 0 || !Fpage(fpage).is_valid_memory() {
             return Err(Error::InvalidArgument);
         }
@@ -493,7 +488,7 @@ fn thread_schedule(
     let Object::Thread(target) = cap.object else {
         return Err(Error::WrongType);
     };
-    require(cap, rights::SCHEDULE)?;
+    require(cap, Rights::SCHEDULE)?;
     let own = k.thread(caller).priority as u64;
     if priority > 255 || priority > own || timeslice_us > 10_000_000 {
         return Err(Error::InvalidArgument);
@@ -555,7 +550,7 @@ fn vcpu_run(
     let Object::Vcpu(id) = cap.object else {
         return Err(Error::WrongType);
     };
-    require(cap, rights::CONTROL)?;
+    require(cap, Rights::CONTROL)?;
     crate::vm::run(k, caller, id, mask, deadline)
 }
 
@@ -564,7 +559,7 @@ fn irq_control(k: &mut Kernel, irq: u64, operation: u64, thread: u64) -> Result<
     let Object::Irq(id) = cap.object else {
         return Err(Error::WrongType);
     };
-    require(cap, rights::CONTROL)?;
+    require(cap, Rights::CONTROL)?;
     let operation = l4_abi::IrqOp::from_u64(operation).ok_or(Error::InvalidArgument)?;
     let line = k.irqs.get(id).expect("irq").line;
     match operation {
@@ -621,7 +616,7 @@ fn task_destroy(k: &mut Kernel, id: ThreadId, slot: u64) -> Result<bool, Error> 
         .and_then(|t| t.caps.get(slot).ok().copied())
         .ok_or(Error::InvalidCapability)?;
     let task = match cap.object {
-        Object::Task(t) if k.tasks.contains(t) => require(cap, rights::CONTROL).map(|_| t)?,
+        Object::Task(t) if k.tasks.contains(t) => require(cap, Rights::CONTROL).map(|_| t)?,
         Object::Task(_) => return Err(Error::InvalidCapability),
         _ => {
             k.lookup(slot)?;
@@ -639,7 +634,7 @@ fn shutdown(k: &mut Kernel, platform: u64, code: u64) -> Result<(), Error> {
     if cap.object != Object::Platform {
         return Err(Error::WrongType);
     }
-    require(cap, rights::CONTROL)?;
+    require(cap, Rights::CONTROL)?;
     crate::info!(
         "shutdown requested (code {code:#x}); {} tasks, {} threads alive",
         k.tasks.len(),

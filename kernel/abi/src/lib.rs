@@ -284,18 +284,20 @@ pub mod qemu_exit {
     }
 }
 
-/// Capability rights.
-pub mod rights {
-    /// May send IPC through the capability (threads, gates).
-    pub const SEND: u64 = 1;
-    /// May control the object (thread_control, ex_regs, task map/copy/destroy, create).
-    pub const CONTROL: u64 = 2;
-    /// May copy the capability into another task.
-    pub const COPY: u64 = 4;
-    /// May set the thread's priority and time slice.
-    pub const SCHEDULE: u64 = 8;
-    /// All rights.
-    pub const ALL: u64 = SEND | CONTROL | COPY | SCHEDULE;
+bitflags::bitflags! {
+    /// Capability rights (a system call takes them as the bits of a `u64`; unknown bits are
+    /// ignored).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Rights: u64 {
+        /// May send IPC through the capability (threads, gates).
+        const SEND = 1;
+        /// May control the object (thread_control, ex_regs, task map/copy/destroy, create).
+        const CONTROL = 2;
+        /// May copy the capability into another task.
+        const COPY = 4;
+        /// May set the thread's priority and time slice.
+        const SCHEDULE = 8;
+    }
 }
 
 /// "No capability": leave a setting unchanged, or send nothing.
@@ -352,17 +354,19 @@ pub mod slots {
     pub const FIRST_FREE: u64 = 16;
 }
 
-/// Flags of [`Syscall::ExRegs`].
-pub struct ExRegsFlags;
-impl ExRegsFlags {
-    /// Set the instruction pointer.
-    pub const SET_IP: u64 = 1;
-    /// Set the stack pointer.
-    pub const SET_SP: u64 = 2;
-    /// Make the thread runnable (start it).
-    pub const START: u64 = 4;
-    /// Cancel an IPC the thread is blocked in (it returns [`Error::Canceled`]).
-    pub const CANCEL: u64 = 8;
+bitflags::bitflags! {
+    /// Flags of [`Syscall::ExRegs`] (other bits are refused).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct ExRegsFlags: u64 {
+        /// Set the instruction pointer.
+        const SET_IP = 1;
+        /// Set the stack pointer.
+        const SET_SP = 2;
+        /// Make the thread runnable (start it).
+        const START = 4;
+        /// Cancel an IPC the thread is blocked in (it returns [`Error::Canceled`]).
+        const CANCEL = 8;
+    }
 }
 
 #[cfg(test)]

@@ -218,22 +218,24 @@ impl Fpage {
         Fpage((port << 12) | (1 << 10) | ((order as u64 & 0x3f) << 4) | Fpage::RWX)
     }
     /// A capability flexpage of `1 << order` slots from `slot` (aligned), with capability
-    /// `rights` ([`crate::rights`] `SEND`, `CONTROL`, `COPY`; `CONTROL` also covers `SCHEDULE`).
-    pub const fn object(slot: u64, order: u32, rights: u64) -> Fpage {
-        Fpage((slot << 12) | (2 << 10) | ((order as u64 & 0x3f) << 4) | (rights & 7))
+    /// `rights` ([`crate::Rights`] `SEND`, `CONTROL`, `COPY`; `CONTROL` also covers `SCHEDULE`).
+    pub const fn object(slot: u64, order: u32, rights: crate::Rights) -> Fpage {
+        Fpage((slot << 12) | (2 << 10) | ((order as u64 & 0x3f) << 4) | (rights.bits() & 7))
     }
     /// The first port or slot of an I/O or capability flexpage.
     pub const fn index(self) -> u64 {
         self.0 >> 12
     }
     /// The capability rights an object flexpage passes on.
-    pub const fn object_rights(self) -> u64 {
-        let r = self.rights();
-        let mut rights = r & (crate::rights::SEND | crate::rights::COPY);
-        if r & crate::rights::CONTROL != 0 {
-            rights |= crate::rights::CONTROL | crate::rights::SCHEDULE;
+    pub const fn object_rights(self) -> crate::Rights {
+        use crate::Rights;
+        let r = Rights::from_bits_truncate(self.rights());
+        let rights = r.intersection(Rights::SEND.union(Rights::COPY));
+        if r.contains(Rights::CONTROL) {
+            rights.union(Rights::CONTROL).union(Rights::SCHEDULE)
+        } else {
+            rights
         }
-        rights
     }
     /// Whether this is a well-formed I/O flexpage: order 0..=16, aligned, below port 65536.
     pub const fn is_valid_io(self) -> bool {
@@ -427,12 +429,15 @@ mod tests {
         assert!(!Fpage::io(0x41, 2).is_valid_io());
         assert!(!Fpage::io(0xfffc, 3).is_valid_io());
         assert!(Fpage::io(0, 16).is_valid_io());
-        let obj = Fpage::object(16, 4, crate::rights::SEND);
+        let obj = Fpage::object(16, 4, crate::Rights::SEND);
         assert!(obj.is_valid_object() && !obj.is_valid_io());
-        assert_eq!(obj.object_rights(), crate::rights::SEND);
-        assert_eq!(Fpage::object(0, 0, 7).object_rights(), crate::rights::ALL);
-        assert!(!Fpage::object(17, 4, 7).is_valid_object());
-        assert!(!Fpage::object(0, 10, 7).is_valid_object());
+        assert_eq!(obj.object_rights(), crate::Rights::SEND);
+        assert_eq!(
+            Fpage::object(0, 0, crate::Rights::from_bits_truncate(7)).object_rights(),
+            crate::Rights::all()
+        );
+        assert!(!Fpage::object(17, 4, crate::Rights::all()).is_valid_object());
+        assert!(!Fpage::object(0, 10, crate::Rights::all()).is_valid_object());
     }
 
     #[test]

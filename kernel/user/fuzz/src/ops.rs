@@ -7,9 +7,21 @@ use crate::workers;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use l4::abi::{
-    rights, slots, ExRegsFlags, Fpage, IrqOp, MessageTag, ObjectKind, Syscall, Timeout, Timeouts,
-    KIP_ADDRESS, MAP_GRANT, NO_CAP, OPEN_WAIT, PAGE_SIZE, UNMAP_SELF, UTCB_AREA, UTCB_SIZE,
+    slots, Fpage, IrqOp, MessageTag, ObjectKind, Syscall, Timeout, Timeouts, KIP_ADDRESS,
+    MAP_GRANT, NO_CAP, OPEN_WAIT, PAGE_SIZE, UNMAP_SELF, UTCB_AREA, UTCB_SIZE,
 };
+
+// The fuzzer speaks the raw ABI (register values, any bits), in the encodings every kernel
+// since the hostile review has: so that `scripts/fuzz-old-kernel.sh` can port it onto them.
+/// The `SEND` right.
+const RIGHT_SEND: u64 = 1;
+/// `ExRegs` flags `SET_IP | SET_SP | START`.
+const EX_REGS_START_AT: u64 = 1 | 2 | 4;
+
+/// An object flexpage with raw rights bits `rights` (any bits: hostile ones included).
+fn object_fpage(slot: u64, order: u32, rights: u64) -> Fpage {
+    Fpage((slot << 12) | (2 << 10) | ((order as u64 & 0x3f) << 4) | (rights & 7))
+}
 
 /// Inconsistencies a `QuotaCheck` in the middle of a batch found (0: none yet).
 pub static MISMATCHES: AtomicU64 = AtomicU64::new(0);
@@ -467,7 +479,7 @@ fn spawn_worker(rng: &mut Rng, model: &mut Model, infra: &Infra) {
         .0 == 0
             && syscall(
                 Syscall::CapCopy as u64,
-                [task, infra.server_gate, slots::PEER, rights::SEND, 0],
+                [task, infra.server_gate, slots::PEER, RIGHT_SEND, 0],
             )
             .0 == 0
             && syscall(
@@ -481,7 +493,7 @@ fn spawn_worker(rng: &mut Rng, model: &mut Model, infra: &Infra) {
                     thread,
                     workers::worker as *const () as u64,
                     workers::WORKER_STACK_TOP - 8,
-                    ExRegsFlags::SET_IP | ExRegsFlags::SET_SP | ExRegsFlags::START,
+                    EX_REGS_START_AT,
                     0,
                 ],
             )
@@ -607,7 +619,7 @@ fn map(rng: &mut Rng, model: &mut Model, m: &Memory) {
     };
     let (fpage, scratch) = match rng.below(10) {
         0 => (
-            Fpage::object(model.object_slot(rng), rng.below(4) as u32, rng.below(16)),
+            object_fpage(model.object_slot(rng), rng.below(4) as u32, rng.below(16)),
             false,
         ),
         1 => (Fpage::io(rng.below(0x1_0000), rng.below(17) as u32), false),
@@ -658,7 +670,7 @@ fn unmap(rng: &mut Rng, model: &mut Model, m: &Memory) {
     let (fpage, scratch) = memory_fpage(rng, m, r);
     let own = (scratch || fpage.base() == KIP_ADDRESS) && rng.chance(40);
     let fpage = if rng.chance(5) {
-        Fpage::object(model.object_slot(rng), rng.below(3) as u32, rng.below(16))
+        object_fpage(model.object_slot(rng), rng.below(3) as u32, rng.below(16))
     } else {
         fpage
     };

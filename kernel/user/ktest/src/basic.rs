@@ -13,7 +13,7 @@ use crate::tap::{check, check_eq, Case};
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::SeqCst;
 use l4::abi::{
-    fault_access, rights, slots, Error, ExRegsFlags, Fpage, MessageTag, ObjectKind, Syscall,
+    fault_access, slots, Error, ExRegsFlags, Fpage, MessageTag, ObjectKind, Rights, Syscall,
     Timeout, Timeouts, ABI_VERSION, KIP_MAGIC, LABEL_DEATH, NO_CAP, UTCB_AREA,
 };
 use l4::child::fresh_page;
@@ -132,25 +132,25 @@ pub(crate) fn capability_cases() {
     check_eq(
         "cap",
         "empty slot is invalid",
-        sys::ex_regs(200, 0, 0, 0).map(|_| ()),
+        sys::ex_regs(200, 0, 0, ExRegsFlags::empty()).map(|_| ()),
         Err(Error::InvalidCapability),
     );
     check_eq(
         "cap",
         "slot beyond the table is invalid",
-        sys::ex_regs(10_000, 0, 0, 0).map(|_| ()),
+        sys::ex_regs(10_000, 0, 0, ExRegsFlags::empty()).map(|_| ()),
         Err(Error::InvalidCapability),
     );
     check_eq(
         "cap",
         "huge slot number is invalid",
-        sys::ex_regs(u64::MAX - 1, 0, 0, 0).map(|_| ()),
+        sys::ex_regs(u64::MAX - 1, 0, 0, ExRegsFlags::empty()).map(|_| ()),
         Err(Error::InvalidCapability),
     );
     check_eq(
         "cap",
         "wrong object kind rejected",
-        sys::ex_regs(slots::SELF_TASK, 0, 0, 0).map(|_| ()),
+        sys::ex_regs(slots::SELF_TASK, 0, 0, ExRegsFlags::empty()).map(|_| ()),
         Err(Error::WrongType),
     );
     let send_only = alloc_slot();
@@ -158,23 +158,23 @@ pub(crate) fn capability_cases() {
         slots::SELF_TASK,
         slots::SELF_THREAD,
         send_only,
-        rights::SEND | rights::COPY,
+        Rights::SEND | Rights::COPY,
         0,
     )
     .expect("copy");
     check_eq(
         "cap",
         "copy with fewer rights cannot control",
-        sys::ex_regs(send_only, 0, 0, 0).map(|_| ()),
+        sys::ex_regs(send_only, 0, 0, ExRegsFlags::empty()).map(|_| ()),
         Err(Error::NoRights),
     );
     let no_copy = alloc_slot();
-    sys::cap_copy(slots::SELF_TASK, send_only, no_copy, rights::SEND, 0).expect("copy");
+    sys::cap_copy(slots::SELF_TASK, send_only, no_copy, Rights::SEND, 0).expect("copy");
     let again = alloc_slot();
     check_eq(
         "cap",
         "rights cannot grow back",
-        sys::cap_copy(slots::SELF_TASK, no_copy, again, rights::ALL, 0),
+        sys::cap_copy(slots::SELF_TASK, no_copy, again, Rights::all(), 0),
         Err(Error::NoRights),
     );
     check_eq(
@@ -184,25 +184,32 @@ pub(crate) fn capability_cases() {
             slots::SELF_TASK,
             slots::SELF_THREAD,
             send_only,
-            rights::ALL,
+            Rights::all(),
             0,
         ),
         Err(Error::SlotOccupied),
     );
     let badged = alloc_slot();
-    sys::cap_copy(slots::SELF_TASK, slots::SELF_THREAD, badged, rights::ALL, 5).expect("mint");
+    sys::cap_copy(
+        slots::SELF_TASK,
+        slots::SELF_THREAD,
+        badged,
+        Rights::all(),
+        5,
+    )
+    .expect("mint");
     let rebadged = alloc_slot();
     check_eq(
         "cap",
         "badge cannot be re-minted",
-        sys::cap_copy(slots::SELF_TASK, badged, rebadged, rights::ALL, 6),
+        sys::cap_copy(slots::SELF_TASK, badged, rebadged, Rights::all(), 6),
         Err(Error::InvalidArgument),
     );
     check_eq("cap", "delete succeeds", sys::cap_delete(send_only), Ok(()));
     check_eq(
         "cap",
         "deleted capability is gone",
-        sys::ex_regs(send_only, 0, 0, 0).map(|_| ()),
+        sys::ex_regs(send_only, 0, 0, ExRegsFlags::empty()).map(|_| ()),
         Err(Error::InvalidCapability),
     );
     check_eq(
@@ -353,7 +360,7 @@ pub(crate) fn thread_cases() {
         0x1234_5000,
         ExRegsFlags::SET_IP | ExRegsFlags::SET_SP,
     );
-    let read = sys::ex_regs(t, 0, 0, 0);
+    let read = sys::ex_regs(t, 0, 0, ExRegsFlags::empty());
     check(
         "thread",
         "ex_regs reads back instruction and stack pointer",
@@ -368,7 +375,7 @@ pub(crate) fn thread_cases() {
     check_eq(
         "thread",
         "unknown ex_regs flag rejected",
-        sys::ex_regs(t, 0, 0, 1 << 20).map(|_| ()),
+        sys::ex_regs(t, 0, 0, ExRegsFlags::from_bits_retain(1 << 20)).map(|_| ()),
         Err(Error::InvalidArgument),
     );
 
@@ -690,7 +697,7 @@ pub(crate) fn ipc_cases() {
     );
 
     let no_send = alloc_slot();
-    sys::cap_copy(slots::SELF_TASK, receiver, no_send, rights::CONTROL, 0).expect("copy");
+    sys::cap_copy(slots::SELF_TASK, receiver, no_send, Rights::CONTROL, 0).expect("copy");
     check_eq(
         "ipc",
         "send without the send right rejected",

@@ -10,7 +10,7 @@ use crate::tap::{check, check_eq, skip, Case};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use l4::abi::{
-    rights, slots, Error, Fpage, ObjectKind, Syscall, Timeout, Timeouts, NO_CAP, PAGE_SIZE,
+    slots, Error, Fpage, ObjectKind, Rights, Syscall, Timeout, Timeouts, NO_CAP, PAGE_SIZE,
     UTCB_AREA,
 };
 use l4::child::fresh_page;
@@ -123,10 +123,12 @@ fn flood(
 ) -> (u64, u64, bool, u64, u64) {
     let (task, thread) = suite.child(child_hostile, suite.pager_normal, suite.recorder, false);
     let given =
-        sys::cap_copy(task, factory, slots::FACTORY, rights::ALL, 0).and_then(|()| match source {
-            Some(page) => sys::map(task, Fpage::memory(page, 21, Fpage::RWX), FLOOD_SOURCE, 0),
-            None => Ok(()),
-        });
+        sys::cap_copy(task, factory, slots::FACTORY, Rights::all(), 0).and_then(
+            |()| match source {
+                Some(page) => sys::map(task, Fpage::memory(page, 21, Fpage::RWX), FLOOD_SOURCE, 0),
+                None => Ok(()),
+            },
+        );
     suite.start(thread, child_hostile);
     let reply = ipc::call(thread, tag(label, 1), &[argument], FLOOD_WAIT);
     let balanced = books_balance();
@@ -443,7 +445,7 @@ fn task_cycle_case(suite: &Suite) {
     let factory = alloc_slot();
     let made = sys::factory_create(slots::FACTORY, ObjectKind::Factory, factory, 256 << 10, 0);
     let a = Agent::new(suite);
-    let given = sys::cap_copy(a.task, factory, slots::FACTORY, rights::ALL, 0);
+    let given = sys::cap_copy(a.task, factory, slots::FACTORY, Rights::all(), 0);
     let (x, y) = (40, 41);
     let created = [
         a.command(
@@ -454,8 +456,8 @@ fn task_cycle_case(suite: &Suite) {
             AGENT_CREATE,
             &[slots::FACTORY, ObjectKind::Task as u64, y, 0],
         ),
-        a.command(AGENT_CAP_COPY, &[x, y, 20, rights::ALL]),
-        a.command(AGENT_CAP_COPY, &[y, x, 20, rights::ALL]),
+        a.command(AGENT_CAP_COPY, &[x, y, 20, Rights::all().bits()]),
+        a.command(AGENT_CAP_COPY, &[y, x, 20, Rights::all().bits()]),
     ];
     let held = used(factory);
     let destroyed = sys::task_destroy(a.task);

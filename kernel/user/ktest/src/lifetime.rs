@@ -8,7 +8,7 @@ use crate::support::{child_block, go, tag, Suite, RECEIVE_2S};
 use crate::tap::{check, check_eq, skip, Case};
 use alloc::vec::Vec;
 use l4::abi::{
-    rights, slots, Error, Fpage, ObjectKind, Timeout, Timeouts, NO_CAP, PAGE_SIZE, UTCB_AREA,
+    slots, Error, Fpage, ObjectKind, Rights, Timeout, Timeouts, NO_CAP, PAGE_SIZE, UTCB_AREA,
 };
 use l4::ipc;
 use l4::thread::alloc_slot;
@@ -144,7 +144,7 @@ pub(crate) fn lifetime_cases(suite: &Suite) {
     let before = used(factory);
     let created = sys::factory_create(factory, ObjectKind::Gate, original, echo, 5);
     let gate_bytes = used(factory) - before;
-    let copied = sys::cap_copy(slots::SELF_TASK, original, copy, rights::ALL, 0);
+    let copied = sys::cap_copy(slots::SELF_TASK, original, copy, Rights::all(), 0);
     let both = (call_badge(original), call_badge(copy));
     let copy_deleted = sys::cap_delete(copy);
     let kept = (call_badge(original), used(factory) - before);
@@ -163,7 +163,7 @@ pub(crate) fn lifetime_cases(suite: &Suite) {
         (Ok(()), (Err(Error::InvalidCapability), 0)),
     );
     let created = sys::factory_create(factory, ObjectKind::Gate, original, echo, 6);
-    let copied = sys::cap_copy(slots::SELF_TASK, original, copy, rights::ALL, 0);
+    let copied = sys::cap_copy(slots::SELF_TASK, original, copy, Rights::all(), 0);
     let deleted = sys::cap_delete(original);
     check_eq(
         "lifetime",
@@ -182,7 +182,7 @@ pub(crate) fn lifetime_cases(suite: &Suite) {
     let created = sys::factory_create(factory, ObjectKind::Gate, original, echo, 7);
     let granted = sys::map(
         slots::SELF_TASK,
-        Fpage::object(original, 0, Fpage::RWX),
+        Fpage::object(original, 0, Rights::all()),
         moved,
         l4::abi::MAP_GRANT,
     );
@@ -209,8 +209,12 @@ pub(crate) fn lifetime_cases(suite: &Suite) {
     // Unmap with UNMAP_SELF of an object flexpage removes (and counts) the capability too.
     let created = sys::factory_create(factory, ObjectKind::Thread, original, 0, 0);
     // SAFETY: the flexpage names one capability slot of ours, no memory.
-    let unmapped =
-        unsafe { sys::unmap(Fpage::object(original, 0, Fpage::RWX), l4::abi::UNMAP_SELF) };
+    let unmapped = unsafe {
+        sys::unmap(
+            Fpage::object(original, 0, Rights::all()),
+            l4::abi::UNMAP_SELF,
+        )
+    };
     check_eq(
         "lifetime",
         "unmapping a thread's only capability with UNMAP_SELF destroys the never-bound thread",
@@ -294,7 +298,7 @@ pub(crate) fn lifetime_cases(suite: &Suite) {
         let created = sys::factory_create(child_factory, ObjectKind::Task, task, 0, 0)
             .and_then(|()| sys::factory_create(child_factory, ObjectKind::Thread, thread, 0, 0))
             .and_then(|()| sys::thread_control(thread, task, UTCB_AREA, suite.pager_normal, NO_CAP))
-            .and_then(|()| sys::cap_copy(task, task, slots::SELF_TASK, rights::ALL, 0))
+            .and_then(|()| sys::cap_copy(task, task, slots::SELF_TASK, Rights::all(), 0))
             .and_then(|()| l4::child::start(thread, child_block));
         // It runs: it takes our message (then exits; the task lives on until we let it go).
         let ran = ipc::send(
@@ -315,7 +319,7 @@ pub(crate) fn lifetime_cases(suite: &Suite) {
         made.is_ok() && rounds.iter().all(|r| *r == (Ok(()), Ok(()), Ok(()), 0)),
     );
     let own = alloc_slot();
-    let copied = sys::cap_copy(slots::SELF_TASK, slots::SELF_TASK, own, rights::ALL, 0);
+    let copied = sys::cap_copy(slots::SELF_TASK, slots::SELF_TASK, own, Rights::all(), 0);
     let deleted = sys::cap_delete(own);
     check_eq(
         "lifetime",

@@ -11,7 +11,7 @@ use crate::tap::{check, check_eq, skip, Case};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use l4::abi::{
-    rights, slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Syscall, Timeout,
+    slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Rights, Syscall, Timeout,
     Timeouts, LABEL_DEATH, NO_CAP, PAGE_SIZE,
 };
 use l4::child::{fresh_page, IMAGE};
@@ -111,7 +111,13 @@ pub(crate) extern "C" fn child_agent() -> ! {
                 };
                 value
             }
-            AGENT_CAP_COPY => code(sys::cap_copy(w(0), w(1), w(2), w(3), 0)),
+            AGENT_CAP_COPY => code(sys::cap_copy(
+                w(0),
+                w(1),
+                w(2),
+                Rights::from_bits_retain(w(3)),
+                0,
+            )),
             AGENT_CREATE => match ObjectKind::from_u64(w(1)) {
                 Some(kind) => code(sys::factory_create(w(0), kind, w(2), w(3), 0)),
                 None => u64::MAX - 3,
@@ -160,7 +166,7 @@ impl Agent {
 
     /// Give the agent, in its slot `slot`, a capability to `other`'s task.
     pub(crate) fn give_task(&self, other: &Agent, slot: u64) {
-        sys::cap_copy(self.task, other.task, slot, rights::ALL, 0).expect("give task cap");
+        sys::cap_copy(self.task, other.task, slot, Rights::all(), 0).expect("give task cap");
     }
 }
 
@@ -364,7 +370,7 @@ pub(crate) fn irq_cases() {
         Err(Error::AlreadyBound),
     );
     let weak = alloc_slot();
-    sys::cap_copy(slots::SELF_TASK, irq, weak, rights::SEND, 0).expect("copy");
+    sys::cap_copy(slots::SELF_TASK, irq, weak, Rights::SEND, 0).expect("copy");
     check_eq(
         "irq",
         "attach without the control right rejected",
@@ -683,7 +689,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     let recorder = go(record_loop, 0);
     let g = gate(recorder, 0xca);
     let slot_in_agent = 50;
-    let mapped = sys::map(e.task, Fpage::object(g, 0, rights::SEND), slot_in_agent, 0);
+    let mapped = sys::map(e.task, Fpage::object(g, 0, Rights::SEND), slot_in_agent, 0);
     let sent = e.command(AGENT_SEND, &[slot_in_agent, 77]);
     for _ in 0..3 {
         sys::thread_yield();
@@ -699,7 +705,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
             slots::SELF_TASK,
             slot_in_agent,
             slot_in_agent + 1,
-            rights::ALL,
+            Rights::all().bits(),
         ],
     );
     check_eq(
@@ -709,7 +715,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
         Error::NoRights as u64,
     );
     // SAFETY: object flexpages touch no memory.
-    let revoked = unsafe { sys::unmap(Fpage::object(g, 0, 7), 0) };
+    let revoked = unsafe { sys::unmap(Fpage::object(g, 0, Rights::all()), 0) };
     check_eq(
         "mapdb",
         "revoking a capability removes it from the receiver",
@@ -719,7 +725,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     // Capabilities delegated along a chain are revoked recursively.
     let with_copy = sys::map(
         e.task,
-        Fpage::object(g, 0, rights::SEND | rights::COPY),
+        Fpage::object(g, 0, Rights::SEND | Rights::COPY),
         slot_in_agent,
         0,
     )
@@ -730,12 +736,12 @@ pub(crate) fn mapping_cases(suite: &Suite) {
                 slots::SELF_TASK,
                 slot_in_agent,
                 slot_in_agent + 1,
-                rights::SEND,
+                Rights::SEND.bits(),
             ],
         ) == 0;
     let sent = e.command(AGENT_SEND, &[slot_in_agent + 1, 79]);
     // SAFETY: as above.
-    let _ = unsafe { sys::unmap(Fpage::object(g, 0, 7), 0) };
+    let _ = unsafe { sys::unmap(Fpage::object(g, 0, Rights::all()), 0) };
     check_eq(
         "mapdb",
         "revoking a capability also revokes copies made from it",
@@ -757,13 +763,13 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     check_eq(
         "mapdb",
         "capability flexpage beyond the table rejected",
-        sys::map(a.task, Fpage::object(510, 2, 7), 0, 0),
+        sys::map(a.task, Fpage::object(510, 2, Rights::all()), 0, 0),
         Err(Error::InvalidArgument),
     );
     check_eq(
         "mapdb",
         "capability flexpage to slots beyond the table rejected",
-        sys::map(a.task, Fpage::object(g, 0, 7), 600, 0),
+        sys::map(a.task, Fpage::object(g, 0, Rights::all()), 600, 0),
         Err(Error::InvalidArgument),
     );
     check_eq(
@@ -891,7 +897,7 @@ pub(crate) fn priority_cases() {
         Err(Error::InvalidArgument),
     );
     let weak = alloc_slot();
-    sys::cap_copy(slots::SELF_TASK, t, weak, rights::SEND | rights::CONTROL, 0).expect("copy");
+    sys::cap_copy(slots::SELF_TASK, t, weak, Rights::SEND | Rights::CONTROL, 0).expect("copy");
     check_eq(
         "sched",
         "thread_schedule needs the schedule right",
@@ -1554,7 +1560,14 @@ fn fuzz_value(state: &mut u64) -> u64 {
         1 => [0, 1, u64::MAX, u64::MAX - 1, 1 << 47, 0xffff_8000_0000_0000][(r >> 8) as usize % 6],
         2 => Fpage::memory((r >> 20) << 12, 12 + (r >> 4) as u32 % 40, r & 7).0,
         3 => Fpage::io((r >> 16) & 0xffff, (r >> 4) as u32 % 17).0,
-        4 => Fpage::object((r >> 20) & 0x3ff, (r >> 4) as u32 % 11, r & 7).0,
+        4 => {
+            Fpage::object(
+                (r >> 20) & 0x3ff,
+                (r >> 4) as u32 % 11,
+                Rights::from_bits_retain(r & 7),
+            )
+            .0
+        }
         5 => TEST_AREA + ((r >> 12) & 0xffff) * PAGE_SIZE,
         6 => (r >> 32) << 32 | (r & 0x7f), // tag-like
         _ => r,
@@ -1637,7 +1650,7 @@ pub(crate) fn fuzz_case(suite: &Suite) {
     let (task, thread) = suite.child(child_fuzzer, suite.pager_normal, suite.recorder, false);
     let small = alloc_slot();
     let factory = sys::factory_create(slots::FACTORY, ObjectKind::Factory, small, 256 << 10, 0)
-        .and_then(|()| sys::cap_copy(task, small, slots::FACTORY, rights::ALL, 0));
+        .and_then(|()| sys::cap_copy(task, small, slots::FACTORY, Rights::all(), 0));
     suite.start(thread, child_fuzzer);
     // The fuzzer's random IPC reaches us too: skip it until its report (or two silent
     // seconds).
@@ -1731,8 +1744,8 @@ pub(crate) fn ownership_cases(suite: &Suite) {
     let small = alloc_slot();
     sys::factory_create(slots::FACTORY, ObjectKind::Factory, small, 64 << 10, 0).expect("factory");
     let a = Agent::new(suite);
-    sys::cap_copy(a.task, small, slots::FACTORY, rights::ALL, 0).expect("factory for the agent");
-    sys::cap_copy(a.task, slots::PLATFORM, slots::PLATFORM, rights::ALL, 0)
+    sys::cap_copy(a.task, small, slots::FACTORY, Rights::all(), 0).expect("factory for the agent");
+    sys::cap_copy(a.task, slots::PLATFORM, slots::PLATFORM, Rights::all(), 0)
         .expect("platform for the agent");
     let irq = a.command(
         AGENT_CREATE,
@@ -1794,7 +1807,7 @@ pub(crate) fn guest_asids() -> u64 {
 /// `limit`; then its task is destroyed. Returns how many it created and the refusal (0: none).
 fn agent_creates_vms(suite: &Suite, limit: u64) -> (u64, u64) {
     let a = Agent::new(suite);
-    sys::cap_copy(a.task, slots::FACTORY, slots::FACTORY, rights::ALL, 0)
+    sys::cap_copy(a.task, slots::FACTORY, slots::FACTORY, Rights::all(), 0)
         .expect("factory for the agent");
     let mut result = (limit, 0);
     for i in 0..limit {

@@ -592,6 +592,17 @@ fn sampled_between(empty: u64, full: u64) -> bool {
         .any(|u| u > empty && u < full)
 }
 
+/// Start the sampler thread the first time (it stays: an exit would refund its FPU area to our
+/// quota while later cases compare it), before a case reads the quota it compares with.
+fn ensure_sampler() {
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    if !STARTED.swap(true, SeqCst) {
+        go(quota_sampler, 0);
+        // Let it run into its wait (its first touch of its stack is paged now).
+        let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(3000)));
+    }
+}
+
 fn start_sampling() {
     SAMPLE_COUNT.store(0, SeqCst);
     SAMPLING.store(true, SeqCst);
@@ -600,7 +611,8 @@ fn start_sampling() {
 /// The map item sender's job: the region (0: none yet).
 static ITEM_REGION: AtomicU64 = AtomicU64::new(0);
 
-/// Low priority: sends the main thread a map item of the 4 MiB region, `rounds` times.
+/// Low priority: sends the main thread a map item of the 4 MiB region, `rounds` times, then
+/// waits forever.
 extern "C" fn send_map_item(rounds: u64) -> ! {
     let item = MapItem::map(0, Fpage::memory(ITEM_REGION.load(SeqCst), 22, Fpage::READ));
     for _ in 0..rounds {
@@ -611,7 +623,10 @@ extern "C" fn send_map_item(rounds: u64) -> ! {
             Timeouts::INFINITE,
         );
     }
-    sys::thread_exit(0)
+    // Stays (an exit would refund its FPU area to our quota while later cases compare it).
+    loop {
+        let _ = ipc::wait(Timeouts::INFINITE);
+    }
 }
 
 /// A map item of 4 MiB of small pages (1,024 mapping nodes) goes in bounded steps before its
@@ -624,7 +639,7 @@ fn map_item_steps_case() {
     let region = marked_region();
     ITEM_REGION.store(region, SeqCst);
     let fpage = Fpage::memory(region, 22, Fpage::READ);
-    let sampler = go(quota_sampler, 0);
+    ensure_sampler();
     let t = go(send_map_item, ROUNDS);
     let lowered = sys::thread_schedule(t, 50, 0);
     l4::utcb::set_receive_window(Fpage::memory(TARGET, 22, Fpage::RWX));
@@ -666,7 +681,6 @@ fn map_item_steps_case() {
     );
     // SAFETY: as above.
     let _ = unsafe { sys::unmap(fpage, 0) };
-    let _ = sys::cap_delete(sampler);
 }
 
 /// Faults the big pager answered in its area.
@@ -717,7 +731,7 @@ fn fault_reply_steps_case(suite: &Suite) {
     let fpage = Fpage::memory(region, 22, Fpage::READ);
     let pager = go(big_pager, 0);
     let lowered = sys::thread_schedule(pager, 50, 0);
-    let sampler = go(quota_sampler, 0);
+    ensure_sampler();
     let (task, thread) = suite.child(child_agent, gate(pager, 0), suite.recorder, true);
     let a = Agent { task, thread };
     let (mut halfway, mut first, mut tries) = (false, 0, 0);
@@ -745,5 +759,4 @@ fn fault_reply_steps_case(suite: &Suite) {
     // SAFETY: as above.
     let _ = unsafe { sys::unmap(fpage, 0) };
     let _ = sys::task_destroy(a.task);
-    let _ = sys::cap_delete(sampler);
 }

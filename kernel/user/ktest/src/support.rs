@@ -4,8 +4,8 @@
 use crate::mechanisms::{marker_page, race_fault};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use l4::abi::{
-    fault_access, slots, Error, Fpage, MapItem, MessageTag, ObjectKind, Timeout, Timeouts,
-    LABEL_PAGE_FAULT, NO_CAP, PAGE_SIZE,
+    fault_access, slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Timeout,
+    Timeouts, LABEL_PAGE_FAULT, NO_CAP, PAGE_SIZE,
 };
 use l4::ipc::{self, IpcError, Received};
 use l4::thread::{alloc_slot, spawn, Spawn};
@@ -311,7 +311,7 @@ pub(crate) extern "C" fn child_write_mapped() -> ! {
 /// Try capabilities this task was not given; report the error codes.
 pub(crate) extern "C" fn child_capabilities() -> ! {
     let create = sys::factory_create(slots::FACTORY, ObjectKind::Thread, 20, 0, 0);
-    let control = sys::ex_regs(slots::SELF_THREAD, 0, 0, 0).map(|_| ());
+    let control = sys::ex_regs(slots::SELF_THREAD, 0, 0, ExRegsFlags::empty()).map(|_| ());
     let destroy = sys::shutdown(slots::PLATFORM, 0);
     let code = |r: Result<(), Error>| match r {
         Ok(()) => 0,

@@ -4,7 +4,7 @@
 
 use crate::sys;
 use l4_abi::{
-    fault_access, rights, slots, ExRegsFlags, Fpage, MapItem, ObjectKind, NO_CAP, PAGE_SIZE,
+    fault_access, slots, ExRegsFlags, Fpage, MapItem, ObjectKind, Rights, NO_CAP, PAGE_SIZE,
     UTCB_AREA,
 };
 
@@ -76,9 +76,9 @@ pub fn create(
     let thread = crate::thread::alloc_slot();
     sys::factory_create(slots::FACTORY, ObjectKind::Thread, thread, 0, 0)?;
     sys::thread_control(thread, task, UTCB_AREA, pager, handler)?;
-    sys::cap_copy(task, task, slots::SELF_TASK, rights::ALL, 0)?;
+    sys::cap_copy(task, task, slots::SELF_TASK, Rights::all(), 0)?;
     if peer != NO_CAP {
-        sys::cap_copy(task, peer, slots::PEER, rights::SEND, 0)?;
+        sys::cap_copy(task, peer, slots::PEER, Rights::SEND, 0)?;
     }
     if start {
         self::start(thread, entry)?;

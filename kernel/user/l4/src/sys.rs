@@ -83,8 +83,13 @@ pub fn thread_control(
 }
 
 /// Exchange registers (see [`Syscall::ExRegs`]); returns old (ip, sp, flags).
-pub fn ex_regs(thread: u64, ip: u64, sp: u64, flags: u64) -> Result<(u64, u64, u64), Error> {
-    let (rax, ip, sp, fl) = call(Syscall::ExRegs, thread, ip, sp, flags, 0);
+pub fn ex_regs(
+    thread: u64,
+    ip: u64,
+    sp: u64,
+    flags: l4_abi::ExRegsFlags,
+) -> Result<(u64, u64, u64), Error> {
+    let (rax, ip, sp, fl) = call(Syscall::ExRegs, thread, ip, sp, flags.bits(), 0);
     result(rax).map(|()| (ip, sp, fl))
 }
 
@@ -93,10 +98,20 @@ pub fn cap_copy(
     task: u64,
     source: u64,
     destination: u64,
-    rights: u64,
+    rights: l4_abi::Rights,
     badge: u64,
 ) -> Result<(), Error> {
-    result(call(Syscall::CapCopy, task, source, destination, rights, badge).0)
+    result(
+        call(
+            Syscall::CapCopy,
+            task,
+            source,
+            destination,
+            rights.bits(),
+            badge,
+        )
+        .0,
+    )
 }
 
 /// Delete a capability.

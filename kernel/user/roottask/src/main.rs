@@ -39,7 +39,7 @@ extern crate alloc;
 use alloc::string::String;
 use alloc::vec::Vec;
 use l4::abi::{
-    fault_access, rights, slots, Error, ExRegsFlags, Fpage, IrqOp, MapItem, MessageTag, ObjectKind,
+    fault_access, slots, Error, ExRegsFlags, Fpage, IrqOp, MapItem, MessageTag, ObjectKind, Rights,
     Timeout, Timeouts, INITIAL_STACK_TOP, KERNEL_AREA_START, LABEL_DEATH, LABEL_EXIT,
     LABEL_PAGE_FAULT, PAGE_SIZE, USER_START, UTCB_AREA,
 };
@@ -385,18 +385,18 @@ fn build(
     .map_err(|e| fail("gate", e))?;
     sys::thread_control(thread, task, UTCB_AREA, gate, gate)
         .map_err(|e| fail("thread_control", e))?;
-    sys::cap_copy(task, task, slots::SELF_TASK, rights::ALL, 0)
+    sys::cap_copy(task, task, slots::SELF_TASK, Rights::all(), 0)
         .map_err(|e| fail("self task", e))?;
-    sys::cap_copy(task, thread, slots::SELF_THREAD, rights::ALL, 0)
+    sys::cap_copy(task, thread, slots::SELF_THREAD, Rights::all(), 0)
         .map_err(|e| fail("self thread", e))?;
-    sys::cap_copy(task, gate, slots::PAGER, rights::SEND, 0).map_err(|e| fail("pager", e))?;
-    sys::cap_copy(task, gate, slots::PARENT, rights::SEND, 0).map_err(|e| fail("parent", e))?;
+    sys::cap_copy(task, gate, slots::PAGER, Rights::SEND, 0).map_err(|e| fail("pager", e))?;
+    sys::cap_copy(task, gate, slots::PARENT, Rights::SEND, 0).map_err(|e| fail("parent", e))?;
     if options.iter().any(|o| o == "factory") || own_factory.is_some() {
-        sys::cap_copy(task, factory, slots::FACTORY, rights::ALL, 0)
+        sys::cap_copy(task, factory, slots::FACTORY, Rights::all(), 0)
             .map_err(|e| fail("factory", e))?;
     }
     if options.iter().any(|o| o == "platform") {
-        sys::cap_copy(task, slots::PLATFORM, slots::PLATFORM, rights::ALL, 0)
+        sys::cap_copy(task, slots::PLATFORM, slots::PLATFORM, Rights::all(), 0)
             .map_err(|e| fail("platform", e))?;
     }
     for line in options.iter().filter_map(|o| o.strip_prefix("irq=")) {
@@ -406,7 +406,7 @@ fn build(
         let slot = made.slot();
         sys::factory_create(slots::PLATFORM, ObjectKind::Irq, slot, line, 0)
             .map_err(|e| fail("its IRQ object", e))?;
-        sys::cap_copy(task, slot, slots::IRQ, rights::ALL, 0)
+        sys::cap_copy(task, slot, slots::IRQ, Rights::all(), 0)
             .map_err(|e| fail("its IRQ object", e))?;
     }
     for io in options.iter().filter_map(|o| o.strip_prefix("io=")) {
@@ -745,7 +745,7 @@ fn gate_to(
         children[j].thread,
         badge,
     )
-    .and_then(|()| sys::cap_copy(children[i].task, gate, slot, rights::SEND, 0))
+    .and_then(|()| sys::cap_copy(children[i].task, gate, slot, Rights::SEND, 0))
 }
 
 /// Give child `i` its gates to other children (`peer=`, `console=`, `net=`) and its
@@ -820,7 +820,7 @@ fn wire_service(
                             children[j].task,
                             irq,
                             service.server_slots + k as u64,
-                            rights::ALL,
+                            Rights::all(),
                             0,
                         )
                     });
