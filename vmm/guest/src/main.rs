@@ -9,6 +9,11 @@
 use core::arch::{asm, global_asm};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use x86_64::instructions::port::Port;
+use x86_64::registers::control::{Cr2, Cr4};
+use x86_64::registers::debug::{DebugAddressRegister, Dr0, Dr1, Dr2, Dr3};
+use x86_64::registers::model_specific::Msr;
+use x86_64::registers::xcontrol::XCr0;
 
 const BASE: u16 = 0xe0;
 const CONSOLE: u16 = BASE;
@@ -27,33 +32,27 @@ const TEST_MSR: u32 = 0x4b56_4d10;
 
 fn outb(port: u16, v: u8) {
     // SAFETY: port I/O in the guest; the VMM intercepts it.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v) }
+    unsafe { Port::new(port).write(v) }
 }
 fn outw(port: u16, v: u16) {
     // SAFETY: as above.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v) }
+    unsafe { Port::new(port).write(v) }
 }
 fn outl(port: u16, v: u32) {
     // SAFETY: as above.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v) }
+    unsafe { Port::new(port).write(v) }
 }
 fn inb(port: u16) -> u8 {
-    let v: u8;
     // SAFETY: as above.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v) };
-    v
+    unsafe { Port::new(port).read() }
 }
 fn inw(port: u16) -> u16 {
-    let v: u16;
     // SAFETY: as above.
-    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v) };
-    v
+    unsafe { Port::new(port).read() }
 }
 fn inl(port: u16) -> u32 {
-    let v: u32;
     // SAFETY: as above.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v) };
-    v
+    unsafe { Port::new(port).read() }
 }
 
 struct Console;
@@ -395,10 +394,8 @@ struct UserStack([u8; 4096]);
 static mut USER_STACK: UserStack = UserStack([0; 4096]);
 
 fn xgetbv() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: only called with CR4.OSXSAVE set.
-    unsafe { asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi) };
-    (hi as u64) << 32 | lo as u64
+    // (Only called with CR4.OSXSAVE set.)
+    XCr0::read_raw()
 }
 
 /// `xsetbv` of `value` into XCR `index`; returns how many #UD and #GP it raised.
@@ -415,17 +412,14 @@ fn xsetbv_faults(index: u32, value: u64) -> (u64, u64) {
 }
 
 fn set_cr4_bit(bit: u32, on: bool) {
+    let cr4 = Cr4::read_raw();
+    let cr4 = if on {
+        cr4 | 1 << bit
+    } else {
+        cr4 & !(1 << bit)
+    };
     // SAFETY: toggles OSXSAVE in our own CR4.
-    unsafe {
-        let cr4: u64;
-        asm!("mov {}, cr4", out(reg) cr4);
-        let cr4 = if on {
-            cr4 | 1 << bit
-        } else {
-            cr4 & !(1 << bit)
-        };
-        asm!("mov cr4, {}", in(reg) cr4);
-    }
+    unsafe { Cr4::write_raw(cr4) }
 }
 
 /// XSETBV behaves as on the CPU: #UD without CR4.OSXSAVE, #GP(0) at CPL 3 or for an invalid
@@ -512,24 +506,17 @@ const SYSCALL_MSRS: [u32; 8] = [
 ];
 
 fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
     // SAFETY: only MSRs the VMM passes through or emulates.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi) };
-    (hi as u64) << 32 | lo as u64
+    unsafe { Msr::new(msr).read() }
 }
 
 fn wrmsr(msr: u32, value: u64) {
     // SAFETY: as for `rdmsr`; the values written are valid for each MSR.
-    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32) };
+    unsafe { Msr::new(msr).write(value) }
 }
 
 fn debug_registers() -> [u64; 4] {
-    let (a, b, c, d): (u64, u64, u64, u64);
-    // SAFETY: reading debug registers at CPL 0.
-    unsafe {
-        asm!("mov {}, dr0", "mov {}, dr1", "mov {}, dr2", "mov {}, dr3", out(reg) a, out(reg) b, out(reg) c, out(reg) d)
-    };
-    [a, b, c, d]
+    [Dr0::read(), Dr1::read(), Dr2::read(), Dr3::read()]
 }
 
 /// DR0-DR3, CR2 and the syscall MSRs belong to this guest: another VM that runs in between
@@ -552,20 +539,19 @@ fn debug_register_case() {
         0x0007_e000,
         0x0010_2340,
     ];
-    // SAFETY: DR7 keeps every breakpoint disabled, so the addresses are never matched; CR2
-    // is only read back.
-    unsafe {
-        asm!("mov dr0, {}", "mov dr1, {}", "mov dr2, {}", "mov dr3, {}", in(reg) pattern[0], in(reg) pattern[1], in(reg) pattern[2], in(reg) pattern[3]);
-        asm!("mov cr2, {}", in(reg) 0xffff_8000_dead_b000u64);
-    }
+    // (DR7 keeps every breakpoint disabled, so the addresses are never matched.)
+    Dr0::write(pattern[0]);
+    Dr1::write(pattern[1]);
+    Dr2::write(pattern[2]);
+    Dr3::write(pattern[3]);
+    // SAFETY: CR2 is only read back.
+    unsafe { asm!("mov cr2, {}", in(reg) 0xffff_8000_dead_b000u64) };
     for (msr, value) in SYSCALL_MSRS.iter().zip(msrs) {
         wrmsr(*msr, value);
     }
     let seen = vmmcall(8, 0, 0);
     let own = debug_registers();
-    let cr2: u64;
-    // SAFETY: reading CR2.
-    unsafe { asm!("mov {}, cr2", out(reg) cr2) };
+    let cr2 = Cr2::read_raw();
     let own_msrs = SYSCALL_MSRS.map(rdmsr);
     check(
         "isolation: another VM finds its own DR0-DR3, not this guest's",
@@ -705,18 +691,16 @@ extern "C" fn guest_main() -> ! {
     check("cpuid: hypervisor bit set", cpuid(1)[2] >> 31 == 1);
 
     // MSRs.
-    // SAFETY: the VMM emulates its test MSR.
-    unsafe { asm!("wrmsr", in("ecx") TEST_MSR, in("eax") 0x1234_5678u32, in("edx") 0x9abcu32) };
-    let (lo, hi): (u32, u32);
-    // SAFETY: as above.
-    unsafe { asm!("rdmsr", in("ecx") TEST_MSR, out("eax") lo, out("edx") hi) };
+    wrmsr(TEST_MSR, 0x9abc_1234_5678);
+    let value = rdmsr(TEST_MSR);
+    let (lo, hi) = (value as u32, (value >> 32) as u32);
     check(
         "msr: write then read the VMM's MSR",
         lo == 0x1234_5678 && hi == 0x9abc,
     );
     let before = GP.load(SeqCst);
-    // SAFETY: an MSR the VMM refuses: #GP, handled by our IDT.
-    unsafe { asm!("rdmsr", in("ecx") 0x1234u32, out("eax") _, out("edx") _) };
+    // An MSR the VMM refuses: #GP, handled by our IDT.
+    rdmsr(0x1234);
     check(
         "msr: unknown MSR raises #GP in the guest",
         GP.load(SeqCst) == before + 1,
