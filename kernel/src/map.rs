@@ -267,7 +267,11 @@ pub fn place_window(window: Fpage, item: MapItem) -> (Fpage, u64) {
                 item.send_base(),
             );
             (
-                Fpage::memory(fpage.base() + offset, size.trailing_zeros(), fpage.rights()),
+                Fpage::memory(
+                    fpage.base() + offset,
+                    size.trailing_zeros(),
+                    fpage.memory_rights(),
+                ),
                 destination,
             )
         }
@@ -385,10 +389,10 @@ fn map_memory_step(
     let start = fpage.base();
     let end = start + fpage.size();
     let first = resume.clamp(start, end) & !(PAGE_4K - 1);
-    let rights = fpage.rights();
+    let rights = fpage.memory_rights();
     let source = Space::Task(from);
     // Onto itself: every page would be skipped (a cycle).
-    if rights & Fpage::READ == 0 || first >= end || (to == source && destination == start) {
+    if !rights.contains(Fpage::READ) || first >= end || (to == source && destination == start) {
         return Ok(None);
     }
     let mut leaves: SmallVec<[Leaf; 8]> = SmallVec::new();
@@ -422,10 +426,10 @@ fn map_memory_step(
             continue;
         }
         let mut flags = USER;
-        if rights & Fpage::WRITE != 0 && t.flags & WRITABLE != 0 {
+        if rights.contains(Fpage::WRITE) && t.flags & WRITABLE != 0 {
             flags |= WRITABLE;
         }
-        if rights & Fpage::EXECUTE == 0 || t.flags & NO_EXECUTE != 0 {
+        if !rights.contains(Fpage::EXECUTE) || t.flags & NO_EXECUTE != 0 {
             flags |= NO_EXECUTE;
         }
         let transfer = Transfer {

@@ -38,6 +38,7 @@ pub enum Next {
 
 /// Handle the syscall of the current thread (its registers are in its frame).
 pub fn dispatch(k: &mut Kernel) -> ! {
+    crate::fastpath::try_vcpu_run(k);
     let id = k.current_id();
     let f = k.thread(id).frame;
     let number = f.rax;

@@ -153,6 +153,19 @@ pub enum FpageKind {
     Object = 2,
 }
 
+bitflags::bitflags! {
+    /// The rights of a memory flexpage (bits 0..=2 of its encoding).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct MemoryRights: u64 {
+        /// Read.
+        const READ = 4;
+        /// Write.
+        const WRITE = 2;
+        /// Execute.
+        const EXECUTE = 1;
+    }
+}
+
 /// A flexpage: a naturally aligned power-of-two region of an address space, with rights.
 ///
 /// Encoding: bits 0..=2 rights ([`Fpage::READ`], [`Fpage::WRITE`], [`Fpage::EXECUTE`]),
@@ -164,21 +177,21 @@ pub struct Fpage(pub u64);
 
 impl Fpage {
     /// Read right (memory).
-    pub const READ: u64 = 4;
+    pub const READ: MemoryRights = MemoryRights::READ;
     /// Write right (memory).
-    pub const WRITE: u64 = 2;
+    pub const WRITE: MemoryRights = MemoryRights::WRITE;
     /// Execute right (memory).
-    pub const EXECUTE: u64 = 1;
+    pub const EXECUTE: MemoryRights = MemoryRights::EXECUTE;
     /// All memory rights.
-    pub const RWX: u64 = 7;
+    pub const RWX: MemoryRights = MemoryRights::all();
     /// The smallest memory flexpage order (4 KiB).
     pub const MIN_MEMORY_ORDER: u32 = 12;
     /// The largest order: the whole 47-bit user address space.
     pub const MAX_MEMORY_ORDER: u32 = 47;
 
     /// A memory flexpage of `1 << order` bytes at `base` (must be aligned) with `rights`.
-    pub const fn memory(base: u64, order: u32, rights: u64) -> Fpage {
-        Fpage((base & !0xfff) | ((order as u64 & 0x3f) << 4) | (rights & 7))
+    pub const fn memory(base: u64, order: u32, rights: MemoryRights) -> Fpage {
+        Fpage((base & !0xfff) | ((order as u64 & 0x3f) << 4) | rights.bits())
     }
     /// The receive window covering the whole user address space.
     pub const fn whole_space() -> Fpage {
@@ -209,13 +222,17 @@ impl Fpage {
             1u64 << self.order()
         }
     }
-    /// The rights bits.
+    /// The rights bits (of any kind).
     pub const fn rights(self) -> u64 {
         self.0 & 7
     }
+    /// The rights of a memory flexpage.
+    pub const fn memory_rights(self) -> MemoryRights {
+        MemoryRights::from_bits_truncate(self.0)
+    }
     /// An I/O-port flexpage of `1 << order` ports from `port` (aligned).
     pub const fn io(port: u64, order: u32) -> Fpage {
-        Fpage((port << 12) | (1 << 10) | ((order as u64 & 0x3f) << 4) | Fpage::RWX)
+        Fpage((port << 12) | (1 << 10) | ((order as u64 & 0x3f) << 4) | 7)
     }
     /// A capability flexpage of `1 << order` slots from `slot` (aligned), with capability
     /// `rights` ([`crate::Rights`] `SEND`, `CONTROL`, `COPY`; `CONTROL` also covers `SCHEDULE`).
@@ -410,15 +427,15 @@ mod tests {
         assert_eq!(f.rights(), 6);
         assert_eq!(f.kind(), Some(FpageKind::Memory));
         // misaligned
-        assert!(!Fpage::memory(0x1000, 21, 7).is_valid_memory());
+        assert!(!Fpage::memory(0x1000, 21, Fpage::RWX).is_valid_memory());
         // too small
-        assert!(!Fpage::memory(0x1000, 11, 7).is_valid_memory());
+        assert!(!Fpage::memory(0x1000, 11, Fpage::RWX).is_valid_memory());
         // kernel half
-        assert!(!Fpage::memory(0xffff_8000_0000_0000, 12, 7).is_valid_memory());
-        assert!(!Fpage::memory(0, 48, 7).is_valid_memory());
+        assert!(!Fpage::memory(0xffff_8000_0000_0000, 12, Fpage::RWX).is_valid_memory());
+        assert!(!Fpage::memory(0, 48, Fpage::RWX).is_valid_memory());
         assert!(Fpage::whole_space().is_valid_memory());
         // wrong kind
-        assert!(!Fpage(Fpage::memory(0x1000, 12, 7).0 | (1 << 10)).is_valid_memory());
+        assert!(!Fpage(Fpage::memory(0x1000, 12, Fpage::RWX).0 | (1 << 10)).is_valid_memory());
     }
 
     #[test]
@@ -459,7 +476,10 @@ mod tests {
 
     #[test]
     fn map_item_fields() {
-        let m = MapItem::map(0x40_1234, Fpage::memory(0x1000, 12, 5));
+        let m = MapItem::map(
+            0x40_1234,
+            Fpage::memory(0x1000, 12, Fpage::READ | Fpage::EXECUTE),
+        );
         assert_eq!(m.send_base(), 0x40_1000);
         assert!(!m.is_grant());
         let g = MapItem {

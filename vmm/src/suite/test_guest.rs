@@ -238,7 +238,7 @@ impl Handler for TestGuest<'_> {
                 match page {
                     Some(page) if page != 0 => {
                         // SAFETY: revokes only the mapping derived from ours.
-                        error_code(unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) })
+                        error_code(unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) })
                     }
                     _ => u64::MAX,
                 }

@@ -170,7 +170,8 @@ fn map_unmap(name: &str, target: u64, fpage: Fpage, iterations: usize, warmup: u
         sys::map(target, fpage, destination, 0).expect("map");
         let t1 = rdtsc();
         // SAFETY: revokes only the copies in the other task.
-        unsafe { sys::unmap(Fpage::memory(fpage.base(), fpage.order(), 7), 0) }.expect("unmap");
+        unsafe { sys::unmap(Fpage::memory(fpage.base(), fpage.order(), Fpage::RWX), 0) }
+            .expect("unmap");
         let t2 = rdtsc();
         if i >= warmup {
             map_samples.push(t1 - t0);
@@ -220,7 +221,7 @@ fn guest_ram() {
             sys::map(vm, Fpage::memory(base, order, Fpage::RWX), 0, 0).expect("map into VM");
             let t1 = rdtsc();
             // SAFETY: revokes only the VM's copies.
-            unsafe { sys::unmap(Fpage::memory(base, order, 7), 0) }.expect("unmap");
+            unsafe { sys::unmap(Fpage::memory(base, order, Fpage::RWX), 0) }.expect("unmap");
             let t2 = rdtsc();
             if i >= 2 {
                 map_samples.push(t1 - t0);
@@ -467,7 +468,7 @@ fn latency_benchmarks() {
     }
     latency("unmap_fanout_4000", || {
         // SAFETY: revokes only the copies in the other task.
-        unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) }.expect("unmap")
+        unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) }.expect("unmap")
     });
 
     // A chain of 1,000 mappings in our own space, each derived from the previous one.
@@ -492,7 +493,7 @@ fn latency_benchmarks() {
     }
     latency(&alloc::format!("unmap_chain_{links}"), || {
         // SAFETY: revokes only the copies (CHAIN.., never touched).
-        unsafe { sys::unmap(Fpage::memory(chain, 12, 7), 0) }.expect("unmap")
+        unsafe { sys::unmap(Fpage::memory(chain, 12, Fpage::RWX), 0) }.expect("unmap")
     });
     sys::task_destroy(target).expect("destroy target");
 
@@ -504,7 +505,7 @@ fn latency_benchmarks() {
     {
         let map = || sys::map(vm, Fpage::memory(RAM, 28, Fpage::RWX), 0, 0).expect("map into VM");
         // SAFETY: revokes only the VM's copies.
-        let unmap = || unsafe { sys::unmap(Fpage::memory(RAM, 28, 7), 0) }.expect("unmap");
+        let unmap = || unsafe { sys::unmap(Fpage::memory(RAM, 28, Fpage::RWX), 0) }.expect("unmap");
         latency_rounds("map_256m_guest_ram", 16, unmap, map);
         latency_rounds("unmap_256m_guest_ram", 16, map, unmap);
     } else {
@@ -560,7 +561,7 @@ fn latency_benchmarks() {
         "map_item_16m",
         4,
         // SAFETY: revokes only the sink's copies.
-        || unsafe { sys::unmap(Fpage::memory(region, ITEM_ORDER, 7), 0) }.expect("unmap"),
+        || unsafe { sys::unmap(Fpage::memory(region, ITEM_ORDER, Fpage::RWX), 0) }.expect("unmap"),
         || {
             let tag = MessageTag::new(1, 0, 1).0;
             // SAFETY: raw IPC; the map item travels in the first two registers.

@@ -18,6 +18,14 @@ const RIGHT_SEND: u64 = 1;
 /// `ExRegs` flags `SET_IP | SET_SP | START`.
 const EX_REGS_START_AT: u64 = 1 | 2 | 4;
 
+/// The memory flexpage right `WRITE`.
+const RIGHT_WRITE: u64 = 2;
+
+/// A memory flexpage with raw rights bits `rights`.
+pub fn raw_memory_fpage(base: u64, order: u32, rights: u64) -> Fpage {
+    Fpage((base & !0xfff) | ((order as u64 & 0x3f) << 4) | (rights & 7))
+}
+
 /// An object flexpage with raw rights bits `rights` (any bits: hostile ones included).
 fn object_fpage(slot: u64, order: u32, rights: u64) -> Fpage {
     Fpage((slot << 12) | (2 << 10) | ((order as u64 & 0x3f) << 4) | (rights & 7))
@@ -249,11 +257,11 @@ fn memory_fpage(rng: &mut Rng, m: &Memory, rights: u64) -> (Fpage, bool) {
     let order = 12 + rng.below((max_order - 11) as u64) as u32;
     let offset = rng.below(region.1) & !((1u64 << order) - 1);
     let rights = if region.0 == 0x40_0000 {
-        rights & !Fpage::WRITE
+        rights & !RIGHT_WRITE
     } else {
         rights
     };
-    (Fpage::memory(region.0 + offset, order, rights), scratch)
+    (raw_memory_fpage(region.0 + offset, order, rights), scratch)
 }
 
 /// Touch every page of the scratch region again (after an unmap or grant took some away: the

@@ -85,7 +85,7 @@ pub extern "C" fn server(seed: u64) -> ! {
                 let (base, size) = (ARENA[0].load(SeqCst), ARENA[1].load(SeqCst));
                 let order = 12 + rng.below(10) as u32;
                 let offset = rng.below(size.max(1)) & !((1u64 << order) - 1);
-                let fpage = Fpage::memory(base + offset, order, rng.below(8));
+                let fpage = crate::ops::raw_memory_fpage(base + offset, order, rng.below(8));
                 let item = MapItem::map(words[0] & !(PAGE_SIZE - 1), fpage);
                 if rng.chance(70) {
                     reply(MessageTag::new(0, 0, 1), [item.control, item.fpage.0, 0, 0]);
@@ -98,7 +98,7 @@ pub extern "C" fn server(seed: u64) -> ! {
                 let (base, size) = (ARENA[0].load(SeqCst), ARENA[1].load(SeqCst));
                 let order = 12 + rng.below(10) as u32;
                 let offset = rng.below(size.max(1)) & !((1u64 << order) - 1);
-                let fpage = Fpage::memory(base + offset, order, rng.below(8));
+                let fpage = crate::ops::raw_memory_fpage(base + offset, order, rng.below(8));
                 let item = MapItem::map(words[0] & !(PAGE_SIZE - 1), fpage);
                 if rng.chance(80) {
                     reply(MessageTag::new(0, 0, 1), [item.control, item.fpage.0, 0, 0]);

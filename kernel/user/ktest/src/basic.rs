@@ -668,14 +668,14 @@ pub(crate) fn ipc_cases() {
         raw_error(rax),
         Some(Error::InvalidArgument),
     );
-    let bad_item = [0u64, Fpage::memory(0x1000, 11, 7).0];
+    let bad_item = [0u64, Fpage::memory(0x1000, 11, Fpage::RWX).0];
     check_eq(
         "ipc",
         "map item with malformed flexpage rejected",
         ipc::send(server_thread, MessageTag::new(0, 0, 1), &bad_item, POLL),
         Err(err(Error::InvalidArgument, false)),
     );
-    let kernel_item = [0u64, Fpage::memory(0xffff_8000_0000_0000, 12, 7).0];
+    let kernel_item = [0u64, Fpage::memory(0xffff_8000_0000_0000, 12, Fpage::RWX).0];
     check_eq(
         "ipc",
         "map item naming kernel memory rejected",

@@ -94,7 +94,7 @@ pub(crate) fn huge_page_cases(suite: &Suite) {
     );
 
     // SAFETY: revokes only the agent's copy of one 4 KiB page.
-    let one = unsafe { sys::unmap(Fpage::memory(HUGE_AT + (512 << 20), 12, 7), 0) };
+    let one = unsafe { sys::unmap(Fpage::memory(HUGE_AT + (512 << 20), 12, Fpage::RWX), 0) };
     check_eq(
         "huge",
         "a partial unmap splits the 1 GiB page down to the 4 KiB that goes; the rest stays",
@@ -102,7 +102,7 @@ pub(crate) fn huge_page_cases(suite: &Suite) {
         (Ok(()), [0xa0, MARKER, 0xa2, 0xa3]),
     );
     // SAFETY: revokes only the agent's copy of the last 2 MiB piece.
-    let piece = unsafe { sys::unmap(Fpage::memory(HUGE_AT + GIB - TWO_MIB, 21, 7), 0) };
+    let piece = unsafe { sys::unmap(Fpage::memory(HUGE_AT + GIB - TWO_MIB, 21, Fpage::RWX), 0) };
     check_eq(
         "huge",
         "unmapping a 2 MiB piece of the split page takes that piece only",
@@ -117,7 +117,7 @@ pub(crate) fn huge_page_cases(suite: &Suite) {
     );
 
     // SAFETY: revokes only the agent's copies.
-    let all = unsafe { sys::unmap(Fpage::memory(HUGE_AT, 30, 7), 0) };
+    let all = unsafe { sys::unmap(Fpage::memory(HUGE_AT, 30, Fpage::RWX), 0) };
     check_eq(
         "huge",
         "unmapping the whole 1 GiB revokes the rest",

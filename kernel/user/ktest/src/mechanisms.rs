@@ -11,8 +11,8 @@ use crate::tap::{check, check_eq, skip, Case};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use l4::abi::{
-    slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Rights, Syscall, Timeout,
-    Timeouts, LABEL_DEATH, NO_CAP, PAGE_SIZE,
+    slots, Error, ExRegsFlags, Fpage, MapItem, MemoryRights, MessageTag, ObjectKind, Rights,
+    Syscall, Timeout, Timeouts, LABEL_DEATH, NO_CAP, PAGE_SIZE,
 };
 use l4::child::{fresh_page, IMAGE};
 use l4::ipc::{self, IpcError};
@@ -520,17 +520,17 @@ pub(crate) fn mapping_cases(suite: &Suite) {
         "mapdb",
         "unmap in the middle revokes below, keeps above",
         (
-            b.unmap(Fpage::memory(y, 12, 7), 0),
+            b.unmap(Fpage::memory(y, 12, Fpage::RWX), 0),
             c.read(z),
             b.read(y),
             a.read(x),
         ),
         (0, MARKER, 0xc0ffee, 0xc0ffee),
     );
-    let _ = c.unmap(Fpage::memory(z, 12, 7), l4::abi::UNMAP_SELF);
+    let _ = c.unmap(Fpage::memory(z, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
     let remapped = b.map(TASK_SLOT, Fpage::memory(y, 12, Fpage::READ), z, 0);
     // SAFETY: the page is ours; revoke everything derived from it, keep ours.
-    let revoked = unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) };
+    let revoked = unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) };
     check_eq(
         "mapdb",
         "unmap at the root revokes every level",
@@ -546,15 +546,15 @@ pub(crate) fn mapping_cases(suite: &Suite) {
 
     // Fan-out: a maps one page to b and c; a revokes; both lose it.
     let (p, q) = (page_at(10), page_at(11));
-    let _ = a.unmap(Fpage::memory(x, 12, 7), l4::abi::UNMAP_SELF);
-    let _ = b.unmap(Fpage::memory(p, 12, 7), l4::abi::UNMAP_SELF);
-    let _ = c.unmap(Fpage::memory(q, 12, 7), l4::abi::UNMAP_SELF);
+    let _ = a.unmap(Fpage::memory(x, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
+    let _ = b.unmap(Fpage::memory(p, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
+    let _ = c.unmap(Fpage::memory(q, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
     let fan = sys::map(a.task, Fpage::memory(page, 12, Fpage::READ), x, 0).is_ok()
         && a.map(TASK_SLOT, Fpage::memory(x, 12, Fpage::READ), p, 0) == 0
         && a.map(TASK_SLOT + 1, Fpage::memory(x, 12, Fpage::READ), q, 0) == 0
         && b.read(p) == 0xc0ffee
         && c.read(q) == 0xc0ffee;
-    let revoke = a.unmap(Fpage::memory(x, 12, 7), 0);
+    let revoke = a.unmap(Fpage::memory(x, 12, Fpage::RWX), 0);
     check_eq(
         "mapdb",
         "fan-out: revoking one mapping revokes all its copies",
@@ -584,7 +584,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     }
     ok &= a.map(TASK_SLOT, Fpage::memory(base, 14, Fpage::READ), base, 0) == 0;
     ok &= (0..4).all(|i| b.read(base + i * PAGE_SIZE) == 100 + i);
-    let r = a.unmap(Fpage::memory(base + 2 * PAGE_SIZE, 13, 7), 0);
+    let r = a.unmap(Fpage::memory(base + 2 * PAGE_SIZE, 13, Fpage::RWX), 0);
     let seen: Vec<u64> = (0..4).map(|i| b.read(base + i * PAGE_SIZE)).collect();
     check_eq(
         "mapdb",
@@ -608,9 +608,9 @@ pub(crate) fn mapping_cases(suite: &Suite) {
         (granted, a.read(g), b.read(g)),
         (true, MARKER, 0xc0ffee),
     );
-    let _ = a.unmap(Fpage::memory(g, 12, 7), l4::abi::UNMAP_SELF);
+    let _ = a.unmap(Fpage::memory(g, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
     // SAFETY: ours stays.
-    let _ = unsafe { sys::unmap(Fpage::memory(page, 12, 7), 0) };
+    let _ = unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) };
     check_eq(
         "mapdb",
         "a granted mapping stays revocable by the original mapper",
@@ -1333,7 +1333,7 @@ pub(crate) fn race_fault(page: u64) -> Option<MapItem> {
     unsafe { core::ptr::write_volatile(local as *mut u64, 0x5ace) };
     if n == 0 {
         // SAFETY: nothing of ours lives in this page any more.
-        let _ = unsafe { sys::unmap(Fpage::memory(local, 12, 7), l4::abi::UNMAP_SELF) };
+        let _ = unsafe { sys::unmap(Fpage::memory(local, 12, Fpage::RWX), l4::abi::UNMAP_SELF) };
     }
     Some(MapItem::map(page, Fpage::memory(local, 12, Fpage::READ)))
 }
@@ -1394,7 +1394,7 @@ pub(crate) fn large_page_cases(suite: &Suite) {
             && a.read(destination + TWO_MIB - 8) == 0,
     );
     // SAFETY: only the copy in the agent is revoked.
-    let split = unsafe { sys::unmap(Fpage::memory(SUPERPAGE + 0x10_0000, 12, 7), 0) };
+    let split = unsafe { sys::unmap(Fpage::memory(SUPERPAGE + 0x10_0000, 12, Fpage::RWX), 0) };
     check_eq(
         "large",
         "a partial unmap splits the large page: only the 4 KiB page goes",
@@ -1413,7 +1413,7 @@ pub(crate) fn large_page_cases(suite: &Suite) {
         (0xb16, 0xb17),
     );
     // SAFETY: as above.
-    let all = unsafe { sys::unmap(Fpage::memory(SUPERPAGE, 21, 7), 0) };
+    let all = unsafe { sys::unmap(Fpage::memory(SUPERPAGE, 21, Fpage::RWX), 0) };
     check_eq(
         "large",
         "unmapping the whole 2 MiB revokes the rest",
@@ -1558,7 +1558,14 @@ fn fuzz_value(state: &mut u64) -> u64 {
     match r % 8 {
         0 => r >> 56, // small numbers (slots, kinds, flags)
         1 => [0, 1, u64::MAX, u64::MAX - 1, 1 << 47, 0xffff_8000_0000_0000][(r >> 8) as usize % 6],
-        2 => Fpage::memory((r >> 20) << 12, 12 + (r >> 4) as u32 % 40, r & 7).0,
+        2 => {
+            Fpage::memory(
+                (r >> 20) << 12,
+                12 + (r >> 4) as u32 % 40,
+                MemoryRights::from_bits_retain(r & 7),
+            )
+            .0
+        }
         3 => Fpage::io((r >> 16) & 0xffff, (r >> 4) as u32 % 17).0,
         4 => {
             Fpage::object(

@@ -124,7 +124,12 @@ pub(crate) fn revoke_cases(suite: &Suite) {
     // A tick may miss one run's steps: try up to three times.
     for _ in 0..3 {
         let _ = unmapper();
-        let (r, seen) = unmap_watched(Fpage::memory(page, 12, 7), quota, full, full - nodes);
+        let (r, seen) = unmap_watched(
+            Fpage::memory(page, 12, Fpage::RWX),
+            quota,
+            full,
+            full - nodes,
+        );
         results.push(r);
         let after = used(quota);
         mapped &= after == full - nodes;
@@ -187,12 +192,17 @@ pub(crate) fn revoke_cases(suite: &Suite) {
     // The first round also makes the page tables, which stay.
     let built = chain(CHAIN);
     // SAFETY: revokes only the copies (CHAIN_AREA.., never touched).
-    let first = unsafe { sys::unmap(Fpage::memory(root, 12, 7), 0) };
+    let first = unsafe { sys::unmap(Fpage::memory(root, 12, Fpage::RWX), 0) };
     let _ = unmapper();
     let before = used(slots::FACTORY);
     let built = built && chain(CHAIN);
     let full = used(slots::FACTORY);
-    let (r, _) = unmap_watched(Fpage::memory(root, 12, 7), slots::FACTORY, full, before);
+    let (r, _) = unmap_watched(
+        Fpage::memory(root, 12, Fpage::RWX),
+        slots::FACTORY,
+        full,
+        before,
+    );
     check_eq(
         "revoke",
         "an Unmap of a chain of 1,000 mappings revokes every level in steps, refunding every node",
@@ -210,7 +220,12 @@ pub(crate) fn revoke_cases(suite: &Suite) {
     let before = used(slots::FACTORY);
     let built = chain(CHAIN);
     // SAFETY: the chain area holds only the chain (never touched).
-    let r = unsafe { sys::unmap(Fpage::memory(CHAIN_AREA, 22, 7), l4::abi::UNMAP_SELF) };
+    let r = unsafe {
+        sys::unmap(
+            Fpage::memory(CHAIN_AREA, 22, Fpage::RWX),
+            l4::abi::UNMAP_SELF,
+        )
+    };
     check_eq(
         "revoke",
         "an Unmap with UNMAP_SELF of the chain's 4 MiB area takes all of it, in steps",
