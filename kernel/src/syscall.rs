@@ -39,6 +39,13 @@ pub enum Next {
 /// Handle the syscall of the current thread (its registers are in its frame).
 pub fn dispatch(k: &mut Kernel) -> ! {
     crate::fastpath::try_vcpu_run(k);
+    handle(k)
+}
+
+/// The system call of the current thread, by number (see [`dispatch`]; apart, so that the
+/// `VcpuRun` shortcut does not pay for this function's entry).
+#[inline(never)]
+fn handle(k: &mut Kernel) -> ! {
     let id = k.current_id();
     let f = k.thread(id).frame;
     let number = f.rax;
