@@ -12,7 +12,7 @@
 use crate::arch::x86_64::entry::Frame;
 use crate::arch::x86_64::paging::phys_to_virt;
 use crate::kernel::Kernel;
-use crate::object::Object;
+use crate::object::{Object, ThreadId};
 use crate::thread::{Awaiting, Thread, ThreadState};
 use l4_abi::{Rights, Syscall};
 
@@ -146,25 +146,19 @@ pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
     unsafe { k.resume_thread(target, receiver_ptr) }
 }
 
-/// The `VcpuRun` shortcut for the current thread's system call, if it is one ([`vcpu_run`]);
-/// returns otherwise. Called at the start of the slow path (`syscall::dispatch`), not from
-/// [`try_fastpath`]: there, any call would make every system call save more registers on
-/// entry (4 to 8 instructions per IPC round trip, measured).
-#[inline(always)]
-pub fn try_vcpu_run(k: &mut Kernel) {
-    let Some(caller) = k.current else { return };
+/// The `VcpuRun` shortcut for the current thread `caller`'s `VcpuRun(slot, mask, deadline)`
+/// ([`vcpu_run`]); returns if the capability is no vCPU capability with `CONTROL` (the slow
+/// path reports the error). Called by the slow path (`syscall::dispatch`), not from
+/// [`try_fastpath`]: there, any call made every system call save more registers on entry (4 to
+/// 8 instructions per IPC round trip, measured).
+pub fn try_vcpu_run(k: &mut Kernel, caller: ThreadId, slot: u64, mask: u64, deadline: u64) {
     let Some(thread) = k.threads.get_ptr(caller) else {
         return;
     };
-    // SAFETY: the live, boxed current thread (only its fields are read).
-    let (number, slot, mask, deadline, task) = unsafe {
-        let f = &raw const (*thread).frame;
-        ((*f).rax, (*f).rdi, (*f).rsi, (*f).rdx, (*thread).task)
-    };
-    if number == Syscall::VcpuRun as u64 {
-        // SAFETY: as above; no reference to it is held.
-        unsafe { vcpu_run(k, caller, thread, task, slot, mask, deadline) };
-    }
+    // SAFETY: the live, boxed current thread (only a field is read).
+    let task = unsafe { (*thread).task };
+    // SAFETY: as above; no reference to it is held.
+    unsafe { vcpu_run(k, caller, thread, task, slot, mask, deadline) };
 }
 
 /// `VcpuRun` of the current thread `caller` (at `thread`, of `task`) on the vCPU in capability
@@ -178,7 +172,7 @@ pub fn try_vcpu_run(k: &mut Kernel) {
 #[inline(always)]
 unsafe fn vcpu_run(
     k: &mut Kernel,
-    caller: crate::object::ThreadId,
+    caller: ThreadId,
     thread: *mut Thread,
     task: Option<crate::object::TaskId>,
     slot: u64,
