@@ -134,7 +134,18 @@ const RESERVED_NAMES: &[&str] = &[
 /// The console server's arguments before its clients: COM1's ports and IRQ line.
 const CONSOLE_ARGS: &[&str] = &["cons", "service", "io=0x3f8/3", "irq=4"];
 /// The first line of the launch list (the root task reads it; see roottask's `launch`).
-const LAUNCH_HEADER: &str = "# made by xtask from a compartment file: texts, then tasks\n";
+const LAUNCH_HEADER: &str =
+    "# made by xtask from a compartment file: initrds to decompress, texts, then tasks\n";
+
+/// Whether the file at `path` starts with the gzip magic.
+fn is_gzip(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 2];
+    fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == [0x1f, 0x8b]
+}
 /// The Linux command line of a compartment on the virtio console (before `l4.name=NAME`).
 const HVC0_CMDLINE: &str = "console=hvc0 earlycon=uart8250,io,0x3f8 quiet panic=-1 printk.time=1";
 /// The Linux command line of a compartment on the 16550A (before `l4.name=NAME`).
@@ -632,6 +643,17 @@ impl CompartmentFile {
             });
         }
         let mut launch = String::from(LAUNCH_HEADER);
+        // A gzip initrd is decompressed once by the root task (`inflate`), for every
+        // compartment that boots it, instead of by each guest.
+        let mut inflated: Vec<String> = Vec::new();
+        for (_, initrd, _) in &uses {
+            let Some(name) = initrd else { continue };
+            let path = &files.iter().find(|f| &f.1 == name).expect("a used file").0;
+            if !inflated.contains(name) && is_gzip(path) {
+                launch.push_str(&format!("inflate {name}.cpio {name}\n"));
+                inflated.push(name.clone());
+            }
+        }
         let mut console: Vec<String> = CONSOLE_ARGS.iter().map(|a| a.to_string()).collect();
         console.extend(
             self.compartments
@@ -707,7 +729,11 @@ impl CompartmentFile {
             let mut args = vec![c.name.clone(), "factory=8M".into()];
             args.extend(kernel);
             if let Some(initrd) = initrd {
-                args.push(format!("blob=initrd:{initrd}"));
+                if inflated.contains(&initrd) {
+                    args.push(format!("blob=initrd:{initrd}.cpio"));
+                } else {
+                    args.push(format!("blob=initrd:{initrd}"));
+                }
             }
             args.push(format!("blob=cmdline:{cmdline_module}"));
             if let Some((image, _)) = &image {
@@ -1493,6 +1519,44 @@ mod tests {
     }
 
     const ONE: &str = "[[compartment]]\nname = \"a\"\n";
+
+    #[test]
+    fn a_gzip_initrd_is_decompressed_once_by_the_root_task() {
+        let root = with_linux("gzip-initrd");
+        fs::write(
+            root.join(DEFAULT_INITRD),
+            [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3],
+        )
+        .unwrap();
+        let two = "[[compartment]]\nname = \"a\"\n[[compartment]]\nname = \"b\"\n";
+        let file = CompartmentFile::parse("two.toml", two, &root).unwrap();
+        let modules = file.modules().unwrap();
+        let launch = modules.iter().find(|m| m.name == "launch").unwrap();
+        let Source::Text(text) = &launch.source else {
+            panic!("the launch list is a text");
+        };
+        let initrd = modules
+            .iter()
+            .find(|m| m.source == Source::File(root.join(DEFAULT_INITRD)))
+            .unwrap();
+        let inflate = format!("inflate {0}.cpio {0}\n", initrd.name);
+        assert_eq!(text.matches(&inflate).count(), 1, "{text}");
+        assert!(
+            text.starts_with(&format!("{LAUNCH_HEADER}{inflate}")),
+            "{text}"
+        );
+        let blob = format!("blob=initrd:{}.cpio ", initrd.name);
+        assert_eq!(text.matches(&blob).count(), 2, "{text}");
+        // Not gzip (the other tests' files): no inflate line, the file itself.
+        fs::write(root.join(DEFAULT_INITRD), [0u8; 16]).unwrap();
+        let file = CompartmentFile::parse("two.toml", two, &root).unwrap();
+        let modules = file.modules().unwrap();
+        let Source::Text(text) = &modules.iter().find(|m| m.name == "launch").unwrap().source
+        else {
+            panic!("the launch list is a text");
+        };
+        assert!(!text.contains("inflate "), "{text}");
+    }
 
     #[test]
     fn the_default_file_becomes_these_modules() {

@@ -867,7 +867,23 @@ fn rdtsc() -> u64 {
 /// A page-aligned copy of `text` in memory of ours that holds nothing else (so that a child
 /// it is mapped into sees only it); returns its address.
 fn text_blob(text: &str) -> u64 {
-    let size = (text.len() as u64).max(1).next_multiple_of(PAGE_SIZE) as usize;
+    bytes_blob(text.as_bytes())
+}
+
+/// The contents of the gzip file `data` (RFC 1952; its CRC-32 checked), at most 1 GiB.
+fn gunzip(data: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let options = zune_inflate::DeflateOptions::default()
+        .set_limit(1 << 30)
+        .set_confirm_checksum(true);
+    zune_inflate::DeflateDecoder::new_with_options(data, options)
+        .decode_gzip()
+        .map_err(|_| "not a gzip file, or corrupt")
+}
+
+/// A page-aligned copy of `bytes` in memory of ours that holds nothing else (see
+/// [`text_blob`]); returns its address, or 0 without memory.
+fn bytes_blob(bytes: &[u8]) -> u64 {
+    let size = (bytes.len() as u64).max(1).next_multiple_of(PAGE_SIZE) as usize;
     let layout = core::alloc::Layout::from_size_align(size, PAGE_SIZE as usize)
         .expect("a page multiple with page alignment");
     // SAFETY: the layout has a non-zero size.
@@ -875,8 +891,8 @@ fn text_blob(text: &str) -> u64 {
     if memory.is_null() {
         return 0;
     }
-    // SAFETY: `memory` is a fresh allocation of `size` >= `text.len()` bytes, never freed.
-    unsafe { core::ptr::copy_nonoverlapping(text.as_ptr(), memory, text.len()) };
+    // SAFETY: `memory` is a fresh allocation of `size` >= `bytes.len()` bytes, never freed.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), memory, bytes.len()) };
     memory as u64
 }
 
@@ -884,8 +900,10 @@ fn text_blob(text: &str) -> u64 {
 /// with more tasks than the kernel has boot modules. `task NAME PROGRAM [OPTION...]` starts the
 /// data module PROGRAM (an ELF image) as task NAME with those options, like a module with the
 /// command line `NAME OPTION...`; `text NAME CONTENT` makes a data module NAME of the rest of
-/// the line (a Linux command line, say); `#` starts a comment line. Returns the number of
-/// lines refused.
+/// the line (a Linux command line, say); `inflate NAME SOURCE` makes a data module NAME of the
+/// data module SOURCE decompressed (a gzip file: an initramfs that several compartments share
+/// is decompressed once, here, instead of by each guest; if it cannot be, NAME is SOURCE
+/// itself); `#` starts a comment line. Returns the number of lines refused.
 fn launch(
     text: &[u8],
     first_index: usize,
@@ -914,6 +932,45 @@ fn launch(
                 }
                 blobs.push((String::from(name), address, rest.len() as u64));
             }
+            "inflate" if !name.is_empty() => {
+                let source = rest.trim();
+                let Some(&(_, address, size)) = blobs.iter().find(|b| b.0 == source) else {
+                    println!(
+                        "[root] launch:{}: inflate {name}: no data module named '{source}'",
+                        n + 1
+                    );
+                    refused += 1;
+                    continue;
+                };
+                // SAFETY: data modules stay mapped at `address` for good (`map_module`).
+                let packed =
+                    unsafe { core::slice::from_raw_parts(address as *const u8, size as usize) };
+                let start = rdtsc();
+                let blob = match gunzip(packed) {
+                    Ok(bytes) => {
+                        let at = bytes_blob(&bytes);
+                        (at != 0)
+                            .then_some((at, bytes.len() as u64))
+                            .ok_or("no memory")
+                    }
+                    Err(e) => Err(e),
+                };
+                match blob {
+                    Ok((at, length)) => {
+                        println!(
+                            "[root] {source} decompressed once for its tasks: {size} -> {length} bytes in {} TSC ticks",
+                            rdtsc() - start
+                        );
+                        blobs.push((String::from(name), at, length));
+                    }
+                    Err(e) => {
+                        println!(
+                            "[root] {source} stays compressed ({e}): each task gets it as it is"
+                        );
+                        blobs.push((String::from(name), address, size));
+                    }
+                }
+            }
             "task" if !name.is_empty() => {
                 let (program, options) = rest.trim_start().split_once(' ').unwrap_or((rest, ""));
                 let Some(&(_, address, size)) = blobs.iter().find(|b| b.0 == program) else {
@@ -933,7 +990,7 @@ fn launch(
             }
             _ => {
                 println!(
-                    "[root] launch:{}: '{line}' is neither `task NAME PROGRAM [OPTION...]` nor `text NAME CONTENT`",
+                    "[root] launch:{}: '{line}' is none of `task NAME PROGRAM [OPTION...]`, `text NAME CONTENT`, `inflate NAME SOURCE`",
                     n + 1
                 );
                 refused += 1;
