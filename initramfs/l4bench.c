@@ -3,10 +3,15 @@
  * time, 1 ns per instruction (idle periods skipped), deterministic. Prints one line per
  * workload: "l4bench: <name> total=<ticks> per_op=<ticks> ops=<n>". With an argument START it
  * first sleeps until the TSC reaches START, so that copies in several compartments (or several
- * copies in one Linux) start their workloads together (the consolidation benchmark). */
+ * copies in one Linux) start their workloads together (the consolidation benchmark).
+ * With `l4.barrier=DEVICE` on the kernel command line each copy first reads one line from
+ * DEVICE (e.g. /dev/ttyS0): guests whose TSCs do not share one origin (Linux/KVM, each VM has
+ * its own TSC offset; scripts/bench-kvm.sh) are started together by whoever writes that line. */
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,9 +27,35 @@ static void report(const char *name, uint64_t ticks, uint64_t ops) {
            (unsigned long long)(ticks / ops), (unsigned long long)ops);
 }
 
+/* `l4.barrier=DEVICE`: wait for one line on DEVICE. Without the option nothing happens. */
+static void barrier(void) {
+    char cmdline[4096] = "", *arg;
+    FILE *f = fopen("/proc/cmdline", "r");
+    if (!f)
+        return;
+    size_t n = fread(cmdline, 1, sizeof cmdline - 1, f);
+    fclose(f);
+    cmdline[n] = 0;
+    for (arg = strtok(cmdline, " \n"); arg; arg = strtok(NULL, " \n"))
+        if (strncmp(arg, "l4.barrier=", 11) == 0)
+            break;
+    if (!arg)
+        return;
+    int fd = open(arg + 11, O_RDONLY | O_NOCTTY);
+    if (fd < 0) {
+        printf("l4bench: cannot open barrier %s\n", arg + 11);
+        return;
+    }
+    char c;
+    while (read(fd, &c, 1) == 1 && c != '\n')
+        ;
+    close(fd);
+}
+
 int main(int argc, char **argv) {
     const uint64_t cpu_ops = 20000000, sys_ops = 100000, fork_ops = 100;
     uint64_t start = argc > 1 ? strtoull(argv[1], NULL, 0) : 0;
+    barrier();
     while (rdtsc() < start)
         usleep(1000);
     volatile uint64_t sink;

@@ -11,9 +11,12 @@
 #   * memory overhead per compartment beyond guest RAM: the kernel memory of its VMM's factory
 #     (task, page tables, threads, VM, nested page tables) and the VMM's own task pages, as the
 #     root task reports them when the VMM ends.
+# Then the Linux/KVM baseline: the same N guests under Linux/KVM + QEMU inside the same emulated
+# machine (scripts/bench-kvm.sh, target/bench/consolidate-kvm.json; BENCH_KVM=0 skips running it,
+# an earlier run's JSON is still shown); its figures go into the JSON under "kvm", into the
+# table in parentheses and into the plot as the Linux/KVM series.
 # Writes target/bench/consolidate.json, prints a table and plots it (target/bench/consolidate.svg,
 # scripts/plot-consolidate.py; docs/consolidate.svg is a copy of one run). Called by scripts/bench.sh.
-# (Linux/KVM as a baseline is not measured here yet.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build-linux.sh >&2
@@ -25,6 +28,17 @@ names+=(consolidate-share)
 if ! cargo xtask test --logs target/bench "${names[@]}" >&2; then
     echo "bench-consolidate.sh: a run failed (logs in target/bench/)" >&2
     exit 1
+fi
+kvm_status=0
+if [ "${BENCH_KVM:-1}" != 0 ]; then
+    # Its own table goes to stderr; its figures come back below, next to the compartments'.
+    if ! scripts/bench-kvm.sh >&2; then
+        echo "bench-consolidate.sh: the Linux/KVM baseline failed (scripts/bench-kvm.sh); the table shows none" >&2
+        rm -f target/bench/consolidate-kvm.json
+        kvm_status=1
+    fi
+elif [ -f target/bench/consolidate-kvm.json ]; then
+    echo "bench-consolidate.sh: BENCH_KVM=0: Linux/KVM figures from an earlier run (target/bench/consolidate-kvm.json)" >&2
 fi
 python3 - "${counts[@]}" <<'PY'
 import json, re, sys
@@ -71,14 +85,39 @@ if len(loops) == 2:
     alone = runs(read("target/bench/consolidate-native-1.log"))["cpu"][0][0]
     result["share"] = {"big_loop": loops["big"], "small_loop": loops["small"],
                        "big_share": alone / loops["big"]}
+# The Linux/KVM baseline (scripts/bench-kvm.sh), when it ran: the same N guests under KVM in
+# the same emulated machine, against the same native runs.
+try:
+    result["kvm"] = json.load(open("target/bench/consolidate-kvm.json", encoding="utf-8"))
+except OSError:
+    pass
 json.dump(result, open("target/bench/consolidate.json", "w"), indent=2)
-print(f"{'compartments':>12} {'boot all':>9} {'cpu':>6} {'syscall':>8} {'fork+exec':>10} {'fairness':>9} {'overhead/compartment':>22}")
+kvm = {e["guests"]: e for e in result.get("kvm", {}).get("n", [])}
+def cell(text, n, figure):
+    # A compartment figure, with the Linux/KVM one for the same N in parentheses.
+    k = kvm.get(n)
+    return f"{text} ({figure(k)})" if k else text
+kvm_fair = lambda k: f"{max(v['fairness'] for v in k['workloads'].values()):.2f}"
+header = (f"{'compartments':>12} {'boot all':>15} {'cpu':>13} {'syscall':>13} {'fork+exec':>13} "
+          f"{'fairness':>12} {'overhead/compartment':>32}" if kvm else
+          f"{'compartments':>12} {'boot all':>9} {'cpu':>6} {'syscall':>8} {'fork+exec':>10} {'fairness':>9} {'overhead/compartment':>22}")
+print(header)
 for e in result["n"]:
-    w = e["workloads"]
+    w, n = e["workloads"], e["compartments"]
     fair = max(w[k]["fairness"] for k in w)
     o = e["overhead_kib"]
     over = f"{o['kernel']} + {o['task']} KiB" if o else "-"
-    print(f"{e['compartments']:>12} {e['boot_ratio']:>8.2f}x {w['cpu']['throughput_ratio']:>5.2f}x {w['syscall']['throughput_ratio']:>7.2f}x {w['fork_exec']['throughput_ratio']:>9.2f}x {fair:>9.2f} {over:>22}")
+    ratio = lambda name: lambda k: f"{k['workloads'][name]['throughput_ratio']:.2f}x"
+    cells = [cell(f"{e['boot_ratio']:.2f}x", n, lambda k: f"{k['boot_ratio']:.2f}x"),
+             cell(f"{w['cpu']['throughput_ratio']:.2f}x", n, ratio("cpu")),
+             cell(f"{w['syscall']['throughput_ratio']:.2f}x", n, ratio("syscall")),
+             cell(f"{w['fork_exec']['throughput_ratio']:.2f}x", n, ratio("fork_exec")),
+             cell(f"{fair:.2f}", n, kvm_fair),
+             cell(over, n, lambda k: f"{k['overhead_kib']['l1'] / 1024:.1f} MiB")]
+    if kvm:
+        print(f"{n:>12} {cells[0]:>15} {cells[1]:>13} {cells[2]:>13} {cells[3]:>13} {cells[4]:>12} {cells[5]:>32}")
+    else:
+        print(f"{n:>12} {cells[0]:>9} {cells[1]:>6} {cells[2]:>8} {cells[3]:>10} {cells[4]:>9} {cells[5]:>22}")
 if "share" in result:
     sh = result["share"]
     print(f"CPU shares: time slices 30 ms : 10 ms -> big got {sh['big_share']:.0%} of the CPU while both ran (3:1 is 75%)")
@@ -86,5 +125,11 @@ print("(boot all: the last compartment at /init against one native boot; workloa
 print(" throughput in compartments against N copies in one native Linux; fairness: slowest over")
 print(" fastest compartment; overhead: kernel memory + VMM task memory beyond guest RAM;")
 print(" JSON in target/bench/consolidate.json)")
+if kvm:
+    print("(in parentheses: the same N guests under Linux/KVM + QEMU in the same emulated machine,")
+    print(f" {result['kvm']['statistic']}: boot from the start of their QEMUs in L1 (L1's own boot of")
+    print(f" {next(iter(kvm.values()))['l1_boot'] / native_boot:.1f}x not included), overhead per guest beyond the guest RAM it touched;")
+    print(" scripts/bench-kvm.sh, target/bench/consolidate-kvm.json)")
 PY
 python3 scripts/plot-consolidate.py target/bench/consolidate.json target/bench/consolidate.svg
+exit $kvm_status
