@@ -101,7 +101,7 @@ pub fn boot_linux() -> i64 {
         crate::say!("no Linux kernel: give the bzImage as data module `linux` (blob=linux)");
         return 1;
     };
-    let initrd = l4::rt::blob("initrd").unwrap_or(&[]);
+    let mut initrd = l4::rt::blob("initrd").unwrap_or(&[]);
     let cmdline_module = l4::rt::blob("cmdline");
     let cmdline = match cmdline_module.map(core::str::from_utf8) {
         None => DEFAULT_CMDLINE,
@@ -162,7 +162,19 @@ pub fn boot_linux() -> i64 {
         ));
     }
     let cmdline = cmdline.as_str();
-    let layout = match boot::plan(&bz, ram_size, initrd.len() as u64, cmdline.len()) {
+    let mut planned = boot::plan(&bz, ram_size, initrd.len() as u64, cmdline.len());
+    // The initramfs decompressed for us (by the root task, once for every compartment that
+    // boots it) may not fit a small guest where the compressed one does: then the guest
+    // gets the compressed one (`initrd.gz`) and decompresses it itself.
+    if let (Err(boot::BootError::Layout(_)), Some(packed)) = (&planned, l4::rt::blob("initrd.gz")) {
+        crate::say!(
+            "the decompressed initramfs does not fit in {} MiB of guest RAM: the guest gets it compressed",
+            ram_size >> 20
+        );
+        initrd = packed;
+        planned = boot::plan(&bz, ram_size, initrd.len() as u64, cmdline.len());
+    }
+    let layout = match planned {
         Ok(l) => l,
         Err(e) => {
             crate::say!(
@@ -298,7 +310,7 @@ pub fn boot_linux() -> i64 {
     // The images are in guest RAM now: their pages (and the kernel memory of their mappings)
     // go back.
     drop((bz, vmlinux));
-    for name in ["linux", "vmlinux", "initrd"] {
+    for name in ["linux", "vmlinux", "initrd", "initrd.gz"] {
         // SAFETY: nothing reads the images after this (the BzImage and vmlinux views that
         // borrow them are dropped above; a restart is a new VMM with the blobs mapped anew).
         unsafe { l4::rt::release_blob(name) };

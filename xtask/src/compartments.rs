@@ -730,7 +730,9 @@ impl CompartmentFile {
             args.extend(kernel);
             if let Some(initrd) = initrd {
                 if inflated.contains(&initrd) {
+                    // The compressed one too, for a guest too small for the other.
                     args.push(format!("blob=initrd:{initrd}.cpio"));
+                    args.push(format!("blob=initrd.gz:{initrd}"));
                 } else {
                     args.push(format!("blob=initrd:{initrd}"));
                 }
@@ -1545,7 +1547,7 @@ mod tests {
             text.starts_with(&format!("{LAUNCH_HEADER}{inflate}")),
             "{text}"
         );
-        let blob = format!("blob=initrd:{}.cpio ", initrd.name);
+        let blob = format!("blob=initrd:{0}.cpio blob=initrd.gz:{0} ", initrd.name);
         assert_eq!(text.matches(&blob).count(), 2, "{text}");
         // Not gzip (the other tests' files): no inflate line, the file itself.
         fs::write(root.join(DEFAULT_INITRD), [0u8; 16]).unwrap();
