@@ -151,6 +151,10 @@ pub fn protected_mode(words: &mut [u64; 64], entry: u64) {
 pub mod exit {
     /// Write to CR0 (intercepted only when asked).
     pub const CR0_WRITE: u64 = 0x10;
+    /// Write to DR0 (handled by the kernel, never seen by a VMM); DR1-DR3 follow.
+    pub const DR0_WRITE: u64 = 0x30;
+    /// Write to DR3 (handled by the kernel).
+    pub const DR3_WRITE: u64 = 0x33;
     /// Exception `vector` is `EXCEPTION_BASE + vector`.
     pub const EXCEPTION_BASE: u64 = 0x40;
     /// Physical interrupt (handled by the kernel, never seen by a VMM).

@@ -70,6 +70,9 @@ pub struct Vcpu {
     pub fpu: u64,
     /// The guest's DR0-DR3 between runs (VMRUN switches only DR6 and DR7, in the VMCB).
     pub debug: [u64; 4],
+    /// Whether the guest has written DR0-DR3: until its first write (intercepted, then no
+    /// longer) they are 0 for it as for the host, and runs skip loading and saving them.
+    pub debug_live: bool,
     /// The task that created it (the vCPU dies with it).
     pub owner: TaskId,
     /// The quota it was charged to.
@@ -181,6 +184,7 @@ pub fn create_vcpu(
         | intercept::SHUTDOWN;
     write(frame, vmcb::INTERCEPT_MISC1, misc1);
     write(frame, vmcb::INTERCEPT_MISC2, intercept::MISC2_ALL);
+    write(frame, vmcb::INTERCEPT_DR, intercept::DR0_3_WRITES);
     write(frame, vmcb::IOPM_BASE, iopm);
     write(frame, vmcb::MSRPM_BASE, msrpm);
     write(frame, vmcb::ASID, asid);
@@ -217,6 +221,7 @@ pub fn create_vcpu(
         xcr0: 1,
         fpu,
         debug: [0; 4],
+        debug_live: false,
         owner,
         quota,
         references: 0,

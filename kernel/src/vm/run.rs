@@ -105,11 +105,18 @@ pub fn run(
                 svm::xrstor(vcpu.fpu, xstate);
                 svm::set_xcr0(vcpu.xcr0);
             }
-            // Its DR0-DR3 (DR6 and DR7 are in the VMCB); afterwards they are saved and
-            // cleared, so no task or other guest sees them.
-            svm::load_debug_registers(&vcpu.debug);
+            // Its DR0-DR3 (DR6 and DR7 are in the VMCB) once it has written them; afterwards
+            // they are saved and cleared, so no task or other guest sees them. A guest that
+            // has not cannot change them (its writes are intercepted) and finds the 0s that
+            // are its own values.
+            let debug_live = vcpu.debug_live;
+            if debug_live {
+                svm::load_debug_registers(&vcpu.debug);
+            }
             svm::run(frame, &mut vcpu.registers, host_vmcb);
-            vcpu.debug = svm::take_debug_registers();
+            if debug_live {
+                vcpu.debug = svm::take_debug_registers();
+            }
             if xcr0_switching {
                 // Save what the guest left (XCR0 as the CPU accepted it), clear the registers
                 // so no task or other guest sees them, and return to the host's XCR0.
@@ -144,6 +151,19 @@ pub fn run(
             exit::NPF if crate::fault::guest_fault_to_pager(k, caller, vm_id, vcpu_id) => {
                 // The caller waits for the pager's answer, then issues the call again.
                 return Ok(Next::Restart);
+            }
+            exit::DR0_WRITE..=exit::DR3_WRITE => {
+                // The guest's first write to DR0-DR3: from now on they are switched around
+                // its runs and its writes go through; it executes the write again.
+                let intercepts: u32 = read(frame, vmcb::INTERCEPT_DR);
+                write(
+                    frame,
+                    vmcb::INTERCEPT_DR,
+                    intercepts & !svm::intercept::DR0_3_WRITES,
+                );
+                // SAFETY: the live vCPU (see above).
+                unsafe { (*vcpu_ptr).debug_live = true };
+                continue;
             }
             exit::XSETBV if xcr0_switching => {
                 // Handled here: XCR0 is switched per guest, so the guest may set its own

@@ -17,6 +17,8 @@ pub use kernel_core::vcpu_state::EFER_SVME;
 pub mod vmcb {
     /// CR read (bits 0..16) and write (16..32) intercepts.
     pub const INTERCEPT_CR: usize = 0x000;
+    /// DR read (bits 0..16) and write (16..32) intercepts.
+    pub const INTERCEPT_DR: usize = 0x004;
     /// Exception intercepts (bit per vector).
     pub const INTERCEPT_EXCEPTIONS: usize = 0x008;
     /// Intercept vector 3 (INTR .. SHUTDOWN).
@@ -138,6 +140,9 @@ pub mod intercept {
     /// Vector 4: VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT, (RDTSCP no), ICEBP,
     /// WBINVD, MONITOR, MWAIT, MWAIT_CONDITIONAL, XSETBV.
     pub const MISC2_ALL: u32 = 0b11_1111_0111_1111;
+    /// In the DR intercept word: writes to DR0-DR3 (set until the guest's first one, see
+    /// `Vcpu::debug_live`).
+    pub const DR0_3_WRITES: u32 = 0xf << 16;
 }
 
 /// Whether the CPU offers SVM with nested paging.
@@ -236,8 +241,8 @@ pub unsafe fn set_xcr0(value: u64) {
 }
 
 /// Load a guest's DR0-DR3 before its run. VMRUN switches DR6 and DR7 (they live in the VMCB)
-/// but not DR0-DR3; outside guest runs they hold 0 (see [`take_debug_registers`]), so only the
-/// non-zero values need writing.
+/// but not DR0-DR3; outside the runs of guests that wrote them they hold 0 (see
+/// [`take_debug_registers`]), so only the non-zero values need writing.
 ///
 /// # Safety
 /// Only right before `run`: the host's DR7 enables no breakpoint, so the addresses take effect
