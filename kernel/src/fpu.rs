@@ -14,7 +14,9 @@
 //! per-thread flag against one kernel flag and calls [`Kernel::switch_fpu`] only when they
 //! say the CPU is not as this thread needs it. A VM run hands the registers to the guest
 //! ([`surrender`]): the owner's are saved first, so a VMM thread gets its own state back after
-//! `VcpuRun` and never a guest's.
+//! `VcpuRun` and never a guest's. After the run the registers hold the guest's values (its
+//! copy is saved in the vCPU) and belong to nobody: every thread loads its own before it can
+//! reach them, and the next guest's XRSTOR replaces them all.
 
 use crate::arch::x86_64::fpu::{self as hw, Area, Hardware, INITIAL};
 use crate::kernel::Kernel;
@@ -29,7 +31,8 @@ pub struct Fpu {
     /// What the CPU offers and how registers are saved.
     pub hardware: Hardware,
     /// The thread whose registers are live in the CPU (`None`: nobody's; the registers hold
-    /// a dead thread's, a guest's cleared state or the initial state).
+    /// a dead thread's, a guest's or the initial state, which no thread sees: each loads its
+    /// own before its first use).
     pub owner: Option<ThreadId>,
     /// Whether CR0.TS is set (lazy policy only; always false when eager).
     pub trap: bool,
@@ -127,10 +130,11 @@ pub fn device_not_available(k: &mut Kernel) {
 }
 
 /// Hand the registers to a guest about to run on behalf of the current thread: the owner's
-/// are saved and the initial state loaded (without XSAVE the guest would otherwise see
-/// them); afterwards nobody owns the registers and CR0.TS is clear, so the kernel may load the
+/// are saved, and with `clear` the initial state is loaded (needed when the guest's own state
+/// is not loaded over all of them: without XSAVE the guest would otherwise see the owner's);
+/// afterwards nobody owns the registers and CR0.TS is clear, so the kernel may load the
 /// guest's state. The next thread to run gets its own state back through the usual switch.
-pub fn surrender(k: &mut Kernel) {
+pub fn surrender(k: &mut Kernel, clear: bool) {
     if k.fpu.trap {
         hw::clear_task_switched();
         k.fpu.trap = false;
@@ -144,7 +148,9 @@ pub fn surrender(k: &mut Kernel) {
             }
         }
     }
-    hardware.restore(&INITIAL);
+    if clear {
+        hardware.restore(&INITIAL);
+    }
 }
 
 /// Thread `id` died (or its object goes): free its save area and refund it to the thread's

@@ -46,10 +46,10 @@ pub fn run(
     mask: u64,
     deadline: u64,
 ) -> Result<Next, Error> {
-    let (host_vmcb, xcr0_switching, zero_area, xstate) = k
+    let (host_vmcb, xcr0_switching, xstate) = k
         .svm
         .as_ref()
-        .map(|s| (s.host_vmcb, s.xcr0_switching, s.zero_area, s.xstate))
+        .map(|s| (s.host_vmcb, s.xcr0_switching, s.xstate))
         .ok_or(Error::NotSupported)?;
     if mask & !state::EVERY != 0 {
         return Err(Error::InvalidArgument);
@@ -66,8 +66,10 @@ pub fn run(
     // SAFETY: as above.
     load_state(unsafe { &mut *vcpu_ptr }, words, mask)?;
     // The guest gets the registers: the owner's user state is saved first (the VMM thread
-    // gets its own back when it next runs), and user threads run with the user XCR0.
-    crate::fpu::surrender(k);
+    // gets its own back when it next runs), and user threads run with the user XCR0. With
+    // XCR0 switching the guest's XRSTOR below replaces every user component (`xstate` holds
+    // them all), else the registers are cleared here.
+    crate::fpu::surrender(k, !xcr0_switching);
     let user_xcr0 = k.fpu.hardware.xcr0;
     loop {
         // Before every entry: a waiting message or the deadline returns to the VMM with the
@@ -100,10 +102,16 @@ pub fn run(
         // its nested page tables hold only what the VMM mapped.
         unsafe {
             if xcr0_switching {
-                // The guest's x87/SSE/AVX registers (nothing of another guest's), then its XCR0.
-                svm::set_xcr0(xstate);
+                // The guest's x87/SSE/AVX registers, all of `xstate` (nothing of a thread's or
+                // another guest's stays), then its XCR0. XCR0 is the user one here; each
+                // XSETBV is made only if it changes XCR0.
+                if user_xcr0 != xstate {
+                    svm::set_xcr0(xstate);
+                }
                 svm::xrstor(vcpu.fpu, xstate);
-                svm::set_xcr0(vcpu.xcr0);
+                if vcpu.xcr0 != xstate {
+                    svm::set_xcr0(vcpu.xcr0);
+                }
             }
             // Its DR0-DR3 (DR6 and DR7 are in the VMCB) once it has written them; afterwards
             // they are saved and cleared, so no task or other guest sees them. A guest that
@@ -118,13 +126,20 @@ pub fn run(
                 vcpu.debug = svm::take_debug_registers();
             }
             if xcr0_switching {
-                // Save what the guest left (XCR0 as the CPU accepted it), clear the registers
-                // so no task or other guest sees them, and return to the host's XCR0.
-                vcpu.xcr0 = svm::xcr0();
-                svm::set_xcr0(xstate);
+                // Save what the guest left (XCR0 as the CPU accepted it) and return to the
+                // host's XCR0. The registers keep the guest's values, owned by nobody
+                // (`fpu::surrender`): no thread reaches them before its own are loaded (CR0.TS
+                // traps its first use, or the eager switch loads them when it is resumed),
+                // and the next guest's XRSTOR replaces them all.
+                let guest_xcr0 = svm::xcr0();
+                vcpu.xcr0 = guest_xcr0;
+                if guest_xcr0 != xstate {
+                    svm::set_xcr0(xstate);
+                }
                 svm::xsave(vcpu.fpu, xstate);
-                svm::xrstor(zero_area, xstate);
-                svm::set_xcr0(user_xcr0);
+                if user_xcr0 != xstate {
+                    svm::set_xcr0(user_xcr0);
+                }
             }
         }
         let code = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;

@@ -411,10 +411,8 @@ pub struct Svm {
     pub asids: kernel_core::AsidAllocator,
     /// Whether XCR0 and the extended state are switched between host and guests.
     pub xcr0_switching: bool,
-    /// An all-zero XSAVE area: restoring it clears the extended registers.
-    pub zero_area: u64,
     /// The state components saved and restored around guest runs (all the CPU supports whose
-    /// XSAVE image fits a page, at least x87 and SSE).
+    /// XSAVE image fits a page, at least x87 and SSE; so at least the user XCR0's).
     pub xstate: u64,
 }
 
@@ -440,8 +438,6 @@ pub fn init(frames: &mut crate::memory::Pool) -> Option<Svm> {
     }
     let host_save = frames.allocate_zeroed()?;
     let host_vmcb = frames.allocate_zeroed()?;
-    let zero_area = frames.allocate_zeroed()?;
-    init_xsave_area(zero_area);
     let iopm = frames.allocate_contiguous(3, 1)?;
     let msrpm = frames.allocate_contiguous(2, 1)?;
     for (base, pages) in [(iopm, 3), (msrpm, 2)] {
@@ -487,7 +483,6 @@ pub fn init(frames: &mut crate::memory::Pool) -> Option<Svm> {
         // At most 2^16 (a bitmap of 8 KiB), however many the CPU has.
         asids: kernel_core::AsidAllocator::new(asid_count().min(1 << 16)),
         xcr0_switching,
-        zero_area,
         xstate: saved_xstate(),
     })
 }
