@@ -66,11 +66,24 @@ pub(crate) fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Resul
             kernel_core::vcpu_state::guest_rflags(words[state::RFLAGS]),
         );
         write(frame, vmcb::RAX, words[state::RAX]);
+        // Word by word (`GuestRegisters` has the order of the words from `RBX`): one load and
+        // one store each.
         let r = &mut vcpu.registers;
         let g = &words[state::RBX..state::RBX + 14];
-        (r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp) = (g[0], g[1], g[2], g[3], g[4], g[5]);
-        (r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15) =
-            (g[6], g[7], g[8], g[9], g[10], g[11], g[12], g[13]);
+        r.rbx = g[0];
+        r.rcx = g[1];
+        r.rdx = g[2];
+        r.rsi = g[3];
+        r.rdi = g[4];
+        r.rbp = g[5];
+        r.r8 = g[6];
+        r.r9 = g[7];
+        r.r10 = g[8];
+        r.r11 = g[9];
+        r.r12 = g[10];
+        r.r13 = g[11];
+        r.r14 = g[12];
+        r.r15 = g[13];
     }
     if mask & state::INTERCEPTS != 0 {
         let exceptions = words[state::EXCEPTION_INTERCEPTS];
