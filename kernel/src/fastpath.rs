@@ -191,7 +191,8 @@ unsafe fn vcpu_run(
     if !cap.rights.contains(Rights::CONTROL) {
         return;
     }
-    let result = crate::vm::run(k, caller, vcpu, mask, deadline);
+    // SAFETY: per the caller.
+    let result = unsafe { crate::vm::run_thread(k, caller, thread, vcpu, mask, deadline) };
     if matches!(result, Ok(crate::syscall::Next::Done))
         && k.reaping.is_empty()
         && k.dying_vms.is_empty()

@@ -215,7 +215,12 @@ pub struct Message {
 
 /// The UTCB of thread `id`.
 pub fn utcb(k: &mut Kernel, id: ThreadId) -> &'static mut Utcb {
-    let frame = k.thread(id).utcb_frame;
+    utcb_of(k.thread(id))
+}
+
+/// The UTCB of `thread` (for callers that hold the thread already).
+pub fn utcb_of(thread: &Thread) -> &'static mut Utcb {
+    let frame = thread.utcb_frame;
     assert!(frame != 0, "thread without UTCB in IPC");
     // SAFETY: the UTCB frame is kernel-allocated, in the direct map, and lives as long as the
     // thread; only this (single, non-reentrant) kernel path touches it now.

@@ -7,7 +7,7 @@ use crate::arch::x86_64::svm::{self, vmcb};
 use crate::kernel::Kernel;
 use crate::object::ThreadId;
 use crate::syscall::Next;
-use crate::thread::utcb;
+use crate::thread::{utcb_of, Thread};
 use l4_abi::vcpu::{self as state, exit};
 use l4_abi::Error;
 
@@ -46,6 +46,23 @@ pub fn run(
     mask: u64,
     deadline: u64,
 ) -> Result<Next, Error> {
+    let thread = k.threads.get_ptr(caller).ok_or(Error::InvalidCapability)?;
+    // SAFETY: just looked up: the live, boxed thread `caller`, no reference to it held.
+    unsafe { run_thread(k, caller, thread, vcpu_id, mask, deadline) }
+}
+
+/// [`run`] for a caller that holds the thread already (the fast path).
+///
+/// # Safety
+/// `thread` must point to the live, boxed thread `caller`, and no reference to it may be held.
+pub unsafe fn run_thread(
+    k: &mut Kernel,
+    caller: ThreadId,
+    thread: *mut Thread,
+    vcpu_id: VcpuId,
+    mask: u64,
+    deadline: u64,
+) -> Result<Next, Error> {
     let (host_vmcb, xcr0_switching, xstate) = k
         .svm
         .as_ref()
@@ -54,11 +71,12 @@ pub fn run(
     if mask & !state::EVERY != 0 {
         return Err(Error::InvalidArgument);
     }
-    // The caller, its UTCB words, the vCPU and its VM are looked up once: nothing in this
-    // call destroys them until it returns (the one IPC it may make, a guest page fault's to
-    // the VM's pager, ends it), and no other reference to them is held while these are used.
-    let thread = k.threads.get_ptr(caller).ok_or(Error::InvalidCapability)?;
-    let words = &mut utcb(k, caller).mr;
+    // The caller (passed in), its UTCB words, the vCPU and its VM are looked up once: nothing
+    // in this call destroys them until it returns (the one IPC it may make, a guest page
+    // fault's to the VM's pager, ends it), and no other reference to them is held while these
+    // are used.
+    // SAFETY: the live caller (per the caller of this function); the reference ends here.
+    let words = &mut utcb_of(unsafe { &*thread }).mr;
     let vcpu_ptr = k.vcpus.get_ptr(vcpu_id).ok_or(Error::InvalidCapability)?;
     // SAFETY: the live, boxed vCPU (see above).
     let vm_id = unsafe { (*vcpu_ptr).vm };
