@@ -28,6 +28,7 @@ impl Kernel {
     /// Whether the running thread (at `priority`, with `remaining` ticks of its slice) runs on
     /// when the kernel schedules: no ready thread outranks it, and, with its slice used up,
     /// none of its priority waits for its turn.
+    #[inline]
     fn keeps_running(&self, priority: u8, remaining: u32) -> bool {
         let highest = self.ready.highest();
         let outranked = highest.is_some_and(|p| p > priority);
@@ -43,9 +44,14 @@ impl Kernel {
     #[inline(always)]
     pub unsafe fn continue_current(&mut self, id: ThreadId, thread: *mut Thread) {
         // SAFETY: per the caller.
-        let (state, priority, remaining) =
-            unsafe { ((*thread).state, (*thread).priority, (*thread).remaining) };
-        if state != ThreadState::Ready || !self.keeps_running(priority, remaining) {
+        let (ready, priority, remaining) = unsafe {
+            (
+                matches!((*thread).state, ThreadState::Ready),
+                (*thread).priority,
+                (*thread).remaining,
+            )
+        };
+        if !ready || !self.keeps_running(priority, remaining) {
             return;
         }
         self.preempt = false;

@@ -12,6 +12,8 @@ pub const PRIORITIES: usize = 256;
 pub struct ReadyQueues<T> {
     queues: Vec<VecDeque<T>>,
     bitmap: [u64; PRIORITIES / 64],
+    /// Bit `w` set when `bitmap[w]` is not 0: an empty set is one test.
+    summary: u8,
 }
 
 impl<T: PartialEq + Copy> Default for ReadyQueues<T> {
@@ -26,6 +28,7 @@ impl<T: PartialEq + Copy> ReadyQueues<T> {
         ReadyQueues {
             queues: (0..PRIORITIES).map(|_| VecDeque::new()).collect(),
             bitmap: [0; PRIORITIES / 64],
+            summary: 0,
         }
     }
 
@@ -33,14 +36,14 @@ impl<T: PartialEq + Copy> ReadyQueues<T> {
     pub fn enqueue(&mut self, thread: T, priority: u8) {
         let p = priority as usize;
         self.queues[p].push_back(thread);
-        self.bitmap[p / 64] |= 1 << (p % 64);
+        self.mark(p);
     }
 
     /// Put `thread` at the head of its priority's queue (it keeps the CPU next).
     pub fn enqueue_front(&mut self, thread: T, priority: u8) {
         let p = priority as usize;
         self.queues[p].push_front(thread);
-        self.bitmap[p / 64] |= 1 << (p % 64);
+        self.mark(p);
     }
 
     /// Remove `thread` wherever it is queued at `priority`; returns whether it was there.
@@ -55,19 +58,33 @@ impl<T: PartialEq + Copy> ReadyQueues<T> {
             None => false,
         };
         if q.is_empty() {
-            self.bitmap[p / 64] &= !(1 << (p % 64));
+            self.unmark(p);
         }
         found
     }
 
-    /// The highest non-empty priority.
-    pub fn highest(&self) -> Option<u8> {
-        for w in (0..self.bitmap.len()).rev() {
-            if self.bitmap[w] != 0 {
-                return Some((w * 64 + 63 - self.bitmap[w].leading_zeros() as usize) as u8);
-            }
+    /// Priority `p`'s queue is not empty.
+    fn mark(&mut self, p: usize) {
+        self.bitmap[p / 64] |= 1 << (p % 64);
+        self.summary |= 1 << (p / 64);
+    }
+
+    /// Priority `p`'s queue is empty.
+    fn unmark(&mut self, p: usize) {
+        self.bitmap[p / 64] &= !(1 << (p % 64));
+        if self.bitmap[p / 64] == 0 {
+            self.summary &= !(1 << (p / 64));
         }
-        None
+    }
+
+    /// The highest non-empty priority.
+    #[inline]
+    pub fn highest(&self) -> Option<u8> {
+        if self.summary == 0 {
+            return None;
+        }
+        let w = 7 - self.summary.leading_zeros() as usize;
+        Some((w * 64 + 63 - self.bitmap[w].leading_zeros() as usize) as u8)
     }
 
     /// Take the first thread of the highest non-empty priority.
@@ -76,7 +93,7 @@ impl<T: PartialEq + Copy> ReadyQueues<T> {
         let q = &mut self.queues[p as usize];
         let t = q.pop_front()?;
         if q.is_empty() {
-            self.bitmap[p as usize / 64] &= !(1 << (p as usize % 64));
+            self.unmark(p as usize);
         }
         Some((t, p))
     }
@@ -113,6 +130,21 @@ mod tests {
         q.enqueue_front(3, 64);
         assert_eq!(q.dequeue(), Some((3, 64)));
         assert!(q.remove(2, 64));
+        assert_eq!(q.highest(), None);
+    }
+
+    #[test]
+    fn highest_across_words() {
+        let mut q = ReadyQueues::new();
+        q.enqueue(1, 3);
+        q.enqueue(2, 130);
+        q.enqueue(3, 129);
+        assert_eq!(q.highest(), Some(130));
+        assert!(q.remove(2, 130));
+        assert_eq!(q.highest(), Some(129));
+        assert_eq!(q.dequeue(), Some((3, 129)));
+        assert_eq!(q.highest(), Some(3));
+        assert_eq!(q.dequeue(), Some((1, 3)));
         assert_eq!(q.highest(), None);
     }
 }
