@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The consolidation benchmark: N = 1, 2, 4 Linux compartments (scenarios/bench/consolidate-N.toml)
+# The consolidation benchmark: N = 1, 2, 4, 8 Linux compartments (scenarios/bench/consolidate-N.toml)
 # run the workloads of initramfs/l4bench.c at the same time, against one native Linux running N
 # copies of them (same kernel, initramfs and QEMU), all under -icount shift=0 (1 ns of guest
 # time = 1 instruction, deterministic). Every copy starts its workloads at the same TSC
@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build-linux.sh >&2
 mkdir -p target/bench
-counts=(1 2 4)
+counts=(1 2 4 8)
 names=()
 for n in "${counts[@]}"; do names+=("consolidate-$n" "consolidate-native-$n"); done
 names+=(consolidate-share)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Linux/KVM baseline of the consolidation benchmark (scripts/bench-consolidate.sh): the
-# same N = 1, 2, 4 guests (target/linux/bzImage and initramfs.cpio.gz, each running the
+# same N = 1, 2, 4, 8 guests (target/linux/bzImage and initramfs.cpio.gz, each running the
 # workloads of initramfs/l4bench.c once) under Linux/KVM + QEMU inside the same emulated
 # machine. L1 is Debian's stock kernel (linux-image-6.1.0-*-amd64-unsigned, kvm-amd) with a
 # busybox initramfs holding this machine's qemu-system-x86_64 and its libraries, run by QEMU
@@ -28,7 +28,7 @@
 # target/bench/consolidate-kvm-N-RUN.log).
 # Installs what it needs (Debian): the kernel package is fetched with apt-get download and
 # cached unpacked under target/kvm/; noise goes to target/kvm/build.log.
-# Environment: BENCH_KVM_COUNTS ("1 2 4"), BENCH_KVM_RUNS (3), BENCH_KVM_RETRIES (2, for runs
+# Environment: BENCH_KVM_COUNTS ("1 2 4 8"), BENCH_KVM_RUNS (3), BENCH_KVM_RETRIES (2, for runs
 # with a stalled guest), BENCH_KVM_TIMEOUT (seconds per L1 run, 120 + 60 N), BENCH_KVM_MACHINE
 # (the guests' QEMU machine: pc, as the native runs, or microvm).
 set -euo pipefail
@@ -38,7 +38,7 @@ out="$root/target/kvm"
 log=$out/build.log
 mkdir -p "$out" target/bench
 : > "$log"
-read -r -a counts <<< "${BENCH_KVM_COUNTS:-1 2 4}"
+read -r -a counts <<< "${BENCH_KVM_COUNTS:-1 2 4 8}"
 runs=${BENCH_KVM_RUNS:-3}
 retries=${BENCH_KVM_RETRIES:-2}
 machine=${BENCH_KVM_MACHINE:-pc}
