@@ -896,6 +896,17 @@ fn bytes_blob(bytes: &[u8]) -> u64 {
     memory as u64
 }
 
+/// The address and bytes of the data module `name` (a boot module or a blob the launch list
+/// made).
+fn data_module(blobs: &[(String, u64, u64)], name: &str) -> Option<(u64, &'static [u8])> {
+    let &(_, address, size) = blobs.iter().find(|b| b.0 == name)?;
+    // SAFETY: data modules stay mapped at `address` for good (`map_module`), the blobs the
+    // launch list makes are never freed.
+    Some((address, unsafe {
+        core::slice::from_raw_parts(address as *const u8, size as usize)
+    }))
+}
+
 /// Read the launch list (the data module `launch`): one task or text per line, for scenarios
 /// with more tasks than the kernel has boot modules. `task NAME PROGRAM [OPTION...]` starts the
 /// data module PROGRAM (an ELF image) as task NAME with those options, like a module with the
@@ -934,7 +945,7 @@ fn launch(
             }
             "inflate" if !name.is_empty() => {
                 let source = rest.trim();
-                let Some(&(_, address, size)) = blobs.iter().find(|b| b.0 == source) else {
+                let Some((address, packed)) = data_module(blobs, source) else {
                     println!(
                         "[root] launch:{}: inflate {name}: no data module named '{source}'",
                         n + 1
@@ -942,9 +953,7 @@ fn launch(
                     refused += 1;
                     continue;
                 };
-                // SAFETY: data modules stay mapped at `address` for good (`map_module`).
-                let packed =
-                    unsafe { core::slice::from_raw_parts(address as *const u8, size as usize) };
+                let size = packed.len() as u64;
                 let start = rdtsc();
                 let blob = match gunzip(packed) {
                     Ok(bytes) => {
@@ -973,7 +982,7 @@ fn launch(
             }
             "task" if !name.is_empty() => {
                 let (program, options) = rest.trim_start().split_once(' ').unwrap_or((rest, ""));
-                let Some(&(_, address, size)) = blobs.iter().find(|b| b.0 == program) else {
+                let Some((_, bytes)) = data_module(blobs, program) else {
                     println!(
                         "[root] launch:{}: task {name}: no data module named '{program}'",
                         n + 1
@@ -981,10 +990,6 @@ fn launch(
                     refused += 1;
                     continue;
                 };
-                // SAFETY: data modules stay mapped at `address` for good (`map_module`), text
-                // blobs are never freed.
-                let bytes =
-                    unsafe { core::slice::from_raw_parts(address as *const u8, size as usize) };
                 let cmdline: &'static str = alloc::format!("{name} {options}").leak();
                 programs.push((first_index + n, cmdline, bytes));
             }
