@@ -106,11 +106,14 @@ pub fn apply_fault_reply(
     message: &Message,
     mapped: bool,
 ) {
-    if let Some((vm, vcpu)) = k.thread(faulter).guest_fault.take() {
+    let thread = k.thread(faulter);
+    // The reply's transfer is over.
+    thread.reply_copy = None;
+    if let Some((vm, vcpu)) = thread.guest_fault.take() {
         apply_guest_fault_reply(k, faulter, vm, vcpu, message, mapped);
         return;
     }
-    let fault_address = k.thread(faulter).fault_address;
+    let fault_address = thread.fault_address;
     let tag = message.tag;
     let refused = tag.typed() == 0 || tag.label() != 0;
     if !refused {
@@ -119,10 +122,11 @@ pub fn apply_fault_reply(
             return;
         }
         if mapped {
+            let thread = k.thread(faulter);
             // It no longer awaits the reply.
-            k.thread(faulter).state = ThreadState::Ready;
-            k.thread(faulter).string_fault = None;
-            match k.thread(faulter).resume_receive.take() {
+            thread.state = ThreadState::Ready;
+            thread.string_fault = None;
+            match thread.resume_receive.take() {
                 // Faulted for a string copy while waiting: wait again (and take the sender
                 // that is queued by now).
                 Some(from) => match ipc::receive(k, faulter, from, Timeout::INFINITE) {

@@ -22,7 +22,23 @@ pub fn validate_outgoing(k: &mut Kernel, sender: ThreadId) -> Result<(), Error> 
     if tag.typed() == 0 {
         return Ok(());
     }
-    let message = read_message(k, sender);
+    validate_items(&read_message(k, sender))
+}
+
+/// [`validate_outgoing`] of a message already read (with [`read_message`]).
+fn validate_message(message: &Message) -> Result<(), Error> {
+    if !message.tag.is_valid() {
+        return Err(Error::InvalidArgument);
+    }
+    if message.tag.typed() == 0 {
+        return Ok(());
+    }
+    validate_items(message)
+}
+
+/// The typed items of `message` (whose tag is valid): well-formed strings and flexpages.
+fn validate_items(message: &Message) -> Result<(), Error> {
+    let tag = message.tag;
     let mut strings = 0;
     for item in 0..tag.typed() {
         let (w0, w1) = (
@@ -44,21 +60,26 @@ pub fn validate_outgoing(k: &mut Kernel, sender: ThreadId) -> Result<(), Error> 
 /// Read the message thread `sender` is sending (its kernel message, or its registers and
 /// UTCB).
 pub fn read_message(k: &mut Kernel, sender: ThreadId) -> Message {
-    let mut words = [0u64; MAX_WORDS];
+    // One named result, filled in place (no copy of the whole message on return).
+    let mut m = Message {
+        tag: MessageTag(0),
+        words: [0u64; MAX_WORDS],
+    };
     let thread = k.thread(sender);
-    if let Some(km) = thread.kernel_message {
-        words[..KERNEL_MESSAGE_WORDS].copy_from_slice(&km.words);
-        return Message { tag: km.tag, words };
+    if let Some(km) = &thread.kernel_message {
+        m.tag = km.tag;
+        m.words[..KERNEL_MESSAGE_WORDS].copy_from_slice(&km.words);
+        return m;
     }
     let f = &thread.frame;
-    let tag = MessageTag(f.rdx);
-    words[..4].copy_from_slice(&[f.r8, f.r9, f.r12, f.r13]);
-    let count = tag.words().min(MAX_WORDS);
+    m.tag = MessageTag(f.rdx);
+    m.words[..4].copy_from_slice(&[f.r8, f.r9, f.r12, f.r13]);
+    let count = m.tag.words().min(MAX_WORDS);
     if count > 4 {
         let u = utcb(k, sender);
-        words[4..count].copy_from_slice(&u.mr[4..count]);
+        m.words[4..count].copy_from_slice(&u.mr[4..count]);
     }
-    Message { tag, words }
+    m
 }
 
 /// Copy the message of `sender` into `receiver` (which is waiting for it), with `badge`, in the
@@ -70,22 +91,16 @@ fn deliver(
     sender: ThreadId,
     receiver: ThreadId,
     badge: u64,
+    awaiting: Awaiting,
     mapped: bool,
     message: &mut Message,
 ) {
-    match k.thread(receiver).state {
-        ThreadState::Receiving {
-            awaiting: Awaiting::PageFaultReply,
-            ..
-        } => {
-            k.thread(receiver).reply_copy = None;
+    match awaiting {
+        Awaiting::PageFaultReply => {
             crate::fault::apply_fault_reply(k, sender, receiver, message, mapped);
             return;
         }
-        ThreadState::Receiving {
-            awaiting: Awaiting::ExceptionReply,
-            ..
-        } => {
+        Awaiting::ExceptionReply => {
             crate::fault::apply_exception_reply(k, receiver, message);
             return;
         }
@@ -127,21 +142,24 @@ fn transfer_step(
     k: &mut Kernel,
     sender: ThreadId,
     receiver: ThreadId,
+    awaiting: Awaiting,
     message: &Message,
 ) -> Result<Transfer, Obstacle> {
     let ready = Transfer::Deliver { mapped: true };
-    if k.thread(sender).kernel_message.is_some() || message.tag.typed() == 0 {
+    // A kernel message (fault, exception, death) has no typed items.
+    debug_assert!(message.tag.typed() == 0 || k.thread(sender).kernel_message.is_none());
+    if message.tag.typed() == 0 {
         return Ok(ready);
     }
-    let maps = |k: &mut Kernel| match items::step(k, sender, receiver, message) {
+    let maps = |k: &mut Kernel| match items::step(k, sender, receiver, awaiting, message) {
         Some(mapped) => Transfer::Deliver { mapped },
         None => Transfer::Restart,
     };
-    if awaits_kernel_reply(k, receiver) {
+    if items::is_kernel_reply(awaiting) {
         return Ok(maps(k));
     }
     let window = strings::check(k, sender, receiver, message)?;
-    let pending = items::pending(k, sender, receiver, message);
+    let pending = items::pending(k, sender, receiver, awaiting, message);
     if !window.is_last() || (pending && window.start < window.end) {
         strings::copy_step(k, sender, receiver, message, window);
         return Ok(Transfer::Restart);
@@ -296,9 +314,10 @@ pub fn send(
     k.thread(sender).receive_timeout = receive_timeout;
     if waiting {
         let mut message = read_message(k, sender);
-        match transfer_step(k, sender, target, &message) {
+        let awaiting = items::awaiting(k, target);
+        match transfer_step(k, sender, target, awaiting, &message) {
             Ok(Transfer::Deliver { mapped }) => {
-                deliver(k, sender, target, badge, mapped, &mut message);
+                deliver(k, sender, target, badge, awaiting, mapped, &mut message);
                 if !awaits_kernel_reply(k, target) {
                     k.wake(target);
                 }
@@ -459,7 +478,8 @@ pub fn receive(
             .remove(index)
             .expect("queued sender");
         let mut message = read_message(k, sender);
-        let mapped = match transfer_step(k, sender, receiver, &message) {
+        let awaiting = items::awaiting(k, receiver);
+        let mapped = match transfer_step(k, sender, receiver, awaiting, &message) {
             Ok(Transfer::Deliver { mapped }) => mapped,
             Ok(Transfer::Restart) => {
                 // One step of the transfer done: the sender stays first in the queue, we go
@@ -499,7 +519,7 @@ pub fn receive(
             from,
             awaiting: Awaiting::Message,
         };
-        deliver(k, sender, receiver, badge, mapped, &mut message);
+        deliver(k, sender, receiver, badge, Awaiting::Message, mapped, &mut message);
         k.thread(receiver).state = ThreadState::Ready;
         sender_done(k, sender, receiver, call);
         return Ok(());
@@ -520,7 +540,9 @@ pub fn receive(
 /// Returns `Ok(false)` when the replier's own string faulted instead: its syscall is
 /// re-issued once the fault is resolved, and the caller must not continue it.
 pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
-    validate_outgoing(k, replier)?;
+    // Read once: validated here, transferred and delivered below.
+    let mut message = read_message(k, replier);
+    validate_message(&message)?;
     let caller = k.thread(replier).caller.take().ok_or(Error::NoPartner)?;
     let waiting = matches!(
         k.threads.get(caller).map(|t| t.state),
@@ -529,9 +551,9 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
     if !waiting {
         return Err(Error::NoPartner);
     }
-    let kernel_reply = awaits_kernel_reply(k, caller);
-    let mut message = read_message(k, replier);
-    let mapped = match transfer_step(k, replier, caller, &message) {
+    let awaiting = items::awaiting(k, caller);
+    let kernel_reply = items::is_kernel_reply(awaiting);
+    let mapped = match transfer_step(k, replier, caller, awaiting, &message) {
         Ok(Transfer::Deliver { mapped }) => mapped,
         Ok(Transfer::Restart) => {
             // One step of the transfer done: the caller waits on, we reply again.
@@ -560,7 +582,7 @@ pub fn reply(k: &mut Kernel, replier: ThreadId) -> Result<bool, Error> {
             return Err(Error::Timeout);
         }
     };
-    deliver(k, replier, caller, 0, mapped, &mut message);
+    deliver(k, replier, caller, 0, awaiting, mapped, &mut message);
     if !kernel_reply {
         k.wake(caller);
     }

@@ -26,28 +26,57 @@ struct Job {
     grant: bool,
 }
 
+/// The two tasks of a transfer and what the receiver awaits, looked up once per step.
+#[derive(Clone, Copy)]
+struct Ends {
+    from: TaskId,
+    to: TaskId,
+    awaiting: Awaiting,
+}
+
+/// [`Ends`] of a transfer from `sender` to `receiver` (`awaiting`: what the receiver awaits);
+/// `None` when a task is gone (no job then).
+fn ends(k: &Kernel, sender: ThreadId, receiver: ThreadId, awaiting: Awaiting) -> Option<Ends> {
+    Some(Ends {
+        from: k.task_of(sender)?,
+        to: k.task_of(receiver)?,
+        awaiting,
+    })
+}
+
+/// What `receiver` awaits (`Awaiting::Message` when not receiving).
+pub fn awaiting(k: &Kernel, receiver: ThreadId) -> Awaiting {
+    match k.threads.get(receiver).map(|t| t.state) {
+        Some(ThreadState::Receiving { awaiting, .. }) => awaiting,
+        _ => Awaiting::Message,
+    }
+}
+
+/// Whether a receiver awaiting `awaiting` gets a reply from the kernel's view (a page-fault
+/// or exception reply).
+pub fn is_kernel_reply(awaiting: Awaiting) -> bool {
+    matches!(awaiting, Awaiting::PageFaultReply | Awaiting::ExceptionReply)
+}
+
 /// Map job number `n` of `message` from `sender` to `receiver`, in item order (computed
 /// afresh each time: no list is kept or moved). A receiver awaiting a page-fault reply gets
 /// the reply's first item (memory only: anything else fails), placed in its whole address
 /// space, or in its VM's guest-physical space for a guest page fault (never granted); a
 /// receiver awaiting an exception reply gets none; any other receiver each map item its
 /// receive windows take (items without a window for them are dropped).
+#[inline(always)]
 fn nth_job(
     k: &mut Kernel,
-    sender: ThreadId,
+    ends: &Ends,
     receiver: ThreadId,
     message: &Message,
     n: usize,
 ) -> Option<Job> {
-    let (from, to) = (k.task_of(sender)?, k.task_of(receiver)?);
+    let Ends { from, to, awaiting } = *ends;
     let tag = message.tag;
     let item = |i: usize| MapItem {
         control: message.words[tag.untyped() + 2 * i],
         fpage: Fpage(message.words[tag.untyped() + 2 * i + 1]),
-    };
-    let awaiting = match k.thread(receiver).state {
-        ThreadState::Receiving { awaiting, .. } => awaiting,
-        _ => Awaiting::Message,
     };
     match awaiting {
         Awaiting::ExceptionReply => None,
@@ -114,16 +143,9 @@ fn nth_job(
     }
 }
 
-/// Whether a page-fault reply's job may go: memory only.
-fn allowed(k: &Kernel, receiver: ThreadId, job: &Job) -> bool {
-    let fault_reply = matches!(
-        k.threads.get(receiver).map(|t| t.state),
-        Some(ThreadState::Receiving {
-            awaiting: Awaiting::PageFaultReply,
-            ..
-        })
-    );
-    !fault_reply || job.fpage.kind() == Some(FpageKind::Memory)
+/// Whether a job to a receiver awaiting `awaiting` may go: a page-fault reply's memory only.
+fn allowed(awaiting: Awaiting, job: &Job) -> bool {
+    awaiting != Awaiting::PageFaultReply || job.fpage.kind() == Some(FpageKind::Memory)
 }
 
 /// Whether `message` has typed items that are not strings (map items, or a fault reply's).
@@ -147,21 +169,25 @@ enum Progress {
 }
 
 /// Do the map items' work (see the module) from where the receiver's transfer got, at most
-/// `budget` units of it.
+/// `budget` units of it (`awaiting`: what the receiver awaits).
 fn work(
     k: &mut Kernel,
     sender: ThreadId,
     receiver: ThreadId,
+    awaiting: Awaiting,
     message: &Message,
     mut budget: u32,
 ) -> Progress {
     if !has_map_items(message) {
         return Progress::Done { failed: false };
     }
-    let mut p = strings::progress(k, sender, receiver, message);
-    while let Some(job) = nth_job(k, sender, receiver, message, p.mapped as usize) {
+    let mut p = strings::progress_in(k, sender, receiver, message, is_kernel_reply(awaiting));
+    let Some(ends) = ends(k, sender, receiver, awaiting) else {
+        return Progress::Done { failed: p.failed };
+    };
+    while let Some(job) = nth_job(k, &ends, receiver, message, p.mapped as usize) {
         let resume = p.resume.unwrap_or_else(|| map_start(job.fpage));
-        let stepped = if allowed(k, receiver, &job) {
+        let stepped = if allowed(awaiting, &job) {
             map_step(
                 k,
                 job.from,
@@ -189,29 +215,46 @@ fn work(
         }
         p.mapped += 1;
         p.resume = None;
+        if awaiting == Awaiting::PageFaultReply {
+            // A page-fault reply has one job.
+            break;
+        }
     }
     Progress::Done { failed: p.failed }
 }
 
-/// Whether `message` from `sender` has map work for `receiver` that is not done yet.
-pub fn pending(k: &mut Kernel, sender: ThreadId, receiver: ThreadId, message: &Message) -> bool {
+/// Whether `message` from `sender` has map work for `receiver` (awaiting `awaiting`) that is
+/// not done yet.
+pub fn pending(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    awaiting: Awaiting,
+    message: &Message,
+) -> bool {
     if !has_map_items(message) {
         return false;
     }
-    let done = strings::progress(k, sender, receiver, message).mapped as usize;
-    nth_job(k, sender, receiver, message, done).is_some()
+    let Some(ends) = ends(k, sender, receiver, awaiting) else {
+        return false;
+    };
+    let done = strings::progress_in(k, sender, receiver, message, is_kernel_reply(awaiting))
+        .mapped as usize;
+    nth_job(k, &ends, receiver, message, done).is_some()
 }
 
-/// One step of the map items' work (at most [`MAP_STEP_UNITS`]): `Some(ok)` when all is done
-/// and the message can be delivered in this kernel entry (`ok`: every item went without
-/// error), `None` when the current thread's system call must restart for more.
+/// One step of the map items' work (at most [`MAP_STEP_UNITS`]) to `receiver`, which awaits
+/// `awaiting`: `Some(ok)` when all is done and the message can be delivered in this kernel
+/// entry (`ok`: every item went without error), `None` when the current thread's system call
+/// must restart for more.
 pub fn step(
     k: &mut Kernel,
     sender: ThreadId,
     receiver: ThreadId,
+    awaiting: Awaiting,
     message: &Message,
 ) -> Option<bool> {
-    match work(k, sender, receiver, message, MAP_STEP_UNITS) {
+    match work(k, sender, receiver, awaiting, message, MAP_STEP_UNITS) {
         Progress::Done { failed } => Some(!failed),
         Progress::More => None,
     }

@@ -240,6 +240,7 @@ enum Refusal {
 
 /// Where map item `item` lands in receive window `window`: the part of the sender's flexpage
 /// that is transferred, and its destination (address or slot).
+#[inline]
 pub fn place_window(window: Fpage, item: MapItem) -> (Fpage, u64) {
     let fpage = item.fpage;
     match fpage.kind() {

@@ -177,7 +177,25 @@ pub fn progress(
     receiver: ThreadId,
     message: &Message,
 ) -> PartialCopy {
-    let saved = *slot(k, receiver);
+    let kernel_reply = crate::ipc::awaits_kernel_reply(k, receiver);
+    progress_in(k, sender, receiver, message, kernel_reply)
+}
+
+/// [`progress`] when the caller knows whether `receiver` awaits a page-fault or exception
+/// reply (`kernel_reply`, which picks the slot).
+pub fn progress_in(
+    k: &mut Kernel,
+    sender: ThreadId,
+    receiver: ThreadId,
+    message: &Message,
+    kernel_reply: bool,
+) -> PartialCopy {
+    let thread = k.thread(receiver);
+    let saved = if kernel_reply {
+        thread.reply_copy
+    } else {
+        thread.partial_copy
+    };
     match saved {
         Some(c) if c.sender == sender && c.fingerprint == fingerprint(k, receiver, message) => c,
         _ => crate::items::fresh(sender),

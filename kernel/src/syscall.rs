@@ -104,6 +104,7 @@ pub fn dispatch(k: &mut Kernel) -> ! {
 /// The end of every system call of thread `id` (number `number`, `receive_phase`: whether an
 /// error is reported as the receive phase's) with `result`: writes the result, takes a step
 /// of pending destruction, and schedules.
+#[inline(always)]
 pub fn finish(
     k: &mut Kernel,
     id: ThreadId,
