@@ -519,7 +519,15 @@ pub fn receive(
             from,
             awaiting: Awaiting::Message,
         };
-        deliver(k, sender, receiver, badge, Awaiting::Message, mapped, &mut message);
+        deliver(
+            k,
+            sender,
+            receiver,
+            badge,
+            Awaiting::Message,
+            mapped,
+            &mut message,
+        );
         k.thread(receiver).state = ThreadState::Ready;
         sender_done(k, sender, receiver, call);
         return Ok(());

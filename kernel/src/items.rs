@@ -55,7 +55,10 @@ pub fn awaiting(k: &Kernel, receiver: ThreadId) -> Awaiting {
 /// Whether a receiver awaiting `awaiting` gets a reply from the kernel's view (a page-fault
 /// or exception reply).
 pub fn is_kernel_reply(awaiting: Awaiting) -> bool {
-    matches!(awaiting, Awaiting::PageFaultReply | Awaiting::ExceptionReply)
+    matches!(
+        awaiting,
+        Awaiting::PageFaultReply | Awaiting::ExceptionReply
+    )
 }
 
 /// Map job number `n` of `message` from `sender` to `receiver`, in item order (computed
@@ -238,8 +241,8 @@ pub fn pending(
     let Some(ends) = ends(k, sender, receiver, awaiting) else {
         return false;
     };
-    let done = strings::progress_in(k, sender, receiver, message, is_kernel_reply(awaiting))
-        .mapped as usize;
+    let done = strings::progress_in(k, sender, receiver, message, is_kernel_reply(awaiting)).mapped
+        as usize;
     nth_job(k, &ends, receiver, message, done).is_some()
 }
 
