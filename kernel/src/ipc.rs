@@ -159,12 +159,18 @@ fn transfer_step(
         return Ok(maps(k));
     }
     let window = strings::check(k, sender, receiver, message)?;
-    let pending = items::pending(k, sender, receiver, awaiting, message);
-    if !window.is_last() || (pending && window.start < window.end) {
+    // The strings' last step goes in an entry of its own when map items follow it.
+    if !window.is_last()
+        || (window.start < window.end && items::pending(k, sender, receiver, awaiting, message))
+    {
         strings::copy_step(k, sender, receiver, message, window);
         return Ok(Transfer::Restart);
     }
-    Ok(if pending { maps(k) } else { ready })
+    Ok(if items::has_map_items(message) {
+        maps(k)
+    } else {
+        ready
+    })
 }
 
 /// Make `thread` (the current thread, in an IPC syscall that has not taken effect) issue its
@@ -257,13 +263,7 @@ fn fault_for_receiver(k: &mut Kernel, receiver: ThreadId, missing: strings::Miss
 
 /// Whether thread `id` waits for the answer to a page fault or exception.
 pub fn awaits_kernel_reply(k: &Kernel, id: ThreadId) -> bool {
-    matches!(
-        k.threads.get(id).map(|t| t.state),
-        Some(ThreadState::Receiving {
-            awaiting: Awaiting::PageFaultReply | Awaiting::ExceptionReply,
-            ..
-        })
-    )
+    items::is_kernel_reply(items::awaiting(k, id))
 }
 
 /// Timer tick at which a timeout started now expires (`None`: never).

@@ -152,7 +152,7 @@ fn allowed(awaiting: Awaiting, job: &Job) -> bool {
 }
 
 /// Whether `message` has typed items that are not strings (map items, or a fault reply's).
-fn has_map_items(message: &Message) -> bool {
+pub fn has_map_items(message: &Message) -> bool {
     let tag = message.tag;
     (0..tag.typed()).any(|i| {
         let at = tag.untyped() + 2 * i;

@@ -162,10 +162,17 @@ fn fingerprint(k: &mut Kernel, receiver: ThreadId, message: &Message) -> u64 {
 /// reply's apart from that of the receive the thread may have faulted in (which goes on
 /// after the fault).
 fn slot(k: &mut Kernel, receiver: ThreadId) -> &mut Option<PartialCopy> {
-    if crate::ipc::awaits_kernel_reply(k, receiver) {
-        &mut k.thread(receiver).reply_copy
+    let kernel_reply = crate::ipc::awaits_kernel_reply(k, receiver);
+    slot_of(k.thread(receiver), kernel_reply)
+}
+
+/// [`slot`] of thread `thread`, `kernel_reply` telling whether it awaits a page-fault or
+/// exception reply.
+fn slot_of(thread: &mut crate::thread::Thread, kernel_reply: bool) -> &mut Option<PartialCopy> {
+    if kernel_reply {
+        &mut thread.reply_copy
     } else {
-        &mut k.thread(receiver).partial_copy
+        &mut thread.partial_copy
     }
 }
 
@@ -190,12 +197,7 @@ pub fn progress_in(
     message: &Message,
     kernel_reply: bool,
 ) -> PartialCopy {
-    let thread = k.thread(receiver);
-    let saved = if kernel_reply {
-        thread.reply_copy
-    } else {
-        thread.partial_copy
-    };
+    let saved = *slot_of(k.thread(receiver), kernel_reply);
     match saved {
         Some(c) if c.sender == sender && c.fingerprint == fingerprint(k, receiver, message) => c,
         _ => crate::items::fresh(sender),
