@@ -16,8 +16,8 @@ use crate::object::{Capability, Object, TaskId, ThreadId};
 use crate::thread::ThreadState;
 use crate::usermem;
 use l4_abi::{
-    Error, ExRegsFlags, Fpage, Rights, Syscall, Timeouts, KERNEL_AREA_START, KIP_ADDRESS,
-    MAP_GRANT, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, UNMAP_SELF, USER_END, USER_START, UTCB_AREA,
+    Error, ExRegsFlags, Fpage, MapFlags, Rights, Syscall, Timeouts, UnmapFlags, KERNEL_AREA_START,
+    KIP_ADDRESS, NO_CAP, OPEN_WAIT, RECEIVE_PHASE, USER_END, USER_START, UTCB_AREA,
 };
 
 use crate::destroy::{destroy_task_step, STEP_UNITS};
@@ -423,7 +423,8 @@ fn map(
     } else {
         let target = task_cap(k, task)?;
         let fpage = Fpage(fpage);
-        if !fpage.is_valid() || flags & !MAP_GRANT != 0 {
+        let flags = MapFlags::from_bits(flags).ok_or(Error::InvalidArgument)?;
+        if !fpage.is_valid() {
             return Err(Error::InvalidArgument);
         }
         if fpage.is_valid_memory() {
@@ -435,7 +436,7 @@ fn map(
                 return Err(Error::InvalidArgument);
             }
         }
-        (Space::Task(target), flags & MAP_GRANT != 0)
+        (Space::Task(target), flags.contains(MapFlags::GRANT))
     };
     let source = current_task(k);
     let mut budget = MAP_STEP_UNITS;
@@ -459,16 +460,17 @@ fn map(
 /// syscall, and the thread keeps how far it got).
 fn unmap(k: &mut Kernel, id: ThreadId, fpage: u64, flags: u64) -> Result<bool, Error> {
     // Progress counts only for the same call re-executed (`ExRegs` forgets it).
-    let include_self = flags & UNMAP_SELF != 0;
+    let Some(flags) = UnmapFlags::from_bits(flags) else {
+        k.thread(id).unmap_progress = None;
+        return Err(Error::InvalidArgument);
+    };
+    let include_self = flags.contains(UnmapFlags::SELF);
     let from = k
         .thread(id)
         .unmap_progress
         .take()
         .filter(|p| p.fpage == fpage && p.include_self == include_self)
         .map(|p| p.next);
-    if flags & !UNMAP_SELF != 0 {
-        return Err(Error::InvalidArgument);
-    }
     let task = current_task(k);
     let step = UNMAP_STEP_UNITS;
     match unmap_flexpage_step(k, task, Fpage(fpage), include_self, from, step)? {

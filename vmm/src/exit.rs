@@ -5,7 +5,7 @@
 //! I/O, CPUID, MMIO emulation).
 
 use crate::vcpu::{self, state_words};
-use l4::abi::vcpu::{self as state, exit};
+use l4::abi::vcpu::{self as state, exit, Groups};
 use l4::abi::Error;
 use l4linux_glue::exits::{self, IoExit};
 use l4linux_glue::mmio::{mask, MmioBus};
@@ -17,7 +17,7 @@ pub type Words = [u64; 64];
 /// What a handler wants next.
 pub enum Next<O> {
     /// Run the vCPU again, loading these state groups.
-    Resume(u64),
+    Resume(Groups),
     /// The guest is over.
     Stop(O),
 }
@@ -54,7 +54,7 @@ pub trait Handler {
         None
     }
     /// `VcpuRun` refused the state (loaded with `mask`).
-    fn refused(&mut self, error: Error, mask: u64, w: &mut Words) -> Self::Outcome;
+    fn refused(&mut self, error: Error, mask: Groups, w: &mut Words) -> Self::Outcome;
 
     /// IN, OUT, INS, OUTS.
     fn port_io(&mut self, w: &mut Words) -> Next<Self::Outcome>;
@@ -87,9 +87,9 @@ pub trait Handler {
         self.unhandled(exit::EXCEPTION_BASE + u64::from(vector), w)
     }
     /// The state groups the first entry loads (all of the guest's state; a handler that
-    /// intercepts exceptions adds [`state::INTERCEPTS`]).
-    fn first_entry(&self) -> u64 {
-        state::ALL
+    /// intercepts exceptions adds [`Groups::INTERCEPTS`]).
+    fn first_entry(&self) -> Groups {
+        Groups::GUEST
     }
     /// Any other exit (`code`).
     fn unhandled(&mut self, code: u64, w: &mut Words) -> Next<Self::Outcome>;
@@ -98,7 +98,7 @@ pub trait Handler {
 /// Where the exit loop is.
 enum State<O> {
     /// Enter the guest, loading these state groups.
-    Enter(u64),
+    Enter(Groups),
     /// The guest exited with this code.
     Exited(u64),
     /// The guest is over.
@@ -132,21 +132,21 @@ struct Driver {
 impl Driver {
     /// One entry: request the pending interrupt, inject a due NMI, run, and account for what
     /// the guest took.
-    fn enter<H: Handler>(&mut self, handler: &mut H, mut mask: u64) -> State<H::Outcome> {
+    fn enter<H: Handler>(&mut self, handler: &mut H, mut mask: Groups) -> State<H::Outcome> {
         let w = state_words();
         let entry = handler.prepare();
         if entry.interrupt != self.requested {
             w[state::VIRTUAL_IRQ] = entry.interrupt.map_or(0, |v| (1 << 63) | u64::from(v));
             self.requested = entry.interrupt;
-            mask |= state::EVENTS;
+            mask |= Groups::EVENTS;
         }
         // An NMI goes in as an event (unless another event is being injected now); the CPU
         // takes it at entry whatever RFLAGS.IF says.
-        let injecting = mask & state::EVENTS != 0 && w[state::EVENT_INJECT] != 0;
+        let injecting = mask.contains(Groups::EVENTS) && w[state::EVENT_INJECT] != 0;
         let nmi = entry.nmi && !injecting;
         if nmi {
             w[state::EVENT_INJECT] = state::event::nmi();
-            mask |= state::EVENTS;
+            mask |= Groups::EVENTS;
         }
         let code = match vcpu::run(self.vcpu, mask, entry.deadline) {
             Ok(code) => code,

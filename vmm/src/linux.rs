@@ -19,7 +19,7 @@ use crate::vcpu::{long_mode_state, rdtsc, state_words};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use l4::abi::vcpu as state;
+use l4::abi::vcpu::{self as state, Groups};
 use l4linux_glue::boot::{self, BzImage};
 use l4linux_glue::exits::IoExit;
 use l4linux_glue::mmio::MmioBus;
@@ -582,7 +582,7 @@ impl Kind for Linux {
             Hypercall::Unknown(_) => hc::ENOSYS,
         };
         w[state::RAX] = result;
-        Some(Next::Resume(state::GPRS))
+        Some(Next::Resume(Groups::GPRS))
     }
 
     /// A triple fault: how Linux without ACPI reboots with `reboot=t` (and after a panic

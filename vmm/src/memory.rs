@@ -4,6 +4,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use l4::abi::vcpu as state;
+use l4::abi::MapFlags;
 use l4::abi::{slots, Error, Fpage, ObjectKind, PAGE_SIZE};
 use l4::sys;
 use l4::thread::alloc_slot;
@@ -177,7 +178,7 @@ pub fn create_vm(ram_size: u64, pager: u64) -> Result<Vm, Error> {
         vm,
         Fpage::memory(ram.base, ram_size.trailing_zeros(), Fpage::RWX),
         0,
-        0,
+        MapFlags::empty(),
     )?;
     // What the nested page tables and mapping nodes of guest RAM cost (a 1 GiB page: one
     // node and one table; 2 MiB pages: a node each and a table per GiB).

@@ -12,7 +12,7 @@ use crate::memory::{fetch_instruction, read_guest_virtual, write_guest_virtual, 
 use crate::vcpu::{rdtsc, INJECT_GP0, RFLAGS_IF};
 use alloc::rc::Rc;
 use core::cell::RefCell;
-use l4::abi::vcpu as state;
+use l4::abi::vcpu::{self as state, Groups};
 use l4::abi::{Error, Timeout, Timeouts};
 use l4linux_glue::exits::{self as lengths, IoExit};
 use l4linux_glue::mmio::MmioBus;
@@ -416,7 +416,7 @@ impl<K: Kind> Handler for Compartment<K> {
         None
     }
 
-    fn refused(&mut self, error: Error, mask: u64, w: &mut Words) -> K::Outcome {
+    fn refused(&mut self, error: Error, mask: Groups, w: &mut Words) -> K::Outcome {
         self.kind.break_line();
         crate::say!(
             "VcpuRun refused: {error} (cr0 {:#x} cr4 {:#x} efer {:#x} mask {mask:#x})",
@@ -447,14 +447,14 @@ impl<K: Kind> Handler for Compartment<K> {
             if finished {
                 w[state::RIP] = w[state::EXIT_INFO2];
             }
-            return Next::Resume(state::GPRS);
+            return Next::Resume(Groups::GPRS);
         }
         exit::port_io(&mut self.board.ports, &io, w);
         if let Some(outcome) = self.kind.port_done(&mut self.board, &io, w) {
             return Next::Stop(outcome);
         }
         w[state::RIP] = w[state::EXIT_INFO2];
-        Next::Resume(state::GPRS)
+        Next::Resume(Groups::GPRS)
     }
 
     fn cpuid(&mut self, w: &mut Words) -> Next<K::Outcome> {
@@ -464,7 +464,7 @@ impl<K: Kind> Handler for Compartment<K> {
         emulate_cpuid_with(w, |leaf, subleaf, host| {
             platform.cpuid(leaf, subleaf, host, cr4)
         });
-        Next::Resume(state::GPRS)
+        Next::Resume(Groups::GPRS)
     }
 
     fn msr(&mut self, w: &mut Words) -> Next<K::Outcome> {
@@ -473,7 +473,7 @@ impl<K: Kind> Handler for Compartment<K> {
         let write = w[state::EXIT_INFO1] != 0;
         let value = (w[state::RDX] << 32) | (w[state::RAX] & 0xffff_ffff);
         let now = rdtsc();
-        let mut mask = state::GPRS;
+        let mut mask = Groups::GPRS;
         let result = match (msr, write) {
             (MSR_EFER, false) => {
                 let efer = w[state::EFER] & !EFER_SVME;
@@ -493,7 +493,7 @@ impl<K: Kind> Handler for Compartment<K> {
                     None => value,
                 };
                 w[state::EFER] = (value & !EFER_LMA) | if long && paging { EFER_LMA } else { 0 };
-                mask |= state::CONTROL;
+                mask |= Groups::CONTROL;
                 Ok(0)
             }
             (_, false) => match self.board.platform.msr_read(msr, now) {
@@ -536,7 +536,7 @@ impl<K: Kind> Handler for Compartment<K> {
                 // #GP(0), which Linux's safe accessors expect (it probes MSRs it may not have).
                 self.board.counts.msr_refused += 1;
                 w[state::EVENT_INJECT] = INJECT_GP0;
-                Next::Resume(state::EVENTS)
+                Next::Resume(Groups::EVENTS)
             }
         }
     }
@@ -581,7 +581,7 @@ impl<K: Kind> Handler for Compartment<K> {
         };
         emulate_mmio(&mut devices, gpa, instruction.access, w);
         w[state::RIP] += u64::from(instruction.length);
-        Next::Resume(state::GPRS)
+        Next::Resume(Groups::GPRS)
     }
 
     /// HLT: block in L4 until an interrupt is due (the guest's timer or, where messages wake
@@ -598,7 +598,7 @@ impl<K: Kind> Handler for Compartment<K> {
             let now = rdtsc();
             let platform = &mut self.board.platform;
             if platform.tick(now).is_some() || platform.nmi_pending() {
-                return Next::Resume(state::GPRS | state::EVENTS);
+                return Next::Resume(Groups::GPRS | Groups::EVENTS);
             }
             let timeout = match platform.next_deadline() {
                 None if K::MESSAGES_WAKE => Timeout::INFINITE,
@@ -634,13 +634,13 @@ impl<K: Kind> Handler for Compartment<K> {
 
     fn deadline(&mut self, _w: &mut Words) -> Next<K::Outcome> {
         self.board.counts.deadline += 1;
-        Next::Resume(0)
+        Next::Resume(Groups::empty())
     }
 
     fn message(&mut self, _w: &mut Words) -> Next<K::Outcome> {
         self.board.counts.message += 1;
         self.drain_messages(Timeout::ZERO);
-        Next::Resume(0)
+        Next::Resume(Groups::empty())
     }
 
     fn shutdown(&mut self, _w: &mut Words) -> Next<K::Outcome> {
@@ -667,13 +667,13 @@ impl<K: Kind> Handler for Compartment<K> {
         }
     }
 
-    fn first_entry(&self) -> u64 {
+    fn first_entry(&self) -> Groups {
         let w = crate::vcpu::state_words();
         if self.board.syscalls.is_some() {
-            w[state::EXCEPTION_INTERCEPTS] = crate::syscalls::Routing::INTERCEPTS;
-            state::ALL | state::INTERCEPTS
+            w[state::EXCEPTION_INTERCEPTS] = crate::syscalls::Routing::INTERCEPTS.bits();
+            Groups::GUEST | Groups::INTERCEPTS
         } else {
-            state::ALL
+            Groups::GUEST
         }
     }
 

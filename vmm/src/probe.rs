@@ -5,6 +5,7 @@
 //! every capability slot it holds but its own task's, which would succeed for any other
 //! task or VM it could name.
 
+use l4::abi::MapFlags;
 use l4::abi::{slots, Fpage, CAP_SLOTS};
 
 /// An address of ours where nothing lives (the probes' receive window and target).
@@ -36,7 +37,15 @@ pub fn run() {
     let page = marker.as_ptr() as u64 & !0xfff;
     let foreign = (0..CAP_SLOTS as u64)
         .filter(|&slot| slot != slots::SELF_TASK)
-        .filter(|&slot| l4::sys::map(slot, Fpage::memory(page, 12, Fpage::READ), WINDOW, 0).is_ok())
+        .filter(|&slot| {
+            l4::sys::map(
+                slot,
+                Fpage::memory(page, 12, Fpage::READ),
+                WINDOW,
+                MapFlags::empty(),
+            )
+            .is_ok()
+        })
         .count();
     report(
         foreign == 0,

@@ -19,7 +19,7 @@ use crate::exit::Words;
 use crate::memory::{read_guest_virtual, Vm};
 use crate::vcpu::rdtsc;
 use alloc::vec::Vec;
-use l4::abi::vcpu as state;
+use l4::abi::vcpu::{self as state, Groups};
 use l4::abi::{slots, MessageTag, Timeouts};
 use l4linux_glue::syscall::{self, CpuState, Fault, Instruction, Mode, Segment, EFER_SCE};
 use l4linux_glue::syscall_monitor::{
@@ -99,7 +99,7 @@ impl Routing {
     }
 
     /// The exception intercepts the mode needs (#UD).
-    pub const INTERCEPTS: u64 = 1 << state::VECTOR_UD;
+    pub const INTERCEPTS: state::Exceptions = state::Exceptions::vector(state::VECTOR_UD);
 
     /// EFER as the guest reads it: the real one with the SCE it set.
     pub fn efer_read(&self, efer: u64) -> u64 {
@@ -155,14 +155,14 @@ impl Routing {
 
     /// A #UD exit: SYSCALL or SYSRET carried out (and a user system call routed), or the #UD
     /// reflected to the guest. Returns the state groups to load.
-    pub fn invalid_opcode(&mut self, vm: &Vm, w: &mut Words) -> Result<u64, Broken> {
+    pub fn invalid_opcode(&mut self, vm: &Vm, w: &mut Words) -> Result<Groups, Broken> {
         let start = rdtsc();
         let mask = self.handle(vm, w, start);
         self.counts.handler_ticks += rdtsc().wrapping_sub(start);
         mask
     }
 
-    fn handle(&mut self, vm: &Vm, w: &mut Words, start: u64) -> Result<u64, Broken> {
+    fn handle(&mut self, vm: &Vm, w: &mut Words, start: u64) -> Result<Groups, Broken> {
         let mut cpu = cpu_state(w, self.efer_read(w[state::EFER]));
         let mode = cpu.mode();
         let instruction = fetch(vm, w).and_then(|(bytes, n)| syscall::decode(&bytes[..n], mode));
@@ -189,7 +189,7 @@ impl Routing {
                         );
                         w[state::RAX] = rax;
                         store(&cpu, w);
-                        return Ok(state::GPRS);
+                        return Ok(Groups::GPRS);
                     }
                     Verdict::Report => {
                         if self.pending.len() == PENDING {
@@ -226,7 +226,7 @@ impl Routing {
         if matches!(instruction, Instruction::Sysret { .. }) && !self.pending.is_empty() {
             self.returned(w)?;
         }
-        Ok(state::GPRS | state::SEGMENTS)
+        Ok(Groups::GPRS | Groups::SEGMENTS)
     }
 
     /// Ask the monitor about system call `number` (arguments in the guest's registers).
@@ -340,9 +340,9 @@ impl Broken {
 }
 
 /// Inject `event` (the #UD back, or the fault the instruction raises); nothing else changes.
-fn reflect(w: &mut Words, event: u64) -> u64 {
+fn reflect(w: &mut Words, event: u64) -> Groups {
     w[state::EVENT_INJECT] = event;
-    state::EVENTS
+    Groups::EVENTS
 }
 
 /// The instruction bytes at RIP (up to 15, fewer where the next page is not mapped): the

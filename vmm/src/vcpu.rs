@@ -23,7 +23,7 @@ pub fn keeping_state<T>(f: impl FnOnce() -> T) -> T {
 
 /// Run the vCPU with `mask` of the UTCB state loaded first, until `deadline` (a TSC value;
 /// 0: none) at the latest; returns the exit code.
-pub fn run(vcpu: u64, mask: u64, deadline: u64) -> Result<u64, Error> {
+pub fn run(vcpu: u64, mask: state::Groups, deadline: u64) -> Result<u64, Error> {
     sys::vcpu_run(vcpu, mask, deadline)
 }
 

@@ -304,10 +304,29 @@ bitflags::bitflags! {
 pub const NO_CAP: u64 = u64::MAX;
 /// Receive source meaning "from anyone" (open wait).
 pub const OPEN_WAIT: u64 = u64::MAX;
-/// [`Syscall::Map`] flag: grant (move) instead of map.
-pub const MAP_GRANT: u64 = 1;
-/// [`Syscall::Unmap`] flag: also remove the caller's own mapping.
-pub const UNMAP_SELF: u64 = 1;
+bitflags::bitflags! {
+    /// Flags of [`Syscall::Map`] (other bits are refused).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct MapFlags: u64 {
+        /// Grant (move) instead of map.
+        const GRANT = 1;
+    }
+}
+
+bitflags::bitflags! {
+    /// Flags of [`Syscall::Unmap`] (other bits are refused).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct UnmapFlags: u64 {
+        /// Also remove the caller's own mapping.
+        const SELF = 1;
+    }
+}
+
+/// [`MapFlags::GRANT`] as a raw word (the fuzzer's, which also runs on kernels that predate
+/// the type).
+pub const MAP_GRANT: u64 = MapFlags::GRANT.bits();
+/// [`UnmapFlags::SELF`] as a raw word (the fuzzer's).
+pub const UNMAP_SELF: u64 = UnmapFlags::SELF.bits();
 
 /// Number of slots in every task's capability table.
 pub const CAP_SLOTS: usize = 512;

@@ -1,6 +1,6 @@
 //! The virtual-CPU state that travels between the kernel and a VMM through the VMM thread's
 //! UTCB ([`crate::Syscall::VcpuRun`]): word indices into [`crate::Utcb::mr`], the groups a VMM
-//! selects with a transfer mask, and the exit codes it sees (SVM's and the kernel's own).
+//! selects with a transfer mask ([`Groups`]), and the exit codes it sees (SVM's and the kernel's own).
 
 /// Exit code (read only).
 pub const EXIT_CODE: usize = 0;
@@ -81,15 +81,38 @@ pub const LSTAR: usize = 51;
 pub const CSTAR: usize = 52;
 /// SFMASK (read only).
 pub const SFMASK: usize = 53;
-/// Exception intercepts ([`INTERCEPTS`]): bit `v` makes exception vector `v` exit to the VMM
+/// Exception intercepts ([`Groups::INTERCEPTS`], an [`Exceptions`] set): bit `v` makes exception vector `v` exit to the VMM
 /// ([`exit::EXCEPTION_BASE`]` + v`) instead of reaching the guest; only the vectors of
-/// [`INTERCEPTABLE_EXCEPTIONS`] may be set.
+/// [`Exceptions::interceptable`] may be set.
 pub const EXCEPTION_INTERCEPTS: usize = 54;
 /// Words of the state.
 pub const STATE_WORDS: usize = 55;
 
-/// The exceptions a VMM may intercept: vectors 0..32 except #MC (18), which stays the host's.
-pub const INTERCEPTABLE_EXCEPTIONS: u64 = 0xffff_ffff & !(1 << 18);
+bitflags::bitflags! {
+    /// A set of exception vectors: the exception intercepts ([`EXCEPTION_INTERCEPTS`], bit `v`
+    /// for vector `v`). [`Exceptions::interceptable`] is what a VMM may set.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Exceptions: u64 {
+        /// Every vector 0..32 (bit `v` is vector `v`; [`Exceptions::vector`] names one).
+        const _ = 0xffff_ffff;
+    }
+}
+
+impl Exceptions {
+    /// The set of the one exception `vector` (0..32; others give the empty set).
+    pub const fn vector(vector: u8) -> Exceptions {
+        if vector < 32 {
+            Exceptions::from_bits_retain(1 << vector)
+        } else {
+            Exceptions::empty()
+        }
+    }
+    /// The exceptions a VMM may intercept: vectors 0..32 except #MC (18), which stays the
+    /// host's.
+    pub const fn interceptable() -> Exceptions {
+        Exceptions::all().difference(Exceptions::vector(VECTOR_MC))
+    }
+}
 
 /// CR0 bits a guest may have (`VcpuRun` refuses others): PE, MP, EM, TS, ET, NE, WP, AM, NW,
 /// CD, PG.
@@ -109,22 +132,35 @@ pub const EFER_ALLOWED: u64 = {
 const _: () = assert!(CR0_ALLOWED == 0xe005_003f && EFER_ALLOWED == 0x0d01);
 /// Exception vector of #UD.
 pub const VECTOR_UD: u8 = 6;
+/// Exception vector of #MC.
+pub const VECTOR_MC: u8 = 18;
 
-/// Transfer-mask group: RIP, RSP, RFLAGS and the 16 general registers.
-pub const GPRS: u64 = 1;
-/// Transfer-mask group: CR0, CR2, CR3, CR4, EFER.
-pub const CONTROL: u64 = 2;
-/// Transfer-mask group: segment registers and descriptor tables.
-pub const SEGMENTS: u64 = 4;
-/// Transfer-mask group: event injection and virtual interrupt request.
-pub const EVENTS: u64 = 8;
-/// Transfer-mask group: the exception intercepts ([`EXCEPTION_INTERCEPTS`]). Not part of
-/// [`ALL`]: a VMM that never loads it keeps the default (no exception intercepted).
-pub const INTERCEPTS: u64 = 16;
-/// Every group of the guest's own state.
-pub const ALL: u64 = GPRS | CONTROL | SEGMENTS | EVENTS;
-/// Every group `VcpuRun` accepts.
-pub const EVERY: u64 = ALL | INTERCEPTS;
+bitflags::bitflags! {
+    /// The groups of the state a `VcpuRun` loads from the UTCB before it enters the guest
+    /// (its transfer mask; other bits are refused).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Groups: u64 {
+        /// RIP, RSP, RFLAGS and the 16 general registers.
+        const GPRS = 1;
+        /// CR0, CR2, CR3, CR4, EFER.
+        const CONTROL = 2;
+        /// Segment registers and descriptor tables.
+        const SEGMENTS = 4;
+        /// Event injection, virtual interrupt request and interrupt shadow.
+        const EVENTS = 8;
+        /// The exception intercepts ([`EXCEPTION_INTERCEPTS`]). Not part of [`Groups::GUEST`]:
+        /// a VMM that never loads it keeps the default (no exception intercepted).
+        const INTERCEPTS = 16;
+    }
+}
+
+impl Groups {
+    /// Every group of the guest's own state.
+    pub const GUEST: Groups = Groups::GPRS
+        .union(Groups::CONTROL)
+        .union(Groups::SEGMENTS)
+        .union(Groups::EVENTS);
+}
 
 /// Encode a segment register word.
 pub const fn segment(selector: u16, attributes: u16, limit: u32) -> u64 {
@@ -240,3 +276,32 @@ pub mod event {
 }
 
 const _: () = assert!(STATE_WORDS <= 64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_refuse_unknown_bits() {
+        assert_eq!(Groups::GUEST.bits(), 15);
+        assert!(!Groups::GUEST.contains(Groups::INTERCEPTS));
+        assert_eq!(
+            Groups::from_bits(31),
+            Some(Groups::GUEST | Groups::INTERCEPTS)
+        );
+        assert_eq!(Groups::from_bits(1 << 5), None);
+    }
+
+    #[test]
+    fn exceptions_are_vectors_below_32_without_machine_check() {
+        assert_eq!(Exceptions::vector(VECTOR_UD).bits(), 1 << 6);
+        assert_eq!(Exceptions::vector(32), Exceptions::empty());
+        assert_eq!(Exceptions::from_bits(1 << 32), None);
+        let allowed = Exceptions::interceptable();
+        assert!(
+            allowed.contains(Exceptions::vector(0)) && allowed.contains(Exceptions::vector(31))
+        );
+        assert!(!allowed.contains(Exceptions::vector(VECTOR_MC)));
+        assert_eq!(allowed.bits(), 0xffff_ffff & !(1 << 18));
+    }
+}

@@ -68,9 +68,7 @@ pub unsafe fn run_thread(
         .as_ref()
         .map(|s| (s.host_vmcb, s.xcr0_switching, s.xstate))
         .ok_or(Error::NotSupported)?;
-    if mask & !state::EVERY != 0 {
-        return Err(Error::InvalidArgument);
-    }
+    let mask = state::Groups::from_bits(mask).ok_or(Error::InvalidArgument)?;
     // The caller (passed in), its UTCB words, the vCPU and its VM are looked up once: nothing
     // in this call destroys them until it returns (the one IPC it may make, a guest page
     // fault's to the VM's pager, ends it), and no other reference to them is held while these

@@ -22,9 +22,13 @@ const TABLE_REGISTERS: [(usize, usize); 2] = [(state::GDTR, vmcb::GDTR), (state:
 
 /// Load the state groups in `mask` from `words` into the vCPU, refusing state the kernel does
 /// not allow (it cannot count on the CPU to reject inconsistent state).
-pub(crate) fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Result<(), Error> {
+pub(crate) fn load_state(
+    vcpu: &mut Vcpu,
+    words: &[u64; 64],
+    mask: state::Groups,
+) -> Result<(), Error> {
     let frame = vcpu.vmcb;
-    if mask & state::CONTROL != 0 {
+    if mask.contains(state::Groups::CONTROL) {
         let (cr0, cr4, efer) = (words[state::CR0], words[state::CR4], words[state::EFER]);
         if !kernel_core::vcpu_state::control_valid(cr0, cr4, efer) {
             return Err(Error::InvalidArgument);
@@ -35,7 +39,7 @@ pub(crate) fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Resul
         write(frame, vmcb::CR4, cr4);
         write(frame, vmcb::EFER, efer | svm::EFER_SVME);
     }
-    if mask & state::SEGMENTS != 0 {
+    if mask.contains(state::Groups::SEGMENTS) {
         for (index, offset) in SEGMENT_REGISTERS {
             let w = words[index];
             write_segment(
@@ -56,7 +60,7 @@ pub(crate) fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Resul
         let ss_attributes = (words[state::SS] >> 16) as u16;
         write(frame, vmcb::CPL, ((ss_attributes >> 5) & 3) as u8);
     }
-    if mask & state::GPRS != 0 {
+    if mask.contains(state::Groups::GPRS) {
         write(frame, vmcb::RIP, words[state::RIP]);
         write(frame, vmcb::RSP, words[state::RSP]);
         // The defined flags; reserved bit 1 set, the other reserved bits clear.
@@ -85,14 +89,13 @@ pub(crate) fn load_state(vcpu: &mut Vcpu, words: &[u64; 64], mask: u64) -> Resul
         r.r14 = g[12];
         r.r15 = g[13];
     }
-    if mask & state::INTERCEPTS != 0 {
-        let exceptions = words[state::EXCEPTION_INTERCEPTS];
-        if exceptions & !state::INTERCEPTABLE_EXCEPTIONS != 0 {
-            return Err(Error::InvalidArgument);
-        }
-        write(frame, vmcb::INTERCEPT_EXCEPTIONS, exceptions as u32);
+    if mask.contains(state::Groups::INTERCEPTS) {
+        let exceptions = state::Exceptions::from_bits(words[state::EXCEPTION_INTERCEPTS])
+            .filter(|e| state::Exceptions::interceptable().contains(*e))
+            .ok_or(Error::InvalidArgument)?;
+        write(frame, vmcb::INTERCEPT_EXCEPTIONS, exceptions.bits() as u32);
     }
-    if mask & state::EVENTS != 0 {
+    if mask.contains(state::Groups::EVENTS) {
         let event = words[state::EVENT_INJECT];
         if !kernel_core::vcpu_state::event_valid(event) {
             return Err(Error::InvalidArgument);

@@ -5,12 +5,13 @@
 //! exits, and a second VM at the same time.
 
 use super::*;
+use l4::abi::MapFlags;
 
 /// Run the 32-bit guest in `vm` to its exit port write; true if it got there.
 fn run_guest32(vm: &Vm) -> bool {
     vm.ram.write(0x7000, GUEST32.get());
     protected_mode_state(utcb_words(), 0x7000);
-    let mut mask = state::ALL;
+    let mut mask = Groups::GUEST;
     for _ in 0..8 {
         match run(vm.vcpu, mask, 0) {
             Ok(exit::IOIO) => {
@@ -19,7 +20,7 @@ fn run_guest32(vm: &Vm) -> bool {
                     return true;
                 }
                 w[state::RIP] = w[state::EXIT_INFO2];
-                mask = state::GPRS;
+                mask = Groups::GPRS;
             }
             _ => return false,
         }
@@ -35,7 +36,7 @@ const RIGHTS_PAGE: u64 = 0x20_0000;
 fn run_code(vm: &Vm, code: &[u8]) -> (Result<u64, Error>, u64, u64) {
     vm.ram.write(0x7000, code);
     protected_mode_state(utcb_words(), 0x7000);
-    let result = run(vm.vcpu, state::ALL, 0);
+    let result = run(vm.vcpu, Groups::GUEST, 0);
     let w = utcb_words();
     (result, w[state::EXIT_INFO1], w[state::EXIT_INFO2])
 }
@@ -61,7 +62,7 @@ fn rights_cases() {
         vm.vm,
         Fpage::memory(code, 12, Fpage::READ | Fpage::WRITE),
         RIGHTS_PAGE,
-        0,
+        MapFlags::empty(),
     );
     let (exit, info1, gpa) = run_code(&vm, &jump);
     report(
@@ -71,7 +72,12 @@ fn rights_cases() {
             && gpa == RIGHTS_PAGE,
         "memory mapped into a VM without EXECUTE is not executable: instruction fetch is a nested page fault",
     );
-    let executable = sys::map(vm.vm, Fpage::memory(code, 12, Fpage::RWX), RIGHTS_PAGE, 0);
+    let executable = sys::map(
+        vm.vm,
+        Fpage::memory(code, 12, Fpage::RWX),
+        RIGHTS_PAGE,
+        MapFlags::empty(),
+    );
     let (exit, info1, _) = run_code(&vm, &jump);
     let port = IoExit::decode(info1).map(|io| io.port);
     report(
@@ -84,7 +90,7 @@ fn rights_cases() {
         vm.vm,
         Fpage::memory(BLOB_ADDRESS, 12, Fpage::RWX),
         RIGHTS_PAGE + 0x1000,
-        0,
+        MapFlags::empty(),
     );
     let (exit, info1, gpa) = run_code(&vm, &[0xa3, 0x00, 0x10, 0x20, 0x00, 0xe6, 0xe4]);
     report(
@@ -108,7 +114,12 @@ fn rights_cases() {
         ),
     ] {
         let gpa = RIGHTS_PAGE + offset;
-        let mapped = sys::map(vm.vm, Fpage::memory(address, 12, Fpage::RWX), gpa, 0);
+        let mapped = sys::map(
+            vm.vm,
+            Fpage::memory(address, 12, Fpage::RWX),
+            gpa,
+            MapFlags::empty(),
+        );
         // mov eax, [gpa]; out 0xe4, al.
         let load = [0xa1, 0x00, (offset >> 8) as u8, 0x20, 0x00, 0xe6, 0xe4];
         let (exit, info1, fault) = run_code(&vm, &load);
@@ -225,7 +236,7 @@ fn event_cases() {
     // A deadline 5 ms ahead stops a spinning guest, not before it, with the state intact.
     counting_spin_state(&vm);
     let deadline = tsc() + 5 * per_ms;
-    let first = run(vm.vcpu, state::ALL, deadline);
+    let first = run(vm.vcpu, Groups::GUEST, deadline);
     let returned = tsc();
     let counted = utcb_words()[state::RCX] & 0xffff_ffff;
     println!(
@@ -239,12 +250,12 @@ fn event_cases() {
     // A second run (loading nothing) continues where the guest stopped; without a deadline
     // the guest runs to its next real exit.
     let deadline = tsc() + 2 * per_ms;
-    let again = run(vm.vcpu, 0, deadline);
+    let again = run(vm.vcpu, Groups::empty(), deadline);
     let returned = tsc();
     let continued =
         stopped_in_spin(exit::DEADLINE) && utcb_words()[state::RCX] & 0xffff_ffff > counted;
     utcb_words()[state::RIP] = COUNTING_SPIN_OUT;
-    let to_out = run(vm.vcpu, state::GPRS, 0);
+    let to_out = run(vm.vcpu, Groups::GPRS, 0);
     let port = IoExit::decode(utcb_words()[state::EXIT_INFO1]).map(|io| io.port);
     report(
         again == Ok(exit::DEADLINE)
@@ -259,9 +270,9 @@ fn event_cases() {
     // executed) and the state loaded stays loaded.
     vm.ram.write(0x7000, &[0xe6, 0xe4]);
     protected_mode_state(utcb_words(), 0x7000);
-    let past = run(vm.vcpu, state::ALL, 1);
+    let past = run(vm.vcpu, Groups::GUEST, 1);
     let unchanged = utcb_words()[state::RIP] == 0x7000;
-    let then = run(vm.vcpu, 0, 0);
+    let then = run(vm.vcpu, Groups::empty(), 0);
     report(
         past == Ok(exit::DEADLINE) && unchanged && then == Ok(exit::IOIO),
         "a deadline in the past returns DEADLINE without entering the guest",
@@ -273,7 +284,7 @@ fn event_cases() {
     counting_spin_state(&vm);
     let safety = tsc() + 2_000 * per_ms;
     let sender = l4::thread::spawn(message_sender, 0x1234, l4::thread::Spawn::default());
-    let recalled = sender.is_ok() && run(vm.vcpu, state::ALL, safety) == Ok(exit::MESSAGE);
+    let recalled = sender.is_ok() && run(vm.vcpu, Groups::GUEST, safety) == Ok(exit::MESSAGE);
     let in_spin = stopped_in_spin(exit::MESSAGE);
     let message = l4::ipc::wait(short_wait);
     report(
@@ -301,7 +312,7 @@ fn event_cases() {
     let trigger = l4::thread::spawn(irq_trigger, irq, l4::thread::Spawn::default());
     let recalled = attached.is_ok()
         && trigger.is_ok()
-        && run(vm.vcpu, state::ALL, safety) == Ok(exit::MESSAGE);
+        && run(vm.vcpu, Groups::GUEST, safety) == Ok(exit::MESSAGE);
     let in_spin = stopped_in_spin(exit::MESSAGE);
     let message = l4::ipc::wait(short_wait);
     let is_irq = |m: &Result<l4::ipc::Received, l4::ipc::IpcError>| {
@@ -319,10 +330,10 @@ fn event_cases() {
     let triggered = sys::irq_control(irq, l4::abi::IrqOp::Trigger, 0);
     vm.ram.write(0x7000, &[0xe6, 0xe4]);
     protected_mode_state(utcb_words(), 0x7000);
-    let waiting = run(vm.vcpu, state::ALL, 1);
+    let waiting = run(vm.vcpu, Groups::GUEST, 1);
     let unchanged = utcb_words()[state::RIP] == 0x7000;
     let message = l4::ipc::wait(short_wait);
-    let then = run(vm.vcpu, 0, 1);
+    let then = run(vm.vcpu, Groups::empty(), 1);
     report(
         attached.is_ok()
             && triggered.is_ok()
@@ -346,11 +357,11 @@ fn event_cases() {
     w[state::IDTR] = 0x7ff;
     w[state::IDTR + 1] = IDT;
     w[state::EVENT_INJECT] = state::event::UD;
-    let faulted = run(vm.vcpu, state::ALL, 0);
+    let faulted = run(vm.vcpu, Groups::GUEST, 0);
     let interrupted = utcb_words()[state::EXIT_INT_INFO];
-    let stopped = run(vm.vcpu, 0, 1);
+    let stopped = run(vm.vcpu, Groups::empty(), 1);
     let reported = utcb_words()[state::EXIT_INT_INFO];
-    let again = run(vm.vcpu, 0, 0);
+    let again = run(vm.vcpu, Groups::empty(), 0);
     let w = utcb_words();
     report(
         faulted == Ok(exit::NPF)
@@ -375,7 +386,7 @@ extern "C" fn spinning_vm(_: u64) -> ! {
         vm.ram.write(0x7000, &[0xeb, 0xfe]);
         protected_mode_state(utcb_words(), 0x7000);
         SPINS_STARTED.store(1, SeqCst);
-        let _ = run(vm.vcpu, state::ALL, 0);
+        let _ = run(vm.vcpu, Groups::GUEST, 0);
         // The guest spins forever: VcpuRun must never return.
         SPINNER_RETURNED.store(1, SeqCst);
     }
@@ -431,7 +442,7 @@ pub(super) fn direct_cases(vm: &Vm) {
     protected_mode_state(utcb_words(), 0x7000);
     utcb_words()[state::IDTR] = 0;
     report(
-        run(vm32.vcpu, state::ALL, 0) == Ok(exit::SHUTDOWN),
+        run(vm32.vcpu, Groups::GUEST, 0) == Ok(exit::SHUTDOWN),
         "triple fault is a SHUTDOWN exit to the VMM",
     );
 
@@ -440,19 +451,19 @@ pub(super) fn direct_cases(vm: &Vm) {
     protected_mode_state(w, 0x7000);
     w[state::CR0] = 0x8000_0010;
     report(
-        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, Groups::GUEST, 0) == Err(Error::InvalidArgument),
         "invalid guest state (CR0.PG without PE) refused",
     );
     protected_mode_state(w, 0x7000);
     w[state::EFER] = 0x400;
     report(
-        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, Groups::GUEST, 0) == Err(Error::InvalidArgument),
         "invalid guest state (EFER.LMA without paging) refused",
     );
     w[state::EFER] = 0;
     w[state::EVENT_INJECT] = state::event::VALID | (7 << 8) | 3;
     report(
-        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, Groups::GUEST, 0) == Err(Error::InvalidArgument),
         "invalid event type refused",
     );
 
@@ -461,13 +472,13 @@ pub(super) fn direct_cases(vm: &Vm) {
     w[state::CR0] = 0x8000_0011;
     w[state::EFER] = 0x500;
     report(
-        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, Groups::GUEST, 0) == Err(Error::InvalidArgument),
         "invalid guest state (long mode without PAE) refused",
     );
     protected_mode_state(w, 0x7000);
     w[state::CR4] = 1 << 13;
     report(
-        run(vm32.vcpu, state::ALL, 0) == Err(Error::InvalidArgument),
+        run(vm32.vcpu, Groups::GUEST, 0) == Err(Error::InvalidArgument),
         "invalid guest state (CR4.VMXE) refused",
     );
 
@@ -481,8 +492,8 @@ pub(super) fn direct_cases(vm: &Vm) {
             let w = utcb_words();
             protected_mode_state(w, 0x7000);
             w[state::IDTR] = 0;
-            w[state::EXCEPTION_INTERCEPTS] = 1 << state::VECTOR_UD;
-            let intercepted = run(exc.vcpu, state::ALL | state::INTERCEPTS, 0);
+            w[state::EXCEPTION_INTERCEPTS] = state::Exceptions::vector(state::VECTOR_UD).bits();
+            let intercepted = run(exc.vcpu, Groups::GUEST | Groups::INTERCEPTS, 0);
             let w = utcb_words();
             report(
                 intercepted == Ok(exit::EXCEPTION_BASE + 6)
@@ -492,19 +503,20 @@ pub(super) fn direct_cases(vm: &Vm) {
             );
             w[state::EXCEPTION_INTERCEPTS] = 0;
             report(
-                run(exc.vcpu, state::ALL | state::INTERCEPTS, 0) == Ok(exit::SHUTDOWN),
+                run(exc.vcpu, Groups::GUEST | Groups::INTERCEPTS, 0) == Ok(exit::SHUTDOWN),
                 "without the intercept the #UD is the guest's (a triple fault without an IDT)",
             );
             let w = utcb_words();
             protected_mode_state(w, 0x7000);
-            w[state::EXCEPTION_INTERCEPTS] = 1 << 18;
-            let machine_check = run(exc.vcpu, state::ALL | state::INTERCEPTS, 0);
+            w[state::EXCEPTION_INTERCEPTS] = state::Exceptions::vector(state::VECTOR_MC).bits();
+            let machine_check = run(exc.vcpu, Groups::GUEST | Groups::INTERCEPTS, 0);
             w[state::EXCEPTION_INTERCEPTS] = 1 << 32;
-            let beyond = run(exc.vcpu, state::ALL | state::INTERCEPTS, 0);
+            let beyond = run(exc.vcpu, Groups::GUEST | Groups::INTERCEPTS, 0);
             report(
                 machine_check == Err(Error::InvalidArgument)
                     && beyond == Err(Error::InvalidArgument)
-                    && run(exc.vcpu, 1 << 5, 0) == Err(Error::InvalidArgument),
+                    && run(exc.vcpu, Groups::from_bits_retain(1 << 5), 0)
+                        == Err(Error::InvalidArgument),
                 "intercepting #MC, a vector above 31 or an unknown state group is refused",
             );
         }
@@ -571,7 +583,7 @@ pub(super) fn direct_cases(vm: &Vm) {
             w[state::RSP] = 0x6_f000;
         }
         for _ in 0..20 {
-            match run(fuzz.vcpu, state::ALL, 0) {
+            match run(fuzz.vcpu, Groups::GUEST, 0) {
                 Ok(exit::SHUTDOWN) => {
                     exits += 1;
                     break;
@@ -600,7 +612,7 @@ pub(super) fn direct_cases(vm: &Vm) {
         Ok(vm) => {
             vm.ram.write(0x7000, &[0xf4]);
             protected_mode_state(utcb_words(), 0x7000);
-            run(vm.vcpu, state::ALL, 0)
+            run(vm.vcpu, Groups::GUEST, 0)
         }
         Err(e) => Err(e),
     };
@@ -655,7 +667,7 @@ pub(super) fn direct_cases(vm: &Vm) {
                     0
                 };
             }
-            match run(vcpu, state::ALL, 0) {
+            match run(vcpu, Groups::GUEST, 0) {
                 Ok(_) => outcomes[0] += 1,
                 Err(Error::InvalidArgument) => outcomes[1] += 1,
                 Err(_) => outcomes[2] += 1,

@@ -13,7 +13,7 @@ use alloc::boxed::Box;
 use alloc::rc::Rc;
 use core::cell::RefCell;
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use l4::abi::vcpu::{self as state, exit};
+use l4::abi::vcpu::{self as state, exit, Groups};
 use l4::abi::{slots, Error, Fpage, ObjectKind, PAGE_SIZE};
 use l4::thread::alloc_slot;
 use l4::{println, sys};

@@ -2,6 +2,7 @@
 //! the VMM to run in between (through hypercalls).
 
 use super::*;
+use l4::abi::{MapFlags, UnmapFlags};
 
 /// What the test guest's exit handlers end with: the guest's exit-port value, or why it
 /// stopped early.
@@ -20,7 +21,7 @@ struct TestGuest<'a> {
 }
 
 /// A handler's result as the exit loop wants it.
-fn resume(result: Result<u64, &'static str>) -> Next<TestOutcome> {
+fn resume(result: Result<Groups, &'static str>) -> Next<TestOutcome> {
     match result {
         Ok(mask) => Next::Resume(mask),
         Err(why) => Next::Stop(Err(why)),
@@ -60,7 +61,7 @@ pub(super) fn run_test_guest(vm: &Vm, entry: u64) -> TestOutcome {
 
 impl TestGuest<'_> {
     /// IN/OUT, and INS/OUTS with identity-mapped guest memory (the test guest's).
-    fn io(&mut self, w: &mut Words) -> Result<u64, &'static str> {
+    fn io(&mut self, w: &mut Words) -> Result<Groups, &'static str> {
         let Some(io) = IoExit::decode(w[state::EXIT_INFO1]) else {
             return Err("bad I/O exit");
         };
@@ -97,11 +98,11 @@ impl TestGuest<'_> {
             port_io(&mut self.bus, &io, w);
         }
         w[state::RIP] = w[state::EXIT_INFO2];
-        Ok(state::GPRS)
+        Ok(Groups::GPRS)
     }
 
     /// Lazy guest RAM (mapped here, for a VM without a pager thread's help) or MMIO.
-    fn fault(&mut self, w: &mut Words) -> Result<u64, &'static str> {
+    fn fault(&mut self, w: &mut Words) -> Result<Groups, &'static str> {
         let gpa = w[state::EXIT_INFO2];
         if LAZY.contains(&gpa) {
             let page = l4::child::fresh_page();
@@ -109,12 +110,12 @@ impl TestGuest<'_> {
                 self.vm.vm,
                 Fpage::memory(page, 12, Fpage::RWX),
                 gpa & !(PAGE_SIZE - 1),
-                0,
+                MapFlags::empty(),
             )
             .map_err(|_| "lazy map")?;
             self.lazy_faults += 1;
             self.device.borrow_mut().status = self.lazy_faults;
-            return Ok(state::GPRS);
+            return Ok(Groups::GPRS);
         }
         let instruction =
             fetch_instruction(self.vm, w).ok_or("cannot fetch the faulting instruction")?;
@@ -130,7 +131,7 @@ impl TestGuest<'_> {
             self.outside_reported = true;
         }
         w[state::RIP] += decoded.length as u64;
-        Ok(state::GPRS)
+        Ok(Groups::GPRS)
     }
 }
 
@@ -160,7 +161,7 @@ impl Handler for TestGuest<'_> {
         self.device.borrow().exit.map(Ok)
     }
 
-    fn refused(&mut self, _error: Error, _mask: u64, _w: &mut Words) -> TestOutcome {
+    fn refused(&mut self, _error: Error, _mask: Groups, _w: &mut Words) -> TestOutcome {
         Err("VcpuRun failed")
     }
 
@@ -178,7 +179,7 @@ impl Handler for TestGuest<'_> {
             // Our private leaf: run the benchmarks instead of the tests?
             (leaf == 0x4000_0002).then(|| [BENCH_MODE.load(SeqCst) as u32, 0, 0, 0])
         });
-        Next::Resume(state::GPRS)
+        Next::Resume(Groups::GPRS)
     }
 
     fn msr(&mut self, w: &mut Words) -> Next<TestOutcome> {
@@ -186,7 +187,7 @@ impl Handler for TestGuest<'_> {
         if msr != TEST_MSR {
             // #GP(0) into the guest; the instruction does not complete.
             w[state::EVENT_INJECT] = INJECT_GP0;
-            return Next::Resume(state::GPRS | state::EVENTS);
+            return Next::Resume(Groups::GPRS | Groups::EVENTS);
         }
         if w[state::EXIT_INFO1] == 0 {
             w[state::RAX] = self.test_msr & 0xffff_ffff;
@@ -195,23 +196,23 @@ impl Handler for TestGuest<'_> {
             self.test_msr = (w[state::RDX] << 32) | (w[state::RAX] & 0xffff_ffff);
         }
         w[state::RIP] += exits::MSR_LENGTH;
-        Next::Resume(state::GPRS)
+        Next::Resume(Groups::GPRS)
     }
 
     fn hypercall(&mut self, w: &mut Words) -> Next<TestOutcome> {
-        let mut mask = state::GPRS;
+        let mut mask = Groups::GPRS;
         w[state::RAX] = match w[state::RAX] {
             1 => w[state::RBX].wrapping_add(w[state::RCX]),
             2 => {
                 w[state::VIRTUAL_IRQ] = (1 << 63) | (w[state::RBX] & 0xff);
                 w[state::EVENT_INJECT] = 0;
-                mask |= state::EVENTS;
+                mask |= Groups::EVENTS;
                 0
             }
             3 => {
                 // NMI.
                 w[state::EVENT_INJECT] = state::event::nmi();
-                mask |= state::EVENTS;
+                mask |= Groups::EVENTS;
                 0
             }
             7 => {
@@ -238,7 +239,9 @@ impl Handler for TestGuest<'_> {
                 match page {
                     Some(page) if page != 0 => {
                         // SAFETY: revokes only the mapping derived from ours.
-                        error_code(unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) })
+                        error_code(unsafe {
+                            sys::unmap(Fpage::memory(page, 12, Fpage::RWX), UnmapFlags::empty())
+                        })
                     }
                     _ => u64::MAX,
                 }
@@ -246,14 +249,14 @@ impl Handler for TestGuest<'_> {
             6 => {
                 // Inject external interrupt vector rbx.
                 w[state::EVENT_INJECT] = state::event::interrupt(w[state::RBX] as u8);
-                mask |= state::EVENTS;
+                mask |= Groups::EVENTS;
                 0
             }
             4 => {
                 // #TS with the error code the guest asked for.
                 w[state::EVENT_INJECT] =
                     state::event::exception_with_code(10, w[state::RBX] as u32);
-                mask |= state::EVENTS;
+                mask |= Groups::EVENTS;
                 0
             }
             _ => u64::MAX,
@@ -268,7 +271,7 @@ impl Handler for TestGuest<'_> {
         w[state::VIRTUAL_IRQ] = (1 << 63) | 0x30;
         w[state::EVENT_INJECT] = 0;
         w[state::INTERRUPT_SHADOW] = 0;
-        Next::Resume(state::GPRS | state::EVENTS)
+        Next::Resume(Groups::GPRS | Groups::EVENTS)
     }
 
     fn nested_page_fault(&mut self, w: &mut Words) -> Next<TestOutcome> {
@@ -293,7 +296,7 @@ fn sse_vm(w: &mut Words) -> u64 {
     vm.ram.write(0x7000, GUEST32_SSE.get());
     protected_mode_state(w, 0x7000);
     w[state::CR4] = 0x600;
-    match run(vm.vcpu, state::ALL, 0) {
+    match run(vm.vcpu, Groups::GUEST, 0) {
         Ok(exit::IOIO) => 0,
         _ => 2,
     }
@@ -308,7 +311,7 @@ fn peek_vm(w: &mut Words) -> u64 {
     };
     vm.ram.write(0x7000, GUEST32_PEEK.get());
     protected_mode_state(w, 0x7000);
-    if run(vm.vcpu, state::ALL, 0) != Ok(exit::IOIO) {
+    if run(vm.vcpu, Groups::GUEST, 0) != Ok(exit::IOIO) {
         return u64::MAX;
     }
     let dword = |gpa| vm.ram.read_u64(gpa).map_or(u64::MAX, |v| v & 0xffff_ffff);

@@ -13,6 +13,7 @@ use l4::abi::{
     slots, Fpage, IrqOp, MapItem, MessageTag, ObjectKind, Syscall, Timeout, Timeouts,
     LABEL_PAGE_FAULT, NO_CAP, OPEN_WAIT, PAGE_SIZE,
 };
+use l4::abi::{MapFlags, UnmapFlags};
 use l4::child::fresh_page;
 use l4::ipc::{self, raw_ipc};
 use l4::thread::{alloc_slot, spawn, Spawn};
@@ -167,11 +168,16 @@ fn map_unmap(name: &str, target: u64, fpage: Fpage, iterations: usize, warmup: u
     let mut unmap_samples = Vec::new();
     for i in 0..iterations + warmup {
         let t0 = rdtsc();
-        sys::map(target, fpage, destination, 0).expect("map");
+        sys::map(target, fpage, destination, MapFlags::empty()).expect("map");
         let t1 = rdtsc();
         // SAFETY: revokes only the copies in the other task.
-        unsafe { sys::unmap(Fpage::memory(fpage.base(), fpage.order(), Fpage::RWX), 0) }
-            .expect("unmap");
+        unsafe {
+            sys::unmap(
+                Fpage::memory(fpage.base(), fpage.order(), Fpage::RWX),
+                UnmapFlags::empty(),
+            )
+        }
+        .expect("unmap");
         let t2 = rdtsc();
         if i >= warmup {
             map_samples.push(t1 - t0);
@@ -218,10 +224,17 @@ fn guest_ram() {
         let mut unmap_samples = Vec::new();
         for i in 0..iterations + 2 {
             let t0 = rdtsc();
-            sys::map(vm, Fpage::memory(base, order, Fpage::RWX), 0, 0).expect("map into VM");
+            sys::map(
+                vm,
+                Fpage::memory(base, order, Fpage::RWX),
+                0,
+                MapFlags::empty(),
+            )
+            .expect("map into VM");
             let t1 = rdtsc();
             // SAFETY: revokes only the VM's copies.
-            unsafe { sys::unmap(Fpage::memory(base, order, Fpage::RWX), 0) }.expect("unmap");
+            unsafe { sys::unmap(Fpage::memory(base, order, Fpage::RWX), UnmapFlags::empty()) }
+                .expect("unmap");
             let t2 = rdtsc();
             if i >= 2 {
                 map_samples.push(t1 - t0);
@@ -464,11 +477,18 @@ fn latency_benchmarks() {
     let page = fresh_page();
     let read = Fpage::memory(page, 12, Fpage::READ);
     for i in 0..4000u64 {
-        sys::map(target, read, 0x0000_7000_0000_0000 + i * PAGE_SIZE, 0).expect("map fan-out");
+        sys::map(
+            target,
+            read,
+            0x0000_7000_0000_0000 + i * PAGE_SIZE,
+            MapFlags::empty(),
+        )
+        .expect("map fan-out");
     }
     latency("unmap_fanout_4000", || {
         // SAFETY: revokes only the copies in the other task.
-        unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) }.expect("unmap")
+        unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), UnmapFlags::empty()) }
+            .expect("unmap")
     });
 
     // A chain of 1,000 mappings in our own space, each derived from the previous one.
@@ -482,7 +502,7 @@ fn latency_benchmarks() {
             slots::SELF_TASK,
             Fpage::memory(from, 12, Fpage::READ),
             to,
-            0,
+            MapFlags::empty(),
         )
         .is_err()
         {
@@ -493,7 +513,8 @@ fn latency_benchmarks() {
     }
     latency(&alloc::format!("unmap_chain_{links}"), || {
         // SAFETY: revokes only the copies (CHAIN.., never touched).
-        unsafe { sys::unmap(Fpage::memory(chain, 12, Fpage::RWX), 0) }.expect("unmap")
+        unsafe { sys::unmap(Fpage::memory(chain, 12, Fpage::RWX), UnmapFlags::empty()) }
+            .expect("unmap")
     });
     sys::task_destroy(target).expect("destroy target");
 
@@ -503,9 +524,15 @@ fn latency_benchmarks() {
     if l4::parent::request_ram(RAM, 1 << 28).is_ok()
         && sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, NO_CAP, 0).is_ok()
     {
-        let map = || sys::map(vm, Fpage::memory(RAM, 28, Fpage::RWX), 0, 0).expect("map into VM");
-        // SAFETY: revokes only the VM's copies.
-        let unmap = || unsafe { sys::unmap(Fpage::memory(RAM, 28, Fpage::RWX), 0) }.expect("unmap");
+        let map = || {
+            sys::map(vm, Fpage::memory(RAM, 28, Fpage::RWX), 0, MapFlags::empty())
+                .expect("map into VM")
+        };
+        let unmap = || {
+            let fpage = Fpage::memory(RAM, 28, Fpage::RWX);
+            // SAFETY: revokes only the VM's copies.
+            unsafe { sys::unmap(fpage, UnmapFlags::empty()) }.expect("unmap")
+        };
         latency_rounds("map_256m_guest_ram", 16, unmap, map);
         latency_rounds("unmap_256m_guest_ram", 16, map, unmap);
     } else {
@@ -560,8 +587,11 @@ fn latency_benchmarks() {
     latency_rounds(
         "map_item_16m",
         4,
-        // SAFETY: revokes only the sink's copies.
-        || unsafe { sys::unmap(Fpage::memory(region, ITEM_ORDER, Fpage::RWX), 0) }.expect("unmap"),
+        || {
+            let fpage = Fpage::memory(region, ITEM_ORDER, Fpage::RWX);
+            // SAFETY: revokes only the sink's copies.
+            unsafe { sys::unmap(fpage, UnmapFlags::empty()) }.expect("unmap")
+        },
         || {
             let tag = MessageTag::new(1, 0, 1).0;
             // SAFETY: raw IPC; the map item travels in the first two registers.

@@ -12,6 +12,7 @@ use crate::support::{
 use crate::tap::{check, check_eq, Case};
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::SeqCst;
+use l4::abi::MapFlags;
 use l4::abi::{
     fault_access, slots, Error, ExRegsFlags, Fpage, MessageTag, ObjectKind, Rights, Syscall,
     Timeout, Timeouts, ABI_VERSION, KIP_MAGIC, LABEL_DEATH, NO_CAP, UTCB_AREA,
@@ -830,7 +831,12 @@ pub(crate) fn task_cases(suite: &Suite) {
     // SAFETY: a page of ours.
     unsafe { core::ptr::write_volatile(page as *mut u64, 0xfeed_f00d) };
     let (task, thread) = suite.child(child_read_mapped, suite.pager_normal, suite.death, false);
-    let mapped = sys::map(task, Fpage::memory(page, 12, Fpage::READ), MAP_ADDRESS, 0);
+    let mapped = sys::map(
+        task,
+        Fpage::memory(page, 12, Fpage::READ),
+        MAP_ADDRESS,
+        MapFlags::empty(),
+    );
     suite.start(thread, child_read_mapped);
     let r = wait_badge(CHILD_BADGE);
     check(
@@ -844,11 +850,16 @@ pub(crate) fn task_cases(suite: &Suite) {
         task,
         Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE),
         MAP_ADDRESS,
-        0,
+        MapFlags::empty(),
     );
     let _ = mapped;
     let (task2, thread2) = suite.child(child_write_mapped, suite.pager_normal, suite.death, false);
-    let read_only = sys::map(task2, Fpage::memory(page, 12, Fpage::READ), MAP_ADDRESS, 0);
+    let read_only = sys::map(
+        task2,
+        Fpage::memory(page, 12, Fpage::READ),
+        MAP_ADDRESS,
+        MapFlags::empty(),
+    );
     suite.start(thread2, child_write_mapped);
     let notice = wait_badge(DEATH_BADGE);
     check(
@@ -877,7 +888,7 @@ pub(crate) fn task_cases(suite: &Suite) {
             task2,
             Fpage::memory(page, 12, Fpage::READ),
             l4::abi::KIP_ADDRESS,
-            0,
+            MapFlags::empty(),
         ),
         Err(Error::InvalidArgument),
     );
@@ -888,14 +899,19 @@ pub(crate) fn task_cases(suite: &Suite) {
             task2,
             Fpage::memory(page, 12, Fpage::READ),
             l4::abi::USER_END,
-            0,
+            MapFlags::empty(),
         ),
         Err(Error::InvalidArgument),
     );
     check_eq(
         "map",
         "mapping at address zero rejected",
-        sys::map(task2, Fpage::memory(page, 12, Fpage::READ), 0, 0),
+        sys::map(
+            task2,
+            Fpage::memory(page, 12, Fpage::READ),
+            0,
+            MapFlags::empty(),
+        ),
         Err(Error::InvalidArgument),
     );
     check_eq(
@@ -905,14 +921,19 @@ pub(crate) fn task_cases(suite: &Suite) {
             task2,
             Fpage::memory(page, 12, Fpage::READ),
             MAP_ADDRESS + 8,
-            0,
+            MapFlags::empty(),
         ),
         Err(Error::InvalidArgument),
     );
     check_eq(
         "map",
         "malformed flexpage rejected",
-        sys::map(task2, Fpage(page | 0xc00 | (12 << 4)), MAP_ADDRESS, 0),
+        sys::map(
+            task2,
+            Fpage(page | 0xc00 | (12 << 4)),
+            MAP_ADDRESS,
+            MapFlags::empty(),
+        ),
         Err(Error::InvalidArgument),
     );
 

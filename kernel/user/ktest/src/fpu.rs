@@ -7,6 +7,7 @@
 use crate::support::{go, tag, wait_badge, Suite, CHILD_BADGE, MAP_ADDRESS, RECEIVE_2S};
 use crate::tap::{check, Case};
 use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use l4::abi::MapFlags;
 use l4::abi::{slots, Fpage, Timeouts};
 use l4::child::fresh_page;
 use l4::ipc;
@@ -696,7 +697,7 @@ pub(crate) fn fpu_cases(suite: &Suite) {
         task,
         Fpage::memory(shared, 12, Fpage::READ | Fpage::WRITE),
         MAP_ADDRESS,
-        0,
+        MapFlags::empty(),
     );
     let _ = sys::thread_schedule(child, priority, 1000);
     let _ = sys::thread_schedule(slots::SELF_THREAD, priority, 1000);

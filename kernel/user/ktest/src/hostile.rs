@@ -13,6 +13,7 @@ use l4::abi::{
     slots, Error, Fpage, ObjectKind, Rights, Syscall, Timeout, Timeouts, NO_CAP, PAGE_SIZE,
     UTCB_AREA,
 };
+use l4::abi::{MapFlags, UnmapFlags};
 use l4::child::fresh_page;
 use l4::ipc;
 use l4::thread::alloc_slot;
@@ -75,7 +76,12 @@ fn vm_flood() -> (u64, u64) {
         return (0, e as u64);
     }
     for i in 0..FLOOD_ROUNDS {
-        if let Err(e) = sys::map(vm, Fpage::memory(FLOOD_SOURCE, 21, Fpage::RWX), i << 21, 0) {
+        if let Err(e) = sys::map(
+            vm,
+            Fpage::memory(FLOOD_SOURCE, 21, Fpage::RWX),
+            i << 21,
+            MapFlags::empty(),
+        ) {
             return (i, e as u64);
         }
     }
@@ -125,7 +131,12 @@ fn flood(
     let given =
         sys::cap_copy(task, factory, slots::FACTORY, Rights::all(), 0).and_then(
             |()| match source {
-                Some(page) => sys::map(task, Fpage::memory(page, 21, Fpage::RWX), FLOOD_SOURCE, 0),
+                Some(page) => sys::map(
+                    task,
+                    Fpage::memory(page, 21, Fpage::RWX),
+                    FLOOD_SOURCE,
+                    MapFlags::empty(),
+                ),
                 None => Ok(()),
             },
         );
@@ -314,7 +325,10 @@ fn kernel_area_cases(suite: &Suite) {
     let before = (used(factory), used(slots::FACTORY));
     let kip = Fpage::memory(l4::abi::KIP_ADDRESS, 12, Fpage::RWX);
     let utcb = Fpage::memory(UTCB_AREA, 12, Fpage::RWX);
-    let mapped = (sys::map(vm, kip, 0, 0), sys::map(vm, utcb, 0x1000, 0));
+    let mapped = (
+        sys::map(vm, kip, 0, MapFlags::empty()),
+        sys::map(vm, utcb, 0x1000, MapFlags::empty()),
+    );
     let after_map = (used(factory), used(slots::FACTORY));
     check_eq(
         "vm",
@@ -325,8 +339,8 @@ fn kernel_area_cases(suite: &Suite) {
     // SAFETY: the kernel area is never unmapped from a task: nothing of ours goes.
     let revoked = unsafe {
         (
-            sys::unmap(kip, l4::abi::UNMAP_SELF),
-            sys::unmap(utcb, l4::abi::UNMAP_SELF),
+            sys::unmap(kip, UnmapFlags::SELF),
+            sys::unmap(utcb, UnmapFlags::SELF),
         )
     };
     check_eq(
@@ -348,7 +362,12 @@ fn cycle_cases(suite: &Suite) {
     let mut rounds = Vec::with_capacity(4);
     for _ in 0..4 {
         // Map to A, A grants it on to B, we revoke it from B.
-        let mapped = sys::map(a.task, Fpage::memory(page, 12, Fpage::RWX), at_a, 0);
+        let mapped = sys::map(
+            a.task,
+            Fpage::memory(page, 12, Fpage::RWX),
+            at_a,
+            MapFlags::empty(),
+        );
         let granted = a.map(
             30,
             Fpage::memory(at_a, 12, Fpage::RWX),
@@ -357,7 +376,8 @@ fn cycle_cases(suite: &Suite) {
         );
         let seen = b.read(at_b);
         // SAFETY: revokes only what others derived from our page.
-        let revoked = unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) };
+        let revoked =
+            unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), UnmapFlags::empty()) };
         rounds.push((
             mapped.is_ok() && granted == 0 && seen == 0 && revoked.is_ok(),
             used(slots::FACTORY),
@@ -379,7 +399,12 @@ fn cycle_cases(suite: &Suite) {
         let thread = alloc_slot();
         let bound = sys::factory_create(factory, ObjectKind::Thread, thread, 0, 0)
             .and_then(|()| sys::thread_control(thread, task, UTCB_AREA, NO_CAP, NO_CAP));
-        let mapped = sys::map(task, Fpage::memory(page, 12, Fpage::READ), TEST_AREA, 0);
+        let mapped = sys::map(
+            task,
+            Fpage::memory(page, 12, Fpage::READ),
+            TEST_AREA,
+            MapFlags::empty(),
+        );
         let destroyed = sys::task_destroy(task);
         let _ = sys::cap_delete(thread);
         after.push((
@@ -502,7 +527,7 @@ extern "C" fn silent_vm_pager(_: u64) -> ! {
 extern "C" fn pager_case_runner(vcpu: u64) -> ! {
     use l4::abi::vcpu as state;
     state::protected_mode(&mut l4::utcb::utcb().mr, PAGER_CASE_ENTRY);
-    let (rax, code) = match sys::vcpu_run(vcpu, state::ALL, u64::MAX) {
+    let (rax, code) = match sys::vcpu_run(vcpu, state::Groups::GUEST, u64::MAX) {
         Ok(code) => (0, code),
         Err(e) => (e as u64, 0),
     };

@@ -8,6 +8,7 @@ use crate::mechanisms::{Agent, MARKER, TWO_MIB};
 use crate::support::{Suite, TEST_AREA};
 use crate::tap::{check, check_eq, Case};
 use l4::abi::{slots, Fpage, ObjectKind, NO_CAP, PAGE_SIZE};
+use l4::abi::{MapFlags, UnmapFlags};
 use l4::thread::alloc_slot;
 use l4::{println, sys};
 
@@ -65,7 +66,14 @@ pub(crate) fn huge_page_cases(suite: &Suite) {
     let vm = alloc_slot();
     let made = sys::factory_create(slots::FACTORY, ObjectKind::Vm, vm, NO_CAP, 0);
     let before = used(slots::FACTORY);
-    let into_vm = made.and_then(|()| sys::map(vm, Fpage::memory(HUGE_AT, 30, Fpage::RWX), 0, 0));
+    let into_vm = made.and_then(|()| {
+        sys::map(
+            vm,
+            Fpage::memory(HUGE_AT, 30, Fpage::RWX),
+            0,
+            MapFlags::empty(),
+        )
+    });
     let cost = used(slots::FACTORY) - before;
     println!("# huge: 1 GiB of guest RAM cost a VM {cost} bytes of kernel memory");
     check(
@@ -81,7 +89,7 @@ pub(crate) fn huge_page_cases(suite: &Suite) {
         a.task,
         Fpage::memory(HUGE_AT, 30, Fpage::READ),
         HUGE_TARGET,
-        0,
+        MapFlags::empty(),
     );
     let cost = used(slots::FACTORY) - before;
     let seen = marks.iter().all(|&(o, v)| a.read(HUGE_TARGET + o) == v);
@@ -94,7 +102,12 @@ pub(crate) fn huge_page_cases(suite: &Suite) {
     );
 
     // SAFETY: revokes only the agent's copy of one 4 KiB page.
-    let one = unsafe { sys::unmap(Fpage::memory(HUGE_AT + (512 << 20), 12, Fpage::RWX), 0) };
+    let one = unsafe {
+        sys::unmap(
+            Fpage::memory(HUGE_AT + (512 << 20), 12, Fpage::RWX),
+            UnmapFlags::empty(),
+        )
+    };
     check_eq(
         "huge",
         "a partial unmap splits the 1 GiB page down to the 4 KiB that goes; the rest stays",
@@ -102,7 +115,12 @@ pub(crate) fn huge_page_cases(suite: &Suite) {
         (Ok(()), [0xa0, MARKER, 0xa2, 0xa3]),
     );
     // SAFETY: revokes only the agent's copy of the last 2 MiB piece.
-    let piece = unsafe { sys::unmap(Fpage::memory(HUGE_AT + GIB - TWO_MIB, 21, Fpage::RWX), 0) };
+    let piece = unsafe {
+        sys::unmap(
+            Fpage::memory(HUGE_AT + GIB - TWO_MIB, 21, Fpage::RWX),
+            UnmapFlags::empty(),
+        )
+    };
     check_eq(
         "huge",
         "unmapping a 2 MiB piece of the split page takes that piece only",
@@ -117,7 +135,7 @@ pub(crate) fn huge_page_cases(suite: &Suite) {
     );
 
     // SAFETY: revokes only the agent's copies.
-    let all = unsafe { sys::unmap(Fpage::memory(HUGE_AT, 30, Fpage::RWX), 0) };
+    let all = unsafe { sys::unmap(Fpage::memory(HUGE_AT, 30, Fpage::RWX), UnmapFlags::empty()) };
     check_eq(
         "huge",
         "unmapping the whole 1 GiB revokes the rest",

@@ -10,6 +10,7 @@ use alloc::vec::Vec;
 use l4::abi::{
     slots, Error, Fpage, ObjectKind, Rights, Timeout, Timeouts, NO_CAP, PAGE_SIZE, UTCB_AREA,
 };
+use l4::abi::{MapFlags, UnmapFlags};
 use l4::ipc;
 use l4::thread::alloc_slot;
 use l4::{println, sys};
@@ -184,7 +185,7 @@ pub(crate) fn lifetime_cases(suite: &Suite) {
         slots::SELF_TASK,
         Fpage::object(original, 0, Rights::all()),
         moved,
-        l4::abi::MAP_GRANT,
+        MapFlags::GRANT,
     );
     let after_grant = (call_badge(original), call_badge(moved));
     let deleted = sys::cap_delete(moved);
@@ -209,12 +210,8 @@ pub(crate) fn lifetime_cases(suite: &Suite) {
     // Unmap with UNMAP_SELF of an object flexpage removes (and counts) the capability too.
     let created = sys::factory_create(factory, ObjectKind::Thread, original, 0, 0);
     // SAFETY: the flexpage names one capability slot of ours, no memory.
-    let unmapped = unsafe {
-        sys::unmap(
-            Fpage::object(original, 0, Rights::all()),
-            l4::abi::UNMAP_SELF,
-        )
-    };
+    let unmapped =
+        unsafe { sys::unmap(Fpage::object(original, 0, Rights::all()), UnmapFlags::SELF) };
     check_eq(
         "lifetime",
         "unmapping a thread's only capability with UNMAP_SELF destroys the never-bound thread",
@@ -265,7 +262,7 @@ pub(crate) fn lifetime_cases(suite: &Suite) {
         let mut mapped = 0;
         for i in 0..PAGES {
             let source = Fpage::memory(SUPERPAGE + (i % 512) * PAGE_SIZE, 12, Fpage::RWX);
-            if created.is_ok() && sys::map(vm, source, i * PAGE_SIZE, 0).is_ok() {
+            if created.is_ok() && sys::map(vm, source, i * PAGE_SIZE, MapFlags::empty()).is_ok() {
                 mapped += 1;
             }
         }

@@ -14,6 +14,7 @@ use l4::abi::{
     slots, Error, ExRegsFlags, Fpage, MapItem, MemoryRights, MessageTag, ObjectKind, Rights,
     Syscall, Timeout, Timeouts, LABEL_DEATH, NO_CAP, PAGE_SIZE,
 };
+use l4::abi::{MapFlags, UnmapFlags};
 use l4::child::{fresh_page, IMAGE};
 use l4::ipc::{self, IpcError};
 use l4::thread::{alloc_slot, alloc_utcb};
@@ -95,9 +96,17 @@ pub(crate) extern "C" fn child_agent() -> ! {
                 unsafe { core::ptr::write_volatile(w(0) as *mut u64, w(1)) };
                 0
             }
-            AGENT_MAP => code(sys::map(w(0), Fpage(w(1)), w(2), w(3))),
-            // SAFETY: the agent keeps nothing of its own in the test area.
-            AGENT_UNMAP => code(unsafe { sys::unmap(Fpage(w(0)), w(1)) }),
+            AGENT_MAP => code(sys::map(
+                w(0),
+                Fpage(w(1)),
+                w(2),
+                MapFlags::from_bits_retain(w(3)),
+            )),
+            AGENT_UNMAP => {
+                let flags = UnmapFlags::from_bits_retain(w(1));
+                // SAFETY: the agent keeps nothing of its own in the test area.
+                code(unsafe { sys::unmap(Fpage(w(0)), flags) })
+            }
             AGENT_SEND => match ipc::send(w(0), tag(0x55, 1), &[w(1)], RECEIVE_2S) {
                 Ok(()) => 0,
                 Err(e) => e.error as u64,
@@ -496,7 +505,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
         a.task,
         Fpage::memory(page, 12, Fpage::READ | Fpage::WRITE),
         x,
-        0,
+        MapFlags::empty(),
     )
     .is_ok()
         && a.map(
@@ -530,7 +539,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     let _ = c.unmap(Fpage::memory(z, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
     let remapped = b.map(TASK_SLOT, Fpage::memory(y, 12, Fpage::READ), z, 0);
     // SAFETY: the page is ours; revoke everything derived from it, keep ours.
-    let revoked = unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) };
+    let revoked = unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), UnmapFlags::empty()) };
     check_eq(
         "mapdb",
         "unmap at the root revokes every level",
@@ -549,7 +558,13 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     let _ = a.unmap(Fpage::memory(x, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
     let _ = b.unmap(Fpage::memory(p, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
     let _ = c.unmap(Fpage::memory(q, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
-    let fan = sys::map(a.task, Fpage::memory(page, 12, Fpage::READ), x, 0).is_ok()
+    let fan = sys::map(
+        a.task,
+        Fpage::memory(page, 12, Fpage::READ),
+        x,
+        MapFlags::empty(),
+    )
+    .is_ok()
         && a.map(TASK_SLOT, Fpage::memory(x, 12, Fpage::READ), p, 0) == 0
         && a.map(TASK_SLOT + 1, Fpage::memory(x, 12, Fpage::READ), q, 0) == 0
         && b.read(p) == 0xc0ffee
@@ -578,7 +593,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
             a.task,
             Fpage::memory(p, 12, Fpage::READ),
             base + i as u64 * PAGE_SIZE,
-            0,
+            MapFlags::empty(),
         )
         .is_ok();
     }
@@ -595,7 +610,13 @@ pub(crate) fn mapping_cases(suite: &Suite) {
 
     // Grant moves the mapping: a loses it, b has it, and it still derives from ours.
     let g = page_at(0x200);
-    let granted = sys::map(a.task, Fpage::memory(page, 12, Fpage::READ), g, 0).is_ok()
+    let granted = sys::map(
+        a.task,
+        Fpage::memory(page, 12, Fpage::READ),
+        g,
+        MapFlags::empty(),
+    )
+    .is_ok()
         && a.map(
             TASK_SLOT,
             Fpage::memory(g, 12, Fpage::READ),
@@ -610,7 +631,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     );
     let _ = a.unmap(Fpage::memory(g, 12, Fpage::RWX), l4::abi::UNMAP_SELF);
     // SAFETY: ours stays.
-    let _ = unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), 0) };
+    let _ = unsafe { sys::unmap(Fpage::memory(page, 12, Fpage::RWX), UnmapFlags::empty()) };
     check_eq(
         "mapdb",
         "a granted mapping stays revocable by the original mapper",
@@ -635,7 +656,13 @@ pub(crate) fn mapping_cases(suite: &Suite) {
 
     // Rights only shrink along the chain.
     let r1 = page_at(0x400);
-    let ro = sys::map(a.task, Fpage::memory(page, 12, Fpage::READ), r1, 0).is_ok()
+    let ro = sys::map(
+        a.task,
+        Fpage::memory(page, 12, Fpage::READ),
+        r1,
+        MapFlags::empty(),
+    )
+    .is_ok()
         && a.map(
             TASK_SLOT,
             Fpage::memory(r1, 12, Fpage::READ | Fpage::WRITE),
@@ -671,7 +698,13 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     let e = Agent::new(suite);
     d.give_task(&e, TASK_SLOT);
     let t1 = page_at(0x500);
-    let chain = sys::map(d.task, Fpage::memory(page, 12, Fpage::READ), t1, 0).is_ok()
+    let chain = sys::map(
+        d.task,
+        Fpage::memory(page, 12, Fpage::READ),
+        t1,
+        MapFlags::empty(),
+    )
+    .is_ok()
         && d.map(TASK_SLOT, Fpage::memory(t1, 12, Fpage::READ), t1, 0) == 0
         && e.read(t1) == 0xc0ffee;
     let destroyed = sys::task_destroy(d.task);
@@ -689,7 +722,12 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     let recorder = go(record_loop, 0);
     let g = gate(recorder, 0xca);
     let slot_in_agent = 50;
-    let mapped = sys::map(e.task, Fpage::object(g, 0, Rights::SEND), slot_in_agent, 0);
+    let mapped = sys::map(
+        e.task,
+        Fpage::object(g, 0, Rights::SEND),
+        slot_in_agent,
+        MapFlags::empty(),
+    );
     let sent = e.command(AGENT_SEND, &[slot_in_agent, 77]);
     for _ in 0..3 {
         sys::thread_yield();
@@ -715,7 +753,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
         Error::NoRights as u64,
     );
     // SAFETY: object flexpages touch no memory.
-    let revoked = unsafe { sys::unmap(Fpage::object(g, 0, Rights::all()), 0) };
+    let revoked = unsafe { sys::unmap(Fpage::object(g, 0, Rights::all()), UnmapFlags::empty()) };
     check_eq(
         "mapdb",
         "revoking a capability removes it from the receiver",
@@ -727,7 +765,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
         e.task,
         Fpage::object(g, 0, Rights::SEND | Rights::COPY),
         slot_in_agent,
-        0,
+        MapFlags::empty(),
     )
     .is_ok()
         && e.command(
@@ -741,7 +779,7 @@ pub(crate) fn mapping_cases(suite: &Suite) {
         ) == 0;
     let sent = e.command(AGENT_SEND, &[slot_in_agent + 1, 79]);
     // SAFETY: as above.
-    let _ = unsafe { sys::unmap(Fpage::object(g, 0, Rights::all()), 0) };
+    let _ = unsafe { sys::unmap(Fpage::object(g, 0, Rights::all()), UnmapFlags::empty()) };
     check_eq(
         "mapdb",
         "revoking a capability also revokes copies made from it",
@@ -757,32 +795,47 @@ pub(crate) fn mapping_cases(suite: &Suite) {
     check_eq(
         "mapdb",
         "flexpage of the reserved kind rejected",
-        sys::map(a.task, Fpage(page | (3 << 10) | (12 << 4) | 7), x, 0),
+        sys::map(
+            a.task,
+            Fpage(page | (3 << 10) | (12 << 4) | 7),
+            x,
+            MapFlags::empty(),
+        ),
         Err(Error::InvalidArgument),
     );
     check_eq(
         "mapdb",
         "capability flexpage beyond the table rejected",
-        sys::map(a.task, Fpage::object(510, 2, Rights::all()), 0, 0),
+        sys::map(
+            a.task,
+            Fpage::object(510, 2, Rights::all()),
+            0,
+            MapFlags::empty(),
+        ),
         Err(Error::InvalidArgument),
     );
     check_eq(
         "mapdb",
         "capability flexpage to slots beyond the table rejected",
-        sys::map(a.task, Fpage::object(g, 0, Rights::all()), 600, 0),
+        sys::map(
+            a.task,
+            Fpage::object(g, 0, Rights::all()),
+            600,
+            MapFlags::empty(),
+        ),
         Err(Error::InvalidArgument),
     );
     check_eq(
         "mapdb",
         "I/O flexpage beyond port 65535 rejected",
-        sys::map(a.task, Fpage::io(0xfff0, 5), 0, 0),
+        sys::map(a.task, Fpage::io(0xfff0, 5), 0, MapFlags::empty()),
         Err(Error::InvalidArgument),
     );
     // SAFETY: invalid flexpage, nothing happens.
     check_eq(
         "mapdb",
         "unmap of a malformed flexpage rejected",
-        unsafe { sys::unmap(Fpage(0x1000 | (3 << 10)), 0) },
+        unsafe { sys::unmap(Fpage(0x1000 | (3 << 10)), UnmapFlags::empty()) },
         Err(Error::InvalidArgument),
     );
     let _ = sys::task_destroy(a.task);
@@ -809,7 +862,7 @@ pub(crate) fn io_cases(suite: &Suite) {
         "a task without I/O ports gets #GP on in/out",
         denied == u64::MAX && EXCEPTION_VECTOR.load(SeqCst) == 13,
     );
-    let mapped = sys::map(a.task, Fpage::io(0x40, 2), 0, 0);
+    let mapped = sys::map(a.task, Fpage::io(0x40, 2), 0, MapFlags::empty());
     EXCEPTION_VECTOR.store(u64::MAX, SeqCst);
     let allowed = a.command(AGENT_IN, &[0x42]);
     check(
@@ -827,13 +880,13 @@ pub(crate) fn io_cases(suite: &Suite) {
         "io",
         "mapping ports one does not hold gives nothing",
         (
-            sys::map(a.task, Fpage::io(0x60, 2), 0, 0),
+            sys::map(a.task, Fpage::io(0x60, 2), 0, MapFlags::empty()),
             a.command(AGENT_IN, &[0x61]),
         ),
         (Ok(()), u64::MAX),
     );
     // SAFETY: I/O flexpages touch no memory.
-    let revoked = unsafe { sys::unmap(Fpage::io(0x40, 2), 0) };
+    let revoked = unsafe { sys::unmap(Fpage::io(0x40, 2), UnmapFlags::empty()) };
     EXCEPTION_VECTOR.store(u64::MAX, SeqCst);
     let after = a.command(AGENT_IN, &[0x42]);
     check(
@@ -1288,7 +1341,12 @@ pub(crate) fn quota_cases() {
     let result = loop {
         // One page per GiB: each needs fresh page tables in the target.
         let destination = TEST_AREA + (mapped as u64) * (1 << 30);
-        match sys::map(task, Fpage::memory(page, 12, Fpage::READ), destination, 0) {
+        match sys::map(
+            task,
+            Fpage::memory(page, 12, Fpage::READ),
+            destination,
+            MapFlags::empty(),
+        ) {
             Ok(()) => mapped += 1,
             Err(e) => break e,
         }
@@ -1333,7 +1391,7 @@ pub(crate) fn race_fault(page: u64) -> Option<MapItem> {
     unsafe { core::ptr::write_volatile(local as *mut u64, 0x5ace) };
     if n == 0 {
         // SAFETY: nothing of ours lives in this page any more.
-        let _ = unsafe { sys::unmap(Fpage::memory(local, 12, Fpage::RWX), l4::abi::UNMAP_SELF) };
+        let _ = unsafe { sys::unmap(Fpage::memory(local, 12, Fpage::RWX), UnmapFlags::SELF) };
     }
     Some(MapItem::map(page, Fpage::memory(local, 12, Fpage::READ)))
 }
@@ -1384,7 +1442,7 @@ pub(crate) fn large_page_cases(suite: &Suite) {
         a.task,
         Fpage::memory(SUPERPAGE, 21, Fpage::READ),
         destination,
-        0,
+        MapFlags::empty(),
     );
     check(
         "large",
@@ -1394,7 +1452,12 @@ pub(crate) fn large_page_cases(suite: &Suite) {
             && a.read(destination + TWO_MIB - 8) == 0,
     );
     // SAFETY: only the copy in the agent is revoked.
-    let split = unsafe { sys::unmap(Fpage::memory(SUPERPAGE + 0x10_0000, 12, Fpage::RWX), 0) };
+    let split = unsafe {
+        sys::unmap(
+            Fpage::memory(SUPERPAGE + 0x10_0000, 12, Fpage::RWX),
+            UnmapFlags::empty(),
+        )
+    };
     check_eq(
         "large",
         "a partial unmap splits the large page: only the 4 KiB page goes",
@@ -1413,7 +1476,12 @@ pub(crate) fn large_page_cases(suite: &Suite) {
         (0xb16, 0xb17),
     );
     // SAFETY: as above.
-    let all = unsafe { sys::unmap(Fpage::memory(SUPERPAGE, 21, Fpage::RWX), 0) };
+    let all = unsafe {
+        sys::unmap(
+            Fpage::memory(SUPERPAGE, 21, Fpage::RWX),
+            UnmapFlags::empty(),
+        )
+    };
     check_eq(
         "large",
         "unmapping the whole 2 MiB revokes the rest",
@@ -1427,7 +1495,7 @@ pub(crate) fn large_page_cases(suite: &Suite) {
             a.task,
             Fpage::memory(SUPERPAGE, 21, Fpage::READ),
             destination + PAGE_SIZE,
-            0,
+            MapFlags::empty(),
         ),
         Err(Error::InvalidArgument),
     );

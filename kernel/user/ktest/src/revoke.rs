@@ -11,6 +11,7 @@ use l4::abi::{
     slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Timeout, Timeouts,
     LABEL_PAGE_FAULT, PAGE_SIZE,
 };
+use l4::abi::{MapFlags, UnmapFlags};
 use l4::child::fresh_page;
 use l4::ipc;
 use l4::thread::alloc_slot;
@@ -35,7 +36,7 @@ extern "C" fn slow_unmapper(_: u64) -> ! {
         let _ = ipc::wait(Timeouts::new(Timeout::INFINITE, Timeout::micros(1000)));
     }
     // SAFETY: the flexpage's own mapping stays (no UNMAP_SELF).
-    let r = unsafe { sys::unmap(Fpage(REVOKE_FPAGE.load(SeqCst)), 0) };
+    let r = unsafe { sys::unmap(Fpage(REVOKE_FPAGE.load(SeqCst)), UnmapFlags::empty()) };
     REVOKE_RESULT.store(result_code(r), SeqCst);
     REVOKE_DONE.store(true, SeqCst);
     // Stays (an exit would refund its FPU area to our quota while we compare it).
@@ -81,7 +82,7 @@ fn fan_out_into(task: u64, page: u64) -> bool {
             task,
             Fpage::memory(page, 12, Fpage::READ),
             FAN_OUT_AREA + i * PAGE_SIZE,
-            0,
+            MapFlags::empty(),
         )
         .is_ok()
     })
@@ -182,7 +183,7 @@ pub(crate) fn revoke_cases(suite: &Suite) {
                 slots::SELF_TASK,
                 Fpage::memory(from, 12, Fpage::READ),
                 to,
-                0,
+                MapFlags::empty(),
             )
             .is_ok();
             from = to;
@@ -192,7 +193,7 @@ pub(crate) fn revoke_cases(suite: &Suite) {
     // The first round also makes the page tables, which stay.
     let built = chain(CHAIN);
     // SAFETY: revokes only the copies (CHAIN_AREA.., never touched).
-    let first = unsafe { sys::unmap(Fpage::memory(root, 12, Fpage::RWX), 0) };
+    let first = unsafe { sys::unmap(Fpage::memory(root, 12, Fpage::RWX), UnmapFlags::empty()) };
     let _ = unmapper();
     let before = used(slots::FACTORY);
     let built = built && chain(CHAIN);
@@ -220,12 +221,7 @@ pub(crate) fn revoke_cases(suite: &Suite) {
     let before = used(slots::FACTORY);
     let built = chain(CHAIN);
     // SAFETY: the chain area holds only the chain (never touched).
-    let r = unsafe {
-        sys::unmap(
-            Fpage::memory(CHAIN_AREA, 22, Fpage::RWX),
-            l4::abi::UNMAP_SELF,
-        )
-    };
+    let r = unsafe { sys::unmap(Fpage::memory(CHAIN_AREA, 22, Fpage::RWX), UnmapFlags::SELF) };
     check_eq(
         "revoke",
         "an Unmap with UNMAP_SELF of the chain's 4 MiB area takes all of it, in steps",
@@ -502,7 +498,7 @@ extern "C" fn slow_mapper(_: u64) -> ! {
         }
         let [task, fpage, destination] = [0, 1, 2].map(|i| MAP_JOB[i].load(SeqCst));
         MAP_RESULT.store(
-            result_code(sys::map(task, Fpage(fpage), destination, 0)),
+            result_code(sys::map(task, Fpage(fpage), destination, MapFlags::empty())),
             SeqCst,
         );
         MAP_DONE.store(true, SeqCst);
@@ -531,7 +527,7 @@ fn map_steps_case(suite: &Suite) {
     let (mut halfway, mut results, mut sizes) = (false, Vec::new(), Vec::new());
     for _ in 0..3 {
         // SAFETY: revokes only the agent's copies of our region (none the first time).
-        let _ = unsafe { sys::unmap(fpage, 0) };
+        let _ = unsafe { sys::unmap(fpage, UnmapFlags::empty()) };
         let empty = used(slots::FACTORY);
         for (i, v) in [a.task, fpage.0, TARGET].into_iter().enumerate() {
             MAP_JOB[i].store(v, SeqCst);
@@ -564,7 +560,7 @@ fn map_steps_case(suite: &Suite) {
         lowered.is_ok() && results.iter().all(|&r| r == 0) && halfway && marks == PAGES,
     );
     // SAFETY: as above.
-    let _ = unsafe { sys::unmap(fpage, 0) };
+    let _ = unsafe { sys::unmap(fpage, UnmapFlags::empty()) };
     let _ = sys::task_destroy(a.task);
 }
 
@@ -661,7 +657,7 @@ fn map_item_steps_case() {
     let (mut halfway, mut arrived, mut marks) = (false, 0, 0);
     for round in 0..ROUNDS {
         // SAFETY: revokes only the copy at TARGET (none in the first round).
-        let _ = unsafe { sys::unmap(fpage, 0) };
+        let _ = unsafe { sys::unmap(fpage, UnmapFlags::empty()) };
         let empty = used(slots::FACTORY);
         start_sampling();
         let r = ipc::receive(
@@ -695,7 +691,7 @@ fn map_item_steps_case() {
         lowered.is_ok() && arrived > 0 && halfway && marks == 1024,
     );
     // SAFETY: as above.
-    let _ = unsafe { sys::unmap(fpage, 0) };
+    let _ = unsafe { sys::unmap(fpage, UnmapFlags::empty()) };
 }
 
 /// Faults the big pager answered in its area.
@@ -753,7 +749,7 @@ fn fault_reply_steps_case(suite: &Suite) {
     while tries < 3 && !halfway {
         tries += 1;
         // SAFETY: revokes only the agent's copies (none the first time).
-        let _ = unsafe { sys::unmap(fpage, 0) };
+        let _ = unsafe { sys::unmap(fpage, UnmapFlags::empty()) };
         let empty = used(slots::FACTORY);
         start_sampling();
         first = a.read(BIG_AREA);
@@ -772,6 +768,6 @@ fn fault_reply_steps_case(suite: &Suite) {
         lowered.is_ok() && first == 1 && halfway && faults == tries && marks == 1024 && later == 0,
     );
     // SAFETY: as above.
-    let _ = unsafe { sys::unmap(fpage, 0) };
+    let _ = unsafe { sys::unmap(fpage, UnmapFlags::empty()) };
     let _ = sys::task_destroy(a.task);
 }

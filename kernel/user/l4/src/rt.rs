@@ -113,7 +113,7 @@ pub unsafe fn release_blob(name: &str) -> bool {
         let _ = unsafe {
             crate::sys::unmap(
                 l4_abi::Fpage::memory(address, order, l4_abi::Fpage::RWX),
-                l4_abi::UNMAP_SELF,
+                l4_abi::UnmapFlags::SELF,
             )
         };
         address += 1 << order;

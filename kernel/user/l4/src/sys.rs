@@ -119,27 +119,32 @@ pub fn cap_delete(slot: u64) -> Result<(), Error> {
     result(call(Syscall::CapDelete, slot, 0, 0, 0, 0).0)
 }
 
-/// Run vCPU `vcpu` (see [`Syscall::VcpuRun`]) with the state groups of `mask` (bits of
-/// [`l4_abi::vcpu`]) loaded first from this thread's UTCB, until an exit or `deadline` (a TSC
+/// Run vCPU `vcpu` (see [`Syscall::VcpuRun`]) with the state groups of `mask` loaded first from this thread's UTCB, until an exit or `deadline` (a TSC
 /// value; 0: none); returns the exit code, the guest state being in the UTCB's message
 /// registers.
-pub fn vcpu_run(vcpu: u64, mask: u64, deadline: u64) -> Result<u64, Error> {
-    let (rax, code, _, _) = call(Syscall::VcpuRun, vcpu, mask, deadline, 0, 0);
+pub fn vcpu_run(vcpu: u64, mask: l4_abi::vcpu::Groups, deadline: u64) -> Result<u64, Error> {
+    let (rax, code, _, _) = call(Syscall::VcpuRun, vcpu, mask.bits(), deadline, 0, 0);
     result(rax).map(|()| code)
 }
 
 /// Map a flexpage into another task (see [`Syscall::Map`]).
-pub fn map(task: u64, fpage: l4_abi::Fpage, destination: u64, flags: u64) -> Result<(), Error> {
-    result(call(Syscall::Map, task, fpage.0, destination, flags, 0).0)
+pub fn map(
+    task: u64,
+    fpage: l4_abi::Fpage,
+    destination: u64,
+    flags: l4_abi::MapFlags,
+) -> Result<(), Error> {
+    result(call(Syscall::Map, task, fpage.0, destination, flags.bits(), 0).0)
 }
 
 /// Revoke a flexpage recursively (see [`Syscall::Unmap`]).
 ///
 /// # Safety
-/// With [`l4_abi::UNMAP_SELF`], nothing the program still uses may live in a memory flexpage.
-pub unsafe fn unmap(fpage: l4_abi::Fpage, flags: u64) -> Result<(), Error> {
+/// With [`l4_abi::UnmapFlags::SELF`], nothing the program still uses may live in a memory
+/// flexpage.
+pub unsafe fn unmap(fpage: l4_abi::Fpage, flags: l4_abi::UnmapFlags) -> Result<(), Error> {
     // SAFETY: the caller vouches for the range.
-    result(unsafe { raw(Syscall::Unmap as u64, fpage.0, flags, 0, 0, 0) }.0)
+    result(unsafe { raw(Syscall::Unmap as u64, fpage.0, flags.bits(), 0, 0, 0) }.0)
 }
 
 /// Set a thread's priority and time slice; returns the old (priority, time slice in µs).

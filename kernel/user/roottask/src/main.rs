@@ -38,6 +38,7 @@ extern crate alloc;
 
 use alloc::string::String;
 use alloc::vec::Vec;
+use l4::abi::MapFlags;
 use l4::abi::{
     fault_access, slots, Error, ExRegsFlags, Fpage, IrqOp, MapItem, MessageTag, ObjectKind, Rights,
     Timeout, Timeouts, INITIAL_STACK_TOP, KERNEL_AREA_START, LABEL_DEATH, LABEL_EXIT,
@@ -205,7 +206,12 @@ fn give_ram(child: &mut Child, pool: &mut RamPool, address: u64, bytes: u64) -> 
     while at < end {
         if at.is_multiple_of(GIB) && end - at >= GIB {
             if let Some(page) = pool.take_1g() {
-                if let Err(e) = sys::map(child.task, Fpage::memory(page, 30, Fpage::RWX), at, 0) {
+                if let Err(e) = sys::map(
+                    child.task,
+                    Fpage::memory(page, 30, Fpage::RWX),
+                    at,
+                    MapFlags::empty(),
+                ) {
                     pool.free_1g.push(page);
                     return Err(e);
                 }
@@ -215,7 +221,12 @@ fn give_ram(child: &mut Child, pool: &mut RamPool, address: u64, bytes: u64) -> 
             }
         }
         let page = pool.take().ok_or(Error::OutOfMemory)?;
-        if let Err(e) = sys::map(child.task, Fpage::memory(page, 21, Fpage::RWX), at, 0) {
+        if let Err(e) = sys::map(
+            child.task,
+            Fpage::memory(page, 21, Fpage::RWX),
+            at,
+            MapFlags::empty(),
+        ) {
             pool.free.push(page);
             return Err(e);
         }
@@ -420,7 +431,8 @@ fn build(
         let Some((port, order)) = parsed.filter(|&(p, o)| Fpage::io(p, o).is_valid_io()) else {
             return Err(alloc::format!("creating {name}: bad io option '{io}'"));
         };
-        sys::map(task, Fpage::io(port, order), 0, 0).map_err(|e| fail("io ports", e))?;
+        sys::map(task, Fpage::io(port, order), 0, MapFlags::empty())
+            .map_err(|e| fail("io ports", e))?;
     }
     if options.iter().any(|o| o == "superpage") {
         // A 2 MiB page from sigma0, passed on at SUPERPAGE_ADDRESS (both large pages).
@@ -430,7 +442,7 @@ fn build(
                 task,
                 Fpage::memory(at, 21, Fpage::READ | Fpage::WRITE),
                 SUPERPAGE_ADDRESS,
-                0,
+                MapFlags::empty(),
             )
             .map_err(|e| fail("superpage", e))?,
             _ => return Err(alloc::format!("creating {name}: sigma0 gave no 2 MiB page")),
@@ -467,7 +479,7 @@ fn build(
             task,
             Fpage::memory(at, order, Fpage::READ | Fpage::WRITE),
             DMA_ADDRESS,
-            0,
+            MapFlags::empty(),
         )
         .map_err(|e| fail("dma", e))?;
         dma = Some(alloc::format!(" dma:{DMA_ADDRESS}+{bytes}@{physical}"));
@@ -513,7 +525,7 @@ fn build(
                 task,
                 Fpage::memory(page, 12, Fpage::READ),
                 next_blob + (page - first),
-                0,
+                MapFlags::empty(),
             )
             .map_err(|e| fail("blob", e))?;
             page += PAGE_SIZE;
