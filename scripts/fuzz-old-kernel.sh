@@ -37,7 +37,7 @@ main.write_text(s)
 workers = d / "kernel/user/fuzz/src/workers.rs"
 s = workers.read_text()
 if "pub mod exception" not in (d / "kernel/abi/src/lib.rs").read_text():
-    s = s.replace("    exception, fault_access,", "    fault_access,")
+    s = s.replace("    exception, Fpage,", "    Fpage,")
     s = s.replace("use l4::abi::{", "mod exception {\n    pub const WORDS: usize = 20;\n}\n\nuse l4::abi::{", 1)
 workers.write_text(s)
 build = d / "scripts/build.sh"

@@ -26,7 +26,7 @@ use crate::map::{Space, NODE_BYTES};
 use crate::memory::FRAME_BYTES;
 use crate::object::{Object, QuotaId, ThreadId};
 use alloc::vec::Vec;
-use l4_abi::{Error, QUOTA_CHECK_ALL};
+use l4_abi::{Error, QuotaCheckFlags};
 
 /// What is held for one quota, by kind.
 #[derive(Clone, Copy, Default, Debug)]
@@ -59,12 +59,10 @@ pub fn quota_check(
     let Object::Factory(quota) = cap.object else {
         return Err(Error::WrongType);
     };
-    if flags & !QUOTA_CHECK_ALL != 0 {
-        return Err(Error::InvalidArgument);
-    }
+    let flags = QuotaCheckFlags::from_bits(flags).ok_or(Error::InvalidArgument)?;
     let q = k.quotas.get(quota).ok_or(Error::InvalidCapability)?;
     let (used, limit) = (q.used(), q.limit());
-    let mismatches = if flags & QUOTA_CHECK_ALL != 0 {
+    let mismatches = if flags.contains(QuotaCheckFlags::ALL) {
         check_all(k)?
     } else {
         0

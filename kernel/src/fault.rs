@@ -12,7 +12,7 @@ use crate::object::{ThreadId, VcpuId, VmId};
 use crate::thread::{utcb, Message};
 use crate::thread::{AfterDelivery, KernelMessage, ThreadState, KERNEL_MESSAGE_WORDS};
 use l4_abi::{
-    fault_access, MessageTag, Timeout, LABEL_DEATH, LABEL_EXCEPTION, LABEL_PAGE_FAULT, USER_END,
+    FaultAccess, MessageTag, Timeout, LABEL_DEATH, LABEL_EXCEPTION, LABEL_PAGE_FAULT, USER_END,
 };
 
 fn words(values: &[u64]) -> [u64; KERNEL_MESSAGE_WORDS] {
@@ -76,7 +76,7 @@ pub fn page_fault_timed(
     timeout: Timeout,
 ) -> Result<(), l4_abi::Error> {
     let rip = k.thread(id).frame.rip;
-    let access = error & (fault_access::PRESENT | fault_access::WRITE | fault_access::EXECUTE);
+    let access = FaultAccess::from_bits_truncate(error).bits();
     let target = k.thread(id).pager.map(|cap| k.ipc_target(cap));
     let (pager, badge) = match target {
         Some(Ok(t)) => t,

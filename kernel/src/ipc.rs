@@ -225,7 +225,7 @@ fn restart_with_fault(
     let t = k.thread(thread);
     t.string_fault = Some(if receiving { RECEIVE_PHASE } else { 0 });
     let access = if missing.write {
-        l4_abi::fault_access::WRITE
+        l4_abi::FaultAccess::WRITE.bits()
     } else {
         0
     };
@@ -258,7 +258,12 @@ fn fault_for_receiver(k: &mut Kernel, receiver: ThreadId, missing: strings::Miss
     };
     k.thread(receiver).resume_receive = Some(from);
     k.thread(receiver).state = ThreadState::Ready;
-    crate::fault::page_fault_of(k, receiver, missing.address, l4_abi::fault_access::WRITE);
+    crate::fault::page_fault_of(
+        k,
+        receiver,
+        missing.address,
+        l4_abi::FaultAccess::WRITE.bits(),
+    );
 }
 
 /// Whether thread `id` waits for the answer to a page fault or exception.

@@ -118,8 +118,14 @@ abi_enum! {
     }
 }
 
-/// [`Syscall::QuotaCheck`] flag: check every quota, task and VM, not just read one quota.
-pub const QUOTA_CHECK_ALL: u64 = 1;
+bitflags::bitflags! {
+    /// Flags of [`Syscall::QuotaCheck`] (other bits are refused).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct QuotaCheckFlags: u64 {
+        /// Check every quota, task and VM, not just read one quota.
+        const ALL = 1;
+    }
+}
 
 abi_enum! {
     /// Operations of [`Syscall::IrqControl`].

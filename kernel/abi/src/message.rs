@@ -69,14 +69,18 @@ pub const LABEL_GUEST_PAGE_FAULT: i32 = -7;
 /// Label a task's runtime sends to its parent when it exits. Word 0: exit code.
 pub const LABEL_EXIT: i32 = -16;
 
-/// Access bits in word 1 of a page-fault message (the x86 error code bits).
-pub mod fault_access {
-    /// The page was present (a protection violation, not a missing page).
-    pub const PRESENT: u64 = 1;
-    /// A write access.
-    pub const WRITE: u64 = 2;
-    /// An instruction fetch.
-    pub const EXECUTE: u64 = 16;
+bitflags::bitflags! {
+    /// Access bits in word 1 of a page-fault message (the x86 error code bits; the kernel
+    /// clears the others).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct FaultAccess: u64 {
+        /// The page was present (a protection violation, not a missing page).
+        const PRESENT = 1;
+        /// A write access.
+        const WRITE = 2;
+        /// An instruction fetch.
+        const EXECUTE = 16;
+    }
 }
 
 /// IPC timeouts (`r10`): bits 0..=31 the send timeout, 32..=63 the receive timeout, each a

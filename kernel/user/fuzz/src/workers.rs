@@ -8,8 +8,8 @@ use crate::rng::Rng;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use l4::abi::{
-    exception, fault_access, Fpage, MapItem, MessageTag, Syscall, Timeout, Timeouts,
-    LABEL_EXCEPTION, LABEL_GUEST_PAGE_FAULT, LABEL_PAGE_FAULT, OPEN_WAIT, PAGE_SIZE,
+    exception, Fpage, MapItem, MessageTag, Syscall, Timeout, Timeouts, LABEL_EXCEPTION,
+    LABEL_GUEST_PAGE_FAULT, LABEL_PAGE_FAULT, OPEN_WAIT, PAGE_SIZE,
 };
 
 /// Label of the liveness probe the main thread sends the server (answered with the word + 1).
@@ -195,7 +195,7 @@ pub extern "C" fn image_pager(_: u64) -> ! {
         let item = if (IMAGE.start..image_end()).contains(&page) {
             // SAFETY: the page lies in this image, which is mapped on demand.
             unsafe { core::ptr::read_volatile(page as *const u8) };
-            if access & fault_access::WRITE != 0 {
+            if access & FAULT_WRITE != 0 {
                 let copy = pool_page();
                 // SAFETY: both pages are mapped in this task; the copy is ours alone.
                 unsafe {
@@ -277,6 +277,10 @@ pub static RUNNER_TURNS: AtomicU64 = AtomicU64::new(0);
 /// Each time the runner found no vCPU to run (the main thread checks that it gets there after
 /// a batch: no `VcpuRun` outlives its deadline).
 pub static RUNNER_IDLE: AtomicU64 = AtomicU64::new(0);
+
+/// The write bit of a page fault's access word (`l4_abi::FaultAccess::WRITE`), raw: see
+/// [`GUEST_GROUPS`].
+const FAULT_WRITE: u64 = 2;
 
 /// The transfer mask of the guest's whole state (`l4_abi::vcpu::Groups::GUEST`), raw: the
 /// fuzzer also runs on kernels that predate the type (`scripts/fuzz-old-kernel.sh`).

@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::Ordering::SeqCst;
 use l4::abi::MapFlags;
 use l4::abi::{
-    fault_access, slots, Error, ExRegsFlags, Fpage, MessageTag, ObjectKind, Rights, Syscall,
+    slots, Error, ExRegsFlags, FaultAccess, Fpage, MessageTag, ObjectKind, Rights, Syscall,
     Timeout, Timeouts, ABI_VERSION, KIP_MAGIC, LABEL_DEATH, NO_CAP, UTCB_AREA,
 };
 use l4::child::fresh_page;
@@ -867,7 +867,8 @@ pub(crate) fn task_cases(suite: &Suite) {
         "rights only shrink: write to a read-only mapping faults",
         read_only.is_ok()
             && matches!(notice, Some(m) if m.word(1) == MAP_ADDRESS)
-            && LAST_ACCESS.load(SeqCst) & (fault_access::WRITE | fault_access::PRESENT) == 3,
+            && FaultAccess::from_bits_retain(LAST_ACCESS.load(SeqCst))
+                == FaultAccess::WRITE | FaultAccess::PRESENT,
     );
     // The writable mapping works and the write is visible to us.
     suite.start(thread, child_write_mapped);

@@ -4,7 +4,7 @@
 use crate::mechanisms::{marker_page, race_fault};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use l4::abi::{
-    fault_access, slots, Error, ExRegsFlags, Fpage, MapItem, MessageTag, ObjectKind, Timeout,
+    slots, Error, ExRegsFlags, FaultAccess, Fpage, MapItem, MessageTag, ObjectKind, Timeout,
     Timeouts, LABEL_PAGE_FAULT, NO_CAP, PAGE_SIZE,
 };
 use l4::ipc::{self, IpcError, Received};
@@ -217,13 +217,16 @@ pub(crate) const MAP_ADDRESS: u64 = 0x0000_6100_0000_0000;
 pub(crate) static FAULTS: AtomicU64 = AtomicU64::new(0);
 /// The address of the last of them.
 pub(crate) static LAST_FAULT: AtomicU64 = AtomicU64::new(0);
-/// Its access bits (`fault_access`).
+/// Its access bits ([`FaultAccess`]).
 pub(crate) static LAST_ACCESS: AtomicU64 = AtomicU64::new(0);
 
 fn resolve_child_fault(badge: u64, address: u64, access: u64) -> Option<MapItem> {
     let page = address & !(PAGE_SIZE - 1);
     let in_test_area = (TEST_AREA..TEST_AREA + (1 << 40)).contains(&page);
-    if badge == PAGER_PROBE && in_test_area && access & fault_access::WRITE == 0 {
+    if badge == PAGER_PROBE
+        && in_test_area
+        && !FaultAccess::from_bits_retain(access).contains(FaultAccess::WRITE)
+    {
         // Probing an unmapped page: answer with the marker page (read-only).
         return Some(MapItem::map(
             page,

@@ -4,7 +4,7 @@
 
 use crate::sys;
 use l4_abi::{
-    fault_access, slots, ExRegsFlags, Fpage, MapItem, ObjectKind, Rights, NO_CAP, PAGE_SIZE,
+    slots, ExRegsFlags, FaultAccess, Fpage, MapItem, ObjectKind, Rights, NO_CAP, PAGE_SIZE,
     UTCB_AREA,
 };
 
@@ -31,7 +31,7 @@ pub fn resolve_image_fault(address: u64, access: u64) -> Option<MapItem> {
         // Make sure our own page is present before we map it on.
         // SAFETY: the address lies in this binary's image, which is mapped on demand.
         unsafe { core::ptr::read_volatile(page as *const u8) };
-        if access & fault_access::WRITE != 0 {
+        if FaultAccess::from_bits_truncate(access).contains(FaultAccess::WRITE) {
             let copy = fresh_page();
             // SAFETY: both pages are mapped in this task.
             unsafe {

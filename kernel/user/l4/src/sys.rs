@@ -232,10 +232,10 @@ pub fn quota(factory: u64) -> Result<QuotaState, Error> {
 /// first is logged on the kernel console). See [`Syscall::QuotaCheck`].
 pub fn quota_check(factory: u64, check_all: bool) -> Result<(QuotaState, u64), Error> {
     let flags = if check_all {
-        l4_abi::QUOTA_CHECK_ALL
+        l4_abi::QuotaCheckFlags::ALL
     } else {
-        0
+        l4_abi::QuotaCheckFlags::empty()
     };
-    let (rax, used, limit, mismatches) = call(Syscall::QuotaCheck, factory, flags, 0, 0, 0);
+    let (rax, used, limit, mismatches) = call(Syscall::QuotaCheck, factory, flags.bits(), 0, 0, 0);
     result(rax).map(|()| (QuotaState { used, limit }, mismatches))
 }

@@ -40,7 +40,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use l4::abi::MapFlags;
 use l4::abi::{
-    fault_access, slots, Error, ExRegsFlags, Fpage, IrqOp, MapItem, MessageTag, ObjectKind, Rights,
+    slots, Error, ExRegsFlags, FaultAccess, Fpage, IrqOp, MapItem, MessageTag, ObjectKind, Rights,
     Timeout, Timeouts, INITIAL_STACK_TOP, KERNEL_AREA_START, LABEL_DEATH, LABEL_EXIT,
     LABEL_PAGE_FAULT, PAGE_SIZE, USER_START, UTCB_AREA,
 };
@@ -591,7 +591,7 @@ fn build(
 
 /// Resolve a page fault of `child` at `address`: returns the map item, or `None` to refuse.
 fn resolve(child: &mut Child, pool: &mut Pool, address: u64, access: u64) -> Option<MapItem> {
-    if access & fault_access::PRESENT != 0 {
+    if FaultAccess::from_bits_truncate(access).contains(FaultAccess::PRESENT) {
         return None; // a protection violation: the page is there with fewer rights
     }
     let page = address & !(PAGE_SIZE - 1);
