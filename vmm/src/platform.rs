@@ -19,6 +19,7 @@ use l4linux_glue::mmio::MmioBus;
 use l4linux_glue::platform::{Platform, PlatformConfig};
 use l4linux_glue::ports::PortBus;
 use l4linux_glue::uart8250::{self, Uart8250};
+use x86_64::registers::control::Cr0Flags;
 use x86_64::registers::model_specific::EferFlags;
 use x86_64::registers::rflags::RFlags;
 
@@ -486,7 +487,7 @@ impl<K: Kind> Handler for Compartment<K> {
             (MSR_EFER, true) if value & !EFER_WRITABLE == 0 => {
                 // LMA follows LME and CR0.PG; the kernel keeps SVME set; in the L4Linux mode
                 // SCE stays clear (so SYSCALL and SYSRET exit).
-                let paging = w[state::CR0] & (1 << 31) != 0;
+                let paging = w[state::CR0] & Cr0Flags::PAGING.bits() != 0;
                 let long = value & EFER_LME != 0;
                 let value = match &mut self.board.syscalls {
                     Some(routing) => routing.efer_write(value),

@@ -119,7 +119,29 @@ impl Exceptions {
 pub const CR0_ALLOWED: u64 = x86_64::registers::control::Cr0Flags::all().bits();
 /// CR4 bits a guest may have (VMRUN still rejects what the CPU lacks): VME..OSXMMEXCPT, UMIP,
 /// LA57, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
-pub const CR4_ALLOWED: u64 = 0x0077_1fff;
+pub const CR4_ALLOWED: u64 = {
+    use x86_64::registers::control::Cr4Flags as F;
+    F::VIRTUAL_8086_MODE_EXTENSIONS
+        .union(F::PROTECTED_MODE_VIRTUAL_INTERRUPTS)
+        .union(F::TIMESTAMP_DISABLE)
+        .union(F::DEBUGGING_EXTENSIONS)
+        .union(F::PAGE_SIZE_EXTENSION)
+        .union(F::PHYSICAL_ADDRESS_EXTENSION)
+        .union(F::MACHINE_CHECK_EXCEPTION)
+        .union(F::PAGE_GLOBAL)
+        .union(F::PERFORMANCE_MONITOR_COUNTER)
+        .union(F::OSFXSR)
+        .union(F::OSXMMEXCPT_ENABLE)
+        .union(F::USER_MODE_INSTRUCTION_PREVENTION)
+        .union(F::L5_PAGING)
+        .union(F::FSGSBASE)
+        .union(F::PCID)
+        .union(F::OSXSAVE)
+        .union(F::SUPERVISOR_MODE_EXECUTION_PROTECTION)
+        .union(F::SUPERVISOR_MODE_ACCESS_PREVENTION)
+        .union(F::PROTECTION_KEY_USER)
+        .bits()
+};
 /// EFER bits a VMM may set: SCE, LME, LMA, NXE (the kernel adds SVME itself).
 pub const EFER_ALLOWED: u64 = {
     use x86_64::registers::model_specific::EferFlags;
@@ -129,7 +151,8 @@ pub const EFER_ALLOWED: u64 = {
         .union(EferFlags::NO_EXECUTE_ENABLE)
         .bits()
 };
-const _: () = assert!(CR0_ALLOWED == 0xe005_003f && EFER_ALLOWED == 0x0d01);
+const _: () =
+    assert!(CR0_ALLOWED == 0xe005_003f && CR4_ALLOWED == 0x0077_1fff && EFER_ALLOWED == 0x0d01);
 /// Exception vector of #UD.
 pub const VECTOR_UD: u8 = 6;
 /// Exception vector of #MC.
@@ -248,6 +271,10 @@ pub mod event {
     pub const EXCEPTION: u64 = 3 << 8;
     /// Type: software interrupt (INTn).
     pub const SOFTWARE: u64 = 4 << 8;
+    /// The type field (bits 8..11).
+    pub const TYPE: u64 = 7 << 8;
+    /// The reserved bits (12..31).
+    pub const RESERVED: u64 = 0x7fff_f000;
 
     /// An external interrupt at `vector`.
     pub const fn interrupt(vector: u8) -> u64 {

@@ -40,8 +40,10 @@ pub fn event_valid(event: u64) -> bool {
     if event == 0 {
         return true;
     }
-    let kind = (event >> 8) & 7;
-    event & (1 << 31) != 0 && matches!(kind, 0 | 2 | 3 | 4) && event & 0x7fff_f000 == 0
+    use l4_abi::vcpu::event::{EXCEPTION, INTERRUPT, NMI, RESERVED, SOFTWARE, TYPE, VALID};
+    event & VALID != 0
+        && matches!(event & TYPE, INTERRUPT | NMI | EXCEPTION | SOFTWARE)
+        && event & RESERVED == 0
 }
 
 /// RFLAGS as loaded into a guest: the defined flags (CF..ID, bits 0..21, VM included: a guest

@@ -110,7 +110,7 @@ pub unsafe fn run_thread(
         // Flush the guest's TLB entries when a guest mapping was removed since the last run.
         write(frame, vmcb::TLB_CONTROL, if flush { 1u8 } else { 0u8 });
         let injected: u64 = read(frame, vmcb::EVENT_INJECT);
-        if injected & (1 << 31) == 0 && vcpu.reinject & (1 << 31) != 0 {
+        if injected & state::event::VALID == 0 && vcpu.reinject & state::event::VALID != 0 {
             write(frame, vmcb::EVENT_INJECT, vcpu.reinject);
         }
         vcpu.reinject = 0;
@@ -160,7 +160,7 @@ pub unsafe fn run_thread(
         }
         let code = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;
         let interrupted: u64 = read(frame, vmcb::EXIT_INT_INFO);
-        if interrupted & (1 << 31) != 0 {
+        if interrupted & state::event::VALID != 0 {
             vcpu.reinject = interrupted;
         }
         write(frame, vmcb::EVENT_INJECT, 0u64);

@@ -461,7 +461,7 @@ pub(super) fn direct_cases(vm: &Vm) {
         "invalid guest state (EFER.LMA without paging) refused",
     );
     w[state::EFER] = 0;
-    w[state::EVENT_INJECT] = state::event::VALID | (7 << 8) | 3;
+    w[state::EVENT_INJECT] = state::event::VALID | state::event::TYPE | 3;
     report(
         run(vm32.vcpu, Groups::GUEST, 0) == Err(Error::InvalidArgument),
         "invalid event type refused",
