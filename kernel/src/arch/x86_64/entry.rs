@@ -273,6 +273,24 @@ pub unsafe fn return_to_user(frame: *const Frame) -> ! {
 global_asm!(
     r#"
 .section .text
+// The general registers in `Frame` order (rax at the highest address), for both entries.
+.macro PUSH_GPRS
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push rbp
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+.endm
 .macro SYSCALL_ENTRY name, handler
 .global \name
 \name:
@@ -285,21 +303,7 @@ global_asm!(
     push rcx
     push 0
     push {syscall_vector}
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push rbp
-    push r8
-    push r9
-    push r10
-    push r11
-    push r12
-    push r13
-    push r14
-    push r15
+    PUSH_GPRS
     mov rdi, rsp
     mov rsp, [rip + KERNEL_STACK_TOP]
     call \handler
@@ -309,21 +313,7 @@ SYSCALL_ENTRY syscall_entry, syscall_dispatch
 SYSCALL_ENTRY syscall_entry_slow, syscall_dispatch_slow
 
 interrupt_common:
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push rbp
-    push r8
-    push r9
-    push r10
-    push r11
-    push r12
-    push r13
-    push r14
-    push r15
+    PUSH_GPRS
     mov rdi, rsp
     test qword ptr [rsp + 18 * 8], 3
     jz 1f
