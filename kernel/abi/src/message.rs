@@ -43,7 +43,7 @@ impl MessageTag {
     }
 }
 
-/// Label of a page-fault message. Words: fault address, access ([`fault_access`] bits),
+/// Label of a page-fault message. Words: fault address, access ([`FaultAccess`] bits),
 /// instruction pointer. The reply carries one map item (a memory flexpage of the pager's
 /// address space); a reply without one refuses the fault and the thread is killed.
 pub const LABEL_PAGE_FAULT: i32 = -2;

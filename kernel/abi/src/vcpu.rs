@@ -11,13 +11,13 @@ pub const EXIT_INFO2: usize = 2;
 /// EXITINTINFO: an event whose delivery the exit interrupted (read only; the kernel re-injects
 /// it on the next run unless the VMM injects something else).
 pub const EXIT_INT_INFO: usize = 3;
-/// Instruction pointer ([`GPRS`]).
+/// Instruction pointer ([`Groups::GPRS`]).
 pub const RIP: usize = 4;
-/// Stack pointer ([`GPRS`]).
+/// Stack pointer ([`Groups::GPRS`]).
 pub const RSP: usize = 5;
-/// Flags ([`GPRS`]).
+/// Flags ([`Groups::GPRS`]).
 pub const RFLAGS: usize = 6;
-/// rax; then rbx, rcx, rdx, rsi, rdi, rbp, r8..r15 follow in that order ([`GPRS`]).
+/// rax; then rbx, rcx, rdx, rsi, rdi, rbp, r8..r15 follow in that order ([`Groups::GPRS`]).
 pub const RAX: usize = 7;
 /// rbx.
 pub const RBX: usize = 8;
@@ -33,26 +33,26 @@ pub const RDI: usize = 12;
 pub const RBP: usize = 13;
 /// r8 (r9..r15 follow).
 pub const R8: usize = 14;
-/// CR0 ([`CONTROL`]).
+/// CR0 ([`Groups::CONTROL`]).
 pub const CR0: usize = 22;
-/// CR2 ([`CONTROL`]).
+/// CR2 ([`Groups::CONTROL`]).
 pub const CR2: usize = 23;
-/// CR3 ([`CONTROL`]).
+/// CR3 ([`Groups::CONTROL`]).
 pub const CR3: usize = 24;
-/// CR4 ([`CONTROL`]).
+/// CR4 ([`Groups::CONTROL`]).
 pub const CR4: usize = 25;
-/// EFER ([`CONTROL`]; SVME is always set by the kernel).
+/// EFER ([`Groups::CONTROL`]; SVME is always set by the kernel).
 pub const EFER: usize = 26;
-/// Event to inject on the next run, in the VMCB EVENTINJ format ([`EVENTS`]; 0: none).
+/// Event to inject on the next run, in the VMCB EVENTINJ format ([`Groups::EVENTS`]; 0: none).
 pub const EVENT_INJECT: usize = 27;
-/// Virtual interrupt request ([`EVENTS`]): bit 63 requests vector `bits 0..8`, delivered
+/// Virtual interrupt request ([`Groups::EVENTS`]): bit 63 requests vector `bits 0..8`, delivered
 /// when the guest can take interrupts (RFLAGS.IF set, no interrupt shadow); 0 withdraws it.
 pub const VIRTUAL_IRQ: usize = 28;
-/// Interrupt shadow (bit 0) as of the exit; written back with [`EVENTS`] (a VMM that completes
+/// Interrupt shadow (bit 0) as of the exit; written back with [`Groups::EVENTS`] (a VMM that completes
 /// an instruction clears it, e.g. after a HLT that followed `sti`).
 pub const INTERRUPT_SHADOW: usize = 29;
 /// First segment register: CS, SS, DS, ES, FS, GS, TR, LDTR follow, two words each
-/// (`selector | attributes << 16 | limit << 32`, base) ([`SEGMENTS`]).
+/// (`selector | attributes << 16 | limit << 32`, base) ([`Groups::SEGMENTS`]).
 pub const CS: usize = 30;
 /// SS.
 pub const SS: usize = 32;
@@ -68,9 +68,9 @@ pub const GS: usize = 40;
 pub const TR: usize = 42;
 /// LDTR.
 pub const LDTR: usize = 44;
-/// GDTR: limit, base ([`SEGMENTS`]).
+/// GDTR: limit, base ([`Groups::SEGMENTS`]).
 pub const GDTR: usize = 46;
-/// IDTR: limit, base ([`SEGMENTS`]).
+/// IDTR: limit, base ([`Groups::SEGMENTS`]).
 pub const IDTR: usize = 48;
 /// STAR (read only: stored at every exit, never loaded; the guest writes its syscall MSRs
 /// itself, without exits). LSTAR, CSTAR and SFMASK follow.

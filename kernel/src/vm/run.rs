@@ -1,7 +1,7 @@
 //! `VcpuRun`: the world switch loop, the exits the kernel handles itself (physical interrupts,
 //! XSETBV, guest page faults for a VM pager) and its own exits (deadline, message).
 
-use super::vcpu_state::{load_state, store_state};
+use super::vcpu_state::{load_state, store_exit_state, store_state, utcb_registers};
 use super::{read, write, VcpuId};
 use crate::arch::x86_64::svm::{self, vmcb};
 use crate::kernel::Kernel;
@@ -87,6 +87,9 @@ pub unsafe fn run_thread(
     // them all), else the registers are cleared here.
     crate::fpu::surrender(k, !xcr0_switching);
     let user_xcr0 = k.fpu.hardware.xcr0;
+    // Where the guest's RBX..R15 are loaded from for the next entry: the words, when the VMM
+    // loaded them (first entry only); else the vCPU's copy. After a run both hold them.
+    let mut from_words = mask.contains(state::Groups::GPRS);
     loop {
         // Before every entry: a waiting message or the deadline returns to the VMM with the
         // state as it stands (a pending re-injection stays pending, and is reported).
@@ -94,7 +97,12 @@ pub unsafe fn run_thread(
         let queued = unsafe { !(*thread).senders.is_empty() };
         if let Some(code) = software_exit(k, caller, queued, deadline) {
             // SAFETY: the live vCPU and caller (see above).
-            let vcpu = unsafe { &*vcpu_ptr };
+            let vcpu = unsafe { &mut *vcpu_ptr };
+            if from_words {
+                // Loaded but never run: the vCPU's copy takes them.
+                // SAFETY: fourteen aligned words of `words` (see `utcb_registers`).
+                vcpu.registers = unsafe { utcb_registers(words).read() };
+            }
             store_state(vcpu, words);
             words[state::EXIT_CODE] = code;
             words[state::EXIT_INFO1] = 0;
@@ -137,7 +145,11 @@ pub unsafe fn run_thread(
             if debug_live {
                 svm::load_debug_registers(&vcpu.debug);
             }
-            svm::run(frame, &mut vcpu.registers, host_vmcb);
+            let copy = utcb_registers(words);
+            let save: *mut svm::GuestRegisters = &mut vcpu.registers;
+            let load = if from_words { copy.cast_const() } else { save.cast_const() };
+            svm::run(frame, load, save, copy, host_vmcb);
+            from_words = false;
             if debug_live {
                 vcpu.debug = svm::take_debug_registers();
             }
@@ -227,7 +239,7 @@ pub unsafe fn run_thread(
             _ => {
                 // SAFETY: the live vCPU and caller (see above).
                 unsafe {
-                    store_state(&*vcpu_ptr, words);
+                    store_exit_state(&*vcpu_ptr, words);
                     (*thread).frame.rdi = code;
                 }
                 return Ok(Next::Done);

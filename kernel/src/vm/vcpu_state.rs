@@ -2,7 +2,7 @@
 //! checks of `kernel_core::vcpu_state`) and stored back at every exit.
 
 use super::{read, write, write_segment, Vcpu};
-use crate::arch::x86_64::svm::{self, vmcb};
+use crate::arch::x86_64::svm::{self, vmcb, GuestRegisters};
 use l4_abi::vcpu as state;
 use l4_abi::Error;
 
@@ -17,6 +17,13 @@ const SEGMENT_REGISTERS: [(usize, usize); 8] = [
     (state::TR, vmcb::TR),
     (state::LDTR, vmcb::LDTR),
 ];
+// The ABI's first segment word (`state::segment`) has the layout of a VMCB segment register's
+// first eight bytes (selector at 0, attributes at 2, limit at 4, little endian), so
+// `store_state` copies it as one word.
+const _: () = assert!(
+    state::segment(0x1234, 0x0567, 0x89ab_cdef)
+        == u64::from_le_bytes([0x34, 0x12, 0x67, 0x05, 0xef, 0xcd, 0xab, 0x89])
+);
 /// Where the descriptor-table registers live.
 const TABLE_REGISTERS: [(usize, usize); 2] = [(state::GDTR, vmcb::GDTR), (state::IDTR, vmcb::IDTR)];
 
@@ -70,24 +77,8 @@ pub(crate) fn load_state(
             kernel_core::vcpu_state::guest_rflags(words[state::RFLAGS]),
         );
         write(frame, vmcb::RAX, words[state::RAX]);
-        // Word by word (`GuestRegisters` has the order of the words from `RBX`): one load and
-        // one store each.
-        let r = &mut vcpu.registers;
-        let g = &words[state::RBX..state::RBX + 14];
-        r.rbx = g[0];
-        r.rcx = g[1];
-        r.rdx = g[2];
-        r.rsi = g[3];
-        r.rdi = g[4];
-        r.rbp = g[5];
-        r.r8 = g[6];
-        r.r9 = g[7];
-        r.r10 = g[8];
-        r.r11 = g[9];
-        r.r12 = g[10];
-        r.r13 = g[11];
-        r.r14 = g[12];
-        r.r15 = g[13];
+        // RBX..R15 are not copied: the world switch loads them from the words
+        // ([`utcb_registers`]) for the first entry.
     }
     if mask.contains(state::Groups::INTERCEPTS) {
         let exceptions = state::Exceptions::from_bits(words[state::EXCEPTION_INTERCEPTS])
@@ -122,7 +113,27 @@ pub(crate) fn load_state(
     Ok(())
 }
 
+/// The words RBX..R15 of a transfer state as the world switch's `GuestRegisters` (the same
+/// fourteen registers in the same order).
+pub(crate) fn utcb_registers(words: &mut [u64; 64]) -> *mut GuestRegisters {
+    words[state::RBX..state::R8 + 8].as_mut_ptr().cast()
+}
+const _: () = assert!(
+    state::R8 + 7 == state::RBX + 13
+        && core::mem::size_of::<GuestRegisters>() == 14 * 8
+        && core::mem::align_of::<GuestRegisters>() == 8
+);
+
+/// Store the whole state of `vcpu` into `words`, RBX..R15 from the vCPU's copy.
 pub(crate) fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
+    // SAFETY: `utcb_registers` points at fourteen words of `words`, aligned like the struct.
+    unsafe { utcb_registers(words).write(vcpu.registers) };
+    store_exit_state(vcpu, words);
+}
+
+/// Store the state of `vcpu` into `words` after a run, except RBX..R15, which the world switch
+/// wrote there itself.
+pub(crate) fn store_exit_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
     let frame = vcpu.vmcb;
     words[state::EXIT_CODE] = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;
     words[state::EXIT_INFO1] = read(frame, vmcb::EXIT_INFO1);
@@ -132,11 +143,6 @@ pub(crate) fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
     words[state::RSP] = read(frame, vmcb::RSP);
     words[state::RFLAGS] = read(frame, vmcb::RFLAGS);
     words[state::RAX] = read(frame, vmcb::RAX);
-    let r = &vcpu.registers;
-    words[state::RBX..state::RBX + 14].copy_from_slice(&[
-        r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
-        r.r15,
-    ]);
     words[state::CR0] = read(frame, vmcb::CR0);
     words[state::CR2] = read(frame, vmcb::CR2);
     words[state::CR3] = read(frame, vmcb::CR3);
@@ -150,12 +156,10 @@ pub(crate) fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
         0
     };
     words[state::INTERRUPT_SHADOW] = read::<u64>(frame, vmcb::INTERRUPT_SHADOW) & 1;
+    // A VMCB segment register is the ABI's two words as they stand (selector, attributes and
+    // limit in the first, the base in the second; see the assertion above).
     for (index, offset) in SEGMENT_REGISTERS {
-        words[index] = state::segment(
-            read(frame, offset),
-            read(frame, offset + 2),
-            read(frame, offset + 4),
-        );
+        words[index] = read(frame, offset);
         words[index + 1] = read(frame, offset + 8);
     }
     for (index, offset) in TABLE_REGISTERS {

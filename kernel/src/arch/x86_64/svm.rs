@@ -316,20 +316,36 @@ pub struct GuestRegisters {
 }
 
 extern "C" {
-    fn svm_world_switch(guest_vmcb: u64, registers: *mut GuestRegisters, host_vmcb: u64);
+    fn svm_world_switch(
+        guest_vmcb: u64,
+        load: *const GuestRegisters,
+        host_vmcb: u64,
+        save: *mut GuestRegisters,
+        copy: *mut GuestRegisters,
+    );
 }
 
-/// Run the guest of `guest_vmcb` (physical) until the next #VMEXIT. `host_vmcb` (physical)
-/// holds the host's hidden state (FS/GS/TR/LDTR bases, syscall MSRs) across the run.
+/// Run the guest of `guest_vmcb` (physical) until the next #VMEXIT, with its general
+/// registers from `load`; at the exit they go to `save` and to `copy` both. `host_vmcb`
+/// (physical) holds the host's hidden state (FS/GS/TR/LDTR bases, syscall MSRs) across the run.
 ///
 /// # Safety
 /// Both VMCBs must be valid, kernel-owned frames; the guest VMCB's nested page tables must
-/// map only memory the guest may use.
-pub unsafe fn run(guest_vmcb: u64, registers: &mut GuestRegisters, host_vmcb: u64) {
+/// map only memory the guest may use. The three pointers must be valid for reads (`load`) and
+/// writes of a `GuestRegisters`; `load` may be `save` or `copy`.
+pub unsafe fn run(
+    guest_vmcb: u64,
+    load: *const GuestRegisters,
+    save: *mut GuestRegisters,
+    copy: *mut GuestRegisters,
+    host_vmcb: u64,
+) {
     // SAFETY: per the caller; the assembly saves and restores every host register it uses.
-    unsafe { svm_world_switch(guest_vmcb, registers, host_vmcb) }
+    unsafe { svm_world_switch(guest_vmcb, load, host_vmcb, save, copy) }
 }
 
+// rdi: guest VMCB, rsi: registers to load, rdx: host VMCB, rcx: where to save them, r8: where
+// to copy them.
 global_asm!(
     r#"
 .section .text
@@ -341,7 +357,8 @@ svm_world_switch:
     push r13
     push r14
     push r15
-    push rsi
+    push r8
+    push rcx
     push rdx
     push rdi
     mov rax, rdx
@@ -383,12 +400,27 @@ svm_world_switch:
     mov [rsi + 104], r15
     pop rax
     mov [rsi + 24], rax
+    mov rsi, [rsp + 24]
+    mov [rsi + 0], rbx
+    mov [rsi + 8], rcx
+    mov [rsi + 16], rdx
+    mov [rsi + 24], rax
+    mov [rsi + 32], rdi
+    mov [rsi + 40], rbp
+    mov [rsi + 48], r8
+    mov [rsi + 56], r9
+    mov [rsi + 64], r10
+    mov [rsi + 72], r11
+    mov [rsi + 80], r12
+    mov [rsi + 88], r13
+    mov [rsi + 96], r14
+    mov [rsi + 104], r15
     mov rax, [rsp]
     vmsave rax
     mov rax, [rsp + 8]
     vmload rax
     stgi
-    add rsp, 24
+    add rsp, 32
     pop r15
     pop r14
     pop r13
