@@ -147,7 +147,11 @@ pub unsafe fn run_thread(
             }
             let copy = utcb_registers(words);
             let save: *mut svm::GuestRegisters = &mut vcpu.registers;
-            let load = if from_words { copy.cast_const() } else { save.cast_const() };
+            let load = if from_words {
+                copy.cast_const()
+            } else {
+                save.cast_const()
+            };
             svm::run(frame, load, save, copy, host_vmcb);
             from_words = false;
             if debug_live {
