@@ -271,24 +271,29 @@ pub fn awaits_kernel_reply(k: &Kernel, id: ThreadId) -> bool {
     items::is_kernel_reply(items::awaiting(k, id))
 }
 
-/// Timer tick at which a timeout started now expires (`None`: never).
-pub fn deadline(k: &Kernel, timeout: Timeout) -> Option<u64> {
+/// The TSC at which a timeout started now expires (`None`: never).
+pub fn deadline(timeout: Timeout) -> Option<u64> {
     match timeout.kind() {
         TimeoutKind::Infinite | TimeoutKind::Zero => None,
         TimeoutKind::Micros(us) => {
-            let ticks = (us as u64 * k.timer_hz).div_ceil(1_000_000).max(1);
-            Some(k.ticks + ticks + 1)
+            let hz = crate::arch::x86_64::apic::tsc_hz() as u128;
+            let ticks = (us as u128 * hz).div_ceil(1_000_000).max(1) as u64;
+            Some(crate::arch::x86_64::cpu::rdtsc().saturating_add(ticks))
         }
     }
 }
 
 fn set_deadline(k: &mut Kernel, id: ThreadId, timeout: Timeout) {
-    let d = deadline(k, timeout);
+    let d = deadline(timeout);
     let t = k.thread(id);
     t.deadline = d;
-    if d.is_some() && !t.in_timeouts {
-        t.in_timeouts = true;
-        k.timeouts.push(id);
+    if let Some(d) = d {
+        if !t.in_timeouts {
+            t.in_timeouts = true;
+            k.timeouts.push(id);
+        }
+        // The timer comes for it even when that is before the next tick.
+        crate::arch::x86_64::apic::arm_before(d);
     }
 }
 
@@ -683,9 +688,9 @@ pub fn abort(k: &mut Kernel, id: ThreadId, error: u64) {
     k.wake(id);
 }
 
-/// Expire IPC deadlines at the current tick.
-pub fn expire_timeouts(k: &mut Kernel) {
-    let now = k.ticks;
+/// Expire the IPC deadlines due at TSC `now`; returns the earliest of those left.
+pub fn expire_timeouts(k: &mut Kernel, now: u64) -> Option<u64> {
+    let mut next: Option<u64> = None;
     let mut i = 0;
     while i < k.timeouts.len() {
         let id = k.timeouts[i];
@@ -706,9 +711,13 @@ pub fn expire_timeouts(k: &mut Kernel) {
                 };
                 abort(k, id, code);
             }
-            Some(_) => i += 1,
+            Some(d) => {
+                next = Some(next.map_or(d, |n| n.min(d)));
+                i += 1;
+            }
         }
     }
+    next
 }
 
 /// Make thread `id` dead and fail every IPC that waits on it.

@@ -89,17 +89,23 @@ extern "C" fn interrupt_dispatch(frame: *mut Frame) -> ! {
         7 => fpu::device_not_available(k),
         0..=31 => fault::exception(k, vector, frame.error),
         v if v == TIMER_VECTOR as u64 => {
-            let due = cpu::rdtsc().wrapping_sub(apic::tsc_since_expiry());
-            kip::kip_mut(k.kip_frame).tick_due_tsc = due;
+            // The timer is one-shot: armed for the next periodic tick or an earlier deadline
+            // (an IPC timeout, a `VcpuRun` deadline), and re-armed here.
+            let now = cpu::rdtsc();
+            kip::kip_mut(k.kip_frame).tick_due_tsc = apic::armed();
             apic::end_of_interrupt();
-            k.ticks += 1;
-            ipc::expire_timeouts(k);
-            lifetime::tick(k);
-            if let Some(current) = k.current {
-                if let Some(t) = k.threads.get_mut(current) {
-                    t.remaining = t.remaining.saturating_sub(1);
+            let (ticks, next_tick) = apic::ticks_due(now);
+            let next_timeout = ipc::expire_timeouts(k, now);
+            if ticks > 0 {
+                k.ticks += ticks;
+                lifetime::tick(k);
+                if let Some(current) = k.current {
+                    if let Some(t) = k.threads.get_mut(current) {
+                        t.remaining = t.remaining.saturating_sub(1);
+                    }
                 }
             }
+            apic::arm(next_timeout.map_or(next_tick, |t| t.min(next_tick)));
         }
         v if v == SPURIOUS_VECTOR as u64 => {}
         v if (ioapic::BASE_VECTOR as u64..ioapic::BASE_VECTOR as u64 + ioapic::LINES as u64)

@@ -122,10 +122,10 @@ pub struct Kip {
     /// TSC ticks per second, measured at boot against the PIT (10 ms; under QEMU
     /// `-icount shift=0` about 1 GHz).
     pub tsc_hz: u64,
-    /// TSC value at which the latest timer tick was due (the local APIC timer's expiry,
-    /// computed from its current count when the kernel takes the interrupt): a thread woken
-    /// by that tick sees in `rdtsc - tick_due_tsc` how long after the tick it runs,
-    /// including any time the interrupt waited while the kernel had interrupts off.
+    /// TSC value at which the latest timer interrupt was due (what the kernel's one-shot
+    /// timer was armed for: a periodic tick, an IPC timeout or a `VcpuRun` deadline): a thread
+    /// woken by it sees in `rdtsc - tick_due_tsc` how long after its time it runs, including
+    /// any time the interrupt waited while the kernel had interrupts off.
     pub tick_due_tsc: u64,
 }
 

@@ -112,6 +112,11 @@ pub unsafe fn run_thread(
             unsafe { (*thread).frame.rdi = code };
             return Ok(Next::Done);
         }
+        if deadline != 0 {
+            // The timer interrupt (which makes the guest exit) comes at the deadline even when
+            // that is before the next tick; the check above then ends the call.
+            crate::arch::x86_64::apic::arm_before(deadline);
+        }
         // SAFETY: the live VM and vCPU (see above).
         let (flush, vcpu) = unsafe { (core::mem::take(&mut (*vm).flush), &mut *vcpu_ptr) };
         let frame = vcpu.vmcb;

@@ -1,9 +1,10 @@
-//! The local APIC (periodic timer, end of interrupt), with the legacy PIC masked and the
-//! timer calibrated against PIT channel 2.
+//! The local APIC (the timer, one-shot for each next event; end of interrupt), with the
+//! legacy PIC masked and the timer calibrated against PIT channel 2.
 
 use super::cpu::{inb, outb};
 use super::entry::{SPURIOUS_VECTOR, TIMER_VECTOR};
 use super::paging::phys_to_virt;
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use x86_64::registers::model_specific::ApicBase;
 
 const REG_EOI: u64 = 0xb0;
@@ -66,21 +67,17 @@ fn calibrate() -> (u32, u64) {
     (elapsed, tsc_elapsed)
 }
 
-/// The periodic timer's initial count, and TSC ticks per timer count (32.32 fixed point).
-static INITIAL: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
-static TSC_PER_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// TSC ticks per timer count (32.32 fixed point), per timer tick, the TSC at which the next
+/// tick is due, and the TSC the timer is armed for. Only the timer interrupt and kernel code
+/// with interrupts off (one CPU) touch them.
+static TSC_PER_COUNT: AtomicU64 = AtomicU64::new(0);
+static PERIOD: AtomicU64 = AtomicU64::new(0);
+static NEXT_TICK: AtomicU64 = AtomicU64::new(0);
+static ARMED: AtomicU64 = AtomicU64::new(0);
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 
-/// TSC ticks since the periodic timer last expired (read in its interrupt: how late the
-/// interrupt is taken; exact to the calibration's precision, and within one period).
-pub fn tsc_since_expiry() -> u64 {
-    use core::sync::atomic::Ordering::Relaxed;
-    let counts = INITIAL
-        .load(Relaxed)
-        .saturating_sub(read(REG_TIMER_CURRENT));
-    ((counts as u128 * TSC_PER_COUNT.load(Relaxed) as u128) >> 32) as u64
-}
-
-/// Enable the local APIC and start the periodic timer at `hz` interrupts per second.
+/// Enable the local APIC and start the timer: one-shot, armed for each next event (the next
+/// of the periodic ticks at `hz` per second, or an earlier deadline, [`arm`]).
 /// Returns the calibrated timer ticks per 10 ms and the TSC frequency in Hz.
 pub fn init(hz: u32) -> (u32, u64) {
     disable_pic();
@@ -88,16 +85,60 @@ pub fn init(hz: u32) -> (u32, u64) {
     write(REG_TPR, 0);
     let (per_10ms, tsc_per_10ms) = calibrate();
     let per_10ms = per_10ms.max(1000);
-    let initial = (per_10ms as u64 * 100 / hz as u64).max(1) as u32;
     write(REG_TIMER_DIVIDE, 0x3);
-    write(REG_LVT_TIMER, TIMER_VECTOR as u32 | (1 << 17));
-    INITIAL.store(initial, core::sync::atomic::Ordering::Relaxed);
+    write(REG_LVT_TIMER, TIMER_VECTOR as u32); // one-shot mode
     TSC_PER_COUNT.store(
         ((tsc_per_10ms as u128) << 32).div_ceil(per_10ms as u128) as u64,
-        core::sync::atomic::Ordering::Relaxed,
+        Relaxed,
     );
-    write(REG_TIMER_INITIAL, initial);
-    (per_10ms, tsc_per_10ms * 100)
+    let tsc_hz = tsc_per_10ms * 100;
+    TSC_HZ.store(tsc_hz, Relaxed);
+    let period = (tsc_hz / hz as u64).max(1);
+    PERIOD.store(period, Relaxed);
+    let first = super::cpu::rdtsc() + period;
+    NEXT_TICK.store(first, Relaxed);
+    arm(first);
+    (per_10ms, tsc_hz)
+}
+
+/// The TSC frequency in Hz (0 before [`init`]).
+pub fn tsc_hz() -> u64 {
+    TSC_HZ.load(Relaxed)
+}
+
+/// Make the timer interrupt come at TSC `due` (at once if it has passed), instead of when it
+/// was armed for.
+pub fn arm(due: u64) {
+    let delta = due.saturating_sub(super::cpu::rdtsc());
+    let counts = ((delta as u128) << 32) / TSC_PER_COUNT.load(Relaxed).max(1) as u128;
+    ARMED.store(due, Relaxed);
+    write(REG_TIMER_INITIAL, counts.clamp(1, u32::MAX as u128) as u32);
+}
+
+/// The TSC the timer is armed for.
+pub fn armed() -> u64 {
+    ARMED.load(Relaxed)
+}
+
+/// Arm the timer for `due` if that comes before what it is armed for.
+pub fn arm_before(due: u64) {
+    if due < ARMED.load(Relaxed) {
+        arm(due);
+    }
+}
+
+/// In the timer interrupt at TSC `now`: how many periodic ticks have come due since the last
+/// call (0 when the interrupt was for an earlier deadline), and the TSC the next is due at.
+pub fn ticks_due(now: u64) -> (u64, u64) {
+    let next = NEXT_TICK.load(Relaxed);
+    if now < next {
+        return (0, next);
+    }
+    let period = PERIOD.load(Relaxed);
+    let ticks = (now - next) / period + 1;
+    let next = next + ticks * period;
+    NEXT_TICK.store(next, Relaxed);
+    (ticks, next)
 }
 
 /// Signal the end of the current interrupt.

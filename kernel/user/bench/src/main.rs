@@ -322,10 +322,10 @@ extern "C" fn irq_thread(irq: u64) -> ! {
 static WAKE_LATENESS: [AtomicU64; 1024] = [const { AtomicU64::new(0) }; 1024];
 static WAKES: AtomicU64 = AtomicU64::new(0);
 
-/// The high-priority thread: sleeps one timer tick at a time (a receive with a 1 ms timeout
-/// that nobody answers) and records, at each wake-up, how long after the tick that woke it
-/// was due it runs (the kernel puts the tick's due time, from the local APIC timer's count,
-/// in the KIP).
+/// The high-priority thread: sleeps 1 ms at a time (a receive with a 1 ms timeout that nobody
+/// answers) and records, at each wake-up, how long after the timer interrupt that woke it was
+/// due it runs (the kernel puts the interrupt's due time, what its one-shot timer was armed
+/// for, in the KIP).
 extern "C" fn watcher(_: u64) -> ! {
     let timeout = Timeouts::new(Timeout::INFINITE, Timeout::micros(1000));
     loop {
@@ -381,8 +381,7 @@ fn latency_rounds(name: &str, rounds: u64, mut setup: impl FnMut(), mut op: impl
         setup();
         spin_for_wakes(1, 4 * period);
         let phase = rdtsc();
-        // The watcher sleeps two ticks at a time (a timeout waits at least its length):
-        // the phases spread over two periods.
+        // The phases spread over two of the watcher's periods.
         while rdtsc().wrapping_sub(phase) < round * 2 * period / rounds {
             core::hint::spin_loop();
         }
