@@ -203,8 +203,9 @@ fn dispatch<H: Handler>(handler: &mut H, code: u64, w: &mut Words) -> State<H::O
     }
 }
 
-/// A non-string IN or OUT through `bus`. An IN writes the value as the CPU does: a 32-bit IN
-/// zero-extends into RAX, an 8- or 16-bit IN keeps the rest of RAX.
+/// A non-string IN or OUT through `bus` (which runs with the UTCB lent: a device may do IPC).
+/// An IN writes the value as the CPU does: a 32-bit IN zero-extends into RAX, an 8- or 16-bit
+/// IN keeps the rest of RAX.
 pub fn port_io(bus: &mut PortBus, io: &IoExit, w: &mut Words) {
     if io.input {
         let value = w.lend(|| bus.read(io.port, io.size)) as u64;
@@ -256,7 +257,8 @@ impl Mmio for MmioBus {
     }
 }
 
-/// Carry out a decoded MMIO access at `gpa` on the bus, with the guest registers in `w`.
+/// Carry out a decoded MMIO access at `gpa` on the bus (with the UTCB lent, as for
+/// [`port_io`]), with the guest registers in `w`.
 pub fn emulate_mmio(
     bus: &mut impl Mmio,
     gpa: u64,
