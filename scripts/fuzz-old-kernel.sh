@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fuzzer against an old kernel: checks COMMIT out into a detached worktree, ports the
 # fuzzer onto it (copies kernel/user/fuzz; for a kernel before the kernel memory issue's
-# fixes: no RAM service, no `exception` module in the ABI, the old scripts/build.sh), boots
+# fixes: no RAM service, no `exception` module in the ABI, the old scripts/build.sh; before
+# the borrowed UTCB: `l4::utcb::with_utcb` added over the old `utcb()`), boots
 # seeds FIRST..FIRST+N-1 with the CI scenario's arguments, prints each boot's QEMU status and
 # the kernel's panic line, then removes the worktree.
 # Usage: scripts/fuzz-old-kernel.sh [COMMIT] [N] [FIRST]   (default: f7278d5 8 1)
@@ -40,6 +41,10 @@ if "pub mod exception" not in (d / "kernel/abi/src/lib.rs").read_text():
     s = s.replace("    exception, Fpage,", "    Fpage,")
     s = s.replace("use l4::abi::{", "mod exception {\n    pub const WORDS: usize = 20;\n}\n\nuse l4::abi::{", 1)
 workers.write_text(s)
+# Before the borrowed UTCB (issue 9): the fuzzer's `with_utcb` over the old `utcb()`.
+utcb = d / "kernel/user/l4/src/utcb.rs"
+if "pub fn with_utcb" not in utcb.read_text():
+    utcb.write_text(utcb.read_text() + "\n/// Run `f` with the current thread's UTCB (the later API, added by\n/// scripts/fuzz-old-kernel.sh).\npub fn with_utcb<T>(f: impl FnOnce(&mut Utcb) -> T) -> T {\n    f(utcb())\n}\n")
 build = d / "scripts/build.sh"
 if build.exists() and "modules_for()" in build.read_text():
     s = build.read_text()

@@ -4,15 +4,18 @@
 //! devices, CPUID/MSR policy and what ends them); plus the helpers those handlers share (port
 //! I/O, CPUID, MMIO emulation).
 
-use crate::vcpu::{self, state_words};
+use crate::vcpu;
 use l4::abi::vcpu::{self as state, exit, Groups};
 use l4::abi::Error;
 use l4linux_glue::exits::{self, IoExit};
 use l4linux_glue::mmio::{mask, MmioBus};
 use l4linux_glue::ports::PortBus;
 
-/// The guest state words of the UTCB.
-pub type Words = [u64; 64];
+/// The guest state words: the borrowed UTCB, indexed by its message registers (see
+/// [`l4::utcb::Utcb`]). Code a handler calls that may do IPC of its own (console output, the
+/// switch, messages) runs lent ([`l4::utcb::Utcb::lend`]); IPC of the handler's own keeps the
+/// state ([`vcpu::keeping_state`]).
+pub type Words = l4::utcb::Utcb;
 
 /// What a handler wants next.
 pub enum Next<O> {
@@ -41,7 +44,7 @@ pub trait Handler {
     type Outcome;
 
     /// Before each entry: poll the devices and say what the entry needs.
-    fn prepare(&mut self) -> Entry {
+    fn prepare(&mut self, _w: &mut Words) -> Entry {
         Entry::default()
     }
     /// The guest took the requested virtual interrupt `vector` (it moves from IRR to ISR).
@@ -88,7 +91,7 @@ pub trait Handler {
     }
     /// The state groups the first entry loads (all of the guest's state; a handler that
     /// intercepts exceptions adds [`Groups::INTERCEPTS`]).
-    fn first_entry(&self) -> Groups {
+    fn first_entry(&self, _w: &mut Words) -> Groups {
         Groups::GUEST
     }
     /// Any other exit (`code`).
@@ -106,20 +109,22 @@ enum State<O> {
 }
 
 /// Run `vcpu` with `handler` until a handler ends the guest; the first entry loads all the
-/// state words.
+/// state words. The UTCB stays borrowed all along (the state words live there).
 pub fn run<H: Handler>(vcpu: u64, handler: &mut H) -> H::Outcome {
-    let mut driver = Driver {
-        vcpu,
-        requested: None,
-    };
-    let mut state = State::Enter(handler.first_entry());
-    loop {
-        state = match state {
-            State::Enter(mask) => driver.enter(handler, mask),
-            State::Exited(code) => dispatch(handler, code),
-            State::Stopped(outcome) => return outcome,
+    l4::utcb::with_utcb(|w| {
+        let mut driver = Driver {
+            vcpu,
+            requested: None,
         };
-    }
+        let mut state = State::Enter(handler.first_entry(w));
+        loop {
+            state = match state {
+                State::Enter(mask) => driver.enter(handler, mask, w),
+                State::Exited(code) => dispatch(handler, code, w),
+                State::Stopped(outcome) => return outcome,
+            };
+        }
+    })
 }
 
 /// The exit loop's own state: the interrupt requested and not yet taken.
@@ -132,9 +137,13 @@ struct Driver {
 impl Driver {
     /// One entry: request the pending interrupt, inject a due NMI, run, and account for what
     /// the guest took.
-    fn enter<H: Handler>(&mut self, handler: &mut H, mut mask: Groups) -> State<H::Outcome> {
-        let w = state_words();
-        let entry = handler.prepare();
+    fn enter<H: Handler>(
+        &mut self,
+        handler: &mut H,
+        mut mask: Groups,
+        w: &mut Words,
+    ) -> State<H::Outcome> {
+        let entry = handler.prepare(w);
         if entry.interrupt != self.requested {
             w[state::VIRTUAL_IRQ] = entry.interrupt.map_or(0, |v| (1 << 63) | u64::from(v));
             self.requested = entry.interrupt;
@@ -148,7 +157,7 @@ impl Driver {
             w[state::EVENT_INJECT] = state::event::nmi();
             mask |= Groups::EVENTS;
         }
-        let code = match vcpu::run(self.vcpu, mask, entry.deadline) {
+        let code = match vcpu::run(w, self.vcpu, mask, entry.deadline) {
             Ok(code) => code,
             Err(e) => return State::Stopped(handler.refused(e, mask, w)),
         };
@@ -172,8 +181,7 @@ impl Driver {
 }
 
 /// One handler per exit reason.
-fn dispatch<H: Handler>(handler: &mut H, code: u64) -> State<H::Outcome> {
-    let w = state_words();
+fn dispatch<H: Handler>(handler: &mut H, code: u64, w: &mut Words) -> State<H::Outcome> {
     let next = match code {
         exit::IOIO => handler.port_io(w),
         exit::CPUID => handler.cpuid(w),
@@ -195,11 +203,12 @@ fn dispatch<H: Handler>(handler: &mut H, code: u64) -> State<H::Outcome> {
     }
 }
 
-/// A non-string IN or OUT through `bus`. An IN writes the value as the CPU does: a 32-bit IN
-/// zero-extends into RAX, an 8- or 16-bit IN keeps the rest of RAX.
+/// A non-string IN or OUT through `bus` (which runs with the UTCB lent: a device may do IPC).
+/// An IN writes the value as the CPU does: a 32-bit IN zero-extends into RAX, an 8- or 16-bit
+/// IN keeps the rest of RAX.
 pub fn port_io(bus: &mut PortBus, io: &IoExit, w: &mut Words) {
     if io.input {
-        let value = bus.read(io.port, io.size) as u64;
+        let value = w.lend(|| bus.read(io.port, io.size)) as u64;
         let keep = !((1u64 << (8 * io.size)) - 1);
         w[state::RAX] = if io.size == 4 {
             value
@@ -207,7 +216,8 @@ pub fn port_io(bus: &mut PortBus, io: &IoExit, w: &mut Words) {
             (w[state::RAX] & keep) | value
         };
     } else {
-        bus.write(io.port, io.size, w[state::RAX] as u32);
+        let value = w[state::RAX] as u32;
+        w.lend(|| bus.write(io.port, io.size, value));
     }
 }
 
@@ -247,7 +257,8 @@ impl Mmio for MmioBus {
     }
 }
 
-/// Carry out a decoded MMIO access at `gpa` on the bus, with the guest registers in `w`.
+/// Carry out a decoded MMIO access at `gpa` on the bus (with the UTCB lent, as for
+/// [`port_io`]), with the guest registers in `w`.
 pub fn emulate_mmio(
     bus: &mut impl Mmio,
     gpa: u64,
@@ -273,7 +284,7 @@ pub fn emulate_mmio(
             extend_to,
         } => {
             let i = register_index(register);
-            let data = bus.read(gpa, size).unwrap_or(mask(size));
+            let data = w.lend(|| bus.read(gpa, size)).unwrap_or(mask(size));
             w[i] = merge_read(w[i], data, size, extend_to);
         }
         MmioAccess::WriteRegister {
@@ -286,10 +297,10 @@ pub fn emulate_mmio(
             } else {
                 w[register_index(register)]
             };
-            bus.write(gpa, size, value);
+            w.lend(|| bus.write(gpa, size, value));
         }
         MmioAccess::WriteImmediate { size, value } => {
-            bus.write(gpa, size, value);
+            w.lend(|| bus.write(gpa, size, value));
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::console_log::ConsoleLog;
 use crate::exit::{Next, Words};
 use crate::memory::{create_vm, identity_tables, read_guest_virtual, GuestRam, Ram, Vm};
 use crate::platform::{size_argument, Board, Compartment, ExitCounts, Kind};
-use crate::vcpu::{long_mode_state, rdtsc, state_words};
+use crate::vcpu::{long_mode_state, rdtsc};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::RefCell;
@@ -316,16 +316,18 @@ pub fn boot_linux() -> i64 {
         unsafe { l4::rt::release_blob(name) };
     }
 
-    let w = state_words();
-    long_mode_state(w, entry);
-    w[state::CS] = state::segment(0x10, 0x29b, 0xffff_ffff);
-    for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
-        w[s] = state::segment(0x18, 0xc93, 0xffff_ffff);
-    }
-    w[state::GDTR] = 31;
-    w[state::GDTR + 1] = GDT;
-    w[state::RSI] = layout.zero_page;
-    w[state::RSP] = 0;
+    l4::utcb::with_utcb(|u| {
+        let w = &mut u.mr;
+        long_mode_state(w, entry);
+        w[state::CS] = state::segment(0x10, 0x29b, 0xffff_ffff);
+        for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
+            w[s] = state::segment(0x18, 0xc93, 0xffff_ffff);
+        }
+        w[state::GDTR] = 31;
+        w[state::GDTR + 1] = GDT;
+        w[state::RSI] = layout.zero_page;
+        w[state::RSP] = 0;
+    });
 
     let mut compartment = Compartment {
         board: Board {
@@ -545,10 +547,10 @@ impl Kind for Linux {
             Hypercall::Log { address, length } => {
                 let mut bytes = [0u8; hc::LOG_MAX as usize];
                 let bytes = &mut bytes[..length as usize];
-                if read_guest_virtual(&board.vm, w, address, bytes) {
+                if read_guest_virtual(&board.vm, &w.mr, address, bytes) {
                     let markers = &mut self.markers;
-                    self.log
-                        .line(&hc::log_line(bytes), &mut |line| markers.line(line));
+                    let log = &mut self.log;
+                    w.lend(|| log.line(&hc::log_line(bytes), &mut |line| markers.line(line)));
                     0
                 } else {
                     hc::EFAULT
@@ -557,10 +559,12 @@ impl Kind for Linux {
             Hypercall::Scan(seed) => {
                 let pattern = hc::secret_pattern(seed);
                 let count = hc::count_pattern(board.vm.ram.words().iter().copied(), &pattern);
-                crate::say!(
-                    "isolation scan: the pattern of seed {seed} occurs {count} times in the guest's {} MiB",
-                    board.vm.ram.size >> 20
-                );
+                let mib = board.vm.ram.size >> 20;
+                w.lend(|| {
+                    crate::say!(
+                        "isolation scan: the pattern of seed {seed} occurs {count} times in the guest's {mib} MiB"
+                    )
+                });
                 count
             }
             Hypercall::MonitorMark | Hypercall::MonitorReport => {
@@ -569,7 +573,7 @@ impl Kind for Linux {
                 match board
                     .syscalls
                     .as_mut()
-                    .map(|r| if mark { r.mark(cr3) } else { r.report() })
+                    .map(|r| if mark { r.mark(w, cr3) } else { r.report(w) })
                 {
                     None => hc::ENOSYS,
                     Some(Ok(result)) => result,
@@ -605,7 +609,7 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
     compartment.flush_output();
     compartment.kind.break_line();
     let board = &compartment.board;
-    let w = state_words();
+    let rip = l4::utcb::with_utcb(|u| u[state::RIP]);
     let c = &board.counts;
     let seconds = (rdtsc() - board.boot_tsc) / board.tsc_hz.max(1);
     crate::say!(
@@ -660,10 +664,7 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
             0
         }
         Outcome::Failed(why) => {
-            crate::say!(
-                "Linux stopped: {why} (rip {:#x}); the compartment ends",
-                w[state::RIP]
-            );
+            crate::say!("Linux stopped: {why} (rip {rip:#x}); the compartment ends");
             1
         }
     }

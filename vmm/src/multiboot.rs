@@ -18,7 +18,7 @@
 use crate::console_log::ConsoleLog;
 use crate::memory::{create_vm, Vm};
 use crate::platform::{argument, size_argument, Board, Compartment, ExitCounts, Kind};
-use crate::vcpu::{protected_mode_state, rdtsc, state_words};
+use crate::vcpu::{protected_mode_state, rdtsc};
 use alloc::boxed::Box;
 use alloc::rc::Rc;
 use alloc::vec::Vec;
@@ -118,17 +118,19 @@ pub fn boot_multiboot() -> i64 {
         ram_size >> 20
     );
 
-    let w = state_words();
-    protected_mode_state(w, u64::from(kernel.entry));
-    w[state::CS] = state::segment(multiboot::CODE_SELECTOR, 0xc9b, 0xffff_ffff);
-    for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
-        w[s] = state::segment(multiboot::DATA_SELECTOR, 0xc93, 0xffff_ffff);
-    }
-    w[state::GDTR] = plan.gdt_limit.into();
-    w[state::GDTR + 1] = plan.gdt.into();
-    w[state::RAX] = multiboot::BOOTLOADER_MAGIC.into();
-    w[state::RBX] = plan.info.into();
-    w[state::RSP] = ENTRY_STACK;
+    l4::utcb::with_utcb(|u| {
+        let w = &mut u.mr;
+        protected_mode_state(w, u64::from(kernel.entry));
+        w[state::CS] = state::segment(multiboot::CODE_SELECTOR, 0xc9b, 0xffff_ffff);
+        for s in [state::SS, state::DS, state::ES, state::FS, state::GS] {
+            w[s] = state::segment(multiboot::DATA_SELECTOR, 0xc93, 0xffff_ffff);
+        }
+        w[state::GDTR] = plan.gdt_limit.into();
+        w[state::GDTR + 1] = plan.gdt.into();
+        w[state::RAX] = multiboot::BOOTLOADER_MAGIC.into();
+        w[state::RBX] = plan.info.into();
+        w[state::RSP] = ENTRY_STACK;
+    });
 
     let mut compartment = Compartment {
         board: Board {
@@ -225,7 +227,12 @@ impl Kind for Multiboot {
         }
     }
 
-    fn port_done(&mut self, _board: &mut Board, _io: &IoExit, _w: &[u64; 64]) -> Option<Outcome> {
+    fn port_done(
+        &mut self,
+        _board: &mut Board,
+        _io: &IoExit,
+        _w: &crate::exit::Words,
+    ) -> Option<Outcome> {
         self.exit_port.borrow().status.map(Outcome::DebugExit)
     }
 
@@ -247,7 +254,7 @@ fn report(compartment: &mut Compartment<Multiboot>, outcome: Outcome) -> i64 {
     compartment.flush_output();
     compartment.kind.break_line();
     let board = &compartment.board;
-    let w = state_words();
+    let rip = l4::utcb::with_utcb(|u| u[state::RIP]);
     let c = &board.counts;
     let milliseconds = (rdtsc() - board.boot_tsc) / (board.tsc_hz / 1000).max(1);
     crate::say!(
@@ -266,10 +273,7 @@ fn report(compartment: &mut Compartment<Multiboot>, outcome: Outcome) -> i64 {
             0
         }
         Outcome::Failed(why) => {
-            crate::say!(
-                "multiboot guest stopped: {why} (rip {:#x}); the compartment ends",
-                w[state::RIP]
-            );
+            crate::say!("multiboot guest stopped: {why} (rip {rip:#x}); the compartment ends");
             1
         }
     }

@@ -52,13 +52,15 @@ pub struct NetPort {
 
 /// Call the switch with `label` (keeping the vCPU state words).
 fn call(label: i32) -> Option<l4::ipc::Received> {
-    crate::vcpu::keeping_state(|| {
-        l4::ipc::call(
-            slots::NET,
-            MessageTag::new(label, 0, 0),
-            &[],
-            Timeouts::INFINITE,
-        )
+    l4::utcb::with_utcb(|u| {
+        crate::vcpu::keeping_state(u, |u| {
+            u.call(
+                slots::NET,
+                MessageTag::new(label, 0, 0),
+                &[],
+                Timeouts::INFINITE,
+            )
+        })
     })
     .ok()
     .filter(|r| r.tag.label() == 0)

@@ -277,20 +277,20 @@ impl<K: Kind> Compartment<K> {
             let mut bytes = [0u8; 4];
             let bytes = &mut bytes[..io.size as usize];
             if io.input {
-                let value = self.board.ports.read(io.port, io.size);
+                let ports = &mut self.board.ports;
+                let value = w.lend(|| ports.read(io.port, io.size));
                 bytes.copy_from_slice(&value.to_le_bytes()[..io.size as usize]);
-                if !write_guest_virtual(&self.board.vm, w, address, bytes) {
+                if !write_guest_virtual(&self.board.vm, &w.mr, address, bytes) {
                     return Err("INS to guest memory that is not mapped");
                 }
             } else {
-                if !read_guest_virtual(&self.board.vm, w, address, bytes) {
+                if !read_guest_virtual(&self.board.vm, &w.mr, address, bytes) {
                     return Err("OUTS from guest memory that is not mapped");
                 }
                 let mut value = [0u8; 4];
                 value[..bytes.len()].copy_from_slice(bytes);
-                self.board
-                    .ports
-                    .write(io.port, io.size, u32::from_le_bytes(value));
+                let ports = &mut self.board.ports;
+                w.lend(|| ports.write(io.port, io.size, u32::from_le_bytes(value)));
             }
             w[index] = (w[index] & !mask) | (w[index].wrapping_add(step) & mask);
         }
@@ -341,26 +341,33 @@ impl<K: Kind> Compartment<K> {
         crate::say!("{}: {line}", K::NAME);
     }
 
+    /// A line of the VMM's about this guest, from a handler (which holds the UTCB as `w`).
+    fn say_lent(&mut self, w: &mut Words, line: core::fmt::Arguments) {
+        w.lend(|| self.say(line));
+    }
+
     /// Receive what waits for the vCPU thread (console input and the like), waiting at most
     /// `timeout` for the first message.
-    fn drain_messages(&mut self, timeout: Timeout) {
+    fn drain_messages(&mut self, w: &mut Words, timeout: Timeout) {
         let mut timeout = timeout;
         // (A message longer than four words would overwrite the vCPU state words.)
         while let Ok(message) =
-            crate::vcpu::keeping_state(|| l4::ipc::wait(Timeouts::new(Timeout::INFINITE, timeout)))
+            crate::vcpu::keeping_state(w, |u| u.wait(Timeouts::new(Timeout::INFINITE, timeout)))
         {
-            let handled = self
-                .board
-                .console
-                .as_mut()
-                .is_some_and(|c| c.handle(&message))
-                || self.kind.message(&message);
-            if !handled {
-                self.say(format_args!(
-                    "unexpected message (label {}) ignored",
-                    message.tag.label()
-                ));
-            }
+            w.lend(|| {
+                let handled = self
+                    .board
+                    .console
+                    .as_mut()
+                    .is_some_and(|c| c.handle(&message))
+                    || self.kind.message(&message);
+                if !handled {
+                    self.say(format_args!(
+                        "unexpected message (label {}) ignored",
+                        message.tag.label()
+                    ));
+                }
+            });
             timeout = Timeout::ZERO;
         }
     }
@@ -369,7 +376,7 @@ impl<K: Kind> Compartment<K> {
 impl<K: Kind> Handler for Compartment<K> {
     type Outcome = K::Outcome;
 
-    fn prepare(&mut self) -> Entry {
+    fn prepare(&mut self, w: &mut Words) -> Entry {
         let now = rdtsc();
         if core::mem::take(&mut self.board.no_device_exit) {
             if let Some(entry) = self.board.last_entry {
@@ -378,7 +385,7 @@ impl<K: Kind> Handler for Compartment<K> {
                 }
             }
         } else {
-            self.poll();
+            w.lend(|| self.poll());
         }
         let platform = &mut self.board.platform;
         let interrupt = platform.tick(now);
@@ -410,21 +417,23 @@ impl<K: Kind> Handler for Compartment<K> {
             // A SYSCALL or SYSRET (or another #UD): no device output to collect.
             return None;
         }
-        self.flush_output();
-        let tsc_hz = self.board.tsc_hz;
-        self.kind.log().flush_if_stale(rdtsc(), tsc_hz);
-        self.kind.after_run(&mut self.board);
+        w.lend(|| {
+            self.flush_output();
+            let tsc_hz = self.board.tsc_hz;
+            self.kind.log().flush_if_stale(rdtsc(), tsc_hz);
+            self.kind.after_run(&mut self.board);
+        });
         None
     }
 
     fn refused(&mut self, error: Error, mask: Groups, w: &mut Words) -> K::Outcome {
-        self.kind.break_line();
-        crate::say!(
-            "VcpuRun refused: {error} (cr0 {:#x} cr4 {:#x} efer {:#x} mask {mask:#x})",
-            w[state::CR0],
-            w[state::CR4],
-            w[state::EFER]
-        );
+        let (cr0, cr4, efer) = (w[state::CR0], w[state::CR4], w[state::EFER]);
+        w.lend(|| {
+            self.kind.break_line();
+            crate::say!(
+                "VcpuRun refused: {error} (cr0 {cr0:#x} cr4 {cr4:#x} efer {efer:#x} mask {mask:#x})"
+            );
+        });
         K::failed("VcpuRun refused")
     }
 
@@ -501,7 +510,7 @@ impl<K: Kind> Handler for Compartment<K> {
                 Ok(value) => Ok(value),
                 Err(e) => {
                     if self.board.verbose {
-                        self.say(format_args!("rdmsr {msr:#x} refused with #GP: {e}"));
+                        self.say_lent(w, format_args!("rdmsr {msr:#x} refused with #GP: {e}"));
                     }
                     Err(())
                 }
@@ -517,9 +526,10 @@ impl<K: Kind> Handler for Compartment<K> {
                 Ok(None) => Ok(0),
                 Err(e) => {
                     if self.board.verbose {
-                        self.say(format_args!(
-                            "wrmsr {msr:#x} <- {value:#x} refused with #GP: {e}"
-                        ));
+                        self.say_lent(
+                            w,
+                            format_args!("wrmsr {msr:#x} <- {value:#x} refused with #GP: {e}"),
+                        );
                     }
                     Err(())
                 }
@@ -546,11 +556,12 @@ impl<K: Kind> Handler for Compartment<K> {
     fn nested_page_fault(&mut self, w: &mut Words) -> Next<K::Outcome> {
         self.board.counts.mmio += 1;
         let gpa = w[state::EXIT_INFO2];
-        let Some(bytes) = fetch_instruction(&self.board.vm, w) else {
-            self.say(format_args!(
-                "cannot fetch the instruction at rip {:#x} (access to {gpa:#x})",
-                w[state::RIP]
-            ));
+        let rip = w[state::RIP];
+        let Some(bytes) = fetch_instruction(&self.board.vm, &w.mr) else {
+            self.say_lent(
+                w,
+                format_args!("cannot fetch the instruction at rip {rip:#x} (access to {gpa:#x})"),
+            );
             return Next::Stop(K::failed("MMIO instruction not readable"));
         };
         let decoded = if w[state::CS] >> 16 & 0x200 != 0 {
@@ -561,19 +572,23 @@ impl<K: Kind> Handler for Compartment<K> {
         let instruction = match decoded {
             Ok(i) => i,
             Err(e) => {
-                self.say(format_args!(
-                    "cannot emulate the access to {gpa:#x} at rip {:#x}: {e:?} ({:02x?})",
-                    w[state::RIP],
-                    &bytes[..8]
-                ));
+                self.say_lent(
+                    w,
+                    format_args!(
+                        "cannot emulate the access to {gpa:#x} at rip {rip:#x}: {e:?} ({:02x?})",
+                        &bytes[..8]
+                    ),
+                );
                 return Next::Stop(K::failed("MMIO instruction not emulated"));
             }
         };
         if !self.board.platform.claims_mmio(gpa) && !self.board.mmio.claims(gpa) {
-            self.say(format_args!(
-                "access to unclaimed guest-physical {gpa:#x} at rip {:#x} (reads all ones)",
-                w[state::RIP]
-            ));
+            self.say_lent(
+                w,
+                format_args!(
+                    "access to unclaimed guest-physical {gpa:#x} at rip {rip:#x} (reads all ones)"
+                ),
+            );
         }
         let mut devices = DeviceMmio {
             platform: &mut self.board.platform,
@@ -595,7 +610,7 @@ impl<K: Kind> Handler for Compartment<K> {
             return Next::Stop(self.kind.halted());
         }
         loop {
-            self.poll();
+            w.lend(|| self.poll());
             let now = rdtsc();
             let platform = &mut self.board.platform;
             if platform.tick(now).is_some() || platform.nmi_pending() {
@@ -618,8 +633,8 @@ impl<K: Kind> Handler for Compartment<K> {
                 }
             };
             // The guest waits: show its unfinished line (a prompt) now.
-            self.kind.log().flush();
-            self.drain_messages(timeout);
+            w.lend(|| self.kind.log().flush());
+            self.drain_messages(w, timeout);
         }
     }
 
@@ -638,9 +653,9 @@ impl<K: Kind> Handler for Compartment<K> {
         Next::Resume(Groups::empty())
     }
 
-    fn message(&mut self, _w: &mut Words) -> Next<K::Outcome> {
+    fn message(&mut self, w: &mut Words) -> Next<K::Outcome> {
         self.board.counts.message += 1;
-        self.drain_messages(Timeout::ZERO);
+        self.drain_messages(w, Timeout::ZERO);
         Next::Resume(Groups::empty())
     }
 
@@ -668,8 +683,7 @@ impl<K: Kind> Handler for Compartment<K> {
         }
     }
 
-    fn first_entry(&self) -> Groups {
-        let w = crate::vcpu::state_words();
+    fn first_entry(&self, w: &mut Words) -> Groups {
         if self.board.syscalls.is_some() {
             w[state::EXCEPTION_INTERCEPTS] = crate::syscalls::Routing::INTERCEPTS.bits();
             Groups::GUEST | Groups::INTERCEPTS
@@ -680,12 +694,13 @@ impl<K: Kind> Handler for Compartment<K> {
 
     fn unhandled(&mut self, code: u64, w: &mut Words) -> Next<K::Outcome> {
         self.board.counts.other += 1;
-        self.say(format_args!(
-            "unhandled exit {code:#x} at rip {:#x} (info1 {:#x} info2 {:#x})",
-            w[state::RIP],
-            w[state::EXIT_INFO1],
-            w[state::EXIT_INFO2]
-        ));
+        let (rip, info1, info2) = (w[state::RIP], w[state::EXIT_INFO1], w[state::EXIT_INFO2]);
+        self.say_lent(
+            w,
+            format_args!(
+                "unhandled exit {code:#x} at rip {rip:#x} (info1 {info1:#x} info2 {info2:#x})"
+            ),
+        );
         Next::Stop(K::failed("unhandled exit"))
     }
 }

@@ -118,37 +118,40 @@ impl Routing {
 
     /// The monitor's mark (`l4ctl sysmon mark`) for the calling process (its CR3): the
     /// hypercall's result.
-    pub fn mark(&mut self, cr3: u64) -> Result<u64, Broken> {
-        self.notify(LABEL_MARK, &[cr3])
+    pub fn mark(&mut self, w: &mut Words, cr3: u64) -> Result<u64, Broken> {
+        self.notify(w, LABEL_MARK, &[cr3])
     }
 
     /// The monitor's report.
-    pub fn report(&mut self) -> Result<u64, Broken> {
-        self.notify(LABEL_REPORT, &[])
+    pub fn report(&mut self, w: &mut Words) -> Result<u64, Broken> {
+        self.notify(w, LABEL_REPORT, &[])
     }
 
     /// Tell the monitor that the compartment ends (it prints its totals).
     pub fn end(&mut self) {
         let c = self.counts;
-        let _ = self.notify(LABEL_END, &[c.routed, c.denied, c.reported]);
+        let _ =
+            l4::utcb::with_utcb(|w| self.notify(w, LABEL_END, &[c.routed, c.denied, c.reported]));
     }
 
     /// Send the monitor `label` with `words`; 0, or -EIO if it did not answer.
-    fn notify(&mut self, label: i32, words: &[u64]) -> Result<u64, Broken> {
-        match monitor_call(label, words)? {
+    fn notify(&mut self, w: &mut Words, label: i32, words: &[u64]) -> Result<u64, Broken> {
+        match monitor_call(w, label, words)? {
             Some(_) => Ok(0),
             None => {
-                self.monitor_failed();
+                self.monitor_failed(w);
                 Ok((-5i64) as u64)
             }
         }
     }
 
-    fn monitor_failed(&mut self) {
+    fn monitor_failed(&mut self, w: &mut Words) {
         if !self.monitor_failed {
-            crate::say!(
-                "the syscall monitor does not answer; system calls are refused with ENOSYS"
-            );
+            w.lend(|| {
+                crate::say!(
+                    "the syscall monitor does not answer; system calls are refused with ENOSYS"
+                )
+            });
             self.monitor_failed = true;
         }
     }
@@ -230,7 +233,7 @@ impl Routing {
     }
 
     /// Ask the monitor about system call `number` (arguments in the guest's registers).
-    fn ask(&mut self, number: u64, w: &Words) -> Result<Verdict, Broken> {
+    fn ask(&mut self, number: u64, w: &mut Words) -> Result<Verdict, Broken> {
         let words = [
             number,
             w[state::RDI],
@@ -243,13 +246,13 @@ impl Routing {
             0, // the PID: not known to the VMM
         ];
         let before = rdtsc();
-        let reply = monitor_call(LABEL_SYSCALL, &words)?;
+        let reply = monitor_call(w, LABEL_SYSCALL, &words)?;
         self.counts.monitor_ticks += rdtsc().wrapping_sub(before);
         Ok(
             match reply.and_then(|r| Verdict::decode([r.word(0), r.word(1)])) {
                 Some(verdict) => verdict,
                 None => {
-                    self.monitor_failed();
+                    self.monitor_failed(w);
                     Verdict::Deny(l4linux_glue::syscall_monitor::ENOSYS)
                 }
             },
@@ -258,7 +261,7 @@ impl Routing {
 
     /// After a SYSRET (the state is the user's again): the result of a pending report that
     /// returns here goes to the monitor.
-    fn returned(&mut self, w: &Words) -> Result<(), Broken> {
+    fn returned(&mut self, w: &mut Words) -> Result<(), Broken> {
         let (cr3, rsp, rip) = (w[state::CR3], w[state::RSP], w[state::RIP]);
         let Some(i) = self
             .pending
@@ -271,8 +274,9 @@ impl Routing {
         self.counts.reported += 1;
         let now = rdtsc();
         let instructions = now.wrapping_sub(p.start);
-        if monitor_call(LABEL_RESULT, &[p.number, w[state::RAX], instructions, cr3])?.is_none() {
-            self.monitor_failed();
+        let words = [p.number, w[state::RAX], instructions, cr3];
+        if monitor_call(w, LABEL_RESULT, &words)?.is_none() {
+            self.monitor_failed(w);
         }
         self.counts.monitor_ticks += rdtsc().wrapping_sub(now);
         Ok(())
@@ -295,10 +299,10 @@ impl Reply {
 /// between exits: only those are saved and put back (this is the L4Linux mode's hot path; the
 /// general way, [`crate::vcpu::keeping_state`], copies all 64). A reply longer than four
 /// words has overwritten more of the state: [`Broken`], the compartment cannot go on.
-fn monitor_call(label: i32, words: &[u64]) -> Result<Option<Reply>, Broken> {
+fn monitor_call(w: &mut Words, label: i32, words: &[u64]) -> Result<Option<Reply>, Broken> {
     let n = words.len().min(9);
     let long = n.saturating_sub(4);
-    let mr = &mut l4::utcb::utcb().mr;
+    let mr = &mut w.mr;
     let mut saved = [0u64; 5];
     saved[..long].copy_from_slice(&mr[4..4 + long]);
     if n > 4 {
@@ -306,19 +310,16 @@ fn monitor_call(label: i32, words: &[u64]) -> Result<Option<Reply>, Broken> {
     }
     let mut registers = [0u64; 4];
     registers[..n.min(4)].copy_from_slice(&words[..n.min(4)]);
-    // SAFETY: IPC moves data only into registers and our UTCB (see `l4::ipc::raw_ipc`).
-    let (rax, tag, _, reply) = unsafe {
-        l4::ipc::raw_ipc(
-            l4::abi::Syscall::Call,
-            slots::MONITOR,
-            0,
-            MessageTag::new(label, n, 0).0,
-            Timeouts::INFINITE.0,
-            registers,
-        )
-    };
+    let (rax, tag, _, reply) = w.raw_ipc(
+        l4::abi::Syscall::Call,
+        slots::MONITOR,
+        0,
+        MessageTag::new(label, n, 0).0,
+        Timeouts::INFINITE.0,
+        registers,
+    );
     let tag = MessageTag(tag);
-    let mr = &mut l4::utcb::utcb().mr;
+    let mr = &mut w.mr;
     mr[4..4 + long].copy_from_slice(&saved[..long]);
     if rax == 0 && (tag.words() > 4 || tag.typed() > 0) {
         return Err(Broken);
@@ -354,16 +355,16 @@ fn fetch(vm: &Vm, w: &Words) -> Option<([u8; 15], usize)> {
     let rip = w[state::RIP].wrapping_add(base);
     let mut bytes = [0u8; 15];
     // The common forms are 2 or 3 bytes: try those before the whole 15.
-    if read_guest_virtual(vm, w, rip, &mut bytes[..3])
+    if read_guest_virtual(vm, &w.mr, rip, &mut bytes[..3])
         && syscall::decode_common(&bytes[..3], mode_of(w)).is_some()
     {
         return Some((bytes, 3));
     }
-    if read_guest_virtual(vm, w, rip, &mut bytes) {
+    if read_guest_virtual(vm, &w.mr, rip, &mut bytes) {
         return Some((bytes, 15));
     }
     let in_page = (4096 - (rip & 4095)).min(15) as usize;
-    read_guest_virtual(vm, w, rip, &mut bytes[..in_page]).then_some((bytes, in_page))
+    read_guest_virtual(vm, &w.mr, rip, &mut bytes[..in_page]).then_some((bytes, in_page))
 }
 
 /// The mode the exit state is in (for the common forms' shortcut; EFER.LMA is the real one).

@@ -85,13 +85,15 @@ impl Terminal {
             };
             let used = protocol::encode(header, &rest[..n], &mut words);
             let mut more = false;
-            let result = crate::vcpu::keeping_state(|| {
-                l4::ipc::call(
-                    slots::CONSOLE,
-                    MessageTag::new(LABEL_CONSOLE, used, 0),
-                    &words[..used],
-                    Timeouts::INFINITE,
-                )
+            let result = l4::utcb::with_utcb(|u| {
+                crate::vcpu::keeping_state(u, |u| {
+                    u.call(
+                        slots::CONSOLE,
+                        MessageTag::new(LABEL_CONSOLE, used, 0),
+                        &words[..used],
+                        Timeouts::INFINITE,
+                    )
+                })
             });
             match result {
                 Ok(reply) => {

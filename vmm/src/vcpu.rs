@@ -4,27 +4,24 @@
 use l4::abi::vcpu as state;
 use l4::abi::Error;
 use l4::sys;
+use l4::utcb::Utcb;
 
-/// The guest state words: the UTCB's message registers, where `VcpuRun` loads the state from
-/// and leaves it at each exit.
-pub fn state_words() -> &'static mut [u64; 64] {
-    &mut l4::utcb::utcb().mr
-}
-
-/// Run `f`, which may do IPC, and keep the guest state words: a message longer than four
-/// words (sent or received) goes through the UTCB's message registers, which hold the vCPU
-/// state between exits.
-pub fn keeping_state<T>(f: impl FnOnce() -> T) -> T {
-    let saved = *state_words();
-    let result = f();
-    *state_words() = saved;
+/// Run `f`, which may do IPC through `utcb`, and keep the guest state words: a message longer
+/// than four words (sent or received) goes through the UTCB's message registers, which hold
+/// the vCPU state between exits (where `VcpuRun` loads the state from and leaves it at each
+/// exit).
+pub fn keeping_state<T>(utcb: &mut Utcb, f: impl FnOnce(&mut Utcb) -> T) -> T {
+    let saved = utcb.mr;
+    let result = f(utcb);
+    utcb.mr = saved;
     result
 }
 
 /// Run the vCPU with `mask` of the UTCB state loaded first, until `deadline` (a TSC value;
 /// 0: none) at the latest; returns the exit code.
-pub fn run(vcpu: u64, mask: state::Groups, deadline: u64) -> Result<u64, Error> {
-    sys::vcpu_run(vcpu, mask, deadline)
+#[inline]
+pub fn run(utcb: &mut Utcb, vcpu: u64, mask: state::Groups, deadline: u64) -> Result<u64, Error> {
+    sys::vcpu_run(utcb, vcpu, mask, deadline)
 }
 
 /// Event injection of #GP(0): valid, error code, exception.

@@ -30,7 +30,17 @@ mod test_guest;
 
 use cases::{second_vm, SECOND_DONE};
 use test_guest::run_test_guest;
-use vmm::vcpu::{long_mode_state, protected_mode_state, run, state_words as utcb_words};
+use vmm::vcpu::{long_mode_state, protected_mode_state};
+
+/// Run `f` on the guest state words (the UTCB's message registers).
+fn utcb_words<T>(f: impl FnOnce(&mut [u64; 64]) -> T) -> T {
+    l4::utcb::with_utcb(|u| f(&mut u.mr))
+}
+
+/// Run `vcpu` (see [`vmm::vcpu::run`]) on the state words in the UTCB.
+fn run(vcpu: u64, mask: Groups, deadline: u64) -> Result<u64, Error> {
+    l4::utcb::with_utcb(|u| vmm::vcpu::run(u, vcpu, mask, deadline))
+}
 
 /// Where the root task maps our guest image (module option `blob=NAME`).
 const BLOB_ADDRESS: u64 = 0x0000_0900_0000_0000;

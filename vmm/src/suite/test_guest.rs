@@ -46,7 +46,7 @@ pub(super) fn run_test_guest(vm: &Vm, entry: u64) -> TestOutcome {
         Box::new(Scratch::default()),
     )
     .map_err(|_| "MMIO bus")?;
-    long_mode_state(utcb_words(), entry);
+    utcb_words(|w| long_mode_state(w, entry));
     let mut guest = TestGuest {
         vm,
         device,
@@ -118,7 +118,7 @@ impl TestGuest<'_> {
             return Ok(Groups::GPRS);
         }
         let instruction =
-            fetch_instruction(self.vm, w).ok_or("cannot fetch the faulting instruction")?;
+            fetch_instruction(self.vm, &w.mr).ok_or("cannot fetch the faulting instruction")?;
         let decoded = l4linux_glue::decode::decode_mmio(&instruction)
             .map_err(|_| "undecodable MMIO instruction")?;
         if self.mmio.claims(gpa) {
@@ -217,17 +217,17 @@ impl Handler for TestGuest<'_> {
             }
             7 => {
                 // Run another VM that sets its own xmm0, then come back.
-                let saved = *w;
-                let other = sse_vm(w);
-                *w = saved;
+                let saved = w.mr;
+                let other = w.lend(sse_vm);
+                w.mr = saved;
                 other
             }
             8 => {
                 // Run another VM that reports what it finds in DR0-DR3, CR2 and the
                 // syscall MSRs (and sets its own), then come back.
-                let saved = *w;
-                let seen = peek_vm(w);
-                *w = saved;
+                let saved = w.mr;
+                let seen = w.lend(peek_vm);
+                w.mr = saved;
                 seen
             }
             5 => {
@@ -287,15 +287,17 @@ impl Handler for TestGuest<'_> {
     }
 }
 
-/// Run a fresh VM whose guest writes xmm0, with the state words `w` (the UTCB's: the caller
-/// saves and restores its own guest's); 0 if it ran to its exit.
-fn sse_vm(w: &mut Words) -> u64 {
+/// Run a fresh VM whose guest writes xmm0, with the state words of the UTCB (the caller saves
+/// and restores its own guest's and lends the UTCB); 0 if it ran to its exit.
+fn sse_vm() -> u64 {
     let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
         return 1;
     };
     vm.ram.write(0x7000, GUEST32_SSE.get());
-    protected_mode_state(w, 0x7000);
-    w[state::CR4] = 0x600;
+    utcb_words(|w| {
+        protected_mode_state(w, 0x7000);
+        w[state::CR4] = 0x600;
+    });
     match run(vm.vcpu, Groups::GUEST, 0) {
         Ok(exit::IOIO) => 0,
         _ => 2,
@@ -304,13 +306,13 @@ fn sse_vm(w: &mut Words) -> u64 {
 
 /// Run a fresh VM whose guest reports the DR0-DR3, CR2 and syscall-MSR values it finds (and
 /// then writes its own). Returns a bit per non-zero value (0-3: DR0-DR3, 4: CR2, 8-15: the
-/// MSRs), or all ones if it did not run to its exit. `w` as for [`sse_vm`].
-fn peek_vm(w: &mut Words) -> u64 {
+/// MSRs), or all ones if it did not run to its exit. The state words as for [`sse_vm`].
+fn peek_vm() -> u64 {
     let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
         return u64::MAX;
     };
     vm.ram.write(0x7000, GUEST32_PEEK.get());
-    protected_mode_state(w, 0x7000);
+    utcb_words(|w| protected_mode_state(w, 0x7000));
     if run(vm.vcpu, Groups::GUEST, 0) != Ok(exit::IOIO) {
         return u64::MAX;
     }

@@ -30,22 +30,24 @@ static EXITS: [[AtomicU64; 2]; 24] = [const { [const { AtomicU64::new(0) }; 2] }
 /// `words`, the rest in our UTCB): the kernel rewrote each to the length it copied.
 fn note_strings(tag: u64, words: &[u64; 4]) {
     let tag = l4::abi::MessageTag(tag);
-    let mr = &l4::utcb::utcb().mr;
-    let word = |i: usize| {
-        if i < 4 {
-            words[i]
-        } else {
-            mr.get(i).copied().unwrap_or(0)
+    l4::utcb::with_utcb(|utcb| {
+        let mr = &utcb.mr;
+        let word = |i: usize| {
+            if i < 4 {
+                words[i]
+            } else {
+                mr.get(i).copied().unwrap_or(0)
+            }
+        };
+        for i in 0..tag.typed().min(l4::abi::MAX_STRINGS) {
+            let at = tag.untyped() + 2 * i;
+            if let Some(item) = l4::abi::StringItem::decode(word(at), word(at + 1)) {
+                STRINGS[0].fetch_add(1, Relaxed);
+                STRINGS[1].fetch_add(item.length, Relaxed);
+                STRINGS[2].fetch_max(item.length, Relaxed);
+            }
         }
-    };
-    for i in 0..tag.typed().min(l4::abi::MAX_STRINGS) {
-        let at = tag.untyped() + 2 * i;
-        if let Some(item) = l4::abi::StringItem::decode(word(at), word(at + 1)) {
-            STRINGS[0].fetch_add(1, Relaxed);
-            STRINGS[1].fetch_add(item.length, Relaxed);
-            STRINGS[2].fetch_max(item.length, Relaxed);
-        }
-    }
+    });
 }
 
 /// Count one `VcpuRun` exit with `code`.
@@ -123,7 +125,8 @@ pub fn ipc(
     words: [u64; 4],
 ) -> (u64, u64, u64, [u64; 4]) {
     let start = rdtsc();
-    // SAFETY: IPC writes only registers and this thread's UTCB.
+    // SAFETY: IPC writes only registers and this thread's UTCB, to which no reference is live
+    // (the fuzzer borrows it only in `with_utcb` closures that make no syscall).
     let r = unsafe { l4::ipc::raw_ipc(number, destination, source, tag, timeouts, words) };
     record(number as u64, r.0, rdtsc().wrapping_sub(start), true);
     if r.0 == 0 && number != Syscall::Send && number != Syscall::Reply {

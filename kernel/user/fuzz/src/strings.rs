@@ -48,40 +48,42 @@ pub fn message(rng: &mut Rng, region: (u64, u64), labels: u64, words: &mut [u64;
     // Now and then one item more than the kernel allows.
     let extra = u64::from(rng.chance(5));
     let count = 1 + rng.below(MAX_STRINGS as u64 + extra) as usize;
-    let mr = &mut l4::utcb::utcb().mr;
     for (i, word) in words.iter_mut().enumerate().take(untyped) {
         *word = i as u64;
     }
-    for i in 0..count {
-        let item = range_in(rng, region, true).words();
-        for (j, value) in item.into_iter().enumerate() {
-            let at = untyped + 2 * i + j;
-            if at < 4 {
-                words[at] = value;
-            } else {
-                mr[at] = value;
+    l4::utcb::with_utcb(|utcb| {
+        for i in 0..count {
+            let item = range_in(rng, region, true).words();
+            for (j, value) in item.into_iter().enumerate() {
+                let at = untyped + 2 * i + j;
+                if at < 4 {
+                    words[at] = value;
+                } else {
+                    utcb.mr[at] = value;
+                }
             }
         }
-    }
+    });
     MessageTag::new(label, untyped, count)
 }
 
 /// Set our receive buffers: none (the kernel copies nothing), or up to [`MAX_STRINGS`] in
 /// `region` (5% hostile each).
 pub fn receive_buffers(rng: &mut Rng, region: (u64, u64)) {
-    let br = &mut l4::utcb::utcb().br;
     let count = if rng.chance(20) {
         0
     } else {
         1 + rng.below(MAX_STRINGS as u64) as usize
     };
-    for i in 0..MAX_STRINGS {
-        let words = if i < count {
-            range_in(rng, region, false).words()
-        } else {
-            [0, 0]
-        };
-        br[2 + 2 * i] = words[0];
-        br[3 + 2 * i] = words[1];
-    }
+    l4::utcb::with_utcb(|utcb| {
+        for i in 0..MAX_STRINGS {
+            let words = if i < count {
+                range_in(rng, region, false).words()
+            } else {
+                [0, 0]
+            };
+            utcb.br[2 + 2 * i] = words[0];
+            utcb.br[3 + 2 * i] = words[1];
+        }
+    });
 }

@@ -108,10 +108,11 @@ pub extern "C" fn server(seed: u64) -> ! {
             }
             LABEL_EXCEPTION => {
                 // Resume with random state: the words beyond the registers go through the UTCB.
-                let utcb = l4::utcb::utcb();
-                for word in utcb.mr[4..exception::WORDS].iter_mut() {
-                    *word = rng.garbage();
-                }
+                l4::utcb::with_utcb(|utcb| {
+                    for word in utcb.mr[4..exception::WORDS].iter_mut() {
+                        *word = rng.garbage();
+                    }
+                });
                 let w = [rng.garbage(), rng.garbage(), rng.garbage(), rng.garbage()];
                 let words = if rng.chance(50) {
                     exception::WORDS
@@ -323,23 +324,26 @@ pub extern "C" fn vcpu_runner(seed: u64) -> ! {
             continue;
         }
         RUNNER_TURNS.fetch_add(1, SeqCst);
-        let words = &mut l4::utcb::utcb().mr;
-        protected_mode(words, rng.below(1 << 30) & !0xfff);
-        for _ in 0..rng.below(4) * GARBLE.load(SeqCst) {
-            let w = rng.below(state::STATE_WORDS as u64) as usize;
-            words[w] = if rng.chance(50) {
-                rng.garbage()
-            } else {
-                words[w] ^ (1 << rng.below(64))
-            };
-        }
+        l4::utcb::with_utcb(|utcb| {
+            let words = &mut utcb.mr;
+            protected_mode(words, rng.below(1 << 30) & !0xfff);
+            for _ in 0..rng.below(4) * GARBLE.load(SeqCst) {
+                let w = rng.below(state::STATE_WORDS as u64) as usize;
+                words[w] = if rng.chance(50) {
+                    rng.garbage()
+                } else {
+                    words[w] ^ (1 << rng.below(64))
+                };
+            }
+        });
         let mask = if rng.chance(90) {
             GUEST_GROUPS
         } else {
             rng.below(16)
         };
         let deadline = coverage::rdtsc() + 2_000_000;
-        // SAFETY: VcpuRun touches only our UTCB.
+        // SAFETY: VcpuRun touches only our UTCB, to which no reference is live (the borrow
+        // above has ended).
         let (rax, ..) =
             unsafe { coverage::syscall(Syscall::VcpuRun as u64, [vcpu, mask, deadline, 0, 0]) };
         if rax != 0 {

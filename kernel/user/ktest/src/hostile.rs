@@ -526,8 +526,11 @@ extern "C" fn silent_vm_pager(_: u64) -> ! {
 /// memory, and reports what `VcpuRun` returned.
 extern "C" fn pager_case_runner(vcpu: u64) -> ! {
     use l4::abi::vcpu as state;
-    state::protected_mode(&mut l4::utcb::utcb().mr, PAGER_CASE_ENTRY);
-    let (rax, code) = match sys::vcpu_run(vcpu, state::Groups::GUEST, u64::MAX) {
+    let run = l4::utcb::with_utcb(|u| {
+        state::protected_mode(&mut u.mr, PAGER_CASE_ENTRY);
+        sys::vcpu_run(u, vcpu, state::Groups::GUEST, u64::MAX)
+    });
+    let (rax, code) = match run {
         Ok(code) => (0, code),
         Err(e) => (e as u64, 0),
     };

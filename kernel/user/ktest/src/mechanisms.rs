@@ -1999,7 +1999,7 @@ extern "C" fn send_edge_string(untyped: u64) -> ! {
     .words();
     let mut words = [0u64; 6];
     words[untyped as usize..untyped as usize + 2].copy_from_slice(&item);
-    STRING_SENDER_UTCB.store(l4::utcb::utcb() as *mut l4::abi::Utcb as u64, SeqCst);
+    STRING_SENDER_UTCB.store(l4::utcb::address(), SeqCst);
     let r = ipc::send(
         slots::SELF_THREAD,
         string_tag(18, untyped as usize, 1),
@@ -2026,9 +2026,10 @@ extern "C" fn reply_edge_string(_: u64) -> ! {
 
 fn set_buffer_words(address: u64, length: u64) {
     let words = l4::abi::StringItem { length, address }.words();
-    let u = l4::utcb::utcb();
-    u.br[2] = words[0];
-    u.br[3] = words[1];
+    l4::utcb::with_utcb(|u| {
+        u.br[2] = words[0];
+        u.br[3] = words[1];
+    });
 }
 
 /// Start the recording sender and let it block in its send (we do not receive yet).
@@ -2099,7 +2100,7 @@ pub(crate) fn string_edge_cases() {
     // sender queued first.
     good.fill(0);
     let t = queued_edge_sender(0);
-    let utcb = l4::utcb::utcb() as *mut l4::abi::Utcb as u64;
+    let utcb = l4::utcb::address();
     set_buffer_words(utcb + 0x100, 0x100);
     let bad = ipc::receive(t, RECEIVE_2S).map(|m| m.word(0));
     l4::utcb::set_string_buffer(0, &mut good);

@@ -1,6 +1,6 @@
 //! The user-side library of L4 tasks: raw syscall stubs ([`sys`]), typed IPC ([`ipc`]), the
-//! UTCB and KIP ([`utcb`], [`kip`]), threads ([`thread`]) and the task runtime ([`rt`]: entry,
-//! exit, panic handler, heap, console output).
+//! UTCB, borrowed per thread, and the KIP ([`utcb`], [`kip`]), threads ([`thread`]) and the
+//! task runtime ([`rt`]: entry, exit, panic handler, heap, console output).
 #![no_std]
 #![warn(missing_docs)]
 

@@ -147,6 +147,9 @@ extern "C" fn l4_runtime_start() -> ! {
 /// end this thread.
 pub fn exit(code: i64) -> ! {
     let tag = MessageTag::new(LABEL_EXIT, 1, 0);
+    // SAFETY: this thread never returns to a frame that borrowed its UTCB (a panic inside
+    // `with_utcb` ends up here with the borrow still marked).
+    unsafe { crate::utcb::end_borrows() };
     // The parent destroys the task on receipt; if there is none, just end the thread.
     let _ = ipc::call(
         slots::PARENT,

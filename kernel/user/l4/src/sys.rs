@@ -119,11 +119,35 @@ pub fn cap_delete(slot: u64) -> Result<(), Error> {
     result(call(Syscall::CapDelete, slot, 0, 0, 0, 0).0)
 }
 
-/// Run vCPU `vcpu` (see [`Syscall::VcpuRun`]) with the state groups of `mask` loaded first from this thread's UTCB, until an exit or `deadline` (a TSC
-/// value; 0: none); returns the exit code, the guest state being in the UTCB's message
-/// registers.
-pub fn vcpu_run(vcpu: u64, mask: l4_abi::vcpu::Groups, deadline: u64) -> Result<u64, Error> {
-    let (rax, code, _, _) = call(Syscall::VcpuRun, vcpu, mask.bits(), deadline, 0, 0);
+/// Run vCPU `vcpu` (see [`Syscall::VcpuRun`]) with the state groups of `mask` loaded first
+/// from this thread's UTCB, until an exit or `deadline` (a TSC value; 0: none); returns the exit code, the guest state being in the UTCB's message
+/// registers. `utcb` is the borrow of this thread's UTCB the state goes through.
+#[inline]
+pub fn vcpu_run(
+    utcb: &mut crate::utcb::Utcb,
+    vcpu: u64,
+    mask: l4_abi::vcpu::Groups,
+    deadline: u64,
+) -> Result<u64, Error> {
+    let (rax, code): (u64, u64);
+    // SAFETY: the kernel preserves every register except the outputs and rcx/r11, and of
+    // memory writes only this thread's UTCB, which `utcb` borrows exclusively; passing its
+    // address tells the compiler that the syscall reads and writes it.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") Syscall::VcpuRun as u64 => rax,
+            inlateout("rdi") vcpu => code,
+            inlateout("rsi") mask.bits() => _,
+            inlateout("rdx") deadline => _,
+            in("r10") 0u64,
+            in("r8") 0u64,
+            in("r14") utcb as *mut crate::utcb::Utcb,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
     result(rax).map(|()| code)
 }
 

@@ -61,7 +61,7 @@ fn next(reply: Option<(MessageTag, [u64; 2])>) -> Option<Message> {
     words[..4].copy_from_slice(&registers);
     let n = tag.words().min(SYSCALL_WORDS);
     if n > 4 {
-        words[4..n].copy_from_slice(&l4::utcb::utcb().mr[4..n]);
+        l4::utcb::with_utcb(|u| words[4..n].copy_from_slice(&u.mr[4..n]));
     }
     Some(Message { tag, badge, words })
 }
