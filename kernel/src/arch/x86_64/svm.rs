@@ -173,10 +173,10 @@ pub fn enable_xcr0_switching() -> bool {
         // SAFETY: CR4.OSXSAVE only enables XGETBV/XSETBV (the FPU setup at boot has set it
         // already where XSAVE exists); user threads run with the user XCR0 (`fpu::init`).
         unsafe {
-            let cr4: u64;
-            core::arch::asm!("mov {}, cr4", out(reg) cr4);
-            core::arch::asm!("mov cr4, {}", in(reg) cr4 | (1 << 18));
-        }
+            x86_64::registers::control::Cr4::update(|flags| {
+                flags.insert(x86_64::registers::control::Cr4Flags::OSXSAVE)
+            })
+        };
     }
     xsave
 }

@@ -114,7 +114,8 @@ pub(crate) extern "C" fn child_agent() -> ! {
             AGENT_IN => {
                 let value: u64;
                 // SAFETY: port input; without the port the CPU raises #GP, which the
-                // exception recorder turns into rax = u64::MAX.
+                // exception recorder turns into rax = u64::MAX. (Not `x86_64::instructions::port`:
+                // the case needs the result in rax, where the recorder writes it.)
                 unsafe {
                     core::arch::asm!("xor eax, eax", "in al, dx", in("dx") w(0) as u16, out("rax") value)
                 };
