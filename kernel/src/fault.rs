@@ -341,7 +341,7 @@ pub(crate) fn guest_fault_to_pager(
     );
     let thread = k.thread(caller);
     thread.frame.rip -= 2;
-    thread.frame.rsi = 0;
+    thread.frame.rsi = crate::vm::keep_unstored(thread.frame.rsi);
     thread.fault_address = gpa;
     thread.guest_fault = Some((vm, vcpu));
     let mut words = [0; crate::thread::KERNEL_MESSAGE_WORDS];
@@ -397,9 +397,11 @@ pub fn apply_guest_fault_reply(
 /// VM had no pager. For a pager that refused, and for one that died or was destroyed before it
 /// answered (the VMM decides what the guest sees; the VMM's thread lives on).
 pub fn return_guest_fault(k: &mut Kernel, thread: ThreadId, vcpu: VcpuId) {
+    let unstored = crate::vm::transfer_groups(k.thread(thread).frame.rsi)
+        .map_or(l4_abi::vcpu::Groups::empty(), |(_, unstored)| unstored);
     let words = &mut utcb(k, thread).mr;
     if let Some(v) = k.vcpus.get(vcpu) {
-        crate::vm::store_state(v, words);
+        crate::vm::store_state(v, words, unstored);
     }
     let t = k.thread(thread);
     t.guest_fault = None;

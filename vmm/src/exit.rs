@@ -89,6 +89,12 @@ pub trait Handler {
     fn exception(&mut self, vector: u8, w: &mut Words) -> Next<Self::Outcome> {
         self.unhandled(exit::EXCEPTION_BASE + u64::from(vector), w)
     }
+    /// The state groups the exits need not store (within [`Groups::UNSTORABLE`]): those the
+    /// handlers never read at an exit and never load without writing them first. Default:
+    /// none.
+    fn unstored(&self) -> Groups {
+        Groups::empty()
+    }
     /// The state groups the first entry loads (all of the guest's state; a handler that
     /// intercepts exceptions adds [`Groups::INTERCEPTS`]).
     fn first_entry(&self, _w: &mut Words) -> Groups {
@@ -115,6 +121,7 @@ pub fn run<H: Handler>(vcpu: u64, handler: &mut H) -> H::Outcome {
         let mut driver = Driver {
             vcpu,
             requested: None,
+            unstored: handler.unstored(),
         };
         let mut state = State::Enter(handler.first_entry(w));
         loop {
@@ -132,6 +139,8 @@ struct Driver {
     vcpu: u64,
     /// The vector requested as the virtual interrupt (not yet taken by the guest).
     requested: Option<u8>,
+    /// The groups the exits leave unstored ([`Handler::unstored`]).
+    unstored: Groups,
 }
 
 impl Driver {
@@ -157,7 +166,7 @@ impl Driver {
             w[state::EVENT_INJECT] = state::event::nmi();
             mask |= Groups::EVENTS;
         }
-        let code = match vcpu::run(w, self.vcpu, mask, entry.deadline) {
+        let code = match vcpu::run_unstored(w, self.vcpu, mask, self.unstored, entry.deadline) {
             Ok(code) => code,
             Err(e) => return State::Stopped(handler.refused(e, mask, w)),
         };

@@ -683,6 +683,16 @@ impl<K: Kind> Handler for Compartment<K> {
         }
     }
 
+    fn unstored(&self) -> Groups {
+        // The exits read CS (the mode of a string I/O or MMIO instruction) but no other segment
+        // register; the L4Linux mode's SYSCALL/SYSRET emulation reads and loads them all.
+        if self.board.syscalls.is_some() {
+            Groups::empty()
+        } else {
+            Groups::SEGMENTS | Groups::INTERCEPTS
+        }
+    }
+
     fn first_entry(&self, w: &mut Words) -> Groups {
         if self.board.syscalls.is_some() {
             w[state::EXCEPTION_INTERCEPTS] = crate::syscalls::Routing::INTERCEPTS.bits();

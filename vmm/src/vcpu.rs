@@ -24,6 +24,18 @@ pub fn run(utcb: &mut Utcb, vcpu: u64, mask: state::Groups, deadline: u64) -> Re
     sys::vcpu_run(utcb, vcpu, mask, deadline)
 }
 
+/// [`run`], the groups of `unstored` left unstored at the exit (`l4::sys::vcpu_run_unstored`).
+#[inline]
+pub fn run_unstored(
+    utcb: &mut Utcb,
+    vcpu: u64,
+    mask: state::Groups,
+    unstored: state::Groups,
+    deadline: u64,
+) -> Result<u64, Error> {
+    sys::vcpu_run_unstored(utcb, vcpu, mask, unstored, deadline)
+}
+
 /// Event injection of #GP(0): valid, error code, exception.
 pub const INJECT_GP0: u64 = state::event::GP0;
 

@@ -183,6 +183,22 @@ impl Groups {
         .union(Groups::CONTROL)
         .union(Groups::SEGMENTS)
         .union(Groups::EVENTS);
+    /// The groups a VMM may leave unstored at the exits ([`transfer`]): control registers,
+    /// segments (DS, ES, FS, GS, TR, LDTR, the descriptor tables and the syscall MSRs; CS and
+    /// SS, the mode and the privilege level, are stored all the same) and the intercepts. The
+    /// exit information, the general registers and the events are always stored.
+    pub const UNSTORABLE: Groups = Groups::CONTROL
+        .union(Groups::SEGMENTS)
+        .union(Groups::INTERCEPTS);
+}
+
+/// The transfer argument of `VcpuRun` (`a1`): the groups to load before entering (bits 0..32)
+/// and the groups *not* to store at the exit (bits 32..64, within [`Groups::UNSTORABLE`]; 0:
+/// store everything). Words of an unstored group keep what the VMM left in them, which may be
+/// stale: a VMM leaves out only what it never reads at an exit and never loads without
+/// writing first.
+pub const fn transfer(load: Groups, unstored: Groups) -> u64 {
+    load.bits() | unstored.bits() << 32
 }
 
 /// Encode a segment register word.

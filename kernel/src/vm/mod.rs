@@ -18,6 +18,7 @@ use crate::object::{QuotaId, TaskId};
 use l4_abi::Error;
 
 pub use crate::object::{VcpuId, VmId};
+pub(crate) use run::{keep_unstored, transfer_groups};
 pub use run::{run, run_thread};
 pub(crate) use vcpu_state::store_state;
 

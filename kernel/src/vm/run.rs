@@ -35,6 +35,22 @@ fn software_exit(k: &mut Kernel, caller: ThreadId, queued: bool, deadline: u64) 
     None
 }
 
+/// The groups to load and those not to store of `VcpuRun`'s transfer argument
+/// ([`state::transfer`]), or `None` for unknown bits.
+pub(crate) fn transfer_groups(transfer: u64) -> Option<(state::Groups, state::Groups)> {
+    let load = state::Groups::from_bits(transfer & 0xffff_ffff)?;
+    let unstored = state::Groups::from_bits(transfer >> 32)?;
+    state::Groups::UNSTORABLE
+        .contains(unstored)
+        .then_some((load, unstored))
+}
+
+/// The transfer argument for re-issuing a `VcpuRun` that loaded its state already: nothing to
+/// load, the same groups unstored.
+pub(crate) fn keep_unstored(transfer: u64) -> u64 {
+    transfer & !0xffff_ffff
+}
+
 /// `VcpuRun` of thread `caller` on `vcpu`, loading `mask` first, until `deadline` (a TSC
 /// value; 0: none). Returns with the exit in the caller's UTCB and the exit code in its `rdi`,
 /// or an error; a physical interrupt makes the caller re-issue the call (with an empty mask,
@@ -68,7 +84,7 @@ pub unsafe fn run_thread(
         .as_ref()
         .map(|s| (s.host_vmcb, s.xcr0_switching, s.xstate))
         .ok_or(Error::NotSupported)?;
-    let mask = state::Groups::from_bits(mask).ok_or(Error::InvalidArgument)?;
+    let (mask, unstored) = transfer_groups(mask).ok_or(Error::InvalidArgument)?;
     // The caller (passed in), its UTCB words, the vCPU and its VM are looked up once: nothing
     // in this call destroys them until it returns (the one IPC it may make, a guest page
     // fault's to the VM's pager, ends it), and no other reference to them is held while these
@@ -103,7 +119,7 @@ pub unsafe fn run_thread(
                 // SAFETY: fourteen aligned words of `words` (see `utcb_registers`).
                 vcpu.registers = unsafe { utcb_registers(words).read() };
             }
-            store_state(vcpu, words);
+            store_state(vcpu, words, unstored);
             words[state::EXIT_CODE] = code;
             words[state::EXIT_INFO1] = 0;
             words[state::EXIT_INFO2] = 0;
@@ -193,7 +209,7 @@ pub unsafe fn run_thread(
                 // SAFETY: the live caller (see above).
                 let t = unsafe { &mut *thread };
                 t.restart_syscall();
-                t.frame.rsi = 0;
+                t.frame.rsi = keep_unstored(t.frame.rsi);
                 return Ok(Next::Restart);
             }
             exit::INVALID => {
@@ -248,7 +264,7 @@ pub unsafe fn run_thread(
             _ => {
                 // SAFETY: the live vCPU and caller (see above).
                 unsafe {
-                    store_exit_state(&*vcpu_ptr, words);
+                    store_exit_state(&*vcpu_ptr, words, unstored);
                     (*thread).frame.rdi = code;
                 }
                 return Ok(Next::Done);

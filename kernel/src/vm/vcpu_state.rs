@@ -124,16 +124,17 @@ const _: () = assert!(
         && core::mem::align_of::<GuestRegisters>() == 8
 );
 
-/// Store the whole state of `vcpu` into `words`, RBX..R15 from the vCPU's copy.
-pub(crate) fn store_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
+/// Store the state of `vcpu` into `words` but the groups in `unstored`, RBX..R15 from the
+/// vCPU's copy.
+pub(crate) fn store_state(vcpu: &Vcpu, words: &mut [u64; 64], unstored: state::Groups) {
     // SAFETY: `utcb_registers` points at fourteen words of `words`, aligned like the struct.
     unsafe { utcb_registers(words).write(vcpu.registers) };
-    store_exit_state(vcpu, words);
+    store_exit_state(vcpu, words, unstored);
 }
 
-/// Store the state of `vcpu` into `words` after a run, except RBX..R15, which the world switch
-/// wrote there itself.
-pub(crate) fn store_exit_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
+/// Store the state of `vcpu` into `words` after a run but the groups in `unstored`, and but
+/// RBX..R15, which the world switch wrote there itself.
+pub(crate) fn store_exit_state(vcpu: &Vcpu, words: &mut [u64; 64], unstored: state::Groups) {
     let frame = vcpu.vmcb;
     words[state::EXIT_CODE] = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;
     words[state::EXIT_INFO1] = read(frame, vmcb::EXIT_INFO1);
@@ -143,11 +144,13 @@ pub(crate) fn store_exit_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
     words[state::RSP] = read(frame, vmcb::RSP);
     words[state::RFLAGS] = read(frame, vmcb::RFLAGS);
     words[state::RAX] = read(frame, vmcb::RAX);
-    words[state::CR0] = read(frame, vmcb::CR0);
-    words[state::CR2] = read(frame, vmcb::CR2);
-    words[state::CR3] = read(frame, vmcb::CR3);
-    words[state::CR4] = read(frame, vmcb::CR4);
-    words[state::EFER] = read(frame, vmcb::EFER);
+    if !unstored.contains(state::Groups::CONTROL) {
+        words[state::CR0] = read(frame, vmcb::CR0);
+        words[state::CR2] = read(frame, vmcb::CR2);
+        words[state::CR3] = read(frame, vmcb::CR3);
+        words[state::CR4] = read(frame, vmcb::CR4);
+        words[state::EFER] = read(frame, vmcb::EFER);
+    }
     words[state::EVENT_INJECT] = read(frame, vmcb::EVENT_INJECT);
     let v_intr: u64 = read(frame, vmcb::V_INTR);
     words[state::VIRTUAL_IRQ] = if v_intr & (1 << 8) != 0 {
@@ -156,9 +159,22 @@ pub(crate) fn store_exit_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
         0
     };
     words[state::INTERRUPT_SHADOW] = read::<u64>(frame, vmcb::INTERRUPT_SHADOW) & 1;
+    if !unstored.contains(state::Groups::INTERCEPTS) {
+        words[state::EXCEPTION_INTERCEPTS] =
+            u64::from(read::<u32>(frame, vmcb::INTERCEPT_EXCEPTIONS));
+    }
     // A VMCB segment register is the ABI's two words as they stand (selector, attributes and
-    // limit in the first, the base in the second; see the assertion above).
-    for (index, offset) in SEGMENT_REGISTERS {
+    // limit in the first, the base in the second; see the assertion above). CS and SS (the
+    // mode and the privilege level) are always stored.
+    let (always, others) = SEGMENT_REGISTERS.split_at(2);
+    for &(index, offset) in always {
+        words[index] = read(frame, offset);
+        words[index + 1] = read(frame, offset + 8);
+    }
+    if unstored.contains(state::Groups::SEGMENTS) {
+        return;
+    }
+    for &(index, offset) in others {
         words[index] = read(frame, offset);
         words[index + 1] = read(frame, offset + 8);
     }
@@ -175,5 +191,4 @@ pub(crate) fn store_exit_state(vcpu: &Vcpu, words: &mut [u64; 64]) {
     ] {
         words[index] = read(frame, offset);
     }
-    words[state::EXCEPTION_INTERCEPTS] = u64::from(read::<u32>(frame, vmcb::INTERCEPT_EXCEPTIONS));
 }

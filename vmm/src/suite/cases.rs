@@ -224,6 +224,62 @@ fn helper_done() -> bool {
     false
 }
 
+/// Groups left unstored at the exits (`VcpuRun`'s transfer argument): their words keep what the
+/// VMM left; CS and SS, the general registers and the exit information are stored all the
+/// same; the general registers and events cannot be left out.
+fn unstored_cases() {
+    let Ok(vm) = create_vm(1 << 20, l4::abi::NO_CAP) else {
+        for _ in 0..2 {
+            report(false, "unstored groups: no VM");
+        }
+        return;
+    };
+    const MARK: u64 = 0x5eed_0000_0000_5eed;
+    let run_unstored = |mask, unstored| {
+        l4::utcb::with_utcb(|u| vmm::vcpu::run_unstored(u, vm.vcpu, mask, unstored, 0))
+    };
+    // `out 0xe4, al` twice: each run exits at one (RIP at it).
+    vm.ram.write(0x7000, &[0xe6, 0xe4, 0xe6, 0xe4]);
+    utcb_words(|w| protected_mode_state(w, 0x7000));
+    let first = run_unstored(Groups::GUEST, Groups::SEGMENTS | Groups::CONTROL);
+    // The marks stand in the unstored words; the stored ones are the guest's.
+    let (kept, stored) = utcb_words(|w| {
+        let kept = [
+            w[state::DS],
+            w[state::GDTR + 1],
+            w[state::STAR],
+            w[state::CR0],
+        ];
+        let stored = w[state::CS] == state::segment(0x08, 0xc9b, 0xffff_ffff)
+            && w[state::RIP] == 0x7000
+            && w[state::EXIT_CODE] == exit::IOIO;
+        for i in [state::DS, state::GDTR + 1, state::STAR, state::CR0] {
+            w[i] = MARK;
+        }
+        w[state::RIP] = w[state::EXIT_INFO2];
+        (kept, stored)
+    });
+    let second = run_unstored(Groups::GPRS, Groups::SEGMENTS | Groups::CONTROL);
+    let marks = utcb_words(|w| {
+        [
+            w[state::DS],
+            w[state::GDTR + 1],
+            w[state::STAR],
+            w[state::CR0],
+        ] == [MARK; 4]
+            && w[state::RIP] == 0x7002
+    });
+    report(
+        first == Ok(exit::IOIO) && second == Ok(exit::IOIO) && stored && marks && kept[3] == 0x11,
+        "groups left unstored keep the VMM's words; CS, RIP and the exit are stored all the same",
+    );
+    report(
+        run_unstored(Groups::empty(), Groups::GPRS) == Err(Error::InvalidArgument)
+            && run_unstored(Groups::empty(), Groups::EVENTS) == Err(Error::InvalidArgument),
+        "the general registers and the events cannot be left unstored",
+    );
+}
+
 /// Deadlines finer than the timer tick, for `VcpuRun` and for IPC timeouts (run before any
 /// thread of this task spins: with a thread of our priority ready, we would wait for its time
 /// slice, whatever the timer does).
@@ -484,6 +540,7 @@ pub(super) extern "C" fn second_vm(_: u64) -> ! {
 /// The cases that need no test guest; `vm` is the test guest's VM (for the isolation check).
 pub(super) fn direct_cases(vm: &Vm) {
     fine_timer_cases();
+    unstored_cases();
     // 32-bit protected mode with paging off: nested paging still applies.
     let vm32 = create_vm(1 << 20, l4::abi::NO_CAP).expect("second VM");
     let ran = run_guest32(&vm32);

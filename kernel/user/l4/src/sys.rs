@@ -129,6 +129,20 @@ pub fn vcpu_run(
     mask: l4_abi::vcpu::Groups,
     deadline: u64,
 ) -> Result<u64, Error> {
+    vcpu_run_unstored(utcb, vcpu, mask, l4_abi::vcpu::Groups::empty(), deadline)
+}
+
+/// [`vcpu_run`], leaving the groups of `unstored` (within
+/// [`l4_abi::vcpu::Groups::UNSTORABLE`]) unstored at the exit: their words keep what they held
+/// (see [`l4_abi::vcpu::transfer`]).
+#[inline]
+pub fn vcpu_run_unstored(
+    utcb: &mut crate::utcb::Utcb,
+    vcpu: u64,
+    mask: l4_abi::vcpu::Groups,
+    unstored: l4_abi::vcpu::Groups,
+    deadline: u64,
+) -> Result<u64, Error> {
     let (rax, code): (u64, u64);
     // SAFETY: the kernel preserves every register except the outputs and rcx/r11, and of
     // memory writes only this thread's UTCB, which `utcb` borrows exclusively; passing its
@@ -138,7 +152,7 @@ pub fn vcpu_run(
             "syscall",
             inlateout("rax") Syscall::VcpuRun as u64 => rax,
             inlateout("rdi") vcpu => code,
-            inlateout("rsi") mask.bits() => _,
+            inlateout("rsi") l4_abi::vcpu::transfer(mask, unstored) => _,
             inlateout("rdx") deadline => _,
             in("r10") 0u64,
             in("r8") 0u64,
