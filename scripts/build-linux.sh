@@ -121,6 +121,9 @@ for applet in sh true; do ln -s busybox "$stage/bin/$applet"; done
 run gcc -static -O2 -Wall -Werror -o "$stage/bin/l4bench" "$root/initramfs/l4bench.c"
 run gcc -static -O2 -Wall -Werror -o "$stage/bin/l4ctl" "$root/initramfs/l4ctl.c"
 install -m 755 "$root/initramfs/init" "$stage/init"
+# The services a compartment file can name (`service = "NAME"`, started by /init).
+mkdir -p "$stage/etc/services"
+install -m 755 "$root"/initramfs/services/* "$stage/etc/services/"
 # Reproducible: sorted names, root owner, one fixed time stamp.
 find "$stage" -exec touch -h -d @0 {} +
 (cd "$stage" && find . | LC_ALL=C sort | cpio -o -H newc --owner=0:0 --reproducible --quiet | gzip -9n) \

@@ -37,6 +37,9 @@
 //! vmm_options = []       # extra VMM options for debugging and tests: "verbose", "probe-isolation", "crash-at-init"
 //! switch = "lan"         # a virtio-net port (eth0) on the virtual switch of this name
 //! ip = "10.0.0.1/24"     # the guest's address on it (not inherited from [defaults])
+//! service = "httpd"      # a service /init starts at boot: "httpd" (busybox httpd on port 80,
+//!                        # serving /www with a page naming the compartment) or "echo" (a TCP
+//!                        # echo server on port 7); initramfs/services/ has them
 //! syscalls = "guest"     # "guest" (the default: Linux's user system calls stay in the guest)
 //!                        # or "l4" (the L4Linux mode: each goes through L4 IPC to a syscall
 //!                        # monitor task, `mon.NAME`, before the guest kernel sees it)
@@ -79,6 +82,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::scenario::{default_sigma0, parse_size, Boot, Error, Module, Source};
+
+/// The services a compartment can name (`service`): the scripts in `initramfs/services/`,
+/// which the initramfs carries as `/etc/services/NAME`.
+pub const SERVICES: [&str; 2] = ["echo", "httpd"];
 
 /// The bzImage when no table names one (`scripts/build-linux.sh` makes it).
 const DEFAULT_KERNEL: &str = "target/linux/bzImage";
@@ -204,6 +211,7 @@ struct RawFields {
     vmm_options: Option<Spanned<Vec<String>>>,
     switch: Option<Spanned<String>>,
     ip: Option<Spanned<String>>,
+    service: Option<Spanned<String>>,
     syscalls: Option<Spanned<String>>,
     syscall_policy: Option<Spanned<Vec<String>>>,
 }
@@ -269,6 +277,7 @@ struct Fields {
     vmm_options: Option<Located<Vec<String>>>,
     switch: Option<Located<String>>,
     ip: Option<Located<String>>,
+    service: Option<Located<String>>,
     /// `Some(true)`: `syscalls = "l4"`.
     l4_syscalls: Option<Located<bool>>,
     syscall_policy: Option<Located<Vec<String>>>,
@@ -298,6 +307,8 @@ struct Compartment {
     /// The switch its network port is on, and the guest's address there.
     switch: Option<String>,
     ip: Option<String>,
+    /// The service /init starts (one of [`SERVICES`]).
+    service: Option<String>,
     /// The L4Linux mode: the policy of its syscall monitor (`None`: system calls stay in the
     /// guest).
     monitor: Option<Vec<String>>,
@@ -836,6 +847,9 @@ impl Compartment {
         if let Some(ip) = &self.ip {
             line.push_str(&format!(" l4.ip={ip}"));
         }
+        if let Some(service) = &self.service {
+            line.push_str(&format!(" l4.service={service}"));
+        }
         if !self.cmdline.is_empty() {
             line.push(' ');
             line.push_str(&self.cmdline);
@@ -1135,6 +1149,20 @@ fn fields(text: &str, at: &At, raw: &RawFields) -> Result<Fields, Error> {
             line: line(text, a),
         });
     }
+    if let Some(s) = &raw.service {
+        let name = s.get_ref();
+        if !SERVICES.contains(&name.as_str()) {
+            return Err(at.error(
+                line(text, s),
+                "service",
+                format!("{name:?}: give one of {SERVICES:?} (initramfs/services/)"),
+            ));
+        }
+        out.service = Some(Located {
+            value: name.clone(),
+            line: line(text, s),
+        });
+    }
     if let Some(o) = &raw.vmm_options {
         if let Some(bad) = o
             .get_ref()
@@ -1328,6 +1356,7 @@ fn merge(
             .map_or(Vec::new(), |(o, _)| o.value.clone()),
         switch: pick(&own.switch, &defaults.switch).map(|(w, _)| w.value.clone()),
         ip: own.ip.as_ref().map(|a| a.value.clone()),
+        service: pick(&own.service, &defaults.service).map(|(s, _)| s.value.clone()),
         monitor: None,
     };
     let l4 = pick(&own.l4_syscalls, &defaults.l4_syscalls).is_some_and(|(m, _)| m.value);
@@ -1933,6 +1962,26 @@ mod tests {
         );
         let e = error(&format!("[defaults]\nmemory = \"3G\"\n{ONE}"));
         assert!(e.starts_with("x.toml:2: defaults: memory: \"3G\""), "{e}");
+    }
+
+    #[test]
+    fn a_service_goes_on_the_command_line_and_must_exist() {
+        let root = with_linux("service");
+        let text = "[defaults]\nservice = \"echo\"\n[[compartment]]\nname = \"a\"\n\
+                    service = \"httpd\"\n[[compartment]]\nname = \"b\"\n";
+        let m = modules(text, &root).unwrap();
+        assert!(launch_text(&m, "a.cmdline").ends_with(" l4.service=httpd"));
+        assert!(launch_text(&m, "b.cmdline").ends_with(" l4.service=echo"));
+        let e = error(&format!("{ONE}service = \"sshd\"\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": service: \"sshd\": give one of"),
+            "{e}"
+        );
+        // Every service the files may name is in the initramfs's sources.
+        let services = Path::new(env!("CARGO_MANIFEST_DIR")).join("../initramfs/services");
+        for name in SERVICES {
+            assert!(services.join(name).is_file(), "initramfs/services/{name}");
+        }
     }
 
     #[test]
