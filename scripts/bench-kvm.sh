@@ -32,7 +32,7 @@
 # Installs what it needs (Debian): the kernel package is fetched with apt-get download and
 # cached unpacked under target/kvm/; noise goes to target/kvm/build.log.
 # Environment: BENCH_KVM_COUNTS ("1 2 4 8"), BENCH_KVM_RUNS (3), BENCH_KVM_RETRIES (2, for runs
-# with a stalled guest), BENCH_KVM_TIMEOUT (seconds per L1 run, 120 + 60 N), BENCH_KVM_MACHINE
+# with a stalled guest), BENCH_KVM_TIMEOUT (seconds per L1 run, 120 + 150 N), BENCH_KVM_MACHINE
 # (the guests' QEMU machine: microvm, the default, or pc as the native runs; only microvm has
 # virtio-mmio, so only it links the pairs of guests for the network phase: with pc the phase is
 # n/a).
@@ -158,10 +158,11 @@ for r in $(seq 1 "$runs"); do
     for n in "${counts[@]}"; do
         l1log="target/bench/consolidate-kvm-$n-$r.log"
         attempt=0
-        # A run takes 20 to 90 s; one far beyond that has hung (see below).
-        timeout_s=${BENCH_KVM_TIMEOUT:-$(( 120 + 60 * n ))}
+        # A run takes 25 s (N = 1) to over 10 minutes (N = 8: the network phase of four pairs
+        # at once costs L1 most of it); one far beyond that has hung (see below).
+        timeout_s=${BENCH_KVM_TIMEOUT:-$(( 120 + 150 * n ))}
         while :; do
-            step "run $r/$runs, N = $n: L1 + $n guest(s) under KVM, -icount shift=0 (about $(( 15 + 15 * n )) s; log: $l1log)"
+            step "run $r/$runs, N = $n: L1 + $n guest(s) under KVM, -icount shift=0 (about $(( 15 * n * n / 2 + 20 * n )) s; log: $l1log)"
             start=$(date +%s)
             status=0
             timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 -cpu max -smp 1 -m 4096 \
