@@ -17,6 +17,9 @@
 #   * per workload, aggregate throughput (the sum over guests of operations per instruction)
 #     against N copies in one native Linux (target/bench/consolidate-native-N.log), and fairness
 #     (slowest guest's time over the fastest's);
+#   * the network phase (microvm, N >= 2): guests 2k-1 and 2k are a pair on a link of their
+#     own (scripts/kvm/init), one TCP transfer each; aggregate throughput against the same pairs
+#     over loopback in one native Linux, and MB/s per pair (n/a for one guest or with pc);
 #   * overhead per guest beyond guest RAM: the drop of L1's free memory (MemFree and the per-CPU
 #     free lists) from before the launch to all guests at /init, per guest, less the guest RAM
 #     the guest has touched (the resident size of its QEMU's RAM mapping); within it each
@@ -29,8 +32,10 @@
 # Installs what it needs (Debian): the kernel package is fetched with apt-get download and
 # cached unpacked under target/kvm/; noise goes to target/kvm/build.log.
 # Environment: BENCH_KVM_COUNTS ("1 2 4 8"), BENCH_KVM_RUNS (3), BENCH_KVM_RETRIES (2, for runs
-# with a stalled guest), BENCH_KVM_TIMEOUT (seconds per L1 run, 120 + 60 N), BENCH_KVM_MACHINE
-# (the guests' QEMU machine: pc, as the native runs, or microvm).
+# with a stalled guest), BENCH_KVM_TIMEOUT (seconds per L1 run, 120 + 150 N), BENCH_KVM_MACHINE
+# (the guests' QEMU machine: microvm, the default, or pc as the native runs; only microvm has
+# virtio-mmio, so only it links the pairs of guests for the network phase: with pc the phase is
+# n/a).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -41,7 +46,7 @@ mkdir -p "$out" target/bench
 read -r -a counts <<< "${BENCH_KVM_COUNTS:-1 2 4 8}"
 runs=${BENCH_KVM_RUNS:-3}
 retries=${BENCH_KVM_RETRIES:-2}
-machine=${BENCH_KVM_MACHINE:-pc}
+machine=${BENCH_KVM_MACHINE:-microvm}
 guest_mib=256
 step() { echo "[kvm] $*" >&2; }
 die() { echo "bench-kvm: $*" >&2; exit 1; }
@@ -108,7 +113,7 @@ done
 step "L1 kernel $release ($(cat "$host/.complete"))"
 
 # L1's initramfs: busybox, scripts/kvm/init, kvmbench, qemu-system-x86_64 with its shared
-# libraries and the firmware a pc/microvm guest boot needs, the KVM modules and the guest's
+# libraries and the firmware a pc/microvm guest boot needs (microvm without ACPI boots qboot), the KVM modules and the guest's
 # kernel and initramfs. Uncompressed: L1 spends no instructions on inflating it.
 step "L1 initramfs"
 stage="$out/l1"
@@ -126,14 +131,14 @@ for lib in $(ldd "$qemu" | awk '/=> \// { print $3 } /^\t\// { print $1 }'); do
     mkdir -p "$stage$(dirname "$lib")"
     cp -L "$lib" "$stage$lib"
 done
-for firmware in bios-256k.bin linuxboot_dma.bin kvmvapic.bin bios-microvm.bin; do
+for firmware in bios-256k.bin linuxboot_dma.bin kvmvapic.bin bios-microvm.bin qboot.rom; do
     found=""
     for dir in $(qemu-system-x86_64 -L help); do
         if [ -f "$dir/$firmware" ]; then found="$dir/$firmware"; break; fi
     done
     if [ -n "$found" ]; then
         cp -L "$found" "$stage/qemu/"
-    elif [ "$firmware" != bios-microvm.bin ]; then
+    elif [ "$firmware" != bios-microvm.bin ] && [ "$firmware" != qboot.rom ]; then
         die "QEMU's $firmware not found in $(qemu-system-x86_64 -L help | tr '\n' ' ')"
     fi
 done
@@ -153,10 +158,11 @@ for r in $(seq 1 "$runs"); do
     for n in "${counts[@]}"; do
         l1log="target/bench/consolidate-kvm-$n-$r.log"
         attempt=0
-        # A run takes 20 to 90 s; one far beyond that has hung (see below).
-        timeout_s=${BENCH_KVM_TIMEOUT:-$(( 120 + 60 * n ))}
+        # A run takes 25 s (N = 1) to over 10 minutes (N = 8: the network phase of four pairs
+        # at once costs L1 most of it); one far beyond that has hung (see below).
+        timeout_s=${BENCH_KVM_TIMEOUT:-$(( 120 + 150 * n ))}
         while :; do
-            step "run $r/$runs, N = $n: L1 + $n guest(s) under KVM, -icount shift=0 (about $(( 15 + 15 * n )) s; log: $l1log)"
+            step "run $r/$runs, N = $n: L1 + $n guest(s) under KVM, -icount shift=0 (about $(( 15 * n * n / 2 + 20 * n )) s; log: $l1log)"
             start=$(date +%s)
             status=0
             timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 -cpu max -smp 1 -m 4096 \
@@ -230,6 +236,15 @@ def measure(n, path):
         m[w] = agg(k) / agg(v)
         m[w + "_fairness"] = max(t for t, _ in k) / min(t for t, _ in k)
         m[w + "_native_fairness"] = max(t for t, _ in v) / min(t for t, _ in v)
+    # The network phase: one transfer per pair of guests (microvm, N >= 2), timed by the sender.
+    k, v = kvm.get("net_send", []), native.get("net_send", [])
+    if k:
+        if len(k) != n // 2 or len(v) != n // 2:
+            sys.exit(f"bench-kvm: net_send ran {len(k)} times under KVM ({path}) and {len(v)} natively, want {n // 2}")
+        rates = [kib * 1024 / total * 1000 for total, kib in k]
+        m["net"] = sum(rates) / sum(kib * 1024 / total * 1000 for total, kib in v)
+        m["net_per_pair"] = statistics.mean(rates)
+        m["net_fairness"] = max(rates) / min(rates)
     # Memory: L1's free memory before the launch and with all guests at /init.
     before = one(r"kvmbench: launch tsc=\d+ free_kib=(\d+)", text, path)
     booted = one(r"kvmbench: memory booted free_kib=(\d+)", text, path)
@@ -261,6 +276,14 @@ for n in counts:
             "native_fairness": med(w + "_native_fairness"),
             "throughput_ratio_runs": [round(m[w], 4) for m in ms],
         }
+    # n/a (None) without pairs: one guest, or the pc machine (no virtio-mmio for the link).
+    entry["net"] = None
+    if all("net" in m for m in ms):
+        entry["net"] = {"pairs": n // 2, "throughput_ratio": med("net"),
+                        "per_pair_mb_s": med("net_per_pair"), "fairness": med("net_fairness"),
+                        "throughput_ratio_runs": [round(m["net"], 4) for m in ms]}
+    elif any("net" in m for m in ms):
+        sys.exit(f"bench-kvm: N = {n}: the network phase ran in some runs only")
     entry["overhead_kib"] = {"l1": round(med("l1")), "qemu": round(med("qemu")),
                              "guest_ram_resident": round(med("ram"))}
     entry["wall_seconds"] = [m["wall"] for m in ms]
@@ -268,19 +291,23 @@ for n in counts:
     entry["stalled_runs"] = len(glob.glob(f"target/bench/consolidate-kvm-{n}-*.stalled-*.log"))
     result["n"].append(entry)
 json.dump(result, open("target/bench/consolidate-kvm.json", "w"), indent=2)
-print(f"{'guests':>6} {'boot all':>9} {'cpu':>6} {'syscall':>8} {'fork+exec':>10} {'fairness':>9} {'overhead/guest':>15} {'L1 boot':>8}")
+print(f"{'guests':>6} {'boot all':>9} {'cpu':>6} {'syscall':>8} {'fork+exec':>10} {'net: all, MB/s/pair':>19} {'fairness':>9} {'overhead/guest':>15} {'L1 boot':>8}")
 for e in result["n"]:
     w = e["workloads"]
     fair = max(w[k]["fairness"] for k in w)
     o = e["overhead_kib"]
+    r = e["net"]["throughput_ratio"] if e["net"] else None
+    net = f"{r:.{2 if r >= 0.1 else 3}f}x {e['net']['per_pair_mb_s']:.1f}" if e["net"] else "n/a"
     print(f"{e['guests']:>6} {e['boot_ratio']:>8.2f}x {w['cpu']['throughput_ratio']:>5.2f}x "
           f"{w['syscall']['throughput_ratio']:>7.2f}x {w['fork_exec']['throughput_ratio']:>9.2f}x "
-          f"{fair:>9.2f} {o['l1'] / 1024:>11.1f} MiB {e['l1_boot'] / native_boot:>7.2f}x")
+          f"{net:>19} {fair:>9.2f} {o['l1'] / 1024:>11.1f} MiB {e['l1_boot'] / native_boot:>7.2f}x")
 print(f"(Linux/KVM in the same QEMU, median of {runs} run(s): boot all: from the start of the N QEMUs")
 print(" in L1 to the last guest at /init, against one native boot (L1 boot: L1 up to that start, not")
 print(" included); workloads: aggregate throughput of the N guests against N copies in one native")
-print(" Linux; fairness: slowest over fastest guest; overhead: L1 memory per guest beyond the guest")
-print(" RAM it touched; JSON in target/bench/consolidate-kvm.json)")
+print(" Linux; net: one TCP transfer per pair of guests (g1 to g2, ...; a UDP socket pair in L1 as")
+print(" the link), aggregate against the same pairs over loopback in one native Linux, and MB/s per")
+print(" pair at 1 instruction = 1 ns; fairness: slowest over fastest guest; overhead: L1 memory per")
+print(" guest beyond the guest RAM it touched; JSON in target/bench/consolidate-kvm.json)")
 for e in result["n"]:
     if e["stalled_runs"]:
         print(f"(N = {e['guests']}: {e['stalled_runs']} run(s) repeated because a guest stalled)")

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Plot the consolidation benchmark (target/bench/consolidate.json, written by
-scripts/bench-consolidate.sh) against the number of compartments N, as an SVG with three
+scripts/bench-consolidate.sh) against the number of compartments N, as an SVG with four
 panels: aggregate throughput in compartments against N copies in one native Linux (per
-workload), the boot of all N against one native boot, and the memory overhead per compartment
-beyond its guest RAM. Each panel shows its target from DEVELOPERS.md as a dashed line. When the
+workload), the boot of all N against one native boot, the memory overhead per compartment
+beyond its guest RAM, and the network transfer between pairs (MB/s per pair in virtual time,
+on a logarithmic scale, with the native pairs over loopback; from N = 2: one compartment has no
+pair). Each panel shows its target from DEVELOPERS.md as a dashed line. When the
 JSON has the Linux/KVM baseline (key "kvm", scripts/bench-kvm.sh: the same N guests under
 Linux/KVM + QEMU in the same emulated machine), each panel also draws it as dotted lines with
 open markers (overhead: L1's memory per guest beyond the guest RAM it touched); the overhead
@@ -28,9 +30,10 @@ if not entries:
 
 kvm = (data.get("kvm") or {}).get("n", [])
 ns = sorted({e["compartments"] for e in entries} | {e["guests"] for e in kvm})
-WIDTH, HEIGHT, PANEL_W, PANEL_H, LEFT, TOP = 960, 350 if kvm else 330, 250, 200, 70, 60
+WIDTH, HEIGHT, PANEL_W, PANEL_H, LEFT, TOP = 1275, 350 if kvm else 330, 250, 200, 70, 60
 COLOURS = {"cpu": "#1f77b4", "syscall": "#d62728", "fork_exec": "#2ca02c",
-           "boot": "#9467bd", "kernel": "#8c564b", "task": "#ff7f0e", "total": "#333333"}
+           "boot": "#9467bd", "kernel": "#8c564b", "task": "#ff7f0e", "total": "#333333",
+           "net": "#17becf", "native": "#7f7f7f"}
 title = "Linux compartments on the L4 kernel against native Linux"
 if kvm:
     title += " and Linux/KVM"
@@ -71,11 +74,16 @@ def panel(index, title, unit, series, target, target_label, low, high, log=False
                f'font-weight="bold">{title}</text>')
     out.append(f'<rect x="{x0}" y="{y0}" width="{PANEL_W}" height="{PANEL_H}" fill="none" '
                f'stroke="#999"/>')
-    # Grid: five steps, or on a log scale (KiB) one per factor of 4, labelled in KiB or MiB.
-    steps = round(math.log(high / low, 4)) if log else 4
+    # Grid: five steps, or on a log scale one per factor of `log` (4: KiB, labelled in KiB or
+    # MiB; 10: plain numbers).
+    base = log if log else 4
+    steps = round(math.log(high / low, base)) if log else 4
     for k in range(steps + 1):
-        v = low * 4 ** k if log else low + (high - low) * k / 4
-        text = (f"{v / 1024:g} M" if v >= 1024 else f"{v:g} K") if log else f"{v:g}"
+        v = low * base ** k if log else low + (high - low) * k / 4
+        if log == 4:
+            text = f"{v / 1024:g} M" if v >= 1024 else f"{v:g} K"
+        else:
+            text = f"{v:g}"
         out.append(f'<line x1="{x0}" x2="{x0 + PANEL_W}" y1="{py(v):.1f}" y2="{py(v):.1f}" '
                    f'stroke="#eee"/>')
         out.append(f'<text x="{x0 - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{text}</text>')
@@ -141,13 +149,25 @@ if kvm:
         ("VMM task memory", COLOURS["task"], task, False),
         ("total", COLOURS["total"], total, False),
         (None, COLOURS["total"], kvm_total, True),
-    ], 2048, "target 2 MiB", low, high, log=True)
+    ], 2048, "target 2 MiB", low, high, log=4)
 else:
     panel(2, "Overhead per compartment", "KiB beyond guest RAM", [
         ("kernel memory", COLOURS["kernel"], kernel, False),
         ("VMM task memory", COLOURS["task"], task, False),
         ("total", COLOURS["total"], total, False),
     ], 2048, "target 2 MiB", 0, max(2400, max(y for _, y in total) * 1.1))
+# The network phase: MB/s per pair (virtual time), compartments, native pairs over loopback and
+# Linux/KVM; N = 1 has no pair (n/a), so its points are absent.
+net = lambda key: lambda e: (e.get("net") or {}).get(key)
+present = lambda points: [(n, y) for n, y in points if y]
+net_series = [("L4 compartments", COLOURS["net"], present(compartments(net("per_pair_mb_s"))), False),
+              ("native (loopback)", COLOURS["native"], present(compartments(net("native_per_pair_mb_s"))), False),
+              ("Linux/KVM" if kvm else None, COLOURS["net"], present(guests(net("per_pair_mb_s"))), True)]
+ys = [y for _, _, points, _ in net_series for _, y in points]
+if ys:
+    low, high = 10 ** math.floor(math.log10(min(ys) * 0.8)), 10 ** math.ceil(math.log10(max(ys) * 4))
+    panel(3, "Network transfer between pairs", "MB/s per pair", net_series, None, "", low, high,
+          log=10)
 out.append("</svg>")
 with open(target, "w", encoding="utf-8") as f:
     f.write("\n".join(out) + "\n")

@@ -10,8 +10,9 @@
  *   kvmbench: memory booted free_kib=K                L1's free memory, SETTLE seconds later,
  *   kvmbench: gI memory booted anon_kib=K ram_rss_kib=K   and each QEMU's
  *   kvmbench: barrier tsc=T                           then "go" is written to every console
- *   kvmbench: gI done tsc=T                           guest I printed its last workload (its
- *                                                     QEMU is ended then: nothing more to measure)
+ *   kvmbench: gI done tsc=T                           guest I printed "l4bench: done" (its
+ *                                                     QEMU is ended then, or when its partner
+ *                                                     is: nothing more to measure)
  *   kvmbench: gI stalled ...                          no line from an unfinished guest for STALL s
  *   kvmbench: gI exit status=S tsc=T
  *   kvmbench: done failed=F stalled=S
@@ -28,7 +29,8 @@
  * anonymous mapping of the guest's RAM size), ram_rss_kib that mapping's resident size.
  *
  * Usage: kvmbench [-s SETTLE] [-t STALL] N RAM_MIB QEMU ARGS...   ("{i}" in an argument
- * becomes the guest number; SETTLE 2.5 s, STALL 60 s of L1 time) | kvmbench tsc */
+ * becomes the guest number, and more: see substitute(); SETTLE 2.5 s, STALL 60 s of L1 time)
+ * | kvmbench tsc */
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
@@ -166,14 +168,50 @@ static void line(int i, char *text) {
             all_at_init = g->last;
         }
     }
-    if (!g->done && strstr(text, "l4bench: fork_exec total=")) {
-        /* Its last workload: end its QEMU (as a native copy exits) rather than wait for the
-         * guest's reboot, which under nested KVM now and then never comes (a lost timer). */
+    if (!g->done && strstr(text, "l4bench: done")) {
+        /* After its last workload: end its QEMU (as a native copy exits) rather than wait for
+         * the guest's reboot, which under nested KVM now and then never comes (a lost timer).
+         * Not before its partner in the network phase (guests 2k-1 and 2k) is done too: the
+         * last frames of a transfer may still be in its QEMU. */
         g->done = 1;
         printf("kvmbench: g%d done tsc=%llu\n", i + 1, (unsigned long long)tsc);
-        kill(g->pid, SIGTERM);
+        int partner = i % 2 ? i - 1 : i + 1;
+        if (partner >= count || guests[partner].done) {
+            kill(g->pid, SIGTERM);
+            if (partner < count && guests[partner].out >= 0)
+                kill(guests[partner].pid, SIGTERM);
+        }
     }
     fflush(stdout);
+}
+
+/* ARGUMENT for guest NUMBER (1, 2, ...): "{i}" becomes the number, "{port}" 5100 + the number,
+ * "{partner_port}" that of its partner (guests 2k-1 and 2k are partners), "{A|B}" A for the
+ * first of a pair (odd numbers), B for the second; other text stays. */
+static char *substitute(const char *argument, int number) {
+    char *out = malloc(strlen(argument) * 4 + 64), *o = out;
+    int partner = number % 2 ? number + 1 : number - 1;
+    for (const char *s = argument; *s;) {
+        const char *end = *s == '{' ? strchr(s, '}') : NULL;
+        const char *bar = end ? memchr(s, '|', (size_t)(end - s)) : NULL;
+        if (end && strncmp(s, "{i}", 3) == 0)
+            o += sprintf(o, "%d", number);
+        else if (end && strncmp(s, "{port}", 6) == 0)
+            o += sprintf(o, "%d", 5100 + number);
+        else if (end && strncmp(s, "{partner_port}", 14) == 0)
+            o += sprintf(o, "%d", 5100 + partner);
+        else if (bar && number % 2)
+            o += sprintf(o, "%.*s", (int)(bar - s - 1), s + 1);
+        else if (bar)
+            o += sprintf(o, "%.*s", (int)(end - bar - 1), bar + 1);
+        else {
+            *o++ = *s++;
+            continue;
+        }
+        s = end + 1;
+    }
+    *o = 0;
+    return out;
 }
 
 int main(int argc, char **argv) {
@@ -217,20 +255,9 @@ int main(int argc, char **argv) {
             return 1;
         }
         if (pid == 0) {
-            char **args = calloc(argc, sizeof *args), number[16];
-            snprintf(number, sizeof number, "%d", i + 1);
-            for (int a = 2; a < argc; a++) {
-                /* Replace each "{i}" by the guest number. */
-                char *out = malloc(strlen(argv[a]) * 4 + 16), *o = out;
-                for (const char *s = argv[a]; *s;)
-                    if (strncmp(s, "{i}", 3) == 0) {
-                        o += sprintf(o, "%s", number);
-                        s += 3;
-                    } else
-                        *o++ = *s++;
-                *o = 0;
-                args[a - 2] = out;
-            }
+            char **args = calloc(argc, sizeof *args);
+            for (int a = 2; a < argc; a++)
+                args[a - 2] = substitute(argv[a], i + 1);
             dup2(to[0], 0);
             dup2(from[1], 1);
             dup2(from[1], 2);
