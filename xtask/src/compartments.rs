@@ -154,7 +154,7 @@ fn is_gzip(path: &std::path::Path) -> bool {
         && magic == [0x1f, 0x8b]
 }
 /// The Linux command line of a compartment on the virtio console (before `l4.name=NAME`).
-const HVC0_CMDLINE: &str = "console=hvc0 earlycon=uart8250,io,0x3f8 quiet panic=-1 printk.time=1";
+const HVC0_CMDLINE: &str = "console=hvc0 quiet earlycon=uart8250,io,0x3f8 panic=-1 printk.time=1";
 /// The Linux command line of a compartment on the 16550A (before `l4.name=NAME`).
 const TTYS0_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 
@@ -1635,9 +1635,9 @@ mod tests {
                 source: Source::Text(
                     [
                         LAUNCH_HEADER,
-                        "text alpha.cmdline console=hvc0 earlycon=uart8250,io,0x3f8 quiet \
+                        "text alpha.cmdline console=hvc0 quiet earlycon=uart8250,io,0x3f8 \
                          panic=-1 printk.time=1 l4.name=alpha l4.ip=10.0.0.1/24\n",
-                        "text beta.cmdline console=hvc0 earlycon=uart8250,io,0x3f8 quiet \
+                        "text beta.cmdline console=hvc0 quiet earlycon=uart8250,io,0x3f8 \
                          panic=-1 printk.time=1 l4.name=beta l4.ip=10.0.0.2/24\n",
                         "task cons cons service io=0x3f8/3 irq=4 client=alpha client=beta\n",
                         "task sw.lan netsw service ram=4M port=alpha port=beta\n",
