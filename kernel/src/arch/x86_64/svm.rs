@@ -349,6 +349,23 @@ pub unsafe fn run(
 global_asm!(
     r#"
 .section .text
+// The guest's general registers into the `GuestRegisters` at rsi (its rsi in rax).
+.macro SAVE_GUEST_REGISTERS
+    mov [rsi + 0], rbx
+    mov [rsi + 8], rcx
+    mov [rsi + 16], rdx
+    mov [rsi + 24], rax
+    mov [rsi + 32], rdi
+    mov [rsi + 40], rbp
+    mov [rsi + 48], r8
+    mov [rsi + 56], r9
+    mov [rsi + 64], r10
+    mov [rsi + 72], r11
+    mov [rsi + 80], r12
+    mov [rsi + 88], r13
+    mov [rsi + 96], r14
+    mov [rsi + 104], r15
+.endm
 .global svm_world_switch
 svm_world_switch:
     push rbx
@@ -383,38 +400,11 @@ svm_world_switch:
     sti
     vmrun rax
     cli
-    push rsi
+    mov rax, rsi
+    mov rsi, [rsp + 16]
+    SAVE_GUEST_REGISTERS
     mov rsi, [rsp + 24]
-    mov [rsi + 0], rbx
-    mov [rsi + 8], rcx
-    mov [rsi + 16], rdx
-    mov [rsi + 32], rdi
-    mov [rsi + 40], rbp
-    mov [rsi + 48], r8
-    mov [rsi + 56], r9
-    mov [rsi + 64], r10
-    mov [rsi + 72], r11
-    mov [rsi + 80], r12
-    mov [rsi + 88], r13
-    mov [rsi + 96], r14
-    mov [rsi + 104], r15
-    pop rax
-    mov [rsi + 24], rax
-    mov rsi, [rsp + 24]
-    mov [rsi + 0], rbx
-    mov [rsi + 8], rcx
-    mov [rsi + 16], rdx
-    mov [rsi + 24], rax
-    mov [rsi + 32], rdi
-    mov [rsi + 40], rbp
-    mov [rsi + 48], r8
-    mov [rsi + 56], r9
-    mov [rsi + 64], r10
-    mov [rsi + 72], r11
-    mov [rsi + 80], r12
-    mov [rsi + 88], r13
-    mov [rsi + 96], r14
-    mov [rsi + 104], r15
+    SAVE_GUEST_REGISTERS
     mov rax, [rsp]
     vmsave rax
     mov rax, [rsp + 8]
