@@ -34,6 +34,34 @@ impl Received {
     }
 }
 
+/// The IPC system call with its register assignment (see `kernel/docs/syscalls.md`, 4): the
+/// words 0..4 in r8, r9, r12, r13; evaluates to (rax, tag, badge, words 0..4). Extra operands
+/// (the UTCB's address as a hint) go last. Must be used in an `unsafe` block.
+macro_rules! ipc_syscall {
+    ($number:expr, $destination:expr, $source:expr, $tag:expr, $timeouts:expr, $w:expr
+     $(, $extra:tt($reg:tt) $value:expr)*) => {{
+        let (rax, rtag, badge, o0, o1, o2, o3): (u64, u64, u64, u64, u64, u64, u64);
+        let w: [u64; 4] = $w;
+        asm!(
+            "syscall",
+            inlateout("rax") $number as u64 => rax,
+            in("rdi") $destination,
+            inlateout("rsi") $source => badge,
+            inlateout("rdx") $tag => rtag,
+            in("r10") $timeouts,
+            inlateout("r8") w[0] => o0,
+            inlateout("r9") w[1] => o1,
+            inlateout("r12") w[2] => o2,
+            inlateout("r13") w[3] => o3,
+            $($extra($reg) $value,)*
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+        (rax, rtag, badge, [o0, o1, o2, o3])
+    }};
+}
+
 /// Register-level IPC: returns (rax, tag, badge, words 0..4).
 ///
 /// # Safety
@@ -49,26 +77,8 @@ pub unsafe fn raw_ipc(
     timeouts: u64,
     w: [u64; 4],
 ) -> (u64, u64, u64, [u64; 4]) {
-    let (rax, rtag, badge, o0, o1, o2, o3): (u64, u64, u64, u64, u64, u64, u64);
     // SAFETY: the kernel writes only the listed output registers (and rcx/r11).
-    unsafe {
-        asm!(
-            "syscall",
-            inlateout("rax") number as u64 => rax,
-            in("rdi") destination,
-            inlateout("rsi") source => badge,
-            inlateout("rdx") tag => rtag,
-            in("r10") timeouts,
-            inlateout("r8") w[0] => o0,
-            inlateout("r9") w[1] => o1,
-            inlateout("r12") w[2] => o2,
-            inlateout("r13") w[3] => o3,
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack),
-        );
-    }
-    (rax, rtag, badge, [o0, o1, o2, o3])
+    unsafe { ipc_syscall!(number, destination, source, tag, timeouts, w) }
 }
 
 fn error(rax: u64) -> IpcError {
@@ -92,29 +102,12 @@ impl Utcb {
         timeouts: u64,
         w: [u64; 4],
     ) -> (u64, u64, u64, [u64; 4]) {
-        let (rax, rtag, badge, o0, o1, o2, o3): (u64, u64, u64, u64, u64, u64, u64);
         // SAFETY: the kernel writes only the listed output registers (and rcx/r11) and, of
         // memory, only this UTCB, which `self` borrows exclusively; passing its address tells
         // the compiler that the syscall reads and writes it.
         unsafe {
-            asm!(
-                "syscall",
-                inlateout("rax") number as u64 => rax,
-                in("rdi") destination,
-                inlateout("rsi") source => badge,
-                inlateout("rdx") tag => rtag,
-                in("r10") timeouts,
-                inlateout("r8") w[0] => o0,
-                inlateout("r9") w[1] => o1,
-                inlateout("r12") w[2] => o2,
-                inlateout("r13") w[3] => o3,
-                in("r14") self as *mut Utcb,
-                lateout("rcx") _,
-                lateout("r11") _,
-                options(nostack),
-            );
+            ipc_syscall!(number, destination, source, tag, timeouts, w, in("r14") self as *mut Utcb)
         }
-        (rax, rtag, badge, [o0, o1, o2, o3])
     }
 
     fn load(&mut self, tag: MessageTag, words: &[u64]) -> [u64; 4] {
