@@ -35,6 +35,14 @@ if "pub mod parent" not in abi:
     i, j = s.index("/// RAM from the parent"), s.index("/// Whether the server answers")
     s = s[:i] + "/// RAM from the parent: this kernel's root task has no RAM service.\nfn parent_ram() -> (u64, u64) {\n    (RAM_AT, 0)\n}\n\n" + s[j:]
 main.write_text(s)
+# l4::rt::fault_in_image (the fuzzer faults in its image first): copy this tree's into the
+# old runtime when it has none.
+old_rt = d / "kernel/user/l4/src/rt.rs"
+rt_text = old_rt.read_text()
+if "fn fault_in_image" not in rt_text:
+    new_rt = pathlib.Path("kernel/user/l4/src/rt.rs").read_text()
+    i = new_rt.index("/// Fault in every page of this task's own image")
+    old_rt.write_text(rt_text.rstrip("\n") + "\n\n" + new_rt[i:])
 workers = d / "kernel/user/fuzz/src/workers.rs"
 s = workers.read_text()
 if "pub mod exception" not in (d / "kernel/abi/src/lib.rs").read_text():

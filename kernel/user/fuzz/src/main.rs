@@ -82,42 +82,6 @@ fn heap_region(size: u64, align: u64) -> (u64, u64) {
     (base, size)
 }
 
-/// Fault in every page of this image before the first batch (as ktest does): an image page
-/// first touched between a batch's two quota readings (around deleting the sandbox) would have
-/// its page-table entries charged to our factory there, and the sandbox would seem not to give
-/// back all of its quota (the image's layout decides which batch it hits).
-fn fault_in_image() {
-    extern "C" {
-        // The default linker script's start of the image: the ELF header (our first
-        // loadable segment starts at the file's beginning).
-        static __executable_start: u8;
-    }
-    let header = (&raw const __executable_start).cast::<u8>();
-    // A little-endian field of the ELF header or a program header.
-    let word = |offset: usize, bytes: usize| -> u64 {
-        (0..bytes).fold(0, |value, i| {
-            // SAFETY: the ELF header and program headers lie in our first loadable segment.
-            let byte = unsafe { core::ptr::read_volatile(header.add(offset + i)) };
-            value | (byte as u64) << (8 * i)
-        })
-    };
-    let (phoff, phentsize, phnum) = (word(32, 8) as usize, word(54, 2) as usize, word(56, 2));
-    const PT_LOAD: u64 = 1;
-    const PAGE: u64 = l4::abi::PAGE_SIZE;
-    for i in 0..phnum as usize {
-        let at = phoff + i * phentsize;
-        if word(at, 4) != PT_LOAD {
-            continue;
-        }
-        let (start, size) = (word(at + 16, 8), word(at + 40, 8));
-        for page in (start & !(PAGE - 1)..start + size).step_by(PAGE as usize) {
-            // SAFETY: a byte of one of our loaded segments (mapped on demand by our pager);
-            // reading it has no effect.
-            unsafe { core::ptr::read_volatile(page.max(start) as *const u8) };
-        }
-    }
-}
-
 /// RAM from the parent (`ram=SIZE`, 2 MiB pages), if it gives any.
 fn parent_ram() -> (u64, u64) {
     let Some(size) = argument("ram").and_then(l4::abi::parse_size) else {
@@ -293,7 +257,7 @@ fn main() -> i64 {
         first + seeds
     );
     l4::println!("1..{seeds}");
-    fault_in_image();
+    l4::rt::fault_in_image();
     let quotas = used(slots::FACTORY).is_some();
     if !quotas {
         l4::println!("fuzz: this kernel has no QuotaCheck: quota invariants off, only panics and hangs are found");

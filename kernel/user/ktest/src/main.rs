@@ -64,43 +64,8 @@ const HUGE: Plan = Plan(&[huge::HUGE_PAGE_CASES]);
 
 const _: () = assert!(FULL.len() <= tap::MAX_CASES && HUGE.len() <= tap::MAX_CASES);
 
-/// Fault in every page of our own image (code, read-only data, data, bss) before the first
-/// case: an image page faulted in lazily in the middle of a case would charge its page-table
-/// entries to the quota the case compares (the image's layout decides which case it hits).
-fn fault_in_image() {
-    extern "C" {
-        // The default linker script's start of the image: the ELF header (our first
-        // loadable segment starts at the file's beginning).
-        static __executable_start: u8;
-    }
-    let header = (&raw const __executable_start).cast::<u8>();
-    // A little-endian field of the ELF header or a program header.
-    let word = |offset: usize, bytes: usize| -> u64 {
-        (0..bytes).fold(0, |value, i| {
-            // SAFETY: the ELF header and program headers lie in our first loadable segment.
-            let byte = unsafe { core::ptr::read_volatile(header.add(offset + i)) };
-            value | (byte as u64) << (8 * i)
-        })
-    };
-    let (phoff, phentsize, phnum) = (word(32, 8) as usize, word(54, 2) as usize, word(56, 2));
-    const PT_LOAD: u64 = 1;
-    const PAGE: u64 = l4::abi::PAGE_SIZE;
-    for i in 0..phnum as usize {
-        let at = phoff + i * phentsize;
-        if word(at, 4) != PT_LOAD {
-            continue;
-        }
-        let (start, size) = (word(at + 16, 8), word(at + 40, 8));
-        for page in (start & !(PAGE - 1)..start + size).step_by(PAGE as usize) {
-            // SAFETY: a byte of one of our loaded segments (mapped on demand by our pager);
-            // reading it has no effect.
-            unsafe { core::ptr::read_volatile(page.max(start) as *const u8) };
-        }
-    }
-}
-
 fn main() -> i64 {
-    fault_in_image();
+    l4::rt::fault_in_image();
     if l4::rt::arguments().split_whitespace().any(|w| w == "huge") {
         tap::begin(&HUGE);
         println!("# ktest: 1 GiB pages");

@@ -200,3 +200,39 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     print(format_args!("panic: {info}\n"));
     exit(101)
 }
+
+/// Fault in every page of this task's own image (code, read-only data, data, bss): for tests
+/// that compare quotas (ktest before its first case, the fuzzer before its first batch), an image
+/// page faulted in lazily between two readings would charge its page-table entries to the
+/// quota compared (the image's layout decides which reading it hits).
+pub fn fault_in_image() {
+    extern "C" {
+        // The default linker script's start of the image: the ELF header (our first
+        // loadable segment starts at the file's beginning).
+        static __executable_start: u8;
+    }
+    let header = (&raw const __executable_start).cast::<u8>();
+    // A little-endian field of the ELF header or a program header.
+    let word = |offset: usize, bytes: usize| -> u64 {
+        (0..bytes).fold(0, |value, i| {
+            // SAFETY: the ELF header and program headers lie in our first loadable segment.
+            let byte = unsafe { core::ptr::read_volatile(header.add(offset + i)) };
+            value | (byte as u64) << (8 * i)
+        })
+    };
+    let (phoff, phentsize, phnum) = (word(32, 8) as usize, word(54, 2) as usize, word(56, 2));
+    const PT_LOAD: u64 = 1;
+    const PAGE: u64 = l4_abi::PAGE_SIZE;
+    for i in 0..phnum as usize {
+        let at = phoff + i * phentsize;
+        if word(at, 4) != PT_LOAD {
+            continue;
+        }
+        let (start, size) = (word(at + 16, 8), word(at + 40, 8));
+        for page in (start & !(PAGE - 1)..start + size).step_by(PAGE as usize) {
+            // SAFETY: a byte of one of our loaded segments (mapped on demand by our pager);
+            // reading it has no effect.
+            unsafe { core::ptr::read_volatile(page.max(start) as *const u8) };
+        }
+    }
+}
