@@ -460,15 +460,10 @@ fn map(
 /// syscall, and the thread keeps how far it got).
 fn unmap(k: &mut Kernel, id: ThreadId, fpage: u64, flags: u64) -> Result<bool, Error> {
     // Progress counts only for the same call re-executed (`ExRegs` forgets it).
-    let Some(flags) = UnmapFlags::from_bits(flags) else {
-        k.thread(id).unmap_progress = None;
-        return Err(Error::InvalidArgument);
-    };
+    let progress = k.thread(id).unmap_progress.take();
+    let flags = UnmapFlags::from_bits(flags).ok_or(Error::InvalidArgument)?;
     let include_self = flags.contains(UnmapFlags::SELF);
-    let from = k
-        .thread(id)
-        .unmap_progress
-        .take()
+    let from = progress
         .filter(|p| p.fpage == fpage && p.include_self == include_self)
         .map(|p| p.next);
     let task = current_task(k);
