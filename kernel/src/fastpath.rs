@@ -4,7 +4,7 @@
 //! with fewer steps; when any fails it returns and the slow path (`syscall::dispatch`) runs.
 //! It defines no behaviour of its own.
 //!
-//! `VcpuRun` takes a shortcut of the same kind at the start of the slow path ([`try_vcpu_run`]):
+//! `VcpuRun` takes a shortcut of the same kind when the fast path declines ([`try_vcpu_run`]):
 //! its vCPU capability looked up through the caller's own task, then [`crate::vm::run`], and
 //! after an exit straight back to the caller when the kernel would pick it anyway (the exit
 //! loop of a VMM is a call and reply with the guest).
@@ -146,26 +146,52 @@ pub unsafe fn try_fastpath(k: &mut Kernel, frame: *mut Frame) {
     unsafe { k.resume_thread(target, receiver_ptr) }
 }
 
-/// The `VcpuRun` shortcut for the current thread `caller`'s `VcpuRun(slot, mask, deadline)`
-/// ([`vcpu_run`]); returns if the capability is no vCPU capability with `CONTROL` (the slow
-/// path reports the error). Called by the slow path (`syscall::dispatch`), not from
-/// [`try_fastpath`]: there, any call made every system call save more registers on entry (4 to
-/// 8 instructions per IPC round trip, measured).
-pub fn try_vcpu_run(k: &mut Kernel, caller: ThreadId, slot: u64, mask: u64, deadline: u64) {
-    let Some(thread) = k.threads.get_ptr(caller) else {
-        return;
+/// The `VcpuRun` shortcut, taken by the syscall entry when the IPC fast path did not take the
+/// call ([`try_vcpu_run`]).
+///
+/// # Safety
+/// As for [`try_fastpath`].
+#[inline(always)]
+pub unsafe fn try_vcpu_run_entry(k: &mut Kernel, frame: *mut Frame) {
+    // SAFETY: the current thread's frame (per the caller).
+    if unsafe { (*frame).rax } == Syscall::VcpuRun as u64 {
+        // SAFETY: as above.
+        unsafe { try_vcpu_run(k, frame) }
+    }
+}
+
+/// `VcpuRun(slot, mask, deadline)` of the current thread, whose syscall entry saved its
+/// registers at `frame` ([`vcpu_run`]); returns if the capability is no vCPU capability with
+/// `CONTROL` (the slow path reports the error). Out of line: in [`try_fastpath`]'s function
+/// any call makes every system call save more registers on entry (4 to 8 instructions per
+/// IPC round trip, measured), and after the fast path fails a call costs nothing but itself.
+///
+/// # Safety
+/// As for [`try_fastpath`].
+#[inline(never)]
+unsafe fn try_vcpu_run(k: &mut Kernel, frame: *mut Frame) {
+    let Some(caller) = k.current else { return };
+    // SAFETY: as in `try_fastpath`: the frame is the `frame` field of the live, boxed current
+    // thread; no reference to the thread is held.
+    let thread = unsafe { frame.byte_sub(core::mem::offset_of!(Thread, frame)) }.cast::<Thread>();
+    // SAFETY: as above (only fields are read).
+    let (task, slot, mask, deadline) = unsafe {
+        (
+            (*thread).task,
+            (*thread).frame.rdi,
+            (*thread).frame.rsi,
+            (*thread).frame.rdx,
+        )
     };
-    // SAFETY: the live, boxed current thread (only a field is read).
-    let task = unsafe { (*thread).task };
-    // SAFETY: as above; no reference to it is held.
+    // SAFETY: as above.
     unsafe { vcpu_run(k, caller, thread, task, slot, mask, deadline) };
 }
 
 /// `VcpuRun` of the current thread `caller` (at `thread`, of `task`) on the vCPU in capability
 /// slot `slot`: when the capability is a vCPU capability with `CONTROL` (else this returns and
 /// the slow path reports the error), runs it and ends the system call: straight back to the
-/// caller after an exit when nothing else is due ([`Kernel::continue_current`]), else through
-/// the dispatcher's end ([`crate::syscall::finish`]).
+/// caller after an exit, else (a restart, an error, objects to reap) through the dispatcher's
+/// end ([`crate::syscall::finish`]).
 ///
 /// # Safety
 /// `thread` must point to the live, boxed thread `caller`, and no reference to it may be held.
@@ -197,11 +223,15 @@ unsafe fn vcpu_run(
         && k.reaping.is_empty()
         && k.dying_vms.is_empty()
     {
-        // The dispatcher's end for a finished non-IPC call: rax = 0, then the schedule.
+        // The dispatcher's end for a finished non-IPC call: rax = 0, then the schedule, which
+        // picks the caller: it was running when it entered, and a run that ends `Done` took
+        // no interrupt (a physical interrupt ends the run with a restart; it is taken when
+        // the caller returns to user mode, and schedules then) and woke no thread (the one
+        // IPC a run makes, to a VM's pager, restarts the call too). So it continues.
         // SAFETY: per the caller (`vm::run` holds no reference to it either).
         unsafe {
             (*thread).frame.rax = 0;
-            k.continue_current(caller, thread);
+            k.resume_thread(caller, thread);
         }
     }
     crate::syscall::finish(k, caller, Syscall::VcpuRun as u64, false, result)

@@ -12,13 +12,24 @@
 //!
 //! Either way, the switch path ([`Kernel::resume_thread`], also the IPC fast path's) tests one
 //! per-thread flag against one kernel flag and calls [`Kernel::switch_fpu`] only when they
-//! say the CPU is not as this thread needs it. A VM run hands the registers to the guest
-//! ([`surrender`]): the owner's are saved first, so a VMM thread gets its own state back after
-//! `VcpuRun` and never a guest's. After the run the registers hold the guest's values (its
-//! copy is saved in the vCPU) and belong to nobody: every thread loads its own before it can
-//! reach them, and the next guest's XRSTOR replaces them all.
+//! say the CPU is not as this thread needs it.
+//!
+//! Guests (with XCR0 switching, i.e. XSAVE) take part the same way. A VM run hands the
+//! registers to the guest ([`surrender`]): the owner's are saved first, so a VMM thread gets
+//! its own state back after `VcpuRun` and never a guest's; the guest's state is loaded from its
+//! vCPU's area. After the run the registers still hold the guest's values: that vCPU is the
+//! live *guest* ([`Fpu::guest`]; owner and guest are never both set), with CR0.TS as before
+//! the run (VMRUN loads the guest's CR0 and the exit restores the host's). The next run of the
+//! same vCPU finds them in place and loads nothing, the common case of a VMM whose exit
+//! handling does not touch the registers. Whatever else needs them first, a thread's first
+//! use (#NM, or the eager switch) or another vCPU's run, saves them to the vCPU's area first
+//! ([`evict_guest`]). Between runs XCR0 is always the user one: a guest's smaller or larger
+//! XCR0 is set only around its runs, and changing XCR0 leaves the state of the components it
+//! no longer covers unmodified (Intel SDM vol. 1, 13.1; QEMU's XSETBV changes only XCR0), so
+//! the eviction, made with XCR0 covering every component a guest may use, saves them all.
 
 use crate::arch::x86_64::fpu::{self as hw, Area, Hardware, INITIAL};
+use crate::arch::x86_64::svm;
 use crate::kernel::Kernel;
 use crate::object::ThreadId;
 use alloc::boxed::Box;
@@ -38,6 +49,12 @@ pub struct Fpu {
     pub trap: bool,
     /// Whether the eager policy is in force.
     pub eager: bool,
+    /// The vCPU whose guest registers are live in the CPU, by its extended-state area (a
+    /// frame; `None`: no guest's). Set only while `owner` is `None`.
+    pub guest: Option<u64>,
+    /// The components of a guest's area (XCR0 while it is saved or loaded), from SVM setup; 0
+    /// without XCR0 switching (no guest is ever live then).
+    pub guest_xstate: u64,
 }
 
 impl Fpu {
@@ -55,6 +72,8 @@ impl Fpu {
             owner: None,
             trap: false,
             eager,
+            guest: None,
+            guest_xstate: 0,
         }
     }
 }
@@ -94,15 +113,16 @@ impl Kernel {
         }
     }
 
-    /// Save the owner's registers (if another thread owns them), load `id`'s and make it the
-    /// owner. CR0.TS must be clear.
+    /// Save the owner's registers (if another thread owns them) or a live guest's, load
+    /// `id`'s and make it the owner. CR0.TS must be clear.
     fn load_fpu(&mut self, id: ThreadId) {
+        if self.fpu.owner == Some(id) {
+            return;
+        }
         let hardware = self.fpu.hardware;
-        if let Some(owner) = self.fpu.owner.take() {
-            if owner == id {
-                self.fpu.owner = Some(id);
-                return;
-            }
+        if self.fpu.guest.is_some() {
+            evict_guest(self);
+        } else if let Some(owner) = self.fpu.owner.take() {
             if let Some(t) = self.threads.get_mut(owner) {
                 t.fpu_loaded = false;
                 if let Some(area) = t.fpu.as_deref_mut() {
@@ -129,18 +149,21 @@ pub fn device_not_available(k: &mut Kernel) {
     k.load_fpu(id);
 }
 
-/// Hand the registers to a guest about to run on behalf of the current thread: the owner's
-/// are saved, and with `clear` the initial state is loaded (needed when the guest's own state
-/// is not loaded over all of them: without XSAVE the guest would otherwise see the owner's);
-/// afterwards nobody owns the registers and CR0.TS is clear, so the kernel may load the
-/// guest's state. The next thread to run gets its own state back through the usual switch.
+/// Hand the registers to a guest about to run on behalf of the current thread, whose state
+/// is not live (see [`Fpu::guest`]): the owner's are saved, or another live guest's, and with
+/// `clear` the initial state is loaded (needed when the guest's own state is not loaded over
+/// all of them: without XSAVE the guest would otherwise see the owner's); afterwards nobody
+/// owns the registers and CR0.TS is clear, so the kernel may load the guest's state. The next
+/// thread to run gets its own state back through the usual switch.
 pub fn surrender(k: &mut Kernel, clear: bool) {
     if k.fpu.trap {
         hw::clear_task_switched();
         k.fpu.trap = false;
     }
     let hardware = k.fpu.hardware;
-    if let Some(owner) = k.fpu.owner.take() {
+    if k.fpu.guest.is_some() {
+        evict_guest(k);
+    } else if let Some(owner) = k.fpu.owner.take() {
         if let Some(t) = k.threads.get_mut(owner) {
             t.fpu_loaded = false;
             if let Some(area) = t.fpu.as_deref_mut() {
@@ -150,6 +173,36 @@ pub fn surrender(k: &mut Kernel, clear: bool) {
     }
     if clear {
         hardware.restore(&INITIAL);
+    }
+}
+
+/// Save the live guest's registers to its vCPU's area and make them nobody's. XCR0 is the user
+/// one (as between all runs); the save is made with XCR0 covering all of the area's
+/// components. CR0.TS must be clear.
+fn evict_guest(k: &mut Kernel) {
+    let Some(area) = k.fpu.guest.take() else {
+        return;
+    };
+    let (user, all) = (k.fpu.hardware.xcr0, k.fpu.guest_xstate);
+    // SAFETY: a guest is live only with XCR0 switching (CR4.OSXSAVE set, `all` a valid XCR0
+    // covering the user one); `area` is that vCPU's extended-state frame, live (destroying the
+    // vCPU forgets it first, `forget_guest`) and used only for this.
+    unsafe {
+        if user != all {
+            svm::set_xcr0(all);
+        }
+        svm::xsave(area, all);
+        if user != all {
+            svm::set_xcr0(user);
+        }
+    }
+}
+
+/// The vCPU whose extended-state area is `area` goes: its registers, if live, are nobody's (the
+/// next restore overwrites them, as a dead thread's).
+pub fn forget_guest(k: &mut Kernel, area: u64) {
+    if k.fpu.guest == Some(area) {
+        k.fpu.guest = None;
     }
 }
 

@@ -65,13 +65,18 @@ extern "C" fn syscall_dispatch(frame: *mut Frame) -> ! {
     let k = kernel::kernel();
     // SAFETY: the syscall stub passes the current thread's frame.
     unsafe { fastpath::try_fastpath(k, frame) };
+    // SAFETY: as above.
+    unsafe { fastpath::try_vcpu_run_entry(k, frame) };
     syscall::dispatch(k)
 }
 
 /// Entry from the syscall stub when the fast path is disabled (`nofastpath`).
 #[no_mangle]
-extern "C" fn syscall_dispatch_slow(_frame: *mut Frame) -> ! {
-    syscall::dispatch(kernel::kernel())
+extern "C" fn syscall_dispatch_slow(frame: *mut Frame) -> ! {
+    let k = kernel::kernel();
+    // SAFETY: the syscall stub passes the current thread's frame.
+    unsafe { fastpath::try_vcpu_run_entry(k, frame) };
+    syscall::dispatch(k)
 }
 
 /// Entry from the interrupt and exception stubs.

@@ -39,12 +39,6 @@ pub enum Next {
 /// Handle the syscall of the current thread (its registers are in its frame).
 pub fn dispatch(k: &mut Kernel) -> ! {
     let id = k.current_id();
-    // The `VcpuRun` shortcut before the frame is copied (a VMM's exit loop runs this often).
-    let t = k.thread(id);
-    if t.frame.rax == Syscall::VcpuRun as u64 {
-        let (slot, mask, deadline) = (t.frame.rdi, t.frame.rsi, t.frame.rdx);
-        crate::fastpath::try_vcpu_run(k, id, slot, mask, deadline);
-    }
     let f = k.thread(id).frame;
     let number = f.rax;
     let mut receive_phase = number == Syscall::Receive as u64;

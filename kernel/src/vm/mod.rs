@@ -255,6 +255,7 @@ pub(crate) fn write_segment(
 /// being destroyed): its VMCB and extended-state area are freed, its quota refunded, and its
 /// reference on its VM dropped (which may destroy the VM).
 pub fn destroy_vcpu(k: &mut Kernel, vcpu: &Vcpu) {
+    crate::fpu::forget_guest(k, vcpu.fpu);
     k.frames.free_frame(vcpu.vmcb);
     k.frames.free_frame(vcpu.fpu);
     if let Some(q) = k.quotas.get_mut(vcpu.quota) {

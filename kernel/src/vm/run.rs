@@ -22,6 +22,7 @@ const INJECT_GP0: u64 = state::event::GP0;
 /// waiting for the caller (`queued`: whether its sender queue holds anyone) ([`exit::MESSAGE`], checked first), or `deadline` (a TSC value; 0:
 /// none) reached ([`exit::DEADLINE`]). Without pending IRQs or queued senders this is two
 /// loads and, with a deadline, an `rdtsc`.
+#[inline(always)]
 fn software_exit(k: &mut Kernel, caller: ThreadId, queued: bool, deadline: u64) -> Option<u64> {
     // The common case (no IRQ pending anywhere, nobody queued on the caller) in two loads.
     if (k.pending_irqs != 0 && crate::irq::pending_for(k, caller).is_some())
@@ -71,6 +72,7 @@ pub fn run(
 ///
 /// # Safety
 /// `thread` must point to the live, boxed thread `caller`, and no reference to it may be held.
+#[inline(always)]
 pub unsafe fn run_thread(
     k: &mut Kernel,
     caller: ThreadId,
@@ -97,11 +99,16 @@ pub unsafe fn run_thread(
     let vm = k.vms.get_ptr(vm_id).ok_or(Error::InvalidCapability)?;
     // SAFETY: as above.
     load_state(unsafe { &mut *vcpu_ptr }, words, mask)?;
-    // The guest gets the registers: the owner's user state is saved first (the VMM thread
-    // gets its own back when it next runs), and user threads run with the user XCR0. With
-    // XCR0 switching the guest's XRSTOR below replaces every user component (`xstate` holds
-    // them all), else the registers are cleared here.
-    crate::fpu::surrender(k, !xcr0_switching);
+    // The guest gets the registers, unless its own are still live from its last run
+    // (`fpu::Fpu::guest`): the owner's user state is saved first (the VMM thread gets its own
+    // back when it next uses them), or another guest's, and user threads run with the user
+    // XCR0. With XCR0 switching the guest's XRSTOR below replaces every user component
+    // (`xstate` holds them all), else the registers are cleared here.
+    // SAFETY: the live vCPU (see above).
+    let area = unsafe { (*vcpu_ptr).fpu };
+    if !xcr0_switching || k.fpu.guest != Some(area) {
+        crate::fpu::surrender(k, !xcr0_switching);
+    }
     let user_xcr0 = k.fpu.hardware.xcr0;
     // Where the guest's RBX..R15 are loaded from for the next entry: the words, when the VMM
     // loaded them (first entry only); else the vCPU's copy. After a run both hold them.
@@ -147,15 +154,24 @@ pub unsafe fn run_thread(
         // its nested page tables hold only what the VMM mapped.
         unsafe {
             if xcr0_switching {
-                // The guest's x87/SSE/AVX registers, all of `xstate` (nothing of a thread's or
-                // another guest's stays), then its XCR0. XCR0 is the user one here; each
-                // XSETBV is made only if it changes XCR0.
-                if user_xcr0 != xstate {
-                    svm::set_xcr0(xstate);
-                }
-                svm::xrstor(vcpu.fpu, xstate);
-                if vcpu.xcr0 != xstate {
-                    svm::set_xcr0(vcpu.xcr0);
+                if k.fpu.guest == Some(area) {
+                    // Its registers are live (CR0.TS may be set: VMRUN loads the guest's CR0);
+                    // only its XCR0 is set, as XCR0 is the user one between runs.
+                    if vcpu.xcr0 != user_xcr0 {
+                        svm::set_xcr0(vcpu.xcr0);
+                    }
+                } else {
+                    // The guest's x87/SSE/AVX registers, all of `xstate` (nothing of a
+                    // thread's or another guest's stays), then its XCR0. CR0.TS is clear
+                    // (`fpu::surrender`); each XSETBV is made only if it changes XCR0.
+                    if user_xcr0 != xstate {
+                        svm::set_xcr0(xstate);
+                    }
+                    svm::xrstor(area, xstate);
+                    k.fpu.guest = Some(area);
+                    if vcpu.xcr0 != xstate {
+                        svm::set_xcr0(vcpu.xcr0);
+                    }
                 }
             }
             // Its DR0-DR3 (DR6 and DR7 are in the VMCB) once it has written them; afterwards
@@ -179,18 +195,14 @@ pub unsafe fn run_thread(
                 vcpu.debug = svm::take_debug_registers();
             }
             if xcr0_switching {
-                // Save what the guest left (XCR0 as the CPU accepted it) and return to the
-                // host's XCR0. The registers keep the guest's values, owned by nobody
-                // (`fpu::surrender`): no thread reaches them before its own are loaded (CR0.TS
-                // traps its first use, or the eager switch loads them when it is resumed),
-                // and the next guest's XRSTOR replaces them all.
+                // Note the XCR0 the guest left (as the CPU accepted it: its XSETBV is not
+                // intercepted under QEMU) and return to the user one. The registers keep the
+                // guest's values, live for its next run and owned by no thread (`fpu`): none
+                // reaches them before they are saved (CR0.TS traps its first use, or the eager
+                // switch saves them when it is resumed).
                 let guest_xcr0 = svm::xcr0();
                 vcpu.xcr0 = guest_xcr0;
-                if guest_xcr0 != xstate {
-                    svm::set_xcr0(xstate);
-                }
-                svm::xsave(vcpu.fpu, xstate);
-                if user_xcr0 != xstate {
+                if guest_xcr0 != user_xcr0 {
                     svm::set_xcr0(user_xcr0);
                 }
             }

@@ -29,6 +29,7 @@ const TABLE_REGISTERS: [(usize, usize); 2] = [(state::GDTR, vmcb::GDTR), (state:
 
 /// Load the state groups in `mask` from `words` into the vCPU, refusing state the kernel does
 /// not allow (it cannot count on the CPU to reject inconsistent state).
+#[inline(always)]
 pub(crate) fn load_state(
     vcpu: &mut Vcpu,
     words: &[u64; 64],
@@ -134,6 +135,7 @@ pub(crate) fn store_state(vcpu: &Vcpu, words: &mut [u64; 64], unstored: state::G
 
 /// Store the state of `vcpu` into `words` after a run but the groups in `unstored`, and but
 /// RBX..R15, which the world switch wrote there itself.
+#[inline(always)]
 pub(crate) fn store_exit_state(vcpu: &Vcpu, words: &mut [u64; 64], unstored: state::Groups) {
     let frame = vcpu.vmcb;
     words[state::EXIT_CODE] = read::<u64>(frame, vmcb::EXIT_CODE) & 0xffff_ffff;

@@ -264,6 +264,27 @@ impl Handler for TestGuest<'_> {
                 mask |= Groups::EVENTS;
                 0
             }
+            9 => {
+                // Set this VMM thread's own x87 control word to rbx: its first x87
+                // instruction since the run takes the registers from the guest.
+                let control = w[state::RBX] as u16;
+                // SAFETY: loads the x87 control word (masks, precision, rounding) of this
+                // thread only; no Rust code uses x87 arithmetic.
+                unsafe { core::arch::asm!("fldcw [{}]", in(reg) &control, options(nostack)) };
+                0
+            }
+            10 => {
+                // Report this thread's x87 control word (set by hypercall 9, a guest run
+                // since), then reset it to the initial 0x37f.
+                let mut control = 0u16;
+                let initial = 0x37fu16;
+                // SAFETY: stores, then loads, this thread's x87 control word.
+                unsafe {
+                    core::arch::asm!("fnstcw [{}]", in(reg) &mut control, options(nostack));
+                    core::arch::asm!("fldcw [{}]", in(reg) &initial, options(nostack));
+                }
+                u64::from(control)
+            }
             _ => u64::MAX,
         };
         w[state::RIP] += exits::VMMCALL_LENGTH;
