@@ -6,9 +6,10 @@
 #     sigma0, the root task, the VMM and Linux in the compartment) and the workloads of initramfs/l4bench.c (CPU loop, getppid,
 #     fork+exec+wait), and the VMM's exit counts by reason;
 #   * in wall-clock time, without icount: QEMU start to exit of a boot to /init that reboots
-#     at once (l4exit), median of 3 runs, native and compartment interleaved; the compartment
+#     at once (l4exit), median of 5 runs, native and compartment interleaved; the compartment
 #     once with the native command line (console on COM1, one exit per character) and once
-#     with its virtio console (console=hvc0, output in batches);
+#     with its virtio console (console=hvc0, output in batches), and both with `quiet` added
+#     to the same command line (console on COM1, only warnings and errors printed);
 #   * getppid in the L4Linux mode (linux-bench-l4: every user system call through L4 IPC to a
 #     syscall monitor task) beside native and guest system calls, with exits per call, against
 #     SOSP'97's getpid (native 223 cycles, L4Linux 526, trampoline 753).
@@ -21,10 +22,10 @@ if ! cargo xtask test --logs target/bench linux-native linux-bench linux-bench-l
     echo "bench-linux.sh: a Linux run failed (logs in target/bench/)" >&2
     exit 1
 fi
-runs=3
+runs=5
 for i in $(seq 1 $runs); do
     echo "bench-linux: wall-clock boot, run $i of $runs" >&2
-    if ! cargo xtask test --logs "target/bench/wall-$i" linux-native-boot linux-boot linux-boot-hvc >&2; then
+    if ! cargo xtask test --logs "target/bench/wall-$i" linux-native-boot linux-boot linux-boot-hvc linux-native-boot-quiet linux-boot-quiet >&2; then
         echo "bench-linux.sh: a boot failed (logs in target/bench/wall-$i/)" >&2
         exit 1
     fi
@@ -47,13 +48,14 @@ if m:
     for name, count in re.findall(r"([\w-]+) (\d+)", m.group(1)):
         exits[name] = int(count)
 wall = {k: statistics.median(float(read(f"target/bench/wall-{i}/{k}.seconds")) for i in range(1, runs + 1))
-        for k in ("linux-native-boot", "linux-boot", "linux-boot-hvc")}
+        for k in ("linux-native-boot", "linux-boot", "linux-boot-hvc", "linux-native-boot-quiet", "linux-boot-quiet")}
 rows = [("QEMU reset to /init (instructions)", run_init(native), run_init(compartment))]
 wn, wc = workloads(native), workloads(compartment)
 for w in ("cpu", "syscall", "fork_exec"):
     rows.append((f"{w} per operation (instructions)", wn.get(w), wc.get(w)))
 rows.append((f"boot to /init and reboot, wall clock s (median of {runs})", wall["linux-native-boot"], wall["linux-boot"]))
 rows.append(("  the same, compartment console on hvc0 (virtio)", wall["linux-native-boot"], wall["linux-boot-hvc"]))
+rows.append(("  the same, quiet on both command lines (COM1)", wall["linux-native-boot-quiet"], wall["linux-boot-quiet"]))
 phases = [{"phase": p, "exits": int(t), "ms": int(ms), "per_second": int(r), "by_reason": why}
           for p, t, ms, r, why in re.findall(r"\[vmm [^]]*\] exits in phase (\S+): (\d+) in (\d+) ms \((\d+)/s\): (.*)", compartment)]
 result = {"unit": "guest ns under -icount shift=0 (= instructions) unless noted",

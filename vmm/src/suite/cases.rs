@@ -89,9 +89,10 @@ fn rights_cases() {
     );
     // The guest image is mapped read-only into us: mapped with all rights into the VM, it is
     // still read-only there. mov [RIGHTS_PAGE + 0x1000], eax; out 0xe4, al.
+    let image_page = l4::rt::blob("guest").map_or(0, |b| b.as_ptr() as u64 & !0xfff);
     let read_only = sys::map(
         vm.vm,
-        Fpage::memory(BLOB_ADDRESS, 12, Fpage::RWX),
+        Fpage::memory(image_page, 12, Fpage::RWX),
         RIGHTS_PAGE + 0x1000,
         MapFlags::empty(),
     );

@@ -42,8 +42,6 @@ fn run(vcpu: u64, mask: Groups, deadline: u64) -> Result<u64, Error> {
     l4::utcb::with_utcb(|u| vmm::vcpu::run(u, vcpu, mask, deadline))
 }
 
-/// Where the root task maps our guest image (module option `blob=NAME`).
-const BLOB_ADDRESS: u64 = 0x0000_0900_0000_0000;
 /// Guest RAM mapped up front: 8 MiB at guest-physical 0.
 const RAM_SIZE: u64 = 8 << 20;
 /// Guest RAM mapped on first touch: 8..12 MiB.

@@ -96,15 +96,46 @@ impl Frames {
     }
 }
 
+/// Make `frame` all zeros: it is read first, and written only if a byte is not zero. Under
+/// QEMU, memory nobody wrote since the machine started reads as zeros cheaply, while the first
+/// write to each page costs the host a page fault and QEMU its first-write bookkeeping (about
+/// 35 times a later write): a guest's RAM zeroed by writing took some 0.75 s of a 1.6 s boot.
+/// Handing out a frame that is already zero is the same as zeroing it, whoever wrote it last.
 fn zero(frame: u64) {
-    // SAFETY: the frame is in sigma0's physical window and not yet handed to anyone.
+    let start = SIGMA0_PHYS_WINDOW + frame;
+    let mask: u32;
+    // SAFETY: reads the frame's 4 KiB (16-byte aligned, in sigma0's physical window, not yet
+    // handed to anyone) with SSE2 loads, ORed together; compares the result with zero.
     unsafe {
-        core::ptr::write_bytes(
-            (SIGMA0_PHYS_WINDOW + frame) as *mut u8,
-            0,
-            PAGE_SIZE as usize,
+        core::arch::asm!(
+            "pxor xmm0, xmm0",
+            "2:",
+            "por xmm0, [{p}]",
+            "por xmm0, [{p} + 16]",
+            "por xmm0, [{p} + 32]",
+            "por xmm0, [{p} + 48]",
+            "por xmm0, [{p} + 64]",
+            "por xmm0, [{p} + 80]",
+            "por xmm0, [{p} + 96]",
+            "por xmm0, [{p} + 112]",
+            "add {p}, 128",
+            "cmp {p}, {end}",
+            "jne 2b",
+            "pxor xmm1, xmm1",
+            "pcmpeqb xmm0, xmm1",
+            "pmovmskb {mask:e}, xmm0",
+            p = inout(reg) start => _,
+            end = in(reg) start + PAGE_SIZE,
+            mask = out(reg) mask,
+            out("xmm0") _,
+            out("xmm1") _,
+            options(nostack, readonly),
         )
     };
+    if mask != 0xffff {
+        // SAFETY: as above: the frame is sigma0's and nobody else's yet.
+        unsafe { core::ptr::write_bytes(start as *mut u8, 0, PAGE_SIZE as usize) };
+    }
 }
 
 /// Whether `physical..physical + size` lies in one KIP region of `kind`.
