@@ -227,11 +227,12 @@ unsafe fn vcpu_run(
         // picks the caller: it was running when it entered, and a run that ends `Done` took
         // no interrupt (a physical interrupt ends the run with a restart; it is taken when
         // the caller returns to user mode, and schedules then) and woke no thread (the one
-        // IPC a run makes, to a VM's pager, restarts the call too). So it continues.
+        // IPC a run makes, to a VM's pager, restarts the call too). So it continues, and as
+        // nothing else ran, with its address space and the rest still in place.
         // SAFETY: per the caller (`vm::run` holds no reference to it either).
         unsafe {
             (*thread).frame.rax = 0;
-            k.resume_thread(caller, thread);
+            k.return_to_caller(caller, thread);
         }
     }
     crate::syscall::finish(k, caller, Syscall::VcpuRun as u64, false, result)

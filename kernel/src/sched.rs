@@ -102,6 +102,24 @@ impl Kernel {
         unsafe { self.resume_thread(id, thread as *const Thread) }
     }
 
+    /// Return to user mode in the current thread `id` (at `thread`) after a system call of its
+    /// own during which no other thread ran and nothing was switched: its address space, UTCB
+    /// pointer, I/O bitmap and kernel stack are still loaded, so only its FPU state (which a
+    /// guest run may have taken) is made right ([`Kernel::resume_thread`]'s first step).
+    ///
+    /// # Safety
+    /// `thread` must point to the live, boxed thread `id`, the one last resumed.
+    #[inline(always)]
+    pub unsafe fn return_to_caller(&mut self, id: ThreadId, thread: *const Thread) -> ! {
+        debug_assert_eq!(self.current, Some(id));
+        // SAFETY: per the caller; the flag is read before any reference exists.
+        if unsafe { (*thread).fpu_loaded } == self.fpu.trap {
+            self.switch_fpu(id);
+        }
+        // SAFETY: as above: the frame lives in the boxed thread until the next kernel entry.
+        unsafe { crate::arch::x86_64::entry::return_to_caller(&raw const (*thread).frame) }
+    }
+
     /// Return to user mode in thread `id`, whose object is at `thread` (a shortcut of
     /// [`Kernel::resume`] for callers that hold the pointer already).
     ///

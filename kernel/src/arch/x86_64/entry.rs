@@ -270,6 +270,23 @@ pub unsafe fn return_to_user(frame: *const Frame) -> ! {
     }
 }
 
+/// Return to user mode in the thread that entered the kernel with `frame`, when no other
+/// thread ran since: the kernel stack top and the syscall entry's frame pointer are still this
+/// frame's (set when it was resumed), so only the registers are restored.
+///
+/// # Safety
+/// As for [`return_to_user`]; in addition the thread must be the one last resumed.
+#[inline(always)]
+pub unsafe fn return_to_caller(frame: *const Frame) -> ! {
+    // SAFETY: single CPU with interrupts disabled; per the caller.
+    unsafe {
+        debug_assert!(
+            (&raw const CURRENT_FRAME_END).read() == frame as u64 + size_of::<Frame>() as u64
+        );
+        restore_frame(frame)
+    }
+}
+
 global_asm!(
     r#"
 .section .text
