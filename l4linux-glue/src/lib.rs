@@ -39,6 +39,7 @@ pub mod lapic;
 pub mod mmio;
 pub mod mptable;
 pub mod multiboot;
+pub mod netpacket;
 pub mod netring;
 pub mod netswitch;
 pub mod platform;
