@@ -15,9 +15,12 @@
 //! ring or chain is an error value; the virtio-mmio version-2 transport ([`virtio::mmio`]) as an
 //! [`mmio::MmioDevice`] in front of a backend; a console ([`virtio::console`]) and a block
 //! device over a memory image ([`virtio::block`]) and a network device that exchanges Ethernet
-//! frames with a backend ([`virtio::net`]). Not yet wired into the VMM. For networking between
-//! compartments: a single-producer, single-consumer frame ring over shared memory that
-//! treats its peer as hostile ([`netring`]).
+//! frames with a backend ([`virtio::net`], with checksum and TCP segmentation offloads and
+//! mergeable receive buffers). For networking between compartments: a single-producer,
+//! single-consumer ring of variable-length records over shared memory that treats its peer as
+//! hostile ([`netring`]), the virtio-net header that travels with each frame, its checks and
+//! the software segmentation and checksum completion for receivers without the offloads
+//! ([`netpacket`]), and the switch's forwarding decision ([`netswitch`]).
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -39,6 +42,7 @@ pub mod lapic;
 pub mod mmio;
 pub mod mptable;
 pub mod multiboot;
+pub mod netpacket;
 pub mod netring;
 pub mod netswitch;
 pub mod platform;

@@ -1,6 +1,7 @@
-//! A single-producer, single-consumer ring of Ethernet frames in memory shared between two
-//! tasks (a VMM and the virtual switch, one ring per direction), as pure logic over a
-//! [`SharedMemory`] trait: the VMM implements it over the mapped pages, tests over atomics.
+//! A single-producer, single-consumer ring of variable-length records (Ethernet frames with
+//! their virtio-net header) in memory shared between two tasks (a VMM and the virtual switch,
+//! one ring per direction), as pure logic over a [`SharedMemory`] trait: the VMM implements it
+//! over the mapped pages, tests over atomics.
 //!
 //! # Layout
 //!
@@ -9,53 +10,63 @@
 //!
 //! | offset | bytes | what |
 //! | --- | --- | --- |
-//! | 0 | 4 | producer index: frames published so far (wrapping `u32`), written only by the producer |
-//! | 64 | 4 | consumer index: frames consumed so far (wrapping `u32`), written only by the consumer |
-//! | 128 + i * slot_size | slot_size | slot i: a little-endian `u32` length, then the frame |
+//! | 0 | 4 | producer index: bytes published so far (wrapping `u32`), written only by the producer |
+//! | 64 | 4 | consumer index: bytes consumed so far (wrapping `u32`), written only by the consumer |
+//! | 128 | `data` | the records: byte `n` of the stream at `128 + n % data` |
 //!
-//! Frame `n` lives in slot `n % slots`; the ring is empty when the indices are equal and full
-//! when the producer is `slots` ahead. The indices sit in separate 64-byte lines so that the
-//! two sides do not write the same cache line.
+//! A record is a little-endian `u32` length `L` (1 ..= the layout's largest record) and `L`
+//! bytes, padded to a multiple of 8 ([`RECORD_ALIGN`]). A record never wraps around the end of
+//! the data area: where it would, the producer writes the marker [`WRAP`] instead of a length
+//! and the record starts at the beginning (the skipped bytes count as used). The ring is
+//! empty when the indices are equal; it holds at most `data` bytes. The indices sit in
+//! separate 64-byte lines so that the two sides do not write the same cache line. Large
+//! records (64 KiB GSO frames) and small ones (ACKs) share the same bytes, so the ring's
+//! capacity is in bytes, like a TCP window.
 //!
 //! # Memory-ordering contract (for the shared-memory implementation)
 //!
-//! * The producer writes the slot (length word and frame) with plain stores, then publishes
+//! * The producer writes the record (length word and bytes) with plain stores, then publishes
 //!   the new producer index with [`SharedMemory::store_release`]. The consumer reads the
-//!   producer index with [`SharedMemory::load_acquire`] and only then reads the slot: release
-//!   and acquire make the slot's contents visible before the index that covers it.
-//! * The consumer copies the frame out of the slot, then publishes the new consumer index with
-//!   release; the producer reads it with acquire before it reuses the slot, so it never
-//!   overwrites a slot that is still being read.
+//!   producer index with [`SharedMemory::load_acquire`] and only then reads the record:
+//!   release and acquire make the record's contents visible before the index that covers it.
+//! * The consumer copies the record out, then publishes the new consumer index with release;
+//!   the producer reads it with acquire before it reuses the bytes, so it never overwrites a
+//!   record that is still being read.
 //! * Each side keeps its own index in private memory and only ever writes it to the shared
 //!   copy: it never reads its own index back (the other side could have changed it).
 //! * The plain accesses ([`SharedMemory::read`], [`SharedMemory::write`]) race with a hostile
-//!   peer by design; an implementation must make them well-defined anyway (volatile or relaxed
-//!   atomic copies, never a Rust reference to the shared bytes). The indices are aligned
-//!   32-bit words, so `AtomicU32` accesses with `Acquire` / `Release` ordering fit.
+//!   peer by design; an implementation must make them well-defined anyway (volatile,
+//!   assembly or relaxed atomic copies, never a Rust reference to the shared bytes). The
+//!   indices are aligned 32-bit words, so `AtomicU32` accesses with `Acquire` / `Release`
+//!   ordering fit.
 //!
 //! # Hostile peers
 //!
-//! Each side treats what the other writes as hostile. The consumer reads the length word once
-//! into private memory, refuses a length of 0 or past the slot ([`RingError::BadLength`]: the
-//! slot is skipped, so one bad frame costs one frame) and refuses a producer index that is
-//! more than `slots` ahead of its own ([`RingError::IndexJump`], nothing consumed: the link is
-//! broken until the peer's index is sane again). The producer refuses a consumer index that is
-//! ahead of its own or more than `slots` behind. Every access lies inside
-//! [`RingLayout::bytes`], which [`Producer::new`] and [`Consumer::new`] check against the
-//! memory's length, so no index or length from the peer can lead out of the region.
+//! Each side treats what the other writes as hostile. The consumer reads a length word once
+//! into private memory and refuses a length of 0, one past the largest record, past the end
+//! of the data area or past what was published ([`RingError::BadLength`]: since the next
+//! record's place is then unknown, everything published so far is skipped; the peer only
+//! loses its own records), and refuses a producer index more than `data` bytes ahead of its
+//! own or not a multiple of [`RECORD_ALIGN`] ([`RingError::IndexJump`], nothing consumed: the
+//! link is broken until the peer's index is sane again). The producer refuses a consumer index that is ahead of its own or more
+//! than `data` behind. Every access lies inside [`RingLayout::bytes`], which
+//! [`Producer::new`] and [`Consumer::new`] check against the memory's length, so no index or
+//! length from the peer can lead out of the region.
 
-use alloc::vec;
-use alloc::vec::Vec;
 use core::fmt;
 
 /// Offset of the producer index.
 pub const PRODUCER_INDEX: usize = 0;
 /// Offset of the consumer index.
 pub const CONSUMER_INDEX: usize = 64;
-/// Offset of slot 0.
-pub const SLOTS_OFFSET: usize = 128;
-/// Bytes of a slot's length word.
+/// Offset of the data area.
+pub const DATA_OFFSET: usize = 128;
+/// Bytes of a record's length word.
 pub const LENGTH_WORD: usize = 4;
+/// Records start at multiples of this many bytes.
+pub const RECORD_ALIGN: usize = 8;
+/// The length word that says "the next record starts at the beginning of the data area".
+pub const WRAP: u32 = u32::MAX;
 
 /// The memory a ring lives in: `len()` bytes, offsets from 0.
 ///
@@ -89,8 +100,8 @@ pub trait SharedMemory {
 /// Why a ring could not be set up or used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingError {
-    /// The slot count is not a power of two (or 0), or a slot cannot hold a length word and
-    /// one byte, is not a multiple of 4 bytes, or the ring does not fit in `usize`.
+    /// The data area is not a power of two of at least 16 bytes (or does not fit in `u32`),
+    /// or the largest record is 0 or takes more than half of it.
     BadLayout,
     /// The memory is smaller than the layout.
     MemoryTooSmall {
@@ -99,7 +110,7 @@ pub enum RingError {
         /// Bytes the memory has.
         length: usize,
     },
-    /// The peer's index is impossible: the producer's more than `slots` ahead of the
+    /// The peer's index is impossible: the producer's more than the data area ahead of the
     /// consumer's, or the consumer's ahead of the producer's.
     IndexJump {
         /// This side's index.
@@ -107,12 +118,18 @@ pub enum RingError {
         /// The index the peer published.
         peer: u32,
     },
-    /// A slot's length word is 0 or more than a slot holds (the slot was skipped).
+    /// A record's length word is 0, past the largest record, the data area's end or what was
+    /// published (everything published was skipped).
     BadLength {
-        /// The slot's frame number.
+        /// Where the record starts in the byte stream.
         index: u32,
         /// The length word.
         length: u32,
+    },
+    /// The caller's buffer is shorter than the record (the record was skipped).
+    BufferTooSmall {
+        /// The record's length.
+        length: usize,
     },
 }
 
@@ -127,19 +144,22 @@ impl fmt::Display for RingError {
                 write!(f, "peer index {peer} is impossible against ours, {own}")
             }
             RingError::BadLength { index, length } => {
-                write!(f, "frame {index} has a bad length {length}")
+                write!(f, "the record at {index} has a bad length {length}")
+            }
+            RingError::BufferTooSmall { length } => {
+                write!(f, "a record of {length} bytes does not fit the buffer")
             }
         }
     }
 }
 
-/// Why a frame was not queued.
+/// Why a record was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
-    /// Every slot is in use (the consumer is behind): drop the frame or retry later.
+    /// Not enough free bytes (the consumer is behind): drop the record or retry later.
     Full,
-    /// The frame is empty or longer than [`RingLayout::max_frame`].
-    BadFrame(usize),
+    /// The record is empty or longer than [`RingLayout::max_record`].
+    BadRecord(usize),
     /// The consumer's index is impossible.
     Ring(RingError),
 }
@@ -148,72 +168,68 @@ impl fmt::Display for PushError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             PushError::Full => write!(f, "frame ring full"),
-            PushError::BadFrame(length) => write!(f, "a frame of {length} bytes does not fit"),
+            PushError::BadRecord(length) => write!(f, "a record of {length} bytes does not fit"),
             PushError::Ring(error) => write!(f, "{error}"),
         }
     }
 }
 
-/// The geometry of a ring: how many slots of how many bytes.
+/// The geometry of a ring: the bytes of its data area and the largest record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingLayout {
-    slots: u32,
-    slot_size: u32,
+    data: u32,
+    max_record: u32,
+}
+
+/// The bytes a record of `length` bytes takes (length word, record, padding).
+fn footprint(length: usize) -> usize {
+    (LENGTH_WORD + length).next_multiple_of(RECORD_ALIGN)
 }
 
 impl RingLayout {
-    /// A ring of `slots` slots (a power of two) of `slot_size` bytes each (a multiple of 4,
-    /// more than the 4-byte length word).
-    pub fn new(slots: u32, slot_size: u32) -> Result<Self, RingError> {
-        let layout = RingLayout { slots, slot_size };
-        if !slots.is_power_of_two()
-            || slot_size as usize <= LENGTH_WORD
-            || !slot_size.is_multiple_of(4)
-            || layout.checked_bytes().is_none()
+    /// A ring whose data area has `data` bytes (a power of two, at least 16) for records of
+    /// up to `max_record` bytes (at least 1; with its length word and padding at most half the
+    /// data area, so that a record always fits once the ring is empty).
+    pub fn new(data: u32, max_record: u32) -> Result<Self, RingError> {
+        if !data.is_power_of_two()
+            || data < 16
+            || max_record == 0
+            || footprint(max_record as usize) > data as usize / 2
         {
             return Err(RingError::BadLayout);
         }
-        Ok(layout)
+        Ok(RingLayout { data, max_record })
     }
 
-    /// The layout the VMM-switch link uses: 256 slots of 2 KiB (516 KiB in all), room for any
-    /// Ethernet frame without a jumbo MTU.
+    /// The layout of the VMM-switch link: 256 KiB of data for records of a virtio-net header
+    /// and a frame of up to 64 KiB (a GSO frame).
     pub fn ethernet() -> Self {
         RingLayout {
-            slots: 256,
-            slot_size: 2048,
+            data: 256 << 10,
+            max_record: (crate::netpacket::HEADER_SIZE + crate::netpacket::MAX_GSO_FRAME) as u32,
         }
     }
 
-    fn checked_bytes(&self) -> Option<usize> {
-        (self.slots as usize)
-            .checked_mul(self.slot_size as usize)?
-            .checked_add(SLOTS_OFFSET)
+    /// The bytes of the data area.
+    pub fn data(&self) -> u32 {
+        self.data
     }
 
-    /// The number of slots.
-    pub fn slots(&self) -> u32 {
-        self.slots
-    }
-
-    /// The bytes of one slot.
-    pub fn slot_size(&self) -> u32 {
-        self.slot_size
-    }
-
-    /// The largest frame a slot holds.
-    pub fn max_frame(&self) -> usize {
-        self.slot_size as usize - LENGTH_WORD
+    /// The largest record.
+    pub fn max_record(&self) -> usize {
+        self.max_record as usize
     }
 
     /// The bytes the ring occupies.
     pub fn bytes(&self) -> usize {
-        // Checked in `new`.
-        self.slots as usize * self.slot_size as usize + SLOTS_OFFSET
+        DATA_OFFSET + self.data as usize
     }
 
-    fn slot(&self, index: u32) -> usize {
-        SLOTS_OFFSET + (index & (self.slots - 1)) as usize * self.slot_size as usize
+    /// Where byte `index` of the stream is, and how many bytes are left to the data area's
+    /// end from there.
+    fn position(&self, index: u32) -> (usize, usize) {
+        let at = (index & (self.data - 1)) as usize;
+        (DATA_OFFSET + at, self.data as usize - at)
     }
 
     fn check<M: SharedMemory>(&self, memory: &M) -> Result<(), RingError> {
@@ -261,7 +277,7 @@ impl<M: SharedMemory> Producer<M> {
         self.layout
     }
 
-    /// Frames published so far (wrapping).
+    /// Bytes published so far (wrapping).
     pub fn index(&self) -> u32 {
         self.head
     }
@@ -271,11 +287,11 @@ impl<M: SharedMemory> Producer<M> {
         self.memory
     }
 
-    /// Frames published and not yet consumed, as far as the consumer's index tells.
+    /// Bytes published and not yet consumed, as far as the consumer's index tells.
     pub fn pending(&self) -> Result<u32, RingError> {
         let tail = self.memory.load_acquire(CONSUMER_INDEX);
         let used = self.head.wrapping_sub(tail);
-        if used > self.layout.slots {
+        if used > self.layout.data {
             return Err(RingError::IndexJump {
                 own: self.head,
                 peer: tail,
@@ -284,20 +300,43 @@ impl<M: SharedMemory> Producer<M> {
         Ok(used)
     }
 
-    /// Copy `frame` into the next slot and publish it.
-    pub fn push(&mut self, frame: &[u8]) -> Result<(), PushError> {
-        if frame.is_empty() || frame.len() > self.layout.max_frame() {
-            return Err(PushError::BadFrame(frame.len()));
+    /// Whether a record of `length` bytes would fit now.
+    pub fn has_room(&self, length: usize) -> Result<bool, RingError> {
+        let free = (self.layout.data - self.pending()?) as usize;
+        let (_, rest) = self.layout.position(self.head);
+        let need = footprint(length);
+        Ok(if need > rest {
+            rest + need <= free
+        } else {
+            need <= free
+        })
+    }
+
+    /// Copy the record made of `parts` (one after the other) into the ring and publish it.
+    pub fn push(&mut self, parts: &[&[u8]]) -> Result<(), PushError> {
+        let length: usize = parts.iter().map(|p| p.len()).sum();
+        if length == 0 || length > self.layout.max_record() {
+            return Err(PushError::BadRecord(length));
         }
-        if self.pending().map_err(PushError::Ring)? == self.layout.slots {
+        if !self.has_room(length).map_err(PushError::Ring)? {
             return Err(PushError::Full);
         }
-        let slot = self.layout.slot(self.head);
-        // Fits: max_frame() < 2^32.
-        let length = frame.len() as u32;
-        self.memory.write(slot, &length.to_le_bytes());
-        self.memory.write(slot + LENGTH_WORD, frame);
-        self.head = self.head.wrapping_add(1);
+        let need = footprint(length);
+        let (mut at, rest) = self.layout.position(self.head);
+        if need > rest {
+            self.memory.write(at, &WRAP.to_le_bytes());
+            // Fits: rest <= data < 2^32.
+            self.head = self.head.wrapping_add(rest as u32);
+            at = DATA_OFFSET;
+        }
+        // Fits: max_record < 2^32.
+        self.memory.write(at, &(length as u32).to_le_bytes());
+        let mut offset = at + LENGTH_WORD;
+        for part in parts {
+            self.memory.write(offset, part);
+            offset += part.len();
+        }
+        self.head = self.head.wrapping_add(need as u32);
         self.memory.store_release(PRODUCER_INDEX, self.head);
         Ok(())
     }
@@ -308,7 +347,6 @@ pub struct Consumer<M> {
     memory: M,
     layout: RingLayout,
     tail: u32,
-    buffer: Vec<u8>,
 }
 
 impl<M: SharedMemory> Consumer<M> {
@@ -320,7 +358,6 @@ impl<M: SharedMemory> Consumer<M> {
             memory,
             layout,
             tail: 0,
-            buffer: vec![0; layout.max_frame()],
         })
     }
 
@@ -329,7 +366,7 @@ impl<M: SharedMemory> Consumer<M> {
         self.layout
     }
 
-    /// Frames consumed so far (wrapping).
+    /// Bytes consumed so far (wrapping).
     pub fn index(&self) -> u32 {
         self.tail
     }
@@ -339,11 +376,12 @@ impl<M: SharedMemory> Consumer<M> {
         self.memory
     }
 
-    /// Frames published and not yet consumed.
+    /// Bytes published and not yet consumed.
     pub fn pending(&self) -> Result<u32, RingError> {
         let head = self.memory.load_acquire(PRODUCER_INDEX);
         let available = head.wrapping_sub(self.tail);
-        if available > self.layout.slots {
+        // Records start and end at multiples of RECORD_ALIGN: an index between is impossible.
+        if available > self.layout.data || !(head as usize).is_multiple_of(RECORD_ALIGN) {
             return Err(RingError::IndexJump {
                 own: self.tail,
                 peer: head,
@@ -352,28 +390,51 @@ impl<M: SharedMemory> Consumer<M> {
         Ok(available)
     }
 
-    /// The next frame, copied out of the ring (the slot is released before this returns), or
-    /// `None` if the ring is empty. A bad length skips its slot and is reported; an impossible
-    /// producer index consumes nothing.
-    pub fn pop(&mut self) -> Result<Option<&[u8]>, RingError> {
-        if self.pending()? == 0 {
+    fn advance(&mut self, bytes: u32) {
+        self.tail = self.tail.wrapping_add(bytes);
+        self.memory.store_release(CONSUMER_INDEX, self.tail);
+    }
+
+    /// Copy the next record into `buffer` and release its bytes; returns its length, or
+    /// `None` if the ring is empty. A bad length skips everything published; a record longer
+    /// than `buffer` is skipped; an impossible producer index consumes nothing.
+    pub fn pop_into(&mut self, buffer: &mut [u8]) -> Result<Option<usize>, RingError> {
+        let mut available = self.pending()?;
+        if available == 0 {
             return Ok(None);
         }
-        let index = self.tail;
-        let slot = self.layout.slot(index);
+        let (mut at, mut rest) = self.layout.position(self.tail);
         let mut word = [0u8; LENGTH_WORD];
-        self.memory.read(slot, &mut word);
-        let length = u32::from_le_bytes(word);
-        let result = match usize::try_from(length) {
-            Ok(n) if n > 0 && n <= self.layout.max_frame() => {
-                self.memory.read(slot + LENGTH_WORD, &mut self.buffer[..n]);
-                Ok(n)
+        self.memory.read(at, &mut word);
+        if u32::from_le_bytes(word) == WRAP && rest as u32 <= available {
+            self.advance(rest as u32);
+            available -= rest as u32;
+            if available == 0 {
+                return Ok(None);
             }
-            _ => Err(RingError::BadLength { index, length }),
+            (at, rest) = self.layout.position(self.tail);
+            self.memory.read(at, &mut word);
+        }
+        let length = u32::from_le_bytes(word);
+        let n = length as usize;
+        if n == 0
+            || n > self.layout.max_record()
+            || footprint(n) > rest
+            || footprint(n) > available as usize
+        {
+            let index = self.tail;
+            self.advance(available);
+            return Err(RingError::BadLength { index, length });
+        }
+        let result = match buffer.get_mut(..n) {
+            Some(buffer) => {
+                self.memory.read(at + LENGTH_WORD, buffer);
+                Ok(Some(n))
+            }
+            None => Err(RingError::BufferTooSmall { length: n }),
         };
-        self.tail = self.tail.wrapping_add(1);
-        self.memory.store_release(CONSUMER_INDEX, self.tail);
-        result.map(|n| Some(&self.buffer[..n]))
+        self.advance(footprint(n) as u32);
+        result
     }
 }
 
@@ -382,6 +443,8 @@ mod tests {
     extern crate std;
 
     use super::*;
+    use alloc::vec;
+    use alloc::vec::Vec;
     use core::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
 
@@ -460,8 +523,9 @@ mod tests {
         }
     }
 
+    /// 256 bytes of data, records of up to 100 bytes.
     fn layout() -> RingLayout {
-        RingLayout::new(8, 64).unwrap()
+        RingLayout::new(256, 100).unwrap()
     }
 
     fn pair() -> (Producer<Atomic>, Consumer<Atomic>, Atomic) {
@@ -476,141 +540,204 @@ mod tests {
         (0..n).map(|i| (i as u32 * 7 + seed) as u8).collect()
     }
 
+    /// The next record, copied out.
+    fn pop<M: SharedMemory>(c: &mut Consumer<M>) -> Result<Option<Vec<u8>>, RingError> {
+        let mut buffer = [0u8; 200];
+        c.pop_into(&mut buffer)
+            .map(|n| n.map(|n| buffer[..n].to_vec()))
+    }
+
     #[test]
     fn layouts() {
-        assert_eq!(RingLayout::new(0, 64), Err(RingError::BadLayout));
-        assert_eq!(RingLayout::new(6, 64), Err(RingError::BadLayout));
-        assert_eq!(RingLayout::new(8, 4), Err(RingError::BadLayout));
-        assert_eq!(RingLayout::new(8, 66), Err(RingError::BadLayout));
-        assert_eq!(RingLayout::new(1 << 31, !3).is_ok(), usize::BITS == 64);
-        let l = RingLayout::new(1, 8).unwrap();
-        assert_eq!(
-            (l.slots(), l.slot_size(), l.max_frame(), l.bytes()),
-            (1, 8, 4, 136)
-        );
+        assert_eq!(RingLayout::new(0, 4), Err(RingError::BadLayout));
+        assert_eq!(RingLayout::new(96, 4), Err(RingError::BadLayout));
+        assert_eq!(RingLayout::new(8, 1), Err(RingError::BadLayout));
+        assert_eq!(RingLayout::new(256, 0), Err(RingError::BadLayout));
+        // 4 + 124 = 128: exactly half; one more byte pads to 136.
+        assert!(RingLayout::new(256, 124).is_ok());
+        assert_eq!(RingLayout::new(256, 125), Err(RingError::BadLayout));
+        assert!(RingLayout::new(1 << 31, 1 << 20).is_ok());
+        let l = RingLayout::new(16, 4).unwrap();
+        assert_eq!((l.data(), l.max_record(), l.bytes()), (16, 4, 144));
         let e = RingLayout::ethernet();
-        assert_eq!(RingLayout::new(e.slots(), e.slot_size()), Ok(e));
-        assert!(e.max_frame() >= crate::virtio::net::MAX_FRAME);
-        assert_eq!(e.bytes(), 128 + 256 * 2048);
+        assert_eq!(RingLayout::new(e.data(), e.max_record() as u32), Ok(e));
+        assert_eq!(
+            e.max_record(),
+            crate::netpacket::HEADER_SIZE + crate::netpacket::MAX_GSO_FRAME
+        );
+        assert_eq!(e.bytes(), 128 + (256 << 10));
         let small = Plain(vec![0; 100]);
         assert_eq!(
             Producer::new(small, layout()).err(),
             Some(RingError::MemoryTooSmall {
-                needed: 640,
+                needed: 384,
                 length: 100
             })
         );
-        assert!(Consumer::new(Plain(vec![0; 639]), layout()).is_err());
+        assert!(Consumer::new(Plain(vec![0; 383]), layout()).is_err());
         assert!(initialize(&mut Plain(vec![]), layout()).is_err());
         assert!(Plain(vec![]).is_empty());
     }
 
     #[test]
-    fn frames_go_through_in_order() {
+    fn records_go_through_in_order_and_wrap() {
         let (mut p, mut c, _) = pair();
-        assert_eq!(c.pop(), Ok(None));
-        for round in 0..100u32 {
-            let n = 1 + (round as usize * 13) % 60;
-            p.push(&frame(n, round)).unwrap();
-            assert_eq!((p.pending(), c.pending()), (Ok(1), Ok(1)));
-            assert_eq!(c.pop().unwrap(), Some(&frame(n, round)[..]));
-            assert_eq!(c.pop(), Ok(None));
+        assert_eq!(pop(&mut c), Ok(None));
+        let mut published = 0u32;
+        for round in 0..300u32 {
+            let n = 1 + (round as usize * 13) % 100;
+            let f = frame(n, round);
+            // Pushed in two parts (header and frame, as the VMM does).
+            let cut = n / 3;
+            p.push(&[&f[..cut], &f[cut..]]).unwrap();
+            published = p.index();
+            assert_eq!(pop(&mut c).unwrap(), Some(f));
+            assert_eq!(pop(&mut c), Ok(None));
         }
-        assert_eq!((p.index(), c.index()), (100, 100));
+        assert_eq!(c.index(), published);
+        assert!(published > 3 * 256, "wrapped several times");
         assert_eq!((p.layout(), c.layout()), (layout(), layout()));
     }
 
     #[test]
-    fn full_and_bad_frames() {
+    fn full_and_bad_records() {
         let (mut p, mut c, _) = pair();
-        assert_eq!(p.push(&[]), Err(PushError::BadFrame(0)));
-        assert_eq!(p.push(&[0; 61]), Err(PushError::BadFrame(61)));
-        for i in 0..8 {
-            p.push(&frame(60, i)).unwrap();
+        assert_eq!(p.push(&[]), Err(PushError::BadRecord(0)));
+        assert_eq!(p.push(&[&[]]), Err(PushError::BadRecord(0)));
+        assert_eq!(p.push(&[&[0; 101]]), Err(PushError::BadRecord(101)));
+        // 60-byte records take 64 bytes: four fill the 256.
+        for i in 0..4 {
+            assert_eq!(p.has_room(60), Ok(true));
+            p.push(&[&frame(60, i)]).unwrap();
         }
-        assert_eq!(p.push(&[1]), Err(PushError::Full));
-        assert_eq!(c.pop().unwrap(), Some(&frame(60, 0)[..]));
-        p.push(&[1]).unwrap();
-        assert_eq!(p.push(&[1]), Err(PushError::Full));
-        for i in 1..8 {
-            assert_eq!(c.pop().unwrap(), Some(&frame(60, i)[..]));
+        assert_eq!(p.has_room(1), Ok(false));
+        assert_eq!(p.push(&[&[1]]), Err(PushError::Full));
+        assert_eq!(pop(&mut c).unwrap(), Some(frame(60, 0)));
+        // 64 bytes free at the start, but a 100-byte record needs 104.
+        assert_eq!(p.push(&[&[1; 100]]), Err(PushError::Full));
+        p.push(&[&[1; 4]]).unwrap();
+        for i in 1..4 {
+            assert_eq!(pop(&mut c).unwrap(), Some(frame(60, i)));
         }
-        assert_eq!(c.pop().unwrap(), Some(&[1u8][..]));
-        assert_eq!(c.pop(), Ok(None));
+        assert_eq!(pop(&mut c).unwrap(), Some(vec![1; 4]));
+        assert_eq!(pop(&mut c), Ok(None));
+        // A record that does not fit before the end wraps (the marker, then the record).
+        let (mut p, mut c, _) = pair();
+        for i in 0..3 {
+            p.push(&[&frame(60, i)]).unwrap();
+        }
+        assert_eq!(pop(&mut c).unwrap(), Some(frame(60, 0)));
+        // 64 bytes to the end, 64 free at the start: 100 bytes need 104 contiguous.
+        assert_eq!(p.has_room(100), Ok(false));
+        assert_eq!(pop(&mut c).unwrap(), Some(frame(60, 1)));
+        p.push(&[&frame(100, 9)]).unwrap();
+        assert_eq!(p.index(), 192 + 64 + 104);
+        assert_eq!(pop(&mut c).unwrap(), Some(frame(60, 2)));
+        assert_eq!(pop(&mut c).unwrap(), Some(frame(100, 9)));
+        assert_eq!(c.index(), p.index());
+        // A buffer too small for a record skips it.
+        p.push(&[&frame(50, 1)]).unwrap();
+        p.push(&[&frame(5, 2)]).unwrap();
+        let mut tiny = [0u8; 10];
+        assert_eq!(
+            c.pop_into(&mut tiny),
+            Err(RingError::BufferTooSmall { length: 50 })
+        );
+        assert_eq!(c.pop_into(&mut tiny), Ok(Some(5)));
+        assert_eq!(tiny[..5], frame(5, 2)[..]);
     }
 
     #[test]
     fn indices_wrap_around_u32() {
         let mut memory = Atomic::new(layout().bytes());
-        memory.store_release(PRODUCER_INDEX, u32::MAX - 2);
-        memory.store_release(CONSUMER_INDEX, u32::MAX - 2);
+        let start = u32::MAX - 255;
+        memory.store_release(PRODUCER_INDEX, start);
+        memory.store_release(CONSUMER_INDEX, start);
         let mut p = Producer::new(memory.clone(), layout()).unwrap();
         let mut c = Consumer::new(memory.clone(), layout()).unwrap();
-        p.head = u32::MAX - 2;
-        c.tail = u32::MAX - 2;
-        for i in 0..20 {
-            p.push(&frame(5, i)).unwrap();
-            p.push(&frame(6, i)).unwrap();
-            assert_eq!(c.pop().unwrap(), Some(&frame(5, i)[..]));
-            assert_eq!(c.pop().unwrap(), Some(&frame(6, i)[..]));
+        p.head = start;
+        c.tail = start;
+        for i in 0..40 {
+            p.push(&[&frame(5, i)]).unwrap();
+            p.push(&[&frame(70, i)]).unwrap();
+            assert_eq!(pop(&mut c).unwrap(), Some(frame(5, i)));
+            assert_eq!(pop(&mut c).unwrap(), Some(frame(70, i)));
         }
-        assert_eq!(c.index(), 37);
+        assert!(c.index() < start, "the index wrapped");
     }
 
     #[test]
     fn hostile_producer() {
         let (mut p, mut c, mut shared) = pair();
-        // Indices that jump ahead by more than the ring, or behind the consumer.
-        for bad in [9, 1000, u32::MAX] {
+        // Indices that jump ahead by more than the ring.
+        for bad in [257, 1000, u32::MAX, 12] {
             shared.store_release(PRODUCER_INDEX, bad);
-            assert_eq!(c.pop(), Err(RingError::IndexJump { own: 0, peer: bad }));
+            assert_eq!(pop(&mut c), Err(RingError::IndexJump { own: 0, peer: bad }));
             assert_eq!(c.index(), 0, "nothing consumed");
         }
-        // Exactly a ring ahead is a full ring of (here: zero-length) slots.
-        shared.store_release(PRODUCER_INDEX, 8);
-        assert_eq!(c.pending(), Ok(8));
-        // Lengths: 0, a byte past the slot, huge.
-        let lengths = [0u32, 61, 0x8000_0000, u32::MAX];
-        for (i, &length) in lengths.iter().enumerate() {
-            shared.write(SLOTS_OFFSET + 64 * i, &length.to_le_bytes());
+        // Lengths: 0, past the largest record, huge, past what was published, past the end
+        // of the data area: each skips everything published.
+        for (length, published) in [(0u32, 64), (101, 256), (0x8000_0000, 8), (60, 32)] {
+            let index = c.index();
+            shared.write(DATA_OFFSET + (index % 256) as usize, &length.to_le_bytes());
+            shared.store_release(PRODUCER_INDEX, index + published);
+            assert_eq!(pop(&mut c), Err(RingError::BadLength { index, length }));
+            assert_eq!(c.index(), index + published);
+            assert_eq!(pop(&mut c), Ok(None));
         }
-        for (i, &length) in lengths.iter().enumerate() {
-            assert_eq!(
-                c.pop(),
-                Err(RingError::BadLength {
-                    index: i as u32,
-                    length
-                })
-            );
-        }
-        // A good slot after the bad ones still comes through.
-        shared.write(SLOTS_OFFSET + 64 * 4, &3u32.to_le_bytes());
-        shared.write(SLOTS_OFFSET + 64 * 4 + 4, b"abc");
-        assert_eq!(c.pop().unwrap(), Some(&b"abc"[..]));
+        // Now at 360 (104 into the area): 100 bytes would reach past its end.
+        let index = c.index();
+        assert_eq!(index % 256, 104);
+        shared.write(DATA_OFFSET + 104, &100u32.to_le_bytes());
+        shared.write(DATA_OFFSET + 104 + 100, &100u32.to_le_bytes());
+        shared.write(DATA_OFFSET + 208, &44u32.to_le_bytes());
+        shared.store_release(PRODUCER_INDEX, index + 152);
+        // 100 fits below the end (104 + 104 = 208 <= 256): fine; then 44 at 208 takes 48.
+        assert_eq!(pop(&mut c).unwrap().map(|f| f.len()), Some(100));
+        assert_eq!(pop(&mut c).unwrap().map(|f| f.len()), Some(44));
+        // A wrap marker that claims more than was published is a bad length.
+        let index = c.index();
+        assert_eq!(index % 256, 0);
+        shared.write(DATA_OFFSET, &WRAP.to_le_bytes());
+        shared.store_release(PRODUCER_INDEX, index + 8);
+        assert_eq!(
+            pop(&mut c),
+            Err(RingError::BadLength {
+                index,
+                length: WRAP
+            })
+        );
+        // A good record after the bad ones still comes through.
+        let index = c.index();
+        let at = DATA_OFFSET + (index % 256) as usize;
+        shared.write(at, &3u32.to_le_bytes());
+        shared.write(at + 4, b"abc");
+        shared.store_release(PRODUCER_INDEX, index + 8);
+        assert_eq!(pop(&mut c).unwrap(), Some(b"abc".to_vec()));
         // The producer sees the consumer's progress.
-        p.head = 8;
-        assert_eq!(p.pending(), Ok(3));
+        p.head = index + 8;
+        assert_eq!(p.pending(), Ok(0));
     }
 
     #[test]
     fn hostile_consumer() {
         let (mut p, _, mut shared) = pair();
-        p.push(b"one").unwrap();
+        p.push(&[b"one"]).unwrap();
         // A consumer index ahead of the producer (or far behind) is refused.
-        for bad in [2, 100, u32::MAX - 7] {
+        for bad in [9, 100, u32::MAX - 255] {
             shared.store_release(CONSUMER_INDEX, bad);
             assert_eq!(
-                p.push(b"two"),
-                Err(PushError::Ring(RingError::IndexJump { own: 1, peer: bad }))
+                p.push(&[b"two"]),
+                Err(PushError::Ring(RingError::IndexJump { own: 8, peer: bad }))
             );
         }
-        assert_eq!(p.index(), 1);
-        shared.store_release(CONSUMER_INDEX, 1);
-        p.push(b"two").unwrap();
+        assert_eq!(p.index(), 8);
+        shared.store_release(CONSUMER_INDEX, 8);
+        p.push(&[b"two"]).unwrap();
     }
 
     /// Random bytes everywhere, rewritten between calls: no panic (the memory checks every
-    /// access), no frame longer than a slot, every call returns.
+    /// access), no record longer than the largest, every call returns.
     #[test]
     fn garbage() {
         let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -620,60 +747,69 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let layout = RingLayout::new(16, 32).unwrap();
+        let layout = RingLayout::new(64, 20).unwrap();
         let mut memory = Plain(vec![0; layout.bytes()]);
         for b in memory.0.iter_mut() {
             *b = random() as u8;
         }
         let mut c = Consumer::new(memory, layout).unwrap();
         let mut good = 0;
+        let mut buffer = [0u8; 20];
         for _ in 0..30_000 {
             let at = (random() as usize) % layout.bytes();
             c.memory.0[at] = random() as u8;
             if random() % 4 == 0 {
-                let head = c.tail.wrapping_add((random() % 20) as u32);
+                let head = c.tail.wrapping_add(match random() % 8 {
+                    0 => (random() % 80) as u32,
+                    _ => 8 * (random() % 10) as u32,
+                });
                 c.memory.store_release(PRODUCER_INDEX, head);
             }
             if random() % 3 == 0 {
-                let at = SLOTS_OFFSET + 32 * (c.tail & 15) as usize;
-                c.memory.write(at, &((random() % 40) as u32).to_le_bytes());
+                let at = DATA_OFFSET + (c.tail & 63) as usize;
+                let length = match random() % 4 {
+                    0 => WRAP,
+                    _ => (random() % 30) as u32,
+                };
+                c.memory.write(at, &length.to_le_bytes());
             }
-            if let Ok(Some(f)) = c.pop() {
-                assert!(!f.is_empty() && f.len() <= 28);
+            if let Ok(Some(n)) = c.pop_into(&mut buffer) {
+                assert!(n > 0 && n <= 20);
                 good += 1;
             }
         }
-        assert!(good > 300, "some frames looked good ({good})");
+        assert!(good > 300, "some records looked good ({good})");
         let text = alloc::format!(
-            "{} {} {} {}",
+            "{} {} {} {} {}",
             RingError::BadLayout,
             RingError::MemoryTooSmall {
                 needed: 1,
                 length: 0
             },
+            RingError::BufferTooSmall { length: 3 },
             PushError::Full,
-            PushError::BadFrame(0)
+            PushError::BadRecord(0)
         );
         assert!(!text.is_empty());
     }
 
-    /// Two threads, one ring: every frame arrives once, intact and in order, with the
+    /// Two threads, one ring: every record arrives once, intact and in order, with the
     /// producer spinning on a full ring and the consumer on an empty one.
     #[test]
     fn two_threads() {
-        const FRAMES: u32 = 50_000;
-        let layout = RingLayout::new(16, 64).unwrap();
+        const RECORDS: u32 = 50_000;
+        let layout = RingLayout::new(512, 200).unwrap();
         let mut memory = Atomic::new(layout.bytes());
         initialize(&mut memory, layout).unwrap();
         let mut p = Producer::new(memory.clone(), layout).unwrap();
         let mut c = Consumer::new(memory, layout).unwrap();
+        let size = |i: u32| 1 + (i as usize * 37) % 200;
         let producer = std::thread::spawn(move || {
             let mut full = 0u64;
-            for i in 0..FRAMES {
-                let n = 1 + (i as usize % 60);
-                let f = frame(n, i);
+            for i in 0..RECORDS {
+                let f = frame(size(i), i);
                 loop {
-                    match p.push(&f) {
+                    match p.push(&[&f]) {
                         Ok(()) => break,
                         Err(PushError::Full) => {
                             full += 1;
@@ -686,11 +822,11 @@ mod tests {
             full
         });
         let mut expected = 0u32;
-        while expected < FRAMES {
-            match c.pop() {
-                Ok(Some(f)) => {
-                    let n = 1 + (expected as usize % 60);
-                    assert_eq!(f, &frame(n, expected)[..], "frame {expected}");
+        let mut buffer = [0u8; 200];
+        while expected < RECORDS {
+            match c.pop_into(&mut buffer) {
+                Ok(Some(n)) => {
+                    assert_eq!(&buffer[..n], &frame(size(expected), expected)[..]);
                     expected += 1;
                 }
                 Ok(None) => std::thread::yield_now(),
@@ -698,7 +834,6 @@ mod tests {
             }
         }
         producer.join().unwrap();
-        assert_eq!(c.pop(), Ok(None));
-        assert_eq!(c.index(), FRAMES);
+        assert_eq!(c.pop_into(&mut buffer), Ok(None));
     }
 }

@@ -28,7 +28,7 @@ use l4linux_glue::uart8250::{self, Uart8250};
 use l4linux_glue::virtio::block::VirtioBlock;
 use l4linux_glue::virtio::console::VirtioConsole;
 use l4linux_glue::virtio::mmio::VirtioMmio;
-use l4linux_glue::virtio::net::{FramePort, VirtioNet};
+use l4linux_glue::virtio::net::{NetBackend, VirtioNet};
 
 /// Guest RAM when the arguments name no size (`mem=SIZE`).
 const DEFAULT_RAM: u64 = 128 << 20;
@@ -91,7 +91,7 @@ const NET_WINDOW: u64 = VIRTIO_BASE + 0x2000;
 const NET_IRQ: u8 = 7;
 
 type Console = VirtioMmio<VirtioConsole<Vec<u8>>, GuestRam>;
-type NetDevice = VirtioMmio<VirtioNet<FramePort>, GuestRam>;
+type NetDevice = VirtioMmio<VirtioNet<crate::net::NetPort>, GuestRam>;
 type Block = VirtioMmio<VirtioBlock<&'static mut [u8]>, GuestRam>;
 
 /// Boot the Linux named by the data modules; returns the compartment's exit status (0: it
@@ -234,11 +234,10 @@ pub fn boot_linux() -> i64 {
         )))
     });
     let net = net.map(|port| {
-        let device = Rc::new(RefCell::new(VirtioMmio::new(
-            VirtioNet::new(port.mac, FramePort::new()),
+        Rc::new(RefCell::new(VirtioMmio::new(
+            VirtioNet::new(port.mac, port),
             memory,
-        )));
-        (port, device)
+        )))
     });
     let mut bus = MmioBus::new();
     if bus
@@ -254,7 +253,7 @@ pub fn boot_linux() -> i64 {
             None => Ok(()),
         })
         .and_then(|()| match &net {
-            Some((_, device)) => {
+            Some(device) => {
                 bus.register(NET_WINDOW, 0x1000, alloc::boxed::Box::new(device.clone()))
             }
             None => Ok(()),
@@ -425,8 +424,8 @@ struct Linux {
     phase_start: (ExitCounts, u64),
     virtio_console: Rc<RefCell<Console>>,
     block: Option<Rc<RefCell<Block>>>,
-    /// The network port and the guest's virtio-net device on it.
-    net: Option<(crate::net::NetPort, Rc<RefCell<NetDevice>>)>,
+    /// The guest's virtio-net device on its network port.
+    net: Option<Rc<RefCell<NetDevice>>>,
     /// Console input goes to the virtio console (the guest's console is hvc0), not COM1.
     input_to_hvc: bool,
 }
@@ -507,10 +506,20 @@ impl Kind for Linux {
         }
         let hvc_output = core::mem::take(self.virtio_console.borrow_mut().backend_mut().sink_mut());
         self.output(&hvc_output);
-        if let Some((port, device)) = &mut self.net {
+        if let Some(device) = &self.net {
+            // Receive what the switch sent as far as the guest has buffers, transmit what the
+            // guest queued and have the switch forward it; while the ring to the switch was
+            // too full for the next frame, kick and go on.
             let mut device = device.borrow_mut();
-            port.pump(device.backend_mut().backend_mut());
-            device.poll();
+            for _ in 0..crate::net::MAX_KICKS {
+                device.poll();
+                let port = device.backend_mut().backend_mut();
+                let blocked = !port.transmit_ready();
+                port.kick();
+                if !blocked {
+                    break;
+                }
+            }
         }
     }
 
@@ -524,7 +533,7 @@ impl Kind for Linux {
                 .platform
                 .set_irq(BLOCK_IRQ.into(), block.borrow().irq_level());
         }
-        if let Some((_, device)) = &self.net {
+        if let Some(device) = &self.net {
             board
                 .platform
                 .set_irq(NET_IRQ.into(), device.borrow().irq_level());
@@ -632,19 +641,23 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
         );
         routing.end();
     }
-    if let Some((port, device)) = &mut compartment.kind.net {
+    if let Some(device) = &compartment.kind.net {
+        let mut device = device.borrow_mut();
+        let port = device.backend_mut().backend_mut();
         port.detach();
         let c = port.counts;
-        let device = device.borrow();
         let stats = *device.backend().stats();
-        let waiting_dropped = device.backend().backend().incoming().dropped();
         crate::say!(
-            "network port: {} frames to the switch, {} from it, {} dropped (the ring to the switch was full), {} ring errors; {} dropped waiting for the guest's receive buffers, {} it could not place",
+            "network port: {} frames to the switch ({} GSO), {} from it ({} in whole as GSO frames, {} cut into segments), {} dropped (the ring to the switch was full), {} ring errors; {} frames the guest sent refused ({} bad headers), {} it could not place",
             c.sent,
+            stats.tx_gso,
             c.received,
+            stats.rx_gso,
+            stats.rx_segmented,
             c.dropped,
             c.errors,
-            waiting_dropped,
+            stats.tx_bad_chain + stats.tx_bad_header + stats.tx_bad_size,
+            stats.tx_bad_header,
             stats.rx_too_big + stats.rx_bad_chain + stats.rx_bad_size
         );
     }

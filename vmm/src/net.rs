@@ -4,15 +4,21 @@
 //!
 //! At boot the VMM attaches: it calls the switch ([`LABEL_NET_ATTACH`]), which answers with
 //! the port's MAC address and maps the port's 2 MiB of shared memory into our receive window:
-//! the ring to the switch in its first MiB, the ring from the switch in its second
-//! (`l4linux_glue::netring`). Frames the guest sends go into the first ring, followed by a
-//! call ([`LABEL_NET_KICK`]) that makes the switch forward them; frames for us arrive in the
-//! second ring, announced by the notification, and go to the guest's receive queue. Only the
-//! ring indices and the frames cross; a frame the ring cannot take is dropped and counted.
+//! the ring to the switch in its first half, the ring from the switch in its second
+//! (`l4linux_glue::netring`, 256 KiB of records each). The port is the device's
+//! [`NetBackend`]: each frame the guest sends goes into the first ring as one record (its
+//! virtio-net header, then the frame: a 64 KiB GSO frame is one record), and once the device
+//! is done a call ([`LABEL_NET_KICK`]) makes the switch forward them. While the ring lacks room
+//! for the largest frame the device leaves the guest's frames in its queue, the VMM kicks the
+//! switch (which empties the ring) and lets the device go on ([`NetPort::kick`]). Frames for us
+//! arrive in the second ring, announced by the notification; the device takes one record at a
+//! time, only when the guest has buffers for it. Only the ring indices and the records cross.
 
+use alloc::vec;
+use alloc::vec::Vec;
 use l4::abi::{slots, Fpage, MessageTag, Timeouts};
 use l4linux_glue::netring::{Consumer, Producer, RingLayout};
-use l4linux_glue::virtio::net::FramePort;
+use l4linux_glue::virtio::net::{NetBackend, NetHeader, HEADER_SIZE};
 
 use crate::shared::SharedRegion;
 
@@ -22,12 +28,18 @@ pub const LABEL_NET_ATTACH: i32 = 0x4e41;
 pub const LABEL_NET_KICK: i32 = 0x4e4b;
 /// The VMM ends: the switch reports the port's counts and forgets it.
 pub const LABEL_NET_DETACH: i32 = 0x4e44;
-/// The port memory: two rings, one MiB each.
-pub const PORT_BYTES: u64 = 2 << 20;
+/// The order of the port memory's size: 2 MiB (one page of the RAM service), a ring in each
+/// half (of which each uses 256 KiB and 128 bytes).
+pub const PORT_ORDER: u32 = 21;
+/// The port memory's size.
+pub const PORT_BYTES: u64 = 1 << PORT_ORDER;
 /// Where the ring from the switch starts in the port memory.
-pub const FROM_SWITCH: u64 = 1 << 20;
+pub const FROM_SWITCH: u64 = PORT_BYTES / 2;
 /// Where the port memory is mapped in a VMM.
 const WINDOW: u64 = 0x0000_5800_0000_0000;
+/// Kicks in a row while the ring to the switch stays full before [`NetPort::kick`]'s caller
+/// gives up for this round (a switch that does not empty it).
+pub const MAX_KICKS: usize = 64;
 
 /// Frames moved and lost at the port.
 #[derive(Default, Debug, Clone, Copy)]
@@ -45,6 +57,12 @@ pub struct PortCounts {
 pub struct NetPort {
     to_switch: Producer<SharedRegion>,
     from_switch: Consumer<SharedRegion>,
+    /// The record taken from the ring from the switch and not delivered yet (its length in
+    /// `received`).
+    received: Vec<u8>,
+    received_length: Option<usize>,
+    /// Frames went into the ring to the switch since the last kick.
+    unkicked: bool,
     /// The guest's MAC address, as the switch assigned it.
     pub mac: [u8; 6],
     pub counts: PortCounts,
@@ -70,8 +88,8 @@ fn call(label: i32) -> Option<l4::ipc::Received> {
 /// the switch.
 ///
 /// # Safety
-/// `PORT_BYTES` at `base` (2 MiB aligned) must stay mapped readable and writable in this task
-/// while the regions live, and be used only through them.
+/// `PORT_BYTES` at `base` (aligned to them) must stay mapped readable and writable in this
+/// task while the regions live, and be used only through them.
 pub unsafe fn port_regions(base: u64) -> (SharedRegion, SharedRegion) {
     // SAFETY: the caller vouches for the memory; the two halves do not overlap.
     unsafe {
@@ -87,7 +105,11 @@ impl NetPort {
     /// message) if the switch refused.
     pub fn attach() -> Option<NetPort> {
         crate::platform::argument("net")?;
-        l4::utcb::set_receive_window(Fpage::memory(WINDOW, 21, Fpage::READ | Fpage::WRITE));
+        l4::utcb::set_receive_window(Fpage::memory(
+            WINDOW,
+            PORT_ORDER,
+            Fpage::READ | Fpage::WRITE,
+        ));
         let reply = call(LABEL_NET_ATTACH);
         l4::utcb::set_receive_window(Fpage(0));
         let Some(reply) = reply.filter(|r| r.tag.typed() == 1 && r.tag.words() >= 1) else {
@@ -97,8 +119,8 @@ impl NetPort {
         let word = reply.word(0).to_le_bytes();
         let mac = [word[0], word[1], word[2], word[3], word[4], word[5]];
         let layout = RingLayout::ethernet();
-        // SAFETY: the switch mapped its 2 MiB of port memory at WINDOW (the reply's map item),
-        // for as long as it lives; only the rings touch it, through these regions.
+        // SAFETY: the switch mapped its port memory at WINDOW (the reply's map item), for as
+        // long as it lives; only the rings touch it, through these regions.
         let (to, from) = unsafe { port_regions(WINDOW) };
         let (Ok(to_switch), Ok(from_switch)) =
             (Producer::new(to, layout), Consumer::new(from, layout))
@@ -109,6 +131,9 @@ impl NetPort {
         Some(NetPort {
             to_switch,
             from_switch,
+            received: vec![0; layout.max_record()],
+            received_length: None,
+            unkicked: false,
             mac,
             counts: PortCounts::default(),
         })
@@ -121,38 +146,64 @@ impl NetPort {
         }
     }
 
-    /// Move frames both ways between the guest's device backend and the switch.
-    ///
-    /// From the switch it takes only as many frames as the backend has room for: the rest
-    /// wait in the ring (and once that is full the switch drops and counts them), so a flood
-    /// costs this VMM neither memory nor a loop that the switch keeps feeding.
-    pub fn pump(&mut self, backend: &mut FramePort) {
-        let mut sent = false;
-        while let Some(frame) = backend.take_transmitted() {
-            match self.to_switch.push(&frame) {
-                Ok(()) => {
-                    self.counts.sent += 1;
-                    sent = true;
-                }
-                Err(_) => self.counts.dropped += 1,
-            }
-        }
-        if sent && call(LABEL_NET_KICK).is_none() {
+    /// Make the switch forward what waits in the ring to it, if anything does (it empties the
+    /// ring before it answers).
+    pub fn kick(&mut self) {
+        if core::mem::take(&mut self.unkicked) && call(LABEL_NET_KICK).is_none() {
             self.counts.errors += 1;
         }
-        let room = backend.incoming().capacity() - backend.incoming().len();
-        for _ in 0..room {
-            match self.from_switch.pop() {
-                Ok(Some(frame)) => {
-                    self.counts.received += 1;
-                    backend.offer(frame);
-                }
-                Ok(None) => break,
+    }
+
+    /// Whether frames wait in the ring to the switch that it was not kicked for.
+    pub fn unkicked(&self) -> bool {
+        self.unkicked
+    }
+}
+
+impl NetBackend for NetPort {
+    fn transmit_ready(&self) -> bool {
+        // An impossible consumer index: let `transmit` count the failure.
+        self.to_switch
+            .has_room(self.to_switch.layout().max_record())
+            .unwrap_or(true)
+    }
+
+    fn transmit(&mut self, header: &NetHeader, frame: &[u8]) {
+        match self.to_switch.push(&[&header.to_bytes(), frame]) {
+            Ok(()) => {
+                self.counts.sent += 1;
+                self.unkicked = true;
+            }
+            Err(_) => self.counts.dropped += 1,
+        }
+    }
+
+    fn peek_received(&mut self) -> Option<(NetHeader, &[u8])> {
+        while self.received_length.is_none() {
+            match self.from_switch.pop_into(&mut self.received) {
+                Ok(Some(n)) if n >= HEADER_SIZE => self.received_length = Some(n),
+                Ok(Some(_)) => self.counts.errors += 1,
+                Ok(None) => return None,
                 Err(_) => {
+                    // The ring skipped what it could not read, or the switch's index is
+                    // impossible (nothing consumed): try again at the next poll.
                     self.counts.errors += 1;
-                    break;
+                    return None;
                 }
             }
+        }
+        let n = self.received_length?;
+        let mut header = [0u8; HEADER_SIZE];
+        header.copy_from_slice(&self.received[..HEADER_SIZE]);
+        Some((
+            NetHeader::from_bytes(&header),
+            &self.received[HEADER_SIZE..n],
+        ))
+    }
+
+    fn pop_received(&mut self) {
+        if self.received_length.take().is_some() {
+            self.counts.received += 1;
         }
     }
 }

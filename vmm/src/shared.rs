@@ -1,7 +1,9 @@
 //! Memory shared with another task, for the frame rings of `l4linux_glue::netring` between a
 //! VMM and the network switch. The other side may write at any time (and may be hostile):
-//! bytes are copied with volatile accesses, the two index words with acquire and release
-//! atomics, as the ring's ordering contract asks; every access is bounds-checked here too.
+//! bytes are copied with string instructions in inline assembly (which the compiler cannot
+//! assume anything about, so a concurrent write by the peer is no data race in Rust's sense,
+//! only changed bytes), the two index words with acquire and release atomics, as the ring's
+//! ordering contract asks; every access is bounds-checked here too.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 use l4linux_glue::netring::SharedMemory;
@@ -29,6 +31,31 @@ impl SharedRegion {
     }
 }
 
+/// Copy `length` bytes from `source` to `destination` with `rep movsq` and `rep movsb`: eight
+/// bytes per instruction (the ring's frames are the VMM's and the switch's largest copies; a
+/// volatile byte loop took about five instructions per byte).
+///
+/// # Safety
+/// Both ranges must be mapped (readable, writable) for `length` bytes and must not overlap.
+/// Either may be written concurrently by another task: the assembly's accesses are opaque to
+/// the compiler, so that only makes the copied bytes arbitrary.
+unsafe fn copy_bytes(source: *const u8, destination: *mut u8, length: usize) {
+    // SAFETY: the caller vouches for the ranges; the direction flag is clear (the ABI keeps it
+    // so between calls); RCX, RSI and RDI are declared clobbered.
+    unsafe {
+        core::arch::asm!(
+            "rep movsq",
+            "mov rcx, {tail}",
+            "rep movsb",
+            tail = in(reg) length & 7,
+            inout("rcx") length / 8 => _,
+            inout("rsi") source => _,
+            inout("rdi") destination => _,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
 impl SharedMemory for SharedRegion {
     fn len(&self) -> usize {
         self.len
@@ -39,23 +66,31 @@ impl SharedMemory for SharedRegion {
             buffer.fill(0);
             return;
         }
-        for (i, byte) in buffer.iter_mut().enumerate() {
-            // SAFETY: inside the region (checked), which `new`'s contract keeps mapped.
-            *byte =
-                unsafe { core::ptr::read_volatile((self.base as usize + offset + i) as *const u8) };
-        }
+        // SAFETY: the source is inside the region (checked), which `new`'s contract keeps
+        // mapped; the destination is `buffer`, exclusively ours.
+        unsafe {
+            copy_bytes(
+                (self.base as usize + offset) as *const u8,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+            )
+        };
     }
 
     fn write(&mut self, offset: usize, data: &[u8]) {
         if !self.inside(offset, data.len()) {
             return;
         }
-        for (i, &byte) in data.iter().enumerate() {
-            // SAFETY: as for `read`.
-            unsafe {
-                core::ptr::write_volatile((self.base as usize + offset + i) as *mut u8, byte)
-            };
-        }
+        // SAFETY: the destination is inside the region (checked, kept mapped by `new`'s
+        // contract), the source is `data`; they do not overlap (no reference points into the
+        // region).
+        unsafe {
+            copy_bytes(
+                data.as_ptr(),
+                (self.base as usize + offset) as *mut u8,
+                data.len(),
+            )
+        };
     }
 
     fn load_acquire(&self, offset: usize) -> u32 {

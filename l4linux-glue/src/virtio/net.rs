@@ -1,92 +1,135 @@
 //! A virtio network device (device ID 1, virtio 1.2 §5.1) with one receive and one transmit
 //! queue: queue 0 receives (host to guest), queue 1 transmits (guest to host); no control
-//! queue, no multiqueue, no offloads. Linux drives it with its own `virtio_net` driver.
+//! queue, no multiqueue. Linux drives it with its own `virtio_net` driver.
 //!
 //! Features: `VIRTIO_NET_F_MAC` (the MAC address in the configuration space),
-//! `VIRTIO_NET_F_STATUS` (the link state; up unless [`VirtioNet::set_link`] takes it down) and
+//! `VIRTIO_NET_F_STATUS` (the link state; up unless [`VirtioNet::set_link`] takes it down),
 //! `VIRTIO_NET_F_MTU` (1500, so that Linux refuses a larger MTU instead of sending frames this
-//! device drops), on top of the transport's `VIRTIO_F_VERSION_1`. With VERSION_1 every buffer
-//! starts with the 12-byte `virtio_net_hdr_v1` ([`HEADER_SIZE`]).
+//! device drops), on top of the transport's `VIRTIO_F_VERSION_1` (every buffer starts with the
+//! 12-byte `virtio_net_hdr_v1`, [`HEADER_SIZE`]), and the offloads that let Linux hand over
+//! and take 64 KiB TCP segments as one frame: `CSUM` and `HOST_TSO4` / `HOST_ECN` (the guest
+//! sends partial checksums and TCP/IPv4 GSO frames), `GUEST_CSUM` and `GUEST_TSO4` /
+//! `GUEST_ECN` (it takes them), and `MRG_RXBUF` (a large frame spreads over several receive
+//! buffers, `num_buffers` in the first one's header; Linux posts page-sized buffers then).
 //!
-//! Frames are Ethernet frames of [`MIN_FRAME`]`..=`[`MAX_FRAME`] bytes (no FCS, no jumbo
-//! frames), without the virtio header. They go through a [`NetBackend`]: the device hands it
-//! each frame the guest transmits and asks it for frames to receive. [`FramePort`] is a
-//! backend with two bounded [`FrameQueue`]s that the VMM drains and fills (the virtual switch
-//! link, or a second device wired back to back).
+//! Frames travel with their header ([`NetHeader`]) through a [`NetBackend`]: the device hands
+//! it each frame the guest transmits and asks it for frames to receive. A received frame the
+//! guest can take as it is (the offloads it acked, [`Offloads::accept`]) goes in whole; any
+//! other is rewritten into standard frames with full checksums (`netpacket`'s segmentation
+//! and checksum completion), one receive buffer each. [`FramePort`] is a backend with two
+//! bounded [`FrameQueue`]s (for tests and devices wired back to back).
 //!
 //! Everything the guest hands over is checked, and a bad frame is dropped and counted in
 //! [`NetStats`], never fatal:
 //! * transmit: a chain with a device-writable buffer, a header shorter than 12 bytes, a header
-//!   asking for an offload (non-zero `flags` or `gso_type`: none was offered), or a frame
-//!   outside 14..=1514 bytes; the chain is returned with nothing written;
-//! * receive: a frame the backend offers outside 14..=1514 bytes is dropped without using a
-//!   buffer; a chain with a device-readable buffer is returned unused (length 0) and the frame
-//!   waits for the next one; a frame that does not fit the chain's writable bytes (header
-//!   included) is dropped and the chain returned with length 0, which Linux counts as a
-//!   length error (`rx_length_errors`) and reposts. Frames are never truncated.
+//!   that [`netpacket::check`] refuses against the offloads the driver acked (flags, GSO
+//!   types, checksum positions, `gso_size`, `hdr_len`, headers that are not what the GSO type
+//!   says), or a frame outside 14..=1514 bytes (a GSO frame: 14 + 64 KiB); the chain is
+//!   returned with nothing written;
+//! * receive: a frame the backend offers that fails the same checks is dropped without using
+//!   a buffer; a chain with a device-readable buffer is returned unused (length 0); a frame
+//!   that does not fit the chain (or, with mergeable buffers, all the chains the driver made
+//!   available) is dropped and the chain returned with length 0, which Linux counts as a
+//!   length error and reposts. Frames are never truncated.
 //!
-//! While no receive buffer is posted, frames wait in the backend ([`FramePort`]'s incoming
-//! queue holds [`FramePort::DEFAULT_CAPACITY`] frames by default, dropping the oldest and
-//! counting it). A broken queue (a buffer outside guest memory, a descriptor loop, an index
-//! jump) is a [`QueueError`] that puts the device in DEVICE_NEEDS_RESET, as for the other
-//! devices ([`super::mmio`]).
+//! While the backend has no room for a transmitted frame ([`NetBackend::transmit_ready`]) the
+//! device leaves the guest's chains in the queue: the VMM empties the backend and polls again.
+//! While no receive buffer is posted, frames wait in the backend. A broken queue (a buffer
+//! outside guest memory, a descriptor loop, an index jump) is a [`QueueError`] that puts the
+//! device in DEVICE_NEEDS_RESET, as for the other devices ([`super::mmio`]).
 
 use super::mmio::VirtioBackend;
 use super::queue::{Chain, Queue, QueueError};
 use super::{copy_config, device_id};
 use crate::guest_memory::GuestMemory;
+use crate::netpacket::{self, Offloads, PacketError};
 use alloc::collections::VecDeque;
+use alloc::vec;
 use alloc::vec::Vec;
+
+pub use crate::netpacket::{NetHeader, HEADER_SIZE, MAX_FRAME, MAX_GSO_FRAME, MIN_FRAME, MTU};
 
 /// The receive queue (host to guest).
 pub const RECEIVE_QUEUE: u16 = 0;
 /// The transmit queue (guest to host).
 pub const TRANSMIT_QUEUE: u16 = 1;
+/// Feature: the guest may send partial checksums.
+pub const F_CSUM: u64 = 1 << 0;
+/// Feature: the guest takes partial checksums.
+pub const F_GUEST_CSUM: u64 = 1 << 1;
 /// Feature: the device reports its MTU in the configuration space.
 pub const F_MTU: u64 = 1 << 3;
 /// Feature: the device has a MAC address in the configuration space.
 pub const F_MAC: u64 = 1 << 5;
+/// Feature: the guest takes TCP/IPv4 GSO frames.
+pub const F_GUEST_TSO4: u64 = 1 << 7;
+/// Feature: the guest takes GSO frames with ECN.
+pub const F_GUEST_ECN: u64 = 1 << 9;
+/// Feature: the guest may send TCP/IPv4 GSO frames.
+pub const F_HOST_TSO4: u64 = 1 << 11;
+/// Feature: the guest may send GSO frames with ECN.
+pub const F_HOST_ECN: u64 = 1 << 13;
+/// Feature: mergeable receive buffers.
+pub const F_MRG_RXBUF: u64 = 1 << 15;
 /// Feature: the configuration space has a link status.
 pub const F_STATUS: u64 = 1 << 16;
+/// The offload features, all offered.
+pub const OFFLOADS: u64 =
+    F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_ECN | F_HOST_TSO4 | F_HOST_ECN | F_MRG_RXBUF;
 /// Link status bit: the link is up.
 pub const S_LINK_UP: u16 = 1;
-/// The MTU the device reports (Ethernet payload bytes).
-pub const MTU: u16 = 1500;
-/// The size of `virtio_net_hdr_v1` (flags, gso_type, hdr_len, gso_size, csum_start,
-/// csum_offset, num_buffers).
-pub const HEADER_SIZE: usize = 12;
-/// The smallest frame: an Ethernet header.
-pub const MIN_FRAME: usize = 14;
-/// The largest frame: an Ethernet header and an MTU of payload (no FCS).
-pub const MAX_FRAME: usize = 14 + MTU as usize;
 /// The maximum size of both queues.
 pub const QUEUE_SIZE: u16 = 256;
 /// Bytes of the configuration space (mac, status, max_virtqueue_pairs, mtu).
 pub const CONFIG_SIZE: usize = 12;
 
-/// Whether `length` is a frame size the device carries.
+/// Whether `length` is a standard frame size.
 pub fn frame_size_ok(length: usize) -> bool {
     (MIN_FRAME..=MAX_FRAME).contains(&length)
 }
 
+/// What a guest that acked `features` may send.
+pub fn transmit_offloads(features: u64) -> Offloads {
+    Offloads {
+        partial_checksum: features & F_CSUM != 0,
+        tso4: features & F_HOST_TSO4 != 0,
+        ecn: features & F_HOST_ECN != 0,
+    }
+}
+
+/// What a guest that acked `features` takes.
+pub fn receive_offloads(features: u64) -> Offloads {
+    Offloads {
+        partial_checksum: features & F_GUEST_CSUM != 0,
+        tso4: features & F_GUEST_TSO4 != 0,
+        ecn: features & F_GUEST_ECN != 0,
+    }
+}
+
 /// Where frames go and come from.
 pub trait NetBackend {
-    /// The guest transmitted `frame` ([`MIN_FRAME`]`..=`[`MAX_FRAME`] bytes, the virtio
-    /// header removed).
-    fn transmit(&mut self, frame: &[u8]);
+    /// Whether a frame of any size ([`MAX_GSO_FRAME`]) would be taken now.
+    fn transmit_ready(&self) -> bool {
+        true
+    }
 
-    /// The oldest frame waiting for the guest, left in place.
-    fn peek_received(&self) -> Option<&[u8]>;
+    /// The guest transmitted `frame` with `header` (checked against what it acked; the
+    /// virtio header removed from the frame, `num_buffers` 0).
+    fn transmit(&mut self, header: &NetHeader, frame: &[u8]);
+
+    /// The oldest frame waiting for the guest, with its header, left in place (the device
+    /// checks both).
+    fn peek_received(&mut self) -> Option<(NetHeader, &[u8])>;
 
     /// Remove the frame [`NetBackend::peek_received`] returned (it was delivered or dropped).
     fn pop_received(&mut self);
 }
 
-/// A bounded queue of frames: when it is full, a new frame pushes out the oldest, which is
-/// counted in [`FrameQueue::dropped`].
+/// A bounded queue of frames with their headers: when it is full, a new frame pushes out the
+/// oldest, which is counted in [`FrameQueue::dropped`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameQueue {
-    frames: VecDeque<Vec<u8>>,
+    frames: VecDeque<(NetHeader, Vec<u8>)>,
     capacity: usize,
     dropped: u64,
 }
@@ -101,22 +144,23 @@ impl FrameQueue {
         }
     }
 
-    /// Append a copy of `frame`, dropping the oldest frame if the queue is full.
-    pub fn push(&mut self, frame: &[u8]) {
+    /// Append a copy of `frame` with `header`, dropping the oldest frame if the queue is
+    /// full.
+    pub fn push(&mut self, header: &NetHeader, frame: &[u8]) {
         if self.frames.len() >= self.capacity {
             self.frames.pop_front();
             self.dropped += 1;
         }
-        self.frames.push_back(frame.to_vec());
+        self.frames.push_back((*header, frame.to_vec()));
     }
 
-    /// The oldest frame.
-    pub fn front(&self) -> Option<&[u8]> {
-        self.frames.front().map(Vec::as_slice)
+    /// The oldest frame and its header.
+    pub fn front(&self) -> Option<(NetHeader, &[u8])> {
+        self.frames.front().map(|(h, f)| (*h, f.as_slice()))
     }
 
-    /// Remove and return the oldest frame.
-    pub fn pop(&mut self) -> Option<Vec<u8>> {
+    /// Remove and return the oldest frame and its header.
+    pub fn pop(&mut self) -> Option<(NetHeader, Vec<u8>)> {
         self.frames.pop_front()
     }
 
@@ -141,8 +185,8 @@ impl FrameQueue {
     }
 }
 
-/// A backend of two bounded queues: frames the guest transmitted wait in `outgoing` until the
-/// VMM takes them ([`FramePort::take_transmitted`]), frames for the guest wait in `incoming`
+/// A backend of two bounded queues: frames the guest transmitted wait in `outgoing` until
+/// they are taken ([`FramePort::take_transmitted`]), frames for the guest wait in `incoming`
 /// ([`FramePort::offer`]) until it posts receive buffers. Wiring two devices back to back is
 /// moving frames from one port's outgoing queue to the other's incoming queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,18 +212,29 @@ impl FramePort {
         }
     }
 
-    /// Queue `frame` for the guest (the oldest waiting frame is dropped if the queue is full;
-    /// a frame of a size the device does not carry is dropped when it is its turn).
+    /// Queue the standard `frame` (a header of zeros) for the guest (the oldest waiting frame
+    /// is dropped if the queue is full; a frame the device does not carry is dropped when it
+    /// is its turn).
     pub fn offer(&mut self, frame: &[u8]) {
-        self.incoming.push(frame);
+        self.incoming.push(&NetHeader::default(), frame);
     }
 
-    /// The oldest frame the guest transmitted that the VMM has not taken yet.
+    /// Queue `frame` with `header` for the guest.
+    pub fn offer_with(&mut self, header: &NetHeader, frame: &[u8]) {
+        self.incoming.push(header, frame);
+    }
+
+    /// The oldest frame the guest transmitted that was not taken yet.
     pub fn take_transmitted(&mut self) -> Option<Vec<u8>> {
+        self.outgoing.pop().map(|(_, f)| f)
+    }
+
+    /// The oldest frame the guest transmitted that was not taken yet, with its header.
+    pub fn take_transmitted_with(&mut self) -> Option<(NetHeader, Vec<u8>)> {
         self.outgoing.pop()
     }
 
-    /// Frames the guest transmitted, waiting for the VMM.
+    /// Frames the guest transmitted, waiting.
     pub fn outgoing(&self) -> &FrameQueue {
         &self.outgoing
     }
@@ -197,11 +252,11 @@ impl Default for FramePort {
 }
 
 impl NetBackend for FramePort {
-    fn transmit(&mut self, frame: &[u8]) {
-        self.outgoing.push(frame);
+    fn transmit(&mut self, header: &NetHeader, frame: &[u8]) {
+        self.outgoing.push(header, frame);
     }
 
-    fn peek_received(&self) -> Option<&[u8]> {
+    fn peek_received(&mut self) -> Option<(NetHeader, &[u8])> {
         self.incoming.front()
     }
 
@@ -217,22 +272,27 @@ pub struct NetStats {
     pub tx_frames: u64,
     /// Their bytes (without virtio headers).
     pub tx_bytes: u64,
+    /// Of them, GSO frames.
+    pub tx_gso: u64,
     /// Transmitted chains dropped because they had a device-writable buffer.
     pub tx_bad_chain: u64,
-    /// Transmitted frames dropped because the header was short or asked for an offload.
+    /// Transmitted frames dropped because the header was short or refused.
     pub tx_bad_header: u64,
-    /// Transmitted frames dropped because they were outside [`MIN_FRAME`]`..=`[`MAX_FRAME`].
+    /// Transmitted frames dropped because of their size.
     pub tx_bad_size: u64,
-    /// Frames placed in receive buffers.
+    /// Frames placed in receive buffers (each segment of a rewritten GSO frame counts).
     pub rx_frames: u64,
     /// Their bytes (without virtio headers).
     pub rx_bytes: u64,
+    /// Of them, GSO frames that went in whole.
+    pub rx_gso: u64,
+    /// GSO frames cut into standard frames for a guest without the offload.
+    pub rx_segmented: u64,
     /// Receive chains returned unused because they had a device-readable buffer.
     pub rx_bad_chain: u64,
-    /// Frames from the backend dropped because they were outside
-    /// [`MIN_FRAME`]`..=`[`MAX_FRAME`].
+    /// Frames from the backend dropped because their size or header was refused.
     pub rx_bad_size: u64,
-    /// Frames dropped because they did not fit the receive chain they were given.
+    /// Frames dropped because they did not fit the receive chains they were given.
     pub rx_too_big: u64,
 }
 
@@ -243,6 +303,20 @@ pub struct VirtioNet<B> {
     link_up: bool,
     generation: u32,
     stats: NetStats,
+    /// The features the driver acked (0 until DRIVER_OK).
+    features: u64,
+    /// The frame being transmitted, copied out of the guest's chain.
+    scratch: Vec<u8>,
+    /// The next standard frame to make of the received frame that waits (when it is being
+    /// rewritten for the guest).
+    segment: usize,
+}
+
+/// Whether the frame that waits goes to the guest whole or rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    Whole,
+    Rewritten,
 }
 
 impl<B: NetBackend> VirtioNet<B> {
@@ -254,6 +328,9 @@ impl<B: NetBackend> VirtioNet<B> {
             link_up: true,
             generation: 0,
             stats: NetStats::default(),
+            features: 0,
+            scratch: Vec::new(),
+            segment: 0,
         }
     }
 
@@ -265,6 +342,11 @@ impl<B: NetBackend> VirtioNet<B> {
     /// Whether the link is up.
     pub fn link_up(&self) -> bool {
         self.link_up
+    }
+
+    /// The features the driver acked (0 before DRIVER_OK).
+    pub fn features(&self) -> u64 {
+        self.features
     }
 
     /// Take the link up or down (the driver is told with a configuration-change interrupt at
@@ -304,28 +386,38 @@ impl<B: NetBackend> VirtioNet<B> {
             return Ok(());
         }
         let total = chain.readable_length();
-        let mut header = [0u8; HEADER_SIZE];
-        if chain.read(memory, 0, &mut header)? < HEADER_SIZE {
+        let mut bytes = [0u8; HEADER_SIZE];
+        if chain.read(memory, 0, &mut bytes)? < HEADER_SIZE {
             self.stats.tx_bad_header += 1;
             return Ok(());
         }
-        // flags (byte 0) and gso_type (byte 1): no offload was offered, so both must be 0.
-        if header[0] != 0 || header[1] != 0 {
-            self.stats.tx_bad_header += 1;
-            return Ok(());
-        }
+        let header = NetHeader {
+            num_buffers: 0,
+            ..NetHeader::from_bytes(&bytes)
+        };
         let length = total - HEADER_SIZE as u64;
-        let Some(length) = usize::try_from(length).ok().filter(|&l| frame_size_ok(l)) else {
+        let Some(length) = usize::try_from(length)
+            .ok()
+            .filter(|&l| l <= self.scratch.len())
+        else {
             self.stats.tx_bad_size += 1;
             return Ok(());
         };
-        let mut frame = [0u8; MAX_FRAME];
-        let frame = &mut frame[..length];
+        let frame = &mut self.scratch[..length];
         let copied = chain.read(memory, HEADER_SIZE as u64, frame)?;
         debug_assert_eq!(copied, length);
-        self.backend.transmit(frame);
-        self.stats.tx_frames += 1;
-        self.stats.tx_bytes += length as u64;
+        match netpacket::check(&header, frame, transmit_offloads(self.features)) {
+            Ok(_) => {
+                self.backend.transmit(&header, frame);
+                self.stats.tx_frames += 1;
+                self.stats.tx_bytes += length as u64;
+                if header.is_gso() {
+                    self.stats.tx_gso += 1;
+                }
+            }
+            Err(PacketError::TooShort(_) | PacketError::TooLong(_)) => self.stats.tx_bad_size += 1,
+            Err(_) => self.stats.tx_bad_header += 1,
+        }
         Ok(())
     }
 
@@ -335,9 +427,16 @@ impl<B: NetBackend> VirtioNet<B> {
         memory: &mut dyn GuestMemory,
     ) -> Result<(), QueueError> {
         loop {
-            while let Some(chain) = queue.pop(&*memory)? {
+            while self.backend.transmit_ready() {
+                let Some(chain) = queue.pop(&*memory)? else {
+                    break;
+                };
                 self.transmit_chain(&chain, &*memory)?;
                 queue.add_used(memory, chain.head(), 0)?;
+            }
+            if !self.backend.transmit_ready() {
+                // The rest waits in the queue until the backend has room (the VMM polls).
+                return Ok(());
             }
             if !queue.enable_notification(memory)? {
                 return Ok(());
@@ -345,52 +444,158 @@ impl<B: NetBackend> VirtioNet<B> {
         }
     }
 
-    /// Drop waiting frames of sizes the device does not carry; true if a good one waits.
-    fn next_frame_waits(&mut self) -> bool {
+    /// How the waiting frame goes to the guest; drops (and counts) frames that fail their
+    /// checks. `None` if no frame waits.
+    fn next_frame(&mut self) -> Option<Delivery> {
+        let accepts = receive_offloads(self.features);
         loop {
-            match self.backend.peek_received() {
-                None => return false,
-                Some(frame) if frame_size_ok(frame.len()) => return true,
-                Some(_) => {
+            let (header, frame) = self.backend.peek_received()?;
+            match netpacket::check(&header, frame, Offloads::ALL) {
+                Ok(_) if accepts.accept(&header) => return Some(Delivery::Whole),
+                Ok(_) => return Some(Delivery::Rewritten),
+                Err(_) => {
                     self.backend.pop_received();
+                    self.segment = 0;
                     self.stats.rx_bad_size += 1;
                 }
             }
         }
     }
 
-    /// Place the waiting frame in `chain`; returns the used length.
-    fn receive_chain(
+    /// Place the waiting frame whole: in one chain, or with mergeable buffers in as many as
+    /// it needs. Returns false (nothing taken from the queue) if the driver has not made
+    /// enough buffers available yet.
+    fn receive_whole(
         &mut self,
-        chain: &Chain,
+        queue: &mut Queue,
         memory: &mut dyn GuestMemory,
-    ) -> Result<u32, QueueError> {
-        if chain.readable_length() != 0 {
-            // The frame waits for a proper buffer.
-            self.stats.rx_bad_chain += 1;
-            return Ok(0);
-        }
-        let Some(frame) = self.backend.peek_received() else {
-            return Ok(0);
+    ) -> Result<bool, QueueError> {
+        let mergeable = self.features & F_MRG_RXBUF != 0;
+        let Some((header, frame)) = self.backend.peek_received() else {
+            return Ok(true);
         };
-        let length = frame.len();
+        let needed = (HEADER_SIZE + frame.len()) as u64;
+        let mut next_available = queue.next_available();
+        let mut chains: Vec<Chain> = Vec::new();
+        let mut bad: Vec<u16> = Vec::new();
+        let mut room = 0u64;
+        while room < needed && (mergeable || chains.is_empty()) {
+            let Some(chain) = queue.pop(&*memory)? else {
+                if chains.len() + bad.len() >= usize::from(queue.size()) {
+                    // Every buffer the driver has is not enough: the frame can never fit.
+                    break;
+                }
+                queue.rewind(next_available);
+                return Ok(false);
+            };
+            if chain.readable_length() != 0 {
+                if chains.is_empty() {
+                    // Nothing to give back before it: return it now.
+                    queue.add_used(memory, chain.head(), 0)?;
+                    self.stats.rx_bad_chain += 1;
+                    next_available = queue.next_available();
+                } else {
+                    bad.push(chain.head());
+                }
+            } else {
+                room += chain.writable_length();
+                chains.push(chain);
+            }
+        }
+        let header = NetHeader {
+            num_buffers: chains.len() as u16,
+            ..header
+        };
+        let fits = room >= needed;
+        if fits {
+            let header_bytes = header.to_bytes();
+            let mut done = 0u64;
+            for chain in &chains {
+                let take = chain.writable_length().min(needed - done);
+                // The part of header + frame in [done, done + take).
+                let mut at = 0u64;
+                if done < HEADER_SIZE as u64 {
+                    let part =
+                        &header_bytes[done as usize..HEADER_SIZE.min((done + take) as usize)];
+                    chain.write(memory, 0, part)?;
+                    at = part.len() as u64;
+                }
+                let first = (done + at) as usize - HEADER_SIZE;
+                let last = (done + take) as usize - HEADER_SIZE;
+                chain.write(memory, at, &frame[first..last])?;
+                // At most 12 + 64 KiB.
+                queue.add_used(memory, chain.head(), take as u32)?;
+                done += take;
+            }
+            self.stats.rx_frames += 1;
+            self.stats.rx_bytes += frame.len() as u64;
+            if header.is_gso() {
+                self.stats.rx_gso += 1;
+            }
+        } else {
+            for chain in &chains {
+                queue.add_used(memory, chain.head(), 0)?;
+            }
+            self.stats.rx_too_big += 1;
+        }
+        for &head in &bad {
+            queue.add_used(memory, head, 0)?;
+        }
+        self.stats.rx_bad_chain += bad.len() as u64;
+        self.backend.pop_received();
+        Ok(true)
+    }
+
+    /// Place the next standard frame made of the waiting frame (a segment, or the frame with
+    /// its checksum completed) in one chain. Returns false if no chain is available.
+    fn receive_rewritten(
+        &mut self,
+        queue: &mut Queue,
+        memory: &mut dyn GuestMemory,
+    ) -> Result<bool, QueueError> {
+        let Some((header, frame)) = self.backend.peek_received() else {
+            return Ok(true);
+        };
+        let Ok(checked) = netpacket::check(&header, frame, Offloads::ALL) else {
+            // Checked in next_frame already.
+            return Ok(true);
+        };
+        let Some(chain) = queue.pop(&*memory)? else {
+            return Ok(false);
+        };
+        if chain.readable_length() != 0 {
+            self.stats.rx_bad_chain += 1;
+            queue.add_used(memory, chain.head(), 0)?;
+            return Ok(true);
+        }
+        let count = checked.segments();
+        let mut out = [0u8; MAX_FRAME];
+        let length = checked.write_standard(self.segment.min(count - 1), &mut out);
         let needed = (HEADER_SIZE + length) as u64;
         if chain.writable_length() < needed {
-            self.backend.pop_received();
             self.stats.rx_too_big += 1;
-            return Ok(0);
+            queue.add_used(memory, chain.head(), 0)?;
+        } else {
+            let header = NetHeader {
+                num_buffers: 1,
+                ..NetHeader::default()
+            };
+            chain.write(memory, 0, &header.to_bytes())?;
+            chain.write(memory, HEADER_SIZE as u64, &out[..length])?;
+            // At most 12 + 1514 bytes.
+            queue.add_used(memory, chain.head(), needed as u32)?;
+            self.stats.rx_frames += 1;
+            self.stats.rx_bytes += length as u64;
         }
-        let mut header = [0u8; HEADER_SIZE];
-        // num_buffers = 1; everything else 0 (no checksum or segmentation information).
-        header[10..12].copy_from_slice(&1u16.to_le_bytes());
-        chain.write(memory, 0, &header)?;
-        let written = chain.write(memory, HEADER_SIZE as u64, frame)?;
-        debug_assert_eq!(written, length);
-        self.backend.pop_received();
-        self.stats.rx_frames += 1;
-        self.stats.rx_bytes += length as u64;
-        // At most 12 + 1514 bytes.
-        Ok(needed as u32)
+        self.segment += 1;
+        if self.segment >= count {
+            if count > 1 {
+                self.stats.rx_segmented += 1;
+            }
+            self.segment = 0;
+            self.backend.pop_received();
+        }
+        Ok(true)
     }
 
     fn receive(
@@ -399,14 +604,24 @@ impl<B: NetBackend> VirtioNet<B> {
         memory: &mut dyn GuestMemory,
     ) -> Result<(), QueueError> {
         loop {
-            while self.next_frame_waits() {
-                let Some(chain) = queue.pop(&*memory)? else {
-                    break;
+            let mut starved = false;
+            while let Some(delivery) = self.next_frame() {
+                let placed = match delivery {
+                    Delivery::Whole => self.receive_whole(queue, memory)?,
+                    Delivery::Rewritten => self.receive_rewritten(queue, memory)?,
                 };
-                let used = self.receive_chain(&chain, memory)?;
-                queue.add_used(memory, chain.head(), used)?;
+                if !placed {
+                    starved = true;
+                    break;
+                }
             }
-            if !self.next_frame_waits() || !queue.enable_notification(memory)? {
+            if self.next_frame().is_none() {
+                return Ok(());
+            }
+            // A frame waits for buffers: ask the driver to say when it adds some. (When some
+            // are there but not enough for the frame, more cannot have come meanwhile: the
+            // guest is stopped while the device works.)
+            if !queue.enable_notification(memory)? || starved {
                 return Ok(());
             }
         }
@@ -437,7 +652,7 @@ impl<B: NetBackend> VirtioBackend for VirtioNet<B> {
     }
 
     fn features(&self) -> u64 {
-        F_MAC | F_STATUS | F_MTU
+        F_MAC | F_STATUS | F_MTU | OFFLOADS
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -450,7 +665,8 @@ impl<B: NetBackend> VirtioBackend for VirtioNet<B> {
         let status = if self.link_up { S_LINK_UP } else { 0 };
         config[6..8].copy_from_slice(&status.to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
-        config[10..12].copy_from_slice(&MTU.to_le_bytes());
+                                                            // 1500 fits.
+        config[10..12].copy_from_slice(&(MTU as u16).to_le_bytes());
         copy_config(&config, offset, data);
     }
 
@@ -458,8 +674,20 @@ impl<B: NetBackend> VirtioBackend for VirtioNet<B> {
         self.generation
     }
 
+    fn activate(&mut self, features: u64) {
+        self.features = features;
+        let largest = if features & F_HOST_TSO4 != 0 {
+            MAX_GSO_FRAME
+        } else {
+            MAX_FRAME
+        };
+        self.scratch = vec![0; largest];
+    }
+
     fn reset(&mut self) {
         // Waiting frames, the counters and the link state stay.
+        self.features = 0;
+        self.segment = 0;
     }
 
     fn notify(
@@ -493,6 +721,7 @@ mod tests {
     use crate::virtio::queue::test_driver::Driver;
     use crate::virtio::queue::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
     use crate::virtio::status;
+    use alloc::vec;
 
     const RX: usize = RECEIVE_QUEUE as usize;
     const TX: usize = TRANSMIT_QUEUE as usize;
@@ -503,13 +732,15 @@ mod tests {
     const RX_BUFFER: u32 = 2048;
     const MAC_A: [u8; 6] = [0x52, 0x54, 0x00, 0x4c, 0x34, 0x01];
     const MAC_B: [u8; 6] = [0x52, 0x54, 0x00, 0x4c, 0x34, 0x02];
-    /// What Linux's driver accepts here.
-    const LINUX: u64 = feature::VERSION_1
+    /// What Linux's driver accepts here but the offloads.
+    const LEGACY: u64 = feature::VERSION_1
         | feature::RING_EVENT_IDX
         | feature::RING_INDIRECT_DESC
         | F_MAC
         | F_STATUS
         | F_MTU;
+    /// What Linux's driver accepts here.
+    const LINUX: u64 = LEGACY | OFFLOADS;
 
     type Net = VirtioMmio<VirtioNet<FramePort>, VecMemory>;
 
@@ -671,16 +902,17 @@ mod tests {
                 ..NetStats::default()
             }
         );
-        // num_buffers and the other fields are not looked at on transmit.
+        // Without offloads gso_size, csum_start and csum_offset are not looked at, nor is
+        // num_buffers on transmit.
         let mut header = tx_header(0, 0);
-        header[2..12].copy_from_slice(&[0xff; 10]);
+        header[4..12].copy_from_slice(&[0xff; 8]);
         send(&mut d, &mut drivers[TX], TX_DATA, &header, &frame(60, 3));
         assert_eq!(transmitted(&mut d), [frame(60, 3)]);
     }
 
     #[test]
     fn bad_transmit_frames_are_dropped_and_counted() {
-        let (mut d, mut drivers) = net(LINUX);
+        let (mut d, mut drivers) = net(LEGACY);
         let good = frame(60, 7);
         let tx = &mut drivers[TX];
         // Offloads were not offered: NEEDS_CSUM (1), DATA_VALID (2), a GSO type.
@@ -795,7 +1027,8 @@ mod tests {
 
     #[test]
     fn frames_that_do_not_fit_are_dropped_not_truncated() {
-        let (mut d, mut drivers) = net(LINUX);
+        // Without mergeable buffers (with them, see `mergeable_buffers`).
+        let (mut d, mut drivers) = net(LEGACY);
         let port = d.backend_mut().backend_mut();
         port.offer(&frame(100, 1));
         port.offer(&frame(50, 2));
@@ -1131,17 +1364,273 @@ mod tests {
         }
     }
 
+    /// A device with 512 KiB of memory and queues of 64 (room for 64 KiB frames).
+    fn net_big(features: u64) -> (Net, Vec<Driver>) {
+        let mut d = VirtioMmio::new(
+            VirtioNet::new(MAC_A, FramePort::new()),
+            VecMemory::new(0, 0x80000),
+        );
+        let drivers = bring_up(&mut d, features, 2, 64);
+        (d, drivers)
+    }
+
+    /// Receive buffers of the big device: `count` of 2 KiB from 0x40000.
+    const BIG_RX: u64 = 0x40000;
+
+    fn post_big(d: &mut Net, driver: &mut Driver, first: u64, count: u64) {
+        guest(d, |m| {
+            for i in first..first + count {
+                driver.add_chain(m, &[(BIG_RX + 2048 * i, 2048, true)]);
+            }
+        });
+        write(d, reg::QUEUE_NOTIFY, RECEIVE_QUEUE.into());
+    }
+
+    /// A TCP/IPv4 frame of `payload` bytes from etherparse (full checksums), and the header a
+    /// Linux sender with CSUM and TSO4 gives it (the TCP checksum is recomputed by whoever
+    /// segments, so its partial seed does not matter here).
+    fn tso_frame(payload: usize) -> (NetHeader, Vec<u8>) {
+        let data: Vec<u8> = (0..payload).map(|i| (i % 251) as u8).collect();
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2(MAC_B, MAC_A)
+            .ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            .tcp(40000, 5001, 1000, 500)
+            .ack(1)
+            .psh()
+            .write(&mut frame, &data)
+            .unwrap();
+        let header = NetHeader {
+            flags: netpacket::F_NEEDS_CSUM,
+            gso_type: if frame.len() > MAX_FRAME {
+                netpacket::GSO_TCPV4
+            } else {
+                netpacket::GSO_NONE
+            },
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
+        (header, frame)
+    }
+
+    #[test]
+    fn gso_frames_are_transmitted_whole() {
+        let (mut d, mut drivers) = net_big(LINUX);
+        let (header, frame) = tso_frame(60000);
+        // Header alone, then the frame in three pieces, as Linux's scatter-gather does.
+        guest(&mut d, |m| {
+            m.write(0x10000, &header.to_bytes()).unwrap();
+            m.write(0x11000, &frame).unwrap();
+            let cut = [0, 100, 30000, frame.len()];
+            let mut buffers = vec![(0x10000, HEADER_SIZE as u32, false)];
+            for w in cut.windows(2) {
+                buffers.push((0x11000 + w[0] as u64, (w[1] - w[0]) as u32, false));
+            }
+            drivers[TX].add_chain(m, &buffers);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        let sent = d.backend_mut().backend_mut().take_transmitted_with();
+        assert_eq!(sent, Some((header, frame.clone())));
+        assert_eq!((stats(&d).tx_gso, stats(&d).tx_frames), (1, 1));
+        // A guest that did not ack TSO4 may not send it.
+        let (mut d, mut drivers) = net_big(LEGACY | F_CSUM);
+        guest(&mut d, |m| {
+            m.write(0x10000, &header.to_bytes()).unwrap();
+            m.write(0x10000 + HEADER_SIZE as u64, &frame).unwrap();
+            drivers[TX].add_chain(m, &[(0x10000, (HEADER_SIZE + frame.len()) as u32, false)]);
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
+        assert!(transmitted(&mut d).is_empty());
+        assert_eq!(stats(&d).tx_bad_size, 1, "longer than its largest frame");
+    }
+
+    #[test]
+    fn mergeable_buffers_take_a_gso_frame_whole() {
+        let (mut d, mut drivers) = net_big(LINUX);
+        let (header, frame) = tso_frame(40000);
+        d.backend_mut().backend_mut().offer_with(&header, &frame);
+        // 12 + 40054 bytes need 20 buffers of 2 KiB: with 10 posted the frame waits, nothing
+        // is used.
+        post_big(&mut d, &mut drivers[RX], 0, 10);
+        assert_eq!(drivers[RX].used_index(d.memory()), 0);
+        assert_eq!(d.backend().backend().incoming().len(), 1);
+        post_big(&mut d, &mut drivers[RX], 10, 12);
+        let needed = HEADER_SIZE + frame.len();
+        let buffers = needed.div_ceil(2048);
+        assert_eq!(buffers, 20);
+        assert_eq!(drivers[RX].used_index(d.memory()), buffers as u16);
+        let mut bytes = Vec::new();
+        for slot in 0..buffers as u16 {
+            let (id, used) = drivers[RX].used_entry(d.memory(), slot);
+            assert_eq!(id, u32::from(slot));
+            let at = (BIG_RX + 2048 * u64::from(id)) as usize;
+            bytes.extend_from_slice(&d.memory().bytes()[at..at + used as usize]);
+        }
+        assert_eq!(bytes.len(), needed);
+        let got = NetHeader::from_bytes(bytes[..HEADER_SIZE].try_into().unwrap());
+        assert_eq!(
+            got,
+            NetHeader {
+                num_buffers: buffers as u16,
+                ..header
+            }
+        );
+        assert_eq!(bytes[HEADER_SIZE..], frame[..]);
+        assert_eq!((stats(&d).rx_gso, stats(&d).rx_frames), (1, 1));
+        // A frame that all the buffers of the queue could not hold is dropped, not waited for.
+        let (mut d, mut drivers) = net_big(LINUX);
+        let (header, frame) = tso_frame(65000);
+        d.backend_mut().backend_mut().offer_with(&header, &frame);
+        guest(&mut d, |m| {
+            for i in 0..64 {
+                drivers[RX].add_chain(m, &[(BIG_RX + 512 * i, 512, true)]);
+            }
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, RECEIVE_QUEUE.into());
+        assert_eq!(stats(&d).rx_too_big, 1);
+        assert!(d.backend().backend().incoming().is_empty());
+        assert_eq!(drivers[RX].used_entry(d.memory(), 0).1, 0);
+    }
+
+    /// Parse a standard frame with etherparse and check its checksums; returns the TCP
+    /// sequence number and payload.
+    fn verify_tcp(frame: &[u8]) -> (u32, Vec<u8>) {
+        use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+        assert!(frame_size_ok(frame.len()));
+        let packet = SlicedPacket::from_ethernet(frame).unwrap();
+        let Some(NetSlice::Ipv4(ip)) = &packet.net else {
+            panic!("not IPv4")
+        };
+        let ip = ip.header().to_header();
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+        let Some(TransportSlice::Tcp(tcp)) = &packet.transport else {
+            panic!("not TCP")
+        };
+        let header = tcp.to_header();
+        assert_eq!(
+            header.checksum,
+            header.calc_checksum_ipv4(&ip, tcp.payload()).unwrap()
+        );
+        (header.sequence_number, tcp.payload().to_vec())
+    }
+
+    #[test]
+    fn guests_without_the_offloads_get_standard_frames() {
+        // No GUEST_TSO4, no GUEST_CSUM, no mergeable buffers: Linux's small buffers.
+        let (mut d, mut drivers) = net_big(LEGACY);
+        let (header, frame) = tso_frame(10000);
+        d.backend_mut().backend_mut().offer_with(&header, &frame);
+        // A standard frame with a partial checksum behind it.
+        let (mut small_header, small) = tso_frame(500);
+        small_header.hdr_len = 0;
+        let mut partial = small.clone();
+        partial[50..52].copy_from_slice(&[0x12, 0x34]);
+        let seed = {
+            // The pseudo-header sum, folded, as Linux leaves it in the field.
+            let mut sum = 6u32 + (partial.len() - 34) as u32;
+            for pair in partial[26..34].chunks(2) {
+                sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+            }
+            while sum >> 16 != 0 {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            sum as u16
+        };
+        partial[50..52].copy_from_slice(&seed.to_be_bytes());
+        d.backend_mut()
+            .backend_mut()
+            .offer_with(&small_header, &partial);
+        // Seven segments of 1448 bytes (the last 1312), then the completed frame.
+        post_big(&mut d, &mut drivers[RX], 0, 4);
+        assert_eq!(
+            drivers[RX].used_index(d.memory()),
+            4,
+            "as far as buffers go"
+        );
+        post_big(&mut d, &mut drivers[RX], 4, 8);
+        assert_eq!(drivers[RX].used_index(d.memory()), 8);
+        let mut data = Vec::new();
+        for slot in 0..8u16 {
+            let (id, used) = drivers[RX].used_entry(d.memory(), slot);
+            let at = (BIG_RX + 2048 * u64::from(id)) as usize;
+            let bytes = &d.memory().bytes()[at..at + used as usize];
+            let h = NetHeader::from_bytes(bytes[..HEADER_SIZE].try_into().unwrap());
+            assert_eq!(
+                h,
+                NetHeader {
+                    num_buffers: 1,
+                    ..NetHeader::default()
+                }
+            );
+            let (sequence, payload) = verify_tcp(&bytes[HEADER_SIZE..]);
+            if slot < 7 {
+                assert_eq!(sequence, 1000 + 1448 * u32::from(slot));
+                data.extend_from_slice(&payload);
+            } else {
+                assert_eq!(&bytes[HEADER_SIZE..], &small[..], "the checksum completed");
+            }
+        }
+        assert_eq!(data, frame[54..]);
+        let s = stats(&d);
+        assert_eq!((s.rx_frames, s.rx_segmented, s.rx_gso), (8, 1, 0));
+        assert!(d.backend().backend().incoming().is_empty());
+    }
+
+    #[test]
+    fn hostile_headers_from_the_backend_are_dropped() {
+        let (mut d, mut drivers) = net_big(LINUX);
+        let (header, frame) = tso_frame(5000);
+        let bad = [
+            NetHeader {
+                gso_size: 0,
+                ..header
+            },
+            NetHeader {
+                gso_type: 4,
+                ..header
+            },
+            NetHeader {
+                csum_start: 60000,
+                ..header
+            },
+            NetHeader {
+                hdr_len: 6000,
+                ..header
+            },
+            NetHeader {
+                flags: 0x80,
+                ..header
+            },
+        ];
+        for h in &bad {
+            d.backend_mut().backend_mut().offer_with(h, &frame);
+        }
+        // A standard-typed frame longer than a standard frame.
+        d.backend_mut()
+            .backend_mut()
+            .offer_with(&NetHeader::default(), &frame);
+        d.backend_mut().backend_mut().offer_with(&header, &frame);
+        post_big(&mut d, &mut drivers[RX], 0, 8);
+        let s = stats(&d);
+        assert_eq!((s.rx_bad_size, s.rx_gso), (6, 1));
+        assert_eq!(drivers[RX].used_index(d.memory()), 3, "only the good frame");
+        assert_eq!(d.error(), None);
+    }
+
     #[test]
     fn frame_queue_basics() {
         let mut q = FrameQueue::new(2);
         assert!(q.is_empty());
-        q.push(b"one");
-        q.push(b"two");
-        q.push(b"three");
+        let h = NetHeader::default();
+        q.push(&h, b"one");
+        q.push(&h, b"two");
+        q.push(&h, b"three");
         assert_eq!((q.len(), q.dropped()), (2, 1));
-        assert_eq!(q.front(), Some(&b"two"[..]));
-        assert_eq!(q.pop().as_deref(), Some(&b"two"[..]));
-        assert_eq!(q.pop().as_deref(), Some(&b"three"[..]));
+        assert_eq!(q.front(), Some((h, &b"two"[..])));
+        assert_eq!(q.pop(), Some((h, b"two".to_vec())));
+        assert_eq!(q.pop(), Some((h, b"three".to_vec())));
         assert_eq!(q.pop(), None);
         assert!(!frame_size_ok(13) && frame_size_ok(14) && frame_size_ok(1514));
         assert!(!frame_size_ok(1515));

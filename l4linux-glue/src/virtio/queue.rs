@@ -404,6 +404,15 @@ impl Queue {
         }
     }
 
+    /// Give back the chains taken since the available position was `next_available` (a device
+    /// that found it cannot use them yet, having used none): they are taken again later.
+    /// Ignored if that position is not behind the current one by at most the queue's size.
+    pub fn rewind(&mut self, next_available: u16) {
+        if self.next_available.wrapping_sub(next_available) <= self.size {
+            self.next_available = next_available;
+        }
+    }
+
     /// Check the programmed size and addresses against `memory` and make the queue ready.
     /// On an error the queue stays not ready.
     pub fn activate<M: GuestMemory + ?Sized>(&mut self, memory: &M) -> Result<(), QueueError> {

@@ -2,16 +2,22 @@
 //! the order of the badges `1..` of their gates, which the root task gives each VMM with
 //! `net=SWITCH`). A port's memory is the switch's own (2 MiB from its RAM budget, `ram=`),
 //! mapped into the VMM when it attaches ([`vmm::net`]): the ring from the VMM in its first
-//! MiB, the ring to it in its second. A kick makes the switch forward what waits in a port's
+//! half, the ring to it in its second. A kick makes the switch forward what waits in a port's
 //! ring: it learns the source MAC address's port, sends a frame for a known address to that
 //! port only and floods the others (broadcast, multicast, unknown) to every other attached
 //! port, then triggers the notification IRQ of each port that got frames. Only ports of this
 //! switch can reach each other; a second switch task is a second, separate network.
 //!
+//! A record is a virtio-net header and a frame; a GSO frame (up to 64 KiB of TCP) stays one
+//! record. The switch passes records on unchanged: whoever delivers a frame to a receiver that
+//! did not take an offload (the VMM's device model for its guest, the uplink for its NIC)
+//! segments it or completes its checksum (`l4linux_glue::netpacket`).
+//!
 //! The forwarding decision is `l4linux_glue::netswitch` (host-tested). Everything in a ring is
-//! untrusted: `l4linux_glue::netring` checks indices and lengths, a
-//! full ring drops the frame (counted), and one kick forwards at most one ring's worth of
-//! frames, so that a flooding port cannot keep the switch from the others.
+//! untrusted: `l4linux_glue::netring` checks indices and lengths, `netpacket::check` every
+//! header against its frame (a bad one is dropped and counted as the port's error), a full
+//! ring drops the frame (counted), and one kick forwards at most one ring's worth of bytes,
+//! so that a flooding port cannot keep the switch from the others.
 #![no_std]
 #![no_main]
 
@@ -20,9 +26,10 @@ extern crate alloc;
 use alloc::vec::Vec;
 use l4::abi::{slots, Fpage, IrqOp, MapItem, MessageTag, Timeouts};
 use l4::{ipc, println, sys};
+use l4linux_glue::netpacket::{self, NetHeader, Offloads, HEADER_SIZE};
 use l4linux_glue::netring::{self, Consumer, Producer, RingLayout};
 use l4linux_glue::netswitch::{Destinations, MacTable};
-use vmm::net::{LABEL_NET_ATTACH, LABEL_NET_DETACH, LABEL_NET_KICK, PORT_BYTES};
+use vmm::net::{LABEL_NET_ATTACH, LABEL_NET_DETACH, LABEL_NET_KICK, PORT_BYTES, PORT_ORDER};
 use vmm::shared::SharedRegion;
 
 /// Where the ports' memory lives in the switch (port k at `PORTS + k * PORT_BYTES`).
@@ -49,6 +56,8 @@ struct Switch {
     memory: Vec<bool>,
     /// Learned addresses.
     table: MacTable,
+    /// The record being forwarded (the largest a ring holds).
+    record: Vec<u8>,
 }
 
 /// The MAC address of port `k`: locally administered, unique on this switch.
@@ -95,36 +104,38 @@ impl Switch {
         });
         Some(MapItem::map(
             0,
-            Fpage::memory(base, 21, Fpage::READ | Fpage::WRITE),
+            Fpage::memory(base, PORT_ORDER, Fpage::READ | Fpage::WRITE),
         ))
     }
 
-    /// Forward what waits from port `k`; returns the ports that got frames (bit per port).
+    /// Forward what waits from port `k`, at most a ring's worth of bytes; returns the ports
+    /// that got frames (bit per port).
     fn forward(&mut self, k: usize) -> u64 {
         let mut woken = 0;
-        let slots = RingLayout::ethernet().slots();
-        let mut frame = [0u8; 2048];
-        for _ in 0..slots {
+        let mut budget = RingLayout::ethernet().data() as usize;
+        while budget > 0 {
             let Some(port) = self.ports[k].as_mut() else {
                 break;
             };
-            let length = match port.from_vmm.pop() {
-                Ok(Some(bytes)) if bytes.len() >= 14 && bytes.len() <= frame.len() => {
-                    port.taken += 1;
-                    frame[..bytes.len()].copy_from_slice(bytes);
-                    bytes.len()
-                }
-                Ok(Some(_)) => {
-                    port.errors += 1;
-                    continue;
-                }
+            let length = match port.from_vmm.pop_into(&mut self.record) {
+                Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(_) => {
                     port.errors += 1;
                     break;
                 }
             };
-            let frame = &frame[..length];
+            budget = budget.saturating_sub(length.max(8));
+            let record = &self.record[..length];
+            let Some((header, frame)) = record.split_first_chunk::<HEADER_SIZE>() else {
+                port.errors += 1;
+                continue;
+            };
+            if netpacket::check(&NetHeader::from_bytes(header), frame, Offloads::ALL).is_err() {
+                port.errors += 1;
+                continue;
+            }
+            port.taken += 1;
             let destinations = self.table.forward(frame, k);
             for target in 0..self.ports.len() {
                 let wanted = match destinations {
@@ -136,7 +147,7 @@ impl Switch {
                     continue;
                 }
                 if let Some(out) = self.ports[target].as_mut() {
-                    match out.to_vmm.push(frame) {
+                    match out.to_vmm.push(&[record]) {
                         Ok(()) => {
                             out.forwarded += 1;
                             woken |= 1 << target;
@@ -168,6 +179,7 @@ fn main() -> i64 {
         memory: names.iter().map(|_| false).collect(),
         names,
         table: MacTable::new(TABLE),
+        record: alloc::vec![0; RingLayout::ethernet().max_record()],
     };
     let mut reply: Option<(MessageTag, [u64; 3])> = None;
     loop {
