@@ -373,9 +373,6 @@ pub fn boot(magic: u32, multiboot_info: u64) -> Kernel {
     };
 
     k.svm = crate::arch::x86_64::svm::init(&mut k.frames);
-    if let Some(svm) = k.svm.as_ref().filter(|s| s.xcr0_switching) {
-        k.fpu.guest_xstate = svm.xstate;
-    }
     if modules.len() < 2 {
         panic!(
             "need at least two boot modules (sigma0 and the root task), got {}",

@@ -52,9 +52,6 @@ pub struct Fpu {
     /// The vCPU whose guest registers are live in the CPU, by its extended-state area (a
     /// frame; `None`: no guest's). Set only while `owner` is `None`.
     pub guest: Option<u64>,
-    /// The components of a guest's area (XCR0 while it is saved or loaded), from SVM setup; 0
-    /// without XCR0 switching (no guest is ever live then).
-    pub guest_xstate: u64,
 }
 
 impl Fpu {
@@ -73,7 +70,6 @@ impl Fpu {
             trap: false,
             eager,
             guest: None,
-            guest_xstate: 0,
         }
     }
 }
@@ -119,19 +115,11 @@ impl Kernel {
         if self.fpu.owner == Some(id) {
             return;
         }
-        let hardware = self.fpu.hardware;
-        if self.fpu.guest.is_some() {
-            evict_guest(self);
-        } else if let Some(owner) = self.fpu.owner.take() {
-            if let Some(t) = self.threads.get_mut(owner) {
-                t.fpu_loaded = false;
-                if let Some(area) = t.fpu.as_deref_mut() {
-                    hardware.save(area);
-                }
-            }
-        }
+        save_live(self);
         if let Some(t) = self.threads.get_mut(id) {
-            hardware.restore(t.fpu.as_deref().unwrap_or(&INITIAL));
+            self.fpu
+                .hardware
+                .restore(t.fpu.as_deref().unwrap_or(&INITIAL));
             t.fpu_loaded = true;
             self.fpu.owner = Some(id);
         }
@@ -160,19 +148,25 @@ pub fn surrender(k: &mut Kernel, clear: bool) {
         hw::clear_task_switched();
         k.fpu.trap = false;
     }
-    let hardware = k.fpu.hardware;
+    save_live(k);
+    if clear {
+        k.fpu.hardware.restore(&INITIAL);
+    }
+}
+
+/// Save whatever is live in the registers, the owner's (it owns them no longer) or a guest's,
+/// so that they can be loaded with someone else's. CR0.TS must be clear.
+fn save_live(k: &mut Kernel) {
     if k.fpu.guest.is_some() {
         evict_guest(k);
     } else if let Some(owner) = k.fpu.owner.take() {
+        let hardware = k.fpu.hardware;
         if let Some(t) = k.threads.get_mut(owner) {
             t.fpu_loaded = false;
             if let Some(area) = t.fpu.as_deref_mut() {
                 hardware.save(area);
             }
         }
-    }
-    if clear {
-        hardware.restore(&INITIAL);
     }
 }
 
@@ -183,7 +177,10 @@ fn evict_guest(k: &mut Kernel) {
     let Some(area) = k.fpu.guest.take() else {
         return;
     };
-    let (user, all) = (k.fpu.hardware.xcr0, k.fpu.guest_xstate);
+    let Some(all) = k.svm.as_ref().map(|s| s.xstate) else {
+        return;
+    };
+    let user = k.fpu.hardware.xcr0;
     // SAFETY: a guest is live only with XCR0 switching (CR4.OSXSAVE set, `all` a valid XCR0
     // covering the user one); `area` is that vCPU's extended-state frame, live (destroying the
     // vCPU forgets it first, `forget_guest`) and used only for this.

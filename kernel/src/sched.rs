@@ -102,6 +102,20 @@ impl Kernel {
         unsafe { self.resume_thread(id, thread as *const Thread) }
     }
 
+    /// Make the CPU's FPU state right for thread `id` (at `thread`), about to return to user
+    /// mode: one flag against one kernel flag, [`Kernel::switch_fpu`] only when they differ.
+    ///
+    /// # Safety
+    /// `thread` must point to the live, boxed thread `id`; no reference to it may be held (the
+    /// flag is read through the pointer, and the switch may change it).
+    #[inline(always)]
+    unsafe fn fpu_for(&mut self, id: ThreadId, thread: *const Thread) {
+        // SAFETY: per the caller.
+        if unsafe { (*thread).fpu_loaded } == self.fpu.trap {
+            self.switch_fpu(id);
+        }
+    }
+
     /// Return to user mode in the current thread `id` (at `thread`) after a system call of its
     /// own during which no other thread ran and nothing was switched: its address space, UTCB
     /// pointer, I/O bitmap and kernel stack are still loaded, so only its FPU state (which a
@@ -112,10 +126,8 @@ impl Kernel {
     #[inline(always)]
     pub unsafe fn return_to_caller(&mut self, id: ThreadId, thread: *const Thread) -> ! {
         debug_assert_eq!(self.current, Some(id));
-        // SAFETY: per the caller; the flag is read before any reference exists.
-        if unsafe { (*thread).fpu_loaded } == self.fpu.trap {
-            self.switch_fpu(id);
-        }
+        // SAFETY: per the caller.
+        unsafe { self.fpu_for(id, thread) };
         // SAFETY: as above: the frame lives in the boxed thread until the next kernel entry.
         unsafe { crate::arch::x86_64::entry::return_to_caller(&raw const (*thread).frame) }
     }
@@ -128,11 +140,8 @@ impl Kernel {
     #[inline(always)]
     pub unsafe fn resume_thread(&mut self, id: ThreadId, thread: *const Thread) -> ! {
         self.current = Some(id);
-        // SAFETY: the caller passes the live, boxed thread `id`; the flag is read before any
-        // reference to the thread exists (the switch below may change it).
-        if unsafe { (*thread).fpu_loaded } == self.fpu.trap {
-            self.switch_fpu(id);
-        }
+        // SAFETY: the caller passes the live, boxed thread `id`.
+        unsafe { self.fpu_for(id, thread) };
         // SAFETY: as above.
         let thread = unsafe { &*thread };
         let (root, utcb, io) = (thread.space_root, thread.utcb_address, thread.task_has_io);

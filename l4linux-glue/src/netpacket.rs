@@ -106,6 +106,13 @@ impl NetHeader {
         b
     }
 
+    /// A ring record (this header's bytes, then the frame) split into the two, or `None` if it
+    /// is shorter than a header.
+    pub fn split_record(record: &[u8]) -> Option<(NetHeader, &[u8])> {
+        let (header, frame) = record.split_first_chunk::<HEADER_SIZE>()?;
+        Some((NetHeader::from_bytes(header), frame))
+    }
+
     /// Whether the frame is a GSO frame (to be cut at `gso_size`).
     pub fn is_gso(&self) -> bool {
         self.gso_type != GSO_NONE
@@ -547,6 +554,10 @@ mod tests {
         assert_eq!(b, [1, 0x81, 0x34, 0x12, 0xa8, 5, 34, 0, 16, 0, 3, 0]);
         assert_eq!(NetHeader::from_bytes(&b), h);
         assert!(h.is_gso() && !NetHeader::default().is_gso());
+        let record = [&b[..], b"frame"].concat();
+        assert_eq!(NetHeader::split_record(&record), Some((h, &b"frame"[..])));
+        assert_eq!(NetHeader::split_record(&b), Some((h, &[][..])));
+        assert_eq!(NetHeader::split_record(&b[..HEADER_SIZE - 1]), None);
     }
 
     #[test]

@@ -153,11 +153,6 @@ impl NetPort {
             self.counts.errors += 1;
         }
     }
-
-    /// Whether frames wait in the ring to the switch that it was not kicked for.
-    pub fn unkicked(&self) -> bool {
-        self.unkicked
-    }
 }
 
 impl NetBackend for NetPort {
@@ -193,12 +188,7 @@ impl NetBackend for NetPort {
             }
         }
         let n = self.received_length?;
-        let mut header = [0u8; HEADER_SIZE];
-        header.copy_from_slice(&self.received[..HEADER_SIZE]);
-        Some((
-            NetHeader::from_bytes(&header),
-            &self.received[HEADER_SIZE..n],
-        ))
+        NetHeader::split_record(&self.received[..n])
     }
 
     fn pop_received(&mut self) {

@@ -26,7 +26,7 @@ extern crate alloc;
 use alloc::vec::Vec;
 use l4::abi::{slots, Fpage, IrqOp, MapItem, MessageTag, Timeouts};
 use l4::{ipc, println, sys};
-use l4linux_glue::netpacket::{self, NetHeader, Offloads, HEADER_SIZE};
+use l4linux_glue::netpacket::{self, NetHeader, Offloads};
 use l4linux_glue::netring::{self, Consumer, Producer, RingLayout};
 use l4linux_glue::netswitch::{Destinations, MacTable};
 use vmm::net::{LABEL_NET_ATTACH, LABEL_NET_DETACH, LABEL_NET_KICK, PORT_BYTES, PORT_ORDER};
@@ -127,11 +127,11 @@ impl Switch {
             };
             budget = budget.saturating_sub(length.max(8));
             let record = &self.record[..length];
-            let Some((header, frame)) = record.split_first_chunk::<HEADER_SIZE>() else {
+            let Some((header, frame)) = NetHeader::split_record(record) else {
                 port.errors += 1;
                 continue;
             };
-            if netpacket::check(&NetHeader::from_bytes(header), frame, Offloads::ALL).is_err() {
+            if netpacket::check(&header, frame, Offloads::ALL).is_err() {
                 port.errors += 1;
                 continue;
             }

@@ -269,14 +269,9 @@ fn map_module(index: usize, base: u64, size: u64) -> Option<&'static [u8]> {
     let end = (base + size + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
     let mut page = first;
     while page < end {
-        // 2 MiB at a time where the module covers a whole aligned 2 MiB (the window keeps the
-        // physical offset within 2 MiB, so both ends are aligned alike), else 4 KiB: a 10 MiB
-        // module takes a few dozen requests to sigma0 instead of some 2,500.
-        let order = if page.is_multiple_of(RAM_GRANULE) && page + RAM_GRANULE <= end {
-            21
-        } else {
-            12
-        };
+        // The window keeps the physical offset within 2 MiB, so both ends are aligned alike:
+        // a 10 MiB module takes a few dozen requests to sigma0 instead of some 2,500.
+        let order = piece_order(page, end);
         match l4::sigma0::request_physical(
             slots::PAGER,
             page,
@@ -292,6 +287,16 @@ fn map_module(index: usize, base: u64, size: u64) -> Option<&'static [u8]> {
     Some(unsafe {
         core::slice::from_raw_parts(module_address(index, base) as *const u8, size as usize)
     })
+}
+
+/// The order of the next piece to map of the page range `page..end` (4 KiB aligned): 2 MiB
+/// where a whole aligned 2 MiB is left, else 4 KiB.
+fn piece_order(page: u64, end: u64) -> u32 {
+    if page.is_multiple_of(RAM_GRANULE) && page + RAM_GRANULE <= end {
+        21
+    } else {
+        12
+    }
 }
 
 /// Where byte `physical` of boot module `index` is mapped in the root task: in the module's
@@ -539,11 +544,7 @@ fn build(
         let end = (address + size).next_multiple_of(PAGE_SIZE);
         let mut page = address & !(PAGE_SIZE - 1);
         while page < end {
-            let order = if page.is_multiple_of(RAM_GRANULE) && page + RAM_GRANULE <= end {
-                21
-            } else {
-                12
-            };
+            let order = piece_order(page, end);
             sys::map(
                 task,
                 Fpage::memory(page, order, Fpage::READ),
