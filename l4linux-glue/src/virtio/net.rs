@@ -16,8 +16,8 @@
 //! it each frame the guest transmits and asks it for frames to receive. A received frame the
 //! guest can take as it is (the offloads it acked, [`Offloads::accept`]) goes in whole; any
 //! other is rewritten into standard frames with full checksums (`netpacket`'s segmentation
-//! and checksum completion), one receive buffer each. [`FramePort`] is a backend with two
-//! bounded [`FrameQueue`]s (for tests and devices wired back to back).
+//! and checksum completion), one receive buffer each. The VMM's backend is its port on a
+//! switch (`vmm::net::NetPort`); the tests use one of two bounded queues (`FramePort`).
 //!
 //! Everything the guest hands over is checked, and a bad frame is dropped and counted in
 //! [`NetStats`], never fatal:
@@ -43,7 +43,6 @@ use super::queue::{Chain, Queue, QueueError};
 use super::{copy_config, device_id};
 use crate::guest_memory::GuestMemory;
 use crate::netpacket::{self, Offloads, PacketError};
-use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -125,143 +124,154 @@ pub trait NetBackend {
     fn pop_received(&mut self);
 }
 
-/// A bounded queue of frames with their headers: when it is full, a new frame pushes out the
-/// oldest, which is counted in [`FrameQueue::dropped`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FrameQueue {
-    frames: VecDeque<(NetHeader, Vec<u8>)>,
-    capacity: usize,
-    dropped: u64,
-}
+#[cfg(test)]
+pub(crate) use frame_port::{FramePort, FrameQueue};
 
-impl FrameQueue {
-    /// An empty queue for at most `capacity` frames (at least 1).
-    pub fn new(capacity: usize) -> Self {
-        FrameQueue {
-            frames: VecDeque::new(),
-            capacity: capacity.max(1),
-            dropped: 0,
+/// The tests' backend: frames in memory instead of a switch's rings.
+#[cfg(test)]
+mod frame_port {
+    use super::{NetBackend, NetHeader};
+    use alloc::collections::VecDeque;
+    use alloc::vec::Vec;
+
+    /// A bounded queue of frames with their headers: when it is full, a new frame pushes out the
+    /// oldest, which is counted in [`FrameQueue::dropped`].
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct FrameQueue {
+        frames: VecDeque<(NetHeader, Vec<u8>)>,
+        capacity: usize,
+        dropped: u64,
+    }
+
+    impl FrameQueue {
+        /// An empty queue for at most `capacity` frames (at least 1).
+        pub fn new(capacity: usize) -> Self {
+            FrameQueue {
+                frames: VecDeque::new(),
+                capacity: capacity.max(1),
+                dropped: 0,
+            }
+        }
+
+        /// Append a copy of `frame` with `header`, dropping the oldest frame if the queue is
+        /// full.
+        pub fn push(&mut self, header: &NetHeader, frame: &[u8]) {
+            if self.frames.len() >= self.capacity {
+                self.frames.pop_front();
+                self.dropped += 1;
+            }
+            self.frames.push_back((*header, frame.to_vec()));
+        }
+
+        /// The oldest frame and its header.
+        pub fn front(&self) -> Option<(NetHeader, &[u8])> {
+            self.frames.front().map(|(h, f)| (*h, f.as_slice()))
+        }
+
+        /// Remove and return the oldest frame and its header.
+        pub fn pop(&mut self) -> Option<(NetHeader, Vec<u8>)> {
+            self.frames.pop_front()
+        }
+
+        /// Frames waiting.
+        pub fn len(&self) -> usize {
+            self.frames.len()
+        }
+
+        /// Whether no frame waits.
+        pub fn is_empty(&self) -> bool {
+            self.frames.is_empty()
+        }
+
+        /// The most frames that wait.
+        pub fn capacity(&self) -> usize {
+            self.capacity
+        }
+
+        /// Frames pushed out by newer ones.
+        pub fn dropped(&self) -> u64 {
+            self.dropped
         }
     }
 
-    /// Append a copy of `frame` with `header`, dropping the oldest frame if the queue is
-    /// full.
-    pub fn push(&mut self, header: &NetHeader, frame: &[u8]) {
-        if self.frames.len() >= self.capacity {
-            self.frames.pop_front();
-            self.dropped += 1;
+    /// A backend of two bounded queues: frames the guest transmitted wait in `outgoing` until
+    /// they are taken ([`FramePort::take_transmitted`]), frames for the guest wait in `incoming`
+    /// ([`FramePort::offer`]) until it posts receive buffers. Wiring two devices back to back is
+    /// moving frames from one port's outgoing queue to the other's incoming queue.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct FramePort {
+        outgoing: FrameQueue,
+        incoming: FrameQueue,
+    }
+
+    impl FramePort {
+        /// Frames each queue holds by default.
+        pub const DEFAULT_CAPACITY: usize = 256;
+
+        /// A port whose queues hold [`FramePort::DEFAULT_CAPACITY`] frames each.
+        pub fn new() -> Self {
+            FramePort::with_capacity(Self::DEFAULT_CAPACITY)
         }
-        self.frames.push_back((*header, frame.to_vec()));
-    }
 
-    /// The oldest frame and its header.
-    pub fn front(&self) -> Option<(NetHeader, &[u8])> {
-        self.frames.front().map(|(h, f)| (*h, f.as_slice()))
-    }
+        /// A port whose queues hold `capacity` frames each.
+        pub fn with_capacity(capacity: usize) -> Self {
+            FramePort {
+                outgoing: FrameQueue::new(capacity),
+                incoming: FrameQueue::new(capacity),
+            }
+        }
 
-    /// Remove and return the oldest frame and its header.
-    pub fn pop(&mut self) -> Option<(NetHeader, Vec<u8>)> {
-        self.frames.pop_front()
-    }
+        /// Queue the standard `frame` (a header of zeros) for the guest (the oldest waiting frame
+        /// is dropped if the queue is full; a frame the device does not carry is dropped when it
+        /// is its turn).
+        pub fn offer(&mut self, frame: &[u8]) {
+            self.incoming.push(&NetHeader::default(), frame);
+        }
 
-    /// Frames waiting.
-    pub fn len(&self) -> usize {
-        self.frames.len()
-    }
+        /// Queue `frame` with `header` for the guest.
+        pub fn offer_with(&mut self, header: &NetHeader, frame: &[u8]) {
+            self.incoming.push(header, frame);
+        }
 
-    /// Whether no frame waits.
-    pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
-    }
+        /// The oldest frame the guest transmitted that was not taken yet.
+        pub fn take_transmitted(&mut self) -> Option<Vec<u8>> {
+            self.outgoing.pop().map(|(_, f)| f)
+        }
 
-    /// The most frames that wait.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
+        /// The oldest frame the guest transmitted that was not taken yet, with its header.
+        pub fn take_transmitted_with(&mut self) -> Option<(NetHeader, Vec<u8>)> {
+            self.outgoing.pop()
+        }
 
-    /// Frames pushed out by newer ones.
-    pub fn dropped(&self) -> u64 {
-        self.dropped
-    }
-}
+        /// Frames the guest transmitted, waiting.
+        pub fn outgoing(&self) -> &FrameQueue {
+            &self.outgoing
+        }
 
-/// A backend of two bounded queues: frames the guest transmitted wait in `outgoing` until
-/// they are taken ([`FramePort::take_transmitted`]), frames for the guest wait in `incoming`
-/// ([`FramePort::offer`]) until it posts receive buffers. Wiring two devices back to back is
-/// moving frames from one port's outgoing queue to the other's incoming queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FramePort {
-    outgoing: FrameQueue,
-    incoming: FrameQueue,
-}
-
-impl FramePort {
-    /// Frames each queue holds by default.
-    pub const DEFAULT_CAPACITY: usize = 256;
-
-    /// A port whose queues hold [`FramePort::DEFAULT_CAPACITY`] frames each.
-    pub fn new() -> Self {
-        FramePort::with_capacity(Self::DEFAULT_CAPACITY)
-    }
-
-    /// A port whose queues hold `capacity` frames each.
-    pub fn with_capacity(capacity: usize) -> Self {
-        FramePort {
-            outgoing: FrameQueue::new(capacity),
-            incoming: FrameQueue::new(capacity),
+        /// Frames waiting for the guest's receive buffers.
+        pub fn incoming(&self) -> &FrameQueue {
+            &self.incoming
         }
     }
 
-    /// Queue the standard `frame` (a header of zeros) for the guest (the oldest waiting frame
-    /// is dropped if the queue is full; a frame the device does not carry is dropped when it
-    /// is its turn).
-    pub fn offer(&mut self, frame: &[u8]) {
-        self.incoming.push(&NetHeader::default(), frame);
+    impl Default for FramePort {
+        fn default() -> Self {
+            FramePort::new()
+        }
     }
 
-    /// Queue `frame` with `header` for the guest.
-    pub fn offer_with(&mut self, header: &NetHeader, frame: &[u8]) {
-        self.incoming.push(header, frame);
-    }
+    impl NetBackend for FramePort {
+        fn transmit(&mut self, header: &NetHeader, frame: &[u8]) {
+            self.outgoing.push(header, frame);
+        }
 
-    /// The oldest frame the guest transmitted that was not taken yet.
-    pub fn take_transmitted(&mut self) -> Option<Vec<u8>> {
-        self.outgoing.pop().map(|(_, f)| f)
-    }
+        fn peek_received(&mut self) -> Option<(NetHeader, &[u8])> {
+            self.incoming.front()
+        }
 
-    /// The oldest frame the guest transmitted that was not taken yet, with its header.
-    pub fn take_transmitted_with(&mut self) -> Option<(NetHeader, Vec<u8>)> {
-        self.outgoing.pop()
-    }
-
-    /// Frames the guest transmitted, waiting.
-    pub fn outgoing(&self) -> &FrameQueue {
-        &self.outgoing
-    }
-
-    /// Frames waiting for the guest's receive buffers.
-    pub fn incoming(&self) -> &FrameQueue {
-        &self.incoming
-    }
-}
-
-impl Default for FramePort {
-    fn default() -> Self {
-        FramePort::new()
-    }
-}
-
-impl NetBackend for FramePort {
-    fn transmit(&mut self, header: &NetHeader, frame: &[u8]) {
-        self.outgoing.push(header, frame);
-    }
-
-    fn peek_received(&mut self) -> Option<(NetHeader, &[u8])> {
-        self.incoming.front()
-    }
-
-    fn pop_received(&mut self) {
-        self.incoming.pop();
+        fn pop_received(&mut self) {
+            self.incoming.pop();
+        }
     }
 }
 
