@@ -46,6 +46,48 @@ pub trait GuestMemory {
     /// range is checked at `address`).
     fn check_range(&self, address: u64, length: u64) -> Result<(), MemoryError>;
 
+    /// Call `f` with the bytes at `address .. address + length`, in place: a device copies
+    /// from guest memory to where the bytes go (a frame ring) without a buffer between. The
+    /// default reads them into a buffer, piece by piece (`f` may be called several times,
+    /// in order, with the pieces).
+    fn with_bytes(
+        &self,
+        address: u64,
+        length: usize,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), MemoryError> {
+        self.check_range(address, length as u64)?;
+        let mut buffer = [0u8; 512];
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(buffer.len());
+            self.read(address + done as u64, &mut buffer[..n])?;
+            f(&buffer[..n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Call `f` with the bytes at `address .. address + length` to fill them in place (the
+    /// default fills a buffer, piece by piece, and writes it).
+    fn with_bytes_mut(
+        &mut self,
+        address: u64,
+        length: usize,
+        f: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), MemoryError> {
+        self.check_range(address, length as u64)?;
+        let mut buffer = [0u8; 512];
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(buffer.len());
+            f(&mut buffer[..n]);
+            self.write(address + done as u64, &buffer[..n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
     /// A little-endian `u16` at `address`.
     fn read_u16(&self, address: u64) -> Result<u16, MemoryError> {
         let mut b = [0; 2];
@@ -142,6 +184,28 @@ impl GuestMemory for VecMemory {
     fn check_range(&self, address: u64, length: u64) -> Result<(), MemoryError> {
         self.span(address, length).map(|_| ())
     }
+
+    fn with_bytes(
+        &self,
+        address: u64,
+        length: usize,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), MemoryError> {
+        let span = self.span(address, length as u64)?;
+        f(&self.bytes[span]);
+        Ok(())
+    }
+
+    fn with_bytes_mut(
+        &mut self,
+        address: u64,
+        length: usize,
+        f: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), MemoryError> {
+        let span = self.span(address, length as u64)?;
+        f(&mut self.bytes[span]);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -180,5 +244,62 @@ mod tests {
         assert_eq!(m, before, "a refused write changes nothing");
         let text = alloc::format!("{}", m.read_u16(0).unwrap_err());
         assert!(text.contains("outside guest memory"));
+    }
+
+    /// Guest memory with only the required methods: the in-place accesses' defaults.
+    struct Defaults(VecMemory);
+
+    impl GuestMemory for Defaults {
+        fn read(&self, address: u64, buffer: &mut [u8]) -> Result<(), MemoryError> {
+            self.0.read(address, buffer)
+        }
+        fn write(&mut self, address: u64, data: &[u8]) -> Result<(), MemoryError> {
+            self.0.write(address, data)
+        }
+        fn check_range(&self, address: u64, length: u64) -> Result<(), MemoryError> {
+            self.0.check_range(address, length)
+        }
+    }
+
+    #[test]
+    fn bytes_in_place() {
+        let mut m = VecMemory::new(0x1000, 0x1000);
+        for (i, b) in m.bytes_mut().iter_mut().enumerate() {
+            *b = (i * 7) as u8;
+        }
+        let mut d = Defaults(m.clone());
+        for memory in [&mut m as &mut dyn GuestMemory, &mut d] {
+            let mut seen = Vec::new();
+            memory
+                .with_bytes(0x1003, 1300, &mut |b| seen.extend_from_slice(b))
+                .unwrap();
+            let expected: Vec<u8> = (3..1303).map(|i| (i * 7) as u8).collect();
+            assert_eq!(seen, expected);
+            let mut next = 0u8;
+            memory
+                .with_bytes_mut(0x1100, 1100, &mut |b| {
+                    for x in b {
+                        *x = next;
+                        next = next.wrapping_add(1);
+                    }
+                })
+                .unwrap();
+            let mut back = vec![0u8; 1100];
+            memory.read(0x1100, &mut back).unwrap();
+            assert!(back.iter().enumerate().all(|(i, &b)| b == i as u8));
+            // Outside: an error before any byte is touched.
+            let mut called = false;
+            assert!(memory
+                .with_bytes(0x1f00, 0x101, &mut |_| called = true)
+                .is_err());
+            assert!(memory
+                .with_bytes_mut(0xfff, 2, &mut |b| {
+                    called = true;
+                    b.fill(0xee)
+                })
+                .is_err());
+            assert!(!called);
+        }
+        assert_eq!(m.bytes(), d.0.bytes());
     }
 }

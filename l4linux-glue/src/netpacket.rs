@@ -236,13 +236,51 @@ fn be16(frame: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([frame[at], frame[at + 1]])
 }
 
+/// The bytes at the start of a frame that [`check`] reads: an Ethernet header and the largest
+/// IPv4 and TCP headers. Everything after them only counts towards the frame's length, so a
+/// frame can be checked on a private copy of this prefix while its payload is copied straight
+/// from one buffer to the next ([`check_prefix`]).
+pub const CHECKED_PREFIX: usize = ETHERNET_HEADER + 60 + 60;
+
 /// Check `header` and `frame` from a sender allowed the offloads `allowed`.
 pub fn check<'a>(
     header: &NetHeader,
     frame: &'a [u8],
     allowed: Offloads,
 ) -> Result<Checked<'a>, PacketError> {
-    let length = frame.len();
+    let prefix = &frame[..frame.len().min(CHECKED_PREFIX)];
+    let tcp = check_headers(header, prefix, frame.len(), allowed)?;
+    Ok(Checked {
+        header: *header,
+        frame,
+        tcp,
+    })
+}
+
+/// Check `header` and a frame of `length` bytes that starts with `prefix` (its first
+/// `min(length, CHECKED_PREFIX)` bytes) from a sender allowed the offloads `allowed`: the
+/// same verdict as [`check`] on the whole frame, which never reads past the prefix.
+pub fn check_prefix(
+    header: &NetHeader,
+    prefix: &[u8],
+    length: usize,
+    allowed: Offloads,
+) -> Result<(), PacketError> {
+    if prefix.len() != length.min(CHECKED_PREFIX) {
+        // A caller bug; refuse rather than read past what was copied.
+        return Err(PacketError::TooShort(prefix.len()));
+    }
+    check_headers(header, prefix, length, allowed).map(|_| ())
+}
+
+/// [`check`] on the first bytes of a frame of `length` bytes (`prefix` holds
+/// `min(length, CHECKED_PREFIX)` of them).
+fn check_headers(
+    header: &NetHeader,
+    prefix: &[u8],
+    length: usize,
+    allowed: Offloads,
+) -> Result<Option<TcpLayout>, PacketError> {
     if length < MIN_FRAME {
         return Err(PacketError::TooShort(length));
     }
@@ -266,7 +304,7 @@ pub fn check<'a>(
         }
     }
     let ecn = header.gso_type & GSO_ECN != 0;
-    let tcp = match header.gso_type & !GSO_ECN {
+    Ok(match header.gso_type & !GSO_ECN {
         GSO_NONE if ecn => return Err(PacketError::UnknownGsoType(header.gso_type)),
         GSO_NONE if length > MAX_FRAME => return Err(PacketError::TooLong(length)),
         GSO_NONE => None,
@@ -280,21 +318,19 @@ pub fn check<'a>(
             if !partial {
                 return Err(PacketError::GsoWithoutChecksum);
             }
-            Some(tcp_layout(header, frame)?)
+            Some(tcp_layout(header, prefix, length)?)
         }
         _ => return Err(PacketError::UnknownGsoType(header.gso_type)),
-    };
-    Ok(Checked {
-        header: *header,
-        frame,
-        tcp,
     })
 }
 
-/// The headers of a GSO frame, checked against the frame and the header.
-fn tcp_layout(header: &NetHeader, frame: &[u8]) -> Result<TcpLayout, PacketError> {
+/// The headers of a GSO frame of `length` bytes whose first bytes are `frame`, checked against
+/// the frame and the header.
+fn tcp_layout(header: &NetHeader, frame: &[u8], length: usize) -> Result<TcpLayout, PacketError> {
+    // `frame` is the prefix: every index below is checked against `length` and lies inside
+    // the headers, so inside the prefix.
     let ip = ETHERNET_HEADER;
-    if frame.len() < ip + 20 || be16(frame, 12) != ETHERTYPE_IPV4 {
+    if length < ip + 20 || be16(frame, 12) != ETHERTYPE_IPV4 {
         return Err(PacketError::NotTcpIpv4);
     }
     let version_ihl = frame[ip];
@@ -303,19 +339,19 @@ fn tcp_layout(header: &NetHeader, frame: &[u8]) -> Result<TcpLayout, PacketError
     let fragment = be16(frame, ip + 6);
     if version_ihl >> 4 != 4
         || ip_header < 20
-        || total != frame.len() - ip
+        || total != length - ip
         || fragment & 0x3fff != 0
         || frame[ip + 9] != PROTOCOL_TCP
     {
         return Err(PacketError::NotTcpIpv4);
     }
     let tcp = ip + ip_header;
-    if tcp + 20 > frame.len() {
+    if tcp + 20 > length {
         return Err(PacketError::NotTcpIpv4);
     }
     let payload = tcp + usize::from(frame[tcp + 12] >> 4) * 4;
     if payload < tcp + 20
-        || payload > frame.len()
+        || payload > length
         || usize::from(header.csum_start) != tcp
         || usize::from(header.csum_offset) != TCP_CHECKSUM
     {
@@ -325,7 +361,7 @@ fn tcp_layout(header: &NetHeader, frame: &[u8]) -> Result<TcpLayout, PacketError
     if segment == 0 || payload - ip + segment > MTU {
         return Err(PacketError::GsoSize(header.gso_size));
     }
-    let count = (frame.len() - payload).div_ceil(segment).max(1);
+    let count = (length - payload).div_ceil(segment).max(1);
     if count > MAX_SEGMENTS {
         return Err(PacketError::TooManySegments(count));
     }
@@ -890,5 +926,60 @@ mod tests {
             }
         }
         assert!(accepted > 100, "some were accepted ({accepted})");
+    }
+
+    #[test]
+    fn the_verdict_depends_on_the_prefix_only() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut base = tcp_frame(20000, false, true, false);
+        let good = partial(&mut base);
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..5000 {
+            let mut frame = base.clone();
+            if random() % 3 == 0 {
+                frame.truncate(14 + (random() % 200) as usize);
+            }
+            // Hostile bytes anywhere in the headers, and options that move TCP's start.
+            for _ in 0..random() % 3 {
+                let at = (random() % CHECKED_PREFIX as u64) as usize;
+                if let Some(b) = frame.get_mut(at) {
+                    *b = random() as u8;
+                }
+            }
+            let mut h = good;
+            if random() % 4 == 0 {
+                h.csum_start = 14 + (random() % 64) as u16;
+            }
+            let verdict = check(&h, &frame, Offloads::ALL).map(|_| ());
+            let prefix = &frame[..frame.len().min(CHECKED_PREFIX)];
+            assert_eq!(
+                check_prefix(&h, prefix, frame.len(), Offloads::ALL),
+                verdict
+            );
+            // Whatever follows the prefix cannot change the verdict.
+            let mut other = frame.clone();
+            for b in other.iter_mut().skip(CHECKED_PREFIX) {
+                *b = random() as u8;
+            }
+            assert_eq!(check(&h, &other, Offloads::ALL).map(|_| ()), verdict);
+            if verdict.is_ok() {
+                accepted += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(
+            accepted > 100 && refused > 100,
+            "{accepted} accepted, {refused} refused"
+        );
+        // A prefix that is not the frame's first bytes is refused, never read past.
+        let prefix = &base[..CHECKED_PREFIX - 1];
+        assert!(check_prefix(&good, prefix, base.len(), Offloads::ALL).is_err());
     }
 }

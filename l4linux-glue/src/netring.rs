@@ -95,6 +95,23 @@ pub trait SharedMemory {
 
     /// Write the aligned little-endian `u32` at `offset` with release ordering.
     fn store_release(&mut self, offset: usize, value: u32);
+
+    /// Copy `length` bytes at `source_offset` of `source` (another region) to `offset` (no
+    /// ordering). This default goes through a buffer on the stack; an implementation over
+    /// mapped memory copies directly (the switch's ring-to-ring copy of a frame's payload).
+    fn copy_from(&mut self, offset: usize, source: &Self, source_offset: usize, length: usize)
+    where
+        Self: Sized,
+    {
+        let mut buffer = [0u8; 512];
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(buffer.len());
+            source.read(source_offset + done, &mut buffer[..n]);
+            self.write(offset + done, &buffer[..n]);
+            done += n;
+        }
+    }
 }
 
 /// Why a ring could not be set up or used.
@@ -162,6 +179,8 @@ pub enum PushError {
     BadRecord(usize),
     /// The consumer's index is impossible.
     Ring(RingError),
+    /// The caller's fill of [`Producer::push_with`] gave up (nothing was published).
+    Aborted,
 }
 
 impl fmt::Display for PushError {
@@ -170,6 +189,7 @@ impl fmt::Display for PushError {
             PushError::Full => write!(f, "frame ring full"),
             PushError::BadRecord(length) => write!(f, "a record of {length} bytes does not fit"),
             PushError::Ring(error) => write!(f, "{error}"),
+            PushError::Aborted => write!(f, "the record was not filled"),
         }
     }
 }
@@ -315,6 +335,24 @@ impl<M: SharedMemory> Producer<M> {
     /// Copy the record made of `parts` (one after the other) into the ring and publish it.
     pub fn push(&mut self, parts: &[&[u8]]) -> Result<(), PushError> {
         let length: usize = parts.iter().map(|p| p.len()).sum();
+        self.push_with(length, |slot| {
+            let mut at = 0;
+            for part in parts {
+                slot.write(at, part);
+                at += part.len();
+            }
+            true
+        })
+    }
+
+    /// Publish a record of `length` bytes that `fill` writes into its place in the ring
+    /// ([`Slot`]: straight from where the bytes are, no buffer between). If `fill` returns
+    /// false nothing is published ([`PushError::Aborted`]).
+    pub fn push_with(
+        &mut self,
+        length: usize,
+        fill: impl FnOnce(&mut Slot<'_, M>) -> bool,
+    ) -> Result<(), PushError> {
         if length == 0 || length > self.layout.max_record() {
             return Err(PushError::BadRecord(length));
         }
@@ -322,23 +360,88 @@ impl<M: SharedMemory> Producer<M> {
             return Err(PushError::Full);
         }
         let need = footprint(length);
-        let (mut at, rest) = self.layout.position(self.head);
+        let mut head = self.head;
+        let (mut at, rest) = self.layout.position(head);
         if need > rest {
             self.memory.write(at, &WRAP.to_le_bytes());
             // Fits: rest <= data < 2^32.
-            self.head = self.head.wrapping_add(rest as u32);
+            head = head.wrapping_add(rest as u32);
             at = DATA_OFFSET;
         }
         // Fits: max_record < 2^32.
         self.memory.write(at, &(length as u32).to_le_bytes());
-        let mut offset = at + LENGTH_WORD;
-        for part in parts {
-            self.memory.write(offset, part);
-            offset += part.len();
+        let mut slot = Slot {
+            memory: &mut self.memory,
+            offset: at + LENGTH_WORD,
+            length,
+        };
+        if !fill(&mut slot) {
+            // The bytes written stay unpublished; the next record overwrites them.
+            return Err(PushError::Aborted);
         }
-        self.head = self.head.wrapping_add(need as u32);
+        self.head = head.wrapping_add(need as u32);
         self.memory.store_release(PRODUCER_INDEX, self.head);
         Ok(())
+    }
+}
+
+/// The place of a record being pushed ([`Producer::push_with`]): `len()` bytes, written at
+/// offsets from the record's start. Writes outside the record are refused (false).
+pub struct Slot<'a, M> {
+    memory: &'a mut M,
+    offset: usize,
+    length: usize,
+}
+
+impl<M: SharedMemory> Slot<'_, M> {
+    /// The record's length.
+    pub fn len(&self) -> usize {
+        self.length
+    }
+
+    /// Whether the record is empty (never: records have at least a byte).
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+
+    fn inside(&self, at: usize, length: usize) -> bool {
+        at.checked_add(length).is_some_and(|end| end <= self.length)
+    }
+
+    /// Write `data` at `at` of the record.
+    pub fn write(&mut self, at: usize, data: &[u8]) -> bool {
+        if !self.inside(at, data.len()) {
+            return false;
+        }
+        self.memory.write(self.offset + at, data);
+        true
+    }
+
+    /// Copy `length` bytes at `from` of the record `source` has peeked
+    /// ([`Consumer::peek`]; another ring) to `at` of this record, memory to memory.
+    pub fn copy_from(
+        &mut self,
+        at: usize,
+        source: &Consumer<M>,
+        from: usize,
+        length: usize,
+    ) -> bool {
+        let Some(record) = source.peeked else {
+            return false;
+        };
+        let source_inside = from
+            .checked_add(length)
+            .is_some_and(|end| end <= record.length);
+        if !self.inside(at, length) || !source_inside {
+            return false;
+        }
+        self.memory.copy_from(
+            self.offset + at,
+            &source.memory,
+            record.offset + from,
+            length,
+        );
+        true
     }
 }
 
@@ -347,6 +450,15 @@ pub struct Consumer<M> {
     memory: M,
     layout: RingLayout,
     tail: u32,
+    /// The record [`Consumer::peek`] found and [`Consumer::release`] has not consumed yet.
+    peeked: Option<Peeked>,
+}
+
+/// Where a peeked record's bytes lie in the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Peeked {
+    offset: usize,
+    length: usize,
 }
 
 impl<M: SharedMemory> Consumer<M> {
@@ -358,6 +470,7 @@ impl<M: SharedMemory> Consumer<M> {
             memory,
             layout,
             tail: 0,
+            peeked: None,
         })
     }
 
@@ -399,6 +512,28 @@ impl<M: SharedMemory> Consumer<M> {
     /// `None` if the ring is empty. A bad length skips everything published; a record longer
     /// than `buffer` is skipped; an impossible producer index consumes nothing.
     pub fn pop_into(&mut self, buffer: &mut [u8]) -> Result<Option<usize>, RingError> {
+        let Some(n) = self.peek()? else {
+            return Ok(None);
+        };
+        let result = match buffer.get_mut(..n) {
+            Some(buffer) => {
+                self.read(0, buffer);
+                Ok(Some(n))
+            }
+            None => Err(RingError::BufferTooSmall { length: n }),
+        };
+        self.release();
+        result
+    }
+
+    /// The length of the next record, left in the ring to be read in place
+    /// ([`Consumer::read`], [`Slot::copy_from`]) until [`Consumer::release`]; `None` if the
+    /// ring is empty. Peeking again returns the same record. A bad length skips everything
+    /// published; an impossible producer index consumes nothing.
+    pub fn peek(&mut self) -> Result<Option<usize>, RingError> {
+        if let Some(record) = self.peeked {
+            return Ok(Some(record.length));
+        }
         let mut available = self.pending()?;
         if available == 0 {
             return Ok(None);
@@ -426,15 +561,34 @@ impl<M: SharedMemory> Consumer<M> {
             self.advance(available);
             return Err(RingError::BadLength { index, length });
         }
-        let result = match buffer.get_mut(..n) {
-            Some(buffer) => {
-                self.memory.read(at + LENGTH_WORD, buffer);
-                Ok(Some(n))
-            }
-            None => Err(RingError::BufferTooSmall { length: n }),
+        self.peeked = Some(Peeked {
+            offset: at + LENGTH_WORD,
+            length: n,
+        });
+        Ok(Some(n))
+    }
+
+    /// Copy `buffer.len()` bytes at `at` of the peeked record into `buffer`; false (and
+    /// nothing copied) if that is not inside it or nothing is peeked.
+    pub fn read(&self, at: usize, buffer: &mut [u8]) -> bool {
+        let Some(record) = self.peeked else {
+            return false;
         };
-        self.advance(footprint(n) as u32);
-        result
+        if at
+            .checked_add(buffer.len())
+            .is_none_or(|end| end > record.length)
+        {
+            return false;
+        }
+        self.memory.read(record.offset + at, buffer);
+        true
+    }
+
+    /// Consume the peeked record (give its bytes back to the producer); nothing if none is.
+    pub fn release(&mut self) {
+        if let Some(record) = self.peeked.take() {
+            self.advance(footprint(record.length) as u32);
+        }
     }
 }
 
@@ -577,6 +731,57 @@ mod tests {
         assert!(Consumer::new(Plain(vec![0; 383]), layout()).is_err());
         assert!(initialize(&mut Plain(vec![]), layout()).is_err());
         assert!(Plain(vec![]).is_empty());
+    }
+
+    #[test]
+    fn records_are_forwarded_in_place() {
+        // The switch's path: peek a record in one ring, copy it into the next ring's slot
+        // memory to memory (Atomic uses the bounce default), then release it.
+        let (mut p1, mut c1, _) = pair();
+        let (mut p2, mut c2, _) = pair();
+        for i in 0..40u32 {
+            let f = frame(1 + (i as usize * 37) % 100, i);
+            p1.push(&[&f]).unwrap();
+            let n = c1.peek().unwrap().unwrap();
+            assert_eq!(
+                c1.peek(),
+                Ok(Some(n)),
+                "peeking again gives the same record"
+            );
+            let mut head = [0u8; 3];
+            let k = n.min(3);
+            assert!(c1.read(0, &mut head[..k]));
+            assert!(
+                !c1.read(n - k + 1, &mut head[..k]),
+                "reads stay inside the record"
+            );
+            p2.push_with(n, |slot| {
+                assert_eq!(slot.len(), n);
+                assert!(
+                    !slot.write(n - k + 1, &head[..k]),
+                    "writes stay inside the slot"
+                );
+                assert!(!slot.copy_from(k, &c1, k, n - k + 1));
+                slot.write(0, &head[..k]) && slot.copy_from(k, &c1, k, n - k)
+            })
+            .unwrap();
+            c1.release();
+            assert_eq!(c1.peek(), Ok(None));
+            assert_eq!(pop(&mut c2), Ok(Some(f)));
+        }
+        // A fill that gives up publishes nothing, and the ring goes on.
+        assert_eq!(p2.push_with(10, |_| false), Err(PushError::Aborted));
+        assert_eq!(pop(&mut c2), Ok(None));
+        p2.push(&[b"after"]).unwrap();
+        assert_eq!(pop(&mut c2), Ok(Some(b"after".to_vec())));
+        // Nothing peeked: nothing to read, copy or release.
+        assert!(!c2.read(0, &mut [0u8; 1]));
+        p2.push_with(4, |slot| {
+            !slot.copy_from(0, &c2, 0, 4) && slot.write(0, b"1234")
+        })
+        .unwrap();
+        c2.release();
+        assert_eq!(pop(&mut c2), Ok(Some(b"1234".to_vec())));
     }
 
     #[test]

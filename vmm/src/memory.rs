@@ -150,6 +150,37 @@ impl l4linux_glue::guest_memory::GuestMemory for GuestRam {
             _ => Err(l4linux_glue::guest_memory::MemoryError::OutOfRange { address, length }),
         }
     }
+
+    fn with_bytes(
+        &self,
+        address: u64,
+        length: usize,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), l4linux_glue::guest_memory::MemoryError> {
+        self.check_range(address, length as u64)?;
+        // SAFETY: inside the guest RAM allocation (checked above), which stays mapped in this
+        // task for its lifetime; the vCPU is stopped while the VMM handles devices, so nothing
+        // writes these bytes while the slice lives, and the VMM holds no other reference to
+        // guest RAM meanwhile (every access goes through this view, one at a time).
+        let bytes =
+            unsafe { core::slice::from_raw_parts((self.base + address) as *const u8, length) };
+        f(bytes);
+        Ok(())
+    }
+
+    fn with_bytes_mut(
+        &mut self,
+        address: u64,
+        length: usize,
+        f: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), l4linux_glue::guest_memory::MemoryError> {
+        self.check_range(address, length as u64)?;
+        // SAFETY: as for `with_bytes`; `&mut self` makes this the only access meanwhile.
+        let bytes =
+            unsafe { core::slice::from_raw_parts_mut((self.base + address) as *mut u8, length) };
+        f(bytes);
+        Ok(())
+    }
 }
 
 /// A VM with one vCPU and its RAM.

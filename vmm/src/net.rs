@@ -13,12 +13,17 @@
 //! switch (which empties the ring) and lets the device go on ([`NetPort::kick`]). Frames for us
 //! arrive in the second ring, announced by the notification; the device takes one record at a
 //! time, only when the guest has buffers for it. Only the ring indices and the records cross.
+//!
+//! Frames are copied once on each side: the device model hands the port a transmitted frame
+//! still in the guest's buffers ([`TxFrame`]) and the port copies it straight into its place
+//! in the ring ([`Producer::push_with`]); a received frame is copied from the ring straight
+//! into the guest's receive buffers ([`NetBackend::read_received`]). The virtio-net header and
+//! the frame's first bytes, which the device checks, are private copies and go on as checked.
 
-use alloc::vec;
 use alloc::vec::Vec;
 use l4::abi::{slots, Fpage, MessageTag, Timeouts};
-use l4linux_glue::netring::{Consumer, Producer, RingLayout};
-use l4linux_glue::virtio::net::{NetBackend, NetHeader, HEADER_SIZE};
+use l4linux_glue::netring::{Consumer, Producer, PushError, RingLayout};
+use l4linux_glue::virtio::net::{NetBackend, NetHeader, TxFrame, CHECKED_PREFIX, HEADER_SIZE};
 
 use crate::shared::SharedRegion;
 
@@ -57,10 +62,12 @@ pub struct PortCounts {
 pub struct NetPort {
     to_switch: Producer<SharedRegion>,
     from_switch: Consumer<SharedRegion>,
-    /// The record taken from the ring from the switch and not delivered yet (its length in
-    /// `received`).
-    received: Vec<u8>,
-    received_length: Option<usize>,
+    /// The record peeked in the ring from the switch and not delivered yet: its header, its
+    /// frame's length and first bytes (private copies, [`NetBackend::peek_received`]).
+    waiting: Option<(NetHeader, usize)>,
+    prefix: [u8; CHECKED_PREFIX],
+    /// A whole received frame, for [`NetPort::peek_whole`] (allocated at its first use).
+    whole: Vec<u8>,
     /// Frames went into the ring to the switch since the last kick.
     unkicked: bool,
     /// The guest's MAC address, as the switch assigned it.
@@ -131,8 +138,9 @@ impl NetPort {
         Some(NetPort {
             to_switch,
             from_switch,
-            received: vec![0; layout.max_record()],
-            received_length: None,
+            waiting: None,
+            prefix: [0; CHECKED_PREFIX],
+            whole: Vec::new(),
             unkicked: false,
             mac,
             counts: PortCounts::default(),
@@ -153,6 +161,65 @@ impl NetPort {
             self.counts.errors += 1;
         }
     }
+
+    /// Send `frame` with `header` (for a driver that has the frame in its own memory: the
+    /// uplink).
+    pub fn send(&mut self, header: &NetHeader, frame: &[u8]) {
+        let result = self.to_switch.push(&[&header.to_bytes(), frame]);
+        self.sent(result);
+    }
+
+    fn sent(&mut self, result: Result<(), PushError>) {
+        match result {
+            Ok(()) => {
+                self.counts.sent += 1;
+                self.unkicked = true;
+            }
+            Err(_) => self.counts.dropped += 1,
+        }
+    }
+
+    /// The oldest frame from the switch, copied whole into private memory (for the uplink,
+    /// which checks and segments it for its NIC); [`NetBackend::pop_received`] removes it.
+    pub fn peek_whole(&mut self) -> Option<(NetHeader, &[u8])> {
+        let (header, length) = self.peek()?;
+        if self.whole.len() < length {
+            self.whole.resize(RingLayout::ethernet().max_record(), 0);
+        }
+        self.from_switch
+            .read(HEADER_SIZE, &mut self.whole[..length])
+            .then_some((header, &self.whole[..length]))
+    }
+
+    /// Peek the next record from the switch: its header and frame length, the frame's first
+    /// bytes in `prefix`.
+    fn peek(&mut self) -> Option<(NetHeader, usize)> {
+        while self.waiting.is_none() {
+            match self.from_switch.peek() {
+                Ok(Some(n)) if n >= HEADER_SIZE => {
+                    let mut header = [0u8; HEADER_SIZE];
+                    let length = n - HEADER_SIZE;
+                    let prefix = length.min(CHECKED_PREFIX);
+                    self.from_switch.read(0, &mut header);
+                    self.from_switch
+                        .read(HEADER_SIZE, &mut self.prefix[..prefix]);
+                    self.waiting = Some((NetHeader::from_bytes(&header), length));
+                }
+                Ok(Some(_)) => {
+                    self.counts.errors += 1;
+                    self.from_switch.release();
+                }
+                Ok(None) => return None,
+                Err(_) => {
+                    // The ring skipped what it could not read, or the switch's index is
+                    // impossible (nothing consumed): try again at the next poll.
+                    self.counts.errors += 1;
+                    return None;
+                }
+            }
+        }
+        self.waiting
+    }
 }
 
 impl NetBackend for NetPort {
@@ -163,37 +230,32 @@ impl NetBackend for NetPort {
             .unwrap_or(true)
     }
 
-    fn transmit(&mut self, header: &NetHeader, frame: &[u8]) {
-        match self.to_switch.push(&[&header.to_bytes(), frame]) {
-            Ok(()) => {
-                self.counts.sent += 1;
-                self.unkicked = true;
-            }
-            Err(_) => self.counts.dropped += 1,
-        }
+    fn transmit(&mut self, header: &NetHeader, frame: &TxFrame<'_>) {
+        // Straight from the guest's buffers into the ring: the header and the checked prefix
+        // from the device's copies, the rest from guest memory.
+        let result = self.to_switch.push_with(HEADER_SIZE + frame.len(), |slot| {
+            let mut ok = slot.write(0, &header.to_bytes());
+            let copied = frame.copy(&mut |at, bytes| ok &= slot.write(HEADER_SIZE + at, bytes));
+            ok && copied.is_ok()
+        });
+        self.sent(result);
     }
 
-    fn peek_received(&mut self) -> Option<(NetHeader, &[u8])> {
-        while self.received_length.is_none() {
-            match self.from_switch.pop_into(&mut self.received) {
-                Ok(Some(n)) if n >= HEADER_SIZE => self.received_length = Some(n),
-                Ok(Some(_)) => self.counts.errors += 1,
-                Ok(None) => return None,
-                Err(_) => {
-                    // The ring skipped what it could not read, or the switch's index is
-                    // impossible (nothing consumed): try again at the next poll.
-                    self.counts.errors += 1;
-                    return None;
-                }
-            }
+    fn peek_received(&mut self) -> Option<(NetHeader, usize, &[u8])> {
+        let (header, length) = self.peek()?;
+        Some((header, length, &self.prefix[..length.min(CHECKED_PREFIX)]))
+    }
+
+    fn read_received(&mut self, offset: usize, buffer: &mut [u8]) {
+        if self.waiting.is_some() && !self.from_switch.read(HEADER_SIZE + offset, buffer) {
+            self.counts.errors += 1;
         }
-        let n = self.received_length?;
-        NetHeader::split_record(&self.received[..n])
     }
 
     fn pop_received(&mut self) {
-        if self.received_length.take().is_some() {
+        if self.waiting.take().is_some() {
             self.counts.received += 1;
+            self.from_switch.release();
         }
     }
 }

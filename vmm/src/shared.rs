@@ -103,6 +103,22 @@ impl SharedMemory for SharedRegion {
         u32::from_le(word.load(Ordering::Acquire))
     }
 
+    fn copy_from(&mut self, offset: usize, source: &Self, source_offset: usize, length: usize) {
+        if !self.inside(offset, length) || !source.inside(source_offset, length) {
+            return;
+        }
+        // SAFETY: both ranges are inside their regions (checked), which `new`'s contract keeps
+        // mapped; two regions never share memory (`new`: each range is used only through its
+        // one region, and `&mut self` and `&Self` are two of them), so they do not overlap.
+        unsafe {
+            copy_bytes(
+                (source.base as usize + source_offset) as *const u8,
+                (self.base as usize + offset) as *mut u8,
+                length,
+            )
+        };
+    }
+
     fn store_release(&mut self, offset: usize, value: u32) {
         if !self.inside(offset, 4) || !offset.is_multiple_of(4) {
             return;

@@ -42,11 +42,13 @@ use super::mmio::VirtioBackend;
 use super::queue::{Chain, Queue, QueueError};
 use super::{copy_config, device_id};
 use crate::guest_memory::GuestMemory;
+use crate::guest_memory::MemoryError;
 use crate::netpacket::{self, Offloads, PacketError};
-use alloc::vec;
 use alloc::vec::Vec;
 
-pub use crate::netpacket::{NetHeader, HEADER_SIZE, MAX_FRAME, MAX_GSO_FRAME, MIN_FRAME, MTU};
+pub use crate::netpacket::{
+    NetHeader, CHECKED_PREFIX, HEADER_SIZE, MAX_FRAME, MAX_GSO_FRAME, MIN_FRAME, MTU,
+};
 
 /// The receive queue (host to guest).
 pub const RECEIVE_QUEUE: u16 = 0;
@@ -105,7 +107,11 @@ pub fn receive_offloads(features: u64) -> Offloads {
     }
 }
 
-/// Where frames go and come from.
+/// Where frames go and come from. Frames are not copied on their way through the device:
+/// a transmitted frame is read from the guest's buffers by the backend ([`TxFrame::copy`]),
+/// a received one written into them from the backend ([`NetBackend::read_received`]); only
+/// the virtio header and the frame's first [`CHECKED_PREFIX`] bytes, which the device checks,
+/// are private copies, and those copies are what goes on.
 pub trait NetBackend {
     /// Whether a frame of any size ([`MAX_GSO_FRAME`]) would be taken now.
     fn transmit_ready(&self) -> bool {
@@ -114,14 +120,70 @@ pub trait NetBackend {
 
     /// The guest transmitted `frame` with `header` (checked against what it acked; the
     /// virtio header removed from the frame, `num_buffers` 0).
-    fn transmit(&mut self, header: &NetHeader, frame: &[u8]);
+    fn transmit(&mut self, header: &NetHeader, frame: &TxFrame<'_>);
 
-    /// The oldest frame waiting for the guest, with its header, left in place (the device
-    /// checks both).
-    fn peek_received(&mut self) -> Option<(NetHeader, &[u8])>;
+    /// The oldest frame waiting for the guest, left in place: its header, its length and its
+    /// first `min(length, CHECKED_PREFIX)` bytes, copied where the sender can no longer change
+    /// them (the device checks these copies and hands the guest these). `None` if none waits.
+    fn peek_received(&mut self) -> Option<(NetHeader, usize, &[u8])>;
+
+    /// Copy bytes `offset .. offset + buffer.len()` of the frame
+    /// [`NetBackend::peek_received`] returned into `buffer` (straight into the guest's
+    /// buffers); bytes outside the frame are left as they are.
+    fn read_received(&mut self, offset: usize, buffer: &mut [u8]);
 
     /// Remove the frame [`NetBackend::peek_received`] returned (it was delivered or dropped).
     fn pop_received(&mut self);
+}
+
+/// A frame the guest transmitted, still in its buffers: the device checked its header and
+/// its first bytes ([`TxFrame::prefix`], a private copy); the backend copies it to where it
+/// goes ([`TxFrame::copy`]).
+pub struct TxFrame<'a> {
+    chain: &'a Chain,
+    memory: &'a dyn GuestMemory,
+    prefix: &'a [u8],
+    length: usize,
+}
+
+impl TxFrame<'_> {
+    /// The frame's length (without the virtio header).
+    pub fn len(&self) -> usize {
+        self.length
+    }
+
+    /// Whether the frame is empty (never: the device refuses frames below [`MIN_FRAME`]).
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+
+    /// The first `min(len, CHECKED_PREFIX)` bytes, as the device checked them.
+    pub fn prefix(&self) -> &[u8] {
+        self.prefix
+    }
+
+    /// Hand the frame's bytes to `sink(position, bytes)`, in order: the checked prefix, then
+    /// the rest in place from the guest's buffers (in one or more pieces).
+    pub fn copy(&self, sink: &mut dyn FnMut(usize, &[u8])) -> Result<(), MemoryError> {
+        sink(0, self.prefix);
+        let skip = self.prefix.len();
+        let rest = self.length - skip;
+        let copied = self.chain.read_in_place(
+            self.memory,
+            (HEADER_SIZE + skip) as u64,
+            rest,
+            &mut |at, bytes| sink(skip + at, bytes),
+        )?;
+        // The device measured the chain: it holds the whole frame.
+        debug_assert_eq!(copied, rest);
+        Ok(())
+    }
+
+    /// The whole frame, copied into `out` (at least [`TxFrame::len`] bytes).
+    pub fn copy_to(&self, out: &mut [u8]) -> Result<(), MemoryError> {
+        let out = &mut out[..self.length];
+        self.copy(&mut |at, bytes| out[at..at + bytes.len()].copy_from_slice(bytes))
+    }
 }
 
 #[cfg(test)]
@@ -130,7 +192,7 @@ pub(crate) use frame_port::{FramePort, FrameQueue};
 /// The tests' backend: frames in memory instead of a switch's rings.
 #[cfg(test)]
 mod frame_port {
-    use super::{NetBackend, NetHeader};
+    use super::{NetBackend, NetHeader, TxFrame, CHECKED_PREFIX};
     use alloc::collections::VecDeque;
     use alloc::vec::Vec;
 
@@ -261,12 +323,29 @@ mod frame_port {
     }
 
     impl NetBackend for FramePort {
-        fn transmit(&mut self, header: &NetHeader, frame: &[u8]) {
-            self.outgoing.push(header, frame);
+        fn transmit(&mut self, header: &NetHeader, frame: &TxFrame<'_>) {
+            let mut bytes = alloc::vec![0; frame.len()];
+            frame
+                .copy_to(&mut bytes)
+                .expect("the device checked the chain");
+            self.outgoing.push(header, &bytes);
         }
 
-        fn peek_received(&mut self) -> Option<(NetHeader, &[u8])> {
-            self.incoming.front()
+        fn peek_received(&mut self) -> Option<(NetHeader, usize, &[u8])> {
+            let (header, frame) = self.incoming.front()?;
+            Some((
+                header,
+                frame.len(),
+                &frame[..frame.len().min(CHECKED_PREFIX)],
+            ))
+        }
+
+        fn read_received(&mut self, offset: usize, buffer: &mut [u8]) {
+            if let Some((_, frame)) = self.incoming.front() {
+                if let Some(bytes) = frame.get(offset..offset + buffer.len()) {
+                    buffer.copy_from_slice(bytes);
+                }
+            }
         }
 
         fn pop_received(&mut self) {
@@ -315,8 +394,11 @@ pub struct VirtioNet<B> {
     stats: NetStats,
     /// The features the driver acked (0 until DRIVER_OK).
     features: u64,
-    /// The frame being transmitted, copied out of the guest's chain.
-    scratch: Vec<u8>,
+    /// The received frame being rewritten for the guest, copied out of the backend (only
+    /// when the guest lacks an offload; allocated at the first such frame), and whether it
+    /// holds the waiting frame.
+    whole: Vec<u8>,
+    whole_loaded: bool,
     /// The next standard frame to make of the received frame that waits (when it is being
     /// rewritten for the guest).
     segment: usize,
@@ -342,7 +424,8 @@ impl<B: NetBackend> VirtioNet<B> {
             generation: 0,
             stats: NetStats::default(),
             features: 0,
-            scratch: Vec::new(),
+            whole: Vec::new(),
+            whole_loaded: false,
             segment: 0,
             rx_chains: Vec::new(),
             rx_bad: Vec::new(),
@@ -410,20 +493,30 @@ impl<B: NetBackend> VirtioNet<B> {
             num_buffers: 0,
             ..NetHeader::from_bytes(&bytes)
         };
-        let length = total - HEADER_SIZE as u64;
-        let Some(length) = usize::try_from(length)
+        let largest = if self.features & F_HOST_TSO4 != 0 {
+            MAX_GSO_FRAME
+        } else {
+            MAX_FRAME
+        };
+        let Some(length) = usize::try_from(total - HEADER_SIZE as u64)
             .ok()
-            .filter(|&l| l <= self.scratch.len())
+            .filter(|&l| l <= largest)
         else {
             self.stats.tx_bad_size += 1;
             return Ok(());
         };
-        let frame = &mut self.scratch[..length];
-        let copied = chain.read(memory, HEADER_SIZE as u64, frame)?;
-        debug_assert_eq!(copied, length);
-        match netpacket::check(&header, frame, transmit_offloads(self.features)) {
-            Ok(_) => {
-                self.backend.transmit(&header, frame);
+        let mut prefix = [0u8; CHECKED_PREFIX];
+        let prefix = &mut prefix[..length.min(CHECKED_PREFIX)];
+        chain.read(memory, HEADER_SIZE as u64, prefix)?;
+        match netpacket::check_prefix(&header, prefix, length, transmit_offloads(self.features)) {
+            Ok(()) => {
+                let frame = TxFrame {
+                    chain,
+                    memory,
+                    prefix,
+                    length,
+                };
+                self.backend.transmit(&header, &frame);
                 self.stats.tx_frames += 1;
                 self.stats.tx_bytes += length as u64;
                 if header.is_gso() {
@@ -459,18 +552,39 @@ impl<B: NetBackend> VirtioNet<B> {
         }
     }
 
+    /// The waiting frame's header, length and checked prefix (copied), if one waits.
+    fn waiting(&mut self) -> Option<(NetHeader, usize, [u8; CHECKED_PREFIX])> {
+        let (header, length, first) = self.backend.peek_received()?;
+        let mut prefix = [0u8; CHECKED_PREFIX];
+        let n = first.len().min(CHECKED_PREFIX);
+        prefix[..n].copy_from_slice(&first[..n]);
+        Some((header, length, prefix))
+    }
+
+    /// Drop the waiting frame.
+    fn pop_waiting(&mut self) {
+        self.backend.pop_received();
+        self.segment = 0;
+        self.whole_loaded = false;
+    }
+
     /// How the waiting frame goes to the guest; drops (and counts) frames that fail their
     /// checks. `None` if no frame waits.
     fn next_frame(&mut self) -> Option<Delivery> {
         let accepts = receive_offloads(self.features);
         loop {
-            let (header, frame) = self.backend.peek_received()?;
-            match netpacket::check(&header, frame, Offloads::ALL) {
-                Ok(_) if accepts.accept(&header) => return Some(Delivery::Whole),
-                Ok(_) => return Some(Delivery::Rewritten),
+            let (header, length, first) = self.backend.peek_received()?;
+            let verdict = if first.len() == length.min(CHECKED_PREFIX) {
+                netpacket::check_prefix(&header, first, length, Offloads::ALL)
+            } else {
+                // A backend that does not give the prefix: the frame cannot be checked.
+                Err(PacketError::TooShort(first.len()))
+            };
+            match verdict {
+                Ok(()) if accepts.accept(&header) => return Some(Delivery::Whole),
+                Ok(()) => return Some(Delivery::Rewritten),
                 Err(_) => {
-                    self.backend.pop_received();
-                    self.segment = 0;
+                    self.pop_waiting();
                     self.stats.rx_bad_size += 1;
                 }
             }
@@ -486,10 +600,10 @@ impl<B: NetBackend> VirtioNet<B> {
         memory: &mut dyn GuestMemory,
     ) -> Result<bool, QueueError> {
         let mergeable = self.features & F_MRG_RXBUF != 0;
-        let Some((header, frame)) = self.backend.peek_received() else {
+        let Some((header, length, prefix)) = self.waiting() else {
             return Ok(true);
         };
-        let needed = (HEADER_SIZE + frame.len()) as u64;
+        let needed = (HEADER_SIZE + length) as u64;
         let mut next_available = queue.next_available();
         // Kept across frames (a 64 KiB frame takes some 20 chains): no allocation per frame.
         self.rx_chains.clear();
@@ -524,27 +638,44 @@ impl<B: NetBackend> VirtioNet<B> {
         };
         let fits = room >= needed;
         if fits {
+            // The stream the guest gets: the header, the checked prefix (our copies), then
+            // the rest of the frame straight from the backend.
             let header_bytes = header.to_bytes();
+            let checked = length.min(CHECKED_PREFIX);
+            let backend = &mut self.backend;
+            let mut fill = |position: usize, out: &mut [u8]| {
+                let mut at = 0;
+                while at < out.len() {
+                    let p = position + at;
+                    let n = if p < HEADER_SIZE {
+                        let n = (HEADER_SIZE - p).min(out.len() - at);
+                        out[at..at + n].copy_from_slice(&header_bytes[p..p + n]);
+                        n
+                    } else if p - HEADER_SIZE < checked {
+                        let f = p - HEADER_SIZE;
+                        let n = (checked - f).min(out.len() - at);
+                        out[at..at + n].copy_from_slice(&prefix[f..f + n]);
+                        n
+                    } else {
+                        let n = out.len() - at;
+                        backend.read_received(p - HEADER_SIZE, &mut out[at..]);
+                        n
+                    };
+                    at += n;
+                }
+            };
             let mut done = 0u64;
             for chain in &self.rx_chains {
                 let take = chain.writable_length().min(needed - done);
-                // The part of header + frame in [done, done + take).
-                let mut at = 0u64;
-                if done < HEADER_SIZE as u64 {
-                    let part =
-                        &header_bytes[done as usize..HEADER_SIZE.min((done + take) as usize)];
-                    chain.write(memory, 0, part)?;
-                    at = part.len() as u64;
-                }
-                let first = (done + at) as usize - HEADER_SIZE;
-                let last = (done + take) as usize - HEADER_SIZE;
-                chain.write(memory, at, &frame[first..last])?;
                 // At most 12 + 64 KiB.
+                chain.write_in_place(memory, 0, take as usize, &mut |at, out| {
+                    fill(done as usize + at, out)
+                })?;
                 queue.add_used(memory, chain.head(), take as u32)?;
                 done += take;
             }
             self.stats.rx_frames += 1;
-            self.stats.rx_bytes += frame.len() as u64;
+            self.stats.rx_bytes += length as u64;
             if header.is_gso() {
                 self.stats.rx_gso += 1;
             }
@@ -558,8 +689,24 @@ impl<B: NetBackend> VirtioNet<B> {
             queue.add_used(memory, head, 0)?;
         }
         self.stats.rx_bad_chain += self.rx_bad.len() as u64;
-        self.backend.pop_received();
+        self.pop_waiting();
         Ok(true)
+    }
+
+    /// Copy the waiting frame into `whole` (its checked prefix from our copy), once per frame.
+    fn load_whole(&mut self) -> Option<(NetHeader, usize)> {
+        let (header, length, prefix) = self.waiting()?;
+        if !self.whole_loaded {
+            if self.whole.len() < length {
+                self.whole.resize(MAX_GSO_FRAME.max(length), 0);
+            }
+            let checked = length.min(CHECKED_PREFIX);
+            self.whole[..checked].copy_from_slice(&prefix[..checked]);
+            self.backend
+                .read_received(checked, &mut self.whole[checked..length]);
+            self.whole_loaded = true;
+        }
+        Some((header, length))
     }
 
     /// Place the next standard frame made of the waiting frame (a segment, or the frame with
@@ -569,11 +716,12 @@ impl<B: NetBackend> VirtioNet<B> {
         queue: &mut Queue,
         memory: &mut dyn GuestMemory,
     ) -> Result<bool, QueueError> {
-        let Some((header, frame)) = self.backend.peek_received() else {
+        let Some((header, length)) = self.load_whole() else {
             return Ok(true);
         };
-        let Ok(checked) = netpacket::check(&header, frame, Offloads::ALL) else {
-            // Checked in next_frame already.
+        let Ok(checked) = netpacket::check(&header, &self.whole[..length], Offloads::ALL) else {
+            // Checked in next_frame already, on the same prefix.
+            self.pop_waiting();
             return Ok(true);
         };
         let Some(chain) = queue.pop(&*memory)? else {
@@ -608,8 +756,7 @@ impl<B: NetBackend> VirtioNet<B> {
             if count > 1 {
                 self.stats.rx_segmented += 1;
             }
-            self.segment = 0;
-            self.backend.pop_received();
+            self.pop_waiting();
         }
         Ok(true)
     }
@@ -692,18 +839,13 @@ impl<B: NetBackend> VirtioBackend for VirtioNet<B> {
 
     fn activate(&mut self, features: u64) {
         self.features = features;
-        let largest = if features & F_HOST_TSO4 != 0 {
-            MAX_GSO_FRAME
-        } else {
-            MAX_FRAME
-        };
-        self.scratch = vec![0; largest];
     }
 
     fn reset(&mut self) {
         // Waiting frames, the counters and the link state stay.
         self.features = 0;
         self.segment = 0;
+        self.whole_loaded = false;
     }
 
     fn notify(
@@ -1460,6 +1602,56 @@ mod tests {
         write(&mut d, reg::QUEUE_NOTIFY, TRANSMIT_QUEUE.into());
         assert!(transmitted(&mut d).is_empty());
         assert_eq!(stats(&d).tx_bad_size, 1, "longer than its largest frame");
+    }
+
+    #[test]
+    fn frames_cross_buffer_boundaries_whole() {
+        // Receive chains of several odd-sized buffers, so that the header, the checked prefix
+        // and the rest of the frame each end inside a buffer: the guest gets every byte in
+        // order.
+        let (mut d, mut drivers) = net_big(LINUX);
+        let (header, frame) = tso_frame(9000);
+        d.backend_mut().backend_mut().offer_with(&header, &frame);
+        let sizes = [5u32, 7, 100, 23, 1000, 3, 4000, 5000];
+        let mut chains = Vec::new();
+        guest(&mut d, |m| {
+            let mut at = BIG_RX;
+            for pair in sizes.chunks(2) {
+                let buffers: Vec<(u64, u32, bool)> = pair
+                    .iter()
+                    .map(|&n| {
+                        let b = (at, n, true);
+                        at += u64::from(n) + 64;
+                        b
+                    })
+                    .collect();
+                chains.push(buffers.clone());
+                drivers[RX].add_chain(m, &buffers);
+            }
+        });
+        write(&mut d, reg::QUEUE_NOTIFY, RECEIVE_QUEUE.into());
+        let needed = HEADER_SIZE + frame.len();
+        let mut bytes = Vec::new();
+        let used = drivers[RX].used_index(d.memory());
+        assert_eq!(used, 4, "all four chains");
+        for (slot, chain) in chains.iter().enumerate() {
+            let (_, length) = drivers[RX].used_entry(d.memory(), slot as u16);
+            let mut left = length as usize;
+            for &(address, n, _) in chain {
+                let take = left.min(n as usize);
+                bytes.extend_from_slice(&d.memory().bytes()[address as usize..][..take]);
+                left -= take;
+            }
+        }
+        assert_eq!(bytes.len(), needed);
+        assert_eq!(
+            NetHeader::from_bytes(bytes[..HEADER_SIZE].try_into().unwrap()),
+            NetHeader {
+                num_buffers: 4,
+                ..header
+            }
+        );
+        assert_eq!(bytes[HEADER_SIZE..], frame[..]);
     }
 
     #[test]

@@ -245,6 +245,50 @@ impl Chain {
         Ok(done)
     }
 
+    /// Call `f(position, bytes)` with bytes `offset .. offset + length` of the device-readable
+    /// stream in place, in order (`position` counts from `offset`; a piece may come in several
+    /// calls). Returns how many bytes there were (fewer than `length` if the stream ends).
+    pub fn read_in_place<M: GuestMemory + ?Sized>(
+        &self,
+        memory: &M,
+        offset: u64,
+        length: usize,
+        f: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<usize, MemoryError> {
+        let mut done = 0;
+        for (address, take, at) in self.pieces(false, offset, length) {
+            let mut position = at;
+            memory.with_bytes(address, take, &mut |bytes| {
+                f(position, bytes);
+                position += bytes.len();
+            })?;
+            done = at + take;
+        }
+        Ok(done)
+    }
+
+    /// Call `f(position, bytes)` to fill bytes `offset .. offset + length` of the
+    /// device-writable stream in place, in order (as [`Chain::read_in_place`]). Returns how
+    /// many bytes there were.
+    pub fn write_in_place<M: GuestMemory + ?Sized>(
+        &self,
+        memory: &mut M,
+        offset: u64,
+        length: usize,
+        f: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<usize, MemoryError> {
+        let mut done = 0;
+        for (address, take, at) in self.pieces(true, offset, length) {
+            let mut position = at;
+            memory.with_bytes_mut(address, take, &mut |bytes| {
+                f(position, bytes);
+                position += bytes.len();
+            })?;
+            done = at + take;
+        }
+        Ok(done)
+    }
+
     /// The (guest address, length, position in the caller's buffer) pieces of a copy of
     /// `length` bytes at `offset` into the readable or writable stream.
     fn pieces(
@@ -810,6 +854,39 @@ mod tests {
         assert_eq!(&buffer[..4], b"lo w");
         assert_eq!(c.read(&m, 11, &mut buffer), Ok(0));
         assert_eq!(c.write(&mut m, 1, b"abcdefghijklmnop"), Ok(12));
+        assert_eq!(&m.bytes()[DATA as usize + 300..][..3], b"\0ab");
+        assert_eq!(&m.bytes()[DATA as usize + 400..][..10], b"cdefghijkl");
+    }
+
+    #[test]
+    fn chain_copies_in_place() {
+        let (mut m, mut d, mut q) = setup(8);
+        m.write(DATA, b"hello").unwrap();
+        m.write(DATA + 100, b" world").unwrap();
+        d.add_chain(
+            &mut m,
+            &[
+                (DATA, 5, false),
+                (DATA + 300, 3, true),
+                (DATA + 100, 6, false),
+                (DATA + 400, 10, true),
+            ],
+        );
+        let c = q.pop(&m).unwrap().unwrap();
+        // Pieces come in stream order with their positions from the offset.
+        let mut seen = Vec::new();
+        let n = c
+            .read_in_place(&m, 3, 20, &mut |at, b| seen.push((at, b.to_vec())))
+            .unwrap();
+        assert_eq!(n, 8);
+        assert_eq!(seen, [(0, b"lo".to_vec()), (2, b" world".to_vec())]);
+        let source = b"abcdefghijklmnop";
+        let n = c
+            .write_in_place(&mut m, 1, 16, &mut |at, b| {
+                b.copy_from_slice(&source[at..at + b.len()])
+            })
+            .unwrap();
+        assert_eq!(n, 12);
         assert_eq!(&m.bytes()[DATA as usize + 300..][..3], b"\0ab");
         assert_eq!(&m.bytes()[DATA as usize + 400..][..10], b"cdefghijkl");
     }

@@ -9,7 +9,10 @@
 //! switch can reach each other; a second switch task is a second, separate network.
 //!
 //! A record is a virtio-net header and a frame; a GSO frame (up to 64 KiB of TCP) stays one
-//! record. The switch passes records on unchanged: whoever delivers a frame to a receiver that
+//! record. The switch reads a record's header and the frame's first bytes (its Ethernet, IP
+//! and TCP headers, `netpacket::CHECKED_PREFIX`) into private memory, checks them and decides
+//! where the frame goes, then writes each receiver's record from that checked copy and copies
+//! the rest ring to ring: one copy per receiver. It passes records on unchanged: whoever delivers a frame to a receiver that
 //! did not take an offload (the VMM's device model for its guest, the uplink for its NIC)
 //! segments it or completes its checksum (`l4linux_glue::netpacket`).
 //!
@@ -26,7 +29,7 @@ extern crate alloc;
 use alloc::vec::Vec;
 use l4::abi::{slots, Fpage, IrqOp, MapItem, MessageTag, Timeouts};
 use l4::{ipc, println, sys};
-use l4linux_glue::netpacket::{self, NetHeader, Offloads};
+use l4linux_glue::netpacket::{self, NetHeader, Offloads, HEADER_SIZE};
 use l4linux_glue::netring::{self, Consumer, Producer, RingLayout};
 use l4linux_glue::netswitch::{Destinations, MacTable};
 use vmm::net::{LABEL_NET_ATTACH, LABEL_NET_DETACH, LABEL_NET_KICK, PORT_BYTES, PORT_ORDER};
@@ -56,8 +59,8 @@ struct Switch {
     memory: Vec<bool>,
     /// Learned addresses.
     table: MacTable,
-    /// The record being forwarded (the largest a ring holds).
-    record: Vec<u8>,
+    /// The virtio-net header and first bytes of the record being forwarded (checked here).
+    head: [u8; HEADER_SIZE + netpacket::CHECKED_PREFIX],
 }
 
 /// The MAC address of port `k`: locally administered, unique on this switch.
@@ -111,32 +114,40 @@ impl Switch {
     /// Forward what waits from port `k`, at most a ring's worth of bytes; returns the ports
     /// that got frames (bit per port).
     fn forward(&mut self, k: usize) -> u64 {
+        // Out of the table while its records are copied into the others' rings.
+        let Some(mut source) = self.ports[k].take() else {
+            return 0;
+        };
         let mut woken = 0;
         let mut budget = RingLayout::ethernet().data() as usize;
         while budget > 0 {
-            let Some(port) = self.ports[k].as_mut() else {
-                break;
-            };
-            let length = match port.from_vmm.pop_into(&mut self.record) {
+            let length = match source.from_vmm.peek() {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(_) => {
-                    port.errors += 1;
+                    source.errors += 1;
                     break;
                 }
             };
             budget = budget.saturating_sub(length.max(8));
-            let record = &self.record[..length];
-            let Some((header, frame)) = NetHeader::split_record(record) else {
-                port.errors += 1;
+            // The header and the frame's first bytes are checked on a private copy and
+            // forwarded from it; the rest is copied ring to ring.
+            let checked = length
+                .saturating_sub(HEADER_SIZE)
+                .min(netpacket::CHECKED_PREFIX);
+            let head = &mut self.head[..(HEADER_SIZE + checked).min(length)];
+            source.from_vmm.read(0, head);
+            let verdict = NetHeader::split_record(head).filter(|(header, prefix)| {
+                netpacket::check_prefix(header, prefix, length - HEADER_SIZE, Offloads::ALL).is_ok()
+            });
+            let Some((_, prefix)) = verdict else {
+                source.errors += 1;
+                source.from_vmm.release();
                 continue;
             };
-            if netpacket::check(&header, frame, Offloads::ALL).is_err() {
-                port.errors += 1;
-                continue;
-            }
-            port.taken += 1;
-            let destinations = self.table.forward(frame, k);
+            source.taken += 1;
+            let destinations = self.table.forward(prefix, k);
+            let head = &self.head[..HEADER_SIZE + checked];
             for target in 0..self.ports.len() {
                 let wanted = match destinations {
                     Destinations::One(p) => p == target,
@@ -147,7 +158,16 @@ impl Switch {
                     continue;
                 }
                 if let Some(out) = self.ports[target].as_mut() {
-                    match out.to_vmm.push(&[record]) {
+                    let pushed = out.to_vmm.push_with(length, |slot| {
+                        slot.write(0, head)
+                            && slot.copy_from(
+                                head.len(),
+                                &source.from_vmm,
+                                head.len(),
+                                length - head.len(),
+                            )
+                    });
+                    match pushed {
                         Ok(()) => {
                             out.forwarded += 1;
                             woken |= 1 << target;
@@ -156,7 +176,9 @@ impl Switch {
                     }
                 }
             }
+            source.from_vmm.release();
         }
+        self.ports[k] = Some(source);
         woken
     }
 }
@@ -179,7 +201,7 @@ fn main() -> i64 {
         memory: names.iter().map(|_| false).collect(),
         names,
         table: MacTable::new(TABLE),
-        record: alloc::vec![0; RingLayout::ethernet().max_record()],
+        head: [0; HEADER_SIZE + netpacket::CHECKED_PREFIX],
     };
     let mut reply: Option<(MessageTag, [u64; 3])> = None;
     loop {

@@ -331,10 +331,10 @@ fn main() -> i64 {
             let _ = nic.read(ICR);
         }
         // NIC -> switch: standard frames with full checksums, a header of zeros.
-        nic.receive(&mut |frame| port.transmit(&NetHeader::default(), frame));
+        nic.receive(&mut |frame| port.send(&NetHeader::default(), frame));
         port.kick();
         // Switch -> NIC.
-        while let Some((header, frame)) = port.peek_received() {
+        while let Some((header, frame)) = port.peek_whole() {
             match netpacket::check(&header, frame, Offloads::ALL) {
                 Ok(checked) => {
                     for k in 0..checked.segments() {
