@@ -61,6 +61,9 @@ pub const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 pub const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
 /// KVM_FEATURE_CLOCKSOURCE2: kvmclock at the 0x4b564d0x MSRs.
 pub const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+/// KVM_FEATURE_PV_EOI: the guest may end interrupts through a flag in its memory
+/// ([`crate::platform::MSR_KVM_PV_EOI_EN`]).
+pub const KVM_FEATURE_PV_EOI: u32 = 1 << 6;
 /// KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: the guest may trust PVCLOCK_TSC_STABLE_BIT.
 pub const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
 /// The highest basic leaf offered.
@@ -213,6 +216,7 @@ impl LinuxCpuid {
             KVM_FEATURES_LEAF => [
                 KVM_FEATURE_CLOCKSOURCE2
                     | KVM_FEATURE_NOP_IO_DELAY
+                    | KVM_FEATURE_PV_EOI
                     | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT,
                 0,
                 0,
@@ -471,7 +475,7 @@ mod tests {
         assert_eq!(&signature, b"KVMKVMKVM\0\0\0");
         assert_eq!(
             p.answer(KVM_FEATURES_LEAF, 0, ALL, 0),
-            [(1 << 24) | (1 << 3) | (1 << 1), 0, 0, 0]
+            [(1 << 24) | (1 << 6) | (1 << 3) | (1 << 1), 0, 0, 0]
         );
         assert_eq!(
             p.answer(TIMING_LEAF, 0, ALL, 0),

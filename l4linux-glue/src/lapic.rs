@@ -397,6 +397,9 @@ impl VectorSet {
             .find(|&i| self.0[i] != 0)
             .map(|i| (i as u32 * 32 + 31 - self.0[i].leading_zeros()) as u8)
     }
+    fn count(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
 }
 
 /// One vCPU's local APIC.
@@ -600,6 +603,30 @@ impl LocalApic {
         self.irr.clear(vector);
         self.isr.set(vector);
         true
+    }
+
+    /// Whether the guest may end, without telling, the interrupt it will have in service in
+    /// the next run, with `requested` the vector offered to it as the virtual interrupt
+    /// (KVM's paravirtual EOI): exactly one vector is in service or requested, so the guest's
+    /// first EOI can only be for it, and it is edge-triggered (a level-triggered one's EOI
+    /// must reach the IOAPIC now). Then [`LocalApic::deferred_end_of_interrupt`] does the EOI
+    /// once the VMM sees the guest's flag cleared.
+    pub fn eoi_may_be_deferred(&self, requested: Option<u8>) -> bool {
+        let only = match (requested, self.isr.count()) {
+            (Some(vector), 0) => vector,
+            (None, 1) => match self.isr.highest() {
+                Some(vector) => vector,
+                None => return false,
+            },
+            _ => return false,
+        };
+        !self.tmr.contains(only)
+    }
+
+    /// The guest ended its interrupt through the paravirtual flag: the same as a write of the
+    /// EOI register.
+    pub fn deferred_end_of_interrupt(&mut self) {
+        self.end_of_interrupt();
     }
 
     /// An NMI waits for injection.

@@ -20,6 +20,12 @@ use crate::mptable::{self, MpConfig, MpError};
 use alloc::vec::Vec;
 use core::fmt;
 
+/// KVM's paravirtual EOI MSR: the guest-physical address of a flag (4-byte aligned) and bit 0
+/// to enable it. While the VMM sets bit 0 of the flag's byte, the guest may end its interrupt
+/// by clearing it instead of writing the EOI register (one exit fewer per interrupt); the VMM
+/// does the EOI when it sees the bit cleared ([`Platform::deferred_eoi`]).
+pub const MSR_KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
+
 /// How many IPIs are kept for [`Platform::take_ipis`] before the oldest are dropped.
 pub const IPI_CAPACITY: usize = 64;
 
@@ -94,6 +100,8 @@ pub struct Platform {
     mp: MpConfig,
     ipis: Vec<Ipi>,
     dropped_deliveries: u64,
+    /// The value of [`MSR_KVM_PV_EOI_EN`].
+    pv_eoi: u64,
 }
 
 impl Platform {
@@ -121,6 +129,7 @@ impl Platform {
             mp,
             ipis: Vec::new(),
             dropped_deliveries: 0,
+            pv_eoi: 0,
         })
     }
 
@@ -142,6 +151,9 @@ impl Platform {
         if let Some(value) = self.kvmclock.msr_read(msr) {
             return Ok(value);
         }
+        if msr == MSR_KVM_PV_EOI_EN {
+            return Ok(self.pv_eoi);
+        }
         Ok(self.msrs.read(msr, now)?)
     }
 
@@ -160,8 +172,34 @@ impl Platform {
         if KvmClock::handles_msr(msr) {
             return Ok(self.kvmclock.msr_write(msr, value, now)?);
         }
+        if msr == MSR_KVM_PV_EOI_EN {
+            // As KVM: the flag's address must be 4-byte aligned (bit 0 enables it).
+            if value & 2 != 0 {
+                return Err(MsrError::Invalid(msr, value).into());
+            }
+            self.pv_eoi = value;
+            return Ok(None);
+        }
         self.msrs.write(msr, value)?;
         Ok(None)
+    }
+
+    /// The guest-physical address of the paravirtual EOI flag, if the guest enabled it.
+    pub fn pv_eoi_flag(&self) -> Option<u64> {
+        (self.pv_eoi & 1 != 0).then_some(self.pv_eoi & !3)
+    }
+
+    /// Whether the guest may end its interrupt through the flag in the next run, with
+    /// `requested` the vector offered to it (see [`LocalApic::eoi_may_be_deferred`]): the VMM
+    /// sets the flag before the run if so, clears it otherwise.
+    pub fn eoi_may_be_deferred(&self, requested: Option<u8>) -> bool {
+        self.pv_eoi_flag().is_some() && self.lapic.eoi_may_be_deferred(requested)
+    }
+
+    /// The guest cleared the flag the VMM set: its EOI.
+    pub fn deferred_eoi(&mut self) {
+        self.lapic.deferred_end_of_interrupt();
+        self.route();
     }
 
     /// Whether an MMIO address belongs to the platform (the APIC page while in xAPIC mode, the
@@ -376,6 +414,65 @@ mod tests {
             p.ioapic.entry(10).unwrap() & crate::ioapic::ENTRY_REMOTE_IRR,
             0
         );
+    }
+
+    #[test]
+    fn paravirtual_eoi() {
+        let mut p = platform();
+        linux_apic_setup(&mut p);
+        program(&mut p, 4, 0x31);
+        program(&mut p, 10, ENTRY_LEVEL | 0x3a);
+        // Not enabled: never deferred. A misaligned flag is refused.
+        p.set_irq(4, true);
+        assert_eq!(p.tick(1), Some(0x31));
+        assert!(!p.eoi_may_be_deferred(Some(0x31)));
+        assert!(p.msr_write(MSR_KVM_PV_EOI_EN, 0x1003, 1).is_err());
+        p.msr_write(MSR_KVM_PV_EOI_EN, 0x1001, 1).unwrap();
+        assert_eq!(p.msr_read(MSR_KVM_PV_EOI_EN, 1), Ok(0x1001));
+        assert_eq!(p.pv_eoi_flag(), Some(0x1000));
+        // One edge-triggered vector requested, none in service: deferred; taken and ended
+        // through the flag, it leaves service as with an EOI write.
+        assert!(p.eoi_may_be_deferred(Some(0x31)));
+        p.accept(0x31);
+        assert!(p.eoi_may_be_deferred(None), "the one vector in service");
+        p.deferred_eoi();
+        assert_eq!(p.lapic.vector_state(0x31), (false, false, false));
+        assert!(
+            !p.eoi_may_be_deferred(None),
+            "nothing in service or requested"
+        );
+        // Two at once (one in service, one requested): the guest's EOI could be for either.
+        p.set_irq(4, false);
+        p.set_irq(4, true);
+        assert_eq!(p.tick(2), Some(0x31));
+        p.accept(0x31);
+        p.msr_write(0x80b, 0, 2).unwrap();
+        p.msr_write(0x832, u64::from(LVT_TIMER_TSC_DEADLINE | 0xec), 2)
+            .unwrap();
+        p.set_irq(4, false);
+        p.set_irq(4, true);
+        assert_eq!(p.tick(3), Some(0x31));
+        p.accept(0x31);
+        p.msr_write(0x6e0, 4, 3).unwrap();
+        assert_eq!(
+            p.tick(5),
+            Some(0xec),
+            "the timer, above the vector in service"
+        );
+        assert!(!p.eoi_may_be_deferred(Some(0xec)));
+        p.msr_write(0x80b, 0, 5).unwrap();
+        // Level-triggered: its EOI must reach the IOAPIC at once.
+        p.set_irq(10, true);
+        assert_eq!(p.tick(6), Some(0xec));
+        p.accept(0xec);
+        p.msr_write(0x80b, 0, 6).unwrap();
+        assert_eq!(p.tick(7), Some(0x3a));
+        assert!(!p.eoi_may_be_deferred(Some(0x3a)));
+        p.accept(0x3a);
+        assert!(!p.eoi_may_be_deferred(None));
+        // Disabled again.
+        p.msr_write(MSR_KVM_PV_EOI_EN, 0, 8).unwrap();
+        assert_eq!(p.pv_eoi_flag(), None);
     }
 
     #[test]

@@ -345,6 +345,7 @@ pub fn boot_linux() -> i64 {
             syscalls,
             no_device_exit: false,
             last_entry: None,
+            pv_eoi_set: None,
         },
         kind: Linux {
             log: ConsoleLog::new(),
@@ -622,8 +623,8 @@ fn report(compartment: &mut Compartment<Linux>, outcome: Outcome) -> i64 {
     let c = &board.counts;
     let seconds = (rdtsc() - board.boot_tsc) / board.tsc_hz.max(1);
     crate::say!(
-        "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} ud {} other {}; {} MSR accesses refused with #GP; {} interrupts injected; {seconds} s",
-        c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.invalid_opcode, c.other, c.msr_refused, c.injected
+        "exits: uart {} other-io {} cpuid {} msr {} mmio {} hlt {} deadline {} message {} hypercall {} ud {} other {}; {} MSR accesses refused with #GP; {} interrupts injected ({} ended through the PV EOI flag); {seconds} s",
+        c.uart, c.io, c.cpuid, c.msr, c.mmio, c.hlt, c.deadline, c.message, c.hypercall, c.invalid_opcode, c.other, c.msr_refused, c.injected, c.deferred_eois
     );
     if let Some(routing) = compartment.board.syscalls.as_mut() {
         let r = routing.counts;

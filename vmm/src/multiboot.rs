@@ -147,6 +147,7 @@ pub fn boot_multiboot() -> i64 {
             syscalls: None,
             no_device_exit: false,
             last_entry: None,
+            pv_eoi_set: None,
         },
         kind: Multiboot {
             exit_port: Rc::new(RefCell::new(DebugExit::default())),

@@ -96,6 +96,8 @@ pub struct ExitCounts {
     pub other: u64,
     /// Interrupts the guest took.
     pub injected: u64,
+    /// Of them, ended through the paravirtual EOI flag (no exit for the EOI).
+    pub deferred_eois: u64,
     /// NMIs injected.
     pub nmis: u64,
 }
@@ -165,6 +167,53 @@ pub struct Board {
     /// changes only at exits that touch it, and when the guest takes an interrupt or NMI):
     /// after a device-free exit, an entry before its deadline needs the same.
     pub last_entry: Option<Entry>,
+    /// Where the VMM set the guest's paravirtual EOI flag for the run (KVM's PV EOI,
+    /// `Platform::eoi_may_be_deferred`), if it did.
+    pub pv_eoi_set: Option<u64>,
+}
+
+impl Board {
+    /// Before a run that offers `requested` as the virtual interrupt: set the guest's
+    /// paravirtual EOI flag if the guest may end its interrupt through it in this run, clear
+    /// it otherwise (guest memory is written only when that changes).
+    fn offer_deferred_eoi(&mut self, requested: Option<u8>) {
+        let flag = self.platform.pv_eoi_flag();
+        let want = flag
+            .filter(|&address| self.vm.ram.contains(address, 1))
+            .filter(|_| self.platform.eoi_may_be_deferred(requested));
+        if want == self.pv_eoi_set {
+            return;
+        }
+        // Clear the flag only where it still is (the guest may have moved or disabled it,
+        // and that memory is no longer ours to write).
+        if let Some(old) = self.pv_eoi_set.filter(|&old| Some(old) == flag) {
+            self.vm.ram.write(old, &[0]);
+        }
+        if let Some(address) = want {
+            self.vm.ram.write(address, &[1]);
+        }
+        self.pv_eoi_set = want;
+    }
+
+    /// After a run: a flag the VMM set and the guest cleared is the guest's EOI.
+    fn collect_deferred_eoi(&mut self) {
+        let Some(address) = self.pv_eoi_set else {
+            return;
+        };
+        if self.platform.pv_eoi_flag() != Some(address) {
+            // Moved or disabled meanwhile: the guest ends its interrupts by writing the EOI.
+            self.pv_eoi_set = None;
+            return;
+        }
+        let mut flag = [1u8];
+        if self.vm.ram.read_bytes(address, &mut flag) && flag[0] & 1 == 0 {
+            self.pv_eoi_set = None;
+            self.platform.deferred_eoi();
+            self.counts.deferred_eois += 1;
+            // The EOI may let a waiting interrupt in: the next entry must look again.
+            self.last_entry = None;
+        }
+    }
 }
 
 /// What a guest kind (Linux, Multiboot) adds to the [`Board`] and its exit handling.
@@ -381,6 +430,7 @@ impl<K: Kind> Handler for Compartment<K> {
         if core::mem::take(&mut self.board.no_device_exit) {
             if let Some(entry) = self.board.last_entry {
                 if entry.deadline == 0 || now < entry.deadline {
+                    self.board.offer_deferred_eoi(entry.interrupt);
                     return entry;
                 }
             }
@@ -395,6 +445,7 @@ impl<K: Kind> Handler for Compartment<K> {
             deadline: platform.next_deadline().unwrap_or(0),
         };
         self.board.last_entry = Some(entry);
+        self.board.offer_deferred_eoi(interrupt);
         entry
     }
 
@@ -411,6 +462,7 @@ impl<K: Kind> Handler for Compartment<K> {
     }
 
     fn after_run(&mut self, w: &mut Words) -> Option<K::Outcome> {
+        self.board.collect_deferred_eoi();
         if self.board.syscalls.is_some()
             && w[state::EXIT_CODE] == state::exit::EXCEPTION_BASE + u64::from(state::VECTOR_UD)
         {
