@@ -163,15 +163,15 @@ impl IoApic {
     /// The messages to send now, lowest pin first; level-triggered ones set remote IRR.
     /// Entries masked since they became due are skipped.
     pub fn take_deliveries(&mut self) -> Vec<Delivery> {
-        let mut out = Vec::new();
-        if self.pending == 0 {
-            return out;
-        }
-        let pending = core::mem::take(&mut self.pending);
-        for pin in 0..PINS {
-            if pending & (1 << pin) == 0 {
-                continue;
-            }
+        core::iter::from_fn(|| self.take_delivery()).collect()
+    }
+
+    /// The next message to send now (the lowest pin first), as [`IoApic::take_deliveries`]
+    /// but one at a time, without allocating.
+    pub fn take_delivery(&mut self) -> Option<Delivery> {
+        while self.pending != 0 {
+            let pin = self.pending.trailing_zeros() as usize;
+            self.pending &= self.pending - 1;
             let entry = self.entries[pin];
             if entry & ENTRY_MASKED != 0 {
                 continue;
@@ -180,7 +180,7 @@ impl IoApic {
             if level_triggered {
                 self.entries[pin] |= ENTRY_REMOTE_IRR;
             }
-            out.push(Delivery {
+            return Some(Delivery {
                 pin: pin as u8,
                 vector: entry as u8,
                 mode: DeliveryMode::from_bits(entry),
@@ -189,7 +189,7 @@ impl IoApic {
                 logical: entry & ENTRY_LOGICAL != 0,
             });
         }
-        out
+        None
     }
 
     /// Whether deliveries wait.

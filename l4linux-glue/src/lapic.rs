@@ -397,9 +397,29 @@ impl VectorSet {
             .find(|&i| self.0[i] != 0)
             .map(|i| (i as u32 * 32 + 31 - self.0[i].leading_zeros()) as u8)
     }
-    fn count(&self) -> u32 {
-        self.0.iter().map(|w| w.count_ones()).sum()
+    /// Whether the set is empty, holds one vector, or more (without counting bits: the
+    /// VMM's target has no POPCNT, and this runs before every entry).
+    fn single(&self) -> Single {
+        let mut found = Single::Empty;
+        for (i, &word) in self.0.iter().enumerate() {
+            if word == 0 {
+                continue;
+            }
+            if found != Single::Empty || word & (word - 1) != 0 {
+                return Single::Many;
+            }
+            found = Single::One((i as u32 * 32 + word.trailing_zeros()) as u8);
+        }
+        found
     }
+}
+
+/// How many vectors a [`VectorSet`] holds: none, one, more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Single {
+    Empty,
+    One(u8),
+    Many,
 }
 
 /// One vCPU's local APIC.
@@ -612,12 +632,9 @@ impl LocalApic {
     /// must reach the IOAPIC now). Then [`LocalApic::deferred_end_of_interrupt`] does the EOI
     /// once the VMM sees the guest's flag cleared.
     pub fn eoi_may_be_deferred(&self, requested: Option<u8>) -> bool {
-        let only = match (requested, self.isr.count()) {
-            (Some(vector), 0) => vector,
-            (None, 1) => match self.isr.highest() {
-                Some(vector) => vector,
-                None => return false,
-            },
+        let only = match (requested, self.isr.single()) {
+            (Some(vector), Single::Empty) => vector,
+            (None, Single::One(vector)) => vector,
             _ => return false,
         };
         !self.tmr.contains(only)

@@ -300,8 +300,7 @@ impl Platform {
     fn route(&mut self) {
         loop {
             let effects = self.lapic.take_effects();
-            let deliveries = self.ioapic.take_deliveries();
-            if effects.is_empty() && deliveries.is_empty() {
+            if effects.is_empty() && !self.ioapic.has_deliveries() {
                 return;
             }
             for effect in effects {
@@ -315,7 +314,7 @@ impl Platform {
                     }
                 }
             }
-            for d in deliveries {
+            while let Some(d) = self.ioapic.take_delivery() {
                 if self.lapic.accepts_message(d.destination, d.logical) {
                     self.lapic.deliver(d.vector, d.mode, d.level_triggered);
                 } else {

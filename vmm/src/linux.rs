@@ -354,6 +354,7 @@ pub fn boot_linux() -> i64 {
             virtio_console: console,
             block,
             net,
+            net_due: true,
             input_to_hvc: cmdline.split_whitespace().any(|w| w == "console=hvc0"),
         },
     };
@@ -427,6 +428,9 @@ struct Linux {
     block: Option<Rc<RefCell<Block>>>,
     /// The guest's virtio-net device on its network port.
     net: Option<Rc<RefCell<NetDevice>>>,
+    /// The switch sent frames (its notification came), or the ring to it stayed full at the
+    /// last poll: the device must look at its port even if the guest wrote no register.
+    net_due: bool,
     /// Console input goes to the virtio console (the guest's console is hvc0), not COM1.
     input_to_hvc: bool,
 }
@@ -459,9 +463,11 @@ impl Kind for Linux {
 
     /// The switch's notification: frames wait (the next poll takes them).
     fn message(&mut self, message: &l4::ipc::Received) -> bool {
-        message.tag.label() == l4::abi::LABEL_IRQ
+        let frames = message.tag.label() == l4::abi::LABEL_IRQ
             && message.badge == l4::abi::slots::NET_NOTIFY_BADGE
-            && self.net.is_some()
+            && self.net.is_some();
+        self.net_due |= frames;
+        frames
     }
 
     fn log(&mut self) -> &mut ConsoleLog {
@@ -511,16 +517,23 @@ impl Kind for Linux {
             // Receive what the switch sent as far as the guest has buffers, transmit what the
             // guest queued and have the switch forward it; while the ring to the switch was
             // too full for the next frame, kick and go on.
+            // The device works only if the switch sent frames or the guest wrote one of its
+            // registers (a notification does its work at once; reading and acknowledging the
+            // interrupt, two exits per interrupt, change nothing it works on).
             let mut device = device.borrow_mut();
+            let mut due = core::mem::take(&mut self.net_due);
             for _ in 0..crate::net::MAX_KICKS {
-                device.poll();
+                device.poll_if(due);
                 let port = device.backend_mut().backend_mut();
                 let blocked = !port.transmit_ready();
                 port.kick();
                 if !blocked {
+                    due = false;
                     break;
                 }
+                due = true;
             }
+            self.net_due = due;
         }
     }
 

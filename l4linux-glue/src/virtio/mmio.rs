@@ -172,6 +172,9 @@ pub struct VirtioMmio<B, M> {
     interrupt_status: u32,
     config_generation: u32,
     error: Option<QueueError>,
+    /// A register write since the last poll (any but the interrupt acknowledgement, which
+    /// changes nothing the backend works on): see [`VirtioMmio::poll_if`].
+    touched: bool,
 }
 
 impl<B: VirtioBackend, M: GuestMemory> VirtioMmio<B, M> {
@@ -195,6 +198,7 @@ impl<B: VirtioBackend, M: GuestMemory> VirtioMmio<B, M> {
             interrupt_status: 0,
             config_generation,
             error: None,
+            touched: true,
         }
     }
 
@@ -256,6 +260,7 @@ impl<B: VirtioBackend, M: GuestMemory> VirtioMmio<B, M> {
     /// Let the backend do work that was not triggered by the guest (deliver console input),
     /// then update the interrupt.
     pub fn poll(&mut self) {
+        self.touched = false;
         if !self.running() {
             return;
         }
@@ -263,6 +268,17 @@ impl<B: VirtioBackend, M: GuestMemory> VirtioMmio<B, M> {
             .backend
             .poll(&mut self.queues, &mut self.memory as &mut dyn GuestMemory);
         self.after_work(result);
+    }
+
+    /// Poll only if something the device works on can have changed: a register write since
+    /// the last poll, or `outside` (the caller knows its backend has news, such as frames
+    /// from the switch). Everything the guest does to its queues that the device has asked to
+    /// hear about comes with a notification, a register write; reading the interrupt status
+    /// and acknowledging it (two exits per interrupt) need no poll.
+    pub fn poll_if(&mut self, outside: bool) {
+        if outside || self.touched {
+            self.poll();
+        }
     }
 
     fn running(&self) -> bool {
@@ -493,6 +509,9 @@ impl<B: VirtioBackend, M: GuestMemory> MmioDevice for VirtioMmio<B, M> {
     }
 
     fn write(&mut self, offset: u64, size: u8, value: u64) {
+        if offset != reg::INTERRUPT_ACK {
+            self.touched = true;
+        }
         if offset >= reg::CONFIG {
             let size = usize::from(size.min(8));
             let bytes = value.to_le_bytes();
@@ -887,6 +906,33 @@ mod tests {
         assert!(d.irq_level());
         d.poll();
         assert_eq!(d.backend().polls, 1);
+    }
+
+    #[test]
+    fn polls_only_when_something_can_have_changed() {
+        let mut d = device();
+        bring_up(&mut d, ALL, 1, 8);
+        d.poll();
+        let polls = d.backend().polls;
+        // Nothing written since: no poll, unless the caller knows of news.
+        d.poll_if(false);
+        assert_eq!(d.backend().polls, polls);
+        d.poll_if(true);
+        assert_eq!(d.backend().polls, polls + 1);
+        // Reading the interrupt status and acknowledging it change nothing the device works
+        // on; any other write does.
+        let _ = read(&mut d, reg::INTERRUPT_STATUS);
+        write(&mut d, reg::INTERRUPT_ACK, 1);
+        d.poll_if(false);
+        assert_eq!(d.backend().polls, polls + 1);
+        write(&mut d, reg::QUEUE_NOTIFY, 0);
+        d.poll_if(false);
+        assert_eq!(d.backend().polls, polls + 2);
+        d.poll_if(false);
+        assert_eq!(d.backend().polls, polls + 2, "once per write");
+        d.write(reg::CONFIG, 1, 7);
+        d.poll_if(false);
+        assert_eq!(d.backend().polls, polls + 3, "a configuration write too");
     }
 
     #[test]
