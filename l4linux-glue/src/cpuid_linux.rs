@@ -16,7 +16,7 @@
 //! | 7.0 | EBX: - TSC_ADJUST, SGX, HLE, INVPCID, RTM, PQM, MPX, PQE, PT; ECX: - PKU, OSPKE, WAITPKG, LA57, RDPID, SGX_LC; EDX: only FSRM, AVX512_4VNNIW/4FMAPS/VP2INTERSECT, MD_CLEAR, SERIALIZE (no speculation-control MSRs) |
 //! | 0xd | XCR0 components x87, SSE, AVX, AVX-512 only; no XSAVES (IA32_XSS is not virtualized) |
 //! | 0x4000_0000 | max 0x4000_0010, "KVMKVMKVM\0\0\0" |
-//! | 0x4000_0001 | EAX: CLOCKSOURCE2, NOP_IO_DELAY, CLOCKSOURCE_STABLE_BIT; EDX (hints): 0 |
+//! | 0x4000_0001 | EAX: CLOCKSOURCE2, NOP_IO_DELAY, PV_EOI, CLOCKSOURCE_STABLE_BIT; EDX (hints): 0 |
 //! | 0x4000_0010 | TSC and APIC-bus frequency in kHz (VMware's leaf; Linux 6.1 reads it only for VMware and derives the TSC frequency from kvmclock's mul/shift) |
 //! | other 0x4000_00xx | 0 |
 //! | 0x8000_0000 | max extended leaf clamped to 0x8000_0008 |
@@ -25,7 +25,7 @@
 //! | 0x8000_0008 | address sizes from the host; EBX only CLZERO, XSaveErPtr, WBNOINVD; ECX: vCPUs - 1 |
 //!
 //! KVM features not offered, because nothing behind them is modelled: the old kvmclock MSRs
-//! (CLOCKSOURCE), async page faults, steal time, PV EOI, PV unhalt, PV TLB flush, PV send-IPI,
+//! (CLOCKSOURCE), async page faults, steal time, PV unhalt, PV TLB flush, PV send-IPI,
 //! poll control, MSI extended destination id.
 //!
 //! MSRs ([`LinuxMsrs`] answers those not owned by the APIC or kvmclock; unknown ones are #GP,
@@ -42,6 +42,7 @@
 //! | 0x277 PAT | stored (reset 0x0007_0406_0007_0406) | stored; an invalid type is #GP |
 //! | 0x2ff MTRRdefType | stored (reset: enabled, write-back, i.e. all memory WB with no ranges; with MTRRs disabled Linux 6.1 would skip PAT) | stored; reserved bits or an invalid type are #GP |
 //! | 0x4b56_4d00/01 kvmclock | [`crate::kvmclock`] | [`crate::kvmclock`] |
+//! | 0x4b56_4d04 PV_EOI_EN | the value written | bit 0 enables the flag at the 4-byte aligned address in the rest ([`crate::platform::MSR_KVM_PV_EOI_EN`]); bit 1 set is #GP |
 //! | 0x179/0x17a MCG, 0x200.. MTRR ranges, perf counters, 0x48/0x49 speculation control, 0xda0 XSS, 0xc0000103 TSC_AUX, SVM's 0xc0010114/0xc0010117, everything else | #GP | #GP |
 //!
 //! EFER, STAR/LSTAR/CSTAR/SFMASK, FS/GS/KERNEL_GS base and SYSENTER live in the VMCB and are
