@@ -254,6 +254,7 @@ mod tests {
                 expect: Regex::new(expect).unwrap(),
                 send: String::new(),
                 fetch: None,
+                serial: None,
             });
         }
         assert!(dialog_result(&c, 2, "log").0);

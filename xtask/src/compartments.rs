@@ -40,6 +40,11 @@
 //! service = "httpd"      # a service /init starts at boot: "httpd" (busybox httpd on port 80,
 //!                        # serving /www with a page naming the compartment) or "echo" (a TCP
 //!                        # echo server on port 7); initramfs/services/ has them
+//! serial = "com2"        # its console also on this serial port of the machine ("com2",
+//!                        # "com3", "com4"; one compartment each, not from [defaults]): a Unix
+//!                        # socket on the host, target/serial/FILE-NAME.sock, which
+//!                        # scripts/attach.sh attaches a terminal to; typing there reaches
+//!                        # this compartment only
 //! syscalls = "guest"     # "guest" (the default: Linux's user system calls stay in the guest)
 //!                        # or "l4" (the L4Linux mode: each goes through L4 IPC to a syscall
 //!                        # monitor task, `mon.NAME`, before the guest kernel sees it)
@@ -140,6 +145,8 @@ const RESERVED_NAMES: &[&str] = &[
 
 /// The console server's arguments before its clients: COM1's ports and IRQ line.
 const CONSOLE_ARGS: &[&str] = &["cons", "service", "io=0x3f8/3", "irq=4"];
+/// The I/O bases of COM2, COM3 and COM4 (`serial = "com2"` ...).
+const SERIAL_PORTS: [u16; 3] = [0x2f8, 0x3e8, 0x2e8];
 /// The first line of the launch list (the root task reads it; see roottask's `launch`).
 const LAUNCH_HEADER: &str =
     "# made by xtask from a compartment file: initrds to decompress, texts, then tasks\n";
@@ -212,6 +219,7 @@ struct RawFields {
     switch: Option<Spanned<String>>,
     ip: Option<Spanned<String>>,
     service: Option<Spanned<String>>,
+    serial: Option<Spanned<String>>,
     syscalls: Option<Spanned<String>>,
     syscall_policy: Option<Spanned<Vec<String>>>,
 }
@@ -278,6 +286,8 @@ struct Fields {
     switch: Option<Located<String>>,
     ip: Option<Located<String>>,
     service: Option<Located<String>>,
+    /// `serial = "comN"`: N.
+    serial: Option<Located<u8>>,
     /// `Some(true)`: `syscalls = "l4"`.
     l4_syscalls: Option<Located<bool>>,
     syscall_policy: Option<Located<Vec<String>>>,
@@ -309,6 +319,9 @@ struct Compartment {
     ip: Option<String>,
     /// The service /init starts (one of [`SERVICES`]).
     service: Option<String>,
+    /// The machine's serial port (2..=4: COM2..COM4) its console is also on, and the line
+    /// that says so.
+    serial: Option<Located<u8>>,
     /// The L4Linux mode: the policy of its syscall monitor (`None`: system calls stay in the
     /// guest).
     monitor: Option<Vec<String>>,
@@ -423,6 +436,13 @@ impl CompartmentFile {
                     ));
                 }
                 let fields = fields(text, &at, d.get_ref())?;
+                if let Some(serial) = &fields.serial {
+                    return Err(at.error(
+                        serial.line,
+                        "serial",
+                        "a serial port is one compartment's; give it in that [[compartment]]",
+                    ));
+                }
                 if let Some(restarts) = &fields.restarts {
                     if !fields.on_failure.as_ref().is_some_and(|r| r.value) {
                         return Err(at.error(
@@ -476,7 +496,23 @@ impl CompartmentFile {
                 ));
             }
             let own = fields(text, &at, raw)?;
-            compartments.push(merge(&at, name.get_ref(), header, own, &defaults)?);
+            let compartment = merge(&at, name.get_ref(), header, own, &defaults)?;
+            if let Some(port) = &compartment.serial {
+                if let Some(other) = compartments
+                    .iter()
+                    .find(|c| c.serial.as_ref().is_some_and(|p| p.value == port.value))
+                {
+                    return Err(at.error(
+                        port.line,
+                        "serial",
+                        format!(
+                            "com{} is already the port of compartment {:?} (line {})",
+                            port.value, other.name, other.line
+                        ),
+                    ));
+                }
+            }
+            compartments.push(compartment);
         }
         let uplink = match &raw.uplink {
             Some(u) => Some(uplink(path, text, u, &compartments)?),
@@ -494,7 +530,7 @@ impl CompartmentFile {
     /// The QEMU arguments the file needs: with an uplink, an e1000 NIC on QEMU's user
     /// networking with the port forwards (bound to the host's loopback address).
     pub fn qemu_args(&self) -> Vec<String> {
-        match &self.uplink {
+        let mut args = match &self.uplink {
             Some(u) => {
                 let mut nic = String::from("user,model=e1000");
                 for (protocol, host, address, guest) in &u.forwards {
@@ -505,7 +541,48 @@ impl CompartmentFile {
                 vec!["-nic".into(), nic]
             }
             None => Vec::new(),
+        };
+        // COM2..COM4 in order after COM1 (QEMU numbers its serial ports as they come): a
+        // compartment's port is a Unix socket QEMU listens on, a port nobody has is null.
+        let sockets = self.serial_sockets();
+        let last = sockets.iter().map(|(_, port, _)| *port).max().unwrap_or(1);
+        for n in 2..=last {
+            match sockets.iter().find(|(_, port, _)| *port == n) {
+                Some((_, _, path)) => {
+                    args.push("-chardev".into());
+                    args.push(format!(
+                        "socket,id=com{n},path={},server=on,wait=off",
+                        path.display()
+                    ));
+                    args.push("-serial".into());
+                    args.push(format!("chardev:com{n}"));
+                }
+                None => {
+                    args.push("-serial".into());
+                    args.push("null".into());
+                }
+            }
         }
+        args
+    }
+
+    /// The compartments with a serial port of their own: name, port (2..=4) and the Unix
+    /// socket QEMU offers it on (`target/serial/FILE-NAME.sock`).
+    pub fn serial_sockets(&self) -> Vec<(String, u8, PathBuf)> {
+        let stem = Path::new(&self.path)
+            .file_stem()
+            .map_or("compartments".into(), |s| s.to_string_lossy().into_owned());
+        self.compartments
+            .iter()
+            .filter_map(|c| {
+                let port = c.serial.as_ref()?.value;
+                let path = self
+                    .root
+                    .join("target/serial")
+                    .join(format!("{stem}-{}.sock", c.name));
+                Some((c.name.clone(), port, path))
+            })
+            .collect()
     }
 
     /// Its path as the user named it.
@@ -671,6 +748,13 @@ impl CompartmentFile {
                 .iter()
                 .map(|c| format!("client={}", c.name)),
         );
+        for c in &self.compartments {
+            if let Some(port) = &c.serial {
+                let base = SERIAL_PORTS[usize::from(port.value) - 2];
+                console.push(format!("io={base:#x}/3"));
+                console.push(format!("serial={}@{base:#x}", c.name));
+            }
+        }
         let mut tasks = vec![("cons", console, None)];
         // One switch task per switch name, in the order of first use: its ports and the RAM
         // for their rings (2 MiB each).
@@ -1163,6 +1247,25 @@ fn fields(text: &str, at: &At, raw: &RawFields) -> Result<Fields, Error> {
             line: line(text, s),
         });
     }
+    if let Some(p) = &raw.serial {
+        let port = match p.get_ref().as_str() {
+            "com2" => 2,
+            "com3" => 3,
+            "com4" => 4,
+            other => {
+                let problem = format!("{other:?}: give \"com2\", \"com3\" or \"com4\"");
+                return Err(at.error(
+                    line(text, p),
+                    "serial",
+                    problem + " (COM1 is the shared console)",
+                ));
+            }
+        };
+        out.serial = Some(Located {
+            value: port,
+            line: line(text, p),
+        });
+    }
     if let Some(o) = &raw.vmm_options {
         if let Some(bad) = o
             .get_ref()
@@ -1357,6 +1460,7 @@ fn merge(
         switch: pick(&own.switch, &defaults.switch).map(|(w, _)| w.value.clone()),
         ip: own.ip.as_ref().map(|a| a.value.clone()),
         service: pick(&own.service, &defaults.service).map(|(s, _)| s.value.clone()),
+        serial: own.serial.clone(),
         monitor: None,
     };
     let l4 = pick(&own.l4_syscalls, &defaults.l4_syscalls).is_some_and(|(m, _)| m.value);
@@ -2017,6 +2121,69 @@ mod tests {
         let e = error(&format!("{ONE}switch = \"L A N\"\n"));
         assert!(e.contains("switch: \"L A N\""), "{e}");
         let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn compartments_get_serial_ports_of_their_own() {
+        let root = with_linux("serial");
+        let text = "[[compartment]]\nname = \"a\"\nserial = \"com2\"\n\
+                    [[compartment]]\nname = \"b\"\n\
+                    [[compartment]]\nname = \"c\"\nserial = \"com4\"\n";
+        let file = CompartmentFile::parse("dir/x.toml", text, &root).unwrap();
+        let a = root.join("target/serial/x-a.sock");
+        let c = root.join("target/serial/x-c.sock");
+        assert_eq!(
+            file.serial_sockets(),
+            [("a".into(), 2, a.clone()), ("c".into(), 4, c.clone())]
+        );
+        // COM2 and COM4 are sockets, COM3 (nobody's) is null: QEMU numbers ports in order.
+        assert_eq!(
+            file.qemu_args(),
+            [
+                "-chardev".to_string(),
+                format!("socket,id=com2,path={},server=on,wait=off", a.display()),
+                "-serial".into(),
+                "chardev:com2".into(),
+                "-serial".into(),
+                "null".into(),
+                "-chardev".into(),
+                format!("socket,id=com4,path={},server=on,wait=off", c.display()),
+                "-serial".into(),
+                "chardev:com4".into(),
+            ]
+        );
+        // The console server gets the ports' registers and whose they are.
+        let m = file.modules().unwrap();
+        let list = launch(&m);
+        assert!(
+            list.contains(
+                "client=a client=b client=c io=0x2f8/3 serial=a@0x2f8 io=0x2e8/3 serial=c@0x2e8\n"
+            ),
+            "{list}"
+        );
+        let _ = fs::remove_dir_all(&root);
+        // Nothing without serial ports.
+        assert!(parse(ONE).unwrap().qemu_args().is_empty());
+        // Bad values, a port twice, a port for everyone.
+        let e = error(&format!("{ONE}serial = \"com1\"\n"));
+        assert!(
+            e.starts_with("x.toml:3: compartment \"a\": serial: \"com1\": give \"com2\""),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{ONE}serial = \"com3\"\n[[compartment]]\nname = \"b\"\nserial = \"com3\"\n"
+        ));
+        assert!(
+            e.starts_with("x.toml:6: compartment \"b\": serial: com3 is already the port of compartment \"a\" (line 1)"),
+            "{e}"
+        );
+        let e = error(&format!("[defaults]\nserial = \"com2\"\n{ONE}"));
+        assert!(
+            e.starts_with("x.toml:2: defaults: serial: a serial port is one compartment's"),
+            "{e}"
+        );
+        let e = error(&format!("{ONE}serial = 2\n"));
+        assert!(e.contains("serial"), "{e}");
     }
 
     #[test]

@@ -218,6 +218,12 @@ fn run(scenarios: &Scenarios, args: &[String], invoked_in: &Path) -> Result<Exit
         &replaced
     };
     let bootable = image::build(scenarios, &[scenario], &mut Sink::Stderr)?.remove(0);
+    for (name, port, path) in qemu::serial_sockets(scenario) {
+        println!(
+            "run: {name}'s console is also on COM{port}: attach with scripts/attach.sh {} (Ctrl-] leaves)",
+            path.display()
+        );
+    }
     let status = qemu::command(scenario, &bootable, &qemu_args)
         .status()
         .map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
@@ -297,7 +303,13 @@ fn test(scenarios: &Scenarios, args: &[String]) -> Result<ExitCode, String> {
         let (exit, steps) = if check.console.is_empty() {
             (qemu::run_logged(command, &log, check.timeout)?, 0)
         } else {
-            qemu::run_dialog(command, &log, check.timeout, &check.console)?
+            qemu::run_dialog(
+                command,
+                &log,
+                check.timeout,
+                &check.console,
+                &qemu::serial_sockets(scenario),
+            )?
         };
         // The wall-clock time of the QEMU run, for benchmarks (NAME.seconds beside the log).
         let _ = fs::write(

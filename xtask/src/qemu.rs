@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::check::Exit;
 use crate::image::Bootable;
-use crate::scenario::{Scenario, Step};
+use crate::scenario::{Boot, Scenario, Step};
 
 /// QEMU's exit status when the root task powers off after every task exited with 0.
 pub const STATUS_ALL_EXITED: i32 = 33;
@@ -23,6 +23,14 @@ pub const STATUS_KERNEL_PANIC: i32 = 37;
 /// serial console (multiplexed with the monitor) on stdio, no reboot; our kernel exits
 /// through `isa-debug-exit`.
 pub fn command(scenario: &Scenario, bootable: &Bootable, extra: &[String]) -> Command {
+    // The compartments' own serial ports are sockets QEMU creates: their directory must
+    // exist, and a socket left by an earlier run must go.
+    for (_, _, path) in serial_sockets(scenario) {
+        if let Some(dir) = path.parent() {
+            let _ = fs::create_dir_all(dir);
+        }
+        let _ = fs::remove_file(&path);
+    }
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-cpu", "max", "-m", &scenario.memory]);
     cmd.args(["-display", "none", "-serial", "mon:stdio", "-no-reboot"]);
@@ -61,6 +69,76 @@ pub fn command(scenario: &Scenario, bootable: &Bootable, extra: &[String]) -> Co
     cmd
 }
 
+/// The compartments of `scenario` with a serial port of their own: name, COM number, socket.
+pub fn serial_sockets(scenario: &Scenario) -> Vec<(String, u8, std::path::PathBuf)> {
+    match &scenario.boot {
+        Boot::Compartments { file, .. } => file.serial_sockets(),
+        _ => Vec::new(),
+    }
+}
+
+/// A compartment's serial port, connected: what it prints is collected in `lines` as lines
+/// `[serial NAME] ...` (the dialog moves them into the output, [`merge_serial`]); returns the
+/// socket to type on.
+fn attach_serial(
+    name: &str,
+    path: &Path,
+    output: &Arc<Mutex<Vec<u8>>>,
+) -> Result<std::os::unix::net::UnixStream, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("cannot attach to {}: {e}", path.display()))
+            }
+            Err(_) => thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
+    let output = Arc::clone(output);
+    let tag = format!("[serial {name}] ");
+    thread::spawn(move || {
+        let (mut buffer, mut line) = ([0u8; 4096], Vec::new());
+        while let Ok(n) = reader.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            for &b in &buffer[..n] {
+                if b == b'\n' {
+                    let mut out = output.lock().expect("output");
+                    out.extend_from_slice(tag.as_bytes());
+                    out.extend_from_slice(&line);
+                    out.push(b'\n');
+                    line.clear();
+                } else if b != b'\r' {
+                    line.push(b);
+                }
+            }
+        }
+    });
+    Ok(stream)
+}
+
+/// Move the serial ports' complete lines (`serial`) into the console output, between its
+/// lines: after its last newline, but not before `cursor` (what the dialog has matched so
+/// far), so that no line of COM1 is cut in a part not yet matched.
+fn merge_serial(output: &Mutex<Vec<u8>>, serial: &Mutex<Vec<u8>>, cursor: usize) {
+    let mut lines = serial.lock().expect("serial");
+    if lines.is_empty() {
+        return;
+    }
+    let mut out = output.lock().expect("output");
+    let after_line = out.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let at = after_line.max(cursor).min(out.len());
+    let mut block = Vec::with_capacity(lines.len() + 1);
+    if at > 0 && out[at - 1] != b'\n' {
+        block.push(b'\n');
+    }
+    block.append(&mut lines);
+    out.splice(at..at, block);
+}
+
 /// Runs `cmd` with no input and its output in `log`; kills it after `timeout`.
 pub fn run_logged(mut cmd: Command, log: &Path, timeout: Duration) -> Result<Exit, String> {
     let file =
@@ -95,6 +173,7 @@ pub fn run_dialog(
     log: &Path,
     timeout: Duration,
     steps: &[Step],
+    sockets: &[(String, u8, std::path::PathBuf)],
 ) -> Result<(Exit, usize), String> {
     let mut file =
         fs::File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
@@ -125,18 +204,37 @@ pub fn run_dialog(
         }));
     }
     let mut stdin = child.stdin.take().expect("piped");
+    let mut attached: Vec<(String, std::os::unix::net::UnixStream)> = Vec::new();
+    let serial = Arc::new(Mutex::new(Vec::<u8>::new()));
     let deadline = Instant::now() + timeout;
     let (mut done, mut cursor) = (0, 0);
     let exit = loop {
+        merge_serial(&output, &serial, cursor);
         if done < steps.len() {
             let text = String::from_utf8_lossy(&output.lock().expect("output")).into_owned();
             if let Some(m) = steps[done].expect.find(&text[cursor.min(text.len())..]) {
                 cursor += m.end();
                 // QEMU reads the serial input as it comes; a pause per line lets the guest
                 // keep up with its 16-byte FIFO.
+                let mut terminal: &mut dyn Write = &mut stdin;
+                if let Some(name) = &steps[done].serial {
+                    if !attached.iter().any(|(n, _)| n == name) {
+                        let Some((_, _, path)) = sockets.iter().find(|(n, _, _)| n == name) else {
+                            return Err(format!(
+                                "the dialog types on {name}'s serial port, which it does not have"
+                            ));
+                        };
+                        attached.push((name.clone(), attach_serial(name, path, &serial)?));
+                    }
+                    let (_, socket) = attached
+                        .iter_mut()
+                        .find(|(n, _)| n == name)
+                        .expect("attached above");
+                    terminal = socket;
+                }
                 for line in steps[done].send.split_inclusive('\n') {
-                    let _ = stdin.write_all(line.as_bytes());
-                    let _ = stdin.flush();
+                    let _ = terminal.write_all(line.as_bytes());
+                    let _ = terminal.flush();
                     thread::sleep(Duration::from_millis(100));
                 }
                 if let Some(url) = &steps[done].fetch {
@@ -161,6 +259,9 @@ pub fn run_dialog(
         thread::sleep(Duration::from_millis(50));
     };
     drop(stdin);
+    drop(attached);
+    thread::sleep(Duration::from_millis(100));
+    merge_serial(&output, &serial, usize::MAX);
     for reader in readers {
         let _ = reader.join();
     }

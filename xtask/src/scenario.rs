@@ -146,6 +146,7 @@ struct RawStep {
     #[serde(default)]
     send: String,
     fetch: Option<String>,
+    serial: Option<String>,
 }
 
 /// One step of a console dialog: wait until the output since the previous step matches
@@ -160,6 +161,10 @@ pub struct Step {
     /// forwards); the runner adds a line `[host] GET URL: N bytes, first line: ...` (or
     /// `[host] GET URL failed: ...`) to the output, for the next step to expect.
     pub fetch: Option<String>,
+    /// Type `send` on this compartment's own serial port (`serial = "comN"` in its file,
+    /// a Unix socket on the host) instead of COM1; from then on the runner adds what comes
+    /// out of that port to the output as lines `[serial NAME] ...`.
+    pub serial: Option<String>,
 }
 
 /// The sigma0 module of a scenario that names none.
@@ -807,6 +812,7 @@ impl Context<'_> {
                             .map_err(|e| self.error(&format!("check.console[{i}].expect"), e))?,
                         send: step.send.clone(),
                         fetch: step.fetch.clone(),
+                        serial: step.serial.clone(),
                     })
                 })
                 .collect::<Result<_, Error>>()?,

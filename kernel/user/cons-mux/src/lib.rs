@@ -213,6 +213,27 @@ impl Mux {
         woken
     }
 
+    /// Bytes typed on client `k`'s own terminal (a serial port of its own): all of them are
+    /// its input, whatever has the focus, with no console commands. Returns the clients with
+    /// new input.
+    pub fn type_to(&mut self, k: usize, bytes: &[u8]) -> Woken {
+        let Some(client) = self.clients.get_mut(k) else {
+            return 0;
+        };
+        for &b in bytes {
+            if client.input.len() >= INPUT_CAPACITY {
+                client.input.pop_front();
+                client.dropped += 1;
+            }
+            client.input.push_back(b);
+        }
+        if bytes.is_empty() {
+            0
+        } else {
+            1 << k
+        }
+    }
+
     fn switch(&mut self, k: usize, out: &mut Vec<u8>) {
         self.focus = k;
         let text = format!("input goes to {} now", self.clients[k].name);
@@ -350,6 +371,26 @@ mod tests {
         mux.keyboard(&[ESCAPE, b'7'], &mut out);
         assert_eq!(mux.focus(), 0);
         assert!(text(&out).contains("unknown console command"));
+    }
+
+    #[test]
+    fn a_client_terminal_types_to_its_client_only() {
+        let mut mux = Mux::new(&["alpha", "beta"]);
+        let mut out = Vec::new();
+        // beta's own port: its input whatever has the focus, Ctrl-E included, no commands.
+        assert_eq!(mux.type_to(1, &[b'l', ESCAPE, b'2', b'\r']), 0b10);
+        assert_eq!(mux.focus(), 0);
+        assert_eq!(mux.take_input(1, 10).0, [b'l', ESCAPE, b'2', b'\r']);
+        assert_eq!(mux.take_input(0, 10).0, b"");
+        // COM1 still goes to the focus; nothing for nobody.
+        assert_eq!(mux.keyboard(b"x", &mut out), 0b01);
+        assert_eq!(mux.type_to(1, b""), 0);
+        assert_eq!(mux.type_to(5, b"y"), 0);
+        // Its bound holds as for the keyboard's.
+        mux.type_to(1, &[b'z'; INPUT_CAPACITY + 3]);
+        assert!(mux
+            .take_drop_report()
+            .is_some_and(|r| r.contains("3 typed characters for beta")));
     }
 
     #[test]

@@ -8,7 +8,15 @@
 //! thread) and fetches it with a call ([`cons_mux::protocol`]); the server never blocks on a
 //! client. The transmit side stays the kernel's (its log goes out through it, as ours does).
 //!
-//! Arguments: `client=NAME` once per client, in the order of the badges `1..` of their gates.
+//! A client can also have a serial port of its own (COM2..COM4 of the machine, a socket on the
+//! host a user attaches to): `serial=NAME@PORT` with the port's registers (`io=PORT/3`). Its
+//! guest's console output is mirrored there as it is (no tags), and what is typed there is
+//! that client's input whatever has the focus on COM1 ([`Mux::type_to`]). These ports are
+//! polled (every 10 ms while the server waits), not interrupt-driven: COM3 would share COM1's
+//! line and COM4 COM2's, and one IRQ object per task is what the root task gives.
+//!
+//! Arguments: `client=NAME` once per client, in the order of the badges `1..` of their gates;
+//! `serial=NAME@PORT` (hexadecimal PORT) for a client's own port.
 #![no_std]
 #![no_main]
 
@@ -17,8 +25,73 @@ extern crate alloc;
 use alloc::vec::Vec;
 use cons_mux::protocol::{self, Header, LABEL_CONSOLE, MAX_BYTES, WORDS};
 use cons_mux::{Mux, Stream};
-use l4::abi::{slots, IrqOp, MessageTag, Timeouts, LABEL_IRQ};
+use l4::abi::{slots, IrqOp, MessageTag, Timeout, Timeouts, LABEL_IRQ};
+use l4::port::{inb, outb};
 use l4::{ipc, println, sys};
+
+/// A client's own serial port (a 16550A at `base`).
+struct OwnPort {
+    client: usize,
+    base: u16,
+    /// Output bytes dropped because the port did not take them (nobody reads its socket
+    /// fast enough).
+    dropped: u64,
+}
+
+/// 16550A registers and bits.
+const THR: u16 = 0;
+const IER: u16 = 1;
+const FCR: u16 = 2;
+const LCR: u16 = 3;
+const MCR: u16 = 4;
+const LSR: u16 = 5;
+const LSR_DATA_READY: u8 = 0x01;
+const LSR_THR_EMPTY: u8 = 0x20;
+/// Reads of LSR before a byte is given up on.
+const TRANSMIT_TRIES: u32 = 10_000;
+/// How often own ports are looked at while the server waits.
+const POLL: Timeout = Timeout::micros(10_000);
+
+impl OwnPort {
+    /// Set the port up for polling: 8N1 at 115200 baud, FIFOs on and cleared, no interrupts.
+    fn open(&self) {
+        let b = self.base;
+        outb(b + IER, 0);
+        outb(b + LCR, 0x80);
+        outb(b, 1);
+        outb(b + IER, 0);
+        outb(b + LCR, 0x03);
+        outb(b + FCR, 0x07);
+        outb(b + MCR, 0x03);
+        while inb(b + LSR) & LSR_DATA_READY != 0 {
+            let _ = inb(b);
+        }
+    }
+
+    /// Write `bytes`; what the port does not take in time is dropped and counted.
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, &byte) in bytes.iter().enumerate() {
+            let mut tries = 0;
+            while inb(self.base + LSR) & LSR_THR_EMPTY == 0 {
+                tries += 1;
+                if tries == TRANSMIT_TRIES {
+                    self.dropped += (bytes.len() - i) as u64;
+                    return;
+                }
+            }
+            outb(self.base + THR, byte);
+        }
+    }
+
+    /// What was typed on the port (at most 4 KiB at a time).
+    fn read(&self) -> Vec<u8> {
+        let mut typed = Vec::new();
+        while typed.len() < 4096 && inb(self.base + LSR) & LSR_DATA_READY != 0 {
+            typed.push(inb(self.base + THR));
+        }
+        typed
+    }
+}
 
 /// Write terminal bytes through the kernel's console.
 fn write(out: &mut Vec<u8>) {
@@ -53,6 +126,25 @@ fn main() -> i64 {
         && sys::irq_control(slots::IRQ, IrqOp::Attach, slots::SELF_THREAD).is_ok();
     let mut mux = Mux::new(&names);
     let mut out = Vec::new();
+    let mut own: Vec<OwnPort> = Vec::new();
+    for spec in args
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("serial="))
+    {
+        let parsed = spec.split_once('@').and_then(|(name, port)| {
+            let client = names.iter().position(|n| *n == name)?;
+            let base = u16::from_str_radix(port.trim_start_matches("0x"), 16).ok()?;
+            Some(OwnPort {
+                client,
+                base,
+                dropped: 0,
+            })
+        });
+        match parsed {
+            Some(port) => own.push(port),
+            None => println!("[cons] serial={spec}: not NAME@PORT with a client's NAME; ignored"),
+        }
+    }
     if keyboard {
         l4::com1::open();
         mux.help(&mut out);
@@ -62,15 +154,42 @@ fn main() -> i64 {
             &mut out,
         );
     }
+    for port in &own {
+        port.open();
+        let text = alloc::format!(
+            "{}'s console is also on the serial port at {:#x}",
+            names[port.client],
+            port.base
+        );
+        mux.notice(&text, &mut out);
+    }
     write(&mut out);
+    let wait = if own.is_empty() {
+        Timeout::INFINITE
+    } else {
+        POLL
+    };
 
     let mut words = [0u64; WORDS];
     let mut reply: Option<(MessageTag, usize)> = None;
     loop {
         let next = match reply.take() {
-            Some((tag, n)) => ipc::reply_wait(tag, &words[..n], Timeouts::INFINITE),
-            None => ipc::wait(Timeouts::INFINITE),
+            Some((tag, n)) => {
+                ipc::reply_wait(tag, &words[..n], Timeouts::new(Timeout::INFINITE, wait))
+            }
+            None => ipc::wait(Timeouts::new(Timeout::INFINITE, wait)),
         };
+        let mut woken = 0;
+        for port in &own {
+            woken |= mux.type_to(port.client, &port.read());
+        }
+        if woken != 0 {
+            while let Some(report) = mux.take_drop_report() {
+                mux.notice(&report, &mut out);
+            }
+            write(&mut out);
+            notify(woken);
+        }
         let message = match next {
             Ok(m) => m,
             // A caller that went away before our reply, or an IPC error: go on serving.
@@ -102,6 +221,20 @@ fn main() -> i64 {
                 };
                 mux.output(k, header.stream, &bytes, &mut out);
                 write(&mut out);
+                if header.stream == Stream::Guest {
+                    for port in own.iter_mut().filter(|p| p.client == k) {
+                        let before = port.dropped;
+                        port.write(&bytes);
+                        if before == 0 && port.dropped > 0 {
+                            let text = alloc::format!(
+                                "output for {}'s serial port dropped: nobody reads it fast enough",
+                                names[k]
+                            );
+                            mux.notice(&text, &mut out);
+                            write(&mut out);
+                        }
+                    }
+                }
                 let (input, more) = mux.take_input(k, MAX_BYTES);
                 let n = protocol::encode(
                     Header {
