@@ -832,8 +832,9 @@ mod tests {
         assert_eq!(q.next_available(), 2);
     }
 
-    #[test]
-    fn chain_copies_cross_descriptors() {
+    /// A chain of "hello" and " world" (readable) with 3 and 10 writable bytes between and
+    /// after, popped.
+    fn hello_world_chain() -> (VecMemory, Chain) {
         let (mut m, mut d, mut q) = setup(8);
         m.write(DATA, b"hello").unwrap();
         m.write(DATA + 100, b" world").unwrap();
@@ -847,6 +848,12 @@ mod tests {
             ],
         );
         let c = q.pop(&m).unwrap().unwrap();
+        (m, c)
+    }
+
+    #[test]
+    fn chain_copies_cross_descriptors() {
+        let (mut m, c) = hello_world_chain();
         let mut buffer = [0u8; 20];
         assert_eq!(c.read(&m, 0, &mut buffer), Ok(11));
         assert_eq!(&buffer[..11], b"hello world");
@@ -860,19 +867,7 @@ mod tests {
 
     #[test]
     fn chain_copies_in_place() {
-        let (mut m, mut d, mut q) = setup(8);
-        m.write(DATA, b"hello").unwrap();
-        m.write(DATA + 100, b" world").unwrap();
-        d.add_chain(
-            &mut m,
-            &[
-                (DATA, 5, false),
-                (DATA + 300, 3, true),
-                (DATA + 100, 6, false),
-                (DATA + 400, 10, true),
-            ],
-        );
-        let c = q.pop(&m).unwrap().unwrap();
+        let (mut m, c) = hello_world_chain();
         // Pieces come in stream order with their positions from the offset.
         let mut seen = Vec::new();
         let n = c
