@@ -36,6 +36,9 @@ struct OwnPort {
     /// Output bytes dropped because the port did not take them (nobody reads its socket
     /// fast enough).
     dropped: u64,
+    /// The port did not take the last byte in time: until it is ready again, output is
+    /// dropped at once instead of waited for (the server never blocks on a client).
+    stalled: bool,
 }
 
 /// 16550A registers and bits.
@@ -70,12 +73,20 @@ impl OwnPort {
 
     /// Write `bytes`; what the port does not take in time is dropped and counted.
     fn write(&mut self, bytes: &[u8]) {
+        if self.stalled {
+            if inb(self.base + LSR) & LSR_THR_EMPTY == 0 {
+                self.dropped += bytes.len() as u64;
+                return;
+            }
+            self.stalled = false;
+        }
         for (i, &byte) in bytes.iter().enumerate() {
             let mut tries = 0;
             while inb(self.base + LSR) & LSR_THR_EMPTY == 0 {
                 tries += 1;
                 if tries == TRANSMIT_TRIES {
                     self.dropped += (bytes.len() - i) as u64;
+                    self.stalled = true;
                     return;
                 }
             }
@@ -138,6 +149,7 @@ fn main() -> i64 {
                 client,
                 base,
                 dropped: 0,
+                stalled: false,
             })
         });
         match parsed {
