@@ -512,7 +512,9 @@ impl Kind for Linux {
             }
         }
         let hvc_output = core::mem::take(self.virtio_console.borrow_mut().backend_mut().sink_mut());
-        self.output(&hvc_output);
+        if !hvc_output.is_empty() {
+            self.output(&hvc_output);
+        }
         if let Some(device) = &self.net {
             // Receive what the switch sent as far as the guest has buffers, transmit what the
             // guest queued and have the switch forward it; while the ring to the switch was

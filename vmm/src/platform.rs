@@ -359,7 +359,9 @@ impl<K: Kind> Compartment<K> {
     /// Show COM1's output so far.
     pub fn flush_output(&mut self) {
         let output = core::mem::take(&mut self.board.uart.borrow_mut().output);
-        self.kind.output(&output);
+        if !output.is_empty() {
+            self.kind.output(&output);
+        }
     }
 
     /// Let the guest kind poll its devices, with the interrupt lines driven before and after.
