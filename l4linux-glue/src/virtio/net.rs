@@ -17,12 +17,17 @@
 //! guest can take as it is (the offloads it acked, [`Offloads::accept`]) goes in whole; any
 //! other is rewritten into standard frames with full checksums (`netpacket`'s segmentation
 //! and checksum completion), one receive buffer each. The VMM's backend is its port on a
-//! switch (`vmm::net::NetPort`); the tests use one of two bounded queues (`FramePort`).
+//! switch (`vmm::net::NetPort`); the tests use one of two bounded queues (`FramePort`). Frames
+//! are not copied inside the device: the backend copies a transmitted frame from the guest's
+//! buffers to where it goes ([`TxFrame`]) and a received one from where it is into the
+//! guest's buffers ([`NetBackend::read_received`]); the header and the first
+//! [`CHECKED_PREFIX`] bytes, which the checks read, are the device's private copies (a frame
+//! being rewritten is copied whole first).
 //!
 //! Everything the guest hands over is checked, and a bad frame is dropped and counted in
 //! [`NetStats`], never fatal:
 //! * transmit: a chain with a device-writable buffer, a header shorter than 12 bytes, a header
-//!   that [`netpacket::check`] refuses against the offloads the driver acked (flags, GSO
+//!   that [`netpacket::check_prefix`] refuses against the offloads the driver acked (flags, GSO
 //!   types, checksum positions, `gso_size`, `hdr_len`, headers that are not what the GSO type
 //!   says), or a frame outside 14..=1514 bytes (a GSO frame: 14 + 64 KiB); the chain is
 //!   returned with nothing written;
