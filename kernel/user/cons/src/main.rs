@@ -26,13 +26,13 @@ use alloc::vec::Vec;
 use cons_mux::protocol::{self, Header, LABEL_CONSOLE, MAX_BYTES, WORDS};
 use cons_mux::{Mux, Stream};
 use l4::abi::{slots, IrqOp, MessageTag, Timeout, Timeouts, LABEL_IRQ};
-use l4::port::{inb, outb};
+use l4::uart::Uart;
 use l4::{ipc, println, sys};
 
-/// A client's own serial port (a 16550A at `base`).
+/// A client's own serial port.
 struct OwnPort {
     client: usize,
-    base: u16,
+    uart: Uart,
     /// Output bytes dropped because the port did not take them (nobody reads its socket
     /// fast enough).
     dropped: u64,
@@ -41,40 +41,18 @@ struct OwnPort {
     stalled: bool,
 }
 
-/// 16550A registers and bits.
-const THR: u16 = 0;
-const IER: u16 = 1;
-const FCR: u16 = 2;
-const LCR: u16 = 3;
-const MCR: u16 = 4;
-const LSR: u16 = 5;
-const LSR_DATA_READY: u8 = 0x01;
-const LSR_THR_EMPTY: u8 = 0x20;
-/// Reads of LSR before a byte is given up on.
+/// Bytes taken from a port at a time.
+const INPUT_CHUNK: usize = 4096;
+/// Reads of the line status before a byte is given up on.
 const TRANSMIT_TRIES: u32 = 10_000;
 /// How often own ports are looked at while the server waits.
 const POLL: Timeout = Timeout::micros(10_000);
 
 impl OwnPort {
-    /// Set the port up for polling: 8N1 at 115200 baud, FIFOs on and cleared, no interrupts.
-    fn open(&self) {
-        let b = self.base;
-        outb(b + IER, 0);
-        outb(b + LCR, 0x80);
-        outb(b, 1);
-        outb(b + IER, 0);
-        outb(b + LCR, 0x03);
-        outb(b + FCR, 0x07);
-        outb(b + MCR, 0x03);
-        while inb(b + LSR) & LSR_DATA_READY != 0 {
-            let _ = inb(b);
-        }
-    }
-
     /// Write `bytes`; what the port does not take in time is dropped and counted.
     fn write(&mut self, bytes: &[u8]) {
         if self.stalled {
-            if inb(self.base + LSR) & LSR_THR_EMPTY == 0 {
+            if !self.uart.transmit_ready() {
                 self.dropped += bytes.len() as u64;
                 return;
             }
@@ -82,7 +60,7 @@ impl OwnPort {
         }
         for (i, &byte) in bytes.iter().enumerate() {
             let mut tries = 0;
-            while inb(self.base + LSR) & LSR_THR_EMPTY == 0 {
+            while !self.uart.transmit_ready() {
                 tries += 1;
                 if tries == TRANSMIT_TRIES {
                     self.dropped += (bytes.len() - i) as u64;
@@ -90,17 +68,8 @@ impl OwnPort {
                     return;
                 }
             }
-            outb(self.base + THR, byte);
+            self.uart.send(byte);
         }
-    }
-
-    /// What was typed on the port (at most 4 KiB at a time).
-    fn read(&self) -> Vec<u8> {
-        let mut typed = Vec::new();
-        while typed.len() < 4096 && inb(self.base + LSR) & LSR_DATA_READY != 0 {
-            typed.push(inb(self.base + THR));
-        }
-        typed
     }
 }
 
@@ -147,7 +116,7 @@ fn main() -> i64 {
             let base = u16::from_str_radix(port.trim_start_matches("0x"), 16).ok()?;
             Some(OwnPort {
                 client,
-                base,
+                uart: Uart::at(base),
                 dropped: 0,
                 stalled: false,
             })
@@ -167,11 +136,11 @@ fn main() -> i64 {
         );
     }
     for port in &own {
-        port.open();
+        port.uart.open_polled();
         let text = alloc::format!(
             "{}'s console is also on the serial port at {:#x}",
             names[port.client],
-            port.base
+            port.uart.base()
         );
         mux.notice(&text, &mut out);
     }
@@ -193,7 +162,7 @@ fn main() -> i64 {
         };
         let mut woken = 0;
         for port in &own {
-            woken |= mux.type_to(port.client, &port.read());
+            woken |= mux.type_to(port.client, &port.uart.take_input(INPUT_CHUNK));
         }
         if woken != 0 {
             while let Some(report) = mux.take_drop_report() {
@@ -209,11 +178,7 @@ fn main() -> i64 {
         };
         match message.tag.label() {
             LABEL_IRQ if keyboard => {
-                let mut typed = Vec::new();
-                while typed.len() < 4096 {
-                    let Some(byte) = l4::com1::read() else { break };
-                    typed.push(byte);
-                }
+                let typed = Uart::COM1.take_input(INPUT_CHUNK);
                 let _ = sys::irq_control(slots::IRQ, IrqOp::Acknowledge, 0);
                 let woken = mux.keyboard(&typed, &mut out);
                 while let Some(report) = mux.take_drop_report() {

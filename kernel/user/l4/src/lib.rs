@@ -16,6 +16,7 @@ pub mod port;
 pub mod rt;
 pub mod sys;
 pub mod thread;
+pub mod uart;
 pub mod utcb;
 
 pub use l4_abi as abi;
