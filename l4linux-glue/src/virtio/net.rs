@@ -142,7 +142,7 @@ pub trait NetBackend {
 }
 
 /// A frame the guest transmitted, still in its buffers: the device checked its header and
-/// its first bytes ([`TxFrame::prefix`], a private copy); the backend copies it to where it
+/// its first bytes (a private copy, which goes on as checked); the backend copies it to where it
 /// goes ([`TxFrame::copy`]).
 pub struct TxFrame<'a> {
     chain: &'a Chain,
@@ -162,11 +162,6 @@ impl TxFrame<'_> {
         self.length == 0
     }
 
-    /// The first `min(len, CHECKED_PREFIX)` bytes, as the device checked them.
-    pub fn prefix(&self) -> &[u8] {
-        self.prefix
-    }
-
     /// Hand the frame's bytes to `sink(position, bytes)`, in order: the checked prefix, then
     /// the rest in place from the guest's buffers (in one or more pieces).
     pub fn copy(&self, sink: &mut dyn FnMut(usize, &[u8])) -> Result<(), MemoryError> {
@@ -182,12 +177,6 @@ impl TxFrame<'_> {
         // The device measured the chain: it holds the whole frame.
         debug_assert_eq!(copied, rest);
         Ok(())
-    }
-
-    /// The whole frame, copied into `out` (at least [`TxFrame::len`] bytes).
-    pub fn copy_to(&self, out: &mut [u8]) -> Result<(), MemoryError> {
-        let out = &mut out[..self.length];
-        self.copy(&mut |at, bytes| out[at..at + bytes.len()].copy_from_slice(bytes))
     }
 }
 
@@ -331,7 +320,7 @@ mod frame_port {
         fn transmit(&mut self, header: &NetHeader, frame: &TxFrame<'_>) {
             let mut bytes = alloc::vec![0; frame.len()];
             frame
-                .copy_to(&mut bytes)
+                .copy(&mut |at, piece| bytes[at..at + piece.len()].copy_from_slice(piece))
                 .expect("the device checked the chain");
             self.outgoing.push(header, &bytes);
         }
@@ -579,13 +568,8 @@ impl<B: NetBackend> VirtioNet<B> {
         let accepts = receive_offloads(self.features);
         loop {
             let (header, length, first) = self.backend.peek_received()?;
-            let verdict = if first.len() == length.min(CHECKED_PREFIX) {
-                netpacket::check_prefix(&header, first, length, Offloads::ALL)
-            } else {
-                // A backend that does not give the prefix: the frame cannot be checked.
-                Err(PacketError::TooShort(first.len()))
-            };
-            match verdict {
+            // (A backend that gives a wrong prefix has its frame refused by the check too.)
+            match netpacket::check_prefix(&header, first, length, Offloads::ALL) {
                 Ok(()) if accepts.accept(&header) => return Some(Delivery::Whole),
                 Ok(()) => return Some(Delivery::Rewritten),
                 Err(_) => {

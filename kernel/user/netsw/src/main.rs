@@ -132,10 +132,8 @@ impl Switch {
             budget = budget.saturating_sub(length.max(8));
             // The header and the frame's first bytes are checked on a private copy and
             // forwarded from it; the rest is copied ring to ring.
-            let checked = length
-                .saturating_sub(HEADER_SIZE)
-                .min(netpacket::CHECKED_PREFIX);
-            let head = &mut self.head[..(HEADER_SIZE + checked).min(length)];
+            let head_length = length.min(HEADER_SIZE + netpacket::CHECKED_PREFIX);
+            let head = &mut self.head[..head_length];
             source.from_vmm.read(0, head);
             let verdict = NetHeader::split_record(head).filter(|(header, prefix)| {
                 netpacket::check_prefix(header, prefix, length - HEADER_SIZE, Offloads::ALL).is_ok()
@@ -147,7 +145,7 @@ impl Switch {
             };
             source.taken += 1;
             let destinations = self.table.forward(prefix, k);
-            let head = &self.head[..HEADER_SIZE + checked];
+            let head = &self.head[..head_length];
             for target in 0..self.ports.len() {
                 let wanted = match destinations {
                     Destinations::One(p) => p == target,
