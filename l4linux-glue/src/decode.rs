@@ -637,13 +637,7 @@ mod tests {
     fn the_common_forms_agree_with_iced() {
         // Random REX, opcode, ModRM, SIB and displacement bytes, cut at every length: the
         // shortcut either declines or says exactly what iced-x86 says.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
         let (mut taken, mut declined) = (0, 0);
         for _ in 0..20000 {
             let mut bytes = [0u8; 15];
@@ -651,11 +645,11 @@ mod tests {
                 *byte = next() as u8;
             }
             let mut at = 0;
-            if next() % 3 == 0 {
+            if next().is_multiple_of(3) {
                 bytes[at] = 0x66;
                 at += 1;
             }
-            if next() % 4 != 0 {
+            if !next().is_multiple_of(4) {
                 bytes[at] = 0x40 | (next() as u8 & 0xf);
                 at += 1;
             }
@@ -672,7 +666,7 @@ mod tests {
             let opcode = opcodes[next() as usize % opcodes.len()];
             bytes[at..at + opcode.len()].copy_from_slice(opcode);
             at += opcode.len();
-            if matches!(opcode, [0xc6] | [0xc7]) && next() % 2 == 0 {
+            if matches!(opcode, [0xc6] | [0xc7]) && next().is_multiple_of(2) {
                 // Mostly /0, the only valid form with memory.
                 bytes[at] &= !0x38;
             }
@@ -741,19 +735,13 @@ mod tests {
             0x66, 0x67, 0x48, 0x4c, 0x41, 0x0f, 0x88, 0x89, 0x8a, 0x8b, 0xc6, 0xc7, 0xa1, 0xb6,
             0xb7, 0xf0, 0x64,
         ];
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
         let mut supported = 0;
         for _ in 0..500 {
             let mut bytes = [0u8; 15];
             for byte in bytes.iter_mut() {
                 let random = next();
-                *byte = if random % 3 == 0 {
+                *byte = if random.is_multiple_of(3) {
                     interesting[(random >> 8) as usize % interesting.len()]
                 } else {
                     (random >> 16) as u8

@@ -53,3 +53,15 @@ pub mod test_device;
 pub mod uart8250;
 pub mod virtio;
 pub mod vmlinux;
+
+/// A xorshift64 generator for the host tests' random inputs: the same sequence for the same
+/// seed, so a failing case repeats.
+#[cfg(test)]
+pub(crate) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

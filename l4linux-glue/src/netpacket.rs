@@ -882,20 +882,14 @@ mod tests {
     /// accepts rewrites into frames of standard size without panicking.
     #[test]
     fn random_headers() {
-        let mut state = 0x1234_5678_9abc_def1u64;
-        let mut random = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut random = crate::xorshift(0x1234_5678_9abc_def1u64);
         let mut base = tcp_frame(30000, true, true, true);
         let good = partial(&mut base);
         let mut out = vec![0u8; MAX_FRAME];
         let mut accepted = 0;
         for _ in 0..20000 {
             let mut frame = base.clone();
-            if random() % 4 == 0 {
+            if random().is_multiple_of(4) {
                 frame.truncate(14 + (random() % base.len() as u64) as usize);
             }
             for _ in 0..random() % 3 {
@@ -930,19 +924,13 @@ mod tests {
 
     #[test]
     fn the_verdict_depends_on_the_prefix_only() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut random = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut random = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
         let mut base = tcp_frame(20000, false, true, false);
         let good = partial(&mut base);
         let (mut accepted, mut refused) = (0, 0);
         for _ in 0..5000 {
             let mut frame = base.clone();
-            if random() % 3 == 0 {
+            if random().is_multiple_of(3) {
                 frame.truncate(14 + (random() % 200) as usize);
             }
             // Hostile bytes anywhere in the headers, and options that move TCP's start.
@@ -953,7 +941,7 @@ mod tests {
                 }
             }
             let mut h = good;
-            if random() % 4 == 0 {
+            if random().is_multiple_of(4) {
                 h.csum_start = 14 + (random() % 64) as u16;
             }
             let verdict = check(&h, &frame, Offloads::ALL).map(|_| ());

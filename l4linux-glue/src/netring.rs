@@ -945,13 +945,7 @@ mod tests {
     /// access), no record longer than the largest, every call returns.
     #[test]
     fn garbage() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut random = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut random = crate::xorshift(0x2545_f491_4f6c_dd1du64);
         let layout = RingLayout::new(64, 20).unwrap();
         let mut memory = Plain(vec![0; layout.bytes()]);
         for b in memory.0.iter_mut() {
@@ -963,14 +957,14 @@ mod tests {
         for _ in 0..30_000 {
             let at = (random() as usize) % layout.bytes();
             c.memory.0[at] = random() as u8;
-            if random() % 4 == 0 {
+            if random().is_multiple_of(4) {
                 let head = c.tail.wrapping_add(match random() % 8 {
                     0 => (random() % 80) as u32,
                     _ => 8 * (random() % 10) as u32,
                 });
                 c.memory.store_release(PRODUCER_INDEX, head);
             }
-            if random() % 3 == 0 {
+            if random().is_multiple_of(3) {
                 let at = DATA_OFFSET + (c.tail & 63) as usize;
                 let length = match random() % 4 {
                     0 => WRAP,

@@ -348,13 +348,12 @@ mod tests {
     #[test]
     fn corrupt_files_never_panic() {
         let good = two_segments();
-        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut random = crate::xorshift(0x2545_f491_4f6c_dd1du64);
+        let mut state = 0;
         for _ in 0..20_000 {
             let mut f = good.clone();
             for _ in 0..4 {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
+                state = random();
                 let at = (state as usize) % 0x200;
                 f[at] = (state >> 32) as u8;
             }

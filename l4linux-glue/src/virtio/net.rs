@@ -1459,13 +1459,7 @@ mod tests {
     /// and every call returns.
     #[test]
     fn random_chains() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut random = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut random = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for _ in 0..300 {
             let (mut d, drivers) = net(LINUX);
             let mut m = d.memory().clone();

@@ -1326,13 +1326,7 @@ mod garbage {
 
     #[test]
     fn random_memory_and_rings() {
-        let mut state = 0x1234_5678_9abc_def1u64;
-        let mut random = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut random = crate::xorshift(0x1234_5678_9abc_def1u64);
         for _ in 0..2000 {
             let mut m = VecMemory::new(0x1000, 0x4000);
             for chunk in m.bytes_mut().chunks_mut(8) {
@@ -1345,7 +1339,7 @@ mod garbage {
             q.set_descriptor_table((0x1000 + random() % 0x4000) & !15);
             q.set_available_ring((0x1000 + random() % 0x4000) & !1);
             q.set_used_ring((0x1000 + random() % 0x4000) & !3);
-            q.set_ring_features(random() % 2 == 0, random() % 2 == 0);
+            q.set_ring_features(random().is_multiple_of(2), random().is_multiple_of(2));
             if q.activate(&m).is_err() {
                 continue;
             }
