@@ -518,10 +518,10 @@ impl Kind for Linux {
         if let Some(device) = &self.net {
             // Receive what the switch sent as far as the guest has buffers, transmit what the
             // guest queued and have the switch forward it; while the ring to the switch was
-            // too full for the next frame, kick and go on.
-            // The device works only if the switch sent frames or the guest wrote one of its
-            // registers (a notification does its work at once; reading and acknowledging the
-            // interrupt, two exits per interrupt, change nothing it works on).
+            // too full for the next frame, kick and go on. The device works only if the switch
+            // sent frames, the ring was full, or the guest wrote one of its registers (reading
+            // and acknowledging the interrupt, two exits per interrupt, change nothing it
+            // works on).
             let mut device = device.borrow_mut();
             let mut due = core::mem::take(&mut self.net_due);
             for _ in 0..crate::net::MAX_KICKS {
